@@ -1,0 +1,746 @@
+//! Message types and their body encodings: requests (client → server),
+//! responses (server → client, echoing the request id) and events (server →
+//! client, request id 0).
+//!
+//! Encoders write the complete frame, length prefix included, after reserving
+//! its exact size. Decoders take a body that framing already isolated, so a
+//! short body is *malformed* ([`BodyError`]), never *incomplete*.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::header::{Flags, Header};
+use crate::opcode::Opcode;
+use crate::status::Status;
+use crate::wire::{Reader, put_string, string_len};
+use crate::{EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
+
+/// A frame whose header was sound but whose body was not. The connection stays
+/// up: the server answers [`Status::BadRequest`] (or [`Status::UnknownOpcode`])
+/// with the frame's request id.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The body ended inside a field.
+    #[error("body truncated in field `{field}`")]
+    Truncated {
+        /// The field being read.
+        field: &'static str,
+    },
+    /// Bytes were left after the last field.
+    #[error("{len} unexpected trailing byte(s) after the body")]
+    TrailingBytes {
+        /// How many.
+        len: usize,
+    },
+    /// A string field is not UTF-8.
+    #[error("field `{field}` is not valid UTF-8")]
+    NotUtf8 {
+        /// The field.
+        field: &'static str,
+    },
+    /// An enumerated field holds a value this version does not define.
+    #[error("field `{field}` has unknown value {value}")]
+    BadEnum {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        value: u32,
+    },
+    /// The opcode is unknown, or not valid in this direction.
+    #[error("unknown opcode 0x{0:02x}")]
+    UnknownOpcode(u8),
+    /// The header's flags do not fit the message kind.
+    #[error("unexpected flags 0x{0:04x} for this message")]
+    BadFlags(u16),
+}
+
+impl BodyError {
+    /// The status an error reply to this body carries.
+    pub fn status(&self) -> Status {
+        match self {
+            BodyError::UnknownOpcode(_) => Status::UnknownOpcode,
+            _ => Status::BadRequest,
+        }
+    }
+}
+
+/// Lock mode requested by `ACQUIRE`. Only exclusive locks exist today; the
+/// field is on the wire so shared (read) locks can arrive without a new version.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LockMode {
+    /// One holder at a time.
+    #[default]
+    Exclusive = 0,
+    /// Reserved: many readers, no writer. Servers answer `UNSUPPORTED` today.
+    Shared = 1,
+}
+
+/// Whether `HELD` lists this connection's locks or every lock of the server.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum HeldScope {
+    /// Locks held by the asking connection.
+    #[default]
+    Connection = 0,
+    /// Locks held through this server by any connection.
+    Server = 1,
+}
+
+/// A resource kind's lifecycle mode (see version rotation in DESIGN.md).
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KindMode {
+    /// Acquires proceed under the current version.
+    #[default]
+    Normal = 0,
+    /// A rotation is draining the current version: new acquires wait.
+    Draining = 1,
+}
+
+impl KindMode {
+    /// Lower-case word used in the text form.
+    pub fn name(self) -> &'static str {
+        match self {
+            KindMode::Normal => "normal",
+            KindMode::Draining => "draining",
+        }
+    }
+}
+
+/// Why a held lock was lost.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LostReason {
+    /// A reason this version does not know (forward compatibility).
+    Unknown = 0,
+    /// The lease ran out without a `RENEW`.
+    LeaseExpired = 1,
+    /// The backend session that held the lock expired.
+    SessionExpired = 2,
+    /// The backend was unreachable for long enough that the grant can no longer
+    /// be guaranteed.
+    BackendUnreachable = 3,
+    /// The server is shutting down and released the lock.
+    Shutdown = 4,
+    /// The backend reported the lock gone for another reason.
+    BackendError = 5,
+}
+
+impl LostReason {
+    /// Lower-case word used in the text form (`reason=<word>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LostReason::Unknown => "unknown",
+            LostReason::LeaseExpired => "lease_expired",
+            LostReason::SessionExpired => "session_expired",
+            LostReason::BackendUnreachable => "backend_unreachable",
+            LostReason::Shutdown => "shutdown",
+            LostReason::BackendError => "backend_error",
+        }
+    }
+
+    fn from_u8(v: u8) -> LostReason {
+        match v {
+            1 => LostReason::LeaseExpired,
+            2 => LostReason::SessionExpired,
+            3 => LostReason::BackendUnreachable,
+            4 => LostReason::Shutdown,
+            5 => LostReason::BackendError,
+            _ => LostReason::Unknown,
+        }
+    }
+}
+
+/// `HELLO` request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Lowest protocol version the client speaks.
+    pub min_version: u8,
+    /// Highest protocol version the client speaks.
+    pub max_version: u8,
+    /// Free-form client name for logs (`app-7/clastor-client 0.1`).
+    pub client_name: String,
+}
+
+/// `ACQUIRE` request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquire {
+    /// Resource kind (namespace).
+    pub kind: String,
+    /// Resource id within the kind.
+    pub id: String,
+    /// How long to wait for the lock, in ms; 0 tries once.
+    pub wait_ms: u32,
+    /// Lease in ms; 0 means no lease (held until released or disconnected).
+    pub lease_ms: u32,
+    /// Requested mode.
+    pub mode: LockMode,
+}
+
+/// A request from client to server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Handshake.
+    Hello(Hello),
+    /// Liveness probe.
+    Ping,
+    /// Take a lock.
+    Acquire(Acquire),
+    /// Give a lock back.
+    Release {
+        /// Resource kind.
+        kind: String,
+        /// Resource id.
+        id: String,
+    },
+    /// Extend a lease.
+    Renew {
+        /// Resource kind.
+        kind: String,
+        /// Resource id.
+        id: String,
+        /// New lease from now, in ms (must be > 0).
+        lease_ms: u32,
+    },
+    /// List held locks.
+    Held {
+        /// Whose.
+        scope: HeldScope,
+    },
+    /// A kind's version and mode.
+    Version {
+        /// Resource kind.
+        kind: String,
+    },
+    /// Server information and counters.
+    Info,
+}
+
+impl Request {
+    /// The opcode this request travels under.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello(_) => Opcode::Hello,
+            Request::Ping => Opcode::Ping,
+            Request::Acquire(_) => Opcode::Acquire,
+            Request::Release { .. } => Opcode::Release,
+            Request::Renew { .. } => Opcode::Renew,
+            Request::Held { .. } => Opcode::Held,
+            Request::Version { .. } => Opcode::Version,
+            Request::Info => Opcode::Info,
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        match self {
+            Request::Hello(h) => 2 + string_len(&h.client_name),
+            Request::Ping | Request::Info => 0,
+            Request::Acquire(a) => string_len(&a.kind) + string_len(&a.id) + 4 + 4 + 1,
+            Request::Release { kind, id } => string_len(kind) + string_len(id),
+            Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4,
+            Request::Held { .. } => 1,
+            Request::Version { kind } => string_len(kind),
+        }
+    }
+
+    /// Appends the whole frame (length prefix, header, body) to `dst`.
+    pub fn encode(&self, request_id: u32, dst: &mut BytesMut) {
+        let body_len = self.body_len();
+        let header = Header {
+            version: PROTOCOL_VERSION,
+            opcode: self.opcode() as u8,
+            flags: Flags::REQUEST,
+            request_id,
+        };
+        let dst = start_frame(dst, &header, body_len);
+        match self {
+            Request::Hello(h) => {
+                dst.put_u8(h.min_version);
+                dst.put_u8(h.max_version);
+                put_string(dst, &h.client_name);
+            }
+            Request::Ping | Request::Info => {}
+            Request::Acquire(a) => {
+                put_string(dst, &a.kind);
+                put_string(dst, &a.id);
+                dst.put_u32(a.wait_ms);
+                dst.put_u32(a.lease_ms);
+                dst.put_u8(a.mode as u8);
+            }
+            Request::Release { kind, id } => {
+                put_string(dst, kind);
+                put_string(dst, id);
+            }
+            Request::Renew { kind, id, lease_ms } => {
+                put_string(dst, kind);
+                put_string(dst, id);
+                dst.put_u32(*lease_ms);
+            }
+            Request::Held { scope } => dst.put_u8(*scope as u8),
+            Request::Version { kind } => put_string(dst, kind),
+        }
+    }
+
+    /// Decodes a request body. The header must already have passed the frame
+    /// checks (version); this checks the opcode and flags.
+    pub fn decode(header: &Header, body: Bytes) -> Result<Request, BodyError> {
+        let op = Opcode::try_from(header.opcode).map_err(BodyError::UnknownOpcode)?;
+        if header.flags != Flags::REQUEST {
+            return Err(BodyError::BadFlags(header.flags.0));
+        }
+        let mut r = Reader::new(body);
+        let req = match op {
+            Opcode::Hello => Request::Hello(Hello {
+                min_version: r.u8("min_version")?,
+                max_version: r.u8("max_version")?,
+                client_name: r.string("client_name")?,
+            }),
+            Opcode::Ping => Request::Ping,
+            Opcode::Acquire => Request::Acquire(Acquire {
+                kind: r.string("kind")?,
+                id: r.string("id")?,
+                wait_ms: r.u32("wait_ms")?,
+                lease_ms: r.u32("lease_ms")?,
+                mode: match r.u8("mode")? {
+                    0 => LockMode::Exclusive,
+                    1 => LockMode::Shared,
+                    v => return Err(BodyError::BadEnum { field: "mode", value: v.into() }),
+                },
+            }),
+            Opcode::Release => Request::Release { kind: r.string("kind")?, id: r.string("id")? },
+            Opcode::Renew => Request::Renew {
+                kind: r.string("kind")?,
+                id: r.string("id")?,
+                lease_ms: r.u32("lease_ms")?,
+            },
+            Opcode::Held => Request::Held {
+                scope: match r.u8("scope")? {
+                    0 => HeldScope::Connection,
+                    1 => HeldScope::Server,
+                    v => return Err(BodyError::BadEnum { field: "scope", value: v.into() }),
+                },
+            },
+            Opcode::Version => Request::Version { kind: r.string("kind")? },
+            Opcode::Info => Request::Info,
+            Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(header.opcode)),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+/// `HELLO` response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloOk {
+    /// The protocol version chosen for this connection.
+    pub version: u8,
+    /// The server's id for this connection (appears in logs and `HELD` listings).
+    pub connection_id: u64,
+    /// Largest frame length the server accepts.
+    pub max_frame_len: u32,
+    /// Requests the server processes concurrently on this connection; more are
+    /// read only as earlier ones finish.
+    pub max_in_flight: u32,
+    /// Server name and version (`clastor 0.1.0 (memory)`).
+    pub server: String,
+}
+
+/// `ACQUIRE` success body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireOk {
+    /// Fencing token: strictly greater than every token granted before for the key.
+    pub token: u64,
+    /// Lease granted in ms, 0 if none.
+    pub lease_ms: u32,
+    /// The kind's version the lock was taken under.
+    pub version: String,
+}
+
+/// One entry of a `HELD` listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLock {
+    /// Resource kind.
+    pub kind: String,
+    /// Resource id.
+    pub id: String,
+    /// The grant's fencing token.
+    pub token: u64,
+    /// Version the lock was taken under.
+    pub version: String,
+    /// Lease left in ms, 0 if the lock has no lease.
+    pub lease_remaining_ms: u32,
+    /// Holding connection's id.
+    pub connection_id: u64,
+}
+
+/// `VERSION` response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Current version name (`v1`).
+    pub version: String,
+    /// Current mode.
+    pub mode: KindMode,
+}
+
+/// The body of a successful response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// To `HELLO`.
+    Hello(HelloOk),
+    /// To `PING`.
+    Pong,
+    /// To `ACQUIRE`.
+    Acquired(AcquireOk),
+    /// To `RELEASE`: whether this call released the lock (false: it was not held,
+    /// which is not an error — release is idempotent).
+    Released {
+        /// True if the lock was held by this connection and is now released.
+        released: bool,
+    },
+    /// To `RENEW`.
+    Renewed {
+        /// The grant's token (unchanged by renewal).
+        token: u64,
+        /// The new lease in ms.
+        lease_ms: u32,
+    },
+    /// To `HELD`.
+    Held(Vec<HeldLock>),
+    /// To `VERSION`.
+    Version(VersionInfo),
+    /// To `INFO`: ordered `name → value` pairs.
+    Info(Vec<(String, String)>),
+}
+
+impl ResponseBody {
+    /// The opcode of the request this body answers.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            ResponseBody::Hello(_) => Opcode::Hello,
+            ResponseBody::Pong => Opcode::Ping,
+            ResponseBody::Acquired(_) => Opcode::Acquire,
+            ResponseBody::Released { .. } => Opcode::Release,
+            ResponseBody::Renewed { .. } => Opcode::Renew,
+            ResponseBody::Held(_) => Opcode::Held,
+            ResponseBody::Version(_) => Opcode::Version,
+            ResponseBody::Info(_) => Opcode::Info,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ResponseBody::Hello(h) => 1 + 8 + 4 + 4 + string_len(&h.server),
+            ResponseBody::Pong => 0,
+            ResponseBody::Acquired(a) => 8 + 4 + string_len(&a.version),
+            ResponseBody::Released { .. } => 1,
+            ResponseBody::Renewed { .. } => 12,
+            ResponseBody::Held(list) => {
+                2 + list
+                    .iter()
+                    .map(|h| string_len(&h.kind) + string_len(&h.id) + 8 + string_len(&h.version) + 4 + 8)
+                    .sum::<usize>()
+            }
+            ResponseBody::Version(v) => string_len(&v.version) + 1,
+            ResponseBody::Info(pairs) => {
+                2 + pairs.iter().map(|(k, v)| string_len(k) + string_len(v)).sum::<usize>()
+            }
+        }
+    }
+
+    fn write(&self, dst: &mut BytesMut) {
+        match self {
+            ResponseBody::Hello(h) => {
+                dst.put_u8(h.version);
+                dst.put_u64(h.connection_id);
+                dst.put_u32(h.max_frame_len);
+                dst.put_u32(h.max_in_flight);
+                put_string(dst, &h.server);
+            }
+            ResponseBody::Pong => {}
+            ResponseBody::Acquired(a) => {
+                dst.put_u64(a.token);
+                dst.put_u32(a.lease_ms);
+                put_string(dst, &a.version);
+            }
+            ResponseBody::Released { released } => dst.put_u8(u8::from(*released)),
+            ResponseBody::Renewed { token, lease_ms } => {
+                dst.put_u64(*token);
+                dst.put_u32(*lease_ms);
+            }
+            ResponseBody::Held(list) => {
+                dst.put_u16(clamp_count(list.len()));
+                for h in list.iter().take(usize::from(u16::MAX)) {
+                    put_string(dst, &h.kind);
+                    put_string(dst, &h.id);
+                    dst.put_u64(h.token);
+                    put_string(dst, &h.version);
+                    dst.put_u32(h.lease_remaining_ms);
+                    dst.put_u64(h.connection_id);
+                }
+            }
+            ResponseBody::Version(v) => {
+                put_string(dst, &v.version);
+                dst.put_u8(v.mode as u8);
+            }
+            ResponseBody::Info(pairs) => {
+                dst.put_u16(clamp_count(pairs.len()));
+                for (k, v) in pairs.iter().take(usize::from(u16::MAX)) {
+                    put_string(dst, k);
+                    put_string(dst, v);
+                }
+            }
+        }
+    }
+
+    fn read(op: Opcode, r: &mut Reader) -> Result<ResponseBody, BodyError> {
+        Ok(match op {
+            Opcode::Hello => ResponseBody::Hello(HelloOk {
+                version: r.u8("version")?,
+                connection_id: r.u64("connection_id")?,
+                max_frame_len: r.u32("max_frame_len")?,
+                max_in_flight: r.u32("max_in_flight")?,
+                server: r.string("server")?,
+            }),
+            Opcode::Ping => ResponseBody::Pong,
+            Opcode::Acquire => ResponseBody::Acquired(AcquireOk {
+                token: r.u64("token")?,
+                lease_ms: r.u32("lease_ms")?,
+                version: r.string("version")?,
+            }),
+            Opcode::Release => ResponseBody::Released {
+                released: match r.u8("released")? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(BodyError::BadEnum { field: "released", value: v.into() }),
+                },
+            },
+            Opcode::Renew => ResponseBody::Renewed { token: r.u64("token")?, lease_ms: r.u32("lease_ms")? },
+            Opcode::Held => {
+                // Smallest entry: four empty strings (8) + token, lease, connection (20).
+                let n = r.count("count", 28)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(HeldLock {
+                        kind: r.string("kind")?,
+                        id: r.string("id")?,
+                        token: r.u64("token")?,
+                        version: r.string("version")?,
+                        lease_remaining_ms: r.u32("lease_remaining_ms")?,
+                        connection_id: r.u64("connection_id")?,
+                    });
+                }
+                ResponseBody::Held(list)
+            }
+            Opcode::Version => ResponseBody::Version(VersionInfo {
+                version: r.string("version")?,
+                mode: match r.u8("mode")? {
+                    0 => KindMode::Normal,
+                    1 => KindMode::Draining,
+                    v => return Err(BodyError::BadEnum { field: "mode", value: v.into() }),
+                },
+            }),
+            Opcode::Info => {
+                let n = r.count("count", 4)?;
+                let mut pairs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pairs.push((r.string("name")?, r.string("value")?));
+                }
+                ResponseBody::Info(pairs)
+            }
+            Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(op as u8)),
+        })
+    }
+}
+
+/// An error outcome: a status other than `OK` and a short human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// What went wrong (never [`Status::Ok`]).
+    pub status: Status,
+    /// Human-readable detail; not meant to be parsed.
+    pub message: String,
+}
+
+/// A response: the request's id and raw opcode, and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Echo of the request id.
+    pub request_id: u32,
+    /// Echo of the request's raw opcode (may be unknown for an `UNKNOWN_OPCODE` reply).
+    pub opcode: u8,
+    /// Outcome.
+    pub result: Result<ResponseBody, ErrorReply>,
+}
+
+impl Response {
+    /// A successful response.
+    pub fn ok(request_id: u32, body: ResponseBody) -> Response {
+        Response { request_id, opcode: body.opcode() as u8, result: Ok(body) }
+    }
+
+    /// An error response. `status` must not be [`Status::Ok`]; if it is, the
+    /// reply is sent as [`Status::Internal`] so the peer never sees OK without a body.
+    pub fn error(request_id: u32, opcode: u8, status: Status, message: impl Into<String>) -> Response {
+        let status = if status == Status::Ok { Status::Internal } else { status };
+        Response { request_id, opcode, result: Err(ErrorReply { status, message: message.into() }) }
+    }
+
+    /// The status this response carries.
+    pub fn status(&self) -> Status {
+        match &self.result {
+            Ok(_) => Status::Ok,
+            Err(e) => e.status,
+        }
+    }
+
+    /// Appends the whole frame to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let body_len = 2 + match &self.result {
+            Ok(body) => body.len(),
+            Err(e) => string_len(crate::wire::truncate(&e.message, MAX_MESSAGE_LEN)),
+        };
+        let header = Header {
+            version: PROTOCOL_VERSION,
+            opcode: self.opcode,
+            flags: Flags::RESPONSE,
+            request_id: self.request_id,
+        };
+        let dst = start_frame(dst, &header, body_len);
+        match &self.result {
+            Ok(body) => {
+                dst.put_u16(Status::Ok as u16);
+                body.write(dst);
+            }
+            Err(e) => {
+                dst.put_u16(e.status as u16);
+                put_string(dst, crate::wire::truncate(&e.message, MAX_MESSAGE_LEN));
+            }
+        }
+    }
+
+    /// Decodes a response body (client side).
+    pub fn decode(header: &Header, body: Bytes) -> Result<Response, BodyError> {
+        if header.flags != Flags::RESPONSE {
+            return Err(BodyError::BadFlags(header.flags.0));
+        }
+        let mut r = Reader::new(body);
+        let raw_status = r.u16("status")?;
+        let status = Status::try_from(raw_status)
+            .map_err(|v| BodyError::BadEnum { field: "status", value: v.into() })?;
+        let result = if status == Status::Ok {
+            let op = Opcode::try_from(header.opcode).map_err(BodyError::UnknownOpcode)?;
+            Ok(ResponseBody::read(op, &mut r)?)
+        } else {
+            Err(ErrorReply { status, message: r.string("message")? })
+        };
+        r.finish()?;
+        Ok(Response { request_id: header.request_id, opcode: header.opcode, result })
+    }
+}
+
+/// Error and event messages are cut to this many bytes on encode.
+pub const MAX_MESSAGE_LEN: usize = 1024;
+
+/// A frame the server pushes unprompted, with request id 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A lock held by this connection can no longer be guaranteed; the
+    /// connection no longer holds it.
+    LockLost {
+        /// Resource kind.
+        kind: String,
+        /// Resource id.
+        id: String,
+        /// The token of the lost grant.
+        token: u64,
+        /// Why.
+        reason: LostReason,
+    },
+    /// The server closes the connection right after this frame.
+    Closing {
+        /// Why (e.g. `SHUTTING_DOWN`, `PROTOCOL_ERROR`, `LIMIT_EXCEEDED`).
+        status: Status,
+        /// Detail.
+        message: String,
+    },
+}
+
+impl Event {
+    /// The opcode this event travels under.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Event::LockLost { .. } => Opcode::LockLost,
+            Event::Closing { .. } => Opcode::Closing,
+        }
+    }
+
+    /// Appends the whole frame to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let body_len = match self {
+            Event::LockLost { kind, id, .. } => string_len(kind) + string_len(id) + 8 + 1,
+            Event::Closing { message, .. } => 2 + string_len(crate::wire::truncate(message, MAX_MESSAGE_LEN)),
+        };
+        let header = Header {
+            version: PROTOCOL_VERSION,
+            opcode: self.opcode() as u8,
+            flags: Flags::EVENT,
+            request_id: EVENT_REQUEST_ID,
+        };
+        let dst = start_frame(dst, &header, body_len);
+        match self {
+            Event::LockLost { kind, id, token, reason } => {
+                put_string(dst, kind);
+                put_string(dst, id);
+                dst.put_u64(*token);
+                dst.put_u8(*reason as u8);
+            }
+            Event::Closing { status, message } => {
+                dst.put_u16(*status as u16);
+                put_string(dst, crate::wire::truncate(message, MAX_MESSAGE_LEN));
+            }
+        }
+    }
+
+    /// Decodes an event body (client side).
+    pub fn decode(header: &Header, body: Bytes) -> Result<Event, BodyError> {
+        if header.flags != Flags::EVENT {
+            return Err(BodyError::BadFlags(header.flags.0));
+        }
+        let mut r = Reader::new(body);
+        let ev = match Opcode::try_from(header.opcode) {
+            Ok(Opcode::LockLost) => Event::LockLost {
+                kind: r.string("kind")?,
+                id: r.string("id")?,
+                token: r.u64("token")?,
+                reason: LostReason::from_u8(r.u8("reason")?),
+            },
+            Ok(Opcode::Closing) => {
+                let raw = r.u16("status")?;
+                Event::Closing {
+                    status: Status::try_from(raw).unwrap_or(Status::Internal),
+                    message: r.string("message")?,
+                }
+            }
+            _ => return Err(BodyError::UnknownOpcode(header.opcode)),
+        };
+        r.finish()?;
+        Ok(ev)
+    }
+}
+
+fn clamp_count(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Reserves the exact frame size, writes prefix and header, and hands back the
+/// buffer for the body.
+fn start_frame<'a>(dst: &'a mut BytesMut, header: &Header, body_len: usize) -> &'a mut BytesMut {
+    let frame_len = HEADER_LEN + body_len;
+    dst.reserve(LENGTH_PREFIX_LEN + frame_len);
+    // Bodies are bounded far below 4 GiB (strings ≤ 64 KiB, counts ≤ 65535).
+    dst.put_u32(u32::try_from(frame_len).unwrap_or(u32::MAX));
+    header.write(dst);
+    dst
+}

@@ -1,0 +1,101 @@
+//! Resource-name rules, shared by every interface so a bad name is refused the
+//! same way everywhere and never reaches a backend path.
+
+use thiserror::Error;
+
+/// Longest kind or id, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Why a kind or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty string.
+    #[error("{what} is empty")]
+    Empty {
+        /// `kind` or `id`.
+        what: &'static str,
+    },
+    /// Longer than [`MAX_NAME_LEN`] bytes.
+    #[error("{what} is {len} bytes long; the limit is {MAX_NAME_LEN}")]
+    TooLong {
+        /// `kind` or `id`.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// `.` or `..`, which would be path navigation in hierarchical backends.
+    #[error("{what} may not be `.` or `..`")]
+    Dot {
+        /// `kind` or `id`.
+        what: &'static str,
+    },
+    /// A forbidden character: `/`, NUL, whitespace or another control or
+    /// non-printable character.
+    #[error("{what} contains forbidden character {ch:?} at byte {at}")]
+    BadChar {
+        /// `kind` or `id`.
+        what: &'static str,
+        /// The character.
+        ch: char,
+        /// Its byte offset.
+        at: usize,
+    },
+}
+
+/// Checks a kind or id against the naming rules: 1 to [`MAX_NAME_LEN`] bytes
+/// of printable, non-whitespace characters, no `/`, not `.` or `..`.
+///
+/// Whitespace is refused so that every valid name can be typed in the text
+/// form, where words are separated by spaces.
+pub fn validate(what: &'static str, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong { what, len: name.len() });
+    }
+    if name == "." || name == ".." {
+        return Err(NameError::Dot { what });
+    }
+    if let Some((at, ch)) = name.char_indices().find(|&(_, c)| !allowed(c)) {
+        return Err(NameError::BadChar { what, ch, at });
+    }
+    Ok(())
+}
+
+fn allowed(c: char) -> bool {
+    // Control characters include NUL, DEL and the C1 range; format characters
+    // such as zero-width joiners and bidi overrides are refused too, so a name
+    // always prints as what it is.
+    !(c == '/'
+        || c.is_control()
+        || c.is_whitespace()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for ok in ["transaction", "tx-123", "a", "user:42", "日本", "x.y", "...", &"a".repeat(MAX_NAME_LEN)] {
+            assert_eq!(validate("id", ok), Ok(()), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_hostile_names() {
+        assert_eq!(validate("id", ""), Err(NameError::Empty { what: "id" }));
+        assert_eq!(validate("id", "."), Err(NameError::Dot { what: "id" }));
+        assert_eq!(validate("id", ".."), Err(NameError::Dot { what: "id" }));
+        assert!(matches!(validate("id", "../etc"), Err(NameError::BadChar { ch: '/', at: 2, .. })));
+        assert!(matches!(validate("id", "a/b"), Err(NameError::BadChar { ch: '/', .. })));
+        assert!(matches!(validate("id", "a\0b"), Err(NameError::BadChar { ch: '\0', .. })));
+        assert!(matches!(validate("id", "a b"), Err(NameError::BadChar { ch: ' ', .. })));
+        assert!(matches!(validate("id", "a\nb"), Err(NameError::BadChar { .. })));
+        assert!(matches!(validate("id", "\u{202E}abc"), Err(NameError::BadChar { .. })));
+        assert!(matches!(validate("kind", &"a".repeat(MAX_NAME_LEN + 1)), Err(NameError::TooLong { .. })));
+    }
+}

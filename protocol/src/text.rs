@@ -1,0 +1,300 @@
+//! The line-based text form of the protocol, for netcat-style debugging.
+//!
+//! One command per line, words separated by spaces, command names
+//! case-insensitive. Replies start with `+` (success) or `-` (error), pushed
+//! events with `!`; multi-line replies end with a line holding only `.`.
+//! Parsing yields the same [`Request`] values as the binary form, so both forms
+//! share one dispatch path on the server and one grammar for tools.
+
+use std::fmt::Write as _;
+
+use thiserror::Error;
+
+use crate::message::{Acquire, Event, HeldScope, LockMode, Request, Response, ResponseBody};
+use crate::status::Status;
+
+/// Longest accepted command line, in bytes (without the line ending).
+pub const MAX_LINE_LEN: usize = 1024;
+
+/// A parsed text command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A protocol request.
+    Request(Request),
+    /// List the commands.
+    Help,
+    /// Close the connection.
+    Quit,
+    /// An empty line: ignored.
+    Empty,
+}
+
+/// A line that is not a valid command.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct ParseError {
+    /// `BAD_REQUEST` or `UNKNOWN_OPCODE`.
+    pub status: Status,
+    /// What was wrong, with the usage line where it helps.
+    pub message: String,
+}
+
+/// One line per command, as shown by `HELP`.
+pub const USAGE: &[&str] = &[
+    "PING",
+    "ACQUIRE <kind> <id> [wait_ms] [lease_ms]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
+    "RELEASE <kind> <id>",
+    "RENEW <kind> <id> <lease_ms>",
+    "HELD [ALL]                                 this connection's locks, or every lock of the server",
+    "VERSION <kind>",
+    "INFO",
+    "HELP",
+    "QUIT",
+];
+
+/// Parses one line (without its line ending; a trailing `\r` is ignored).
+pub fn parse(line: &str) -> Result<Command, ParseError> {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    let Some(cmd) = words.next() else {
+        return Ok(Command::Empty);
+    };
+    let args: Vec<&str> = words.collect();
+    let arity = |min: usize, max: usize, usage: &str| {
+        if (min..=max).contains(&args.len()) {
+            Ok(())
+        } else {
+            Err(bad(format!("wrong number of arguments; usage: {usage}")))
+        }
+    };
+    let owned = |i: usize| args[i].to_owned();
+    let request = match cmd.to_ascii_uppercase().as_str() {
+        "QUIT" => return arity(0, 0, "QUIT").map(|()| Command::Quit),
+        "HELP" => return arity(0, 0, "HELP").map(|()| Command::Help),
+        "PING" => arity(0, 0, "PING").map(|()| Request::Ping)?,
+        "INFO" => arity(0, 0, "INFO").map(|()| Request::Info)?,
+        "ACQUIRE" => {
+            arity(2, 4, "ACQUIRE <kind> <id> [wait_ms] [lease_ms]")?;
+            Request::Acquire(Acquire {
+                kind: owned(0),
+                id: owned(1),
+                wait_ms: args.get(2).map(|w| number("wait_ms", w)).transpose()?.unwrap_or(0),
+                lease_ms: args.get(3).map(|w| number("lease_ms", w)).transpose()?.unwrap_or(0),
+                mode: LockMode::Exclusive,
+            })
+        }
+        "RELEASE" => {
+            arity(2, 2, "RELEASE <kind> <id>")?;
+            Request::Release { kind: owned(0), id: owned(1) }
+        }
+        "RENEW" => {
+            arity(3, 3, "RENEW <kind> <id> <lease_ms>")?;
+            Request::Renew { kind: owned(0), id: owned(1), lease_ms: number("lease_ms", args[2])? }
+        }
+        "HELD" => {
+            arity(0, 1, "HELD [ALL]")?;
+            match args.first() {
+                None => Request::Held { scope: HeldScope::Connection },
+                Some(a) if a.eq_ignore_ascii_case("ALL") => Request::Held { scope: HeldScope::Server },
+                Some(_) => return Err(bad("usage: HELD [ALL]".to_owned())),
+            }
+        }
+        "VERSION" => {
+            arity(1, 1, "VERSION <kind>")?;
+            Request::Version { kind: owned(0) }
+        }
+        _ => {
+            return Err(ParseError {
+                status: Status::UnknownOpcode,
+                message: format!("unknown command {:?} (try HELP)", truncate_chars(cmd, 32)),
+            });
+        }
+    };
+    Ok(Command::Request(request))
+}
+
+fn bad(message: String) -> ParseError {
+    ParseError { status: Status::BadRequest, message }
+}
+
+fn number(field: &str, word: &str) -> Result<u32, ParseError> {
+    word.parse::<u32>()
+        .map_err(|_| bad(format!("{field} must be a whole number of milliseconds up to {}, got {:?}", u32::MAX, truncate_chars(word, 32))))
+}
+
+fn truncate_chars(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// Makes server-provided text safe for a single reply line.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// Formats the reply to `req`, ending each line with `\n`.
+pub fn format_response(req: &Request, resp: &Response) -> String {
+    let mut out = String::new();
+    let key = match req {
+        Request::Acquire(a) => Some((a.kind.as_str(), a.id.as_str())),
+        Request::Release { kind, id } | Request::Renew { kind, id, .. } => Some((kind.as_str(), id.as_str())),
+        _ => None,
+    };
+    let (kind, id) = key.unwrap_or(("", ""));
+    match &resp.result {
+        Err(e) if e.status == Status::Timeout => {
+            let _ = writeln!(out, "-TIMEOUT {kind} {id} {}", one_line(&e.message));
+        }
+        Err(e) => {
+            let _ = writeln!(out, "-ERR {} {}", e.status.name(), one_line(&e.message));
+        }
+        Ok(ResponseBody::Pong) => out.push_str("+PONG\n"),
+        Ok(ResponseBody::Hello(h)) => {
+            let _ = writeln!(out, "+HELLO version={} connection={} server={}", h.version, h.connection_id, one_line(&h.server));
+        }
+        Ok(ResponseBody::Acquired(a)) => {
+            let _ = writeln!(
+                out,
+                "+ACQUIRED {kind} {id} token={} version={} lease_ms={}",
+                a.token,
+                one_line(&a.version),
+                a.lease_ms
+            );
+        }
+        Ok(ResponseBody::Released { released: true }) => {
+            let _ = writeln!(out, "+RELEASED {kind} {id}");
+        }
+        Ok(ResponseBody::Released { released: false }) => {
+            let _ = writeln!(out, "+NOT_HELD {kind} {id} (nothing to release)");
+        }
+        Ok(ResponseBody::Renewed { token, lease_ms }) => {
+            let _ = writeln!(out, "+RENEWED {kind} {id} token={token} lease_ms={lease_ms}");
+        }
+        Ok(ResponseBody::Held(list)) => {
+            let _ = writeln!(out, "+HELD {}", list.len());
+            for h in list {
+                let _ = writeln!(
+                    out,
+                    "{} {} token={} version={} lease_ms={} connection={}",
+                    h.kind,
+                    h.id,
+                    h.token,
+                    one_line(&h.version),
+                    h.lease_remaining_ms,
+                    h.connection_id
+                );
+            }
+            out.push_str(".\n");
+        }
+        Ok(ResponseBody::Version(v)) => {
+            let kind = match req {
+                Request::Version { kind } => kind.as_str(),
+                _ => "",
+            };
+            let _ = writeln!(out, "+VERSION {kind} version={} mode={}", one_line(&v.version), v.mode.name());
+        }
+        Ok(ResponseBody::Info(pairs)) => {
+            out.push_str("+INFO\n");
+            for (k, v) in pairs {
+                let _ = writeln!(out, "{}={}", one_line(k), one_line(v));
+            }
+            out.push_str(".\n");
+        }
+    }
+    out
+}
+
+/// Formats a pushed event as one `!` line ending with `\n`.
+pub fn format_event(ev: &Event) -> String {
+    match ev {
+        Event::LockLost { kind, id, token, reason } => {
+            format!("!LOST {kind} {id} token={token} reason={}\n", reason.name())
+        }
+        Event::Closing { status, message } => format!("!CLOSING {} {}\n", status.name(), one_line(message)),
+    }
+}
+
+/// The reply to `HELP`.
+pub fn format_help() -> String {
+    let mut out = String::from("+HELP commands (case-insensitive, words separated by spaces):\n");
+    for line in USAGE {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(".\n");
+    out
+}
+
+/// Formats a parse error as a reply line.
+pub fn format_parse_error(e: &ParseError) -> String {
+    format!("-ERR {} {}\n", e.status.name(), one_line(&e.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{AcquireOk, ErrorReply, LostReason};
+
+    #[test]
+    fn parses_the_grammar() {
+        assert_eq!(parse("ping"), Ok(Command::Request(Request::Ping)));
+        assert_eq!(parse("  PiNg  \r"), Ok(Command::Request(Request::Ping)));
+        assert_eq!(parse(""), Ok(Command::Empty));
+        assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert_eq!(
+            parse("ACQUIRE transaction tx-1 5000"),
+            Ok(Command::Request(Request::Acquire(Acquire {
+                kind: "transaction".into(),
+                id: "tx-1".into(),
+                wait_ms: 5000,
+                lease_ms: 0,
+                mode: LockMode::Exclusive
+            })))
+        );
+        assert!(matches!(
+            parse("acquire a b 1 2"),
+            Ok(Command::Request(Request::Acquire(Acquire { wait_ms: 1, lease_ms: 2, .. })))
+        ));
+        assert!(matches!(parse("acquire a b"), Ok(Command::Request(Request::Acquire(Acquire { wait_ms: 0, .. })))));
+        assert_eq!(
+            parse("renew k i 300"),
+            Ok(Command::Request(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 300 }))
+        );
+        assert_eq!(parse("held all"), Ok(Command::Request(Request::Held { scope: HeldScope::Server })));
+        assert_eq!(parse("VERSION k"), Ok(Command::Request(Request::Version { kind: "k".into() })));
+    }
+
+    #[test]
+    fn refuses_bad_lines() {
+        assert_eq!(parse("FROB").map_err(|e| e.status), Err(Status::UnknownOpcode));
+        assert_eq!(parse("ACQUIRE a").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(parse("ACQUIRE a b -1").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(parse("ACQUIRE a b 99999999999").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(parse("RENEW a b").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(parse("HELD x").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(parse("PING x").map_err(|e| e.status), Err(Status::BadRequest));
+    }
+
+    #[test]
+    fn formats_replies() {
+        let req = Request::Acquire(Acquire {
+            kind: "transaction".into(),
+            id: "tx-1".into(),
+            wait_ms: 0,
+            lease_ms: 0,
+            mode: LockMode::Exclusive,
+        });
+        let ok = Response::ok(1, ResponseBody::Acquired(AcquireOk { token: 42, lease_ms: 0, version: "v1".into() }));
+        assert_eq!(format_response(&req, &ok), "+ACQUIRED transaction tx-1 token=42 version=v1 lease_ms=0\n");
+        let to = Response::error(1, 0x10, Status::Timeout, "not acquired within 200 ms");
+        assert_eq!(format_response(&req, &to), "-TIMEOUT transaction tx-1 not acquired within 200 ms\n");
+        let err = Response {
+            request_id: 1,
+            opcode: 0x10,
+            result: Err(ErrorReply { status: Status::InvalidName, message: "id has\nnewline".into() }),
+        };
+        assert_eq!(format_response(&req, &err), "-ERR INVALID_NAME id has newline\n");
+        let ev = Event::LockLost { kind: "k".into(), id: "i".into(), token: 7, reason: LostReason::LeaseExpired };
+        assert_eq!(format_event(&ev), "!LOST k i token=7 reason=lease_expired\n");
+    }
+}

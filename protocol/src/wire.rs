@@ -1,0 +1,99 @@
+//! Bounds-checked primitive readers and writers shared by every message.
+//!
+//! Readers never trust a length field beyond the bytes actually present, so a
+//! hostile length can neither panic nor make us allocate more than the frame.
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::message::BodyError;
+
+/// Reads primitives off a frame body, failing with [`BodyError::Truncated`]
+/// instead of panicking when the body is short.
+pub(crate) struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    pub(crate) fn new(buf: Bytes) -> Self {
+        Self { buf }
+    }
+
+    fn need(&self, n: usize, field: &'static str) -> Result<(), BodyError> {
+        if self.buf.remaining() < n {
+            Err(BodyError::Truncated { field })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, BodyError> {
+        self.need(1, field)?;
+        Ok(self.buf.get_u8())
+    }
+
+    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, BodyError> {
+        self.need(2, field)?;
+        Ok(self.buf.get_u16())
+    }
+
+    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, BodyError> {
+        self.need(4, field)?;
+        Ok(self.buf.get_u32())
+    }
+
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, BodyError> {
+        self.need(8, field)?;
+        Ok(self.buf.get_u64())
+    }
+
+    /// A `u16` length followed by that many bytes of UTF-8.
+    pub(crate) fn string(&mut self, field: &'static str) -> Result<String, BodyError> {
+        let len = usize::from(self.u16(field)?);
+        self.need(len, field)?;
+        let raw = self.buf.split_to(len);
+        String::from_utf8(raw.to_vec()).map_err(|_| BodyError::NotUtf8 { field })
+    }
+
+    /// A `u16` count of items, checked against the bytes left so a forged count
+    /// cannot make the caller preallocate a huge vector.
+    pub(crate) fn count(&mut self, field: &'static str, min_item_len: usize) -> Result<usize, BodyError> {
+        let n = usize::from(self.u16(field)?);
+        self.need(n.saturating_mul(min_item_len), field)?;
+        Ok(n)
+    }
+
+    /// Fails if bytes are left over: a body longer than its message is malformed.
+    pub(crate) fn finish(self) -> Result<(), BodyError> {
+        if self.buf.has_remaining() {
+            Err(BodyError::TrailingBytes { len: self.buf.remaining() })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Encoded size of a string field.
+pub(crate) fn string_len(s: &str) -> usize {
+    2 + s.len()
+}
+
+/// Writes a string field. Strings longer than `u16::MAX` are truncated at a
+/// char boundary: only server-generated text (messages, info values) can be that
+/// long, and a truncated message beats a panic.
+pub(crate) fn put_string(buf: &mut impl BufMut, s: &str) {
+    let s = truncate(s, usize::from(u16::MAX));
+    // `truncate` bounds the length, so the cast cannot lose bits.
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s.as_bytes());
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,267 @@
+//! In-memory backend: one process, no persistence. For development, tests and
+//! embedding (library mode).
+//!
+//! Each key has a holder and a FIFO queue of waiters behind a `DashMap` shard
+//! lock; a release hands the lock straight to the first live waiter through a
+//! oneshot channel. Every state change for a key happens under that key's
+//! shard lock, which is what makes cancellation simple: a waiter that gives up
+//! takes the lock and is either still queued (it leaves the queue) or already
+//! the holder (it releases, handing off to the next).
+//!
+//! Tokens come from one process-wide counter seeded with the wall clock in
+//! nanoseconds, so they increase per key (and globally), including after a key
+//! is forgotten and across restarts of the process (as long as the clock does
+//! not go backwards).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clastor_protocol::{KindMode, LockMode};
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+use super::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
+use crate::key::LockKey;
+
+/// The in-memory backend. Cheap to clone; clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    keys: DashMap<LockKey, KeyState>,
+    next_token: AtomicU64,
+    next_waiter: AtomicU64,
+    version: Arc<str>,
+    closed: AtomicBool,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1);
+        Inner {
+            keys: DashMap::new(),
+            next_token: AtomicU64::new(seed.max(1)),
+            next_waiter: AtomicU64::new(1),
+            version: Arc::from("v1"),
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Ticket of the current holder.
+    holder: Option<u64>,
+    waiters: VecDeque<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    grant: oneshot::Sender<u64>,
+}
+
+/// A grant of the memory backend. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct MemoryGuard {
+    inner: Arc<Inner>,
+    key: LockKey,
+    ticket: u64,
+}
+
+impl Drop for MemoryGuard {
+    fn drop(&mut self) {
+        self.inner.release(&self.key, self.ticket);
+    }
+}
+
+impl MemoryBackend {
+    /// A new, empty backend.
+    pub fn new() -> MemoryBackend {
+        MemoryBackend::default()
+    }
+
+    /// Number of keys with a holder or waiters (for tests: proves nothing is
+    /// left behind).
+    pub fn active_keys(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Number of queued waiters across all keys.
+    pub fn queued_waiters(&self) -> usize {
+        self.inner.keys.iter().map(|e| e.waiters.len()).sum()
+    }
+}
+
+impl Inner {
+    fn token(&self) -> u64 {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives up `ticket`'s hold on `key`, handing the lock to the first waiter
+    /// still listening. A no-op if `ticket` is not the holder.
+    fn release(&self, key: &LockKey, ticket: u64) {
+        let Some(mut state) = self.keys.get_mut(key) else {
+            return;
+        };
+        if state.holder != Some(ticket) {
+            return;
+        }
+        state.holder = None;
+        self.hand_off(&mut state);
+        let empty = state.holder.is_none() && state.waiters.is_empty();
+        drop(state);
+        if empty {
+            self.keys.remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
+        }
+    }
+
+    /// With the key's lock held and no holder: grants to the first waiter whose
+    /// receiver is alive. A dead receiver means that waiter was cancelled and
+    /// its clean-up is about to find it gone from the queue.
+    fn hand_off(&self, state: &mut KeyState) {
+        while let Some(w) = state.waiters.pop_front() {
+            state.holder = Some(w.ticket);
+            if w.grant.send(self.token()).is_ok() {
+                return;
+            }
+            state.holder = None;
+        }
+    }
+
+    /// Clean-up for a waiter that stops waiting (timeout or cancellation).
+    /// Returns the token if the lock had been handed to it meanwhile and
+    /// `keep` is true; otherwise undoes whatever the waiter had.
+    fn withdraw(&self, key: &LockKey, ticket: u64, rx: &mut oneshot::Receiver<u64>, keep: bool) -> Option<u64> {
+        let Some(mut state) = self.keys.get_mut(key) else {
+            return None;
+        };
+        if state.holder == Some(ticket) {
+            if keep {
+                // Granted just as the wait ran out: the grant stands. The
+                // token is in the channel, sent under this same lock.
+                if let Ok(token) = rx.try_recv() {
+                    return Some(token);
+                }
+            }
+            state.holder = None;
+            self.hand_off(&mut state);
+        } else {
+            state.waiters.retain(|w| w.ticket != ticket);
+        }
+        let empty = state.holder.is_none() && state.waiters.is_empty();
+        drop(state);
+        if empty {
+            self.keys.remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
+        }
+        None
+    }
+}
+
+/// Withdraws a queued wait if the acquire future is dropped mid-wait.
+struct WaitGuard<'a> {
+    inner: &'a Inner,
+    key: &'a LockKey,
+    ticket: u64,
+    rx: oneshot::Receiver<u64>,
+    armed: bool,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.withdraw(self.key, self.ticket, &mut self.rx, false);
+        }
+    }
+}
+
+impl Backend for MemoryBackend {
+    type Guard = MemoryGuard;
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<MemoryGuard>>, BackendError> {
+        if req.mode != LockMode::Exclusive {
+            return Err(BackendError::Unsupported("shared locks".into()));
+        }
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(BackendError::Closed);
+        }
+        // The in-memory backend never loses a grant on its own.
+        drop(req.on_lost);
+        let key = req.key;
+        let ticket = inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+        let grant = |token| Grant {
+            token,
+            version: inner.version.clone(),
+            guard: MemoryGuard { inner: self.inner.clone(), key: key.clone(), ticket },
+        };
+        let rx = {
+            let mut state = inner.keys.entry(key.clone()).or_default();
+            if state.holder.is_none() && state.waiters.is_empty() {
+                state.holder = Some(ticket);
+                return Ok(Some(grant(inner.token())));
+            }
+            if req.wait.is_zero() {
+                return Ok(None);
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push_back(Waiter { ticket, grant: tx });
+            rx
+        };
+        let mut wait = WaitGuard { inner, key, ticket, rx, armed: true };
+        match tokio::time::timeout(req.wait, &mut wait.rx).await {
+            Ok(Ok(token)) => {
+                wait.armed = false;
+                Ok(Some(grant(token)))
+            }
+            // The sender is dropped only by `shutdown` clearing the queues.
+            Ok(Err(_)) => {
+                wait.armed = false;
+                Err(BackendError::Closed)
+            }
+            Err(_elapsed) => {
+                wait.armed = false;
+                Ok(inner.withdraw(key, ticket, &mut wait.rx, true).map(grant))
+            }
+        }
+    }
+
+    async fn release(&self, guard: MemoryGuard) -> Result<(), BackendError> {
+        drop(guard);
+        Ok(())
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<bool, BackendError> {
+        Ok(self.inner.keys.get(key).is_some_and(|s| s.holder.is_some()))
+    }
+
+    async fn version(&self, _kind: &str) -> Result<KindVersion, BackendError> {
+        Ok(KindVersion { version: self.inner.version.clone(), mode: KindMode::Normal })
+    }
+
+    fn info(&self) -> Vec<(String, String)> {
+        vec![
+            ("memory.active_keys".into(), self.active_keys().to_string()),
+            ("memory.queued_waiters".into(), self.queued_waiters().to_string()),
+        ]
+    }
+
+    async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        // Dropping the queued senders wakes every waiter with `Closed`.
+        self.inner.keys.iter_mut().for_each(|mut s| s.waiters.clear());
+    }
+}
+

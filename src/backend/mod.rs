@@ -1,0 +1,193 @@
+//! The coordination backend trait, and its implementations.
+//!
+//! A backend owns where locks live and how waiting works (a FIFO queue in
+//! memory; sequential znodes and predecessor watches in ZooKeeper). The engine
+//! above it owns everything that is the same for every backend: sessions,
+//! per-session tables, leases, limits and lost-lock events.
+//!
+//! The trait is built for remote backends with sessions and watches:
+//! - a grant carries an opaque [`Backend::Guard`] naming what the backend made
+//!   (a znode path and the session it lives on); dropping the guard releases
+//!   the lock in the background, so a holder that vanishes leaves nothing behind;
+//! - every acquire carries a [`LostNotifier`] the backend keeps with the grant
+//!   and fires when it can no longer guarantee it (session expiry, connection
+//!   loss past the safety margin);
+//! - all methods are cancel-safe: dropping a pending `acquire` withdraws the
+//!   wait and undoes anything it created.
+//!
+//! Static dispatch on the hot path: the engine is generic over `B: Backend`.
+
+pub mod memory;
+pub mod zookeeper;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clastor_protocol::{KindMode, LockMode, LostReason, Status};
+use thiserror::Error;
+
+use crate::key::LockKey;
+
+/// What a backend can fail with. Contention is not an error: an acquire that
+/// does not get the lock in time returns `Ok(None)`.
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend cannot be reached, or lost its session mid-operation; the
+    /// caller may retry.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend does not support what was asked (e.g. shared mode).
+    #[error("not supported by this backend: {0}")]
+    Unsupported(String),
+    /// The backend is closed (server shutting down).
+    #[error("backend is shut down")]
+    Closed,
+    /// The backend answered something that should not happen.
+    #[error("backend error: {0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    /// The single mapping from backend errors to wire status codes.
+    pub fn status(&self) -> Status {
+        match self {
+            BackendError::Unavailable(_) => Status::Unavailable,
+            BackendError::Unsupported(_) => Status::Unsupported,
+            BackendError::Closed => Status::ShuttingDown,
+            BackendError::Internal(_) => Status::Internal,
+        }
+    }
+}
+
+/// A successful acquire.
+#[derive(Debug)]
+pub struct Grant<G> {
+    /// Fencing token: strictly greater than every token granted before for
+    /// this key, by any server, across restarts.
+    pub token: u64,
+    /// The kind's version the lock was taken under.
+    pub version: Arc<str>,
+    /// Backend handle for the grant; dropping it releases the lock.
+    pub guard: G,
+}
+
+/// A kind's version and mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindVersion {
+    /// Current version name (`v1`).
+    pub version: Arc<str>,
+    /// Normal, or draining for a rotation.
+    pub mode: KindMode,
+}
+
+/// Everything an acquire needs to know.
+#[derive(Debug)]
+pub struct AcquireRequest<'a> {
+    /// The lock.
+    pub key: &'a LockKey,
+    /// How long to wait; zero tries once.
+    pub wait: Duration,
+    /// Requested mode.
+    pub mode: LockMode,
+    /// Engine-wide id of the owning session (for diagnostics in backend data).
+    pub owner: u64,
+    /// To be fired if the grant is later lost.
+    pub on_lost: LostNotifier,
+}
+
+/// Called by a backend, at most once, when a grant it made can no longer be
+/// guaranteed. Firing it for a grant that was already released is harmless.
+///
+/// Call it without holding any lock that dropping a [`Backend::Guard`] takes:
+/// the engine drops the lost grant's guard inside.
+pub struct LostNotifier(Box<dyn FnOnce(LostReason) + Send + Sync>);
+
+impl LostNotifier {
+    /// Wraps a callback.
+    pub fn new(f: impl FnOnce(LostReason) + Send + Sync + 'static) -> LostNotifier {
+        LostNotifier(Box::new(f))
+    }
+
+    /// A notifier that does nothing (for grants nobody needs to hear about).
+    pub fn noop() -> LostNotifier {
+        LostNotifier::new(|_| {})
+    }
+
+    /// Reports the grant lost.
+    pub fn notify(self, reason: LostReason) {
+        (self.0)(reason);
+    }
+}
+
+impl fmt::Debug for LostNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LostNotifier")
+    }
+}
+
+/// A coordination backend.
+pub trait Backend: Send + Sync + 'static {
+    /// Backend state for one grant. Dropping it must release the lock (in the
+    /// background if that needs I/O); [`Backend::release`] is the awaited path.
+    type Guard: Send + Sync + 'static;
+
+    /// Short name for logs and `INFO` (`memory`, `zookeeper`).
+    fn name(&self) -> &'static str;
+
+    /// Takes the lock for `req.key`, waiting up to `req.wait` in FIFO order
+    /// behind earlier waiters. `Ok(None)` means not granted in time.
+    ///
+    /// # Cancellation safety
+    /// Dropping the future withdraws the wait and leaves nothing behind: no
+    /// queue entry, no node, no grant.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached or its
+    /// session was lost while waiting; [`BackendError::Unsupported`] for a mode
+    /// it does not offer; [`BackendError::Closed`] after shutdown.
+    fn acquire(
+        &self,
+        req: AcquireRequest<'_>,
+    ) -> impl Future<Output = Result<Option<Grant<Self::Guard>>, BackendError>> + Send;
+
+    /// Releases a grant. Idempotent with respect to a grant the backend already
+    /// considers gone (expired session): that is `Ok`.
+    ///
+    /// # Cancellation safety
+    /// Dropping the future still releases the lock (in the background).
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the release could not be confirmed; the
+    /// backend keeps trying, and the lock vanishes with its session at worst.
+    fn release(&self, guard: Self::Guard) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Whether anyone (through any server) holds the lock now. Used to tell a
+    /// harmless release of a free lock from a release of someone else's.
+    ///
+    /// # Cancellation safety
+    /// Read-only; safe to drop.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached.
+    fn is_held(&self, key: &LockKey) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// The kind's current version and mode.
+    ///
+    /// # Cancellation safety
+    /// Read-only (it may create the version node on first use, which is
+    /// idempotent); safe to drop.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached.
+    fn version(&self, kind: &str) -> impl Future<Output = Result<KindVersion, BackendError>> + Send;
+
+    /// Backend-specific `name → value` pairs for `INFO` (sessions, health).
+    fn info(&self) -> Vec<(String, String)>;
+
+    /// Closes the backend: every grant is released, later calls fail with
+    /// [`BackendError::Closed`].
+    fn shutdown(&self) -> impl Future<Output = ()> + Send;
+}

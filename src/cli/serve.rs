@@ -1,0 +1,183 @@
+//! `clastor serve`: run a server.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use clastor::backend::Backend;
+use clastor::backend::memory::MemoryBackend;
+use clastor::server::{self, ServerConfig};
+use clastor::{Engine, EngineConfig};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Which coordination backend holds the locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// In this process only: for development, tests and a single server.
+    Memory,
+    /// An Apache ZooKeeper ensemble, shared by many Clastor servers.
+    Zookeeper,
+}
+
+/// Run a Clastor server.
+#[derive(Debug, Args)]
+#[command(long_about = "Run a Clastor server.\n\n\
+The server speaks the binary protocol (see protocol/PROTOCOL.md) and, on the same port, a \
+line-based text form for debugging: `nc 127.0.0.1 7070`, then `HELP`.\n\n\
+Every flag can also be set from the environment variable shown. Durations take units: \
+`500ms`, `10s`, `2m`.\n\n\
+Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
+Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CLASTOR_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+
+    /// Coordination backend.
+    #[arg(long, env = "CLASTOR_BACKEND", value_enum, default_value_t = BackendKind::Memory)]
+    backend: BackendKind,
+
+    /// ZooKeeper connect string (`host:port[,host:port...]`); required with `--backend zookeeper`.
+    #[arg(long, env = "CLASTOR_ZK", value_name = "HOST:PORT[,...]")]
+    zk: Option<String>,
+
+    /// Root znode under which all lock data lives.
+    #[arg(long, env = "CLASTOR_ZK_ROOT", default_value = "/locks")]
+    zk_root: String,
+
+    /// Provider name: the path segment after the root (`/locks/{provider}/...`).
+    #[arg(long, env = "CLASTOR_PROVIDER", default_value = "zk-provider")]
+    provider: String,
+
+    /// ZooKeeper sessions shared by all connections.
+    #[arg(long, env = "CLASTOR_ZK_SESSIONS", default_value_t = 4)]
+    zk_sessions: usize,
+
+    /// ZooKeeper session timeout; holders are told their locks are lost well inside it.
+    #[arg(long, env = "CLASTOR_ZK_SESSION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    zk_session_timeout: Duration,
+
+    /// Connections served at once; more are refused with LIMIT_EXCEEDED.
+    #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Requests processed concurrently per connection (more wait in TCP buffers).
+    #[arg(long, env = "CLASTOR_MAX_IN_FLIGHT", default_value_t = 512)]
+    max_in_flight: usize,
+
+    /// Locks one connection may hold at once.
+    #[arg(long, env = "CLASTOR_MAX_HELD", default_value_t = 1024)]
+    max_held: usize,
+
+    /// Acquires one connection may have waiting at once.
+    #[arg(long, env = "CLASTOR_MAX_WAITS", default_value_t = 256)]
+    max_waits: usize,
+
+    /// Largest frame accepted from a client, in bytes.
+    #[arg(long, env = "CLASTOR_MAX_FRAME", default_value_t = clastor_protocol::DEFAULT_MAX_FRAME_LEN)]
+    max_frame: usize,
+
+    /// Time a new connection has to send its first byte and complete HELLO.
+    #[arg(long, env = "CLASTOR_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    handshake_timeout: Duration,
+
+    /// Close connections that hold no lock and sent nothing for this long (0 = never).
+    #[arg(long, env = "CLASTOR_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
+    idle_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long connections get to release their locks.
+    #[arg(long, env = "CLASTOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    shutdown_grace: Duration,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("clastor serve: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let engine_config = EngineConfig {
+        max_held_per_session: args.max_held,
+        max_waits_per_session: args.max_waits,
+        ..EngineConfig::default()
+    };
+    let server_config = ServerConfig {
+        listen: args.listen,
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight.max(1),
+        max_frame_len: args.max_frame,
+        handshake_timeout: args.handshake_timeout,
+        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+        shutdown_grace: args.shutdown_grace,
+        ..ServerConfig::default()
+    };
+    match args.backend {
+        BackendKind::Memory => run_with(MemoryBackend::new(), engine_config, server_config).await,
+        BackendKind::Zookeeper => {
+            let backend = zookeeper(&args).await?;
+            run_with(backend, engine_config, server_config).await
+        }
+    }
+}
+
+async fn zookeeper(_args: &ServeArgs) -> anyhow::Result<MemoryBackend> {
+    anyhow::bail!("TEMP: zookeeper backend wiring pending")
+}
+
+async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let engine = Engine::new(backend, engine_config);
+    let handle = server::spawn(engine, config).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let token = handle.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("signal received; shutting down gracefully");
+        token.cancel();
+    });
+    handle.wait().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

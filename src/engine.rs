@@ -1,0 +1,179 @@
+//! The lock engine: backend-independent lock semantics on top of a
+//! [`Backend`]. Usable in-process ("library mode") or behind the server.
+//!
+//! The engine hands out [`Session`]s (one per connection or in-process owner)
+//! and keeps a registry of them for server-wide listings and shutdown. All
+//! per-lock state lives in the sessions; the engine itself only counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::backend::{Backend, KindVersion};
+use crate::error::LockError;
+use crate::key::validate_kind;
+use crate::session::{HeldInfo, LostEvents, Session, SessionShared};
+
+/// Per-session limits. Defaults suit a server with thousands of connections.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Locks one session may hold at once.
+    pub max_held_per_session: usize,
+    /// Acquires one session may have waiting at once.
+    pub max_waits_per_session: usize,
+    /// Longest wait an acquire may ask for.
+    pub max_wait: Duration,
+    /// Longest lease an acquire or renew may ask for.
+    pub max_lease: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_held_per_session: 1024,
+            max_waits_per_session: 256,
+            max_wait: Duration::from_secs(24 * 3600),
+            max_lease: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The lock engine. Cheap to clone; clones share everything.
+#[derive(Debug)]
+pub struct Engine<B: Backend> {
+    inner: Arc<EngineInner<B>>,
+}
+
+impl<B: Backend> Clone for Engine<B> {
+    fn clone(&self) -> Self {
+        Engine { inner: self.inner.clone() }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) sessions_opened: AtomicU64,
+    pub(crate) granted: AtomicU64,
+    pub(crate) not_granted: AtomicU64,
+    pub(crate) released: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) lease_expired: AtomicU64,
+}
+
+pub(crate) struct EngineInner<B: Backend> {
+    pub(crate) backend: B,
+    pub(crate) config: EngineConfig,
+    pub(crate) sessions: DashMap<u64, Weak<SessionShared<B>>>,
+    pub(crate) stats: Stats,
+    next_session: AtomicU64,
+    next_grant: AtomicU64,
+}
+
+impl<B: Backend> std::fmt::Debug for EngineInner<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineInner")
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> EngineInner<B> {
+    pub(crate) fn next_grant_id(&self) -> u64 {
+        self.next_grant.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine over `backend`.
+    pub fn new(backend: B, config: EngineConfig) -> Engine<B> {
+        Engine {
+            inner: Arc::new(EngineInner {
+                backend,
+                config,
+                sessions: DashMap::new(),
+                stats: Stats::default(),
+                next_session: AtomicU64::new(1),
+                next_grant: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Opens a session: an owner of locks. Everything it holds is released
+    /// when it is closed, or when its last clone is dropped. Lost-lock events
+    /// for its locks arrive on the returned [`LostEvents`].
+    pub fn open_session(&self, label: impl Into<Arc<str>>) -> (Session<B>, LostEvents) {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        Session::open(self.inner.clone(), id, label.into())
+    }
+
+    /// Every lock held through this engine, up to `limit` entries, ordered by
+    /// session then key.
+    pub fn held_all(&self, limit: usize) -> Vec<HeldInfo> {
+        let mut sessions: Vec<_> = self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect();
+        sessions.sort_by_key(|s| s.id());
+        let mut out = Vec::new();
+        for s in sessions {
+            if out.len() >= limit {
+                break;
+            }
+            let mut held = s.held();
+            held.truncate(limit - out.len());
+            out.extend(held);
+        }
+        out
+    }
+
+    /// A kind's current version and mode.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidName`] for a bad kind; backend failures.
+    pub async fn version(&self, kind: &str) -> Result<KindVersion, LockError> {
+        let kind = validate_kind(kind)?;
+        Ok(self.inner.backend.version(&kind).await?)
+    }
+
+    /// Engine and backend counters as `name → value` pairs.
+    pub fn info(&self) -> Vec<(String, String)> {
+        let s = &self.inner.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let mut out = vec![
+            ("backend".to_owned(), self.inner.backend.name().to_owned()),
+            ("sessions_open".to_owned(), self.inner.sessions.len().to_string()),
+            ("sessions_opened".to_owned(), n(&s.sessions_opened)),
+            ("locks_held".to_owned(), self.held_count().to_string()),
+            ("acquires_granted".to_owned(), n(&s.granted)),
+            ("acquires_not_granted".to_owned(), n(&s.not_granted)),
+            ("releases".to_owned(), n(&s.released)),
+            ("locks_lost".to_owned(), n(&s.lost)),
+            ("leases_expired".to_owned(), n(&s.lease_expired)),
+        ];
+        out.extend(self.inner.backend.info());
+        out
+    }
+
+    fn held_count(&self) -> usize {
+        self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).map(|s| s.held_len()).sum()
+    }
+
+    /// Closes every open session (releasing their locks), then the backend.
+    pub async fn shutdown(&self) {
+        let sessions: Vec<_> = self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect();
+        futures_util::future::join_all(sessions.iter().map(|s| s.close())).await;
+        self.inner.backend.shutdown().await;
+    }
+}

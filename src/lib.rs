@@ -1,0 +1,49 @@
+//! Clastor: a distributed lock service with fencing tokens and lost-lock events.
+//!
+//! This crate is the server and the lock engine. Layers point one way:
+//!
+//! ```text
+//! server (TCP, binary + text) → engine (sessions, leases, limits) → Backend trait ← backends
+//! ```
+//!
+//! - [`backend`]: where locks live. [`backend::memory::MemoryBackend`] for
+//!   development and embedding, [`backend::zookeeper`] for production.
+//! - [`Engine`] / [`Session`]: backend-independent lock semantics, usable
+//!   in-process ("library mode") with the same tokens and events as over the wire.
+//! - [`server`]: the TCP server speaking `clastor-protocol`.
+//!
+//! Errors: [`LockError`] for lock operations, with one mapping to wire status
+//! codes ([`LockError::status`]); backends fail with [`backend::BackendError`].
+//! Contention is an outcome (`Ok(None)`), not an error.
+//!
+//! Cancellation: every async operation is cancel-safe; dropping an acquire
+//! withdraws its wait and leaves nothing behind.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), clastor::LockError> {
+//! use std::time::Duration;
+//! use clastor::{AcquireOptions, Engine, EngineConfig, LockKey, backend::memory::MemoryBackend};
+//!
+//! let engine = Engine::new(MemoryBackend::new(), EngineConfig::default());
+//! let (session, _lost) = engine.open_session("example");
+//! let key = LockKey::new("transaction", "tx-123")?;
+//! let granted = session.acquire(&key, AcquireOptions::wait(Duration::from_secs(1))).await?;
+//! let token = granted.expect("uncontended").token;
+//! // ... write to the store with `token` as the fencing token ...
+//! assert!(session.release(&key).await?);
+//! # let _ = token;
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+mod engine;
+mod error;
+mod key;
+pub mod server;
+mod session;
+
+pub use engine::{Engine, EngineConfig};
+pub use error::LockError;
+pub use key::{LockKey, validate_kind};
+pub use session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session};

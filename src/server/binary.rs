@@ -1,0 +1,270 @@
+//! The binary-protocol connection actor.
+//!
+//! One task owns the framed socket, the set of in-flight requests and the
+//! session. Its `select!` loop takes, in priority order: shutdown, a lost-lock
+//! event, a finished request, the next frame (only while fewer than
+//! `max_in_flight` requests run, so a flooding client is slowed by TCP
+//! back-pressure, not by our memory), and the handshake or idle timer.
+//! Responses go out in completion order, so a blocked `ACQUIRE` never holds
+//! up a `PING`. Writes are batched: everything ready is encoded, then flushed
+//! once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clastor_protocol::{
+    ClastorCodec, Event, Frame, FrameError, HelloOk, LostReason, PROTOCOL_VERSION, Request, Response, ResponseBody,
+    Status,
+};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::Shared;
+use super::dispatch::{Ctx, dispatch};
+use crate::backend::Backend;
+use crate::session::LostEvents;
+
+type Pending = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// Frames decoded from the read buffer in one go before responses are flushed.
+const READ_BATCH: usize = 64;
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Conn<B: Backend> {
+    framed: Framed<TcpStream, ClastorCodec>,
+    shared: Arc<Shared<B>>,
+    ctx: Ctx<B>,
+    inflight: FuturesUnordered<Pending>,
+    handshaken: bool,
+    last_activity: Instant,
+}
+
+pub(super) async fn run<B: Backend>(
+    stream: TcpStream,
+    shared: &Arc<Shared<B>>,
+    ctx: Ctx<B>,
+    mut lost: LostEvents,
+    shutdown: &CancellationToken,
+) {
+    let cfg = &shared.config;
+    let mut c = Conn {
+        framed: Framed::new(stream, ClastorCodec::new(cfg.max_frame_len)),
+        shared: shared.clone(),
+        ctx,
+        inflight: FuturesUnordered::new(),
+        handshaken: false,
+        last_activity: Instant::now(),
+    };
+    loop {
+        let can_read = c.inflight.len() < cfg.max_in_flight;
+        let timer = c.timer();
+        let flow = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                c.say_goodbye_on_shutdown();
+                Flow::Close
+            }
+            Some(ev) = lost.recv() => {
+                c.push_lost(&ev);
+                Flow::Continue
+            }
+            Some(resp) = c.inflight.next(), if !c.inflight.is_empty() => {
+                resp.encode(c.framed.write_buffer_mut());
+                Flow::Continue
+            }
+            frame = c.framed.next(), if can_read => c.on_read(frame),
+            () = tokio::time::sleep_until(timer.map_or_else(Instant::now, |(at, _)| at)), if timer.is_some() => {
+                let what = timer.map_or("idle", |(_, what)| what);
+                info!(timeout = what, "closing connection");
+                c.push_closing(Status::LimitExceeded, format!("{what} timeout"));
+                Flow::Close
+            }
+        };
+        let flow = match flow {
+            Flow::Continue => c.drain_ready(&mut lost),
+            Flow::Close => Flow::Close,
+        };
+        if c.flush().await.is_err() {
+            break;
+        }
+        if let Flow::Close = flow {
+            break;
+        }
+    }
+    // Dropping `c` cancels in-flight requests; the caller closes the session.
+}
+
+impl<B: Backend> Conn<B> {
+    /// The deadline that applies now, and its name.
+    fn timer(&self) -> Option<(Instant, &'static str)> {
+        let cfg = &self.shared.config;
+        if !self.handshaken {
+            return Some((self.last_activity + cfg.handshake_timeout, "handshake"));
+        }
+        let idle = cfg.idle_timeout?;
+        (self.inflight.is_empty() && self.ctx.session.held_count() == 0).then_some((self.last_activity + idle, "idle"))
+    }
+
+    /// Encodes whatever else is ready without waiting: finished requests,
+    /// pending events and frames already buffered.
+    fn drain_ready(&mut self, lost: &mut LostEvents) -> Flow {
+        while let Some(ev) = lost.try_recv() {
+            self.push_lost(&ev);
+        }
+        for _ in 0..READ_BATCH {
+            if self.inflight.len() >= self.shared.config.max_in_flight {
+                break;
+            }
+            match self.framed.next().now_or_never() {
+                Some(frame) => {
+                    if let Flow::Close = self.on_read(frame) {
+                        return Flow::Close;
+                    }
+                }
+                None => break,
+            }
+        }
+        while let Some(Some(resp)) = self.inflight.next().now_or_never() {
+            resp.encode(self.framed.write_buffer_mut());
+        }
+        Flow::Continue
+    }
+
+    async fn flush(&mut self) -> Result<(), ()> {
+        if self.framed.write_buffer().is_empty() {
+            return Ok(());
+        }
+        let flush = SinkExt::<&Response>::flush(&mut self.framed);
+        match tokio::time::timeout(self.shared.config.write_timeout, flush).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Err(())
+            }
+            Err(_) => {
+                info!("client stopped reading; dropping connection");
+                Err(())
+            }
+        }
+    }
+
+    fn push_lost(&mut self, ev: &crate::session::LostEvent) {
+        Event::LockLost { kind: ev.key.kind().to_owned(), id: ev.key.id().to_owned(), token: ev.token, reason: ev.reason }
+            .encode(self.framed.write_buffer_mut());
+    }
+
+    fn push_closing(&mut self, status: Status, message: impl Into<String>) {
+        Event::Closing { status, message: message.into() }.encode(self.framed.write_buffer_mut());
+    }
+
+    fn say_goodbye_on_shutdown(&mut self) {
+        for h in self.ctx.session.held() {
+            Event::LockLost {
+                kind: h.key.kind().to_owned(),
+                id: h.key.id().to_owned(),
+                token: h.token,
+                reason: LostReason::Shutdown,
+            }
+            .encode(self.framed.write_buffer_mut());
+        }
+        self.push_closing(Status::ShuttingDown, "server shutting down");
+    }
+
+    fn on_read(&mut self, frame: Option<Result<Frame, FrameError>>) -> Flow {
+        match frame {
+            None => Flow::Close,
+            Some(Ok(frame)) => {
+                self.last_activity = Instant::now();
+                self.on_frame(frame)
+            }
+            Some(Err(FrameError::Io(e))) => {
+                debug!(error = %e, "read failed");
+                Flow::Close
+            }
+            Some(Err(e)) => {
+                self.shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                info!(error = %e, "protocol error; closing connection");
+                self.push_closing(Status::ProtocolError, e.to_string());
+                Flow::Close
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Flow {
+        let Frame { header, body } = frame;
+        let stats = &self.shared.stats;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let reply_err = |status, message: String| Response::error(header.request_id, header.opcode, status, message);
+        let req = match Request::decode(&header, body) {
+            Ok(req) => req,
+            Err(e) => {
+                stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                debug!(request_id = header.request_id, opcode = header.opcode, error = %e, "bad request");
+                reply_err(e.status(), e.to_string()).encode(self.framed.write_buffer_mut());
+                return Flow::Continue;
+            }
+        };
+        if header.request_id == clastor_protocol::EVENT_REQUEST_ID {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            reply_err(Status::BadRequest, "request id 0 is reserved for events".into()).encode(self.framed.write_buffer_mut());
+            return Flow::Continue;
+        }
+        match (self.handshaken, req) {
+            (false, Request::Hello(h)) => {
+                if !(h.min_version..=h.max_version).contains(&PROTOCOL_VERSION) {
+                    let msg = format!(
+                        "client speaks versions {}..={}, server speaks {PROTOCOL_VERSION}",
+                        h.min_version, h.max_version
+                    );
+                    reply_err(Status::VersionMismatch, msg.clone()).encode(self.framed.write_buffer_mut());
+                    self.push_closing(Status::VersionMismatch, msg);
+                    return Flow::Close;
+                }
+                self.handshaken = true;
+                debug!(client = %h.client_name, "handshake done");
+                let cfg = &self.shared.config;
+                let body = ResponseBody::Hello(HelloOk {
+                    version: PROTOCOL_VERSION,
+                    connection_id: self.ctx.session.id(),
+                    max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
+                    max_in_flight: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
+                    server: self.shared.server_name(),
+                });
+                Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
+            }
+            (false, _) => reply_err(Status::HandshakeRequired, "send HELLO first".into())
+                .encode(self.framed.write_buffer_mut()),
+            (true, Request::Hello(_)) => reply_err(Status::BadRequest, "HELLO was already done on this connection".into())
+                .encode(self.framed.write_buffer_mut()),
+            (true, req) => {
+                let ctx = self.ctx.clone();
+                let shared = self.shared.clone();
+                let (request_id, opcode) = (header.request_id, header.opcode);
+                let mut fut: Pending = Box::pin(async move {
+                    match dispatch(&ctx, &shared, req).await {
+                        Ok(body) => Response::ok(request_id, body),
+                        Err(e) => Response::error(request_id, opcode, e.status, e.message),
+                    }
+                });
+                // Most requests finish on their first poll (a ping, an
+                // uncontended in-memory acquire): answer those in this batch.
+                match (&mut fut).now_or_never() {
+                    Some(resp) => resp.encode(self.framed.write_buffer_mut()),
+                    None => self.inflight.push(fut),
+                }
+            }
+        }
+        Flow::Continue
+    }
+}

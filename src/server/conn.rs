@@ -1,0 +1,90 @@
+//! A new connection: tell binary from text by the first byte, hand it to the
+//! right actor, and keep the books. Also the refusal of connections over the
+//! limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use clastor_protocol::{Event, Status};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span};
+
+use super::dispatch::Ctx;
+use super::{Shared, binary, text};
+use crate::backend::Backend;
+
+/// Serves one accepted connection until it closes or the server shuts down;
+/// everything its session held is released before this returns.
+pub(super) async fn serve<B: Backend>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared<B>>,
+    shutdown: CancellationToken,
+) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        () = shutdown.cancelled() => return,
+        r = tokio::time::timeout(shared.config.handshake_timeout, stream.peek(&mut first)) => r,
+    };
+    match peeked {
+        Ok(Ok(1..)) => {}
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "connection failed before its first byte");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no data within the handshake timeout; closing");
+            return;
+        }
+    }
+    let binary = first[0] == 0;
+    let (session, lost) = shared.engine.open_session(peer.to_string());
+    let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
+    shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    let ctx = Ctx { engine: shared.engine.clone(), session: session.clone() };
+    async {
+        debug!("connection opened");
+        if binary {
+            binary::run(stream, &shared, ctx, lost, &shutdown).await;
+        } else {
+            text::run(stream, &shared, ctx, lost, &shutdown).await;
+        }
+        // In-flight operations were dropped (cancelled) by the actor; now
+        // release what the session still holds.
+        session.close().await;
+        debug!("connection closed");
+    }
+    .instrument(span)
+    .await;
+    shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// How long a refused connection gets to show which form it speaks.
+const REFUSAL_PEEK: Duration = Duration::from_secs(1);
+
+/// Tells an over-limit connection why it is refused, in its own form, and
+/// closes it.
+pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) {
+    debug!(%peer, max, "refusing connection: limit reached");
+    let message = format!("too many connections (limit {max}); try again later");
+    let mut first = [0u8; 1];
+    let binary = matches!(tokio::time::timeout(REFUSAL_PEEK, stream.peek(&mut first)).await, Ok(Ok(1..)) if first[0] == 0);
+    let bytes = if binary {
+        let mut buf = BytesMut::new();
+        Event::Closing { status: Status::LimitExceeded, message }.encode(&mut buf);
+        buf.to_vec()
+    } else {
+        format!("-ERR {} {message}\n", Status::LimitExceeded.name()).into_bytes()
+    };
+    let _ = tokio::time::timeout(REFUSAL_PEEK, async {
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,111 @@
+//! Maps a decoded request onto the engine and back to a response body. Shared
+//! by the binary and the text form, so both have one semantics.
+
+use std::time::Duration;
+
+use clastor_protocol::{AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Status, VersionInfo};
+
+use crate::backend::Backend;
+use crate::engine::Engine;
+use crate::error::LockError;
+use crate::key::LockKey;
+use crate::server::{Shared, millis_u32};
+use crate::session::{AcquireOptions, HeldInfo, Session};
+
+/// Longest server-wide `HELD` listing; the rest is left off (INFO counts all).
+pub(crate) const MAX_HELD_LISTING: usize = 10_000;
+
+/// What a connection needs to run a request.
+#[derive(Debug)]
+pub(crate) struct Ctx<B: Backend> {
+    pub(crate) engine: Engine<B>,
+    pub(crate) session: Session<B>,
+}
+
+impl<B: Backend> Clone for Ctx<B> {
+    fn clone(&self) -> Self {
+        Ctx { engine: self.engine.clone(), session: self.session.clone() }
+    }
+}
+
+fn err(status: Status, message: impl Into<String>) -> ErrorReply {
+    ErrorReply { status, message: message.into() }
+}
+
+impl From<LockError> for ErrorReply {
+    fn from(e: LockError) -> ErrorReply {
+        err(e.status(), e.to_string())
+    }
+}
+
+fn key(kind: &str, id: &str) -> Result<LockKey, ErrorReply> {
+    LockKey::new(kind, id).map_err(|e| err(Status::InvalidName, e.to_string()))
+}
+
+fn ms(v: u32) -> Duration {
+    Duration::from_millis(u64::from(v))
+}
+
+/// Runs one request. `HELLO` is the connection's business and never reaches
+/// here in binary mode; in text mode it is refused.
+pub(crate) async fn dispatch<B: Backend>(
+    ctx: &Ctx<B>,
+    shared: &Shared<B>,
+    req: Request,
+) -> Result<ResponseBody, ErrorReply> {
+    match req {
+        Request::Hello(_) => Err(err(Status::BadRequest, "HELLO is only valid as the first binary frame")),
+        Request::Ping => Ok(ResponseBody::Pong),
+        Request::Acquire(a) => {
+            let key = key(&a.kind, &a.id)?;
+            let opts = AcquireOptions {
+                wait: ms(a.wait_ms),
+                lease: (a.lease_ms > 0).then(|| ms(a.lease_ms)),
+                mode: a.mode,
+            };
+            match ctx.session.acquire(&key, opts).await? {
+                Some(g) => Ok(ResponseBody::Acquired(AcquireOk {
+                    token: g.token,
+                    lease_ms: a.lease_ms,
+                    version: g.version.to_string(),
+                })),
+                None if a.wait_ms == 0 => Err(err(Status::Timeout, "held by another owner (tried once)")),
+                None => Err(err(Status::Timeout, format!("not acquired within {} ms", a.wait_ms))),
+            }
+        }
+        Request::Release { kind, id } => {
+            let key = key(&kind, &id)?;
+            let released = ctx.session.release(&key).await?;
+            Ok(ResponseBody::Released { released })
+        }
+        Request::Renew { kind, id, lease_ms } => {
+            let key = key(&kind, &id)?;
+            let g = ctx.session.renew(&key, ms(lease_ms))?;
+            Ok(ResponseBody::Renewed { token: g.token, lease_ms })
+        }
+        Request::Held { scope } => {
+            let held = match scope {
+                HeldScope::Connection => ctx.session.held(),
+                HeldScope::Server => ctx.engine.held_all(MAX_HELD_LISTING),
+            };
+            Ok(ResponseBody::Held(held.into_iter().map(held_lock).collect()))
+        }
+        Request::Version { kind } => {
+            let v = ctx.engine.version(&kind).await?;
+            Ok(ResponseBody::Version(VersionInfo { version: v.version.to_string(), mode: v.mode }))
+        }
+        Request::Info => Ok(ResponseBody::Info(shared.info())),
+    }
+}
+
+fn held_lock(h: HeldInfo) -> HeldLock {
+    HeldLock {
+        kind: h.key.kind().to_owned(),
+        id: h.key.id().to_owned(),
+        token: h.token,
+        version: h.version.to_string(),
+        // A lease with under 1 ms left still reports 1, so 0 keeps meaning "no lease".
+        lease_remaining_ms: h.lease_remaining.map_or(0, |d| millis_u32(d).max(1)),
+        connection_id: h.session,
+    }
+}

@@ -1,0 +1,509 @@
+//! Sessions: the owners of locks. One per connection, or per in-process user
+//! of the engine.
+//!
+//! A session's table of held locks and pending acquires sits behind a plain
+//! mutex that is never held across an await. Operations on one session may
+//! run concurrently (a connection pipelines requests); a second acquire of a
+//! key the session holds or awaits is refused rather than queued behind itself.
+//!
+//! Leases are one timer task per leased lock, aborted when the lock goes away
+//! first. Lost locks (lease ran out, backend gave up the grant) are removed
+//! from the table and reported as a [`LostEvent`] before the backend is told
+//! to release, so the holder hears of the loss no later than anyone else can
+//! be granted the lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use clastor_protocol::{LockMode, LostReason};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backend::{AcquireRequest, Backend, LostNotifier};
+use crate::engine::EngineInner;
+use crate::error::LockError;
+use crate::key::LockKey;
+
+/// Options of one acquire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcquireOptions {
+    /// How long to wait for the lock; zero tries once.
+    pub wait: Duration,
+    /// Lease: the lock is released (and reported lost) when it runs out
+    /// unless renewed. `None` holds it until released or the session closes.
+    pub lease: Option<Duration>,
+    /// Requested mode (only exclusive today).
+    pub mode: LockMode,
+}
+
+impl AcquireOptions {
+    /// Try once, no lease.
+    pub fn try_once() -> AcquireOptions {
+        AcquireOptions::default()
+    }
+
+    /// Wait up to `wait`, no lease.
+    pub fn wait(wait: Duration) -> AcquireOptions {
+        AcquireOptions { wait, ..AcquireOptions::default() }
+    }
+
+    /// Adds a lease.
+    pub fn with_lease(mut self, lease: Duration) -> AcquireOptions {
+        self.lease = Some(lease);
+        self
+    }
+}
+
+/// A successful acquire or renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    /// Fencing token.
+    pub token: u64,
+    /// Version of the kind the lock was taken under.
+    pub version: Arc<str>,
+    /// The lease in force, if any.
+    pub lease: Option<Duration>,
+}
+
+/// One held lock, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldInfo {
+    /// The lock.
+    pub key: LockKey,
+    /// Its fencing token.
+    pub token: u64,
+    /// Version it was taken under.
+    pub version: Arc<str>,
+    /// Lease left, if it has one.
+    pub lease_remaining: Option<Duration>,
+    /// The holding session.
+    pub session: u64,
+}
+
+/// A lock the session no longer holds, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostEvent {
+    /// The lock.
+    pub key: LockKey,
+    /// The lost grant's token.
+    pub token: u64,
+    /// Why.
+    pub reason: LostReason,
+}
+
+/// The stream of a session's lost-lock events.
+///
+/// Unbounded, but each event stands for a grant removed from the session's
+/// table, so it grows only as fast as the owner acquires and loses locks.
+#[derive(Debug)]
+pub struct LostEvents {
+    rx: mpsc::UnboundedReceiver<LostEvent>,
+}
+
+impl LostEvents {
+    /// The next event; `None` once the session is gone and all were read.
+    ///
+    /// # Cancellation safety
+    /// Cancel-safe: an event is never lost by dropping the future.
+    pub async fn recv(&mut self) -> Option<LostEvent> {
+        self.rx.recv().await
+    }
+
+    /// An event if one is ready.
+    pub fn try_recv(&mut self) -> Option<LostEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// An owner of locks. Cheap to clone; the session closes (releasing
+/// everything) on [`Session::close`] or when the last clone is dropped.
+#[derive(Debug)]
+pub struct Session<B: Backend> {
+    shared: Arc<SessionShared<B>>,
+}
+
+impl<B: Backend> Clone for Session<B> {
+    fn clone(&self) -> Self {
+        Session { shared: self.shared.clone() }
+    }
+}
+
+pub(crate) struct SessionShared<B: Backend> {
+    id: u64,
+    label: Arc<str>,
+    engine: Arc<EngineInner<B>>,
+    state: Mutex<State<B::Guard>>,
+    events: mpsc::UnboundedSender<LostEvent>,
+}
+
+impl<B: Backend> std::fmt::Debug for SessionShared<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+struct State<G> {
+    held: HashMap<LockKey, Held<G>>,
+    pending: HashMap<LockKey, Pending>,
+    closed: bool,
+}
+
+struct Held<G> {
+    grant_id: u64,
+    token: u64,
+    version: Arc<str>,
+    lease: Option<Lease>,
+    guard: G,
+}
+
+struct Lease {
+    duration: Duration,
+    deadline: Instant,
+    timer: AbortHandle,
+}
+
+struct Pending {
+    grant_id: u64,
+    lost: Option<LostReason>,
+}
+
+impl<G> Held<G> {
+    /// Stops the lease timer (the caller removed the lock from the table).
+    fn disarm(self) -> G {
+        if let Some(lease) = &self.lease {
+            lease.timer.abort();
+        }
+        self.guard
+    }
+}
+
+impl<B: Backend> Session<B> {
+    pub(crate) fn open(engine: Arc<EngineInner<B>>, id: u64, label: Arc<str>) -> (Session<B>, LostEvents) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(SessionShared {
+            id,
+            label,
+            engine: engine.clone(),
+            state: Mutex::new(State { held: HashMap::new(), pending: HashMap::new(), closed: false }),
+            events: tx,
+        });
+        engine.sessions.insert(id, Arc::downgrade(&shared));
+        debug!(session = id, label = %shared.label, "session opened");
+        (Session { shared }, LostEvents { rx })
+    }
+
+    /// The session's engine-wide id (the connection id on the wire).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Takes the lock on `key`, waiting up to `opts.wait` (FIFO behind earlier
+    /// waiters). `Ok(None)`: not granted within the wait.
+    ///
+    /// # Cancellation safety
+    /// Dropping the future withdraws the wait; if the lock had just been
+    /// granted, it is released. Nothing is left behind.
+    ///
+    /// # Errors
+    /// [`LockError::AlreadyHeld`] if this session holds or awaits `key`;
+    /// [`LockError::LimitExceeded`]; [`LockError::InvalidArgument`] for a wait
+    /// or lease over the configured maximum or a zero lease;
+    /// [`LockError::SessionClosed`]; backend failures.
+    pub async fn acquire(&self, key: &LockKey, opts: AcquireOptions) -> Result<Option<Granted>, LockError> {
+        let s = &*self.shared;
+        let cfg = &s.engine.config;
+        if opts.wait > cfg.max_wait {
+            return Err(LockError::InvalidArgument(format!("wait is over the maximum of {:?}", cfg.max_wait)));
+        }
+        if let Some(lease) = opts.lease {
+            check_lease(lease, cfg.max_lease)?;
+        }
+        let grant_id = s.engine.next_grant_id();
+        {
+            let mut st = s.lock();
+            if st.closed {
+                return Err(LockError::SessionClosed);
+            }
+            if st.held.contains_key(key) || st.pending.contains_key(key) {
+                return Err(LockError::AlreadyHeld(key.clone()));
+            }
+            if st.held.len() >= cfg.max_held_per_session {
+                return Err(LockError::LimitExceeded(format!(
+                    "this session holds {} locks, the most allowed",
+                    st.held.len()
+                )));
+            }
+            if st.pending.len() >= cfg.max_waits_per_session {
+                return Err(LockError::LimitExceeded(format!(
+                    "this session has {} acquires waiting, the most allowed",
+                    st.pending.len()
+                )));
+            }
+            st.pending.insert(key.clone(), Pending { grant_id, lost: None });
+        }
+        let mut pending = PendingGuard { shared: s, key, grant_id, armed: true };
+        let req = AcquireRequest { key, wait: opts.wait, mode: opts.mode, owner: s.id, on_lost: self.notifier(key, grant_id) };
+        let grant = s.engine.backend.acquire(req).await;
+        pending.armed = false;
+        let mut st = s.lock();
+        let lost = st.pending.remove(key).and_then(|p| p.lost);
+        let grant = match grant {
+            Ok(Some(grant)) => grant,
+            Ok(None) => {
+                s.engine.stats.not_granted.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if st.closed || lost.is_some() {
+            drop(st);
+            // Dropping the guard releases in the background.
+            drop(grant.guard);
+            return Err(lost.map_or(LockError::SessionClosed, LockError::LostDuringAcquire));
+        }
+        let lease = opts.lease.map(|duration| self.start_lease(key, grant_id, duration));
+        st.held.insert(
+            key.clone(),
+            Held { grant_id, token: grant.token, version: grant.version.clone(), lease, guard: grant.guard },
+        );
+        drop(st);
+        s.engine.stats.granted.fetch_add(1, Ordering::Relaxed);
+        debug!(session = s.id, %key, token = grant.token, "granted");
+        Ok(Some(Granted { token: grant.token, version: grant.version, lease: opts.lease }))
+    }
+
+    /// Releases `key`. `Ok(true)` if this session held it; `Ok(false)` if
+    /// nobody holds it (release is idempotent).
+    ///
+    /// # Errors
+    /// [`LockError::NotOwner`] if another owner holds it; backend failures
+    /// (the lock is no longer this session's either way: the backend frees it
+    /// when it can, at worst when its own session ends).
+    pub async fn release(&self, key: &LockKey) -> Result<bool, LockError> {
+        let s = &*self.shared;
+        let held = s.lock().held.remove(key);
+        match held {
+            Some(held) => {
+                s.engine.stats.released.fetch_add(1, Ordering::Relaxed);
+                debug!(session = s.id, %key, token = held.token, "released");
+                s.engine.backend.release(held.disarm()).await?;
+                Ok(true)
+            }
+            None if s.engine.backend.is_held(key).await? => Err(LockError::NotOwner(key.clone())),
+            None => Ok(false),
+        }
+    }
+
+    /// Gives the held lock on `key` a lease of `lease` from now (replacing any
+    /// lease it had, or adding one).
+    ///
+    /// # Errors
+    /// [`LockError::NotHeld`] if this session does not hold `key`;
+    /// [`LockError::InvalidArgument`] for a zero lease or one over the maximum.
+    pub fn renew(&self, key: &LockKey, lease: Duration) -> Result<Granted, LockError> {
+        let s = &*self.shared;
+        check_lease(lease, s.engine.config.max_lease)?;
+        let mut st = s.lock();
+        let Some(held) = st.held.get_mut(key) else {
+            return Err(LockError::NotHeld(key.clone()));
+        };
+        match &mut held.lease {
+            Some(l) => {
+                l.duration = lease;
+                l.deadline = Instant::now() + lease;
+            }
+            None => held.lease = Some(self.start_lease(key, held.grant_id, lease)),
+        }
+        Ok(Granted { token: held.token, version: held.version.clone(), lease: Some(lease) })
+    }
+
+    /// The locks this session holds, ordered by key.
+    pub fn held(&self) -> Vec<HeldInfo> {
+        self.shared.held()
+    }
+
+    /// How many locks this session holds.
+    pub fn held_count(&self) -> usize {
+        self.shared.held_len()
+    }
+
+    /// Closes the session: refuses new acquires and releases everything held.
+    /// Pending acquires complete as [`LockError::SessionClosed`] (their grants
+    /// released) unless their futures are dropped first.
+    pub async fn close(&self) {
+        self.shared.close().await;
+    }
+
+    fn notifier(&self, key: &LockKey, grant_id: u64) -> LostNotifier {
+        let weak = Arc::downgrade(&self.shared);
+        let key = key.clone();
+        LostNotifier::new(move |reason| {
+            if let Some(s) = weak.upgrade() {
+                s.on_lost(&key, grant_id, reason);
+            }
+        })
+    }
+
+    fn start_lease(&self, key: &LockKey, grant_id: u64, duration: Duration) -> Lease {
+        let deadline = Instant::now() + duration;
+        let timer = tokio::spawn(lease_timer(Arc::downgrade(&self.shared), key.clone(), grant_id, deadline));
+        Lease { duration, deadline, timer: timer.abort_handle() }
+    }
+}
+
+fn check_lease(lease: Duration, max: Duration) -> Result<(), LockError> {
+    if lease.is_zero() {
+        return Err(LockError::InvalidArgument("a lease must be longer than zero".into()));
+    }
+    if lease > max {
+        return Err(LockError::InvalidArgument(format!("lease is over the maximum of {max:?}")));
+    }
+    Ok(())
+}
+
+/// Sleeps until the lease deadline; if the lock was renewed meanwhile, sleeps
+/// on; if not, removes it, reports it lost, and releases it.
+async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, grant_id: u64, mut deadline: Instant) {
+    loop {
+        tokio::time::sleep_until(deadline).await;
+        let Some(s) = session.upgrade() else { return };
+        let expired = {
+            let mut st = s.lock();
+            let Some(held) = st.held.get(&key).filter(|h| h.grant_id == grant_id) else { return };
+            match held.lease.as_ref().map(|l| l.deadline) {
+                Some(d) if d > Instant::now() => {
+                    deadline = d;
+                    None
+                }
+                _ => st.held.remove(&key),
+            }
+        };
+        if let Some(held) = expired {
+            s.engine.stats.lease_expired.fetch_add(1, Ordering::Relaxed);
+            info!(session = s.id, %key, token = held.token, "lease expired");
+            s.report_lost(&key, held.token, LostReason::LeaseExpired);
+            // Not `disarm`: this task is the timer, and it is finishing anyway.
+            if let Err(e) = s.engine.backend.release(held.guard).await {
+                warn!(session = s.id, %key, error = %e, "release after lease expiry not confirmed");
+            }
+            return;
+        }
+    }
+}
+
+/// Removes a pending-acquire marker if the acquire future is dropped.
+struct PendingGuard<'a, B: Backend> {
+    shared: &'a SessionShared<B>,
+    key: &'a LockKey,
+    grant_id: u64,
+    armed: bool,
+}
+
+impl<B: Backend> Drop for PendingGuard<'_, B> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.shared.lock();
+            if st.pending.get(self.key).is_some_and(|p| p.grant_id == self.grant_id) {
+                st.pending.remove(self.key);
+            }
+        }
+    }
+}
+
+impl<B: Backend> SessionShared<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B::Guard>> {
+        // No code path panics while holding the lock, but if one ever did,
+        // the table is still consistent (every mutation is a single insert or
+        // remove): carry on rather than poison every later operation.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn held_len(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    pub(crate) fn held(&self) -> Vec<HeldInfo> {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut out: Vec<HeldInfo> = st
+            .held
+            .iter()
+            .map(|(key, h)| HeldInfo {
+                key: key.clone(),
+                token: h.token,
+                version: h.version.clone(),
+                lease_remaining: h.lease.as_ref().map(|l| l.deadline.saturating_duration_since(now)),
+                session: self.id,
+            })
+            .collect();
+        drop(st);
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    fn report_lost(&self, key: &LockKey, token: u64, reason: LostReason) {
+        self.engine.stats.lost.fetch_add(1, Ordering::Relaxed);
+        // The receiver is gone only if the owner stopped listening, in which
+        // case it is closing the session anyway.
+        let _ = self.events.send(LostEvent { key: key.clone(), token, reason });
+    }
+
+    /// Backend callback: the grant `grant_id` on `key` is lost.
+    fn on_lost(&self, key: &LockKey, grant_id: u64, reason: LostReason) {
+        let removed = {
+            let mut st = self.lock();
+            if st.held.get(key).is_some_and(|h| h.grant_id == grant_id) {
+                st.held.remove(key)
+            } else {
+                if let Some(p) = st.pending.get_mut(key).filter(|p| p.grant_id == grant_id) {
+                    p.lost = Some(reason);
+                }
+                None
+            }
+        };
+        if let Some(held) = removed {
+            warn!(session = self.id, %key, token = held.token, reason = reason.name(), "lock lost");
+            self.report_lost(key, held.token, reason);
+            // Dropping the guard asks the backend to clean up in the background.
+            drop(held.disarm());
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        let held = {
+            let mut st = self.lock();
+            st.closed = true;
+            std::mem::take(&mut st.held)
+        };
+        self.engine.sessions.remove(&self.id);
+        if !held.is_empty() {
+            debug!(session = self.id, locks = held.len(), "releasing on close");
+        }
+        let backend = &self.engine.backend;
+        let releases = held.into_iter().map(|(key, h)| async move {
+            if let Err(e) = backend.release(h.disarm()).await {
+                warn!(%key, error = %e, "release on close not confirmed");
+            }
+        });
+        futures_util::future::join_all(releases).await;
+    }
+}
+
+impl<B: Backend> Drop for SessionShared<B> {
+    fn drop(&mut self) {
+        self.engine.sessions.remove(&self.id);
+        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // Guards release in the background when dropped.
+        for (_, held) in st.held.drain() {
+            drop(held.disarm());
+        }
+    }
+}
