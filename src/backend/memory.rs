@@ -95,6 +95,12 @@ impl MemoryBackend {
         self.inner.keys.len()
     }
 
+    /// Holder plus queued waiters of one key (0 when the key is free and
+    /// forgotten).
+    pub fn contenders(&self, key: &LockKey) -> usize {
+        self.inner.keys.get(key).map_or(0, |s| usize::from(s.holder.is_some()) + s.waiters.len())
+    }
+
     /// Number of queued waiters across all keys.
     pub fn queued_waiters(&self) -> usize {
         self.inner.keys.iter().map(|e| e.waiters.len()).sum()

@@ -1,0 +1,464 @@
+//! The conformance suite: Clastor's lock semantics (DESIGN.md, "Lock
+//! semantics"), stated once, run against every backend.
+//!
+//! A runner (`tests/conformance_<backend>.rs`) builds an [`Env`] per case: one
+//! or more engines over the same lock store (for ZooKeeper: separate backends,
+//! i.e. separate "servers", on one ensemble) and a way to count a key's
+//! contenders (holder plus waiters) in the store, which is how the suite
+//! proves that nothing is left behind. Cases use fresh keys, so runners may
+//! share one store between cases.
+//!
+//! Cases run on real time (a remote backend cannot pause it), with short
+//! waits. Timing is asserted only where it is the behaviour under test, and
+//! only as a lower bound or with a wide margin; conditions are awaited by
+//! polling with a deadline, never by a fixed sleep.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clastor::backend::Backend;
+use clastor::{AcquireOptions, Engine, LockError, LockKey, LostEvents, Session};
+use clastor_protocol::{KindMode, LockMode, LostReason};
+
+/// A boxed future, for the runner-provided inspection hook.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a case gets from its runner.
+pub struct Env<B: Backend> {
+    /// Engines over one lock store; sessions are spread over them.
+    pub engines: Vec<Engine<B>>,
+    /// Number of contenders (holder + waiters) the store has for a key.
+    pub contenders: Arc<dyn Fn(LockKey) -> BoxFuture<usize> + Send + Sync>,
+}
+
+impl<B: Backend> Env<B> {
+    /// Opens the `n`-th session, round-robin over the engines.
+    fn session(&self, n: usize) -> (Session<B>, LostEvents) {
+        self.engines[n % self.engines.len()].open_session(format!("conformance-{n}"))
+    }
+
+    async fn contenders(&self, key: &LockKey) -> usize {
+        (self.contenders)(key.clone()).await
+    }
+
+    /// Waits until `key` has `n` contenders in the store.
+    async fn await_contenders(&self, key: &LockKey, n: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let got = self.contenders(key).await;
+            if got == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{key}: expected {n} contenders, still {got} after {PATIENCE:?}");
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// One named case.
+pub struct Case<B: Backend> {
+    /// Test name.
+    pub name: &'static str,
+    /// The case.
+    pub run: fn(Env<B>) -> BoxFuture<()>,
+}
+
+/// Upper bound for anything that should happen "soon".
+const PATIENCE: Duration = Duration::from_secs(10);
+/// Poll interval while awaiting a condition in the store.
+const POLL: Duration = Duration::from_millis(5);
+/// Wait long enough to be sure to be granted once the lock is free.
+const LONG: Duration = Duration::from_secs(10);
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        /// Every case, for a runner to turn into tests.
+        pub fn cases<B: Backend>() -> Vec<Case<B>> {
+            vec![$(Case { name: stringify!($name), run: |env| Box::pin($name(env)) }),*]
+        }
+    };
+}
+
+cases!(
+    grant_carries_token_and_version,
+    try_once_on_held_lock_is_not_granted,
+    wait_runs_out_after_the_timeout,
+    release_hands_over_to_waiter_with_larger_token,
+    waiters_are_served_in_fifo_order,
+    timed_out_wait_leaves_nothing_behind,
+    cancelled_wait_leaves_nothing_behind,
+    release_is_idempotent_for_the_owner,
+    release_by_another_owner_is_refused,
+    second_acquire_by_the_same_session_is_refused,
+    closing_a_session_releases_locks_and_withdraws_waits,
+    dropping_a_session_releases_its_locks,
+    tokens_increase_after_the_key_is_forgotten,
+    lease_expiry_reports_lost_and_frees_the_lock,
+    renew_extends_the_lease,
+    renew_needs_a_held_lock_and_a_positive_lease,
+    shared_mode_is_refused,
+    version_of_a_new_kind_is_v1_normal,
+    names_are_validated,
+    concurrent_holders_never_overlap_and_tokens_increase,
+);
+
+static KINDS: AtomicU64 = AtomicU64::new(0);
+
+/// A key no other case (or earlier run on the same store) uses.
+fn fresh_key(id: &str) -> LockKey {
+    let n = KINDS.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    LockKey::new(&format!("conf{nanos}x{n}"), id).unwrap()
+}
+
+fn wait(d: Duration) -> AcquireOptions {
+    AcquireOptions::wait(d)
+}
+
+async fn must_acquire<B: Backend>(s: &Session<B>, key: &LockKey) -> u64 {
+    s.acquire(key, wait(LONG)).await.unwrap().unwrap_or_else(|| panic!("{key} not granted within {LONG:?}")).token
+}
+
+async fn grant_carries_token_and_version<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let g = a.acquire(&key, AcquireOptions::try_once()).await.unwrap().expect("a free lock is granted on first try");
+    assert!(g.token > 0);
+    assert!(!g.version.is_empty());
+    assert_eq!(g.lease, None);
+    let held = a.held();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].key.clone(), held[0].token), (key.clone(), g.token));
+    assert_eq!(env.contenders(&key).await, 1);
+    assert!(a.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+}
+
+async fn try_once_on_held_lock_is_not_granted<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    must_acquire(&a, &key).await;
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert!(b.held().is_empty());
+    assert_eq!(env.contenders(&key).await, 1, "a failed try leaves nothing behind");
+}
+
+async fn wait_runs_out_after_the_timeout<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    must_acquire(&a, &key).await;
+    let t0 = Instant::now();
+    assert_eq!(b.acquire(&key, wait(Duration::from_millis(200))).await.unwrap(), None);
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(200), "gave up early, after {took:?}");
+    assert!(took < Duration::from_secs(5), "gave up far too late, after {took:?}");
+}
+
+async fn release_hands_over_to_waiter_with_larger_token<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    let ta = must_acquire(&a, &key).await;
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    assert!(a.release(&key).await.unwrap());
+    let tb = waiter.await.unwrap().unwrap().expect("waiter is granted on release").token;
+    assert!(tb > ta, "token {tb} after {ta}");
+    assert_eq!(b.held().len(), 1);
+}
+
+async fn waiters_are_served_in_fifo_order<B: Backend>(env: Env<B>) {
+    let key = fresh_key("fifo");
+    let (holder, _) = env.session(0);
+    must_acquire(&holder, &key).await;
+    let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (s, _) = env.session(i + 1);
+        let (k, tx) = (key.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let token = must_acquire(&s, &k).await;
+            tx.send((i, token)).unwrap();
+            assert!(s.release(&k).await.unwrap());
+        }));
+        // Queue strictly one after another.
+        env.await_contenders(&key, i + 2).await;
+    }
+    assert!(holder.release(&key).await.unwrap());
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(order.recv().await.unwrap());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ids: Vec<usize> = got.iter().map(|g| g.0).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3], "waiters granted out of arrival order");
+    assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "tokens not increasing: {got:?}");
+    env.await_contenders(&key, 0).await;
+}
+
+async fn timed_out_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    must_acquire(&a, &key).await;
+    for _ in 0..3 {
+        assert_eq!(b.acquire(&key, wait(Duration::from_millis(50))).await.unwrap(), None);
+    }
+    env.await_contenders(&key, 1).await;
+    assert!(a.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+    let (c, _) = env.session(2);
+    assert!(c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(), "no ghost waiter got the lock");
+}
+
+async fn cancelled_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    must_acquire(&a, &key).await;
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    waiter.abort();
+    assert!(waiter.await.unwrap_err().is_cancelled());
+    env.await_contenders(&key, 1).await;
+    // The cancelled session may acquire the same key again: its pending mark is gone.
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert!(a.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+    let (c, _) = env.session(2);
+    assert!(c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(), "the lock went to a cancelled waiter");
+    assert!(b.held().is_empty());
+}
+
+async fn release_is_idempotent_for_the_owner<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    assert!(!a.release(&key).await.unwrap(), "releasing a free lock is a no-op");
+    must_acquire(&a, &key).await;
+    assert!(a.release(&key).await.unwrap());
+    assert!(!a.release(&key).await.unwrap());
+}
+
+async fn release_by_another_owner_is_refused<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    let ta = must_acquire(&a, &key).await;
+    assert!(matches!(b.release(&key).await, Err(LockError::NotOwner(_))));
+    assert_eq!(a.held()[0].token, ta, "the owner still holds it");
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+}
+
+async fn second_acquire_by_the_same_session_is_refused<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    must_acquire(&a, &key).await;
+    assert!(matches!(a.acquire(&key, AcquireOptions::try_once()).await, Err(LockError::AlreadyHeld(_))));
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    assert!(matches!(b.acquire(&key, AcquireOptions::try_once()).await, Err(LockError::AlreadyHeld(_))));
+    assert!(a.release(&key).await.unwrap());
+    assert!(waiter.await.unwrap().unwrap().is_some());
+}
+
+async fn closing_a_session_releases_locks_and_withdraws_waits<B: Backend>(env: Env<B>) {
+    let held = fresh_key("held");
+    let awaited = fresh_key("awaited");
+    let (a, _) = env.session(0);
+    let (c, _) = env.session(2);
+    must_acquire(&a, &held).await;
+    must_acquire(&c, &awaited).await;
+    let waiter = {
+        let (a, awaited) = (a.clone(), awaited.clone());
+        tokio::spawn(async move { a.acquire(&awaited, wait(LONG)).await })
+    };
+    env.await_contenders(&awaited, 2).await;
+    // A connection going away: in-flight work is dropped, then the session closes.
+    waiter.abort();
+    let _ = waiter.await;
+    a.close().await;
+    assert!(a.held().is_empty());
+    env.await_contenders(&held, 0).await;
+    env.await_contenders(&awaited, 1).await;
+    let (b, _) = env.session(1);
+    assert!(b.acquire(&held, AcquireOptions::try_once()).await.unwrap().is_some());
+    assert!(matches!(a.acquire(&held, AcquireOptions::try_once()).await, Err(LockError::SessionClosed)));
+}
+
+async fn dropping_a_session_releases_its_locks<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, events) = env.session(0);
+    let ta = must_acquire(&a, &key).await;
+    let (b, _) = env.session(1);
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    drop(a);
+    drop(events);
+    let tb = waiter.await.unwrap().unwrap().expect("granted after the holder vanished").token;
+    assert!(tb > ta);
+}
+
+async fn tokens_increase_after_the_key_is_forgotten<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let mut last = 0;
+    for i in 0..5 {
+        let (s, _) = env.session(i);
+        let t = must_acquire(&s, &key).await;
+        assert!(t > last, "token {t} after {last}");
+        last = t;
+        assert!(s.release(&key).await.unwrap());
+        env.await_contenders(&key, 0).await;
+    }
+}
+
+async fn lease_expiry_reports_lost_and_frees_the_lock<B: Backend>(env: Env<B>) {
+    let key = fresh_key("leased");
+    let (a, mut events) = env.session(0);
+    let (b, _) = env.session(1);
+    let t0 = Instant::now();
+    let g = a.acquire(&key, wait(LONG).with_lease(Duration::from_millis(200))).await.unwrap().unwrap();
+    assert_eq!(g.lease, Some(Duration::from_millis(200)));
+    let waiter = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.expect("lost event in time").unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(200), "lease ran out early");
+    assert_eq!((ev.key.clone(), ev.token, ev.reason), (key.clone(), g.token, LostReason::LeaseExpired));
+    assert!(a.held().is_empty());
+    let tb = waiter.await.unwrap().unwrap().expect("granted after the lease ran out").token;
+    assert!(tb > g.token);
+    assert!(!a.release(&key).await.is_ok_and(|r| r), "the expired holder no longer releases it");
+}
+
+async fn renew_extends_the_lease<B: Backend>(env: Env<B>) {
+    let key = fresh_key("leased");
+    let (a, mut events) = env.session(0);
+    let g = a.acquire(&key, wait(LONG).with_lease(Duration::from_millis(150))).await.unwrap().unwrap();
+    let r = a.renew(&key, Duration::from_secs(30)).unwrap();
+    assert_eq!((r.token, r.lease), (g.token, Some(Duration::from_secs(30))));
+    // Outlive the original lease: this sleep is the behaviour under test.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(events.try_recv().is_none(), "a renewed lease expired at its old deadline");
+    let held = a.held();
+    assert_eq!(held.len(), 1);
+    assert!(held[0].lease_remaining.unwrap() > Duration::from_secs(20));
+    // A lock taken without a lease can be given one.
+    let plain = fresh_key("plain");
+    must_acquire(&a, &plain).await;
+    a.renew(&plain, Duration::from_millis(100)).unwrap();
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.key, ev.reason), (plain, LostReason::LeaseExpired));
+}
+
+async fn renew_needs_a_held_lock_and_a_positive_lease<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    assert!(matches!(a.renew(&key, Duration::from_secs(1)), Err(LockError::NotHeld(_))));
+    must_acquire(&a, &key).await;
+    assert!(matches!(a.renew(&key, Duration::ZERO), Err(LockError::InvalidArgument(_))));
+    let (b, _) = env.session(1);
+    assert!(matches!(b.renew(&key, Duration::from_secs(1)), Err(LockError::NotHeld(_))));
+}
+
+async fn shared_mode_is_refused<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let opts = AcquireOptions { mode: LockMode::Shared, ..AcquireOptions::try_once() };
+    let err = a.acquire(&key, opts).await.unwrap_err();
+    assert_eq!(err.status(), clastor_protocol::Status::Unsupported, "{err}");
+    assert!(a.held().is_empty());
+    env.await_contenders(&key, 0).await;
+}
+
+async fn version_of_a_new_kind_is_v1_normal<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let v = env.engines[0].version(key.kind()).await.unwrap();
+    assert_eq!((&*v.version, v.mode), ("v1", KindMode::Normal));
+    let (a, _) = env.session(0);
+    assert_eq!(&*must_acquire_version(&a, &key).await, "v1");
+}
+
+async fn must_acquire_version<B: Backend>(s: &Session<B>, key: &LockKey) -> Arc<str> {
+    s.acquire(key, wait(LONG)).await.unwrap().unwrap().version
+}
+
+async fn names_are_validated<B: Backend>(env: Env<B>) {
+    for (kind, id) in [("..", "x"), ("k", "."), ("k", "../etc"), ("a/b", "x"), ("k", "a\0b"), ("", "x"), ("k", "")] {
+        assert!(LockKey::new(kind, id).is_err(), "{kind:?}/{id:?} accepted");
+    }
+    for kind in ["..", "a/b", "a\0", ""] {
+        assert!(matches!(env.engines[0].version(kind).await, Err(LockError::InvalidName(_))), "{kind:?}");
+    }
+}
+
+/// Many tasks on a few keys: every grant is logged with the time span it was
+/// held and its token; no two spans of a key may overlap, and tokens per key
+/// must increase in grant order.
+async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: Env<B>) {
+    const TASKS: usize = 12;
+    const ROUNDS: usize = 15;
+    let keys: Vec<LockKey> = (0..3).map(|i| fresh_key(&format!("hot-{i}"))).collect();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (s, mut events) = env.session(t);
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut log = Vec::new();
+            for r in 0..ROUNDS {
+                let k = (t + r) % keys.len();
+                let token = must_acquire(&s, &keys[k]).await;
+                let start = t0.elapsed();
+                // Hold across a yield so other tasks get to run meanwhile.
+                tokio::task::yield_now().await;
+                if r % 3 == 0 {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                let end = t0.elapsed();
+                assert!(s.release(&keys[k]).await.unwrap(), "lock vanished while held");
+                log.push((k, token, start, end));
+            }
+            assert!(events.try_recv().is_none(), "no lock may be lost here");
+            log
+        }));
+    }
+    let mut grants = Vec::new();
+    for t in tasks {
+        grants.extend(t.await.unwrap());
+    }
+    assert_eq!(grants.len(), TASKS * ROUNDS);
+    for k in 0..keys.len() {
+        let mut spans: Vec<_> = grants.iter().filter(|g| g.0 == k).collect();
+        spans.sort_by_key(|g| g.2);
+        for w in spans.windows(2) {
+            assert!(w[0].3 <= w[1].2, "double grant on {}: {:?} overlaps {:?}", keys[k], w[0], w[1]);
+            assert!(w[0].1 < w[1].1, "token went backwards on {}: {:?} then {:?}", keys[k], w[0], w[1]);
+        }
+    }
+    for key in &keys {
+        env.await_contenders(key, 0).await;
+    }
+}
