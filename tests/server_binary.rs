@@ -1,0 +1,381 @@
+//! The binary protocol against a real in-process server, through raw frames:
+//! handshake, pipelining, malformed and hostile input, limits, lifecycle.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use clastor::EngineConfig;
+use clastor::server::ServerConfig;
+use clastor_protocol::{
+    Acquire, Event, Hello, LockMode, LostReason, Opcode, Request, ResponseBody, Status,
+};
+use support::{Incoming, Raw, Text, start, start_default};
+
+fn acquire(kind: &str, id: &str, wait_ms: u32, lease_ms: u32) -> Request {
+    Request::Acquire(Acquire { kind: kind.into(), id: id.into(), wait_ms, lease_ms, mode: LockMode::Exclusive })
+}
+
+fn token(resp: &clastor_protocol::Response) -> u64 {
+    match &resp.result {
+        Ok(ResponseBody::Acquired(a)) => a.token,
+        other => panic!("not a grant: {other:?}"),
+    }
+}
+
+/// A frame with the given header fields and body, as bytes.
+fn frame(version: u8, opcode: u8, flags: u16, request_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u32(8 + body.len() as u32);
+    b.put_u8(version);
+    b.put_u8(opcode);
+    b.put_u16(flags);
+    b.put_u32(request_id);
+    b.put_slice(body);
+    b.to_vec()
+}
+
+#[tokio::test]
+async fn handshake_is_required_and_negotiated() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let mut raw = Raw::connect(addr).await;
+    assert_eq!(raw.call(Request::Ping).await.status(), Status::HandshakeRequired);
+    let hello = raw.call(Request::Hello(Hello { min_version: 1, max_version: 3, client_name: "t".into() })).await;
+    match hello.result {
+        Ok(ResponseBody::Hello(h)) => {
+            assert_eq!(h.version, 1);
+            assert!(h.connection_id > 0);
+            assert!(h.server.starts_with("clastor "));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(raw.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    let again = raw.call(Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "t".into() })).await;
+    assert_eq!(again.status(), Status::BadRequest);
+
+    let mut old = Raw::connect(addr).await;
+    let resp = old.call(Request::Hello(Hello { min_version: 2, max_version: 9, client_name: "future".into() })).await;
+    assert_eq!(resp.status(), Status::VersionMismatch);
+    let rest = old.until_closed().await;
+    assert!(matches!(rest.as_slice(), [Incoming::Event(Event::Closing { status: Status::VersionMismatch, .. })]), "{rest:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_blocked_acquire_does_not_hold_up_a_ping() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let (mut a, _) = Raw::hello(addr).await;
+    let (mut b, _) = Raw::hello(addr).await;
+    let ta = token(&a.call(acquire("k", "i", 0, 0)).await);
+    let acq_id = b.send(&acquire("k", "i", 10_000, 0)).await;
+    let ping_id = b.send(&Request::Ping).await;
+    let first = b.response().await;
+    assert_eq!((first.request_id, first.result), (ping_id, Ok(ResponseBody::Pong)));
+    assert_eq!(a.call(Request::Release { kind: "k".into(), id: "i".into() }).await.result, Ok(ResponseBody::Released { released: true }));
+    let second = b.response().await;
+    assert_eq!(second.request_id, acq_id);
+    assert!(token(&second) > ta);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn hundreds_of_pipelined_requests_on_one_connection() {
+    let (server, _) = start_default().await;
+    let (mut c, _) = Raw::hello(server.local_addr()).await;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..300 {
+        ids.insert(c.send(&acquire("pipe", &format!("id-{i}"), 1000, 0)).await);
+    }
+    for _ in 0..300 {
+        let r = c.response().await;
+        assert!(ids.remove(&r.request_id), "unexpected or duplicate id {}", r.request_id);
+        token(&r);
+    }
+    let held = c.call(Request::Held { scope: clastor_protocol::HeldScope::Connection }).await;
+    assert!(matches!(held.result, Ok(ResponseBody::Held(ref l)) if l.len() == 300));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_an_error_and_the_connection_lives() {
+    let (server, _) = start_default().await;
+    let (mut c, _) = Raw::hello(server.local_addr()).await;
+    // ACQUIRE whose body stops inside the id string.
+    c.send_bytes(&frame(1, Opcode::Acquire as u8, 0, 77, &[0, 1, b'k', 0, 9, b'x'])).await;
+    let r = c.response().await;
+    assert_eq!((r.request_id, r.status()), (77, Status::BadRequest));
+    // Trailing bytes after a PING.
+    c.send_bytes(&frame(1, Opcode::Ping as u8, 0, 78, &[1, 2, 3])).await;
+    assert_eq!(c.response().await.status(), Status::BadRequest);
+    // Bad UTF-8 in a name.
+    c.send_bytes(&frame(1, Opcode::Version as u8, 0, 79, &[0, 2, 0xff, 0xfe])).await;
+    assert_eq!(c.response().await.status(), Status::BadRequest);
+    // Reserved mode value.
+    let mut body = vec![0, 1, b'k', 0, 1, b'i'];
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 9]);
+    c.send_bytes(&frame(1, Opcode::Acquire as u8, 0, 80, &body)).await;
+    assert_eq!(c.response().await.status(), Status::BadRequest);
+    // Unknown opcode, and an event opcode sent by a client.
+    c.send_bytes(&frame(1, 0x42, 0, 81, &[])).await;
+    let r = c.response().await;
+    assert_eq!((r.request_id, r.opcode, r.status()), (81, 0x42, Status::UnknownOpcode));
+    c.send_bytes(&frame(1, Opcode::LockLost as u8, 0, 82, &[])).await;
+    assert_eq!(c.response().await.status(), Status::UnknownOpcode);
+    // Response flag on a request; request id 0.
+    c.send_bytes(&frame(1, Opcode::Ping as u8, 1, 83, &[])).await;
+    assert_eq!(c.response().await.status(), Status::BadRequest);
+    c.send_bytes(&frame(1, Opcode::Ping as u8, 0, 0, &[])).await;
+    assert_eq!(c.response().await.status(), Status::BadRequest);
+    // Shared mode is reserved: a clear refusal.
+    let shared = Request::Acquire(Acquire { kind: "k".into(), id: "i".into(), wait_ms: 0, lease_ms: 0, mode: LockMode::Shared });
+    assert_eq!(c.call(shared).await.status(), Status::Unsupported);
+    assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn hostile_names_are_refused() {
+    let (server, backend) = start_default().await;
+    let (mut c, _) = Raw::hello(server.local_addr()).await;
+    let long = "x".repeat(129);
+    for (kind, id) in
+        [("..", "x"), ("k", "."), ("k", ".."), ("k", "../../etc/passwd"), ("a/b", "x"), ("k", "/"), ("k", "a\0b"), ("", "x"), ("k", ""), ("k", long.as_str()), ("k", "a b"), ("k", "\u{202e}x")]
+    {
+        let r = c.call(acquire(kind, id, 0, 0)).await;
+        assert_eq!(r.status(), Status::InvalidName, "{kind:?}/{id:?}");
+        let r = c.call(Request::Release { kind: kind.into(), id: id.into() }).await;
+        assert_eq!(r.status(), Status::InvalidName, "{kind:?}/{id:?}");
+    }
+    assert_eq!(c.call(Request::Version { kind: "../x".into() }).await.status(), Status::InvalidName);
+    assert_eq!(backend.active_keys(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_frames_close_the_connection_after_an_error_frame() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("shorter than a header", vec![0, 0, 0, 3, 1, 2, 3]),
+        ("wrong version", frame(9, Opcode::Ping as u8, 0, 1, &[])),
+        // Announces 1 MiB; the server must not wait for (or buffer) the body.
+        ("oversize", vec![0, 0x10, 0, 0, 1, 2, 0, 0]),
+    ];
+    for (what, bytes) in cases {
+        let (mut c, _) = Raw::hello(addr).await;
+        c.send_bytes(&bytes).await;
+        let got = c.until_closed().await;
+        assert!(
+            matches!(got.as_slice(), [Incoming::Event(Event::Closing { status: Status::ProtocolError, .. })]),
+            "{what}: {got:?}"
+        );
+    }
+    let (mut ok, _) = Raw::hello(addr).await;
+    assert_eq!(ok.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn random_garbage_never_hurts_the_server() {
+    let (server, backend) = start_default().await;
+    let addr = server.local_addr();
+    // A small deterministic generator: the same inputs every run.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let valid = {
+        let mut b = BytesMut::new();
+        acquire("k", "i", 0, 0).encode(5, &mut b);
+        b.to_vec()
+    };
+    for round in 0..150 {
+        let mut bytes: Vec<u8> = if round % 2 == 0 {
+            (0..(next() % 64)).map(|_| next() as u8).collect()
+        } else {
+            let mut v = valid.clone();
+            for _ in 0..(1 + next() % 3) {
+                let i = (next() as usize) % v.len();
+                v[i] ^= 1 << (next() % 8);
+            }
+            v.truncate(4 + (next() as usize) % (v.len() - 3));
+            v
+        };
+        // Start in binary mode half of the time, after a proper handshake.
+        let (mut c, _) = if round % 3 == 0 { (Raw::connect(addr).await, 0) } else { Raw::hello(addr).await };
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        c.send_bytes(&bytes).await;
+        drop(c);
+    }
+    let (mut c, _) = Raw::hello(addr).await;
+    assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    drop(c);
+    server.shutdown().await;
+    assert_eq!(backend.active_keys(), 0, "garbage left locks behind");
+}
+
+#[tokio::test]
+async fn disconnect_releases_locks_and_hands_over() {
+    let (server, backend) = start_default().await;
+    let addr = server.local_addr();
+    let (mut a, _) = Raw::hello(addr).await;
+    let (mut b, _) = Raw::hello(addr).await;
+    let ta = token(&a.call(acquire("transaction", "tx-1", 0, 0)).await);
+    a.call(acquire("transaction", "tx-2", 0, 0)).await;
+    b.send(&acquire("transaction", "tx-1", 10_000, 0)).await;
+    while backend.queued_waiters() == 0 {
+        tokio::task::yield_now().await;
+    }
+    drop(a);
+    let tb = token(&b.response().await);
+    assert!(tb > ta);
+    let (mut c, _) = Raw::hello(addr).await;
+    assert!(matches!(c.call(acquire("transaction", "tx-2", 1000, 0)).await.result, Ok(ResponseBody::Acquired(_))));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn lease_expiry_pushes_lock_lost() {
+    let (server, _) = start_default().await;
+    let (mut c, _) = Raw::hello(server.local_addr()).await;
+    let t = token(&c.call(acquire("k", "leased", 0, 100)).await);
+    match c.next().await {
+        Some(Incoming::Event(Event::LockLost { kind, id, token, reason })) => {
+            assert_eq!((kind.as_str(), id.as_str(), token, reason), ("k", "leased", t, LostReason::LeaseExpired));
+        }
+        other => panic!("{other:?}"),
+    }
+    let held = c.call(Request::Held { scope: clastor_protocol::HeldScope::Connection }).await;
+    assert_eq!(held.result, Ok(ResponseBody::Held(vec![])));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn release_renew_and_ownership_rules() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let (mut a, a_id) = Raw::hello(addr).await;
+    let (mut b, _) = Raw::hello(addr).await;
+    let t = token(&a.call(acquire("k", "i", 0, 0)).await);
+    let rel = |k: &str| Request::Release { kind: "k".into(), id: k.into() };
+    assert_eq!(b.call(rel("i")).await.status(), Status::NotOwner);
+    assert_eq!(b.call(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 1000 }).await.status(), Status::NotHeld);
+    assert_eq!(a.call(acquire("k", "i", 0, 0)).await.status(), Status::AlreadyHeld);
+    let renewed = a.call(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 60_000 }).await;
+    assert_eq!(renewed.result, Ok(ResponseBody::Renewed { token: t, lease_ms: 60_000 }));
+    match b.call(Request::Held { scope: clastor_protocol::HeldScope::Server }).await.result {
+        Ok(ResponseBody::Held(list)) => {
+            assert_eq!(list.len(), 1);
+            assert_eq!((list[0].token, list[0].connection_id), (t, a_id));
+            assert!(list[0].lease_remaining_ms > 50_000);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.call(rel("i")).await.result, Ok(ResponseBody::Released { released: true }));
+    assert_eq!(a.call(rel("i")).await.result, Ok(ResponseBody::Released { released: false }));
+    assert_eq!(b.call(rel("i")).await.result, Ok(ResponseBody::Released { released: false }));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_connection_limits_refuse_clearly() {
+    let engine = EngineConfig { max_held_per_session: 3, max_waits_per_session: 2, ..EngineConfig::default() };
+    let (server, _) = start(ServerConfig::default(), engine).await;
+    let addr = server.local_addr();
+    let (mut a, _) = Raw::hello(addr).await;
+    for i in 0..3 {
+        token(&a.call(acquire("k", &format!("{i}"), 0, 0)).await);
+    }
+    assert_eq!(a.call(acquire("k", "3", 0, 0)).await.status(), Status::LimitExceeded);
+    let (mut b, _) = Raw::hello(addr).await;
+    b.send(&acquire("k", "0", 10_000, 0)).await;
+    b.send(&acquire("k", "1", 10_000, 0)).await;
+    assert_eq!(b.call(acquire("k", "2", 10_000, 0)).await.status(), Status::LimitExceeded);
+    assert_eq!(b.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_flood_past_the_limit_is_refused() {
+    let config = ServerConfig { max_connections: 4, ..ServerConfig::default() };
+    let (server, _) = start(config, EngineConfig::default()).await;
+    let addr = server.local_addr();
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(Raw::hello(addr).await.0);
+    }
+    for _ in 0..10 {
+        let mut extra = Raw::connect(addr).await;
+        extra.send(&Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "x".into() })).await;
+        let got = extra.until_closed().await;
+        assert!(
+            matches!(got.as_slice(), [Incoming::Event(Event::Closing { status: Status::LimitExceeded, .. })]),
+            "{got:?}"
+        );
+    }
+    let mut text = Text::connect(addr).await;
+    text.send("PING").await;
+    assert!(text.line().await.unwrap().starts_with("-ERR LIMIT_EXCEEDED"));
+    // Existing connections are unaffected; a freed slot is usable again.
+    assert_eq!(open[0].call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    drop(open.pop());
+    let mut again = loop {
+        let mut c = Raw::connect(addr).await;
+        let resp = c.send(&Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "x".into() })).await;
+        match c.next().await {
+            Some(Incoming::Response(r)) if r.request_id == resp => break c,
+            // The slot is freed once the server has noticed the close.
+            _ => tokio::task::yield_now().await,
+        }
+    };
+    assert_eq!(again.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn handshake_timeout_closes_silent_connections() {
+    let config = ServerConfig { handshake_timeout: Duration::from_millis(100), ..ServerConfig::default() };
+    let (server, _) = start(config, EngineConfig::default()).await;
+    // Binary client that never says HELLO.
+    let mut c = Raw::connect(server.local_addr()).await;
+    c.send(&Request::Ping).await;
+    let got = c.until_closed().await;
+    assert!(matches!(got.last(), Some(Incoming::Event(Event::Closing { .. }))), "{got:?}");
+    // A connection that sends nothing at all is closed too.
+    let mut silent = Raw::connect(server.local_addr()).await;
+    assert!(silent.until_closed().await.is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_reports_and_releases() {
+    let (server, backend) = start_default().await;
+    let (mut c, _) = Raw::hello(server.local_addr()).await;
+    let t = token(&c.call(acquire("k", "i", 0, 0)).await);
+    let (mut w, _) = Raw::hello(server.local_addr()).await;
+    w.send(&acquire("k", "i", 60_000, 0)).await;
+    while backend.queued_waiters() == 0 {
+        tokio::task::yield_now().await;
+    }
+    server.shutdown().await;
+    let got = c.until_closed().await;
+    assert_eq!(
+        got,
+        vec![
+            Incoming::Event(Event::LockLost { kind: "k".into(), id: "i".into(), token: t, reason: LostReason::Shutdown }),
+            Incoming::Event(Event::Closing { status: Status::ShuttingDown, message: "server shutting down".into() }),
+        ]
+    );
+    assert!(matches!(w.until_closed().await.as_slice(), [Incoming::Event(Event::Closing { status: Status::ShuttingDown, .. })]));
+    assert_eq!(backend.active_keys(), 0);
+}

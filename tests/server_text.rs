@@ -1,0 +1,148 @@
+//! The text form on a plain `TcpStream`, as netcat would use it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use clastor::EngineConfig;
+use clastor::server::ServerConfig;
+use support::{Text, start, start_default, token_of};
+
+#[tokio::test]
+async fn netcat_session_acquire_timeout_and_handover() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let mut a = Text::connect(addr).await;
+    let mut b = Text::connect(addr).await;
+
+    let granted = a.cmd("ACQUIRE transaction tx-1 1000").await;
+    assert!(granted.starts_with("+ACQUIRED transaction tx-1 token="), "{granted}");
+    let ta = token_of(&granted);
+
+    let t0 = Instant::now();
+    let timed_out = b.cmd("ACQUIRE transaction tx-1 200").await;
+    assert!(timed_out.starts_with("-TIMEOUT"), "{timed_out}");
+    assert!(t0.elapsed() >= Duration::from_millis(200), "timed out early: {:?}", t0.elapsed());
+
+    // B waits; A's connection closes; B is granted, with a larger token.
+    b.send("ACQUIRE transaction tx-1 10000").await;
+    let waiting = tokio::spawn(async move {
+        let line = b.line().await.unwrap();
+        (line, Instant::now())
+    });
+    // Let B's wait reach the server before A leaves (observed via HELD ALL on a third connection).
+    let mut c = Text::connect(addr).await;
+    loop {
+        let info = {
+            c.send("INFO").await;
+            assert_eq!(c.line().await.unwrap(), "+INFO");
+            c.block().await
+        };
+        if info.iter().any(|l| l == "memory.queued_waiters=1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let closed_at = Instant::now();
+    drop(a);
+    let (line, granted_at) = waiting.await.unwrap();
+    assert!(line.starts_with("+ACQUIRED transaction tx-1 token="), "{line}");
+    assert!(token_of(&line) > ta);
+    assert!(granted_at.duration_since(closed_at) < Duration::from_secs(2));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_command_answers() {
+    let (server, _) = start_default().await;
+    let mut c = Text::connect(server.local_addr()).await;
+    assert_eq!(c.cmd("ping").await, "+PONG");
+    assert_eq!(c.cmd("  PiNg  ").await, "+PONG");
+    let acq = c.cmd("acquire user u-7 0 60000").await;
+    assert!(acq.starts_with("+ACQUIRED user u-7 token=") && acq.ends_with("version=v1 lease_ms=60000"), "{acq}");
+    assert_eq!(c.cmd("HELD").await, "+HELD 1");
+    let held = c.block().await;
+    assert_eq!(held.len(), 1);
+    assert!(held[0].starts_with(&format!("user u-7 token={} version=v1 lease_ms=", token_of(&acq))), "{held:?}");
+    assert_eq!(c.cmd("HELD ALL").await, "+HELD 1");
+    c.block().await;
+    let renewed = c.cmd("RENEW user u-7 5000").await;
+    assert_eq!(renewed, format!("+RENEWED user u-7 token={} lease_ms=5000", token_of(&acq)));
+    assert_eq!(c.cmd("VERSION user").await, "+VERSION user version=v1 mode=normal");
+    assert_eq!(c.cmd("INFO").await, "+INFO");
+    let info = c.block().await;
+    assert!(info.iter().any(|l| l == "backend=memory"), "{info:?}");
+    assert_eq!(c.cmd("RELEASE user u-7").await, "+RELEASED user u-7");
+    assert!(c.cmd("RELEASE user u-7").await.starts_with("+NOT_HELD user u-7"));
+    assert!(c.cmd("HELP").await.starts_with("+HELP"));
+    assert!(c.block().await.iter().any(|l| l.contains("ACQUIRE <kind> <id>")));
+    assert_eq!(c.cmd("QUIT").await, "+BYE");
+    assert_eq!(c.line().await, None, "QUIT closes the connection");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_keep_the_connection() {
+    let (server, _) = start_default().await;
+    let mut c = Text::connect(server.local_addr()).await;
+    assert!(c.cmd("FROB x").await.starts_with("-ERR UNKNOWN_OPCODE"));
+    assert!(c.cmd("ACQUIRE onlykind").await.starts_with("-ERR BAD_REQUEST"));
+    assert!(c.cmd("ACQUIRE k i soon").await.starts_with("-ERR BAD_REQUEST"));
+    assert!(c.cmd("ACQUIRE k ../etc").await.starts_with("-ERR INVALID_NAME"));
+    assert!(c.cmd("ACQUIRE .. x").await.starts_with("-ERR INVALID_NAME"));
+    assert!(c.cmd(&format!("ACQUIRE k {}", "x".repeat(200))).await.starts_with("-ERR INVALID_NAME"));
+    assert!(c.cmd("RENEW k i 1000").await.starts_with("-ERR NOT_HELD"));
+    assert!(c.cmd("RENEW k i 0").await.starts_with("-ERR"));
+    c.write_raw(b"ACQUIRE k a\0b\n").await;
+    assert!(c.line().await.unwrap().starts_with("-ERR INVALID_NAME"));
+    assert_eq!(c.cmd("PING").await, "+PONG", "connection still up");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn replies_come_in_command_order_and_events_are_pushed() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let mut a = Text::connect(addr).await;
+    let mut b = Text::connect(addr).await;
+    assert!(a.cmd("ACQUIRE k i 0 150").await.starts_with("+ACQUIRED"));
+    // B pipelines a blocking acquire and a ping: the ping's reply follows the acquire's.
+    b.send("ACQUIRE k i 10000").await;
+    b.send("PING").await;
+    let lost = a.line().await.unwrap();
+    assert!(lost.starts_with("!LOST k i token=") && lost.ends_with("reason=lease_expired"), "{lost}");
+    assert!(b.line().await.unwrap().starts_with("+ACQUIRED k i"));
+    assert_eq!(b.line().await.unwrap(), "+PONG");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn overlong_or_binary_garbage_lines_close_the_connection() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let mut c = Text::connect(addr).await;
+    c.send(&"A".repeat(5000)).await;
+    assert!(c.line().await.unwrap().starts_with("-ERR PROTOCOL_ERROR"));
+    assert_eq!(c.line().await, None);
+    let mut c = Text::connect(addr).await;
+    c.write_raw(b"PING \xff\xfe\n").await;
+    assert!(c.line().await.unwrap().starts_with("-ERR PROTOCOL_ERROR"));
+    assert_eq!(c.line().await, None);
+    let mut ok = Text::connect(addr).await;
+    assert_eq!(ok.cmd("PING").await, "+PONG");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_holders_and_releases() {
+    let (server, backend) = start(ServerConfig::default(), EngineConfig::default()).await;
+    let mut c = Text::connect(server.local_addr()).await;
+    let acq = c.cmd("ACQUIRE k i").await;
+    server.shutdown().await;
+    assert_eq!(c.line().await.unwrap(), format!("!LOST k i token={} reason=shutdown", token_of(&acq)));
+    assert!(c.line().await.unwrap().starts_with("!CLOSING SHUTTING_DOWN"));
+    assert_eq!(c.line().await, None);
+    assert_eq!(backend.active_keys(), 0);
+}

@@ -1,0 +1,178 @@
+//! Shared test support: an in-process server on `127.0.0.1:0`, and raw
+//! clients that speak frames or lines directly, as another implementation or
+//! netcat would.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clastor::backend::memory::MemoryBackend;
+use clastor::server::{self, ServerConfig, ServerHandle};
+use clastor::{Engine, EngineConfig};
+use clastor_protocol::{ClastorCodec, Event, Flags, Frame, Hello, Request, Response};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::Framed;
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Starts a memory-backed server on an ephemeral loopback port.
+pub async fn start(config: ServerConfig, engine_config: EngineConfig) -> (ServerHandle, MemoryBackend) {
+    let backend = MemoryBackend::new();
+    let engine = Engine::new(backend.clone(), engine_config);
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
+    (server::spawn(engine, config).await.unwrap(), backend)
+}
+
+/// Starts a server with default settings.
+pub async fn start_default() -> (ServerHandle, MemoryBackend) {
+    start(ServerConfig::default(), EngineConfig::default()).await
+}
+
+/// Something the server sent on a binary connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Response(Response),
+    Event(Event),
+}
+
+/// A binary-protocol connection driven frame by frame.
+pub struct Raw {
+    pub framed: Framed<TcpStream, ClastorCodec>,
+    next_id: u32,
+}
+
+impl Raw {
+    /// Connects without a handshake.
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw { framed: Framed::new(stream, ClastorCodec::new(clastor_protocol::MAX_FRAME_LEN_CEILING)), next_id: 1 }
+    }
+
+    /// Connects and completes `HELLO`; returns the connection id.
+    pub async fn hello(addr: SocketAddr) -> (Raw, u64) {
+        let mut raw = Raw::connect(addr).await;
+        let resp = raw
+            .call(Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "raw-test".into() }))
+            .await;
+        match resp.result {
+            Ok(clastor_protocol::ResponseBody::Hello(h)) => (raw, h.connection_id),
+            other => panic!("handshake failed: {other:?}"),
+        }
+    }
+
+    /// Sends a request; returns its id.
+    pub async fn send(&mut self, req: &Request) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.framed.send((id, req)).await.unwrap();
+        id
+    }
+
+    /// Sends raw bytes as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.framed.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame from the server, decoded; `None` on EOF.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        let frame = tokio::time::timeout(PATIENCE, self.framed.next()).await.expect("server answered in time")?;
+        let Frame { header, body } = match frame {
+            Ok(f) => f,
+            // The server may reset a connection it closed with unread input.
+            Err(clastor_protocol::FrameError::Io(_)) => return None,
+            Err(e) => panic!("bad frame from server: {e}"),
+        };
+        Some(if header.flags == Flags::EVENT {
+            Incoming::Event(Event::decode(&header, body).unwrap())
+        } else {
+            Incoming::Response(Response::decode(&header, body).unwrap())
+        })
+    }
+
+    /// The next response (events are not expected).
+    pub async fn response(&mut self) -> Response {
+        match self.next().await {
+            Some(Incoming::Response(r)) => r,
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+
+    /// Sends and waits for the matching response.
+    pub async fn call(&mut self, req: Request) -> Response {
+        let id = self.send(&req).await;
+        let resp = self.response().await;
+        assert_eq!(resp.request_id, id, "response to another request");
+        resp
+    }
+
+    /// Asserts that the server closes the connection (after any frames,
+    /// which are returned).
+    pub async fn until_closed(&mut self) -> Vec<Incoming> {
+        let mut got = Vec::new();
+        while let Some(m) = self.next().await {
+            got.push(m);
+        }
+        got
+    }
+}
+
+/// A text-form connection, as netcat would open.
+pub struct Text {
+    pub lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    pub write: OwnedWriteHalf,
+}
+
+impl Text {
+    pub async fn connect(addr: SocketAddr) -> Text {
+        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+        Text { lines: BufReader::new(r).lines(), write: w }
+    }
+
+    pub async fn send(&mut self, line: &str) {
+        self.write.write_all(line.as_bytes()).await.unwrap();
+        self.write.write_all(b"\n").await.unwrap();
+    }
+
+    /// The next line, `None` on EOF.
+    pub async fn line(&mut self) -> Option<String> {
+        tokio::time::timeout(PATIENCE, self.lines.next_line()).await.expect("server answered in time").ok().flatten()
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.line().await.expect("a reply line")
+    }
+
+    /// Reads a multi-line reply body up to the `.` line.
+    pub async fn block(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let l = self.line().await.expect("block continues");
+            if l == "." {
+                return out;
+            }
+            out.push(l);
+        }
+    }
+}
+
+/// The `token=<n>` field of a text reply line.
+pub fn token_of(line: &str) -> u64 {
+    line.split(' ')
+        .find_map(|w| w.strip_prefix("token="))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no token in {line:?}"))
+}
+
+impl Text {
+    /// Writes bytes as they are.
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.unwrap();
+    }
+}
