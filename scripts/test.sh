@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs Clastor's whole test suite on a fresh Debian machine: installs what the
+# tests need (ZooKeeper from Debian's package, with its Java runtime) when it is
+# missing, then runs every test of the workspace. Tests that need ZooKeeper
+# start their own on free loopback ports and stop it afterwards.
+#
+# Usage: scripts/test.sh [extra cargo test arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1; then
+  echo "== installing ZooKeeper (Debian package) for the tests"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper >/dev/null
+fi
+
+echo "== cargo test (workspace)"
+cargo test --workspace --locked "$@"
