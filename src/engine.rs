@@ -124,7 +124,7 @@ impl<B: Backend> Engine<B> {
     /// Every lock held through this engine, up to `limit` entries, ordered by
     /// session then key.
     pub fn held_all(&self, limit: usize) -> Vec<HeldInfo> {
-        let mut sessions: Vec<_> = self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect();
+        let mut sessions = self.live_sessions();
         sessions.sort_by_key(|s| s.id());
         let mut out = Vec::new();
         for s in sessions {
@@ -167,12 +167,19 @@ impl<B: Backend> Engine<B> {
     }
 
     fn held_count(&self) -> usize {
-        self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).map(|s| s.held_len()).sum()
+        self.live_sessions().iter().map(|s| s.held_len()).sum()
+    }
+
+    /// Strong handles on every open session. Collected before use: dropping
+    /// the last handle of a session inside a map iteration would deadlock on
+    /// the session's own removal from the map.
+    fn live_sessions(&self) -> Vec<Arc<SessionShared<B>>> {
+        self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect()
     }
 
     /// Closes every open session (releasing their locks), then the backend.
     pub async fn shutdown(&self) {
-        let sessions: Vec<_> = self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect();
+        let sessions = self.live_sessions();
         futures_util::future::join_all(sessions.iter().map(|s| s.close())).await;
         self.inner.backend.shutdown().await;
     }

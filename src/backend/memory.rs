@@ -147,9 +147,7 @@ impl Inner {
     /// Returns the token if the lock had been handed to it meanwhile and
     /// `keep` is true; otherwise undoes whatever the waiter had.
     fn withdraw(&self, key: &LockKey, ticket: u64, rx: &mut oneshot::Receiver<u64>, keep: bool) -> Option<u64> {
-        let Some(mut state) = self.keys.get_mut(key) else {
-            return None;
-        };
+        let mut state = self.keys.get_mut(key)?;
         if state.holder == Some(ticket) {
             if keep {
                 // Granted just as the wait ran out: the grant stands. The

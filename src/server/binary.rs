@@ -47,6 +47,7 @@ struct Conn<B: Backend> {
     ctx: Ctx<B>,
     inflight: FuturesUnordered<Pending>,
     handshaken: bool,
+    opened: Instant,
     last_activity: Instant,
 }
 
@@ -64,6 +65,7 @@ pub(super) async fn run<B: Backend>(
         ctx,
         inflight: FuturesUnordered::new(),
         handshaken: false,
+        opened: Instant::now(),
         last_activity: Instant::now(),
     };
     loop {
@@ -110,7 +112,7 @@ impl<B: Backend> Conn<B> {
     fn timer(&self) -> Option<(Instant, &'static str)> {
         let cfg = &self.shared.config;
         if !self.handshaken {
-            return Some((self.last_activity + cfg.handshake_timeout, "handshake"));
+            return Some((self.opened + cfg.handshake_timeout, "handshake"));
         }
         let idle = cfg.idle_timeout?;
         (self.inflight.is_empty() && self.ctx.session.held_count() == 0).then_some((self.last_activity + idle, "idle"))

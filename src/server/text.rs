@@ -99,10 +99,10 @@ pub(super) async fn run<B: Backend>(
                 break;
             }
         };
-        if let Some(out) = out {
-            if send(&mut framed, shared, out).await.is_err() {
-                break;
-            }
+        if let Some(out) = out
+            && send(&mut framed, shared, out).await.is_err()
+        {
+            break;
         }
         if !reading && inflight.is_empty() {
             break;

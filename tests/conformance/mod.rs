@@ -450,12 +450,12 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
         grants.extend(t.await.unwrap());
     }
     assert_eq!(grants.len(), TASKS * ROUNDS);
-    for k in 0..keys.len() {
+    for (k, key) in keys.iter().enumerate() {
         let mut spans: Vec<_> = grants.iter().filter(|g| g.0 == k).collect();
         spans.sort_by_key(|g| g.2);
         for w in spans.windows(2) {
-            assert!(w[0].3 <= w[1].2, "double grant on {}: {:?} overlaps {:?}", keys[k], w[0], w[1]);
-            assert!(w[0].1 < w[1].1, "token went backwards on {}: {:?} then {:?}", keys[k], w[0], w[1]);
+            assert!(w[0].3 <= w[1].2, "double grant on {key}: {:?} overlaps {:?}", w[0], w[1]);
+            assert!(w[0].1 < w[1].1, "token went backwards on {key}: {:?} then {:?}", w[0], w[1]);
         }
     }
     for key in &keys {
