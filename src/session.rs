@@ -21,6 +21,7 @@ use clastor_protocol::{LockMode, LostReason};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
@@ -138,6 +139,8 @@ pub(crate) struct SessionShared<B: Backend> {
     engine: Arc<EngineInner<B>>,
     state: Mutex<State<B::Guard>>,
     events: mpsc::UnboundedSender<LostEvent>,
+    /// Cancelled by `close`, to withdraw acquires still waiting.
+    closing: CancellationToken,
 }
 
 impl<B: Backend> std::fmt::Debug for SessionShared<B> {
@@ -190,6 +193,7 @@ impl<B: Backend> Session<B> {
             engine: engine.clone(),
             state: Mutex::new(State { held: HashMap::new(), pending: HashMap::new(), closed: false }),
             events: tx,
+            closing: CancellationToken::new(),
         });
         engine.sessions.insert(id, Arc::downgrade(&shared));
         debug!(session = id, label = %shared.label, "session opened");
@@ -247,7 +251,11 @@ impl<B: Backend> Session<B> {
         }
         let mut pending = PendingGuard { shared: s, key, grant_id, armed: true };
         let req = AcquireRequest { key, wait: opts.wait, mode: opts.mode, owner: s.id, on_lost: self.notifier(key, grant_id) };
-        let grant = s.engine.backend.acquire(req).await;
+        // Dropping the backend's future on close withdraws the wait.
+        let grant = tokio::select! {
+            grant = s.engine.backend.acquire(req) => grant,
+            () = s.closing.cancelled() => return Err(LockError::SessionClosed),
+        };
         pending.armed = false;
         let mut st = s.lock();
         let lost = st.pending.remove(key).and_then(|p| p.lost);
@@ -331,9 +339,8 @@ impl<B: Backend> Session<B> {
         self.shared.held_len()
     }
 
-    /// Closes the session: refuses new acquires and releases everything held.
-    /// Pending acquires complete as [`LockError::SessionClosed`] (their grants
-    /// released) unless their futures are dropped first.
+    /// Closes the session: refuses new acquires, withdraws waiting ones (they
+    /// fail with [`LockError::SessionClosed`]) and releases everything held.
     pub async fn close(&self) {
         self.shared.close().await;
     }
@@ -483,6 +490,7 @@ impl<B: Backend> SessionShared<B> {
             st.closed = true;
             std::mem::take(&mut st.held)
         };
+        self.closing.cancel();
         self.engine.sessions.remove(&self.id);
         if !held.is_empty() {
             debug!(session = self.id, locks = held.len(), "releasing on close");
