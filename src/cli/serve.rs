@@ -141,8 +141,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn zookeeper(_args: &ServeArgs) -> anyhow::Result<MemoryBackend> {
-    anyhow::bail!("TEMP: zookeeper backend wiring pending")
+async fn zookeeper(args: &ServeArgs) -> anyhow::Result<clastor::backend::zookeeper::ZooKeeperBackend> {
+    use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+    let hosts = args.zk.clone().context("--backend zookeeper needs --zk HOST:PORT[,HOST:PORT...] (or CLASTOR_ZK)")?;
+    let config = ZkConfig {
+        hosts: hosts.clone(),
+        root: args.zk_root.clone(),
+        provider: args.provider.clone(),
+        sessions: args.zk_sessions.max(1),
+        session_timeout: args.zk_session_timeout,
+    };
+    info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
+    ZooKeeperBackend::connect(config).await.with_context(|| format!("cannot use ZooKeeper at {hosts}"))
 }
 
 async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {

@@ -77,12 +77,14 @@ pub(super) async fn run<B: Backend>(
                 c.say_goodbye_on_shutdown();
                 Flow::Close
             }
-            Some(ev) = lost.recv() => {
-                c.push_lost(&ev);
-                Flow::Continue
-            }
+            // Finished requests before events: a grant's reply always goes
+            // out before a LOCK_LOST of that grant.
             Some(resp) = c.inflight.next(), if !c.inflight.is_empty() => {
                 resp.encode(c.framed.write_buffer_mut());
+                Flow::Continue
+            }
+            Some(ev) = lost.recv() => {
+                c.push_lost(&ev);
                 Flow::Continue
             }
             frame = c.framed.next(), if can_read => c.on_read(frame),
@@ -121,6 +123,11 @@ impl<B: Backend> Conn<B> {
     /// Encodes whatever else is ready without waiting: finished requests,
     /// pending events and frames already buffered.
     fn drain_ready(&mut self, lost: &mut LostEvents) -> Flow {
+        // Replies first, then events (see the select loop), then new frames,
+        // whose grants' events can only come in a later round.
+        while let Some(Some(resp)) = self.inflight.next().now_or_never() {
+            resp.encode(self.framed.write_buffer_mut());
+        }
         while let Some(ev) = lost.try_recv() {
             self.push_lost(&ev);
         }
@@ -136,9 +143,6 @@ impl<B: Backend> Conn<B> {
                 }
                 None => break,
             }
-        }
-        while let Some(Some(resp)) = self.inflight.next().now_or_never() {
-            resp.encode(self.framed.write_buffer_mut());
         }
         Flow::Continue
     }
@@ -239,7 +243,8 @@ impl<B: Backend> Conn<B> {
                 let body = ResponseBody::Hello(HelloOk {
                     version: PROTOCOL_VERSION,
                     connection_id: self.ctx.session.id(),
-                    max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
+                    // What the codec enforces, after clamping.
+                    max_frame_len: u32::try_from(self.framed.codec().max_frame_len()).unwrap_or(u32::MAX),
                     max_in_flight: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
                     server: self.shared.server_name(),
                 });

@@ -63,7 +63,7 @@ pub(super) async fn run<B: Backend>(
                 let _ = send(&mut framed, shared, out).await;
                 break;
             }
-            Some(ev) = lost.recv() => Some(lost_line(&ev)),
+            // Replies before events: a grant's reply precedes its `!LOST`.
             Some(reply) = inflight.next(), if !inflight.is_empty() => match reply {
                 Reply::Text(t) => Some(t),
                 Reply::Bye => {
@@ -71,6 +71,7 @@ pub(super) async fn run<B: Backend>(
                     break;
                 }
             },
+            Some(ev) = lost.recv() => Some(lost_line(&ev)),
             line = framed.next(), if can_read => {
                 last_activity = Instant::now();
                 match line {

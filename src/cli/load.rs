@@ -1,0 +1,374 @@
+//! `clastor load`: a load harness. Runs closed-loop clients for a fixed time
+//! and reports throughput and latency percentiles of each operation next to
+//! floors measured in the same run on the same machine: a loopback TCP echo
+//! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
+//! pairs issued directly with zookeeper-client over as many sessions as the
+//! server uses.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use clastor::backend::Backend;
+use clastor::backend::memory::MemoryBackend;
+use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::server::{self, ServerConfig, ServerHandle};
+use clastor::{Engine, EngineConfig};
+use clastor_client::Client;
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Which operations to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    /// `PING` round trips.
+    Ping,
+    /// Acquire then release of a lock, as one sample.
+    AcquireRelease,
+    /// Both.
+    All,
+}
+
+/// How clients pick their keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Keys {
+    /// Each client its own key: no contention (measures the service path).
+    Distinct,
+    /// All clients one key: full contention (measures hand-over).
+    Shared,
+}
+
+/// Measure throughput and latency against a floor from the same run.
+#[derive(Debug, Args)]
+#[command(long_about = "Measure throughput and latency (p50/p90/p99) against floors measured in \
+the same run: a loopback TCP echo of the same frame sizes, and with --zk raw ZooKeeper \
+create+delete pairs over the same number of sessions.\n\n\
+Without --server, an in-process server is started on 127.0.0.1 (memory backend, or ZooKeeper \
+with --zk). Each client is its own connection and keeps one request outstanding (closed loop).\n\n\
+Examples:\n  clastor load                                 # in-memory server, 1 client\n  \
+clastor load --clients 64 --duration 10s\n  clastor load --zk 127.0.0.1:2181 --clients 64     # ZooKeeper backend vs raw ZooKeeper\n  \
+clastor load --server 10.0.0.5:7070 --op ping")]
+pub struct LoadArgs {
+    /// Server to load; without it, one is started in this process.
+    #[arg(long, value_name = "HOST:PORT")]
+    server: Option<String>,
+
+    /// ZooKeeper connect string: backend of the in-process server, and target of the raw floor.
+    #[arg(long, value_name = "HOST:PORT[,...]")]
+    zk: Option<String>,
+
+    /// ZooKeeper sessions (in-process server's pool and the raw floor alike).
+    #[arg(long, default_value_t = 4)]
+    zk_sessions: usize,
+
+    /// Concurrent clients, each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+
+    /// How long each measurement runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+
+    /// Unrecorded run before each measurement.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    warmup: Duration,
+
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Op::All)]
+    op: Op,
+
+    /// Key choice for acquire+release.
+    #[arg(long, value_enum, default_value_t = Keys::Distinct)]
+    keys: Keys,
+
+    /// Print one JSON object per result line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured scenario.
+struct Report {
+    name: String,
+    ops: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+    errors: u64,
+}
+
+impl Report {
+    fn print(&self, json: bool) {
+        let q = |p: f64| self.hist.value_at_quantile(p);
+        let rate = self.ops as f64 / self.elapsed.as_secs_f64();
+        if json {
+            let v = serde_json::json!({
+                "name": self.name, "ops": self.ops, "ops_per_s": rate.round(), "errors": self.errors,
+                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "max_us": self.hist.max(),
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{:<42} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                self.name,
+                rate,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                self.hist.max(),
+                self.errors
+            );
+        }
+    }
+}
+
+/// Runs `clastor load`.
+pub fn run(args: LoadArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("clastor load: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(load(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clastor load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
+        (Some(addr), _) => (addr.clone(), None),
+        (None, None) => start(MemoryBackend::new()).await?,
+        (None, Some(zk)) => {
+            let cfg = ZkConfig { hosts: zk.clone(), sessions: args.zk_sessions.max(1), ..ZkConfig::default() };
+            let backend = ZooKeeperBackend::connect(cfg).await.with_context(|| format!("ZooKeeper at {zk}"))?;
+            start(backend).await?
+        }
+    };
+    if !args.json {
+        println!(
+            "clastor load: {} client(s), {:?} per measurement, server {addr}{}",
+            args.clients,
+            args.duration,
+            if local.is_some() { " (in-process)" } else { "" }
+        );
+        println!(
+            "{:<42} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "operation", "ops/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "errors"
+        );
+    }
+    // Echo of the PING frame sizes: 12 bytes out, 14 back.
+    echo_floor(&args).await?.print(args.json);
+    let clients = connect_all(&addr, args.clients).await?;
+    if matches!(args.op, Op::Ping | Op::All) {
+        let c = clients.clone();
+        measure(&args, "clastor PING", op_fn(move |i| {
+            let c = c[i].clone();
+            async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
+        }))
+        .await
+        .print(args.json);
+    }
+    if matches!(args.op, Op::AcquireRelease | Op::All) {
+        let shared = args.keys == Keys::Shared;
+        let name = format!("clastor acquire+release ({})", if shared { "1 key" } else { "distinct keys" });
+        let c = clients.clone();
+        measure(&args, &name, op_fn(move |i| {
+            let c = c[i].clone();
+            let id = if shared { "shared".to_owned() } else { format!("k{i}") };
+            async move {
+                let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
+                match guard {
+                    Some(g) => g.release().await.map_err(anyhow::Error::from),
+                    None => bail!("not granted within 30 s"),
+                }
+            }
+        }))
+        .await
+        .print(args.json);
+    }
+    if let Some(zk) = &args.zk {
+        zk_floor(&args, zk).await?.print(args.json);
+    }
+    drop(clients);
+    if let Some(server) = local {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>)> {
+    let config = ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..ServerConfig::default() };
+    let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config).await?;
+    Ok((handle.local_addr().to_string(), Some(handle)))
+}
+
+async fn connect_all(addr: &str, n: usize) -> anyhow::Result<Arc<Vec<Client>>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(Client::builder(addr).client_name("clastor-load").connect().await.with_context(|| format!("connect to {addr}"))?);
+    }
+    Ok(Arc::new(clients))
+}
+
+/// One operation of client `i`, as a future.
+type OpFn = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> + Send + Sync>;
+
+fn op_fn<F, Fut>(f: F) -> OpFn
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    Arc::new(move |i| Box::pin(f(i)))
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs .. 100 s at 3 significant digits; the bounds are constants.
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Runs `op` in a closed loop on every client: a warm-up, then
+/// `args.duration` of recorded samples.
+async fn measure(args: &LoadArgs, name: &str, op: OpFn) -> Report {
+    phase(args.clients, args.warmup, op.clone()).await;
+    let started = Instant::now();
+    let results = phase(args.clients, args.duration, op).await;
+    let mut report = Report { name: name.to_owned(), ops: 0, elapsed: started.elapsed(), hist: new_hist(), errors: 0 };
+    for (hist, errors) in results {
+        report.ops += hist.len();
+        let _ = report.hist.add(&hist);
+        report.errors += errors;
+    }
+    report
+}
+
+async fn phase(clients: usize, length: Duration, op: OpFn) -> Vec<(Histogram<u64>, u64)> {
+    let deadline = Instant::now() + length;
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let (mut hist, mut errors) = (new_hist(), 0u64);
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    match op(i).await {
+                        Ok(()) => {
+                            let _ = hist.record(micros(t0.elapsed()));
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (hist, errors)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(clients);
+    for t in tasks {
+        if let Ok(r) = t.await {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Bytes of a `PING` request frame and of its response.
+const PING_FRAME: usize = 12;
+const PONG_FRAME: usize = 14;
+
+/// Loopback TCP echo with the `PING` frame sizes: the floor for one round trip.
+async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut req, resp) = ([0u8; PING_FRAME], [0u8; PONG_FRAME]);
+                while s.read_exact(&mut req).await.is_ok() {
+                    if s.write_all(&resp).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut conns = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        conns.push(tokio::sync::Mutex::new(s));
+    }
+    let conns = Arc::new(conns);
+    let report = measure(
+        args,
+        "floor: loopback TCP echo",
+        op_fn(move |i| {
+            let conns = conns.clone();
+            async move {
+                let mut s = conns[i].lock().await;
+                s.write_all(&[0u8; PING_FRAME]).await?;
+                let mut resp = [0u8; PONG_FRAME];
+                s.read_exact(&mut resp).await?;
+                Ok(())
+            }
+        }),
+    )
+    .await;
+    server.abort();
+    Ok(report)
+}
+
+/// Raw ZooKeeper `create` (ephemeral) + `delete` pairs with zookeeper-client,
+/// one path per client, over `--zk-sessions` sessions: the floor for a lock
+/// and unlock through ZooKeeper.
+async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+    use zookeeper_client::{Acls, CreateMode, Error as ZkError};
+    let mut sessions = Vec::new();
+    for _ in 0..args.zk_sessions.max(1) {
+        let client = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(hosts)
+            .await
+            .with_context(|| format!("raw ZooKeeper session to {hosts}"))?;
+        sessions.push(client);
+    }
+    let root = "/clastor-load-floor";
+    match sessions[0].create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
+        Ok(_) | Err(ZkError::NodeExists) => {}
+        Err(e) => bail!("create {root}: {e}"),
+    }
+    let sessions = Arc::new(sessions);
+    let run = std::process::id();
+    let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
+    Ok(measure(
+        args,
+        &name,
+        op_fn(move |i| {
+            let sessions = sessions.clone();
+            async move {
+                let client = &sessions[i % sessions.len()];
+                let path = format!("{root}/p{run}-c{i}");
+                client.create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all())).await?;
+                client.delete(&path, None).await?;
+                Ok(())
+            }
+        }),
+    )
+    .await)
+}
