@@ -11,7 +11,7 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::header::Header;
 use crate::message::{Event, Request, Response};
-use crate::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
+use crate::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
 
 /// A fatal framing error: the byte stream can no longer be trusted.
 #[derive(Debug, Error)]
@@ -53,6 +53,9 @@ pub struct Frame {
 pub struct ClastorCodec {
     inner: LengthDelimitedCodec,
     max_frame_len: usize,
+    /// The inner codec has consumed a length prefix whose frame is not complete
+    /// yet, so the buffer now starts with header or body bytes, not a length.
+    in_frame: bool,
 }
 
 impl ClastorCodec {
@@ -65,7 +68,7 @@ impl ClastorCodec {
             .length_field_length(4)
             .max_frame_length(max_frame_len)
             .new_codec();
-        ClastorCodec { inner, max_frame_len }
+        ClastorCodec { inner, max_frame_len, in_frame: false }
     }
 
     /// The limit this codec enforces.
@@ -85,17 +88,26 @@ impl Decoder for ClastorCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        // Check the announced length ourselves so the error names it.
-        if src.len() >= 4 {
+        // Check the announced length ourselves so the error names it. Only at a
+        // frame boundary: once the inner codec has taken the prefix of a frame
+        // still arriving, the buffer starts with that frame's header instead.
+        if !self.in_frame && src.len() >= LENGTH_PREFIX_LEN {
             let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
             if len > self.max_frame_len {
                 return Err(FrameError::TooLarge { len, max: self.max_frame_len });
             }
         }
+        let before = src.len();
         // The length was checked above, so the inner codec can only fail on I/O.
         let Some(mut frame) = self.inner.decode(src)? else {
+            // The inner codec consumes the prefix as soon as it is complete,
+            // before the rest of the frame has arrived.
+            if src.len() < before {
+                self.in_frame = true;
+            }
             return Ok(None);
         };
+        self.in_frame = false;
         let len = frame.len();
         let Some(header) = Header::read(&mut frame) else {
             return Err(FrameError::TooShort(len));

@@ -16,6 +16,10 @@
 //!   by the frame limit, never by a length field read off the wire.
 
 mod codec;
+#[cfg(test)]
+mod codec_tests;
+#[cfg(test)]
+mod golden;
 mod header;
 mod message;
 pub mod name;

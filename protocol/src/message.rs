@@ -439,12 +439,13 @@ impl ResponseBody {
             ResponseBody::Held(list) => {
                 2 + list
                     .iter()
+                    .take(usize::from(u16::MAX))
                     .map(|h| string_len(&h.kind) + string_len(&h.id) + 8 + string_len(&h.version) + 4 + 8)
                     .sum::<usize>()
             }
             ResponseBody::Version(v) => string_len(&v.version) + 1,
             ResponseBody::Info(pairs) => {
-                2 + pairs.iter().map(|(k, v)| string_len(k) + string_len(v)).sum::<usize>()
+                2 + pairs.iter().take(usize::from(u16::MAX)).map(|(k, v)| string_len(k) + string_len(v)).sum::<usize>()
             }
         }
     }
@@ -518,8 +519,8 @@ impl ResponseBody {
             },
             Opcode::Renew => ResponseBody::Renewed { token: r.u64("token")?, lease_ms: r.u32("lease_ms")? },
             Opcode::Held => {
-                // Smallest entry: four empty strings (8) + token, lease, connection (20).
-                let n = r.count("count", 28)?;
+                // Smallest entry: three empty strings (6) + token, lease, connection (20).
+                let n = r.count("count", 26)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
                     list.push(HeldLock {

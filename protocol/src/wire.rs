@@ -72,9 +72,10 @@ impl Reader {
     }
 }
 
-/// Encoded size of a string field.
+/// Encoded size of a string field, as [`put_string`] writes it (truncated to
+/// `u16::MAX` bytes), so the length prefix always matches the bytes written.
 pub(crate) fn string_len(s: &str) -> usize {
-    2 + s.len()
+    2 + truncate(s, usize::from(u16::MAX)).len()
 }
 
 /// Writes a string field. Strings longer than `u16::MAX` are truncated at a

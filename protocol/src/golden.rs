@@ -1,0 +1,911 @@
+//! Golden bytes for every message, and the check that keeps the examples in
+//! `PROTOCOL.md` identical to what this crate writes.
+//!
+//! Each binary example pins one message three ways:
+//! 1. the literal bytes below: an encoder change fails here first;
+//! 2. decoding those bytes gives the message back;
+//! 3. `PROTOCOL.md` holds the same bytes as an annotated dump. The field notes
+//!    in the dump come from [`annotate`], a second, deliberately naive reader
+//!    written from the spec's tables rather than from the decoder, so the doc,
+//!    the encoder and the decoder are checked against each other.
+//!
+//! The text-mode sample sessions in `PROTOCOL.md` are generated the same way,
+//! from [`crate::text`]'s parser and formatters.
+//!
+//! After an intended change to the wire format or the text form, run
+//! `CLASTOR_BLESS=1 cargo test -p clastor-protocol golden` to rewrite the
+//! blocks in `PROTOCOL.md`, then review the diff (and update the literals
+//! here by hand: they are the independent record).
+
+use std::fmt::Write as _;
+
+use bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+use crate::text::{self, Command};
+use crate::{
+    Acquire, AcquireOk, ClastorCodec, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode,
+    LockMode, LostReason, Opcode, Request, Response, ResponseBody, Status, VersionInfo,
+};
+
+/// Any message, with what its encoder needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Msg {
+    Request { request_id: u32, request: Request },
+    Response(Response),
+    Event(Event),
+}
+
+impl Msg {
+    pub(crate) fn encode(&self) -> BytesMut {
+        let mut buf = BytesMut::new();
+        match self {
+            Msg::Request {
+                request_id,
+                request,
+            } => request.encode(*request_id, &mut buf),
+            Msg::Response(r) => r.encode(&mut buf),
+            Msg::Event(e) => e.encode(&mut buf),
+        }
+        buf
+    }
+
+    /// Decodes exactly one whole frame the way a peer would: the codec, then
+    /// the body decoder the header's flags call for.
+    pub(crate) fn decode(bytes: &[u8]) -> Msg {
+        let mut buf = BytesMut::from(bytes);
+        let frame = ClastorCodec::default()
+            .decode(&mut buf)
+            .expect("frame error")
+            .expect("incomplete frame");
+        assert!(buf.is_empty(), "{} bytes after the frame", buf.len());
+        let header = frame.header;
+        match header.flags {
+            Flags::REQUEST => Msg::Request {
+                request_id: header.request_id,
+                request: Request::decode(&header, frame.body).expect("request body"),
+            },
+            Flags::RESPONSE => {
+                Msg::Response(Response::decode(&header, frame.body).expect("response body"))
+            }
+            Flags::EVENT => Msg::Event(Event::decode(&header, frame.body).expect("event body")),
+            other => panic!("unexpected flags {other:?}"),
+        }
+    }
+}
+
+/// One named example: the message and its exact encoding.
+#[derive(Debug)]
+pub(crate) struct Example {
+    /// Also the marker in PROTOCOL.md: `<!-- golden: NAME -->`.
+    pub(crate) name: &'static str,
+    pub(crate) msg: Msg,
+    /// Hex digits; whitespace is ignored.
+    pub(crate) golden: &'static str,
+}
+
+const SERVER: &str = "clastor 0.1.0 (memory)";
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+fn req(request_id: u32, request: Request) -> Msg {
+    Msg::Request {
+        request_id,
+        request,
+    }
+}
+
+fn ok(request_id: u32, body: ResponseBody) -> Msg {
+    Msg::Response(Response::ok(request_id, body))
+}
+
+/// Every message type, with realistic values. Request ids pair each response
+/// with its request.
+pub(crate) fn examples() -> Vec<Example> {
+    vec![
+        Example {
+            name: "request/hello",
+            msg: req(
+                1,
+                Request::Hello(Hello {
+                    min_version: 1,
+                    max_version: 1,
+                    client_name: s("app-7"),
+                }),
+            ),
+            golden: "00000011 01 01 0000 00000001  01 01 0005 6170702d37",
+        },
+        Example {
+            name: "request/ping",
+            msg: req(2, Request::Ping),
+            golden: "00000008 01 02 0000 00000002",
+        },
+        Example {
+            name: "request/acquire",
+            msg: req(
+                3,
+                Request::Acquire(Acquire {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    wait_ms: 5000,
+                    lease_ms: 30000,
+                    mode: LockMode::Exclusive,
+                }),
+            ),
+            golden: "00000024 01 10 0000 00000003
+                     000b 7472616e73616374696f6e 0004 74782d31 00001388 00007530 00",
+        },
+        Example {
+            name: "request/release",
+            msg: req(
+                4,
+                Request::Release {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                },
+            ),
+            golden: "0000001b 01 11 0000 00000004
+                     000b 7472616e73616374696f6e 0004 74782d31",
+        },
+        Example {
+            name: "request/renew",
+            msg: req(
+                5,
+                Request::Renew {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    lease_ms: 30000,
+                },
+            ),
+            golden: "0000001f 01 12 0000 00000005
+                     000b 7472616e73616374696f6e 0004 74782d31 00007530",
+        },
+        Example {
+            name: "request/held",
+            msg: req(
+                6,
+                Request::Held {
+                    scope: HeldScope::Connection,
+                },
+            ),
+            golden: "00000009 01 13 0000 00000006  00",
+        },
+        Example {
+            name: "request/version",
+            msg: req(
+                7,
+                Request::Version {
+                    kind: s("transaction"),
+                },
+            ),
+            golden: "00000015 01 14 0000 00000007  000b 7472616e73616374696f6e",
+        },
+        Example {
+            name: "request/info",
+            msg: req(8, Request::Info),
+            golden: "00000008 01 15 0000 00000008",
+        },
+        Example {
+            name: "response/hello",
+            msg: ok(
+                1,
+                ResponseBody::Hello(HelloOk {
+                    version: 1,
+                    connection_id: 42,
+                    max_frame_len: 65536,
+                    max_in_flight: 512,
+                    server: s(SERVER),
+                }),
+            ),
+            golden: "00000033 01 01 0001 00000001
+                     0000 01 000000000000002a 00010000 00000200
+                     0016 636c6173746f7220302e312e3020286d656d6f727929",
+        },
+        Example {
+            name: "response/ping",
+            msg: ok(2, ResponseBody::Pong),
+            golden: "0000000a 01 02 0001 00000002  0000",
+        },
+        Example {
+            name: "response/acquire",
+            msg: ok(
+                3,
+                ResponseBody::Acquired(AcquireOk {
+                    token: 1234,
+                    lease_ms: 30000,
+                    version: s("v1"),
+                }),
+            ),
+            golden: "0000001a 01 10 0001 00000003  0000 00000000000004d2 00007530 0002 7631",
+        },
+        Example {
+            name: "response/release",
+            msg: ok(4, ResponseBody::Released { released: true }),
+            golden: "0000000b 01 11 0001 00000004  0000 01",
+        },
+        Example {
+            name: "response/renew",
+            msg: ok(
+                5,
+                ResponseBody::Renewed {
+                    token: 1234,
+                    lease_ms: 30000,
+                },
+            ),
+            golden: "00000016 01 12 0001 00000005  0000 00000000000004d2 00007530",
+        },
+        Example {
+            name: "response/held",
+            msg: ok(
+                6,
+                ResponseBody::Held(vec![HeldLock {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    token: 1234,
+                    version: s("v1"),
+                    lease_remaining_ms: 29500,
+                    connection_id: 42,
+                }]),
+            ),
+            golden: "00000037 01 13 0001 00000006
+                     0000 0001
+                     000b 7472616e73616374696f6e 0004 74782d31 00000000000004d2
+                     0002 7631 0000733c 000000000000002a",
+        },
+        Example {
+            name: "response/version",
+            msg: ok(
+                7,
+                ResponseBody::Version(VersionInfo {
+                    version: s("v1"),
+                    mode: KindMode::Normal,
+                }),
+            ),
+            golden: "0000000f 01 14 0001 00000007  0000 0002 7631 00",
+        },
+        Example {
+            name: "response/info",
+            msg: ok(
+                8,
+                ResponseBody::Info(vec![(s("backend"), s("memory")), (s("locks_held"), s("1"))]),
+            ),
+            golden: "0000002c 01 15 0001 00000008
+                     0000 0002
+                     0007 6261636b656e64 0006 6d656d6f7279
+                     000a 6c6f636b735f68656c64 0001 31",
+        },
+        Example {
+            name: "response/error-timeout",
+            msg: Msg::Response(Response::error(
+                9,
+                Opcode::Acquire as u8,
+                Status::Timeout,
+                "not acquired within 5000 ms",
+            )),
+            golden: "00000027 01 10 0001 00000009
+                     0001 001b 6e6f742061637175697265642077697468696e2035303030206d73",
+        },
+        Example {
+            name: "response/error-unknown-opcode",
+            msg: Msg::Response(Response::error(
+                10,
+                0x7f,
+                Status::UnknownOpcode,
+                "unknown opcode 0x7f",
+            )),
+            golden: "0000001f 01 7f 0001 0000000a
+                     0066 0013 756e6b6e6f776e206f70636f64652030783766",
+        },
+        Example {
+            name: "event/lock-lost",
+            msg: Msg::Event(Event::LockLost {
+                kind: s("transaction"),
+                id: s("tx-1"),
+                token: 1234,
+                reason: LostReason::LeaseExpired,
+            }),
+            golden: "00000024 01 80 0002 00000000
+                     000b 7472616e73616374696f6e 0004 74782d31 00000000000004d2 01",
+        },
+        Example {
+            name: "event/closing",
+            msg: Msg::Event(Event::Closing {
+                status: Status::ShuttingDown,
+                message: s("server shutting down"),
+            }),
+            golden: "00000020 01 81 0002 00000000
+                     00c9 0014 736572766572207368757474696e6720646f776e",
+        },
+    ]
+}
+
+/// Parses hex digits, ignoring whitespace.
+pub(crate) fn hex(s: &str) -> Vec<u8> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    assert!(
+        digits.len().is_multiple_of(2),
+        "odd number of hex digits in {s:?}"
+    );
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let pair = std::str::from_utf8(pair).expect("ascii");
+            u8::from_str_radix(pair, 16).unwrap_or_else(|_| panic!("bad hex {pair:?}"))
+        })
+        .collect()
+}
+
+fn hex_line(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Bytes per dump line; a longer field continues on the next lines.
+const DUMP_WIDTH: usize = 8;
+
+/// A naive field-by-field reader that writes one dump line per field. It
+/// follows PROTOCOL.md's tables, not `message.rs`, and panics on anything
+/// unexpected: it only ever reads the examples above.
+struct Walker<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    out: String,
+}
+
+impl Walker<'_> {
+    fn take(&mut self, n: usize, note: &str) -> &[u8] {
+        let field = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        for (i, chunk) in field.chunks(DUMP_WIDTH).enumerate() {
+            if i == 0 {
+                let _ = writeln!(
+                    self.out,
+                    "{:<width$}  # {note}",
+                    hex_line(chunk),
+                    width = DUMP_WIDTH * 3 - 1
+                );
+            } else {
+                let _ = writeln!(self.out, "{}", hex_line(chunk));
+            }
+        }
+        field
+    }
+
+    fn note(&mut self, note: &str) {
+        let _ = writeln!(
+            self.out,
+            "{:<width$}  # {note}",
+            "",
+            width = DUMP_WIDTH * 3 - 1
+        );
+    }
+
+    fn uint(&mut self, n: usize, name: &str, describe: impl Fn(u64) -> String) -> u64 {
+        let peek = self.bytes[self.pos..self.pos + n]
+            .iter()
+            .fold(0u64, |acc, b| acc << 8 | u64::from(*b));
+        self.take(n, &format!("{name} = {}", describe(peek)));
+        peek
+    }
+
+    fn u8(&mut self, name: &str) -> u64 {
+        self.uint(1, name, |v| v.to_string())
+    }
+
+    fn u16(&mut self, name: &str) -> u64 {
+        self.uint(2, name, |v| v.to_string())
+    }
+
+    fn u32(&mut self, name: &str) -> u64 {
+        self.uint(4, name, |v| v.to_string())
+    }
+
+    fn u64(&mut self, name: &str) -> u64 {
+        self.uint(8, name, |v| v.to_string())
+    }
+
+    fn enum8(&mut self, name: &str, names: &[&str]) -> u64 {
+        self.uint(1, name, |v| {
+            format!("{v} ({})", names.get(v as usize).copied().unwrap_or("?"))
+        })
+    }
+
+    fn status(&mut self, name: &str) -> u64 {
+        self.uint(2, name, |v| {
+            let status = u16::try_from(v).ok().and_then(|v| Status::try_from(v).ok());
+            format!("{v} ({})", status.map_or("?", Status::name))
+        })
+    }
+
+    fn string(&mut self, name: &str) {
+        let len = self.bytes[self.pos..self.pos + 2]
+            .iter()
+            .fold(0usize, |acc, b| acc << 8 | usize::from(*b));
+        self.take(2, &format!("{name}: length {len}"));
+        if len > 0 {
+            let text = std::str::from_utf8(&self.bytes[self.pos..self.pos + len]).expect("utf-8");
+            self.take(len, &format!("{name} = {text:?}"));
+        }
+    }
+}
+
+/// Renders a frame as the annotated dump used in PROTOCOL.md.
+pub(crate) fn annotate(bytes: &[u8]) -> String {
+    let mut w = Walker {
+        bytes,
+        pos: 0,
+        out: String::new(),
+    };
+    let len = w.uint(4, "length", |v| {
+        format!("{v} (8-byte header + {}-byte body)", v - 8)
+    });
+    assert_eq!(len as usize, bytes.len() - 4, "length prefix");
+    w.u8("version");
+    let opcode = w.uint(1, "opcode", |v| {
+        let op = u8::try_from(v).ok().and_then(|v| Opcode::try_from(v).ok());
+        format!("0x{v:02x} ({})", op.map_or("not an opcode", Opcode::name))
+    });
+    let flags = w.uint(2, "flags", |v| {
+        let what = match v {
+            0 => "request",
+            1 => "response",
+            2 => "event",
+            _ => "?",
+        };
+        format!("0x{v:04x} ({what})")
+    });
+    w.uint(4, "request_id", |v| {
+        if v == 0 {
+            "0 (event)".to_owned()
+        } else {
+            v.to_string()
+        }
+    });
+    let body_start = w.pos;
+    match (flags, opcode) {
+        // Requests.
+        (0, 0x01) => {
+            w.u8("min_version");
+            w.u8("max_version");
+            w.string("client_name");
+        }
+        (0, 0x02 | 0x15) => {}
+        (0, 0x10) => {
+            w.string("kind");
+            w.string("id");
+            w.u32("wait_ms");
+            w.u32("lease_ms");
+            w.enum8("mode", &["exclusive", "shared"]);
+        }
+        (0, 0x11) => {
+            w.string("kind");
+            w.string("id");
+        }
+        (0, 0x12) => {
+            w.string("kind");
+            w.string("id");
+            w.u32("lease_ms");
+        }
+        (0, 0x13) => {
+            w.enum8("scope", &["connection", "server"]);
+        }
+        (0, 0x14) => w.string("kind"),
+        // Responses: a status, then the opcode's body on OK, else a message.
+        (1, _) => {
+            if w.status("status") != 0 {
+                w.string("message");
+            } else {
+                match opcode {
+                    0x01 => {
+                        w.u8("version");
+                        w.u64("connection_id");
+                        w.u32("max_frame_len");
+                        w.u32("max_in_flight");
+                        w.string("server");
+                    }
+                    0x02 => {}
+                    0x10 => {
+                        w.u64("token");
+                        w.u32("lease_ms");
+                        w.string("version");
+                    }
+                    0x11 => {
+                        w.enum8("released", &["false", "true"]);
+                    }
+                    0x12 => {
+                        w.u64("token");
+                        w.u32("lease_ms");
+                    }
+                    0x13 => {
+                        let n = w.u16("count");
+                        for i in 0..n {
+                            w.string(&format!("[{i}].kind"));
+                            w.string(&format!("[{i}].id"));
+                            w.u64(&format!("[{i}].token"));
+                            w.string(&format!("[{i}].version"));
+                            w.u32(&format!("[{i}].lease_remaining_ms"));
+                            w.u64(&format!("[{i}].connection_id"));
+                        }
+                    }
+                    0x14 => {
+                        w.string("version");
+                        w.enum8("mode", &["normal", "draining"]);
+                    }
+                    0x15 => {
+                        let n = w.u16("count");
+                        for i in 0..n {
+                            w.string(&format!("[{i}].name"));
+                            w.string(&format!("[{i}].value"));
+                        }
+                    }
+                    other => panic!("no OK body for opcode {other:#x}"),
+                }
+            }
+        }
+        // Events.
+        (2, 0x80) => {
+            w.string("kind");
+            w.string("id");
+            w.u64("token");
+            w.enum8(
+                "reason",
+                &[
+                    "unknown",
+                    "lease_expired",
+                    "session_expired",
+                    "backend_unreachable",
+                    "shutdown",
+                    "backend_error",
+                ],
+            );
+        }
+        (2, 0x81) => {
+            w.status("status");
+            w.string("message");
+        }
+        other => panic!("no layout for {other:?}"),
+    }
+    if w.pos == body_start {
+        w.note("(empty body)");
+    }
+    assert_eq!(w.pos, bytes.len(), "annotate did not read the whole frame");
+    w.out
+}
+
+/// A step of a text-mode session: what the client types and what the server
+/// answers, produced by the real parser and formatters.
+enum Step {
+    /// A command line and the response the server's engine produced for it.
+    Cmd(&'static str, Result<ResponseBody, (Status, &'static str)>),
+    /// A command line the parser itself answers (errors, HELP), or `QUIT`.
+    Local(&'static str),
+    /// A pushed event.
+    Event(Event),
+}
+
+fn transcript(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for step in steps {
+        match step {
+            Step::Cmd(line, result) => {
+                let Ok(Command::Request(request)) = text::parse(line) else {
+                    panic!("{line:?} is not a request");
+                };
+                let response = match result {
+                    Ok(body) => Response::ok(0, body.clone()),
+                    Err((status, message)) => {
+                        Response::error(0, request.opcode() as u8, *status, *message)
+                    }
+                };
+                let _ = writeln!(out, "{line}");
+                out.push_str(&text::format_response(&request, &response));
+            }
+            Step::Local(line) => {
+                let _ = writeln!(out, "{line}");
+                match text::parse(line) {
+                    Ok(Command::Help) => out.push_str(&text::format_help()),
+                    // The server's reply to QUIT, before it closes.
+                    Ok(Command::Quit) => out.push_str("+BYE\n"),
+                    Ok(Command::Empty) => {}
+                    Ok(Command::Request(_)) => panic!("{line:?} needs a response"),
+                    Err(e) => out.push_str(&text::format_parse_error(&e)),
+                }
+            }
+            Step::Event(ev) => out.push_str(&text::format_event(ev)),
+        }
+    }
+    out
+}
+
+fn acquired(token: u64, lease_ms: u32) -> Result<ResponseBody, (Status, &'static str)> {
+    Ok(ResponseBody::Acquired(AcquireOk {
+        token,
+        lease_ms,
+        version: s("v1"),
+    }))
+}
+
+/// The text-mode sample sessions of PROTOCOL.md, by marker name.
+fn text_sessions() -> Vec<(&'static str, String)> {
+    let session = [
+        Step::Cmd("PING", Ok(ResponseBody::Pong)),
+        Step::Cmd("ACQUIRE transaction tx-1", acquired(1234, 0)),
+        Step::Cmd(
+            "acquire transaction tx-1 5000",
+            Err((
+                Status::AlreadyHeld,
+                "transaction/tx-1 is already held or awaited by this session",
+            )),
+        ),
+        Step::Cmd("ACQUIRE transaction tx-2 0 2000", acquired(1235, 2000)),
+        Step::Cmd(
+            "HELD",
+            Ok(ResponseBody::Held(vec![
+                HeldLock {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    token: 1234,
+                    version: s("v1"),
+                    lease_remaining_ms: 0,
+                    connection_id: 7,
+                },
+                HeldLock {
+                    kind: s("transaction"),
+                    id: s("tx-2"),
+                    token: 1235,
+                    version: s("v1"),
+                    lease_remaining_ms: 1874,
+                    connection_id: 7,
+                },
+            ])),
+        ),
+        Step::Event(Event::LockLost {
+            kind: s("transaction"),
+            id: s("tx-2"),
+            token: 1235,
+            reason: LostReason::LeaseExpired,
+        }),
+        Step::Cmd(
+            "RENEW transaction tx-1 30000",
+            Ok(ResponseBody::Renewed {
+                token: 1234,
+                lease_ms: 30000,
+            }),
+        ),
+        Step::Cmd(
+            "RENEW transaction tx-2 30000",
+            Err((
+                Status::NotHeld,
+                "transaction/tx-2 is not held by this session",
+            )),
+        ),
+        Step::Cmd(
+            "ACQUIRE transaction tx-9",
+            Err((Status::Timeout, "held by another owner (tried once)")),
+        ),
+        Step::Cmd(
+            "ACQUIRE transaction tx-9 200",
+            Err((Status::Timeout, "not acquired within 200 ms")),
+        ),
+        Step::Cmd(
+            "RELEASE transaction tx-9",
+            Err((
+                Status::NotOwner,
+                "transaction/tx-9 is held by another owner",
+            )),
+        ),
+        Step::Cmd(
+            "ACQUIRE transaction a/b",
+            Err((
+                Status::InvalidName,
+                "id contains forbidden character '/' at byte 1",
+            )),
+        ),
+        Step::Local("ACQUIRE transaction tx-3 soon"),
+        Step::Local("FROB x"),
+        Step::Cmd(
+            "VERSION transaction",
+            Ok(ResponseBody::Version(VersionInfo {
+                version: s("v1"),
+                mode: KindMode::Normal,
+            })),
+        ),
+        Step::Cmd(
+            "INFO",
+            Ok(ResponseBody::Info(vec![
+                (s("server"), s(SERVER)),
+                (s("connections_open"), s("1")),
+                (s("backend"), s("memory")),
+                (s("locks_held"), s("1")),
+            ])),
+        ),
+        Step::Cmd(
+            "RELEASE transaction tx-1",
+            Ok(ResponseBody::Released { released: true }),
+        ),
+        Step::Cmd(
+            "RELEASE transaction tx-1",
+            Ok(ResponseBody::Released { released: false }),
+        ),
+        Step::Local("HELP"),
+        Step::Local("QUIT"),
+    ];
+    let shutdown = [
+        Step::Cmd("ACQUIRE transaction tx-1", acquired(1240, 0)),
+        Step::Event(Event::LockLost {
+            kind: s("transaction"),
+            id: s("tx-1"),
+            token: 1240,
+            reason: LostReason::Shutdown,
+        }),
+        Step::Event(Event::Closing {
+            status: Status::ShuttingDown,
+            message: s("server shutting down"),
+        }),
+    ];
+    vec![
+        ("session", transcript(&session)),
+        ("shutdown", transcript(&shutdown)),
+    ]
+}
+
+fn protocol_md_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("PROTOCOL.md")
+}
+
+/// The content of the fenced block right after `marker`, and where it sits.
+fn block_after(doc: &str, marker: &str) -> Option<(std::ops::Range<usize>, String)> {
+    let at = doc.find(marker)?;
+    let after = at + marker.len();
+    let open = doc[after..].find("```")? + after;
+    let content_start = doc[open..].find('\n')? + open + 1;
+    let close = doc[content_start..].find("```")? + content_start;
+    Some((content_start..close, doc[content_start..close].to_owned()))
+}
+
+/// The blocks PROTOCOL.md must carry: marker → expected content.
+fn expected_blocks() -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = examples()
+        .iter()
+        .map(|e| {
+            (
+                format!("<!-- golden: {} -->", e.name),
+                annotate(&e.msg.encode()),
+            )
+        })
+        .collect();
+    for (name, text) in text_sessions() {
+        blocks.push((format!("<!-- golden-text: {name} -->"), text));
+    }
+    blocks
+}
+
+/// Strips `#` comments and reads the remaining hex bytes of a dump.
+fn dump_bytes(block: &str) -> Vec<u8> {
+    let digits: String = block
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    hex(&digits)
+}
+
+#[test]
+fn every_message_encodes_to_its_golden_bytes() {
+    for e in examples() {
+        let got = e.msg.encode();
+        assert_eq!(
+            hex_line(&got),
+            hex_line(&hex(e.golden)),
+            "{}: encoding changed",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn golden_bytes_decode_to_their_message() {
+    for e in examples() {
+        assert_eq!(Msg::decode(&hex(e.golden)), e.msg, "{}", e.name);
+    }
+}
+
+#[test]
+fn examples_cover_every_opcode_in_both_directions() {
+    let examples = examples();
+    let frames: Vec<(u16, u8)> = examples
+        .iter()
+        .map(|e| {
+            let b = hex(e.golden);
+            (u16::from_be_bytes([b[6], b[7]]), b[5])
+        })
+        .collect();
+    for op in Opcode::ALL {
+        if op.is_event() {
+            assert!(
+                frames.contains(&(Flags::EVENT.0, op as u8)),
+                "no event example for {op}"
+            );
+        } else {
+            assert!(
+                frames.contains(&(Flags::REQUEST.0, op as u8)),
+                "no request example for {op}"
+            );
+            assert!(
+                frames.contains(&(Flags::RESPONSE.0, op as u8)),
+                "no response example for {op}"
+            );
+        }
+    }
+    assert!(
+        examples
+            .iter()
+            .any(|e| matches!(&e.msg, Msg::Response(r) if r.result.is_err())),
+        "no error response example"
+    );
+}
+
+/// PROTOCOL.md carries every example, byte for byte and note for note, and
+/// its dumps decode to the example messages.
+#[test]
+fn protocol_md_matches_the_code() {
+    let path = protocol_md_path();
+    let mut doc = std::fs::read_to_string(&path).expect("read PROTOCOL.md");
+    let bless = std::env::var_os("CLASTOR_BLESS").is_some();
+    let mut stale = Vec::new();
+    for (marker, want) in expected_blocks() {
+        let Some((range, got)) = block_after(&doc, &marker) else {
+            stale.push(format!(
+                "{marker} is missing; add it followed by a fenced block"
+            ));
+            continue;
+        };
+        assert_eq!(
+            doc.matches(&marker).count(),
+            1,
+            "{marker} appears more than once"
+        );
+        if got != want {
+            if bless {
+                doc.replace_range(range, &want);
+            } else {
+                stale.push(format!("{marker} is stale; it should read:\n{want}"));
+            }
+        }
+    }
+    if bless {
+        std::fs::write(&path, &doc).expect("write PROTOCOL.md");
+    }
+    assert!(
+        stale.is_empty(),
+        "PROTOCOL.md differs from the code (CLASTOR_BLESS=1 rewrites it):\n{}",
+        stale.join("\n")
+    );
+
+    // Independently of the notes: the bytes in each dump decode to the message.
+    for e in examples() {
+        let (_, block) =
+            block_after(&doc, &format!("<!-- golden: {} -->", e.name)).expect("checked above");
+        let bytes = dump_bytes(&block);
+        assert_eq!(
+            hex_line(&bytes),
+            hex_line(&hex(e.golden)),
+            "{}: dump bytes",
+            e.name
+        );
+        assert_eq!(Msg::decode(&bytes), e.msg, "{}: dump decodes", e.name);
+    }
+    // No marker in the doc names an example that no longer exists.
+    let known: Vec<String> = expected_blocks().into_iter().map(|(m, _)| m).collect();
+    for line in doc.lines().filter(|l| l.starts_with("<!-- golden")) {
+        assert!(
+            known.iter().any(|k| k == line.trim()),
+            "PROTOCOL.md has unknown marker {line}"
+        );
+    }
+}
