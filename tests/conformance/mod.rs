@@ -54,7 +54,10 @@ impl<B: Backend> Env<B> {
             if got == n {
                 return;
             }
-            assert!(Instant::now() < deadline, "{key}: expected {n} contenders, still {got} after {PATIENCE:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{key}: expected {n} contenders, still {got} after {PATIENCE:?}"
+            );
             tokio::time::sleep(POLL).await;
         }
     }
@@ -112,7 +115,9 @@ static KINDS: AtomicU64 = AtomicU64::new(0);
 /// A key no other case (or earlier run on the same store) uses.
 fn fresh_key(id: &str) -> LockKey {
     let n = KINDS.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     LockKey::new(&format!("conf{nanos}x{n}"), id).unwrap()
 }
 
@@ -121,13 +126,21 @@ fn wait(d: Duration) -> AcquireOptions {
 }
 
 async fn must_acquire<B: Backend>(s: &Session<B>, key: &LockKey) -> u64 {
-    s.acquire(key, wait(LONG)).await.unwrap().unwrap_or_else(|| panic!("{key} not granted within {LONG:?}")).token
+    s.acquire(key, wait(LONG))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{key} not granted within {LONG:?}"))
+        .token
 }
 
 async fn grant_carries_token_and_version<B: Backend>(env: Env<B>) {
     let key = fresh_key("tx-1");
     let (a, _) = env.session(0);
-    let g = a.acquire(&key, AcquireOptions::try_once()).await.unwrap().expect("a free lock is granted on first try");
+    let g = a
+        .acquire(&key, AcquireOptions::try_once())
+        .await
+        .unwrap()
+        .expect("a free lock is granted on first try");
     assert!(g.token > 0);
     assert!(!g.version.is_empty());
     assert_eq!(g.lease, None);
@@ -144,9 +157,16 @@ async fn try_once_on_held_lock_is_not_granted<B: Backend>(env: Env<B>) {
     let (a, _) = env.session(0);
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
-    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert_eq!(
+        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
+        None
+    );
     assert!(b.held().is_empty());
-    assert_eq!(env.contenders(&key).await, 1, "a failed try leaves nothing behind");
+    assert_eq!(
+        env.contenders(&key).await,
+        1,
+        "a failed try leaves nothing behind"
+    );
 }
 
 async fn wait_runs_out_after_the_timeout<B: Backend>(env: Env<B>) {
@@ -155,10 +175,21 @@ async fn wait_runs_out_after_the_timeout<B: Backend>(env: Env<B>) {
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
     let t0 = Instant::now();
-    assert_eq!(b.acquire(&key, wait(Duration::from_millis(200))).await.unwrap(), None);
+    assert_eq!(
+        b.acquire(&key, wait(Duration::from_millis(200)))
+            .await
+            .unwrap(),
+        None
+    );
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(200), "gave up early, after {took:?}");
-    assert!(took < Duration::from_secs(5), "gave up far too late, after {took:?}");
+    assert!(
+        took >= Duration::from_millis(200),
+        "gave up early, after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "gave up far too late, after {took:?}"
+    );
 }
 
 async fn release_hands_over_to_waiter_with_larger_token<B: Backend>(env: Env<B>) {
@@ -172,7 +203,12 @@ async fn release_hands_over_to_waiter_with_larger_token<B: Backend>(env: Env<B>)
     };
     env.await_contenders(&key, 2).await;
     assert!(a.release(&key).await.unwrap());
-    let tb = waiter.await.unwrap().unwrap().expect("waiter is granted on release").token;
+    let tb = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("waiter is granted on release")
+        .token;
     assert!(tb > ta, "token {tb} after {ta}");
     assert_eq!(b.held().len(), 1);
 }
@@ -203,8 +239,15 @@ async fn waiters_are_served_in_fifo_order<B: Backend>(env: Env<B>) {
         t.await.unwrap();
     }
     let ids: Vec<usize> = got.iter().map(|g| g.0).collect();
-    assert_eq!(ids, vec![0, 1, 2, 3], "waiters granted out of arrival order");
-    assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "tokens not increasing: {got:?}");
+    assert_eq!(
+        ids,
+        vec![0, 1, 2, 3],
+        "waiters granted out of arrival order"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens not increasing: {got:?}"
+    );
     env.await_contenders(&key, 0).await;
 }
 
@@ -214,13 +257,24 @@ async fn timed_out_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
     for _ in 0..3 {
-        assert_eq!(b.acquire(&key, wait(Duration::from_millis(50))).await.unwrap(), None);
+        assert_eq!(
+            b.acquire(&key, wait(Duration::from_millis(50)))
+                .await
+                .unwrap(),
+            None
+        );
     }
     env.await_contenders(&key, 1).await;
     assert!(a.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
     let (c, _) = env.session(2);
-    assert!(c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(), "no ghost waiter got the lock");
+    assert!(
+        c.acquire(&key, AcquireOptions::try_once())
+            .await
+            .unwrap()
+            .is_some(),
+        "no ghost waiter got the lock"
+    );
 }
 
 async fn cancelled_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
@@ -237,18 +291,30 @@ async fn cancelled_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
     assert!(waiter.await.unwrap_err().is_cancelled());
     env.await_contenders(&key, 1).await;
     // The cancelled session may acquire the same key again: its pending mark is gone.
-    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert_eq!(
+        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
+        None
+    );
     assert!(a.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
     let (c, _) = env.session(2);
-    assert!(c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(), "the lock went to a cancelled waiter");
+    assert!(
+        c.acquire(&key, AcquireOptions::try_once())
+            .await
+            .unwrap()
+            .is_some(),
+        "the lock went to a cancelled waiter"
+    );
     assert!(b.held().is_empty());
 }
 
 async fn release_is_idempotent_for_the_owner<B: Backend>(env: Env<B>) {
     let key = fresh_key("tx-1");
     let (a, _) = env.session(0);
-    assert!(!a.release(&key).await.unwrap(), "releasing a free lock is a no-op");
+    assert!(
+        !a.release(&key).await.unwrap(),
+        "releasing a free lock is a no-op"
+    );
     must_acquire(&a, &key).await;
     assert!(a.release(&key).await.unwrap());
     assert!(!a.release(&key).await.unwrap());
@@ -261,7 +327,10 @@ async fn release_by_another_owner_is_refused<B: Backend>(env: Env<B>) {
     let ta = must_acquire(&a, &key).await;
     assert!(matches!(b.release(&key).await, Err(LockError::NotOwner(_))));
     assert_eq!(a.held()[0].token, ta, "the owner still holds it");
-    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert_eq!(
+        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
+        None
+    );
 }
 
 async fn second_acquire_by_the_same_session_is_refused<B: Backend>(env: Env<B>) {
@@ -269,13 +338,19 @@ async fn second_acquire_by_the_same_session_is_refused<B: Backend>(env: Env<B>) 
     let (a, _) = env.session(0);
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
-    assert!(matches!(a.acquire(&key, AcquireOptions::try_once()).await, Err(LockError::AlreadyHeld(_))));
+    assert!(matches!(
+        a.acquire(&key, AcquireOptions::try_once()).await,
+        Err(LockError::AlreadyHeld(_))
+    ));
     let waiter = {
         let (b, key) = (b.clone(), key.clone());
         tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
     };
     env.await_contenders(&key, 2).await;
-    assert!(matches!(b.acquire(&key, AcquireOptions::try_once()).await, Err(LockError::AlreadyHeld(_))));
+    assert!(matches!(
+        b.acquire(&key, AcquireOptions::try_once()).await,
+        Err(LockError::AlreadyHeld(_))
+    ));
     assert!(a.release(&key).await.unwrap());
     assert!(waiter.await.unwrap().unwrap().is_some());
 }
@@ -295,13 +370,24 @@ async fn closing_a_session_releases_locks_and_withdraws_waits<B: Backend>(env: E
     // A connection going away: in-flight work is dropped, then the session closes.
     // Closing withdraws the wait still in flight.
     a.close().await;
-    assert!(matches!(waiter.await.unwrap(), Err(LockError::SessionClosed)));
+    assert!(matches!(
+        waiter.await.unwrap(),
+        Err(LockError::SessionClosed)
+    ));
     assert!(a.held().is_empty());
     env.await_contenders(&held, 0).await;
     env.await_contenders(&awaited, 1).await;
     let (b, _) = env.session(1);
-    assert!(b.acquire(&held, AcquireOptions::try_once()).await.unwrap().is_some());
-    assert!(matches!(a.acquire(&held, AcquireOptions::try_once()).await, Err(LockError::SessionClosed)));
+    assert!(
+        b.acquire(&held, AcquireOptions::try_once())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        a.acquire(&held, AcquireOptions::try_once()).await,
+        Err(LockError::SessionClosed)
+    ));
 }
 
 async fn dropping_a_session_releases_its_locks<B: Backend>(env: Env<B>) {
@@ -316,7 +402,12 @@ async fn dropping_a_session_releases_its_locks<B: Backend>(env: Env<B>) {
     env.await_contenders(&key, 2).await;
     drop(a);
     drop(events);
-    let tb = waiter.await.unwrap().unwrap().expect("granted after the holder vanished").token;
+    let tb = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("granted after the holder vanished")
+        .token;
     assert!(tb > ta);
 }
 
@@ -338,30 +429,58 @@ async fn lease_expiry_reports_lost_and_frees_the_lock<B: Backend>(env: Env<B>) {
     let (a, mut events) = env.session(0);
     let (b, _) = env.session(1);
     let t0 = Instant::now();
-    let g = a.acquire(&key, wait(LONG).with_lease(Duration::from_millis(200))).await.unwrap().unwrap();
+    let g = a
+        .acquire(&key, wait(LONG).with_lease(Duration::from_millis(200)))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(g.lease, Some(Duration::from_millis(200)));
     let waiter = {
         let (b, key) = (b.clone(), key.clone());
         tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
     };
-    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.expect("lost event in time").unwrap();
-    assert!(t0.elapsed() >= Duration::from_millis(200), "lease ran out early");
-    assert_eq!((ev.key.clone(), ev.token, ev.reason), (key.clone(), g.token, LostReason::LeaseExpired));
+    let ev = tokio::time::timeout(PATIENCE, events.recv())
+        .await
+        .expect("lost event in time")
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200),
+        "lease ran out early"
+    );
+    assert_eq!(
+        (ev.key.clone(), ev.token, ev.reason),
+        (key.clone(), g.token, LostReason::LeaseExpired)
+    );
     assert!(a.held().is_empty());
-    let tb = waiter.await.unwrap().unwrap().expect("granted after the lease ran out").token;
+    let tb = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("granted after the lease ran out")
+        .token;
     assert!(tb > g.token);
-    assert!(!a.release(&key).await.is_ok_and(|r| r), "the expired holder no longer releases it");
+    assert!(
+        !a.release(&key).await.is_ok_and(|r| r),
+        "the expired holder no longer releases it"
+    );
 }
 
 async fn renew_extends_the_lease<B: Backend>(env: Env<B>) {
     let key = fresh_key("leased");
     let (a, mut events) = env.session(0);
-    let g = a.acquire(&key, wait(LONG).with_lease(Duration::from_millis(150))).await.unwrap().unwrap();
+    let g = a
+        .acquire(&key, wait(LONG).with_lease(Duration::from_millis(150)))
+        .await
+        .unwrap()
+        .unwrap();
     let r = a.renew(&key, Duration::from_secs(30)).unwrap();
     assert_eq!((r.token, r.lease), (g.token, Some(Duration::from_secs(30))));
     // Outlive the original lease: this sleep is the behaviour under test.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(events.try_recv().is_none(), "a renewed lease expired at its old deadline");
+    assert!(
+        events.try_recv().is_none(),
+        "a renewed lease expired at its old deadline"
+    );
     let held = a.held();
     assert_eq!(held.len(), 1);
     assert!(held[0].lease_remaining.unwrap() > Duration::from_secs(20));
@@ -369,24 +488,39 @@ async fn renew_extends_the_lease<B: Backend>(env: Env<B>) {
     let plain = fresh_key("plain");
     must_acquire(&a, &plain).await;
     a.renew(&plain, Duration::from_millis(100)).unwrap();
-    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    let ev = tokio::time::timeout(PATIENCE, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((ev.key, ev.reason), (plain, LostReason::LeaseExpired));
 }
 
 async fn renew_needs_a_held_lock_and_a_positive_lease<B: Backend>(env: Env<B>) {
     let key = fresh_key("tx-1");
     let (a, _) = env.session(0);
-    assert!(matches!(a.renew(&key, Duration::from_secs(1)), Err(LockError::NotHeld(_))));
+    assert!(matches!(
+        a.renew(&key, Duration::from_secs(1)),
+        Err(LockError::NotHeld(_))
+    ));
     must_acquire(&a, &key).await;
-    assert!(matches!(a.renew(&key, Duration::ZERO), Err(LockError::InvalidArgument(_))));
+    assert!(matches!(
+        a.renew(&key, Duration::ZERO),
+        Err(LockError::InvalidArgument(_))
+    ));
     let (b, _) = env.session(1);
-    assert!(matches!(b.renew(&key, Duration::from_secs(1)), Err(LockError::NotHeld(_))));
+    assert!(matches!(
+        b.renew(&key, Duration::from_secs(1)),
+        Err(LockError::NotHeld(_))
+    ));
 }
 
 async fn shared_mode_is_refused<B: Backend>(env: Env<B>) {
     let key = fresh_key("tx-1");
     let (a, _) = env.session(0);
-    let opts = AcquireOptions { mode: LockMode::Shared, ..AcquireOptions::try_once() };
+    let opts = AcquireOptions {
+        mode: LockMode::Shared,
+        ..AcquireOptions::try_once()
+    };
     let err = a.acquire(&key, opts).await.unwrap_err();
     assert_eq!(err.status(), clastor_protocol::Status::Unsupported, "{err}");
     assert!(a.held().is_empty());
@@ -406,11 +540,25 @@ async fn must_acquire_version<B: Backend>(s: &Session<B>, key: &LockKey) -> Arc<
 }
 
 async fn names_are_validated<B: Backend>(env: Env<B>) {
-    for (kind, id) in [("..", "x"), ("k", "."), ("k", "../etc"), ("a/b", "x"), ("k", "a\0b"), ("", "x"), ("k", "")] {
+    for (kind, id) in [
+        ("..", "x"),
+        ("k", "."),
+        ("k", "../etc"),
+        ("a/b", "x"),
+        ("k", "a\0b"),
+        ("", "x"),
+        ("k", ""),
+    ] {
         assert!(LockKey::new(kind, id).is_err(), "{kind:?}/{id:?} accepted");
     }
     for kind in ["..", "a/b", "a\0", ""] {
-        assert!(matches!(env.engines[0].version(kind).await, Err(LockError::InvalidName(_))), "{kind:?}");
+        assert!(
+            matches!(
+                env.engines[0].version(kind).await,
+                Err(LockError::InvalidName(_))
+            ),
+            "{kind:?}"
+        );
     }
 }
 
@@ -438,7 +586,10 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
                     tokio::time::sleep(Duration::from_micros(200)).await;
                 }
                 let end = t0.elapsed();
-                assert!(s.release(&keys[k]).await.unwrap(), "lock vanished while held");
+                assert!(
+                    s.release(&keys[k]).await.unwrap(),
+                    "lock vanished while held"
+                );
                 log.push((k, token, start, end));
             }
             assert!(events.try_recv().is_none(), "no lock may be lost here");
@@ -454,8 +605,18 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
         let mut spans: Vec<_> = grants.iter().filter(|g| g.0 == k).collect();
         spans.sort_by_key(|g| g.2);
         for w in spans.windows(2) {
-            assert!(w[0].3 <= w[1].2, "double grant on {key}: {:?} overlaps {:?}", w[0], w[1]);
-            assert!(w[0].1 < w[1].1, "token went backwards on {key}: {:?} then {:?}", w[0], w[1]);
+            assert!(
+                w[0].3 <= w[1].2,
+                "double grant on {key}: {:?} overlaps {:?}",
+                w[0],
+                w[1]
+            );
+            assert!(
+                w[0].1 < w[1].1,
+                "token went backwards on {key}: {:?} then {:?}",
+                w[0],
+                w[1]
+            );
         }
     }
     for key in &keys {

@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# Clastor server image: a multi-stage cargo build, then a slim runtime with
+# only the `clastor` binary. Build from the repository root:
+#   docker build -t clastor .
+# Run against ZooKeeper:
+#   docker run -p 8078:8078 clastor serve --listen 0.0.0.0:8078 --backend zookeeper --zk zookeeper:2181
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+WORKDIR /src
+# Manifests and sources of every workspace member (the manifests name the
+# benches and tests, so those directories must be present too).
+COPY Cargo.toml Cargo.lock ./
+COPY protocol protocol
+COPY client client
+COPY testkit testkit
+COPY src src
+COPY benches benches
+COPY tests tests
+# Cache the registry and the target dir between builds (BuildKit).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin clastor \
+    && install -m 0755 target/release/clastor /usr/local/bin/clastor
+
+FROM debian:${DEBIAN_RELEASE}-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin clastor
+COPY --from=build /usr/local/bin/clastor /usr/local/bin/clastor
+USER clastor
+EXPOSE 8078
+ENTRYPOINT ["clastor"]
+CMD ["serve", "--listen", "0.0.0.0:8078", "--backend", "zookeeper", "--zk", "zookeeper:2181"]

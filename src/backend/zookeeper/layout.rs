@@ -1,0 +1,267 @@
+//! Where things live in ZooKeeper, and what lock nodes are called.
+//!
+//! ```text
+//! {root}/{provider}/{kind}/version                 data: "v1\nnormal"
+//! {root}/{provider}/{kind}/{version}/{id}/_c_{uuid}-lock-{seq}
+//! ```
+//!
+//! Lock nodes use Apache Curator's InterProcessMutex naming (protected mode:
+//! `_c_` + 36-char dashed uuid + `-lock-` + 10-digit sequence) so a Curator
+//! client on the same path excludes a Clastor one and vice versa; kazoo's
+//! `<32 hex>__lock__<seq>` nodes count as contenders too. Names are built only
+//! from validated [`LockKey`](crate::key::LockKey) parts.
+
+use std::sync::Arc;
+
+use clastor_protocol::KindMode;
+use uuid::Uuid;
+
+use crate::backend::KindVersion;
+
+/// The version every kind starts with.
+pub const INITIAL_VERSION: &str = "v1";
+/// Name of the per-kind node holding the current version and mode.
+pub const VERSION_NODE: &str = "version";
+const CURATOR_PREFIX: &str = "_c_";
+const CURATOR_LOCK: &str = "lock-";
+const KAZOO_LOCK: &str = "__lock__";
+
+/// Paths under one root and provider.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// `{root}/{provider}`, normalised (no trailing slash).
+    base: String,
+}
+
+impl Layout {
+    /// Builds the layout; `root` is an absolute path (`/locks`), `provider` one
+    /// path segment.
+    ///
+    /// # Errors
+    /// A message if either is malformed.
+    pub fn new(root: &str, provider: &str) -> Result<Layout, String> {
+        let root = root.trim_end_matches('/');
+        if !root.starts_with('/')
+            || root.contains("//")
+            || root.split('/').any(|s| s == "." || s == "..")
+        {
+            return Err(format!(
+                "ZooKeeper root {root:?} must be an absolute path like /locks"
+            ));
+        }
+        if provider.is_empty() || provider.contains('/') || provider == "." || provider == ".." {
+            return Err(format!(
+                "provider {provider:?} must be one non-empty path segment"
+            ));
+        }
+        if provider.chars().any(|c| c.is_control()) || root.chars().any(|c| c.is_control()) {
+            return Err("root and provider must not contain control characters".into());
+        }
+        Ok(Layout {
+            base: format!("{root}/{provider}"),
+        })
+    }
+
+    /// `{root}/{provider}`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Every ancestor of the kind nodes, outermost first (`/locks`,
+    /// `/locks/provider`); persistent nodes.
+    pub fn ancestors(&self) -> Vec<&str> {
+        self.base
+            .match_indices('/')
+            .map(|(i, _)| i)
+            .filter(|&i| i > 0)
+            .map(|i| &self.base[..i])
+            .chain([self.base.as_str()])
+            .collect()
+    }
+
+    /// `{base}/{kind}`.
+    pub fn kind_path(&self, kind: &str) -> String {
+        format!("{}/{kind}", self.base)
+    }
+
+    /// `{base}/{kind}/version`.
+    pub fn version_path(&self, kind: &str) -> String {
+        format!("{}/{kind}/{VERSION_NODE}", self.base)
+    }
+
+    /// `{base}/{kind}/{version}`: a container.
+    pub fn version_dir(&self, kind: &str, version: &str) -> String {
+        format!("{}/{kind}/{version}", self.base)
+    }
+
+    /// `{base}/{kind}/{version}/{id}`: a container, the parent of the lock nodes.
+    pub fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
+        format!("{}/{kind}/{version}/{id}", self.base)
+    }
+}
+
+/// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-lock-`;
+/// ZooKeeper appends the sequence.
+pub fn node_prefix(dir: &str, uuid: &Uuid) -> String {
+    format!("{dir}/{}", node_name_prefix(uuid))
+}
+
+/// `_c_{uuid}-lock-`: the start of every node name a given create can produce.
+pub fn node_name_prefix(uuid: &Uuid) -> String {
+    format!("{CURATOR_PREFIX}{}-{CURATOR_LOCK}", uuid.hyphenated())
+}
+
+/// Whether a child name came from the create tagged with `uuid`.
+pub fn is_ours(name: &str, uuid: &Uuid) -> bool {
+    name.strip_prefix(CURATOR_PREFIX)
+        .and_then(|rest| rest.get(..36))
+        .is_some_and(|u| Uuid::parse_str(u).is_ok_and(|u| u == *uuid))
+}
+
+/// A contender in a lock directory, ordered the way Curator and kazoo order
+/// them: by the sequence after the last `lock-` (Curator) or `__lock__`
+/// (kazoo). Names that are neither are not contenders.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Contender<'a> {
+    /// The sequence number.
+    pub seq: i64,
+    /// The child name (ties broken by name, which never happens for nodes of
+    /// one parent, since ZooKeeper's counter is per parent).
+    pub name: &'a str,
+}
+
+impl Contender<'_> {
+    /// Parses a child name.
+    pub fn parse(name: &str) -> Option<Contender<'_>> {
+        let suffix = if let Some(i) = name.rfind(KAZOO_LOCK) {
+            &name[i + KAZOO_LOCK.len()..]
+        } else {
+            let i = name.rfind(CURATOR_LOCK)?;
+            &name[i + CURATOR_LOCK.len()..]
+        };
+        // Sequences are ten digits, or a sign and nine after int32 overflow.
+        if suffix.is_empty()
+            || !suffix
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+        {
+            return None;
+        }
+        suffix
+            .parse::<i64>()
+            .ok()
+            .map(|seq| Contender { seq, name })
+    }
+}
+
+/// The contenders among `children`, in lock order (first = holder).
+pub fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
+    let mut contenders: Vec<Contender<'_>> = children
+        .iter()
+        .filter_map(|c| Contender::parse(c))
+        .collect();
+    contenders.sort();
+    contenders
+}
+
+/// Encodes the version node's data: `"{version}\n{mode}"`.
+pub fn encode_version(v: &KindVersion) -> Vec<u8> {
+    format!("{}\n{}", v.version, v.mode.name()).into_bytes()
+}
+
+/// The data of a kind's version node when it is first created.
+pub fn initial_version() -> KindVersion {
+    KindVersion {
+        version: Arc::from(INITIAL_VERSION),
+        mode: KindMode::Normal,
+    }
+}
+
+/// Decodes the version node's data. A missing mode line means normal.
+///
+/// # Errors
+/// A message if the data is not UTF-8, the version name is not a valid path
+/// segment, or the mode is unknown.
+pub fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
+    let text =
+        std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
+    let mut lines = text.lines();
+    let version = lines.next().unwrap_or("").trim();
+    if !valid_version_name(version) {
+        return Err(format!("version node names an invalid version {version:?}"));
+    }
+    let mode = match lines.next().map(str::trim) {
+        None | Some("") | Some("normal") => KindMode::Normal,
+        Some("draining") => KindMode::Draining,
+        Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
+    };
+    Ok(KindVersion {
+        version: Arc::from(version),
+        mode,
+    })
+}
+
+/// A version name is one path segment that is not the version node's own name.
+pub fn valid_version_name(version: &str) -> bool {
+    !version.is_empty()
+        && version.len() <= 64
+        && version != VERSION_NODE
+        && version != "."
+        && version != ".."
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() -> Result<(), String> {
+        let l = Layout::new("/locks/", "zk-provider")?;
+        assert_eq!(l.base(), "/locks/zk-provider");
+        assert_eq!(l.ancestors(), vec!["/locks", "/locks/zk-provider"]);
+        assert_eq!(l.version_path("tx"), "/locks/zk-provider/tx/version");
+        assert_eq!(l.lock_dir("tx", "v1", "a"), "/locks/zk-provider/tx/v1/a");
+        let deep = Layout::new("/a/b", "p")?;
+        assert_eq!(deep.ancestors(), vec!["/a", "/a/b", "/a/b/p"]);
+        assert!(Layout::new("locks", "p").is_err());
+        assert!(Layout::new("/locks", "a/b").is_err());
+        assert!(Layout::new("/locks/../x", "p").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn curator_names_and_order() {
+        let uuid = Uuid::new_v4();
+        let prefix = node_name_prefix(&uuid);
+        assert_eq!(prefix.len(), 3 + 36 + 1 + 5);
+        let ours = format!("{prefix}0000000012");
+        assert!(is_ours(&ours, &uuid));
+        assert!(!is_ours(&ours, &Uuid::new_v4()));
+        let children = vec![
+            ours.clone(),
+            "_c_0b2f0c47-2b8c-4a5a-9d2e-4a8cf5f3e1aa-lock-0000000003".to_owned(),
+            "3f2a9c1d8e7b6a5f4e3d2c1b0a998877__lock__0000000007".to_owned(),
+            "not-a-lock".to_owned(),
+            "lock-".to_owned(),
+        ];
+        let sorted: Vec<i64> = sorted_contenders(&children).iter().map(|c| c.seq).collect();
+        assert_eq!(sorted, vec![3, 7, 12]);
+    }
+
+    #[test]
+    fn version_data_round_trip() -> Result<(), String> {
+        let v = initial_version();
+        assert_eq!(encode_version(&v), b"v1\nnormal");
+        assert_eq!(decode_version(&encode_version(&v))?, v);
+        assert_eq!(decode_version(b"v2\ndraining")?.mode, KindMode::Draining);
+        assert_eq!(decode_version(b"v3")?.mode, KindMode::Normal);
+        assert!(decode_version(b"").is_err());
+        assert!(decode_version(b"a/b\nnormal").is_err());
+        assert!(decode_version(b"v1\nweird").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! `clastor serve` as a process, the way an operator runs it: on the memory
+//! backend and on a real ZooKeeper, driven through the text form; graceful
+//! shutdown on SIGTERM; a clear error when ZooKeeper cannot be reached.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clastor_testkit::ZooKeeper;
+use support::{Text, token_of};
+
+/// A free loopback port (bound, then released for the server to take).
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A `clastor serve` child, killed on drop if still running.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server and waits until it logs that it listens.
+    fn start(extra: &[&str]) -> Server {
+        let addr = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clastor"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = lines.next().expect("server exited before listening").unwrap();
+            if line.contains("listening") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server did not start");
+        }
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "server exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two connections: a grant, a refusal by timeout, a hand-over on close.
+async fn exercise(addr: SocketAddr) {
+    let mut a = Text::connect(addr).await;
+    let mut b = Text::connect(addr).await;
+    let granted = a.cmd("ACQUIRE transaction tx-1 1000").await;
+    assert!(granted.starts_with("+ACQUIRED transaction tx-1 token="), "{granted}");
+    let t0 = Instant::now();
+    assert!(b.cmd("ACQUIRE transaction tx-1 200").await.starts_with("-TIMEOUT"));
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    b.send("ACQUIRE transaction tx-1 10000").await;
+    drop(a);
+    let handed = b.line().await.unwrap();
+    assert!(handed.starts_with("+ACQUIRED transaction tx-1 token="), "{handed}");
+    assert!(token_of(&handed) > token_of(&granted));
+    assert_eq!(b.cmd("RELEASE transaction tx-1").await, "+RELEASED transaction tx-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_the_memory_backend_and_stops_on_sigterm() {
+    let server = tokio::task::spawn_blocking(|| Server::start(&[])).await.unwrap();
+    exercise(server.addr).await;
+    let mut holder = Text::connect(server.addr).await;
+    assert!(holder.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
+    tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(holder.line().await.unwrap().starts_with("!LOST k i token="));
+    assert!(holder.line().await.unwrap().starts_with("!CLOSING SHUTTING_DOWN"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_zookeeper() {
+    let (zk, server) = tokio::task::spawn_blocking(|| {
+        let zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
+        let server = Server::start(&["--backend", "zookeeper", "--zk", &zk.connect_string(), "--zk-sessions", "2"]);
+        (zk, server)
+    })
+    .await
+    .unwrap();
+    exercise(server.addr).await;
+    let mut c = Text::connect(server.addr).await;
+    assert_eq!(c.cmd("VERSION transaction").await, "+VERSION transaction version=v1 mode=normal");
+    assert_eq!(c.cmd("INFO").await, "+INFO");
+    assert!(c.block().await.iter().any(|l| l == "backend=zookeeper"));
+    tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    drop(zk);
+}
+
+#[test]
+fn unreachable_zookeeper_is_a_clear_startup_error() {
+    let dead = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args(["serve", "--listen", &free_port().to_string(), "--backend", "zookeeper"])
+        .args(["--zk", &dead.to_string(), "--zk-session-timeout", "2s"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot use ZooKeeper at"), "{stderr}");
+}
+
+#[test]
+fn zookeeper_backend_needs_a_connect_string() {
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args(["serve", "--listen", &free_port().to_string(), "--backend", "zookeeper"])
+        .env_remove("CLASTOR_ZK")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--zk"));
+}
