@@ -31,7 +31,10 @@ pub enum Op {
     Ping,
     /// Acquire then release of a lock, as one sample.
     AcquireRelease,
-    /// Both.
+    /// Hand-over: from a holder's release to the next waiter's grant, in
+    /// pairs of clients on one key (`--clients / 2` pairs).
+    Handoff,
+    /// Ping and acquire+release.
     All,
 }
 
@@ -199,8 +202,15 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         .await
         .print(args.json);
     }
+    if args.op == Op::Handoff {
+        handoff(&args, &clients).await.print(args.json);
+    }
     if let Some(zk) = &args.zk {
-        zk_floor(&args, zk).await?.print(args.json);
+        if args.op == Op::Handoff {
+            zk_handoff_floor(&args, zk).await?.print(args.json);
+        } else {
+            zk_floor(&args, zk).await?.print(args.json);
+        }
     }
     drop(clients);
     if let Some(server) = local {
@@ -223,13 +233,31 @@ async fn connect_all(addr: &str, n: usize) -> anyhow::Result<Arc<Vec<Client>>> {
     Ok(Arc::new(clients))
 }
 
-/// One operation of client `i`, as a future.
-type OpFn = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> + Send + Sync>;
+/// One operation of worker `i`, as a future yielding the latency to record.
+type OpFn = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = anyhow::Result<Duration>> + Send>> + Send + Sync>;
 
+/// An operation timed from start to end.
 fn op_fn<F, Fut>(f: F) -> OpFn
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Arc::new(move |i| {
+        let f = f.clone();
+        Box::pin(async move {
+            let t0 = Instant::now();
+            f(i).await?;
+            Ok(t0.elapsed())
+        })
+    })
+}
+
+/// An operation that times itself (only part of it is the latency of interest).
+fn timed_op_fn<F, Fut>(f: F) -> OpFn
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<Duration>> + Send + 'static,
 {
     Arc::new(move |i| Box::pin(f(i)))
 }
@@ -246,9 +274,14 @@ fn micros(d: Duration) -> u64 {
 /// Runs `op` in a closed loop on every client: a warm-up, then
 /// `args.duration` of recorded samples.
 async fn measure(args: &LoadArgs, name: &str, op: OpFn) -> Report {
-    phase(args.clients, args.warmup, op.clone()).await;
+    measure_n(args, args.clients, name, op).await
+}
+
+/// [`measure`] with `workers` loops instead of one per client.
+async fn measure_n(args: &LoadArgs, workers: usize, name: &str, op: OpFn) -> Report {
+    phase(workers, args.warmup, op.clone()).await;
     let started = Instant::now();
-    let results = phase(args.clients, args.duration, op).await;
+    let results = phase(workers, args.duration, op).await;
     let mut report = Report { name: name.to_owned(), ops: 0, elapsed: started.elapsed(), hist: new_hist(), errors: 0 };
     for (hist, errors) in results {
         report.ops += hist.len();
@@ -266,10 +299,9 @@ async fn phase(clients: usize, length: Duration, op: OpFn) -> Vec<(Histogram<u64
             tokio::spawn(async move {
                 let (mut hist, mut errors) = (new_hist(), 0u64);
                 while Instant::now() < deadline {
-                    let t0 = Instant::now();
                     match op(i).await {
-                        Ok(()) => {
-                            let _ = hist.record(micros(t0.elapsed()));
+                        Ok(latency) => {
+                            let _ = hist.record(micros(latency));
                         }
                         Err(_) => errors += 1,
                     }
@@ -371,4 +403,98 @@ async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
         }),
     )
     .await)
+}
+
+/// How long a hand-over round lets the waiter queue before the holder
+/// releases. Benchmark pacing only: the waiter's acquire is in flight, and a
+/// round in which it had not queued yet only measures slower, never faster.
+const QUEUE_TIME: Duration = Duration::from_millis(5);
+
+/// Two clients taking turns on one key.
+struct Pair {
+    clients: [Client; 2],
+    /// Which of the two holds `held`.
+    holder: usize,
+    held: Option<clastor_client::LockGuard>,
+}
+
+/// From the holder's `release` call to the waiter's grant arriving.
+async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
+    let pairs: Vec<_> = clients
+        .chunks_exact(2)
+        .map(|c| tokio::sync::Mutex::new(Pair { clients: [c[0].clone(), c[1].clone()], holder: 0, held: None }))
+        .collect();
+    let n = pairs.len().max(1);
+    let pairs = Arc::new(pairs);
+    let op = timed_op_fn(move |i| {
+        let pairs = pairs.clone();
+        async move {
+            let Some(pair) = pairs.get(i) else { bail!("--op handoff needs at least 2 clients") };
+            let mut p = pair.lock().await;
+            let key = format!("handoff-{i}");
+            let wait = Duration::from_secs(30);
+            if p.held.is_none() {
+                let g = p.clients[p.holder].lock("load", key.clone()).wait(wait).acquire().await?;
+                p.held = Some(g.context("holder not granted")?);
+            }
+            let waiter = p.clients[1 - p.holder].clone();
+            let waiting = tokio::spawn(async move {
+                let g = waiter.lock("load", key).wait(wait).acquire().await;
+                (g, Instant::now())
+            });
+            tokio::time::sleep(QUEUE_TIME).await;
+            let t0 = Instant::now();
+            if let Some(g) = p.held.take() {
+                g.release().await?;
+            }
+            let (g, granted_at) = waiting.await?;
+            p.held = Some(g?.context("waiter not granted")?);
+            p.holder = 1 - p.holder;
+            Ok(granted_at.duration_since(t0))
+        }
+    });
+    measure_n(args, n, &format!("clastor hand-over ({n} pair(s))"), op).await
+}
+
+/// Raw ZooKeeper hand-over: one session deletes a node another session
+/// watches; from the `delete` call to the watch notification.
+async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+    use zookeeper_client::{Acls, CreateMode, Error as ZkError};
+    let n = (args.clients / 2).max(1);
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let client = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(hosts)
+            .await
+            .with_context(|| format!("raw ZooKeeper session to {hosts}"))?;
+        sessions.push(client);
+    }
+    let root = "/clastor-load-floor";
+    match sessions[0].create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
+        Ok(_) | Err(ZkError::NodeExists) => {}
+        Err(e) => bail!("create {root}: {e}"),
+    }
+    let sessions = Arc::new(sessions);
+    let run = std::process::id();
+    let op = timed_op_fn(move |i| {
+        let sessions = sessions.clone();
+        async move {
+            let path = format!("{root}/h{run}-{i}");
+            sessions[0].create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all())).await?;
+            let (stat, watcher) = sessions[1].check_and_watch_stat(&path).await?;
+            if stat.is_none() {
+                bail!("node vanished before the watch was set");
+            }
+            let t0 = Instant::now();
+            // zookeeper-client sends a request when the method is called, so
+            // the delete is on its way while we wait for the other session's event.
+            let delete = sessions[0].delete(&path, None);
+            watcher.changed().await;
+            let latency = t0.elapsed();
+            delete.await?;
+            Ok(latency)
+        }
+    });
+    Ok(measure_n(args, n, "floor: ZooKeeper delete → watch event", op).await)
 }
