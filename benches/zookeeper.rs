@@ -33,10 +33,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let zk = ZooKeeper::builder()
-        .force_sync(true)
-        .start()
-        .expect("start ZooKeeper");
+    let zk = ZooKeeper::builder().force_sync(true).start().expect("start ZooKeeper");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,12 +41,9 @@ fn setup() -> Setup {
         .unwrap();
     let (raw, backend) = rt.block_on(async {
         let raw = Client::connect(&zk.connect_string()).await.unwrap();
-        raw.mkdir(
-            "/bench/raw",
-            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .unwrap();
+        raw.mkdir("/bench/raw", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+            .await
+            .unwrap();
         let backend = ZooKeeperBackend::connect(ZkConfig {
             hosts: zk.connect_string(),
             provider: "bench".into(),
@@ -70,9 +64,7 @@ fn setup() -> Setup {
 async fn raw_pair(raw: &Client) {
     let options = CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
     let (_, seq) = raw.create("/bench/raw/lock-", b"", &options).await.unwrap();
-    raw.delete(&format!("/bench/raw/lock-{seq}"), None)
-        .await
-        .unwrap();
+    raw.delete(&format!("/bench/raw/lock-{seq}"), None).await.unwrap();
 }
 
 async fn backend_pair(backend: &ZooKeeperBackend, key: &LockKey) {
@@ -127,12 +119,8 @@ fn benches(c: &mut Criterion) {
         .map(|i| LockKey::new("bench", &format!("par-{i}")).unwrap())
         .collect();
     let mut group = c.benchmark_group("zookeeper");
-    group
-        .sample_size(50)
-        .measurement_time(Duration::from_secs(10));
-    group.bench_function("raw_create_delete", |b| {
-        b.to_async(&s.rt).iter(|| raw_pair(&s.raw))
-    });
+    group.sample_size(50).measurement_time(Duration::from_secs(10));
+    group.bench_function("raw_create_delete", |b| b.to_async(&s.rt).iter(|| raw_pair(&s.raw)));
     group.bench_function("backend_acquire_release", |b| {
         b.to_async(&s.rt).iter(|| backend_pair(&s.backend, &key))
     });

@@ -48,7 +48,9 @@ pub struct Engine<B: Backend> {
 
 impl<B: Backend> Clone for Engine<B> {
     fn clone(&self) -> Self {
-        Engine { inner: self.inner.clone() }
+        Engine {
+            inner: self.inner.clone(),
+        }
     }
 }
 

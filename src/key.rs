@@ -22,7 +22,10 @@ impl LockKey {
     pub fn new(kind: &str, id: &str) -> Result<LockKey, NameError> {
         name::validate("kind", kind)?;
         name::validate("id", id)?;
-        Ok(LockKey { kind: kind.into(), id: id.into() })
+        Ok(LockKey {
+            kind: kind.into(),
+            id: id.into(),
+        })
     }
 
     /// The resource kind.

@@ -49,7 +49,10 @@ impl AcquireOptions {
 
     /// Wait up to `wait`, no lease.
     pub fn wait(wait: Duration) -> AcquireOptions {
-        AcquireOptions { wait, ..AcquireOptions::default() }
+        AcquireOptions {
+            wait,
+            ..AcquireOptions::default()
+        }
     }
 
     /// Adds a lease.
@@ -129,7 +132,9 @@ pub struct Session<B: Backend> {
 
 impl<B: Backend> Clone for Session<B> {
     fn clone(&self) -> Self {
-        Session { shared: self.shared.clone() }
+        Session {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -145,7 +150,10 @@ pub(crate) struct SessionShared<B: Backend> {
 
 impl<B: Backend> std::fmt::Debug for SessionShared<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("id", &self.id).field("label", &self.label).finish_non_exhaustive()
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,7 +199,11 @@ impl<B: Backend> Session<B> {
             id,
             label,
             engine: engine.clone(),
-            state: Mutex::new(State { held: HashMap::new(), pending: HashMap::new(), closed: false }),
+            state: Mutex::new(State {
+                held: HashMap::new(),
+                pending: HashMap::new(),
+                closed: false,
+            }),
             events: tx,
             closing: CancellationToken::new(),
         });
@@ -221,7 +233,10 @@ impl<B: Backend> Session<B> {
         let s = &*self.shared;
         let cfg = &s.engine.config;
         if opts.wait > cfg.max_wait {
-            return Err(LockError::InvalidArgument(format!("wait is over the maximum of {:?}", cfg.max_wait)));
+            return Err(LockError::InvalidArgument(format!(
+                "wait is over the maximum of {:?}",
+                cfg.max_wait
+            )));
         }
         if let Some(lease) = opts.lease {
             check_lease(lease, cfg.max_lease)?;
@@ -249,8 +264,19 @@ impl<B: Backend> Session<B> {
             }
             st.pending.insert(key.clone(), Pending { grant_id, lost: None });
         }
-        let mut pending = PendingGuard { shared: s, key, grant_id, armed: true };
-        let req = AcquireRequest { key, wait: opts.wait, mode: opts.mode, owner: s.id, on_lost: self.notifier(key, grant_id) };
+        let mut pending = PendingGuard {
+            shared: s,
+            key,
+            grant_id,
+            armed: true,
+        };
+        let req = AcquireRequest {
+            key,
+            wait: opts.wait,
+            mode: opts.mode,
+            owner: s.id,
+            on_lost: self.notifier(key, grant_id),
+        };
         // Dropping the backend's future on close withdraws the wait.
         let grant = tokio::select! {
             grant = s.engine.backend.acquire(req) => grant,
@@ -276,12 +302,22 @@ impl<B: Backend> Session<B> {
         let lease = opts.lease.map(|duration| self.start_lease(key, grant_id, duration));
         st.held.insert(
             key.clone(),
-            Held { grant_id, token: grant.token, version: grant.version.clone(), lease, guard: grant.guard },
+            Held {
+                grant_id,
+                token: grant.token,
+                version: grant.version.clone(),
+                lease,
+                guard: grant.guard,
+            },
         );
         drop(st);
         s.engine.stats.granted.fetch_add(1, Ordering::Relaxed);
         debug!(session = s.id, %key, token = grant.token, "granted");
-        Ok(Some(Granted { token: grant.token, version: grant.version, lease: opts.lease }))
+        Ok(Some(Granted {
+            token: grant.token,
+            version: grant.version,
+            lease: opts.lease,
+        }))
     }
 
     /// Releases `key`. `Ok(true)` if this session held it; `Ok(false)` if
@@ -326,7 +362,11 @@ impl<B: Backend> Session<B> {
             }
             None => held.lease = Some(self.start_lease(key, held.grant_id, lease)),
         }
-        Ok(Granted { token: held.token, version: held.version.clone(), lease: Some(lease) })
+        Ok(Granted {
+            token: held.token,
+            version: held.version.clone(),
+            lease: Some(lease),
+        })
     }
 
     /// The locks this session holds, ordered by key.
@@ -357,8 +397,17 @@ impl<B: Backend> Session<B> {
 
     fn start_lease(&self, key: &LockKey, grant_id: u64, duration: Duration) -> Lease {
         let deadline = Instant::now() + duration;
-        let timer = tokio::spawn(lease_timer(Arc::downgrade(&self.shared), key.clone(), grant_id, deadline));
-        Lease { duration, deadline, timer: timer.abort_handle() }
+        let timer = tokio::spawn(lease_timer(
+            Arc::downgrade(&self.shared),
+            key.clone(),
+            grant_id,
+            deadline,
+        ));
+        Lease {
+            duration,
+            deadline,
+            timer: timer.abort_handle(),
+        }
     }
 }
 
@@ -367,7 +416,9 @@ fn check_lease(lease: Duration, max: Duration) -> Result<(), LockError> {
         return Err(LockError::InvalidArgument("a lease must be longer than zero".into()));
     }
     if lease > max {
-        return Err(LockError::InvalidArgument(format!("lease is over the maximum of {max:?}")));
+        return Err(LockError::InvalidArgument(format!(
+            "lease is over the maximum of {max:?}"
+        )));
     }
     Ok(())
 }
@@ -380,7 +431,9 @@ async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, 
         let Some(s) = session.upgrade() else { return };
         let expired = {
             let mut st = s.lock();
-            let Some(held) = st.held.get(&key).filter(|h| h.grant_id == grant_id) else { return };
+            let Some(held) = st.held.get(&key).filter(|h| h.grant_id == grant_id) else {
+                return;
+            };
             match held.lease.as_ref().map(|l| l.deadline) {
                 Some(d) if d > Instant::now() => {
                     deadline = d;
@@ -460,7 +513,11 @@ impl<B: Backend> SessionShared<B> {
         self.engine.stats.lost.fetch_add(1, Ordering::Relaxed);
         // The receiver is gone only if the owner stopped listening, in which
         // case it is closing the session anyway.
-        let _ = self.events.send(LostEvent { key: key.clone(), token, reason });
+        let _ = self.events.send(LostEvent {
+            key: key.clone(),
+            token,
+            reason,
+        });
     }
 
     /// Backend callback: the grant `grant_id` on `key` is lost.

@@ -20,7 +20,10 @@ fn main() {
         .into_iter()
         .map(|case| {
             Trial::test(case.name, move || {
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
                 rt.block_on(async {
                     let backend = MemoryBackend::new();
                     let engine = Engine::new(backend.clone(), EngineConfig::default());

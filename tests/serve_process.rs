@@ -108,14 +108,24 @@ async fn serves_on_the_memory_backend_and_stops_on_sigterm() {
 async fn serves_on_zookeeper() {
     let (zk, server) = tokio::task::spawn_blocking(|| {
         let zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
-        let server = Server::start(&["--backend", "zookeeper", "--zk", &zk.connect_string(), "--zk-sessions", "2"]);
+        let server = Server::start(&[
+            "--backend",
+            "zookeeper",
+            "--zk",
+            &zk.connect_string(),
+            "--zk-sessions",
+            "2",
+        ]);
         (zk, server)
     })
     .await
     .unwrap();
     exercise(server.addr).await;
     let mut c = Text::connect(server.addr).await;
-    assert_eq!(c.cmd("VERSION transaction").await, "+VERSION transaction version=v1 mode=normal");
+    assert_eq!(
+        c.cmd("VERSION transaction").await,
+        "+VERSION transaction version=v1 mode=normal"
+    );
     assert_eq!(c.cmd("INFO").await, "+INFO");
     assert!(c.block().await.iter().any(|l| l == "backend=zookeeper"));
     tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();

@@ -10,13 +10,17 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use clastor::EngineConfig;
 use clastor::server::ServerConfig;
-use clastor_protocol::{
-    Acquire, Event, Hello, LockMode, LostReason, Opcode, Request, ResponseBody, Status,
-};
+use clastor_protocol::{Acquire, Event, Hello, LockMode, LostReason, Opcode, Request, ResponseBody, Status};
 use support::{Incoming, Raw, Text, start, start_default};
 
 fn acquire(kind: &str, id: &str, wait_ms: u32, lease_ms: u32) -> Request {
-    Request::Acquire(Acquire { kind: kind.into(), id: id.into(), wait_ms, lease_ms, mode: LockMode::Exclusive })
+    Request::Acquire(Acquire {
+        kind: kind.into(),
+        id: id.into(),
+        wait_ms,
+        lease_ms,
+        mode: LockMode::Exclusive,
+    })
 }
 
 fn token(resp: &clastor_protocol::Response) -> u64 {
@@ -44,7 +48,13 @@ async fn handshake_is_required_and_negotiated() {
     let addr = server.local_addr();
     let mut raw = Raw::connect(addr).await;
     assert_eq!(raw.call(Request::Ping).await.status(), Status::HandshakeRequired);
-    let hello = raw.call(Request::Hello(Hello { min_version: 1, max_version: 3, client_name: "t".into() })).await;
+    let hello = raw
+        .call(Request::Hello(Hello {
+            min_version: 1,
+            max_version: 3,
+            client_name: "t".into(),
+        }))
+        .await;
     match hello.result {
         Ok(ResponseBody::Hello(h)) => {
             assert_eq!(h.version, 1);
@@ -54,14 +64,35 @@ async fn handshake_is_required_and_negotiated() {
         other => panic!("{other:?}"),
     }
     assert_eq!(raw.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
-    let again = raw.call(Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "t".into() })).await;
+    let again = raw
+        .call(Request::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            client_name: "t".into(),
+        }))
+        .await;
     assert_eq!(again.status(), Status::BadRequest);
 
     let mut old = Raw::connect(addr).await;
-    let resp = old.call(Request::Hello(Hello { min_version: 2, max_version: 9, client_name: "future".into() })).await;
+    let resp = old
+        .call(Request::Hello(Hello {
+            min_version: 2,
+            max_version: 9,
+            client_name: "future".into(),
+        }))
+        .await;
     assert_eq!(resp.status(), Status::VersionMismatch);
     let rest = old.until_closed().await;
-    assert!(matches!(rest.as_slice(), [Incoming::Event(Event::Closing { status: Status::VersionMismatch, .. })]), "{rest:?}");
+    assert!(
+        matches!(
+            rest.as_slice(),
+            [Incoming::Event(Event::Closing {
+                status: Status::VersionMismatch,
+                ..
+            })]
+        ),
+        "{rest:?}"
+    );
     server.shutdown().await;
 }
 
@@ -76,7 +107,15 @@ async fn a_blocked_acquire_does_not_hold_up_a_ping() {
     let ping_id = b.send(&Request::Ping).await;
     let first = b.response().await;
     assert_eq!((first.request_id, first.result), (ping_id, Ok(ResponseBody::Pong)));
-    assert_eq!(a.call(Request::Release { kind: "k".into(), id: "i".into() }).await.result, Ok(ResponseBody::Released { released: true }));
+    assert_eq!(
+        a.call(Request::Release {
+            kind: "k".into(),
+            id: "i".into()
+        })
+        .await
+        .result,
+        Ok(ResponseBody::Released { released: true })
+    );
     let second = b.response().await;
     assert_eq!(second.request_id, acq_id);
     assert!(token(&second) > ta);
@@ -96,7 +135,11 @@ async fn hundreds_of_pipelined_requests_on_one_connection() {
         assert!(ids.remove(&r.request_id), "unexpected or duplicate id {}", r.request_id);
         token(&r);
     }
-    let held = c.call(Request::Held { scope: clastor_protocol::HeldScope::Connection }).await;
+    let held = c
+        .call(Request::Held {
+            scope: clastor_protocol::HeldScope::Connection,
+        })
+        .await;
     assert!(matches!(held.result, Ok(ResponseBody::Held(ref l)) if l.len() == 300));
     server.shutdown().await;
 }
@@ -106,14 +149,16 @@ async fn malformed_bodies_get_an_error_and_the_connection_lives() {
     let (server, _) = start_default().await;
     let (mut c, _) = Raw::hello(server.local_addr()).await;
     // ACQUIRE whose body stops inside the id string.
-    c.send_bytes(&frame(1, Opcode::Acquire as u8, 0, 77, &[0, 1, b'k', 0, 9, b'x'])).await;
+    c.send_bytes(&frame(1, Opcode::Acquire as u8, 0, 77, &[0, 1, b'k', 0, 9, b'x']))
+        .await;
     let r = c.response().await;
     assert_eq!((r.request_id, r.status()), (77, Status::BadRequest));
     // Trailing bytes after a PING.
     c.send_bytes(&frame(1, Opcode::Ping as u8, 0, 78, &[1, 2, 3])).await;
     assert_eq!(c.response().await.status(), Status::BadRequest);
     // Bad UTF-8 in a name.
-    c.send_bytes(&frame(1, Opcode::Version as u8, 0, 79, &[0, 2, 0xff, 0xfe])).await;
+    c.send_bytes(&frame(1, Opcode::Version as u8, 0, 79, &[0, 2, 0xff, 0xfe]))
+        .await;
     assert_eq!(c.response().await.status(), Status::BadRequest);
     // Reserved mode value.
     let mut body = vec![0, 1, b'k', 0, 1, b'i'];
@@ -132,7 +177,13 @@ async fn malformed_bodies_get_an_error_and_the_connection_lives() {
     c.send_bytes(&frame(1, Opcode::Ping as u8, 0, 0, &[])).await;
     assert_eq!(c.response().await.status(), Status::BadRequest);
     // Shared mode is reserved: a clear refusal.
-    let shared = Request::Acquire(Acquire { kind: "k".into(), id: "i".into(), wait_ms: 0, lease_ms: 0, mode: LockMode::Shared });
+    let shared = Request::Acquire(Acquire {
+        kind: "k".into(),
+        id: "i".into(),
+        wait_ms: 0,
+        lease_ms: 0,
+        mode: LockMode::Shared,
+    });
     assert_eq!(c.call(shared).await.status(), Status::Unsupported);
     assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
     server.shutdown().await;
@@ -143,15 +194,34 @@ async fn hostile_names_are_refused() {
     let (server, backend) = start_default().await;
     let (mut c, _) = Raw::hello(server.local_addr()).await;
     let long = "x".repeat(129);
-    for (kind, id) in
-        [("..", "x"), ("k", "."), ("k", ".."), ("k", "../../etc/passwd"), ("a/b", "x"), ("k", "/"), ("k", "a\0b"), ("", "x"), ("k", ""), ("k", long.as_str()), ("k", "a b"), ("k", "\u{202e}x")]
-    {
+    for (kind, id) in [
+        ("..", "x"),
+        ("k", "."),
+        ("k", ".."),
+        ("k", "../../etc/passwd"),
+        ("a/b", "x"),
+        ("k", "/"),
+        ("k", "a\0b"),
+        ("", "x"),
+        ("k", ""),
+        ("k", long.as_str()),
+        ("k", "a b"),
+        ("k", "\u{202e}x"),
+    ] {
         let r = c.call(acquire(kind, id, 0, 0)).await;
         assert_eq!(r.status(), Status::InvalidName, "{kind:?}/{id:?}");
-        let r = c.call(Request::Release { kind: kind.into(), id: id.into() }).await;
+        let r = c
+            .call(Request::Release {
+                kind: kind.into(),
+                id: id.into(),
+            })
+            .await;
         assert_eq!(r.status(), Status::InvalidName, "{kind:?}/{id:?}");
     }
-    assert_eq!(c.call(Request::Version { kind: "../x".into() }).await.status(), Status::InvalidName);
+    assert_eq!(
+        c.call(Request::Version { kind: "../x".into() }).await.status(),
+        Status::InvalidName
+    );
     assert_eq!(backend.active_keys(), 0);
     server.shutdown().await;
 }
@@ -171,7 +241,13 @@ async fn broken_frames_close_the_connection_after_an_error_frame() {
         c.send_bytes(&bytes).await;
         let got = c.until_closed().await;
         assert!(
-            matches!(got.as_slice(), [Incoming::Event(Event::Closing { status: Status::ProtocolError, .. })]),
+            matches!(
+                got.as_slice(),
+                [Incoming::Event(Event::Closing {
+                    status: Status::ProtocolError,
+                    ..
+                })]
+            ),
             "{what}: {got:?}"
         );
     }
@@ -210,7 +286,11 @@ async fn random_garbage_never_hurts_the_server() {
             v
         };
         // Start in binary mode half of the time, after a proper handshake.
-        let (mut c, _) = if round % 3 == 0 { (Raw::connect(addr).await, 0) } else { Raw::hello(addr).await };
+        let (mut c, _) = if round % 3 == 0 {
+            (Raw::connect(addr).await, 0)
+        } else {
+            Raw::hello(addr).await
+        };
         if bytes.is_empty() {
             bytes.push(0);
         }
@@ -240,7 +320,10 @@ async fn disconnect_releases_locks_and_hands_over() {
     let tb = token(&b.response().await);
     assert!(tb > ta);
     let (mut c, _) = Raw::hello(addr).await;
-    assert!(matches!(c.call(acquire("transaction", "tx-2", 1000, 0)).await.result, Ok(ResponseBody::Acquired(_))));
+    assert!(matches!(
+        c.call(acquire("transaction", "tx-2", 1000, 0)).await.result,
+        Ok(ResponseBody::Acquired(_))
+    ));
     server.shutdown().await;
 }
 
@@ -250,12 +333,24 @@ async fn lease_expiry_pushes_lock_lost() {
     let (mut c, _) = Raw::hello(server.local_addr()).await;
     let t = token(&c.call(acquire("k", "leased", 0, 100)).await);
     match c.next().await {
-        Some(Incoming::Event(Event::LockLost { kind, id, token, reason })) => {
-            assert_eq!((kind.as_str(), id.as_str(), token, reason), ("k", "leased", t, LostReason::LeaseExpired));
+        Some(Incoming::Event(Event::LockLost {
+            kind,
+            id,
+            token,
+            reason,
+        })) => {
+            assert_eq!(
+                (kind.as_str(), id.as_str(), token, reason),
+                ("k", "leased", t, LostReason::LeaseExpired)
+            );
         }
         other => panic!("{other:?}"),
     }
-    let held = c.call(Request::Held { scope: clastor_protocol::HeldScope::Connection }).await;
+    let held = c
+        .call(Request::Held {
+            scope: clastor_protocol::HeldScope::Connection,
+        })
+        .await;
     assert_eq!(held.result, Ok(ResponseBody::Held(vec![])));
     server.shutdown().await;
 }
@@ -267,13 +362,43 @@ async fn release_renew_and_ownership_rules() {
     let (mut a, a_id) = Raw::hello(addr).await;
     let (mut b, _) = Raw::hello(addr).await;
     let t = token(&a.call(acquire("k", "i", 0, 0)).await);
-    let rel = |k: &str| Request::Release { kind: "k".into(), id: k.into() };
+    let rel = |k: &str| Request::Release {
+        kind: "k".into(),
+        id: k.into(),
+    };
     assert_eq!(b.call(rel("i")).await.status(), Status::NotOwner);
-    assert_eq!(b.call(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 1000 }).await.status(), Status::NotHeld);
+    assert_eq!(
+        b.call(Request::Renew {
+            kind: "k".into(),
+            id: "i".into(),
+            lease_ms: 1000
+        })
+        .await
+        .status(),
+        Status::NotHeld
+    );
     assert_eq!(a.call(acquire("k", "i", 0, 0)).await.status(), Status::AlreadyHeld);
-    let renewed = a.call(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 60_000 }).await;
-    assert_eq!(renewed.result, Ok(ResponseBody::Renewed { token: t, lease_ms: 60_000 }));
-    match b.call(Request::Held { scope: clastor_protocol::HeldScope::Server }).await.result {
+    let renewed = a
+        .call(Request::Renew {
+            kind: "k".into(),
+            id: "i".into(),
+            lease_ms: 60_000,
+        })
+        .await;
+    assert_eq!(
+        renewed.result,
+        Ok(ResponseBody::Renewed {
+            token: t,
+            lease_ms: 60_000
+        })
+    );
+    match b
+        .call(Request::Held {
+            scope: clastor_protocol::HeldScope::Server,
+        })
+        .await
+        .result
+    {
         Ok(ResponseBody::Held(list)) => {
             assert_eq!(list.len(), 1);
             assert_eq!((list[0].token, list[0].connection_id), (t, a_id));
@@ -281,15 +406,28 @@ async fn release_renew_and_ownership_rules() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(a.call(rel("i")).await.result, Ok(ResponseBody::Released { released: true }));
-    assert_eq!(a.call(rel("i")).await.result, Ok(ResponseBody::Released { released: false }));
-    assert_eq!(b.call(rel("i")).await.result, Ok(ResponseBody::Released { released: false }));
+    assert_eq!(
+        a.call(rel("i")).await.result,
+        Ok(ResponseBody::Released { released: true })
+    );
+    assert_eq!(
+        a.call(rel("i")).await.result,
+        Ok(ResponseBody::Released { released: false })
+    );
+    assert_eq!(
+        b.call(rel("i")).await.result,
+        Ok(ResponseBody::Released { released: false })
+    );
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn per_connection_limits_refuse_clearly() {
-    let engine = EngineConfig { max_held_per_session: 3, max_waits_per_session: 2, ..EngineConfig::default() };
+    let engine = EngineConfig {
+        max_held_per_session: 3,
+        max_waits_per_session: 2,
+        ..EngineConfig::default()
+    };
     let (server, _) = start(ServerConfig::default(), engine).await;
     let addr = server.local_addr();
     let (mut a, _) = Raw::hello(addr).await;
@@ -300,14 +438,20 @@ async fn per_connection_limits_refuse_clearly() {
     let (mut b, _) = Raw::hello(addr).await;
     b.send(&acquire("k", "0", 10_000, 0)).await;
     b.send(&acquire("k", "1", 10_000, 0)).await;
-    assert_eq!(b.call(acquire("k", "2", 10_000, 0)).await.status(), Status::LimitExceeded);
+    assert_eq!(
+        b.call(acquire("k", "2", 10_000, 0)).await.status(),
+        Status::LimitExceeded
+    );
     assert_eq!(b.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn connection_flood_past_the_limit_is_refused() {
-    let config = ServerConfig { max_connections: 4, ..ServerConfig::default() };
+    let config = ServerConfig {
+        max_connections: 4,
+        ..ServerConfig::default()
+    };
     let (server, _) = start(config, EngineConfig::default()).await;
     let addr = server.local_addr();
     let mut open = Vec::new();
@@ -316,10 +460,22 @@ async fn connection_flood_past_the_limit_is_refused() {
     }
     for _ in 0..10 {
         let mut extra = Raw::connect(addr).await;
-        extra.send(&Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "x".into() })).await;
+        extra
+            .send(&Request::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                client_name: "x".into(),
+            }))
+            .await;
         let got = extra.until_closed().await;
         assert!(
-            matches!(got.as_slice(), [Incoming::Event(Event::Closing { status: Status::LimitExceeded, .. })]),
+            matches!(
+                got.as_slice(),
+                [Incoming::Event(Event::Closing {
+                    status: Status::LimitExceeded,
+                    ..
+                })]
+            ),
             "{got:?}"
         );
     }
@@ -331,7 +487,13 @@ async fn connection_flood_past_the_limit_is_refused() {
     drop(open.pop());
     let mut again = loop {
         let mut c = Raw::connect(addr).await;
-        let resp = c.send(&Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "x".into() })).await;
+        let resp = c
+            .send(&Request::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                client_name: "x".into(),
+            }))
+            .await;
         match c.next().await {
             Some(Incoming::Response(r)) if r.request_id == resp => break c,
             // The slot is freed once the server has noticed the close.
@@ -344,13 +506,19 @@ async fn connection_flood_past_the_limit_is_refused() {
 
 #[tokio::test]
 async fn handshake_timeout_closes_silent_connections() {
-    let config = ServerConfig { handshake_timeout: Duration::from_millis(100), ..ServerConfig::default() };
+    let config = ServerConfig {
+        handshake_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
     let (server, _) = start(config, EngineConfig::default()).await;
     // Binary client that never says HELLO.
     let mut c = Raw::connect(server.local_addr()).await;
     c.send(&Request::Ping).await;
     let got = c.until_closed().await;
-    assert!(matches!(got.last(), Some(Incoming::Event(Event::Closing { .. }))), "{got:?}");
+    assert!(
+        matches!(got.last(), Some(Incoming::Event(Event::Closing { .. }))),
+        "{got:?}"
+    );
     // A connection that sends nothing at all is closed too.
     let mut silent = Raw::connect(server.local_addr()).await;
     assert!(silent.until_closed().await.is_empty());
@@ -372,10 +540,24 @@ async fn graceful_shutdown_reports_and_releases() {
     assert_eq!(
         got,
         vec![
-            Incoming::Event(Event::LockLost { kind: "k".into(), id: "i".into(), token: t, reason: LostReason::Shutdown }),
-            Incoming::Event(Event::Closing { status: Status::ShuttingDown, message: "server shutting down".into() }),
+            Incoming::Event(Event::LockLost {
+                kind: "k".into(),
+                id: "i".into(),
+                token: t,
+                reason: LostReason::Shutdown
+            }),
+            Incoming::Event(Event::Closing {
+                status: Status::ShuttingDown,
+                message: "server shutting down".into()
+            }),
         ]
     );
-    assert!(matches!(w.until_closed().await.as_slice(), [Incoming::Event(Event::Closing { status: Status::ShuttingDown, .. })]));
+    assert!(matches!(
+        w.until_closed().await.as_slice(),
+        [Incoming::Event(Event::Closing {
+            status: Status::ShuttingDown,
+            ..
+        })]
+    ));
     assert_eq!(backend.active_keys(), 0);
 }

@@ -24,7 +24,11 @@ async fn netcat_session_acquire_timeout_and_handover() {
     let t0 = Instant::now();
     let timed_out = b.cmd("ACQUIRE transaction tx-1 200").await;
     assert!(timed_out.starts_with("-TIMEOUT"), "{timed_out}");
-    assert!(t0.elapsed() >= Duration::from_millis(200), "timed out early: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200),
+        "timed out early: {:?}",
+        t0.elapsed()
+    );
 
     // B waits; A's connection closes; B is granted, with a larger token.
     b.send("ACQUIRE transaction tx-1 10000").await;
@@ -61,15 +65,24 @@ async fn every_command_answers() {
     assert_eq!(c.cmd("ping").await, "+PONG");
     assert_eq!(c.cmd("  PiNg  ").await, "+PONG");
     let acq = c.cmd("acquire user u-7 0 60000").await;
-    assert!(acq.starts_with("+ACQUIRED user u-7 token=") && acq.ends_with("version=v1 lease_ms=60000"), "{acq}");
+    assert!(
+        acq.starts_with("+ACQUIRED user u-7 token=") && acq.ends_with("version=v1 lease_ms=60000"),
+        "{acq}"
+    );
     assert_eq!(c.cmd("HELD").await, "+HELD 1");
     let held = c.block().await;
     assert_eq!(held.len(), 1);
-    assert!(held[0].starts_with(&format!("user u-7 token={} version=v1 lease_ms=", token_of(&acq))), "{held:?}");
+    assert!(
+        held[0].starts_with(&format!("user u-7 token={} version=v1 lease_ms=", token_of(&acq))),
+        "{held:?}"
+    );
     assert_eq!(c.cmd("HELD ALL").await, "+HELD 1");
     c.block().await;
     let renewed = c.cmd("RENEW user u-7 5000").await;
-    assert_eq!(renewed, format!("+RENEWED user u-7 token={} lease_ms=5000", token_of(&acq)));
+    assert_eq!(
+        renewed,
+        format!("+RENEWED user u-7 token={} lease_ms=5000", token_of(&acq))
+    );
     assert_eq!(c.cmd("VERSION user").await, "+VERSION user version=v1 mode=normal");
     assert_eq!(c.cmd("INFO").await, "+INFO");
     let info = c.block().await;
@@ -92,7 +105,11 @@ async fn errors_keep_the_connection() {
     assert!(c.cmd("ACQUIRE k i soon").await.starts_with("-ERR BAD_REQUEST"));
     assert!(c.cmd("ACQUIRE k ../etc").await.starts_with("-ERR INVALID_NAME"));
     assert!(c.cmd("ACQUIRE .. x").await.starts_with("-ERR INVALID_NAME"));
-    assert!(c.cmd(&format!("ACQUIRE k {}", "x".repeat(200))).await.starts_with("-ERR INVALID_NAME"));
+    assert!(
+        c.cmd(&format!("ACQUIRE k {}", "x".repeat(200)))
+            .await
+            .starts_with("-ERR INVALID_NAME")
+    );
     assert!(c.cmd("RENEW k i 1000").await.starts_with("-ERR NOT_HELD"));
     assert!(c.cmd("RENEW k i 0").await.starts_with("-ERR"));
     c.write_raw(b"ACQUIRE k a\0b\n").await;
@@ -112,7 +129,10 @@ async fn replies_come_in_command_order_and_events_are_pushed() {
     b.send("ACQUIRE k i 10000").await;
     b.send("PING").await;
     let lost = a.line().await.unwrap();
-    assert!(lost.starts_with("!LOST k i token=") && lost.ends_with("reason=lease_expired"), "{lost}");
+    assert!(
+        lost.starts_with("!LOST k i token=") && lost.ends_with("reason=lease_expired"),
+        "{lost}"
+    );
     assert!(b.line().await.unwrap().starts_with("+ACQUIRED k i"));
     assert_eq!(b.line().await.unwrap(), "+PONG");
     server.shutdown().await;
@@ -141,7 +161,10 @@ async fn shutdown_tells_holders_and_releases() {
     let mut c = Text::connect(server.local_addr()).await;
     let acq = c.cmd("ACQUIRE k i").await;
     server.shutdown().await;
-    assert_eq!(c.line().await.unwrap(), format!("!LOST k i token={} reason=shutdown", token_of(&acq)));
+    assert_eq!(
+        c.line().await.unwrap(),
+        format!("!LOST k i token={} reason=shutdown", token_of(&acq))
+    );
     assert!(c.line().await.unwrap().starts_with("!CLOSING SHUTTING_DOWN"));
     assert_eq!(c.line().await, None);
     assert_eq!(backend.active_keys(), 0);

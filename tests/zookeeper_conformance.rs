@@ -39,18 +39,11 @@ fn config(hosts: &str) -> ZkConfig {
 async fn count_contenders(zk: &Client, key: &LockKey) -> usize {
     let base = format!("/locks/{PROVIDER}/{}", key.kind());
     let version = match zk.get_data(&format!("{base}/version")).await {
-        Ok((data, _)) => String::from_utf8_lossy(&data)
-            .lines()
-            .next()
-            .unwrap_or("v1")
-            .to_owned(),
+        Ok((data, _)) => String::from_utf8_lossy(&data).lines().next().unwrap_or("v1").to_owned(),
         Err(zookeeper_client::Error::NoNode) => return 0,
         Err(e) => panic!("read version of {key}: {e}"),
     };
-    match zk
-        .list_children(&format!("{base}/{version}/{}", key.id()))
-        .await
-    {
+    match zk.list_children(&format!("{base}/{version}/{}", key.id())).await {
         Ok(children) => children
             .iter()
             .filter(|c| c.contains("lock-") || c.contains("__lock__"))
@@ -67,9 +60,7 @@ async fn run_case(hosts: String, case: conformance::Case<ZooKeeperBackend>) -> R
     let b = ZooKeeperBackend::connect(config(&hosts))
         .await
         .map_err(|e| Failed::from(e.to_string()))?;
-    let inspect = Client::connect(&hosts)
-        .await
-        .map_err(|e| Failed::from(e.to_string()))?;
+    let inspect = Client::connect(&hosts).await.map_err(|e| Failed::from(e.to_string()))?;
     let engines = vec![
         Engine::new(a, EngineConfig::default()),
         Engine::new(b, EngineConfig::default()),
@@ -103,7 +94,10 @@ fn main() {
         .map(|case| {
             let hosts = hosts.clone();
             Trial::test(case.name, move || {
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
                 rt.block_on(run_case(hosts, case))
             })
         })

@@ -60,11 +60,7 @@ async fn a_lock_held_through_one_server_excludes_the_other() {
         .unwrap()
         .expect("free lock");
     assert!(
-        b.lock("transaction", "tx-1")
-            .try_acquire()
-            .await
-            .unwrap()
-            .is_none(),
+        b.lock("transaction", "tx-1").try_acquire().await.unwrap().is_none(),
         "other server must refuse"
     );
     assert!(
@@ -88,17 +84,9 @@ async fn a_lock_held_through_one_server_excludes_the_other() {
         .unwrap()
         .unwrap()
         .expect("handed over");
+    assert!(second.token() > first, "token {} after {first}", second.token());
     assert!(
-        second.token() > first,
-        "token {} after {first}",
-        second.token()
-    );
-    assert!(
-        a.lock("transaction", "tx-1")
-            .try_acquire()
-            .await
-            .unwrap()
-            .is_none(),
+        a.lock("transaction", "tx-1").try_acquire().await.unwrap().is_none(),
         "and back: s1 refuses now"
     );
     second.release().await.unwrap();
@@ -111,12 +99,7 @@ async fn closing_a_connection_frees_its_locks_for_the_other_server() {
     let (_zk, s1, s2) = two_servers().await;
     let a = Client::connect(s1.local_addr()).await.unwrap();
     let b = Client::connect(s2.local_addr()).await.unwrap();
-    let held = a
-        .lock("user", "u-7")
-        .try_acquire()
-        .await
-        .unwrap()
-        .expect("free lock");
+    let held = a.lock("user", "u-7").try_acquire().await.unwrap().expect("free lock");
     let token = held.token();
     let waiter = tokio::spawn(async move { b.lock("user", "u-7").wait(PATIENCE).acquire().await });
     drop(held);
@@ -138,11 +121,7 @@ async fn concurrent_holders_across_servers_never_overlap() {
     let inside = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let addr = if i % 2 == 0 {
-            s1.local_addr()
-        } else {
-            s2.local_addr()
-        };
+        let addr = if i % 2 == 0 { s1.local_addr() } else { s2.local_addr() };
         let inside = Arc::clone(&inside);
         tasks.push(tokio::spawn(async move {
             let c = Client::connect(addr).await.unwrap();
@@ -155,11 +134,7 @@ async fn concurrent_holders_across_servers_never_overlap() {
                     .await
                     .unwrap()
                     .expect("granted");
-                assert_eq!(
-                    inside.fetch_add(1, Ordering::SeqCst),
-                    0,
-                    "two holders at once"
-                );
+                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
                 tokio::task::yield_now().await;
                 inside.fetch_sub(1, Ordering::SeqCst);
                 tokens.push(g.token());

@@ -68,7 +68,11 @@ impl ClastorCodec {
             .length_field_length(4)
             .max_frame_length(max_frame_len)
             .new_codec();
-        ClastorCodec { inner, max_frame_len, in_frame: false }
+        ClastorCodec {
+            inner,
+            max_frame_len,
+            in_frame: false,
+        }
     }
 
     /// The limit this codec enforces.
@@ -94,7 +98,10 @@ impl Decoder for ClastorCodec {
         if !self.in_frame && src.len() >= LENGTH_PREFIX_LEN {
             let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
             if len > self.max_frame_len {
-                return Err(FrameError::TooLarge { len, max: self.max_frame_len });
+                return Err(FrameError::TooLarge {
+                    len,
+                    max: self.max_frame_len,
+                });
             }
         }
         let before = src.len();
@@ -115,7 +122,10 @@ impl Decoder for ClastorCodec {
         if header.version != PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion(header.version));
         }
-        Ok(Some(Frame { header, body: frame.freeze() }))
+        Ok(Some(Frame {
+            header,
+            body: frame.freeze(),
+        }))
     }
 }
 
@@ -159,5 +169,8 @@ pub fn split_frame(buf: &mut BytesMut) -> Option<Frame> {
     buf.advance(4);
     let mut frame = buf.split_to(len);
     let header = Header::read(&mut frame)?;
-    Some(Frame { header, body: frame.freeze() })
+    Some(Frame {
+        header,
+        body: frame.freeze(),
+    })
 }

@@ -7,9 +7,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::golden::{Msg, examples, hex};
 use crate::{
-    BodyError, ClastorCodec, DEFAULT_MAX_FRAME_LEN, Event, Frame, FrameError, HEADER_LEN, Header,
-    HeldLock, LostReason, MAX_FRAME_LEN_CEILING, Opcode, Request, Response, ResponseBody, Status,
-    split_frame,
+    BodyError, ClastorCodec, DEFAULT_MAX_FRAME_LEN, Event, Frame, FrameError, HEADER_LEN, Header, HeldLock, LostReason,
+    MAX_FRAME_LEN_CEILING, Opcode, Request, Response, ResponseBody, Status, split_frame,
 };
 
 /// A raw frame: length prefix, header, body.
@@ -157,22 +156,11 @@ fn a_frame_exactly_at_the_limit_is_accepted() {
 
 #[test]
 fn frame_limits_are_clamped() {
-    assert_eq!(
-        ClastorCodec::default().max_frame_len(),
-        DEFAULT_MAX_FRAME_LEN
-    );
+    assert_eq!(ClastorCodec::default().max_frame_len(), DEFAULT_MAX_FRAME_LEN);
     assert_eq!(ClastorCodec::new(0).max_frame_len(), HEADER_LEN);
-    assert_eq!(
-        ClastorCodec::new(usize::MAX).max_frame_len(),
-        MAX_FRAME_LEN_CEILING
-    );
+    assert_eq!(ClastorCodec::new(usize::MAX).max_frame_len(), MAX_FRAME_LEN_CEILING);
     // Below 16 MiB, so a binary stream's first byte is always 0x00.
-    assert_eq!(
-        u32::try_from(MAX_FRAME_LEN_CEILING)
-            .expect("fits")
-            .to_be_bytes()[0],
-        0
-    );
+    assert_eq!(u32::try_from(MAX_FRAME_LEN_CEILING).expect("fits").to_be_bytes()[0], 0);
 }
 
 #[test]
@@ -228,10 +216,7 @@ fn an_unknown_opcode_is_a_body_error_with_its_own_status() {
         Err(BodyError::UnknownOpcode(0x02))
     );
     // Any other body error is BAD_REQUEST.
-    assert_eq!(
-        BodyError::Truncated { field: "kind" }.status(),
-        Status::BadRequest
-    );
+    assert_eq!(BodyError::Truncated { field: "kind" }.status(), Status::BadRequest);
 }
 
 #[test]
@@ -363,25 +348,16 @@ fn bad_enum_values_are_malformed() {
 #[test]
 fn flags_must_match_the_message_kind() {
     let frame = frame_of(&raw(1, Opcode::Ping as u8, 1, 3, &[]));
-    assert_eq!(
-        Request::decode(&frame.header, frame.body),
-        Err(BodyError::BadFlags(1))
-    );
+    assert_eq!(Request::decode(&frame.header, frame.body), Err(BodyError::BadFlags(1)));
     let frame = frame_of(&raw(1, Opcode::Ping as u8, 0x8000, 3, &[]));
     assert_eq!(
         Request::decode(&frame.header, frame.body),
         Err(BodyError::BadFlags(0x8000))
     );
     let frame = frame_of(&raw(1, Opcode::Ping as u8, 0, 3, &[0, 0]));
-    assert_eq!(
-        Response::decode(&frame.header, frame.body),
-        Err(BodyError::BadFlags(0))
-    );
+    assert_eq!(Response::decode(&frame.header, frame.body), Err(BodyError::BadFlags(0)));
     let frame = frame_of(&raw(1, Opcode::Closing as u8, 3, 0, &[0, 0, 0, 0]));
-    assert_eq!(
-        Event::decode(&frame.header, frame.body),
-        Err(BodyError::BadFlags(3))
-    );
+    assert_eq!(Event::decode(&frame.header, frame.body), Err(BodyError::BadFlags(3)));
 }
 
 #[test]
@@ -460,10 +436,7 @@ fn codec_encoders_write_the_same_bytes_as_encode() {
     for e in examples() {
         let mut buf = BytesMut::new();
         match &e.msg {
-            Msg::Request {
-                request_id,
-                request,
-            } => codec.encode((*request_id, request), &mut buf),
+            Msg::Request { request_id, request } => codec.encode((*request_id, request), &mut buf),
             Msg::Response(r) => codec.encode(r, &mut buf),
             Msg::Event(ev) => codec.encode(ev, &mut buf),
         }
@@ -558,10 +531,7 @@ fn oversized_lists_keep_the_length_prefix_honest() {
     };
     let n = usize::from(u16::MAX) + 2;
     let held = Response::ok(1, ResponseBody::Held(vec![entry; n]));
-    let info = Response::ok(
-        2,
-        ResponseBody::Info(vec![(String::new(), String::new()); n]),
-    );
+    let info = Response::ok(2, ResponseBody::Info(vec![(String::new(), String::new()); n]));
     for resp in [held, info] {
         let mut buf = BytesMut::new();
         resp.encode(&mut buf);
@@ -571,10 +541,7 @@ fn oversized_lists_keep_the_length_prefix_honest() {
             .decode(&mut buf)
             .expect("ok")
             .expect("whole");
-        let len = match Response::decode(&frame.header, frame.body)
-            .expect("decodes")
-            .result
-        {
+        let len = match Response::decode(&frame.header, frame.body).expect("decodes").result {
             Ok(ResponseBody::Held(list)) => list.len(),
             Ok(ResponseBody::Info(pairs)) => pairs.len(),
             other => panic!("{other:?}"),

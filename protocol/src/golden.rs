@@ -24,8 +24,8 @@ use tokio_util::codec::Decoder;
 
 use crate::text::{self, Command};
 use crate::{
-    Acquire, AcquireOk, ClastorCodec, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode,
-    LockMode, LostReason, Opcode, Request, Response, ResponseBody, Status, VersionInfo,
+    Acquire, AcquireOk, ClastorCodec, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode,
+    LostReason, Opcode, Request, Response, ResponseBody, Status, VersionInfo,
 };
 
 /// Any message, with what its encoder needs.
@@ -40,10 +40,7 @@ impl Msg {
     pub(crate) fn encode(&self) -> BytesMut {
         let mut buf = BytesMut::new();
         match self {
-            Msg::Request {
-                request_id,
-                request,
-            } => request.encode(*request_id, &mut buf),
+            Msg::Request { request_id, request } => request.encode(*request_id, &mut buf),
             Msg::Response(r) => r.encode(&mut buf),
             Msg::Event(e) => e.encode(&mut buf),
         }
@@ -65,9 +62,7 @@ impl Msg {
                 request_id: header.request_id,
                 request: Request::decode(&header, frame.body).expect("request body"),
             },
-            Flags::RESPONSE => {
-                Msg::Response(Response::decode(&header, frame.body).expect("response body"))
-            }
+            Flags::RESPONSE => Msg::Response(Response::decode(&header, frame.body).expect("response body")),
             Flags::EVENT => Msg::Event(Event::decode(&header, frame.body).expect("event body")),
             other => panic!("unexpected flags {other:?}"),
         }
@@ -91,10 +86,7 @@ fn s(v: &str) -> String {
 }
 
 fn req(request_id: u32, request: Request) -> Msg {
-    Msg::Request {
-        request_id,
-        request,
-    }
+    Msg::Request { request_id, request }
 }
 
 fn ok(request_id: u32, body: ResponseBody) -> Msg {
@@ -174,12 +166,7 @@ pub(crate) fn examples() -> Vec<Example> {
         },
         Example {
             name: "request/version",
-            msg: req(
-                7,
-                Request::Version {
-                    kind: s("transaction"),
-                },
-            ),
+            msg: req(7, Request::Version { kind: s("transaction") }),
             golden: "00000015 01 14 0000 00000007  000b 7472616e73616374696f6e",
         },
         Example {
@@ -289,12 +276,7 @@ pub(crate) fn examples() -> Vec<Example> {
         },
         Example {
             name: "response/error-unknown-opcode",
-            msg: Msg::Response(Response::error(
-                10,
-                0x7f,
-                Status::UnknownOpcode,
-                "unknown opcode 0x7f",
-            )),
+            msg: Msg::Response(Response::error(10, 0x7f, Status::UnknownOpcode, "unknown opcode 0x7f")),
             golden: "0000001f 01 7f 0001 0000000a
                      0066 0013 756e6b6e6f776e206f70636f64652030783766",
         },
@@ -324,10 +306,7 @@ pub(crate) fn examples() -> Vec<Example> {
 /// Parses hex digits, ignoring whitespace.
 pub(crate) fn hex(s: &str) -> Vec<u8> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    assert!(
-        digits.len().is_multiple_of(2),
-        "odd number of hex digits in {s:?}"
-    );
+    assert!(digits.len().is_multiple_of(2), "odd number of hex digits in {s:?}");
     digits
         .chunks(2)
         .map(|pair| {
@@ -338,11 +317,7 @@ pub(crate) fn hex(s: &str) -> Vec<u8> {
 }
 
 fn hex_line(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Bytes per dump line; a longer field continues on the next lines.
@@ -377,12 +352,7 @@ impl Walker<'_> {
     }
 
     fn note(&mut self, note: &str) {
-        let _ = writeln!(
-            self.out,
-            "{:<width$}  # {note}",
-            "",
-            width = DUMP_WIDTH * 3 - 1
-        );
+        let _ = writeln!(self.out, "{:<width$}  # {note}", "", width = DUMP_WIDTH * 3 - 1);
     }
 
     fn uint(&mut self, n: usize, name: &str, describe: impl Fn(u64) -> String) -> u64 {
@@ -441,9 +411,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
         pos: 0,
         out: String::new(),
     };
-    let len = w.uint(4, "length", |v| {
-        format!("{v} (8-byte header + {}-byte body)", v - 8)
-    });
+    let len = w.uint(4, "length", |v| format!("{v} (8-byte header + {}-byte body)", v - 8));
     assert_eq!(len as usize, bytes.len() - 4, "length prefix");
     w.u8("version");
     let opcode = w.uint(1, "opcode", |v| {
@@ -460,11 +428,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
         format!("0x{v:04x} ({what})")
     });
     w.uint(4, "request_id", |v| {
-        if v == 0 {
-            "0 (event)".to_owned()
-        } else {
-            v.to_string()
-        }
+        if v == 0 { "0 (event)".to_owned() } else { v.to_string() }
     });
     let body_start = w.pos;
     match (flags, opcode) {
@@ -598,9 +562,7 @@ fn transcript(steps: &[Step]) -> String {
                 };
                 let response = match result {
                     Ok(body) => Response::ok(0, body.clone()),
-                    Err((status, message)) => {
-                        Response::error(0, request.opcode() as u8, *status, *message)
-                    }
+                    Err((status, message)) => Response::error(0, request.opcode() as u8, *status, *message),
                 };
                 let _ = writeln!(out, "{line}");
                 out.push_str(&text::format_response(&request, &response));
@@ -679,10 +641,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
         ),
         Step::Cmd(
             "RENEW transaction tx-2 30000",
-            Err((
-                Status::NotHeld,
-                "transaction/tx-2 is not held by this session",
-            )),
+            Err((Status::NotHeld, "transaction/tx-2 is not held by this session")),
         ),
         Step::Cmd(
             "ACQUIRE transaction tx-9",
@@ -694,17 +653,11 @@ fn text_sessions() -> Vec<(&'static str, String)> {
         ),
         Step::Cmd(
             "RELEASE transaction tx-9",
-            Err((
-                Status::NotOwner,
-                "transaction/tx-9 is held by another owner",
-            )),
+            Err((Status::NotOwner, "transaction/tx-9 is held by another owner")),
         ),
         Step::Cmd(
             "ACQUIRE transaction a/b",
-            Err((
-                Status::InvalidName,
-                "id contains forbidden character '/' at byte 1",
-            )),
+            Err((Status::InvalidName, "id contains forbidden character '/' at byte 1")),
         ),
         Step::Local("ACQUIRE transaction tx-3 soon"),
         Step::Local("FROB x"),
@@ -748,10 +701,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
             message: s("server shutting down"),
         }),
     ];
-    vec![
-        ("session", transcript(&session)),
-        ("shutdown", transcript(&shutdown)),
-    ]
+    vec![("session", transcript(&session)), ("shutdown", transcript(&shutdown))]
 }
 
 fn protocol_md_path() -> std::path::PathBuf {
@@ -772,12 +722,7 @@ fn block_after(doc: &str, marker: &str) -> Option<(std::ops::Range<usize>, Strin
 fn expected_blocks() -> Vec<(String, String)> {
     let mut blocks: Vec<(String, String)> = examples()
         .iter()
-        .map(|e| {
-            (
-                format!("<!-- golden: {} -->", e.name),
-                annotate(&e.msg.encode()),
-            )
-        })
+        .map(|e| (format!("<!-- golden: {} -->", e.name), annotate(&e.msg.encode())))
         .collect();
     for (name, text) in text_sessions() {
         blocks.push((format!("<!-- golden-text: {name} -->"), text));
@@ -799,12 +744,7 @@ fn dump_bytes(block: &str) -> Vec<u8> {
 fn every_message_encodes_to_its_golden_bytes() {
     for e in examples() {
         let got = e.msg.encode();
-        assert_eq!(
-            hex_line(&got),
-            hex_line(&hex(e.golden)),
-            "{}: encoding changed",
-            e.name
-        );
+        assert_eq!(hex_line(&got), hex_line(&hex(e.golden)), "{}: encoding changed", e.name);
     }
 }
 
@@ -860,16 +800,10 @@ fn protocol_md_matches_the_code() {
     let mut stale = Vec::new();
     for (marker, want) in expected_blocks() {
         let Some((range, got)) = block_after(&doc, &marker) else {
-            stale.push(format!(
-                "{marker} is missing; add it followed by a fenced block"
-            ));
+            stale.push(format!("{marker} is missing; add it followed by a fenced block"));
             continue;
         };
-        assert_eq!(
-            doc.matches(&marker).count(),
-            1,
-            "{marker} appears more than once"
-        );
+        assert_eq!(doc.matches(&marker).count(), 1, "{marker} appears more than once");
         if got != want {
             if bless {
                 doc.replace_range(range, &want);
@@ -889,15 +823,9 @@ fn protocol_md_matches_the_code() {
 
     // Independently of the notes: the bytes in each dump decode to the message.
     for e in examples() {
-        let (_, block) =
-            block_after(&doc, &format!("<!-- golden: {} -->", e.name)).expect("checked above");
+        let (_, block) = block_after(&doc, &format!("<!-- golden: {} -->", e.name)).expect("checked above");
         let bytes = dump_bytes(&block);
-        assert_eq!(
-            hex_line(&bytes),
-            hex_line(&hex(e.golden)),
-            "{}: dump bytes",
-            e.name
-        );
+        assert_eq!(hex_line(&bytes), hex_line(&hex(e.golden)), "{}: dump bytes", e.name);
         assert_eq!(Msg::decode(&bytes), e.msg, "{}: dump decodes", e.name);
     }
     // No marker in the doc names an example that no longer exists.

@@ -31,8 +31,8 @@ mod wire;
 pub use codec::{ClastorCodec, Frame, FrameError, split_frame};
 pub use header::{Flags, Header};
 pub use message::{
-    Acquire, AcquireOk, BodyError, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk,
-    KindMode, LockMode, LostReason, Request, Response, ResponseBody, VersionInfo,
+    Acquire, AcquireOk, BodyError, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode,
+    LostReason, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;
 pub use status::Status;

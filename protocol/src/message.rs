@@ -306,10 +306,18 @@ impl Request {
                 mode: match r.u8("mode")? {
                     0 => LockMode::Exclusive,
                     1 => LockMode::Shared,
-                    v => return Err(BodyError::BadEnum { field: "mode", value: v.into() }),
+                    v => {
+                        return Err(BodyError::BadEnum {
+                            field: "mode",
+                            value: v.into(),
+                        });
+                    }
                 },
             }),
-            Opcode::Release => Request::Release { kind: r.string("kind")?, id: r.string("id")? },
+            Opcode::Release => Request::Release {
+                kind: r.string("kind")?,
+                id: r.string("id")?,
+            },
             Opcode::Renew => Request::Renew {
                 kind: r.string("kind")?,
                 id: r.string("id")?,
@@ -319,10 +327,17 @@ impl Request {
                 scope: match r.u8("scope")? {
                     0 => HeldScope::Connection,
                     1 => HeldScope::Server,
-                    v => return Err(BodyError::BadEnum { field: "scope", value: v.into() }),
+                    v => {
+                        return Err(BodyError::BadEnum {
+                            field: "scope",
+                            value: v.into(),
+                        });
+                    }
                 },
             },
-            Opcode::Version => Request::Version { kind: r.string("kind")? },
+            Opcode::Version => Request::Version {
+                kind: r.string("kind")?,
+            },
             Opcode::Info => Request::Info,
             Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(header.opcode)),
         };
@@ -445,7 +460,11 @@ impl ResponseBody {
             }
             ResponseBody::Version(v) => string_len(&v.version) + 1,
             ResponseBody::Info(pairs) => {
-                2 + pairs.iter().take(usize::from(u16::MAX)).map(|(k, v)| string_len(k) + string_len(v)).sum::<usize>()
+                2 + pairs
+                    .iter()
+                    .take(usize::from(u16::MAX))
+                    .map(|(k, v)| string_len(k) + string_len(v))
+                    .sum::<usize>()
             }
         }
     }
@@ -514,10 +533,18 @@ impl ResponseBody {
                 released: match r.u8("released")? {
                     0 => false,
                     1 => true,
-                    v => return Err(BodyError::BadEnum { field: "released", value: v.into() }),
+                    v => {
+                        return Err(BodyError::BadEnum {
+                            field: "released",
+                            value: v.into(),
+                        });
+                    }
                 },
             },
-            Opcode::Renew => ResponseBody::Renewed { token: r.u64("token")?, lease_ms: r.u32("lease_ms")? },
+            Opcode::Renew => ResponseBody::Renewed {
+                token: r.u64("token")?,
+                lease_ms: r.u32("lease_ms")?,
+            },
             Opcode::Held => {
                 // Smallest entry: three empty strings (6) + token, lease, connection (20).
                 let n = r.count("count", 26)?;
@@ -539,7 +566,12 @@ impl ResponseBody {
                 mode: match r.u8("mode")? {
                     0 => KindMode::Normal,
                     1 => KindMode::Draining,
-                    v => return Err(BodyError::BadEnum { field: "mode", value: v.into() }),
+                    v => {
+                        return Err(BodyError::BadEnum {
+                            field: "mode",
+                            value: v.into(),
+                        });
+                    }
                 },
             }),
             Opcode::Info => {
@@ -578,14 +610,25 @@ pub struct Response {
 impl Response {
     /// A successful response.
     pub fn ok(request_id: u32, body: ResponseBody) -> Response {
-        Response { request_id, opcode: body.opcode() as u8, result: Ok(body) }
+        Response {
+            request_id,
+            opcode: body.opcode() as u8,
+            result: Ok(body),
+        }
     }
 
     /// An error response. `status` must not be [`Status::Ok`]; if it is, the
     /// reply is sent as [`Status::Internal`] so the peer never sees OK without a body.
     pub fn error(request_id: u32, opcode: u8, status: Status, message: impl Into<String>) -> Response {
         let status = if status == Status::Ok { Status::Internal } else { status };
-        Response { request_id, opcode, result: Err(ErrorReply { status, message: message.into() }) }
+        Response {
+            request_id,
+            opcode,
+            result: Err(ErrorReply {
+                status,
+                message: message.into(),
+            }),
+        }
     }
 
     /// The status this response carries.
@@ -628,16 +671,25 @@ impl Response {
         }
         let mut r = Reader::new(body);
         let raw_status = r.u16("status")?;
-        let status = Status::try_from(raw_status)
-            .map_err(|v| BodyError::BadEnum { field: "status", value: v.into() })?;
+        let status = Status::try_from(raw_status).map_err(|v| BodyError::BadEnum {
+            field: "status",
+            value: v.into(),
+        })?;
         let result = if status == Status::Ok {
             let op = Opcode::try_from(header.opcode).map_err(BodyError::UnknownOpcode)?;
             Ok(ResponseBody::read(op, &mut r)?)
         } else {
-            Err(ErrorReply { status, message: r.string("message")? })
+            Err(ErrorReply {
+                status,
+                message: r.string("message")?,
+            })
         };
         r.finish()?;
-        Ok(Response { request_id: header.request_id, opcode: header.opcode, result })
+        Ok(Response {
+            request_id: header.request_id,
+            opcode: header.opcode,
+            result,
+        })
     }
 }
 
@@ -691,7 +743,12 @@ impl Event {
         };
         let dst = start_frame(dst, &header, body_len);
         match self {
-            Event::LockLost { kind, id, token, reason } => {
+            Event::LockLost {
+                kind,
+                id,
+                token,
+                reason,
+            } => {
                 put_string(dst, kind);
                 put_string(dst, id);
                 dst.put_u64(*token);

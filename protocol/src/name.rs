@@ -80,7 +80,16 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["transaction", "tx-123", "a", "user:42", "日本", "x.y", "...", &"a".repeat(MAX_NAME_LEN)] {
+        for ok in [
+            "transaction",
+            "tx-123",
+            "a",
+            "user:42",
+            "日本",
+            "x.y",
+            "...",
+            &"a".repeat(MAX_NAME_LEN),
+        ] {
             assert_eq!(validate("id", ok), Ok(()), "{ok:?}");
         }
     }
@@ -90,12 +99,21 @@ mod tests {
         assert_eq!(validate("id", ""), Err(NameError::Empty { what: "id" }));
         assert_eq!(validate("id", "."), Err(NameError::Dot { what: "id" }));
         assert_eq!(validate("id", ".."), Err(NameError::Dot { what: "id" }));
-        assert!(matches!(validate("id", "../etc"), Err(NameError::BadChar { ch: '/', at: 2, .. })));
+        assert!(matches!(
+            validate("id", "../etc"),
+            Err(NameError::BadChar { ch: '/', at: 2, .. })
+        ));
         assert!(matches!(validate("id", "a/b"), Err(NameError::BadChar { ch: '/', .. })));
-        assert!(matches!(validate("id", "a\0b"), Err(NameError::BadChar { ch: '\0', .. })));
+        assert!(matches!(
+            validate("id", "a\0b"),
+            Err(NameError::BadChar { ch: '\0', .. })
+        ));
         assert!(matches!(validate("id", "a b"), Err(NameError::BadChar { ch: ' ', .. })));
         assert!(matches!(validate("id", "a\nb"), Err(NameError::BadChar { .. })));
         assert!(matches!(validate("id", "\u{202E}abc"), Err(NameError::BadChar { .. })));
-        assert!(matches!(validate("kind", &"a".repeat(MAX_NAME_LEN + 1)), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            validate("kind", &"a".repeat(MAX_NAME_LEN + 1)),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }

@@ -85,17 +85,28 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         }
         "RELEASE" => {
             arity(2, 2, "RELEASE <kind> <id>")?;
-            Request::Release { kind: owned(0), id: owned(1) }
+            Request::Release {
+                kind: owned(0),
+                id: owned(1),
+            }
         }
         "RENEW" => {
             arity(3, 3, "RENEW <kind> <id> <lease_ms>")?;
-            Request::Renew { kind: owned(0), id: owned(1), lease_ms: number("lease_ms", args[2])? }
+            Request::Renew {
+                kind: owned(0),
+                id: owned(1),
+                lease_ms: number("lease_ms", args[2])?,
+            }
         }
         "HELD" => {
             arity(0, 1, "HELD [ALL]")?;
             match args.first() {
-                None => Request::Held { scope: HeldScope::Connection },
-                Some(a) if a.eq_ignore_ascii_case("ALL") => Request::Held { scope: HeldScope::Server },
+                None => Request::Held {
+                    scope: HeldScope::Connection,
+                },
+                Some(a) if a.eq_ignore_ascii_case("ALL") => Request::Held {
+                    scope: HeldScope::Server,
+                },
                 Some(_) => return Err(bad("usage: HELD [ALL]".to_owned())),
             }
         }
@@ -114,12 +125,20 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
 }
 
 fn bad(message: String) -> ParseError {
-    ParseError { status: Status::BadRequest, message }
+    ParseError {
+        status: Status::BadRequest,
+        message,
+    }
 }
 
 fn number(field: &str, word: &str) -> Result<u32, ParseError> {
-    word.parse::<u32>()
-        .map_err(|_| bad(format!("{field} must be a whole number of milliseconds up to {}, got {:?}", u32::MAX, truncate_chars(word, 32))))
+    word.parse::<u32>().map_err(|_| {
+        bad(format!(
+            "{field} must be a whole number of milliseconds up to {}, got {:?}",
+            u32::MAX,
+            truncate_chars(word, 32)
+        ))
+    })
 }
 
 fn truncate_chars(s: &str, n: usize) -> String {
@@ -149,7 +168,13 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         }
         Ok(ResponseBody::Pong) => out.push_str("+PONG\n"),
         Ok(ResponseBody::Hello(h)) => {
-            let _ = writeln!(out, "+HELLO version={} connection={} server={}", h.version, h.connection_id, one_line(&h.server));
+            let _ = writeln!(
+                out,
+                "+HELLO version={} connection={} server={}",
+                h.version,
+                h.connection_id,
+                one_line(&h.server)
+            );
         }
         Ok(ResponseBody::Acquired(a)) => {
             let _ = writeln!(
@@ -190,7 +215,12 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
                 Request::Version { kind } => kind.as_str(),
                 _ => "",
             };
-            let _ = writeln!(out, "+VERSION {kind} version={} mode={}", one_line(&v.version), v.mode.name());
+            let _ = writeln!(
+                out,
+                "+VERSION {kind} version={} mode={}",
+                one_line(&v.version),
+                v.mode.name()
+            );
         }
         Ok(ResponseBody::Info(pairs)) => {
             out.push_str("+INFO\n");
@@ -206,7 +236,12 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
 /// Formats a pushed event as one `!` line ending with `\n`.
 pub fn format_event(ev: &Event) -> String {
     match ev {
-        Event::LockLost { kind, id, token, reason } => {
+        Event::LockLost {
+            kind,
+            id,
+            token,
+            reason,
+        } => {
             format!("!LOST {kind} {id} token={token} reason={}\n", reason.name())
         }
         Event::Closing { status, message } => format!("!CLOSING {} {}\n", status.name(), one_line(message)),
@@ -253,15 +288,34 @@ mod tests {
         );
         assert!(matches!(
             parse("acquire a b 1 2"),
-            Ok(Command::Request(Request::Acquire(Acquire { wait_ms: 1, lease_ms: 2, .. })))
+            Ok(Command::Request(Request::Acquire(Acquire {
+                wait_ms: 1,
+                lease_ms: 2,
+                ..
+            })))
         ));
-        assert!(matches!(parse("acquire a b"), Ok(Command::Request(Request::Acquire(Acquire { wait_ms: 0, .. })))));
+        assert!(matches!(
+            parse("acquire a b"),
+            Ok(Command::Request(Request::Acquire(Acquire { wait_ms: 0, .. })))
+        ));
         assert_eq!(
             parse("renew k i 300"),
-            Ok(Command::Request(Request::Renew { kind: "k".into(), id: "i".into(), lease_ms: 300 }))
+            Ok(Command::Request(Request::Renew {
+                kind: "k".into(),
+                id: "i".into(),
+                lease_ms: 300
+            }))
         );
-        assert_eq!(parse("held all"), Ok(Command::Request(Request::Held { scope: HeldScope::Server })));
-        assert_eq!(parse("VERSION k"), Ok(Command::Request(Request::Version { kind: "k".into() })));
+        assert_eq!(
+            parse("held all"),
+            Ok(Command::Request(Request::Held {
+                scope: HeldScope::Server
+            }))
+        );
+        assert_eq!(
+            parse("VERSION k"),
+            Ok(Command::Request(Request::Version { kind: "k".into() }))
+        );
     }
 
     #[test]
@@ -269,7 +323,10 @@ mod tests {
         assert_eq!(parse("FROB").map_err(|e| e.status), Err(Status::UnknownOpcode));
         assert_eq!(parse("ACQUIRE a").map_err(|e| e.status), Err(Status::BadRequest));
         assert_eq!(parse("ACQUIRE a b -1").map_err(|e| e.status), Err(Status::BadRequest));
-        assert_eq!(parse("ACQUIRE a b 99999999999").map_err(|e| e.status), Err(Status::BadRequest));
+        assert_eq!(
+            parse("ACQUIRE a b 99999999999").map_err(|e| e.status),
+            Err(Status::BadRequest)
+        );
         assert_eq!(parse("RENEW a b").map_err(|e| e.status), Err(Status::BadRequest));
         assert_eq!(parse("HELD x").map_err(|e| e.status), Err(Status::BadRequest));
         assert_eq!(parse("PING x").map_err(|e| e.status), Err(Status::BadRequest));
@@ -284,17 +341,38 @@ mod tests {
             lease_ms: 0,
             mode: LockMode::Exclusive,
         });
-        let ok = Response::ok(1, ResponseBody::Acquired(AcquireOk { token: 42, lease_ms: 0, version: "v1".into() }));
-        assert_eq!(format_response(&req, &ok), "+ACQUIRED transaction tx-1 token=42 version=v1 lease_ms=0\n");
+        let ok = Response::ok(
+            1,
+            ResponseBody::Acquired(AcquireOk {
+                token: 42,
+                lease_ms: 0,
+                version: "v1".into(),
+            }),
+        );
+        assert_eq!(
+            format_response(&req, &ok),
+            "+ACQUIRED transaction tx-1 token=42 version=v1 lease_ms=0\n"
+        );
         let to = Response::error(1, 0x10, Status::Timeout, "not acquired within 200 ms");
-        assert_eq!(format_response(&req, &to), "-TIMEOUT transaction tx-1 not acquired within 200 ms\n");
+        assert_eq!(
+            format_response(&req, &to),
+            "-TIMEOUT transaction tx-1 not acquired within 200 ms\n"
+        );
         let err = Response {
             request_id: 1,
             opcode: 0x10,
-            result: Err(ErrorReply { status: Status::InvalidName, message: "id has\nnewline".into() }),
+            result: Err(ErrorReply {
+                status: Status::InvalidName,
+                message: "id has\nnewline".into(),
+            }),
         };
         assert_eq!(format_response(&req, &err), "-ERR INVALID_NAME id has newline\n");
-        let ev = Event::LockLost { kind: "k".into(), id: "i".into(), token: 7, reason: LostReason::LeaseExpired };
+        let ev = Event::LockLost {
+            kind: "k".into(),
+            id: "i".into(),
+            token: 7,
+            reason: LostReason::LeaseExpired,
+        };
         assert_eq!(format_event(&ev), "!LOST k i token=7 reason=lease_expired\n");
     }
 }

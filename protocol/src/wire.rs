@@ -65,7 +65,9 @@ impl Reader {
     /// Fails if bytes are left over: a body longer than its message is malformed.
     pub(crate) fn finish(self) -> Result<(), BodyError> {
         if self.buf.has_remaining() {
-            Err(BodyError::TrailingBytes { len: self.buf.remaining() })
+            Err(BodyError::TrailingBytes {
+                len: self.buf.remaining(),
+            })
         } else {
             Ok(())
         }

@@ -15,8 +15,8 @@
 use bytes::{BufMut, BytesMut};
 use clastor_protocol::text::{self, Command};
 use clastor_protocol::{
-    Acquire, AcquireOk, ClastorCodec, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello,
-    HelloOk, KindMode, LockMode, LostReason, Request, Response, ResponseBody, Status, VersionInfo,
+    Acquire, AcquireOk, ClastorCodec, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello, HelloOk, KindMode,
+    LockMode, LostReason, Request, Response, ResponseBody, Status, VersionInfo,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -65,37 +65,30 @@ fn lock_mode() -> impl Strategy<Value = LockMode> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (any::<u8>(), any::<u8>(), any_string()).prop_map(
-            |(min_version, max_version, client_name)| {
-                Request::Hello(Hello {
-                    min_version,
-                    max_version,
-                    client_name,
-                })
-            }
-        ),
+        (any::<u8>(), any::<u8>(), any_string()).prop_map(|(min_version, max_version, client_name)| {
+            Request::Hello(Hello {
+                min_version,
+                max_version,
+                client_name,
+            })
+        }),
         Just(Request::Ping),
-        (
-            any_string(),
-            any_string(),
-            any::<u32>(),
-            any::<u32>(),
-            lock_mode()
-        )
-            .prop_map(
-                |(kind, id, wait_ms, lease_ms, mode)| Request::Acquire(Acquire {
-                    kind,
-                    id,
-                    wait_ms,
-                    lease_ms,
-                    mode
-                })
-            ),
+        (any_string(), any_string(), any::<u32>(), any::<u32>(), lock_mode()).prop_map(
+            |(kind, id, wait_ms, lease_ms, mode)| Request::Acquire(Acquire {
+                kind,
+                id,
+                wait_ms,
+                lease_ms,
+                mode
+            })
+        ),
         (any_string(), any_string()).prop_map(|(kind, id)| Request::Release { kind, id }),
-        (any_string(), any_string(), any::<u32>())
-            .prop_map(|(kind, id, lease_ms)| Request::Renew { kind, id, lease_ms }),
-        select(vec![HeldScope::Connection, HeldScope::Server])
-            .prop_map(|scope| Request::Held { scope }),
+        (any_string(), any_string(), any::<u32>()).prop_map(|(kind, id, lease_ms)| Request::Renew {
+            kind,
+            id,
+            lease_ms
+        }),
+        select(vec![HeldScope::Connection, HeldScope::Server]).prop_map(|scope| Request::Held { scope }),
         any_string().prop_map(|kind| Request::Version { kind }),
         Just(Request::Info),
     ]
@@ -124,24 +117,17 @@ fn held_lock() -> impl Strategy<Value = HeldLock> {
 
 fn response_body() -> impl Strategy<Value = ResponseBody> {
     prop_oneof![
-        (
-            any::<u8>(),
-            any::<u64>(),
-            any::<u32>(),
-            any::<u32>(),
-            any_string()
-        )
-            .prop_map(
-                |(version, connection_id, max_frame_len, max_in_flight, server)| {
-                    ResponseBody::Hello(HelloOk {
-                        version,
-                        connection_id,
-                        max_frame_len,
-                        max_in_flight,
-                        server,
-                    })
-                }
-            ),
+        (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>(), any_string()).prop_map(
+            |(version, connection_id, max_frame_len, max_in_flight, server)| {
+                ResponseBody::Hello(HelloOk {
+                    version,
+                    connection_id,
+                    max_frame_len,
+                    max_in_flight,
+                    server,
+                })
+            }
+        ),
         Just(ResponseBody::Pong),
         (any::<u64>(), any::<u32>(), any_string()).prop_map(|(token, lease_ms, version)| {
             ResponseBody::Acquired(AcquireOk {
@@ -151,25 +137,16 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
             })
         }),
         any::<bool>().prop_map(|released| ResponseBody::Released { released }),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(token, lease_ms)| ResponseBody::Renewed { token, lease_ms }),
+        (any::<u64>(), any::<u32>()).prop_map(|(token, lease_ms)| ResponseBody::Renewed { token, lease_ms }),
         vec(held_lock(), 0..4).prop_map(ResponseBody::Held),
-        (
-            any_string(),
-            select(vec![KindMode::Normal, KindMode::Draining])
-        )
+        (any_string(), select(vec![KindMode::Normal, KindMode::Draining]))
             .prop_map(|(version, mode)| ResponseBody::Version(VersionInfo { version, mode })),
         vec((any_string(), any_string()), 0..4).prop_map(ResponseBody::Info),
     ]
 }
 
 fn error_status() -> impl Strategy<Value = Status> {
-    select(
-        Status::ALL
-            .into_iter()
-            .filter(|s| *s != Status::Ok)
-            .collect::<Vec<_>>(),
-    )
+    select(Status::ALL.into_iter().filter(|s| *s != Status::Ok).collect::<Vec<_>>())
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -193,16 +170,15 @@ fn lost_reason() -> impl Strategy<Value = LostReason> {
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        (any_string(), any_string(), any::<u64>(), lost_reason()).prop_map(
-            |(kind, id, token, reason)| Event::LockLost {
+        (any_string(), any_string(), any::<u64>(), lost_reason()).prop_map(|(kind, id, token, reason)| {
+            Event::LockLost {
                 kind,
                 id,
                 token,
-                reason
+                reason,
             }
-        ),
-        (select(Status::ALL.to_vec()), any_string())
-            .prop_map(|(status, message)| Event::Closing { status, message }),
+        }),
+        (select(Status::ALL.to_vec()), any_string()).prop_map(|(status, message)| Event::Closing { status, message }),
     ]
 }
 
@@ -270,8 +246,7 @@ fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
         Mutation::Truncate(i) => bytes.truncate(i % n),
         Mutation::SetLength(v) if n >= 4 => bytes[..4].copy_from_slice(&v.to_be_bytes()),
         Mutation::NudgeLength(d) if n >= 4 => {
-            let v = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-                .wrapping_add_signed(i32::from(d));
+            let v = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]).wrapping_add_signed(i32::from(d));
             bytes[..4].copy_from_slice(&v.to_be_bytes());
         }
         Mutation::SetLength(_) | Mutation::NudgeLength(_) => {}
@@ -300,10 +275,7 @@ fn decode_in_pieces(input: &[u8], cuts: &[usize]) -> Outcome {
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    assert!(
-                        frame.body.len() + HEADER_LEN <= LIMIT,
-                        "frame over the limit"
-                    );
+                    assert!(frame.body.len() + HEADER_LEN <= LIMIT, "frame over the limit");
                     frames.push(frame);
                 }
                 Ok(None) => break,
@@ -344,10 +316,7 @@ fn decode_bodies(frame: &Frame) {
         let mut again = BytesMut::new();
         event.encode(&mut again);
         let mut codec = ClastorCodec::new(clastor_protocol::MAX_FRAME_LEN_CEILING);
-        let f = codec
-            .decode(&mut again)
-            .expect("own encoding")
-            .expect("whole");
+        let f = codec.decode(&mut again).expect("own encoding").expect("whole");
         assert_eq!(Event::decode(&f.header, f.body), Ok(event));
     }
 }

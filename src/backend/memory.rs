@@ -98,7 +98,10 @@ impl MemoryBackend {
     /// Holder plus queued waiters of one key (0 when the key is free and
     /// forgotten).
     pub fn contenders(&self, key: &LockKey) -> usize {
-        self.inner.keys.get(key).map_or(0, |s| usize::from(s.holder.is_some()) + s.waiters.len())
+        self.inner
+            .keys
+            .get(key)
+            .map_or(0, |s| usize::from(s.holder.is_some()) + s.waiters.len())
     }
 
     /// Number of queued waiters across all keys.
@@ -126,7 +129,8 @@ impl Inner {
         let empty = state.holder.is_none() && state.waiters.is_empty();
         drop(state);
         if empty {
-            self.keys.remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
+            self.keys
+                .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
         }
     }
 
@@ -164,7 +168,8 @@ impl Inner {
         let empty = state.holder.is_none() && state.waiters.is_empty();
         drop(state);
         if empty {
-            self.keys.remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
+            self.keys
+                .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
         }
         None
     }
@@ -209,7 +214,11 @@ impl Backend for MemoryBackend {
         let grant = |token| Grant {
             token,
             version: inner.version.clone(),
-            guard: MemoryGuard { inner: self.inner.clone(), key: key.clone(), ticket },
+            guard: MemoryGuard {
+                inner: self.inner.clone(),
+                key: key.clone(),
+                ticket,
+            },
         };
         let rx = {
             let mut state = inner.keys.entry(key.clone()).or_default();
@@ -224,7 +233,13 @@ impl Backend for MemoryBackend {
             state.waiters.push_back(Waiter { ticket, grant: tx });
             rx
         };
-        let mut wait = WaitGuard { inner, key, ticket, rx, armed: true };
+        let mut wait = WaitGuard {
+            inner,
+            key,
+            ticket,
+            rx,
+            armed: true,
+        };
         match tokio::time::timeout(req.wait, &mut wait.rx).await {
             Ok(Ok(token)) => {
                 wait.armed = false;
@@ -252,7 +267,10 @@ impl Backend for MemoryBackend {
     }
 
     async fn version(&self, _kind: &str) -> Result<KindVersion, BackendError> {
-        Ok(KindVersion { version: self.inner.version.clone(), mode: KindMode::Normal })
+        Ok(KindVersion {
+            version: self.inner.version.clone(),
+            mode: KindMode::Normal,
+        })
     }
 
     fn info(&self) -> Vec<(String, String)> {
@@ -268,4 +286,3 @@ impl Backend for MemoryBackend {
         self.inner.keys.iter_mut().for_each(|mut s| s.waiters.clear());
     }
 }
-

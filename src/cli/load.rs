@@ -49,14 +49,16 @@ pub enum Keys {
 
 /// Measure throughput and latency against a floor from the same run.
 #[derive(Debug, Args)]
-#[command(long_about = "Measure throughput and latency (p50/p90/p99) against floors measured in \
+#[command(
+    long_about = "Measure throughput and latency (p50/p90/p99) against floors measured in \
 the same run: a loopback TCP echo of the same frame sizes, and with --zk raw ZooKeeper \
 create+delete pairs over the same number of sessions.\n\n\
 Without --server, an in-process server is started on 127.0.0.1 (memory backend, or ZooKeeper \
 with --zk). Each client is its own connection and keeps one request outstanding (closed loop).\n\n\
 Examples:\n  clastor load                                 # in-memory server, 1 client\n  \
 clastor load --clients 64 --duration 10s\n  clastor load --zk 127.0.0.1:2181 --clients 64     # ZooKeeper backend vs raw ZooKeeper\n  \
-clastor load --server 10.0.0.5:7070 --op ping")]
+clastor load --server 10.0.0.5:7070 --op ping"
+)]
 pub struct LoadArgs {
     /// Server to load; without it, one is started in this process.
     #[arg(long, value_name = "HOST:PORT")]
@@ -155,8 +157,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         (Some(addr), _) => (addr.clone(), None),
         (None, None) => start(MemoryBackend::new()).await?,
         (None, Some(zk)) => {
-            let cfg = ZkConfig { hosts: zk.clone(), sessions: args.zk_sessions.max(1), ..ZkConfig::default() };
-            let backend = ZooKeeperBackend::connect(cfg).await.with_context(|| format!("ZooKeeper at {zk}"))?;
+            let cfg = ZkConfig {
+                hosts: zk.clone(),
+                sessions: args.zk_sessions.max(1),
+                ..ZkConfig::default()
+            };
+            let backend = ZooKeeperBackend::connect(cfg)
+                .await
+                .with_context(|| format!("ZooKeeper at {zk}"))?;
             start(backend).await?
         }
     };
@@ -177,28 +185,39 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let clients = connect_all(&addr, args.clients).await?;
     if matches!(args.op, Op::Ping | Op::All) {
         let c = clients.clone();
-        measure(&args, "clastor PING", op_fn(move |i| {
-            let c = c[i].clone();
-            async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
-        }))
+        measure(
+            &args,
+            "clastor PING",
+            op_fn(move |i| {
+                let c = c[i].clone();
+                async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
+            }),
+        )
         .await
         .print(args.json);
     }
     if matches!(args.op, Op::AcquireRelease | Op::All) {
         let shared = args.keys == Keys::Shared;
-        let name = format!("clastor acquire+release ({})", if shared { "1 key" } else { "distinct keys" });
+        let name = format!(
+            "clastor acquire+release ({})",
+            if shared { "1 key" } else { "distinct keys" }
+        );
         let c = clients.clone();
-        measure(&args, &name, op_fn(move |i| {
-            let c = c[i].clone();
-            let id = if shared { "shared".to_owned() } else { format!("k{i}") };
-            async move {
-                let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
-                match guard {
-                    Some(g) => g.release().await.map_err(anyhow::Error::from),
-                    None => bail!("not granted within 30 s"),
+        measure(
+            &args,
+            &name,
+            op_fn(move |i| {
+                let c = c[i].clone();
+                let id = if shared { "shared".to_owned() } else { format!("k{i}") };
+                async move {
+                    let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
+                    match guard {
+                        Some(g) => g.release().await.map_err(anyhow::Error::from),
+                        None => bail!("not granted within 30 s"),
+                    }
                 }
-            }
-        }))
+            }),
+        )
         .await
         .print(args.json);
     }
@@ -220,7 +239,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
 }
 
 async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>)> {
-    let config = ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..ServerConfig::default() };
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ServerConfig::default()
+    };
     let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config).await?;
     Ok((handle.local_addr().to_string(), Some(handle)))
 }
@@ -228,7 +250,13 @@ async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerH
 async fn connect_all(addr: &str, n: usize) -> anyhow::Result<Arc<Vec<Client>>> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        clients.push(Client::builder(addr).client_name("clastor-load").connect().await.with_context(|| format!("connect to {addr}"))?);
+        clients.push(
+            Client::builder(addr)
+                .client_name("clastor-load")
+                .connect()
+                .await
+                .with_context(|| format!("connect to {addr}"))?,
+        );
     }
     Ok(Arc::new(clients))
 }
@@ -282,7 +310,13 @@ async fn measure_n(args: &LoadArgs, workers: usize, name: &str, op: OpFn) -> Rep
     phase(workers, args.warmup, op.clone()).await;
     let started = Instant::now();
     let results = phase(workers, args.duration, op).await;
-    let mut report = Report { name: name.to_owned(), ops: 0, elapsed: started.elapsed(), hist: new_hist(), errors: 0 };
+    let mut report = Report {
+        name: name.to_owned(),
+        ops: 0,
+        elapsed: started.elapsed(),
+        hist: new_hist(),
+        errors: 0,
+    };
     for (hist, errors) in results {
         report.ops += hist.len();
         let _ = report.hist.add(&hist);
@@ -381,7 +415,10 @@ async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
         sessions.push(client);
     }
     let root = "/clastor-load-floor";
-    match sessions[0].create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
+    match sessions[0]
+        .create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+        .await
+    {
         Ok(_) | Err(ZkError::NodeExists) => {}
         Err(e) => bail!("create {root}: {e}"),
     }
@@ -396,7 +433,9 @@ async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
             async move {
                 let client = &sessions[i % sessions.len()];
                 let path = format!("{root}/p{run}-c{i}");
-                client.create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all())).await?;
+                client
+                    .create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all()))
+                    .await?;
                 client.delete(&path, None).await?;
                 Ok(())
             }
@@ -422,19 +461,31 @@ struct Pair {
 async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
     let pairs: Vec<_> = clients
         .chunks_exact(2)
-        .map(|c| tokio::sync::Mutex::new(Pair { clients: [c[0].clone(), c[1].clone()], holder: 0, held: None }))
+        .map(|c| {
+            tokio::sync::Mutex::new(Pair {
+                clients: [c[0].clone(), c[1].clone()],
+                holder: 0,
+                held: None,
+            })
+        })
         .collect();
     let n = pairs.len().max(1);
     let pairs = Arc::new(pairs);
     let op = timed_op_fn(move |i| {
         let pairs = pairs.clone();
         async move {
-            let Some(pair) = pairs.get(i) else { bail!("--op handoff needs at least 2 clients") };
+            let Some(pair) = pairs.get(i) else {
+                bail!("--op handoff needs at least 2 clients")
+            };
             let mut p = pair.lock().await;
             let key = format!("handoff-{i}");
             let wait = Duration::from_secs(30);
             if p.held.is_none() {
-                let g = p.clients[p.holder].lock("load", key.clone()).wait(wait).acquire().await?;
+                let g = p.clients[p.holder]
+                    .lock("load", key.clone())
+                    .wait(wait)
+                    .acquire()
+                    .await?;
                 p.held = Some(g.context("holder not granted")?);
             }
             let waiter = p.clients[1 - p.holder].clone();
@@ -471,7 +522,10 @@ async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report
         sessions.push(client);
     }
     let root = "/clastor-load-floor";
-    match sessions[0].create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
+    match sessions[0]
+        .create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+        .await
+    {
         Ok(_) | Err(ZkError::NodeExists) => {}
         Err(e) => bail!("create {root}: {e}"),
     }
@@ -481,7 +535,9 @@ async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report
         let sessions = sessions.clone();
         async move {
             let path = format!("{root}/h{run}-{i}");
-            sessions[0].create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all())).await?;
+            sessions[0]
+                .create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all()))
+                .await?;
             let (stat, watcher) = sessions[1].check_and_watch_stat(&path).await?;
             if stat.is_none() {
                 bail!("node vanished before the watch was set");

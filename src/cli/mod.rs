@@ -1,18 +1,25 @@
 //! Command-line parsing and dispatch for the `clastor` binary. Each subcommand
 //! lives in its own file with its clap arguments.
 
+mod load;
+mod lock;
+mod oneshot;
 mod serve;
+mod shell;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Clastor: a distributed lock service with fencing tokens and lost-lock events.
 #[derive(Debug, Parser)]
 #[command(name = "clastor", version, propagate_version = true)]
-#[command(long_about = "Clastor: a distributed lock service with fencing tokens and lost-lock events.\n\n\
+#[command(
+    long_about = "Clastor: a distributed lock service with fencing tokens and lost-lock events.\n\n\
 Run `clastor serve` to start a server (in-memory backend by default). The other \
-subcommands talk to a running server.")]
+subcommands talk to a running server."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,8 +27,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a Clastor server.
     Serve(serve::ServeArgs),
+    Load(load::LoadArgs),
+    // The client-side subcommands take their help (short and long, with
+    // examples and exit codes) from their argument structs; a doc comment
+    // here would replace it.
+    Shell(shell::ShellArgs),
+    Lock(lock::LockArgs),
+    Ping(oneshot::PingArgs),
+    Acquire(oneshot::AcquireArgs),
+    Release(oneshot::ReleaseArgs),
+    Held(oneshot::HeldArgs),
+    Version(oneshot::VersionArgs),
+    Info(oneshot::InfoArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -29,5 +47,54 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Load(args) => load::run(args),
+        Command::Shell(args) => shell::run(args),
+        Command::Lock(args) => lock::run(args),
+        Command::Ping(args) => oneshot::ping(args),
+        Command::Acquire(args) => oneshot::acquire(args),
+        Command::Release(args) => oneshot::release(args),
+        Command::Held(args) => oneshot::held(args),
+        Command::Version(args) => oneshot::version(args),
+        Command::Info(args) => oneshot::info(args),
     }
+}
+
+/// Where the client-side subcommands find the server.
+#[derive(Debug, Clone, Args)]
+struct ServerOpt {
+    /// Server address.
+    #[arg(
+        long,
+        short = 's',
+        env = "CLASTOR_SERVER",
+        default_value = "127.0.0.1:7070",
+        value_name = "HOST:PORT"
+    )]
+    server: String,
+    /// Give up connecting after this long.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+}
+
+impl ServerOpt {
+    /// A client with one connection to the server.
+    async fn connect(&self) -> Result<clastor_client::Client, clastor_client::Error> {
+        clastor_client::Client::builder(self.server.as_str())
+            .client_name(concat!("clastor-cli/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(self.connect_timeout)
+            .connect()
+            .await
+    }
+}
+
+/// Logging and a single-threaded runtime for the client-side subcommands:
+/// they drive one connection, so a second thread would only add hops.
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }

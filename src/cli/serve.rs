@@ -143,7 +143,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn zookeeper(args: &ServeArgs) -> anyhow::Result<clastor::backend::zookeeper::ZooKeeperBackend> {
     use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
-    let hosts = args.zk.clone().context("--backend zookeeper needs --zk HOST:PORT[,HOST:PORT...] (or CLASTOR_ZK)")?;
+    let hosts = args
+        .zk
+        .clone()
+        .context("--backend zookeeper needs --zk HOST:PORT[,HOST:PORT...] (or CLASTOR_ZK)")?;
     let config = ZkConfig {
         hosts: hosts.clone(),
         root: args.zk_root.clone(),
@@ -152,13 +155,17 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<clastor::backend::zookeep
         session_timeout: args.zk_session_timeout,
     };
     info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
-    ZooKeeperBackend::connect(config).await.with_context(|| format!("cannot use ZooKeeper at {hosts}"))
+    ZooKeeperBackend::connect(config)
+        .await
+        .with_context(|| format!("cannot use ZooKeeper at {hosts}"))
 }
 
 async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {
     let listen = config.listen;
     let engine = Engine::new(backend, engine_config);
-    let handle = server::spawn(engine, config).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let handle = server::spawn(engine, config)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let token = handle.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -166,12 +166,21 @@ impl<B: Backend> Conn<B> {
     }
 
     fn push_lost(&mut self, ev: &crate::session::LostEvent) {
-        Event::LockLost { kind: ev.key.kind().to_owned(), id: ev.key.id().to_owned(), token: ev.token, reason: ev.reason }
-            .encode(self.framed.write_buffer_mut());
+        Event::LockLost {
+            kind: ev.key.kind().to_owned(),
+            id: ev.key.id().to_owned(),
+            token: ev.token,
+            reason: ev.reason,
+        }
+        .encode(self.framed.write_buffer_mut());
     }
 
     fn push_closing(&mut self, status: Status, message: impl Into<String>) {
-        Event::Closing { status, message: message.into() }.encode(self.framed.write_buffer_mut());
+        Event::Closing {
+            status,
+            message: message.into(),
+        }
+        .encode(self.framed.write_buffer_mut());
     }
 
     fn say_goodbye_on_shutdown(&mut self) {
@@ -223,7 +232,8 @@ impl<B: Backend> Conn<B> {
         };
         if header.request_id == clastor_protocol::EVENT_REQUEST_ID {
             stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            reply_err(Status::BadRequest, "request id 0 is reserved for events".into()).encode(self.framed.write_buffer_mut());
+            reply_err(Status::BadRequest, "request id 0 is reserved for events".into())
+                .encode(self.framed.write_buffer_mut());
             return Flow::Continue;
         }
         match (self.handshaken, req) {
@@ -250,10 +260,13 @@ impl<B: Backend> Conn<B> {
                 });
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
-            (false, _) => reply_err(Status::HandshakeRequired, "send HELLO first".into())
-                .encode(self.framed.write_buffer_mut()),
-            (true, Request::Hello(_)) => reply_err(Status::BadRequest, "HELLO was already done on this connection".into())
-                .encode(self.framed.write_buffer_mut()),
+            (false, _) => {
+                reply_err(Status::HandshakeRequired, "send HELLO first".into()).encode(self.framed.write_buffer_mut())
+            }
+            (true, Request::Hello(_)) => {
+                reply_err(Status::BadRequest, "HELLO was already done on this connection".into())
+                    .encode(self.framed.write_buffer_mut())
+            }
             (true, req) => {
                 let ctx = self.ctx.clone();
                 let shared = self.shared.clone();

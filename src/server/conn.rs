@@ -47,7 +47,10 @@ pub(super) async fn serve<B: Backend>(
     let (session, lost) = shared.engine.open_session(peer.to_string());
     let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
     shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
-    let ctx = Ctx { engine: shared.engine.clone(), session: session.clone() };
+    let ctx = Ctx {
+        engine: shared.engine.clone(),
+        session: session.clone(),
+    };
     async {
         debug!("connection opened");
         if binary {
@@ -74,10 +77,15 @@ pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) 
     debug!(%peer, max, "refusing connection: limit reached");
     let message = format!("too many connections (limit {max}); try again later");
     let mut first = [0u8; 1];
-    let binary = matches!(tokio::time::timeout(REFUSAL_PEEK, stream.peek(&mut first)).await, Ok(Ok(1..)) if first[0] == 0);
+    let binary =
+        matches!(tokio::time::timeout(REFUSAL_PEEK, stream.peek(&mut first)).await, Ok(Ok(1..)) if first[0] == 0);
     let bytes = if binary {
         let mut buf = BytesMut::new();
-        Event::Closing { status: Status::LimitExceeded, message }.encode(&mut buf);
+        Event::Closing {
+            status: Status::LimitExceeded,
+            message,
+        }
+        .encode(&mut buf);
         buf.to_vec()
     } else {
         format!("-ERR {} {message}\n", Status::LimitExceeded.name()).into_bytes()

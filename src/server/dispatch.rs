@@ -24,12 +24,18 @@ pub(crate) struct Ctx<B: Backend> {
 
 impl<B: Backend> Clone for Ctx<B> {
     fn clone(&self) -> Self {
-        Ctx { engine: self.engine.clone(), session: self.session.clone() }
+        Ctx {
+            engine: self.engine.clone(),
+            session: self.session.clone(),
+        }
     }
 }
 
 fn err(status: Status, message: impl Into<String>) -> ErrorReply {
-    ErrorReply { status, message: message.into() }
+    ErrorReply {
+        status,
+        message: message.into(),
+    }
 }
 
 impl From<LockError> for ErrorReply {
@@ -81,7 +87,10 @@ pub(crate) async fn dispatch<B: Backend>(
         Request::Renew { kind, id, lease_ms } => {
             let key = key(&kind, &id)?;
             let g = ctx.session.renew(&key, ms(lease_ms))?;
-            Ok(ResponseBody::Renewed { token: g.token, lease_ms })
+            Ok(ResponseBody::Renewed {
+                token: g.token,
+                lease_ms,
+            })
         }
         Request::Held { scope } => {
             let held = match scope {
@@ -92,7 +101,10 @@ pub(crate) async fn dispatch<B: Backend>(
         }
         Request::Version { kind } => {
             let v = ctx.engine.version(&kind).await?;
-            Ok(ResponseBody::Version(VersionInfo { version: v.version.to_string(), mode: v.mode }))
+            Ok(ResponseBody::Version(VersionInfo {
+                version: v.version.to_string(),
+                mode: v.mode,
+            }))
         }
         Request::Info => Ok(ResponseBody::Info(shared.info())),
     }

@@ -97,7 +97,11 @@ pub(crate) struct Shared<B: Backend> {
 
 impl<B: Backend> Shared<B> {
     pub(crate) fn server_name(&self) -> String {
-        format!("clastor {} ({})", env!("CARGO_PKG_VERSION"), self.engine.backend().name())
+        format!(
+            "clastor {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            self.engine.backend().name()
+        )
     }
 
     pub(crate) fn info(&self) -> Vec<(String, String)> {
@@ -162,11 +166,21 @@ impl ServerHandle {
 pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> io::Result<ServerHandle> {
     let listener = bind(config.listen)?;
     let local_addr = listener.local_addr()?;
-    let shared = Arc::new(Shared { engine, config, stats: ServerStats::default(), local_addr, started: Instant::now() });
+    let shared = Arc::new(Shared {
+        engine,
+        config,
+        stats: ServerStats::default(),
+        local_addr,
+        started: Instant::now(),
+    });
     let shutdown = CancellationToken::new();
     let join = tokio::spawn(accept_loop(listener, shared, shutdown.clone()));
     info!(%local_addr, "listening");
-    Ok(ServerHandle { local_addr, shutdown, join })
+    Ok(ServerHandle {
+        local_addr,
+        shutdown,
+        join,
+    })
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -231,7 +245,10 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<Shared<B>>, 
     drop(listener);
     tracker.close();
     info!(connections = tracker.len(), "shutting down");
-    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("shutdown grace period ran out with connections still open");
     }
     // Whatever is still open is released here.

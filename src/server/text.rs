@@ -172,4 +172,3 @@ fn command<B: Backend>(line: &str, ctx: &Ctx<B>, shared: &Arc<Shared<B>>, readin
         }
     }
 }
-

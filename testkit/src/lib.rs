@@ -34,9 +34,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// `java` or a ZooKeeper jar is missing.
-    #[error(
-        "ZooKeeper is not installed: {0} (install with `apt-get install -y zookeeper`; Java 17 is required)"
-    )]
+    #[error("ZooKeeper is not installed: {0} (install with `apt-get install -y zookeeper`; Java 17 is required)")]
     NotInstalled(String),
     /// A local I/O operation (temp dir, config file, process spawn) failed.
     #[error("{what}: {source}")]

@@ -54,10 +54,7 @@ pub(crate) fn check_installed() -> Result<(), Error> {
     for jar in REQUIRED_JARS {
         let path = Path::new(JAVA_DIR).join(jar);
         if !path.exists() {
-            return Err(Error::NotInstalled(format!(
-                "{} is missing",
-                path.display()
-            )));
+            return Err(Error::NotInstalled(format!("{} is missing", path.display())));
         }
     }
     match Command::new("java")
@@ -67,9 +64,7 @@ pub(crate) fn check_installed() -> Result<(), Error> {
         .status()
     {
         Ok(status) if status.success() => Ok(()),
-        Ok(status) => Err(Error::NotInstalled(format!(
-            "`java -version` failed: {status}"
-        ))),
+        Ok(status) => Err(Error::NotInstalled(format!("`java -version` failed: {status}"))),
         Err(e) => Err(Error::NotInstalled(format!("cannot run `java`: {e}"))),
     }
 }
@@ -128,20 +123,12 @@ impl Node {
         let _ = writeln!(cfg, "clientPortAddress=127.0.0.1");
         let _ = writeln!(cfg, "admin.enableServer=false");
         let _ = writeln!(cfg, "4lw.commands.whitelist=*");
-        let _ = writeln!(
-            cfg,
-            "forceSync={}",
-            if settings.force_sync { "yes" } else { "no" }
-        );
+        let _ = writeln!(cfg, "forceSync={}", if settings.force_sync { "yes" } else { "no" });
         let _ = writeln!(cfg, "minSessionTimeout={}", 2 * tick);
         let _ = writeln!(cfg, "maxSessionTimeout=60000");
         let _ = writeln!(cfg, "maxClientCnxns=0");
         for (sid, ports) in peers {
-            let _ = writeln!(
-                cfg,
-                "server.{sid}=127.0.0.1:{}:{}",
-                ports.quorum, ports.election
-            );
+            let _ = writeln!(cfg, "server.{sid}=127.0.0.1:{}:{}", ports.quorum, ports.election);
         }
         fs::write(self.config_path(), cfg)
             .map_err(|e| Error::io(format!("writing {}", self.config_path().display()), e))?;
@@ -192,9 +179,7 @@ impl Node {
             .stderr(Stdio::from(log_err))
             .spawn()
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    Error::NotInstalled(format!("cannot run `java`: {e}"))
-                }
+                std::io::ErrorKind::NotFound => Error::NotInstalled(format!("cannot run `java`: {e}")),
                 _ => Error::io("spawning java", e),
             })?;
         let pid = child.id();
@@ -222,10 +207,7 @@ impl Node {
 
     /// If the JVM exited, its status (and the node is marked not running).
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        let status = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())?;
+        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())?;
         self.child = None;
         self.reap_watchdog();
         Some(status)

@@ -59,13 +59,9 @@ mod tests {
 
     #[test]
     fn parses_modes() {
-        let answer =
-            "Zookeeper version: 3.8.0\nLatency min/avg/max: 0/0.0/0\nMode: leader\nNode count: 5\n";
+        let answer = "Zookeeper version: 3.8.0\nLatency min/avg/max: 0/0.0/0\nMode: leader\nNode count: 5\n";
         assert_eq!(Mode::from_srvr(answer), Some(Mode::Leader));
-        assert_eq!(
-            Mode::from_srvr("Mode: standalone\n"),
-            Some(Mode::Standalone)
-        );
+        assert_eq!(Mode::from_srvr("Mode: standalone\n"), Some(Mode::Standalone));
         assert_eq!(
             Mode::from_srvr("This ZooKeeper instance is not currently serving requests\n"),
             None

@@ -234,10 +234,7 @@ impl ZooKeeper {
 
     /// The last `lines` lines of node `i`'s log.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        self.nodes
-            .get(i)
-            .map(|n| n.log_tail(lines))
-            .unwrap_or_default()
+        self.nodes.get(i).map(|n| n.log_tail(lines)).unwrap_or_default()
     }
 
     fn node_mut(&mut self, i: usize) -> Result<&mut Node, Error> {
@@ -260,8 +257,7 @@ impl ZooKeeper {
 
     /// Index of the node that says `Mode: leader` (or the standalone server).
     pub fn leader(&self) -> Option<usize> {
-        (0..self.nodes.len())
-            .find(|&i| matches!(self.mode(i), Some(Mode::Leader | Mode::Standalone)))
+        (0..self.nodes.len()).find(|&i| matches!(self.mode(i), Some(Mode::Leader | Mode::Standalone)))
     }
 
     /// Freezes node `i` with SIGSTOP: its sockets stay open but nothing is

@@ -38,16 +38,10 @@ fn standalone_starts_answers_srvr_and_stops_on_drop() -> Result<(), Box<dyn std:
     assert_eq!(zk.leader(), Some(0));
     let pid = zk.pid(0).ok_or("no pid")?;
     let dir = zk.dir().to_path_buf();
-    assert!(
-        zk.log_tail(0, 100).contains("QuorumPeerMain")
-            || zk.log_tail(0, 400).contains("ZooKeeperServer")
-    );
+    assert!(zk.log_tail(0, 100).contains("QuorumPeerMain") || zk.log_tail(0, 400).contains("ZooKeeperServer"));
 
     drop(zk);
-    assert!(
-        !process_exists(pid),
-        "ZooKeeper pid {pid} still runs after drop"
-    );
+    assert!(!process_exists(pid), "ZooKeeper pid {pid} still runs after drop");
     assert!(!dir.exists(), "temp dir {} left behind", dir.display());
     assert!(
         srvr(addr, Duration::from_millis(500)).is_err(),
@@ -65,8 +59,7 @@ fn freeze_stops_answers_and_thaw_resumes() -> Result<(), Box<dyn std::error::Err
         "a frozen server answered srvr"
     );
     zk.thaw(0)?;
-    assert!(wait_until(Duration::from_secs(10), || zk.mode(0)
-        == Some(Mode::Standalone)));
+    assert!(wait_until(Duration::from_secs(10), || zk.mode(0) == Some(Mode::Standalone)));
     Ok(())
 }
 
@@ -93,17 +86,13 @@ fn ensemble_elects_a_leader_and_survives_its_loss() -> Result<(), Box<dyn std::e
     assert_eq!(zk.len(), 3);
     assert_eq!(zk.connect_string().split(',').count(), 3);
     let leader = zk.leader().ok_or("no leader after start")?;
-    let followers = (0..3)
-        .filter(|&i| zk.mode(i) == Some(Mode::Follower))
-        .count();
+    let followers = (0..3).filter(|&i| zk.mode(i) == Some(Mode::Follower)).count();
     assert_eq!(followers, 2);
 
     zk.kill(leader)?;
     assert!(zk.is_down(leader)?);
     assert!(
-        wait_until(Duration::from_secs(30), || zk
-            .leader()
-            .is_some_and(|l| l != leader)),
+        wait_until(Duration::from_secs(30), || zk.leader().is_some_and(|l| l != leader)),
         "no new leader after killing node {leader}"
     );
     zk.restart(leader)?;

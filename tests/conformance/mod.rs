@@ -157,16 +157,9 @@ async fn try_once_on_held_lock_is_not_granted<B: Backend>(env: Env<B>) {
     let (a, _) = env.session(0);
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
-    assert_eq!(
-        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
-        None
-    );
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
     assert!(b.held().is_empty());
-    assert_eq!(
-        env.contenders(&key).await,
-        1,
-        "a failed try leaves nothing behind"
-    );
+    assert_eq!(env.contenders(&key).await, 1, "a failed try leaves nothing behind");
 }
 
 async fn wait_runs_out_after_the_timeout<B: Backend>(env: Env<B>) {
@@ -175,21 +168,10 @@ async fn wait_runs_out_after_the_timeout<B: Backend>(env: Env<B>) {
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
     let t0 = Instant::now();
-    assert_eq!(
-        b.acquire(&key, wait(Duration::from_millis(200)))
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(b.acquire(&key, wait(Duration::from_millis(200))).await.unwrap(), None);
     let took = t0.elapsed();
-    assert!(
-        took >= Duration::from_millis(200),
-        "gave up early, after {took:?}"
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "gave up far too late, after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(200), "gave up early, after {took:?}");
+    assert!(took < Duration::from_secs(5), "gave up far too late, after {took:?}");
 }
 
 async fn release_hands_over_to_waiter_with_larger_token<B: Backend>(env: Env<B>) {
@@ -239,11 +221,7 @@ async fn waiters_are_served_in_fifo_order<B: Backend>(env: Env<B>) {
         t.await.unwrap();
     }
     let ids: Vec<usize> = got.iter().map(|g| g.0).collect();
-    assert_eq!(
-        ids,
-        vec![0, 1, 2, 3],
-        "waiters granted out of arrival order"
-    );
+    assert_eq!(ids, vec![0, 1, 2, 3], "waiters granted out of arrival order");
     assert!(
         got.windows(2).all(|w| w[0].1 < w[1].1),
         "tokens not increasing: {got:?}"
@@ -257,22 +235,14 @@ async fn timed_out_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
     let (b, _) = env.session(1);
     must_acquire(&a, &key).await;
     for _ in 0..3 {
-        assert_eq!(
-            b.acquire(&key, wait(Duration::from_millis(50)))
-                .await
-                .unwrap(),
-            None
-        );
+        assert_eq!(b.acquire(&key, wait(Duration::from_millis(50))).await.unwrap(), None);
     }
     env.await_contenders(&key, 1).await;
     assert!(a.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
     let (c, _) = env.session(2);
     assert!(
-        c.acquire(&key, AcquireOptions::try_once())
-            .await
-            .unwrap()
-            .is_some(),
+        c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(),
         "no ghost waiter got the lock"
     );
 }
@@ -291,18 +261,12 @@ async fn cancelled_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
     assert!(waiter.await.unwrap_err().is_cancelled());
     env.await_contenders(&key, 1).await;
     // The cancelled session may acquire the same key again: its pending mark is gone.
-    assert_eq!(
-        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
-        None
-    );
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
     assert!(a.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
     let (c, _) = env.session(2);
     assert!(
-        c.acquire(&key, AcquireOptions::try_once())
-            .await
-            .unwrap()
-            .is_some(),
+        c.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_some(),
         "the lock went to a cancelled waiter"
     );
     assert!(b.held().is_empty());
@@ -311,10 +275,7 @@ async fn cancelled_wait_leaves_nothing_behind<B: Backend>(env: Env<B>) {
 async fn release_is_idempotent_for_the_owner<B: Backend>(env: Env<B>) {
     let key = fresh_key("tx-1");
     let (a, _) = env.session(0);
-    assert!(
-        !a.release(&key).await.unwrap(),
-        "releasing a free lock is a no-op"
-    );
+    assert!(!a.release(&key).await.unwrap(), "releasing a free lock is a no-op");
     must_acquire(&a, &key).await;
     assert!(a.release(&key).await.unwrap());
     assert!(!a.release(&key).await.unwrap());
@@ -327,10 +288,7 @@ async fn release_by_another_owner_is_refused<B: Backend>(env: Env<B>) {
     let ta = must_acquire(&a, &key).await;
     assert!(matches!(b.release(&key).await, Err(LockError::NotOwner(_))));
     assert_eq!(a.held()[0].token, ta, "the owner still holds it");
-    assert_eq!(
-        b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
-        None
-    );
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
 }
 
 async fn second_acquire_by_the_same_session_is_refused<B: Backend>(env: Env<B>) {
@@ -370,20 +328,12 @@ async fn closing_a_session_releases_locks_and_withdraws_waits<B: Backend>(env: E
     // A connection going away: in-flight work is dropped, then the session closes.
     // Closing withdraws the wait still in flight.
     a.close().await;
-    assert!(matches!(
-        waiter.await.unwrap(),
-        Err(LockError::SessionClosed)
-    ));
+    assert!(matches!(waiter.await.unwrap(), Err(LockError::SessionClosed)));
     assert!(a.held().is_empty());
     env.await_contenders(&held, 0).await;
     env.await_contenders(&awaited, 1).await;
     let (b, _) = env.session(1);
-    assert!(
-        b.acquire(&held, AcquireOptions::try_once())
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(b.acquire(&held, AcquireOptions::try_once()).await.unwrap().is_some());
     assert!(matches!(
         a.acquire(&held, AcquireOptions::try_once()).await,
         Err(LockError::SessionClosed)
@@ -443,10 +393,7 @@ async fn lease_expiry_reports_lost_and_frees_the_lock<B: Backend>(env: Env<B>) {
         .await
         .expect("lost event in time")
         .unwrap();
-    assert!(
-        t0.elapsed() >= Duration::from_millis(200),
-        "lease ran out early"
-    );
+    assert!(t0.elapsed() >= Duration::from_millis(200), "lease ran out early");
     assert_eq!(
         (ev.key.clone(), ev.token, ev.reason),
         (key.clone(), g.token, LostReason::LeaseExpired)
@@ -488,10 +435,7 @@ async fn renew_extends_the_lease<B: Backend>(env: Env<B>) {
     let plain = fresh_key("plain");
     must_acquire(&a, &plain).await;
     a.renew(&plain, Duration::from_millis(100)).unwrap();
-    let ev = tokio::time::timeout(PATIENCE, events.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
     assert_eq!((ev.key, ev.reason), (plain, LostReason::LeaseExpired));
 }
 
@@ -553,10 +497,7 @@ async fn names_are_validated<B: Backend>(env: Env<B>) {
     }
     for kind in ["..", "a/b", "a\0", ""] {
         assert!(
-            matches!(
-                env.engines[0].version(kind).await,
-                Err(LockError::InvalidName(_))
-            ),
+            matches!(env.engines[0].version(kind).await, Err(LockError::InvalidName(_))),
             "{kind:?}"
         );
     }
@@ -586,10 +527,7 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
                     tokio::time::sleep(Duration::from_micros(200)).await;
                 }
                 let end = t0.elapsed();
-                assert!(
-                    s.release(&keys[k]).await.unwrap(),
-                    "lock vanished while held"
-                );
+                assert!(s.release(&keys[k]).await.unwrap(), "lock vanished while held");
                 log.push((k, token, start, end));
             }
             assert!(events.try_recv().is_none(), "no lock may be lost here");

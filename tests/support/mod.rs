@@ -24,7 +24,10 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 pub async fn start(config: ServerConfig, engine_config: EngineConfig) -> (ServerHandle, MemoryBackend) {
     let backend = MemoryBackend::new();
     let engine = Engine::new(backend.clone(), engine_config);
-    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..config
+    };
     (server::spawn(engine, config).await.unwrap(), backend)
 }
 
@@ -51,14 +54,21 @@ impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        Raw { framed: Framed::new(stream, ClastorCodec::new(clastor_protocol::MAX_FRAME_LEN_CEILING)), next_id: 1 }
+        Raw {
+            framed: Framed::new(stream, ClastorCodec::new(clastor_protocol::MAX_FRAME_LEN_CEILING)),
+            next_id: 1,
+        }
     }
 
     /// Connects and completes `HELLO`; returns the connection id.
     pub async fn hello(addr: SocketAddr) -> (Raw, u64) {
         let mut raw = Raw::connect(addr).await;
         let resp = raw
-            .call(Request::Hello(Hello { min_version: 1, max_version: 1, client_name: "raw-test".into() }))
+            .call(Request::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                client_name: "raw-test".into(),
+            }))
             .await;
         match resp.result {
             Ok(clastor_protocol::ResponseBody::Hello(h)) => (raw, h.connection_id),
@@ -81,7 +91,9 @@ impl Raw {
 
     /// The next frame from the server, decoded; `None` on EOF.
     pub async fn next(&mut self) -> Option<Incoming> {
-        let frame = tokio::time::timeout(PATIENCE, self.framed.next()).await.expect("server answered in time")?;
+        let frame = tokio::time::timeout(PATIENCE, self.framed.next())
+            .await
+            .expect("server answered in time")?;
         let Frame { header, body } = match frame {
             Ok(f) => f,
             // The server may reset a connection it closed with unread input.
@@ -131,7 +143,10 @@ pub struct Text {
 impl Text {
     pub async fn connect(addr: SocketAddr) -> Text {
         let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
-        Text { lines: BufReader::new(r).lines(), write: w }
+        Text {
+            lines: BufReader::new(r).lines(),
+            write: w,
+        }
     }
 
     pub async fn send(&mut self, line: &str) {
@@ -141,7 +156,11 @@ impl Text {
 
     /// The next line, `None` on EOF.
     pub async fn line(&mut self) -> Option<String> {
-        tokio::time::timeout(PATIENCE, self.lines.next_line()).await.expect("server answered in time").ok().flatten()
+        tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("server answered in time")
+            .ok()
+            .flatten()
     }
 
     pub async fn cmd(&mut self, line: &str) -> String {

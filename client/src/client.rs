@@ -1,0 +1,392 @@
+//! The [`Client`] handle: a small pool of connections, each kept up by a
+//! supervisor task that reconnects with backoff, and the low-level calls.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clastor_protocol::{HeldLock, HeldScope, Request, Response, ResponseBody, VersionInfo, name};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::{ClientBuilder, ServerAddr};
+use crate::conn::{self, Conn, Reply, Track};
+use crate::error::Error;
+use crate::event::{ClientEvent, EventStream};
+use crate::lock::LockRequest;
+
+/// A handle on a Clastor server: cheap to clone, `Send + Sync`, and meant to
+/// be shared by every task of an application. Requests from all clones are
+/// pipelined over the same connection(s).
+///
+/// The connections close when the last clone and the last
+/// [`LockGuard`](crate::LockGuard) are dropped.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    cfg: ClientBuilder,
+    slots: Vec<watch::Receiver<Slot>>,
+    next: AtomicUsize,
+    events: broadcast::Sender<ClientEvent>,
+    /// Stops the supervisors when the last clone goes.
+    _stop: DropGuard,
+}
+
+/// What a pool slot has right now.
+#[derive(Debug, Clone)]
+enum Slot {
+    Up(Conn),
+    /// Reconnecting; the last error seen.
+    Down(Error),
+}
+
+/// Facts about one connection, from its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// The server's id for the connection (as in `HELD` listings and logs).
+    pub connection_id: u64,
+    /// The server's self-description (`clastor 0.1.0 (memory)`).
+    pub server: String,
+    /// The address connected to.
+    pub peer: SocketAddr,
+    /// Requests the server processes at once on the connection.
+    pub max_in_flight: u32,
+    /// Largest frame the server accepts.
+    pub max_frame_len: u32,
+}
+
+impl Client {
+    /// Connects to `addr` with default settings (one connection).
+    ///
+    /// # Errors
+    /// See [`ClientBuilder::connect`].
+    ///
+    /// # Cancellation safety
+    /// Safe: dropping the future closes any connection made so far.
+    pub async fn connect(addr: impl Into<ServerAddr>) -> Result<Client, Error> {
+        ClientBuilder::new(addr).connect().await
+    }
+
+    /// A builder for non-default settings.
+    pub fn builder(addr: impl Into<ServerAddr>) -> ClientBuilder {
+        ClientBuilder::new(addr)
+    }
+
+    pub(crate) async fn from_builder(cfg: ClientBuilder) -> Result<Client, Error> {
+        let (events, _) = broadcast::channel(cfg.event_capacity);
+        let stop = CancellationToken::new();
+        // Armed before the first connection: an early return stops the
+        // supervisors already started.
+        let stop_guard = stop.clone().drop_guard();
+        let mut slots = Vec::with_capacity(cfg.connections);
+        for _ in 0..cfg.connections {
+            let conn = conn::connect(&cfg, events.clone()).await?;
+            let (tx, rx) = watch::channel(Slot::Up(conn.clone()));
+            tokio::spawn(supervise(cfg.clone(), tx, conn, events.clone(), stop.clone()));
+            slots.push(rx);
+        }
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                cfg,
+                slots,
+                next: AtomicUsize::new(0),
+                events,
+                _stop: stop_guard,
+            }),
+        })
+    }
+
+    /// Starts building a lock request on `(kind, id)`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: clastor_client::Client) -> Result<(), clastor_client::Error> {
+    /// use std::time::Duration;
+    /// if let Some(guard) = client.lock("transaction", "tx-1").wait(Duration::from_secs(5)).acquire().await? {
+    ///     println!("fencing token {}", guard.token());
+    ///     guard.release().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn lock(&self, kind: impl Into<String>, id: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), kind.into(), id.into())
+    }
+
+    /// Round trip to the server; returns the time it took.
+    ///
+    /// # Errors
+    /// Connection errors ([`Error::ConnectionLost`], [`Error::Connect`]) and
+    /// server statuses.
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let conn = self.pick().await?;
+        let start = Instant::now();
+        match body(self.call_on(&conn, &Request::Ping, Track::None, Duration::ZERO).await?)? {
+            ResponseBody::Pong => Ok(start.elapsed()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Locks held through this client (`HeldScope::Connection`: the locks of
+    /// every connection of the pool), or through the server by anyone
+    /// (`HeldScope::Server`).
+    ///
+    /// # Errors
+    /// Connection errors and server statuses.
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn held(&self, scope: HeldScope) -> Result<Vec<HeldLock>, Error> {
+        let req = Request::Held { scope };
+        let slots = match scope {
+            HeldScope::Connection => 0..self.inner.slots.len(),
+            HeldScope::Server => 0..1,
+        };
+        let mut all = Vec::new();
+        for slot in slots {
+            let conn = self.conn(slot).await?;
+            match body(self.call_on(&conn, &req, Track::None, Duration::ZERO).await?)? {
+                ResponseBody::Held(list) => all.extend(list),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(all)
+    }
+
+    /// A kind's current version and mode.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] for a bad kind (checked before sending);
+    /// connection errors and server statuses.
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn version(&self, kind: &str) -> Result<VersionInfo, Error> {
+        name::validate("kind", kind).map_err(|e| Error::InvalidName(e.to_string()))?;
+        let conn = self.pick().await?;
+        let req = Request::Version { kind: kind.to_owned() };
+        match body(self.call_on(&conn, &req, Track::None, Duration::ZERO).await?)? {
+            ResponseBody::Version(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Server, backend and counters, as ordered `name → value` pairs.
+    ///
+    /// # Errors
+    /// Connection errors and server statuses.
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn info(&self) -> Result<Vec<(String, String)>, Error> {
+        let conn = self.pick().await?;
+        match body(self.call_on(&conn, &Request::Info, Track::None, Duration::ZERO).await?)? {
+            ResponseBody::Info(pairs) => Ok(pairs),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends any request as is, on the first connection of the pool, and
+    /// returns the server's response whatever its status: the building block
+    /// of debugging tools such as `clastor shell`.
+    ///
+    /// Locks taken this way are not tracked by the client: no guard releases
+    /// them, and their loss shows only on [`Client::events`]. They are held
+    /// until released with another raw request or until the connection closes.
+    ///
+    /// # Errors
+    /// Only transport failures ([`Error::ConnectionLost`], [`Error::Connect`],
+    /// [`Error::Malformed`]); [`Error::InvalidArgument`] for `HELLO`, which the
+    /// client sends itself.
+    ///
+    /// # Cancellation safety
+    /// Safe: the request still completes on the server.
+    pub async fn request(&self, req: Request) -> Result<Response, Error> {
+        if matches!(req, Request::Hello(_)) {
+            return Err(Error::InvalidArgument(
+                "the client performs the HELLO handshake itself".into(),
+            ));
+        }
+        let extra = match &req {
+            Request::Acquire(a) => Duration::from_millis(a.wait_ms.into()),
+            _ => Duration::ZERO,
+        };
+        let conn = self.conn(0).await?;
+        Ok(self.call_on(&conn, &req, Track::None, extra).await?.response)
+    }
+
+    /// Subscribes to connection and server events from now on.
+    pub fn events(&self) -> EventStream {
+        EventStream {
+            rx: self.inner.events.subscribe(),
+        }
+    }
+
+    /// Facts about the first connection of the pool, if it is up.
+    pub fn connection_info(&self) -> Option<ConnectionInfo> {
+        match &*self.inner.slots[0].borrow() {
+            Slot::Up(c) if c.is_alive() => Some(ConnectionInfo {
+                connection_id: c.connection_id(),
+                server: c.hello.server.clone(),
+                peer: c.peer,
+                max_in_flight: c.hello.max_in_flight,
+                max_frame_len: c.hello.max_frame_len,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The address this client connects to.
+    pub fn server_addr(&self) -> &ServerAddr {
+        &self.inner.cfg.addr
+    }
+
+    pub(crate) fn config(&self) -> &ClientBuilder {
+        &self.inner.cfg
+    }
+
+    /// A live connection, round-robin over the pool.
+    pub(crate) async fn pick(&self) -> Result<Conn, Error> {
+        let n = self.inner.slots.len();
+        let slot = if n == 1 {
+            0
+        } else {
+            self.inner.next.fetch_add(1, Ordering::Relaxed) % n
+        };
+        self.conn(slot).await
+    }
+
+    /// The live connection of `slot`, waiting up to the connect timeout for a
+    /// reconnect if it is down.
+    async fn conn(&self, slot: usize) -> Result<Conn, Error> {
+        if let Slot::Up(c) = &*self.inner.slots[slot].borrow()
+            && c.is_alive()
+        {
+            return Ok(c.clone());
+        }
+        let mut rx = self.inner.slots[slot].clone();
+        let timeout = self.inner.cfg.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let last_error = match &*rx.borrow_and_update() {
+                Slot::Up(c) if c.is_alive() => return Ok(c.clone()),
+                Slot::Up(c) => c.dead_error(),
+                Slot::Down(e) => e.clone(),
+            };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    return Err(match last_error {
+                        e @ Error::Connect { .. } => e,
+                        e => Error::Connect {
+                            addr: self.inner.cfg.addr.to_string(),
+                            message: format!("not reconnected within {timeout:?} after: {e}"),
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    /// One request on `conn`, under the request timeout (plus `extra`, the
+    /// time the server may legitimately take, e.g. an acquire's wait).
+    pub(crate) async fn call_on(
+        &self,
+        conn: &Conn,
+        req: &Request,
+        track: Track,
+        extra: Duration,
+    ) -> Result<Reply, Error> {
+        match self.inner.cfg.request_timeout {
+            None => conn.call(req, track).await,
+            Some(t) => {
+                let limit = t.saturating_add(extra);
+                tokio::time::timeout(limit, conn.call(req, track))
+                    .await
+                    .unwrap_or(Err(Error::RequestTimeout(limit)))
+            }
+        }
+    }
+}
+
+/// The success body of a reply, or its error.
+pub(crate) fn body(reply: Reply) -> Result<ResponseBody, Error> {
+    reply.response.result.map_err(Error::from)
+}
+
+/// The error for a success body that does not answer the request (the
+/// opcode matched, so this is a server bug).
+pub(crate) fn unexpected(body: &ResponseBody) -> Error {
+    Error::Malformed(format!("unexpected {} reply body", body.opcode()))
+}
+
+/// Keeps one pool slot connected: waits for its connection to die, then
+/// reconnects with exponential backoff (the first attempt immediately).
+async fn supervise(
+    cfg: ClientBuilder,
+    tx: watch::Sender<Slot>,
+    mut conn: Conn,
+    events: broadcast::Sender<ClientEvent>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = conn.closed() => {}
+        }
+        let error = conn.dead_error();
+        // The slot lets go; guards of the old connection keep their own handles.
+        drop(conn);
+        tx.send_replace(Slot::Down(error));
+        let mut delay = Duration::ZERO;
+        let mut attempt = 0u32;
+        conn = loop {
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(jitter(delay)) => {}
+                }
+            }
+            attempt += 1;
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = conn::connect(&cfg, events.clone()) => r,
+            };
+            match result {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::debug!(addr = %cfg.addr, attempt, error = %e, "reconnect failed");
+                    tx.send_replace(Slot::Down(e));
+                    delay = if delay.is_zero() {
+                        cfg.backoff_min
+                    } else {
+                        (delay * 2).min(cfg.backoff_max)
+                    };
+                }
+            }
+        };
+        tracing::info!(addr = %cfg.addr, attempt, connection_id = conn.connection_id(), "reconnected");
+        let _ = events.send(ClientEvent::Connected {
+            connection_id: conn.connection_id(),
+            server: conn.hello.server.clone(),
+        });
+        tx.send_replace(Slot::Up(conn.clone()));
+    }
+}
+
+/// `d` scaled by a random factor in [0.75, 1.25), so clients cut off together
+/// do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let r = RandomState::new().build_hasher().finish() % 500;
+    d.mul_f64(0.75 + r as f64 / 1000.0)
+}

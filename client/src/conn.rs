@@ -1,0 +1,791 @@
+//! One TCP connection to a server: the handshake, request submission, the
+//! reader task that routes replies and events, keepalive, and teardown.
+//!
+//! Why it is built this way:
+//! - **Writes are combined, not queued to a task.** A caller encodes its frame
+//!   into a shared buffer under a short mutex; if nobody is writing, it becomes
+//!   the writer and sends the buffer with a non-blocking `try_write`, then keeps
+//!   sending whatever other callers appended meanwhile, so a burst of requests
+//!   leaves in one syscall. Only when the socket is full does a writer task take
+//!   over (waiting for writability). Submission is synchronous, so it is
+//!   cancel-safe and usable from `Drop` (guards release in the background), and
+//!   the common case costs no task hop.
+//! - **One reader task** decodes frames and completes the matching pending
+//!   request (a oneshot per request); events go to lock guards and to the
+//!   client's event channel. It also registers each grant in the connection's
+//!   table of held locks *before* handing it to the caller, so a `LOCK_LOST`
+//!   that follows the grant on the wire always finds its guard.
+//! - **Teardown happens in one place**: when the reader stops (socket error,
+//!   malformed frame, keepalive timeout, or the last handle dropped), every
+//!   pending request fails with the same [`Error`], and every lock held through
+//!   the connection is marked lost at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use clastor_protocol::{
+    AcquireOk, ClastorCodec, EVENT_REQUEST_ID, Event, Frame, FrameError, Hello, HelloOk, LENGTH_PREFIX_LEN, Opcode,
+    PROTOCOL_VERSION, Request, Response, ResponseBody,
+};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, broadcast, oneshot, watch};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::ClientBuilder;
+use crate::error::{Error, LostReason};
+use crate::event::ClientEvent;
+
+/// Request id of the handshake; ids of later requests start after it.
+const HELLO_ID: u32 = 1;
+
+/// How many batches a caller writes inline before handing the rest to the
+/// writer task, so one unlucky caller does not carry everyone's traffic.
+const INLINE_ROUNDS: usize = 4;
+
+/// Write buffers larger than this are not kept for reuse after a burst.
+const SPARE_CAPACITY: usize = 64 * 1024;
+
+/// Identifies a lock within a connection: `kind/id` (names cannot contain `/`).
+pub(crate) type Key = String;
+
+pub(crate) fn key(kind: &str, id: &str) -> Key {
+    let mut k = String::with_capacity(kind.len() + 1 + id.len());
+    k.push_str(kind);
+    k.push('/');
+    k.push_str(id);
+    k
+}
+
+/// A grant held through a connection, shared by its guard and the
+/// connection's table of held locks.
+#[derive(Debug)]
+pub(crate) struct LockShared {
+    pub(crate) kind: String,
+    pub(crate) id: String,
+    pub(crate) key: Key,
+    pub(crate) token: u64,
+    pub(crate) version: String,
+    pub(crate) lease_ms: AtomicU32,
+    pub(crate) lost: watch::Sender<Option<LostReason>>,
+}
+
+impl LockShared {
+    fn new(kind: &str, id: &str, key: Key, grant: &AcquireOk) -> LockShared {
+        LockShared {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            key,
+            token: grant.token,
+            version: grant.version.clone(),
+            lease_ms: AtomicU32::new(grant.lease_ms),
+            lost: watch::channel(None).0,
+        }
+    }
+
+    /// Records the loss; the first reason wins. Returns whether this call
+    /// recorded it.
+    pub(crate) fn mark_lost(&self, reason: LostReason) -> bool {
+        self.lost.send_if_modified(|slot| {
+            if slot.is_none() {
+                *slot = Some(reason);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    pub(crate) fn lost_reason(&self) -> Option<LostReason> {
+        self.lost.borrow().clone()
+    }
+}
+
+/// What the reader must do besides completing a request.
+#[derive(Debug)]
+pub(crate) enum Track {
+    /// Nothing.
+    None,
+    /// An acquire through the lock API: register the grant.
+    Acquire { kind: String, id: String, key: Key },
+    /// A release through the lock API: forget the grant with this token.
+    Release { key: Key, token: u64 },
+}
+
+/// A reply and, for a granted acquire, the registered grant.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) response: Response,
+    pub(crate) lock: Option<Arc<LockShared>>,
+}
+
+type ReplyTx = oneshot::Sender<Result<Reply, Error>>;
+
+#[derive(Debug)]
+struct Pending {
+    /// `None` for fire-and-forget requests (background releases, keepalive).
+    tx: Option<ReplyTx>,
+    opcode: Opcode,
+    track: Track,
+    /// Held until the reply arrives: bounds requests in flight.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Debug)]
+struct State {
+    next_id: u32,
+    pending: HashMap<u32, Pending>,
+    /// Frames waiting to be written.
+    buf: BytesMut,
+    /// An empty buffer kept for the next swap with `buf`.
+    spare: BytesMut,
+    /// Someone (a caller or the writer task) is writing; others only append.
+    writing: bool,
+    /// A partly written batch handed to the writer task.
+    stalled: Option<BytesMut>,
+    /// Set once; every later submission fails with it.
+    dead: Option<Error>,
+    held: HashMap<Key, Arc<LockShared>>,
+    /// Keys whose background release is in flight: an acquire of the same key
+    /// on this connection waits for it, or the server would say ALREADY_HELD.
+    releasing: HashMap<Key, Arc<Notify>>,
+    /// The last `CLOSING` event, to explain the disconnect that follows.
+    closing: Option<String>,
+}
+
+impl State {
+    fn alloc_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(HELLO_ID + 1);
+            if id > HELLO_ID && !self.pending.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+/// Everything the connection's tasks and handles share.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    pub(crate) hello: HelloOk,
+    pub(crate) peer: SocketAddr,
+    write: OwnedWriteHalf,
+    state: Mutex<State>,
+    writer_wake: Notify,
+    closed: CancellationToken,
+    permits: Arc<Semaphore>,
+    events: broadcast::Sender<ClientEvent>,
+    born: Instant,
+    /// Milliseconds since `born` when the last frame arrived.
+    last_rx_ms: AtomicU64,
+}
+
+/// A handle on a live connection. The connection closes (and the server
+/// releases its locks) when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn(Arc<ConnHandle>);
+
+#[derive(Debug)]
+struct ConnHandle {
+    shared: Arc<ConnShared>,
+    _close: DropGuard,
+}
+
+impl Deref for Conn {
+    type Target = ConnShared;
+
+    fn deref(&self) -> &ConnShared {
+        &self.0.shared
+    }
+}
+
+/// Opens a connection and performs the handshake.
+pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<ClientEvent>) -> Result<Conn, Error> {
+    let addr = cfg.addr.as_str();
+    let connect_err = |message: String| Error::Connect {
+        addr: addr.to_owned(),
+        message,
+    };
+    let handshake = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| connect_err(e.to_string()))?;
+        // Requests are small and latency-bound: never let Nagle hold one back.
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_err(format!("setting TCP_NODELAY: {e}")))?;
+        let peer = stream.peer_addr().map_err(|e| connect_err(e.to_string()))?;
+        let (read, mut write) = stream.into_split();
+        let mut buf = BytesMut::new();
+        Request::Hello(Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_name: cfg.client_name.clone(),
+        })
+        .encode(HELLO_ID, &mut buf);
+        write
+            .write_all(&buf)
+            .await
+            .map_err(|e| connect_err(format!("sending HELLO: {e}")))?;
+        let mut frames = FramedRead::new(read, ClastorCodec::new(cfg.max_frame_len));
+        let frame = match frames.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Err(connect_err(format!("reading the HELLO reply: {e}"))),
+            None => {
+                return Err(connect_err(
+                    "the server closed the connection during the handshake".into(),
+                ));
+            }
+        };
+        let hello = handshake_reply(frame)?;
+        Ok((peer, frames, write, hello))
+    };
+    let (peer, frames, write, hello) = tokio::time::timeout(cfg.connect_timeout, handshake)
+        .await
+        .map_err(|_| connect_err(format!("no handshake within {:?}", cfg.connect_timeout)))??;
+    tracing::debug!(%peer, connection_id = hello.connection_id, server = %hello.server, "connected");
+    let shared = Arc::new(ConnShared {
+        hello,
+        peer,
+        write,
+        state: Mutex::new(State {
+            next_id: HELLO_ID + 1,
+            pending: HashMap::new(),
+            buf: BytesMut::with_capacity(4096),
+            spare: BytesMut::with_capacity(4096),
+            writing: false,
+            stalled: None,
+            dead: None,
+            held: HashMap::new(),
+            releasing: HashMap::new(),
+            closing: None,
+        }),
+        writer_wake: Notify::new(),
+        closed: CancellationToken::new(),
+        permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+        events,
+        born: Instant::now(),
+        last_rx_ms: AtomicU64::new(0),
+    });
+    tokio::spawn(read_loop(shared.clone(), frames));
+    tokio::spawn(write_loop(shared.clone()));
+    if let Some(interval) = cfg.keepalive {
+        tokio::spawn(keepalive_loop(shared.clone(), interval));
+    }
+    let close = shared.closed.clone().drop_guard();
+    Ok(Conn(Arc::new(ConnHandle { shared, _close: close })))
+}
+
+/// Checks the first frame the server sends: the reply to `HELLO`, or a
+/// `CLOSING` event saying why it will not talk to us.
+fn handshake_reply(frame: Frame) -> Result<HelloOk, Error> {
+    let Frame { header, body } = frame;
+    if header.request_id == EVENT_REQUEST_ID {
+        return match Event::decode(&header, body) {
+            Ok(Event::Closing { status, message }) => Err(Error::from_status(status, message)),
+            Ok(other) => Err(Error::Malformed(format!(
+                "{} event during the handshake",
+                other.opcode()
+            ))),
+            Err(e) => Err(Error::Malformed(format!("event during the handshake: {e}"))),
+        };
+    }
+    let response = Response::decode(&header, body).map_err(|e| Error::Malformed(format!("HELLO reply: {e}")))?;
+    if response.request_id != HELLO_ID || response.opcode != Opcode::Hello as u8 {
+        return Err(Error::Malformed(format!(
+            "expected the HELLO reply, got opcode 0x{:02x} for request {}",
+            response.opcode, response.request_id
+        )));
+    }
+    match response.result {
+        Ok(ResponseBody::Hello(hello)) if hello.version == PROTOCOL_VERSION => Ok(hello),
+        Ok(ResponseBody::Hello(hello)) => Err(Error::VersionMismatch(format!(
+            "server chose protocol version {}, this client speaks {PROTOCOL_VERSION}",
+            hello.version
+        ))),
+        Ok(other) => Err(Error::Malformed(format!("{} body in the HELLO reply", other.opcode()))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl ConnShared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across code that can panic on input; if it
+        // was poisoned anyway, the state is still consistent enough to tear down.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The server's id for this connection.
+    pub(crate) fn connection_id(&self) -> u64 {
+        self.hello.connection_id
+    }
+
+    /// Whether the connection can still carry requests.
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.closed.is_cancelled()
+    }
+
+    /// Resolves once the connection is closed, for whatever reason.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// Why the connection is gone (or a generic error if it is not).
+    pub(crate) fn dead_error(&self) -> Error {
+        self.state()
+            .dead
+            .clone()
+            .unwrap_or_else(|| Error::ConnectionLost("connection closed".into()))
+    }
+
+    /// Sends `req` and waits for its reply, holding an in-flight permit.
+    ///
+    /// # Errors
+    /// The connection's error if it is or becomes dead; [`Error::InvalidArgument`]
+    /// if the request is larger than the server accepts.
+    ///
+    /// # Cancellation safety
+    /// Safe: once submitted the request completes on the server regardless; its
+    /// reply is dropped, except that a lock granted to a cancelled acquire is
+    /// released in the background.
+    pub(crate) async fn call(&self, req: &Request, track: Track) -> Result<Reply, Error> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Err(self.dead_error()),
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.map_err(|_| self.dead_error())?,
+                () = self.closed.cancelled() => return Err(self.dead_error()),
+            },
+        };
+        let (tx, rx) = oneshot::channel();
+        self.submit(req, Some(tx), track, Some(permit))?;
+        rx.await.unwrap_or_else(|_| Err(self.dead_error()))
+    }
+
+    /// Queues `req` for writing and registers its reply handler. Never blocks
+    /// on the network.
+    pub(crate) fn submit(
+        &self,
+        req: &Request,
+        tx: Option<ReplyTx>,
+        track: Track,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), Error> {
+        let st = self.state();
+        self.submit_locked(st, req, tx, track, permit)
+    }
+
+    fn submit_locked(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        req: &Request,
+        tx: Option<ReplyTx>,
+        track: Track,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), Error> {
+        if let Some(e) = &st.dead {
+            return Err(e.clone());
+        }
+        let id = st.alloc_id();
+        let start = st.buf.len();
+        req.encode(id, &mut st.buf);
+        let frame_len = st.buf.len() - start - LENGTH_PREFIX_LEN;
+        if frame_len > self.hello.max_frame_len as usize {
+            st.buf.truncate(start);
+            return Err(Error::InvalidArgument(format!(
+                "request of {frame_len} bytes exceeds the server's frame limit of {}",
+                self.hello.max_frame_len
+            )));
+        }
+        st.pending.insert(
+            id,
+            Pending {
+                tx,
+                opcode: req.opcode(),
+                track,
+                _permit: permit,
+            },
+        );
+        self.flush(st);
+        Ok(())
+    }
+
+    /// Starts writing the buffer unless someone already is.
+    fn flush(&self, mut st: MutexGuard<'_, State>) {
+        if st.writing || st.buf.is_empty() {
+            return;
+        }
+        st.writing = true;
+        let mut chunk = std::mem::take(&mut st.spare);
+        std::mem::swap(&mut chunk, &mut st.buf);
+        drop(st);
+        self.write_inline(chunk);
+    }
+
+    /// Writes without waiting; hands over to the writer task when the socket
+    /// is full. The caller holds the `writing` role.
+    fn write_inline(&self, mut chunk: BytesMut) {
+        for _ in 0..INLINE_ROUNDS {
+            match self.write.try_write(&chunk) {
+                Ok(n) if n == chunk.len() => {
+                    chunk.clear();
+                    let mut st = self.state();
+                    if st.buf.is_empty() || st.dead.is_some() {
+                        st.writing = false;
+                        if chunk.capacity() <= SPARE_CAPACITY {
+                            st.spare = chunk;
+                        }
+                        return;
+                    }
+                    std::mem::swap(&mut chunk, &mut st.buf);
+                }
+                Ok(n) => {
+                    chunk.advance(n);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                    return;
+                }
+            }
+        }
+        self.state().stalled = Some(chunk);
+        self.writer_wake.notify_one();
+    }
+
+    /// Marks the connection dead with `error` (the first error wins) and
+    /// stops its tasks; the reader tears down.
+    pub(crate) fn fail(&self, error: Error) {
+        {
+            let mut st = self.state();
+            if st.dead.is_none() {
+                st.dead = Some(error);
+            }
+        }
+        self.closed.cancel();
+    }
+
+    /// Releases `lock` without waiting for the reply (guard drop, failed
+    /// renewal, cancelled acquire). Nothing to do if the connection is dead:
+    /// the server released everything it held.
+    pub(crate) fn release_in_background(&self, lock: &LockShared) {
+        let req = Request::Release {
+            kind: lock.kind.clone(),
+            id: lock.id.clone(),
+        };
+        let mut st = self.state();
+        if st.dead.is_some() {
+            return;
+        }
+        st.releasing
+            .entry(lock.key.clone())
+            .or_insert_with(|| Arc::new(Notify::new()));
+        let track = Track::Release {
+            key: lock.key.clone(),
+            token: lock.token,
+        };
+        if let Err(e) = self.submit_locked(st, &req, None, track, None) {
+            tracing::debug!(key = %lock.key, error = %e, "background release not sent");
+        }
+    }
+
+    /// Waits until no background release of `key` is in flight on this
+    /// connection.
+    ///
+    /// # Cancellation safety
+    /// Safe: it only waits.
+    pub(crate) async fn wait_released(&self, key: &str) {
+        loop {
+            let Some(notify) = self.state().releasing.get(key).cloned() else {
+                return;
+            };
+            let mut notified = pin!(notify.notified());
+            notified.as_mut().enable();
+            // Re-check after enabling, so a release finishing in between is not missed.
+            let still = self.state().releasing.get(key).is_some_and(|n| Arc::ptr_eq(n, &notify));
+            if !still {
+                continue;
+            }
+            notified.await;
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn since_last_rx(&self) -> Duration {
+        let last = Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+
+    /// Handles one frame from the server. An error is fatal to the connection.
+    fn on_frame(&self, frame: Frame) -> Result<(), Error> {
+        let Frame { header, body } = frame;
+        if header.request_id == EVENT_REQUEST_ID {
+            let event = Event::decode(&header, body).map_err(|e| Error::Malformed(format!("event: {e}")))?;
+            self.on_event(event);
+            return Ok(());
+        }
+        let response = Response::decode(&header, body)
+            .map_err(|e| Error::Malformed(format!("reply to request {}: {e}", header.request_id)))?;
+        let pending = self.state().pending.remove(&response.request_id).ok_or_else(|| {
+            Error::Malformed(format!(
+                "reply to request {}, which is not pending",
+                response.request_id
+            ))
+        })?;
+        if response.opcode != pending.opcode as u8 {
+            return Err(Error::Malformed(format!(
+                "reply to {} request {} carries opcode 0x{:02x}",
+                pending.opcode, response.request_id, response.opcode
+            )));
+        }
+        let mut lock = None;
+        match (&pending.track, &response.result) {
+            (Track::Acquire { kind, id, key }, Ok(ResponseBody::Acquired(grant))) => {
+                let shared = Arc::new(LockShared::new(kind, id, key.clone(), grant));
+                if let Some(prev) = self.state().held.insert(key.clone(), shared.clone()) {
+                    // The server granted a key this connection already held:
+                    // it cannot vouch for the old grant any more.
+                    prev.mark_lost(LostReason::Unknown);
+                }
+                lock = Some(shared);
+            }
+            (Track::Release { key, token }, _) => {
+                let mut st = self.state();
+                if st.held.get(key).is_some_and(|l| l.token == *token) {
+                    st.held.remove(key);
+                }
+                if let Some(n) = st.releasing.remove(key) {
+                    n.notify_waiters();
+                }
+            }
+            _ => {}
+        }
+        if let Some(tx) = pending.tx
+            && let Err(Ok(reply)) = tx.send(Ok(Reply { response, lock }))
+            && let Some(lock) = reply.lock
+        {
+            // The caller stopped waiting before the grant arrived: nobody
+            // would ever release it, so give it back now.
+            tracing::debug!(key = %lock.key, token = lock.token, "releasing a grant nobody waited for");
+            self.state().held.remove(&lock.key);
+            self.release_in_background(&lock);
+        }
+        Ok(())
+    }
+
+    fn on_event(&self, event: Event) {
+        match &event {
+            Event::LockLost {
+                kind,
+                id,
+                token,
+                reason,
+            } => {
+                let key = key(kind, id);
+                let lock = {
+                    let mut st = self.state();
+                    match st.held.get(&key) {
+                        Some(l) if l.token == *token => st.held.remove(&key),
+                        _ => None,
+                    }
+                };
+                match lock {
+                    Some(lock) => {
+                        tracing::warn!(%key, token, reason = reason.name(), "lock lost");
+                        lock.mark_lost((*reason).into());
+                    }
+                    None => tracing::debug!(%key, token, "LOCK_LOST for a lock no guard holds"),
+                }
+            }
+            Event::Closing { status, message } => {
+                tracing::info!(%status, %message, "server is closing the connection");
+                self.state().closing = Some(format!("server closed the connection: {status} {message}"));
+            }
+        }
+        // Nobody listening is fine.
+        let _ = self.events.send(ClientEvent::Server {
+            connection_id: self.connection_id(),
+            event,
+        });
+    }
+
+    /// Fails everything still attached to the connection. Runs once, in the
+    /// reader task, when it stops.
+    fn teardown(&self, error: Option<Error>) {
+        let (error, failure, pending, held, releasing) = {
+            let mut st = self.state();
+            let failure = error.is_some() || st.dead.is_some();
+            let closing = st.closing.take();
+            let error = st
+                .dead
+                .get_or_insert_with(|| {
+                    error.unwrap_or_else(|| {
+                        Error::ConnectionLost(closing.unwrap_or_else(|| "connection closed by the client".into()))
+                    })
+                })
+                .clone();
+            (
+                error,
+                failure,
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.held),
+                std::mem::take(&mut st.releasing),
+            )
+        };
+        self.closed.cancel();
+        self.permits.close();
+        if failure {
+            // Handles (guards, the pool slot) may keep the socket open a while
+            // longer; make sure the server sees the end now and releases what
+            // this connection held, instead of keeping it for a client that has
+            // already reported it lost.
+            let _ = socket2::SockRef::from(self.write.as_ref()).shutdown(std::net::Shutdown::Both);
+        }
+        for (_, p) in pending {
+            if let Some(tx) = p.tx {
+                let _ = tx.send(Err(error.clone()));
+            }
+        }
+        for lock in held.values() {
+            lock.mark_lost(LostReason::ConnectionLost);
+        }
+        for n in releasing.values() {
+            n.notify_waiters();
+        }
+        if failure {
+            tracing::warn!(peer = %self.peer, connection_id = self.connection_id(), %error, locks_lost = held.len(), "connection lost");
+            let _ = self.events.send(ClientEvent::Disconnected {
+                connection_id: self.connection_id(),
+                error,
+            });
+        } else {
+            tracing::debug!(connection_id = self.connection_id(), "connection closed");
+        }
+    }
+}
+
+async fn read_loop(shared: Arc<ConnShared>, mut frames: FramedRead<OwnedReadHalf, ClastorCodec>) {
+    let error = loop {
+        let next = tokio::select! {
+            biased;
+            () = shared.closed.cancelled() => break None,
+            next = frames.next() => next,
+        };
+        shared.touch();
+        match next {
+            None => {
+                let why = shared.state().closing.take();
+                break Some(Error::ConnectionLost(
+                    why.unwrap_or_else(|| "server closed the connection".into()),
+                ));
+            }
+            Some(Err(FrameError::Io(e))) => break Some(Error::ConnectionLost(format!("read failed: {e}"))),
+            Some(Err(e)) => break Some(Error::Malformed(e.to_string())),
+            Some(Ok(frame)) => {
+                if let Err(e) = shared.on_frame(frame) {
+                    tracing::warn!(peer = %shared.peer, error = %e, "closing the connection");
+                    break Some(e);
+                }
+            }
+        }
+    };
+    shared.teardown(error);
+}
+
+async fn write_loop(shared: Arc<ConnShared>) {
+    loop {
+        tokio::select! {
+            () = shared.closed.cancelled() => return,
+            () = shared.writer_wake.notified() => {}
+        }
+        let Some(mut chunk) = shared.state().stalled.take() else {
+            continue;
+        };
+        loop {
+            while !chunk.is_empty() {
+                tokio::select! {
+                    () = shared.closed.cancelled() => return,
+                    ready = shared.write.writable() => {
+                        if let Err(e) = ready {
+                            shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                            return;
+                        }
+                    }
+                }
+                match shared.write.try_write(&chunk) {
+                    Ok(0) => {
+                        shared.fail(Error::ConnectionLost("write failed: socket closed".into()));
+                        return;
+                    }
+                    Ok(n) => chunk.advance(n),
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Err(e) => {
+                        shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                        return;
+                    }
+                }
+            }
+            let mut st = shared.state();
+            if st.buf.is_empty() || st.dead.is_some() {
+                st.writing = false;
+                chunk.clear();
+                if chunk.capacity() <= SPARE_CAPACITY {
+                    st.spare = chunk;
+                }
+                break;
+            }
+            std::mem::swap(&mut chunk, &mut st.buf);
+        }
+    }
+}
+
+/// Pings when the connection has been quiet for `interval`, and declares it
+/// lost if the ping is not answered within another `interval`: a peer that
+/// vanished without a FIN would otherwise leave guards believing they hold
+/// locks the server has long released.
+async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
+    loop {
+        let quiet = shared.since_last_rx();
+        let wait = interval.saturating_sub(quiet).max(Duration::from_millis(10));
+        tokio::select! {
+            () = shared.closed.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if shared.since_last_rx() < interval {
+            continue;
+        }
+        // With the server's in-flight limit full of blocked acquires, it reads
+        // nothing more until one finishes, so silence proves nothing.
+        if shared.state().pending.len() >= shared.hello.max_in_flight as usize {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        if shared.submit(&Request::Ping, Some(tx), Track::None, None).is_err() {
+            return;
+        }
+        tokio::select! {
+            () = shared.closed.cancelled() => return,
+            reply = tokio::time::timeout(interval, rx) => {
+                if reply.is_err() {
+                    shared.fail(Error::ConnectionLost(format!("no reply to a keepalive PING within {interval:?}")));
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Rust client for Clastor, a distributed lock service with fencing tokens
+//! and lost-lock notification.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use clastor_client::Client;
+//!
+//! # async fn write_to_store(_: &str, _: u64) {}
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), clastor_client::Error> {
+//! let client = Client::connect("127.0.0.1:7070").await?;
+//! match client.lock("transaction", "tx-123").wait(Duration::from_secs(5)).acquire().await? {
+//!     Some(guard) => {
+//!         // Hand the fencing token to every store you write to; a store that
+//!         // rejects tokens lower than the highest it has seen keeps stale
+//!         // holders out even if this process stalls past its lock.
+//!         tokio::select! {
+//!             reason = guard.lost() => eprintln!("lost the lock ({reason}), stopping"),
+//!             () = write_to_store("tx-123", guard.token()) => guard.release().await?,
+//!         }
+//!     }
+//!     None => println!("someone else holds transaction/tx-123"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Design
+//!
+//! - **Cheap, shared handle.** [`Client`] is `Clone + Send + Sync`; clone it
+//!   into every task. Requests from all clones are pipelined over one
+//!   connection (or a small pool, [`ClientBuilder::connections`]): each gets a
+//!   request id, replies come back in any order, and a blocked acquire never
+//!   holds up a ping. Frames queued while another is being written leave in
+//!   the same syscall.
+//! - **Locks belong to connections.** The server releases a connection's locks
+//!   when it closes, so a [`LockGuard`] stays tied to the connection that
+//!   acquired it. If that connection breaks, every guard on it reports
+//!   [`LostReason::ConnectionLost`] at once, pending calls fail with
+//!   [`Error::ConnectionLost`], and the client reconnects in the background
+//!   (with backoff) for new calls. Nothing is retried behind your back: an
+//!   acquire is not idempotent.
+//! - **Loss is never silent.** [`LockGuard::lost`] resolves when the server
+//!   reports the lock lost (lease expired, backend session expired), when the
+//!   connection breaks, or when automatic renewal fails — `select!` on it
+//!   around the critical section.
+//! - **Errors.** One [`Error`] type, `Clone` (a connection failure is handed
+//!   to every waiter) and `#[non_exhaustive]`, with an exhaustive mapping from
+//!   the protocol's status codes. Contention is an outcome: an acquire that
+//!   does not get the lock returns `Ok(None)`. A server that sends something
+//!   malformed gets its connection closed ([`Error::Malformed`]); the client
+//!   never panics on what it reads.
+//! - **Cancellation.** Every async method is cancel-safe. Requests are sent
+//!   synchronously when first polled; dropping the future afterwards only
+//!   stops waiting for the reply, and a lock granted to an acquire nobody waits
+//!   for any more is released at once. Dropping a guard releases its lock in
+//!   the background.
+//! - **Threading.** Each connection runs a reader task (and a writer task that
+//!   only steps in when the socket is full) on the Tokio runtime the client was
+//!   created on; connect from within a runtime.
+
+mod client;
+mod config;
+mod conn;
+mod error;
+mod event;
+mod lock;
+
+pub use clastor_protocol::{HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, Status, VersionInfo};
+pub use client::{Client, ConnectionInfo};
+pub use config::{ClientBuilder, ServerAddr};
+pub use error::{Error, LostReason};
+pub use event::{ClientEvent, EventStream};
+pub use lock::{LockGuard, LockRequest, LostWatch};

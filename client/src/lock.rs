@@ -1,0 +1,510 @@
+//! The lock API: a request builder, and the guard that owns a grant, knows
+//! its fencing token, learns of its loss, renews its lease and releases it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clastor_protocol::{Acquire, LockMode, Request, ResponseBody, Status, name};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::client::{Client, body, unexpected};
+use crate::conn::{self, Conn, LockShared, Reply, Track};
+use crate::error::{Error, LostReason};
+
+/// A lock request being built: from [`Client::lock`].
+///
+/// Defaults: try once (no wait), no lease, no automatic renewal.
+#[derive(Debug, Clone)]
+#[must_use = "a lock request does nothing until `.acquire()` or `.try_acquire()` is awaited"]
+pub struct LockRequest {
+    client: Client,
+    kind: String,
+    id: String,
+    wait: Duration,
+    lease: Option<Duration>,
+    auto_renew: bool,
+}
+
+impl LockRequest {
+    pub(crate) fn new(client: Client, kind: String, id: String) -> LockRequest {
+        LockRequest {
+            client,
+            kind,
+            id,
+            wait: Duration::ZERO,
+            lease: None,
+            auto_renew: false,
+        }
+    }
+
+    /// How long the server may queue the request (FIFO per key) before
+    /// answering "not acquired". Zero tries once. Millisecond precision.
+    pub fn wait(mut self, wait: Duration) -> LockRequest {
+        self.wait = wait;
+        self
+    }
+
+    /// Ask for a lease: the server releases the lock (and reports it lost) if
+    /// it is not renewed within `lease`. Without a lease the lock is held until
+    /// released or until the connection closes.
+    pub fn lease(mut self, lease: Duration) -> LockRequest {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Renew the lease in the background every third of it while the guard
+    /// lives. If a renewal fails for good, the guard reports
+    /// [`LostReason::RenewFailed`] and the lock is released. Needs a lease.
+    pub fn auto_renew(mut self, on: bool) -> LockRequest {
+        self.auto_renew = on;
+        self
+    }
+
+    /// Acquires the lock, waiting up to the configured wait.
+    ///
+    /// Returns `Ok(None)` if the lock was not granted in time: contention is
+    /// an outcome, not an error.
+    ///
+    /// # Errors
+    /// - [`Error::InvalidName`] (checked before sending) or
+    ///   [`Error::InvalidArgument`] (a wait or lease over `u32::MAX` ms, or
+    ///   `auto_renew` without a lease);
+    /// - [`Error::AlreadyHeld`] if this connection already holds or waits for
+    ///   the lock (e.g. an earlier acquire of it was cancelled but is still
+    ///   queued on the server);
+    /// - connection errors ([`Error::ConnectionLost`], [`Error::Connect`]) and
+    ///   other server statuses ([`Error::Unavailable`], [`Error::LimitExceeded`], …).
+    ///
+    /// # Cancellation safety
+    /// Safe: if the future is dropped after the request was sent, the server
+    /// keeps the wait queued until it is granted or times out, and a grant that
+    /// arrives with nobody waiting is released at once. Until then, another
+    /// acquire of the same key on the same connection gets
+    /// [`Error::AlreadyHeld`].
+    pub async fn acquire(self) -> Result<Option<LockGuard>, Error> {
+        let LockRequest {
+            client,
+            kind,
+            id,
+            wait,
+            lease,
+            auto_renew,
+        } = self;
+        name::validate("kind", &kind).map_err(|e| Error::InvalidName(e.to_string()))?;
+        name::validate("id", &id).map_err(|e| Error::InvalidName(e.to_string()))?;
+        let wait_ms = millis("wait", wait)?;
+        let lease_ms = lease.map(lease_millis).transpose()?.unwrap_or(0);
+        if auto_renew && lease_ms == 0 {
+            return Err(Error::InvalidArgument("auto_renew needs a lease".into()));
+        }
+        let conn = client.pick().await?;
+        let key = conn::key(&kind, &id);
+        // A guard of this key dropped a moment ago may still be releasing on
+        // this connection; the server would refuse the acquire until it is done.
+        conn.wait_released(&key).await;
+        let req = Request::Acquire(Acquire {
+            kind: kind.clone(),
+            id: id.clone(),
+            wait_ms,
+            lease_ms,
+            mode: LockMode::Exclusive,
+        });
+        let started = Instant::now();
+        let reply = client
+            .call_on(&conn, &req, Track::Acquire { kind, id, key }, wait)
+            .await?;
+        let lock = reply.lock.clone();
+        match body(reply) {
+            Ok(ResponseBody::Acquired(_)) => {}
+            Err(Error::Timeout(_)) => return Ok(None),
+            Err(e) => return Err(e),
+            Ok(other) => return Err(unexpected(&other)),
+        }
+        let Some(lock) = lock else {
+            return Err(Error::Malformed("grant without a registered lock".into()));
+        };
+        tracing::debug!(key = %lock.key, token = lock.token, "acquired");
+        let renewer = if auto_renew {
+            let stop = CancellationToken::new();
+            let lease = Duration::from_millis(lock.lease_ms.load(Ordering::Relaxed).into());
+            tokio::spawn(renew_loop(
+                client.clone(),
+                conn.clone(),
+                lock.clone(),
+                lease,
+                started,
+                stop.clone(),
+            ));
+            Some(stop.drop_guard())
+        } else {
+            None
+        };
+        let request_timeout = client.config().request_timeout;
+        Ok(Some(LockGuard {
+            conn,
+            lock,
+            done: false,
+            request_timeout,
+            _renewer: renewer,
+        }))
+    }
+
+    /// Acquires the lock if it is free right now (a wait of zero).
+    ///
+    /// # Errors
+    /// As [`LockRequest::acquire`].
+    ///
+    /// # Cancellation safety
+    /// As [`LockRequest::acquire`].
+    pub async fn try_acquire(self) -> Result<Option<LockGuard>, Error> {
+        self.wait(Duration::ZERO).acquire().await
+    }
+}
+
+fn millis(what: &str, d: Duration) -> Result<u32, Error> {
+    u32::try_from(d.as_millis())
+        .map_err(|_| Error::InvalidArgument(format!("{what} of {d:?} exceeds the protocol's {} ms", u32::MAX)))
+}
+
+/// A lease in whole milliseconds, rounded up so a short lease is not zero
+/// (which would mean "no lease").
+fn lease_millis(d: Duration) -> Result<u32, Error> {
+    if d.is_zero() {
+        return Err(Error::InvalidArgument("a lease must be longer than zero".into()));
+    }
+    let ms = millis("lease", d)?;
+    Ok(if Duration::from_millis(ms.into()) < d {
+        ms.saturating_add(1)
+    } else {
+        ms
+    })
+}
+
+/// Proof of holding a lock, with its fencing token.
+///
+/// Pass [`token`](LockGuard::token) to every store the critical section
+/// writes to, and have the store reject tokens lower than the highest it has
+/// seen: that, not timing, is what keeps a stale holder out.
+///
+/// The lock is tied to the connection that acquired it. Dropping the guard
+/// releases the lock in the background; [`release`](LockGuard::release) does
+/// it explicitly and reports the outcome. [`lost`](LockGuard::lost) resolves
+/// when the lock is lost (lease expired, backend session expired, connection
+/// lost, renewal failed).
+#[derive(Debug)]
+#[must_use = "dropping the guard releases the lock"]
+pub struct LockGuard {
+    conn: Conn,
+    lock: Arc<LockShared>,
+    /// Released (or handed to an explicit release): `Drop` has nothing to do.
+    done: bool,
+    /// The client's request timeout, for explicit renewals.
+    request_timeout: Option<Duration>,
+    /// Stops the renewal task when the guard goes.
+    _renewer: Option<DropGuard>,
+}
+
+impl LockGuard {
+    /// The resource kind.
+    pub fn kind(&self) -> &str {
+        &self.lock.kind
+    }
+
+    /// The resource id.
+    pub fn id(&self) -> &str {
+        &self.lock.id
+    }
+
+    /// The fencing token: strictly greater than every token granted before
+    /// for this key.
+    pub fn token(&self) -> u64 {
+        self.lock.token
+    }
+
+    /// The kind's version the lock was taken under.
+    pub fn version(&self) -> &str {
+        &self.lock.version
+    }
+
+    /// The lease last granted (by the acquire or the latest renewal), if any.
+    pub fn lease(&self) -> Option<Duration> {
+        match self.lock.lease_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms.into())),
+        }
+    }
+
+    /// The server's id for the connection that holds the lock.
+    pub fn connection_id(&self) -> u64 {
+        self.conn.connection_id()
+    }
+
+    /// Whether the lock is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        self.lock.lost.borrow().is_some()
+    }
+
+    /// Why the lock was lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.lock.lost_reason()
+    }
+
+    /// Resolves when the lock is lost, with the reason; never resolves while
+    /// the lock is held, nor after it was released without loss. Made for
+    /// `select!` around a critical section:
+    ///
+    /// ```no_run
+    /// # async fn work(_: u64) {}
+    /// # async fn f(guard: clastor_client::LockGuard) -> Result<(), clastor_client::Error> {
+    /// tokio::select! {
+    ///     reason = guard.lost() => eprintln!("lock lost ({reason}); abandoning the work"),
+    ///     () = work(guard.token()) => guard.release().await?,
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancellation safety
+    /// Safe; call it as often as needed.
+    pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
+        let mut rx = self.lock.lost.subscribe();
+        async move {
+            let reason = rx.wait_for(Option::is_some).await.ok().and_then(|r| r.clone());
+            match reason {
+                Some(reason) => reason,
+                // The sender lives as long as the lock's state; once that is
+                // gone (guard released and dropped) the lock was not lost.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// A watch on the loss that outlives the guard: resolves with the reason
+    /// if the lock is lost, or with `None` once it is released without loss.
+    pub fn lost_watch(&self) -> LostWatch {
+        LostWatch {
+            rx: self.lock.lost.subscribe(),
+        }
+    }
+
+    /// Sets the lease to `lease` from now.
+    ///
+    /// # Errors
+    /// - [`Error::LockLost`] if the lock is already known lost, or the server
+    ///   says it no longer holds it (the guard is then marked lost);
+    /// - [`Error::InvalidArgument`] for a zero or too long lease;
+    /// - connection errors and server statuses ([`Error::Unsupported`] on a
+    ///   backend without leases).
+    ///
+    /// # Cancellation safety
+    /// Safe: a renewal already sent still takes effect.
+    pub async fn renew(&self, lease: Duration) -> Result<(), Error> {
+        if let Some(reason) = self.lost_reason() {
+            return Err(Error::LockLost(reason));
+        }
+        let lease_ms = lease_millis(lease)?;
+        let req = Request::Renew {
+            kind: self.lock.kind.clone(),
+            id: self.lock.id.clone(),
+            lease_ms,
+        };
+        let deadline = self.request_timeout.map(|t| Instant::now() + t);
+        let reply = renew_call(&self.conn, &req, deadline).await?;
+        apply_renewal(&self.lock, body(reply))
+    }
+
+    /// Releases the lock and waits for the server to confirm.
+    ///
+    /// # Errors
+    /// - [`Error::LockLost`] if the lock was lost before the release (the
+    ///   critical section may not have been exclusive to the end: only the
+    ///   fencing token protected it);
+    /// - connection errors: the connection is gone, and with it the lock.
+    ///
+    /// # Cancellation safety
+    /// Safe: the release is sent before the first await; dropping the future
+    /// only stops waiting for the confirmation.
+    pub async fn release(mut self) -> Result<(), Error> {
+        drop(self._renewer.take());
+        if let Some(reason) = self.lost_reason() {
+            self.done = true;
+            return Err(Error::LockLost(reason));
+        }
+        let req = Request::Release {
+            kind: self.lock.kind.clone(),
+            id: self.lock.id.clone(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let track = Track::Release {
+            key: self.lock.key.clone(),
+            token: self.lock.token,
+        };
+        self.conn.submit(&req, Some(tx), track, None)?;
+        self.done = true;
+        let reply = rx.await.unwrap_or_else(|_| Err(self.conn.dead_error()))?;
+        match body(reply) {
+            Ok(ResponseBody::Released { released: true }) => {
+                tracing::debug!(key = %self.lock.key, token = self.lock.token, "released");
+                Ok(())
+            }
+            Ok(ResponseBody::Released { released: false }) | Err(Error::NotOwner(_)) => {
+                self.lock.mark_lost(LostReason::Unknown);
+                Err(Error::LockLost(self.lost_reason().unwrap_or(LostReason::Unknown)))
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        drop(self._renewer.take());
+        // A lost lock is already gone on the server.
+        if !self.done && !self.is_lost() {
+            self.conn.release_in_background(&self.lock);
+        }
+    }
+}
+
+/// Sends a renewal and waits for its reply, bounded by `limit`.
+async fn renew_call(conn: &Conn, req: &Request, deadline: Option<Instant>) -> Result<Reply, Error> {
+    match deadline {
+        None => conn.call(req, Track::None).await,
+        Some(deadline) => {
+            let limit = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout_at(deadline, conn.call(req, Track::None))
+                .await
+                .unwrap_or(Err(Error::RequestTimeout(limit)))
+        }
+    }
+}
+
+/// Records a renewal's outcome on the lock.
+fn apply_renewal(lock: &LockShared, result: Result<ResponseBody, Error>) -> Result<(), Error> {
+    match result {
+        Ok(ResponseBody::Renewed { token, lease_ms }) if token == lock.token => {
+            lock.lease_ms.store(lease_ms, Ordering::Relaxed);
+            Ok(())
+        }
+        Ok(ResponseBody::Renewed { token, .. }) => Err(Error::Malformed(format!(
+            "renewal of {} answered with token {token}, the grant has {}",
+            lock.key, lock.token
+        ))),
+        Ok(other) => Err(unexpected(&other)),
+        Err(e) if e.status() == Some(Status::NotHeld) => {
+            lock.mark_lost(LostReason::Unknown);
+            Err(Error::LockLost(lock.lost_reason().unwrap_or(LostReason::Unknown)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Renews `lock` every third of its lease until stopped or lost. A renewal
+/// that fails for good, or cannot succeed before the lease runs out, marks the
+/// lock lost and releases it, so the holder never believes in a lease the
+/// server may already have ended.
+async fn renew_loop(
+    client: Client,
+    conn: Conn,
+    lock: Arc<LockShared>,
+    lease: Duration,
+    granted_at: Instant,
+    stop: CancellationToken,
+) {
+    let period = (lease / 3).max(Duration::from_millis(1));
+    // Counted from when the acquire was sent: the server started the lease no earlier.
+    let mut expires = granted_at + lease;
+    let mut next = granted_at + period;
+    let mut lost = lock.lost.subscribe();
+    let req = Request::Renew {
+        kind: lock.kind.clone(),
+        id: lock.id.clone(),
+        lease_ms: lease_millis_or_max(lease),
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = lost.wait_for(Option::is_some) => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let sent = Instant::now();
+        let limit = client
+            .config()
+            .request_timeout
+            .map_or(expires, |t| expires.min(sent + t));
+        let result = renew_call(&conn, &req, Some(limit))
+            .await
+            .and_then(|reply| apply_renewal(&lock, body(reply)));
+        let error = match result {
+            Ok(()) => {
+                expires = sent + lease;
+                next = sent + period;
+                continue;
+            }
+            Err(e) => e,
+        };
+        if lock.lost_reason().is_some() {
+            return;
+        }
+        let retry_at = Instant::now() + period / 4;
+        if error.is_retryable() && !error.is_connection_error() && retry_at < expires {
+            tracing::debug!(key = %lock.key, %error, "lease renewal failed; retrying");
+            next = retry_at;
+            continue;
+        }
+        tracing::warn!(key = %lock.key, token = lock.token, %error, "lease renewal failed; lock lost");
+        if lock.mark_lost(LostReason::RenewFailed(error.to_string())) {
+            conn.release_in_background(&lock);
+        }
+        return;
+    }
+}
+
+fn lease_millis_or_max(d: Duration) -> u32 {
+    lease_millis(d).unwrap_or(u32::MAX)
+}
+
+/// Watches a lock's loss beyond the guard's lifetime: from
+/// [`LockGuard::lost_watch`].
+#[derive(Debug, Clone)]
+pub struct LostWatch {
+    rx: watch::Receiver<Option<LostReason>>,
+}
+
+impl LostWatch {
+    /// Why the lock was lost, if it was (so far).
+    pub fn get(&self) -> Option<LostReason> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the lock is lost (`Some(reason)`) or released without loss
+    /// (`None`).
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn wait(&mut self) -> Option<LostReason> {
+        let reason = self.rx.wait_for(Option::is_some).await.ok().and_then(|r| r.clone());
+        reason.or_else(|| self.rx.borrow().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_rounds_up_and_refuses_zero() {
+        assert_eq!(lease_millis(Duration::from_micros(1)), Ok(1));
+        assert_eq!(lease_millis(Duration::from_micros(1500)), Ok(2));
+        assert_eq!(lease_millis(Duration::from_millis(300)), Ok(300));
+        assert!(matches!(lease_millis(Duration::ZERO), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            millis("wait", Duration::from_secs(u64::MAX / 4)),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

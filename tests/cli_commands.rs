@@ -1,0 +1,242 @@
+//! `clastor shell` and the one-shot commands as a user runs them: the real
+//! binary against an in-process server, commands piped through stdin, JSON
+//! output parsed, help texts present.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
+
+use clastor_client::Client;
+use serde_json::Value;
+use support::PATIENCE;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{ChildStdout, Command};
+
+fn clastor(server: SocketAddr) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
+    cmd.env("CLASTOR_SERVER", server.to_string())
+        .env("CLASTOR_HISTORY", "/dev/null")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(cmd: &mut Command) -> Output {
+    tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .expect("clastor finished in time")
+        .unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+async fn line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
+    tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .expect("not EOF")
+}
+
+#[tokio::test]
+async fn the_shell_shows_lost_when_a_leased_lock_expires() {
+    let (server, _) = support::start_default().await;
+    let mut child = clastor(server.local_addr())
+        .arg("shell")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    stdin.write_all(b"ACQUIRE transaction tx-1 0 100\n").await.unwrap();
+    let acquired = line(&mut lines).await;
+    assert!(acquired.starts_with("+ACQUIRED transaction tx-1 token="), "{acquired}");
+    let token = support::token_of(&acquired);
+    // No further input: the event arrives on its own when the lease runs out.
+    let lost = line(&mut lines).await;
+    assert_eq!(
+        lost,
+        format!("!LOST transaction tx-1 token={token} reason=lease_expired")
+    );
+
+    stdin.write_all(b"QUIT\n").await.unwrap();
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_shell_speaks_the_text_grammar_over_binary_frames() {
+    let (server, _) = support::start_default().await;
+    let mut child = clastor(server.local_addr())
+        .arg("shell")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            b"PING\nFROB\nACQUIRE a b\nHELD\nRELEASE a b\nRELEASE a b\nVERSION transaction\nHELP\nACQUIRE a/b c\n",
+        )
+        .await
+        .unwrap();
+    // End of input ends the session like QUIT.
+    drop(stdin);
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "+PONG");
+    assert!(lines[1].starts_with("-ERR UNKNOWN_OPCODE"), "{}", lines[1]);
+    assert!(lines[2].starts_with("+ACQUIRED a b token="), "{}", lines[2]);
+    assert_eq!(lines[3], "+HELD 1");
+    assert!(lines[4].starts_with("a b token="), "{}", lines[4]);
+    assert_eq!(lines[5], ".");
+    assert_eq!(lines[6], "+RELEASED a b");
+    assert!(lines[7].starts_with("+NOT_HELD a b"), "{}", lines[7]);
+    assert!(lines[8].starts_with("+VERSION transaction version="), "{}", lines[8]);
+    assert!(lines[9].starts_with("+HELP"), "{}", lines[9]);
+    assert!(lines.iter().any(|l| l.starts_with("-ERR INVALID_NAME")), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_shot_json_output_parses() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+
+    let v = json(&run(clastor(addr).args(["ping", "--json", "--count", "3"])).await);
+    assert_eq!(v["rtt_us"].as_array().unwrap().len(), 3, "{v}");
+    assert!(v["server_name"].as_str().unwrap().starts_with("clastor"), "{v}");
+
+    let out = run(clastor(addr).args(["acquire", "transaction", "tx-9", "--json"])).await;
+    assert!(out.status.success());
+    let v = json(&out);
+    assert_eq!(v["acquired"], true, "{v}");
+    assert!(v["token"].as_u64().unwrap() > 0, "{v}");
+
+    let v = json(&run(clastor(addr).args(["version", "transaction", "--json"])).await);
+    assert_eq!(v["kind"], "transaction");
+    assert_eq!(v["mode"], "normal");
+
+    let v = json(&run(clastor(addr).args(["info", "--json"])).await);
+    assert!(v["server"].as_str().unwrap().starts_with("clastor"), "{v}");
+
+    // Someone holds a lock: `held` lists it, `acquire` cannot get it (exit
+    // 1), `release` from another connection is refused (exit 1).
+    let holder = Client::connect(addr).await.unwrap();
+    let guard = holder
+        .lock("transaction", "tx-held")
+        .try_acquire()
+        .await
+        .unwrap()
+        .unwrap();
+    let v = json(&run(clastor(addr).args(["held", "--json"])).await);
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["token"].as_u64(), Some(guard.token()));
+    assert_eq!(list[0]["connection_id"].as_u64(), Some(guard.connection_id()));
+
+    let out = run(clastor(addr).args(["acquire", "transaction", "tx-held", "--json"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["acquired"], false);
+
+    let out = run(clastor(addr).args(["release", "transaction", "tx-held", "--json"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["status"], "NOT_OWNER");
+
+    let v = json(&run(clastor(addr).args(["release", "transaction", "tx-free", "--json"])).await);
+    assert_eq!(v["released"], false);
+
+    guard.release().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_shot_text_output_and_connection_failure() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    let out = run(clastor(addr).args(["ping"])).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("PONG from {addr}: time=")));
+    let out = run(clastor(addr).args(["acquire", "k", "i"])).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("acquired k/i token="),
+        "{out:?}"
+    );
+    let out = run(clastor(addr).args(["held"])).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no locks held\n");
+    server.shutdown().await;
+
+    let out = run(clastor(addr).args(["ping", "--connect-timeout", "2s"])).await;
+    assert_eq!(out.status.code(), Some(3));
+    let out = run(clastor(addr).args(["shell"]).stdin(Stdio::null())).await;
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[tokio::test]
+async fn acquire_hold_keeps_the_lock_until_interrupted() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    let mut child = clastor(addr)
+        .args(["acquire", "k", "held", "--hold", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let v: Value = serde_json::from_str(&line(&mut lines).await).unwrap();
+    assert_eq!(v["holding"], true);
+    let other = Client::connect(addr).await.unwrap();
+    assert!(
+        other.lock("k", "held").try_acquire().await.unwrap().is_none(),
+        "still held"
+    );
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let v: Value = serde_json::from_str(&line(&mut lines).await).unwrap();
+    assert_eq!(v["released"], true);
+    let status = tokio::time::timeout(PATIENCE, child.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    assert!(other.lock("k", "held").try_acquire().await.unwrap().is_some());
+    server.shutdown().await;
+}
+
+#[test]
+fn every_subcommand_explains_itself() {
+    for sub in ["shell", "lock", "ping", "acquire", "release", "held", "version", "info"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sub}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Examples:"), "{sub} --help has examples:\n{text}");
+        assert!(text.contains("--server"), "{sub} --help documents --server:\n{text}");
+        assert!(
+            text.contains("CLASTOR_SERVER"),
+            "{sub} --help names the env var:\n{text}"
+        );
+        assert!(
+            text.contains("Exit status"),
+            "{sub} --help documents exit codes:\n{text}"
+        );
+    }
+}

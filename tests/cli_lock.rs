@@ -1,0 +1,254 @@
+//! `clastor lock` as a user runs it: the real binary against an in-process
+//! server. The command sees the fencing token, runs on the same key never
+//! overlap, exit codes follow the documented table, and a lost lock stops
+//! the command.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
+
+use clastor_client::Client;
+use support::PATIENCE;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn clastor(server: SocketAddr) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
+    cmd.env("CLASTOR_SERVER", server.to_string())
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(cmd: &mut Command) -> Output {
+    tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .expect("clastor finished in time")
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn the_command_sees_the_fencing_token_and_the_key() {
+    let (server, _) = support::start_default().await;
+    let out = run(clastor(server.local_addr()).args([
+        "lock",
+        "transaction",
+        "tx-1",
+        "--",
+        "sh",
+        "-c",
+        "echo $CLASTOR_FENCING_TOKEN $CLASTOR_LOCK_KIND $CLASTOR_LOCK_ID",
+    ]))
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(words.len(), 3, "{text:?}");
+    let token: u64 = words[0].parse().expect("a numeric token");
+    assert!(token > 0);
+    assert_eq!(&words[1..], ["transaction", "tx-1"]);
+    // Released on exit: the key is free again.
+    let client = Client::connect(server.local_addr()).await.unwrap();
+    assert!(
+        client
+            .lock("transaction", "tx-1")
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_the_same_key_never_overlap() {
+    let (server, _) = support::start_default().await;
+    let log = std::env::temp_dir().join(format!(
+        "clastor-cli-lock-{}-{}",
+        std::process::id(),
+        server.local_addr().port()
+    ));
+    let _ = std::fs::remove_file(&log);
+    let script = format!(
+        "echo start $CLASTOR_FENCING_TOKEN >> {0}; sleep 0.02; echo end $CLASTOR_FENCING_TOKEN >> {0}",
+        log.display()
+    );
+    let runs = 6;
+    let children: Vec<_> = (0..runs)
+        .map(|_| {
+            clastor(server.local_addr())
+                .args([
+                    "lock",
+                    "transaction",
+                    "shared",
+                    "--wait",
+                    "30s",
+                    "--quiet",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = tokio::time::timeout(PATIENCE * 3, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), runs * 2, "{text}");
+    let mut last_token = 0;
+    for pair in lines.chunks(2) {
+        let (start, end) = (
+            pair[0].strip_prefix("start ").unwrap(),
+            pair[1].strip_prefix("end ").unwrap(),
+        );
+        assert_eq!(start, end, "critical sections interleaved:\n{text}");
+        let token: u64 = start.parse().unwrap();
+        assert!(token > last_token, "tokens increase with each holder:\n{text}");
+        last_token = token;
+    }
+    let _ = std::fs::remove_file(&log);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn exit_codes_follow_the_table() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+
+    let out = run(clastor(addr).args(["lock", "k", "code", "-q", "--", "sh", "-c", "exit 7"])).await;
+    assert_eq!(out.status.code(), Some(7), "the command's own status");
+
+    let holder = Client::connect(addr).await.unwrap();
+    let held = holder.lock("k", "busy").try_acquire().await.unwrap().unwrap();
+    let out = run(clastor(addr).args(["lock", "k", "busy", "--wait", "50ms", "--", "true"])).await;
+    assert_eq!(out.status.code(), Some(124), "not acquired in time: {}", stderr(&out));
+    assert!(stderr(&out).contains("not acquired"), "{}", stderr(&out));
+    drop(held);
+
+    let out = run(clastor(addr).args(["lock", "k", "missing", "--", "/nonexistent/clastor-test-command"])).await;
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+
+    let out = run(clastor(addr).args(["lock", "k", "bad/name", "--", "true"])).await;
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+
+    let out = run(clastor(addr).args(["lock", "k", "x"])).await;
+    assert_eq!(out.status.code(), Some(2), "usage error without a command");
+
+    let out = run(clastor(addr).args(["lock", "k", "signalled", "-q", "--", "sh", "-c", "kill -TERM $$"])).await;
+    assert_eq!(out.status.code(), Some(128 + 15), "killed by SIGTERM");
+
+    server.shutdown().await;
+    let out = run(clastor(addr).args(["lock", "--connect-timeout", "2s", "k", "x", "--", "true"])).await;
+    assert_eq!(out.status.code(), Some(125), "cannot connect: {}", stderr(&out));
+}
+
+#[tokio::test]
+async fn a_lost_lock_stops_the_command() {
+    let (server, _) = support::start_default().await;
+    let mut child = clastor(server.local_addr())
+        .args([
+            "lock",
+            "k",
+            "doomed",
+            "--grace",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            "echo running; exec sleep 60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("running"));
+    // The server going away takes the lock with it.
+    server.shutdown().await;
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(123), "{}", stderr(&out));
+    assert!(stderr(&out).contains("lost k/doomed"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn a_leased_lock_is_renewed_while_the_command_runs() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    let mut child = clastor(addr)
+        .args([
+            "lock",
+            "k",
+            "leased",
+            "--lease",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            "echo running; read line || true",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("running"));
+    // Several leases long, someone else cannot get it: the lease is renewed.
+    let other = Client::connect(addr).await.unwrap();
+    let got = other
+        .lock("k", "leased")
+        .wait(std::time::Duration::from_millis(1000))
+        .acquire()
+        .await
+        .unwrap();
+    assert!(got.is_none(), "lock changed hands while the command ran");
+    // Let the command finish: it exits 0 and the lock is released.
+    drop(child.stdin.take());
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        other
+            .lock("k", "leased")
+            .wait(PATIENCE)
+            .acquire()
+            .await
+            .unwrap()
+            .is_some()
+    );
+    server.shutdown().await;
+}

@@ -1,0 +1,177 @@
+//! The client against a misbehaving server (a fake one, speaking raw
+//! frames): refused handshakes, replies that do not decode, replies to
+//! requests never sent, oversized frames. Each ends in a typed error and a
+//! closed connection, never a panic or a hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use clastor_client::{Client, ClientEvent, Error};
+use clastor_protocol::{ClastorCodec, Frame, HelloOk, Response, ResponseBody, Status};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::FramedRead;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the fake server does after reading the client's first request.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    RefuseHandshake,
+    /// Completes the handshake, then answers the next request with these bytes.
+    AnswerWith(&'static [u8]),
+    /// Completes the handshake, then answers the next request with a
+    /// well-formed reply to another request id.
+    WrongRequestId,
+    /// Completes the handshake, then reads without ever answering, and
+    /// reports on `eof` when the client closes the connection.
+    Silent(&'static tokio::sync::Notify),
+}
+
+async fn fake_server(how: Misbehaviour) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        serve(stream, how).await;
+    });
+    addr
+}
+
+async fn serve(stream: TcpStream, how: Misbehaviour) {
+    let (read, mut write) = stream.into_split();
+    let mut frames = FramedRead::new(read, ClastorCodec::default());
+    let Some(Ok(Frame { header, .. })) = frames.next().await else {
+        return;
+    };
+    let mut out = BytesMut::new();
+    if let Misbehaviour::RefuseHandshake = how {
+        Response::error(
+            header.request_id,
+            header.opcode,
+            Status::VersionMismatch,
+            "server speaks 9",
+        )
+        .encode(&mut out);
+        write.write_all(&out).await.unwrap();
+        return;
+    }
+    let hello = HelloOk {
+        version: 1,
+        connection_id: 99,
+        max_frame_len: 65_536,
+        max_in_flight: 16,
+        server: "fake".into(),
+    };
+    Response::ok(header.request_id, ResponseBody::Hello(hello)).encode(&mut out);
+    write.write_all(&out).await.unwrap();
+    if let Misbehaviour::Silent(eof) = how {
+        while let Some(Ok(_)) = frames.next().await {}
+        eof.notify_one();
+        return;
+    }
+    let Some(Ok(Frame { header, .. })) = frames.next().await else {
+        return;
+    };
+    out.clear();
+    match how {
+        Misbehaviour::AnswerWith(bytes) => out.extend_from_slice(bytes),
+        Misbehaviour::WrongRequestId => Response::ok(header.request_id + 1000, ResponseBody::Pong).encode(&mut out),
+        Misbehaviour::RefuseHandshake | Misbehaviour::Silent(_) => {}
+    }
+    write.write_all(&out).await.unwrap();
+    // Keep the socket open: the client must close it by itself.
+    let _ = frames.next().await;
+}
+
+async fn ping_fails(how: Misbehaviour) -> Error {
+    let client = Client::builder(fake_server(how).await)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let err = tokio::time::timeout(PATIENCE, client.ping())
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    assert!(matches!(ev, ClientEvent::Disconnected { .. }), "{ev:?}");
+    err
+}
+
+#[tokio::test]
+async fn a_refused_handshake_is_a_typed_error() {
+    let err = Client::connect(fake_server(Misbehaviour::RefuseHandshake).await)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::VersionMismatch(ref m) if m == "server speaks 9"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_reply_that_does_not_decode_closes_the_connection() {
+    // A PONG frame (opcode 0x02, response flag) with an unknown status 0xBEEF.
+    const BAD_STATUS: &[u8] = &[0, 0, 0, 10, 1, 0x02, 0, 1, 0, 0, 0, 2, 0xBE, 0xEF];
+    let err = ping_fails(Misbehaviour::AnswerWith(BAD_STATUS)).await;
+    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_the_connection() {
+    // The client accepts frames up to 16 MiB - 1; this one claims 2 GiB.
+    const HUGE: &[u8] = &[0x7f, 0xff, 0xff, 0xff, 1, 0x02, 0, 1];
+    let err = ping_fails(Misbehaviour::AnswerWith(HUGE)).await;
+    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_frame_in_another_protocol_version_closes_the_connection() {
+    const V9: &[u8] = &[0, 0, 0, 10, 9, 0x02, 0, 1, 0, 0, 0, 2, 0, 0];
+    let err = ping_fails(Misbehaviour::AnswerWith(V9)).await;
+    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_reply_to_an_unknown_request_closes_the_connection() {
+    let err = ping_fails(Misbehaviour::WrongRequestId).await;
+    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_reply_with_the_wrong_opcode_closes_the_connection() {
+    // Request ids start at 2 (1 is the handshake): answer PING as if it were RELEASE.
+    const RELEASED: &[u8] = &[0, 0, 0, 11, 1, 0x11, 0, 1, 0, 0, 0, 2, 0, 0, 1];
+    let err = ping_fails(Misbehaviour::AnswerWith(RELEASED)).await;
+    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn keepalive_detects_a_silent_server_and_closes_the_socket() {
+    static EOF: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    let client = Client::builder(fake_server(Misbehaviour::Silent(&EOF)).await)
+        .keepalive(Some(Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    match ev {
+        ClientEvent::Disconnected {
+            error: Error::ConnectionLost(m),
+            ..
+        } => assert!(m.contains("keepalive"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The server sees the connection end, so it releases whatever it held.
+    tokio::time::timeout(PATIENCE, EOF.notified())
+        .await
+        .expect("server saw EOF");
+    drop(client);
+}
