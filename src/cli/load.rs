@@ -404,25 +404,9 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
 /// one path per client, over `--zk-sessions` sessions: the floor for a lock
 /// and unlock through ZooKeeper.
 async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
-    use zookeeper_client::{Acls, CreateMode, Error as ZkError};
-    let mut sessions = Vec::new();
-    for _ in 0..args.zk_sessions.max(1) {
-        let client = zookeeper_client::Client::connector()
-            .with_session_timeout(Duration::from_secs(10))
-            .connect(hosts)
-            .await
-            .with_context(|| format!("raw ZooKeeper session to {hosts}"))?;
-        sessions.push(client);
-    }
-    let root = "/clastor-load-floor";
-    match sessions[0]
-        .create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
-        .await
-    {
-        Ok(_) | Err(ZkError::NodeExists) => {}
-        Err(e) => bail!("create {root}: {e}"),
-    }
-    let sessions = Arc::new(sessions);
+    use zookeeper_client::{Acls, CreateMode};
+    let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.max(1)).await?);
+    let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
     Ok(measure(
@@ -510,25 +494,10 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
 /// Raw ZooKeeper hand-over: one session deletes a node another session
 /// watches; from the `delete` call to the watch notification.
 async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
-    use zookeeper_client::{Acls, CreateMode, Error as ZkError};
+    use zookeeper_client::{Acls, CreateMode};
     let n = (args.clients / 2).max(1);
-    let mut sessions = Vec::new();
-    for _ in 0..2 {
-        let client = zookeeper_client::Client::connector()
-            .with_session_timeout(Duration::from_secs(10))
-            .connect(hosts)
-            .await
-            .with_context(|| format!("raw ZooKeeper session to {hosts}"))?;
-        sessions.push(client);
-    }
-    let root = "/clastor-load-floor";
-    match sessions[0]
-        .create(root, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
-        .await
-    {
-        Ok(_) | Err(ZkError::NodeExists) => {}
-        Err(e) => bail!("create {root}: {e}"),
-    }
+    let sessions = raw_sessions(hosts, 2).await?;
+    let root = FLOOR_ROOT;
     let sessions = Arc::new(sessions);
     let run = std::process::id();
     let op = timed_op_fn(move |i| {
@@ -553,4 +522,28 @@ async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report
         }
     });
     Ok(measure_n(args, n, "floor: ZooKeeper delete → watch event", op).await)
+}
+
+/// Parent of the raw floors' nodes.
+const FLOOR_ROOT: &str = "/clastor-load-floor";
+
+/// `n` plain zookeeper-client sessions, and [`FLOOR_ROOT`] created.
+async fn raw_sessions(hosts: &str, n: usize) -> anyhow::Result<Vec<zookeeper_client::Client>> {
+    use zookeeper_client::{Acls, CreateMode, Error as ZkError};
+    let mut sessions = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(10))
+            .connect(hosts)
+            .await
+            .with_context(|| format!("raw ZooKeeper session to {hosts}"))?;
+        sessions.push(client);
+    }
+    match sessions[0]
+        .create(FLOOR_ROOT, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+        .await
+    {
+        Ok(_) | Err(ZkError::NodeExists) => Ok(sessions),
+        Err(e) => bail!("create {FLOOR_ROOT}: {e}"),
+    }
 }
