@@ -13,7 +13,7 @@ use clastor::LockKey;
 use clastor::backend::zookeeper::{ZkConfig, ZkGuard, ZooKeeperBackend};
 use clastor::backend::{AcquireRequest, Backend, BackendError, Grant, LostNotifier};
 use clastor_protocol::{KindMode, LockMode, LostReason};
-use clastor_testkit::ZooKeeper;
+use clastor_testkit::{Mode, ZooKeeper};
 use tokio::sync::mpsc;
 use zookeeper_client::{Acls, Client, CreateMode};
 
@@ -71,13 +71,7 @@ fn req(key: &LockKey, wait: Duration) -> AcquireRequest<'_> {
 
 /// A request whose lost notification arrives on the returned channel, with
 /// the instant it fired.
-fn req_watched(
-    key: &LockKey,
-    wait: Duration,
-) -> (
-    AcquireRequest<'_>,
-    mpsc::UnboundedReceiver<(Instant, LostReason)>,
-) {
+fn req_watched(key: &LockKey, wait: Duration) -> (AcquireRequest<'_>, mpsc::UnboundedReceiver<(Instant, LostReason)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let on_lost = LostNotifier::new(move |reason| {
         let _ = tx.send((Instant::now(), reason));
@@ -106,7 +100,7 @@ async fn contenders(zk: &Client, dir: &str) -> Vec<String> {
     match zk.list_children(dir).await {
         Ok(children) => children
             .into_iter()
-            .filter(|c| c.contains("lock-") || c.contains("__lock__"))
+            .filter(|c| c.contains("lock-") || c.contains("__lock__") || c.contains("__rlock__"))
             .collect(),
         Err(zookeeper_client::Error::NoNode) => Vec::new(),
         Err(e) => panic!("list {dir}: {e}"),
@@ -175,26 +169,13 @@ async fn uncontended_grant_is_one_curator_node_with_czxid_token() {
     let dir = b.lock_path(&k).await.unwrap();
     assert_eq!(dir, "/locks/grant/tx/v1/a-1");
     let path = g.guard.path().to_owned();
-    let name = path
-        .strip_prefix(&format!("{dir}/"))
-        .expect("node under the lock dir");
+    let name = path.strip_prefix(&format!("{dir}/")).expect("node under the lock dir");
     // _c_<36-char uuid>-lock-<10 digits>
-    assert!(
-        name.starts_with("_c_") && name.len() == 3 + 36 + 6 + 10,
-        "{name}"
-    );
+    assert!(name.starts_with("_c_") && name.len() == 3 + 36 + 6 + 10, "{name}");
     assert!(uuid::Uuid::parse_str(&name[3..39]).is_ok(), "{name}");
     assert_eq!(&name[39..45], "-lock-");
-    let stat = inspect
-        .check_stat(&path)
-        .await
-        .unwrap()
-        .expect("lock node exists");
-    assert_eq!(
-        g.token,
-        u64::try_from(stat.czxid).unwrap(),
-        "token is the node's czxid"
-    );
+    let stat = inspect.check_stat(&path).await.unwrap().expect("lock node exists");
+    assert_eq!(g.token, u64::try_from(stat.czxid).unwrap(), "token is the node's czxid");
     assert_eq!(
         stat.ephemeral_owner,
         g.guard.session_id(),
@@ -236,10 +217,7 @@ async fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
     b.release(holder.guard).await.unwrap();
     let mut last = first;
     for expected in 0..4 {
-        let (i, token) = tokio::time::timeout(PATIENCE, order.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (i, token) = tokio::time::timeout(PATIENCE, order.recv()).await.unwrap().unwrap();
         assert_eq!(i, expected, "FIFO order");
         assert!(token > last, "token {token} after {last}");
         last = token;
@@ -263,11 +241,7 @@ async fn token_increases_after_the_parent_container_is_reaped_and_recreated() {
     b.release(g1.guard).await.unwrap();
     let g2 = must_acquire(&b, &k).await;
     assert!(g2.token > g1.token);
-    assert!(
-        g2.guard.path().ends_with("0000000001"),
-        "{}",
-        g2.guard.path()
-    );
+    assert!(g2.guard.path().ends_with("0000000001"), "{}", g2.guard.path());
     b.release(g2.guard).await.unwrap();
     eventually("the empty lock container is reaped", || async {
         inspect.check_stat(&dir).await.unwrap().is_none()
@@ -304,12 +278,7 @@ async fn curator_named_foreign_node_blocks_until_deleted() {
         b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none(),
         "try-once must fail while Curator holds"
     );
-    assert!(
-        b.acquire(req(&k, Duration::from_millis(200)))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(b.acquire(req(&k, Duration::from_millis(200))).await.unwrap().is_none());
     assert!(b.is_held(&k).await.unwrap());
     await_contenders(&curator, &dir, 1).await;
 
@@ -414,12 +383,7 @@ async fn timed_out_and_cancelled_waits_and_dropped_guards_delete_their_nodes() {
 
     // Timed out: the node is gone by the time acquire returns.
     let t0 = Instant::now();
-    assert!(
-        b.acquire(req(&k, Duration::from_millis(300)))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(b.acquire(req(&k, Duration::from_millis(300))).await.unwrap().is_none());
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert_eq!(
         contenders(&inspect, &dir).await.len(),
@@ -428,11 +392,7 @@ async fn timed_out_and_cancelled_waits_and_dropped_guards_delete_their_nodes() {
     );
     // Try-once on a held lock: likewise.
     assert!(b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none());
-    assert_eq!(
-        contenders(&inspect, &dir).await.len(),
-        1,
-        "failed try left its node"
-    );
+    assert_eq!(contenders(&inspect, &dir).await.len(), 1, "failed try left its node");
 
     // Cancelled while waiting: the dropped future withdraws in the background.
     let waiter = {
@@ -476,23 +436,15 @@ async fn no_znodes_are_left_behind() {
             for round in 0..5 {
                 match round % 3 {
                     0 => {
-                        if let Some(g) =
-                            b.acquire(req(&k, Duration::from_millis(50))).await.unwrap()
-                        {
+                        if let Some(g) = b.acquire(req(&k, Duration::from_millis(50))).await.unwrap() {
                             b.release(g.guard).await.unwrap();
                         }
                     }
                     1 => {
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(5),
-                            b.acquire(req(&k, PATIENCE)),
-                        )
-                        .await;
+                        let _ = tokio::time::timeout(Duration::from_millis(5), b.acquire(req(&k, PATIENCE))).await;
                     }
                     _ => {
-                        if let Some(g) =
-                            b.acquire(req(&k, Duration::from_millis(20))).await.unwrap()
-                        {
+                        if let Some(g) = b.acquire(req(&k, Duration::from_millis(20))).await.unwrap() {
                             drop(g);
                         }
                     }
@@ -518,10 +470,7 @@ async fn no_znodes_are_left_behind() {
         },
     )
     .await;
-    let kind_children = inspect
-        .list_children(&format!("{base}/tidy"))
-        .await
-        .unwrap();
+    let kind_children = inspect.list_children(&format!("{base}/tidy")).await.unwrap();
     assert!(
         kind_children.iter().all(|c| c == "version" || c == "v1"),
         "only the version node (and an empty or reaped v1 container) remain: {kind_children:?}"
@@ -544,10 +493,7 @@ async fn version_node_is_created_as_v1_normal_and_draining_holds_acquires() {
     let vpath = b.version_path("orders");
     admin.set_data(&vpath, b"v1\ndraining", None).await.unwrap();
     assert!(
-        b.acquire(req(&k, Duration::from_millis(300)))
-            .await
-            .unwrap()
-            .is_none(),
+        b.acquire(req(&k, Duration::from_millis(300))).await.unwrap().is_none(),
         "draining: not granted"
     );
     let dir = b.lock_path(&k).await.unwrap();
@@ -561,17 +507,9 @@ async fn version_node_is_created_as_v1_normal_and_draining_holds_acquires() {
     };
     // Switch to v2, normal: the waiter proceeds under v2.
     admin.set_data(&vpath, b"v2\nnormal", None).await.unwrap();
-    let g = waiter
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("granted after the rotation");
+    let g = waiter.await.unwrap().unwrap().expect("granted after the rotation");
     assert_eq!(&*g.version, "v2");
-    assert!(
-        g.guard.path().contains("/orders/v2/o-1/"),
-        "{}",
-        g.guard.path()
-    );
+    assert!(g.guard.path().contains("/orders/v2/o-1/"), "{}", g.guard.path());
     b.shutdown().await;
 }
 
@@ -594,10 +532,7 @@ async fn unreachable_zookeeper_is_a_clear_error() {
         .unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
-    assert!(
-        err.to_string().contains(&format!("127.0.0.1:{port}")),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,33 +578,34 @@ async fn frozen_zookeeper_reports_lost_before_anyone_else_is_granted() {
 
     // b's wait failed with its session; it retries until granted.
     let first = waiter.await.unwrap();
-    assert!(
-        matches!(first, Err(BackendError::Unavailable(_))),
-        "{first:?}"
-    );
+    assert!(matches!(first, Err(BackendError::Unavailable(_))), "{first:?}");
     let granted = loop {
         match b.acquire(req(&k, PATIENCE)).await {
             Ok(Some(g)) => break g,
             Ok(None) => panic!("not granted within {PATIENCE:?} after the freeze"),
-            Err(BackendError::Unavailable(_)) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
+            Err(BackendError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => panic!("{e}"),
         }
     };
     let granted_at = Instant::now();
-    assert!(
-        granted_at > lost_at,
-        "b was granted before a heard it lost the lock"
-    );
+    assert!(granted_at > lost_at, "b was granted before a heard it lost the lock");
     assert!(granted.token > held.token);
     // a's release of its lost grant is harmless; a can lock other keys again.
     a.release(held.guard).await.unwrap();
+    // Its session may still be being replaced (b's came back first): retry.
     let other = key("tx", "after-freeze");
-    assert!(
-        a.acquire(req(&other, PATIENCE)).await.unwrap().is_some(),
-        "new acquires succeed after the freeze"
-    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match a.acquire(req(&other, PATIENCE)).await {
+            Ok(Some(_)) => break,
+            Ok(None) => panic!("a not granted a free lock after the freeze"),
+            Err(BackendError::Unavailable(e)) if Instant::now() < deadline => {
+                tracing::debug!("a not back yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("new acquires must succeed after the freeze: {e}"),
+        }
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -707,10 +643,9 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The node survives (its session moved to a live server) and b still waits.
-    eventually(
-        "the holder's node is visible after the election",
-        || async { matches!(inspect.check_stat(&path).await, Ok(Some(_))) },
-    )
+    eventually("the holder's node is visible after the election", || async {
+        matches!(inspect.check_stat(&path).await, Ok(Some(_)))
+    })
     .await;
     let stat = inspect.check_stat(&path).await.unwrap().unwrap();
     assert_eq!(stat.ephemeral_owner, held.guard.session_id());
@@ -735,9 +670,7 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
 }
 
 async fn backend_with(cfg: ZkConfig) -> ZooKeeperBackend {
-    ZooKeeperBackend::connect(cfg)
-        .await
-        .expect("connect backend")
+    ZooKeeperBackend::connect(cfg).await.expect("connect backend")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,9 +702,7 @@ async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
         zk.thaw(0).unwrap();
     };
     let (granted, ()) = tokio::join!(acquire, thaw);
-    let g = granted
-        .expect("acquire survives the lost reply")
-        .expect("granted");
+    let g = granted.expect("acquire survives the lost reply").expect("granted");
     let nodes = contenders(&inspect, &dir).await;
     assert_eq!(
         nodes.len(),
@@ -792,10 +723,7 @@ async fn info_reports_every_session_and_its_state() {
     let b = backend(&zk, "info").await;
     let info: std::collections::HashMap<String, String> = b.info().into_iter().collect();
     assert_eq!(info.get("zk.sessions").map(String::as_str), Some("2"));
-    assert_eq!(
-        info.get("zk.sessions_healthy").map(String::as_str),
-        Some("2")
-    );
+    assert_eq!(info.get("zk.sessions_healthy").map(String::as_str), Some("2"));
     for i in 0..2 {
         let s = info.get(&format!("zk.session.{i}")).unwrap();
         assert!(s.contains("state=connected") && s.contains("id=0x"), "{s}");
@@ -805,4 +733,174 @@ async fn info_reports_every_session_and_its_state() {
         b.acquire(req(&key("tx", "late"), Duration::ZERO)).await,
         Err(BackendError::Closed)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kazoo_read_lock_node_excludes_a_clastor_writer() {
+    let zk = start_zk();
+    let b = Arc::new(backend(&zk, "kazoo-read").await);
+    let kazoo = raw(&zk).await;
+    let k = key("tx", "reader");
+    let dir = b.lock_path(&k).await.unwrap();
+    kazoo
+        .mkdir(&dir, &CreateMode::Container.with_acls(Acls::anyone_all()))
+        .await
+        .unwrap();
+    // kazoo's ReadLock: `<32 hex>__rlock__<seq>`.
+    let prefix = format!("{dir}/{}__rlock__", uuid::Uuid::new_v4().simple());
+    let (_, seq) = kazoo
+        .create(
+            &prefix,
+            b"",
+            &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .unwrap();
+    let reader = format!("{prefix}{seq}");
+
+    assert!(b.is_held(&k).await.unwrap(), "a kazoo reader holds the lock");
+    assert!(
+        b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none(),
+        "a Clastor writer must not be granted while a kazoo reader holds"
+    );
+    let waiter = {
+        let (b, k) = (Arc::clone(&b), k.clone());
+        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
+    };
+    await_contenders(&kazoo, &dir, 2).await;
+    assert!(!waiter.is_finished());
+    kazoo.delete(&reader, None).await.unwrap();
+    assert!(
+        waiter.await.unwrap().unwrap().is_some(),
+        "granted once the reader is gone"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_paths_of_never_used_kinds_write_nothing() {
+    let zk = start_zk();
+    let b = backend(&zk, "read-only").await;
+    let inspect = raw(&zk).await;
+    let base = b.base_path().to_owned();
+    assert!(inspect.list_children(&base).await.unwrap().is_empty());
+
+    let v = b.version("never-used").await.unwrap();
+    assert_eq!((&*v.version, v.mode), ("v1", KindMode::Normal), "VERSION of a new kind");
+    assert!(!b.is_held(&key("never-held", "x")).await.unwrap());
+    assert!(!b.is_held(&key("never-used", "y")).await.unwrap());
+    assert_eq!(
+        b.lock_path(&key("never-pathed", "z")).await.unwrap(),
+        format!("{base}/never-pathed/v1/z")
+    );
+    assert!(
+        inspect.list_children(&base).await.unwrap().is_empty(),
+        "read paths created znodes: {:?}",
+        inspect.list_children(&base).await.unwrap()
+    );
+
+    // Only acquire creates the kind's nodes.
+    let k = key("never-used", "y");
+    let g = must_acquire(&b, &k).await;
+    assert!(b.is_held(&k).await.unwrap());
+    let (data, _) = inspect.get_data(&b.version_path("never-used")).await.unwrap();
+    assert_eq!(data, b"v1\nnormal");
+    b.release(g.guard).await.unwrap();
+    assert_eq!(
+        inspect.list_children(&base).await.unwrap(),
+        vec!["never-used".to_owned()]
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_is_bounded_by_its_wait_while_zookeeper_does_not_answer() {
+    let mut zk = start_zk();
+    // Long enough that the session outlives the acquires below: the client
+    // notices the silence after 2/5 of it (4 s), the pool retires the session
+    // after 2/3 (6.7 s); grace is min(timeout / 3, 2 s) = 2 s.
+    let timeout = Duration::from_secs(10);
+    let b = backend_with(ZkConfig {
+        sessions: 1,
+        session_timeout: timeout,
+        ..config(&zk, "bounded")
+    })
+    .await;
+    let warm = must_acquire(&b, &key("tx", "warm")).await;
+    b.release(warm.guard).await.unwrap();
+
+    zk.freeze(0).unwrap();
+    let wait = Duration::from_millis(300);
+    let t0 = Instant::now();
+    let r = b.acquire(req(&key("tx", "frozen"), wait)).await;
+    let took = t0.elapsed();
+    assert!(matches!(r, Err(BackendError::Unavailable(_))), "{r:?}");
+    assert!(
+        took < wait + Duration::from_secs(2) + Duration::from_millis(1500),
+        "acquire with a {wait:?} wait took {took:?} while ZooKeeper was frozen"
+    );
+
+    // Once the session is known to be disconnected, a try-once answers at
+    // once instead of queueing behind the reconnect.
+    eventually("the session is seen disconnected", || async {
+        let info: std::collections::HashMap<String, String> = b.info().into_iter().collect();
+        info.get("zk.session.0")
+            .is_some_and(|s| s.contains("state=disconnected"))
+    })
+    .await;
+    let t0 = Instant::now();
+    let r = b.acquire(req(&key("tx", "try-once"), Duration::ZERO)).await;
+    let took = t0.elapsed();
+    assert!(matches!(r, Err(BackendError::Unavailable(_))), "{r:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "try-once took {took:?} without a connected session"
+    );
+
+    zk.thaw(0).unwrap();
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_on_a_follower_cut_off_from_the_leader_hears_of_the_loss_in_time() {
+    init_tracing();
+    // A follower notices a silent leader only after syncLimit (10) ticks, 10 s
+    // here, and answers reads and pings from its own copy until then; only
+    // the leader can vouch for the session.
+    let mut zk = ZooKeeper::builder()
+        .nodes(3)
+        .tick_time(Duration::from_secs(1))
+        .start()
+        .expect("start a 3-node ensemble");
+    let leader = zk.leader().expect("a leader");
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    assert_eq!(zk.mode(follower), Some(Mode::Follower));
+    let timeout = Duration::from_secs(4);
+    let a = backend_with(ZkConfig {
+        hosts: zk.addr(follower).to_string(),
+        provider: "cut-off".into(),
+        sessions: 1,
+        session_timeout: timeout,
+        ..ZkConfig::default()
+    })
+    .await;
+    let k = key("tx", "cut-off");
+    let (r, mut lost) = req_watched(&k, Duration::ZERO);
+    let held = a.acquire(r).await.unwrap().expect("a holds");
+
+    let frozen_at = Instant::now();
+    zk.freeze(leader).unwrap();
+    let (lost_at, reason) = tokio::time::timeout(timeout + Duration::from_secs(2), lost.recv())
+        .await
+        .expect("lost not reported: the follower kept answering reads")
+        .unwrap();
+    assert_eq!(reason, LostReason::BackendUnreachable);
+    let after = lost_at - frozen_at;
+    assert!(
+        after < timeout,
+        "lost reported {after:?} after the leader froze, not inside the session timeout {timeout:?}"
+    );
+    zk.thaw(leader).unwrap();
+    a.release(held.guard).await.unwrap();
+    a.shutdown().await;
 }

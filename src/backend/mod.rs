@@ -177,8 +177,8 @@ pub trait Backend: Send + Sync + 'static {
     /// The kind's current version and mode.
     ///
     /// # Cancellation safety
-    /// Read-only (it may create the version node on first use, which is
-    /// idempotent); safe to drop.
+    /// Read-only (a kind never used reads as `v1`, normal, without writing
+    /// anything); safe to drop.
     ///
     /// # Errors
     /// [`BackendError::Unavailable`] if the backend cannot be reached.

@@ -45,6 +45,8 @@ pub enum Keys {
     Distinct,
     /// All clients one key: full contention (measures hand-over).
     Shared,
+    /// A new key for every operation (cold lock directories in ZooKeeper).
+    Fresh,
 }
 
 /// Measure throughput and latency against a floor from the same run.
@@ -197,18 +199,28 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         .print(args.json);
     }
     if matches!(args.op, Op::AcquireRelease | Op::All) {
-        let shared = args.keys == Keys::Shared;
+        let keys = args.keys;
         let name = format!(
             "clastor acquire+release ({})",
-            if shared { "1 key" } else { "distinct keys" }
+            match keys {
+                Keys::Shared => "1 key",
+                Keys::Distinct => "distinct keys",
+                Keys::Fresh => "fresh keys",
+            }
         );
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let run = std::process::id();
         let c = clients.clone();
         measure(
             &args,
             &name,
             op_fn(move |i| {
                 let c = c[i].clone();
-                let id = if shared { "shared".to_owned() } else { format!("k{i}") };
+                let id = match keys {
+                    Keys::Shared => "shared".to_owned(),
+                    Keys::Distinct => format!("k{i}"),
+                    Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+                };
                 async move {
                     let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
                     match guard {

@@ -8,8 +8,13 @@
 //! Lock nodes use Apache Curator's InterProcessMutex naming (protected mode:
 //! `_c_` + 36-char dashed uuid + `-lock-` + 10-digit sequence) so a Curator
 //! client on the same path excludes a Clastor one and vice versa; kazoo's
-//! `<32 hex>__lock__<seq>` nodes count as contenders too. Names are built only
-//! from validated [`LockKey`](crate::key::LockKey) parts.
+//! `<32 hex>__lock__<seq>` (Lock, WriteLock) and `__rlock__<seq>` (ReadLock)
+//! nodes count as contenders too: a kazoo reader must exclude a Clastor
+//! writer. Names are built only from validated [`LockKey`](crate::key::LockKey)
+//! parts.
+//!
+//! Sequence suffixes are a per-parent int32 that wraps to negative, so they
+//! are ordered with serial-number arithmetic (RFC 1982), not as integers.
 
 use std::sync::Arc;
 
@@ -25,6 +30,7 @@ pub const VERSION_NODE: &str = "version";
 const CURATOR_PREFIX: &str = "_c_";
 const CURATOR_LOCK: &str = "lock-";
 const KAZOO_LOCK: &str = "__lock__";
+const KAZOO_READ_LOCK: &str = "__rlock__";
 
 /// Paths under one root and provider.
 #[derive(Debug, Clone)]
@@ -41,18 +47,11 @@ impl Layout {
     /// A message if either is malformed.
     pub fn new(root: &str, provider: &str) -> Result<Layout, String> {
         let root = root.trim_end_matches('/');
-        if !root.starts_with('/')
-            || root.contains("//")
-            || root.split('/').any(|s| s == "." || s == "..")
-        {
-            return Err(format!(
-                "ZooKeeper root {root:?} must be an absolute path like /locks"
-            ));
+        if !root.starts_with('/') || root.contains("//") || root.split('/').any(|s| s == "." || s == "..") {
+            return Err(format!("ZooKeeper root {root:?} must be an absolute path like /locks"));
         }
         if provider.is_empty() || provider.contains('/') || provider == "." || provider == ".." {
-            return Err(format!(
-                "provider {provider:?} must be one non-empty path segment"
-            ));
+            return Err(format!("provider {provider:?} must be one non-empty path segment"));
         }
         if provider.chars().any(|c| c.is_control()) || root.chars().any(|c| c.is_control()) {
             return Err("root and provider must not contain control characters".into());
@@ -118,27 +117,25 @@ pub fn is_ours(name: &str, uuid: &Uuid) -> bool {
         .is_some_and(|u| Uuid::parse_str(u).is_ok_and(|u| u == *uuid))
 }
 
-/// A contender in a lock directory, ordered the way Curator and kazoo order
-/// them: by the sequence after the last `lock-` (Curator) or `__lock__`
-/// (kazoo). Names that are neither are not contenders.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// A contender in a lock directory: a Curator (`…lock-<seq>`) or kazoo
+/// (`…__lock__<seq>`, `…__rlock__<seq>`) node. Names that are neither are not
+/// contenders.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Contender<'a> {
-    /// The sequence number.
-    pub seq: i64,
-    /// The child name (ties broken by name, which never happens for nodes of
-    /// one parent, since ZooKeeper's counter is per parent).
+    /// The sequence number ZooKeeper appended (negative after int32 overflow).
+    pub seq: i32,
+    /// The child name.
     pub name: &'a str,
 }
 
 impl Contender<'_> {
     /// Parses a child name.
     pub fn parse(name: &str) -> Option<Contender<'_>> {
-        let suffix = if let Some(i) = name.rfind(KAZOO_LOCK) {
-            &name[i + KAZOO_LOCK.len()..]
-        } else {
-            let i = name.rfind(CURATOR_LOCK)?;
-            &name[i + CURATOR_LOCK.len()..]
-        };
+        let suffix = [KAZOO_LOCK, KAZOO_READ_LOCK, CURATOR_LOCK]
+            .into_iter()
+            .filter_map(|marker| name.rfind(marker).map(|i| &name[i + marker.len()..]))
+            // The marker that ends last is the one the sequence follows.
+            .min_by_key(|suffix| suffix.len())?;
         // Sequences are ten digits, or a sign and nine after int32 overflow.
         if suffix.is_empty()
             || !suffix
@@ -148,20 +145,32 @@ impl Contender<'_> {
         {
             return None;
         }
-        suffix
-            .parse::<i64>()
-            .ok()
-            .map(|seq| Contender { seq, name })
+        suffix.parse::<i32>().ok().map(|seq| Contender { seq, name })
     }
+}
+
+/// Whether sequence `a` comes before `b` in serial-number arithmetic: true
+/// across the int32 wrap (`i32::MAX` before `i32::MIN`), as long as the two are
+/// less than 2^31 apart, which a lock queue always is.
+pub fn seq_before(a: i32, b: i32) -> bool {
+    a.wrapping_sub(b) < 0
 }
 
 /// The contenders among `children`, in lock order (first = holder).
 pub fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
-    let mut contenders: Vec<Contender<'_>> = children
+    let mut contenders: Vec<Contender<'_>> = children.iter().filter_map(|c| Contender::parse(c)).collect();
+    // Serial order is not a total order in general, and `sort_by` wants one:
+    // find the serially first sequence, then sort by distance from it, which
+    // is total and equals the serial order whenever it is defined.
+    let Some(first) = contenders
         .iter()
-        .filter_map(|c| Contender::parse(c))
-        .collect();
-    contenders.sort();
+        .map(|c| c.seq)
+        .reduce(|m, s| if seq_before(s, m) { s } else { m })
+    else {
+        return contenders;
+    };
+    // Distance from `first` as a wrapping int32 difference read unsigned.
+    contenders.sort_by_key(|c| (c.seq.wrapping_sub(first).cast_unsigned(), c.name));
     contenders
 }
 
@@ -184,8 +193,7 @@ pub fn initial_version() -> KindVersion {
 /// A message if the data is not UTF-8, the version name is not a valid path
 /// segment, or the mode is unknown.
 pub fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
-    let text =
-        std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
+    let text = std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
     let mut lines = text.lines();
     let version = lines.next().unwrap_or("").trim();
     if !valid_version_name(version) {
@@ -248,8 +256,56 @@ mod tests {
             "not-a-lock".to_owned(),
             "lock-".to_owned(),
         ];
-        let sorted: Vec<i64> = sorted_contenders(&children).iter().map(|c| c.seq).collect();
+        let sorted: Vec<i32> = sorted_contenders(&children).iter().map(|c| c.seq).collect();
         assert_eq!(sorted, vec![3, 7, 12]);
+    }
+
+    #[test]
+    fn kazoo_read_lock_nodes_are_contenders() {
+        let children = vec![
+            "3f2a9c1d8e7b6a5f4e3d2c1b0a998877__rlock__0000000004".to_owned(),
+            "_c_0b2f0c47-2b8c-4a5a-9d2e-4a8cf5f3e1aa-lock-0000000005".to_owned(),
+        ];
+        let sorted = sorted_contenders(&children);
+        assert_eq!(sorted.len(), 2);
+        assert_eq!(sorted[0].name, children[0], "the kazoo reader holds");
+    }
+
+    /// Names as ZooKeeper makes them: `%010d` of the parent's int32 cversion.
+    fn curator(seq: i32) -> String {
+        format!("_c_0b2f0c47-2b8c-4a5a-9d2e-4a8cf5f3e1aa-lock-{seq:010}")
+    }
+
+    #[test]
+    fn sequences_are_ordered_across_the_int32_wrap() {
+        assert!(seq_before(i32::MAX, i32::MIN));
+        assert!(!seq_before(i32::MIN, i32::MAX));
+        assert!(seq_before(-1, 0));
+        assert!(seq_before(i32::MAX - 1, i32::MAX));
+        assert!(seq_before(0, 1) && !seq_before(1, 0) && !seq_before(7, 7));
+        assert_eq!(curator(i32::MIN), format!("{}-2147483648", &curator(0)[..45]));
+        assert_eq!(Contender::parse(&curator(-5)).map(|c| c.seq), Some(-5));
+
+        let order = [
+            i32::MAX - 2,
+            i32::MAX - 1,
+            i32::MAX,
+            i32::MIN,
+            i32::MIN + 1,
+            i32::MIN + 2,
+        ];
+        // Every rotation of the listing sorts back into the same wrap-aware order.
+        for shift in 0..order.len() {
+            let mut names: Vec<String> = order.iter().map(|&s| curator(s)).collect();
+            names.rotate_left(shift);
+            names.reverse();
+            let seqs: Vec<i32> = sorted_contenders(&names).iter().map(|c| c.seq).collect();
+            assert_eq!(seqs, order, "shift {shift}");
+        }
+        // Before the wrap, plain numeric order.
+        let names: Vec<String> = [10, 2, 3_000_000, 0].iter().map(|&s| curator(s)).collect();
+        let seqs: Vec<i32> = sorted_contenders(&names).iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [0, 2, 10, 3_000_000]);
     }
 
     #[test]

@@ -132,10 +132,7 @@ impl Backend for ZooKeeperBackend {
         "zookeeper"
     }
 
-    async fn acquire(
-        &self,
-        req: AcquireRequest<'_>,
-    ) -> Result<Option<Grant<ZkGuard>>, BackendError> {
+    async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<ZkGuard>>, BackendError> {
         self.recipe.acquire(req).await
     }
 

@@ -9,11 +9,16 @@
 //!   client crate only declares `Expired` at 7/5 of it. So each session is
 //!   probed every `timeout / 10`, and the *send* time of the last answered
 //!   request is its "last contact" (the server heard us no earlier than that).
+//!   The probe is a `sync` (pipelined with an `exists`): a follower answers
+//!   reads and pings from its own copy even while it is cut off from the
+//!   leader, which is the server that expires sessions, but it must forward a
+//!   `sync` to the leader. Only a write or a `sync` reply proves contact.
 //!   Once `2/3 × timeout` pass without contact, the session is retired: every
 //!   grant on it is reported lost (`BackendUnreachable`), every wait on it
 //!   fails with `Unavailable`, and the client is dropped so that, should the
 //!   connection come back, its ephemeral nodes go with it. Curator treats
-//!   SUSPENDED as lost for the same reason.
+//!   SUSPENDED as lost for the same reason. A grant whose reply arrives after
+//!   that point (but before the monitor's next tick) is refused too.
 //! - A retired session is replaced by a supervisor task per slot, with
 //!   back-off; meanwhile new work goes to the other, healthy sessions.
 
@@ -89,8 +94,11 @@ pub(crate) struct ZkSession {
     generation: u64,
     session_id: i64,
     timeout: Duration,
-    /// `None` once retired: the last clone going closes the session.
-    client: Mutex<Option<Client>>,
+    /// Holders are told their locks are lost after this long without contact.
+    lost_after: Duration,
+    /// `None` once retired: the last clone going closes the session. Shared as
+    /// an `Arc` so an operation costs a reference count, not a `Client` clone.
+    client: Mutex<Option<Arc<Client>>>,
     health: AtomicU8,
     born: Instant,
     /// Milliseconds since `born` of the send time of the last answered request.
@@ -107,12 +115,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ZkSession {
     fn new(slot: usize, generation: u64, client: Client) -> ZkSession {
+        let timeout = client.session_timeout();
+        let mut session = ZkSession::detached(slot, generation, client.session_id().0, timeout);
+        session.client = Mutex::new(Some(Arc::new(client)));
+        session
+    }
+
+    /// A session record without a client (the client is attached by `new`;
+    /// tests use this directly for the timing logic).
+    fn detached(slot: usize, generation: u64, session_id: i64, timeout: Duration) -> ZkSession {
         ZkSession {
             slot,
             generation,
-            session_id: client.session_id().0,
-            timeout: client.session_timeout(),
-            client: Mutex::new(Some(client)),
+            session_id,
+            timeout,
+            lost_after: timeout * 2 / 3,
+            client: Mutex::new(None),
             health: AtomicU8::new(Health::Connected as u8),
             born: Instant::now(),
             last_contact_ms: AtomicU64::new(0),
@@ -135,7 +153,7 @@ impl ZkSession {
     ///
     /// # Errors
     /// [`BackendError::Unavailable`] once the session is retired.
-    pub fn client(&self) -> Result<Client, BackendError> {
+    pub fn client(&self) -> Result<Arc<Client>, BackendError> {
         lock(&self.client).clone().ok_or_else(|| self.gone())
     }
 
@@ -160,17 +178,14 @@ impl ZkSession {
 
     fn set_health(&self, health: Health) {
         // Lost is terminal.
-        let _ = self
-            .health
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur != Health::Lost as u8).then_some(health as u8)
-            });
+        let _ = self.health.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            (cur != Health::Lost as u8).then_some(health as u8)
+        });
     }
 
     /// Records that a request sent at `sent_at` was answered.
     pub fn touch(&self, sent_at: Instant) {
-        let ms = u64::try_from(sent_at.saturating_duration_since(self.born).as_millis())
-            .unwrap_or(u64::MAX);
+        let ms = u64::try_from(sent_at.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
         self.last_contact_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
@@ -180,16 +195,23 @@ impl ZkSession {
         Instant::now().saturating_duration_since(last)
     }
 
+    /// Whether the session went `lost_after` without contact: its locks are
+    /// (about to be) reported lost, so it must not hand out new ones.
+    fn out_of_contact(&self) -> bool {
+        self.since_contact() >= self.lost_after
+    }
+
     /// Remembers a grant so its holder can be told if the session is lost.
     ///
     /// # Errors
-    /// The record back if the session is already retired (the grant must not
-    /// be handed out: its node goes with the session).
+    /// The record back if the session is retired, or has gone `lost_after`
+    /// without contact and is about to be (the grant must not be handed out:
+    /// its holder could not be told in time that it is lost).
     pub fn register(&self, path: String, record: GrantRecord) -> Result<(), GrantRecord> {
         let mut grants = lock(&self.grants);
         // Checked under the grants lock, which `retire` takes after cancelling,
         // so a grant is either registered before the drain or refused.
-        if self.is_retired() {
+        if self.is_retired() || self.out_of_contact() {
             return Err(record);
         }
         grants.insert(path, record);
@@ -263,15 +285,12 @@ impl Slot {
     }
 
     fn set(&self, session: Option<Arc<ZkSession>>) {
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = session;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = session;
     }
 }
 
 /// Why a session's monitor ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     Shutdown,
     Unreachable,
@@ -368,6 +387,25 @@ impl Pool {
     /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
     /// if every session is lost and not yet replaced.
     pub fn pick(&self) -> Result<Arc<ZkSession>, BackendError> {
+        self.pick_where(true)
+    }
+
+    /// As [`Pool::pick`], but only a connected session: for work that must
+    /// not queue behind a reconnect (a try-once acquire answers at once).
+    ///
+    /// # Errors
+    /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
+    /// if no session is connected.
+    pub fn pick_connected(&self) -> Result<Arc<ZkSession>, BackendError> {
+        self.pick_where(false)
+    }
+
+    /// The requested session timeout (the negotiated one may be clamped).
+    pub fn session_timeout(&self) -> Duration {
+        self.cfg.session_timeout
+    }
+
+    fn pick_where(&self, reconnecting_ok: bool) -> Result<Arc<ZkSession>, BackendError> {
         if self.shutdown.is_cancelled() {
             return Err(BackendError::Closed);
         }
@@ -380,13 +418,14 @@ impl Pool {
             };
             match session.health() {
                 Health::Connected => return Ok(session),
-                Health::Disconnected if fallback.is_none() => fallback = Some(session),
+                Health::Disconnected if reconnecting_ok && fallback.is_none() => fallback = Some(session),
                 _ => {}
             }
         }
         fallback.ok_or_else(|| {
             BackendError::Unavailable(format!(
-                "no ZooKeeper session is available ({})",
+                "no {} ZooKeeper session is available ({})",
+                if reconnecting_ok { "usable" } else { "connected" },
                 self.cfg.hosts
             ))
         })
@@ -435,10 +474,7 @@ impl Pool {
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         let grace = self.cfg.session_timeout.min(Duration::from_secs(5));
-        if tokio::time::timeout(grace, self.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             warn!("ZooKeeper session supervisors did not stop within {grace:?}");
         }
     }
@@ -507,7 +543,54 @@ async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSessio
     }
 }
 
-type Probe = BoxFuture<'static, Result<Option<zookeeper_client::Stat>, zookeeper_client::Error>>;
+type Probe = BoxFuture<'static, ProbeOutcome>;
+
+/// What one probe (`sync` + `exists`, pipelined) says about the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeOutcome {
+    /// The `sync` was answered, so the leader heard the session when the
+    /// probe was sent: contact.
+    Contact,
+    /// No proof of contact (a read answered by a follower proves nothing).
+    NoContact,
+    /// The session is over.
+    End(End),
+}
+
+type ZkResult<T> = Result<T, zookeeper_client::Error>;
+
+impl ProbeOutcome {
+    fn of(sync: &ZkResult<()>, exists: &ZkResult<Option<zookeeper_client::Stat>>) -> ProbeOutcome {
+        use zookeeper_client::Error::{ClientClosed, SessionExpired};
+        match (sync, exists) {
+            (Err(SessionExpired), _) | (_, Err(SessionExpired)) => ProbeOutcome::End(End::Expired),
+            (Err(ClientClosed), _) | (_, Err(ClientClosed)) => ProbeOutcome::End(End::Closed),
+            (Ok(()), _) => ProbeOutcome::Contact,
+            (Err(_), _) => ProbeOutcome::NoContact,
+        }
+    }
+}
+
+/// What a session-state change means for the pool.
+fn on_state(session: &ZkSession, state: SessionState) -> Result<bool, End> {
+    match state {
+        SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+            session.set_health(Health::Connected);
+            Ok(true)
+        }
+        SessionState::Disconnected => {
+            warn!(
+                slot = session.slot,
+                session = format_args!("{:#x}", session.session_id),
+                "ZooKeeper session disconnected"
+            );
+            session.set_health(Health::Disconnected);
+            Ok(false)
+        }
+        SessionState::Expired => Err(End::Expired),
+        SessionState::Closed | SessionState::AuthFailed => Err(End::Closed),
+    }
+}
 
 /// Watches one session until it must be retired.
 async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
@@ -516,8 +599,12 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
     };
     let mut states = client.state_watcher();
     drop(client);
+    // `state_watcher` marks the current state as seen: apply it, or a
+    // disconnect between connecting and here would go unnoticed.
+    if let Err(end) = on_state(session, states.peek_state()) {
+        return end;
+    }
     let every = (session.timeout / 10).max(Duration::from_millis(20));
-    let lost_after = session.timeout * 2 / 3;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut probe: Option<(Instant, Probe)> = None;
@@ -525,41 +612,35 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
         let probing = probe.is_some();
         tokio::select! {
             () = shutdown.cancelled() => return End::Shutdown,
-            state = states.changed() => match state {
-                SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+            state = states.changed() => match on_state(session, state) {
+                Ok(true) => {
                     info!(slot = session.slot, session = format_args!("{:#x}", session.session_id), "ZooKeeper session reconnected");
-                    session.set_health(Health::Connected);
                     // Prove contact on the new connection right away.
                     probe = new_probe(session);
                 }
-                SessionState::Disconnected => {
-                    warn!(slot = session.slot, session = format_args!("{:#x}", session.session_id), "ZooKeeper session disconnected");
-                    session.set_health(Health::Disconnected);
-                }
-                SessionState::Expired => return End::Expired,
-                SessionState::Closed | SessionState::AuthFailed => return End::Closed,
+                Ok(false) => {}
+                Err(end) => return end,
             },
-            result = async { match probe.as_mut() { Some((_, f)) => f.await, None => std::future::pending().await } }, if probing => {
+            outcome = async { match probe.as_mut() { Some((_, f)) => f.await, None => std::future::pending().await } }, if probing => {
                 let sent_at = probe.take().map(|(at, _)| at);
-                match result {
-                    Ok(_) => {
+                match outcome {
+                    ProbeOutcome::Contact => {
                         if let Some(at) = sent_at {
                             session.touch(at);
                         }
                     }
-                    Err(zookeeper_client::Error::SessionExpired) => return End::Expired,
-                    Err(zookeeper_client::Error::ClientClosed) => return End::Closed,
-                    Err(e) => debug!(slot = session.slot, error = %e, "ZooKeeper probe failed"),
+                    ProbeOutcome::NoContact => debug!(slot = session.slot, "ZooKeeper probe failed"),
+                    ProbeOutcome::End(end) => return end,
                 }
             }
             _ = tick.tick() => {
-                if session.since_contact() >= lost_after {
+                if session.out_of_contact() {
                     warn!(
                         slot = session.slot,
                         session = format_args!("{:#x}", session.session_id),
                         since_contact = ?session.since_contact(),
-                        limit = ?lost_after,
-                        "no answer from ZooKeeper for 2/3 of the session timeout"
+                        limit = ?session.lost_after,
+                        "no answer from the ZooKeeper leader for 2/3 of the session timeout"
                     );
                     return End::Unreachable;
                 }
@@ -571,10 +652,20 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
     }
 }
 
+/// Sends a probe: `sync("/")`, which a follower must pass to the leader, then
+/// `exists("/")` behind it.
 fn new_probe(session: &ZkSession) -> Option<(Instant, Probe)> {
     let client = session.client().ok()?;
     let sent_at = Instant::now();
-    Some((sent_at, client.check_stat("/").boxed()))
+    let probe = async move {
+        // Sent back-to-back on the first poll; `sent_at` was taken before,
+        // which only makes the contact estimate more conservative.
+        let sync = client.sync("/");
+        let exists = client.check_stat("/");
+        let (sync, exists) = futures_util::future::join(sync, exists).await;
+        ProbeOutcome::of(&sync, &exists)
+    };
+    Some((sent_at, probe.boxed()))
 }
 
 impl Drop for Pool {
@@ -582,5 +673,61 @@ impl Drop for Pool {
         // Dropping the backend without `shutdown` still stops the supervisors
         // and closes the sessions.
         self.shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zookeeper_client::Error as ZkError;
+
+    use super::*;
+
+    fn record() -> GrantRecord {
+        GrantRecord {
+            key: LockKey::new("tx", "a").unwrap_or_else(|e| panic!("{e}")),
+            token: 1,
+            notifier: LostNotifier::noop(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_grant_is_registered_once_contact_is_overdue() {
+        let session = ZkSession::detached(0, 0, 1, Duration::from_secs(3));
+        session.touch(Instant::now());
+        assert!(session.register("/a/1".into(), record()).is_ok());
+        // Just before 2/3 of the timeout: still fine.
+        tokio::time::advance(Duration::from_millis(1_990)).await;
+        assert!(session.register("/a/2".into(), record()).is_ok());
+        // At 2/3 the monitor may not have ticked yet, but the grant is refused.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(!session.is_retired());
+        assert!(session.register("/a/3".into(), record()).is_err());
+        assert_eq!(session.grant_count(), 2);
+        // A probe sent now and answered restores it.
+        session.touch(Instant::now());
+        assert!(session.register("/a/3".into(), record()).is_ok());
+    }
+
+    #[test]
+    fn only_an_answered_sync_is_contact() {
+        let stat = Ok(None);
+        assert_eq!(ProbeOutcome::of(&Ok(()), &stat), ProbeOutcome::Contact);
+        // A follower cut off from the leader still answers `exists`.
+        assert_eq!(
+            ProbeOutcome::of(&Err(ZkError::ConnectionLoss), &stat),
+            ProbeOutcome::NoContact
+        );
+        assert_eq!(
+            ProbeOutcome::of(&Err(ZkError::Timeout), &Err(ZkError::Timeout)),
+            ProbeOutcome::NoContact
+        );
+        assert!(matches!(
+            ProbeOutcome::of(&Err(ZkError::SessionExpired), &Err(ZkError::SessionExpired)),
+            ProbeOutcome::End(End::Expired)
+        ));
+        assert!(matches!(
+            ProbeOutcome::of(&Ok(()), &Err(ZkError::ClientClosed)),
+            ProbeOutcome::End(End::Closed)
+        ));
     }
 }

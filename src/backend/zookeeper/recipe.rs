@@ -9,6 +9,12 @@
 //! read sees any rotation that began before our create, and the listing
 //! contains our node and every predecessor.
 //!
+//! A lock directory not known to exist (a fresh id) is created in the same
+//! round trip: on a miss in a small cache of known directories, container
+//! `create`s of the version and lock directories go out just ahead of the
+//! lock node's. Read paths (`is_held`, `version`) never write: a missing
+//! version node reads as `v1`/normal.
+//!
 //! Contended, a waiter watches only its predecessor (no herd). Every node this
 //! module creates is owned by a [`PendingNode`] until it is either handed out
 //! in a [`ZkGuard`] or deleted; dropping either deletes the node in the
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clastor_protocol::{KindMode, LockMode};
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use futures_util::future::{join, join3};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -34,20 +40,39 @@ use crate::key::LockKey;
 
 type ZkError = zookeeper_client::Error;
 
-const LOCK_NODE: CreateOptions<'static> =
-    CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
+const LOCK_NODE: CreateOptions<'static> = CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
 const CONTAINER: CreateOptions<'static> = CreateMode::Container.with_acls(Acls::anyone_all());
 const PERSISTENT: CreateOptions<'static> = CreateMode::Persistent.with_acls(Acls::anyone_all());
 /// Parents can be reaped between our `create`s; give up after this many tries.
 const MAX_ATTEMPTS: usize = 8;
+/// Bounds of the caches: cleared when full (cheap, and a miss only costs a
+/// pipelined request or a read).
+const MAX_CACHED_KINDS: usize = 1024;
+const MAX_CACHED_DIRS: usize = 4096;
+/// Longest an acquire may overrun its wait while ZooKeeper does not answer.
+const MAX_GRACE: Duration = Duration::from_secs(2);
 
-/// The recipe's shared state: the pool, the layout and a cache of each kind's
-/// version (to build the lock path before the pipelined read confirms it).
+/// The recipe's shared state: the pool, the layout, a cache of each kind's
+/// version (to build the lock path before the pipelined read confirms it) and
+/// a cache of lock directories known to exist. Both caches are hints: the
+/// acquire round checks the version, and a reaped directory fails the create
+/// with `NoNode`.
 #[derive(Debug)]
 pub(crate) struct Recipe {
     pub pool: Arc<Pool>,
     pub layout: Layout,
     versions: DashMap<Arc<str>, KindVersion>,
+    dirs: DashSet<String>,
+}
+
+/// What a read of a kind's version node does when the node is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Create it as `v1`/normal (acquire: the node must exist before a lock
+    /// node does, so a rotation can see and drain it).
+    Create,
+    /// Answer `v1`/normal without writing (read paths).
+    AssumeInitial,
 }
 
 /// Result of a successful create round.
@@ -78,10 +103,40 @@ fn map_err(what: &str, e: ZkError) -> BackendError {
 /// unknown but the session may live on. `zookeeper_client` fails every
 /// in-flight request with the error that ended the connection: usually
 /// `ConnectionLoss`, but `Custom` for an I/O error, a read timeout ("no
-/// response from connection") or a switch to a writable server. Requests
-/// made after it queue until the session reconnects or ends.
+/// response from connection") or a switch to a writable server, and
+/// `UnexpectedError`/`UnmarshalError` for a reply it could not match or
+/// parse (the request may well have been applied). Requests made after it
+/// queue until the session reconnects or ends.
 fn connection_broke(e: &ZkError) -> bool {
-    matches!(e, ZkError::ConnectionLoss | ZkError::Custom(_))
+    matches!(
+        e,
+        ZkError::ConnectionLoss | ZkError::Custom(_) | ZkError::UnexpectedError(_) | ZkError::UnmarshalError { .. }
+    )
+}
+
+/// Whether a failed `create` definitely made no node: ZooKeeper answered
+/// with a refusal, or the client refused to send it. Any other error (a lost
+/// connection, an expired or closed session, a reply that could not be read)
+/// leaves the outcome unknown, so the node must still be looked for.
+fn definitely_not_created(e: &ZkError) -> bool {
+    matches!(
+        e,
+        ZkError::NodeExists
+            | ZkError::NoNode
+            | ZkError::NoAuth
+            | ZkError::InvalidAcl
+            | ZkError::NoChildrenForEphemerals
+            | ZkError::BadArguments(_)
+            | ZkError::BadVersion
+            | ZkError::NotEmpty
+            | ZkError::SessionMoved
+            | ZkError::Throttled
+            | ZkError::NotReadOnly
+            | ZkError::QuotaExceeded
+            | ZkError::MarshallingError
+            | ZkError::Unimplemented
+            | ZkError::UnexpectedErrorCode(_)
+    )
 }
 
 /// Awaits `f` unless the session is retired first (lost, expired, shut down).
@@ -123,9 +178,7 @@ fn spawn_cleanup(f: impl Future<Output = ()> + Send + 'static) {
         Ok(handle) => {
             handle.spawn(f);
         }
-        Err(_) => warn!(
-            "no tokio runtime to delete a ZooKeeper lock node; it goes when its session closes"
-        ),
+        Err(_) => warn!("no tokio runtime to delete a ZooKeeper lock node; it goes when its session closes"),
     }
 }
 
@@ -153,10 +206,7 @@ impl PendingNode {
     }
 
     fn name(&self) -> &str {
-        self.path
-            .as_deref()
-            .and_then(|p| p.rsplit('/').next())
-            .unwrap_or("")
+        self.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("")
     }
 
     fn disarm(&mut self) {
@@ -205,11 +255,16 @@ impl Drop for PendingNode {
 }
 
 /// Lists `dir` (retrying after connection loss) and returns the path of the
-/// child created with `uuid`, if any.
+/// child created with `uuid`, if any. The listing follows a `sync`, as in
+/// [`Recipe::recover`]: after a reconnect to another server, that server must
+/// first catch up with the leader, or it may not show a node we created.
 async fn find_by_uuid(session: &ZkSession, dir: &str, uuid: &Uuid) -> Option<String> {
     loop {
         let client = session.client().ok()?;
-        match on(session, client.list_children(dir)).await.ok()? {
+        let (sync, list) = on(session, join(client.sync(dir), client.list_children(dir)))
+            .await
+            .ok()?;
+        match sync.and(list) {
             Ok(children) => {
                 return children
                     .iter()
@@ -274,14 +329,31 @@ impl Recipe {
             pool,
             layout,
             versions: DashMap::new(),
+            dirs: DashSet::new(),
         }
     }
 
     fn remember(&self, kind: &Kind<'_>, v: &KindVersion) {
+        if self.versions.len() >= MAX_CACHED_KINDS && !self.versions.contains_key(&**kind.0) {
+            self.versions.clear();
+        }
         self.versions.insert(Arc::clone(kind.0), v.clone());
     }
 
-    /// Takes the lock; see [`crate::backend::Backend::acquire`].
+    fn remember_dir(&self, dir: &str) {
+        if self.dirs.contains(dir) {
+            return;
+        }
+        if self.dirs.len() >= MAX_CACHED_DIRS {
+            self.dirs.clear();
+        }
+        self.dirs.insert(dir.to_owned());
+    }
+
+    /// Takes the lock; see [`crate::backend::Backend::acquire`]. Bounded by
+    /// the wait plus a grace (a third of the session timeout, at most 2 s),
+    /// even if ZooKeeper stops answering. A try-once (`wait` zero) uses only
+    /// a connected session.
     ///
     /// # Cancellation safety
     /// Dropping the future withdraws the wait: the node (even one whose create
@@ -289,30 +361,49 @@ impl Recipe {
     ///
     /// # Errors
     /// `Unsupported` for shared mode, `Closed` after shutdown, `Unavailable`
-    /// when ZooKeeper cannot be reached or the session was lost while waiting.
-    pub async fn acquire(
+    /// when ZooKeeper cannot be reached (no connected session for a try-once;
+    /// no answer within the wait plus the grace) or the session was lost
+    /// while waiting.
+    pub async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<ZkGuard>>, BackendError> {
+        if req.mode != LockMode::Exclusive {
+            return Err(BackendError::Unsupported("shared locks on ZooKeeper".into()));
+        }
+        let (key, wait) = (req.key, req.wait);
+        let deadline = far_deadline(wait);
+        let grace = (self.pool.session_timeout() / 3).min(MAX_GRACE);
+        let limit = deadline.checked_add(grace).unwrap_or(deadline);
+        // Dropping the inner future on expiry cleans up like a cancellation.
+        match tokio::time::timeout_at(limit, self.acquire_by(req, deadline)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "ZooKeeper did not answer the acquire of {key} within its wait ({wait:?}) plus {grace:?}"
+            ))),
+        }
+    }
+
+    /// The acquire proper: not granted (`Ok(None)`) after `deadline`.
+    async fn acquire_by(
         &self,
         req: AcquireRequest<'_>,
+        deadline: Instant,
     ) -> Result<Option<Grant<ZkGuard>>, BackendError> {
         let AcquireRequest {
             key,
             wait,
-            mode,
             owner,
             on_lost,
+            ..
         } = req;
-        if mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported(
-                "shared locks on ZooKeeper".into(),
-            ));
-        }
         let started = Instant::now();
-        let deadline = far_deadline(wait);
-        let session = self.pool.pick()?;
+        let session = if wait.is_zero() {
+            self.pool.pick_connected()?
+        } else {
+            self.pool.pick()?
+        };
         let kind = Kind(key.kind_arc());
         let mut version = match self.versions.get(key.kind()) {
             Some(v) => v.clone(),
-            None => self.read_version(&session, &kind).await?,
+            None => self.read_version(&session, &kind, Missing::Create).await?,
         };
         let data = format!("clastor owner={owner}");
         loop {
@@ -336,17 +427,13 @@ impl Recipe {
                 version = created.seen;
                 continue;
             }
-            if !self
-                .wait_turn(&session, &pending, created.children, deadline)
-                .await?
-            {
+            if !self.wait_turn(&session, &pending, created.children, deadline).await? {
                 pending.delete().await;
                 debug!(%key, waited = ?started.elapsed(), "not granted in time");
                 return Ok(None);
             }
-            let token = u64::try_from(created.czxid).map_err(|_| {
-                BackendError::Internal(format!("lock node has a negative czxid {}", created.czxid))
-            })?;
+            let token = u64::try_from(created.czxid)
+                .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {}", created.czxid)))?;
             let path = pending.path.clone().unwrap_or_default();
             let record = GrantRecord {
                 key: key.clone(),
@@ -382,24 +469,40 @@ impl Recipe {
         data: &[u8],
     ) -> Result<Created, BackendError> {
         let version_path = self.layout.version_path(kind.0);
+        let version_dir = self.layout.version_dir(kind.0, &version.version);
         let prefix = layout::node_prefix(&pending.dir, &pending.uuid);
+        let mut dir_known = self.dirs.contains(&pending.dir);
         for _ in 0..MAX_ATTEMPTS {
             let client = session.client()?;
             let sent_at = Instant::now();
+            // A directory not known to exist is created ahead of the node, in
+            // the same round trip (its result shows in the node's create).
+            let parents = (!dir_known).then(|| {
+                join(
+                    client.create(&version_dir, &[], &CONTAINER),
+                    client.create(&pending.dir, &[], &CONTAINER),
+                )
+            });
             let create = client.create(&prefix, data, &LOCK_NODE);
             pending.sent = true;
             let read = client.get_data(&version_path);
             let list = client.list_children(&pending.dir);
-            let (created, read, list) = on(session, join3(create, read, list)).await?;
+            let parents = async move {
+                if let Some(parents) = parents {
+                    // `NodeExists` is the usual answer; any failure that
+                    // matters shows in the node's create (`NoNode`).
+                    let _ = parents.await;
+                }
+            };
+            let ((), (created, read, list)) = on(session, join(parents, join3(create, read, list))).await?;
             match created {
                 Ok((stat, seq)) => {
                     session.touch(sent_at);
                     pending.path = Some(format!("{prefix}{seq}"));
+                    self.remember_dir(&pending.dir);
                     let seen = match read {
-                        Ok((data, _)) => {
-                            layout::decode_version(&data).map_err(BackendError::Internal)?
-                        }
-                        Err(_) => self.read_version(session, kind).await?,
+                        Ok((data, _)) => layout::decode_version(&data).map_err(BackendError::Internal)?,
+                        Err(_) => self.read_version(session, kind, Missing::Create).await?,
                     };
                     let children = match list {
                         Ok(children) => children,
@@ -413,16 +516,29 @@ impl Recipe {
                 }
                 Err(ZkError::NoNode) => {
                     pending.sent = false;
-                    self.ensure_parents(session, kind, &version.version, &pending.dir)
-                        .await?;
+                    self.dirs.remove(&pending.dir);
+                    if dir_known {
+                        // Reaped since we saw it: create it with the node.
+                        dir_known = false;
+                    } else {
+                        // The kind's nodes are missing too.
+                        self.ensure_parents(session, kind, &version.version, &pending.dir)
+                            .await?;
+                        dir_known = true;
+                    }
                 }
                 Err(e) if connection_broke(&e) => {
                     if let Some(created) = self.recover(session, &version_path, pending).await? {
+                        self.remember_dir(&pending.dir);
                         return Ok(created);
                     }
                 }
                 Err(e) => {
-                    pending.sent = false;
+                    // Only a definite refusal means no node was made;
+                    // otherwise the drop of `pending` looks for it by uuid.
+                    if definitely_not_created(&e) {
+                        pending.sent = false;
+                    }
                     return Err(map_err("create lock node", e));
                 }
             }
@@ -565,11 +681,13 @@ impl Recipe {
         Ok(())
     }
 
-    /// Reads a kind's version node, creating it as `v1`/normal if missing.
+    /// Reads a kind's version node; if it is missing, creates it as
+    /// `v1`/normal or just answers that, per `missing`.
     async fn read_version(
         &self,
         session: &ZkSession,
         kind: &Kind<'_>,
+        missing: Missing,
     ) -> Result<KindVersion, BackendError> {
         let path = self.layout.version_path(kind.0);
         for _ in 0..MAX_ATTEMPTS {
@@ -580,6 +698,7 @@ impl Recipe {
                     self.remember(kind, &v);
                     return Ok(v);
                 }
+                Err(ZkError::NoNode) if missing == Missing::AssumeInitial => return Ok(layout::initial_version()),
                 Err(ZkError::NoNode) => self.ensure_kind(session, kind).await?,
                 Err(e) if connection_broke(&e) => {}
                 Err(e) => return Err(map_err("read version node", e)),
@@ -712,7 +831,8 @@ impl Recipe {
     }
 
     /// Whether any contender node exists for `key` under the kind's current
-    /// version (one round trip: version read and listing pipelined).
+    /// version (one round trip: version read and listing pipelined). Writes
+    /// nothing: a missing version node means `v1`.
     ///
     /// # Errors
     /// `Unavailable` if ZooKeeper cannot be reached.
@@ -721,7 +841,7 @@ impl Recipe {
         let kind = Kind(key.kind_arc());
         let mut version = match self.versions.get(key.kind()) {
             Some(v) => v.version.clone(),
-            None => self.read_version(&session, &kind).await?.version,
+            None => Arc::from(layout::INITIAL_VERSION),
         };
         let version_path = self.layout.version_path(key.kind());
         for _ in 0..MAX_ATTEMPTS {
@@ -733,12 +853,17 @@ impl Recipe {
             )
             .await?;
             let seen = match read {
-                Ok((data, _)) => layout::decode_version(&data).map_err(BackendError::Internal)?,
-                Err(ZkError::NoNode) => return Ok(false),
+                Ok((data, _)) => {
+                    let seen = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                    self.remember(&kind, &seen);
+                    seen
+                }
+                // Never acquired through Clastor; a Curator or kazoo client
+                // may still hold it under `v1`.
+                Err(ZkError::NoNode) => layout::initial_version(),
                 Err(e) if connection_broke(&e) => continue,
                 Err(e) => return Err(map_err("read version node", e)),
             };
-            self.remember(&kind, &seen);
             if seen.version != version {
                 version = seen.version;
                 continue;
@@ -753,8 +878,8 @@ impl Recipe {
         Err(BackendError::Unavailable(format!("could not check {key}")))
     }
 
-    /// The kind's version and mode, read from ZooKeeper (created as
-    /// `v1`/normal if missing).
+    /// The kind's version and mode, read from ZooKeeper (`v1`/normal if the
+    /// kind was never used; nothing is written).
     ///
     /// # Errors
     /// `Unavailable` if ZooKeeper cannot be reached; `Internal` if the version
@@ -762,7 +887,7 @@ impl Recipe {
     pub async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
         let session = self.pool.pick()?;
         let kind: Arc<str> = Arc::from(kind);
-        self.read_version(&session, &Kind(&kind)).await
+        self.read_version(&session, &Kind(&kind), Missing::AssumeInitial).await
     }
 
     /// The lock directory of `key` under the kind's current version.
@@ -778,3 +903,45 @@ impl Recipe {
 /// A validated kind, borrowed as the shared `Arc<str>` so caching it costs a
 /// reference count, not an allocation.
 struct Kind<'a>(&'a Arc<str>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_mean_no_node_was_created() {
+        for refused in [
+            ZkError::NodeExists,
+            ZkError::NoNode,
+            ZkError::NoAuth,
+            ZkError::InvalidAcl,
+            ZkError::NoChildrenForEphemerals,
+            ZkError::BadArguments(&"bad path"),
+            ZkError::SessionMoved,
+            ZkError::Throttled,
+        ] {
+            assert!(definitely_not_created(&refused), "{refused:?}");
+            assert!(!connection_broke(&refused), "{refused:?}");
+        }
+        for unknown in [
+            ZkError::ConnectionLoss,
+            ZkError::SessionExpired,
+            ZkError::ClientClosed,
+            ZkError::Timeout,
+            ZkError::UnexpectedError("recv response with xid 7 but no pending request".into()),
+            ZkError::UnmarshalError {
+                entity: "server path",
+                reason: &"insufficient buf",
+            },
+        ] {
+            assert!(!definitely_not_created(&unknown), "{unknown:?}");
+        }
+        // A reply that could not be matched or read: the create may have
+        // happened, so it is recovered like a lost connection.
+        assert!(connection_broke(&ZkError::UnexpectedError("x".into())));
+        assert!(connection_broke(&ZkError::UnmarshalError {
+            entity: "stat",
+            reason: &"insufficient buf"
+        }));
+    }
+}
