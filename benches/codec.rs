@@ -41,6 +41,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             Request::Release {
                 kind: "transaction".into(),
                 id: "tx-1234567".into(),
+                token: 1_795_712_686_699_836_350,
             },
         ),
         (
@@ -49,6 +50,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 kind: "transaction".into(),
                 id: "tx-1234567".into(),
                 lease_ms: 30_000,
+                token: 1_795_712_686_699_836_350,
             },
         ),
         (

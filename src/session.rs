@@ -328,8 +328,26 @@ impl<B: Backend> Session<B> {
     /// (the lock is no longer this session's either way: the backend frees it
     /// when it can, at worst when its own session ends).
     pub async fn release(&self, key: &LockKey) -> Result<bool, LockError> {
+        self.release_grant(key, None).await
+    }
+
+    /// Releases `key` only if this session holds it under fencing token
+    /// `token` (any grant if `None`). A holder that names its token cannot
+    /// release a later grant of the same key by mistake: a stale release
+    /// finds its grant gone and answers `Ok(false)`.
+    ///
+    /// # Errors
+    /// As [`Session::release`].
+    pub async fn release_grant(&self, key: &LockKey, token: Option<u64>) -> Result<bool, LockError> {
         let s = &*self.shared;
-        let held = s.lock().held.remove(key);
+        let held = {
+            let mut st = s.lock();
+            match st.held.get(key) {
+                Some(h) if token.is_some_and(|t| t != h.token) => return Ok(false),
+                Some(_) => st.held.remove(key),
+                None => None,
+            }
+        };
         match held {
             Some(held) => {
                 s.engine.stats.released.fetch_add(1, Ordering::Relaxed);
@@ -349,10 +367,19 @@ impl<B: Backend> Session<B> {
     /// [`LockError::NotHeld`] if this session does not hold `key`;
     /// [`LockError::InvalidArgument`] for a zero lease or one over the maximum.
     pub fn renew(&self, key: &LockKey, lease: Duration) -> Result<Granted, LockError> {
+        self.renew_grant(key, lease, None)
+    }
+
+    /// [`Session::renew`], only if the held grant has fencing token `token`
+    /// (any grant if `None`).
+    ///
+    /// # Errors
+    /// As [`Session::renew`]; a grant with another token is [`LockError::NotHeld`].
+    pub fn renew_grant(&self, key: &LockKey, lease: Duration, token: Option<u64>) -> Result<Granted, LockError> {
         let s = &*self.shared;
         check_lease(lease, s.engine.config.max_lease)?;
         let mut st = s.lock();
-        let Some(held) = st.held.get_mut(key) else {
+        let Some(held) = st.held.get_mut(key).filter(|h| token.is_none_or(|t| t == h.token)) else {
             return Err(LockError::NotHeld(key.clone()));
         };
         match &mut held.lease {

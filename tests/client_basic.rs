@@ -82,6 +82,7 @@ async fn raw_requests_return_every_status() {
         .request(Request::Release {
             kind: "k".into(),
             id: "i".into(),
+            token: 0,
         })
         .await
         .unwrap();

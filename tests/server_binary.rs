@@ -110,7 +110,8 @@ async fn a_blocked_acquire_does_not_hold_up_a_ping() {
     assert_eq!(
         a.call(Request::Release {
             kind: "k".into(),
-            id: "i".into()
+            id: "i".into(),
+            token: 0,
         })
         .await
         .result,
@@ -214,6 +215,7 @@ async fn hostile_names_are_refused() {
             .call(Request::Release {
                 kind: kind.into(),
                 id: id.into(),
+                token: 0,
             })
             .await;
         assert_eq!(r.status(), Status::InvalidName, "{kind:?}/{id:?}");
@@ -365,13 +367,15 @@ async fn release_renew_and_ownership_rules() {
     let rel = |k: &str| Request::Release {
         kind: "k".into(),
         id: k.into(),
+        token: 0,
     };
     assert_eq!(b.call(rel("i")).await.status(), Status::NotOwner);
     assert_eq!(
         b.call(Request::Renew {
             kind: "k".into(),
             id: "i".into(),
-            lease_ms: 1000
+            lease_ms: 1000,
+            token: 0,
         })
         .await
         .status(),
@@ -383,6 +387,7 @@ async fn release_renew_and_ownership_rules() {
             kind: "k".into(),
             id: "i".into(),
             lease_ms: 60_000,
+            token: 0,
         })
         .await;
     assert_eq!(

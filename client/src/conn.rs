@@ -483,6 +483,7 @@ impl ConnShared {
         let req = Request::Release {
             kind: lock.kind.clone(),
             id: lock.id.clone(),
+            token: lock.token,
         };
         let mut st = self.state();
         if st.dead.is_some() {

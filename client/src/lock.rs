@@ -310,6 +310,7 @@ impl LockGuard {
             kind: self.lock.kind.clone(),
             id: self.lock.id.clone(),
             lease_ms,
+            token: self.lock.token,
         };
         let deadline = self.request_timeout.map(|t| Instant::now() + t);
         let reply = renew_call(&self.conn, &req, deadline).await?;
@@ -336,6 +337,7 @@ impl LockGuard {
         let req = Request::Release {
             kind: self.lock.kind.clone(),
             id: self.lock.id.clone(),
+            token: self.lock.token,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let track = Track::Release {
@@ -424,6 +426,7 @@ async fn renew_loop(
         kind: lock.kind.clone(),
         id: lock.id.clone(),
         lease_ms: lease_millis_or_max(lease),
+        token: lock.token,
     };
     loop {
         tokio::select! {

@@ -136,10 +136,11 @@ pub(crate) fn examples() -> Vec<Example> {
                 Request::Release {
                     kind: s("transaction"),
                     id: s("tx-1"),
+                    token: 1234,
                 },
             ),
-            golden: "0000001b 01 11 0000 00000004
-                     000b 7472616e73616374696f6e 0004 74782d31",
+            golden: "00000023 01 11 0000 00000004
+                     000b 7472616e73616374696f6e 0004 74782d31 00000000000004d2",
         },
         Example {
             name: "request/renew",
@@ -149,10 +150,11 @@ pub(crate) fn examples() -> Vec<Example> {
                     kind: s("transaction"),
                     id: s("tx-1"),
                     lease_ms: 30000,
+                    token: 1234,
                 },
             ),
-            golden: "0000001f 01 12 0000 00000005
-                     000b 7472616e73616374696f6e 0004 74782d31 00007530",
+            golden: "00000027 01 12 0000 00000005
+                     000b 7472616e73616374696f6e 0004 74782d31 00007530 00000000000004d2",
         },
         Example {
             name: "request/held",
@@ -449,11 +451,13 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
         (0, 0x11) => {
             w.string("kind");
             w.string("id");
+            w.u64("token");
         }
         (0, 0x12) => {
             w.string("kind");
             w.string("id");
             w.u32("lease_ms");
+            w.u64("token");
         }
         (0, 0x13) => {
             w.enum8("scope", &["connection", "server"]);

@@ -194,6 +194,10 @@ pub enum Request {
         kind: String,
         /// Resource id.
         id: String,
+        /// Release only the grant with this fencing token; 0 releases whatever
+        /// grant of the key this connection holds. A holder that names its
+        /// token can never release a later grant by mistake.
+        token: u64,
     },
     /// Extend a lease.
     Renew {
@@ -203,6 +207,9 @@ pub enum Request {
         id: String,
         /// New lease from now, in ms (must be > 0).
         lease_ms: u32,
+        /// Renew only the grant with this fencing token; 0 renews whatever
+        /// grant of the key this connection holds.
+        token: u64,
     },
     /// List held locks.
     Held {
@@ -238,8 +245,8 @@ impl Request {
             Request::Hello(h) => 2 + string_len(&h.client_name),
             Request::Ping | Request::Info => 0,
             Request::Acquire(a) => string_len(&a.kind) + string_len(&a.id) + 4 + 4 + 1,
-            Request::Release { kind, id } => string_len(kind) + string_len(id),
-            Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4,
+            Request::Release { kind, id, .. } => string_len(kind) + string_len(id) + 8,
+            Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4 + 8,
             Request::Held { .. } => 1,
             Request::Version { kind } => string_len(kind),
         }
@@ -269,14 +276,21 @@ impl Request {
                 dst.put_u32(a.lease_ms);
                 dst.put_u8(a.mode as u8);
             }
-            Request::Release { kind, id } => {
+            Request::Release { kind, id, token } => {
                 put_string(dst, kind);
                 put_string(dst, id);
+                dst.put_u64(*token);
             }
-            Request::Renew { kind, id, lease_ms } => {
+            Request::Renew {
+                kind,
+                id,
+                lease_ms,
+                token,
+            } => {
                 put_string(dst, kind);
                 put_string(dst, id);
                 dst.put_u32(*lease_ms);
+                dst.put_u64(*token);
             }
             Request::Held { scope } => dst.put_u8(*scope as u8),
             Request::Version { kind } => put_string(dst, kind),
@@ -317,11 +331,13 @@ impl Request {
             Opcode::Release => Request::Release {
                 kind: r.string("kind")?,
                 id: r.string("id")?,
+                token: r.u64("token")?,
             },
             Opcode::Renew => Request::Renew {
                 kind: r.string("kind")?,
                 id: r.string("id")?,
                 lease_ms: r.u32("lease_ms")?,
+                token: r.u64("token")?,
             },
             Opcode::Held => Request::Held {
                 scope: match r.u8("scope")? {

@@ -43,8 +43,8 @@ pub struct ParseError {
 pub const USAGE: &[&str] = &[
     "PING",
     "ACQUIRE <kind> <id> [wait_ms] [lease_ms]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
-    "RELEASE <kind> <id>",
-    "RENEW <kind> <id> <lease_ms>",
+    "RELEASE <kind> <id> [token]                token: only that grant (default: whichever this connection holds)",
+    "RENEW <kind> <id> <lease_ms> [token]",
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
     "VERSION <kind>",
     "INFO",
@@ -84,18 +84,20 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
             })
         }
         "RELEASE" => {
-            arity(2, 2, "RELEASE <kind> <id>")?;
+            arity(2, 3, "RELEASE <kind> <id> [token]")?;
             Request::Release {
                 kind: owned(0),
                 id: owned(1),
+                token: args.get(2).map(|w| token(w)).transpose()?.unwrap_or(0),
             }
         }
         "RENEW" => {
-            arity(3, 3, "RENEW <kind> <id> <lease_ms>")?;
+            arity(3, 4, "RENEW <kind> <id> <lease_ms> [token]")?;
             Request::Renew {
                 kind: owned(0),
                 id: owned(1),
                 lease_ms: number("lease_ms", args[2])?,
+                token: args.get(3).map(|w| token(w)).transpose()?.unwrap_or(0),
             }
         }
         "HELD" => {
@@ -131,6 +133,15 @@ fn bad(message: String) -> ParseError {
     }
 }
 
+fn token(word: &str) -> Result<u64, ParseError> {
+    word.parse::<u64>().map_err(|_| {
+        bad(format!(
+            "token must be a fencing token (a whole number), got {:?}",
+            truncate_chars(word, 32)
+        ))
+    })
+}
+
 fn number(field: &str, word: &str) -> Result<u32, ParseError> {
     word.parse::<u32>().map_err(|_| {
         bad(format!(
@@ -155,7 +166,7 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
     let mut out = String::new();
     let key = match req {
         Request::Acquire(a) => Some((a.kind.as_str(), a.id.as_str())),
-        Request::Release { kind, id } | Request::Renew { kind, id, .. } => Some((kind.as_str(), id.as_str())),
+        Request::Release { kind, id, .. } | Request::Renew { kind, id, .. } => Some((kind.as_str(), id.as_str())),
         _ => None,
     };
     let (kind, id) = key.unwrap_or(("", ""));
@@ -303,7 +314,8 @@ mod tests {
             Ok(Command::Request(Request::Renew {
                 kind: "k".into(),
                 id: "i".into(),
-                lease_ms: 300
+                lease_ms: 300,
+                token: 0
             }))
         );
         assert_eq!(

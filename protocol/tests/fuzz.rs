@@ -82,11 +82,14 @@ fn request() -> impl Strategy<Value = Request> {
                 mode
             })
         ),
-        (any_string(), any_string()).prop_map(|(kind, id)| Request::Release { kind, id }),
-        (any_string(), any_string(), any::<u32>()).prop_map(|(kind, id, lease_ms)| Request::Renew {
-            kind,
-            id,
-            lease_ms
+        (any_string(), any_string(), any::<u64>()).prop_map(|(kind, id, token)| Request::Release { kind, id, token }),
+        (any_string(), any_string(), any::<u32>(), any::<u64>()).prop_map(|(kind, id, lease_ms, token)| {
+            Request::Renew {
+                kind,
+                id,
+                lease_ms,
+                token,
+            }
         }),
         select(vec![HeldScope::Connection, HeldScope::Server]).prop_map(|scope| Request::Held { scope }),
         any_string().prop_map(|kind| Request::Version { kind }),
@@ -465,10 +468,15 @@ proptest! {
         let words = vec![cased("RENEW"), kind.clone(), id.clone(), lease_ms.to_string()];
         prop_assert_eq!(
             text::parse(&join(&words)),
-            Ok(Command::Request(Request::Renew { kind: kind.clone(), id: id.clone(), lease_ms }))
+            Ok(Command::Request(Request::Renew { kind: kind.clone(), id: id.clone(), lease_ms, token: 0 }))
         );
         let words = vec![cased("RELEASE"), kind.clone(), id.clone()];
-        prop_assert_eq!(text::parse(&join(&words)), Ok(Command::Request(Request::Release { kind, id })));
+        prop_assert_eq!(
+            text::parse(&join(&words)),
+            Ok(Command::Request(Request::Release { kind: kind.clone(), id: id.clone(), token: 0 }))
+        );
+        let words = vec![cased("RELEASE"), kind.clone(), id.clone(), "42".to_owned()];
+        prop_assert_eq!(text::parse(&join(&words)), Ok(Command::Request(Request::Release { kind, id, token: 42 })));
     }
 
     /// Server text cannot break the line structure of a text reply.

@@ -347,6 +347,7 @@ pub fn release(args: ReleaseArgs) -> ExitCode {
         let req = clastor_client::Request::Release {
             kind: kind.clone(),
             id: id.clone(),
+            token: 0,
         };
         let resp = client.request(req).await?;
         match resp.result {

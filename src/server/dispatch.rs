@@ -79,14 +79,19 @@ pub(crate) async fn dispatch<B: Backend>(
                 None => Err(err(Status::Timeout, format!("not acquired within {} ms", a.wait_ms))),
             }
         }
-        Request::Release { kind, id } => {
+        Request::Release { kind, id, token } => {
             let key = key(&kind, &id)?;
-            let released = ctx.session.release(&key).await?;
+            let released = ctx.session.release_grant(&key, any_token(token)).await?;
             Ok(ResponseBody::Released { released })
         }
-        Request::Renew { kind, id, lease_ms } => {
+        Request::Renew {
+            kind,
+            id,
+            lease_ms,
+            token,
+        } => {
             let key = key(&kind, &id)?;
-            let g = ctx.session.renew(&key, ms(lease_ms))?;
+            let g = ctx.session.renew_grant(&key, ms(lease_ms), any_token(token))?;
             Ok(ResponseBody::Renewed {
                 token: g.token,
                 lease_ms,
@@ -108,6 +113,11 @@ pub(crate) async fn dispatch<B: Backend>(
         }
         Request::Info => Ok(ResponseBody::Info(shared.info())),
     }
+}
+
+/// Token 0 on the wire means "whichever grant this connection holds".
+fn any_token(token: u64) -> Option<u64> {
+    (token != 0).then_some(token)
 }
 
 fn held_lock(h: HeldInfo) -> HeldLock {

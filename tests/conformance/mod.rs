@@ -104,6 +104,7 @@ cases!(
     lease_expiry_reports_lost_and_frees_the_lock,
     renew_extends_the_lease,
     renew_needs_a_held_lock_and_a_positive_lease,
+    a_stale_grant_cannot_release_or_renew_a_newer_one,
     shared_mode_is_refused,
     version_of_a_new_kind_is_v1_normal,
     names_are_validated,
@@ -560,4 +561,39 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
     for key in &keys {
         env.await_contenders(key, 0).await;
     }
+}
+
+/// A holder whose grant was lost (lease ran out) and who acquired the key
+/// again must not release or renew the new grant with a late call naming the
+/// old token.
+async fn a_stale_grant_cannot_release_or_renew_a_newer_one<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, mut events) = env.session(0);
+    let old = a
+        .acquire(&key, wait(LONG).with_lease(Duration::from_millis(100)))
+        .await
+        .unwrap()
+        .unwrap()
+        .token;
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    assert_eq!((ev.token, ev.reason), (old, LostReason::LeaseExpired));
+    let new = must_acquire(&a, &key).await;
+    assert!(new > old);
+    assert!(
+        !a.release_grant(&key, Some(old)).await.unwrap(),
+        "a stale token released a newer grant"
+    );
+    assert!(matches!(
+        a.renew_grant(&key, Duration::from_secs(5), Some(old)),
+        Err(LockError::NotHeld(_))
+    ));
+    assert_eq!(a.held()[0].token, new);
+    let (b, _) = env.session(1);
+    assert_eq!(b.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    assert_eq!(
+        a.renew_grant(&key, Duration::from_secs(5), Some(new)).unwrap().token,
+        new
+    );
+    assert!(a.release_grant(&key, Some(new)).await.unwrap());
+    env.await_contenders(&key, 0).await;
 }
