@@ -275,14 +275,19 @@ impl Client {
         }
         let mut rx = self.inner.slots[slot].clone();
         let timeout = self.inner.cfg.connect_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        // No deadline if the configured timeout is too long to represent.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
             let last_error = match &*rx.borrow_and_update() {
                 Slot::Up(c) if c.is_alive() => return Ok(c.clone()),
                 Slot::Up(c) => c.dead_error(),
                 Slot::Down(e) => e.clone(),
             };
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            let changed = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, rx.changed()).await,
+                None => Ok(rx.changed().await),
+            };
+            match changed {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Error::Closed),
                 Err(_) => {
@@ -370,7 +375,7 @@ async fn supervise(
                     delay = if delay.is_zero() {
                         cfg.backoff_min
                     } else {
-                        (delay * 2).min(cfg.backoff_max)
+                        delay.saturating_mul(2).min(cfg.backoff_max)
                     };
                 }
             }
@@ -388,5 +393,6 @@ async fn supervise(
 /// do not reconnect in lockstep.
 fn jitter(d: Duration) -> Duration {
     let r = RandomState::new().build_hasher().finish() % 500;
-    d.mul_f64(0.75 + r as f64 / 1000.0)
+    // `mul_f64` panics when the product overflows (a huge configured backoff).
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.75 + r as f64 / 1000.0)).unwrap_or(d)
 }

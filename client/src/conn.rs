@@ -14,11 +14,26 @@
 //!   request (a oneshot per request); events go to lock guards and to the
 //!   client's event channel. It also registers each grant in the connection's
 //!   table of held locks *before* handing it to the caller, so a `LOCK_LOST`
-//!   that follows the grant on the wire always finds its guard.
+//!   that follows the grant on the wire always finds its guard. The grant
+//!   travels as a [`PendingGrant`], which gives the lock back if it is dropped
+//!   before a guard takes it (the caller stopped waiting, even after the reply
+//!   was already in its channel).
+//! - **Only a broken frame is fatal.** A reply whose body does not decode (or
+//!   carries a status this client does not know) fails its own request; an
+//!   event with an unknown opcode is logged and ignored. The connection, and
+//!   every lock held through it, lives on. A reply that contradicts the
+//!   client's state (an unknown request id, the wrong opcode) or a `LOCK_LOST`
+//!   that cannot be read still closes the connection: the server then releases
+//!   everything, which is safer than guessing which lock it meant.
 //! - **Teardown happens in one place**: when the reader stops (socket error,
 //!   malformed frame, keepalive timeout, or the last handle dropped), every
 //!   pending request fails with the same [`Error`], and every lock held through
 //!   the connection is marked lost at once.
+//! - **One grant per key and connection.** The table of held locks refuses a
+//!   second acquire of a key the connection holds, and orders an acquire after
+//!   a release of the same key that is still in flight; RELEASE and RENEW name
+//!   the grant's token, so a late one from a lost grant never touches a newer
+//!   grant of the same key.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,13 +41,13 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use clastor_protocol::{
-    AcquireOk, ClastorCodec, EVENT_REQUEST_ID, Event, Frame, FrameError, Hello, HelloOk, LENGTH_PREFIX_LEN, Opcode,
-    PROTOCOL_VERSION, Request, Response, ResponseBody,
+    AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, Hello, HelloOk,
+    LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody, Status,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -71,26 +86,40 @@ pub(crate) fn key(kind: &str, id: &str) -> Key {
 /// connection's table of held locks.
 #[derive(Debug)]
 pub(crate) struct LockShared {
-    pub(crate) kind: String,
-    pub(crate) id: String,
+    /// `kind/id`; the kind is its first `kind_len` bytes.
     pub(crate) key: Key,
+    kind_len: usize,
     pub(crate) token: u64,
     pub(crate) version: String,
     pub(crate) lease_ms: AtomicU32,
+    /// When the reader received the grant. The server started the lease no
+    /// later than this (and, after a queue wait, possibly long after the
+    /// ACQUIRE was sent).
+    pub(crate) received: tokio::time::Instant,
     pub(crate) lost: watch::Sender<Option<LostReason>>,
 }
 
 impl LockShared {
-    fn new(kind: &str, id: &str, key: Key, grant: &AcquireOk) -> LockShared {
+    /// Takes the key (and the grant's version) instead of copying them: this
+    /// runs once per acquire.
+    fn new(key: Key, kind_len: usize, grant: &mut AcquireOk) -> LockShared {
         LockShared {
-            kind: kind.to_owned(),
-            id: id.to_owned(),
             key,
+            kind_len,
             token: grant.token,
-            version: grant.version.clone(),
+            version: std::mem::take(&mut grant.version),
             lease_ms: AtomicU32::new(grant.lease_ms),
+            received: tokio::time::Instant::now(),
             lost: watch::channel(None).0,
         }
+    }
+
+    pub(crate) fn kind(&self) -> &str {
+        &self.key[..self.kind_len]
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.key[self.kind_len + 1..]
     }
 
     /// Records the loss; the first reason wins. Returns whether this call
@@ -116,17 +145,49 @@ impl LockShared {
 pub(crate) enum Track {
     /// Nothing.
     None,
-    /// An acquire through the lock API: register the grant.
-    Acquire { kind: String, id: String, key: Key },
+    /// An acquire through the lock API: register the grant. The key is
+    /// `kind/id`, the kind its first `kind_len` bytes.
+    Acquire { key: Key, kind_len: usize },
     /// A release through the lock API: forget the grant with this token.
     Release { key: Key, token: u64 },
 }
 
-/// A reply and, for a granted acquire, the registered grant.
+/// A reply and, for a granted acquire, the registered grant (whose version
+/// has moved out of the response body into the grant).
 #[derive(Debug)]
 pub(crate) struct Reply {
     pub(crate) response: Response,
-    pub(crate) lock: Option<Arc<LockShared>>,
+    pub(crate) grant: Option<PendingGrant>,
+}
+
+/// A registered grant on its way to the caller. Until [`accept`] hands it to a
+/// guard, dropping it (the caller stopped waiting, possibly after the reply was
+/// already in its channel) gives the lock back in the background, so a
+/// cancelled acquire never leaves a lock held for nobody.
+///
+/// [`accept`]: PendingGrant::accept
+#[derive(Debug)]
+pub(crate) struct PendingGrant {
+    lock: Option<Arc<LockShared>>,
+    conn: Weak<ConnShared>,
+}
+
+impl PendingGrant {
+    /// Disarms the grant: the caller's guard owns the lock from now on.
+    pub(crate) fn accept(mut self) -> Option<Arc<LockShared>> {
+        self.lock.take()
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take()
+            && let Some(conn) = self.conn.upgrade()
+        {
+            tracing::debug!(key = %lock.key, token = lock.token, "releasing a grant nobody waited for");
+            conn.release_in_background(&lock);
+        }
+    }
 }
 
 type ReplyTx = oneshot::Sender<Result<Reply, Error>>;
@@ -178,6 +239,8 @@ impl State {
 /// Everything the connection's tasks and handles share.
 #[derive(Debug)]
 pub(crate) struct ConnShared {
+    /// Itself, for grants that must find the connection again when dropped.
+    me: Weak<ConnShared>,
     pub(crate) hello: HelloOk,
     pub(crate) peer: SocketAddr,
     write: OwnedWriteHalf,
@@ -223,6 +286,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         stream
             .set_nodelay(true)
             .map_err(|e| connect_err(format!("setting TCP_NODELAY: {e}")))?;
+        set_keepalive(&stream, cfg.keepalive);
         let peer = stream.peer_addr().map_err(|e| connect_err(e.to_string()))?;
         let (read, mut write) = stream.into_split();
         let mut buf = BytesMut::new();
@@ -253,7 +317,15 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         .await
         .map_err(|_| connect_err(format!("no handshake within {:?}", cfg.connect_timeout)))??;
     tracing::debug!(%peer, connection_id = hello.connection_id, server = %hello.server, "connected");
-    let shared = Arc::new(ConnShared {
+    // One slot below the server's limit stays free, so the server always reads
+    // the next frame, a keepalive PING included, however many acquires block.
+    let in_flight = cfg
+        .max_in_flight
+        .min(usize::try_from(hello.max_in_flight).unwrap_or(usize::MAX))
+        .saturating_sub(1)
+        .max(1);
+    let shared = Arc::new_cyclic(|me| ConnShared {
+        me: me.clone(),
         hello,
         peer,
         write,
@@ -271,7 +343,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         }),
         writer_wake: Notify::new(),
         closed: CancellationToken::new(),
-        permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+        permits: Arc::new(Semaphore::new(in_flight)),
         events,
         born: Instant::now(),
         last_rx_ms: AtomicU64::new(0),
@@ -283,6 +355,32 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
     }
     let close = shared.closed.clone().drop_guard();
     Ok(Conn(Arc::new(ConnHandle { shared, _close: close })))
+}
+
+/// Turns on TCP keepalive (probing after `interval` of silence, and giving up
+/// on unacknowledged data after twice that on Linux), so a peer that vanished
+/// is noticed even when the keepalive PING cannot be sent. Best effort: a
+/// socket that refuses the options still works.
+fn set_keepalive(stream: &TcpStream, interval: Option<Duration>) {
+    let sock = socket2::SockRef::from(stream);
+    let result = match interval {
+        Some(interval) => {
+            // The kernel counts in whole seconds, at least one.
+            let interval = interval.max(Duration::from_secs(1));
+            let params = socket2::TcpKeepalive::new().with_time(interval).with_interval(interval);
+            sock.set_tcp_keepalive(&params)
+        }
+        None => sock.set_keepalive(true),
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot set SO_KEEPALIVE");
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(interval) = interval
+        && let Err(e) = sock.set_tcp_user_timeout(Some(interval.max(Duration::from_secs(1)).saturating_mul(2)))
+    {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
 }
 
 /// Checks the first frame the server sends: the reply to `HELLO`, or a
@@ -358,14 +456,7 @@ impl ConnShared {
     /// reply is dropped, except that a lock granted to a cancelled acquire is
     /// released in the background.
     pub(crate) async fn call(&self, req: &Request, track: Track) -> Result<Reply, Error> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(TryAcquireError::Closed) => return Err(self.dead_error()),
-            Err(TryAcquireError::NoPermits) => tokio::select! {
-                p = self.permits.clone().acquire_owned() => p.map_err(|_| self.dead_error())?,
-                () = self.closed.cancelled() => return Err(self.dead_error()),
-            },
-        };
+        let permit = self.permit().await?;
         let (tx, rx) = oneshot::channel();
         self.submit(req, Some(tx), track, Some(permit))?;
         rx.await.unwrap_or_else(|_| Err(self.dead_error()))
@@ -480,14 +571,31 @@ impl ConnShared {
     /// renewal, cancelled acquire). Nothing to do if the connection is dead:
     /// the server released everything it held.
     pub(crate) fn release_in_background(&self, lock: &LockShared) {
+        if let Err(e) = self.send_release(lock, None, None) {
+            tracing::debug!(key = %lock.key, error = %e, "background release not sent");
+        }
+    }
+
+    /// Sends a RELEASE of `lock`'s grant (by token). From now until its reply,
+    /// the key counts as "releasing" rather than held: an acquire of it on this
+    /// connection waits for the reply instead of being refused.
+    pub(crate) fn send_release(
+        &self,
+        lock: &LockShared,
+        tx: Option<ReplyTx>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), Error> {
         let req = Request::Release {
-            kind: lock.kind.clone(),
-            id: lock.id.clone(),
+            kind: lock.kind().to_owned(),
+            id: lock.id().to_owned(),
             token: lock.token,
         };
         let mut st = self.state();
-        if st.dead.is_some() {
-            return;
+        if let Some(e) = &st.dead {
+            return Err(e.clone());
+        }
+        if st.held.get(&lock.key).is_some_and(|l| l.token == lock.token) {
+            st.held.remove(&lock.key);
         }
         st.releasing
             .entry(lock.key.clone())
@@ -496,8 +604,46 @@ impl ConnShared {
             key: lock.key.clone(),
             token: lock.token,
         };
-        if let Err(e) = self.submit_locked(st, &req, None, track, None) {
-            tracing::debug!(key = %lock.key, error = %e, "background release not sent");
+        self.submit_locked(st, &req, tx, track, permit)
+    }
+
+    /// An in-flight permit, waiting for one if all are taken.
+    pub(crate) async fn permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Ok(p),
+            Err(TryAcquireError::Closed) => Err(self.dead_error()),
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.map_err(|_| self.dead_error()),
+                () = self.closed.cancelled() => Err(self.dead_error()),
+            },
+        }
+    }
+
+    /// Removes `lock` from the table of held locks (if it is still the grant
+    /// there): the server said it no longer holds it.
+    pub(crate) fn forget(&self, lock: &LockShared) {
+        let mut st = self.state();
+        if st.held.get(&lock.key).is_some_and(|l| l.token == lock.token) {
+            st.held.remove(&lock.key);
+        }
+    }
+
+    /// Refuses an acquire of a key this connection holds: the server would
+    /// refuse it too, unless the held grant was lost a moment ago and its
+    /// `LOCK_LOST` is still on the way, in which case two grants of one key
+    /// would be alive on the client at once.
+    pub(crate) fn check_not_held(&self, key: &str) -> Result<(), Error> {
+        let mut st = self.state();
+        match st.held.get(key) {
+            Some(l) if l.lost_reason().is_some() => {
+                st.held.remove(key);
+                Ok(())
+            }
+            Some(l) => Err(Error::AlreadyHeld(format!(
+                "{key} is already held by this connection (token {})",
+                l.token
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -535,58 +681,113 @@ impl ConnShared {
     /// Handles one frame from the server. An error is fatal to the connection.
     fn on_frame(&self, frame: Frame) -> Result<(), Error> {
         let Frame { header, body } = frame;
-        if header.request_id == EVENT_REQUEST_ID {
-            let event = Event::decode(&header, body).map_err(|e| Error::Malformed(format!("event: {e}")))?;
-            self.on_event(event);
+        if header.flags == Flags::EVENT || header.request_id == EVENT_REQUEST_ID {
+            match Event::decode(&header, body) {
+                Ok(event) => self.on_event(event),
+                // New event kinds may come with newer servers.
+                Err(BodyError::UnknownOpcode(op)) => {
+                    tracing::warn!(opcode = op, "ignoring an event with an unknown opcode");
+                }
+                // A garbled LOCK_LOST could hide the loss of any lock: only
+                // closing the connection (the server then releases them all)
+                // keeps every guard truthful.
+                Err(e) => return Err(Error::Malformed(format!("event: {e}"))),
+            }
             return Ok(());
         }
-        let response = Response::decode(&header, body)
-            .map_err(|e| Error::Malformed(format!("reply to request {}: {e}", header.request_id)))?;
-        let pending = self.state().pending.remove(&response.request_id).ok_or_else(|| {
-            Error::Malformed(format!(
-                "reply to request {}, which is not pending",
-                response.request_id
-            ))
+        let request_id = header.request_id;
+        let pending = self.state().pending.remove(&request_id).ok_or_else(|| {
+            Error::Malformed(format!("reply to request {request_id}, which is not pending"))
         })?;
-        if response.opcode != pending.opcode as u8 {
+        if header.opcode != pending.opcode as u8 {
             return Err(Error::Malformed(format!(
-                "reply to {} request {} carries opcode 0x{:02x}",
-                pending.opcode, response.request_id, response.opcode
+                "reply to {} request {request_id} carries opcode 0x{:02x}",
+                pending.opcode, header.opcode
             )));
         }
-        let mut lock = None;
-        match (&pending.track, &response.result) {
-            (Track::Acquire { kind, id, key }, Ok(ResponseBody::Acquired(grant))) => {
-                let shared = Arc::new(LockShared::new(kind, id, key.clone(), grant));
-                if let Some(prev) = self.state().held.insert(key.clone(), shared.clone()) {
+        let raw_status = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let decoded = match raw_status.map(Status::try_from) {
+            Some(Err(code)) => Err(Error::UnknownStatus {
+                code,
+                message: error_message(body.slice(2..)),
+            }),
+            _ => Response::decode(&header, body)
+                .map_err(|e| Error::Malformed(format!("reply to {} request {request_id}: {e}", pending.opcode))),
+        };
+        let mut response = match decoded {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(peer = %self.peer, %error, "undecodable reply; failing its request only");
+                self.on_bad_reply(pending.track, raw_status);
+                if let Some(tx) = pending.tx {
+                    let _ = tx.send(Err(error));
+                }
+                return Ok(());
+            }
+        };
+        let mut grant = None;
+        match (pending.track, &mut response.result) {
+            (Track::Acquire { key, kind_len }, Ok(ResponseBody::Acquired(ok))) => {
+                let shared = Arc::new(LockShared::new(key, kind_len, ok));
+                if let Some(prev) = self.state().held.insert(shared.key.clone(), shared.clone()) {
                     // The server granted a key this connection already held:
                     // it cannot vouch for the old grant any more.
                     prev.mark_lost(LostReason::Unknown);
                 }
-                lock = Some(shared);
+                grant = Some(PendingGrant {
+                    lock: Some(shared),
+                    conn: self.me.clone(),
+                });
             }
-            (Track::Release { key, token }, _) => {
-                let mut st = self.state();
-                if st.held.get(key).is_some_and(|l| l.token == *token) {
-                    st.held.remove(key);
-                }
-                if let Some(n) = st.releasing.remove(key) {
-                    n.notify_waiters();
-                }
-            }
+            (Track::Release { key, token }, _) => self.finish_release(&key, token),
             _ => {}
         }
-        if let Some(tx) = pending.tx
-            && let Err(Ok(reply)) = tx.send(Ok(Reply { response, lock }))
-            && let Some(lock) = reply.lock
-        {
-            // The caller stopped waiting before the grant arrived: nobody
-            // would ever release it, so give it back now.
-            tracing::debug!(key = %lock.key, token = lock.token, "releasing a grant nobody waited for");
-            self.state().held.remove(&lock.key);
-            self.release_in_background(&lock);
+        if let Some(tx) = pending.tx {
+            // If the caller stopped waiting, the reply is dropped here, and a
+            // grant in it is given back by `PendingGrant`'s `Drop`.
+            let _ = tx.send(Ok(Reply { response, grant }));
         }
         Ok(())
+    }
+
+    /// A reply to a tracked request could not be decoded: undo what the
+    /// request may have done. An acquire answered `OK` (or with a body too
+    /// short to tell) may have been granted, so the key is released by
+    /// "whichever grant this connection holds" (token 0; the client holds none
+    /// of it, or it would not have sent the acquire). A release is treated as
+    /// done: the guard is gone either way.
+    fn on_bad_reply(&self, track: Track, raw_status: Option<u16>) {
+        match track {
+            Track::Acquire { key, kind_len } if raw_status.is_none_or(|s| s == Status::Ok as u16) => {
+                let req = Request::Release {
+                    kind: key[..kind_len].to_owned(),
+                    id: key[kind_len + 1..].to_owned(),
+                    token: 0,
+                };
+                let mut st = self.state();
+                if st.dead.is_some() {
+                    return;
+                }
+                st.releasing.entry(key.clone()).or_insert_with(|| Arc::new(Notify::new()));
+                let track = Track::Release { key, token: 0 };
+                if let Err(e) = self.submit_locked(st, &req, None, track, None) {
+                    tracing::debug!(error = %e, "release after an undecodable grant not sent");
+                }
+            }
+            Track::Release { key, token } => self.finish_release(&key, token),
+            Track::Acquire { .. } | Track::None => {}
+        }
+    }
+
+    /// A release of `key` (grant `token`, 0 for any) got its reply.
+    fn finish_release(&self, key: &str, token: u64) {
+        let mut st = self.state();
+        if st.held.get(key).is_some_and(|l| token == 0 || l.token == token) {
+            st.held.remove(key);
+        }
+        if let Some(n) = st.releasing.remove(key) {
+            n.notify_waiters();
+        }
     }
 
     fn on_event(&self, event: Event) {
@@ -770,8 +971,9 @@ async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
         if shared.since_last_rx() < interval {
             continue;
         }
-        // With the server's in-flight limit full of blocked acquires, it reads
-        // nothing more until one finishes, so silence proves nothing.
+        // Requests with a permit leave the server a free slot, but background
+        // releases take none: with the server's limit full it reads nothing
+        // more until one finishes, so silence would prove nothing.
         if shared.state().pending.len() >= shared.hello.max_in_flight as usize {
             continue;
         }
@@ -789,4 +991,14 @@ async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
             }
         }
     }
+}
+
+/// The message of an error reply whose status this client does not know, as
+/// best it can be read.
+fn error_message(body: Bytes) -> String {
+    let Some(len) = body.get(..2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
+        return String::new();
+    };
+    let text = body.get(2..).unwrap_or_default();
+    String::from_utf8_lossy(&text[..len.min(text.len())]).into_owned()
 }

@@ -82,10 +82,22 @@ pub enum Error {
     /// for new calls.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
-    /// The server sent something this client cannot make sense of (a broken
-    /// frame, an unexpected reply). The connection is closed.
+    /// The server sent something this client cannot make sense of. If the
+    /// frame itself was broken, or the reply contradicts the client's state (a
+    /// reply to a request never sent, the wrong opcode), the connection is
+    /// closed and every call on it fails with this. A reply whose body does not
+    /// decode fails only its own request; the connection lives on.
     #[error("malformed reply from the server: {0}")]
     Malformed(String),
+    /// The server answered with a status code this client does not know
+    /// (a newer server). Not retryable; the connection lives on.
+    #[error("unknown status {code} from the server: {message}")]
+    UnknownStatus {
+        /// The status code.
+        code: u16,
+        /// The server's message.
+        message: String,
+    },
     /// An argument was refused before anything was sent (a duration too long
     /// for the wire, a `HELLO` passed to [`Client::request`](crate::Client::request)).
     #[error("invalid argument: {0}")]
@@ -150,6 +162,7 @@ impl Error {
             Error::Connect { .. }
             | Error::ConnectionLost(_)
             | Error::Malformed(_)
+            | Error::UnknownStatus { .. }
             | Error::InvalidArgument(_)
             | Error::LockLost(_)
             | Error::RequestTimeout(_)
@@ -169,7 +182,8 @@ impl Error {
     }
 
     /// Whether the error means the connection (and every lock held through it)
-    /// is gone.
+    /// is, or may be, gone. [`Error::Malformed`] counts: when it fails a single
+    /// request the connection lives, but the request's effect is unknown.
     pub fn is_connection_error(&self) -> bool {
         matches!(
             self,

@@ -46,9 +46,11 @@
 //! - **Errors.** One [`Error`] type, `Clone` (a connection failure is handed
 //!   to every waiter) and `#[non_exhaustive]`, with an exhaustive mapping from
 //!   the protocol's status codes. Contention is an outcome: an acquire that
-//!   does not get the lock returns `Ok(None)`. A server that sends something
-//!   malformed gets its connection closed ([`Error::Malformed`]); the client
-//!   never panics on what it reads.
+//!   does not get the lock returns `Ok(None)`. Only a broken frame (or a reply
+//!   that contradicts the client's state) closes the connection; a reply whose
+//!   body does not decode fails just its request ([`Error::Malformed`],
+//!   [`Error::UnknownStatus`]), and an unknown event is ignored. The client
+//!   never panics on what it reads, nor on configured durations.
 //! - **Cancellation.** Every async method is cancel-safe. Requests are sent
 //!   synchronously when first polled; dropping the future afterwards only
 //!   stops waiting for the reply, and a lock granted to an acquire nobody waits

@@ -75,7 +75,11 @@ impl LockRequest {
     ///   `auto_renew` without a lease);
     /// - [`Error::AlreadyHeld`] if this connection already holds or waits for
     ///   the lock (e.g. an earlier acquire of it was cancelled but is still
-    ///   queued on the server);
+    ///   queued on the server). A key held through a guard of this connection
+    ///   is refused without asking the server;
+    /// - [`Error::RequestTimeout`] if a request timeout is configured and no
+    ///   answer came within the wait plus that timeout (waiting for a release
+    ///   of the same key in flight on the connection included);
     /// - connection errors ([`Error::ConnectionLost`], [`Error::Connect`]) and
     ///   other server statuses ([`Error::Unavailable`], [`Error::LimitExceeded`], …).
     ///
@@ -101,56 +105,69 @@ impl LockRequest {
         if auto_renew && lease_ms == 0 {
             return Err(Error::InvalidArgument("auto_renew needs a lease".into()));
         }
+        let request_timeout = client.config().request_timeout;
+        // The whole acquire (waiting for a connection aside, which the connect
+        // timeout bounds) fits in the server's wait plus the request timeout.
+        let budget = request_timeout.map(|t| t.saturating_add(wait));
+        let deadline = budget.and_then(|b| Instant::now().checked_add(b));
         let conn = client.pick().await?;
         let key = conn::key(&kind, &id);
-        // A guard of this key dropped a moment ago may still be releasing on
-        // this connection; the server would refuse the acquire until it is done.
-        conn.wait_released(&key).await;
+        let kind_len = kind.len();
         let req = Request::Acquire(Acquire {
-            kind: kind.clone(),
-            id: id.clone(),
+            kind,
+            id,
             wait_ms,
             lease_ms,
             mode: LockMode::Exclusive,
         });
-        let started = Instant::now();
-        let reply = client
-            .call_on(&conn, &req, Track::Acquire { kind, id, key }, wait)
-            .await?;
-        let lock = reply.lock.clone();
-        match body(reply) {
+        let mut started = Instant::now();
+        let exchange = async {
+            // A guard of this key dropped a moment ago may still be releasing
+            // on this connection; the server would refuse the acquire until
+            // it is done.
+            conn.wait_released(&key).await;
+            conn.check_not_held(&key)?;
+            started = Instant::now();
+            conn.call(&req, Track::Acquire { key, kind_len }).await
+        };
+        let reply = match (deadline, budget) {
+            (Some(deadline), Some(budget)) => tokio::time::timeout_at(deadline, exchange)
+                .await
+                .unwrap_or(Err(Error::RequestTimeout(budget)))?,
+            _ => exchange.await?,
+        };
+        let Reply { response, grant } = reply;
+        match response.result.map_err(Error::from) {
             Ok(ResponseBody::Acquired(_)) => {}
             Err(Error::Timeout(_)) => return Ok(None),
             Err(e) => return Err(e),
             Ok(other) => return Err(unexpected(&other)),
         }
-        let Some(lock) = lock else {
+        let Some(lock) = grant.and_then(conn::PendingGrant::accept) else {
             return Err(Error::Malformed("grant without a registered lock".into()));
         };
         tracing::debug!(key = %lock.key, token = lock.token, "acquired");
-        let renewer = if auto_renew {
-            let stop = CancellationToken::new();
-            let lease = Duration::from_millis(lock.lease_ms.load(Ordering::Relaxed).into());
-            tokio::spawn(renew_loop(
-                client.clone(),
-                conn.clone(),
-                lock.clone(),
-                lease,
-                started,
-                stop.clone(),
-            ));
-            Some(stop.drop_guard())
-        } else {
-            None
-        };
-        let request_timeout = client.config().request_timeout;
-        Ok(Some(LockGuard {
+        let mut guard = LockGuard {
             conn,
             lock,
             done: false,
             request_timeout,
-            _renewer: renewer,
-        }))
+            _renewer: None,
+        };
+        if auto_renew {
+            let stop = CancellationToken::new();
+            let lease = Duration::from_millis(guard.lock.lease_ms.load(Ordering::Relaxed).into());
+            tokio::spawn(renew_loop(
+                request_timeout,
+                guard.conn.clone(),
+                guard.lock.clone(),
+                lease,
+                started,
+                stop.clone(),
+            ));
+            guard._renewer = Some(stop.drop_guard());
+        }
+        Ok(Some(guard))
     }
 
     /// Acquires the lock if it is free right now (a wait of zero).
@@ -211,12 +228,12 @@ pub struct LockGuard {
 impl LockGuard {
     /// The resource kind.
     pub fn kind(&self) -> &str {
-        &self.lock.kind
+        self.lock.kind()
     }
 
     /// The resource id.
     pub fn id(&self) -> &str {
-        &self.lock.id
+        self.lock.id()
     }
 
     /// The fencing token: strictly greater than every token granted before
@@ -294,7 +311,11 @@ impl LockGuard {
     ///
     /// # Errors
     /// - [`Error::LockLost`] if the lock is already known lost, or the server
-    ///   says it no longer holds it (the guard is then marked lost);
+    ///   says it no longer holds this grant (the guard is then marked lost; a
+    ///   newer grant of the same key on this connection is not affected: the
+    ///   renewal names this grant's token);
+    /// - [`Error::RequestTimeout`] if no reply came within the client's
+    ///   request timeout;
     /// - [`Error::InvalidArgument`] for a zero or too long lease;
     /// - connection errors and server statuses ([`Error::Unsupported`] on a
     ///   backend without leases).
@@ -307,14 +328,14 @@ impl LockGuard {
         }
         let lease_ms = lease_millis(lease)?;
         let req = Request::Renew {
-            kind: self.lock.kind.clone(),
-            id: self.lock.id.clone(),
+            kind: self.lock.kind().to_owned(),
+            id: self.lock.id().to_owned(),
             lease_ms,
             token: self.lock.token,
         };
-        let deadline = self.request_timeout.map(|t| Instant::now() + t);
+        let deadline = self.request_timeout.and_then(|t| Instant::now().checked_add(t));
         let reply = renew_call(&self.conn, &req, deadline).await?;
-        apply_renewal(&self.lock, body(reply))
+        apply_renewal(&self.conn, &self.lock, body(reply))
     }
 
     /// Releases the lock and waits for the server to confirm.
@@ -322,36 +343,46 @@ impl LockGuard {
     /// # Errors
     /// - [`Error::LockLost`] if the lock was lost before the release (the
     ///   critical section may not have been exclusive to the end: only the
-    ///   fencing token protected it);
+    ///   fencing token protected it), including when the server answers that
+    ///   this grant was no longer held;
+    /// - [`Error::RequestTimeout`] if no reply came within the client's
+    ///   request timeout (the release was sent and still takes effect);
     /// - connection errors: the connection is gone, and with it the lock.
     ///
     /// # Cancellation safety
-    /// Safe: the release is sent before the first await; dropping the future
-    /// only stops waiting for the confirmation.
+    /// Safe: the release is sent before the first await (once an in-flight
+    /// slot is free); dropping the future only stops waiting for the
+    /// confirmation, and a release not yet sent is sent in the background.
     pub async fn release(mut self) -> Result<(), Error> {
         drop(self._renewer.take());
         if let Some(reason) = self.lost_reason() {
             self.done = true;
             return Err(Error::LockLost(reason));
         }
-        let req = Request::Release {
-            kind: self.lock.kind.clone(),
-            id: self.lock.id.clone(),
-            token: self.lock.token,
+        let deadline = self.request_timeout.and_then(|t| Instant::now().checked_add(t));
+        let limit = self.request_timeout.unwrap_or_default();
+        let exchange = async {
+            // Until the release is sent, dropping this future drops the guard,
+            // whose `Drop` releases in the background.
+            let permit = self.conn.permit().await?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.conn.send_release(&self.lock, Some(tx), Some(permit))?;
+            self.done = true;
+            rx.await.unwrap_or_else(|_| Err(self.conn.dead_error()))
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let track = Track::Release {
-            key: self.lock.key.clone(),
-            token: self.lock.token,
+        let reply = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, exchange)
+                .await
+                .unwrap_or(Err(Error::RequestTimeout(limit)))?,
+            None => exchange.await?,
         };
-        self.conn.submit(&req, Some(tx), track, None)?;
-        self.done = true;
-        let reply = rx.await.unwrap_or_else(|_| Err(self.conn.dead_error()))?;
         match body(reply) {
             Ok(ResponseBody::Released { released: true }) => {
                 tracing::debug!(key = %self.lock.key, token = self.lock.token, "released");
                 Ok(())
             }
+            // `false`: this connection did not hold this grant any more (its
+            // lease ran out, say, and the loss is still on the way).
             Ok(ResponseBody::Released { released: false }) | Err(Error::NotOwner(_)) => {
                 self.lock.mark_lost(LostReason::Unknown);
                 Err(Error::LockLost(self.lost_reason().unwrap_or(LostReason::Unknown)))
@@ -386,19 +417,24 @@ async fn renew_call(conn: &Conn, req: &Request, deadline: Option<Instant>) -> Re
 }
 
 /// Records a renewal's outcome on the lock.
-fn apply_renewal(lock: &LockShared, result: Result<ResponseBody, Error>) -> Result<(), Error> {
+fn apply_renewal(conn: &Conn, lock: &LockShared, result: Result<ResponseBody, Error>) -> Result<(), Error> {
     match result {
         Ok(ResponseBody::Renewed { token, lease_ms }) if token == lock.token => {
             lock.lease_ms.store(lease_ms, Ordering::Relaxed);
             Ok(())
         }
+        // The renewal names its grant's token, so a server answering for
+        // another grant is broken.
         Ok(ResponseBody::Renewed { token, .. }) => Err(Error::Malformed(format!(
             "renewal of {} answered with token {token}, the grant has {}",
             lock.key, lock.token
         ))),
         Ok(other) => Err(unexpected(&other)),
+        // This grant is gone on the server (a newer grant of the key, if any,
+        // is untouched: it has another token).
         Err(e) if e.status() == Some(Status::NotHeld) => {
             lock.mark_lost(LostReason::Unknown);
+            conn.forget(lock);
             Err(Error::LockLost(lock.lost_reason().unwrap_or(LostReason::Unknown)))
         }
         Err(e) => Err(e),
@@ -410,21 +446,30 @@ fn apply_renewal(lock: &LockShared, result: Result<ResponseBody, Error>) -> Resu
 /// lock lost and releases it, so the holder never believes in a lease the
 /// server may already have ended.
 async fn renew_loop(
-    client: Client,
+    request_timeout: Option<Duration>,
     conn: Conn,
     lock: Arc<LockShared>,
     lease: Duration,
-    granted_at: Instant,
+    sent_at: Instant,
     stop: CancellationToken,
 ) {
     let period = (lease / 3).max(Duration::from_millis(1));
-    // Counted from when the acquire was sent: the server started the lease no earlier.
-    let mut expires = granted_at + lease;
-    let mut next = granted_at + period;
+    let received = lock.received.max(sent_at);
+    // The server started the lease between sending the ACQUIRE and receiving
+    // the grant. After a quick grant, count from the send (the safe end).
+    // After a queue wait, the send says nothing (the lease may have started
+    // long after it, a count from it could even be past), so count from the
+    // receipt and renew at once, which re-anchors the lease on the renewal's
+    // own send time.
+    let (mut expires, mut next) = if received.saturating_duration_since(sent_at) < period {
+        (later(sent_at, lease), later(sent_at, period))
+    } else {
+        (later(received, lease), received)
+    };
     let mut lost = lock.lost.subscribe();
     let req = Request::Renew {
-        kind: lock.kind.clone(),
-        id: lock.id.clone(),
+        kind: lock.kind().to_owned(),
+        id: lock.id().to_owned(),
         lease_ms: lease_millis_or_max(lease),
         token: lock.token,
     };
@@ -435,17 +480,14 @@ async fn renew_loop(
             () = tokio::time::sleep_until(next) => {}
         }
         let sent = Instant::now();
-        let limit = client
-            .config()
-            .request_timeout
-            .map_or(expires, |t| expires.min(sent + t));
+        let limit = request_timeout.map_or(expires, |t| expires.min(later(sent, t)));
         let result = renew_call(&conn, &req, Some(limit))
             .await
-            .and_then(|reply| apply_renewal(&lock, body(reply)));
+            .and_then(|reply| apply_renewal(&conn, &lock, body(reply)));
         let error = match result {
             Ok(()) => {
-                expires = sent + lease;
-                next = sent + period;
+                expires = later(sent, lease);
+                next = later(sent, period);
                 continue;
             }
             Err(e) => e,
@@ -453,7 +495,7 @@ async fn renew_loop(
         if lock.lost_reason().is_some() {
             return;
         }
-        let retry_at = Instant::now() + period / 4;
+        let retry_at = later(Instant::now(), period / 4);
         if error.is_retryable() && !error.is_connection_error() && retry_at < expires {
             tracing::debug!(key = %lock.key, %error, "lease renewal failed; retrying");
             next = retry_at;
@@ -465,6 +507,14 @@ async fn renew_loop(
         }
         return;
     }
+}
+
+/// `t + d`, saturating far in the future instead of panicking on a huge
+/// (configured) duration.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(t)
 }
 
 fn lease_millis_or_max(d: Duration) -> u32 {

@@ -95,6 +95,7 @@ cases!(
     waiters_are_served_in_fifo_order,
     timed_out_wait_leaves_nothing_behind,
     cancelled_wait_leaves_nothing_behind,
+    a_waiter_leaving_the_middle_of_the_queue_changes_nothing_for_the_others,
     release_is_idempotent_for_the_owner,
     release_by_another_owner_is_refused,
     second_acquire_by_the_same_session_is_refused,
@@ -596,4 +597,40 @@ async fn a_stale_grant_cannot_release_or_renew_a_newer_one<B: Backend>(env: Env<
     );
     assert!(a.release_grant(&key, Some(new)).await.unwrap());
     env.await_contenders(&key, 0).await;
+}
+
+/// A holds; B and C queue behind it; B gives up. C must keep waiting for A
+/// (B leaving is no hand-over), and get the lock when A releases.
+async fn a_waiter_leaving_the_middle_of_the_queue_changes_nothing_for_the_others<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    let (c, _) = env.session(2);
+    let ta = must_acquire(&a, &key).await;
+    let b_wait = {
+        let (b, key) = (b.clone(), key.clone());
+        tokio::spawn(async move { b.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    let c_wait = {
+        let (c, key) = (c.clone(), key.clone());
+        tokio::spawn(async move { c.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 3).await;
+    b_wait.abort();
+    assert!(b_wait.await.unwrap_err().is_cancelled());
+    env.await_contenders(&key, 2).await;
+    // Asserting that something does not happen needs a window; this one is
+    // far longer than a wrong grant takes to arrive (one ZooKeeper event).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!c_wait.is_finished(), "C was granted while A still holds the lock");
+    assert_eq!(a.held()[0].token, ta);
+    assert!(a.release(&key).await.unwrap());
+    let tc = c_wait
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("C granted after A released")
+        .token;
+    assert!(tc > ta);
 }

@@ -756,53 +756,73 @@ impl Recipe {
 
     /// Waits until our node is first among the contenders (`true`) or the
     /// deadline passes (`false`), watching only the predecessor.
+    ///
+    /// The listing came back after our create on the same session, so it
+    /// holds every node that sorts before ours; any node created later gets a
+    /// later sequence number from the same parent. The set of nodes ahead of
+    /// us can therefore only shrink, and when the last of them is deleted we
+    /// are first without listing again: a hand-over costs the delete's watch
+    /// event and nothing more.
     async fn wait_turn(
         &self,
         session: &ZkSession,
         pending: &PendingNode,
-        mut children: Vec<String>,
+        children: Vec<String>,
         deadline: Instant,
     ) -> Result<bool, BackendError> {
         let me = pending.name();
-        loop {
-            let predecessor = {
-                let contenders = layout::sorted_contenders(&children);
-                let Some(pos) = contenders.iter().position(|c| c.name == me) else {
-                    return Err(BackendError::Unavailable(format!(
-                        "lock node {me} vanished while waiting (session {:#x} lost or node deleted)",
-                        session.session_id()
-                    )));
-                };
-                match pos.checked_sub(1) {
-                    None => return Ok(true),
-                    Some(p) => format!("{}/{}", pending.dir, contenders[p].name),
-                }
+        let mut ahead: Vec<String> = {
+            let contenders = layout::sorted_contenders(&children);
+            let Some(pos) = contenders.iter().position(|c| c.name == me) else {
+                return Err(BackendError::Unavailable(format!(
+                    "lock node {me} vanished while waiting (session {:#x} lost or node deleted)",
+                    session.session_id()
+                )));
             };
+            contenders[..pos]
+                .iter()
+                .map(|c| format!("{}/{}", pending.dir, c.name))
+                .collect()
+        };
+        // The closest predecessor is last: watch it, and on its deletion the
+        // one before it, until none is left.
+        while let Some(predecessor) = ahead.last() {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
             let client = session.client()?;
-            match on(session, client.get_and_watch_data(&predecessor)).await? {
+            match on(session, client.get_and_watch_data(predecessor)).await? {
                 Ok((_, _, watcher)) => {
                     debug!(node = me, %predecessor, "waiting for predecessor");
                     tokio::select! {
-                        event = watcher.changed() => {
-                            if event.event_type == EventType::Session
-                                && matches!(event.session_state, SessionState::Expired | SessionState::Closed | SessionState::AuthFailed)
+                        event = watcher.changed() => match event.event_type {
+                            EventType::NodeDeleted => {
+                                ahead.pop();
+                            }
+                            EventType::Session
+                                if matches!(
+                                    event.session_state,
+                                    SessionState::Expired | SessionState::Closed | SessionState::AuthFailed
+                                ) =>
                             {
                                 return Err(session.gone());
                             }
-                        }
+                            // Data changed (or a non-terminal session event):
+                            // the node is still there; watch it again.
+                            _ => {}
+                        },
                         () = tokio::time::sleep_until(deadline) => return Ok(false),
                         () = session.retired() => return Err(session.gone()),
                     }
                 }
-                Err(ZkError::NoNode) => {}
+                Err(ZkError::NoNode) => {
+                    ahead.pop();
+                }
                 Err(e) if connection_broke(&e) => {}
                 Err(e) => return Err(map_err("watch predecessor", e)),
             }
-            children = self.list(session, &pending.dir).await?;
         }
+        Ok(true)
     }
 
     /// Releases a grant: one `delete`.
