@@ -3,8 +3,12 @@
 //! frame of the same size, measured in the same process and runtime.
 //!
 //! One criterion group, `roundtrip`, holds the three. Before criterion runs, a
-//! fixed number of sequential round trips of each is recorded in an
-//! HDR histogram and p50/p99 are printed, so figures can be quoted:
+//! fixed number of sequential round trips of each is recorded in an HDR
+//! histogram and p50/p99 are printed, so figures can be quoted. The three are
+//! interleaved (one echo, one ping, one acquire+release per round, in the same
+//! task on the same runtime), so the floor and the paths measured against it
+//! see the same machine state: a noisy second slows all three alike instead of
+//! skewing one ratio.
 //!
 //! ```text
 //! cargo bench --bench roundtrip
@@ -99,46 +103,68 @@ async fn acquire_release_once(client: &Client) {
     guard.release().await.unwrap();
 }
 
-/// Records `$n` sequential round trips of `$once` (after `$n / 10` of
-/// warm-up), prints p50/p99 and evaluates to p50 in µs. A macro so the
-/// round trip may borrow anything mutably.
-macro_rules! percentiles {
-    ($name:expr, $n:expr, $once:expr) => {{
-        for _ in 0..$n / 10 {
-            $once.await;
-        }
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
-        for _ in 0..$n {
-            let start = Instant::now();
-            $once.await;
-            h.saturating_record(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1));
-        }
-        let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+/// One latency histogram, in ns.
+struct Latencies(Histogram<u64>);
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies(Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap())
+    }
+
+    fn record(&mut self, d: Duration) {
+        self.0
+            .saturating_record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1));
+    }
+
+    /// Microseconds at quantile `q`.
+    fn us(&self, q: f64) -> f64 {
+        self.0.value_at_quantile(q) as f64 / 1e3
+    }
+
+    fn print(&self, name: &str) {
         println!(
-            "{:<24} n={:<7} p50 {:>7.1} µs   p99 {:>7.1} µs   max {:>8.1} µs",
-            $name,
-            $n,
-            us(0.5),
-            us(0.99),
-            h.max() as f64 / 1e3
+            "{name:<24} n={:<7} p50 {:>7.1} µs   p99 {:>7.1} µs   max {:>8.1} µs",
+            self.0.len(),
+            self.us(0.5),
+            self.us(0.99),
+            self.0.max() as f64 / 1e3
         );
-        us(0.5)
-    }};
+    }
 }
 
 fn print_percentiles(rt: &Runtime, env: &Env, n: u64) {
     rt.block_on(async {
-        println!("roundtrip percentiles ({n} sequential round trips each, in-process server, memory backend):");
-        let echo = {
-            let mut stream = env.echo.lock().await;
-            percentiles!("echo_floor", n, echo_once(&mut stream))
-        };
-        let ping = percentiles!("client_ping", n, ping_once(&env.client));
-        let acq = percentiles!("client_acquire_release", n, acquire_release_once(&env.client));
         println!(
-            "ratios to the echo floor (p50): ping {:.2}x (goal 1.3x), acquire+release {:.2}x (goal 2.5x)",
-            ping / echo,
-            acq / echo
+            "roundtrip percentiles ({n} rounds of echo, ping, acquire+release, interleaved; in-process server, memory backend):"
+        );
+        let mut stream = env.echo.lock().await;
+        for _ in 0..n / 10 {
+            echo_once(&mut stream).await;
+            ping_once(&env.client).await;
+            acquire_release_once(&env.client).await;
+        }
+        let (mut echo, mut ping, mut acq) = (Latencies::new(), Latencies::new(), Latencies::new());
+        for _ in 0..n {
+            let start = Instant::now();
+            echo_once(&mut stream).await;
+            echo.record(start.elapsed());
+            let start = Instant::now();
+            ping_once(&env.client).await;
+            ping.record(start.elapsed());
+            let start = Instant::now();
+            acquire_release_once(&env.client).await;
+            acq.record(start.elapsed());
+        }
+        echo.print("echo_floor");
+        ping.print("client_ping");
+        acq.print("client_acquire_release");
+        println!(
+            "ratios to the echo floor: ping p50 {:.2}x p99 {:.2}x (goal p50 1.3x); \
+             acquire+release p50 {:.2}x p99 {:.2}x (goal p50 2.5x)",
+            ping.us(0.5) / echo.us(0.5),
+            ping.us(0.99) / echo.us(0.99),
+            acq.us(0.5) / echo.us(0.5),
+            acq.us(0.99) / echo.us(0.99),
         );
     });
 }

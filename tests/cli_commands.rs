@@ -240,3 +240,75 @@ fn every_subcommand_explains_itself() {
         );
     }
 }
+
+/// Waits until the server has `n` acquires queued (the CLI under test is
+/// then blocked in its wait, with its signal handlers installed).
+async fn until_queued(backend: &clastor::backend::memory::MemoryBackend, n: usize) {
+    tokio::time::timeout(PATIENCE, async {
+        while backend.queued_waiters() != n {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the acquire queued in time");
+}
+
+#[tokio::test]
+async fn acquire_hold_stops_waiting_on_sigterm() {
+    let (server, backend) = support::start_default().await;
+    let holder = Client::connect(server.local_addr()).await.unwrap();
+    let _held = holder.lock("k", "waited").try_acquire().await.unwrap().unwrap();
+    let child = clastor(server.local_addr())
+        .args(["acquire", "k", "waited", "--wait", "10m", "--hold"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_queued(&backend, 1).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("SIGTERM ended the wait")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"), "{out:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_shell_prints_a_late_reply_after_ctrl_c() {
+    let (server, backend) = support::start_default().await;
+    let holder = Client::connect(server.local_addr()).await.unwrap();
+    let held = holder.lock("k", "late").try_acquire().await.unwrap().unwrap();
+    let mut child = clastor(server.local_addr())
+        .arg("shell")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    stdin.write_all(b"ACQUIRE k late 60000\n").await.unwrap();
+    until_queued(&backend, 1).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let interrupted = line(&mut lines).await;
+    assert!(interrupted.starts_with("-ERR INTERRUPTED"), "{interrupted}");
+    // The shell is usable again, and the wait still runs on the server.
+    stdin.write_all(b"PING\n").await.unwrap();
+    assert_eq!(line(&mut lines).await, "+PONG");
+    held.release().await.unwrap();
+    assert_eq!(line(&mut lines).await, "!LATE ACQUIRE k late 60000");
+    let granted = line(&mut lines).await;
+    assert!(granted.starts_with("+ACQUIRED k late token="), "{granted}");
+    stdin.write_all(b"HELD\nQUIT\n").await.unwrap();
+    assert_eq!(line(&mut lines).await, "+HELD 1");
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    server.shutdown().await;
+}

@@ -252,3 +252,98 @@ async fn a_leased_lock_is_renewed_while_the_command_runs() {
     );
     server.shutdown().await;
 }
+
+/// Whether process `pid` is gone (or a zombie: dead, not yet reaped by its
+/// new parent).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lock_stops_what_the_command_started_too() {
+    let (server, _) = support::start_default().await;
+    let mut child = clastor(server.local_addr())
+        .args([
+            "lock",
+            "k",
+            "group",
+            "--grace",
+            "2s",
+            "--",
+            "sh",
+            "-c",
+            "sleep 30 & echo $!; wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the background job's pid");
+    let grandchild: i32 = first.trim().parse().unwrap();
+    assert!(!process_gone(grandchild));
+    server.shutdown().await;
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(123), "{}", stderr(&out));
+    // It was signalled before clastor exited; give the kernel a moment to
+    // finish it off.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !process_gone(grandchild) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background sleep survived the loss"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn signals_to_clastor_reach_the_whole_command() {
+    let (server, _) = support::start_default().await;
+    let mut child = clastor(server.local_addr())
+        .args(["lock", "k", "signalled", "--", "sh", "-c", "sleep 30 & echo $!; wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the background job's pid");
+    let grandchild: i32 = first.trim().parse().unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("exited in time")
+        .unwrap();
+    // `sh` dies of the forwarded SIGTERM: clastor reports it as 128+15.
+    assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !process_gone(grandchild) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background sleep survived SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // And the lock was released on the way out.
+    let client = Client::connect(server.local_addr()).await.unwrap();
+    assert!(client.lock("k", "signalled").try_acquire().await.unwrap().is_some());
+    server.shutdown().await;
+}

@@ -1,7 +1,9 @@
 //! The client against a misbehaving server (a fake one, speaking raw
 //! frames): refused handshakes, replies that do not decode, replies to
-//! requests never sent, oversized frames. Each ends in a typed error and a
-//! closed connection, never a panic or a hang.
+//! requests never sent, oversized frames, unknown events. A broken frame (or
+//! a reply contradicting the client's state) ends in a typed error and a
+//! closed connection; a reply whose body does not decode fails only its
+//! request, and an unknown event is ignored. Never a panic or a hang.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use clastor_client::{Client, ClientEvent, Error};
 use clastor_protocol::{ClastorCodec, Frame, HelloOk, Response, ResponseBody, Status};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
@@ -30,6 +32,9 @@ enum Misbehaviour {
     /// Completes the handshake, then reads without ever answering, and
     /// reports on `eof` when the client closes the connection.
     Silent(&'static tokio::sync::Notify),
+    /// Completes the handshake, answers the first request with these bytes,
+    /// then every later request with a well-formed PONG.
+    AnswerOnceThenPong(&'static [u8]),
 }
 
 async fn fake_server(how: Misbehaviour) -> SocketAddr {
@@ -80,6 +85,16 @@ async fn serve(stream: TcpStream, how: Misbehaviour) {
     out.clear();
     match how {
         Misbehaviour::AnswerWith(bytes) => out.extend_from_slice(bytes),
+        Misbehaviour::AnswerOnceThenPong(bytes) => {
+            out.extend_from_slice(bytes);
+            write.write_all(&out).await.unwrap();
+            while let Some(Ok(Frame { header, .. })) = frames.next().await {
+                out.clear();
+                Response::ok(header.request_id, ResponseBody::Pong).encode(&mut out);
+                write.write_all(&out).await.unwrap();
+            }
+            return;
+        }
         Misbehaviour::WrongRequestId => Response::ok(header.request_id + 1000, ResponseBody::Pong).encode(&mut out),
         Misbehaviour::RefuseHandshake | Misbehaviour::Silent(_) => {}
     }
@@ -115,12 +130,62 @@ async fn a_refused_handshake_is_a_typed_error() {
     );
 }
 
+/// The first PING gets `bytes` for an answer and fails with the returned
+/// error; the connection survives: the next PING is answered, and no
+/// disconnect is reported.
+async fn first_ping_fails_connection_survives(bytes: &'static [u8]) -> Option<Error> {
+    let client = Client::builder(fake_server(Misbehaviour::AnswerOnceThenPong(bytes)).await)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let first = tokio::time::timeout(PATIENCE, client.ping()).await.expect("no hang");
+    tokio::time::timeout(PATIENCE, client.ping())
+        .await
+        .expect("no hang")
+        .expect("the connection lives on");
+    let info = client.connection_info().expect("still connected");
+    assert_eq!(info.connection_id, 99);
+    // Nothing was reported: no disconnect.
+    assert!(events.recv().now_or_never().is_none());
+    first.err()
+}
+
 #[tokio::test]
-async fn a_reply_that_does_not_decode_closes_the_connection() {
-    // A PONG frame (opcode 0x02, response flag) with an unknown status 0xBEEF.
-    const BAD_STATUS: &[u8] = &[0, 0, 0, 10, 1, 0x02, 0, 1, 0, 0, 0, 2, 0xBE, 0xEF];
-    let err = ping_fails(Misbehaviour::AnswerWith(BAD_STATUS)).await;
-    assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+async fn an_unknown_status_fails_only_its_request() {
+    // A PONG frame (opcode 0x02, response flag) with an unknown status 0xBEEF
+    // and the message "new".
+    const BAD_STATUS: &[u8] = &[
+        0, 0, 0, 15, 1, 0x02, 0, 1, 0, 0, 0, 2, 0xBE, 0xEF, 0, 3, b'n', b'e', b'w',
+    ];
+    let err = first_ping_fails_connection_survives(BAD_STATUS).await;
+    assert_eq!(
+        err,
+        Some(Error::UnknownStatus {
+            code: 0xBEEF,
+            message: "new".into()
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_reply_body_that_does_not_decode_fails_only_its_request() {
+    // A PONG with a byte after the status.
+    const TRAILING: &[u8] = &[0, 0, 0, 11, 1, 0x02, 0, 1, 0, 0, 0, 2, 0, 0, 7];
+    let err = first_ping_fails_connection_survives(TRAILING).await;
+    assert!(matches!(err, Some(Error::Malformed(_))), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_event_is_ignored() {
+    // An event (flags 0x0002, request id 0) with opcode 0x90, then the PONG.
+    const UNKNOWN_EVENT_THEN_PONG: &[u8] = &[
+        0, 0, 0, 11, 1, 0x90, 0, 2, 0, 0, 0, 0, 1, 2, 3, //
+        0, 0, 0, 10, 1, 0x02, 0, 1, 0, 0, 0, 2, 0, 0,
+    ];
+    let err = first_ping_fails_connection_survives(UNKNOWN_EVENT_THEN_PONG).await;
+    assert_eq!(err, None);
 }
 
 #[tokio::test]
@@ -150,6 +215,37 @@ async fn a_reply_with_the_wrong_opcode_closes_the_connection() {
     const RELEASED: &[u8] = &[0, 0, 0, 11, 1, 0x11, 0, 1, 0, 0, 0, 2, 0, 0, 1];
     let err = ping_fails(Misbehaviour::AnswerWith(RELEASED)).await;
     assert!(matches!(err, Error::Malformed(_)), "{err:?}");
+}
+
+/// With the server's in-flight limit (16 here) full of blocked acquires the
+/// server reads nothing more, so the client keeps one slot free: its keepalive
+/// PING is read, and a dead server is still detected.
+#[tokio::test]
+async fn keepalive_works_with_acquires_blocking_on_every_slot() {
+    static EOF: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    let client = Client::builder(fake_server(Misbehaviour::Silent(&EOF)).await)
+        .keepalive(Some(Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let blocked: Vec<_> = (0..20)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.lock("k", format!("{i}")).wait(PATIENCE).acquire().await })
+        })
+        .collect();
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    match ev {
+        ClientEvent::Disconnected {
+            error: Error::ConnectionLost(m),
+            ..
+        } => assert!(m.contains("keepalive"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    for b in blocked {
+        assert!(matches!(b.await.unwrap(), Err(Error::ConnectionLost(_))));
+    }
 }
 
 #[tokio::test]

@@ -272,3 +272,224 @@ async fn a_pool_spreads_locks_and_each_guard_keeps_its_connection() {
     assert!(client.held(HeldScope::Connection).await.unwrap().is_empty());
     server.shutdown().await;
 }
+
+/// A TCP proxy in front of the server that can hold back the server's events
+/// (`LOCK_LOST`) while letting responses through: it opens, on demand, the
+/// window in which the client has not yet learnt that a grant was lost.
+mod gate {
+    use std::net::SocketAddr;
+
+    use bytes::{BufMut, BytesMut};
+    use clastor_protocol::{ClastorCodec, Flags, Frame, MAX_FRAME_LEN_CEILING};
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+    use tokio_util::codec::FramedRead;
+
+    /// Starts the proxy for one connection; `true` on the returned sender holds events back.
+    pub async fn start(upstream: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, mut held) = watch::channel(false);
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = TcpStream::connect(upstream).await.unwrap();
+            client.set_nodelay(true).unwrap();
+            server.set_nodelay(true).unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let mut frames = FramedRead::new(server_read, ClastorCodec::new(MAX_FRAME_LEN_CEILING));
+            let mut queued: Vec<Frame> = Vec::new();
+            loop {
+                tokio::select! {
+                    frame = frames.next() => {
+                        let Some(Ok(frame)) = frame else { return };
+                        if frame.header.flags == Flags::EVENT && *held.borrow() {
+                            queued.push(frame);
+                        } else if client_write.write_all(&encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    changed = held.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if !*held.borrow_and_update() {
+                            for frame in queued.drain(..) {
+                                if client_write.write_all(&encode(&frame)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        (addr, hold)
+    }
+
+    fn encode(frame: &Frame) -> BytesMut {
+        let mut out = BytesMut::new();
+        out.put_u32(u32::try_from(8 + frame.body.len()).unwrap());
+        out.put_u8(frame.header.version);
+        out.put_u8(frame.header.opcode);
+        out.put_u16(frame.header.flags.0);
+        out.put_u32(frame.header.request_id);
+        out.put_slice(&frame.body);
+        out
+    }
+}
+
+/// The reviewer's scenario: grant A's lease runs out and the key is granted
+/// again on the same connection (grant B) before the client has read A's
+/// `LOCK_LOST`; a late release or renewal through A's guard then reaches the
+/// server. It names A's token, so B survives, and A's guard reports the loss.
+#[tokio::test]
+async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
+    use clastor_client::{Request, ResponseBody};
+
+    let (server, _) = support::start_default().await;
+    let other = Client::connect(server.local_addr()).await.unwrap();
+    let (addr, hold_events) = gate::start(server.local_addr()).await;
+    let client = Client::builder(addr).keepalive(None).connect().await.unwrap();
+    let lease = Duration::from_millis(300);
+
+    for stale_renew in [false, true] {
+        let a = client
+            .lock("k", "stale")
+            .lease(lease)
+            .try_acquire()
+            .await
+            .unwrap()
+            .expect("free");
+        hold_events.send_replace(true);
+        // Once someone else got the key, A's lease has run out on the server.
+        let between = other.lock("k", "stale").wait(PATIENCE).acquire().await.unwrap();
+        between.expect("granted when A expired").release().await.unwrap();
+        assert!(!a.is_lost(), "the LOCK_LOST is held back");
+        // The lock API refuses a second grant of a key it still believes held,
+        // without asking the server...
+        assert!(matches!(
+            client.lock("k", "stale").try_acquire().await,
+            Err(Error::AlreadyHeld(_))
+        ));
+        // ...so take grant B the raw way, on the same connection.
+        let b = client
+            .request(Request::Acquire(clastor_protocol::Acquire {
+                kind: "k".into(),
+                id: "stale".into(),
+                wait_ms: 0,
+                lease_ms: 0,
+                mode: clastor_protocol::LockMode::Exclusive,
+            }))
+            .await
+            .unwrap();
+        let Ok(ResponseBody::Acquired(b)) = b.result else {
+            panic!("B not granted: {b:?}")
+        };
+        assert!(b.token > a.token());
+        if stale_renew {
+            assert!(matches!(a.renew(lease).await, Err(Error::LockLost(_))));
+            assert!(a.is_lost());
+            drop(a);
+        } else {
+            assert!(matches!(a.release().await, Err(Error::LockLost(_))));
+        }
+        hold_events.send_replace(false);
+        // B is still held by the client's connection, and only by it.
+        let held = client.held(HeldScope::Connection).await.unwrap();
+        assert_eq!(held.iter().map(|h| h.token).collect::<Vec<_>>(), [b.token], "{held:?}");
+        assert!(other.lock("k", "stale").try_acquire().await.unwrap().is_none());
+        let released = client
+            .request(Request::Release {
+                kind: "k".into(),
+                id: "stale".into(),
+                token: b.token,
+            })
+            .await
+            .unwrap();
+        assert_eq!(released.result, Ok(ResponseBody::Released { released: true }));
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_grant_delivered_to_a_dropped_acquire_is_given_back() {
+    let (server, _) = support::start_default().await;
+    let client = Client::connect(server.local_addr()).await.unwrap();
+    let other = Client::connect(server.local_addr()).await.unwrap();
+    {
+        let acquire = client.lock("k", "delivered").try_acquire();
+        let mut acquire = std::pin::pin!(acquire);
+        assert!(acquire.as_mut().now_or_never().is_none(), "sent, not yet answered");
+        // The server answers a grant of a free key before a PING read after
+        // it, so once the pong is in, the grant sits in the acquire's channel.
+        client.ping().await.unwrap();
+        assert_eq!(client.held(HeldScope::Connection).await.unwrap().len(), 1);
+    }
+    let got = other.lock("k", "delivered").wait(PATIENCE).acquire().await.unwrap();
+    assert!(got.is_some(), "the dropped acquire's grant was given back");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn auto_renewal_survives_a_wait_longer_than_the_lease() {
+    let (server, _) = support::start_default().await;
+    let holder = Client::connect(server.local_addr()).await.unwrap();
+    let client = Client::connect(server.local_addr()).await.unwrap();
+    let other = Client::connect(server.local_addr()).await.unwrap();
+    let lease = Duration::from_millis(300);
+    // The holder's own lease frees the key after twice the waiter's lease:
+    // the waiter's grant comes long after it sent its ACQUIRE.
+    let _held = holder
+        .lock("k", "queued")
+        .lease(lease * 2)
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    let guard = client
+        .lock("k", "queued")
+        .lease(lease)
+        .auto_renew(true)
+        .wait(PATIENCE)
+        .acquire()
+        .await
+        .unwrap()
+        .expect("granted when the holder's lease ran out");
+    let got = other.lock("k", "queued").wait(lease * 3).acquire().await.unwrap();
+    assert!(got.is_none(), "lock changed hands while auto-renewed");
+    assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
+    guard.release().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn huge_configured_durations_do_not_panic() {
+    let (server, _) = support::start_default().await;
+    let client = Client::builder(server.local_addr())
+        .request_timeout(Some(Duration::MAX))
+        .connect_timeout(Duration::MAX)
+        .reconnect_backoff(Duration::MAX, Duration::MAX)
+        .keepalive(Some(Duration::MAX))
+        .connect()
+        .await
+        .unwrap();
+    let guard = client
+        .lock("k", "huge")
+        .lease(Duration::from_millis(60))
+        .auto_renew(true)
+        .wait(Duration::from_secs(1))
+        .acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    guard.renew(Duration::from_secs(30)).await.unwrap();
+    client.ping().await.unwrap();
+    guard.release().await.unwrap();
+    server.shutdown().await;
+}

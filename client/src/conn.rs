@@ -571,7 +571,7 @@ impl ConnShared {
     /// renewal, cancelled acquire). Nothing to do if the connection is dead:
     /// the server released everything it held.
     pub(crate) fn release_in_background(&self, lock: &LockShared) {
-        if let Err(e) = self.send_release(lock, None, None) {
+        if let Err(e) = self.send_release(lock, None) {
             tracing::debug!(key = %lock.key, error = %e, "background release not sent");
         }
     }
@@ -579,12 +579,10 @@ impl ConnShared {
     /// Sends a RELEASE of `lock`'s grant (by token). From now until its reply,
     /// the key counts as "releasing" rather than held: an acquire of it on this
     /// connection waits for the reply instead of being refused.
-    pub(crate) fn send_release(
-        &self,
-        lock: &LockShared,
-        tx: Option<ReplyTx>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Result<(), Error> {
+    ///
+    /// It takes no in-flight permit: with every permit held by acquires
+    /// waiting for this very lock, waiting for one would deadlock.
+    pub(crate) fn send_release(&self, lock: &LockShared, tx: Option<ReplyTx>) -> Result<(), Error> {
         let req = Request::Release {
             kind: lock.kind().to_owned(),
             id: lock.id().to_owned(),
@@ -604,7 +602,7 @@ impl ConnShared {
             key: lock.key.clone(),
             token: lock.token,
         };
-        self.submit_locked(st, &req, tx, track, permit)
+        self.submit_locked(st, &req, tx, track, None)
     }
 
     /// An in-flight permit, waiting for one if all are taken.
@@ -696,9 +694,11 @@ impl ConnShared {
             return Ok(());
         }
         let request_id = header.request_id;
-        let pending = self.state().pending.remove(&request_id).ok_or_else(|| {
-            Error::Malformed(format!("reply to request {request_id}, which is not pending"))
-        })?;
+        let pending = self
+            .state()
+            .pending
+            .remove(&request_id)
+            .ok_or_else(|| Error::Malformed(format!("reply to request {request_id}, which is not pending")))?;
         if header.opcode != pending.opcode as u8 {
             return Err(Error::Malformed(format!(
                 "reply to {} request {request_id} carries opcode 0x{:02x}",
@@ -768,7 +768,9 @@ impl ConnShared {
                 if st.dead.is_some() {
                     return;
                 }
-                st.releasing.entry(key.clone()).or_insert_with(|| Arc::new(Notify::new()));
+                st.releasing
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(Notify::new()));
                 let track = Track::Release { key, token: 0 };
                 if let Err(e) = self.submit_locked(st, &req, None, track, None) {
                     tracing::debug!(error = %e, "release after an undecodable grant not sent");

@@ -350,9 +350,8 @@ impl LockGuard {
     /// - connection errors: the connection is gone, and with it the lock.
     ///
     /// # Cancellation safety
-    /// Safe: the release is sent before the first await (once an in-flight
-    /// slot is free); dropping the future only stops waiting for the
-    /// confirmation, and a release not yet sent is sent in the background.
+    /// Safe: the release is sent before the first await; dropping the future
+    /// only stops waiting for the confirmation.
     pub async fn release(mut self) -> Result<(), Error> {
         drop(self._renewer.take());
         if let Some(reason) = self.lost_reason() {
@@ -361,15 +360,13 @@ impl LockGuard {
         }
         let deadline = self.request_timeout.and_then(|t| Instant::now().checked_add(t));
         let limit = self.request_timeout.unwrap_or_default();
-        let exchange = async {
-            // Until the release is sent, dropping this future drops the guard,
-            // whose `Drop` releases in the background.
-            let permit = self.conn.permit().await?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.conn.send_release(&self.lock, Some(tx), Some(permit))?;
-            self.done = true;
-            rx.await.unwrap_or_else(|_| Err(self.conn.dead_error()))
-        };
+        // Sent without waiting for an in-flight slot: with every slot taken
+        // by acquires waiting for this very lock, waiting would deadlock. A
+        // release is answered at once, so it holds the server's slot briefly.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.conn.send_release(&self.lock, Some(tx))?;
+        self.done = true;
+        let exchange = async { rx.await.unwrap_or_else(|_| Err(self.conn.dead_error())) };
         let reply = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, exchange)
                 .await

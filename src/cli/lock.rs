@@ -2,6 +2,14 @@
 //! lock service. The command gets the fencing token in its environment; if the
 //! lock is lost while it runs, it is stopped (SIGTERM, then SIGKILL after a
 //! grace period), because it can no longer assume it is alone.
+//!
+//! The command runs in its own process group, and every signal goes to the
+//! whole group, so whatever it started in the background stops with it. What
+//! this cannot cover: if clastor itself is killed with SIGKILL, the command
+//! keeps running (making the kernel kill it with its parent takes
+//! `PR_SET_PDEATHSIG` in `pre_exec`, which needs `unsafe`). The server then
+//! releases the lock as the connection closes, so only the fencing token still
+//! keeps the orphaned command's writes out of the stores.
 
 use std::ffi::OsString;
 use std::io;
@@ -11,7 +19,8 @@ use std::time::Duration;
 
 use clap::Args;
 use clastor_client::{Error, LockGuard};
-use nix::sys::signal::{Signal, kill};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
@@ -39,12 +48,18 @@ CLASTOR_FENCING_TOKEN  the grant's fencing token; pass it to every store you wri
 CLASTOR_LOCK_KIND      the kind\n  \
 CLASTOR_LOCK_ID        the id\n  \
 CLASTOR_LOCK_VERSION   the kind's version the lock was taken under\n\n\
-The lock belongs to this process's connection to the server. If it is lost while COMMAND runs \
-(lease not renewed, server or connection gone), COMMAND gets SIGTERM, then SIGKILL after --grace, \
-and clastor exits with 123. With --lease, the lease is renewed automatically while COMMAND runs, \
-so the lock outlives a crash of this process by at most one lease. SIGTERM sent to clastor is \
-passed on to COMMAND; SIGINT and SIGHUP from a terminal reach COMMAND through its process group, \
-and clastor keeps waiting for COMMAND to exit before releasing the lock.\n\n\
+The lock belongs to this process's connection to the server. COMMAND runs in its own process \
+group. If the lock is lost while COMMAND runs (lease not renewed, server or connection gone), that \
+whole group (COMMAND and whatever it started) gets SIGTERM, then SIGKILL after --grace, and \
+clastor exits with 123. With --lease, the lease is renewed automatically while COMMAND runs. \
+SIGINT, SIGHUP and SIGTERM sent to clastor (Ctrl-C included) are passed on to COMMAND's group, and \
+clastor keeps waiting for COMMAND to exit before releasing the lock; a signal during that release \
+makes it stop waiting (the server releases the lock when the connection closes). If clastor itself \
+is killed with SIGKILL, COMMAND keeps running unsupervised: the server releases the lock when the \
+connection closes (at once, or when a lease runs out if the host vanished), and only the fencing \
+token still protects the stores COMMAND writes to. Since COMMAND is not in the terminal's \
+foreground process group, a COMMAND that reads from the terminal is stopped (SIGTTIN); give it \
+its input another way.\n\n\
 Exit status:\n  \
 COMMAND's status    COMMAND ran under the lock (128+N if it was killed by signal N)\n  \
 123                 the lock was lost while COMMAND ran\n  \
@@ -124,6 +139,16 @@ async fn lock_and_run(args: LockArgs) -> u8 {
     if !args.quiet {
         eprintln!("clastor lock: acquired {what} (token {})", guard.token());
     }
+    // Before the spawn: from now on these signals are passed on, not fatal,
+    // so none can end this process and leave the command unsupervised.
+    let mut signals = match Signals::register() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clastor lock: cannot handle signals: {e}");
+            release(guard, &what, None, args.server.connect_timeout).await;
+            return EXIT_CLASTOR_ERROR;
+        }
+    };
     let mut child = match spawn(&args.command, &guard) {
         Ok(child) => child,
         Err(e) => {
@@ -134,19 +159,26 @@ async fn lock_and_run(args: LockArgs) -> u8 {
             } else {
                 EXIT_CANNOT_RUN
             };
-            release(guard, &what).await;
+            release(guard, &what, Some(&mut signals), args.server.connect_timeout).await;
             return code;
         }
     };
-    match supervise(&mut child, &guard, args.grace).await {
-        Outcome::Exited(status) => match release(guard, &what).await {
+    let Some(group) = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw) else {
+        // Only a child already reaped has no id; nothing was spawned here.
+        eprintln!("clastor lock: the command has no process id");
+        release(guard, &what, Some(&mut signals), args.server.connect_timeout).await;
+        return EXIT_CLASTOR_ERROR;
+    };
+    let timeout = args.server.connect_timeout;
+    match supervise(&mut child, group, &guard, args.grace, &mut signals).await {
+        Outcome::Exited(status) => match release(guard, &what, Some(&mut signals), timeout).await {
             Released::Yes => exit_code(status),
             Released::Lost => EXIT_LOCK_LOST,
         },
         Outcome::Lost => EXIT_LOCK_LOST,
         Outcome::WaitFailed(e) => {
             eprintln!("clastor lock: waiting for the command: {e}");
-            release(guard, &what).await;
+            release(guard, &what, Some(&mut signals), timeout).await;
             EXIT_CLASTOR_ERROR
         }
     }
@@ -162,8 +194,11 @@ fn spawn(command: &[OsString], guard: &LockGuard) -> io::Result<Child> {
         .env("CLASTOR_LOCK_KIND", guard.kind())
         .env("CLASTOR_LOCK_ID", guard.id())
         .env("CLASTOR_LOCK_VERSION", guard.version())
-        // If this process dies abruptly, its lock goes with its connection:
-        // the command must not keep running unprotected.
+        // Its own group, so a loss stops everything it started, not just it.
+        .process_group(0)
+        // If this function's caller unwinds or returns early, the command must
+        // not outlive its supervision. (This does nothing when the process is
+        // killed outright; see the module comment.)
         .kill_on_drop(true)
         .spawn()
 }
@@ -174,11 +209,15 @@ enum Outcome {
     WaitFailed(io::Error),
 }
 
-/// Waits for the child, passing on SIGTERM, and stops it if the lock is lost.
-async fn supervise(child: &mut Child, guard: &LockGuard, grace: Duration) -> Outcome {
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    let mut hup = signal(SignalKind::hangup()).ok();
+/// Waits for the child, passing on SIGINT, SIGHUP and SIGTERM to its process
+/// group, and stops the group if the lock is lost.
+async fn supervise(
+    child: &mut Child,
+    group: Pid,
+    guard: &LockGuard,
+    grace: Duration,
+    signals: &mut Signals,
+) -> Outcome {
     let lost = guard.lost();
     tokio::pin!(lost);
     loop {
@@ -197,39 +236,80 @@ async fn supervise(child: &mut Child, guard: &LockGuard, grace: Duration) -> Out
                     guard.token(),
                     humantime::format_duration(grace)
                 );
-                stop(child, grace).await;
+                stop(child, group, grace).await;
                 return Outcome::Lost;
             }
-            Some(()) = recv(&mut term) => forward(child, Signal::SIGTERM),
-            // A terminal sends these to the whole foreground process group,
-            // so the command has them already; forwarding would double them.
-            // Catching them keeps this process alive to release the lock.
-            Some(()) = recv(&mut int) => {}
-            Some(()) = recv(&mut hup) => {}
+            // The command is in its own process group, out of the terminal's
+            // reach: what clastor receives is meant for it.
+            sig = signals.recv() => signal_group(group, sig),
         }
     }
 }
 
-async fn recv(sig: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match sig {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
+/// SIGINT, SIGHUP and SIGTERM, caught from before the command starts until
+/// clastor exits.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn recv(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.int.recv() => Signal::SIGINT,
+            _ = self.hup.recv() => Signal::SIGHUP,
+            _ = self.term.recv() => Signal::SIGTERM,
+        }
     }
 }
 
-fn forward(child: &Child, sig: Signal) {
-    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        // The child may have exited in between; its wait() arm reports that.
-        let _ = kill(Pid::from_raw(pid), sig);
-    }
+fn signal_group(group: Pid, sig: Signal) {
+    // The group may be gone already; the wait() arm reports the exit.
+    let _ = killpg(group, sig);
 }
 
-/// SIGTERM, then SIGKILL if the child is still there after `grace`.
-async fn stop(child: &mut Child, grace: Duration) {
-    forward(child, Signal::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+/// Whether any process of the group is still alive (zombies not yet reaped
+/// by their new parent count).
+fn group_alive(group: Pid) -> bool {
+    !matches!(killpg(group, None), Err(Errno::ESRCH))
+}
+
+/// SIGTERM to the whole group, then SIGKILL if the child, or anything else in
+/// its group, is still there after `grace`.
+async fn stop(child: &mut Child, group: Pid, grace: Duration) {
+    signal_group(group, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now().checked_add(grace);
+    let until_deadline = async {
+        if child.wait().await.is_err() {
+            return;
+        }
+        // The child is reaped; what it left behind in its group (background
+        // jobs) gets the rest of the grace period. Those processes are not
+        // ours to wait for, so look now and then.
+        while group_alive(group) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let finished = match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, until_deadline).await.is_ok(),
+        None => {
+            until_deadline.await;
+            true
+        }
+    };
+    if !finished {
         eprintln!("clastor lock: the command did not exit within the grace period; sending SIGKILL");
-        let _ = child.start_kill();
+        signal_group(group, Signal::SIGKILL);
         let _ = child.wait().await;
     }
 }
@@ -241,21 +321,44 @@ enum Released {
 
 /// Releases the lock after the command finished. A lock found lost at this
 /// point may have been lost while the command ran, so it counts as lost.
-async fn release(guard: LockGuard, what: &str) -> Released {
-    match guard.release().await {
-        Ok(()) => Released::Yes,
-        Err(Error::LockLost(reason)) => {
+///
+/// Waits at most `timeout` for the server, and stops waiting on a signal: the
+/// server releases the lock anyway when this process's connection closes.
+async fn release(guard: LockGuard, what: &str, signals: Option<&mut Signals>, timeout: Duration) -> Released {
+    let interrupted = async {
+        match signals {
+            Some(s) => s.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(timeout, guard.release()) => r,
+        sig = interrupted => {
+            eprintln!("clastor lock: {sig} while releasing {what}; the server releases it as this process exits");
+            return Released::Yes;
+        }
+    };
+    match result {
+        Ok(Ok(())) => Released::Yes,
+        Ok(Err(Error::LockLost(reason))) => {
             eprintln!("clastor lock: {what} was lost before it could be released ({reason})");
             Released::Lost
         }
-        Err(e) if e.is_connection_error() => {
+        Ok(Err(e)) if e.is_connection_error() => {
             eprintln!("clastor lock: {what}: connection lost before the release ({e}); the lock may have lapsed early");
             Released::Lost
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             // The command ran under the lock; the server will release it when
             // this process's connection closes.
             eprintln!("clastor lock: releasing {what}: {e}");
+            Released::Yes
+        }
+        Err(_) => {
+            eprintln!(
+                "clastor lock: no answer to the release of {what} within {}; the server releases it as this process exits",
+                humantime::format_duration(timeout)
+            );
             Released::Yes
         }
     }

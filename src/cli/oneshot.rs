@@ -22,7 +22,7 @@ const EXIT_CONNECTION: u8 = 3;
 const EXIT_LOST: u8 = 4;
 
 const EXIT_CODES: &str = "Exit status: 0 success; 1 the server said no (not acquired in time, an error \
-status); 2 invalid command line; 3 cannot connect or connection lost; 4 lock lost while held (--hold).";
+status), or a --hold wait was interrupted; 2 invalid command line; 3 cannot connect or connection lost; 4 lock lost while held (--hold).";
 
 /// Output format switch shared by the one-shot commands.
 #[derive(Debug, Clone, Copy, Args)]
@@ -236,6 +236,7 @@ pub fn acquire(args: AcquireArgs) -> ExitCode {
         server,
         out,
     } = args;
+    let connect_timeout = server.connect_timeout;
     run_with(&server, out, |client| async move {
         let mut signals = if hold {
             Some(StopSignals::register().map_err(|e| Error::InvalidArgument(format!("cannot handle signals: {e}")))?)
@@ -246,7 +247,24 @@ pub fn acquire(args: AcquireArgs) -> ExitCode {
         if let Some(lease) = lease {
             req = req.lease(lease).auto_renew(hold);
         }
-        let Some(guard) = req.acquire().await? else {
+        let acquired = match signals.as_mut() {
+            // Handlers are installed, so a signal no longer ends the process:
+            // it must end the wait. Dropping the acquire is safe (a grant that
+            // arrives later is given back), and exiting closes the connection.
+            Some(signals) => tokio::select! {
+                r = req.acquire() => r?,
+                () = signals.recv() => {
+                    if out.json {
+                        println!("{}", json!({ "acquired": false, "kind": kind, "id": id, "interrupted": true }));
+                    } else {
+                        eprintln!("clastor: interrupted while waiting for {kind}/{id}");
+                    }
+                    return Ok(EXIT_REFUSED);
+                }
+            },
+            None => req.acquire().await?,
+        };
+        let Some(guard) = acquired else {
             if out.json {
                 println!(
                     "{}",
@@ -292,7 +310,15 @@ pub fn acquire(args: AcquireArgs) -> ExitCode {
                 Ok(EXIT_LOST)
             }
             () = signals.recv() => {
-                guard.release().await?;
+                // A second signal, or a server that does not answer, ends the
+                // wait: closing the connection releases the lock as well.
+                tokio::select! {
+                    r = tokio::time::timeout(connect_timeout, guard.release()) => match r {
+                        Ok(r) => r?,
+                        Err(_) => eprintln!("clastor: no answer to the release; closing the connection releases it"),
+                    },
+                    () = signals.recv() => {}
+                }
                 if out.json {
                     println!("{}", json!({ "released": true, "kind": kind, "id": id }));
                 } else {

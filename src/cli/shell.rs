@@ -10,12 +10,19 @@
 //! thread, since it blocks) and events are printed above the prompt through its
 //! external printer. Otherwise lines are read plainly from stdin, so the shell
 //! can be scripted: `printf 'PING\nHELD\n' | clastor shell`.
+//!
+//! Ctrl-C while a command waits (a blocked `ACQUIRE`) gives the prompt back
+//! but does not forget the request: the server still runs it, so its reply is
+//! printed when it comes, as `!LATE <command>` followed by the reply. A late
+//! grant is shown rather than silently released, so the user knows the
+//! connection holds it and can `RELEASE` it.
 
 use std::convert::Infallible;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
 
 use clap::Args;
 use clastor_client::{Client, ClientEvent, Error};
@@ -23,6 +30,7 @@ use clastor_protocol::text::{self, Command};
 use rustyline::error::ReadlineError;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::{ServerOpt, client_runtime};
 
@@ -36,7 +44,9 @@ Type the same commands as in the text form (`nc host 7070`): PING, ACQUIRE <kind
 HELP, QUIT. They are sent as binary frames on one connection, and replies are printed in the \
 text form. Events the server pushes print as they arrive, such as `!LOST <kind> <id> token=<n> \
 reason=lease_expired`, as do `!DISCONNECTED` and `!CONNECTED` when the connection drops and comes \
-back (locks die with their connection).\n\n\
+back (locks die with their connection). Ctrl-C while a command waits gives the prompt back; \
+the server still runs the command, and its reply prints when it comes, as `!LATE <command>` \
+followed by the reply (a late ACQUIRED means this connection holds the lock: RELEASE it).\n\n\
 On a terminal the shell offers line editing and history (saved to --history). Otherwise it reads \
 commands from stdin line by line, so it can be scripted.\n\n\
 Exit status: 0 after QUIT or end of input; 3 if the server cannot be reached.\n\n\
@@ -132,6 +142,27 @@ impl Input {
             let _ = t.ready.send(());
         }
     }
+
+    /// Ends input. After QUIT or end of input the editor thread is not
+    /// reading the terminal, so it is waited for: it saves the history on its
+    /// way out. After a signal it may be blocked reading a key, so it is left.
+    fn finish(self, how: End) {
+        if let Input::Terminal(Terminal { lines, ready, thread }) = self {
+            drop((lines, ready));
+            if how != End::Signal && thread.join().is_err() {
+                eprintln!("clastor: the line editor thread failed");
+            }
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// QUIT, or end of input.
+    Quit,
+    /// SIGINT outside of the line editor.
+    Signal,
 }
 
 /// Where events go: above the prompt on a terminal, else straight to stdout.
@@ -165,6 +196,7 @@ fn print_flush(text: &str) {
 struct Terminal {
     lines: mpsc::Receiver<String>,
     ready: std_mpsc::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Terminal {
@@ -181,7 +213,7 @@ impl Terminal {
         let (line_tx, lines) = mpsc::channel(1);
         let (ready, ready_rx) = std_mpsc::channel();
         let prompt = format!("clastor {addr}> ");
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("clastor-readline".into())
             .spawn(move || {
                 loop {
@@ -210,13 +242,16 @@ impl Terminal {
                 }
             })
             .map_err(ReadlineError::Io)?;
-        Ok((Terminal { lines, ready }, Box::new(printer)))
+        Ok((Terminal { lines, ready, thread }, Box::new(printer)))
     }
 }
 
 /// Reads commands until QUIT or end of input, printing replies and events.
 async fn session(client: Client, mut input: Input, mut output: Output) {
     let mut events = client.events();
+    // Commands whose wait was interrupted: their replies print when they come.
+    let mut late: JoinSet<(String, Option<String>)> = JoinSet::new();
+    let mut end = End::Quit;
     loop {
         let line = tokio::select! {
             ev = events.recv() => {
@@ -225,17 +260,32 @@ async fn session(client: Client, mut input: Input, mut output: Output) {
                 }
                 continue;
             }
+            Some(Ok((line, reply))) = late.join_next() => {
+                output.event(format_late(&line, reply.as_deref()));
+                continue;
+            }
             line = input.next() => line,
             // Once a Ctrl-C handler exists SIGINT no longer kills the process,
             // so honour it here (a terminal in raw mode reads it as a key instead).
-            _ = tokio::signal::ctrl_c() => None,
+            _ = tokio::signal::ctrl_c() => {
+                end = End::Signal;
+                None
+            }
         };
         let Some(line) = line else { break };
+        let mut command = {
+            let client = client.clone();
+            let line = line.clone();
+            tokio::spawn(async move { execute(&client, &line).await })
+        };
         let reply = tokio::select! {
-            reply = execute(&client, &line) => reply,
+            reply = &mut command => reply.unwrap_or_else(|e| Some(format!("-ERR CLIENT {}\n", one_line(&e.to_string())))),
             // Events keep printing while a command (say a waiting ACQUIRE) runs.
             never = print_events(&mut events, &mut output) => match never {},
-            _ = tokio::signal::ctrl_c() => Some("-ERR INTERRUPTED stopped waiting; the server still runs the request\n".to_owned()),
+            _ = tokio::signal::ctrl_c() => {
+                late.spawn(async move { (line, command.await.ok().flatten()) });
+                Some("-ERR INTERRUPTED stopped waiting; the server still runs the request, its reply prints as !LATE\n".to_owned())
+            }
         };
         match reply {
             Some(text) => print_flush(&text),
@@ -244,7 +294,13 @@ async fn session(client: Client, mut input: Input, mut output: Output) {
         input.ready();
     }
     // Let the readline thread see the channel close and save history.
-    drop(input);
+    input.finish(end);
+}
+
+/// A reply that came after the user stopped waiting for it.
+fn format_late(line: &str, reply: Option<&str>) -> String {
+    let reply = reply.unwrap_or("+BYE\n");
+    format!("!LATE {}\n{reply}", one_line(line.trim()))
 }
 
 /// Prints events forever; used as a `select!` arm next to a running command.
@@ -265,7 +321,7 @@ async fn execute(client: &Client, line: &str) -> Option<String> {
     }
     let req = match text::parse(line) {
         Ok(Command::Request(req)) => req,
-        Ok(Command::Help) => return Some(text::format_help()),
+        Ok(Command::Help) => return Some(help()),
         Ok(Command::Quit) => return None,
         Ok(Command::Empty) => return Some(String::new()),
         Err(e) => return Some(text::format_parse_error(&e)),
@@ -274,6 +330,18 @@ async fn execute(client: &Client, line: &str) -> Option<String> {
         Ok(resp) => text::format_response(&req, &resp),
         Err(e) => format_client_error(&e),
     })
+}
+
+/// The server's HELP, plus what is particular to the shell.
+fn help() -> String {
+    let mut help = text::format_help();
+    let note = "  Ctrl-C while a command waits: stop waiting; its reply prints later as !LATE <command>, \
+then the reply (a late +ACQUIRED means this connection holds the lock)\n.\n";
+    match help.strip_suffix(".\n") {
+        Some(body) => help = format!("{body}{note}"),
+        None => help.push_str(note),
+    }
+    help
 }
 
 fn format_client_error(e: &Error) -> String {
@@ -325,5 +393,15 @@ mod tests {
             server: "clastor\n0.1".into(),
         };
         assert_eq!(format_client_event(&ev), "!CONNECTED connection=4 server=clastor 0.1\n");
+        assert_eq!(
+            format_late(
+                "ACQUIRE k i 5000 ",
+                Some("+ACQUIRED k i token=3 version=v1 lease_ms=0\n")
+            ),
+            "!LATE ACQUIRE k i 5000\n+ACQUIRED k i token=3 version=v1 lease_ms=0\n"
+        );
+        let help = help();
+        assert!(help.ends_with(" holds the lock)\n.\n"), "{help}");
+        assert!(help.contains("!LATE"), "{help}");
     }
 }
