@@ -160,6 +160,10 @@ impl<B: Backend> std::fmt::Debug for SessionShared<B> {
 struct State<G> {
     held: HashMap<LockKey, Held<G>>,
     pending: HashMap<LockKey, Pending>,
+    /// Keys taken out of `held` whose backend release is still running, with
+    /// how many such releases are in flight: a RELEASE racing one of them is
+    /// answered "not held", not NOT_OWNER.
+    releasing: HashMap<LockKey, usize>,
     closed: bool,
 }
 
@@ -202,6 +206,7 @@ impl<B: Backend> Session<B> {
             state: Mutex::new(State {
                 held: HashMap::new(),
                 pending: HashMap::new(),
+                releasing: HashMap::new(),
                 closed: false,
             }),
             events: tx,
@@ -250,10 +255,13 @@ impl<B: Backend> Session<B> {
             if st.held.contains_key(key) || st.pending.contains_key(key) {
                 return Err(LockError::AlreadyHeld(key.clone()));
             }
-            if st.held.len() >= cfg.max_held_per_session {
+            // Waits count too: each may turn into a held lock.
+            if st.held.len() + st.pending.len() >= cfg.max_held_per_session {
                 return Err(LockError::LimitExceeded(format!(
-                    "this session holds {} locks, the most allowed",
-                    st.held.len()
+                    "this session holds {} locks and waits for {}; at most {} are allowed",
+                    st.held.len(),
+                    st.pending.len(),
+                    cfg.max_held_per_session
                 )));
             }
             if st.pending.len() >= cfg.max_waits_per_session {
@@ -344,12 +352,14 @@ impl<B: Backend> Session<B> {
             let mut st = s.lock();
             match st.held.get(key) {
                 Some(h) if token.is_some_and(|t| t != h.token) => return Ok(false),
-                Some(_) => st.held.remove(key),
+                Some(_) => st.held.remove(key).map(|h| (h, Releasing::start(s, &mut st, key))),
+                // Our own release of it is still on its way to the backend.
+                None if st.releasing.contains_key(key) => return Ok(false),
                 None => None,
             }
         };
         match held {
-            Some(held) => {
+            Some((held, _releasing)) => {
                 s.engine.stats.released.fetch_add(1, Ordering::Relaxed);
                 debug!(session = s.id, %key, token = held.token, "released");
                 s.engine.backend.release(held.disarm()).await?;
@@ -382,12 +392,20 @@ impl<B: Backend> Session<B> {
         let Some(held) = st.held.get_mut(key).filter(|h| token.is_none_or(|t| t == h.token)) else {
             return Err(LockError::NotHeld(key.clone()));
         };
+        let deadline = Instant::now() + lease;
         match &mut held.lease {
-            Some(l) => {
+            // Later than the timer's wake-up: it sees the new deadline and sleeps on.
+            Some(l) if deadline >= l.deadline => {
                 l.duration = lease;
-                l.deadline = Instant::now() + lease;
+                l.deadline = deadline;
             }
-            None => held.lease = Some(self.start_lease(key, held.grant_id, lease)),
+            // Sooner (or no lease yet): a timer for the new deadline.
+            current => {
+                if let Some(old) = current.take() {
+                    old.timer.abort();
+                }
+                held.lease = Some(self.start_lease(key, held.grant_id, lease));
+            }
         }
         Ok(Granted {
             token: held.token,
@@ -466,10 +484,10 @@ async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, 
                     deadline = d;
                     None
                 }
-                _ => st.held.remove(&key),
+                _ => st.held.remove(&key).map(|h| (h, Releasing::start(&s, &mut st, &key))),
             }
         };
-        if let Some(held) = expired {
+        if let Some((held, _releasing)) = expired {
             s.engine.stats.lease_expired.fetch_add(1, Ordering::Relaxed);
             info!(session = s.id, %key, token = held.token, "lease expired");
             s.report_lost(&key, held.token, LostReason::LeaseExpired);
@@ -478,6 +496,35 @@ async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, 
                 warn!(session = s.id, %key, error = %e, "release after lease expiry not confirmed");
             }
             return;
+        }
+    }
+}
+
+/// Marks a key as being released by this session until dropped (after the
+/// backend release finished, failed, or was cancelled).
+struct Releasing<'a, B: Backend> {
+    shared: &'a SessionShared<B>,
+    key: LockKey,
+}
+
+impl<'a, B: Backend> Releasing<'a, B> {
+    fn start(shared: &'a SessionShared<B>, st: &mut State<B::Guard>, key: &LockKey) -> Releasing<'a, B> {
+        *st.releasing.entry(key.clone()).or_default() += 1;
+        Releasing {
+            shared,
+            key: key.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Drop for Releasing<'_, B> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(n) = st.releasing.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.releasing.remove(&self.key);
+            }
         }
     }
 }

@@ -301,9 +301,26 @@ async fn random_garbage_never_hurts_the_server() {
     }
     let (mut c, _) = Raw::hello(addr).await;
     assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    // Every garbage connection ended (a panicking connection task would not
+    // have: its count would stay up), and none left a lock behind.
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    loop {
+        let info = match c.call(Request::Info).await.result {
+            Ok(ResponseBody::Info(pairs)) => pairs,
+            other => panic!("{other:?}"),
+        };
+        if info.iter().any(|(k, v)| k == "connections_open" && v == "1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "garbage connections still open: {info:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(backend.active_keys(), 0, "garbage left locks behind");
     drop(c);
     server.shutdown().await;
-    assert_eq!(backend.active_keys(), 0, "garbage left locks behind");
 }
 
 #[tokio::test]
@@ -448,6 +465,12 @@ async fn per_connection_limits_refuse_clearly() {
         Status::LimitExceeded
     );
     assert_eq!(b.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
+    // Waits count towards the held limit: each may turn into a lock.
+    let (mut c, _) = Raw::hello(addr).await;
+    token(&c.call(acquire("k", "x0", 0, 0)).await);
+    token(&c.call(acquire("k", "x1", 0, 0)).await);
+    c.send(&acquire("k", "0", 10_000, 0)).await;
+    assert_eq!(c.call(acquire("k", "y", 0, 0)).await.status(), Status::LimitExceeded);
     server.shutdown().await;
 }
 

@@ -169,3 +169,56 @@ async fn shutdown_tells_holders_and_releases() {
     assert_eq!(c.line().await, None);
     assert_eq!(backend.active_keys(), 0);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_wait_withdraws_it() {
+    let (server, backend) = start_default().await;
+    let addr = server.local_addr();
+    let mut a = Text::connect(addr).await;
+    assert!(a.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
+    let mut b = Text::connect(addr).await;
+    // A blocked acquire, with plenty typed behind it, then the client leaves.
+    b.send("ACQUIRE k i 600000").await;
+    for _ in 0..200 {
+        b.send("PING").await;
+    }
+    while backend.queued_waiters() == 0 {
+        tokio::task::yield_now().await;
+    }
+    drop(b);
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while backend.queued_waiters() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gone client's wait was not withdrawn"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.cmd("RELEASE k i").await, "+RELEASED k i");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_queued_behind_a_blocked_command_is_refused() {
+    let (server, backend) = start_default().await;
+    let addr = server.local_addr();
+    let mut a = Text::connect(addr).await;
+    assert!(a.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
+    let mut b = Text::connect(addr).await;
+    b.send("ACQUIRE k i 600000").await;
+    let flood = "PING\n".repeat(20_000);
+    b.write_raw(flood.as_bytes()).await;
+    let line = b.line().await.unwrap();
+    assert!(line.starts_with("-ERR LIMIT_EXCEEDED"), "{line}");
+    assert_eq!(b.line().await, None);
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while backend.queued_waiters() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused client's wait was not withdrawn"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.cmd("PING").await, "+PONG");
+    server.shutdown().await;
+}

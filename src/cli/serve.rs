@@ -10,7 +10,7 @@ use clastor::backend::Backend;
 use clastor::backend::memory::MemoryBackend;
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Which coordination backend holds the locks.
@@ -122,10 +122,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_waits_per_session: args.max_waits,
         ..EngineConfig::default()
     };
+    // Waits occupy in-flight slots until granted; with more slots than waits a
+    // connection can always send one more request (and be read, so that its
+    // going away is seen).
+    let max_in_flight = if args.max_in_flight <= args.max_waits {
+        let raised = args.max_waits + 16;
+        warn!(
+            max_in_flight = args.max_in_flight,
+            max_waits = args.max_waits,
+            raised,
+            "--max-in-flight must exceed --max-waits; raised"
+        );
+        raised
+    } else {
+        args.max_in_flight
+    };
     let server_config = ServerConfig {
         listen: args.listen,
         max_connections: args.max_connections,
-        max_in_flight: args.max_in_flight.max(1),
+        max_in_flight,
         max_frame_len: args.max_frame,
         handshake_timeout: args.handshake_timeout,
         idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::{
-    ClastorCodec, Event, Frame, FrameError, HelloOk, LostReason, PROTOCOL_VERSION, Request, Response, ResponseBody,
-    Status,
+    ClastorCodec, Event, Frame, FrameError, HelloOk, PROTOCOL_VERSION, Request, Response, ResponseBody, Status,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -27,14 +26,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::Shared;
+use super::conn::{goodbye, lost_event, sleep_until_or_never};
 use super::dispatch::{Ctx, dispatch};
 use crate::backend::Backend;
-use crate::session::LostEvents;
+use crate::session::{LostEvent, LostEvents};
 
 type Pending = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// Frames decoded from the read buffer in one go before responses are flushed.
 const READ_BATCH: usize = 64;
+
+/// Bytes of encoded responses after which no more frames are decoded before
+/// a flush.
+const WRITE_BUDGET: usize = 1 << 20;
 
 enum Flow {
     Continue,
@@ -74,7 +78,9 @@ pub(super) async fn run<B: Backend>(
         let flow = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                c.say_goodbye_on_shutdown();
+                for ev in goodbye(&c.ctx.session, &mut lost) {
+                    ev.encode(c.framed.write_buffer_mut());
+                }
                 Flow::Close
             }
             // Finished requests before events: a grant's reply always goes
@@ -88,7 +94,7 @@ pub(super) async fn run<B: Backend>(
                 Flow::Continue
             }
             frame = c.framed.next(), if can_read => c.on_read(frame),
-            () = tokio::time::sleep_until(timer.map_or_else(Instant::now, |(at, _)| at)), if timer.is_some() => {
+            () = sleep_until_or_never(timer.and_then(|(at, _)| at)), if timer.is_some() => {
                 let what = timer.map_or("idle", |(_, what)| what);
                 info!(timeout = what, "closing connection");
                 c.push_closing(Status::LimitExceeded, format!("{what} timeout"));
@@ -110,14 +116,16 @@ pub(super) async fn run<B: Backend>(
 }
 
 impl<B: Backend> Conn<B> {
-    /// The deadline that applies now, and its name.
-    fn timer(&self) -> Option<(Instant, &'static str)> {
+    /// The deadline that applies now (`None` inside: too far to represent),
+    /// and its name.
+    fn timer(&self) -> Option<(Option<Instant>, &'static str)> {
         let cfg = &self.shared.config;
         if !self.handshaken {
-            return Some((self.opened + cfg.handshake_timeout, "handshake"));
+            return Some((self.opened.checked_add(cfg.handshake_timeout), "handshake"));
         }
         let idle = cfg.idle_timeout?;
-        (self.inflight.is_empty() && self.ctx.session.held_count() == 0).then_some((self.last_activity + idle, "idle"))
+        (self.inflight.is_empty() && self.ctx.session.held_count() == 0)
+            .then_some((self.last_activity.checked_add(idle), "idle"))
     }
 
     /// Encodes whatever else is ready without waiting: finished requests,
@@ -132,7 +140,11 @@ impl<B: Backend> Conn<B> {
             self.push_lost(&ev);
         }
         for _ in 0..READ_BATCH {
-            if self.inflight.len() >= self.shared.config.max_in_flight {
+            // A client that pipelines big requests (HELD ALL) without reading
+            // is held to one write budget per round, then to TCP back-pressure.
+            if self.inflight.len() >= self.shared.config.max_in_flight
+                || self.framed.write_buffer().len() >= WRITE_BUDGET
+            {
                 break;
             }
             match self.framed.next().now_or_never() {
@@ -152,27 +164,24 @@ impl<B: Backend> Conn<B> {
             return Ok(());
         }
         let flush = SinkExt::<&Response>::flush(&mut self.framed);
-        match tokio::time::timeout(self.shared.config.write_timeout, flush).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                Err(())
-            }
-            Err(_) => {
-                info!("client stopped reading; dropping connection");
-                Err(())
-            }
+        tokio::select! {
+            r = tokio::time::timeout(self.shared.config.write_timeout, flush) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    Err(())
+                }
+                Err(_) => {
+                    info!("client stopped reading; dropping connection");
+                    Err(())
+                }
+            },
+            () = self.shared.hard_stop.cancelled() => Err(()),
         }
     }
 
-    fn push_lost(&mut self, ev: &crate::session::LostEvent) {
-        Event::LockLost {
-            kind: ev.key.kind().to_owned(),
-            id: ev.key.id().to_owned(),
-            token: ev.token,
-            reason: ev.reason,
-        }
-        .encode(self.framed.write_buffer_mut());
+    fn push_lost(&mut self, ev: &LostEvent) {
+        lost_event(ev).encode(self.framed.write_buffer_mut());
     }
 
     fn push_closing(&mut self, status: Status, message: impl Into<String>) {
@@ -181,19 +190,6 @@ impl<B: Backend> Conn<B> {
             message: message.into(),
         }
         .encode(self.framed.write_buffer_mut());
-    }
-
-    fn say_goodbye_on_shutdown(&mut self) {
-        for h in self.ctx.session.held() {
-            Event::LockLost {
-                kind: h.key.kind().to_owned(),
-                id: h.key.id().to_owned(),
-                token: h.token,
-                reason: LostReason::Shutdown,
-            }
-            .encode(self.framed.write_buffer_mut());
-        }
-        self.push_closing(Status::ShuttingDown, "server shutting down");
     }
 
     fn on_read(&mut self, frame: Option<Result<Frame, FrameError>>) -> Flow {

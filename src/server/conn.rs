@@ -8,15 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use clastor_protocol::{Event, Status};
+use clastor_protocol::{Event, LostReason, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::dispatch::Ctx;
-use super::{Shared, binary, text};
+use super::{ServerStats, Shared, binary, text};
 use crate::backend::Backend;
+use crate::session::{LostEvent, LostEvents, Session};
 
 /// Serves one accepted connection until it closes or the server shuts down;
 /// everything its session held is released before this returns.
@@ -46,7 +47,7 @@ pub(super) async fn serve<B: Backend>(
     let binary = first[0] == 0;
     let (session, lost) = shared.engine.open_session(peer.to_string());
     let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
-    shared.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenConnection::count(&shared.stats);
     let ctx = Ctx {
         engine: shared.engine.clone(),
         session: session.clone(),
@@ -65,7 +66,62 @@ pub(super) async fn serve<B: Backend>(
     }
     .instrument(span)
     .await;
-    shared.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Counts an open connection for as long as it lives, however its task ends.
+struct OpenConnection<'a>(&'a ServerStats);
+
+impl<'a> OpenConnection<'a> {
+    fn count(stats: &'a ServerStats) -> OpenConnection<'a> {
+        stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(stats)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The wire event reporting a lost lock.
+pub(super) fn lost_event(ev: &LostEvent) -> Event {
+    Event::LockLost {
+        kind: ev.key.kind().to_owned(),
+        id: ev.key.id().to_owned(),
+        token: ev.token,
+        reason: ev.reason,
+    }
+}
+
+/// What a connection is told when the server shuts down: losses already
+/// queued, then `LOCK_LOST reason=shutdown` for every lock it still holds,
+/// then `CLOSING`.
+pub(super) fn goodbye<B: Backend>(session: &Session<B>, lost: &mut LostEvents) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(ev) = lost.try_recv() {
+        out.push(lost_event(&ev));
+    }
+    for h in session.held() {
+        out.push(lost_event(&LostEvent {
+            key: h.key,
+            token: h.token,
+            reason: LostReason::Shutdown,
+        }));
+    }
+    out.push(Event::Closing {
+        status: Status::ShuttingDown,
+        message: "server shutting down".into(),
+    });
+    out
+}
+
+/// Sleeps until `at`; forever if `None` (a deadline too far to represent).
+pub(super) async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a refused connection gets to show which form it speaks.

@@ -93,6 +93,9 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) stats: ServerStats,
     pub(crate) local_addr: SocketAddr,
     pub(crate) started: Instant,
+    /// Cancelled when the shutdown grace runs out: connections still
+    /// writing to a client that does not read give up at once.
+    pub(crate) hard_stop: CancellationToken,
 }
 
 impl<B: Backend> Shared<B> {
@@ -172,6 +175,7 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> io::R
         stats: ServerStats::default(),
         local_addr,
         started: Instant::now(),
+        hard_stop: CancellationToken::new(),
     });
     let shutdown = CancellationToken::new();
     let join = tokio::spawn(accept_loop(listener, shared, shutdown.clone()));
@@ -249,7 +253,14 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<Shared<B>>, 
         .await
         .is_err()
     {
-        warn!("shutdown grace period ran out with connections still open");
+        warn!(
+            connections = tracker.len(),
+            "shutdown grace period ran out; cutting the connections still open"
+        );
+        shared.hard_stop.cancel();
+        // They now stop writing and release their locks; the backend's
+        // shutdown below releases whatever is still held regardless.
+        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
     // Whatever is still open is released here.
     shared.engine.shutdown().await;

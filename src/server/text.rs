@@ -1,17 +1,23 @@
 //! The text-form connection actor (netcat-style debugging): one command per
 //! line, replies in command order, pushed events (`!LOST`) as they happen.
 //!
-//! Commands run concurrently up to the in-flight limit but are answered in the
-//! order they were sent, since text replies carry no request id. Same
+//! Commands run one at a time, in the order they were sent: text replies
+//! carry no request id, and one running command bounds what a connection
+//! can make the server hold (one reply at a time, never a backlog of
+//! finished ones). Lines typed meanwhile wait in a queue; the socket is read
+//! all the while, so a client that goes away is noticed at once and its wait
+//! withdrawn, even behind a blocked `ACQUIRE`. A client that queues more than
+//! [`MAX_QUEUED_BYTES`] behind a running command is told so and closed. Same
 //! semantics, ownership and limits as the binary form.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::text::{self, Command, MAX_LINE_LEN};
-use clastor_protocol::{Event, LostReason, Response, Status};
+use clastor_protocol::{Response, Status};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -21,11 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::Shared;
+use super::conn::{goodbye, lost_event, sleep_until_or_never};
 use super::dispatch::{Ctx, dispatch};
 use crate::backend::Backend;
-use crate::session::{LostEvent, LostEvents};
+use crate::session::LostEvents;
 
 type Pending = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// Bytes of command lines that may wait behind a running command.
+const MAX_QUEUED_BYTES: usize = 64 * 1024;
 
 enum Reply {
     /// Text to send as is.
@@ -43,42 +53,53 @@ pub(super) async fn run<B: Backend>(
 ) {
     let cfg = &shared.config;
     let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_LEN));
-    let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let mut reading = true;
+    let mut queued: VecDeque<String> = VecDeque::new();
+    let mut queued_bytes = 0usize;
+    // The running command: at most one (a set only so it can sit in `select!`).
+    let mut running: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut last_activity = Instant::now();
     loop {
-        let can_read = reading && inflight.len() < cfg.max_in_flight;
+        while running.is_empty() {
+            let Some(line) = queued.pop_front() else { break };
+            queued_bytes -= line.len();
+            if let Some(fut) = command(&line, &ctx, shared) {
+                running.push_back(fut);
+            }
+        }
         let idle_at = cfg
             .idle_timeout
-            .filter(|_| inflight.is_empty() && ctx.session.held_count() == 0)
-            .map(|idle| last_activity + idle);
+            .filter(|_| running.is_empty() && queued.is_empty() && ctx.session.held_count() == 0)
+            .map(|idle| last_activity.checked_add(idle));
         let out: Option<String> = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                let mut out = String::new();
-                for h in ctx.session.held() {
-                    out.push_str(&lost_line(&LostEvent { key: h.key, token: h.token, reason: LostReason::Shutdown }));
-                }
-                out.push_str(&text::format_event(&Event::Closing { status: Status::ShuttingDown, message: "server shutting down".into() }));
+                let out: String = goodbye(&ctx.session, &mut lost).iter().map(text::format_event).collect();
                 let _ = send(&mut framed, shared, out).await;
                 break;
             }
             // Replies before events: a grant's reply precedes its `!LOST`.
-            Some(reply) = inflight.next(), if !inflight.is_empty() => match reply {
+            Some(reply) = running.next(), if !running.is_empty() => match reply {
                 Reply::Text(t) => Some(t),
                 Reply::Bye => {
                     let _ = send(&mut framed, shared, "+BYE\n".into()).await;
                     break;
                 }
             },
-            Some(ev) = lost.recv() => Some(lost_line(&ev)),
-            line = framed.next(), if can_read => {
+            Some(ev) = lost.recv() => Some(text::format_event(&lost_event(&ev))),
+            line = framed.next() => {
                 last_activity = Instant::now();
                 match line {
+                    // The client is gone: drop what runs (withdrawing a wait).
                     None => break,
                     Some(Ok(line)) => {
-                        if let Some(fut) = command(&line, &ctx, shared, &mut reading) {
-                            inflight.push_back(fut);
+                        queued_bytes += line.len();
+                        queued.push_back(line);
+                        if queued_bytes > MAX_QUEUED_BYTES {
+                            shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            info!(queued = queued.len(), "too many commands queued; closing connection");
+                            let msg = format!("-ERR {} more than {MAX_QUEUED_BYTES} bytes of commands queued behind a running one\n", Status::LimitExceeded.name());
+                            let _ = send(&mut framed, shared, msg).await;
+                            break;
                         }
                         None
                     }
@@ -94,7 +115,7 @@ pub(super) async fn run<B: Backend>(
                     }
                 }
             }
-            () = tokio::time::sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
+            () = sleep_until_or_never(idle_at.flatten()), if idle_at.is_some() => {
                 info!("idle timeout; closing connection");
                 let _ = send(&mut framed, shared, "!CLOSING LIMIT_EXCEEDED idle timeout\n".into()).await;
                 break;
@@ -105,19 +126,7 @@ pub(super) async fn run<B: Backend>(
         {
             break;
         }
-        if !reading && inflight.is_empty() {
-            break;
-        }
     }
-}
-
-fn lost_line(ev: &LostEvent) -> String {
-    text::format_event(&Event::LockLost {
-        kind: ev.key.kind().to_owned(),
-        id: ev.key.id().to_owned(),
-        token: ev.token,
-        reason: ev.reason,
-    })
 }
 
 /// Writes `out` (already newline-terminated) within the write timeout.
@@ -128,29 +137,29 @@ async fn send<B: Backend>(
 ) -> Result<(), ()> {
     // LinesCodec appends a newline itself.
     let out = out.strip_suffix('\n').unwrap_or(&out).to_owned();
-    match tokio::time::timeout(shared.config.write_timeout, framed.send(out)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            debug!(error = %e, "write failed");
-            Err(())
-        }
-        Err(_) => {
-            info!("client stopped reading; dropping connection");
-            Err(())
-        }
+    tokio::select! {
+        r = tokio::time::timeout(shared.config.write_timeout, framed.send(out)) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Err(())
+            }
+            Err(_) => {
+                info!("client stopped reading; dropping connection");
+                Err(())
+            }
+        },
+        () = shared.hard_stop.cancelled() => Err(()),
     }
 }
 
-/// Turns one line into the future of its reply. `QUIT` stops reading.
-fn command<B: Backend>(line: &str, ctx: &Ctx<B>, shared: &Arc<Shared<B>>, reading: &mut bool) -> Option<Pending> {
+/// Turns one line into the future of its reply; `None` for a blank line.
+fn command<B: Backend>(line: &str, ctx: &Ctx<B>, shared: &Arc<Shared<B>>) -> Option<Pending> {
     let ready = |reply: Reply| -> Option<Pending> { Some(Box::pin(async move { reply })) };
     let stats = &shared.stats;
     match text::parse(line) {
         Ok(Command::Empty) => None,
-        Ok(Command::Quit) => {
-            *reading = false;
-            ready(Reply::Bye)
-        }
+        Ok(Command::Quit) => ready(Reply::Bye),
         Ok(Command::Help) => ready(Reply::Text(text::format_help())),
         Ok(Command::Request(req)) => {
             stats.requests.fetch_add(1, Ordering::Relaxed);

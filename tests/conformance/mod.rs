@@ -104,6 +104,7 @@ cases!(
     tokens_increase_after_the_key_is_forgotten,
     lease_expiry_reports_lost_and_frees_the_lock,
     renew_extends_the_lease,
+    renew_can_shorten_the_lease,
     renew_needs_a_held_lock_and_a_positive_lease,
     a_stale_grant_cannot_release_or_renew_a_newer_one,
     shared_mode_is_refused,
@@ -633,4 +634,23 @@ async fn a_waiter_leaving_the_middle_of_the_queue_changes_nothing_for_the_others
         .expect("C granted after A released")
         .token;
     assert!(tc > ta);
+}
+
+/// A renewal to a shorter lease takes effect at the new, earlier deadline.
+async fn renew_can_shorten_the_lease<B: Backend>(env: Env<B>) {
+    let key = fresh_key("leased");
+    let (a, mut events) = env.session(0);
+    let g = a
+        .acquire(&key, wait(LONG).with_lease(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let t0 = Instant::now();
+    a.renew(&key, Duration::from_millis(100)).unwrap();
+    let ev = tokio::time::timeout(PATIENCE, events.recv())
+        .await
+        .expect("the shortened lease ran out long before the original one")
+        .unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    assert_eq!((ev.key, ev.token, ev.reason), (key, g.token, LostReason::LeaseExpired));
 }
