@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::Shared;
-use super::conn::{goodbye, lost_event, sleep_until_or_never};
+use super::conn::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::dispatch::{Ctx, dispatch};
 use crate::backend::Backend;
 use crate::session::{LostEvent, LostEvents};
@@ -164,20 +164,7 @@ impl<B: Backend> Conn<B> {
             return Ok(());
         }
         let flush = SinkExt::<&Response>::flush(&mut self.framed);
-        tokio::select! {
-            r = tokio::time::timeout(self.shared.config.write_timeout, flush) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    debug!(error = %e, "write failed");
-                    Err(())
-                }
-                Err(_) => {
-                    info!("client stopped reading; dropping connection");
-                    Err(())
-                }
-            },
-            () = self.shared.hard_stop.cancelled() => Err(()),
-        }
+        write_within(&self.shared, flush).await
     }
 
     fn push_lost(&mut self, ev: &LostEvent) {

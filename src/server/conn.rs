@@ -152,3 +152,25 @@ pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) 
     })
     .await;
 }
+
+/// Runs a write (a flush or a send) within the write timeout, giving up when
+/// the server's hard stop comes. `Err` means the connection is done for.
+pub(super) async fn write_within<B: Backend, E: std::fmt::Display>(
+    shared: &Shared<B>,
+    write: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), ()> {
+    tokio::select! {
+        r = tokio::time::timeout(shared.config.write_timeout, write) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "write failed");
+                Err(())
+            }
+            Err(_) => {
+                tracing::info!("client stopped reading; dropping connection");
+                Err(())
+            }
+        },
+        () = shared.hard_stop.cancelled() => Err(()),
+    }
+}

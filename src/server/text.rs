@@ -24,10 +24,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::info;
 
 use super::Shared;
-use super::conn::{goodbye, lost_event, sleep_until_or_never};
+use super::conn::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::dispatch::{Ctx, dispatch};
 use crate::backend::Backend;
 use crate::session::LostEvents;
@@ -137,20 +137,7 @@ async fn send<B: Backend>(
 ) -> Result<(), ()> {
     // LinesCodec appends a newline itself.
     let out = out.strip_suffix('\n').unwrap_or(&out).to_owned();
-    tokio::select! {
-        r = tokio::time::timeout(shared.config.write_timeout, framed.send(out)) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                Err(())
-            }
-            Err(_) => {
-                info!("client stopped reading; dropping connection");
-                Err(())
-            }
-        },
-        () = shared.hard_stop.cancelled() => Err(()),
-    }
+    write_within(shared, framed.send(out)).await
 }
 
 /// Turns one line into the future of its reply; `None` for a blank line.
