@@ -19,4 +19,14 @@ if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1; 
 fi
 
 echo "== cargo test (workspace)"
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole workspace (cargo prints one per test binary,
+# the last of which may well be an empty doc-test run).
+sum() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{ s += $1 } END { print s + 0 }'; }
+echo "tests: $(sum passed) passed, $(sum failed) failed"
+exit "$status"
