@@ -186,14 +186,7 @@ async fn a_client_that_goes_away_mid_wait_withdraws_it() {
         tokio::task::yield_now().await;
     }
     drop(b);
-    let deadline = std::time::Instant::now() + support::PATIENCE;
-    while backend.queued_waiters() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gone client's wait was not withdrawn"
-        );
-        tokio::task::yield_now().await;
-    }
+    until_no_waiters(&backend, "the gone client's wait was not withdrawn").await;
     assert_eq!(a.cmd("RELEASE k i").await, "+RELEASED k i");
     server.shutdown().await;
 }
@@ -211,14 +204,17 @@ async fn a_flood_queued_behind_a_blocked_command_is_refused() {
     let line = b.line().await.unwrap();
     assert!(line.starts_with("-ERR LIMIT_EXCEEDED"), "{line}");
     assert_eq!(b.line().await, None);
-    let deadline = std::time::Instant::now() + support::PATIENCE;
-    while backend.queued_waiters() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refused client's wait was not withdrawn"
-        );
-        tokio::task::yield_now().await;
-    }
+    until_no_waiters(&backend, "the refused client's wait was not withdrawn").await;
     assert_eq!(a.cmd("PING").await, "+PONG");
     server.shutdown().await;
+}
+
+/// Waits until the backend has no queued waiter, failing with `what` after
+/// [`support::PATIENCE`].
+async fn until_no_waiters(backend: &clastor::backend::memory::MemoryBackend, what: &str) {
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while backend.queued_waiters() != 0 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::task::yield_now().await;
+    }
 }
