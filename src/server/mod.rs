@@ -42,7 +42,10 @@ pub struct ServerConfig {
     /// Connections served at once; more are refused with `LIMIT_EXCEEDED`.
     pub max_connections: usize,
     /// Requests processed concurrently per connection; further frames are
-    /// read only as earlier requests finish (TCP back-pressure).
+    /// read only as earlier requests finish (TCP back-pressure). Keep it above
+    /// the engine's `max_waits_per_session`: a connection whose slots were
+    /// all taken by waits would not be read, so its going away would not be
+    /// noticed until one of them ends (`clastor serve` enforces this).
     pub max_in_flight: usize,
     /// Largest frame accepted from a client (header + body).
     pub max_frame_len: usize,
