@@ -9,26 +9,22 @@ mod support;
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 
-use clastor_client::Client;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::PATIENCE;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{ChildStdout, Command};
+use support::cli::{self, run};
+use tokio::io::{AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 fn clastor(server: SocketAddr) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
-    cmd.env("CLASTOR_SERVER", server.to_string())
-        .env("CLASTOR_HISTORY", "/dev/null")
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true);
+    let mut cmd = cli::clastor(server);
+    cmd.env("CLASTOR_HISTORY", "/dev/null");
     cmd
 }
 
-async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(PATIENCE, cmd.output())
-        .await
-        .expect("clastor finished in time")
-        .unwrap()
+/// `clastor shell` with stdin, stdout and stderr piped.
+fn shell(server: SocketAddr) -> Child {
+    cli::spawn_piped(clastor(server).arg("shell").stdin(Stdio::piped()))
 }
 
 fn json(out: &Output) -> Value {
@@ -37,25 +33,15 @@ fn json(out: &Output) -> Value {
 }
 
 async fn line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
-    tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .expect("a line in time")
-        .unwrap()
-        .expect("not EOF")
+    cli::next_line(lines).await.expect("not EOF")
 }
 
 #[tokio::test]
 async fn the_shell_shows_lost_when_a_leased_lock_expires() {
     let (server, _) = support::start_default().await;
-    let mut child = clastor(server.local_addr())
-        .arg("shell")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = shell(server.local_addr());
     let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = cli::stdout_lines(&mut child);
 
     stdin.write_all(b"ACQUIRE transaction tx-1 0 100\n").await.unwrap();
     let acquired = line(&mut lines).await;
@@ -69,10 +55,7 @@ async fn the_shell_shows_lost_when_a_leased_lock_expires() {
     );
 
     stdin.write_all(b"QUIT\n").await.unwrap();
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = cli::output(child, "the shell exited in time").await;
     assert!(out.status.success());
     server.shutdown().await;
 }
@@ -80,13 +63,7 @@ async fn the_shell_shows_lost_when_a_leased_lock_expires() {
 #[tokio::test]
 async fn the_shell_speaks_the_text_grammar_over_binary_frames() {
     let (server, _) = support::start_default().await;
-    let mut child = clastor(server.local_addr())
-        .arg("shell")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = shell(server.local_addr());
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(
@@ -96,10 +73,7 @@ async fn the_shell_speaks_the_text_grammar_over_binary_frames() {
         .unwrap();
     // End of input ends the session like QUIT.
     drop(stdin);
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = cli::output(child, "the shell exited in time").await;
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -141,13 +115,8 @@ async fn one_shot_json_output_parses() {
 
     // Someone holds a lock: `held` lists it, `acquire` cannot get it (exit
     // 1), `release` from another connection is refused (exit 1).
-    let holder = Client::connect(addr).await.unwrap();
-    let guard = holder
-        .lock("transaction", "tx-held")
-        .try_acquire()
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = support::connect(&server).await;
+    let guard = support::take_free(&holder, "transaction", "tx-held").await;
     let v = json(&run(clastor(addr).args(["held", "--json"])).await);
     let list = v.as_array().unwrap();
     assert_eq!(list.len(), 1, "{v}");
@@ -195,22 +164,16 @@ async fn one_shot_text_output_and_connection_failure() {
 async fn acquire_hold_keeps_the_lock_until_interrupted() {
     let (server, _) = support::start_default().await;
     let addr = server.local_addr();
-    let mut child = clastor(addr)
-        .args(["acquire", "k", "held", "--hold", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = cli::spawn_piped(clastor(addr).args(["acquire", "k", "held", "--hold", "--json"]));
+    let mut lines = cli::stdout_lines(&mut child);
     let v: Value = serde_json::from_str(&line(&mut lines).await).unwrap();
     assert_eq!(v["holding"], true);
-    let other = Client::connect(addr).await.unwrap();
+    let other = support::connect(&server).await;
     assert!(
         other.lock("k", "held").try_acquire().await.unwrap().is_none(),
         "still held"
     );
-    let pid = i32::try_from(child.id().unwrap()).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    cli::signal(&child, Signal::SIGTERM);
     let v: Value = serde_json::from_str(&line(&mut lines).await).unwrap();
     assert_eq!(v["released"], true);
     let status = tokio::time::timeout(PATIENCE, child.wait()).await.unwrap().unwrap();
@@ -256,21 +219,13 @@ async fn until_queued(backend: &clastor::backend::memory::MemoryBackend, n: usiz
 #[tokio::test]
 async fn acquire_hold_stops_waiting_on_sigterm() {
     let (server, backend) = support::start_default().await;
-    let holder = Client::connect(server.local_addr()).await.unwrap();
-    let _held = holder.lock("k", "waited").try_acquire().await.unwrap().unwrap();
-    let child = clastor(server.local_addr())
-        .args(["acquire", "k", "waited", "--wait", "10m", "--hold"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let holder = support::connect(&server).await;
+    let _held = support::take_free(&holder, "k", "waited").await;
+    let child =
+        cli::spawn_piped(clastor(server.local_addr()).args(["acquire", "k", "waited", "--wait", "10m", "--hold"]));
     until_queued(&backend, 1).await;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .expect("SIGTERM ended the wait")
-        .unwrap();
+    cli::signal(&child, Signal::SIGTERM);
+    let out = cli::output(child, "SIGTERM ended the wait").await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"), "{out:?}");
     server.shutdown().await;
@@ -279,21 +234,14 @@ async fn acquire_hold_stops_waiting_on_sigterm() {
 #[tokio::test]
 async fn the_shell_prints_a_late_reply_after_ctrl_c() {
     let (server, backend) = support::start_default().await;
-    let holder = Client::connect(server.local_addr()).await.unwrap();
-    let held = holder.lock("k", "late").try_acquire().await.unwrap().unwrap();
-    let mut child = clastor(server.local_addr())
-        .arg("shell")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let holder = support::connect(&server).await;
+    let held = support::take_free(&holder, "k", "late").await;
+    let mut child = shell(server.local_addr());
     let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = cli::stdout_lines(&mut child);
     stdin.write_all(b"ACQUIRE k late 60000\n").await.unwrap();
     until_queued(&backend, 1).await;
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    cli::signal(&child, Signal::SIGINT);
     let interrupted = line(&mut lines).await;
     assert!(interrupted.starts_with("-ERR INTERRUPTED"), "{interrupted}");
     // The shell is usable again, and the wait still runs on the server.
@@ -305,10 +253,7 @@ async fn the_shell_prints_a_late_reply_after_ctrl_c() {
     assert!(granted.starts_with("+ACQUIRED k late token="), "{granted}");
     stdin.write_all(b"HELD\nQUIT\n").await.unwrap();
     assert_eq!(line(&mut lines).await, "+HELD 1");
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = cli::output(child, "the shell exited in time").await;
     assert!(out.status.success());
     server.shutdown().await;
 }

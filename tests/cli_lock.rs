@@ -7,28 +7,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 
-use clastor_client::Client;
+use nix::sys::signal::Signal;
 use support::PATIENCE;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
-
-fn clastor(server: SocketAddr) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
-    cmd.env("CLASTOR_SERVER", server.to_string())
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true);
-    cmd
-}
-
-async fn run(cmd: &mut Command) -> Output {
-    tokio::time::timeout(PATIENCE, cmd.output())
-        .await
-        .expect("clastor finished in time")
-        .unwrap()
-}
+use support::cli::{self, clastor, run};
+use tokio::io::{BufReader, Lines};
+use tokio::process::ChildStdout;
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -59,7 +44,7 @@ async fn the_command_sees_the_fencing_token_and_the_key() {
     assert!(token > 0);
     assert_eq!(&words[1..], ["transaction", "tx-1"]);
     // Released on exit: the key is free again.
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let client = support::connect(&server).await;
     assert!(
         client
             .lock("transaction", "tx-1")
@@ -139,8 +124,8 @@ async fn exit_codes_follow_the_table() {
     let out = run(clastor(addr).args(["lock", "k", "code", "-q", "--", "sh", "-c", "exit 7"])).await;
     assert_eq!(out.status.code(), Some(7), "the command's own status");
 
-    let holder = Client::connect(addr).await.unwrap();
-    let held = holder.lock("k", "busy").try_acquire().await.unwrap().unwrap();
+    let holder = support::connect(&server).await;
+    let held = support::take_free(&holder, "k", "busy").await;
     let out = run(clastor(addr).args(["lock", "k", "busy", "--wait", "50ms", "--", "true"])).await;
     assert_eq!(out.status.code(), Some(124), "not acquired in time: {}", stderr(&out));
     assert!(stderr(&out).contains("not acquired"), "{}", stderr(&out));
@@ -166,34 +151,23 @@ async fn exit_codes_follow_the_table() {
 #[tokio::test]
 async fn a_lost_lock_stops_the_command() {
     let (server, _) = support::start_default().await;
-    let mut child = clastor(server.local_addr())
-        .args([
-            "lock",
-            "k",
-            "doomed",
-            "--grace",
-            "5s",
-            "--",
-            "sh",
-            "-c",
-            "echo running; exec sleep 60",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut child = cli::spawn_piped(clastor(server.local_addr()).args([
+        "lock",
+        "k",
+        "doomed",
+        "--grace",
+        "5s",
+        "--",
+        "sh",
+        "-c",
+        "echo running; exec sleep 60",
+    ]));
+    let mut lines = cli::stdout_lines(&mut child);
+    let first = cli::next_line(&mut lines).await;
     assert_eq!(first.as_deref(), Some("running"));
     // The server going away takes the lock with it.
     server.shutdown().await;
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .expect("stopped in time")
-        .unwrap();
+    let out = cli::output(child, "stopped in time").await;
     assert_eq!(out.status.code(), Some(123), "{}", stderr(&out));
     assert!(stderr(&out).contains("lost k/doomed"), "{}", stderr(&out));
 }
@@ -202,31 +176,26 @@ async fn a_lost_lock_stops_the_command() {
 async fn a_leased_lock_is_renewed_while_the_command_runs() {
     let (server, _) = support::start_default().await;
     let addr = server.local_addr();
-    let mut child = clastor(addr)
-        .args([
-            "lock",
-            "k",
-            "leased",
-            "--lease",
-            "300ms",
-            "--",
-            "sh",
-            "-c",
-            "echo running; read line || true",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut child = cli::spawn_piped(
+        clastor(addr)
+            .args([
+                "lock",
+                "k",
+                "leased",
+                "--lease",
+                "300ms",
+                "--",
+                "sh",
+                "-c",
+                "echo running; read line || true",
+            ])
+            .stdin(Stdio::piped()),
+    );
+    let mut lines = cli::stdout_lines(&mut child);
+    let first = cli::next_line(&mut lines).await;
     assert_eq!(first.as_deref(), Some("running"));
     // Several leases long, someone else cannot get it: the lease is renewed.
-    let other = Client::connect(addr).await.unwrap();
+    let other = support::connect(&server).await;
     let got = other
         .lock("k", "leased")
         .wait(std::time::Duration::from_millis(1000))
@@ -236,20 +205,9 @@ async fn a_leased_lock_is_renewed_while_the_command_runs() {
     assert!(got.is_none(), "lock changed hands while the command ran");
     // Let the command finish: it exits 0 and the lock is released.
     drop(child.stdin.take());
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = cli::output(child, "the command finished in time").await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        other
-            .lock("k", "leased")
-            .wait(PATIENCE)
-            .acquire()
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(support::granted_in_time(&other, "k", "leased").await);
     server.shutdown().await;
 }
 
@@ -265,85 +223,67 @@ fn process_gone(pid: i32) -> bool {
     }
 }
 
-#[tokio::test]
-async fn a_lost_lock_stops_what_the_command_started_too() {
-    let (server, _) = support::start_default().await;
-    let mut child = clastor(server.local_addr())
-        .args([
-            "lock",
-            "k",
-            "group",
-            "--grace",
-            "2s",
-            "--",
-            "sh",
-            "-c",
-            "sleep 30 & echo $!; wait",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("the background job's pid");
-    let grandchild: i32 = first.trim().parse().unwrap();
-    assert!(!process_gone(grandchild));
-    server.shutdown().await;
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .expect("stopped in time")
-        .unwrap();
-    assert_eq!(out.status.code(), Some(123), "{}", stderr(&out));
-    // It was signalled before clastor exited; give the kernel a moment to
-    // finish it off.
+/// The pid of the background job a `sh -c "sleep 30 & echo $!; wait"` started.
+async fn background_pid(lines: &mut Lines<BufReader<ChildStdout>>) -> i32 {
+    let first = cli::next_line(lines).await.expect("the background job's pid");
+    first.trim().parse().unwrap()
+}
+
+/// Waits until process `pid` is gone; fails with `what` after [`PATIENCE`].
+async fn until_gone(pid: i32, what: &str) {
     let deadline = std::time::Instant::now() + PATIENCE;
-    while !process_gone(grandchild) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the background sleep survived the loss"
-        );
+    while !process_gone(pid) {
+        assert!(std::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test]
+async fn a_lost_lock_stops_what_the_command_started_too() {
+    let (server, _) = support::start_default().await;
+    let mut child = cli::spawn_piped(clastor(server.local_addr()).args([
+        "lock",
+        "k",
+        "group",
+        "--grace",
+        "2s",
+        "--",
+        "sh",
+        "-c",
+        "sleep 30 & echo $!; wait",
+    ]));
+    let mut lines = cli::stdout_lines(&mut child);
+    let grandchild = background_pid(&mut lines).await;
+    assert!(!process_gone(grandchild));
+    server.shutdown().await;
+    let out = cli::output(child, "stopped in time").await;
+    assert_eq!(out.status.code(), Some(123), "{}", stderr(&out));
+    // It was signalled before clastor exited; give the kernel a moment to
+    // finish it off.
+    until_gone(grandchild, "the background sleep survived the loss").await;
+}
+
+#[tokio::test]
 async fn signals_to_clastor_reach_the_whole_command() {
     let (server, _) = support::start_default().await;
-    let mut child = clastor(server.local_addr())
-        .args(["lock", "k", "signalled", "--", "sh", "-c", "sleep 30 & echo $!; wait"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("the background job's pid");
-    let grandchild: i32 = first.trim().parse().unwrap();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .expect("exited in time")
-        .unwrap();
+    let mut child = cli::spawn_piped(clastor(server.local_addr()).args([
+        "lock",
+        "k",
+        "signalled",
+        "--",
+        "sh",
+        "-c",
+        "sleep 30 & echo $!; wait",
+    ]));
+    let mut lines = cli::stdout_lines(&mut child);
+    let grandchild = background_pid(&mut lines).await;
+    cli::signal(&child, Signal::SIGTERM);
+    let out = cli::output(child, "exited in time").await;
     // `sh` dies of the forwarded SIGTERM: clastor reports it as 128+15.
     assert_eq!(out.status.code(), Some(128 + 15), "{}", stderr(&out));
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !process_gone(grandchild) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the background sleep survived SIGTERM"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    until_gone(grandchild, "the background sleep survived SIGTERM").await;
     // And the lock was released on the way out.
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let client = support::connect(&server).await;
     assert!(client.lock("k", "signalled").try_acquire().await.unwrap().is_some());
     server.shutdown().await;
 }

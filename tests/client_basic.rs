@@ -12,8 +12,7 @@ use clastor_protocol::Event;
 
 #[tokio::test]
 async fn connects_pings_and_describes_the_connection() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let rtt = client.ping().await.unwrap();
     assert!(rtt < support::PATIENCE);
     let info = client.connection_info().expect("connected");
@@ -25,8 +24,7 @@ async fn connects_pings_and_describes_the_connection() {
 
 #[tokio::test]
 async fn low_level_calls() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let v = client.version("transaction").await.unwrap();
     assert_eq!(v.mode, KindMode::Normal);
     assert!(!v.version.is_empty());
@@ -34,12 +32,7 @@ async fn low_level_calls() {
     assert!(info.iter().any(|(k, _)| k == "server"), "{info:?}");
     assert!(client.held(HeldScope::Connection).await.unwrap().is_empty());
 
-    let guard = client
-        .lock("transaction", "tx-1")
-        .try_acquire()
-        .await
-        .unwrap()
-        .expect("free");
+    let guard = support::take_free(&client, "transaction", "tx-1").await;
     let mine = client.held(HeldScope::Connection).await.unwrap();
     assert_eq!(mine.len(), 1);
     assert_eq!(
@@ -47,7 +40,7 @@ async fn low_level_calls() {
         ("transaction", "tx-1", guard.token())
     );
     assert_eq!(mine[0].connection_id, guard.connection_id());
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let other = support::connect(&server).await;
     assert!(other.held(HeldScope::Connection).await.unwrap().is_empty());
     assert_eq!(other.held(HeldScope::Server).await.unwrap().len(), 1);
     guard.release().await.unwrap();
@@ -56,8 +49,7 @@ async fn low_level_calls() {
 
 #[tokio::test]
 async fn names_are_checked_before_sending() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     for (kind, id) in [("transaction", "a/b"), ("", "x"), ("k", ".."), ("k", "a b")] {
         let got = client.lock(kind, id).try_acquire().await;
         assert!(matches!(got, Err(Error::InvalidName(_))), "{kind:?} {id:?}: {got:?}");
@@ -74,8 +66,7 @@ async fn names_are_checked_before_sending() {
 
 #[tokio::test]
 async fn raw_requests_return_every_status() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let resp = client.request(Request::Ping).await.unwrap();
     assert_eq!(resp.result, Ok(ResponseBody::Pong));
     let resp = client
@@ -124,17 +115,10 @@ async fn connect_fails_with_a_typed_error() {
 
 #[tokio::test]
 async fn lease_expiry_shows_on_the_event_stream() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let mut events = client.events();
     let resp = client
-        .request(Request::Acquire(clastor_protocol::Acquire {
-            kind: "k".into(),
-            id: "raw".into(),
-            wait_ms: 0,
-            lease_ms: 50,
-            mode: clastor_protocol::LockMode::Exclusive,
-        }))
+        .request(support::try_acquire_request("k", "raw", 50))
         .await
         .unwrap();
     let Ok(ResponseBody::Acquired(grant)) = resp.result else {

@@ -7,18 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use clastor_client::{Client, ClientEvent, Error};
+use clastor_client::{Client, ClientEvent, Error, EventStream};
 use clastor_protocol::{ClastorCodec, Frame, HelloOk, Response, ResponseBody, Status};
 use futures_util::{FutureExt, StreamExt};
+use support::PATIENCE;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
-
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// What the fake server does after reading the client's first request.
 #[derive(Clone, Copy)]
@@ -103,12 +104,29 @@ async fn serve(stream: TcpStream, how: Misbehaviour) {
     let _ = frames.next().await;
 }
 
-async fn ping_fails(how: Misbehaviour) -> Error {
-    let client = Client::builder(fake_server(how).await)
-        .keepalive(None)
+/// A client connected to a fake server that misbehaves `how`.
+async fn connect(how: Misbehaviour, keepalive: Option<Duration>) -> Client {
+    Client::builder(fake_server(how).await)
+        .keepalive(keepalive)
         .connect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits for the disconnect of a client whose keepalive went unanswered.
+async fn disconnected_by_keepalive(events: &mut EventStream) {
+    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
+    match ev {
+        ClientEvent::Disconnected {
+            error: Error::ConnectionLost(m),
+            ..
+        } => assert!(m.contains("keepalive"), "{m}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn ping_fails(how: Misbehaviour) -> Error {
+    let client = connect(how, None).await;
     let mut events = client.events();
     let err = tokio::time::timeout(PATIENCE, client.ping())
         .await
@@ -134,11 +152,7 @@ async fn a_refused_handshake_is_a_typed_error() {
 /// error; the connection survives: the next PING is answered, and no
 /// disconnect is reported.
 async fn first_ping_fails_connection_survives(bytes: &'static [u8]) -> Option<Error> {
-    let client = Client::builder(fake_server(Misbehaviour::AnswerOnceThenPong(bytes)).await)
-        .keepalive(None)
-        .connect()
-        .await
-        .unwrap();
+    let client = connect(Misbehaviour::AnswerOnceThenPong(bytes), None).await;
     let mut events = client.events();
     let first = tokio::time::timeout(PATIENCE, client.ping()).await.expect("no hang");
     tokio::time::timeout(PATIENCE, client.ping())
@@ -223,11 +237,7 @@ async fn a_reply_with_the_wrong_opcode_closes_the_connection() {
 #[tokio::test]
 async fn keepalive_works_with_acquires_blocking_on_every_slot() {
     static EOF: tokio::sync::Notify = tokio::sync::Notify::const_new();
-    let client = Client::builder(fake_server(Misbehaviour::Silent(&EOF)).await)
-        .keepalive(Some(Duration::from_millis(100)))
-        .connect()
-        .await
-        .unwrap();
+    let client = connect(Misbehaviour::Silent(&EOF), Some(Duration::from_millis(100))).await;
     let mut events = client.events();
     let blocked: Vec<_> = (0..20)
         .map(|i| {
@@ -235,14 +245,7 @@ async fn keepalive_works_with_acquires_blocking_on_every_slot() {
             tokio::spawn(async move { client.lock("k", format!("{i}")).wait(PATIENCE).acquire().await })
         })
         .collect();
-    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
-    match ev {
-        ClientEvent::Disconnected {
-            error: Error::ConnectionLost(m),
-            ..
-        } => assert!(m.contains("keepalive"), "{m}"),
-        other => panic!("unexpected {other:?}"),
-    }
+    disconnected_by_keepalive(&mut events).await;
     for b in blocked {
         assert!(matches!(b.await.unwrap(), Err(Error::ConnectionLost(_))));
     }
@@ -251,20 +254,9 @@ async fn keepalive_works_with_acquires_blocking_on_every_slot() {
 #[tokio::test]
 async fn keepalive_detects_a_silent_server_and_closes_the_socket() {
     static EOF: tokio::sync::Notify = tokio::sync::Notify::const_new();
-    let client = Client::builder(fake_server(Misbehaviour::Silent(&EOF)).await)
-        .keepalive(Some(Duration::from_millis(100)))
-        .connect()
-        .await
-        .unwrap();
+    let client = connect(Misbehaviour::Silent(&EOF), Some(Duration::from_millis(100))).await;
     let mut events = client.events();
-    let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
-    match ev {
-        ClientEvent::Disconnected {
-            error: Error::ConnectionLost(m),
-            ..
-        } => assert!(m.contains("keepalive"), "{m}"),
-        other => panic!("unexpected {other:?}"),
-    }
+    disconnected_by_keepalive(&mut events).await;
     // The server sees the connection end, so it releases whatever it held.
     tokio::time::timeout(PATIENCE, EOF.notified())
         .await

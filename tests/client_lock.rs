@@ -19,16 +19,10 @@ use support::PATIENCE;
 
 #[tokio::test]
 async fn grant_release_and_increasing_tokens() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let mut last = 0;
     for _ in 0..5 {
-        let guard = client
-            .lock("transaction", "tx-1")
-            .try_acquire()
-            .await
-            .unwrap()
-            .expect("free");
+        let guard = support::take_free(&client, "transaction", "tx-1").await;
         assert_eq!((guard.kind(), guard.id()), ("transaction", "tx-1"));
         assert!(guard.token() > last, "token {} after {last}", guard.token());
         assert!(!guard.version().is_empty());
@@ -42,10 +36,9 @@ async fn grant_release_and_increasing_tokens() {
 
 #[tokio::test]
 async fn contention_is_an_outcome_and_waiters_are_served() {
-    let (server, _) = support::start_default().await;
-    let a = Client::connect(server.local_addr()).await.unwrap();
-    let b = Client::connect(server.local_addr()).await.unwrap();
-    let held = a.lock("k", "x").try_acquire().await.unwrap().expect("free");
+    let (server, a) = support::start_and_connect().await;
+    let b = support::connect(&server).await;
+    let held = support::take_free(&a, "k", "x").await;
     assert!(b.lock("k", "x").try_acquire().await.unwrap().is_none());
     assert!(
         b.lock("k", "x")
@@ -70,8 +63,7 @@ async fn contention_is_an_outcome_and_waiters_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_acquires_pipelined_on_one_connection() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let n = 500;
     let guards: Vec<_> = join_all((0..n).map(|i| {
         let client = client.clone();
@@ -95,10 +87,9 @@ async fn hundreds_of_acquires_pipelined_on_one_connection() {
 
 #[tokio::test]
 async fn a_blocked_acquire_does_not_hold_up_other_requests() {
-    let (server, _) = support::start_default().await;
-    let holder = Client::connect(server.local_addr()).await.unwrap();
-    let client = Client::connect(server.local_addr()).await.unwrap();
-    let held = holder.lock("k", "busy").try_acquire().await.unwrap().expect("free");
+    let (server, holder) = support::start_and_connect().await;
+    let client = support::connect(&server).await;
+    let held = support::take_free(&holder, "k", "busy").await;
     let blocked = {
         let client = client.clone();
         tokio::spawn(async move { client.lock("k", "busy").wait(PATIENCE).acquire().await })
@@ -107,7 +98,7 @@ async fn a_blocked_acquire_does_not_hold_up_other_requests() {
     for _ in 0..10 {
         client.ping().await.unwrap();
     }
-    let other = client.lock("k", "free").try_acquire().await.unwrap().expect("free");
+    let other = support::take_free(&client, "k", "free").await;
     assert!(!blocked.is_finished());
     held.release().await.unwrap();
     let got = blocked.await.unwrap().unwrap().expect("granted");
@@ -117,10 +108,9 @@ async fn a_blocked_acquire_does_not_hold_up_other_requests() {
 
 #[tokio::test]
 async fn dropping_a_guard_releases_the_lock() {
-    let (server, _) = support::start_default().await;
-    let a = Client::connect(server.local_addr()).await.unwrap();
-    let b = Client::connect(server.local_addr()).await.unwrap();
-    let guard = a.lock("k", "dropped").try_acquire().await.unwrap().expect("free");
+    let (server, a) = support::start_and_connect().await;
+    let b = support::connect(&server).await;
+    let guard = support::take_free(&a, "k", "dropped").await;
     let waiter = tokio::spawn(async move { b.lock("k", "dropped").wait(PATIENCE).acquire().await });
     drop(guard);
     assert!(
@@ -129,7 +119,7 @@ async fn dropping_a_guard_releases_the_lock() {
     );
     // The same connection can take the key again at once after a drop: the
     // client orders the acquire after the background release.
-    let c = Client::connect(server.local_addr()).await.unwrap();
+    let c = support::connect(&server).await;
     for _ in 0..20 {
         let g = c
             .lock("k", "again")
@@ -144,16 +134,10 @@ async fn dropping_a_guard_releases_the_lock() {
 
 #[tokio::test]
 async fn a_grant_nobody_waits_for_is_given_back() {
-    let (server, _) = support::start_default().await;
-    let holder = Client::connect(server.local_addr()).await.unwrap();
-    let quitter = Client::connect(server.local_addr()).await.unwrap();
-    let third = Client::connect(server.local_addr()).await.unwrap();
-    let held = holder
-        .lock("k", "cancelled")
-        .try_acquire()
-        .await
-        .unwrap()
-        .expect("free");
+    let (server, holder) = support::start_and_connect().await;
+    let quitter = support::connect(&server).await;
+    let third = support::connect(&server).await;
+    let held = support::take_free(&holder, "k", "cancelled").await;
     {
         // Queue a wait on the server, then stop waiting for it client-side.
         let acquire = quitter.lock("k", "cancelled").wait(PATIENCE).acquire();
@@ -164,15 +148,13 @@ async fn a_grant_nobody_waits_for_is_given_back() {
     }
     held.release().await.unwrap();
     // The server grants the queued wait to `quitter`, whose client gives it back.
-    let got = third.lock("k", "cancelled").wait(PATIENCE).acquire().await.unwrap();
-    assert!(got.is_some());
+    assert!(support::granted_in_time(&third, "k", "cancelled").await);
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_expired_lease_is_reported_lost() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let guard = client
         .lock("k", "leased")
         .lease(Duration::from_millis(50))
@@ -200,8 +182,7 @@ async fn an_expired_lease_is_reported_lost() {
 
 #[tokio::test]
 async fn explicit_renewal_extends_the_lease() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
     let guard = client
         .lock("k", "renewed")
         .lease(Duration::from_millis(200))
@@ -219,9 +200,8 @@ async fn explicit_renewal_extends_the_lease() {
 
 #[tokio::test]
 async fn auto_renewal_keeps_a_short_lease_alive() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
+    let other = support::connect(&server).await;
     // Generous against a loaded CI machine: a renewal is due every 100 ms.
     let lease = Duration::from_millis(300);
     let guard = client
@@ -238,15 +218,7 @@ async fn auto_renewal_keeps_a_short_lease_alive() {
     assert!(!guard.is_lost(), "{:?}", guard.lost_reason());
     // Dropping the guard stops renewal and releases.
     drop(guard);
-    assert!(
-        other
-            .lock("k", "auto")
-            .wait(PATIENCE)
-            .acquire()
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(support::granted_in_time(&other, "k", "auto").await);
     server.shutdown().await;
 }
 
@@ -352,8 +324,7 @@ mod gate {
 async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
     use clastor_client::{Request, ResponseBody};
 
-    let (server, _) = support::start_default().await;
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let (server, other) = support::start_and_connect().await;
     let (addr, hold_events) = gate::start(server.local_addr()).await;
     let client = Client::builder(addr).keepalive(None).connect().await.unwrap();
     let lease = Duration::from_millis(300);
@@ -379,13 +350,7 @@ async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
         ));
         // ...so take grant B the raw way, on the same connection.
         let b = client
-            .request(Request::Acquire(clastor_protocol::Acquire {
-                kind: "k".into(),
-                id: "stale".into(),
-                wait_ms: 0,
-                lease_ms: 0,
-                mode: clastor_protocol::LockMode::Exclusive,
-            }))
+            .request(support::try_acquire_request("k", "stale", 0))
             .await
             .unwrap();
         let Ok(ResponseBody::Acquired(b)) = b.result else {
@@ -419,9 +384,8 @@ async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
 
 #[tokio::test]
 async fn a_grant_delivered_to_a_dropped_acquire_is_given_back() {
-    let (server, _) = support::start_default().await;
-    let client = Client::connect(server.local_addr()).await.unwrap();
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let (server, client) = support::start_and_connect().await;
+    let other = support::connect(&server).await;
     {
         let acquire = client.lock("k", "delivered").try_acquire();
         let mut acquire = std::pin::pin!(acquire);
@@ -431,17 +395,18 @@ async fn a_grant_delivered_to_a_dropped_acquire_is_given_back() {
         client.ping().await.unwrap();
         assert_eq!(client.held(HeldScope::Connection).await.unwrap().len(), 1);
     }
-    let got = other.lock("k", "delivered").wait(PATIENCE).acquire().await.unwrap();
-    assert!(got.is_some(), "the dropped acquire's grant was given back");
+    assert!(
+        support::granted_in_time(&other, "k", "delivered").await,
+        "the dropped acquire's grant was given back"
+    );
     server.shutdown().await;
 }
 
 #[tokio::test]
 async fn auto_renewal_survives_a_wait_longer_than_the_lease() {
-    let (server, _) = support::start_default().await;
-    let holder = Client::connect(server.local_addr()).await.unwrap();
-    let client = Client::connect(server.local_addr()).await.unwrap();
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let (server, holder) = support::start_and_connect().await;
+    let client = support::connect(&server).await;
+    let other = support::connect(&server).await;
     let lease = Duration::from_millis(300);
     // The holder's own lease frees the key after twice the waiter's lease:
     // the waiter's grant comes long after it sent its ACQUIRE.

@@ -84,7 +84,7 @@ async fn connection_loss_marks_every_guard_lost_and_fails_pending_calls() {
     let (server, _) = support::start_default().await;
     let mut proxy = Proxy::start(server.local_addr()).await;
     let client = Client::builder(proxy.addr).keepalive(None).connect().await.unwrap();
-    let blocker = Client::connect(server.local_addr()).await.unwrap();
+    let blocker = support::connect(&server).await;
     let mut events = client.events();
 
     let guards: Vec<_> = futures_util::future::join_all((0..5).map(|i| client.lock("k", format!("{i}")).try_acquire()))
@@ -92,7 +92,7 @@ async fn connection_loss_marks_every_guard_lost_and_fails_pending_calls() {
         .into_iter()
         .map(|r| r.unwrap().unwrap())
         .collect();
-    let _held = blocker.lock("k", "busy").try_acquire().await.unwrap().unwrap();
+    let _held = support::take_free(&blocker, "k", "busy").await;
     let pending = {
         let client = client.clone();
         tokio::spawn(async move { client.lock("k", "busy").wait(PATIENCE * 3).acquire().await })
@@ -119,17 +119,9 @@ async fn connection_loss_marks_every_guard_lost_and_fails_pending_calls() {
         assert_eq!(g.release().await, Err(Error::LockLost(LostReason::ConnectionLost)));
     }
     // The server released them with the connection.
-    let other = Client::connect(server.local_addr()).await.unwrap();
+    let other = support::connect(&server).await;
     for i in 0..5 {
-        assert!(
-            other
-                .lock("k", format!("{i}"))
-                .wait(PATIENCE)
-                .acquire()
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(support::granted_in_time(&other, "k", format!("{i}")).await);
     }
     server.shutdown().await;
 }
@@ -145,7 +137,7 @@ async fn reconnects_after_the_server_restarts_on_the_same_port() {
         .await
         .unwrap();
     let mut events = client.events();
-    let guard = client.lock("k", "survivor").try_acquire().await.unwrap().unwrap();
+    let guard = support::take_free(&client, "k", "survivor").await;
 
     server.shutdown().await;
     let reason = tokio::time::timeout(PATIENCE, guard.lost())
@@ -228,7 +220,7 @@ async fn a_silent_connection_is_declared_lost_and_closed_so_the_server_releases(
         .connect()
         .await
         .unwrap();
-    let guard = client.lock("k", "silent").try_acquire().await.unwrap().unwrap();
+    let guard = support::take_free(&client, "k", "silent").await;
     proxy.freeze();
     let reason = tokio::time::timeout(PATIENCE, guard.lost())
         .await
@@ -236,16 +228,8 @@ async fn a_silent_connection_is_declared_lost_and_closed_so_the_server_releases(
     assert_eq!(reason, LostReason::ConnectionLost);
     // The (lost) guard is still alive, holding its connection handle; the
     // client closed the socket anyway, so the server has released the lock.
-    let other = Client::connect(server.local_addr()).await.unwrap();
-    assert!(
-        other
-            .lock("k", "silent")
-            .wait(PATIENCE)
-            .acquire()
-            .await
-            .unwrap()
-            .is_some()
-    );
+    let other = support::connect(&server).await;
+    assert!(support::granted_in_time(&other, "k", "silent").await);
     drop(guard);
     server.shutdown().await;
 }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use clastor::backend::{AcquireRequest, Backend, BackendError, Grant, LostNotifie
 use clastor_protocol::{KindMode, LockMode, LostReason};
 use clastor_testkit::{Mode, ZooKeeper};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use zookeeper_client::{Acls, Client, CreateMode};
 
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -41,10 +43,21 @@ fn config(zk: &ZooKeeper, provider: &str) -> ZkConfig {
     }
 }
 
+/// [`config`] with a single session of the given timeout.
+fn one_session(zk: &ZooKeeper, provider: &str, session_timeout: Duration) -> ZkConfig {
+    ZkConfig {
+        sessions: 1,
+        session_timeout,
+        ..config(zk, provider)
+    }
+}
+
 async fn backend(zk: &ZooKeeper, provider: &str) -> ZooKeeperBackend {
-    ZooKeeperBackend::connect(config(zk, provider))
-        .await
-        .expect("connect backend")
+    backend_with(config(zk, provider)).await
+}
+
+async fn backend_with(cfg: ZkConfig) -> ZooKeeperBackend {
+    ZooKeeperBackend::connect(cfg).await.expect("connect backend")
 }
 
 async fn raw(zk: &ZooKeeper) -> Client {
@@ -53,6 +66,15 @@ async fn raw(zk: &ZooKeeper) -> Client {
         .connect(&zk.connect_string())
         .await
         .expect("raw ZooKeeper client")
+}
+
+/// A fresh ZooKeeper, a backend on it (shared, so waits can be spawned) and
+/// a raw client to look at its znodes.
+async fn setup(provider: &str) -> (ZooKeeper, Arc<ZooKeeperBackend>, Client) {
+    let zk = start_zk();
+    let b = Arc::new(backend(&zk, provider).await);
+    let inspect = raw(&zk).await;
+    (zk, b, inspect)
 }
 
 fn key(kind: &str, id: &str) -> LockKey {
@@ -88,11 +110,36 @@ fn req_watched(key: &LockKey, wait: Duration) -> (AcquireRequest<'_>, mpsc::Unbo
     )
 }
 
+/// An exclusive acquire of `key` waiting up to `wait`; `None` if not granted.
+async fn acquire(b: &ZooKeeperBackend, key: &LockKey, wait: Duration) -> Option<Grant<ZkGuard>> {
+    b.acquire(req(key, wait)).await.unwrap()
+}
+
 async fn must_acquire(b: &ZooKeeperBackend, key: &LockKey) -> Grant<ZkGuard> {
-    b.acquire(req(key, PATIENCE))
+    acquire(b, key, PATIENCE)
         .await
-        .unwrap()
         .unwrap_or_else(|| panic!("{key} not granted within {PATIENCE:?}"))
+}
+
+/// An exclusive acquire of `key` waiting up to `wait`, in its own task.
+fn spawn_acquire(
+    b: &Arc<ZooKeeperBackend>,
+    key: &LockKey,
+    wait: Duration,
+) -> JoinHandle<Result<Option<Grant<ZkGuard>>, BackendError>> {
+    let (b, key) = (Arc::clone(b), key.clone());
+    tokio::spawn(async move { b.acquire(req(&key, wait)).await })
+}
+
+/// The backend's `INFO` pairs as a map.
+fn info_map(b: &ZooKeeperBackend) -> HashMap<String, String> {
+    b.info().into_iter().collect()
+}
+
+/// The czxid of the node at `path`, as a token.
+async fn czxid(zk: &Client, path: &str) -> u64 {
+    let stat = zk.check_stat(path).await.unwrap().unwrap();
+    u64::try_from(stat.czxid).unwrap()
 }
 
 /// Lock-node children of a directory (Curator or kazoo names).
@@ -147,10 +194,25 @@ async fn create_curator_node(zk: &Client, dir: &str) -> String {
         .mkdir(dir, &CreateMode::Container.with_acls(Acls::anyone_all()))
         .await;
     let prefix = format!("{dir}/_c_{}-lock-", uuid::Uuid::new_v4());
+    create_sequential(zk, &prefix, b"10.0.0.1").await
+}
+
+/// Creates a node the way kazoo's Lock (`marker` `__lock__`) or ReadLock
+/// (`__rlock__`) does: `<32 hex><marker><seq>`, parents as containers.
+async fn create_kazoo_node(zk: &Client, dir: &str, marker: &str) -> String {
+    zk.mkdir(dir, &CreateMode::Container.with_acls(Acls::anyone_all()))
+        .await
+        .unwrap();
+    let prefix = format!("{dir}/{}{marker}", uuid::Uuid::new_v4().simple());
+    create_sequential(zk, &prefix, b"").await
+}
+
+/// Creates an ephemeral-sequential node; returns its path.
+async fn create_sequential(zk: &Client, prefix: &str, data: &[u8]) -> String {
     let (_, seq) = zk
         .create(
-            &prefix,
-            b"10.0.0.1",
+            prefix,
+            data,
             &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()),
         )
         .await
@@ -160,9 +222,7 @@ async fn create_curator_node(zk: &Client, dir: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncontended_grant_is_one_curator_node_with_czxid_token() {
-    let zk = start_zk();
-    let b = backend(&zk, "grant").await;
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("grant").await;
     let k = key("tx", "a-1");
     let g = must_acquire(&b, &k).await;
     assert_eq!(&*g.version, "v1");
@@ -196,9 +256,7 @@ async fn uncontended_grant_is_one_curator_node_with_czxid_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "fifo").await);
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("fifo").await;
     let k = key("tx", "fifo");
     let holder = must_acquire(&b, &k).await;
     let dir = b.lock_path(&k).await.unwrap();
@@ -231,9 +289,7 @@ async fn waiters_are_granted_in_fifo_order_with_increasing_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_increases_after_the_parent_container_is_reaped_and_recreated() {
-    let zk = start_zk();
-    let b = backend(&zk, "reap").await;
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("reap").await;
     let k = key("tx", "reaped");
     let g1 = must_acquire(&b, &k).await;
     let dir = b.lock_path(&k).await.unwrap();
@@ -260,50 +316,42 @@ async fn token_increases_after_the_parent_container_is_reaped_and_recreated() {
         g3.token,
         g2.token
     );
-    let stat = inspect.check_stat(g3.guard.path()).await.unwrap().unwrap();
-    assert_eq!(g3.token, u64::try_from(stat.czxid).unwrap());
+    assert_eq!(g3.token, czxid(&inspect, g3.guard.path()).await);
     b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curator_named_foreign_node_blocks_until_deleted() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "curator").await);
-    let curator = raw(&zk).await;
+    let (_zk, b, curator) = setup("curator").await;
     let k = key("tx", "shared-with-java");
     let dir = b.lock_path(&k).await.unwrap();
     let foreign = create_curator_node(&curator, &dir).await;
 
     assert!(
-        b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none(),
+        acquire(&b, &k, Duration::ZERO).await.is_none(),
         "try-once must fail while Curator holds"
     );
-    assert!(b.acquire(req(&k, Duration::from_millis(200))).await.unwrap().is_none());
+    assert!(acquire(&b, &k, Duration::from_millis(200)).await.is_none());
     assert!(b.is_held(&k).await.unwrap());
     await_contenders(&curator, &dir, 1).await;
 
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
-    };
+    let waiter = spawn_acquire(&b, &k, PATIENCE);
     await_contenders(&curator, &dir, 2).await;
     assert!(!waiter.is_finished());
-    let foreign_czxid = curator.check_stat(&foreign).await.unwrap().unwrap().czxid;
+    let foreign_czxid = czxid(&curator, &foreign).await;
     curator.delete(&foreign, None).await.unwrap();
     let g = waiter
         .await
         .unwrap()
         .unwrap()
         .expect("granted once the Curator node is gone");
-    assert!(g.token > u64::try_from(foreign_czxid).unwrap());
+    assert!(g.token > foreign_czxid);
     b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curator_ordered_reading_sees_the_clastor_holder_first() {
-    let zk = start_zk();
-    let b = backend(&zk, "curator-read").await;
-    let curator = raw(&zk).await;
+    let (_zk, b, curator) = setup("curator-read").await;
     let k = key("tx", "java-waits");
     let g = must_acquire(&b, &k).await;
     let dir = b.lock_path(&k).await.unwrap();
@@ -317,14 +365,9 @@ async fn curator_ordered_reading_sees_the_clastor_holder_first() {
         "Curator sees Clastor as the holder"
     );
     assert_eq!(format!("{dir}/{}", sorted[1]), theirs);
-    let stat = curator
-        .check_stat(&format!("{dir}/{}", sorted[0]))
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(
         g.token,
-        u64::try_from(stat.czxid).unwrap(),
+        czxid(&curator, &format!("{dir}/{}", sorted[0])).await,
         "token equals the node's czxid"
     );
     b.release(g.guard).await.unwrap();
@@ -340,32 +383,14 @@ async fn curator_ordered_reading_sees_the_clastor_holder_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kazoo_named_node_is_counted_as_a_contender() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "kazoo").await);
-    let kazoo = raw(&zk).await;
+    let (_zk, b, kazoo) = setup("kazoo").await;
     let k = key("tx", "python");
     let dir = b.lock_path(&k).await.unwrap();
-    kazoo
-        .mkdir(&dir, &CreateMode::Container.with_acls(Acls::anyone_all()))
-        .await
-        .unwrap();
-    let prefix = format!("{dir}/{}__lock__", uuid::Uuid::new_v4().simple());
-    let (_, seq) = kazoo
-        .create(
-            &prefix,
-            b"",
-            &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .unwrap();
-    let node = format!("{prefix}{seq}");
+    let node = create_kazoo_node(&kazoo, &dir, "__lock__").await;
 
     assert!(b.is_held(&k).await.unwrap());
-    assert!(b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none());
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
-    };
+    assert!(acquire(&b, &k, Duration::ZERO).await.is_none());
+    let waiter = spawn_acquire(&b, &k, PATIENCE);
     await_contenders(&kazoo, &dir, 2).await;
     kazoo.delete(&node, None).await.unwrap();
     assert!(waiter.await.unwrap().unwrap().is_some());
@@ -374,16 +399,14 @@ async fn kazoo_named_node_is_counted_as_a_contender() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timed_out_and_cancelled_waits_and_dropped_guards_delete_their_nodes() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "cleanup").await);
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("cleanup").await;
     let k = key("tx", "cleanup");
     let holder = must_acquire(&b, &k).await;
     let dir = b.lock_path(&k).await.unwrap();
 
     // Timed out: the node is gone by the time acquire returns.
     let t0 = Instant::now();
-    assert!(b.acquire(req(&k, Duration::from_millis(300))).await.unwrap().is_none());
+    assert!(acquire(&b, &k, Duration::from_millis(300)).await.is_none());
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert_eq!(
         contenders(&inspect, &dir).await.len(),
@@ -391,14 +414,11 @@ async fn timed_out_and_cancelled_waits_and_dropped_guards_delete_their_nodes() {
         "timed-out waiter left its node"
     );
     // Try-once on a held lock: likewise.
-    assert!(b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none());
+    assert!(acquire(&b, &k, Duration::ZERO).await.is_none());
     assert_eq!(contenders(&inspect, &dir).await.len(), 1, "failed try left its node");
 
     // Cancelled while waiting: the dropped future withdraws in the background.
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
-    };
+    let waiter = spawn_acquire(&b, &k, PATIENCE);
     await_contenders(&inspect, &dir, 2).await;
     waiter.abort();
     assert!(waiter.await.unwrap_err().is_cancelled());
@@ -425,9 +445,7 @@ async fn timed_out_and_cancelled_waits_and_dropped_guards_delete_their_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_znodes_are_left_behind() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "tidy").await);
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("tidy").await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let b = Arc::clone(&b);
@@ -436,7 +454,7 @@ async fn no_znodes_are_left_behind() {
             for round in 0..5 {
                 match round % 3 {
                     0 => {
-                        if let Some(g) = b.acquire(req(&k, Duration::from_millis(50))).await.unwrap() {
+                        if let Some(g) = acquire(&b, &k, Duration::from_millis(50)).await {
                             b.release(g.guard).await.unwrap();
                         }
                     }
@@ -444,7 +462,7 @@ async fn no_znodes_are_left_behind() {
                         let _ = tokio::time::timeout(Duration::from_millis(5), b.acquire(req(&k, PATIENCE))).await;
                     }
                     _ => {
-                        if let Some(g) = b.acquire(req(&k, Duration::from_millis(20))).await.unwrap() {
+                        if let Some(g) = acquire(&b, &k, Duration::from_millis(20)).await {
                             drop(g);
                         }
                     }
@@ -480,9 +498,7 @@ async fn no_znodes_are_left_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_node_is_created_as_v1_normal_and_draining_holds_acquires() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "drain").await);
-    let admin = raw(&zk).await;
+    let (_zk, b, admin) = setup("drain").await;
     let v = b.version("orders").await.unwrap();
     assert_eq!((&*v.version, v.mode), ("v1", KindMode::Normal));
     let k = key("orders", "o-1");
@@ -493,7 +509,7 @@ async fn version_node_is_created_as_v1_normal_and_draining_holds_acquires() {
     let vpath = b.version_path("orders");
     admin.set_data(&vpath, b"v1\ndraining", None).await.unwrap();
     assert!(
-        b.acquire(req(&k, Duration::from_millis(300))).await.unwrap().is_none(),
+        acquire(&b, &k, Duration::from_millis(300)).await.is_none(),
         "draining: not granted"
     );
     let dir = b.lock_path(&k).await.unwrap();
@@ -501,10 +517,7 @@ async fn version_node_is_created_as_v1_normal_and_draining_holds_acquires() {
         contenders(&admin, &dir).await.is_empty(),
         "a draining kind gets no new nodes"
     );
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
-    };
+    let waiter = spawn_acquire(&b, &k, PATIENCE);
     // Switch to v2, normal: the waiter proceeds under v2.
     admin.set_data(&vpath, b"v2\nnormal", None).await.unwrap();
     let g = waiter.await.unwrap().unwrap().expect("granted after the rotation");
@@ -540,21 +553,14 @@ async fn frozen_zookeeper_reports_lost_before_anyone_else_is_granted() {
     let mut zk = start_zk();
     let timeout = Duration::from_secs(3);
     // Two "servers" (separate backends, one session each) sharing the locks.
-    let cfg = ZkConfig {
-        sessions: 1,
-        session_timeout: timeout,
-        ..config(&zk, "freeze")
-    };
+    let cfg = one_session(&zk, "freeze", timeout);
     let a = backend_with(cfg.clone()).await;
     let b = Arc::new(backend_with(cfg).await);
     let k = key("tx", "frozen");
     let (r, mut lost) = req_watched(&k, Duration::ZERO);
     let held = a.acquire(r).await.unwrap().expect("a holds");
     // b queues behind a.
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, Duration::from_secs(60))).await })
-    };
+    let waiter = spawn_acquire(&b, &k, Duration::from_secs(60));
     let inspect = raw(&zk).await;
     let dir = a.lock_path(&k).await.unwrap();
     await_contenders(&inspect, &dir, 2).await;
@@ -615,11 +621,8 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
     init_tracing();
     let mut zk = ZooKeeper::ensemble(3).expect("start a 3-node ensemble");
     let cfg = ZkConfig {
-        hosts: zk.connect_string(),
-        provider: "leader".into(),
-        sessions: 2,
         session_timeout: Duration::from_secs(8),
-        ..ZkConfig::default()
+        ..config(&zk, "leader")
     };
     let a = backend_with(cfg.clone()).await;
     let b = Arc::new(backend_with(cfg).await);
@@ -627,10 +630,7 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
     let (r, mut lost) = req_watched(&k, Duration::ZERO);
     let held = a.acquire(r).await.unwrap().expect("a holds");
     let path = held.guard.path().to_owned();
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, Duration::from_secs(60))).await })
-    };
+    let waiter = spawn_acquire(&b, &k, Duration::from_secs(60));
     let inspect = raw(&zk).await;
     let dir = a.lock_path(&k).await.unwrap();
     await_contenders(&inspect, &dir, 2).await;
@@ -669,10 +669,6 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
     b.shutdown().await;
 }
 
-async fn backend_with(cfg: ZkConfig) -> ZooKeeperBackend {
-    ZooKeeperBackend::connect(cfg).await.expect("connect backend")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
     let mut zk = start_zk();
@@ -680,12 +676,7 @@ async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
     // pool gives the session up after 2/3 of it without contact (>= 5.6 s
     // after the freeze, given one probe interval of lag). Thaw in between.
     let timeout = Duration::from_secs(10);
-    let b = backend_with(ZkConfig {
-        sessions: 1,
-        session_timeout: timeout,
-        ..config(&zk, "lost-reply")
-    })
-    .await;
+    let b = backend_with(one_session(&zk, "lost-reply", timeout)).await;
     let inspect = raw(&zk).await;
     let k = key("tx", "lost-reply");
     let dir = b.lock_path(&k).await.unwrap();
@@ -710,8 +701,7 @@ async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
         "exactly one node: no orphan from the lost create: {nodes:?}"
     );
     assert_eq!(format!("{dir}/{}", nodes[0]), g.guard.path());
-    let stat = inspect.check_stat(g.guard.path()).await.unwrap().unwrap();
-    assert_eq!(g.token, u64::try_from(stat.czxid).unwrap());
+    assert_eq!(g.token, czxid(&inspect, g.guard.path()).await);
     b.release(g.guard).await.unwrap();
     await_contenders(&inspect, &dir, 0).await;
     b.shutdown().await;
@@ -721,7 +711,7 @@ async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
 async fn info_reports_every_session_and_its_state() {
     let zk = start_zk();
     let b = backend(&zk, "info").await;
-    let info: std::collections::HashMap<String, String> = b.info().into_iter().collect();
+    let info = info_map(&b);
     assert_eq!(info.get("zk.sessions").map(String::as_str), Some("2"));
     assert_eq!(info.get("zk.sessions_healthy").map(String::as_str), Some("2"));
     for i in 0..2 {
@@ -737,36 +727,18 @@ async fn info_reports_every_session_and_its_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kazoo_read_lock_node_excludes_a_clastor_writer() {
-    let zk = start_zk();
-    let b = Arc::new(backend(&zk, "kazoo-read").await);
-    let kazoo = raw(&zk).await;
+    let (_zk, b, kazoo) = setup("kazoo-read").await;
     let k = key("tx", "reader");
     let dir = b.lock_path(&k).await.unwrap();
-    kazoo
-        .mkdir(&dir, &CreateMode::Container.with_acls(Acls::anyone_all()))
-        .await
-        .unwrap();
     // kazoo's ReadLock: `<32 hex>__rlock__<seq>`.
-    let prefix = format!("{dir}/{}__rlock__", uuid::Uuid::new_v4().simple());
-    let (_, seq) = kazoo
-        .create(
-            &prefix,
-            b"",
-            &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()),
-        )
-        .await
-        .unwrap();
-    let reader = format!("{prefix}{seq}");
+    let reader = create_kazoo_node(&kazoo, &dir, "__rlock__").await;
 
     assert!(b.is_held(&k).await.unwrap(), "a kazoo reader holds the lock");
     assert!(
-        b.acquire(req(&k, Duration::ZERO)).await.unwrap().is_none(),
+        acquire(&b, &k, Duration::ZERO).await.is_none(),
         "a Clastor writer must not be granted while a kazoo reader holds"
     );
-    let waiter = {
-        let (b, k) = (Arc::clone(&b), k.clone());
-        tokio::spawn(async move { b.acquire(req(&k, PATIENCE)).await })
-    };
+    let waiter = spawn_acquire(&b, &k, PATIENCE);
     await_contenders(&kazoo, &dir, 2).await;
     assert!(!waiter.is_finished());
     kazoo.delete(&reader, None).await.unwrap();
@@ -779,9 +751,7 @@ async fn kazoo_read_lock_node_excludes_a_clastor_writer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_paths_of_never_used_kinds_write_nothing() {
-    let zk = start_zk();
-    let b = backend(&zk, "read-only").await;
-    let inspect = raw(&zk).await;
+    let (_zk, b, inspect) = setup("read-only").await;
     let base = b.base_path().to_owned();
     assert!(inspect.list_children(&base).await.unwrap().is_empty());
 
@@ -820,12 +790,7 @@ async fn acquire_is_bounded_by_its_wait_while_zookeeper_does_not_answer() {
     // notices the silence after 2/5 of it (4 s), the pool retires the session
     // after 2/3 (6.7 s); grace is min(timeout / 3, 2 s) = 2 s.
     let timeout = Duration::from_secs(10);
-    let b = backend_with(ZkConfig {
-        sessions: 1,
-        session_timeout: timeout,
-        ..config(&zk, "bounded")
-    })
-    .await;
+    let b = backend_with(one_session(&zk, "bounded", timeout)).await;
     let warm = must_acquire(&b, &key("tx", "warm")).await;
     b.release(warm.guard).await.unwrap();
 
@@ -843,8 +808,8 @@ async fn acquire_is_bounded_by_its_wait_while_zookeeper_does_not_answer() {
     // Once the session is known to be disconnected, a try-once answers at
     // once instead of queueing behind the reconnect.
     eventually("the session is seen disconnected", || async {
-        let info: std::collections::HashMap<String, String> = b.info().into_iter().collect();
-        info.get("zk.session.0")
+        info_map(&b)
+            .get("zk.session.0")
             .is_some_and(|s| s.contains("state=disconnected"))
     })
     .await;

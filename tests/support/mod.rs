@@ -195,3 +195,101 @@ impl Text {
         self.write.write_all(bytes).await.unwrap();
     }
 }
+
+/// Starts a server with default settings and connects a client to it.
+pub async fn start_and_connect() -> (ServerHandle, clastor_client::Client) {
+    let (server, _) = start_default().await;
+    let client = connect(&server).await;
+    (server, client)
+}
+
+/// A client connected to `server`.
+pub async fn connect(server: &ServerHandle) -> clastor_client::Client {
+    clastor_client::Client::connect(server.local_addr()).await.unwrap()
+}
+
+/// Takes `kind`/`id` at once; it must be free.
+pub async fn take_free(
+    client: &clastor_client::Client,
+    kind: &str,
+    id: impl Into<String>,
+) -> clastor_client::LockGuard {
+    client.lock(kind, id).try_acquire().await.unwrap().expect("free")
+}
+
+/// Whether `client` is granted `kind`/`id` within [`PATIENCE`].
+pub async fn granted_in_time(client: &clastor_client::Client, kind: &str, id: impl Into<String>) -> bool {
+    client.lock(kind, id).wait(PATIENCE).acquire().await.unwrap().is_some()
+}
+
+/// A raw exclusive `ACQUIRE` that tries once, with a lease of `lease_ms` (0: none).
+pub fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Request {
+    Request::Acquire(clastor_protocol::Acquire {
+        kind: kind.into(),
+        id: id.into(),
+        wait_ms: 0,
+        lease_ms,
+        mode: clastor_protocol::LockMode::Exclusive,
+    })
+}
+
+/// Running the `clastor` binary as a user would.
+pub mod cli {
+    use std::net::SocketAddr;
+    use std::process::{Output, Stdio};
+
+    use nix::sys::signal::Signal;
+    use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+    use tokio::process::{Child, ChildStdout, Command};
+
+    use super::PATIENCE;
+
+    /// The `clastor` binary, talking to `server`, killed when dropped.
+    pub fn clastor(server: SocketAddr) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
+        cmd.env("CLASTOR_SERVER", server.to_string())
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `cmd` to the end and collects its output.
+    pub async fn run(cmd: &mut Command) -> Output {
+        tokio::time::timeout(PATIENCE, cmd.output())
+            .await
+            .expect("clastor finished in time")
+            .unwrap()
+    }
+
+    /// Starts `cmd` with stdout and stderr piped.
+    pub fn spawn_piped(cmd: &mut Command) -> Child {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// The lines of a child's piped stdout.
+    pub fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
+        BufReader::new(child.stdout.take().unwrap()).lines()
+    }
+
+    /// The next line of output; `None` at EOF.
+    pub async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<String> {
+        tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+    }
+
+    /// Waits for `child` to exit (`what` says why it should, in time).
+    pub async fn output(child: Child, what: &str) -> Output {
+        tokio::time::timeout(PATIENCE, child.wait_with_output())
+            .await
+            .expect(what)
+            .unwrap()
+    }
+
+    /// Sends `signal` to `child`.
+    pub fn signal(child: &Child, signal: Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+}
