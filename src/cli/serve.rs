@@ -88,6 +88,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CLASTOR_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
     idle_timeout: Duration,
 
+    /// TCP keepalive idle time: a client whose host vanished is dropped (and its
+    /// locks released) after about twice this (0 = off).
+    #[arg(long, env = "CLASTOR_TCP_KEEPALIVE", value_parser = humantime::parse_duration, default_value = "30s")]
+    tcp_keepalive: Duration,
+
     /// On SIGINT/SIGTERM, how long connections get to release their locks.
     #[arg(long, env = "CLASTOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     shutdown_grace: Duration,
@@ -145,6 +150,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         handshake_timeout: args.handshake_timeout,
         idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         shutdown_grace: args.shutdown_grace,
+        tcp_keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
         ..ServerConfig::default()
     };
     match args.backend {

@@ -57,6 +57,12 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// How long a stalled client may block a write before it is dropped.
     pub write_timeout: Duration,
+    /// TCP keepalive idle time on accepted connections (`None`: off). A
+    /// client whose host vanished (power loss, partition) holds its locks
+    /// until its connection is known dead: about twice this long (idle time,
+    /// then three probes a third of it apart; unacknowledged writes give up
+    /// after the same time).
+    pub tcp_keepalive: Option<Duration>,
     /// On shutdown, how long connections get to say goodbye and release their
     /// locks before they are cut.
     pub shutdown_grace: Duration,
@@ -72,6 +78,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(600)),
             write_timeout: Duration::from_secs(30),
+            tcp_keepalive: Some(Duration::from_secs(30)),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -223,7 +230,7 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<Shared<B>>, 
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        tune(&stream, shared.config.tcp_keepalive);
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
@@ -270,7 +277,51 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<Shared<B>>, 
     info!("stopped");
 }
 
+/// Per-connection socket options: no Nagle delay, and keepalive so that a
+/// client whose host vanished is noticed and its locks released.
+fn tune(stream: &tokio::net::TcpStream, keepalive: Option<Duration>) {
+    let sock = socket2::SockRef::from(stream);
+    if let Err(e) = sock.set_tcp_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY not set");
+    }
+    let Some(idle) = keepalive else { return };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&params) {
+        debug!(error = %e, "TCP keepalive not set");
+    }
+    // Data the peer never acknowledges (a LOCK_LOST to a vanished host) ends
+    // the connection in the same time.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(idle.saturating_mul(2))) {
+        debug!(error = %e, "TCP_USER_TIMEOUT not set");
+    }
+}
+
 /// Clamps a duration to whole milliseconds in `u32`.
 pub(crate) fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_get_keepalive() -> io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (accepted, _) = listener.accept().await?;
+        tune(&accepted, Some(Duration::from_secs(30)));
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.keepalive()?);
+        assert!(sock.tcp_nodelay()?);
+        assert_eq!(sock.tcp_keepalive_time()?, Duration::from_secs(30));
+        assert_eq!(sock.tcp_keepalive_interval()?, Duration::from_secs(10));
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_user_timeout()?, Some(Duration::from_secs(60)));
+        Ok(())
+    }
 }
