@@ -12,10 +12,13 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if [ ! -f /usr/share/java/zookeeper.jar ] || ! command -v java >/dev/null 2>&1; then
-  echo "== installing ZooKeeper (Debian package) for the tests"
+# ZooKeeper for the backend tests; Apache Curator (and the JDK's javac) for
+# the interoperation test against a real InterProcessMutex.
+if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
+  || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
+  echo "== installing ZooKeeper and Apache Curator (Debian packages) for the tests"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper libcurator-recipes-java default-jdk-headless >/dev/null
 fi
 
 echo "== cargo test (workspace)"

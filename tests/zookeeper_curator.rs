@@ -1,0 +1,141 @@
+//! Interoperation with a real Apache Curator `InterProcessMutex` (Debian's
+//! `libcurator-recipes-java`), compiled and run by this test: a Clastor holder
+//! excludes the Java client on the same path, and the other way round.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::{AcquireOptions, Engine, EngineConfig, LockKey};
+use clastor_testkit::ZooKeeper;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const JAVA: &str = "/usr/share/java";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn classpath(extra: &Path) -> String {
+    let jars = [
+        "curator-recipes",
+        "curator-framework",
+        "curator-client",
+        "zookeeper",
+        "guava",
+        "slf4j-nop",
+    ];
+    let mut cp: Vec<String> = jars.iter().map(|j| format!("{JAVA}/{j}.jar")).collect();
+    for jar in &cp {
+        assert!(
+            Path::new(jar).exists(),
+            "{jar} is missing: apt-get install -y libcurator-recipes-java zookeeper (scripts/test.sh does)"
+        );
+    }
+    cp.push(extra.display().to_string());
+    cp.join(":")
+}
+
+/// Compiles the Java driver into a temporary directory.
+fn compile(out: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/CuratorMutex.java");
+    let status = std::process::Command::new("javac")
+        .args(["-d", &out.display().to_string(), "-cp", &classpath(out)])
+        .arg(&src)
+        .status()
+        .expect("javac (the JDK) is needed");
+    assert!(status.success(), "javac failed");
+    out.to_path_buf()
+}
+
+struct Curator {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Curator {
+    async fn start(classes: &Path, connect: &str, path: &str) -> Curator {
+        let mut child = Command::new("java")
+            .args(["-cp", &classpath(classes), "CuratorMutex", connect, path])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut c = Curator { child, stdin, lines };
+        assert_eq!(c.line().await, "READY");
+        c
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(PATIENCE, self.lines.next_line())
+            .await
+            .expect("the Curator client answered in time")
+            .unwrap()
+            .expect("the Curator client is still running")
+    }
+
+    async fn send(&mut self, cmd: &str) {
+        self.stdin.write_all(format!("{cmd}\n").as_bytes()).await.unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    async fn cmd(&mut self, cmd: &str) -> String {
+        self.send(cmd).await;
+        self.line().await
+    }
+
+    async fn quit(mut self) {
+        self.send("quit").await;
+        let _ = tokio::time::timeout(PATIENCE, self.child.wait()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clastor_and_curator_exclude_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = compile(dir.path());
+    let zk = tokio::task::spawn_blocking(|| ZooKeeper::start().expect("start ZooKeeper"))
+        .await
+        .unwrap();
+    let backend = ZooKeeperBackend::connect(ZkConfig {
+        hosts: zk.connect_string(),
+        ..ZkConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = LockKey::new("transaction", "tx-1").unwrap();
+    let path = backend.lock_path(&key).await.unwrap();
+    let engine = Engine::new(backend, EngineConfig::default());
+    let (session, _lost) = engine.open_session("interop");
+    let mut curator = Curator::start(&classes, &zk.connect_string(), &path).await;
+
+    // Curator holds: Clastor is refused, then granted when Curator releases.
+    assert_eq!(curator.cmd("acquire 10000").await, "ACQUIRED");
+    assert_eq!(session.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
+    let waiter = {
+        let (session, key) = (session.clone(), key.clone());
+        tokio::spawn(async move { session.acquire(&key, AcquireOptions::wait(PATIENCE)).await })
+    };
+    assert_eq!(curator.cmd("release").await, "RELEASED");
+    let granted = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("Clastor granted after Curator released");
+
+    // Clastor holds: Curator times out, then gets it when Clastor releases.
+    assert_eq!(curator.cmd("acquire 300").await, "TIMEOUT");
+    curator.send("acquire 30000").await;
+    assert!(session.release(&key).await.unwrap());
+    assert_eq!(curator.line().await, "ACQUIRED");
+    assert_eq!(curator.cmd("release").await, "RELEASED");
+    assert!(granted.token > 0);
+    curator.quit().await;
+    engine.shutdown().await;
+    drop(zk);
+}
