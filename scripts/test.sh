@@ -12,13 +12,15 @@ as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# ZooKeeper for the backend tests; Apache Curator (and the JDK's javac) for
-# the interoperation test against a real InterProcessMutex.
+# ZooKeeper for the backend tests; Apache Curator (with the JDK's javac) and
+# kazoo for the interoperation tests against real foreign lock clients.
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
-  || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
-  echo "== installing ZooKeeper and Apache Curator (Debian packages) for the tests"
+  || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
+  || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1; then
+  echo "== installing ZooKeeper, Apache Curator and kazoo (Debian packages) for the tests"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq zookeeper libcurator-recipes-java default-jdk-headless >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+    zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo >/dev/null
 fi
 
 echo "== cargo test (workspace)"

@@ -1,6 +1,7 @@
-//! Interoperation with a real Apache Curator `InterProcessMutex` (Debian's
-//! `libcurator-recipes-java`), compiled and run by this test: a Clastor holder
-//! excludes the Java client on the same path, and the other way round.
+//! Interoperation with real foreign lock clients on the same lock path: Apache
+//! Curator's `InterProcessMutex` (Java, Debian's `libcurator-recipes-java`,
+//! compiled by this test) and kazoo's `Lock` (Python, Debian's
+//! `python3-kazoo`). A Clastor holder excludes them, and they exclude Clastor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -49,16 +50,30 @@ fn compile(out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-struct Curator {
+/// A foreign lock client speaking the drivers' line protocol.
+struct Peer {
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
 }
 
-impl Curator {
-    async fn start(classes: &Path, connect: &str, path: &str) -> Curator {
-        let mut child = Command::new("java")
-            .args(["-cp", &classpath(classes), "CuratorMutex", connect, path])
+impl Peer {
+    async fn curator(classes: &Path, connect: &str, path: &str) -> Peer {
+        let mut cmd = Command::new("java");
+        cmd.args(["-cp", &classpath(classes), "CuratorMutex", connect, path]);
+        Peer::start(cmd).await
+    }
+
+    async fn kazoo(connect: &str, path: &str) -> Peer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/kazoo_lock.py");
+        // Debian's interpreter, where python3-kazoo is installed.
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(script).args([connect, path]);
+        Peer::start(cmd).await
+    }
+
+    async fn start(mut cmd: Command) -> Peer {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -66,17 +81,21 @@ impl Curator {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut c = Curator { child, stdin, lines };
-        assert_eq!(c.line().await, "READY");
+        let mut c = Peer { child, stdin, lines };
+        assert_eq!(
+            c.line().await,
+            "READY",
+            "the foreign client did not start (apt-get install -y python3-kazoo libcurator-recipes-java)"
+        );
         c
     }
 
     async fn line(&mut self) -> String {
         tokio::time::timeout(PATIENCE, self.lines.next_line())
             .await
-            .expect("the Curator client answered in time")
+            .expect("the foreign client answered in time")
             .unwrap()
-            .expect("the Curator client is still running")
+            .expect("the foreign client is still running")
     }
 
     async fn send(&mut self, cmd: &str) {
@@ -99,6 +118,26 @@ impl Curator {
 async fn clastor_and_curator_exclude_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let classes = compile(dir.path());
+    exclude_each_other(|connect, path| {
+        let classes = classes.clone();
+        async move { Peer::curator(&classes, &connect, &path).await }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clastor_and_kazoo_exclude_each_other() {
+    exclude_each_other(|connect, path| async move { Peer::kazoo(&connect, &path).await }).await;
+}
+
+/// The foreign client holds: Clastor is refused, then granted when it
+/// releases. Clastor holds: the foreign client times out, then gets the lock
+/// when Clastor releases.
+async fn exclude_each_other<F, Fut>(start_peer: F)
+where
+    F: FnOnce(String, String) -> Fut,
+    Fut: std::future::Future<Output = Peer>,
+{
     let zk = tokio::task::spawn_blocking(|| ZooKeeper::start().expect("start ZooKeeper"))
         .await
         .unwrap();
@@ -112,30 +151,28 @@ async fn clastor_and_curator_exclude_each_other() {
     let path = backend.lock_path(&key).await.unwrap();
     let engine = Engine::new(backend, EngineConfig::default());
     let (session, _lost) = engine.open_session("interop");
-    let mut curator = Curator::start(&classes, &zk.connect_string(), &path).await;
+    let mut peer = start_peer(zk.connect_string(), path).await;
 
-    // Curator holds: Clastor is refused, then granted when Curator releases.
-    assert_eq!(curator.cmd("acquire 10000").await, "ACQUIRED");
+    assert_eq!(peer.cmd("acquire 10000").await, "ACQUIRED");
     assert_eq!(session.acquire(&key, AcquireOptions::try_once()).await.unwrap(), None);
     let waiter = {
         let (session, key) = (session.clone(), key.clone());
         tokio::spawn(async move { session.acquire(&key, AcquireOptions::wait(PATIENCE)).await })
     };
-    assert_eq!(curator.cmd("release").await, "RELEASED");
+    assert_eq!(peer.cmd("release").await, "RELEASED");
     let granted = waiter
         .await
         .unwrap()
         .unwrap()
-        .expect("Clastor granted after Curator released");
-
-    // Clastor holds: Curator times out, then gets it when Clastor releases.
-    assert_eq!(curator.cmd("acquire 300").await, "TIMEOUT");
-    curator.send("acquire 30000").await;
-    assert!(session.release(&key).await.unwrap());
-    assert_eq!(curator.line().await, "ACQUIRED");
-    assert_eq!(curator.cmd("release").await, "RELEASED");
+        .expect("Clastor granted after the foreign client released");
     assert!(granted.token > 0);
-    curator.quit().await;
+
+    assert_eq!(peer.cmd("acquire 300").await, "TIMEOUT");
+    peer.send("acquire 30000").await;
+    assert!(session.release(&key).await.unwrap());
+    assert_eq!(peer.line().await, "ACQUIRED");
+    assert_eq!(peer.cmd("release").await, "RELEASED");
+    peer.quit().await;
     engine.shutdown().await;
     drop(zk);
 }
