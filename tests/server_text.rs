@@ -173,12 +173,8 @@ async fn shutdown_tells_holders_and_releases() {
 #[tokio::test]
 async fn a_client_that_goes_away_mid_wait_withdraws_it() {
     let (server, backend) = start_default().await;
-    let addr = server.local_addr();
-    let mut a = Text::connect(addr).await;
-    assert!(a.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
-    let mut b = Text::connect(addr).await;
-    // A blocked acquire, with plenty typed behind it, then the client leaves.
-    b.send("ACQUIRE k i 600000").await;
+    let (mut a, mut b) = holder_and_blocked_waiter(server.local_addr()).await;
+    // Plenty typed behind the blocked acquire, then the client leaves.
     for _ in 0..200 {
         b.send("PING").await;
     }
@@ -194,11 +190,7 @@ async fn a_client_that_goes_away_mid_wait_withdraws_it() {
 #[tokio::test]
 async fn a_flood_queued_behind_a_blocked_command_is_refused() {
     let (server, backend) = start_default().await;
-    let addr = server.local_addr();
-    let mut a = Text::connect(addr).await;
-    assert!(a.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
-    let mut b = Text::connect(addr).await;
-    b.send("ACQUIRE k i 600000").await;
+    let (mut a, mut b) = holder_and_blocked_waiter(server.local_addr()).await;
     let flood = "PING\n".repeat(20_000);
     b.write_raw(flood.as_bytes()).await;
     let line = b.line().await.unwrap();
@@ -217,4 +209,13 @@ async fn until_no_waiters(backend: &clastor::backend::memory::MemoryBackend, wha
         assert!(std::time::Instant::now() < deadline, "{what}");
         tokio::task::yield_now().await;
     }
+}
+
+/// `a` holds `k i`; `b` has sent an acquire of it that waits for ten minutes.
+async fn holder_and_blocked_waiter(addr: std::net::SocketAddr) -> (Text, Text) {
+    let mut a = Text::connect(addr).await;
+    assert!(a.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));
+    let mut b = Text::connect(addr).await;
+    b.send("ACQUIRE k i 600000").await;
+    (a, b)
 }
