@@ -58,3 +58,9 @@ pub const MAX_FRAME_LEN_CEILING: usize = (1 << 24) - 1;
 
 /// Request id reserved for frames the server pushes on its own (events).
 pub const EVENT_REQUEST_ID: u32 = 0;
+
+/// Smallest frame limit a peer may enforce: the largest request whose size is
+/// fixed by the protocol's own limits (`RENEW` with two names of
+/// [`name::MAX_NAME_LEN`] bytes: header, two length-prefixed names, lease and
+/// token) must fit, or some valid request could never be sent.
+pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + name::MAX_NAME_LEN) + 4 + 8;
