@@ -20,21 +20,30 @@ use std::sync::Arc;
 
 use clastor_protocol::KindMode;
 use uuid::Uuid;
+use zookeeper_client::{Acls, CreateMode, CreateOptions};
 
 use crate::backend::KindVersion;
 
 /// The version every kind starts with.
-pub const INITIAL_VERSION: &str = "v1";
+pub(super) const INITIAL_VERSION: &str = "v1";
 /// Name of the per-kind node holding the current version and mode.
-pub const VERSION_NODE: &str = "version";
+pub(super) const VERSION_NODE: &str = "version";
 const CURATOR_PREFIX: &str = "_c_";
 const CURATOR_LOCK: &str = "lock-";
 const KAZOO_LOCK: &str = "__lock__";
 const KAZOO_READ_LOCK: &str = "__rlock__";
 
+/// Lock nodes: ephemeral-sequential, so they go with their session and sort
+/// in arrival order.
+pub(super) const LOCK_NODE: CreateOptions<'static> = CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
+/// Version and lock directories: containers, which ZooKeeper reaps when empty.
+pub(super) const CONTAINER: CreateOptions<'static> = CreateMode::Container.with_acls(Acls::anyone_all());
+/// The root, provider and kind nodes and the version node.
+pub(super) const PERSISTENT: CreateOptions<'static> = CreateMode::Persistent.with_acls(Acls::anyone_all());
+
 /// Paths under one root and provider.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub(super) struct Layout {
     /// `{root}/{provider}`, normalised (no trailing slash).
     base: String,
 }
@@ -45,7 +54,7 @@ impl Layout {
     ///
     /// # Errors
     /// A message if either is malformed.
-    pub fn new(root: &str, provider: &str) -> Result<Layout, String> {
+    pub(super) fn new(root: &str, provider: &str) -> Result<Layout, String> {
         let root = root.trim_end_matches('/');
         if !root.starts_with('/') || root.contains("//") || root.split('/').any(|s| s == "." || s == "..") {
             return Err(format!("ZooKeeper root {root:?} must be an absolute path like /locks"));
@@ -62,13 +71,13 @@ impl Layout {
     }
 
     /// `{root}/{provider}`.
-    pub fn base(&self) -> &str {
+    pub(super) fn base(&self) -> &str {
         &self.base
     }
 
     /// Every ancestor of the kind nodes, outermost first (`/locks`,
     /// `/locks/provider`); persistent nodes.
-    pub fn ancestors(&self) -> Vec<&str> {
+    pub(super) fn ancestors(&self) -> Vec<&str> {
         self.base
             .match_indices('/')
             .map(|(i, _)| i)
@@ -79,39 +88,39 @@ impl Layout {
     }
 
     /// `{base}/{kind}`.
-    pub fn kind_path(&self, kind: &str) -> String {
+    pub(super) fn kind_path(&self, kind: &str) -> String {
         format!("{}/{kind}", self.base)
     }
 
     /// `{base}/{kind}/version`.
-    pub fn version_path(&self, kind: &str) -> String {
+    pub(super) fn version_path(&self, kind: &str) -> String {
         format!("{}/{kind}/{VERSION_NODE}", self.base)
     }
 
     /// `{base}/{kind}/{version}`: a container.
-    pub fn version_dir(&self, kind: &str, version: &str) -> String {
+    pub(super) fn version_dir(&self, kind: &str, version: &str) -> String {
         format!("{}/{kind}/{version}", self.base)
     }
 
     /// `{base}/{kind}/{version}/{id}`: a container, the parent of the lock nodes.
-    pub fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
+    pub(super) fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
         format!("{}/{kind}/{version}/{id}", self.base)
     }
 }
 
 /// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-lock-`;
 /// ZooKeeper appends the sequence.
-pub fn node_prefix(dir: &str, uuid: &Uuid) -> String {
+pub(super) fn node_prefix(dir: &str, uuid: &Uuid) -> String {
     format!("{dir}/{}", node_name_prefix(uuid))
 }
 
 /// `_c_{uuid}-lock-`: the start of every node name a given create can produce.
-pub fn node_name_prefix(uuid: &Uuid) -> String {
+pub(super) fn node_name_prefix(uuid: &Uuid) -> String {
     format!("{CURATOR_PREFIX}{}-{CURATOR_LOCK}", uuid.hyphenated())
 }
 
 /// Whether a child name came from the create tagged with `uuid`.
-pub fn is_ours(name: &str, uuid: &Uuid) -> bool {
+pub(super) fn is_ours(name: &str, uuid: &Uuid) -> bool {
     name.strip_prefix(CURATOR_PREFIX)
         .and_then(|rest| rest.get(..36))
         .is_some_and(|u| Uuid::parse_str(u).is_ok_and(|u| u == *uuid))
@@ -121,16 +130,16 @@ pub fn is_ours(name: &str, uuid: &Uuid) -> bool {
 /// (`…__lock__<seq>`, `…__rlock__<seq>`) node. Names that are neither are not
 /// contenders.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Contender<'a> {
+pub(super) struct Contender<'a> {
     /// The sequence number ZooKeeper appended (negative after int32 overflow).
-    pub seq: i32,
+    pub(super) seq: i32,
     /// The child name.
-    pub name: &'a str,
+    pub(super) name: &'a str,
 }
 
 impl Contender<'_> {
     /// Parses a child name.
-    pub fn parse(name: &str) -> Option<Contender<'_>> {
+    pub(super) fn parse(name: &str) -> Option<Contender<'_>> {
         let suffix = [KAZOO_LOCK, KAZOO_READ_LOCK, CURATOR_LOCK]
             .into_iter()
             .filter_map(|marker| name.rfind(marker).map(|i| &name[i + marker.len()..]))
@@ -152,12 +161,12 @@ impl Contender<'_> {
 /// Whether sequence `a` comes before `b` in serial-number arithmetic: true
 /// across the int32 wrap (`i32::MAX` before `i32::MIN`), as long as the two are
 /// less than 2^31 apart, which a lock queue always is.
-pub fn seq_before(a: i32, b: i32) -> bool {
+pub(super) fn seq_before(a: i32, b: i32) -> bool {
     a.wrapping_sub(b) < 0
 }
 
 /// The contenders among `children`, in lock order (first = holder).
-pub fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
+pub(super) fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
     let mut contenders: Vec<Contender<'_>> = children.iter().filter_map(|c| Contender::parse(c)).collect();
     // Serial order is not a total order in general, and `sort_by` wants one:
     // find the serially first sequence, then sort by distance from it, which
@@ -175,12 +184,12 @@ pub fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
 }
 
 /// Encodes the version node's data: `"{version}\n{mode}"`.
-pub fn encode_version(v: &KindVersion) -> Vec<u8> {
+pub(super) fn encode_version(v: &KindVersion) -> Vec<u8> {
     format!("{}\n{}", v.version, v.mode.name()).into_bytes()
 }
 
 /// The data of a kind's version node when it is first created.
-pub fn initial_version() -> KindVersion {
+pub(super) fn initial_version() -> KindVersion {
     KindVersion {
         version: Arc::from(INITIAL_VERSION),
         mode: KindMode::Normal,
@@ -192,7 +201,7 @@ pub fn initial_version() -> KindVersion {
 /// # Errors
 /// A message if the data is not UTF-8, the version name is not a valid path
 /// segment, or the mode is unknown.
-pub fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
+pub(super) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
     let text = std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
     let mut lines = text.lines();
     let version = lines.next().unwrap_or("").trim();
@@ -211,7 +220,7 @@ pub fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
 }
 
 /// A version name is one path segment that is not the version node's own name.
-pub fn valid_version_name(version: &str) -> bool {
+pub(super) fn valid_version_name(version: &str) -> bool {
     !version.is_empty()
         && version.len() <= 64
         && version != VERSION_NODE

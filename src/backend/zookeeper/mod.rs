@@ -1,24 +1,37 @@
 //! The ZooKeeper backend: locks as Curator-compatible ephemeral-sequential
 //! znodes, fencing tokens from their `czxid`, a small pool of shared sessions.
 //!
-//! - [`layout`]: paths and node names (Curator InterProcessMutex naming);
-//! - [`pool`]: the session pool, health probing and lost-lock reporting;
-//! - [`recipe`]: the pipelined acquire, predecessor waits and release.
+//! The files, from the bottom up (each imports only the ones above it):
+//!
+//! - [`error`]: what a ZooKeeper error means (retry, give up, look for the node);
+//! - [`layout`]: paths, node names (Curator InterProcessMutex naming) and node types;
+//! - [`session`]: one pooled session — health, last contact, grant registry,
+//!   the one retry policy;
+//! - [`pool`]: the sessions, picking one, the liveness supervisor;
+//! - [`nodes`]: lock nodes being created or waited on, recovery by uuid, the guard;
+//! - [`kinds`]: each kind's version node, parents and caches (rotation's home);
+//! - [`recipe`]: the [`Backend`](crate::backend::Backend) implementation —
+//!   the pipelined acquire, predecessor waits, release, read paths.
 //!
 //! See DESIGN.md, "ZooKeeper backend", for the decisions behind it.
 
+mod error;
+mod kinds;
 mod layout;
+mod nodes;
 mod pool;
 mod recipe;
+mod session;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::recipe::ZkGuard;
+pub use self::nodes::ZkGuard;
 
+use self::kinds::{Kinds, Missing};
 use self::layout::Layout;
 use self::pool::{Pool, PoolConfig};
-use self::recipe::Recipe;
-use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
+use crate::backend::BackendError;
 use crate::key::LockKey;
 
 /// How to reach ZooKeeper and where the locks live.
@@ -54,7 +67,8 @@ impl Default for ZkConfig {
 /// The ZooKeeper backend. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct ZooKeeperBackend {
-    recipe: Recipe,
+    pool: Arc<Pool>,
+    kinds: Kinds,
 }
 
 impl ZooKeeperBackend {
@@ -82,6 +96,9 @@ impl ZooKeeperBackend {
         if cfg.hosts.trim().is_empty() {
             return Err(BackendError::Internal("no ZooKeeper hosts given".into()));
         }
+        if cfg.sessions == 0 {
+            return Err(BackendError::Internal("at least one ZooKeeper session is needed".into()));
+        }
         if cfg.session_timeout.is_zero() {
             return Err(BackendError::Internal(
                 "ZooKeeper session timeout must be positive".into(),
@@ -89,19 +106,19 @@ impl ZooKeeperBackend {
         }
         let pool = Pool::start(PoolConfig {
             hosts: cfg.hosts.clone(),
-            sessions: cfg.sessions.max(1),
+            sessions: cfg.sessions,
             session_timeout: cfg.session_timeout,
             connect_timeout,
         })
         .await?;
-        let recipe = Recipe::new(pool, layout);
-        let session = recipe.pool.pick()?;
-        if let Err(e) = recipe.ensure_base(&session).await {
-            recipe.pool.shutdown().await;
+        let kinds = Kinds::new(layout);
+        let session = pool.pick()?;
+        if let Err(e) = kinds.ensure_base(&session).await {
+            pool.shutdown().await;
             return Err(e);
         }
-        tracing::info!(hosts = %cfg.hosts, base = recipe.layout.base(), "ZooKeeper backend ready");
-        Ok(ZooKeeperBackend { recipe })
+        tracing::info!(hosts = %cfg.hosts, base = kinds.layout().base(), "ZooKeeper backend ready");
+        Ok(ZooKeeperBackend { pool, kinds })
     }
 
     /// The lock directory (`{root}/{provider}/{kind}/{version}/{id}`) of
@@ -111,51 +128,18 @@ impl ZooKeeperBackend {
     /// # Errors
     /// [`BackendError::Unavailable`] if ZooKeeper cannot be reached.
     pub async fn lock_path(&self, key: &LockKey) -> Result<String, BackendError> {
-        self.recipe.lock_dir(key).await
+        let session = self.pool.pick()?;
+        let v = self.kinds.read_version(&session, key.kind_arc(), Missing::AssumeInitial).await?;
+        Ok(self.kinds.layout().lock_dir(key.kind(), &v.version, key.id()))
     }
 
     /// `{root}/{provider}`.
     pub fn base_path(&self) -> &str {
-        self.recipe.layout.base()
+        self.kinds.layout().base()
     }
 
     /// Path of a kind's version node.
     pub fn version_path(&self, kind: &str) -> String {
-        self.recipe.layout.version_path(kind)
-    }
-}
-
-impl Backend for ZooKeeperBackend {
-    type Guard = ZkGuard;
-
-    fn name(&self) -> &'static str {
-        "zookeeper"
-    }
-
-    async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<ZkGuard>>, BackendError> {
-        self.recipe.acquire(req).await
-    }
-
-    async fn release(&self, guard: ZkGuard) -> Result<(), BackendError> {
-        self.recipe.release(guard).await
-    }
-
-    async fn is_held(&self, key: &LockKey) -> Result<bool, BackendError> {
-        self.recipe.is_held(key).await
-    }
-
-    async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
-        crate::key::validate_kind(kind).map_err(|e| BackendError::Internal(e.to_string()))?;
-        self.recipe.version(kind).await
-    }
-
-    fn info(&self) -> Vec<(String, String)> {
-        let mut info = self.recipe.pool.info();
-        info.push(("zk.base".to_owned(), self.recipe.layout.base().to_owned()));
-        info
-    }
-
-    async fn shutdown(&self) {
-        self.recipe.pool.shutdown().await;
+        self.kinds.layout().version_path(kind)
     }
 }

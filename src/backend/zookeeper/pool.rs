@@ -22,9 +22,8 @@
 //! - A retired session is replaced by a supervisor task per slot, with
 //!   back-off; meanwhile new work goes to the other, healthy sessions.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use clastor_protocol::LostReason;
@@ -36,237 +35,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use zookeeper_client::{Client, SessionState};
 
-use crate::backend::{BackendError, LostNotifier};
-use crate::key::LockKey;
+use super::error::ZkResult;
+use super::session::{Health, ZkSession};
+use crate::backend::BackendError;
 
 /// What the pool needs to open sessions.
 #[derive(Debug, Clone)]
-pub(crate) struct PoolConfig {
-    pub hosts: String,
-    pub sessions: usize,
-    pub session_timeout: Duration,
-    pub connect_timeout: Duration,
-}
-
-/// Health of one session, as the pool sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Health {
-    /// Connected and heard from recently.
-    Connected = 0,
-    /// The client lost its connection and is reconnecting; requests queue.
-    Disconnected = 1,
-    /// Retired: lost, expired or closed. Never used again.
-    Lost = 2,
-}
-
-impl Health {
-    fn from_u8(v: u8) -> Health {
-        match v {
-            0 => Health::Connected,
-            1 => Health::Disconnected,
-            _ => Health::Lost,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Health::Connected => "connected",
-            Health::Disconnected => "disconnected",
-            Health::Lost => "lost",
-        }
-    }
-}
-
-/// A grant made through a session, kept so its holder can be told if the
-/// session is lost.
-#[derive(Debug)]
-pub(crate) struct GrantRecord {
-    pub key: LockKey,
-    pub token: u64,
-    pub notifier: LostNotifier,
-}
-
-/// One pooled ZooKeeper session.
-#[derive(Debug)]
-pub(crate) struct ZkSession {
-    slot: usize,
-    generation: u64,
-    session_id: i64,
-    timeout: Duration,
-    /// Holders are told their locks are lost after this long without contact.
-    lost_after: Duration,
-    /// `None` once retired: the last clone going closes the session. Shared as
-    /// an `Arc` so an operation costs a reference count, not a `Client` clone.
-    client: Mutex<Option<Arc<Client>>>,
-    health: AtomicU8,
-    born: Instant,
-    /// Milliseconds since `born` of the send time of the last answered request.
-    last_contact_ms: AtomicU64,
-    grants: Mutex<HashMap<String, GrantRecord>>,
-    retired: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these short critical sections leaves the
-    // data consistent (plain inserts and removes), so poisoning is ignored.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl ZkSession {
-    fn new(slot: usize, generation: u64, client: Client) -> ZkSession {
-        let timeout = client.session_timeout();
-        let mut session = ZkSession::detached(slot, generation, client.session_id().0, timeout);
-        session.client = Mutex::new(Some(Arc::new(client)));
-        session
-    }
-
-    /// A session record without a client (the client is attached by `new`;
-    /// tests use this directly for the timing logic).
-    fn detached(slot: usize, generation: u64, session_id: i64, timeout: Duration) -> ZkSession {
-        ZkSession {
-            slot,
-            generation,
-            session_id,
-            timeout,
-            lost_after: timeout * 2 / 3,
-            client: Mutex::new(None),
-            health: AtomicU8::new(Health::Connected as u8),
-            born: Instant::now(),
-            last_contact_ms: AtomicU64::new(0),
-            grants: Mutex::new(HashMap::new()),
-            retired: CancellationToken::new(),
-        }
-    }
-
-    /// ZooKeeper's id for this session.
-    pub fn session_id(&self) -> i64 {
-        self.session_id
-    }
-
-    /// The negotiated session timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    /// A client handle for one operation.
-    ///
-    /// # Errors
-    /// [`BackendError::Unavailable`] once the session is retired.
-    pub fn client(&self) -> Result<Arc<Client>, BackendError> {
-        lock(&self.client).clone().ok_or_else(|| self.gone())
-    }
-
-    /// The error for work caught on a retired session.
-    pub fn gone(&self) -> BackendError {
-        BackendError::Unavailable(format!("ZooKeeper session {:#x} was lost", self.session_id))
-    }
-
-    /// Resolves when the session is retired.
-    pub fn retired(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.retired.cancelled()
-    }
-
-    /// Whether the session is retired.
-    pub fn is_retired(&self) -> bool {
-        self.retired.is_cancelled()
-    }
-
-    pub fn health(&self) -> Health {
-        Health::from_u8(self.health.load(Ordering::Acquire))
-    }
-
-    fn set_health(&self, health: Health) {
-        // Lost is terminal.
-        let _ = self.health.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            (cur != Health::Lost as u8).then_some(health as u8)
-        });
-    }
-
-    /// Records that a request sent at `sent_at` was answered.
-    pub fn touch(&self, sent_at: Instant) {
-        let ms = u64::try_from(sent_at.saturating_duration_since(self.born).as_millis()).unwrap_or(u64::MAX);
-        self.last_contact_ms.fetch_max(ms, Ordering::AcqRel);
-    }
-
-    /// Time since the send time of the last answered request.
-    pub fn since_contact(&self) -> Duration {
-        let last = self.born + Duration::from_millis(self.last_contact_ms.load(Ordering::Acquire));
-        Instant::now().saturating_duration_since(last)
-    }
-
-    /// Whether the session went `lost_after` without contact: its locks are
-    /// (about to be) reported lost, so it must not hand out new ones.
-    fn out_of_contact(&self) -> bool {
-        self.since_contact() >= self.lost_after
-    }
-
-    /// Remembers a grant so its holder can be told if the session is lost.
-    ///
-    /// # Errors
-    /// The record back if the session is retired, or has gone `lost_after`
-    /// without contact and is about to be (the grant must not be handed out:
-    /// its holder could not be told in time that it is lost).
-    pub fn register(&self, path: String, record: GrantRecord) -> Result<(), GrantRecord> {
-        let mut grants = lock(&self.grants);
-        // Checked under the grants lock, which `retire` takes after cancelling,
-        // so a grant is either registered before the drain or refused.
-        if self.is_retired() || self.out_of_contact() {
-            return Err(record);
-        }
-        grants.insert(path, record);
-        Ok(())
-    }
-
-    /// Forgets a grant (release); `None` if the session already reported it lost.
-    pub fn unregister(&self, path: &str) -> Option<GrantRecord> {
-        lock(&self.grants).remove(path)
-    }
-
-    /// Number of grants held through this session.
-    pub fn grant_count(&self) -> usize {
-        lock(&self.grants).len()
-    }
-
-    /// Retires the session: refuses new work, fails waits, drops the client
-    /// and reports every grant lost with `reason`. Idempotent.
-    fn retire(&self, reason: LostReason) -> Option<StateWatcherHandle> {
-        self.health.store(Health::Lost as u8, Ordering::Release);
-        self.retired.cancel();
-        let client = lock(&self.client).take();
-        let drained: Vec<(String, GrantRecord)> = lock(&self.grants).drain().collect();
-        if !drained.is_empty() {
-            warn!(
-                slot = self.slot,
-                session = format_args!("{:#x}", self.session_id),
-                grants = drained.len(),
-                reason = reason.name(),
-                "ZooKeeper session lost; reporting its locks lost"
-            );
-        }
-        // Notify outside every lock: the engine drops the guards inside.
-        for (path, record) in drained {
-            debug!(%path, key = %record.key, token = record.token, reason = reason.name(), "lock lost");
-            record.notifier.notify(reason);
-        }
-        client.map(|c| StateWatcherHandle(c.state_watcher()))
-    }
-}
-
-/// The state watcher of a client being closed, to await the close.
-struct StateWatcherHandle(zookeeper_client::StateWatcher);
-
-impl StateWatcherHandle {
-    /// Waits (bounded) until the dropped client's session reached a terminal
-    /// state, so its ephemeral nodes are gone when this returns.
-    async fn closed(mut self, within: Duration) {
-        let wait = async {
-            while !self.0.peek_state().is_terminated() {
-                self.0.changed().await;
-            }
-        };
-        let _ = tokio::time::timeout(within, wait).await;
-    }
+pub(super) struct PoolConfig {
+    pub(super) hosts: String,
+    pub(super) sessions: usize,
+    pub(super) session_timeout: Duration,
+    pub(super) connect_timeout: Duration,
 }
 
 /// One slot of the pool: the session currently serving it, if any.
@@ -291,27 +70,27 @@ impl Slot {
 
 /// Why a session's monitor ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+enum SessionEnd {
     Shutdown,
     Unreachable,
     Expired,
     Closed,
 }
 
-impl End {
+impl SessionEnd {
     fn reason(self) -> LostReason {
         match self {
-            End::Shutdown => LostReason::Shutdown,
-            End::Unreachable => LostReason::BackendUnreachable,
-            End::Expired => LostReason::SessionExpired,
-            End::Closed => LostReason::BackendError,
+            SessionEnd::Shutdown => LostReason::Shutdown,
+            SessionEnd::Unreachable => LostReason::BackendUnreachable,
+            SessionEnd::Expired => LostReason::SessionExpired,
+            SessionEnd::Closed => LostReason::BackendError,
         }
     }
 }
 
 /// The pool.
 #[derive(Debug)]
-pub(crate) struct Pool {
+pub(super) struct Pool {
     cfg: PoolConfig,
     slots: Vec<Slot>,
     next: AtomicUsize,
@@ -343,8 +122,8 @@ impl Pool {
     /// # Errors
     /// [`BackendError::Unavailable`] if ZooKeeper cannot be reached within the
     /// connect timeout.
-    pub async fn start(cfg: PoolConfig) -> Result<Arc<Pool>, BackendError> {
-        let n = cfg.sessions.max(1);
+    pub(super) async fn start(cfg: PoolConfig) -> Result<Arc<Pool>, BackendError> {
+        let n = cfg.sessions;
         let opened = futures_util::future::join_all((0..n).map(|_| open(&cfg))).await;
         let clients = opened.into_iter().collect::<Result<Vec<_>, _>>()?;
         let pool = Arc::new(Pool {
@@ -371,8 +150,8 @@ impl Pool {
         info!(
             slot,
             generation,
-            session = format_args!("{:#x}", session.session_id),
-            timeout = ?session.timeout,
+            session = format_args!("{:#x}", session.session_id()),
+            timeout = ?session.timeout(),
             "ZooKeeper session established"
         );
         self.slots[slot].set(Some(Arc::clone(&session)));
@@ -386,7 +165,7 @@ impl Pool {
     /// # Errors
     /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
     /// if every session is lost and not yet replaced.
-    pub fn pick(&self) -> Result<Arc<ZkSession>, BackendError> {
+    pub(super) fn pick(&self) -> Result<Arc<ZkSession>, BackendError> {
         self.pick_where(true)
     }
 
@@ -396,12 +175,12 @@ impl Pool {
     /// # Errors
     /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
     /// if no session is connected.
-    pub fn pick_connected(&self) -> Result<Arc<ZkSession>, BackendError> {
+    pub(super) fn pick_connected(&self) -> Result<Arc<ZkSession>, BackendError> {
         self.pick_where(false)
     }
 
     /// The requested session timeout (the negotiated one may be clamped).
-    pub fn session_timeout(&self) -> Duration {
+    pub(super) fn session_timeout(&self) -> Duration {
         self.cfg.session_timeout
     }
 
@@ -432,12 +211,12 @@ impl Pool {
     }
 
     /// Whether the pool was shut down.
-    pub fn is_shut_down(&self) -> bool {
+    pub(super) fn is_shut_down(&self) -> bool {
         self.shutdown.is_cancelled()
     }
 
     /// `INFO` pairs: one per session, plus totals.
-    pub fn info(&self) -> Vec<(String, String)> {
+    pub(super) fn info(&self) -> Vec<(String, String)> {
         let mut out = vec![
             ("zk.hosts".to_owned(), self.cfg.hosts.clone()),
             ("zk.sessions".to_owned(), self.slots.len().to_string()),
@@ -455,11 +234,11 @@ impl Pool {
                     }
                     format!(
                         "id={:#x} state={} grants={} last_contact_ms={} generation={}",
-                        s.session_id,
+                        s.session_id(),
                         s.health().name(),
                         s.grant_count(),
                         s.since_contact().as_millis(),
-                        s.generation
+                        s.generation()
                     )
                 }
                 None => "state=reconnecting".to_owned(),
@@ -471,7 +250,7 @@ impl Pool {
     }
 
     /// Closes every session (ephemeral nodes vanish) and stops the supervisors.
-    pub async fn shutdown(&self) {
+    pub(super) async fn shutdown(&self) {
         self.shutdown.cancel();
         let grace = self.cfg.session_timeout.min(Duration::from_secs(5));
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
@@ -528,13 +307,13 @@ async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSessio
         let reason = end.reason();
         info!(
             slot,
-            session = format_args!("{:#x}", current.session_id),
+            session = format_args!("{:#x}", current.session_id()),
             reason = reason.name(),
             since_contact = ?current.since_contact(),
             "retiring ZooKeeper session"
         );
         let closing = current.retire(reason);
-        if let End::Shutdown = end {
+        if let SessionEnd::Shutdown = end {
             if let Some(closing) = closing {
                 closing.closed(Duration::from_secs(2)).await;
             }
@@ -554,17 +333,15 @@ enum ProbeOutcome {
     /// No proof of contact (a read answered by a follower proves nothing).
     NoContact,
     /// The session is over.
-    End(End),
+    Ended(SessionEnd),
 }
-
-type ZkResult<T> = Result<T, zookeeper_client::Error>;
 
 impl ProbeOutcome {
     fn of(sync: &ZkResult<()>, exists: &ZkResult<Option<zookeeper_client::Stat>>) -> ProbeOutcome {
         use zookeeper_client::Error::{ClientClosed, SessionExpired};
         match (sync, exists) {
-            (Err(SessionExpired), _) | (_, Err(SessionExpired)) => ProbeOutcome::End(End::Expired),
-            (Err(ClientClosed), _) | (_, Err(ClientClosed)) => ProbeOutcome::End(End::Closed),
+            (Err(SessionExpired), _) | (_, Err(SessionExpired)) => ProbeOutcome::Ended(SessionEnd::Expired),
+            (Err(ClientClosed), _) | (_, Err(ClientClosed)) => ProbeOutcome::Ended(SessionEnd::Closed),
             (Ok(()), _) => ProbeOutcome::Contact,
             (Err(_), _) => ProbeOutcome::NoContact,
         }
@@ -572,7 +349,7 @@ impl ProbeOutcome {
 }
 
 /// What a session-state change means for the pool.
-fn on_state(session: &ZkSession, state: SessionState) -> Result<bool, End> {
+fn on_state(session: &ZkSession, state: SessionState) -> Result<bool, SessionEnd> {
     match state {
         SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
             session.set_health(Health::Connected);
@@ -580,22 +357,22 @@ fn on_state(session: &ZkSession, state: SessionState) -> Result<bool, End> {
         }
         SessionState::Disconnected => {
             warn!(
-                slot = session.slot,
-                session = format_args!("{:#x}", session.session_id),
+                slot = session.slot(),
+                session = format_args!("{:#x}", session.session_id()),
                 "ZooKeeper session disconnected"
             );
             session.set_health(Health::Disconnected);
             Ok(false)
         }
-        SessionState::Expired => Err(End::Expired),
-        SessionState::Closed | SessionState::AuthFailed => Err(End::Closed),
+        SessionState::Expired => Err(SessionEnd::Expired),
+        SessionState::Closed | SessionState::AuthFailed => Err(SessionEnd::Closed),
     }
 }
 
 /// Watches one session until it must be retired.
-async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
+async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEnd {
     let Ok(client) = session.client() else {
-        return End::Closed;
+        return SessionEnd::Closed;
     };
     let mut states = client.state_watcher();
     drop(client);
@@ -604,17 +381,17 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
     if let Err(end) = on_state(session, states.peek_state()) {
         return end;
     }
-    let every = (session.timeout / 10).max(Duration::from_millis(20));
+    let every = (session.timeout() / 10).max(Duration::from_millis(20));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut probe: Option<(Instant, Probe)> = None;
     loop {
         let probing = probe.is_some();
         tokio::select! {
-            () = shutdown.cancelled() => return End::Shutdown,
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
             state = states.changed() => match on_state(session, state) {
                 Ok(true) => {
-                    info!(slot = session.slot, session = format_args!("{:#x}", session.session_id), "ZooKeeper session reconnected");
+                    info!(slot = session.slot(), session = format_args!("{:#x}", session.session_id()), "ZooKeeper session reconnected");
                     // Prove contact on the new connection right away.
                     probe = new_probe(session);
                 }
@@ -629,20 +406,20 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> End {
                             session.touch(at);
                         }
                     }
-                    ProbeOutcome::NoContact => debug!(slot = session.slot, "ZooKeeper probe failed"),
-                    ProbeOutcome::End(end) => return end,
+                    ProbeOutcome::NoContact => debug!(slot = session.slot(), "ZooKeeper probe failed"),
+                    ProbeOutcome::Ended(end) => return end,
                 }
             }
             _ = tick.tick() => {
                 if session.out_of_contact() {
                     warn!(
-                        slot = session.slot,
-                        session = format_args!("{:#x}", session.session_id),
+                        slot = session.slot(),
+                        session = format_args!("{:#x}", session.session_id()),
                         since_contact = ?session.since_contact(),
-                        limit = ?session.lost_after,
+                        limit = ?session.lost_after(),
                         "no answer from the ZooKeeper leader for 2/3 of the session timeout"
                     );
-                    return End::Unreachable;
+                    return SessionEnd::Unreachable;
                 }
                 if probe.is_none() {
                     probe = new_probe(session);
@@ -682,32 +459,6 @@ mod tests {
 
     use super::*;
 
-    fn record() -> GrantRecord {
-        GrantRecord {
-            key: LockKey::new("tx", "a").unwrap_or_else(|e| panic!("{e}")),
-            token: 1,
-            notifier: LostNotifier::noop(),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn no_grant_is_registered_once_contact_is_overdue() {
-        let session = ZkSession::detached(0, 0, 1, Duration::from_secs(3));
-        session.touch(Instant::now());
-        assert!(session.register("/a/1".into(), record()).is_ok());
-        // Just before 2/3 of the timeout: still fine.
-        tokio::time::advance(Duration::from_millis(1_990)).await;
-        assert!(session.register("/a/2".into(), record()).is_ok());
-        // At 2/3 the monitor may not have ticked yet, but the grant is refused.
-        tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(!session.is_retired());
-        assert!(session.register("/a/3".into(), record()).is_err());
-        assert_eq!(session.grant_count(), 2);
-        // A probe sent now and answered restores it.
-        session.touch(Instant::now());
-        assert!(session.register("/a/3".into(), record()).is_ok());
-    }
-
     #[test]
     fn only_an_answered_sync_is_contact() {
         let stat = Ok(None);
@@ -723,11 +474,11 @@ mod tests {
         );
         assert!(matches!(
             ProbeOutcome::of(&Err(ZkError::SessionExpired), &Err(ZkError::SessionExpired)),
-            ProbeOutcome::End(End::Expired)
+            ProbeOutcome::Ended(SessionEnd::Expired)
         ));
         assert!(matches!(
             ProbeOutcome::of(&Ok(()), &Err(ZkError::ClientClosed)),
-            ProbeOutcome::End(End::Closed)
+            ProbeOutcome::Ended(SessionEnd::Closed)
         ));
     }
 }

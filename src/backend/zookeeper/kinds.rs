@@ -1,0 +1,266 @@
+//! Resource kinds in ZooKeeper: each kind's version node (version and mode),
+//! the nodes above the lock directories, and two caches that let the hot
+//! path skip reads — the future home of version rotation.
+//!
+//! Both caches are hints. The acquire round reads the version node after its
+//! own create and backs out if the cached version was stale; a lock
+//! directory that was reaped since it was cached fails the create with
+//! `NoNode`, and is created again. Read paths never write: a missing version
+//! node reads as `v1`/normal.
+
+use std::sync::Arc;
+
+use clastor_protocol::KindMode;
+use dashmap::{DashMap, DashSet};
+use futures_util::future::{join, join_all};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::error::{ZkError, ZkResult, map_err};
+use super::layout::{self, CONTAINER, Layout, PERSISTENT};
+use super::session::{MAX_ATTEMPTS, ZkSession};
+use crate::backend::{BackendError, KindVersion};
+
+/// Bounds of the caches: cleared when full (cheap, and a miss only costs a
+/// pipelined request or a read).
+const MAX_CACHED_KINDS: usize = 1024;
+const MAX_CACHED_DIRS: usize = 4096;
+
+/// What a read of a kind's version node does when the node is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Missing {
+    /// Create it as `v1`/normal (acquire: the node must exist before a lock
+    /// node does, so a rotation can see and drain it).
+    Create,
+    /// Answer `v1`/normal without writing (read paths).
+    AssumeInitial,
+}
+
+/// The kinds' nodes and caches, under one layout.
+#[derive(Debug)]
+pub(super) struct Kinds {
+    layout: Layout,
+    versions: DashMap<Arc<str>, KindVersion>,
+    dirs: DashSet<String>,
+}
+
+/// `Ok` when every create made its node or found it there.
+fn all_made<T>(results: Vec<ZkResult<T>>) -> ZkResult<()> {
+    results.into_iter().try_for_each(|r| match r {
+        Ok(_) | Err(ZkError::NodeExists) => Ok(()),
+        Err(e) => Err(e),
+    })
+}
+
+impl Kinds {
+    pub(super) fn new(layout: Layout) -> Kinds {
+        Kinds {
+            layout,
+            versions: DashMap::new(),
+            dirs: DashSet::new(),
+        }
+    }
+
+    pub(super) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The kind's version as last seen, if cached.
+    pub(super) fn cached(&self, kind: &str) -> Option<KindVersion> {
+        self.versions.get(kind).map(|v| v.clone())
+    }
+
+    /// Caches what a read of the kind's version node returned.
+    pub(super) fn remember(&self, kind: &Arc<str>, v: &KindVersion) {
+        if self.versions.len() >= MAX_CACHED_KINDS && !self.versions.contains_key(&**kind) {
+            self.versions.clear();
+        }
+        self.versions.insert(Arc::clone(kind), v.clone());
+    }
+
+    /// Whether the lock directory was seen to exist.
+    pub(super) fn dir_known(&self, dir: &str) -> bool {
+        self.dirs.contains(dir)
+    }
+
+    /// Caches that the lock directory exists.
+    pub(super) fn remember_dir(&self, dir: &str) {
+        if self.dirs.contains(dir) {
+            return;
+        }
+        if self.dirs.len() >= MAX_CACHED_DIRS {
+            self.dirs.clear();
+        }
+        self.dirs.insert(dir.to_owned());
+    }
+
+    /// Forgets a lock directory that turned out to be gone.
+    pub(super) fn forget_dir(&self, dir: &str) {
+        self.dirs.remove(dir);
+    }
+
+    /// Pre-creates the root and provider nodes (at connect, to fail early on
+    /// a bad root or missing permissions).
+    ///
+    /// # Errors
+    /// `Unavailable` or `Internal` with ZooKeeper's reason.
+    pub(super) async fn ensure_base(&self, session: &ZkSession) -> Result<(), BackendError> {
+        let layout = &self.layout;
+        session
+            .retry(|c| async move {
+                let creates = layout.ancestors().into_iter().map(|a| c.create(a, &[], &PERSISTENT));
+                all_made(join_all(creates).await)
+            })
+            .await?
+            .map_err(|e| map_err(&format!("create {}", layout.base()), e))
+    }
+
+    /// Creates the root, provider and kind nodes and the version node (as
+    /// `v1`/normal) where missing, pipelined.
+    async fn ensure_kind(&self, session: &ZkSession, kind: &str) -> Result<(), BackendError> {
+        let layout = &self.layout;
+        let (kind_path, version_path) = (layout.kind_path(kind), layout.version_path(kind));
+        let (kind_path, version_path) = (kind_path.as_str(), version_path.as_str());
+        let initial = layout::encode_version(&layout::initial_version());
+        let initial = initial.as_slice();
+        session
+            .retry(|c| async move {
+                let mut creates: Vec<_> = layout
+                    .ancestors()
+                    .into_iter()
+                    .map(|a| c.create(a, &[], &PERSISTENT))
+                    .collect();
+                creates.push(c.create(kind_path, &[], &PERSISTENT));
+                creates.push(c.create(version_path, initial, &PERSISTENT));
+                all_made(join_all(creates).await)
+            })
+            .await?
+            .map_err(|e| map_err("create kind nodes", e))
+    }
+
+    /// Creates the version and lock directories (containers), and the kind's
+    /// nodes if they are missing too. Both creates go out back-to-back.
+    ///
+    /// # Errors
+    /// `Unavailable` or `Internal` with ZooKeeper's reason; `Internal` if the
+    /// directories keep vanishing.
+    pub(super) async fn ensure_parents(
+        &self,
+        session: &ZkSession,
+        kind: &str,
+        version: &str,
+        dir: &str,
+    ) -> Result<(), BackendError> {
+        let version_dir = self.layout.version_dir(kind, version);
+        let version_dir = version_dir.as_str();
+        for _ in 0..MAX_ATTEMPTS {
+            let made = session
+                .retry(|c| async move {
+                    let (outer, inner) = join(
+                        c.create(version_dir, &[], &CONTAINER),
+                        c.create(dir, &[], &CONTAINER),
+                    )
+                    .await;
+                    match (outer, inner) {
+                        (_, Ok(_) | Err(ZkError::NodeExists)) => Ok(true),
+                        // The kind's own nodes are missing.
+                        (Err(ZkError::NoNode), _) => Ok(false),
+                        (_, Err(e)) => Err(e),
+                    }
+                })
+                .await?;
+            match made {
+                Ok(true) => return Ok(()),
+                Ok(false) => self.ensure_kind(session, kind).await?,
+                // The version directory was reaped between the two creates.
+                Err(ZkError::NoNode) => {}
+                Err(e) => return Err(map_err("create lock directory", e)),
+            }
+        }
+        Err(BackendError::Internal(format!(
+            "could not create {dir} after {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// The kind's version for an acquire: cached, or read (creating the
+    /// version node if the kind is new).
+    ///
+    /// # Errors
+    /// As [`Kinds::read_version`].
+    pub(super) async fn for_acquire(&self, session: &ZkSession, kind: &Arc<str>) -> Result<KindVersion, BackendError> {
+        match self.cached(kind) {
+            Some(v) => Ok(v),
+            None => self.read_version(session, kind, Missing::Create).await,
+        }
+    }
+
+    /// Reads a kind's version node; if it is missing, creates it as
+    /// `v1`/normal or just answers that, per `missing`.
+    ///
+    /// # Errors
+    /// `Unavailable` if ZooKeeper cannot be reached; `Internal` if the node
+    /// holds something unreadable.
+    pub(super) async fn read_version(
+        &self,
+        session: &ZkSession,
+        kind: &Arc<str>,
+        missing: Missing,
+    ) -> Result<KindVersion, BackendError> {
+        let path = self.layout.version_path(kind);
+        let node = path.as_str();
+        for _ in 0..MAX_ATTEMPTS {
+            match session.retry(|c| async move { c.get_data(node).await }).await? {
+                Ok((data, _)) => {
+                    let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                    self.remember(kind, &v);
+                    return Ok(v);
+                }
+                Err(ZkError::NoNode) if missing == Missing::AssumeInitial => return Ok(layout::initial_version()),
+                Err(ZkError::NoNode) => self.ensure_kind(session, kind).await?,
+                Err(e) => return Err(map_err("read version node", e)),
+            }
+        }
+        Err(BackendError::Unavailable(format!("could not read {path}")))
+    }
+
+    /// Waits until the kind is back to normal mode (a rotation finished or
+    /// aborted); `None` at the deadline.
+    ///
+    /// # Errors
+    /// As [`Kinds::read_version`], and [`ZkSession::gone`] if the session is
+    /// lost while waiting.
+    pub(super) async fn wait_normal(
+        &self,
+        session: &ZkSession,
+        kind: &Arc<str>,
+        deadline: Instant,
+    ) -> Result<Option<KindVersion>, BackendError> {
+        let path = self.layout.version_path(kind);
+        let node = path.as_str();
+        loop {
+            let watched = session
+                .retry(|c| async move { c.get_and_watch_data(node).await })
+                .await?;
+            let (data, _, watcher) = match watched {
+                Ok(found) => found,
+                Err(ZkError::NoNode) if Instant::now() < deadline => {
+                    self.ensure_kind(session, kind).await?;
+                    continue;
+                }
+                Err(ZkError::NoNode) => return Ok(None),
+                Err(e) => return Err(map_err("watch version node", e)),
+            };
+            let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
+            self.remember(kind, &v);
+            if v.mode == KindMode::Normal {
+                return Ok(Some(v));
+            }
+            debug!(%kind, version = %v.version, "kind is draining; waiting");
+            tokio::select! {
+                _ = watcher.changed() => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = session.retired() => return Err(session.gone()),
+            }
+        }
+    }
+}

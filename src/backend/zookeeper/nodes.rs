@@ -1,0 +1,310 @@
+//! Lock nodes and who owns them: a [`PendingNode`] from the moment its
+//! `create` is sent until it is granted or withdrawn, then a [`ZkGuard`].
+//!
+//! Dropping either deletes the node in the background, so timeouts,
+//! cancellations and lost replies leave nothing behind. A node whose create
+//! reply was lost is found again by the uuid in its Curator-style name
+//! ([`recover`], [`PendingNode`]'s drop).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::future::{join, join3};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use super::error::{ZkError, map_err};
+use super::layout;
+use super::session::ZkSession;
+use crate::backend::{BackendError, KindVersion};
+
+/// A lock node that exists, as its create round saw it.
+#[derive(Debug)]
+pub(super) struct Created {
+    /// The node's `czxid`: the fencing token.
+    pub(super) czxid: i64,
+    /// The kind's version and mode, read after the create.
+    pub(super) seen: KindVersion,
+    /// The lock directory's children, listed after the create.
+    pub(super) children: Vec<String>,
+}
+
+/// Deletes `path` on `session` (retried per the session's policy). Gone
+/// already, or a retired session, counts as success: the node goes with it.
+pub(super) async fn delete_node(session: &ZkSession, path: &str) -> Result<(), BackendError> {
+    match session.retry(|c| async move { c.delete(path, None).await }).await {
+        Err(_) => Ok(()),
+        Ok(Ok(()) | Err(ZkError::NoNode | ZkError::SessionExpired | ZkError::ClientClosed)) => Ok(()),
+        Ok(Err(e)) => Err(map_err("delete", e)),
+    }
+}
+
+/// Runs `f` in the background on the current runtime, if there is one (a
+/// guard dropped outside any runtime relies on the session closing instead).
+fn spawn_cleanup(f: impl Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(f);
+        }
+        Err(_) => warn!("no tokio runtime to delete a ZooKeeper lock node; it goes when its session closes"),
+    }
+}
+
+/// A lock node being created or waited on: deleted on drop unless disarmed.
+#[derive(Debug)]
+pub(super) struct PendingNode {
+    session: Arc<ZkSession>,
+    dir: String,
+    uuid: Uuid,
+    /// Known once the create's reply arrived.
+    path: Option<String>,
+    /// A create was sent whose node may exist.
+    sent: bool,
+}
+
+impl PendingNode {
+    pub(super) fn new(session: &Arc<ZkSession>, dir: String) -> PendingNode {
+        PendingNode {
+            session: Arc::clone(session),
+            dir,
+            uuid: Uuid::new_v4(),
+            path: None,
+            sent: false,
+        }
+    }
+
+    /// The lock directory.
+    pub(super) fn dir(&self) -> &str {
+        &self.dir
+    }
+
+    /// The prefix to create the node with (ZooKeeper appends the sequence).
+    pub(super) fn create_prefix(&self) -> String {
+        layout::node_prefix(&self.dir, &self.uuid)
+    }
+
+    /// The node's full path, once its create was answered.
+    pub(super) fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+
+    /// The node's name, once its create was answered (empty before).
+    pub(super) fn name(&self) -> &str {
+        self.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("")
+    }
+
+    /// Marks the create as sent: from now on the node may exist.
+    pub(super) fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// Marks the create as refused: no node was made.
+    pub(super) fn mark_not_created(&mut self) {
+        self.sent = false;
+    }
+
+    /// Records the node's full path from the create's reply.
+    pub(super) fn created(&mut self, path: String) {
+        self.path = Some(path);
+    }
+
+    /// Hands the node over to a grant: the caller now owns its deletion.
+    /// Returns its path.
+    pub(super) fn into_granted(mut self) -> String {
+        self.sent = false;
+        self.path.take().unwrap_or_default()
+    }
+
+    /// Deletes the node now (backing out or timing out). On failure the drop
+    /// handler tries again in the background.
+    pub(super) async fn delete(&mut self) {
+        if let Some(path) = self.path.as_deref() {
+            match delete_node(&self.session, path).await {
+                Ok(()) => {
+                    self.sent = false;
+                    self.path = None;
+                }
+                Err(e) => {
+                    warn!(%path, error = %e, "could not delete lock node; retrying in the background")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PendingNode {
+    fn drop(&mut self) {
+        if !self.sent || self.session.is_retired() {
+            return;
+        }
+        let session = Arc::clone(&self.session);
+        let (dir, uuid, path) = (std::mem::take(&mut self.dir), self.uuid, self.path.take());
+        debug!(%dir, path = ?path, "withdrawing a lock node in the background");
+        spawn_cleanup(async move {
+            let path = match path {
+                Some(path) => path,
+                // The create was cancelled before its reply: find it by uuid.
+                // This listing is sent after the create on the same session,
+                // so it sees the node if the create succeeded.
+                None => match find_by_uuid(&session, &dir, &uuid).await {
+                    Some(path) => path,
+                    None => return,
+                },
+            };
+            if let Err(e) = delete_node(&session, &path).await {
+                warn!(%path, error = %e, "could not delete withdrawn lock node");
+            }
+        });
+    }
+}
+
+/// Lists `dir` and returns the path of the child created with `uuid`, if
+/// any. The listing follows a `sync`, as in [`recover`]: after a reconnect to
+/// another server, that server must first catch up with the leader, or it
+/// may not show a node we created.
+async fn find_by_uuid(session: &ZkSession, dir: &str, uuid: &Uuid) -> Option<String> {
+    let children = session
+        .retry(|c| async move {
+            let (sync, list) = join(c.sync(dir), c.list_children(dir)).await;
+            sync.and(list)
+        })
+        .await
+        .ok()?
+        .ok()?;
+    children
+        .iter()
+        .find(|c| layout::is_ours(c, uuid))
+        .map(|c| format!("{dir}/{c}"))
+}
+
+/// After a create's reply was lost: once the session is back, finds the node
+/// by its uuid (after a `sync`, see [`find_by_uuid`]) with the version and
+/// listing a create round reads. `None` if it was never created.
+///
+/// # Errors
+/// `Unavailable` if the session is lost or ZooKeeper keeps failing.
+pub(super) async fn recover(
+    session: &ZkSession,
+    version_path: &str,
+    pending: &mut PendingNode,
+) -> Result<Option<Created>, BackendError> {
+    let dir = pending.dir.as_str();
+    let listed = session
+        .retry(|c| async move {
+            let (_, read, list) = join3(c.sync(dir), c.get_data(version_path), c.list_children(dir)).await;
+            list.map(|children| (read, children))
+        })
+        .await?;
+    let (read, children) = match listed {
+        Ok(found) => found,
+        Err(ZkError::NoNode) => {
+            pending.sent = false;
+            return Ok(None);
+        }
+        Err(e) => return Err(map_err("list lock directory", e)),
+    };
+    let Some(name) = children.iter().find(|c| layout::is_ours(c, &pending.uuid)) else {
+        debug!(dir = %pending.dir, uuid = %pending.uuid, "create reply was lost and no node was made; creating again");
+        pending.sent = false;
+        return Ok(None);
+    };
+    let path = format!("{}/{name}", pending.dir);
+    pending.path = Some(path.clone());
+    let node = path.as_str();
+    let stat = match session.retry(|c| async move { c.check_stat(node).await }).await? {
+        Ok(Some(stat)) => stat,
+        Ok(None) => return Err(session.gone()),
+        Err(e) => return Err(map_err("stat lock node", e)),
+    };
+    let seen = match read {
+        Ok((data, _)) => layout::decode_version(&data).map_err(BackendError::Internal)?,
+        Err(e) => return Err(map_err("read version node", e)),
+    };
+    debug!(%path, "recovered a lock node whose create reply was lost");
+    Ok(Some(Created {
+        czxid: stat.czxid,
+        seen,
+        children,
+    }))
+}
+
+/// A granted lock: its node and the session it lives on. Dropping it releases
+/// the lock in the background.
+#[derive(Debug)]
+pub struct ZkGuard {
+    session: Arc<ZkSession>,
+    path: String,
+    token: u64,
+    released: bool,
+}
+
+impl ZkGuard {
+    pub(super) fn new(session: Arc<ZkSession>, path: String, token: u64) -> ZkGuard {
+        ZkGuard {
+            session,
+            path,
+            token,
+            released: false,
+        }
+    }
+
+    /// Full path of the lock node.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The fencing token (the node's czxid).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Id of the ZooKeeper session that owns the node.
+    pub fn session_id(&self) -> i64 {
+        self.session.session_id()
+    }
+
+    /// Releases the lock: one `delete`, confirmed within a third of the
+    /// session timeout.
+    ///
+    /// # Cancellation safety
+    /// Dropping the future drops the guard, which deletes in the background.
+    ///
+    /// # Errors
+    /// `Unavailable` if the delete could not be confirmed in time; the
+    /// guard's drop keeps trying in the background.
+    pub(super) async fn release(mut self) -> Result<(), BackendError> {
+        self.session.unregister(&self.path);
+        let within = self.session.timeout() / 3;
+        match tokio::time::timeout(within, delete_node(&self.session, &self.path)).await {
+            Ok(Ok(())) => {
+                self.released = true;
+                debug!(path = %self.path, token = self.token, "released");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "release of {} not confirmed within {within:?}; retrying in the background",
+                self.path
+            ))),
+        }
+    }
+}
+
+impl Drop for ZkGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.session.unregister(&self.path);
+        if self.session.is_retired() {
+            return;
+        }
+        let session = Arc::clone(&self.session);
+        let path = std::mem::take(&mut self.path);
+        spawn_cleanup(async move {
+            if let Err(e) = delete_node(&session, &path).await {
+                warn!(%path, error = %e, "background release failed; the node goes with its session");
+            }
+        });
+    }
+}
