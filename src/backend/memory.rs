@@ -8,10 +8,13 @@
 //! takes the lock and is either still queued (it leaves the queue) or already
 //! the holder (it releases, handing off to the next).
 //!
-//! Tokens come from one process-wide counter seeded with the wall clock in
-//! nanoseconds, so they increase per key (and globally), including after a key
-//! is forgotten and across restarts of the process (as long as the clock does
-//! not go backwards).
+//! Tokens come from one process-wide hybrid clock: each grant's token is the
+//! larger of the previous token plus one and the current Unix time in
+//! microseconds. So they increase per key (and globally), including after a
+//! key is forgotten and across restarts of the process (as long as the clock
+//! does not go backwards, and the process did not grant faster than a million
+//! locks per second for long), and they stay below 2^53 — exact in a JSON
+//! number or a JavaScript double — until the year 2255.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,27 +31,32 @@ use crate::key::LockKey;
 /// The in-memory backend. Cheap to clone; clones share state.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackend {
-    inner: Arc<Inner>,
+    inner: Arc<MemoryState>,
 }
 
+/// Everything the backend knows: the keys, the token clock, the kinds' version.
 #[derive(Debug)]
-struct Inner {
+struct MemoryState {
     keys: DashMap<LockKey, KeyState>,
-    next_token: AtomicU64,
+    /// The last token granted.
+    last_token: AtomicU64,
     next_waiter: AtomicU64,
     version: Arc<str>,
     closed: AtomicBool,
 }
 
-impl Default for Inner {
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+}
+
+impl Default for MemoryState {
     fn default() -> Self {
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
-            .unwrap_or(1);
-        Inner {
+        MemoryState {
             keys: DashMap::new(),
-            next_token: AtomicU64::new(seed.max(1)),
+            last_token: AtomicU64::new(0),
             next_waiter: AtomicU64::new(1),
             version: Arc::from("v1"),
             closed: AtomicBool::new(false),
@@ -72,7 +80,7 @@ struct Waiter {
 /// A grant of the memory backend. Dropping it releases the lock.
 #[derive(Debug)]
 pub struct MemoryGuard {
-    inner: Arc<Inner>,
+    inner: Arc<MemoryState>,
     key: LockKey,
     ticket: u64,
 }
@@ -110,9 +118,17 @@ impl MemoryBackend {
     }
 }
 
-impl Inner {
+impl MemoryState {
+    /// The next token of the hybrid clock (see the module docs).
     fn token(&self) -> u64 {
-        self.next_token.fetch_add(1, Ordering::Relaxed)
+        let now = unix_micros();
+        let next = |last: u64| last.saturating_add(1).max(now);
+        match self
+            .last_token
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(next(last)))
+        {
+            Ok(last) | Err(last) => next(last),
+        }
     }
 
     /// Gives up `ticket`'s hold on `key`, handing the lock to the first waiter
@@ -177,7 +193,7 @@ impl Inner {
 
 /// Withdraws a queued wait if the acquire future is dropped mid-wait.
 struct WaitGuard<'a> {
-    inner: &'a Inner,
+    inner: &'a MemoryState,
     key: &'a LockKey,
     ticket: u64,
     rx: oneshot::Receiver<u64>,
@@ -284,5 +300,26 @@ impl Backend for MemoryBackend {
         self.inner.closed.store(true, Ordering::Release);
         // Dropping the queued senders wakes every waiter with `Closed`.
         self.inner.keys.iter_mut().for_each(|mut s| s.waiters.clear());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_follow_the_clock_strictly_increase_and_stay_exact_in_a_double() {
+        let state = MemoryState::default();
+        let before = unix_micros();
+        let mut last = 0;
+        for _ in 0..10_000 {
+            let t = state.token();
+            assert!(t > last, "token {t} after {last}");
+            last = t;
+        }
+        assert!(last >= before, "tokens start at the clock");
+        assert!(last < 1 << 53, "token {last} is not exact as a double");
+        // Ten thousand grants race ahead of the clock by at most their count.
+        assert!(last <= unix_micros() + 10_000);
     }
 }

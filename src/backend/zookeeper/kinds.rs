@@ -156,11 +156,8 @@ impl Kinds {
         for _ in 0..MAX_ATTEMPTS {
             let made = session
                 .retry(|c| async move {
-                    let (outer, inner) = join(
-                        c.create(version_dir, &[], &CONTAINER),
-                        c.create(dir, &[], &CONTAINER),
-                    )
-                    .await;
+                    let (outer, inner) =
+                        join(c.create(version_dir, &[], &CONTAINER), c.create(dir, &[], &CONTAINER)).await;
                     match (outer, inner) {
                         (_, Ok(_) | Err(ZkError::NodeExists)) => Ok(true),
                         // The kind's own nodes are missing.

@@ -97,7 +97,9 @@ impl ZooKeeperBackend {
             return Err(BackendError::Internal("no ZooKeeper hosts given".into()));
         }
         if cfg.sessions == 0 {
-            return Err(BackendError::Internal("at least one ZooKeeper session is needed".into()));
+            return Err(BackendError::Internal(
+                "at least one ZooKeeper session is needed".into(),
+            ));
         }
         if cfg.session_timeout.is_zero() {
             return Err(BackendError::Internal(
@@ -129,7 +131,10 @@ impl ZooKeeperBackend {
     /// [`BackendError::Unavailable`] if ZooKeeper cannot be reached.
     pub async fn lock_path(&self, key: &LockKey) -> Result<String, BackendError> {
         let session = self.pool.pick()?;
-        let v = self.kinds.read_version(&session, key.kind_arc(), Missing::AssumeInitial).await?;
+        let v = self
+            .kinds
+            .read_version(&session, key.kind_arc(), Missing::AssumeInitial)
+            .await?;
         Ok(self.kinds.layout().lock_dir(key.kind(), &v.version, key.id()))
     }
 

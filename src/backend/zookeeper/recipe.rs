@@ -28,12 +28,12 @@ use tokio::time::Instant;
 use tracing::debug;
 use zookeeper_client::{EventType, SessionState};
 
+use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::kinds::Missing;
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use super::ZooKeeperBackend;
 use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
 use crate::key::LockKey;
 
@@ -261,9 +261,7 @@ impl ZooKeeperBackend {
                     let _ = parents.await;
                 }
             };
-            let ((), (created, read, list)) = session
-                .until_retired(join(parents, join3(create, read, list)))
-                .await?;
+            let ((), (created, read, list)) = session.until_retired(join(parents, join3(create, read, list))).await?;
             match created {
                 Ok((stat, seq)) => {
                     session.touch(sent_at);
@@ -365,7 +363,10 @@ async fn wait_turn(
             return Ok(false);
         }
         let node = predecessor.as_str();
-        match session.retry(|c| async move { c.get_and_watch_data(node).await }).await? {
+        match session
+            .retry(|c| async move { c.get_and_watch_data(node).await })
+            .await?
+        {
             Ok((_, _, watcher)) => {
                 debug!(node = me, predecessor = node, "waiting for predecessor");
                 tokio::select! {

@@ -342,7 +342,14 @@ mod tests {
         let key = LockKey::new("tx", "a").unwrap_or_else(|e| panic!("{e}"));
         assert!(
             session
-                .register("/a/1".into(), GrantRecord { key, token: 7, notifier })
+                .register(
+                    "/a/1".into(),
+                    GrantRecord {
+                        key,
+                        token: 7,
+                        notifier
+                    }
+                )
                 .is_ok()
         );
         assert!(session.retire(LostReason::SessionExpired).is_none());
