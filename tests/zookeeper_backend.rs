@@ -673,7 +673,7 @@ async fn leader_kill_keeps_held_locks_and_never_double_grants() {
 async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
     let mut zk = start_zk();
     // The client declares connection loss after 2/5 of the timeout (4 s); the
-    // pool gives the session up after 2/3 of it without contact (>= 5.6 s
+    // pool gives the session up after 3/5 of it without contact (>= 5 s
     // after the freeze, given one probe interval of lag). Thaw in between.
     let timeout = Duration::from_secs(10);
     let b = backend_with(one_session(&zk, "lost-reply", timeout)).await;
@@ -686,7 +686,7 @@ async fn create_whose_reply_was_lost_is_recovered_without_an_orphan() {
     b.release(g.guard).await.unwrap();
 
     zk.freeze(0).unwrap();
-    let thaw_at = Instant::now() + Duration::from_millis(4_800);
+    let thaw_at = Instant::now() + Duration::from_millis(4_400);
     let acquire = b.acquire(req(&k, PATIENCE));
     let thaw = async {
         tokio::time::sleep_until(thaw_at.into()).await;
@@ -788,7 +788,7 @@ async fn acquire_is_bounded_by_its_wait_while_zookeeper_does_not_answer() {
     let mut zk = start_zk();
     // Long enough that the session outlives the acquires below: the client
     // notices the silence after 2/5 of it (4 s), the pool retires the session
-    // after 2/3 (6.7 s); grace is min(timeout / 3, 2 s) = 2 s.
+    // after 3/5 (6 s); grace is min(timeout / 3, 2 s) = 2 s.
     let timeout = Duration::from_secs(10);
     let b = backend_with(one_session(&zk, "bounded", timeout)).await;
     let warm = must_acquire(&b, &key("tx", "warm")).await;

@@ -48,7 +48,7 @@ pub struct ZkConfig {
     pub sessions: usize,
     /// Requested session timeout (10 s); the server may clamp it to its
     /// `minSessionTimeout`/`maxSessionTimeout`. Holders are told their locks
-    /// are lost after 2/3 of it without an answer from ZooKeeper.
+    /// are lost after 3/5 of it without an answer from the ZooKeeper leader.
     pub session_timeout: Duration,
 }
 

@@ -6,16 +6,19 @@
 //! reply was lost is found again by the uuid in its Curator-style name
 //! ([`recover`], [`PendingNode`]'s drop).
 
-use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use clastor_protocol::LostReason;
 use futures_util::future::{join, join3};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
+use zookeeper_client::EventType;
 
 use super::error::{ZkError, map_err};
 use super::layout;
-use super::session::ZkSession;
+use super::session::{ZkSession, spawn_background};
 use crate::backend::{BackendError, KindVersion};
 
 /// A lock node that exists, as its create round saw it.
@@ -39,14 +42,76 @@ pub(super) async fn delete_node(session: &ZkSession, path: &str) -> Result<(), B
     }
 }
 
-/// Runs `f` in the background on the current runtime, if there is one (a
-/// guard dropped outside any runtime relies on the session closing instead).
-fn spawn_cleanup(f: impl Future<Output = ()> + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(f);
+/// Deletes `path` in the background until it is gone or its session ends,
+/// backing off between tries: a node left behind would head its queue for as
+/// long as the (pooled, long-lived) session lives.
+async fn delete_until_gone(session: Arc<ZkSession>, path: String) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match delete_node(&session, &path).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(%path, error = %e, retry_in = ?backoff, "could not delete lock node; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = session.retired() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
-        Err(_) => warn!("no tokio runtime to delete a ZooKeeper lock node; it goes when its session closes"),
+    }
+}
+
+/// Starts watching a lock node of ours for deletion by anyone but us (an
+/// operator "unsticking" a lock with `deleteall`). The returned token is
+/// cancelled when the node is found gone; if it was granted by then (its
+/// grant is registered on the session), the holder is told at once that the
+/// lock is lost. A release unregisters the grant before deleting, so our own
+/// deletions report nothing. The watch ends with the node or the session.
+pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str) -> CancellationToken {
+    let gone = CancellationToken::new();
+    let (session, path, signal) = (Arc::clone(session), path.to_owned(), gone.clone());
+    spawn_background(async move {
+        if own_node_deleted(&session, &path).await {
+            signal.cancel();
+            if let Some(record) = session.unregister(&path) {
+                warn!(%path, key = %record.key, token = record.token, "held lock node was deleted from outside; reporting the lock lost");
+                record.notifier.notify(LostReason::BackendError);
+            }
+        }
+    });
+    gone
+}
+
+/// Waits until `path` is deleted (`true`), or the session ends or the node
+/// can no longer be watched (`false`: the session's retirement reports its
+/// grants).
+async fn own_node_deleted(session: &ZkSession, path: &str) -> bool {
+    loop {
+        let watched = match session.retry(|c| async move { c.check_and_watch_stat(path).await }).await {
+            Ok(watched) => watched,
+            Err(_) => return false,
+        };
+        match watched {
+            Ok((None, _)) => return true,
+            Ok((Some(_), watcher)) => {
+                let event = tokio::select! {
+                    event = watcher.changed() => event,
+                    () = session.retired() => return false,
+                };
+                match event.event_type {
+                    EventType::NodeDeleted => return true,
+                    // The session ended: its retirement reports the grants.
+                    EventType::Session => return false,
+                    // Data changed: still there; watch again.
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                warn!(%path, error = %e, "cannot watch our lock node; deletion from outside goes unnoticed");
+                return false;
+            }
+        }
     }
 }
 
@@ -140,7 +205,7 @@ impl Drop for PendingNode {
         let session = Arc::clone(&self.session);
         let (dir, uuid, path) = (std::mem::take(&mut self.dir), self.uuid, self.path.take());
         debug!(%dir, path = ?path, "withdrawing a lock node in the background");
-        spawn_cleanup(async move {
+        spawn_background(async move {
             let path = match path {
                 Some(path) => path,
                 // The create was cancelled before its reply: find it by uuid.
@@ -151,9 +216,7 @@ impl Drop for PendingNode {
                     None => return,
                 },
             };
-            if let Err(e) = delete_node(&session, &path).await {
-                warn!(%path, error = %e, "could not delete withdrawn lock node");
-            }
+            delete_until_gone(session, path).await;
         });
     }
 }
@@ -191,8 +254,9 @@ pub(super) async fn recover(
     let dir = pending.dir.as_str();
     let listed = session
         .retry(|c| async move {
-            let (_, read, list) = join3(c.sync(dir), c.get_data(version_path), c.list_children(dir)).await;
-            list.map(|children| (read, children))
+            let (sync, read, list) = join3(c.sync(dir), c.get_data(version_path), c.list_children(dir)).await;
+            // Without the `sync` the listing may predate our create.
+            sync.and(list).map(|children| (read, children))
         })
         .await?;
     let (read, children) = match listed {
@@ -299,12 +363,9 @@ impl Drop for ZkGuard {
         if self.session.is_retired() {
             return;
         }
-        let session = Arc::clone(&self.session);
-        let path = std::mem::take(&mut self.path);
-        spawn_cleanup(async move {
-            if let Err(e) = delete_node(&session, &path).await {
-                warn!(%path, error = %e, "background release failed; the node goes with its session");
-            }
-        });
+        spawn_background(delete_until_gone(
+            Arc::clone(&self.session),
+            std::mem::take(&mut self.path),
+        ));
     }
 }

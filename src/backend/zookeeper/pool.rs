@@ -13,12 +13,14 @@
 //!   reads and pings from its own copy even while it is cut off from the
 //!   leader, which is the server that expires sessions, but it must forward a
 //!   `sync` to the leader. Only a write or a `sync` reply proves contact.
-//!   Once `2/3 × timeout` pass without contact, the session is retired: every
-//!   grant on it is reported lost (`BackendUnreachable`), every wait on it
-//!   fails with `Unavailable`, and the client is dropped so that, should the
-//!   connection come back, its ephemeral nodes go with it. Curator treats
-//!   SUSPENDED as lost for the same reason. A grant whose reply arrives after
-//!   that point (but before the monitor's next tick) is refused too.
+//!   Once `3/5 × timeout` pass without contact (the margins are explained at
+//!   [`lost_after`](super::session::lost_after)), at that instant and not at
+//!   the next probe tick, the session is retired: every grant on it is
+//!   reported lost (`BackendUnreachable`), every wait on it fails with
+//!   `Unavailable`, and the client is kept open only until the session would
+//!   expire anyway (see [`ZkSession::retire`]). Curator treats SUSPENDED as
+//!   lost for the same reason. A grant whose reply arrives after that point
+//!   (but before the monitor ran) is refused too.
 //! - A retired session is replaced by a supervisor task per slot, with
 //!   back-off; meanwhile new work goes to the other, healthy sessions.
 
@@ -410,17 +412,19 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEn
                     ProbeOutcome::Ended(end) => return end,
                 }
             }
-            _ = tick.tick() => {
+            () = tokio::time::sleep_until(session.contact_deadline()) => {
                 if session.out_of_contact() {
                     warn!(
                         slot = session.slot(),
                         session = format_args!("{:#x}", session.session_id()),
                         since_contact = ?session.since_contact(),
                         limit = ?session.lost_after(),
-                        "no answer from the ZooKeeper leader for 2/3 of the session timeout"
+                        "no answer from the ZooKeeper leader for 3/5 of the session timeout"
                     );
                     return SessionEnd::Unreachable;
                 }
+            }
+            _ = tick.tick() => {
                 if probe.is_none() {
                     probe = new_probe(session);
                 }

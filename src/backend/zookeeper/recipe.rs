@@ -25,7 +25,8 @@ use std::time::Duration;
 use clastor_protocol::{KindMode, LockMode};
 use futures_util::future::{join, join3};
 use tokio::time::Instant;
-use tracing::debug;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 use zookeeper_client::{EventType, SessionState};
 
 use super::ZooKeeperBackend;
@@ -175,6 +176,7 @@ impl ZooKeeperBackend {
         let kind = key.kind_arc();
         let mut version = self.kinds.for_acquire(&session, kind).await?;
         let data = format!("clastor owner={owner}");
+        let mut on_lost = Some(on_lost);
         loop {
             if version.mode == KindMode::Draining {
                 match self.kinds.wait_normal(&session, kind, deadline).await? {
@@ -196,21 +198,41 @@ impl ZooKeeperBackend {
                 version = created.seen;
                 continue;
             }
-            if !wait_turn(&session, &pending, created.children, deadline).await? {
-                pending.delete().await;
-                debug!(%key, waited = ?started.elapsed(), "not granted in time");
-                return Ok(None);
+            let path = pending.path().unwrap_or_default().to_owned();
+            let gone = nodes::watch_own(&session, &path);
+            match wait_turn(&session, &pending, created.children, &gone, deadline).await? {
+                Turn::First => {}
+                Turn::TimedOut => {
+                    pending.delete().await;
+                    debug!(%key, waited = ?started.elapsed(), "not granted in time");
+                    return Ok(None);
+                }
+                Turn::NodeGone => {
+                    warn!(%key, %path, "our waiting lock node was deleted from outside; queueing again");
+                    continue;
+                }
             }
             let token = u64::try_from(created.czxid)
                 .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {}", created.czxid)))?;
-            let path = pending.path().unwrap_or_default().to_owned();
+            let Some(notifier) = on_lost.take() else {
+                return Err(BackendError::Unavailable(format!(
+                    "the lock node for {key} kept being deleted from outside"
+                )));
+            };
             let record = GrantRecord {
                 key: key.clone(),
                 token,
-                notifier: on_lost,
+                notifier,
             };
             if session.register(path.clone(), record).is_err() {
                 return Err(session.gone());
+            }
+            // The watch cancels before it looks for a registered grant, so a
+            // deletion it saw before the registration shows here.
+            if gone.is_cancelled() {
+                on_lost = session.unregister(&path).map(|record| record.notifier);
+                warn!(%key, %path, "our lock node was deleted from outside as it was granted; queueing again");
+                continue;
             }
             pending.into_granted();
             debug!(%key, token, %path, waited = ?started.elapsed(), "granted");
@@ -327,8 +349,19 @@ async fn list_children(session: &ZkSession, dir: &str) -> Result<Vec<String>, Ba
     }
 }
 
-/// Waits until our node is first among the contenders (`true`) or the
-/// deadline passes (`false`), watching only the predecessor.
+/// How a wait for our turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Our node is first: the lock is ours.
+    First,
+    /// The deadline passed first.
+    TimedOut,
+    /// Our own node was deleted from outside: it can never be granted.
+    NodeGone,
+}
+
+/// Waits until our node is first among the contenders, the deadline passes,
+/// or our own node is found deleted (`gone`), watching only the predecessor.
 ///
 /// The listing came back after our create on the same session, so it holds
 /// every node that sorts before ours; any node created later gets a later
@@ -340,16 +373,14 @@ async fn wait_turn(
     session: &ZkSession,
     pending: &PendingNode,
     children: Vec<String>,
+    gone: &CancellationToken,
     deadline: Instant,
-) -> Result<bool, BackendError> {
+) -> Result<Turn, BackendError> {
     let me = pending.name();
     let mut ahead: Vec<String> = {
         let contenders = layout::sorted_contenders(&children);
         let Some(pos) = contenders.iter().position(|c| c.name == me) else {
-            return Err(BackendError::Unavailable(format!(
-                "lock node {me} vanished while waiting (session {:#x} lost or node deleted)",
-                session.session_id()
-            )));
+            return Ok(Turn::NodeGone);
         };
         contenders[..pos]
             .iter()
@@ -359,8 +390,11 @@ async fn wait_turn(
     // The closest predecessor is last: watch it, and on its deletion the one
     // before it, until none is left.
     while let Some(predecessor) = ahead.last() {
+        if gone.is_cancelled() {
+            return Ok(Turn::NodeGone);
+        }
         if Instant::now() >= deadline {
-            return Ok(false);
+            return Ok(Turn::TimedOut);
         }
         let node = predecessor.as_str();
         match session
@@ -386,7 +420,8 @@ async fn wait_turn(
                         // node is still there; watch it again.
                         _ => {}
                     },
-                    () = tokio::time::sleep_until(deadline) => return Ok(false),
+                    () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
+                    () = gone.cancelled() => return Ok(Turn::NodeGone),
                     () = session.retired() => return Err(session.gone()),
                 }
             }
@@ -396,5 +431,5 @@ async fn wait_turn(
             Err(e) => return Err(map_err("watch predecessor", e)),
         }
     }
-    Ok(true)
+    Ok(if gone.is_cancelled() { Turn::NodeGone } else { Turn::First })
 }

@@ -7,7 +7,7 @@
 //! [`MAX_ATTEMPTS`] times in all: `zookeeper_client` queues requests made
 //! while it reconnects, so re-sending needs no back-off of its own. Every
 //! wait also ends when the session is retired — which the pool does after
-//! 2/3 of the session timeout without contact — so no request on a session
+//! 3/5 of the session timeout without contact — so no request on a session
 //! outlives it. Requests whose outcome matters when unknown (a lock node's
 //! `create`) are not blindly re-sent: the recipe recovers them by uuid.
 
@@ -90,6 +90,34 @@ pub(super) struct ZkSession {
     retired: CancellationToken,
 }
 
+/// Runs `f` in the background on the current runtime, if there is one (a
+/// guard dropped outside any runtime relies on the session closing instead).
+pub(super) fn spawn_background(f: impl Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(f);
+        }
+        Err(_) => warn!("no tokio runtime for ZooKeeper background work; lock nodes go when their session closes"),
+    }
+}
+
+/// How long after the last proven contact a session's holders are told
+/// their locks are lost: 3/5 of the session timeout. The leader expires a
+/// session no earlier than the timeout after *its* last touch of it, which
+/// may lag our last answered `sync` by
+/// - tickTime/2: a follower reports its sessions' touches to the leader only
+///   with its pings, every tickTime/2 — at most timeout/4, since ZooKeeper's
+///   smallest session timeout is 2×tickTime, whatever the ensemble's tickTime;
+/// - one probe interval (timeout/10): an answered `sync` proves that the
+///   follower reached the leader, not that its report of our touch did, so
+///   the touch the leader surely has may be the previous probe's;
+/// - timeout/20 for timer slack and the two clocks' rates.
+///
+/// 1 − 1/4 − 1/10 − 1/20 = 3/5.
+pub(super) fn lost_after(timeout: Duration) -> Duration {
+    timeout * 3 / 5
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these short critical sections leaves the
     // data consistent (plain inserts and removes), so poisoning is ignored.
@@ -112,7 +140,7 @@ impl ZkSession {
             generation,
             session_id,
             timeout,
-            lost_after: timeout * 2 / 3,
+            lost_after: lost_after(timeout),
             client: Mutex::new(None),
             health: AtomicU8::new(Health::Connected as u8),
             born: Instant::now(),
@@ -227,6 +255,12 @@ impl ZkSession {
         Instant::now().saturating_duration_since(last)
     }
 
+    /// When holders must be told their locks are lost unless contact is
+    /// proven again first.
+    pub(super) fn contact_deadline(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_contact_ms.load(Ordering::Acquire)) + self.lost_after
+    }
+
     /// Whether the session went `lost_after` without contact: its locks are
     /// (about to be) reported lost, so it must not hand out new ones.
     pub(super) fn out_of_contact(&self) -> bool {
@@ -260,13 +294,30 @@ impl ZkSession {
         lock(&self.grants).len()
     }
 
-    /// Retires the session: refuses new work, fails waits, drops the client
-    /// and reports every grant lost with `reason`. Idempotent. Returns the
-    /// means to wait for the dropped client's close, if it held the last one.
+    /// Retires the session: refuses new work, fails waits, reports every
+    /// grant lost with `reason` and lets go of the client. Idempotent.
+    ///
+    /// A session retired as unreachable may still be connected (a slow
+    /// leader, a one-way partition): closing it now would delete its lock
+    /// nodes at once and take away the head start its holders were promised.
+    /// So its client is kept open until the session timeout has passed since
+    /// the last contact — when ZooKeeper may expire it anyway — and only then
+    /// dropped. Otherwise the client is dropped at once, and the returned
+    /// handle waits for the close.
     pub(super) fn retire(&self, reason: LostReason) -> Option<ClosingSession> {
         self.health.store(Health::Lost as u8, Ordering::Release);
         self.retired.cancel();
-        let client = lock(&self.client).take();
+        let mut client = lock(&self.client).take();
+        if reason == LostReason::BackendUnreachable
+            && let Some(kept) = client.take()
+        {
+            let until = self.timeout.saturating_sub(self.since_contact());
+            debug!(session = format_args!("{:#x}", self.session_id), keep_open = ?until, "keeping the unreachable session open until it would expire");
+            spawn_background(async move {
+                tokio::time::sleep(until).await;
+                drop(kept);
+            });
+        }
         let drained: Vec<(String, GrantRecord)> = lock(&self.grants).drain().collect();
         if !drained.is_empty() {
             warn!(
@@ -319,10 +370,10 @@ mod tests {
         let session = ZkSession::detached(0, 0, 1, Duration::from_secs(3));
         session.touch(Instant::now());
         assert!(session.register("/a/1".into(), record()).is_ok());
-        // Just before 2/3 of the timeout: still fine.
-        tokio::time::advance(Duration::from_millis(1_990)).await;
+        // Just before 3/5 of the timeout: still fine.
+        tokio::time::advance(Duration::from_millis(1_790)).await;
         assert!(session.register("/a/2".into(), record()).is_ok());
-        // At 2/3 the monitor may not have ticked yet, but the grant is refused.
+        // At 3/5 the monitor may not have run yet, but the grant is refused.
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(!session.is_retired());
         assert!(session.register("/a/3".into(), record()).is_err());
