@@ -869,3 +869,132 @@ async fn holder_on_a_follower_cut_off_from_the_leader_hears_of_the_loss_in_time(
     a.release(held.guard).await.unwrap();
     a.shutdown().await;
 }
+
+/// As [`spawn_acquire`], with the grant's lost notifications on the returned channel.
+#[allow(clippy::type_complexity)]
+fn spawn_acquire_watched(
+    b: &Arc<ZooKeeperBackend>,
+    key: &LockKey,
+    wait: Duration,
+) -> (
+    JoinHandle<Result<Option<Grant<ZkGuard>>, BackendError>>,
+    mpsc::UnboundedReceiver<(Instant, LostReason)>,
+) {
+    let (b, key) = (Arc::clone(b), key.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let (mut req, _) = req_watched(&key, wait);
+        req.on_lost = LostNotifier::new(move |reason| {
+            let _ = tx.send((Instant::now(), reason));
+        });
+        b.acquire(req).await
+    });
+    (task, rx)
+}
+
+/// Two backends ("servers") on one ZooKeeper and provider, and a raw client.
+async fn two_servers(provider: &str) -> (ZooKeeper, Arc<ZooKeeperBackend>, Arc<ZooKeeperBackend>, Client) {
+    let zk = start_zk();
+    let x = Arc::new(backend(&zk, provider).await);
+    let y = Arc::new(backend(&zk, provider).await);
+    let inspect = raw(&zk).await;
+    (zk, x, y, inspect)
+}
+
+async fn node_exists(zk: &Client, path: &str) -> bool {
+    zk.check_stat(path).await.unwrap().is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_node_deleted_from_outside_is_reported_lost_and_handed_on_once() {
+    let (_zk, x, y, inspect) = two_servers("deleted-held").await;
+    let k = key("tx", "deleted-held");
+    let (req_a, mut lost_a) = req_watched(&k, PATIENCE);
+    let a = x.acquire(req_a).await.unwrap().expect("a is granted");
+    let dir = x.lock_path(&k).await.unwrap();
+    let b = spawn_acquire(&y, &k, PATIENCE);
+    await_contenders(&inspect, &dir, 2).await;
+    let c = spawn_acquire(&x, &k, Duration::from_secs(1));
+    await_contenders(&inspect, &dir, 3).await;
+
+    // An operator "unsticks" the lock.
+    inspect.delete(a.guard.path(), None).await.unwrap();
+    let (_, reason) = tokio::time::timeout(PATIENCE, lost_a.recv())
+        .await
+        .expect("the holder is told")
+        .expect("lost notification");
+    assert_eq!(reason, LostReason::BackendError);
+    let b = b.await.unwrap().unwrap().expect("the next waiter is granted");
+    assert!(b.token > a.token);
+    // The waiter behind it still waits: one holder, not two.
+    assert!(c.await.unwrap().unwrap().is_none(), "c was granted while b holds");
+    assert!(node_exists(&inspect, b.guard.path()).await);
+    y.release(b.guard).await.unwrap();
+    drop(a);
+    await_contenders(&inspect, &dir, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_node_deleted_from_outside_queues_again_and_is_never_granted() {
+    let (_zk, x, y, inspect) = two_servers("deleted-waiting").await;
+    let k = key("tx", "deleted-waiting");
+    let a = must_acquire(&x, &k).await;
+    let dir = x.lock_path(&k).await.unwrap();
+    let b = spawn_acquire(&y, &k, PATIENCE);
+    await_contenders(&inspect, &dir, 2).await;
+    let old_b = contenders(&inspect, &dir)
+        .await
+        .into_iter()
+        .map(|name| format!("{dir}/{name}"))
+        .find(|path| path != a.guard.path())
+        .unwrap();
+
+    inspect.delete(&old_b, None).await.unwrap();
+    // It queues again behind the holder, with a new node.
+    eventually("the waiter queued again", || async {
+        let now = contenders(&inspect, &dir).await;
+        now.len() == 2 && !now.iter().any(|name| old_b.ends_with(name.as_str()))
+    })
+    .await;
+    x.release(a.guard).await.unwrap();
+    let b = b.await.unwrap().unwrap().expect("granted on its new node");
+    assert_ne!(b.guard.path(), old_b, "granted on a node that was deleted");
+    assert!(node_exists(&inspect, b.guard.path()).await);
+    y.release(b.guard).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_directory_deleted_from_outside_leaves_nobody_holding_a_gone_node() {
+    let (_zk, x, y, inspect) = two_servers("deleted-dir").await;
+    let k = key("tx", "deleted-dir");
+    let (req_a, mut lost_a) = req_watched(&k, PATIENCE);
+    let a = x.acquire(req_a).await.unwrap().expect("a is granted");
+    let dir = x.lock_path(&k).await.unwrap();
+    let (b, mut lost_b) = spawn_acquire_watched(&y, &k, PATIENCE);
+    await_contenders(&inspect, &dir, 2).await;
+
+    // `deleteall`: the children in order, then the directory.
+    for name in curator_sorted(contenders(&inspect, &dir).await) {
+        inspect.delete(&format!("{dir}/{name}"), None).await.unwrap();
+    }
+    let _ = inspect.delete(&dir, None).await;
+
+    tokio::time::timeout(PATIENCE, lost_a.recv())
+        .await
+        .expect("the holder is told")
+        .expect("lost notification");
+    // The waiter either queued again and holds a live node, or was granted
+    // on its old node in the instant between the two deletions and is then
+    // told it lost it: never a holder of a node that is gone.
+    let b = b.await.unwrap().unwrap().expect("b is granted");
+    let path = b.guard.path().to_owned();
+    eventually("b holds a live node or was told it lost it", || async {
+        node_exists(&inspect, &path).await || !lost_b.is_empty()
+    })
+    .await;
+    if node_exists(&inspect, &path).await {
+        assert!(lost_b.try_recv().is_err(), "b was told lost but its node exists");
+        assert!(b.token > a.token);
+    }
+    y.release(b.guard).await.unwrap();
+}

@@ -88,7 +88,10 @@ pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str) -> CancellationTok
 /// grants).
 async fn own_node_deleted(session: &ZkSession, path: &str) -> bool {
     loop {
-        let watched = match session.retry(|c| async move { c.check_and_watch_stat(path).await }).await {
+        let watched = match session
+            .retry(|c| async move { c.check_and_watch_stat(path).await })
+            .await
+        {
             Ok(watched) => watched,
             Err(_) => return false,
         };

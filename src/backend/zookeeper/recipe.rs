@@ -431,5 +431,9 @@ async fn wait_turn(
             Err(e) => return Err(map_err("watch predecessor", e)),
         }
     }
-    Ok(if gone.is_cancelled() { Turn::NodeGone } else { Turn::First })
+    Ok(if gone.is_cancelled() {
+        Turn::NodeGone
+    } else {
+        Turn::First
+    })
 }
