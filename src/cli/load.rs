@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -70,9 +71,9 @@ pub struct LoadArgs {
     #[arg(long, value_name = "HOST:PORT[,...]")]
     zk: Option<String>,
 
-    /// ZooKeeper sessions (in-process server's pool and the raw floor alike).
-    #[arg(long, default_value_t = 4)]
-    zk_sessions: usize,
+    /// ZooKeeper sessions (in-process server's pool and the raw floor alike; at least 1).
+    #[arg(long, default_value_t = super::zk_sessions_default())]
+    zk_sessions: NonZeroUsize,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -161,7 +162,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         (None, Some(zk)) => {
             let cfg = ZkConfig {
                 hosts: zk.clone(),
-                sessions: args.zk_sessions.max(1),
+                sessions: args.zk_sessions.get(),
                 ..ZkConfig::default()
             };
             let backend = ZooKeeperBackend::connect(cfg)
@@ -417,7 +418,7 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
 /// and unlock through ZooKeeper.
 async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
     use zookeeper_client::{Acls, CreateMode};
-    let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.max(1)).await?);
+    let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());

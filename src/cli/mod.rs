@@ -87,6 +87,12 @@ impl ServerOpt {
     }
 }
 
+/// `--zk-sessions`' default: the backend's (at least 1; the flag refuses 0).
+fn zk_sessions_default() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(clastor::backend::zookeeper::ZkConfig::default().sessions)
+        .unwrap_or(std::num::NonZeroUsize::MIN)
+}
+
 /// Logging and a single-threaded runtime for the client-side subcommands:
 /// they drive one connection, so a second thread would only add hops.
 fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
