@@ -222,3 +222,28 @@ async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args as _, Command};
+    use clastor::server::IN_FLIGHT_HEADROOM;
+    use clastor_protocol::{MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN};
+
+    use super::ServeArgs;
+
+    /// The help states the rules `ServerConfig::validate` enforces, with the
+    /// numbers it uses.
+    #[test]
+    fn the_help_states_the_rules_with_their_numbers() {
+        let mut cmd = ServeArgs::augment_args(Command::new("serve"));
+        let help = cmd.render_long_help().to_string();
+        for needle in [
+            format!("--max-waits + {IN_FLIGHT_HEADROOM}"),
+            format!("--max-in-flight - {IN_FLIGHT_HEADROOM}"),
+            format!("between {MIN_FRAME_LEN} and {MAX_FRAME_LEN_CEILING}"),
+            format!("{MIN_FRAME_LEN}..={MAX_FRAME_LEN_CEILING}"),
+        ] {
+            assert!(help.contains(&needle), "no {needle:?} in:\n{help}");
+        }
+    }
+}
