@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Which operations to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Op {
+pub(crate) enum Op {
     /// `PING` round trips.
     Ping,
     /// Acquire then release of a lock, as one sample.
@@ -41,7 +41,7 @@ pub enum Op {
 
 /// How clients pick their keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Keys {
+pub(crate) enum Keys {
     /// Each client its own key: no contention (measures the service path).
     Distinct,
     /// All clients one key: full contention (measures hand-over).
@@ -62,7 +62,7 @@ Examples:\n  clastor load                                 # in-memory server, 1 
 clastor load --clients 64 --duration 10s\n  clastor load --zk 127.0.0.1:2181 --clients 64     # ZooKeeper backend vs raw ZooKeeper\n  \
 clastor load --server 10.0.0.5:7070 --op ping"
 )]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// Server to load; without it, one is started in this process.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
@@ -135,7 +135,7 @@ impl Report {
 }
 
 /// Runs `clastor load`.
-pub fn run(args: LoadArgs) -> ExitCode {
+pub(crate) fn run(args: LoadArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

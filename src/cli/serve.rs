@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Which coordination backend holds the locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
+pub(crate) enum BackendKind {
     /// In this process only: for development, tests and a single server.
     Memory,
     /// An Apache ZooKeeper ensemble, shared by many Clastor servers.
@@ -36,7 +36,7 @@ The server refuses to start with limits that cannot work: --max-in-flight below 
 --zk-sessions of 0, a zero --handshake-timeout.\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "CLASTOR_LISTEN", default_value_t = ServerConfig::default().listen)]
     listen: SocketAddr,
@@ -116,7 +116,7 @@ fn zero_is_off(d: humantime::Duration) -> Option<Duration> {
 }
 
 /// Runs the server until SIGINT or SIGTERM.
-pub fn run(args: ServeArgs) -> ExitCode {
+pub(crate) fn run(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
