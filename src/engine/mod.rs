@@ -5,7 +5,7 @@
 //! and keeps a registry of them for server-wide listings and shutdown. All
 //! per-lock state lives in the sessions; the engine itself only counts.
 //!
-//! [`session`] is a submodule because a session reads and updates the
+//! `session` is a submodule because a session reads and updates the
 //! engine's state (backend, limits, registry, counters) directly.
 
 mod session;

@@ -4,7 +4,7 @@
 //! Each accepted connection is told apart by its first byte: `0x00` starts a
 //! binary frame (frames are under 16 MiB, so the high byte of the length
 //! prefix is zero), anything else is the line-based text form. Both forms end
-//! in the same [`dispatch`] onto the engine.
+//! in the same `dispatch` onto the engine.
 //!
 //! Connection limit: a connection past `max_connections` is accepted only to
 //! be told why it is refused (an error frame or line) and closed, by a small,
