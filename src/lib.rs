@@ -41,9 +41,7 @@ mod engine;
 mod error;
 mod key;
 pub mod server;
-mod session;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{AcquireOptions, Engine, EngineConfig, Granted, HeldInfo, LostEvent, LostEvents, Session};
 pub use error::LockError;
 pub use key::{LockKey, validate_kind};
-pub use session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session};

@@ -257,3 +257,73 @@ async fn the_shell_prints_a_late_reply_after_ctrl_c() {
     assert!(out.status.success());
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn json_tokens_also_come_as_decimal_strings() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    let out = run(clastor(addr).args(["acquire", "transaction", "tx-str", "--json"])).await;
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    let token = v["token"].as_u64().unwrap();
+    assert_eq!(v["token_str"], token.to_string(), "{v}");
+
+    let holder = support::connect(&server).await;
+    let guard = support::take_free(&holder, "transaction", "tx-held-str").await;
+    let v = json(&run(clastor(addr).args(["held", "--json"])).await);
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["token_str"], guard.token().to_string(), "{v}");
+    guard.release().await.unwrap();
+    server.shutdown().await;
+}
+
+/// `clastor serve` with `extra`: it must refuse to start, exit non-zero, and
+/// say why on stderr.
+async fn serve_refused(extra: &[&str]) -> String {
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let out = run(clastor(unused).args(["serve", "--listen", "127.0.0.1:0"]).args(extra)).await;
+    assert!(!out.status.success(), "serve {extra:?} started: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn serve_refuses_limits_that_cannot_work() {
+    let err = serve_refused(&["--max-in-flight", "2"]).await;
+    assert!(
+        err.contains("--max-in-flight") && err.contains("--max-waits") && err.contains("272"),
+        "{err}"
+    );
+    let err = serve_refused(&["--max-in-flight", "20", "--max-waits", "5"]).await;
+    assert!(err.contains("21"), "{err}");
+    let err = serve_refused(&["--max-frame", "8"]).await;
+    assert!(err.contains("--max-frame") && err.contains("280"), "{err}");
+    let err = serve_refused(&["--max-frame", "16777216"]).await;
+    assert!(err.contains("--max-frame"), "{err}");
+    let err = serve_refused(&["--max-connections", "0"]).await;
+    assert!(err.contains("--max-connections"), "{err}");
+    let err = serve_refused(&["--max-held", "0"]).await;
+    assert!(err.contains("--max-held"), "{err}");
+    let err = serve_refused(&["--zk-sessions", "0"]).await;
+    assert!(err.contains("--zk-sessions"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_help_states_the_rules_and_defaults() {
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let out = run(clastor(unused).args(["serve", "--help"])).await;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--max-waits + 16",
+        "280",
+        "16777215",
+        "[default: 512]",
+        "[default: 256]",
+        "[default: 65536]",
+        "[default: 10m]",
+        "[default: 127.0.0.1:7070]",
+    ] {
+        assert!(help.contains(needle), "no {needle:?} in:\n{help}");
+    }
+}

@@ -589,3 +589,108 @@ async fn graceful_shutdown_reports_and_releases() {
     ));
     assert_eq!(backend.active_keys(), 0);
 }
+
+#[tokio::test]
+async fn the_wait_limit_counts_only_acquires_that_would_wait() {
+    let engine = EngineConfig {
+        max_held_per_session: 3,
+        max_waits_per_session: 2,
+        ..EngineConfig::default()
+    };
+    let (server, _) = start(ServerConfig::default(), engine).await;
+    let addr = server.local_addr();
+    let (mut holder, _) = Raw::hello(addr).await;
+    for id in ["busy-0", "busy-1", "busy-2"] {
+        token(&holder.call(acquire("k", id, 0, 0)).await);
+    }
+    let (mut a, _) = Raw::hello(addr).await;
+    a.send(&acquire("k", "busy-0", 10_000, 0)).await;
+    a.send(&acquire("k", "busy-1", 10_000, 0)).await;
+    let release = |id: &str| Request::Release {
+        kind: "k".into(),
+        id: id.into(),
+        token: 0,
+    };
+    // Two waits queued, nothing held: a try-once never counts against the wait limit.
+    token(&a.call(acquire("k", "free-0", 0, 0)).await);
+    assert_eq!(
+        a.call(release("free-0")).await.result,
+        Ok(ResponseBody::Released { released: true })
+    );
+    // An acquire with a wait past the limit is tried once: granted if free...
+    token(&a.call(acquire("k", "free-1", 10_000, 0)).await);
+    assert_eq!(
+        a.call(release("free-1")).await.result,
+        Ok(ResponseBody::Released { released: true })
+    );
+    // ...refused only if it would have had to wait.
+    let refused = a.call(acquire("k", "busy-2", 10_000, 0)).await;
+    assert_eq!(refused.status(), Status::LimitExceeded);
+    match &refused.result {
+        Err(e) => assert!(e.message.contains("2 acquires waiting"), "{e:?}"),
+        Ok(body) => panic!("{body:?}"),
+    }
+    assert_eq!(a.call(acquire("k", "busy-2", 0, 0)).await.status(), Status::Timeout);
+    // The held limit is unchanged: two waits and one lock make three.
+    token(&a.call(acquire("k", "free-2", 0, 0)).await);
+    assert_eq!(
+        a.call(acquire("k", "free-3", 0, 0)).await.status(),
+        Status::LimitExceeded
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn hello_with_min_above_max_is_a_version_mismatch() {
+    let (server, _) = start_default().await;
+    let mut raw = Raw::connect(server.local_addr()).await;
+    let resp = raw
+        .call(Request::Hello(Hello {
+            min_version: 1,
+            max_version: 0,
+            client_name: "backwards".into(),
+        }))
+        .await;
+    assert_eq!(resp.status(), Status::VersionMismatch);
+    let rest = raw.until_closed().await;
+    assert!(
+        matches!(
+            rest.as_slice(),
+            [Incoming::Event(Event::Closing {
+                status: Status::VersionMismatch,
+                ..
+            })]
+        ),
+        "{rest:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn release_naming_a_token_by_a_non_owner_is_refused() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let (mut a, _) = Raw::hello(addr).await;
+    let (mut b, _) = Raw::hello(addr).await;
+    let t = token(&a.call(acquire("k", "i", 0, 0)).await);
+    for named in [t, t + 1] {
+        let resp = b
+            .call(Request::Release {
+                kind: "k".into(),
+                id: "i".into(),
+                token: named,
+            })
+            .await;
+        assert_eq!(resp.status(), Status::NotOwner, "token {named}");
+    }
+    let held = a
+        .call(Request::Held {
+            scope: clastor_protocol::HeldScope::Connection,
+        })
+        .await;
+    assert!(
+        matches!(&held.result, Ok(ResponseBody::Held(list)) if list.len() == 1),
+        "{held:?}"
+    );
+    server.shutdown().await;
+}

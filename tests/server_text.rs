@@ -219,3 +219,29 @@ async fn holder_and_blocked_waiter(addr: std::net::SocketAddr) -> (Text, Text) {
     b.send("ACQUIRE k i 600000").await;
     (a, b)
 }
+
+#[tokio::test]
+async fn past_the_wait_limit_an_acquire_is_tried_once() {
+    // No waits allowed at all: acquires with a wait are tried once.
+    let engine = EngineConfig {
+        max_waits_per_session: 0,
+        ..EngineConfig::default()
+    };
+    let (server, _) = start(ServerConfig::default(), engine).await;
+    let addr = server.local_addr();
+    let mut holder = Text::connect(addr).await;
+    let held = holder.cmd("ACQUIRE k busy").await;
+    assert!(held.starts_with("+ACQUIRED k busy token="), "{held}");
+
+    let mut a = Text::connect(addr).await;
+    let free = a.cmd("ACQUIRE k free 5000").await;
+    assert!(free.starts_with("+ACQUIRED k free token="), "{free}");
+    let busy = a.cmd("ACQUIRE k busy 5000").await;
+    assert_eq!(
+        busy,
+        "-ERR LIMIT_EXCEEDED limit exceeded: this session has 0 acquires waiting, the most allowed"
+    );
+    let once = a.cmd("ACQUIRE k busy").await;
+    assert!(once.starts_with("-TIMEOUT k busy"), "{once}");
+    server.shutdown().await;
+}

@@ -388,3 +388,45 @@ mod tests {
         assert_eq!(format_event(&ev), "!LOST k i token=7 reason=lease_expired\n");
     }
 }
+
+/// Formats an error line that answers no particular command (`-ERR STATUS
+/// message`): a refused connection, a line too long, too much queued input.
+pub fn format_error(status: Status, message: &str) -> String {
+    format!("-ERR {} {}\n", status.name(), one_line(message))
+}
+
+/// The reply to `QUIT`, sent just before the server closes the connection.
+pub fn format_bye() -> String {
+    "+BYE\n".to_owned()
+}
+
+#[cfg(test)]
+mod format_error_tests {
+    use super::*;
+
+    #[test]
+    fn formats_connection_level_errors() {
+        assert_eq!(
+            format_error(Status::LimitExceeded, "too many connections (limit 4); try again later"),
+            "-ERR LIMIT_EXCEEDED too many connections (limit 4); try again later\n"
+        );
+        assert_eq!(
+            format_error(Status::ProtocolError, "line longer than\n1024 bytes"),
+            "-ERR PROTOCOL_ERROR line longer than 1024 bytes\n"
+        );
+    }
+
+    #[test]
+    fn formats_the_goodbye() {
+        assert_eq!(format_bye(), "+BYE\n");
+    }
+
+    #[test]
+    fn closing_events_format_as_the_server_sends_them() {
+        let ev = Event::Closing {
+            status: Status::LimitExceeded,
+            message: "idle timeout".into(),
+        };
+        assert_eq!(format_event(&ev), "!CLOSING LIMIT_EXCEEDED idle timeout\n");
+    }
+}

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Which operations to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Op {
+pub(crate) enum Op {
     /// `PING` round trips.
     Ping,
     /// Acquire then release of a lock, as one sample.
@@ -40,7 +41,7 @@ pub enum Op {
 
 /// How clients pick their keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Keys {
+pub(crate) enum Keys {
     /// Each client its own key: no contention (measures the service path).
     Distinct,
     /// All clients one key: full contention (measures hand-over).
@@ -61,7 +62,7 @@ Examples:\n  clastor load                                 # in-memory server, 1 
 clastor load --clients 64 --duration 10s\n  clastor load --zk 127.0.0.1:2181 --clients 64     # ZooKeeper backend vs raw ZooKeeper\n  \
 clastor load --server 10.0.0.5:7070 --op ping"
 )]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// Server to load; without it, one is started in this process.
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
@@ -70,9 +71,9 @@ pub struct LoadArgs {
     #[arg(long, value_name = "HOST:PORT[,...]")]
     zk: Option<String>,
 
-    /// ZooKeeper sessions (in-process server's pool and the raw floor alike).
-    #[arg(long, default_value_t = 4)]
-    zk_sessions: usize,
+    /// ZooKeeper sessions (in-process server's pool and the raw floor alike; at least 1).
+    #[arg(long, default_value_t = super::zk_sessions_default())]
+    zk_sessions: NonZeroUsize,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -134,7 +135,7 @@ impl Report {
 }
 
 /// Runs `clastor load`.
-pub fn run(args: LoadArgs) -> ExitCode {
+pub(crate) fn run(args: LoadArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -161,7 +162,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         (None, Some(zk)) => {
             let cfg = ZkConfig {
                 hosts: zk.clone(),
-                sessions: args.zk_sessions.max(1),
+                sessions: args.zk_sessions.get(),
                 ..ZkConfig::default()
             };
             let backend = ZooKeeperBackend::connect(cfg)
@@ -417,7 +418,7 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
 /// and unlock through ZooKeeper.
 async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
     use zookeeper_client::{Acls, CreateMode};
-    let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.max(1)).await?);
+    let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());

@@ -28,15 +28,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{ServerOpt, client_runtime};
 
 /// The lock was not granted within --wait (as `timeout(1)` uses 124 for "timed out").
-pub const EXIT_NOT_ACQUIRED: u8 = 124;
+pub(crate) const EXIT_NOT_ACQUIRED: u8 = 124;
 /// The lock was lost while the command ran (or before it could be released).
-pub const EXIT_LOCK_LOST: u8 = 123;
+pub(crate) const EXIT_LOCK_LOST: u8 = 123;
 /// Clastor itself failed: cannot connect, server error.
-pub const EXIT_CLASTOR_ERROR: u8 = 125;
+pub(crate) const EXIT_CLASTOR_ERROR: u8 = 125;
 /// The command was found but could not be run.
-pub const EXIT_CANNOT_RUN: u8 = 126;
+pub(crate) const EXIT_CANNOT_RUN: u8 = 126;
 /// The command was not found.
-pub const EXIT_NOT_FOUND: u8 = 127;
+pub(crate) const EXIT_NOT_FOUND: u8 = 127;
 
 /// Run a command while holding a lock.
 #[derive(Debug, Args)]
@@ -73,7 +73,7 @@ clastor lock transaction tx-1 -- ./settle.sh tx-1\n  \
 clastor lock nightly report --wait 10m --lease 30s -- make report\n  \
 clastor lock transaction tx-1 -- sh -c 'echo \"token $CLASTOR_FENCING_TOKEN\"'"
 )]
-pub struct LockArgs {
+pub(crate) struct LockArgs {
     /// Resource kind (namespace), e.g. `transaction`.
     kind: String,
     /// Resource id within the kind, e.g. `tx-1`.
@@ -98,7 +98,7 @@ pub struct LockArgs {
 }
 
 /// `clastor lock`.
-pub fn run(args: LockArgs) -> ExitCode {
+pub(crate) fn run(args: LockArgs) -> ExitCode {
     let runtime = match client_runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -43,7 +43,7 @@ enum Command {
 }
 
 /// Parses the command line and runs the subcommand.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
@@ -85,6 +85,12 @@ impl ServerOpt {
             .connect()
             .await
     }
+}
+
+/// `--zk-sessions`' default: the backend's (at least 1; the flag refuses 0).
+fn zk_sessions_default() -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(clastor::backend::zookeeper::ZkConfig::default().sessions)
+        .unwrap_or(std::num::NonZeroUsize::MIN)
 }
 
 /// Logging and a single-threaded runtime for the client-side subcommands:

@@ -26,7 +26,7 @@ status), or a --hold wait was interrupted; 2 invalid command line; 3 cannot conn
 
 /// Output format switch shared by the one-shot commands.
 #[derive(Debug, Clone, Copy, Args)]
-pub struct OutputOpt {
+pub(crate) struct OutputOpt {
     /// Print JSON (one object per line) instead of text.
     #[arg(long)]
     json: bool,
@@ -40,7 +40,7 @@ pub struct OutputOpt {
 each round-trip time.\n\nExamples:\n  clastor ping\n  clastor ping --server 10.0.0.5:7070 --count 5\n  \
 CLASTOR_SERVER=lock-1:7070 clastor ping --json"
 )]
-pub struct PingArgs {
+pub(crate) struct PingArgs {
     #[command(flatten)]
     server: ServerOpt,
     #[command(flatten)]
@@ -62,7 +62,7 @@ To run a program under a lock, use `clastor lock` instead.\n\n\
 Examples:\n  clastor acquire transaction tx-1                 # is it free? (try once)\n  \
 clastor acquire transaction tx-1 --wait 10s --hold\n  \
 clastor acquire transaction tx-1 --lease 30s --hold --json")]
-pub struct AcquireArgs {
+pub(crate) struct AcquireArgs {
     /// Resource kind (namespace), e.g. `transaction`.
     kind: String,
     /// Resource id within the kind, e.g. `tx-1`.
@@ -93,7 +93,7 @@ NOT_OWNER (exit 1) if another connection holds it. A lock taken by `clastor acqu
 released by stopping that command; one taken in `clastor shell` by RELEASE in the same shell. This \
 command is useful to check whether someone holds a lock without trying to take it.\n\n\
 Examples:\n  clastor release transaction tx-1\n  clastor release transaction tx-1 --json")]
-pub struct ReleaseArgs {
+pub(crate) struct ReleaseArgs {
     /// Resource kind.
     kind: String,
     /// Resource id.
@@ -112,7 +112,7 @@ pub struct ReleaseArgs {
 version, remaining lease and holding connection.\n\n\
 Examples:\n  clastor held\n  clastor held --json | jq '.[] | select(.kind == \"transaction\")'"
 )]
-pub struct HeldArgs {
+pub(crate) struct HeldArgs {
     #[command(flatten)]
     server: ServerOpt,
     #[command(flatten)]
@@ -124,7 +124,7 @@ pub struct HeldArgs {
 #[command(after_long_help = EXIT_CODES)]
 #[command(long_about = "Show the current version of a resource kind and whether a version \
 rotation is draining it.\n\nExamples:\n  clastor version transaction\n  clastor version transaction --json")]
-pub struct VersionArgs {
+pub(crate) struct VersionArgs {
     /// Resource kind.
     kind: String,
     #[command(flatten)]
@@ -138,7 +138,7 @@ pub struct VersionArgs {
 #[command(after_long_help = EXIT_CODES)]
 #[command(long_about = "Show the server's name, backend, connection and lock counters as \
 name=value lines.\n\nExamples:\n  clastor info\n  clastor info --json | jq .locks_held")]
-pub struct InfoArgs {
+pub(crate) struct InfoArgs {
     #[command(flatten)]
     server: ServerOpt,
     #[command(flatten)]
@@ -185,7 +185,7 @@ fn report_error(out: OutputOpt, e: &Error) {
 }
 
 /// `clastor ping`.
-pub fn ping(args: PingArgs) -> ExitCode {
+pub(crate) fn ping(args: PingArgs) -> ExitCode {
     let PingArgs { server, out, count } = args;
     let addr = server.server.clone();
     run_with(&server, out, |client| async move {
@@ -226,7 +226,7 @@ pub fn ping(args: PingArgs) -> ExitCode {
 }
 
 /// `clastor acquire`.
-pub fn acquire(args: AcquireArgs) -> ExitCode {
+pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
     let AcquireArgs {
         kind,
         id,
@@ -336,6 +336,7 @@ fn guard_json(guard: &LockGuard, hold: bool) -> Value {
         "kind": guard.kind(),
         "id": guard.id(),
         "token": guard.token(),
+        "token_str": guard.token().to_string(),
         "version": guard.version(),
         "lease_ms": guard.lease().map(|l| l.as_millis()),
         "connection_id": guard.connection_id(),
@@ -367,7 +368,7 @@ impl StopSignals {
 }
 
 /// `clastor release`.
-pub fn release(args: ReleaseArgs) -> ExitCode {
+pub(crate) fn release(args: ReleaseArgs) -> ExitCode {
     let ReleaseArgs { kind, id, server, out } = args;
     run_with(&server, out, |client| async move {
         let req = clastor_client::Request::Release {
@@ -394,7 +395,7 @@ pub fn release(args: ReleaseArgs) -> ExitCode {
 }
 
 /// `clastor held`.
-pub fn held(args: HeldArgs) -> ExitCode {
+pub(crate) fn held(args: HeldArgs) -> ExitCode {
     let HeldArgs { server, out } = args;
     run_with(&server, out, |client| async move {
         let list = client.held(HeldScope::Server).await?;
@@ -414,6 +415,7 @@ fn held_json(h: &HeldLock) -> Value {
         "kind": h.kind,
         "id": h.id,
         "token": h.token,
+        "token_str": h.token.to_string(),
         "version": h.version,
         "lease_remaining_ms": (h.lease_remaining_ms > 0).then_some(h.lease_remaining_ms),
         "connection_id": h.connection_id,
@@ -460,7 +462,7 @@ fn held_table(list: &[HeldLock]) -> String {
 }
 
 /// `clastor version`.
-pub fn version(args: VersionArgs) -> ExitCode {
+pub(crate) fn version(args: VersionArgs) -> ExitCode {
     let VersionArgs { kind, server, out } = args;
     run_with(&server, out, |client| async move {
         let v = client.version(&kind).await?;
@@ -478,7 +480,7 @@ pub fn version(args: VersionArgs) -> ExitCode {
 }
 
 /// `clastor info`.
-pub fn info(args: InfoArgs) -> ExitCode {
+pub(crate) fn info(args: InfoArgs) -> ExitCode {
     let InfoArgs { server, out } = args;
     run_with(&server, out, |client| async move {
         let pairs = client.info().await?;

@@ -1,6 +1,7 @@
 //! `clastor serve`: run a server.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,14 +9,15 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
 use clastor::backend::memory::MemoryBackend;
+use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 /// Which coordination backend holds the locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
+pub(crate) enum BackendKind {
     /// In this process only: for development, tests and a single server.
     Memory,
     /// An Apache ZooKeeper ensemble, shared by many Clastor servers.
@@ -29,11 +31,14 @@ The server speaks the binary protocol (see protocol/PROTOCOL.md) and, on the sam
 line-based text form for debugging: `nc 127.0.0.1 7070`, then `HELP`.\n\n\
 Every flag can also be set from the environment variable shown. Durations take units: \
 `500ms`, `10s`, `2m`.\n\n\
+The server refuses to start with limits that cannot work: --max-in-flight below \
+--max-waits + 16, --max-frame outside 280..=16777215, --max-connections or --max-held of 0, \
+--zk-sessions of 0, a zero --handshake-timeout.\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "CLASTOR_LISTEN", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "CLASTOR_LISTEN", default_value_t = ServerConfig::default().listen)]
     listen: SocketAddr,
 
     /// Coordination backend.
@@ -45,61 +50,73 @@ pub struct ServeArgs {
     zk: Option<String>,
 
     /// Root znode under which all lock data lives.
-    #[arg(long, env = "CLASTOR_ZK_ROOT", default_value = "/locks")]
+    #[arg(long, env = "CLASTOR_ZK_ROOT", default_value_t = ZkConfig::default().root)]
     zk_root: String,
 
     /// Provider name: the path segment after the root (`/locks/{provider}/...`).
-    #[arg(long, env = "CLASTOR_PROVIDER", default_value = "zk-provider")]
+    #[arg(long, env = "CLASTOR_PROVIDER", default_value_t = ZkConfig::default().provider)]
     provider: String,
 
-    /// ZooKeeper sessions shared by all connections.
-    #[arg(long, env = "CLASTOR_ZK_SESSIONS", default_value_t = 4)]
-    zk_sessions: usize,
+    /// ZooKeeper sessions shared by all connections (at least 1).
+    #[arg(long, env = "CLASTOR_ZK_SESSIONS", default_value_t = super::zk_sessions_default())]
+    zk_sessions: NonZeroUsize,
 
     /// ZooKeeper session timeout; holders are told their locks are lost well inside it.
-    #[arg(long, env = "CLASTOR_ZK_SESSION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
-    zk_session_timeout: Duration,
+    #[arg(long, env = "CLASTOR_ZK_SESSION_TIMEOUT", default_value_t = ZkConfig::default().session_timeout.into())]
+    zk_session_timeout: humantime::Duration,
 
-    /// Connections served at once; more are refused with LIMIT_EXCEEDED.
-    #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = 10_000)]
+    /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
+    #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
 
-    /// Requests processed concurrently per connection (more wait in TCP buffers).
-    #[arg(long, env = "CLASTOR_MAX_IN_FLIGHT", default_value_t = 512)]
+    /// Requests processed concurrently per connection (more wait in TCP buffers); at least
+    /// --max-waits + 16, so a connection whose waits are all taken can still be read.
+    #[arg(long, env = "CLASTOR_MAX_IN_FLIGHT", default_value_t = ServerConfig::default().max_in_flight)]
     max_in_flight: usize,
 
-    /// Locks one connection may hold at once.
-    #[arg(long, env = "CLASTOR_MAX_HELD", default_value_t = 1024)]
+    /// Locks one connection may hold at once, waits included (at least 1).
+    #[arg(long, env = "CLASTOR_MAX_HELD", default_value_t = EngineConfig::default().max_held_per_session)]
     max_held: usize,
 
-    /// Acquires one connection may have waiting at once.
-    #[arg(long, env = "CLASTOR_MAX_WAITS", default_value_t = 256)]
+    /// Acquires one connection may have waiting at once; at most --max-in-flight - 16. An acquire
+    /// past it is still granted if the lock is free, and refused only if it would wait.
+    #[arg(long, env = "CLASTOR_MAX_WAITS", default_value_t = EngineConfig::default().max_waits_per_session)]
     max_waits: usize,
 
-    /// Largest frame accepted from a client, in bytes.
-    #[arg(long, env = "CLASTOR_MAX_FRAME", default_value_t = clastor_protocol::DEFAULT_MAX_FRAME_LEN)]
+    /// Largest frame accepted from a client, in bytes (between 280 and 16777215).
+    #[arg(long, env = "CLASTOR_MAX_FRAME", default_value_t = ServerConfig::default().max_frame_len)]
     max_frame: usize,
 
-    /// Time a new connection has to send its first byte and complete HELLO.
-    #[arg(long, env = "CLASTOR_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
-    handshake_timeout: Duration,
+    /// Time a new connection has to send its first byte and complete HELLO (more than 0).
+    #[arg(long, env = "CLASTOR_HANDSHAKE_TIMEOUT", default_value_t = ServerConfig::default().handshake_timeout.into())]
+    handshake_timeout: humantime::Duration,
 
     /// Close connections that hold no lock and sent nothing for this long (0 = never).
-    #[arg(long, env = "CLASTOR_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10m")]
-    idle_timeout: Duration,
+    #[arg(long, env = "CLASTOR_IDLE_TIMEOUT", default_value_t = or_zero(ServerConfig::default().idle_timeout))]
+    idle_timeout: humantime::Duration,
 
     /// TCP keepalive idle time: a client whose host vanished is dropped (and its
     /// locks released) after about twice this (0 = off).
-    #[arg(long, env = "CLASTOR_TCP_KEEPALIVE", value_parser = humantime::parse_duration, default_value = "30s")]
-    tcp_keepalive: Duration,
+    #[arg(long, env = "CLASTOR_TCP_KEEPALIVE", default_value_t = or_zero(ServerConfig::default().tcp_keepalive))]
+    tcp_keepalive: humantime::Duration,
 
     /// On SIGINT/SIGTERM, how long connections get to release their locks.
-    #[arg(long, env = "CLASTOR_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
-    shutdown_grace: Duration,
+    #[arg(long, env = "CLASTOR_SHUTDOWN_GRACE", default_value_t = ServerConfig::default().shutdown_grace.into())]
+    shutdown_grace: humantime::Duration,
+}
+
+/// A duration that may be off, as a flag value: 0 for off.
+fn or_zero(d: Option<Duration>) -> humantime::Duration {
+    d.unwrap_or_default().into()
+}
+
+/// A flag value of 0 turns the setting off.
+fn zero_is_off(d: humantime::Duration) -> Option<Duration> {
+    Some(*d).filter(|d| !d.is_zero())
 }
 
 /// Runs the server until SIGINT or SIGTERM.
-pub fn run(args: ServeArgs) -> ExitCode {
+pub(crate) fn run(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
@@ -127,32 +144,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_waits_per_session: args.max_waits,
         ..EngineConfig::default()
     };
-    // Waits occupy in-flight slots until granted; with more slots than waits a
-    // connection can always send one more request (and be read, so that its
-    // going away is seen).
-    let max_in_flight = if args.max_in_flight <= args.max_waits {
-        let raised = args.max_waits + 16;
-        warn!(
-            max_in_flight = args.max_in_flight,
-            max_waits = args.max_waits,
-            raised,
-            "--max-in-flight must exceed --max-waits; raised"
-        );
-        raised
-    } else {
-        args.max_in_flight
-    };
     let server_config = ServerConfig {
         listen: args.listen,
         max_connections: args.max_connections,
-        max_in_flight,
+        max_in_flight: args.max_in_flight,
         max_frame_len: args.max_frame,
-        handshake_timeout: args.handshake_timeout,
-        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
-        shutdown_grace: args.shutdown_grace,
-        tcp_keepalive: (!args.tcp_keepalive.is_zero()).then_some(args.tcp_keepalive),
+        handshake_timeout: *args.handshake_timeout,
+        idle_timeout: zero_is_off(args.idle_timeout),
+        shutdown_grace: *args.shutdown_grace,
+        tcp_keepalive: zero_is_off(args.tcp_keepalive),
         ..ServerConfig::default()
     };
+    // Before connecting to ZooKeeper; `server::spawn` checks the same again.
+    server_config.validate(&engine_config)?;
     match args.backend {
         BackendKind::Memory => run_with(MemoryBackend::new(), engine_config, server_config).await,
         BackendKind::Zookeeper => {
@@ -162,8 +166,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn zookeeper(args: &ServeArgs) -> anyhow::Result<clastor::backend::zookeeper::ZooKeeperBackend> {
-    use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
     let hosts = args
         .zk
         .clone()
@@ -172,8 +175,8 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<clastor::backend::zookeep
         hosts: hosts.clone(),
         root: args.zk_root.clone(),
         provider: args.provider.clone(),
-        sessions: args.zk_sessions.max(1),
-        session_timeout: args.zk_session_timeout,
+        sessions: args.zk_sessions.get(),
+        session_timeout: *args.zk_session_timeout,
     };
     info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
     ZooKeeperBackend::connect(config)
@@ -217,5 +220,30 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args as _, Command};
+    use clastor::server::IN_FLIGHT_HEADROOM;
+    use clastor_protocol::{MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN};
+
+    use super::ServeArgs;
+
+    /// The help states the rules `ServerConfig::validate` enforces, with the
+    /// numbers it uses.
+    #[test]
+    fn the_help_states_the_rules_with_their_numbers() {
+        let mut cmd = ServeArgs::augment_args(Command::new("serve"));
+        let help = cmd.render_long_help().to_string();
+        for needle in [
+            format!("--max-waits + {IN_FLIGHT_HEADROOM}"),
+            format!("--max-in-flight - {IN_FLIGHT_HEADROOM}"),
+            format!("between {MIN_FRAME_LEN} and {MAX_FRAME_LEN_CEILING}"),
+            format!("{MIN_FRAME_LEN}..={MAX_FRAME_LEN_CEILING}"),
+        ] {
+            assert!(help.contains(&needle), "no {needle:?} in:\n{help}");
+        }
     }
 }

@@ -52,7 +52,7 @@ commands from stdin line by line, so it can be scripted.\n\n\
 Exit status: 0 after QUIT or end of input; 3 if the server cannot be reached.\n\n\
 Examples:\n  clastor shell\n  clastor shell --server 10.0.0.5:7070\n  \
 printf 'ACQUIRE transaction tx-1 0 500\\nHELD\\n' | clastor shell")]
-pub struct ShellArgs {
+pub(crate) struct ShellArgs {
     #[command(flatten)]
     server: ServerOpt,
     /// History file (default: ~/.clastor_history).
@@ -67,7 +67,7 @@ pub struct ShellArgs {
 }
 
 /// `clastor shell`.
-pub fn run(args: ShellArgs) -> ExitCode {
+pub(crate) fn run(args: ShellArgs) -> ExitCode {
     let runtime = match client_runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -146,19 +146,19 @@ impl Input {
     /// Ends input. After QUIT or end of input the editor thread is not
     /// reading the terminal, so it is waited for: it saves the history on its
     /// way out. After a signal it may be blocked reading a key, so it is left.
-    fn finish(self, how: End) {
+    fn finish(self, how: ShellExit) {
         if let Input::Terminal(Terminal { lines, ready, thread }) = self {
             drop((lines, ready));
-            if how != End::Signal && thread.join().is_err() {
+            if how != ShellExit::Signal && thread.join().is_err() {
                 eprintln!("clastor: the line editor thread failed");
             }
         }
     }
 }
 
-/// Why a session ended.
+/// Why the shell stops reading: decides whether to wait for the line editor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+enum ShellExit {
     /// QUIT, or end of input.
     Quit,
     /// SIGINT outside of the line editor.
@@ -251,7 +251,7 @@ async fn session(client: Client, mut input: Input, mut output: Output) {
     let mut events = client.events();
     // Commands whose wait was interrupted: their replies print when they come.
     let mut late: JoinSet<(String, Option<String>)> = JoinSet::new();
-    let mut end = End::Quit;
+    let mut exit = ShellExit::Quit;
     loop {
         let line = tokio::select! {
             ev = events.recv() => {
@@ -268,7 +268,7 @@ async fn session(client: Client, mut input: Input, mut output: Output) {
             // Once a Ctrl-C handler exists SIGINT no longer kills the process,
             // so honour it here (a terminal in raw mode reads it as a key instead).
             _ = tokio::signal::ctrl_c() => {
-                end = End::Signal;
+                exit = ShellExit::Signal;
                 None
             }
         };
@@ -294,7 +294,7 @@ async fn session(client: Client, mut input: Input, mut output: Output) {
         input.ready();
     }
     // Let the readline thread see the channel close and save history.
-    input.finish(end);
+    input.finish(exit);
 }
 
 /// A reply that came after the user stopped waiting for it.

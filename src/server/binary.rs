@@ -25,11 +25,11 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::Shared;
-use super::conn::{goodbye, lost_event, sleep_until_or_never, write_within};
-use super::dispatch::{Ctx, dispatch};
+use super::dispatch::{RequestContext, dispatch};
+use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
+use super::state::ServerState;
 use crate::backend::Backend;
-use crate::session::{LostEvent, LostEvents};
+use crate::engine::{LostEvent, LostEvents};
 
 type Pending = Pin<Box<dyn Future<Output = Response> + Send>>;
 
@@ -47,8 +47,8 @@ enum Flow {
 
 struct Conn<B: Backend> {
     framed: Framed<TcpStream, ClastorCodec>,
-    shared: Arc<Shared<B>>,
-    ctx: Ctx<B>,
+    shared: Arc<ServerState<B>>,
+    ctx: RequestContext<B>,
     inflight: FuturesUnordered<Pending>,
     handshaken: bool,
     opened: Instant,
@@ -57,8 +57,8 @@ struct Conn<B: Backend> {
 
 pub(super) async fn run<B: Backend>(
     stream: TcpStream,
-    shared: &Arc<Shared<B>>,
-    ctx: Ctx<B>,
+    shared: &Arc<ServerState<B>>,
+    ctx: RequestContext<B>,
     mut lost: LostEvents,
     shutdown: &CancellationToken,
 ) {

@@ -8,23 +8,23 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use clastor_protocol::{Event, LostReason, Status};
+use clastor_protocol::{Event, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
-use super::dispatch::Ctx;
-use super::{ServerStats, Shared, binary, text};
+use super::dispatch::RequestContext;
+use super::state::{ServerState, ServerStats};
+use super::{binary, text};
 use crate::backend::Backend;
-use crate::session::{LostEvent, LostEvents, Session};
 
 /// Serves one accepted connection until it closes or the server shuts down;
 /// everything its session held is released before this returns.
 pub(super) async fn serve<B: Backend>(
     stream: TcpStream,
     peer: SocketAddr,
-    shared: Arc<Shared<B>>,
+    shared: Arc<ServerState<B>>,
     shutdown: CancellationToken,
 ) {
     let mut first = [0u8; 1];
@@ -48,7 +48,7 @@ pub(super) async fn serve<B: Backend>(
     let (session, lost) = shared.engine.open_session(peer.to_string());
     let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
     let _open = OpenConnection::count(&shared.stats);
-    let ctx = Ctx {
+    let ctx = RequestContext {
         engine: shared.engine.clone(),
         session: session.clone(),
     };
@@ -84,46 +84,6 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// The wire event reporting a lost lock.
-pub(super) fn lost_event(ev: &LostEvent) -> Event {
-    Event::LockLost {
-        kind: ev.key.kind().to_owned(),
-        id: ev.key.id().to_owned(),
-        token: ev.token,
-        reason: ev.reason,
-    }
-}
-
-/// What a connection is told when the server shuts down: losses already
-/// queued, then `LOCK_LOST reason=shutdown` for every lock it still holds,
-/// then `CLOSING`.
-pub(super) fn goodbye<B: Backend>(session: &Session<B>, lost: &mut LostEvents) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Some(ev) = lost.try_recv() {
-        out.push(lost_event(&ev));
-    }
-    for h in session.held() {
-        out.push(lost_event(&LostEvent {
-            key: h.key,
-            token: h.token,
-            reason: LostReason::Shutdown,
-        }));
-    }
-    out.push(Event::Closing {
-        status: Status::ShuttingDown,
-        message: "server shutting down".into(),
-    });
-    out
-}
-
-/// Sleeps until `at`; forever if `None` (a deadline too far to represent).
-pub(super) async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// How long a refused connection gets to show which form it speaks.
 const REFUSAL_PEEK: Duration = Duration::from_secs(1);
 
@@ -144,33 +104,11 @@ pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr, max: usize) 
         .encode(&mut buf);
         buf.to_vec()
     } else {
-        format!("-ERR {} {message}\n", Status::LimitExceeded.name()).into_bytes()
+        clastor_protocol::text::format_error(Status::LimitExceeded, &message).into_bytes()
     };
     let _ = tokio::time::timeout(REFUSAL_PEEK, async {
         let _ = stream.write_all(&bytes).await;
         let _ = stream.shutdown().await;
     })
     .await;
-}
-
-/// Runs a write (a flush or a send) within the write timeout, giving up when
-/// the server's hard stop comes. `Err` means the connection is done for.
-pub(super) async fn write_within<B: Backend, E: std::fmt::Display>(
-    shared: &Shared<B>,
-    write: impl std::future::Future<Output = Result<(), E>>,
-) -> Result<(), ()> {
-    tokio::select! {
-        r = tokio::time::timeout(shared.config.write_timeout, write) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                debug!(error = %e, "write failed");
-                Err(())
-            }
-            Err(_) => {
-                tracing::info!("client stopped reading; dropping connection");
-                Err(())
-            }
-        },
-        () = shared.hard_stop.cancelled() => Err(()),
-    }
 }

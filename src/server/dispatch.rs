@@ -1,30 +1,29 @@
-//! Maps a decoded request onto the engine and back to a response body. Shared
+//! Maps a decoded request onto the engine and back to a response body. Used
 //! by the binary and the text form, so both have one semantics.
 
 use std::time::Duration;
 
 use clastor_protocol::{AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Status, VersionInfo};
 
+use super::state::ServerState;
 use crate::backend::Backend;
-use crate::engine::Engine;
+use crate::engine::{AcquireOptions, Engine, HeldInfo, Session};
 use crate::error::LockError;
 use crate::key::LockKey;
-use crate::server::{Shared, millis_u32};
-use crate::session::{AcquireOptions, HeldInfo, Session};
 
 /// Longest server-wide `HELD` listing; the rest is left off (INFO counts all).
 pub(crate) const MAX_HELD_LISTING: usize = 10_000;
 
 /// What a connection needs to run a request.
 #[derive(Debug)]
-pub(crate) struct Ctx<B: Backend> {
+pub(crate) struct RequestContext<B: Backend> {
     pub(crate) engine: Engine<B>,
     pub(crate) session: Session<B>,
 }
 
-impl<B: Backend> Clone for Ctx<B> {
+impl<B: Backend> Clone for RequestContext<B> {
     fn clone(&self) -> Self {
-        Ctx {
+        RequestContext {
             engine: self.engine.clone(),
             session: self.session.clone(),
         }
@@ -55,8 +54,8 @@ fn ms(v: u32) -> Duration {
 /// Runs one request. `HELLO` is the connection's business and never reaches
 /// here in binary mode; in text mode it is refused.
 pub(crate) async fn dispatch<B: Backend>(
-    ctx: &Ctx<B>,
-    shared: &Shared<B>,
+    ctx: &RequestContext<B>,
+    shared: &ServerState<B>,
     req: Request,
 ) -> Result<ResponseBody, ErrorReply> {
     match req {
@@ -130,4 +129,9 @@ fn held_lock(h: HeldInfo) -> HeldLock {
         lease_remaining_ms: h.lease_remaining.map_or(0, |d| millis_u32(d).max(1)),
         connection_id: h.session,
     }
+}
+
+/// Clamps a duration to whole milliseconds in `u32`.
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }

@@ -4,7 +4,7 @@
 //! Each accepted connection is told apart by its first byte: `0x00` starts a
 //! binary frame (frames are under 16 MiB, so the high byte of the length
 //! prefix is zero), anything else is the line-based text form. Both forms end
-//! in the same [`dispatch`] onto the engine.
+//! in the same `dispatch` onto the engine.
 //!
 //! Connection limit: a connection past `max_connections` is accepted only to
 //! be told why it is refused (an error frame or line) and closed, by a small,
@@ -13,14 +13,18 @@
 //! extra connections are dropped at once.
 
 mod binary;
+mod config;
 mod conn;
 mod dispatch;
+mod io;
+mod state;
 mod text;
 
-use std::io;
+pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -33,109 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
 use crate::engine::Engine;
-
-/// Server settings. `Default` gives the production defaults.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Connections served at once; more are refused with `LIMIT_EXCEEDED`.
-    pub max_connections: usize,
-    /// Requests processed concurrently per connection; further frames are
-    /// read only as earlier requests finish (TCP back-pressure). Keep it above
-    /// the engine's `max_waits_per_session`: a connection whose slots were
-    /// all taken by waits would not be read, so its going away would not be
-    /// noticed until one of them ends (`clastor serve` enforces this).
-    pub max_in_flight: usize,
-    /// Largest frame accepted from a client (header + body).
-    pub max_frame_len: usize,
-    /// Time a new connection has to send its first byte and, in binary mode,
-    /// to complete `HELLO`.
-    pub handshake_timeout: Duration,
-    /// A connection with no request in flight, no lock held and no traffic for
-    /// this long is closed. `None`: never.
-    pub idle_timeout: Option<Duration>,
-    /// How long a stalled client may block a write before it is dropped.
-    pub write_timeout: Duration,
-    /// TCP keepalive idle time on accepted connections (`None`: off). A
-    /// client whose host vanished (power loss, partition) holds its locks
-    /// until its connection is known dead: about twice this long (idle time,
-    /// then three probes a third of it apart; unacknowledged writes give up
-    /// after the same time).
-    pub tcp_keepalive: Option<Duration>,
-    /// On shutdown, how long connections get to say goodbye and release their
-    /// locks before they are cut.
-    pub shutdown_grace: Duration,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            max_connections: 10_000,
-            max_in_flight: 512,
-            max_frame_len: clastor_protocol::DEFAULT_MAX_FRAME_LEN,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Some(Duration::from_secs(600)),
-            write_timeout: Duration::from_secs(30),
-            tcp_keepalive: Some(Duration::from_secs(30)),
-            shutdown_grace: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Counters shared by all connections.
-#[derive(Debug, Default)]
-pub(crate) struct ServerStats {
-    pub(crate) connections_open: AtomicU64,
-    pub(crate) connections_accepted: AtomicU64,
-    pub(crate) connections_refused: AtomicU64,
-    pub(crate) requests: AtomicU64,
-    pub(crate) bad_requests: AtomicU64,
-    pub(crate) protocol_errors: AtomicU64,
-}
-
-/// What every connection task shares.
-#[derive(Debug)]
-pub(crate) struct Shared<B: Backend> {
-    pub(crate) engine: Engine<B>,
-    pub(crate) config: ServerConfig,
-    pub(crate) stats: ServerStats,
-    pub(crate) local_addr: SocketAddr,
-    pub(crate) started: Instant,
-    /// Cancelled when the shutdown grace runs out: connections still
-    /// writing to a client that does not read give up at once.
-    pub(crate) hard_stop: CancellationToken,
-}
-
-impl<B: Backend> Shared<B> {
-    pub(crate) fn server_name(&self) -> String {
-        format!(
-            "clastor {} ({})",
-            env!("CARGO_PKG_VERSION"),
-            self.engine.backend().name()
-        )
-    }
-
-    pub(crate) fn info(&self) -> Vec<(String, String)> {
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        let s = &self.stats;
-        let mut out = vec![
-            ("server".to_owned(), self.server_name()),
-            ("listen".to_owned(), self.local_addr.to_string()),
-            ("uptime_s".to_owned(), self.started.elapsed().as_secs().to_string()),
-            ("connections_open".to_owned(), n(&s.connections_open)),
-            ("connections_accepted".to_owned(), n(&s.connections_accepted)),
-            ("connections_refused".to_owned(), n(&s.connections_refused)),
-            ("max_connections".to_owned(), self.config.max_connections.to_string()),
-            ("requests".to_owned(), n(&s.requests)),
-            ("bad_requests".to_owned(), n(&s.bad_requests)),
-            ("protocol_errors".to_owned(), n(&s.protocol_errors)),
-        ];
-        out.extend(self.engine.info());
-        out
-    }
-}
+use state::{ServerState, ServerStats};
 
 /// A running server.
 #[derive(Debug)]
@@ -175,11 +77,15 @@ impl ServerHandle {
 /// Binds `config.listen` and serves `engine` on it until shut down.
 ///
 /// # Errors
-/// The listener could not be bound.
-pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> io::Result<ServerHandle> {
+/// [`std::io::ErrorKind::InvalidInput`] wrapping a [`ConfigError`] if the settings
+/// break a rule of [`ServerConfig::validate`]; the listener could not be bound.
+pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::io::Result<ServerHandle> {
+    config
+        .validate(engine.config())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let listener = bind(config.listen)?;
     let local_addr = listener.local_addr()?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ServerState {
         engine,
         config,
         stats: ServerStats::default(),
@@ -197,7 +103,7 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> io::R
     })
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Restarting a server must not wait for TIME_WAIT sockets to clear.
     socket.set_reuse_address(true)?;
@@ -212,7 +118,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// dropped without a word.
 const MAX_REFUSALS: usize = 64;
 
-async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<Shared<B>>, shutdown: CancellationToken) {
+async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<B>>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let tracker = TaskTracker::new();
@@ -300,17 +206,12 @@ fn tune(stream: &tokio::net::TcpStream, keepalive: Option<Duration>) {
     }
 }
 
-/// Clamps a duration to whole milliseconds in `u32`.
-pub(crate) fn millis_u32(d: Duration) -> u32 {
-    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn accepted_connections_get_keepalive() -> io::Result<()> {
+    async fn accepted_connections_get_keepalive() -> std::io::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
         let (accepted, _) = listener.accept().await?;

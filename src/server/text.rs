@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::text::{self, Command, MAX_LINE_LEN};
-use clastor_protocol::{Response, Status};
+use clastor_protocol::{Event, Response, Status};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -26,11 +26,11 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::Shared;
-use super::conn::{goodbye, lost_event, sleep_until_or_never, write_within};
-use super::dispatch::{Ctx, dispatch};
+use super::dispatch::{RequestContext, dispatch};
+use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
+use super::state::ServerState;
 use crate::backend::Backend;
-use crate::session::LostEvents;
+use crate::engine::LostEvents;
 
 type Pending = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
@@ -46,8 +46,8 @@ enum Reply {
 
 pub(super) async fn run<B: Backend>(
     stream: TcpStream,
-    shared: &Arc<Shared<B>>,
-    ctx: Ctx<B>,
+    shared: &Arc<ServerState<B>>,
+    ctx: RequestContext<B>,
     mut lost: LostEvents,
     shutdown: &CancellationToken,
 ) {
@@ -81,7 +81,7 @@ pub(super) async fn run<B: Backend>(
             Some(reply) = running.next(), if !running.is_empty() => match reply {
                 Reply::Text(t) => Some(t),
                 Reply::Bye => {
-                    let _ = send(&mut framed, shared, "+BYE\n".into()).await;
+                    let _ = send(&mut framed, shared, text::format_bye()).await;
                     break;
                 }
             },
@@ -97,7 +97,10 @@ pub(super) async fn run<B: Backend>(
                         if queued_bytes > MAX_QUEUED_BYTES {
                             shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             info!(queued = queued.len(), "too many commands queued; closing connection");
-                            let msg = format!("-ERR {} more than {MAX_QUEUED_BYTES} bytes of commands queued behind a running one\n", Status::LimitExceeded.name());
+                            let msg = text::format_error(
+                                Status::LimitExceeded,
+                                &format!("more than {MAX_QUEUED_BYTES} bytes of commands queued behind a running one"),
+                            );
                             let _ = send(&mut framed, shared, msg).await;
                             break;
                         }
@@ -110,14 +113,18 @@ pub(super) async fn run<B: Backend>(
                             LinesCodecError::Io(e) => format!("unreadable input: {e}"),
                         };
                         info!(error = %msg, "protocol error; closing connection");
-                        let _ = send(&mut framed, shared, format!("-ERR {} {msg}\n", Status::ProtocolError.name())).await;
+                        let _ = send(&mut framed, shared, text::format_error(Status::ProtocolError, &msg)).await;
                         break;
                     }
                 }
             }
             () = sleep_until_or_never(idle_at.flatten()), if idle_at.is_some() => {
                 info!("idle timeout; closing connection");
-                let _ = send(&mut framed, shared, "!CLOSING LIMIT_EXCEEDED idle timeout\n".into()).await;
+                let closing = Event::Closing {
+                    status: Status::LimitExceeded,
+                    message: "idle timeout".into(),
+                };
+                let _ = send(&mut framed, shared, text::format_event(&closing)).await;
                 break;
             }
         };
@@ -132,7 +139,7 @@ pub(super) async fn run<B: Backend>(
 /// Writes `out` (already newline-terminated) within the write timeout.
 async fn send<B: Backend>(
     framed: &mut Framed<TcpStream, LinesCodec>,
-    shared: &Shared<B>,
+    shared: &ServerState<B>,
     out: String,
 ) -> Result<(), ()> {
     // LinesCodec appends a newline itself.
@@ -141,7 +148,7 @@ async fn send<B: Backend>(
 }
 
 /// Turns one line into the future of its reply; `None` for a blank line.
-fn command<B: Backend>(line: &str, ctx: &Ctx<B>, shared: &Arc<Shared<B>>) -> Option<Pending> {
+fn command<B: Backend>(line: &str, ctx: &RequestContext<B>, shared: &Arc<ServerState<B>>) -> Option<Pending> {
     let ready = |reply: Reply| -> Option<Pending> { Some(Box::pin(async move { reply })) };
     let stats = &shared.stats;
     match text::parse(line) {

@@ -4,6 +4,11 @@
 //! The engine hands out [`Session`]s (one per connection or in-process owner)
 //! and keeps a registry of them for server-wide listings and shutdown. All
 //! per-lock state lives in the sessions; the engine itself only counts.
+//!
+//! `session` is a submodule because a session reads and updates the
+//! engine's state (backend, limits, registry, counters) directly.
+
+mod session;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -11,17 +16,21 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
+use self::session::SessionState;
+pub use self::session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session};
 use crate::backend::{Backend, KindVersion};
 use crate::error::LockError;
 use crate::key::validate_kind;
-use crate::session::{HeldInfo, LostEvents, Session, SessionShared};
 
 /// Per-session limits. Defaults suit a server with thousands of connections.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Locks one session may hold at once.
     pub max_held_per_session: usize,
-    /// Acquires one session may have waiting at once.
+    /// Acquires one session may have waiting at once. A try-once (zero
+    /// wait) never counts; an acquire with a wait past this limit is tried
+    /// once, granted if the lock is free, refused with
+    /// [`LockError::LimitExceeded`] only if it would have had to wait.
     pub max_waits_per_session: usize,
     /// Longest wait an acquire may ask for.
     pub max_wait: Duration,
@@ -43,7 +52,7 @@ impl Default for EngineConfig {
 /// The lock engine. Cheap to clone; clones share everything.
 #[derive(Debug)]
 pub struct Engine<B: Backend> {
-    inner: Arc<EngineInner<B>>,
+    inner: Arc<EngineState<B>>,
 }
 
 impl<B: Backend> Clone for Engine<B> {
@@ -55,7 +64,7 @@ impl<B: Backend> Clone for Engine<B> {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Stats {
+pub(crate) struct EngineStats {
     pub(crate) sessions_opened: AtomicU64,
     pub(crate) granted: AtomicU64,
     pub(crate) not_granted: AtomicU64,
@@ -64,18 +73,18 @@ pub(crate) struct Stats {
     pub(crate) lease_expired: AtomicU64,
 }
 
-pub(crate) struct EngineInner<B: Backend> {
+pub(crate) struct EngineState<B: Backend> {
     pub(crate) backend: B,
     pub(crate) config: EngineConfig,
-    pub(crate) sessions: DashMap<u64, Weak<SessionShared<B>>>,
-    pub(crate) stats: Stats,
+    pub(crate) sessions: DashMap<u64, Weak<SessionState<B>>>,
+    pub(crate) stats: EngineStats,
     next_session: AtomicU64,
     next_grant: AtomicU64,
 }
 
-impl<B: Backend> std::fmt::Debug for EngineInner<B> {
+impl<B: Backend> std::fmt::Debug for EngineState<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineInner")
+        f.debug_struct("EngineState")
             .field("backend", &self.backend.name())
             .field("config", &self.config)
             .field("sessions", &self.sessions.len())
@@ -83,7 +92,7 @@ impl<B: Backend> std::fmt::Debug for EngineInner<B> {
     }
 }
 
-impl<B: Backend> EngineInner<B> {
+impl<B: Backend> EngineState<B> {
     pub(crate) fn next_grant_id(&self) -> u64 {
         self.next_grant.fetch_add(1, Ordering::Relaxed)
     }
@@ -93,11 +102,11 @@ impl<B: Backend> Engine<B> {
     /// An engine over `backend`.
     pub fn new(backend: B, config: EngineConfig) -> Engine<B> {
         Engine {
-            inner: Arc::new(EngineInner {
+            inner: Arc::new(EngineState {
                 backend,
                 config,
                 sessions: DashMap::new(),
-                stats: Stats::default(),
+                stats: EngineStats::default(),
                 next_session: AtomicU64::new(1),
                 next_grant: AtomicU64::new(1),
             }),
@@ -175,7 +184,7 @@ impl<B: Backend> Engine<B> {
     /// Strong handles on every open session. Collected before use: dropping
     /// the last handle of a session inside a map iteration would deadlock on
     /// the session's own removal from the map.
-    fn live_sessions(&self) -> Vec<Arc<SessionShared<B>>> {
+    fn live_sessions(&self) -> Vec<Arc<SessionState<B>>> {
         self.inner.sessions.iter().filter_map(|e| e.value().upgrade()).collect()
     }
 

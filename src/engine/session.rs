@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::EngineState;
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
-use crate::engine::EngineInner;
 use crate::error::LockError;
 use crate::key::LockKey;
 
@@ -127,28 +127,28 @@ impl LostEvents {
 /// everything) on [`Session::close`] or when the last clone is dropped.
 #[derive(Debug)]
 pub struct Session<B: Backend> {
-    shared: Arc<SessionShared<B>>,
+    state: Arc<SessionState<B>>,
 }
 
 impl<B: Backend> Clone for Session<B> {
     fn clone(&self) -> Self {
         Session {
-            shared: self.shared.clone(),
+            state: self.state.clone(),
         }
     }
 }
 
-pub(crate) struct SessionShared<B: Backend> {
+pub(crate) struct SessionState<B: Backend> {
     id: u64,
     label: Arc<str>,
-    engine: Arc<EngineInner<B>>,
-    state: Mutex<State<B::Guard>>,
+    engine: Arc<EngineState<B>>,
+    table: Mutex<LockTable<B::Guard>>,
     events: mpsc::UnboundedSender<LostEvent>,
     /// Cancelled by `close`, to withdraw acquires still waiting.
     closing: CancellationToken,
 }
 
-impl<B: Backend> std::fmt::Debug for SessionShared<B> {
+impl<B: Backend> std::fmt::Debug for SessionState<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.id)
@@ -157,9 +157,11 @@ impl<B: Backend> std::fmt::Debug for SessionShared<B> {
     }
 }
 
-struct State<G> {
+struct LockTable<G> {
     held: HashMap<LockKey, Held<G>>,
     pending: HashMap<LockKey, Pending>,
+    /// How many of `pending` may wait: what the wait limit counts.
+    waiting: usize,
     /// Keys taken out of `held` whose backend release is still running, with
     /// how many such releases are in flight: a RELEASE racing one of them is
     /// answered "not held", not NOT_OWNER.
@@ -183,7 +185,18 @@ struct Lease {
 
 struct Pending {
     grant_id: u64,
+    /// Counted in `LockTable::waiting` (asked for a wait, within the limit).
+    waits: bool,
     lost: Option<LostReason>,
+}
+
+impl<G> LockTable<G> {
+    /// Removes the pending acquire of `key`, keeping the wait count right.
+    fn take_pending(&mut self, key: &LockKey) -> Option<Pending> {
+        let p = self.pending.remove(key)?;
+        self.waiting -= usize::from(p.waits);
+        Some(p)
+    }
 }
 
 impl<G> Held<G> {
@@ -197,29 +210,30 @@ impl<G> Held<G> {
 }
 
 impl<B: Backend> Session<B> {
-    pub(crate) fn open(engine: Arc<EngineInner<B>>, id: u64, label: Arc<str>) -> (Session<B>, LostEvents) {
+    pub(crate) fn open(engine: Arc<EngineState<B>>, id: u64, label: Arc<str>) -> (Session<B>, LostEvents) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(SessionShared {
+        let state = Arc::new(SessionState {
             id,
             label,
             engine: engine.clone(),
-            state: Mutex::new(State {
+            table: Mutex::new(LockTable {
                 held: HashMap::new(),
                 pending: HashMap::new(),
+                waiting: 0,
                 releasing: HashMap::new(),
                 closed: false,
             }),
             events: tx,
             closing: CancellationToken::new(),
         });
-        engine.sessions.insert(id, Arc::downgrade(&shared));
-        debug!(session = id, label = %shared.label, "session opened");
-        (Session { shared }, LostEvents { rx })
+        engine.sessions.insert(id, Arc::downgrade(&state));
+        debug!(session = id, label = %state.label, "session opened");
+        (Session { state }, LostEvents { rx })
     }
 
     /// The session's engine-wide id (the connection id on the wire).
     pub fn id(&self) -> u64 {
-        self.shared.id
+        self.state.id
     }
 
     /// Takes the lock on `key`, waiting up to `opts.wait` (FIFO behind earlier
@@ -231,11 +245,14 @@ impl<B: Backend> Session<B> {
     ///
     /// # Errors
     /// [`LockError::AlreadyHeld`] if this session holds or awaits `key`;
-    /// [`LockError::LimitExceeded`]; [`LockError::InvalidArgument`] for a wait
-    /// or lease over the configured maximum or a zero lease;
+    /// [`LockError::LimitExceeded`] past the held limit (waits included), or
+    /// past the wait limit when the lock is taken (an acquire with a wait
+    /// past that limit is tried once instead; a try-once never counts);
+    /// [`LockError::InvalidArgument`] for a wait or lease over the configured
+    /// maximum or a zero lease;
     /// [`LockError::SessionClosed`]; backend failures.
     pub async fn acquire(&self, key: &LockKey, opts: AcquireOptions) -> Result<Option<Granted>, LockError> {
-        let s = &*self.shared;
+        let s = &*self.state;
         let cfg = &s.engine.config;
         if opts.wait > cfg.max_wait {
             return Err(LockError::InvalidArgument(format!(
@@ -247,7 +264,8 @@ impl<B: Backend> Session<B> {
             check_lease(lease, cfg.max_lease)?;
         }
         let grant_id = s.engine.next_grant_id();
-        {
+        // `Some(waiting)`: the wait limit was reached, so this acquire only tries once.
+        let over_wait_limit = {
             let mut st = s.lock();
             if st.closed {
                 return Err(LockError::SessionClosed);
@@ -264,23 +282,35 @@ impl<B: Backend> Session<B> {
                     cfg.max_held_per_session
                 )));
             }
-            if st.pending.len() >= cfg.max_waits_per_session {
-                return Err(LockError::LimitExceeded(format!(
-                    "this session has {} acquires waiting, the most allowed",
-                    st.pending.len()
-                )));
-            }
-            st.pending.insert(key.clone(), Pending { grant_id, lost: None });
-        }
+            // A try-once never waits, so it never counts against the wait
+            // limit; a wait past the limit is tried once, and refused only
+            // if it would have had to wait.
+            let over = (!opts.wait.is_zero() && st.waiting >= cfg.max_waits_per_session).then_some(st.waiting);
+            let waits = !opts.wait.is_zero() && over.is_none();
+            st.waiting += usize::from(waits);
+            st.pending.insert(
+                key.clone(),
+                Pending {
+                    grant_id,
+                    waits,
+                    lost: None,
+                },
+            );
+            over
+        };
         let mut pending = PendingGuard {
-            shared: s,
+            session: s,
             key,
             grant_id,
             armed: true,
         };
         let req = AcquireRequest {
             key,
-            wait: opts.wait,
+            wait: if over_wait_limit.is_some() {
+                Duration::ZERO
+            } else {
+                opts.wait
+            },
             mode: opts.mode,
             owner: s.id,
             on_lost: self.notifier(key, grant_id),
@@ -292,10 +322,15 @@ impl<B: Backend> Session<B> {
         };
         pending.armed = false;
         let mut st = s.lock();
-        let lost = st.pending.remove(key).and_then(|p| p.lost);
+        let lost = st.take_pending(key).and_then(|p| p.lost);
         let grant = match grant {
             Ok(Some(grant)) => grant,
             Ok(None) => {
+                if let Some(waiting) = over_wait_limit {
+                    return Err(LockError::LimitExceeded(format!(
+                        "this session has {waiting} acquires waiting, the most allowed"
+                    )));
+                }
                 s.engine.stats.not_granted.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -347,7 +382,7 @@ impl<B: Backend> Session<B> {
     /// # Errors
     /// As [`Session::release`].
     pub async fn release_grant(&self, key: &LockKey, token: Option<u64>) -> Result<bool, LockError> {
-        let s = &*self.shared;
+        let s = &*self.state;
         let held = {
             let mut st = s.lock();
             match st.held.get(key) {
@@ -386,7 +421,7 @@ impl<B: Backend> Session<B> {
     /// # Errors
     /// As [`Session::renew`]; a grant with another token is [`LockError::NotHeld`].
     pub fn renew_grant(&self, key: &LockKey, lease: Duration, token: Option<u64>) -> Result<Granted, LockError> {
-        let s = &*self.shared;
+        let s = &*self.state;
         check_lease(lease, s.engine.config.max_lease)?;
         let mut st = s.lock();
         let Some(held) = st.held.get_mut(key).filter(|h| token.is_none_or(|t| t == h.token)) else {
@@ -416,22 +451,22 @@ impl<B: Backend> Session<B> {
 
     /// The locks this session holds, ordered by key.
     pub fn held(&self) -> Vec<HeldInfo> {
-        self.shared.held()
+        self.state.held()
     }
 
     /// How many locks this session holds.
     pub fn held_count(&self) -> usize {
-        self.shared.held_len()
+        self.state.held_len()
     }
 
     /// Closes the session: refuses new acquires, withdraws waiting ones (they
     /// fail with [`LockError::SessionClosed`]) and releases everything held.
     pub async fn close(&self) {
-        self.shared.close().await;
+        self.state.close().await;
     }
 
     fn notifier(&self, key: &LockKey, grant_id: u64) -> LostNotifier {
-        let weak = Arc::downgrade(&self.shared);
+        let weak = Arc::downgrade(&self.state);
         let key = key.clone();
         LostNotifier::new(move |reason| {
             if let Some(s) = weak.upgrade() {
@@ -443,7 +478,7 @@ impl<B: Backend> Session<B> {
     fn start_lease(&self, key: &LockKey, grant_id: u64, duration: Duration) -> Lease {
         let deadline = Instant::now() + duration;
         let timer = tokio::spawn(lease_timer(
-            Arc::downgrade(&self.shared),
+            Arc::downgrade(&self.state),
             key.clone(),
             grant_id,
             deadline,
@@ -470,7 +505,7 @@ fn check_lease(lease: Duration, max: Duration) -> Result<(), LockError> {
 
 /// Sleeps until the lease deadline; if the lock was renewed meanwhile, sleeps
 /// on; if not, removes it, reports it lost, and releases it.
-async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, grant_id: u64, mut deadline: Instant) {
+async fn lease_timer<B: Backend>(session: Weak<SessionState<B>>, key: LockKey, grant_id: u64, mut deadline: Instant) {
     loop {
         tokio::time::sleep_until(deadline).await;
         let Some(s) = session.upgrade() else { return };
@@ -503,15 +538,15 @@ async fn lease_timer<B: Backend>(session: Weak<SessionShared<B>>, key: LockKey, 
 /// Marks a key as being released by this session until dropped (after the
 /// backend release finished, failed, or was cancelled).
 struct Releasing<'a, B: Backend> {
-    shared: &'a SessionShared<B>,
+    session: &'a SessionState<B>,
     key: LockKey,
 }
 
 impl<'a, B: Backend> Releasing<'a, B> {
-    fn start(shared: &'a SessionShared<B>, st: &mut State<B::Guard>, key: &LockKey) -> Releasing<'a, B> {
+    fn start(session: &'a SessionState<B>, st: &mut LockTable<B::Guard>, key: &LockKey) -> Releasing<'a, B> {
         *st.releasing.entry(key.clone()).or_default() += 1;
         Releasing {
-            shared,
+            session,
             key: key.clone(),
         }
     }
@@ -519,7 +554,7 @@ impl<'a, B: Backend> Releasing<'a, B> {
 
 impl<B: Backend> Drop for Releasing<'_, B> {
     fn drop(&mut self) {
-        let mut st = self.shared.lock();
+        let mut st = self.session.lock();
         if let Some(n) = st.releasing.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -531,7 +566,7 @@ impl<B: Backend> Drop for Releasing<'_, B> {
 
 /// Removes a pending-acquire marker if the acquire future is dropped.
 struct PendingGuard<'a, B: Backend> {
-    shared: &'a SessionShared<B>,
+    session: &'a SessionState<B>,
     key: &'a LockKey,
     grant_id: u64,
     armed: bool,
@@ -540,20 +575,20 @@ struct PendingGuard<'a, B: Backend> {
 impl<B: Backend> Drop for PendingGuard<'_, B> {
     fn drop(&mut self) {
         if self.armed {
-            let mut st = self.shared.lock();
+            let mut st = self.session.lock();
             if st.pending.get(self.key).is_some_and(|p| p.grant_id == self.grant_id) {
-                st.pending.remove(self.key);
+                st.take_pending(self.key);
             }
         }
     }
 }
 
-impl<B: Backend> SessionShared<B> {
-    fn lock(&self) -> MutexGuard<'_, State<B::Guard>> {
+impl<B: Backend> SessionState<B> {
+    fn lock(&self) -> MutexGuard<'_, LockTable<B::Guard>> {
         // No code path panics while holding the lock, but if one ever did,
         // the table is still consistent (every mutation is a single insert or
         // remove): carry on rather than poison every later operation.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -636,10 +671,10 @@ impl<B: Backend> SessionShared<B> {
     }
 }
 
-impl<B: Backend> Drop for SessionShared<B> {
+impl<B: Backend> Drop for SessionState<B> {
     fn drop(&mut self) {
         self.engine.sessions.remove(&self.id);
-        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let st = self.table.get_mut().unwrap_or_else(PoisonError::into_inner);
         // Guards release in the background when dropped.
         for (_, held) in st.held.drain() {
             drop(held.disarm());
