@@ -9,9 +9,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use crate::constants::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
 use crate::header::Header;
 use crate::message::{Event, Request, Response};
-use crate::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
 
 /// A fatal framing error: the byte stream can no longer be trusted.
 #[derive(Debug, Error)]
