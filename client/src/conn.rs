@@ -714,14 +714,9 @@ impl Connection {
             Ok(response) => response,
             Err(e) => {
                 // An acquire may have been granted unless the reply was
-                // recognisably a refusal: a status this client does not know,
-                // or a known error whose message is broken.
-                let maybe_granted = !matches!(
-                    e,
-                    BodyError::UnknownStatus { .. }
-                        | BodyError::Truncated { field: "message" }
-                        | BodyError::NotUtf8 { field: "message" }
-                );
+                // recognisably a refusal (a status this client does not know,
+                // or a known error whose message is broken).
+                let maybe_granted = !e.is_error_reply();
                 let error = Error::from_body_error(e, format_args!("reply to {} request {request_id}", pending.opcode));
                 tracing::warn!(peer = %self.peer, %error, "undecodable reply; failing its request only");
                 self.on_bad_reply(pending.update, maybe_granted);

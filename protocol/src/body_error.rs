@@ -77,4 +77,19 @@ impl BodyError {
     pub fn is_malformed(&self) -> bool {
         !matches!(self, BodyError::UnknownStatus { .. })
     }
+
+    /// For an error from [`Response::decode`](crate::Response::decode):
+    /// whether the response was recognisably an error reply (its status was
+    /// read and is not `OK`: an unknown status, or a known one whose message
+    /// is broken). A client uses it to tell a refused request from one that
+    /// may have succeeded behind a broken body. Trailing bytes say nothing
+    /// either way, so they count as not recognisable.
+    pub fn is_error_reply(&self) -> bool {
+        matches!(
+            self,
+            BodyError::UnknownStatus { .. }
+                | BodyError::Truncated { field: "message" }
+                | BodyError::NotUtf8 { field: "message" }
+        )
+    }
 }

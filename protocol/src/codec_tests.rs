@@ -261,17 +261,39 @@ fn an_unknown_status_keeps_its_code_and_message() {
         }
     );
     assert!(!err.is_malformed());
+    assert!(err.is_error_reply());
     // Truncated message, trailing bytes, bad UTF-8: malformed as ever.
-    for (body, want) in [
-        (&[0xbe, 0xef, 0, 3, b'n'][..], BodyError::Truncated { field: "message" }),
-        (&[0xbe, 0xef, 0, 0, 9][..], BodyError::TrailingBytes { len: 1 }),
-        (&[0xbe, 0xef, 0, 1, 0xff][..], BodyError::NotUtf8 { field: "message" }),
+    for (body, want, error_reply) in [
+        (
+            &[0xbe, 0xef, 0, 3, b'n'][..],
+            BodyError::Truncated { field: "message" },
+            true,
+        ),
+        (&[0xbe, 0xef, 0, 0, 9][..], BodyError::TrailingBytes { len: 1 }, false),
+        (
+            &[0xbe, 0xef, 0, 1, 0xff][..],
+            BodyError::NotUtf8 { field: "message" },
+            true,
+        ),
     ] {
         let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, body));
         let err = Response::decode(&frame.header, frame.body).expect_err("malformed");
         assert!(err.is_malformed());
         assert_eq!(err, want);
+        assert_eq!(err.is_error_reply(), error_reply, "{err}");
     }
+    // An OK reply with a broken body is not recognisably an error reply: the
+    // request may have succeeded.
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, &[0, 0, 0, 0]));
+    let err = Response::decode(&frame.header, frame.body).expect_err("short");
+    assert_eq!(err, BodyError::Truncated { field: "token" });
+    assert!(!err.is_error_reply());
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, &[0]));
+    assert!(
+        !Response::decode(&frame.header, frame.body)
+            .expect_err("no status")
+            .is_error_reply()
+    );
 }
 
 /// Every wire enum converts from its byte with `TryFrom<u8>`, failing with the

@@ -574,6 +574,11 @@ impl ResponseBody {
 }
 
 /// An error outcome: a status other than `OK` and a short human message.
+///
+/// [`Status`] is a closed enum of the codes this version defines, which is
+/// what a server sends. A received reply with a code this version does not
+/// define is not an `ErrorReply`: [`Response::decode`] returns it as
+/// [`BodyError::UnknownStatus`], carrying the code and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
     /// What went wrong (never [`Status::Ok`]).
