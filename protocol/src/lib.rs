@@ -11,6 +11,13 @@
 //!   the connection closes. [`BodyError`] is per request: the frame was sound but
 //!   its body was not, so the peer gets an error reply with the request id and the
 //!   connection lives on.
+//! - **Closed enums, one way to decode them.** Opcodes, statuses and the wire
+//!   enums have a `TryFrom` that fails with the unknown value; a body decoder
+//!   turns that into [`BodyError::BadEnum`]. The exceptions are the ones the
+//!   spec makes for forward compatibility: an unknown `LostReason` reads as
+//!   `Unknown`, and an error reply with an unknown status code comes back as
+//!   [`BodyError::UnknownStatus`] with the code and message, since [`Status`]
+//!   only holds the codes this version defines.
 //! - **No I/O.** Nothing here touches a socket; the codec works on `BytesMut`.
 //! - **No panics on input.** Every read is bounds-checked; allocation is bounded
 //!   by the frame limit, never by a length field read off the wire.
