@@ -13,10 +13,10 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{ClientBuilder, ServerAddr};
-use crate::conn::{self, Conn, Reply, Track};
+use crate::conn::{self, Conn, HeldUpdate, Reply};
 use crate::error::Error;
 use crate::event::{ClientEvent, EventStream};
-use crate::lock::LockRequest;
+use crate::reply::{body, unexpected};
 
 /// A handle on a Clastor server: cheap to clone, `Send + Sync`, and meant to
 /// be shared by every task of an application. Requests from all clones are
@@ -26,11 +26,11 @@ use crate::lock::LockRequest;
 /// [`LockGuard`](crate::LockGuard) are dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: Arc<ClientInner>,
+    pool: Arc<ClientPool>,
 }
 
 #[derive(Debug)]
-struct ClientInner {
+struct ClientPool {
     cfg: ClientBuilder,
     slots: Vec<watch::Receiver<Slot>>,
     next: AtomicUsize,
@@ -80,45 +80,6 @@ impl Client {
         ClientBuilder::new(addr)
     }
 
-    pub(crate) async fn from_builder(cfg: ClientBuilder) -> Result<Client, Error> {
-        let (events, _) = broadcast::channel(cfg.event_capacity);
-        let stop = CancellationToken::new();
-        // Armed before the first connection: an early return stops the
-        // supervisors already started.
-        let stop_guard = stop.clone().drop_guard();
-        let mut slots = Vec::with_capacity(cfg.connections);
-        for _ in 0..cfg.connections {
-            let conn = conn::connect(&cfg, events.clone()).await?;
-            let (tx, rx) = watch::channel(Slot::Up(conn.clone()));
-            tokio::spawn(supervise(cfg.clone(), tx, conn, events.clone(), stop.clone()));
-            slots.push(rx);
-        }
-        Ok(Client {
-            inner: Arc::new(ClientInner {
-                cfg,
-                slots,
-                next: AtomicUsize::new(0),
-                events,
-                _stop: stop_guard,
-            }),
-        })
-    }
-
-    /// Starts building a lock request on `(kind, id)`.
-    ///
-    /// ```no_run
-    /// # async fn f(client: clastor_client::Client) -> Result<(), clastor_client::Error> {
-    /// use std::time::Duration;
-    /// if let Some(guard) = client.lock("transaction", "tx-1").wait(Duration::from_secs(5)).acquire().await? {
-    ///     println!("fencing token {}", guard.token());
-    ///     guard.release().await?;
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn lock(&self, kind: impl Into<String>, id: impl Into<String>) -> LockRequest {
-        LockRequest::new(self.clone(), kind.into(), id.into())
-    }
-
     /// Round trip to the server; returns the time it took.
     ///
     /// # Errors
@@ -130,7 +91,10 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, Error> {
         let conn = self.pick().await?;
         let start = Instant::now();
-        match body(self.call_on(&conn, &Request::Ping, Track::None, Duration::ZERO).await?)? {
+        match body(
+            self.call_on(&conn, &Request::Ping, HeldUpdate::None, Duration::ZERO)
+                .await?,
+        )? {
             ResponseBody::Pong => Ok(start.elapsed()),
             other => Err(unexpected(&other)),
         }
@@ -148,13 +112,13 @@ impl Client {
     pub async fn held(&self, scope: HeldScope) -> Result<Vec<HeldLock>, Error> {
         let req = Request::Held { scope };
         let slots = match scope {
-            HeldScope::Connection => 0..self.inner.slots.len(),
+            HeldScope::Connection => 0..self.pool.slots.len(),
             HeldScope::Server => 0..1,
         };
         let mut all = Vec::new();
         for slot in slots {
             let conn = self.conn(slot).await?;
-            match body(self.call_on(&conn, &req, Track::None, Duration::ZERO).await?)? {
+            match body(self.call_on(&conn, &req, HeldUpdate::None, Duration::ZERO).await?)? {
                 ResponseBody::Held(list) => all.extend(list),
                 other => return Err(unexpected(&other)),
             }
@@ -174,7 +138,7 @@ impl Client {
         name::validate("kind", kind).map_err(|e| Error::InvalidName(e.to_string()))?;
         let conn = self.pick().await?;
         let req = Request::Version { kind: kind.to_owned() };
-        match body(self.call_on(&conn, &req, Track::None, Duration::ZERO).await?)? {
+        match body(self.call_on(&conn, &req, HeldUpdate::None, Duration::ZERO).await?)? {
             ResponseBody::Version(v) => Ok(v),
             other => Err(unexpected(&other)),
         }
@@ -189,7 +153,10 @@ impl Client {
     /// Safe.
     pub async fn info(&self) -> Result<Vec<(String, String)>, Error> {
         let conn = self.pick().await?;
-        match body(self.call_on(&conn, &Request::Info, Track::None, Duration::ZERO).await?)? {
+        match body(
+            self.call_on(&conn, &Request::Info, HeldUpdate::None, Duration::ZERO)
+                .await?,
+        )? {
             ResponseBody::Info(pairs) => Ok(pairs),
             other => Err(unexpected(&other)),
         }
@@ -221,19 +188,19 @@ impl Client {
             _ => Duration::ZERO,
         };
         let conn = self.conn(0).await?;
-        Ok(self.call_on(&conn, &req, Track::None, extra).await?.response)
+        Ok(self.call_on(&conn, &req, HeldUpdate::None, extra).await?.response)
     }
 
     /// Subscribes to connection and server events from now on.
     pub fn events(&self) -> EventStream {
         EventStream {
-            rx: self.inner.events.subscribe(),
+            rx: self.pool.events.subscribe(),
         }
     }
 
     /// Facts about the first connection of the pool, if it is up.
     pub fn connection_info(&self) -> Option<ConnectionInfo> {
-        match &*self.inner.slots[0].borrow() {
+        match &*self.pool.slots[0].borrow() {
             Slot::Up(c) if c.is_alive() => Some(ConnectionInfo {
                 connection_id: c.connection_id(),
                 server: c.hello.server.clone(),
@@ -247,20 +214,20 @@ impl Client {
 
     /// The address this client connects to.
     pub fn server_addr(&self) -> &ServerAddr {
-        &self.inner.cfg.addr
+        &self.pool.cfg.addr
     }
 
     pub(crate) fn config(&self) -> &ClientBuilder {
-        &self.inner.cfg
+        &self.pool.cfg
     }
 
     /// A live connection, round-robin over the pool.
     pub(crate) async fn pick(&self) -> Result<Conn, Error> {
-        let n = self.inner.slots.len();
+        let n = self.pool.slots.len();
         let slot = if n == 1 {
             0
         } else {
-            self.inner.next.fetch_add(1, Ordering::Relaxed) % n
+            self.pool.next.fetch_add(1, Ordering::Relaxed) % n
         };
         self.conn(slot).await
     }
@@ -268,13 +235,13 @@ impl Client {
     /// The live connection of `slot`, waiting up to the connect timeout for a
     /// reconnect if it is down.
     async fn conn(&self, slot: usize) -> Result<Conn, Error> {
-        if let Slot::Up(c) = &*self.inner.slots[slot].borrow()
+        if let Slot::Up(c) = &*self.pool.slots[slot].borrow()
             && c.is_alive()
         {
             return Ok(c.clone());
         }
-        let mut rx = self.inner.slots[slot].clone();
-        let timeout = self.inner.cfg.connect_timeout;
+        let mut rx = self.pool.slots[slot].clone();
+        let timeout = self.pool.cfg.connect_timeout;
         // No deadline if the configured timeout is too long to represent.
         let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
@@ -294,7 +261,7 @@ impl Client {
                     return Err(match last_error {
                         e @ Error::Connect { .. } => e,
                         e => Error::Connect {
-                            addr: self.inner.cfg.addr.to_string(),
+                            addr: self.pool.cfg.addr.to_string(),
                             message: format!("not reconnected within {timeout:?} after: {e}"),
                         },
                     });
@@ -309,14 +276,14 @@ impl Client {
         &self,
         conn: &Conn,
         req: &Request,
-        track: Track,
+        update: HeldUpdate,
         extra: Duration,
     ) -> Result<Reply, Error> {
-        match self.inner.cfg.request_timeout {
-            None => conn.call(req, track).await,
+        match self.pool.cfg.request_timeout {
+            None => conn.call(req, update).await,
             Some(t) => {
                 let limit = t.saturating_add(extra);
-                tokio::time::timeout(limit, conn.call(req, track))
+                tokio::time::timeout(limit, conn.call(req, update))
                     .await
                     .unwrap_or(Err(Error::RequestTimeout(limit)))
             }
@@ -324,15 +291,41 @@ impl Client {
     }
 }
 
-/// The success body of a reply, or its error.
-pub(crate) fn body(reply: Reply) -> Result<ResponseBody, Error> {
-    reply.response.result.map_err(Error::from)
-}
-
-/// The error for a success body that does not answer the request (the
-/// opcode matched, so this is a server bug).
-pub(crate) fn unexpected(body: &ResponseBody) -> Error {
-    Error::Malformed(format!("unexpected {} reply body", body.opcode()))
+impl ClientBuilder {
+    /// Connects every connection (handshake included) and returns the client.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] if the address does not resolve, the server cannot be
+    /// reached within the connect timeout, or the handshake fails;
+    /// [`Error::VersionMismatch`] and other server statuses if the server
+    /// refuses the handshake.
+    ///
+    /// # Cancellation safety
+    /// Safe: dropping the future closes any connection made so far.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let cfg = self;
+        let (events, _) = broadcast::channel(cfg.event_capacity);
+        let stop = CancellationToken::new();
+        // Armed before the first connection: an early return stops the
+        // supervisors already started.
+        let stop_guard = stop.clone().drop_guard();
+        let mut slots = Vec::with_capacity(cfg.connections);
+        for _ in 0..cfg.connections {
+            let conn = conn::connect(&cfg, events.clone()).await?;
+            let (tx, rx) = watch::channel(Slot::Up(conn.clone()));
+            tokio::spawn(supervise(cfg.clone(), tx, conn, events.clone(), stop.clone()));
+            slots.push(rx);
+        }
+        Ok(Client {
+            pool: Arc::new(ClientPool {
+                cfg,
+                slots,
+                next: AtomicUsize::new(0),
+                events,
+                _stop: stop_guard,
+            }),
+        })
+    }
 }
 
 /// Keeps one pool slot connected: waits for its connection to die, then

@@ -6,9 +6,6 @@ use std::time::Duration;
 
 use clastor_protocol::MAX_FRAME_LEN_CEILING;
 
-use crate::Client;
-use crate::error::Error;
-
 /// Where a server is: a socket address or a `host:port` string, resolved
 /// anew on every (re)connect so a server that moved in DNS is found again.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,7 +48,9 @@ impl From<&String> for ServerAddr {
     }
 }
 
-/// Builds a [`Client`] with non-default settings.
+/// Builds a [`Client`](crate::Client) with non-default settings;
+/// [`connect`](ClientBuilder::connect) (in `client.rs`, next to the pool it
+/// starts) finishes it.
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), clastor_client::Error> {
@@ -103,7 +102,7 @@ impl ClientBuilder {
     ///
     /// Locks are owned by a connection, so each [`LockGuard`](crate::LockGuard)
     /// stays tied to the connection that acquired it; low-level calls are
-    /// spread round-robin, and [`Client::request`] always uses the first
+    /// spread round-robin, and [`Client::request`](crate::Client::request) always uses the first
     /// connection.
     pub fn connections(mut self, n: usize) -> ClientBuilder {
         self.connections = n.max(1);
@@ -118,13 +117,13 @@ impl ClientBuilder {
 
     /// Bound on one connect attempt (TCP and handshake), and on how long a
     /// call waits for a connection to come back after a loss before failing
-    /// with [`Error::Connect`].
+    /// with [`Error::Connect`](crate::Error::Connect).
     pub fn connect_timeout(mut self, timeout: Duration) -> ClientBuilder {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Fail calls with [`Error::RequestTimeout`] if no reply arrives within
+    /// Fail calls with [`Error::RequestTimeout`](crate::Error::RequestTimeout) if no reply arrives within
     /// `timeout` (for acquires: the wait plus `timeout`). Off by default.
     pub fn request_timeout(mut self, timeout: Option<Duration>) -> ClientBuilder {
         self.request_timeout = timeout;
@@ -161,24 +160,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Capacity of the event channel behind [`Client::events`]; a subscriber
+    /// Capacity of the event channel behind [`Client::events`](crate::Client::events); a subscriber
     /// that falls further behind sees [`ClientEvent::Lagged`](crate::ClientEvent::Lagged).
     pub fn event_capacity(mut self, n: usize) -> ClientBuilder {
         self.event_capacity = n.max(1);
         self
-    }
-
-    /// Connects every connection (handshake included) and returns the client.
-    ///
-    /// # Errors
-    /// [`Error::Connect`] if the address does not resolve, the server cannot be
-    /// reached within the connect timeout, or the handshake fails;
-    /// [`Error::VersionMismatch`] and other server statuses if the server
-    /// refuses the handshake.
-    ///
-    /// # Cancellation safety
-    /// Safe: dropping the future closes any connection made so far.
-    pub async fn connect(self) -> Result<Client, Error> {
-        Client::from_builder(self).await
     }
 }

@@ -44,10 +44,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use clastor_protocol::{
     AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, Hello, HelloOk,
-    LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody, Status,
+    LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -82,10 +82,10 @@ pub(crate) fn key(kind: &str, id: &str) -> Key {
     k
 }
 
-/// A grant held through a connection, shared by its guard and the
-/// connection's table of held locks.
+/// A grant held through a connection: the one record that its guard and the
+/// connection's table of held locks both point to.
 #[derive(Debug)]
-pub(crate) struct LockShared {
+pub(crate) struct HeldGrant {
     /// `kind/id`; the kind is its first `kind_len` bytes.
     pub(crate) key: Key,
     kind_len: usize,
@@ -99,11 +99,11 @@ pub(crate) struct LockShared {
     pub(crate) lost: watch::Sender<Option<LostReason>>,
 }
 
-impl LockShared {
+impl HeldGrant {
     /// Takes the key (and the grant's version) instead of copying them: this
     /// runs once per acquire.
-    fn new(key: Key, kind_len: usize, grant: &mut AcquireOk) -> LockShared {
-        LockShared {
+    fn new(key: Key, kind_len: usize, grant: &mut AcquireOk) -> HeldGrant {
+        HeldGrant {
             key,
             kind_len,
             token: grant.token,
@@ -140,9 +140,10 @@ impl LockShared {
     }
 }
 
-/// What the reader must do besides completing a request.
+/// How a request's reply updates the connection's table of held locks,
+/// besides completing the request.
 #[derive(Debug)]
-pub(crate) enum Track {
+pub(crate) enum HeldUpdate {
     /// Nothing.
     None,
     /// An acquire through the lock API: register the grant. The key is
@@ -168,13 +169,13 @@ pub(crate) struct Reply {
 /// [`accept`]: PendingGrant::accept
 #[derive(Debug)]
 pub(crate) struct PendingGrant {
-    lock: Option<Arc<LockShared>>,
-    conn: Weak<ConnShared>,
+    lock: Option<Arc<HeldGrant>>,
+    conn: Weak<Connection>,
 }
 
 impl PendingGrant {
     /// Disarms the grant: the caller's guard owns the lock from now on.
-    pub(crate) fn accept(mut self) -> Option<Arc<LockShared>> {
+    pub(crate) fn accept(mut self) -> Option<Arc<HeldGrant>> {
         self.lock.take()
     }
 }
@@ -197,7 +198,7 @@ struct Pending {
     /// `None` for fire-and-forget requests (background releases, keepalive).
     tx: Option<ReplyTx>,
     opcode: Opcode,
-    track: Track,
+    update: HeldUpdate,
     /// Held until the reply arrives: bounds requests in flight.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -216,7 +217,7 @@ struct State {
     stalled: Option<BytesMut>,
     /// Set once; every later submission fails with it.
     dead: Option<Error>,
-    held: HashMap<Key, Arc<LockShared>>,
+    held: HashMap<Key, Arc<HeldGrant>>,
     /// Keys whose background release is in flight: an acquire of the same key
     /// on this connection waits for it, or the server would say ALREADY_HELD.
     releasing: HashMap<Key, Arc<Notify>>,
@@ -236,11 +237,13 @@ impl State {
     }
 }
 
-/// Everything the connection's tasks and handles share.
+/// One connection: its socket's write half, its tables (requests in flight,
+/// locks held), and the signals its reader, writer and keepalive tasks share.
+/// Handles reach it through [`Conn`].
 #[derive(Debug)]
-pub(crate) struct ConnShared {
+pub(crate) struct Connection {
     /// Itself, for grants that must find the connection again when dropped.
-    me: Weak<ConnShared>,
+    me: Weak<Connection>,
     pub(crate) hello: HelloOk,
     pub(crate) peer: SocketAddr,
     write: OwnedWriteHalf,
@@ -257,18 +260,20 @@ pub(crate) struct ConnShared {
 /// A handle on a live connection. The connection closes (and the server
 /// releases its locks) when the last handle is dropped.
 #[derive(Debug, Clone)]
-pub(crate) struct Conn(Arc<ConnHandle>);
+pub(crate) struct Conn(Arc<CloseOnDrop>);
 
+/// What every [`Conn`] clone shares: the connection, and the guard that
+/// closes it when the last clone goes.
 #[derive(Debug)]
-struct ConnHandle {
-    shared: Arc<ConnShared>,
+struct CloseOnDrop {
+    shared: Arc<Connection>,
     _close: DropGuard,
 }
 
 impl Deref for Conn {
-    type Target = ConnShared;
+    type Target = Connection;
 
-    fn deref(&self) -> &ConnShared {
+    fn deref(&self) -> &Connection {
         &self.0.shared
     }
 }
@@ -324,7 +329,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         .min(usize::try_from(hello.max_in_flight).unwrap_or(usize::MAX))
         .saturating_sub(1)
         .max(1);
-    let shared = Arc::new_cyclic(|me| ConnShared {
+    let shared = Arc::new_cyclic(|me| Connection {
         me: me.clone(),
         hello,
         peer,
@@ -354,7 +359,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         tokio::spawn(keepalive_loop(shared.clone(), interval));
     }
     let close = shared.closed.clone().drop_guard();
-    Ok(Conn(Arc::new(ConnHandle { shared, _close: close })))
+    Ok(Conn(Arc::new(CloseOnDrop { shared, _close: close })))
 }
 
 /// Turns on TCP keepalive (probing after `interval` of silence, and giving up
@@ -397,7 +402,7 @@ fn handshake_reply(frame: Frame) -> Result<HelloOk, Error> {
             Err(e) => Err(Error::Malformed(format!("event during the handshake: {e}"))),
         };
     }
-    let response = Response::decode(&header, body).map_err(|e| Error::Malformed(format!("HELLO reply: {e}")))?;
+    let response = Response::decode(&header, body).map_err(|e| Error::from_body_error(e, "HELLO reply"))?;
     if response.request_id != HELLO_ID || response.opcode != Opcode::Hello as u8 {
         return Err(Error::Malformed(format!(
             "expected the HELLO reply, got opcode 0x{:02x} for request {}",
@@ -415,7 +420,7 @@ fn handshake_reply(frame: Frame) -> Result<HelloOk, Error> {
     }
 }
 
-impl ConnShared {
+impl Connection {
     fn state(&self) -> MutexGuard<'_, State> {
         // The lock is never held across code that can panic on input; if it
         // was poisoned anyway, the state is still consistent enough to tear down.
@@ -455,10 +460,10 @@ impl ConnShared {
     /// Safe: once submitted the request completes on the server regardless; its
     /// reply is dropped, except that a lock granted to a cancelled acquire is
     /// released in the background.
-    pub(crate) async fn call(&self, req: &Request, track: Track) -> Result<Reply, Error> {
+    pub(crate) async fn call(&self, req: &Request, update: HeldUpdate) -> Result<Reply, Error> {
         let permit = self.permit().await?;
         let (tx, rx) = oneshot::channel();
-        self.submit(req, Some(tx), track, Some(permit))?;
+        self.submit(req, Some(tx), update, Some(permit))?;
         rx.await.unwrap_or_else(|_| Err(self.dead_error()))
     }
 
@@ -468,11 +473,11 @@ impl ConnShared {
         &self,
         req: &Request,
         tx: Option<ReplyTx>,
-        track: Track,
+        update: HeldUpdate,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<(), Error> {
         let st = self.state();
-        self.submit_locked(st, req, tx, track, permit)
+        self.submit_locked(st, req, tx, update, permit)
     }
 
     fn submit_locked(
@@ -480,7 +485,7 @@ impl ConnShared {
         mut st: MutexGuard<'_, State>,
         req: &Request,
         tx: Option<ReplyTx>,
-        track: Track,
+        update: HeldUpdate,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<(), Error> {
         if let Some(e) = &st.dead {
@@ -502,7 +507,7 @@ impl ConnShared {
             Pending {
                 tx,
                 opcode: req.opcode(),
-                track,
+                update,
                 _permit: permit,
             },
         );
@@ -570,7 +575,7 @@ impl ConnShared {
     /// Releases `lock` without waiting for the reply (guard drop, failed
     /// renewal, cancelled acquire). Nothing to do if the connection is dead:
     /// the server released everything it held.
-    pub(crate) fn release_in_background(&self, lock: &LockShared) {
+    pub(crate) fn release_in_background(&self, lock: &HeldGrant) {
         if let Err(e) = self.send_release(lock, None) {
             tracing::debug!(key = %lock.key, error = %e, "background release not sent");
         }
@@ -582,7 +587,7 @@ impl ConnShared {
     ///
     /// It takes no in-flight permit: with every permit held by acquires
     /// waiting for this very lock, waiting for one would deadlock.
-    pub(crate) fn send_release(&self, lock: &LockShared, tx: Option<ReplyTx>) -> Result<(), Error> {
+    pub(crate) fn send_release(&self, lock: &HeldGrant, tx: Option<ReplyTx>) -> Result<(), Error> {
         let req = Request::Release {
             kind: lock.kind().to_owned(),
             id: lock.id().to_owned(),
@@ -598,11 +603,11 @@ impl ConnShared {
         st.releasing
             .entry(lock.key.clone())
             .or_insert_with(|| Arc::new(Notify::new()));
-        let track = Track::Release {
+        let update = HeldUpdate::Release {
             key: lock.key.clone(),
             token: lock.token,
         };
-        self.submit_locked(st, &req, tx, track, None)
+        self.submit_locked(st, &req, tx, update, None)
     }
 
     /// An in-flight permit, waiting for one if all are taken.
@@ -619,7 +624,7 @@ impl ConnShared {
 
     /// Removes `lock` from the table of held locks (if it is still the grant
     /// there): the server said it no longer holds it.
-    pub(crate) fn forget(&self, lock: &LockShared) {
+    pub(crate) fn forget(&self, lock: &HeldGrant) {
         let mut st = self.state();
         if st.held.get(&lock.key).is_some_and(|l| l.token == lock.token) {
             st.held.remove(&lock.key);
@@ -705,20 +710,16 @@ impl ConnShared {
                 pending.opcode, header.opcode
             )));
         }
-        let raw_status = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        let decoded = match raw_status.map(Status::try_from) {
-            Some(Err(code)) => Err(Error::UnknownStatus {
-                code,
-                message: error_message(body.slice(2..)),
-            }),
-            _ => Response::decode(&header, body)
-                .map_err(|e| Error::Malformed(format!("reply to {} request {request_id}: {e}", pending.opcode))),
-        };
-        let mut response = match decoded {
+        let mut response = match Response::decode(&header, body) {
             Ok(response) => response,
-            Err(error) => {
+            Err(e) => {
+                // An acquire may have been granted unless the reply was
+                // recognisably a refusal (a status this client does not know,
+                // or a known error whose message is broken).
+                let maybe_granted = !e.is_error_reply();
+                let error = Error::from_body_error(e, format_args!("reply to {} request {request_id}", pending.opcode));
                 tracing::warn!(peer = %self.peer, %error, "undecodable reply; failing its request only");
-                self.on_bad_reply(pending.track, raw_status);
+                self.on_bad_reply(pending.update, maybe_granted);
                 if let Some(tx) = pending.tx {
                     let _ = tx.send(Err(error));
                 }
@@ -726,9 +727,9 @@ impl ConnShared {
             }
         };
         let mut grant = None;
-        match (pending.track, &mut response.result) {
-            (Track::Acquire { key, kind_len }, Ok(ResponseBody::Acquired(ok))) => {
-                let shared = Arc::new(LockShared::new(key, kind_len, ok));
+        match (pending.update, &mut response.result) {
+            (HeldUpdate::Acquire { key, kind_len }, Ok(ResponseBody::Acquired(ok))) => {
+                let shared = Arc::new(HeldGrant::new(key, kind_len, ok));
                 if let Some(prev) = self.state().held.insert(shared.key.clone(), shared.clone()) {
                     // The server granted a key this connection already held:
                     // it cannot vouch for the old grant any more.
@@ -739,7 +740,7 @@ impl ConnShared {
                     conn: self.me.clone(),
                 });
             }
-            (Track::Release { key, token }, _) => self.finish_release(&key, token),
+            (HeldUpdate::Release { key, token }, _) => self.finish_release(&key, token),
             _ => {}
         }
         if let Some(tx) = pending.tx {
@@ -751,14 +752,14 @@ impl ConnShared {
     }
 
     /// A reply to a tracked request could not be decoded: undo what the
-    /// request may have done. An acquire answered `OK` (or with a body too
-    /// short to tell) may have been granted, so the key is released by
-    /// "whichever grant this connection holds" (token 0; the client holds none
-    /// of it, or it would not have sent the acquire). A release is treated as
-    /// done: the guard is gone either way.
-    fn on_bad_reply(&self, track: Track, raw_status: Option<u16>) {
-        match track {
-            Track::Acquire { key, kind_len } if raw_status.is_none_or(|s| s == Status::Ok as u16) => {
+    /// request may have done. An acquire that `maybe_granted` (answered `OK`
+    /// with a broken body, or too short to tell) is released by "whichever
+    /// grant this connection holds" (token 0; the client holds none of it, or
+    /// it would not have sent the acquire). A release is treated as done: the
+    /// guard is gone either way.
+    fn on_bad_reply(&self, update: HeldUpdate, maybe_granted: bool) {
+        match update {
+            HeldUpdate::Acquire { key, kind_len } if maybe_granted => {
                 let req = Request::Release {
                     kind: key[..kind_len].to_owned(),
                     id: key[kind_len + 1..].to_owned(),
@@ -771,13 +772,13 @@ impl ConnShared {
                 st.releasing
                     .entry(key.clone())
                     .or_insert_with(|| Arc::new(Notify::new()));
-                let track = Track::Release { key, token: 0 };
-                if let Err(e) = self.submit_locked(st, &req, None, track, None) {
+                let update = HeldUpdate::Release { key, token: 0 };
+                if let Err(e) = self.submit_locked(st, &req, None, update, None) {
                     tracing::debug!(error = %e, "release after an undecodable grant not sent");
                 }
             }
-            Track::Release { key, token } => self.finish_release(&key, token),
-            Track::Acquire { .. } | Track::None => {}
+            HeldUpdate::Release { key, token } => self.finish_release(&key, token),
+            HeldUpdate::Acquire { .. } | HeldUpdate::None => {}
         }
     }
 
@@ -883,7 +884,7 @@ impl ConnShared {
     }
 }
 
-async fn read_loop(shared: Arc<ConnShared>, mut frames: FramedRead<OwnedReadHalf, ClastorCodec>) {
+async fn read_loop(shared: Arc<Connection>, mut frames: FramedRead<OwnedReadHalf, ClastorCodec>) {
     let error = loop {
         let next = tokio::select! {
             biased;
@@ -911,7 +912,7 @@ async fn read_loop(shared: Arc<ConnShared>, mut frames: FramedRead<OwnedReadHalf
     shared.teardown(error);
 }
 
-async fn write_loop(shared: Arc<ConnShared>) {
+async fn write_loop(shared: Arc<Connection>) {
     loop {
         tokio::select! {
             () = shared.closed.cancelled() => return,
@@ -962,7 +963,7 @@ async fn write_loop(shared: Arc<ConnShared>) {
 /// lost if the ping is not answered within another `interval`: a peer that
 /// vanished without a FIN would otherwise leave guards believing they hold
 /// locks the server has long released.
-async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
+async fn keepalive_loop(shared: Arc<Connection>, interval: Duration) {
     loop {
         let quiet = shared.since_last_rx();
         let wait = interval.saturating_sub(quiet).max(Duration::from_millis(10));
@@ -980,7 +981,7 @@ async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
             continue;
         }
         let (tx, rx) = oneshot::channel();
-        if shared.submit(&Request::Ping, Some(tx), Track::None, None).is_err() {
+        if shared.submit(&Request::Ping, Some(tx), HeldUpdate::None, None).is_err() {
             return;
         }
         tokio::select! {
@@ -993,14 +994,4 @@ async fn keepalive_loop(shared: Arc<ConnShared>, interval: Duration) {
             }
         }
     }
-}
-
-/// The message of an error reply whose status this client does not know, as
-/// best it can be read.
-fn error_message(body: Bytes) -> String {
-    let Some(len) = body.get(..2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
-        return String::new();
-    };
-    let text = body.get(2..).unwrap_or_default();
-    String::from_utf8_lossy(&text[..len.min(text.len())]).into_owned()
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use clastor_protocol::{ErrorReply, Status};
+use clastor_protocol::{BodyError, ErrorReply, Status};
 
 /// Everything a client call can fail with.
 ///
@@ -190,6 +190,17 @@ impl Error {
             Error::Connect { .. } | Error::ConnectionLost(_) | Error::Malformed(_)
         )
     }
+
+    /// The error for a reply body the protocol crate could not decode, with
+    /// `context` saying which reply: a status this client does not know keeps
+    /// its code and message ([`Error::UnknownStatus`]); anything else is
+    /// [`Error::Malformed`].
+    pub(crate) fn from_body_error(e: BodyError, context: impl fmt::Display) -> Error {
+        match e {
+            BodyError::UnknownStatus { code, message } => Error::UnknownStatus { code, message },
+            other => Error::Malformed(format!("{context}: {other}")),
+        }
+    }
 }
 
 impl From<Status> for Error {
@@ -284,6 +295,32 @@ mod tests {
         assert!(Error::Unavailable("x".into()).is_retryable());
         assert!(!Error::NotOwner("x".into()).is_retryable());
         assert!(!Error::LockLost(LostReason::LeaseExpired).is_retryable());
+    }
+
+    #[test]
+    fn an_unknown_status_keeps_code_and_message_and_is_not_retryable() {
+        let e = Error::from_body_error(
+            BodyError::UnknownStatus {
+                code: 999,
+                message: "new".into(),
+            },
+            "reply",
+        );
+        assert_eq!(
+            e,
+            Error::UnknownStatus {
+                code: 999,
+                message: "new".into()
+            }
+        );
+        assert!(!e.is_retryable());
+        assert!(!e.is_connection_error());
+        assert_eq!(e.status(), None);
+        let e = Error::from_body_error(BodyError::TrailingBytes { len: 1 }, "reply to PING request 2");
+        assert_eq!(
+            e,
+            Error::Malformed("reply to PING request 2: 1 unexpected trailing byte(s) after the body".into())
+        );
     }
 
     #[test]

@@ -66,6 +66,7 @@ mod conn;
 mod error;
 mod event;
 mod lock;
+mod reply;
 
 pub use clastor_protocol::{HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, Status, VersionInfo};
 pub use client::{Client, ConnectionInfo};

@@ -11,9 +11,27 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::client::{Client, body, unexpected};
-use crate::conn::{self, Conn, LockShared, Reply, Track};
+use crate::client::Client;
+use crate::conn::{self, Conn, HeldGrant, HeldUpdate, Reply};
 use crate::error::{Error, LostReason};
+use crate::reply::{body, unexpected};
+
+impl Client {
+    /// Starts building a lock request on `(kind, id)`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: clastor_client::Client) -> Result<(), clastor_client::Error> {
+    /// use std::time::Duration;
+    /// if let Some(guard) = client.lock("transaction", "tx-1").wait(Duration::from_secs(5)).acquire().await? {
+    ///     println!("fencing token {}", guard.token());
+    ///     guard.release().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn lock(&self, kind: impl Into<String>, id: impl Into<String>) -> LockRequest {
+        LockRequest::new(self.clone(), kind.into(), id.into())
+    }
+}
 
 /// A lock request being built: from [`Client::lock`].
 ///
@@ -30,7 +48,7 @@ pub struct LockRequest {
 }
 
 impl LockRequest {
-    pub(crate) fn new(client: Client, kind: String, id: String) -> LockRequest {
+    fn new(client: Client, kind: String, id: String) -> LockRequest {
         LockRequest {
             client,
             kind,
@@ -128,7 +146,7 @@ impl LockRequest {
             conn.wait_released(&key).await;
             conn.check_not_held(&key)?;
             started = Instant::now();
-            conn.call(&req, Track::Acquire { key, kind_len }).await
+            conn.call(&req, HeldUpdate::Acquire { key, kind_len }).await
         };
         let reply = match (deadline, budget) {
             (Some(deadline), Some(budget)) => tokio::time::timeout_at(deadline, exchange)
@@ -216,7 +234,7 @@ fn lease_millis(d: Duration) -> Result<u32, Error> {
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
     conn: Conn,
-    lock: Arc<LockShared>,
+    lock: Arc<HeldGrant>,
     /// Released (or handed to an explicit release): `Drop` has nothing to do.
     done: bool,
     /// The client's request timeout, for explicit renewals.
@@ -403,10 +421,10 @@ impl Drop for LockGuard {
 /// Sends a renewal and waits for its reply, bounded by `limit`.
 async fn renew_call(conn: &Conn, req: &Request, deadline: Option<Instant>) -> Result<Reply, Error> {
     match deadline {
-        None => conn.call(req, Track::None).await,
+        None => conn.call(req, HeldUpdate::None).await,
         Some(deadline) => {
             let limit = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout_at(deadline, conn.call(req, Track::None))
+            tokio::time::timeout_at(deadline, conn.call(req, HeldUpdate::None))
                 .await
                 .unwrap_or(Err(Error::RequestTimeout(limit)))
         }
@@ -414,7 +432,7 @@ async fn renew_call(conn: &Conn, req: &Request, deadline: Option<Instant>) -> Re
 }
 
 /// Records a renewal's outcome on the lock.
-fn apply_renewal(conn: &Conn, lock: &LockShared, result: Result<ResponseBody, Error>) -> Result<(), Error> {
+fn apply_renewal(conn: &Conn, lock: &HeldGrant, result: Result<ResponseBody, Error>) -> Result<(), Error> {
     match result {
         Ok(ResponseBody::Renewed { token, lease_ms }) if token == lock.token => {
             lock.lease_ms.store(lease_ms, Ordering::Relaxed);
@@ -445,7 +463,7 @@ fn apply_renewal(conn: &Conn, lock: &LockShared, result: Result<ResponseBody, Er
 async fn renew_loop(
     request_timeout: Option<Duration>,
     conn: Conn,
-    lock: Arc<LockShared>,
+    lock: Arc<HeldGrant>,
     lease: Duration,
     sent_at: Instant,
     stop: CancellationToken,

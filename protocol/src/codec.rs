@@ -9,9 +9,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
+use crate::constants::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
 use crate::header::Header;
 use crate::message::{Event, Request, Response};
-use crate::{DEFAULT_MAX_FRAME_LEN, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, PROTOCOL_VERSION};
 
 /// A fatal framing error: the byte stream can no longer be trusted.
 #[derive(Debug, Error)]
@@ -51,7 +51,7 @@ pub struct Frame {
 /// and events; decodes [`Frame`]s.
 #[derive(Debug)]
 pub struct ClastorCodec {
-    inner: LengthDelimitedCodec,
+    length_delimited: LengthDelimitedCodec,
     max_frame_len: usize,
     /// The inner codec has consumed a length prefix whose frame is not complete
     /// yet, so the buffer now starts with header or body bytes, not a length.
@@ -63,13 +63,13 @@ impl ClastorCodec {
     /// `HEADER_LEN ..= MAX_FRAME_LEN_CEILING`).
     pub fn new(max_frame_len: usize) -> ClastorCodec {
         let max_frame_len = max_frame_len.clamp(HEADER_LEN, MAX_FRAME_LEN_CEILING);
-        let inner = LengthDelimitedCodec::builder()
+        let length_delimited = LengthDelimitedCodec::builder()
             .big_endian()
             .length_field_length(4)
             .max_frame_length(max_frame_len)
             .new_codec();
         ClastorCodec {
-            inner,
+            length_delimited,
             max_frame_len,
             in_frame: false,
         }
@@ -106,7 +106,7 @@ impl Decoder for ClastorCodec {
         }
         let before = src.len();
         // The length was checked above, so the inner codec can only fail on I/O.
-        let Some(mut frame) = self.inner.decode(src)? else {
+        let Some(mut frame) = self.length_delimited.decode(src)? else {
             // The inner codec consumes the prefix as soon as it is complete,
             // before the rest of the frame has arrived.
             if src.len() < before {

@@ -6,9 +6,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::golden::{Msg, examples, hex};
+use crate::name::MAX_NAME_LEN;
 use crate::{
-    BodyError, ClastorCodec, DEFAULT_MAX_FRAME_LEN, Event, Frame, FrameError, HEADER_LEN, Header, HeldLock, LostReason,
-    MAX_FRAME_LEN_CEILING, Opcode, Request, Response, ResponseBody, Status, split_frame,
+    Acquire, BodyError, ClastorCodec, DEFAULT_MAX_FRAME_LEN, Event, Frame, FrameError, HEADER_LEN, Header, HeldLock,
+    HeldScope, Hello, KindMode, LENGTH_PREFIX_LEN, LockMode, LostReason, MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN, Opcode,
+    Request, Response, ResponseBody, Status, split_frame,
 };
 
 /// A raw frame: length prefix, header, body.
@@ -219,6 +221,168 @@ fn an_unknown_opcode_is_a_body_error_with_its_own_status() {
     assert_eq!(BodyError::Truncated { field: "kind" }.status(), Status::BadRequest);
 }
 
+/// An event opcode sent as a request is unknown whatever its flags: the
+/// opcode is checked before the flags (PROTOCOL.md §5, §12), as for any other
+/// opcode that is not a request.
+#[test]
+fn an_event_opcode_as_a_request_is_unknown_whatever_its_flags() {
+    for op in [Opcode::LockLost, Opcode::Closing] {
+        for flags in [0u16, 1, 2, 3, 0x8000, u16::MAX] {
+            let frame = frame_of(&raw(1, op as u8, flags, 9, &[]));
+            let err = Request::decode(&frame.header, frame.body).expect_err("not a request");
+            assert_eq!(err, BodyError::UnknownOpcode(op as u8), "{op} flags {flags:#x}");
+            assert_eq!(err.status(), Status::UnknownOpcode);
+        }
+    }
+    // Same for an opcode nobody defines; a request opcode with bad flags is
+    // BAD_REQUEST.
+    let frame = frame_of(&raw(1, 0x7f, 1, 9, &[]));
+    assert_eq!(
+        Request::decode(&frame.header, frame.body),
+        Err(BodyError::UnknownOpcode(0x7f))
+    );
+    let frame = frame_of(&raw(1, Opcode::Ping as u8, 2, 9, &[]));
+    assert_eq!(Request::decode(&frame.header, frame.body), Err(BodyError::BadFlags(2)));
+}
+
+/// An error reply with a status this version does not define decodes to its
+/// code and message once the whole body is read; a broken one is still
+/// malformed.
+#[test]
+fn an_unknown_status_keeps_its_code_and_message() {
+    let body = [0xbe, 0xef, 0, 3, b'n', b'e', b'w'];
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, &body));
+    let err = Response::decode(&frame.header, frame.body).expect_err("unknown status");
+    assert_eq!(
+        err,
+        BodyError::UnknownStatus {
+            code: 0xbeef,
+            message: "new".into()
+        }
+    );
+    assert!(!err.is_malformed());
+    assert!(err.is_error_reply());
+    // Truncated message, trailing bytes, bad UTF-8: malformed as ever.
+    for (body, want, error_reply) in [
+        (
+            &[0xbe, 0xef, 0, 3, b'n'][..],
+            BodyError::Truncated { field: "message" },
+            true,
+        ),
+        (&[0xbe, 0xef, 0, 0, 9][..], BodyError::TrailingBytes { len: 1 }, false),
+        (
+            &[0xbe, 0xef, 0, 1, 0xff][..],
+            BodyError::NotUtf8 { field: "message" },
+            true,
+        ),
+    ] {
+        let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, body));
+        let err = Response::decode(&frame.header, frame.body).expect_err("malformed");
+        assert!(err.is_malformed());
+        assert_eq!(err, want);
+        assert_eq!(err.is_error_reply(), error_reply, "{err}");
+    }
+    // An OK reply with a broken body is not recognisably an error reply: the
+    // request may have succeeded.
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, &[0, 0, 0, 0]));
+    let err = Response::decode(&frame.header, frame.body).expect_err("short");
+    assert_eq!(err, BodyError::Truncated { field: "token" });
+    assert!(!err.is_error_reply());
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 1, 7, &[0]));
+    assert!(
+        !Response::decode(&frame.header, frame.body)
+            .expect_err("no status")
+            .is_error_reply()
+    );
+}
+
+/// Every wire enum converts from its byte with `TryFrom<u8>`, failing with the
+/// unknown value, and back with `as u8`.
+#[test]
+fn wire_enums_round_trip_and_reject_unknown_values() {
+    fn check<T: TryFrom<u8, Error = u8> + Copy + PartialEq + std::fmt::Debug>(all: &[T], to_u8: fn(T) -> u8) {
+        for (i, v) in all.iter().enumerate() {
+            assert_eq!(usize::from(to_u8(*v)), i, "{v:?} is not in wire order");
+            assert_eq!(T::try_from(to_u8(*v)), Ok(*v));
+        }
+        for unknown in u8::try_from(all.len()).expect("small")..=u8::MAX {
+            assert_eq!(T::try_from(unknown), Err(unknown));
+        }
+    }
+    check(&[LockMode::Exclusive, LockMode::Shared], |v| v as u8);
+    check(&[HeldScope::Connection, HeldScope::Server], |v| v as u8);
+    check(&[KindMode::Normal, KindMode::Draining], |v| v as u8);
+    check(
+        &[
+            LostReason::Unknown,
+            LostReason::LeaseExpired,
+            LostReason::SessionExpired,
+            LostReason::BackendUnreachable,
+            LostReason::Shutdown,
+            LostReason::BackendError,
+        ],
+        |v| v as u8,
+    );
+}
+
+/// `MIN_FRAME_LEN` is what it claims: every request with maximal names (and a
+/// HELLO with a short client name) fits in it, and RENEW fills it exactly.
+#[test]
+fn every_request_with_maximal_names_fits_in_min_frame_len() {
+    let name = "n".repeat(MAX_NAME_LEN);
+    let requests = [
+        Request::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            client_name: "app-7/clastor-client 0.1.0".into(),
+        }),
+        Request::Ping,
+        Request::Acquire(Acquire {
+            kind: name.clone(),
+            id: name.clone(),
+            wait_ms: u32::MAX,
+            lease_ms: u32::MAX,
+            mode: LockMode::Shared,
+        }),
+        Request::Release {
+            kind: name.clone(),
+            id: name.clone(),
+            token: u64::MAX,
+        },
+        Request::Renew {
+            kind: name.clone(),
+            id: name.clone(),
+            lease_ms: u32::MAX,
+            token: u64::MAX,
+        },
+        Request::Held {
+            scope: HeldScope::Server,
+        },
+        Request::Version { kind: name.clone() },
+        Request::Info,
+    ];
+    for request in &requests {
+        let mut buf = BytesMut::new();
+        request.encode(u32::MAX, &mut buf);
+        let frame_len = buf.len() - LENGTH_PREFIX_LEN;
+        assert!(
+            frame_len <= MIN_FRAME_LEN,
+            "{} is {frame_len} bytes, over MIN_FRAME_LEN ({MIN_FRAME_LEN})",
+            request.opcode()
+        );
+        if request.opcode() == Opcode::Renew {
+            assert_eq!(frame_len, MIN_FRAME_LEN, "RENEW is the largest request");
+        }
+        // And a codec at that limit takes it.
+        let frame = ClastorCodec::new(MIN_FRAME_LEN)
+            .decode(&mut buf)
+            .expect("within the limit")
+            .expect("whole");
+        assert_eq!(Request::decode(&frame.header, frame.body).as_ref(), Ok(request));
+    }
+    assert_eq!(MIN_FRAME_LEN, 280);
+}
+
 #[test]
 fn a_short_body_in_a_complete_frame_is_malformed_not_incomplete() {
     for e in examples() {
@@ -309,12 +473,14 @@ fn bad_enum_values_are_malformed() {
             value: 9
         })
     );
+    // An unknown status is not malformed: the reply keeps its code and
+    // message (PROTOCOL.md §8).
     let frame = frame_of(&raw(1, Opcode::Ping as u8, 1, 3, &[0x03, 0xe7, 0, 0]));
     assert_eq!(
         Response::decode(&frame.header, frame.body),
-        Err(BodyError::BadEnum {
-            field: "status",
-            value: 999
+        Err(BodyError::UnknownStatus {
+            code: 999,
+            message: String::new()
         })
     );
     // Events are lenient, so an older client still learns that it lost a lock

@@ -597,6 +597,10 @@ fn acquired(token: u64, lease_ms: u32) -> Result<ResponseBody, (Status, &'static
 }
 
 /// The text-mode sample sessions of PROTOCOL.md, by marker name.
+///
+/// The main session runs on a memory-backend server where another client,
+/// on a second connection, holds `transaction/tx-9` throughout: the replies
+/// (and the `INFO` counters) must be what that server would answer.
 fn text_sessions() -> Vec<(&'static str, String)> {
     let session = [
         Step::Cmd("PING", Ok(ResponseBody::Pong)),
@@ -672,13 +676,15 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                 mode: KindMode::Normal,
             })),
         ),
+        // This connection holds tx-1 (tx-2 was lost); the other client's
+        // connection holds tx-9 on the same memory server.
         Step::Cmd(
             "INFO",
             Ok(ResponseBody::Info(vec![
                 (s("server"), s(SERVER)),
-                (s("connections_open"), s("1")),
+                (s("connections_open"), s("2")),
                 (s("backend"), s("memory")),
-                (s("locks_held"), s("1")),
+                (s("locks_held"), s("2")),
             ])),
         ),
         Step::Cmd(

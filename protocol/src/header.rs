@@ -2,7 +2,7 @@
 
 use bytes::{Buf, BufMut};
 
-use crate::HEADER_LEN;
+use crate::constants::HEADER_LEN;
 
 /// Header flag bits (`u16`, big-endian on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

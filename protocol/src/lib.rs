@@ -11,13 +11,22 @@
 //!   the connection closes. [`BodyError`] is per request: the frame was sound but
 //!   its body was not, so the peer gets an error reply with the request id and the
 //!   connection lives on.
+//! - **Closed enums, one way to decode them.** Opcodes, statuses and the wire
+//!   enums have a `TryFrom` that fails with the unknown value; a body decoder
+//!   turns that into [`BodyError::BadEnum`]. The exceptions are the ones the
+//!   spec makes for forward compatibility: an unknown `LostReason` reads as
+//!   `Unknown`, and an error reply with an unknown status code comes back as
+//!   [`BodyError::UnknownStatus`] with the code and message, since [`Status`]
+//!   only holds the codes this version defines.
 //! - **No I/O.** Nothing here touches a socket; the codec works on `BytesMut`.
 //! - **No panics on input.** Every read is bounds-checked; allocation is bounded
 //!   by the frame limit, never by a length field read off the wire.
 
+mod body_error;
 mod codec;
 #[cfg(test)]
 mod codec_tests;
+mod constants;
 #[cfg(test)]
 mod golden;
 mod header;
@@ -28,39 +37,16 @@ mod status;
 pub mod text;
 mod wire;
 
+pub use body_error::BodyError;
 pub use codec::{ClastorCodec, Frame, FrameError, split_frame};
+pub use constants::{
+    DEFAULT_MAX_FRAME_LEN, EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN,
+    PROTOCOL_VERSION,
+};
 pub use header::{Flags, Header};
 pub use message::{
-    Acquire, AcquireOk, BodyError, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode,
-    LostReason, Request, Response, ResponseBody, VersionInfo,
+    Acquire, AcquireOk, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode, LostReason,
+    MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;
 pub use status::Status;
-
-/// The protocol version this crate speaks. It travels in every frame header.
-pub const PROTOCOL_VERSION: u8 = 1;
-
-/// Bytes of the fixed header that follows the length prefix.
-pub const HEADER_LEN: usize = 8;
-
-/// Bytes of the length prefix (`u32`, big-endian).
-pub const LENGTH_PREFIX_LEN: usize = 4;
-
-/// Default and recommended upper bound for a frame's length field (header plus
-/// body, excluding the 4-byte prefix). Small on purpose: the largest message a
-/// client sends is a few hundred bytes.
-pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
-
-/// Hard ceiling for any frame limit: keeping frames under 16 MiB guarantees
-/// that the first byte of every binary connection is `0x00`, which is how the
-/// server tells binary from text connections.
-pub const MAX_FRAME_LEN_CEILING: usize = (1 << 24) - 1;
-
-/// Request id reserved for frames the server pushes on its own (events).
-pub const EVENT_REQUEST_ID: u32 = 0;
-
-/// Smallest frame limit a peer may enforce: the largest request whose size is
-/// fixed by the protocol's own limits (`RENEW` with two names of
-/// [`name::MAX_NAME_LEN`] bytes: header, two length-prefixed names, lease and
-/// token) must fit, or some valid request could never be sent.
-pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + name::MAX_NAME_LEN) + 4 + 8;

@@ -7,63 +7,13 @@
 //! short body is *malformed* ([`BodyError`]), never *incomplete*.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use thiserror::Error;
 
+use crate::body_error::BodyError;
+use crate::constants::{EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
 use crate::header::{Flags, Header};
 use crate::opcode::Opcode;
 use crate::status::Status;
-use crate::wire::{Reader, put_string, string_len};
-use crate::{EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
-
-/// A frame whose header was sound but whose body was not. The connection stays
-/// up: the server answers [`Status::BadRequest`] (or [`Status::UnknownOpcode`])
-/// with the frame's request id.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum BodyError {
-    /// The body ended inside a field.
-    #[error("body truncated in field `{field}`")]
-    Truncated {
-        /// The field being read.
-        field: &'static str,
-    },
-    /// Bytes were left after the last field.
-    #[error("{len} unexpected trailing byte(s) after the body")]
-    TrailingBytes {
-        /// How many.
-        len: usize,
-    },
-    /// A string field is not UTF-8.
-    #[error("field `{field}` is not valid UTF-8")]
-    NotUtf8 {
-        /// The field.
-        field: &'static str,
-    },
-    /// An enumerated field holds a value this version does not define.
-    #[error("field `{field}` has unknown value {value}")]
-    BadEnum {
-        /// The field.
-        field: &'static str,
-        /// The value found.
-        value: u32,
-    },
-    /// The opcode is unknown, or not valid in this direction.
-    #[error("unknown opcode 0x{0:02x}")]
-    UnknownOpcode(u8),
-    /// The header's flags do not fit the message kind.
-    #[error("unexpected flags 0x{0:04x} for this message")]
-    BadFlags(u16),
-}
-
-impl BodyError {
-    /// The status an error reply to this body carries.
-    pub fn status(&self) -> Status {
-        match self {
-            BodyError::UnknownOpcode(_) => Status::UnknownOpcode,
-            _ => Status::BadRequest,
-        }
-    }
-}
+use crate::wire::{Reader, put_string, string_len, truncate};
 
 /// Lock mode requested by `ACQUIRE`. Only exclusive locks exist today; the
 /// field is on the wire so shared (read) locks can arrive without a new version.
@@ -77,6 +27,19 @@ pub enum LockMode {
     Shared = 1,
 }
 
+impl TryFrom<u8> for LockMode {
+    /// The unknown value.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            0 => Ok(LockMode::Exclusive),
+            1 => Ok(LockMode::Shared),
+            other => Err(other),
+        }
+    }
+}
+
 /// Whether `HELD` lists this connection's locks or every lock of the server.
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -86,6 +49,19 @@ pub enum HeldScope {
     Connection = 0,
     /// Locks held through this server by any connection.
     Server = 1,
+}
+
+impl TryFrom<u8> for HeldScope {
+    /// The unknown value.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            0 => Ok(HeldScope::Connection),
+            1 => Ok(HeldScope::Server),
+            other => Err(other),
+        }
+    }
 }
 
 /// A resource kind's lifecycle mode (see version rotation in DESIGN.md).
@@ -109,7 +85,25 @@ impl KindMode {
     }
 }
 
+impl TryFrom<u8> for KindMode {
+    /// The unknown value.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            0 => Ok(KindMode::Normal),
+            1 => Ok(KindMode::Draining),
+            other => Err(other),
+        }
+    }
+}
+
 /// Why a held lock was lost.
+///
+/// Receivers read a value this version does not define as
+/// [`LostReason::Unknown`] rather than failing (PROTOCOL.md §9): a client must
+/// still learn that it lost the lock. [`Event::decode`] does that mapping;
+/// `TryFrom<u8>` itself is strict, like every wire enum's.
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LostReason {
@@ -140,15 +134,21 @@ impl LostReason {
             LostReason::BackendError => "backend_error",
         }
     }
+}
 
-    fn from_u8(v: u8) -> LostReason {
+impl TryFrom<u8> for LostReason {
+    /// The unknown value.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
         match v {
-            1 => LostReason::LeaseExpired,
-            2 => LostReason::SessionExpired,
-            3 => LostReason::BackendUnreachable,
-            4 => LostReason::Shutdown,
-            5 => LostReason::BackendError,
-            _ => LostReason::Unknown,
+            0 => Ok(LostReason::Unknown),
+            1 => Ok(LostReason::LeaseExpired),
+            2 => Ok(LostReason::SessionExpired),
+            3 => Ok(LostReason::BackendUnreachable),
+            4 => Ok(LostReason::Shutdown),
+            5 => Ok(LostReason::BackendError),
+            other => Err(other),
         }
     }
 }
@@ -298,9 +298,14 @@ impl Request {
     }
 
     /// Decodes a request body. The header must already have passed the frame
-    /// checks (version); this checks the opcode and flags.
+    /// checks (version); this checks the opcode, then the flags, then the body
+    /// (PROTOCOL.md §12). An event opcode is not a request: it is unknown here,
+    /// whatever the flags say.
     pub fn decode(header: &Header, body: Bytes) -> Result<Request, BodyError> {
-        let op = Opcode::try_from(header.opcode).map_err(BodyError::UnknownOpcode)?;
+        let op = Opcode::try_from(header.opcode)
+            .ok()
+            .filter(|op| !op.is_event())
+            .ok_or(BodyError::UnknownOpcode(header.opcode))?;
         if header.flags != Flags::REQUEST {
             return Err(BodyError::BadFlags(header.flags.0));
         }
@@ -317,16 +322,7 @@ impl Request {
                 id: r.string("id")?,
                 wait_ms: r.u32("wait_ms")?,
                 lease_ms: r.u32("lease_ms")?,
-                mode: match r.u8("mode")? {
-                    0 => LockMode::Exclusive,
-                    1 => LockMode::Shared,
-                    v => {
-                        return Err(BodyError::BadEnum {
-                            field: "mode",
-                            value: v.into(),
-                        });
-                    }
-                },
+                mode: r.enum_u8("mode")?,
             }),
             Opcode::Release => Request::Release {
                 kind: r.string("kind")?,
@@ -340,21 +336,13 @@ impl Request {
                 token: r.u64("token")?,
             },
             Opcode::Held => Request::Held {
-                scope: match r.u8("scope")? {
-                    0 => HeldScope::Connection,
-                    1 => HeldScope::Server,
-                    v => {
-                        return Err(BodyError::BadEnum {
-                            field: "scope",
-                            value: v.into(),
-                        });
-                    }
-                },
+                scope: r.enum_u8("scope")?,
             },
             Opcode::Version => Request::Version {
                 kind: r.string("kind")?,
             },
             Opcode::Info => Request::Info,
+            // Filtered out above; kept so a new event opcode is a compile error here.
             Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(header.opcode)),
         };
         r.finish()?;
@@ -546,16 +534,7 @@ impl ResponseBody {
                 version: r.string("version")?,
             }),
             Opcode::Release => ResponseBody::Released {
-                released: match r.u8("released")? {
-                    0 => false,
-                    1 => true,
-                    v => {
-                        return Err(BodyError::BadEnum {
-                            field: "released",
-                            value: v.into(),
-                        });
-                    }
-                },
+                released: r.bool("released")?,
             },
             Opcode::Renew => ResponseBody::Renewed {
                 token: r.u64("token")?,
@@ -579,16 +558,7 @@ impl ResponseBody {
             }
             Opcode::Version => ResponseBody::Version(VersionInfo {
                 version: r.string("version")?,
-                mode: match r.u8("mode")? {
-                    0 => KindMode::Normal,
-                    1 => KindMode::Draining,
-                    v => {
-                        return Err(BodyError::BadEnum {
-                            field: "mode",
-                            value: v.into(),
-                        });
-                    }
-                },
+                mode: r.enum_u8("mode")?,
             }),
             Opcode::Info => {
                 let n = r.count("count", 4)?;
@@ -604,6 +574,11 @@ impl ResponseBody {
 }
 
 /// An error outcome: a status other than `OK` and a short human message.
+///
+/// [`Status`] is a closed enum of the codes this version defines, which is
+/// what a server sends. A received reply with a code this version does not
+/// define is not an `ErrorReply`: [`Response::decode`] returns it as
+/// [`BodyError::UnknownStatus`], carrying the code and the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
     /// What went wrong (never [`Status::Ok`]).
@@ -659,7 +634,7 @@ impl Response {
     pub fn encode(&self, dst: &mut BytesMut) {
         let body_len = 2 + match &self.result {
             Ok(body) => body.len(),
-            Err(e) => string_len(crate::wire::truncate(&e.message, MAX_MESSAGE_LEN)),
+            Err(e) => string_len(truncate(&e.message, MAX_MESSAGE_LEN)),
         };
         let header = Header {
             version: PROTOCOL_VERSION,
@@ -675,22 +650,30 @@ impl Response {
             }
             Err(e) => {
                 dst.put_u16(e.status as u16);
-                put_string(dst, crate::wire::truncate(&e.message, MAX_MESSAGE_LEN));
+                put_string(dst, truncate(&e.message, MAX_MESSAGE_LEN));
             }
         }
     }
 
     /// Decodes a response body (client side).
+    ///
+    /// An error reply whose status code this version does not define is
+    /// well-formed, but [`Status`] cannot hold its code: it comes back as
+    /// [`BodyError::UnknownStatus`] with the code and the message, once the
+    /// whole body has been read (PROTOCOL.md §8).
     pub fn decode(header: &Header, body: Bytes) -> Result<Response, BodyError> {
         if header.flags != Flags::RESPONSE {
             return Err(BodyError::BadFlags(header.flags.0));
         }
         let mut r = Reader::new(body);
-        let raw_status = r.u16("status")?;
-        let status = Status::try_from(raw_status).map_err(|v| BodyError::BadEnum {
-            field: "status",
-            value: v.into(),
-        })?;
+        let status = match Status::try_from(r.u16("status")?) {
+            Ok(status) => status,
+            Err(code) => {
+                let message = r.string("message")?;
+                r.finish()?;
+                return Err(BodyError::UnknownStatus { code, message });
+            }
+        };
         let result = if status == Status::Ok {
             let op = Opcode::try_from(header.opcode).map_err(BodyError::UnknownOpcode)?;
             Ok(ResponseBody::read(op, &mut r)?)
@@ -749,7 +732,7 @@ impl Event {
     pub fn encode(&self, dst: &mut BytesMut) {
         let body_len = match self {
             Event::LockLost { kind, id, .. } => string_len(kind) + string_len(id) + 8 + 1,
-            Event::Closing { message, .. } => 2 + string_len(crate::wire::truncate(message, MAX_MESSAGE_LEN)),
+            Event::Closing { message, .. } => 2 + string_len(truncate(message, MAX_MESSAGE_LEN)),
         };
         let header = Header {
             version: PROTOCOL_VERSION,
@@ -772,7 +755,7 @@ impl Event {
             }
             Event::Closing { status, message } => {
                 dst.put_u16(*status as u16);
-                put_string(dst, crate::wire::truncate(message, MAX_MESSAGE_LEN));
+                put_string(dst, truncate(message, MAX_MESSAGE_LEN));
             }
         }
     }
@@ -788,7 +771,12 @@ impl Event {
                 kind: r.string("kind")?,
                 id: r.string("id")?,
                 token: r.u64("token")?,
-                reason: LostReason::from_u8(r.u8("reason")?),
+                // Unknown reasons are read as `Unknown` (§9): new ones may be
+                // added, and the holder must still learn of the loss.
+                reason: match r.enum_u8("reason") {
+                    Err(BodyError::BadEnum { .. }) => LostReason::Unknown,
+                    reason => reason?,
+                },
             },
             Ok(Opcode::Closing) => {
                 let raw = r.u16("status")?;

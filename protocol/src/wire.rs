@@ -5,7 +5,7 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
-use crate::message::BodyError;
+use crate::body_error::BodyError;
 
 /// Reads primitives off a frame body, failing with [`BodyError::Truncated`]
 /// instead of panicking when the body is short.
@@ -44,6 +44,28 @@ impl Reader {
     pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, BodyError> {
         self.need(8, field)?;
         Ok(self.buf.get_u64())
+    }
+
+    /// A `u8` enum: the value converted by the type's `TryFrom<u8>`, or
+    /// [`BodyError::BadEnum`] naming the field and the unknown value. Every
+    /// wire enum is decoded through here, so they all fail the same way.
+    pub(crate) fn enum_u8<T: TryFrom<u8, Error = u8>>(&mut self, field: &'static str) -> Result<T, BodyError> {
+        T::try_from(self.u8(field)?).map_err(|value| BodyError::BadEnum {
+            field,
+            value: value.into(),
+        })
+    }
+
+    /// A `bool`: `0` or `1`; any other value is [`BodyError::BadEnum`].
+    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, BodyError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(BodyError::BadEnum {
+                field,
+                value: value.into(),
+            }),
+        }
     }
 
     /// A `u16` length followed by that many bytes of UTF-8.

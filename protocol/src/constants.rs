@@ -1,0 +1,33 @@
+//! The protocol's fixed numbers: its version, header and prefix sizes, the
+//! frame limits every peer agrees on, and the request id of events. A leaf,
+//! so every other module can use them without importing the crate root.
+
+use crate::name::MAX_NAME_LEN;
+
+/// The protocol version this crate speaks. It travels in every frame header.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Bytes of the fixed header that follows the length prefix.
+pub const HEADER_LEN: usize = 8;
+
+/// Bytes of the length prefix (`u32`, big-endian).
+pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// Default and recommended upper bound for a frame's length field (header plus
+/// body, excluding the 4-byte prefix). Small on purpose: the largest message a
+/// client sends is a few hundred bytes.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Hard ceiling for any frame limit: keeping frames under 16 MiB guarantees
+/// that the first byte of every binary connection is `0x00`, which is how the
+/// server tells binary from text connections.
+pub const MAX_FRAME_LEN_CEILING: usize = (1 << 24) - 1;
+
+/// Request id reserved for frames the server pushes on its own (events).
+pub const EVENT_REQUEST_ID: u32 = 0;
+
+/// Smallest frame limit a peer may enforce: the largest request whose size is
+/// fixed by the protocol's own limits (`RENEW` with two names of
+/// [`MAX_NAME_LEN`] bytes: header, two length-prefixed names, lease and
+/// token) must fit, or some valid request could never be sent.
+pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + MAX_NAME_LEN) + 4 + 8;
