@@ -572,7 +572,7 @@ async fn graceful_shutdown_reports_and_releases() {
                 kind: "k".into(),
                 id: "i".into(),
                 token: t,
-                reason: LostReason::Shutdown
+                reason: LostReason::ServerShutdown
             }),
             Incoming::Event(Event::Closing {
                 status: Status::ShuttingDown,

@@ -923,7 +923,7 @@ async fn held_node_deleted_from_outside_is_reported_lost_and_handed_on_once() {
         .await
         .expect("the holder is told")
         .expect("lost notification");
-    assert_eq!(reason, LostReason::BackendError);
+    assert_eq!(reason, LostReason::NodeDeleted);
     let b = b.await.unwrap().unwrap().expect("the next waiter is granted");
     assert!(b.token > a.token);
     // The waiter behind it still waits: one holder, not two.

@@ -231,6 +231,9 @@ pub enum LostReason {
     ServerShutdown,
     /// The backend reported the lock gone for another reason.
     BackendError,
+    /// The lock's record in the backend was deleted from outside Clastor (an
+    /// operator removed the ZooKeeper lock node).
+    NodeDeleted,
     /// The server reported a reason this client version does not know, or
     /// said the lock was not held without saying why.
     Unknown,
@@ -250,8 +253,9 @@ impl From<clastor_protocol::LostReason> for LostReason {
             P::LeaseExpired => LostReason::LeaseExpired,
             P::SessionExpired => LostReason::SessionExpired,
             P::BackendUnreachable => LostReason::BackendUnreachable,
-            P::Shutdown => LostReason::ServerShutdown,
+            P::ServerShutdown => LostReason::ServerShutdown,
             P::BackendError => LostReason::BackendError,
+            P::NodeDeleted => LostReason::NodeDeleted,
         }
     }
 }
@@ -264,6 +268,7 @@ impl fmt::Display for LostReason {
             LostReason::BackendUnreachable => f.write_str("backend unreachable"),
             LostReason::ServerShutdown => f.write_str("server shutting down"),
             LostReason::BackendError => f.write_str("backend error"),
+            LostReason::NodeDeleted => f.write_str("lock node deleted from outside"),
             LostReason::Unknown => f.write_str("unknown reason"),
             LostReason::ConnectionLost => f.write_str("connection to the server lost"),
             LostReason::RenewFailed(m) => write!(f, "lease renewal failed: {m}"),

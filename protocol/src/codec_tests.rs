@@ -318,8 +318,9 @@ fn wire_enums_round_trip_and_reject_unknown_values() {
             LostReason::LeaseExpired,
             LostReason::SessionExpired,
             LostReason::BackendUnreachable,
-            LostReason::Shutdown,
+            LostReason::ServerShutdown,
             LostReason::BackendError,
+            LostReason::NodeDeleted,
         ],
         |v| v as u8,
     );

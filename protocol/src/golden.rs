@@ -529,6 +529,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                     "backend_unreachable",
                     "shutdown",
                     "backend_error",
+                    "node_deleted",
                 ],
             );
         }
@@ -704,7 +705,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
             kind: s("transaction"),
             id: s("tx-1"),
             token: 1240,
-            reason: LostReason::Shutdown,
+            reason: LostReason::ServerShutdown,
         }),
         Step::Event(Event::Closing {
             status: Status::ShuttingDown,

@@ -117,9 +117,12 @@ pub enum LostReason {
     /// be guaranteed.
     BackendUnreachable = 3,
     /// The server is shutting down and released the lock.
-    Shutdown = 4,
+    ServerShutdown = 4,
     /// The backend reported the lock gone for another reason.
     BackendError = 5,
+    /// The lock's record in the backend was deleted from outside Clastor (an
+    /// operator removed the ZooKeeper lock node).
+    NodeDeleted = 6,
 }
 
 impl LostReason {
@@ -130,8 +133,9 @@ impl LostReason {
             LostReason::LeaseExpired => "lease_expired",
             LostReason::SessionExpired => "session_expired",
             LostReason::BackendUnreachable => "backend_unreachable",
-            LostReason::Shutdown => "shutdown",
+            LostReason::ServerShutdown => "shutdown",
             LostReason::BackendError => "backend_error",
+            LostReason::NodeDeleted => "node_deleted",
         }
     }
 }
@@ -146,8 +150,9 @@ impl TryFrom<u8> for LostReason {
             1 => Ok(LostReason::LeaseExpired),
             2 => Ok(LostReason::SessionExpired),
             3 => Ok(LostReason::BackendUnreachable),
-            4 => Ok(LostReason::Shutdown),
+            4 => Ok(LostReason::ServerShutdown),
             5 => Ok(LostReason::BackendError),
+            6 => Ok(LostReason::NodeDeleted),
             other => Err(other),
         }
     }

@@ -181,8 +181,9 @@ fn lost_reason() -> impl Strategy<Value = LostReason> {
         LostReason::LeaseExpired,
         LostReason::SessionExpired,
         LostReason::BackendUnreachable,
-        LostReason::Shutdown,
+        LostReason::ServerShutdown,
         LostReason::BackendError,
+        LostReason::NodeDeleted,
     ])
 }
 

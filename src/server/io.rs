@@ -31,7 +31,7 @@ pub(super) fn goodbye<B: Backend>(session: &Session<B>, lost: &mut LostEvents) -
         out.push(lost_event(&LostEvent {
             key: h.key,
             token: h.token,
-            reason: LostReason::Shutdown,
+            reason: LostReason::ServerShutdown,
         }));
     }
     out.push(Event::Closing {

@@ -3,14 +3,14 @@
 //!
 //! The files, from the bottom up (each imports only the ones above it):
 //!
-//! - [`error`]: what a ZooKeeper error means (retry, give up, look for the node);
-//! - [`layout`]: paths, node names (Curator InterProcessMutex naming) and node types;
-//! - [`session`]: one pooled session — health, last contact, grant registry,
+//! - `error.rs`: what a ZooKeeper error means (retry, give up, look for the node);
+//! - `layout.rs`: paths, node names (Curator InterProcessMutex naming) and node types;
+//! - `session.rs`: one pooled session — health, last contact, grant registry,
 //!   the one retry policy;
-//! - [`pool`]: the sessions, picking one, the liveness supervisor;
-//! - [`nodes`]: lock nodes being created or waited on, recovery by uuid, the guard;
-//! - [`kinds`]: each kind's version node, parents and caches (rotation's home);
-//! - [`recipe`]: the [`Backend`](crate::backend::Backend) implementation —
+//! - `pool.rs`: the sessions, picking one, the liveness supervisor;
+//! - `nodes.rs`: lock nodes being created or waited on, recovery by uuid, the guard;
+//! - `kinds.rs`: each kind's version node, parents and caches (rotation's home);
+//! - `recipe.rs`: the [`Backend`](crate::backend::Backend) implementation —
 //!   the pipelined acquire, predecessor waits, release, read paths.
 //!
 //! See DESIGN.md, "ZooKeeper backend", for the decisions behind it.

@@ -76,7 +76,7 @@ pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str) -> CancellationTok
             signal.cancel();
             if let Some(record) = session.unregister(&path) {
                 warn!(%path, key = %record.key, token = record.token, "held lock node was deleted from outside; reporting the lock lost");
-                record.notifier.notify(LostReason::BackendError);
+                record.notifier.notify(LostReason::NodeDeleted);
             }
         }
     });

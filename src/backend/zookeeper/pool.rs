@@ -82,7 +82,7 @@ enum SessionEnd {
 impl SessionEnd {
     fn reason(self) -> LostReason {
         match self {
-            SessionEnd::Shutdown => LostReason::Shutdown,
+            SessionEnd::Shutdown => LostReason::ServerShutdown,
             SessionEnd::Unreachable => LostReason::BackendUnreachable,
             SessionEnd::Expired => LostReason::SessionExpired,
             SessionEnd::Closed => LostReason::BackendError,
@@ -299,7 +299,7 @@ async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSessio
             continue;
         };
         let Some(shutdown) = pool.upgrade().map(|p| p.shutdown.clone()) else {
-            current.retire(LostReason::Shutdown);
+            current.retire(LostReason::ServerShutdown);
             return;
         };
         let end = monitor(&current, &shutdown).await;
