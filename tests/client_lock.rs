@@ -260,7 +260,7 @@ mod gate {
     use tokio_util::codec::FramedRead;
 
     /// Starts the proxy for one connection; `true` on the returned sender holds events back.
-    pub async fn start(upstream: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
+    pub(crate) async fn start(upstream: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (hold, mut held) = watch::channel(false);

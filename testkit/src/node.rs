@@ -71,7 +71,7 @@ pub(crate) fn check_installed() -> Result<(), Error> {
 
 impl Node {
     /// Creates the node's directory (`<root>/node<index>`) without starting it.
-    pub fn new(root: &Path, index: usize, ports: Ports) -> Result<Node, Error> {
+    pub(crate) fn new(root: &Path, index: usize, ports: Ports) -> Result<Node, Error> {
         let dir = root.join(format!("node{index}"));
         let node = Node {
             index,
@@ -87,12 +87,12 @@ impl Node {
     }
 
     /// ZooKeeper's server id (`myid`): 1-based.
-    pub fn sid(&self) -> usize {
+    pub(crate) fn sid(&self) -> usize {
         self.index + 1
     }
 
     /// The client address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports.client))
     }
 
@@ -105,13 +105,13 @@ impl Node {
     }
 
     /// The node's log file (stdout and stderr of the JVM, appended across restarts).
-    pub fn log_path(&self) -> PathBuf {
+    pub(crate) fn log_path(&self) -> PathBuf {
         self.dir.join("zookeeper.log")
     }
 
     /// Writes `zoo.cfg` (and `myid` for an ensemble member). `peers` is empty
     /// for a standalone server.
-    pub fn write_config(&self, settings: &Settings, peers: &[(usize, Ports)]) -> Result<(), Error> {
+    pub(crate) fn write_config(&self, settings: &Settings, peers: &[(usize, Ports)]) -> Result<(), Error> {
         let tick = settings.tick.as_millis().max(1);
         let mut cfg = String::new();
         // `writeln!` to a String cannot fail.
@@ -141,7 +141,7 @@ impl Node {
     }
 
     /// Starts the JVM (and its watchdog).
-    pub fn spawn(&mut self, settings: &Settings) -> Result<(), Error> {
+    pub(crate) fn spawn(&mut self, settings: &Settings) -> Result<(), Error> {
         if self.child.is_some() {
             return Ok(());
         }
@@ -201,12 +201,12 @@ impl Node {
     }
 
     /// The JVM's pid while it runs.
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
     /// If the JVM exited, its status (and the node is marked not running).
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())?;
         self.child = None;
         self.reap_watchdog();
@@ -214,7 +214,7 @@ impl Node {
     }
 
     /// Sends SIGSTOP/SIGCONT (`kill -STOP <pid>`), without `unsafe`.
-    pub fn signal(&mut self, signal: &'static str) -> Result<(), Error> {
+    pub(crate) fn signal(&mut self, signal: &'static str) -> Result<(), Error> {
         let pid = self.pid().ok_or(Error::NotRunning(self.index))?;
         let out = Command::new("kill")
             .arg(format!("-{signal}"))
@@ -239,12 +239,12 @@ impl Node {
     }
 
     /// Whether the node was frozen with SIGSTOP and not thawed.
-    pub fn is_frozen(&self) -> bool {
+    pub(crate) fn is_frozen(&self) -> bool {
         self.stopped
     }
 
     /// SIGKILLs the JVM (frozen or not) and waits for it.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -261,7 +261,7 @@ impl Node {
     }
 
     /// The last `lines` lines of the node's log.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let Ok(mut file) = File::open(self.log_path()) else {
             return String::from("(no log)");
         };
@@ -275,7 +275,7 @@ impl Node {
 
     /// Whether the log says a port could not be bound (a port stolen between
     /// picking and binding).
-    pub fn port_conflict(&self) -> bool {
+    pub(crate) fn port_conflict(&self) -> bool {
         let tail = self.log_tail(200);
         tail.contains("Address already in use") || tail.contains("BindException")
     }

@@ -26,10 +26,10 @@ use clastor::{AcquireOptions, Engine, LockError, LockKey, LostEvents, Session};
 use clastor_protocol::{KindMode, LockMode, LostReason};
 
 /// A boxed future, for the runner-provided inspection hook.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What a case gets from its runner.
-pub struct Env<B: Backend> {
+pub(crate) struct Env<B: Backend> {
     /// Engines over one lock store; sessions are spread over them.
     pub engines: Vec<Engine<B>>,
     /// Number of contenders (holder + waiters) the store has for a key.
@@ -64,7 +64,7 @@ impl<B: Backend> Env<B> {
 }
 
 /// One named case.
-pub struct Case<B: Backend> {
+pub(crate) struct Case<B: Backend> {
     /// Test name.
     pub name: &'static str,
     /// The case.
@@ -81,7 +81,7 @@ const LONG: Duration = Duration::from_secs(10);
 macro_rules! cases {
     ($($name:ident),* $(,)?) => {
         /// Every case, for a runner to turn into tests.
-        pub fn cases<B: Backend>() -> Vec<Case<B>> {
+        pub(crate) fn cases<B: Backend>() -> Vec<Case<B>> {
             vec![$(Case { name: stringify!($name), run: |env| Box::pin($name(env)) }),*]
         }
     };

@@ -18,10 +18,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Framed;
 
 /// How long a test waits for something that should happen promptly.
-pub const PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Starts a memory-backed server on an ephemeral loopback port.
-pub async fn start(config: ServerConfig, engine_config: EngineConfig) -> (ServerHandle, MemoryBackend) {
+pub(crate) async fn start(config: ServerConfig, engine_config: EngineConfig) -> (ServerHandle, MemoryBackend) {
     let backend = MemoryBackend::new();
     let engine = Engine::new(backend.clone(), engine_config);
     let config = ServerConfig {
@@ -32,26 +32,26 @@ pub async fn start(config: ServerConfig, engine_config: EngineConfig) -> (Server
 }
 
 /// Starts a server with default settings.
-pub async fn start_default() -> (ServerHandle, MemoryBackend) {
+pub(crate) async fn start_default() -> (ServerHandle, MemoryBackend) {
     start(ServerConfig::default(), EngineConfig::default()).await
 }
 
 /// Something the server sent on a binary connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     Response(Response),
     Event(Event),
 }
 
 /// A binary-protocol connection driven frame by frame.
-pub struct Raw {
+pub(crate) struct Raw {
     pub framed: Framed<TcpStream, ClastorCodec>,
     next_id: u32,
 }
 
 impl Raw {
     /// Connects without a handshake.
-    pub async fn connect(addr: SocketAddr) -> Raw {
+    pub(crate) async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {
@@ -61,7 +61,7 @@ impl Raw {
     }
 
     /// Connects and completes `HELLO`; returns the connection id.
-    pub async fn hello(addr: SocketAddr) -> (Raw, u64) {
+    pub(crate) async fn hello(addr: SocketAddr) -> (Raw, u64) {
         let mut raw = Raw::connect(addr).await;
         let resp = raw
             .call(Request::Hello(Hello {
@@ -77,7 +77,7 @@ impl Raw {
     }
 
     /// Sends a request; returns its id.
-    pub async fn send(&mut self, req: &Request) -> u32 {
+    pub(crate) async fn send(&mut self, req: &Request) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
         self.framed.send((id, req)).await.unwrap();
@@ -85,12 +85,12 @@ impl Raw {
     }
 
     /// Sends raw bytes as they are.
-    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send_bytes(&mut self, bytes: &[u8]) {
         self.framed.get_mut().write_all(bytes).await.unwrap();
     }
 
     /// The next frame from the server, decoded; `None` on EOF.
-    pub async fn next(&mut self) -> Option<Incoming> {
+    pub(crate) async fn next(&mut self) -> Option<Incoming> {
         let frame = tokio::time::timeout(PATIENCE, self.framed.next())
             .await
             .expect("server answered in time")?;
@@ -108,7 +108,7 @@ impl Raw {
     }
 
     /// The next response (events are not expected).
-    pub async fn response(&mut self) -> Response {
+    pub(crate) async fn response(&mut self) -> Response {
         match self.next().await {
             Some(Incoming::Response(r)) => r,
             other => panic!("expected a response, got {other:?}"),
@@ -116,7 +116,7 @@ impl Raw {
     }
 
     /// Sends and waits for the matching response.
-    pub async fn call(&mut self, req: Request) -> Response {
+    pub(crate) async fn call(&mut self, req: Request) -> Response {
         let id = self.send(&req).await;
         let resp = self.response().await;
         assert_eq!(resp.request_id, id, "response to another request");
@@ -125,7 +125,7 @@ impl Raw {
 
     /// Asserts that the server closes the connection (after any frames,
     /// which are returned).
-    pub async fn until_closed(&mut self) -> Vec<Incoming> {
+    pub(crate) async fn until_closed(&mut self) -> Vec<Incoming> {
         let mut got = Vec::new();
         while let Some(m) = self.next().await {
             got.push(m);
@@ -135,13 +135,13 @@ impl Raw {
 }
 
 /// A text-form connection, as netcat would open.
-pub struct Text {
+pub(crate) struct Text {
     pub lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
     pub write: OwnedWriteHalf,
 }
 
 impl Text {
-    pub async fn connect(addr: SocketAddr) -> Text {
+    pub(crate) async fn connect(addr: SocketAddr) -> Text {
         let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
         Text {
             lines: BufReader::new(r).lines(),
@@ -149,13 +149,13 @@ impl Text {
         }
     }
 
-    pub async fn send(&mut self, line: &str) {
+    pub(crate) async fn send(&mut self, line: &str) {
         self.write.write_all(line.as_bytes()).await.unwrap();
         self.write.write_all(b"\n").await.unwrap();
     }
 
     /// The next line, `None` on EOF.
-    pub async fn line(&mut self) -> Option<String> {
+    pub(crate) async fn line(&mut self) -> Option<String> {
         tokio::time::timeout(PATIENCE, self.lines.next_line())
             .await
             .expect("server answered in time")
@@ -163,13 +163,13 @@ impl Text {
             .flatten()
     }
 
-    pub async fn cmd(&mut self, line: &str) -> String {
+    pub(crate) async fn cmd(&mut self, line: &str) -> String {
         self.send(line).await;
         self.line().await.expect("a reply line")
     }
 
     /// Reads a multi-line reply body up to the `.` line.
-    pub async fn block(&mut self) -> Vec<String> {
+    pub(crate) async fn block(&mut self) -> Vec<String> {
         let mut out = Vec::new();
         loop {
             let l = self.line().await.expect("block continues");
@@ -182,7 +182,7 @@ impl Text {
 }
 
 /// The `token=<n>` field of a text reply line.
-pub fn token_of(line: &str) -> u64 {
+pub(crate) fn token_of(line: &str) -> u64 {
     line.split(' ')
         .find_map(|w| w.strip_prefix("token="))
         .and_then(|t| t.parse().ok())
@@ -191,25 +191,25 @@ pub fn token_of(line: &str) -> u64 {
 
 impl Text {
     /// Writes bytes as they are.
-    pub async fn write_raw(&mut self, bytes: &[u8]) {
+    pub(crate) async fn write_raw(&mut self, bytes: &[u8]) {
         self.write.write_all(bytes).await.unwrap();
     }
 }
 
 /// Starts a server with default settings and connects a client to it.
-pub async fn start_and_connect() -> (ServerHandle, clastor_client::Client) {
+pub(crate) async fn start_and_connect() -> (ServerHandle, clastor_client::Client) {
     let (server, _) = start_default().await;
     let client = connect(&server).await;
     (server, client)
 }
 
 /// A client connected to `server`.
-pub async fn connect(server: &ServerHandle) -> clastor_client::Client {
+pub(crate) async fn connect(server: &ServerHandle) -> clastor_client::Client {
     clastor_client::Client::connect(server.local_addr()).await.unwrap()
 }
 
 /// Takes `kind`/`id` at once; it must be free.
-pub async fn take_free(
+pub(crate) async fn take_free(
     client: &clastor_client::Client,
     kind: &str,
     id: impl Into<String>,
@@ -218,12 +218,12 @@ pub async fn take_free(
 }
 
 /// Whether `client` is granted `kind`/`id` within [`PATIENCE`].
-pub async fn granted_in_time(client: &clastor_client::Client, kind: &str, id: impl Into<String>) -> bool {
+pub(crate) async fn granted_in_time(client: &clastor_client::Client, kind: &str, id: impl Into<String>) -> bool {
     client.lock(kind, id).wait(PATIENCE).acquire().await.unwrap().is_some()
 }
 
 /// A raw exclusive `ACQUIRE` that tries once, with a lease of `lease_ms` (0: none).
-pub fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Request {
+pub(crate) fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Request {
     Request::Acquire(clastor_protocol::Acquire {
         kind: kind.into(),
         id: id.into(),
@@ -234,7 +234,7 @@ pub fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Request {
 }
 
 /// Running the `clastor` binary as a user would.
-pub mod cli {
+pub(crate) mod cli {
     use std::net::SocketAddr;
     use std::process::{Output, Stdio};
 
@@ -245,7 +245,7 @@ pub mod cli {
     use super::PATIENCE;
 
     /// The `clastor` binary, talking to `server`, killed when dropped.
-    pub fn clastor(server: SocketAddr) -> Command {
+    pub(crate) fn clastor(server: SocketAddr) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_clastor"));
         cmd.env("CLASTOR_SERVER", server.to_string())
             .env_remove("RUST_LOG")
@@ -254,7 +254,7 @@ pub mod cli {
     }
 
     /// Runs `cmd` to the end and collects its output.
-    pub async fn run(cmd: &mut Command) -> Output {
+    pub(crate) async fn run(cmd: &mut Command) -> Output {
         tokio::time::timeout(PATIENCE, cmd.output())
             .await
             .expect("clastor finished in time")
@@ -262,17 +262,17 @@ pub mod cli {
     }
 
     /// Starts `cmd` with stdout and stderr piped.
-    pub fn spawn_piped(cmd: &mut Command) -> Child {
+    pub(crate) fn spawn_piped(cmd: &mut Command) -> Child {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     }
 
     /// The lines of a child's piped stdout.
-    pub fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
+    pub(crate) fn stdout_lines(child: &mut Child) -> Lines<BufReader<ChildStdout>> {
         BufReader::new(child.stdout.take().unwrap()).lines()
     }
 
     /// The next line of output; `None` at EOF.
-    pub async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<String> {
+    pub(crate) async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<String> {
         tokio::time::timeout(PATIENCE, lines.next_line())
             .await
             .expect("a line in time")
@@ -280,7 +280,7 @@ pub mod cli {
     }
 
     /// Waits for `child` to exit (`what` says why it should, in time).
-    pub async fn output(child: Child, what: &str) -> Output {
+    pub(crate) async fn output(child: Child, what: &str) -> Output {
         tokio::time::timeout(PATIENCE, child.wait_with_output())
             .await
             .expect(what)
@@ -288,7 +288,7 @@ pub mod cli {
     }
 
     /// Sends `signal` to `child`.
-    pub fn signal(child: &Child, signal: Signal) {
+    pub(crate) fn signal(child: &Child, signal: Signal) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
         nix::sys::signal::kill(pid, signal).unwrap();
     }
