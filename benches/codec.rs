@@ -92,6 +92,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     max_frame_len: 65_536,
                     max_in_flight: 512,
                     server: "clastor 0.1.0 (memory)".into(),
+                    confirm_ms: None,
                 }),
             ),
         ),
@@ -104,6 +105,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     token: 123_456_789,
                     lease_ms: 30_000,
                     version: "v1".into(),
+                    safe_ms: None,
                 }),
             ),
         ),
@@ -115,6 +117,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 ResponseBody::Renewed {
                     token: 123_456_789,
                     lease_ms: 30_000,
+                    safe_ms: None,
                 },
             ),
         ),

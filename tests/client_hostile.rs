@@ -72,6 +72,7 @@ async fn serve(stream: TcpStream, how: Misbehaviour) {
         max_frame_len: 65_536,
         max_in_flight: 16,
         server: "fake".into(),
+        confirm_ms: None,
     };
     Response::ok(header.request_id, ResponseBody::Hello(hello)).encode(&mut out);
     write.write_all(&out).await.unwrap();

@@ -57,7 +57,9 @@ async fn handshake_is_required_and_negotiated() {
         .await;
     match hello.result {
         Ok(ResponseBody::Hello(h)) => {
-            assert_eq!(h.version, 1);
+            // The highest version both speak: this server speaks 1 and 2.
+            assert_eq!(h.version, 2);
+            assert!(h.confirm_ms.is_some_and(|ms| ms > 0), "version 2 announces confirm_ms");
             assert!(h.connection_id > 0);
             assert!(h.server.starts_with("clastor "));
         }
@@ -411,7 +413,8 @@ async fn release_renew_and_ownership_rules() {
         renewed.result,
         Ok(ResponseBody::Renewed {
             token: t,
-            lease_ms: 60_000
+            lease_ms: 60_000,
+            safe_ms: None,
         })
     );
     match b

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use clastor_protocol::{
-    AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, Hello, HelloOk,
+    AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, HIGHEST_VERSION, Hello, HelloOk,
     LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody,
 };
 use futures_util::StreamExt;
@@ -97,6 +97,10 @@ pub(crate) struct HeldGrant {
     /// ACQUIRE was sent).
     pub(crate) received: tokio::time::Instant,
     pub(crate) lost: watch::Sender<Option<LostReason>>,
+    /// Until when the server guarantees nobody else is granted this lock, on
+    /// this client's clock (protocol version 2; `None` with a version 1
+    /// server). Only ever moves forward.
+    pub(crate) safe_until: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl HeldGrant {
@@ -111,7 +115,25 @@ impl HeldGrant {
             lease_ms: AtomicU32::new(grant.lease_ms),
             received: tokio::time::Instant::now(),
             lost: watch::channel(None).0,
+            safe_until: watch::channel(None).0,
         }
+    }
+
+    /// Applies a `safe_ms` the server gave in reply to a request this client
+    /// sent at `sent`: counted from the send, never from the receipt, since
+    /// the server may have handled the request at any time in between.
+    pub(crate) fn confirm(&self, sent: tokio::time::Instant, safe_ms: u32) {
+        let until = sent
+            .checked_add(Duration::from_millis(u64::from(safe_ms)))
+            .unwrap_or_else(|| sent + Duration::from_secs(86_400 * 365));
+        self.safe_until.send_if_modified(|cur| {
+            if cur.is_none_or(|c| until > c) {
+                *cur = Some(until);
+                true
+            } else {
+                false
+            }
+        });
     }
 
     pub(crate) fn kind(&self) -> &str {
@@ -255,6 +277,8 @@ pub(crate) struct Connection {
     born: Instant,
     /// Milliseconds since `born` when the last frame arrived.
     last_rx_ms: AtomicU64,
+    /// Wakes the confirm loop early (a grant arrived already in jeopardy).
+    confirm_now: Notify,
 }
 
 /// A handle on a live connection. The connection closes (and the server
@@ -297,7 +321,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         let mut buf = BytesMut::new();
         Request::Hello(Hello {
             min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
+            max_version: HIGHEST_VERSION,
             client_name: cfg.client_name.clone(),
         })
         .encode(HELLO_ID, &mut buf);
@@ -352,11 +376,15 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         events,
         born: Instant::now(),
         last_rx_ms: AtomicU64::new(0),
+        confirm_now: Notify::new(),
     });
     tokio::spawn(read_loop(shared.clone(), frames));
     tokio::spawn(write_loop(shared.clone()));
     if let Some(interval) = cfg.keepalive {
         tokio::spawn(keepalive_loop(shared.clone(), interval));
+    }
+    if let Some(ms) = shared.hello.confirm_ms {
+        tokio::spawn(confirm_loop(shared.clone(), Duration::from_millis(u64::from(ms.max(1)))));
     }
     let close = shared.closed.clone().drop_guard();
     Ok(Conn(Arc::new(CloseOnDrop { shared, _close: close })))
@@ -410,9 +438,9 @@ fn handshake_reply(frame: Frame) -> Result<HelloOk, Error> {
         )));
     }
     match response.result {
-        Ok(ResponseBody::Hello(hello)) if hello.version == PROTOCOL_VERSION => Ok(hello),
+        Ok(ResponseBody::Hello(hello)) if (PROTOCOL_VERSION..=HIGHEST_VERSION).contains(&hello.version) => Ok(hello),
         Ok(ResponseBody::Hello(hello)) => Err(Error::VersionMismatch(format!(
-            "server chose protocol version {}, this client speaks {PROTOCOL_VERSION}",
+            "server chose protocol version {}, this client speaks {PROTOCOL_VERSION}..={HIGHEST_VERSION}",
             hello.version
         ))),
         Ok(other) => Err(Error::Malformed(format!("{} body in the HELLO reply", other.opcode()))),
@@ -959,6 +987,54 @@ async fn write_loop(shared: Arc<Connection>) {
     }
 }
 
+impl Connection {
+    /// Asks the confirm loop for a `CONFIRM` now rather than at its next tick.
+    pub(crate) fn confirm_soon(&self) {
+        self.confirm_now.notify_one();
+    }
+}
+
+/// Keeps the safe-until of every lock held through this connection fresh
+/// (protocol version 2): a `CONFIRM` every `interval` while locks are held,
+/// pipelined with whatever else is in flight and never skipped. Its reply
+/// moves forward the safe-until of each grant received before it was sent
+/// (a later grant may postdate the server's answer). A reply that does not
+/// come only lets the safe-until run out: the guards fall into jeopardy,
+/// which is the point.
+async fn confirm_loop(shared: Arc<Connection>, interval: Duration) {
+    loop {
+        tokio::select! {
+            () = shared.closed.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+            () = shared.confirm_now.notified() => {}
+        }
+        if shared.state().held.is_empty() {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = tokio::time::Instant::now();
+        if shared.submit(&Request::Confirm, Some(tx), HeldUpdate::None, None).is_err() {
+            return;
+        }
+        let shared = shared.clone();
+        // Await the reply beside the next ticks: a slow reply must not delay
+        // the next CONFIRM.
+        tokio::spawn(async move {
+            let reply = tokio::select! {
+                () = shared.closed.cancelled() => return,
+                reply = rx => reply,
+            };
+            let Ok(Ok(Reply { response, .. })) = reply else { return };
+            if let Ok(ResponseBody::Confirmed { safe_ms }) = response.result {
+                let held: Vec<Arc<HeldGrant>> = shared.state().held.values().cloned().collect();
+                for lock in held.iter().filter(|l| l.received < sent) {
+                    lock.confirm(sent, safe_ms);
+                }
+            }
+        });
+    }
+}
+
 /// Pings when the connection has been quiet for `interval`, and declares it
 /// lost if the ping is not answered within another `interval`: a peer that
 /// vanished without a FIN would otherwise leave guards believing they hold
@@ -974,12 +1050,10 @@ async fn keepalive_loop(shared: Arc<Connection>, interval: Duration) {
         if shared.since_last_rx() < interval {
             continue;
         }
-        // Requests with a permit leave the server a free slot, but background
-        // releases take none: with the server's limit full it reads nothing
-        // more until one finishes, so silence would prove nothing.
-        if shared.state().pending.len() >= shared.hello.max_in_flight as usize {
-            continue;
-        }
+        // Never skipped, not even with the server's in-flight limit full of
+        // background releases: those finish in a backend round trip, and a
+        // server that cannot answer a PING within `interval` cannot confirm
+        // anything else either, so the holder must not go on trusting it.
         let (tx, rx) = oneshot::channel();
         if shared.submit(&Request::Ping, Some(tx), HeldUpdate::None, None).is_err() {
             return;

@@ -155,15 +155,28 @@ impl LockRequest {
             _ => exchange.await?,
         };
         let Reply { response, grant } = reply;
-        match response.result.map_err(Error::from) {
-            Ok(ResponseBody::Acquired(_)) => {}
+        let safe_ms = match response.result.map_err(Error::from) {
+            Ok(ResponseBody::Acquired(a)) => a.safe_ms,
             Err(Error::Timeout(_)) => return Ok(None),
             Err(e) => return Err(e),
             Ok(other) => return Err(unexpected(&other)),
-        }
+        };
         let Some(lock) = grant.and_then(conn::PendingGrant::accept) else {
             return Err(Error::Malformed("grant without a registered lock".into()));
         };
+        if let Some(safe_ms) = safe_ms {
+            lock.confirm(started, safe_ms);
+            // After a queue wait, counting from the send may leave little or
+            // nothing: confirm again now rather than at the next tick.
+            let confirm_every = Duration::from_millis(conn.hello.confirm_ms.unwrap_or(0).into());
+            if lock
+                .safe_until
+                .borrow()
+                .is_none_or(|t| t.saturating_duration_since(Instant::now()) < confirm_every * 2)
+            {
+                conn.confirm_soon();
+            }
+        }
         tracing::debug!(key = %lock.key, token = lock.token, "acquired");
         let mut guard = LockGuard {
             conn,
@@ -317,6 +330,67 @@ impl LockGuard {
         }
     }
 
+    /// Until when the server guarantees that nobody else can be granted this
+    /// lock, on this process's clock (safe-until, PROTOCOL.md "Safe-until"):
+    /// counted from when the request the server answered was *sent*, and kept
+    /// fresh by the client's `CONFIRM`s. `None` if the server speaks protocol
+    /// version 1 and promises nothing.
+    ///
+    /// Past this instant, unconfirmed, the lock is in **jeopardy**: it may
+    /// still be held, but another holder may be granted it at any moment.
+    /// Stop acting on it ([`LockGuard::jeopardy`]); a later confirmation may
+    /// make it safe again, and a loss is reported as usual. Pauses inside this
+    /// process (a GC, a swapped-out page) can outlast any safe-until: give the
+    /// fencing token to the store as the last line of defence.
+    pub fn safe_until(&self) -> Option<Instant> {
+        *self.lock.safe_until.borrow()
+    }
+
+    /// Whether the lock is held and inside its safe-until (true with a server
+    /// that promises nothing, as long as no loss is known).
+    pub fn is_safe(&self) -> bool {
+        !self.is_lost() && self.safe_until().is_none_or(|t| Instant::now() < t)
+    }
+
+    /// Resolves when the lock is lost or falls into jeopardy: its safe-until
+    /// passed without a newer confirmation. Never resolves with a server that
+    /// promises nothing, while the lock is held.
+    ///
+    /// # Cancellation safety
+    /// Safe; call it as often as needed.
+    pub fn jeopardy(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.jeopardy_within(Duration::ZERO)
+    }
+
+    /// As [`LockGuard::jeopardy`], but `margin` before the safe-until: time
+    /// for the holder to stop its work (a child process's grace period)
+    /// before anyone else can be granted the lock.
+    ///
+    /// # Cancellation safety
+    /// Safe; call it as often as needed.
+    pub fn jeopardy_within(&self, margin: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let mut safe = self.lock.safe_until.subscribe();
+        let mut lost = self.lock.lost.subscribe();
+        async move {
+            loop {
+                if lost.borrow().is_some() {
+                    return;
+                }
+                let until = *safe.borrow_and_update();
+                let at = until.map(|t| t.checked_sub(margin).unwrap_or(t));
+                tokio::select! {
+                    () = crate::lock::sleep_until_or_never(at) => {
+                        if safe.borrow().is_none_or(|t| t.checked_sub(margin).unwrap_or(t) <= Instant::now()) {
+                            return;
+                        }
+                    }
+                    changed = safe.changed() => if changed.is_err() { return },
+                    changed = lost.changed() => if changed.is_err() { std::future::pending::<()>().await },
+                }
+            }
+        }
+    }
+
     /// A watch on the loss that outlives the guard: resolves with the reason
     /// if the lock is lost, or with `None` once it is released without loss.
     pub fn lost_watch(&self) -> LostWatch {
@@ -351,9 +425,10 @@ impl LockGuard {
             lease_ms,
             token: self.lock.token,
         };
-        let deadline = self.request_timeout.and_then(|t| Instant::now().checked_add(t));
+        let sent = Instant::now();
+        let deadline = self.request_timeout.and_then(|t| sent.checked_add(t));
         let reply = renew_call(&self.conn, &req, deadline).await?;
-        apply_renewal(&self.conn, &self.lock, body(reply))
+        apply_renewal(&self.conn, &self.lock, sent, body(reply))
     }
 
     /// Releases the lock and waits for the server to confirm.
@@ -432,10 +507,22 @@ async fn renew_call(conn: &Conn, req: &Request, deadline: Option<Instant>) -> Re
 }
 
 /// Records a renewal's outcome on the lock.
-fn apply_renewal(conn: &Conn, lock: &HeldGrant, result: Result<ResponseBody, Error>) -> Result<(), Error> {
+fn apply_renewal(
+    conn: &Conn,
+    lock: &HeldGrant,
+    sent: Instant,
+    result: Result<ResponseBody, Error>,
+) -> Result<(), Error> {
     match result {
-        Ok(ResponseBody::Renewed { token, lease_ms }) if token == lock.token => {
+        Ok(ResponseBody::Renewed {
+            token,
+            lease_ms,
+            safe_ms,
+        }) if token == lock.token => {
             lock.lease_ms.store(lease_ms, Ordering::Relaxed);
+            if let Some(safe_ms) = safe_ms {
+                lock.confirm(sent, safe_ms);
+            }
             Ok(())
         }
         // The renewal names its grant's token, so a server answering for
@@ -498,7 +585,7 @@ async fn renew_loop(
         let limit = request_timeout.map_or(expires, |t| expires.min(later(sent, t)));
         let result = renew_call(&conn, &req, Some(limit))
             .await
-            .and_then(|reply| apply_renewal(&conn, &lock, body(reply)));
+            .and_then(|reply| apply_renewal(&conn, &lock, sent, body(reply)));
         let error = match result {
             Ok(()) => {
                 expires = later(sent, lease);
@@ -521,6 +608,14 @@ async fn renew_loop(
             conn.release_in_background(&lock);
         }
         return;
+    }
+}
+
+/// Sleeps until `at`; forever if `None`.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -7,6 +7,11 @@ use crate::name::MAX_NAME_LEN;
 /// The protocol version this crate speaks. It travels in every frame header.
 pub const PROTOCOL_VERSION: u8 = 1;
 
+/// The highest protocol version this crate speaks in `HELLO`. Version 2 adds
+/// safe-until (`CONFIRM`, and `safe_ms`/`confirm_ms` at the end of three
+/// bodies) and keeps the frame layout, so every frame's header still says 1.
+pub const HIGHEST_VERSION: u8 = 2;
+
 /// Bytes of the fixed header that follows the length prefix.
 pub const HEADER_LEN: usize = 8;
 

@@ -177,6 +177,11 @@ pub(crate) fn examples() -> Vec<Example> {
             golden: "00000008 01 15 0000 00000008",
         },
         Example {
+            name: "request/confirm",
+            msg: req(9, Request::Confirm),
+            golden: "00000008 01 16 0000 00000009",
+        },
+        Example {
             name: "response/hello",
             msg: ok(
                 1,
@@ -186,6 +191,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     max_frame_len: 65536,
                     max_in_flight: 512,
                     server: s(SERVER),
+                    confirm_ms: None,
                 }),
             ),
             golden: "00000033 01 01 0001 00000001
@@ -205,6 +211,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     token: 1234,
                     lease_ms: 30000,
                     version: s("v1"),
+                    safe_ms: None,
                 }),
             ),
             golden: "0000001a 01 10 0001 00000003  0000 00000000000004d2 00007530 0002 7631",
@@ -221,6 +228,7 @@ pub(crate) fn examples() -> Vec<Example> {
                 ResponseBody::Renewed {
                     token: 1234,
                     lease_ms: 30000,
+                    safe_ms: None,
                 },
             ),
             golden: "00000016 01 12 0001 00000005  0000 00000000000004d2 00007530",
@@ -264,6 +272,53 @@ pub(crate) fn examples() -> Vec<Example> {
                      0000 0002
                      0007 6261636b656e64 0006 6d656d6f7279
                      000a 6c6f636b735f68656c64 0001 31",
+        },
+        Example {
+            name: "response/confirm",
+            msg: ok(9, ResponseBody::Confirmed { safe_ms: 5400 }),
+            golden: "0000000e 01 16 0001 00000009  0000 00001518",
+        },
+        Example {
+            name: "response/hello-v2",
+            msg: ok(
+                1,
+                ResponseBody::Hello(HelloOk {
+                    version: 2,
+                    connection_id: 42,
+                    max_frame_len: 65536,
+                    max_in_flight: 512,
+                    server: s(SERVER),
+                    confirm_ms: Some(1000),
+                }),
+            ),
+            golden: "00000037 01 01 0001 00000001
+                     0000 02 000000000000002a 00010000 00000200
+                     0016 636c6173746f7220302e312e3020286d656d6f727929 000003e8",
+        },
+        Example {
+            name: "response/acquire-v2",
+            msg: ok(
+                3,
+                ResponseBody::Acquired(AcquireOk {
+                    token: 1234,
+                    lease_ms: 30000,
+                    version: s("v1"),
+                    safe_ms: Some(5400),
+                }),
+            ),
+            golden: "0000001e 01 10 0001 00000003  0000 00000000000004d2 00007530 0002 7631 00001518",
+        },
+        Example {
+            name: "response/renew-v2",
+            msg: ok(
+                5,
+                ResponseBody::Renewed {
+                    token: 1234,
+                    lease_ms: 30000,
+                    safe_ms: Some(5400),
+                },
+            ),
+            golden: "0000001a 01 12 0001 00000005  0000 00000000000004d2 00007530 00001518",
         },
         Example {
             name: "response/error-timeout",
@@ -440,7 +495,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
             w.u8("max_version");
             w.string("client_name");
         }
-        (0, 0x02 | 0x15) => {}
+        (0, 0x02 | 0x15 | 0x16) => {}
         (0, 0x10) => {
             w.string("kind");
             w.string("id");
@@ -475,12 +530,18 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                         w.u32("max_frame_len");
                         w.u32("max_in_flight");
                         w.string("server");
+                        if w.bytes[body_start + 2] >= 2 {
+                            w.u32("confirm_ms");
+                        }
                     }
                     0x02 => {}
                     0x10 => {
                         w.u64("token");
                         w.u32("lease_ms");
                         w.string("version");
+                        if w.pos < w.bytes.len() {
+                            w.u32("safe_ms");
+                        }
                     }
                     0x11 => {
                         w.enum8("released", &["false", "true"]);
@@ -488,6 +549,9 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                     0x12 => {
                         w.u64("token");
                         w.u32("lease_ms");
+                        if w.pos < w.bytes.len() {
+                            w.u32("safe_ms");
+                        }
                     }
                     0x13 => {
                         let n = w.u16("count");
@@ -510,6 +574,9 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                             w.string(&format!("[{i}].name"));
                             w.string(&format!("[{i}].value"));
                         }
+                    }
+                    0x16 => {
+                        w.u32("safe_ms");
                     }
                     other => panic!("no OK body for opcode {other:#x}"),
                 }
@@ -594,6 +661,7 @@ fn acquired(token: u64, lease_ms: u32) -> Result<ResponseBody, (Status, &'static
         token,
         lease_ms,
         version: s("v1"),
+        safe_ms: None,
     }))
 }
 
@@ -646,6 +714,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
             Ok(ResponseBody::Renewed {
                 token: 1234,
                 lease_ms: 30000,
+                safe_ms: None,
             }),
         ),
         Step::Cmd(

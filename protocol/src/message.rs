@@ -228,6 +228,8 @@ pub enum Request {
     },
     /// Server information and counters.
     Info,
+    /// `CONFIRM` (version 2): how long this connection's locks stay safe.
+    Confirm,
 }
 
 impl Request {
@@ -242,13 +244,14 @@ impl Request {
             Request::Held { .. } => Opcode::Held,
             Request::Version { .. } => Opcode::Version,
             Request::Info => Opcode::Info,
+            Request::Confirm => Opcode::Confirm,
         }
     }
 
     fn body_len(&self) -> usize {
         match self {
             Request::Hello(h) => 2 + string_len(&h.client_name),
-            Request::Ping | Request::Info => 0,
+            Request::Ping | Request::Info | Request::Confirm => 0,
             Request::Acquire(a) => string_len(&a.kind) + string_len(&a.id) + 4 + 4 + 1,
             Request::Release { kind, id, .. } => string_len(kind) + string_len(id) + 8,
             Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4 + 8,
@@ -273,7 +276,7 @@ impl Request {
                 dst.put_u8(h.max_version);
                 put_string(dst, &h.client_name);
             }
-            Request::Ping | Request::Info => {}
+            Request::Ping | Request::Info | Request::Confirm => {}
             Request::Acquire(a) => {
                 put_string(dst, &a.kind);
                 put_string(dst, &a.id);
@@ -347,12 +350,18 @@ impl Request {
                 kind: r.string("kind")?,
             },
             Opcode::Info => Request::Info,
+            Opcode::Confirm => Request::Confirm,
             // Filtered out above; kept so a new event opcode is a compile error here.
             Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(header.opcode)),
         };
         r.finish()?;
         Ok(req)
     }
+}
+
+/// Encoded size of an optional trailing `u32`.
+fn optional_len(v: Option<u32>) -> usize {
+    if v.is_some() { 4 } else { 0 }
 }
 
 /// `HELLO` response body.
@@ -369,6 +378,9 @@ pub struct HelloOk {
     pub max_in_flight: u32,
     /// Server name and version (`clastor 0.1.0 (memory)`).
     pub server: String,
+    /// Version 2: how often the client should send `CONFIRM`, in ms. On the
+    /// wire exactly when `version` is 2 or more (as 0 if `None`).
+    pub confirm_ms: Option<u32>,
 }
 
 /// `ACQUIRE` success body.
@@ -380,6 +392,10 @@ pub struct AcquireOk {
     pub lease_ms: u32,
     /// The kind's version the lock was taken under.
     pub version: String,
+    /// Version 2: for how long after the server handled the request it
+    /// guarantees nobody else is granted this lock; the client counts it from
+    /// when it sent the request. On the wire only when `Some`.
+    pub safe_ms: Option<u32>,
 }
 
 /// One entry of a `HELD` listing.
@@ -429,6 +445,8 @@ pub enum ResponseBody {
         token: u64,
         /// The new lease in ms.
         lease_ms: u32,
+        /// Version 2: as [`AcquireOk::safe_ms`]. On the wire only when `Some`.
+        safe_ms: Option<u32>,
     },
     /// To `HELD`.
     Held(Vec<HeldLock>),
@@ -436,6 +454,13 @@ pub enum ResponseBody {
     Version(VersionInfo),
     /// To `INFO`: ordered `name → value` pairs.
     Info(Vec<(String, String)>),
+    /// To `CONFIRM`: for how long after the server handled it no lock this
+    /// connection holds will be granted to anyone else (the client counts it
+    /// from when it sent the request).
+    Confirmed {
+        /// Milliseconds; `u32::MAX` if no bound applies.
+        safe_ms: u32,
+    },
 }
 
 impl ResponseBody {
@@ -450,16 +475,18 @@ impl ResponseBody {
             ResponseBody::Held(_) => Opcode::Held,
             ResponseBody::Version(_) => Opcode::Version,
             ResponseBody::Info(_) => Opcode::Info,
+            ResponseBody::Confirmed { .. } => Opcode::Confirm,
         }
     }
 
     fn len(&self) -> usize {
         match self {
-            ResponseBody::Hello(h) => 1 + 8 + 4 + 4 + string_len(&h.server),
+            ResponseBody::Hello(h) => 1 + 8 + 4 + 4 + string_len(&h.server) + if h.version >= 2 { 4 } else { 0 },
             ResponseBody::Pong => 0,
-            ResponseBody::Acquired(a) => 8 + 4 + string_len(&a.version),
+            ResponseBody::Acquired(a) => 8 + 4 + string_len(&a.version) + optional_len(a.safe_ms),
             ResponseBody::Released { .. } => 1,
-            ResponseBody::Renewed { .. } => 12,
+            ResponseBody::Renewed { safe_ms, .. } => 12 + optional_len(*safe_ms),
+            ResponseBody::Confirmed { .. } => 4,
             ResponseBody::Held(list) => {
                 2 + list
                     .iter()
@@ -486,18 +513,32 @@ impl ResponseBody {
                 dst.put_u32(h.max_frame_len);
                 dst.put_u32(h.max_in_flight);
                 put_string(dst, &h.server);
+                if h.version >= 2 {
+                    dst.put_u32(h.confirm_ms.unwrap_or(0));
+                }
             }
             ResponseBody::Pong => {}
             ResponseBody::Acquired(a) => {
                 dst.put_u64(a.token);
                 dst.put_u32(a.lease_ms);
                 put_string(dst, &a.version);
+                if let Some(safe_ms) = a.safe_ms {
+                    dst.put_u32(safe_ms);
+                }
             }
             ResponseBody::Released { released } => dst.put_u8(u8::from(*released)),
-            ResponseBody::Renewed { token, lease_ms } => {
+            ResponseBody::Renewed {
+                token,
+                lease_ms,
+                safe_ms,
+            } => {
                 dst.put_u64(*token);
                 dst.put_u32(*lease_ms);
+                if let Some(safe_ms) = safe_ms {
+                    dst.put_u32(*safe_ms);
+                }
             }
+            ResponseBody::Confirmed { safe_ms } => dst.put_u32(*safe_ms),
             ResponseBody::Held(list) => {
                 dst.put_u16(clamp_count(list.len()));
                 for h in list.iter().take(usize::from(u16::MAX)) {
@@ -525,18 +566,23 @@ impl ResponseBody {
 
     fn read(op: Opcode, r: &mut Reader) -> Result<ResponseBody, BodyError> {
         Ok(match op {
-            Opcode::Hello => ResponseBody::Hello(HelloOk {
-                version: r.u8("version")?,
-                connection_id: r.u64("connection_id")?,
-                max_frame_len: r.u32("max_frame_len")?,
-                max_in_flight: r.u32("max_in_flight")?,
-                server: r.string("server")?,
-            }),
+            Opcode::Hello => {
+                let version = r.u8("version")?;
+                ResponseBody::Hello(HelloOk {
+                    version,
+                    connection_id: r.u64("connection_id")?,
+                    max_frame_len: r.u32("max_frame_len")?,
+                    max_in_flight: r.u32("max_in_flight")?,
+                    server: r.string("server")?,
+                    confirm_ms: if version >= 2 { Some(r.u32("confirm_ms")?) } else { None },
+                })
+            }
             Opcode::Ping => ResponseBody::Pong,
             Opcode::Acquire => ResponseBody::Acquired(AcquireOk {
                 token: r.u64("token")?,
                 lease_ms: r.u32("lease_ms")?,
                 version: r.string("version")?,
+                safe_ms: r.optional_u32("safe_ms")?,
             }),
             Opcode::Release => ResponseBody::Released {
                 released: r.bool("released")?,
@@ -544,6 +590,10 @@ impl ResponseBody {
             Opcode::Renew => ResponseBody::Renewed {
                 token: r.u64("token")?,
                 lease_ms: r.u32("lease_ms")?,
+                safe_ms: r.optional_u32("safe_ms")?,
+            },
+            Opcode::Confirm => ResponseBody::Confirmed {
+                safe_ms: r.u32("safe_ms")?,
             },
             Opcode::Held => {
                 // Smallest entry: three empty strings (6) + token, lease, connection (20).

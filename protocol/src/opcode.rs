@@ -23,6 +23,9 @@ pub enum Opcode {
     Version = 0x14,
     /// Server, backend and counters.
     Info = 0x15,
+    /// Version 2: how long the server still guarantees this connection's
+    /// locks (safe-until).
+    Confirm = 0x16,
     /// Event: a lock this connection held can no longer be guaranteed.
     LockLost = 0x80,
     /// Event: the server is about to close the connection, and why.
@@ -31,7 +34,7 @@ pub enum Opcode {
 
 impl Opcode {
     /// Every opcode, in wire order.
-    pub const ALL: [Opcode; 10] = [
+    pub const ALL: [Opcode; 11] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::Acquire,
@@ -40,6 +43,7 @@ impl Opcode {
         Opcode::Held,
         Opcode::Version,
         Opcode::Info,
+        Opcode::Confirm,
         Opcode::LockLost,
         Opcode::Closing,
     ];
@@ -55,6 +59,7 @@ impl Opcode {
             Opcode::Held => "HELD",
             Opcode::Version => "VERSION",
             Opcode::Info => "INFO",
+            Opcode::Confirm => "CONFIRM",
             Opcode::LockLost => "LOCK_LOST",
             Opcode::Closing => "CLOSING",
         }
@@ -80,6 +85,7 @@ impl TryFrom<u8> for Opcode {
             0x13 => Opcode::Held,
             0x14 => Opcode::Version,
             0x15 => Opcode::Info,
+            0x16 => Opcode::Confirm,
             0x80 => Opcode::LockLost,
             0x81 => Opcode::Closing,
             other => return Err(other),

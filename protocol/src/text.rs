@@ -48,6 +48,7 @@ pub const USAGE: &[&str] = &[
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
     "VERSION <kind>",
     "INFO",
+    "CONFIRM                                    for how long this connection's locks are guaranteed",
     "HELP",
     "QUIT",
 ];
@@ -73,6 +74,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "HELP" => return arity(0, 0, "HELP").map(|()| Command::Help),
         "PING" => arity(0, 0, "PING").map(|()| Request::Ping)?,
         "INFO" => arity(0, 0, "INFO").map(|()| Request::Info)?,
+        "CONFIRM" => arity(0, 0, "CONFIRM").map(|()| Request::Confirm)?,
         "ACQUIRE" => {
             arity(2, 4, "ACQUIRE <kind> <id> [wait_ms] [lease_ms]")?;
             Request::Acquire(Acquire {
@@ -190,10 +192,11 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         Ok(ResponseBody::Acquired(a)) => {
             let _ = writeln!(
                 out,
-                "+ACQUIRED {kind} {id} token={} version={} lease_ms={}",
+                "+ACQUIRED {kind} {id} token={} version={} lease_ms={}{}",
                 a.token,
                 one_line(&a.version),
-                a.lease_ms
+                a.lease_ms,
+                safe_suffix(a.safe_ms)
             );
         }
         Ok(ResponseBody::Released { released: true }) => {
@@ -202,8 +205,19 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         Ok(ResponseBody::Released { released: false }) => {
             let _ = writeln!(out, "+NOT_HELD {kind} {id} (nothing to release)");
         }
-        Ok(ResponseBody::Renewed { token, lease_ms }) => {
-            let _ = writeln!(out, "+RENEWED {kind} {id} token={token} lease_ms={lease_ms}");
+        Ok(ResponseBody::Renewed {
+            token,
+            lease_ms,
+            safe_ms,
+        }) => {
+            let _ = writeln!(
+                out,
+                "+RENEWED {kind} {id} token={token} lease_ms={lease_ms}{}",
+                safe_suffix(*safe_ms)
+            );
+        }
+        Ok(ResponseBody::Confirmed { safe_ms }) => {
+            let _ = writeln!(out, "+CONFIRMED safe_ms={safe_ms}");
         }
         Ok(ResponseBody::Held(list)) => {
             let _ = writeln!(out, "+HELD {}", list.len());
@@ -242,6 +256,11 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         }
     }
     out
+}
+
+/// ` safe_ms=<n>` when a (version 2) reply carries it.
+fn safe_suffix(safe_ms: Option<u32>) -> String {
+    safe_ms.map(|ms| format!(" safe_ms={ms}")).unwrap_or_default()
 }
 
 /// Formats a pushed event as one `!` line ending with `\n`.
@@ -359,6 +378,7 @@ mod tests {
                 token: 42,
                 lease_ms: 0,
                 version: "v1".into(),
+                safe_ms: None,
             }),
         );
         assert_eq!(

@@ -84,6 +84,17 @@ impl Reader {
         Ok(n)
     }
 
+    /// A trailing `u32` that only some peers send (fields added by protocol
+    /// version 2 at the end of a body): `None` unless four more bytes are
+    /// there. Fewer are left for [`Reader::finish`] to refuse as trailing.
+    pub(crate) fn optional_u32(&mut self, field: &'static str) -> Result<Option<u32>, BodyError> {
+        if self.buf.remaining() >= 4 {
+            self.u32(field).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Fails if bytes are left over: a body longer than its message is malformed.
     pub(crate) fn finish(self) -> Result<(), BodyError> {
         if self.buf.has_remaining() {

@@ -109,6 +109,7 @@ fn request() -> impl Strategy<Value = Request> {
         select(vec![HeldScope::Connection, HeldScope::Server]).prop_map(|scope| Request::Held { scope }),
         any_string().prop_map(|kind| Request::Version { kind }),
         Just(Request::Info),
+        Just(Request::Confirm),
     ]
 }
 
@@ -135,27 +136,45 @@ fn held_lock() -> impl Strategy<Value = HeldLock> {
 
 fn response_body() -> impl Strategy<Value = ResponseBody> {
     prop_oneof![
-        (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>(), any_string()).prop_map(
-            |(version, connection_id, max_frame_len, max_in_flight, server)| {
+        (
+            any::<u8>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any_string(),
+            any::<u32>()
+        )
+            .prop_map(|(version, connection_id, max_frame_len, max_in_flight, server, confirm_ms)| {
                 ResponseBody::Hello(HelloOk {
                     version,
                     connection_id,
                     max_frame_len,
                     max_in_flight,
                     server,
+                    // On the wire exactly from version 2 on.
+                    confirm_ms: (version >= 2).then_some(confirm_ms),
+                })
+            }),
+        Just(ResponseBody::Pong),
+        (any::<u64>(), any::<u32>(), any_string(), any::<Option<u32>>()).prop_map(
+            |(token, lease_ms, version, safe_ms)| {
+                ResponseBody::Acquired(AcquireOk {
+                    token,
+                    lease_ms,
+                    version,
+                    safe_ms,
                 })
             }
         ),
-        Just(ResponseBody::Pong),
-        (any::<u64>(), any::<u32>(), any_string()).prop_map(|(token, lease_ms, version)| {
-            ResponseBody::Acquired(AcquireOk {
+        any::<bool>().prop_map(|released| ResponseBody::Released { released }),
+        (any::<u64>(), any::<u32>(), any::<Option<u32>>()).prop_map(|(token, lease_ms, safe_ms)| {
+            ResponseBody::Renewed {
                 token,
                 lease_ms,
-                version,
-            })
+                safe_ms,
+            }
         }),
-        any::<bool>().prop_map(|released| ResponseBody::Released { released }),
-        (any::<u64>(), any::<u32>()).prop_map(|(token, lease_ms)| ResponseBody::Renewed { token, lease_ms }),
+        any::<u32>().prop_map(|safe_ms| ResponseBody::Confirmed { safe_ms }),
         vec(held_lock(), 0..4).prop_map(ResponseBody::Held),
         (any_string(), select(vec![KindMode::Normal, KindMode::Draining]))
             .prop_map(|(version, mode)| ResponseBody::Version(VersionInfo { version, mode })),
@@ -511,7 +530,7 @@ proptest! {
         prop_assert!(one_line(&err), "{:?}", err);
         let ok = text::format_response(
             &req,
-            &Response::ok(1, ResponseBody::Acquired(AcquireOk { token: 1, lease_ms: 0, version })),
+            &Response::ok(1, ResponseBody::Acquired(AcquireOk { token: 1, lease_ms: 0, version, safe_ms: None })),
         );
         prop_assert!(one_line(&ok), "{:?}", ok);
         let closing = text::format_event(&Event::Closing { status, message });

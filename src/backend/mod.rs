@@ -184,6 +184,21 @@ pub trait Backend: Send + Sync + 'static {
     /// [`BackendError::Unavailable`] if the backend cannot be reached.
     fn version(&self, kind: &str) -> impl Future<Output = Result<KindVersion, BackendError>> + Send;
 
+    /// Until when the backend guarantees that nobody else is granted the lock
+    /// `guard` holds, on this process's clock (safe-until; PROTOCOL.md,
+    /// "Safe-until"). `None`: the backend sets no bound of its own (the memory
+    /// backend: nobody else can be granted it while this process lives).
+    fn safe_until(&self, guard: &Self::Guard) -> Option<tokio::time::Instant> {
+        let _ = guard;
+        None
+    }
+
+    /// How often holders should confirm their safe-until to keep it ahead of
+    /// them; `None`: no preference of the backend's.
+    fn confirm_interval(&self) -> Option<Duration> {
+        None
+    }
+
     /// Backend-specific `name → value` pairs for `INFO` (sessions, health).
     fn info(&self) -> Vec<(String, String)>;
 

@@ -459,6 +459,26 @@ impl<B: Backend> Session<B> {
         self.state.held_len()
     }
 
+    /// Until when nobody else can be granted `key` (or, with `None`, any lock
+    /// this session holds), as far as the engine and the backend know: the
+    /// earliest of the leases' ends and the backend's own bounds
+    /// ([`Backend::safe_until`]). `None`: no bound (or nothing held).
+    pub fn safe_until(&self, key: Option<&LockKey>) -> Option<Instant> {
+        let backend = &self.state.engine.backend;
+        let st = self.state.lock();
+        let bound = |h: &Held<B::Guard>| {
+            let lease = h.lease.as_ref().map(|l| l.deadline);
+            match (lease, backend.safe_until(&h.guard)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        match key {
+            Some(key) => st.held.get(key).and_then(bound),
+            None => st.held.values().filter_map(bound).min(),
+        }
+    }
+
     /// Closes the session: refuses new acquires, withdraws waiting ones (they
     /// fail with [`LockError::SessionClosed`]) and releases everything held.
     pub async fn close(&self) {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::{
-    ClastorCodec, Event, Frame, FrameError, HelloOk, PROTOCOL_VERSION, Request, Response, ResponseBody, Status,
+    ClastorCodec, Event, Frame, FrameError, HIGHEST_VERSION, HelloOk, Request, Response, ResponseBody, Status,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -25,7 +25,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::dispatch::{RequestContext, dispatch};
+use super::dispatch::{RequestContext, confirm_ms, dispatch};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
 use crate::backend::Backend;
@@ -53,6 +53,10 @@ struct Conn<B: Backend> {
     handshaken: bool,
     opened: Instant,
     last_activity: Instant,
+    /// The latest instant this connection was told its locks are safe until
+    /// (version 2): on shutdown they are kept until then, unless the client
+    /// goes first, so a client that did not hear the goodbye is never wrong.
+    promised_until: Option<Instant>,
 }
 
 pub(super) async fn run<B: Backend>(
@@ -71,7 +75,9 @@ pub(super) async fn run<B: Backend>(
         handshaken: false,
         opened: Instant::now(),
         last_activity: Instant::now(),
+        promised_until: None,
     };
+    let mut shutting_down = false;
     loop {
         let can_read = c.inflight.len() < cfg.max_in_flight;
         let timer = c.timer();
@@ -81,12 +87,13 @@ pub(super) async fn run<B: Backend>(
                 for ev in goodbye(&c.ctx.session, &mut lost) {
                     ev.encode(c.framed.write_buffer_mut());
                 }
+                shutting_down = true;
                 Flow::Close
             }
             // Finished requests before events: a grant's reply always goes
             // out before a LOCK_LOST of that grant.
             Some(resp) = c.inflight.next(), if !c.inflight.is_empty() => {
-                resp.encode(c.framed.write_buffer_mut());
+                c.answer(&resp);
                 Flow::Continue
             }
             Some(ev) = lost.recv() => {
@@ -112,6 +119,9 @@ pub(super) async fn run<B: Backend>(
             break;
         }
     }
+    if shutting_down {
+        c.keep_promises().await;
+    }
     // Dropping `c` cancels in-flight requests; the caller closes the session.
 }
 
@@ -130,11 +140,48 @@ impl<B: Backend> Conn<B> {
 
     /// Encodes whatever else is ready without waiting: finished requests,
     /// pending events and frames already buffered.
+    /// Writes a reply, remembering any safe-until it promises.
+    fn answer(&mut self, resp: &Response) {
+        let safe_ms = match &resp.result {
+            Ok(ResponseBody::Acquired(a)) => a.safe_ms,
+            Ok(ResponseBody::Renewed { safe_ms, .. }) => *safe_ms,
+            Ok(ResponseBody::Confirmed { safe_ms }) => Some(*safe_ms),
+            _ => None,
+        };
+        if let Some(ms) = safe_ms.filter(|&ms| ms != u32::MAX) {
+            let until = Instant::now() + std::time::Duration::from_millis(u64::from(ms));
+            self.promised_until = Some(self.promised_until.map_or(until, |p| p.max(until)));
+        }
+        resp.encode(self.framed.write_buffer_mut());
+    }
+
+    /// After the shutdown goodbye: keeps the connection, and so its locks,
+    /// until the last safe-until promised to it has passed or the client
+    /// closed (it heard the goodbye), bounded by the server's hard stop.
+    async fn keep_promises(&mut self) {
+        let Some(until) = self.promised_until.filter(|&t| t > Instant::now()) else {
+            return;
+        };
+        if self.ctx.session.held_count() == 0 {
+            return;
+        }
+        debug!(until = ?until.saturating_duration_since(Instant::now()), "keeping locks until their promised safe-until");
+        let closed = async {
+            // Anything the client still sends is not served; EOF ends the wait.
+            while let Some(Ok(_)) = self.framed.next().await {}
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = closed => {}
+            () = self.shared.hard_stop.cancelled() => {}
+        }
+    }
+
     fn drain_ready(&mut self, lost: &mut LostEvents) -> Flow {
         // Replies first, then events (see the select loop), then new frames,
         // whose grants' events can only come in a later round.
         while let Some(Some(resp)) = self.inflight.next().now_or_never() {
-            resp.encode(self.framed.write_buffer_mut());
+            self.answer(&resp);
         }
         while let Some(ev) = lost.try_recv() {
             self.push_lost(&ev);
@@ -221,9 +268,11 @@ impl<B: Backend> Conn<B> {
         }
         match (self.handshaken, req) {
             (false, Request::Hello(h)) => {
-                if !(h.min_version..=h.max_version).contains(&PROTOCOL_VERSION) {
+                // The highest version both speak: this server speaks 1 ..= 2.
+                let version = h.max_version.min(HIGHEST_VERSION);
+                if version < 1 || version < h.min_version {
                     let msg = format!(
-                        "client speaks versions {}..={}, server speaks {PROTOCOL_VERSION}",
+                        "client speaks versions {}..={}, server speaks 1..={HIGHEST_VERSION}",
                         h.min_version, h.max_version
                     );
                     reply_err(Status::VersionMismatch, msg.clone()).encode(self.framed.write_buffer_mut());
@@ -234,13 +283,15 @@ impl<B: Backend> Conn<B> {
                 debug!(client = %h.client_name, "handshake done");
                 let cfg = &self.shared.config;
                 let body = ResponseBody::Hello(HelloOk {
-                    version: PROTOCOL_VERSION,
+                    version,
                     connection_id: self.ctx.session.id(),
                     // What the codec enforces, after clamping.
                     max_frame_len: u32::try_from(self.framed.codec().max_frame_len()).unwrap_or(u32::MAX),
                     max_in_flight: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
                     server: self.shared.server_name(),
+                    confirm_ms: (version >= 2).then(|| confirm_ms(&self.shared)),
                 });
+                self.ctx.reports_safe = version >= 2;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
             (false, _) => {
@@ -263,7 +314,7 @@ impl<B: Backend> Conn<B> {
                 // Most requests finish on their first poll (a ping, an
                 // uncontended in-memory acquire): answer those in this batch.
                 match (&mut fut).now_or_never() {
-                    Some(resp) => resp.encode(self.framed.write_buffer_mut()),
+                    Some(resp) => self.answer(&resp),
                     None => self.inflight.push(fut),
                 }
             }

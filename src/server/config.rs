@@ -103,6 +103,21 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
+    /// The longest this server can promise a connection that nobody else
+    /// will be granted its locks, whatever the backend says (safe-until):
+    /// the server itself releases a connection's locks when its TCP keepalive
+    /// gives the peer up (no sooner than the keepalive idle time after it last
+    /// heard from it), when a write to it blocks for the write timeout, and on
+    /// shutdown after the shutdown grace. `None`: no bound (keepalive off and
+    /// both timeouts unbounded cannot happen: the write timeout always bounds).
+    pub fn safe_horizon(&self) -> Option<Duration> {
+        let mut horizon = self.write_timeout.min(self.shutdown_grace);
+        if let Some(idle) = self.tcp_keepalive {
+            horizon = horizon.min(idle);
+        }
+        Some(horizon)
+    }
+
     /// Checks that these settings, with the engine's `engine` limits, make a
     /// server that can serve: [`spawn`](super::spawn) refuses them otherwise.
     ///

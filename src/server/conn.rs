@@ -49,6 +49,7 @@ pub(super) async fn serve<B: Backend>(
     let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
     let _open = OpenConnection::count(&shared.stats);
     let ctx = RequestContext {
+        reports_safe: false,
         engine: shared.engine.clone(),
         session: session.clone(),
     };

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use clastor_protocol::{AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Status, VersionInfo};
 
 use super::state::ServerState;
@@ -19,6 +21,9 @@ pub(crate) const MAX_HELD_LISTING: usize = 10_000;
 pub(crate) struct RequestContext<B: Backend> {
     pub(crate) engine: Engine<B>,
     pub(crate) session: Session<B>,
+    /// The connection negotiated protocol version 2: grants and renewals
+    /// carry `safe_ms`.
+    pub(crate) reports_safe: bool,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -26,6 +31,7 @@ impl<B: Backend> Clone for RequestContext<B> {
         RequestContext {
             engine: self.engine.clone(),
             session: self.session.clone(),
+            reports_safe: self.reports_safe,
         }
     }
 }
@@ -73,6 +79,7 @@ pub(crate) async fn dispatch<B: Backend>(
                     token: g.token,
                     lease_ms: a.lease_ms,
                     version: g.version.to_string(),
+                    safe_ms: ctx.reports_safe.then(|| safe_ms(ctx, shared, Some(&key))),
                 })),
                 None if a.wait_ms == 0 => Err(err(Status::Timeout, "held by another owner (tried once)")),
                 None => Err(err(Status::Timeout, format!("not acquired within {} ms", a.wait_ms))),
@@ -94,6 +101,7 @@ pub(crate) async fn dispatch<B: Backend>(
             Ok(ResponseBody::Renewed {
                 token: g.token,
                 lease_ms,
+                safe_ms: ctx.reports_safe.then(|| safe_ms(ctx, shared, Some(&key))),
             })
         }
         Request::Held { scope } => {
@@ -111,6 +119,9 @@ pub(crate) async fn dispatch<B: Backend>(
             }))
         }
         Request::Info => Ok(ResponseBody::Info(shared.info())),
+        Request::Confirm => Ok(ResponseBody::Confirmed {
+            safe_ms: safe_ms(ctx, shared, None),
+        }),
     }
 }
 
@@ -132,6 +143,35 @@ fn held_lock(h: HeldInfo) -> HeldLock {
 }
 
 /// Clamps a duration to whole milliseconds in `u32`.
+/// The `safe_ms` of a reply: for how long from now nobody else can be
+/// granted `key` (with `None`: any lock of the connection), capped by what the
+/// server itself can promise a connection ([`ServerConfig::safe_horizon`]).
+/// `u32::MAX` means no bound.
+///
+/// [`ServerConfig::safe_horizon`]: super::ServerConfig::safe_horizon
+pub(crate) fn safe_ms<B: Backend>(ctx: &RequestContext<B>, shared: &ServerState<B>, key: Option<&LockKey>) -> u32 {
+    let now = Instant::now();
+    let held = ctx.session.safe_until(key).map(|t| t.saturating_duration_since(now));
+    let bound = match (held, shared.config.safe_horizon()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    bound.map_or(u32::MAX, |d| millis_u32(d).min(u32::MAX - 1))
+}
+
+/// How often a version 2 client should send `CONFIRM`: the backend's pace
+/// (ZooKeeper: as often as contact is proven), and at least four times per
+/// server horizon.
+pub(crate) fn confirm_ms<B: Backend>(shared: &ServerState<B>) -> u32 {
+    let backend = shared.engine.backend().confirm_interval();
+    let horizon = shared.config.safe_horizon().map(|h| h / 4);
+    let every = match (backend, horizon) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(Duration::from_secs(1)),
+    };
+    millis_u32(every).max(1)
+}
+
 fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }

@@ -330,6 +330,17 @@ impl ZkGuard {
         self.session.session_id()
     }
 
+    /// Until when nobody else can be granted this lock: the instant its
+    /// holder is told it is lost unless the session's contact with the
+    /// leader is proven again first (now, once the session is retired).
+    pub(super) fn safe_until(&self) -> tokio::time::Instant {
+        if self.session.is_retired() {
+            tokio::time::Instant::now()
+        } else {
+            self.session.contact_deadline()
+        }
+    }
+
     /// Releases the lock: one `delete`, confirmed within a third of the
     /// session timeout.
     ///

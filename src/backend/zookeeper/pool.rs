@@ -371,6 +371,12 @@ fn on_state(session: &ZkSession, state: SessionState) -> Result<bool, SessionEnd
     }
 }
 
+/// How often a session's contact with the leader is probed: a tenth of its
+/// timeout (at least 20 ms).
+pub(super) fn probe_interval(timeout: Duration) -> Duration {
+    (timeout / 10).max(Duration::from_millis(20))
+}
+
 /// Watches one session until it must be retired.
 async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEnd {
     let Ok(client) = session.client() else {
@@ -383,7 +389,7 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEn
     if let Err(end) = on_state(session, states.peek_state()) {
         return end;
     }
-    let every = (session.timeout() / 10).max(Duration::from_millis(20));
+    let every = probe_interval(session.timeout());
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut probe: Option<(Instant, Probe)> = None;

@@ -142,6 +142,16 @@ impl Backend for ZooKeeperBackend {
         self.kinds.read_version(&session, &kind, Missing::AssumeInitial).await
     }
 
+    fn safe_until(&self, guard: &ZkGuard) -> Option<Instant> {
+        Some(guard.safe_until())
+    }
+
+    /// The pool's probe interval: a tenth of the session timeout, as often as
+    /// contact is proven.
+    fn confirm_interval(&self) -> Option<Duration> {
+        Some(crate::backend::zookeeper::pool::probe_interval(self.pool.session_timeout()))
+    }
+
     fn info(&self) -> Vec<(String, String)> {
         let mut info = self.pool.info();
         info.push(("zk.base".to_owned(), self.kinds.layout().base().to_owned()));
