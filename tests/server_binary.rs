@@ -78,7 +78,7 @@ async fn handshake_is_required_and_negotiated() {
     let mut old = Raw::connect(addr).await;
     let resp = old
         .call(Request::Hello(Hello {
-            min_version: 2,
+            min_version: 3,
             max_version: 9,
             client_name: "future".into(),
         }))
