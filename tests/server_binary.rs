@@ -697,3 +697,97 @@ async fn release_naming_a_token_by_a_non_owner_is_refused() {
     );
     server.shutdown().await;
 }
+
+/// A raw connection that negotiated protocol version 2; its `confirm_ms`.
+async fn hello_v2(addr: std::net::SocketAddr) -> (Raw, u32) {
+    let mut raw = Raw::connect(addr).await;
+    let hello = raw
+        .call(Request::Hello(Hello {
+            min_version: 1,
+            max_version: 2,
+            client_name: "v2".into(),
+        }))
+        .await;
+    match hello.result {
+        Ok(ResponseBody::Hello(h)) if h.version == 2 => (raw, h.confirm_ms.expect("confirm_ms in version 2")),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn safe_ms(resp: &clastor_protocol::Response) -> u32 {
+    match &resp.result {
+        Ok(ResponseBody::Acquired(a)) => a.safe_ms.expect("safe_ms on a version 2 grant"),
+        Ok(ResponseBody::Renewed { safe_ms, .. }) => safe_ms.expect("safe_ms on a version 2 renewal"),
+        Ok(ResponseBody::Confirmed { safe_ms }) => *safe_ms,
+        other => panic!("no safe_ms in {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn version_2_states_how_long_each_grant_is_safe() {
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_secs(4),
+        ..ServerConfig::default()
+    };
+    let horizon = config.safe_horizon().unwrap();
+    assert_eq!(horizon, Duration::from_secs(4), "the shortest of keepalive, write timeout and shutdown grace");
+    let (server, _) = start(config, EngineConfig::default()).await;
+    let (mut raw, confirm_ms) = hello_v2(server.local_addr()).await;
+    // The memory backend sets no bound: the server's own horizon does, and
+    // the client confirms four times within it.
+    assert_eq!(u64::from(confirm_ms), 1_000);
+
+    let plain = raw.call(acquire("tx", "plain", 0, 0)).await;
+    let s = safe_ms(&plain);
+    assert!(s > 3_000 && s <= 4_000, "{s}");
+    // A lease bounds its grant.
+    let leased = raw.call(acquire("tx", "leased", 0, 1_500)).await;
+    assert!(safe_ms(&leased) <= 1_500);
+    // CONFIRM answers for every lock of the connection: the leased one first.
+    let confirmed = raw.call(Request::Confirm).await;
+    assert!(safe_ms(&confirmed) <= 1_500, "{confirmed:?}");
+    // A renewal moves it: now the server's horizon bounds both.
+    let renewed = raw
+        .call(Request::Renew {
+            kind: "tx".into(),
+            id: "leased".into(),
+            lease_ms: 60_000,
+            token: 0,
+        })
+        .await;
+    assert!(safe_ms(&renewed) > 3_000);
+    assert!(safe_ms(&raw.call(Request::Confirm).await) > 3_000);
+
+    // A version 1 connection gets none of it, and CONFIRM still answers.
+    let (mut old, _) = Raw::hello(server.local_addr()).await;
+    match old.call(acquire("tx", "old", 0, 0)).await.result {
+        Ok(ResponseBody::Acquired(a)) => assert_eq!(a.safe_ms, None),
+        other => panic!("{other:?}"),
+    }
+    assert!(safe_ms(&old.call(Request::Confirm).await) <= 4_000);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_shutdown_a_holder_that_does_not_leave_keeps_its_locks_until_its_promise_runs_out() {
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    let (server, backend) = start(config, EngineConfig::default()).await;
+    let (mut raw, _) = hello_v2(server.local_addr()).await;
+    let promised = safe_ms(&raw.call(acquire("tx", "promised", 0, 0)).await);
+    let t0 = std::time::Instant::now();
+    // The holder never reads the goodbye nor closes: as if cut off.
+    let shutdown = tokio::spawn(async move { server.shutdown().await });
+    while backend.active_keys() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kept = t0.elapsed();
+    assert!(
+        kept >= Duration::from_millis(u64::from(promised)),
+        "released after {kept:?}, {promised} ms were promised"
+    );
+    shutdown.await.unwrap();
+    drop(raw);
+}

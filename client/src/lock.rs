@@ -346,6 +346,18 @@ impl LockGuard {
         *self.lock.safe_until.borrow()
     }
 
+    /// Waits for the next confirmation of the safe-until (a `CONFIRM` or
+    /// renewal reply) and returns the new instant; `None` if the lock's state
+    /// is gone (released).
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn confirmation(&self) -> Option<Instant> {
+        let mut rx = self.lock.safe_until.subscribe();
+        rx.changed().await.ok()?;
+        *rx.borrow()
+    }
+
     /// Whether the lock is held and inside its safe-until (true with a server
     /// that promises nothing, as long as no loss is known).
     pub fn is_safe(&self) -> bool {

@@ -1,7 +1,10 @@
 //! `clastor lock`: runs a command while holding a lock, like `flock(1)` for a
 //! lock service. The command gets the fencing token in its environment; if the
 //! lock is lost while it runs, it is stopped (SIGTERM, then SIGKILL after a
-//! grace period), because it can no longer assume it is alone.
+//! grace period), because it can no longer assume it is alone. So it is when
+//! the lock falls into jeopardy (the server stopped confirming it, PROTOCOL.md
+//! "Safe-until"): SIGTERM early enough that the SIGKILL after the grace lands
+//! before the lock's safe-until, before anyone else can be granted it.
 //!
 //! The command runs in its own process group, and every signal goes to the
 //! whole group, so whatever it started in the background stops with it. What
@@ -51,7 +54,11 @@ CLASTOR_LOCK_VERSION   the kind's version the lock was taken under\n\n\
 The lock belongs to this process's connection to the server. COMMAND runs in its own process \
 group. If the lock is lost while COMMAND runs (lease not renewed, server or connection gone), that \
 whole group (COMMAND and whatever it started) gets SIGTERM, then SIGKILL after --grace, and \
-clastor exits with 123. With --lease, the lease is renewed automatically while COMMAND runs. \
+clastor exits with 123. The same happens, in time, when the server stops confirming the lock \
+(a frozen server, a cut network): the server states with every grant and confirmation until when \
+nobody else can be granted the lock (its safe-until), and COMMAND gets SIGTERM --grace before \
+that instant, so the SIGKILL lands before anyone else can hold the lock. --grace must therefore \
+be shorter than the server's safe window (seconds; clastor refuses to start COMMAND otherwise). With --lease, the lease is renewed automatically while COMMAND runs. \
 SIGINT, SIGHUP and SIGTERM sent to clastor (Ctrl-C included) are passed on to COMMAND's group, and \
 clastor keeps waiting for COMMAND to exit before releasing the lock; a signal during that release \
 makes it stop waiting (the server releases the lock when the connection closes). If clastor itself \
@@ -84,8 +91,11 @@ pub(crate) struct LockArgs {
     /// Hold the lock with a lease, renewed automatically while COMMAND runs.
     #[arg(long, short = 'l', value_name = "DURATION", value_parser = humantime::parse_duration)]
     lease: Option<Duration>,
-    /// After the lock is lost, how long COMMAND has between SIGTERM and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// After the lock is lost, or before its safe-until runs out unconfirmed,
+    /// how long COMMAND has between SIGTERM and SIGKILL. Must be shorter than
+    /// the server's safe window (a ZooKeeper-backed server guarantees about
+    /// half its session timeout).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// Say nothing but errors.
     #[arg(long, short = 'q')]
@@ -138,6 +148,27 @@ async fn lock_and_run(args: LockArgs) -> u8 {
     };
     if !args.quiet {
         eprintln!("clastor lock: acquired {what} (token {})", guard.token());
+    }
+    if let Some(mut until) = guard.safe_until() {
+        let window = |until: tokio::time::Instant| until.saturating_duration_since(tokio::time::Instant::now());
+        if window(until) <= args.grace {
+            // After a queue wait the grant's own count (from the send) may
+            // leave little: the client confirms at once; judge by that.
+            if let Ok(Some(confirmed)) = tokio::time::timeout(Duration::from_secs(2), guard.confirmation()).await {
+                until = confirmed;
+            }
+        }
+        let window = window(until);
+        if window <= args.grace {
+            eprintln!(
+                "clastor lock: --grace {} does not fit in the {} the server guarantees {what} for; \
+                 choose a shorter --grace",
+                humantime::format_duration(args.grace),
+                humantime::format_duration(Duration::from_millis(window.as_millis().try_into().unwrap_or(u64::MAX)))
+            );
+            release(guard, &what, None, args.server.connect_timeout).await;
+            return EXIT_CLASTOR_ERROR;
+        }
     }
     // Before the spawn: from now on these signals are passed on, not fatal,
     // so none can end this process and leave the command unsupervised.
@@ -220,6 +251,8 @@ async fn supervise(
 ) -> Outcome {
     let lost = guard.lost();
     tokio::pin!(lost);
+    let jeopardy = guard.jeopardy_within(grace);
+    tokio::pin!(jeopardy);
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -234,6 +267,19 @@ async fn supervise(
                     guard.kind(),
                     guard.id(),
                     guard.token(),
+                    humantime::format_duration(grace)
+                );
+                stop(child, group, grace).await;
+                return Outcome::Lost;
+            }
+            () = &mut jeopardy, if !guard.is_lost() => {
+                eprintln!(
+                    "clastor lock: {}/{} (token {}) in jeopardy: the server has not confirmed it, and another \
+                     holder may be granted it within {}; stopping the command (SIGTERM, SIGKILL after {})",
+                    guard.kind(),
+                    guard.id(),
+                    guard.token(),
+                    humantime::format_duration(grace),
                     humantime::format_duration(grace)
                 );
                 stop(child, group, grace).await;
