@@ -156,3 +156,129 @@ fn zookeeper_backend_needs_a_connect_string() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--zk"));
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Nanoseconds since the Unix epoch: the one clock a child shell and this
+/// test share.
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The safe-until promise, end to end, when a server freezes (what a long
+/// pause, a hung host or a cut network to ZooKeeper look like): two servers
+/// X and Y on one ZooKeeper; locks held through X by a Rust client and by
+/// `clastor lock`; waiters on Y. X is frozen with SIGSTOP. ZooKeeper expires
+/// X's session and Y grants, but only after the Rust holder's guard fell into
+/// jeopardy and the command under `clastor lock` got its SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
+    let zk = ZooKeeper::builder()
+        .tick_time(Duration::from_millis(500))
+        .start()
+        .expect("start ZooKeeper (apt-get install -y zookeeper)");
+    let connect = zk.connect_string();
+    let args = [
+        "--backend",
+        "zookeeper",
+        "--zk",
+        &connect,
+        "--zk-session-timeout",
+        "4s",
+        "--zk-sessions",
+        "1",
+    ];
+    let x = Server::start(&args);
+    let y = Server::start(&args);
+
+    // The Rust holder, without a keepalive: only safe-until speaks here.
+    let holder = clastor_client::Client::builder(x.addr)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let guard = holder.lock("tx", "frozen-a").try_acquire().await.unwrap().expect("free");
+    let window = guard.safe_until().expect("a version 2 server states safe-until");
+    assert!(window > tokio::time::Instant::now());
+
+    // The command under `clastor lock` notes when it gets SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let termed = dir.path().join("termed");
+    let script = format!(
+        "trap 'date +%s%N > {}; exit 0' TERM; echo running; while :; do sleep 0.02; done",
+        termed.display()
+    );
+    let mut lock = tokio::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args(["lock", "tx", "frozen-b", "--server", &x.addr.to_string(), "--grace", "300ms"])
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(lock.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
+    assert_eq!(line.trim(), "running", "the command runs under the lock");
+
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait_a = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let g = other.lock("tx", "frozen-a").wait(Duration::from_secs(60)).acquire().await;
+            (wall_ns(), tokio::time::Instant::now(), g)
+        })
+    };
+    let wait_b = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let g = other.lock("tx", "frozen-b").wait(Duration::from_secs(60)).acquire().await;
+            (wall_ns(), g)
+        })
+    };
+
+    send_signal(x.child.id(), "STOP");
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder falls into jeopardy");
+    let jeopardy_at = tokio::time::Instant::now();
+    assert!(!guard.is_safe());
+
+    let (_, granted_at, granted) = wait_a.await.unwrap();
+    let granted = granted.unwrap().expect("Y grants once X's session expired");
+    assert!(granted.token() > guard.token());
+    let (granted_b_wall, granted_b) = wait_b.await.unwrap();
+    assert!(granted_b.unwrap().is_some());
+    let termed_wall: u128 = std::fs::read_to_string(&termed)
+        .expect("the command got SIGTERM")
+        .trim()
+        .parse()
+        .unwrap();
+
+    let margin = granted_at.saturating_duration_since(jeopardy_at);
+    let margin_b = Duration::from_nanos(u64::try_from(granted_b_wall.saturating_sub(termed_wall)).unwrap());
+    println!(
+        "frozen at 0; jeopardy after {:?}, Y granted after {:?}: margin {margin:?}; \
+         clastor lock's SIGTERM {margin_b:?} before Y's grant",
+        jeopardy_at - frozen_at,
+        granted_at - frozen_at
+    );
+    assert!(jeopardy_at < granted_at, "jeopardy came after another holder was granted");
+    assert!(termed_wall < granted_b_wall, "SIGTERM came after another holder was granted");
+    // SIGKILL after the grace would also have landed before: the grace fits.
+    assert!(margin_b > Duration::from_millis(300), "{margin_b:?}");
+
+    send_signal(x.child.id(), "CONT");
+    drop(lock);
+}
