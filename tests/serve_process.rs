@@ -207,7 +207,12 @@ async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
         .connect()
         .await
         .unwrap();
-    let guard = holder.lock("tx", "frozen-a").try_acquire().await.unwrap().expect("free");
+    let guard = holder
+        .lock("tx", "frozen-a")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
     let window = guard.safe_until().expect("a version 2 server states safe-until");
     assert!(window > tokio::time::Instant::now());
 
@@ -219,7 +224,15 @@ async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
         termed.display()
     );
     let mut lock = tokio::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
-        .args(["lock", "tx", "frozen-b", "--server", &x.addr.to_string(), "--grace", "300ms"])
+        .args([
+            "lock",
+            "tx",
+            "frozen-b",
+            "--server",
+            &x.addr.to_string(),
+            "--grace",
+            "300ms",
+        ])
         .args(["--", "sh", "-c", &script])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -228,21 +241,31 @@ async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
         .unwrap();
     let mut out = tokio::io::BufReader::new(lock.stdout.take().unwrap());
     let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await.unwrap();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
     assert_eq!(line.trim(), "running", "the command runs under the lock");
 
     let other = clastor_client::Client::connect(y.addr).await.unwrap();
     let wait_a = {
         let other = other.clone();
         tokio::spawn(async move {
-            let g = other.lock("tx", "frozen-a").wait(Duration::from_secs(60)).acquire().await;
+            let g = other
+                .lock("tx", "frozen-a")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await;
             (wall_ns(), tokio::time::Instant::now(), g)
         })
     };
     let wait_b = {
         let other = other.clone();
         tokio::spawn(async move {
-            let g = other.lock("tx", "frozen-b").wait(Duration::from_secs(60)).acquire().await;
+            let g = other
+                .lock("tx", "frozen-b")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await;
             (wall_ns(), g)
         })
     };
@@ -274,11 +297,136 @@ async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
         jeopardy_at - frozen_at,
         granted_at - frozen_at
     );
-    assert!(jeopardy_at < granted_at, "jeopardy came after another holder was granted");
-    assert!(termed_wall < granted_b_wall, "SIGTERM came after another holder was granted");
+    assert!(
+        jeopardy_at < granted_at,
+        "jeopardy came after another holder was granted"
+    );
+    assert!(
+        termed_wall < granted_b_wall,
+        "SIGTERM came after another holder was granted"
+    );
     // SIGKILL after the grace would also have landed before: the grace fits.
     assert!(margin_b > Duration::from_millis(300), "{margin_b:?}");
 
     send_signal(x.child.id(), "CONT");
     drop(lock);
+}
+
+/// One holder's belief: from the grant's arrival to the moment it stopped
+/// trusting the lock (it began to release, or fell into jeopardy first).
+#[derive(Debug, Clone, Copy)]
+struct Belief {
+    token: u64,
+    from: tokio::time::Instant,
+    until: tokio::time::Instant,
+    server: char,
+}
+
+/// Contends for one key through a client of `server` until `stop`,
+/// recording every belief.
+async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
+    let client = clastor_client::Client::builder(addr)
+        .keepalive(None)
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Some(Duration::from_secs(3)))
+        .connect()
+        .await
+        .unwrap();
+    let mut beliefs = Vec::new();
+    while !stop.is_cancelled() {
+        let guard = match client
+            .lock("tx", "checked")
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+        {
+            Ok(Some(guard)) => guard,
+            Ok(None) => continue,
+            // The server is frozen or between ZooKeeper sessions: try again.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let from = tokio::time::Instant::now();
+        // Work for a while, unless the lock falls into jeopardy first. X's
+        // holders work longer than X's session lives once frozen, so only
+        // their jeopardy can end their belief in time.
+        let work = if server == 'x' {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(40)
+        };
+        let until = tokio::select! {
+            () = tokio::time::sleep(work) => tokio::time::Instant::now(),
+            () = guard.jeopardy() => tokio::time::Instant::now(),
+        };
+        beliefs.push(Belief {
+            token: guard.token(),
+            from,
+            until,
+            server,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(1), guard.release()).await;
+    }
+    beliefs
+}
+
+/// The overlap checker across two servers, one of them frozen and thawed
+/// again and again: counted from the holders' own view (a belief ends at its
+/// jeopardy signal), no two holders ever overlap, and tokens increase in
+/// grant order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_holders_overlap_while_a_server_is_frozen_and_thawed() {
+    let zk = ZooKeeper::builder()
+        .tick_time(Duration::from_millis(500))
+        .start()
+        .expect("start ZooKeeper (apt-get install -y zookeeper)");
+    let connect = zk.connect_string();
+    let args = [
+        "--backend",
+        "zookeeper",
+        "--zk",
+        &connect,
+        "--zk-session-timeout",
+        "3s",
+        "--zk-sessions",
+        "1",
+    ];
+    let x = Server::start(&args);
+    let y = Server::start(&args);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
+        .into_iter()
+        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
+        .collect();
+    let pid = x.child.id();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        send_signal(pid, "STOP");
+        // Longer than the session timeout: ZooKeeper expires X's session.
+        tokio::time::sleep(Duration::from_millis(4_000)).await;
+        send_signal(pid, "CONT");
+    }
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    stop.cancel();
+    let mut beliefs = Vec::new();
+    for w in workers {
+        beliefs.extend(w.await.unwrap());
+    }
+    beliefs.sort_by_key(|b| b.from);
+    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
+    assert!(
+        servers.len() == 2 && beliefs.len() > 10,
+        "too little contention: {beliefs:?}"
+    );
+    for pair in beliefs.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
+        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
+    }
+    println!(
+        "{} grants across X and Y, X frozen twice past its session timeout: no overlap",
+        beliefs.len()
+    );
 }

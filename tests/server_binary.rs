@@ -730,7 +730,11 @@ async fn version_2_states_how_long_each_grant_is_safe() {
         ..ServerConfig::default()
     };
     let horizon = config.safe_horizon().unwrap();
-    assert_eq!(horizon, Duration::from_secs(4), "the shortest of keepalive, write timeout and shutdown grace");
+    assert_eq!(
+        horizon,
+        Duration::from_secs(4),
+        "the shortest of keepalive, write timeout and shutdown grace"
+    );
     let (server, _) = start(config, EngineConfig::default()).await;
     let (mut raw, confirm_ms) = hello_v2(server.local_addr()).await;
     // The memory backend sets no bound: the server's own horizon does, and

@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use clastor_protocol::{
-    AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, HIGHEST_VERSION, Hello, HelloOk,
-    LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody,
+    AcquireOk, BodyError, ClastorCodec, EVENT_REQUEST_ID, Event, Flags, Frame, FrameError, HIGHEST_VERSION, Hello,
+    HelloOk, LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -384,7 +384,10 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         tokio::spawn(keepalive_loop(shared.clone(), interval));
     }
     if let Some(ms) = shared.hello.confirm_ms {
-        tokio::spawn(confirm_loop(shared.clone(), Duration::from_millis(u64::from(ms.max(1)))));
+        tokio::spawn(confirm_loop(
+            shared.clone(),
+            Duration::from_millis(u64::from(ms.max(1))),
+        ));
     }
     let close = shared.closed.clone().drop_guard();
     Ok(Conn(Arc::new(CloseOnDrop { shared, _close: close })))
@@ -1013,7 +1016,10 @@ async fn confirm_loop(shared: Arc<Connection>, interval: Duration) {
         }
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::Instant::now();
-        if shared.submit(&Request::Confirm, Some(tx), HeldUpdate::None, None).is_err() {
+        if shared
+            .submit(&Request::Confirm, Some(tx), HeldUpdate::None, None)
+            .is_err()
+        {
             return;
         }
         let shared = shared.clone();

@@ -40,8 +40,8 @@ mod wire;
 pub use body_error::BodyError;
 pub use codec::{ClastorCodec, Frame, FrameError, split_frame};
 pub use constants::{
-    DEFAULT_MAX_FRAME_LEN, EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN,
-    HIGHEST_VERSION, PROTOCOL_VERSION,
+    DEFAULT_MAX_FRAME_LEN, EVENT_REQUEST_ID, HEADER_LEN, HIGHEST_VERSION, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING,
+    MIN_FRAME_LEN, PROTOCOL_VERSION,
 };
 pub use header::{Flags, Header};
 pub use message::{

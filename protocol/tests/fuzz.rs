@@ -144,17 +144,19 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
             any_string(),
             any::<u32>()
         )
-            .prop_map(|(version, connection_id, max_frame_len, max_in_flight, server, confirm_ms)| {
-                ResponseBody::Hello(HelloOk {
-                    version,
-                    connection_id,
-                    max_frame_len,
-                    max_in_flight,
-                    server,
-                    // On the wire exactly from version 2 on.
-                    confirm_ms: (version >= 2).then_some(confirm_ms),
-                })
-            }),
+            .prop_map(
+                |(version, connection_id, max_frame_len, max_in_flight, server, confirm_ms)| {
+                    ResponseBody::Hello(HelloOk {
+                        version,
+                        connection_id,
+                        max_frame_len,
+                        max_in_flight,
+                        server,
+                        // On the wire exactly from version 2 on.
+                        confirm_ms: (version >= 2).then_some(confirm_ms),
+                    })
+                }
+            ),
         Just(ResponseBody::Pong),
         (any::<u64>(), any::<u32>(), any_string(), any::<Option<u32>>()).prop_map(
             |(token, lease_ms, version, safe_ms)| {

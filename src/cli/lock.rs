@@ -30,6 +30,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{ServerOpt, client_runtime};
 
+/// `--grace` when not given (or a third of the server's safe window, if shorter).
+const DEFAULT_GRACE: Duration = Duration::from_secs(1);
+
 /// The lock was not granted within --wait (as `timeout(1)` uses 124 for "timed out").
 pub(crate) const EXIT_NOT_ACQUIRED: u8 = 124;
 /// The lock was lost while the command ran (or before it could be released).
@@ -94,9 +97,10 @@ pub(crate) struct LockArgs {
     /// After the lock is lost, or before its safe-until runs out unconfirmed,
     /// how long COMMAND has between SIGTERM and SIGKILL. Must be shorter than
     /// the server's safe window (a ZooKeeper-backed server guarantees about
-    /// half its session timeout).
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
-    grace: Duration,
+    /// half its session timeout; a lease bounds it too). Default: 1s, or a
+    /// third of the window if that is shorter (a short lease).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
     /// Say nothing but errors.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -149,9 +153,10 @@ async fn lock_and_run(args: LockArgs) -> u8 {
     if !args.quiet {
         eprintln!("clastor lock: acquired {what} (token {})", guard.token());
     }
+    let mut grace = args.grace.unwrap_or(DEFAULT_GRACE);
     if let Some(mut until) = guard.safe_until() {
         let window = |until: tokio::time::Instant| until.saturating_duration_since(tokio::time::Instant::now());
-        if window(until) <= args.grace {
+        if window(until) <= grace {
             // After a queue wait the grant's own count (from the send) may
             // leave little: the client confirms at once; judge by that.
             if let Ok(Some(confirmed)) = tokio::time::timeout(Duration::from_secs(2), guard.confirmation()).await {
@@ -159,11 +164,14 @@ async fn lock_and_run(args: LockArgs) -> u8 {
             }
         }
         let window = window(until);
-        if window <= args.grace {
+        if args.grace.is_none() {
+            grace = grace.min(window / 3);
+        }
+        if window <= grace {
             eprintln!(
                 "clastor lock: --grace {} does not fit in the {} the server guarantees {what} for; \
                  choose a shorter --grace",
-                humantime::format_duration(args.grace),
+                humantime::format_duration(grace),
                 humantime::format_duration(Duration::from_millis(window.as_millis().try_into().unwrap_or(u64::MAX)))
             );
             release(guard, &what, None, args.server.connect_timeout).await;
@@ -201,7 +209,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
         return EXIT_CLASTOR_ERROR;
     };
     let timeout = args.server.connect_timeout;
-    match supervise(&mut child, group, &guard, args.grace, &mut signals).await {
+    match supervise(&mut child, group, &guard, grace, &mut signals).await {
         Outcome::Exited(status) => match release(guard, &what, Some(&mut signals), timeout).await {
             Released::Yes => exit_code(status),
             Released::Lost => EXIT_LOCK_LOST,

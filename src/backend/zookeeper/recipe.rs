@@ -149,7 +149,9 @@ impl Backend for ZooKeeperBackend {
     /// The pool's probe interval: a tenth of the session timeout, as often as
     /// contact is proven.
     fn confirm_interval(&self) -> Option<Duration> {
-        Some(crate::backend::zookeeper::pool::probe_interval(self.pool.session_timeout()))
+        Some(crate::backend::zookeeper::pool::probe_interval(
+            self.pool.session_timeout(),
+        ))
     }
 
     fn info(&self) -> Vec<(String, String)> {
