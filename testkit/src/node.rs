@@ -235,6 +235,13 @@ impl Node {
             });
         }
         self.stopped = signal == "STOP";
+        // `kill` returns once the signal is queued; the JVM's threads stop a
+        // moment later. Wait until the kernel says so, or a request sent right
+        // after a freeze could still be answered.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while process_stopped(pid) != Some(self.stopped) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         Ok(())
     }
 
@@ -285,4 +292,13 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`); `None`
+/// where that cannot be read (not Linux, or the process is gone).
+fn process_stopped(pid: u32) -> Option<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the command name, which is in parentheses.
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+    Some(state == "T" || state == "t")
 }
