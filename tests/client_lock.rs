@@ -458,3 +458,58 @@ async fn huge_configured_durations_do_not_panic() {
     guard.release().await.unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_guard_knows_until_when_it_is_safe_and_keeps_it_fresh() {
+    // A server horizon of 800 ms: the client confirms every 200 ms.
+    let config = clastor::server::ServerConfig {
+        shutdown_grace: Duration::from_millis(800),
+        ..clastor::server::ServerConfig::default()
+    };
+    let (server, _) = support::start(config, clastor::EngineConfig::default()).await;
+    let client = support::connect(&server).await;
+    let guard = support::take_free(&client, "tx", "safe").await;
+    let first = guard.safe_until().expect("a version 2 server states safe-until");
+    let now = tokio::time::Instant::now();
+    assert!(
+        first > now && first <= now + Duration::from_millis(800),
+        "{:?}",
+        first - now
+    );
+    assert!(guard.is_safe());
+    // Confirmations move it forward while the lock is held.
+    let moved = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match guard.confirmation().await {
+                Some(t) if t > first => return t,
+                Some(_) => {}
+                None => panic!("lock state gone"),
+            }
+        }
+    })
+    .await
+    .expect("a confirmation");
+    assert!(moved > first);
+    assert!(guard.jeopardy().now_or_never().is_none(), "in jeopardy while confirmed");
+
+    // A renewal that shortens the lease shortens the promise at once.
+    let leased = client
+        .lock("tx", "leased")
+        .lease(Duration::from_secs(60))
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    leased.renew(Duration::from_millis(300)).await.unwrap();
+    let until = leased.safe_until().unwrap();
+    assert!(until <= tokio::time::Instant::now() + Duration::from_millis(300));
+    // Unrenewed, the lease runs out: jeopardy first, then the loss.
+    tokio::time::timeout(PATIENCE, leased.jeopardy())
+        .await
+        .expect("jeopardy");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, leased.lost()).await.expect("lost"),
+        LostReason::LeaseExpired
+    );
+    server.shutdown().await;
+}

@@ -761,14 +761,34 @@ async fn version_2_states_how_long_each_grant_is_safe() {
         .await;
     assert!(safe_ms(&renewed) > 3_000);
     assert!(safe_ms(&raw.call(Request::Confirm).await) > 3_000);
+    // A renewal that shortens the lease shortens the promise.
+    let shortened = raw
+        .call(Request::Renew {
+            kind: "tx".into(),
+            id: "leased".into(),
+            lease_ms: 800,
+            token: 0,
+        })
+        .await;
+    assert!(safe_ms(&shortened) <= 800);
+    // Nothing held, nothing promised.
+    for id in ["plain", "leased"] {
+        raw.call(Request::Release {
+            kind: "tx".into(),
+            id: id.into(),
+            token: 0,
+        })
+        .await;
+    }
+    assert_eq!(safe_ms(&raw.call(Request::Confirm).await), 0);
 
-    // A version 1 connection gets none of it, and CONFIRM still answers.
+    // A version 1 connection gets none of it, and no CONFIRM.
     let (mut old, _) = Raw::hello(server.local_addr()).await;
     match old.call(acquire("tx", "old", 0, 0)).await.result {
         Ok(ResponseBody::Acquired(a)) => assert_eq!(a.safe_ms, None),
         other => panic!("{other:?}"),
     }
-    assert!(safe_ms(&old.call(Request::Confirm).await) <= 4_000);
+    assert_eq!(old.call(Request::Confirm).await.status(), Status::BadRequest);
     server.shutdown().await;
 }
 

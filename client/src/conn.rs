@@ -40,7 +40,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -98,9 +98,18 @@ pub(crate) struct HeldGrant {
     pub(crate) received: tokio::time::Instant,
     pub(crate) lost: watch::Sender<Option<LostReason>>,
     /// Until when the server guarantees nobody else is granted this lock, on
-    /// this client's clock (protocol version 2; `None` with a version 1
-    /// server). Only ever moves forward.
-    pub(crate) safe_until: watch::Sender<Option<tokio::time::Instant>>,
+    /// this client's clock (protocol version 2).
+    pub(crate) safe: watch::Sender<Safe>,
+}
+
+/// A grant's safe-until and what may still move it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Safe {
+    /// `None` with a version 1 server, which promises nothing.
+    pub(crate) until: Option<tokio::time::Instant>,
+    /// Send instant of the latest renewal: it set `until` outright (a renewal
+    /// can shorten the lease), and confirmations sent before it are stale.
+    renewed: Option<tokio::time::Instant>,
 }
 
 impl HeldGrant {
@@ -115,20 +124,20 @@ impl HeldGrant {
             lease_ms: AtomicU32::new(grant.lease_ms),
             received: tokio::time::Instant::now(),
             lost: watch::channel(None).0,
-            safe_until: watch::channel(None).0,
+            safe: watch::channel(Safe::default()).0,
         }
     }
 
     /// Applies a `safe_ms` the server gave in reply to a request this client
     /// sent at `sent`: counted from the send, never from the receipt, since
     /// the server may have handled the request at any time in between.
+    /// A confirmation (a grant's or a `CONFIRM`'s) moves it forward only.
     pub(crate) fn confirm(&self, sent: tokio::time::Instant, safe_ms: u32) {
-        let until = sent
-            .checked_add(Duration::from_millis(u64::from(safe_ms)))
-            .unwrap_or_else(|| sent + Duration::from_secs(86_400 * 365));
-        self.safe_until.send_if_modified(|cur| {
-            if cur.is_none_or(|c| until > c) {
-                *cur = Some(until);
+        let until = later_by(sent, safe_ms);
+        self.safe.send_if_modified(|cur| {
+            let stale = cur.renewed.is_some_and(|r| sent < r);
+            if !stale && cur.until.is_none_or(|c| until > c) {
+                cur.until = Some(until);
                 true
             } else {
                 false
@@ -136,8 +145,29 @@ impl HeldGrant {
         });
     }
 
+    /// Applies a renewal's `safe_ms` (sent at `sent`): outright, since a
+    /// renewal may have shortened the lease, and confirmations sent before it
+    /// no longer count.
+    pub(crate) fn renewed(&self, sent: tokio::time::Instant, safe_ms: u32) {
+        let until = later_by(sent, safe_ms);
+        self.safe.send_if_modified(|cur| {
+            if cur.renewed.is_some_and(|r| sent < r) {
+                return false;
+            }
+            *cur = Safe {
+                until: Some(until),
+                renewed: Some(sent),
+            };
+            true
+        });
+    }
+
     pub(crate) fn kind(&self) -> &str {
         &self.key[..self.kind_len]
+    }
+
+    pub(crate) fn safe_until(&self) -> Option<tokio::time::Instant> {
+        self.safe.borrow().until
     }
 
     pub(crate) fn id(&self) -> &str {
@@ -160,6 +190,12 @@ impl HeldGrant {
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {
         self.lost.borrow().clone()
     }
+}
+
+/// `sent + ms`, saturating a year ahead.
+fn later_by(sent: tokio::time::Instant, ms: u32) -> tokio::time::Instant {
+    sent.checked_add(Duration::from_millis(u64::from(ms)))
+        .unwrap_or_else(|| sent + Duration::from_secs(86_400 * 365))
 }
 
 /// How a request's reply updates the connection's table of held locks,
@@ -279,6 +315,8 @@ pub(crate) struct Connection {
     last_rx_ms: AtomicU64,
     /// Wakes the confirm loop early (a grant arrived already in jeopardy).
     confirm_now: Notify,
+    /// `CONFIRM`s sent and not answered yet.
+    confirms_out: AtomicUsize,
 }
 
 /// A handle on a live connection. The connection closes (and the server
@@ -377,6 +415,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         born: Instant::now(),
         last_rx_ms: AtomicU64::new(0),
         confirm_now: Notify::new(),
+        confirms_out: AtomicUsize::new(0),
     });
     tokio::spawn(read_loop(shared.clone(), frames));
     tokio::spawn(write_loop(shared.clone()));
@@ -384,10 +423,9 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         tokio::spawn(keepalive_loop(shared.clone(), interval));
     }
     if let Some(ms) = shared.hello.confirm_ms {
-        tokio::spawn(confirm_loop(
-            shared.clone(),
-            Duration::from_millis(u64::from(ms.max(1))),
-        ));
+        // A server that names no pace (0) gets a second.
+        let ms = if ms == 0 { 1_000 } else { ms };
+        tokio::spawn(confirm_loop(shared.clone(), Duration::from_millis(u64::from(ms))));
     }
     let close = shared.closed.clone().drop_guard();
     Ok(Conn(Arc::new(CloseOnDrop { shared, _close: close })))
@@ -997,6 +1035,9 @@ impl Connection {
     }
 }
 
+/// Most `CONFIRM`s a connection leaves unanswered before it stops sending more.
+const MAX_CONFIRMS_OUT: usize = 4;
+
 /// Keeps the safe-until of every lock held through this connection fresh
 /// (protocol version 2): a `CONFIRM` every `interval` while locks are held,
 /// pipelined with whatever else is in flight and never skipped. Its reply
@@ -1014,6 +1055,12 @@ async fn confirm_loop(shared: Arc<Connection>, interval: Duration) {
         if shared.state().held.is_empty() {
             continue;
         }
+        // A server that answers nothing must not make us pile up requests:
+        // the safe-until simply runs out.
+        if shared.confirms_out.load(Ordering::Relaxed) >= MAX_CONFIRMS_OUT {
+            continue;
+        }
+        shared.confirms_out.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::Instant::now();
         if shared
@@ -1030,6 +1077,7 @@ async fn confirm_loop(shared: Arc<Connection>, interval: Duration) {
                 () = shared.closed.cancelled() => return,
                 reply = rx => reply,
             };
+            shared.confirms_out.fetch_sub(1, Ordering::Relaxed);
             let Ok(Ok(Reply { response, .. })) = reply else { return };
             if let Ok(ResponseBody::Confirmed { safe_ms }) = response.result {
                 let held: Vec<Arc<HeldGrant>> = shared.state().held.values().cloned().collect();

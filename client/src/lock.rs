@@ -170,8 +170,7 @@ impl LockRequest {
             // nothing: confirm again now rather than at the next tick.
             let confirm_every = Duration::from_millis(conn.hello.confirm_ms.unwrap_or(0).into());
             if lock
-                .safe_until
-                .borrow()
+                .safe_until()
                 .is_none_or(|t| t.saturating_duration_since(Instant::now()) < confirm_every * 2)
             {
                 conn.confirm_soon();
@@ -343,19 +342,19 @@ impl LockGuard {
     /// process (a GC, a swapped-out page) can outlast any safe-until: give the
     /// fencing token to the store as the last line of defence.
     pub fn safe_until(&self) -> Option<Instant> {
-        *self.lock.safe_until.borrow()
+        self.lock.safe_until()
     }
 
-    /// Waits for the next confirmation of the safe-until (a `CONFIRM` or
-    /// renewal reply) and returns the new instant; `None` if the lock's state
-    /// is gone (released).
+    /// Waits until the safe-until changes (a `CONFIRM` or renewal reply that
+    /// moved it) and returns the new instant; `None` if the lock's state is
+    /// gone (released).
     ///
     /// # Cancellation safety
     /// Safe.
     pub async fn confirmation(&self) -> Option<Instant> {
-        let mut rx = self.lock.safe_until.subscribe();
+        let mut rx = self.lock.safe.subscribe();
         rx.changed().await.ok()?;
-        *rx.borrow()
+        rx.borrow().until
     }
 
     /// Whether the lock is held and inside its safe-until (true with a server
@@ -381,23 +380,24 @@ impl LockGuard {
     /// # Cancellation safety
     /// Safe; call it as often as needed.
     pub fn jeopardy_within(&self, margin: Duration) -> impl Future<Output = ()> + Send + 'static {
-        let mut safe = self.lock.safe_until.subscribe();
+        let mut safe = self.lock.safe.subscribe();
         let mut lost = self.lock.lost.subscribe();
+        let early = move |t: Instant| t.checked_sub(margin).unwrap_or(t);
         async move {
             loop {
                 if lost.borrow().is_some() {
                     return;
                 }
-                let until = *safe.borrow_and_update();
-                let at = until.map(|t| t.checked_sub(margin).unwrap_or(t));
+                let at = safe.borrow_and_update().until.map(early);
                 tokio::select! {
-                    () = crate::lock::sleep_until_or_never(at) => {
-                        if safe.borrow().is_none_or(|t| t.checked_sub(margin).unwrap_or(t) <= Instant::now()) {
+                    () = sleep_until_or_never(at) => {
+                        if safe.borrow().until.is_some_and(|t| early(t) <= Instant::now()) {
                             return;
                         }
                     }
                     changed = safe.changed() => if changed.is_err() { return },
-                    changed = lost.changed() => if changed.is_err() { std::future::pending::<()>().await },
+                    // The state is gone with the guard: released, not lost.
+                    changed = lost.changed() => if changed.is_err() { return },
                 }
             }
         }
@@ -533,7 +533,7 @@ fn apply_renewal(
         }) if token == lock.token => {
             lock.lease_ms.store(lease_ms, Ordering::Relaxed);
             if let Some(safe_ms) = safe_ms {
-                lock.confirm(sent, safe_ms);
+                lock.renewed(sent, safe_ms);
             }
             Ok(())
         }

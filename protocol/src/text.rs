@@ -48,7 +48,6 @@ pub const USAGE: &[&str] = &[
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
     "VERSION <kind>",
     "INFO",
-    "CONFIRM                                    for how long this connection's locks are guaranteed",
     "HELP",
     "QUIT",
 ];

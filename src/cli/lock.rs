@@ -33,6 +33,11 @@ use super::{ServerOpt, client_runtime};
 /// `--grace` when not given (or a third of the server's safe window, if shorter).
 const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 
+/// Slack for timers and scheduling between the SIGKILL and the safe-until.
+fn kill_margin(grace: Duration) -> Duration {
+    (grace / 10).clamp(Duration::from_millis(20), Duration::from_millis(100))
+}
+
 /// The lock was not granted within --wait (as `timeout(1)` uses 124 for "timed out").
 pub(crate) const EXIT_NOT_ACQUIRED: u8 = 124;
 /// The lock was lost while the command ran (or before it could be released).
@@ -167,7 +172,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
         if args.grace.is_none() {
             grace = grace.min(window / 3);
         }
-        if window <= grace {
+        if window <= grace + kill_margin(grace) {
             eprintln!(
                 "clastor lock: --grace {} does not fit in the {} the server guarantees {what} for; \
                  choose a shorter --grace",
@@ -259,7 +264,9 @@ async fn supervise(
 ) -> Outcome {
     let lost = guard.lost();
     tokio::pin!(lost);
-    let jeopardy = guard.jeopardy_within(grace);
+    // SIGTERM this much more before the safe-until, so the SIGKILL lands
+    // before it despite timer and scheduling lateness.
+    let jeopardy = guard.jeopardy_within(grace + kill_margin(grace));
     tokio::pin!(jeopardy);
     loop {
         tokio::select! {

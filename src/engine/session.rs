@@ -462,8 +462,9 @@ impl<B: Backend> Session<B> {
     /// Until when nobody else can be granted `key` (or, with `None`, any lock
     /// this session holds), as far as the engine and the backend know: the
     /// earliest of the leases' ends and the backend's own bounds
-    /// ([`Backend::safe_until`]). `None`: no bound (or nothing held).
-    pub fn safe_until(&self, key: Option<&LockKey>) -> Option<Instant> {
+    /// ([`Backend::safe_until`]). `Some(None)`: held, with no bound;
+    /// `None`: not held (with `None`: nothing held), so nothing is promised.
+    pub fn safe_until(&self, key: Option<&LockKey>) -> Option<Option<Instant>> {
         let backend = &self.state.engine.backend;
         let st = self.state.lock();
         let bound = |h: &Held<B::Guard>| {
@@ -474,8 +475,9 @@ impl<B: Backend> Session<B> {
             }
         };
         match key {
-            Some(key) => st.held.get(key).and_then(bound),
-            None => st.held.values().filter_map(bound).min(),
+            Some(key) => st.held.get(key).map(bound),
+            None if st.held.is_empty() => None,
+            None => Some(st.held.values().filter_map(bound).min()),
         }
     }
 
@@ -539,13 +541,17 @@ async fn lease_timer<B: Backend>(session: Weak<SessionState<B>>, key: LockKey, g
                     deadline = d;
                     None
                 }
-                _ => st.held.remove(&key).map(|h| (h, Releasing::start(&s, &mut st, &key))),
+                _ => st.held.remove(&key).map(|h| {
+                    // Queued under the table lock: once the lock is out of
+                    // the table its loss is in the channel (see `on_lost`).
+                    s.report_lost(&key, h.token, LostReason::LeaseExpired);
+                    (h, Releasing::start(&s, &mut st, &key))
+                }),
             }
         };
         if let Some((held, _releasing)) = expired {
             s.engine.stats.lease_expired.fetch_add(1, Ordering::Relaxed);
             info!(session = s.id, %key, token = held.token, "lease expired");
-            s.report_lost(&key, held.token, LostReason::LeaseExpired);
             // Not `disarm`: this task is the timer, and it is finishing anyway.
             if let Err(e) = s.engine.backend.release(held.guard).await {
                 warn!(session = s.id, %key, error = %e, "release after lease expiry not confirmed");
@@ -650,11 +656,19 @@ impl<B: Backend> SessionState<B> {
     }
 
     /// Backend callback: the grant `grant_id` on `key` is lost.
+    ///
+    /// The loss is queued while the table lock is held, so whoever sees the
+    /// lock gone from the table (a `CONFIRM` computing what it still covers)
+    /// finds its event already in the channel, to be written first.
     fn on_lost(&self, key: &LockKey, grant_id: u64, reason: LostReason) {
         let removed = {
             let mut st = self.lock();
             if st.held.get(key).is_some_and(|h| h.grant_id == grant_id) {
-                st.held.remove(key)
+                let held = st.held.remove(key);
+                if let Some(h) = &held {
+                    self.report_lost(key, h.token, reason);
+                }
+                held
             } else {
                 if let Some(p) = st.pending.get_mut(key).filter(|p| p.grant_id == grant_id) {
                     p.lost = Some(reason);
@@ -664,7 +678,6 @@ impl<B: Backend> SessionState<B> {
         };
         if let Some(held) = removed {
             warn!(session = self.id, %key, token = held.token, reason = reason.name(), "lock lost");
-            self.report_lost(key, held.token, reason);
             // Dropping the guard asks the backend to clean up in the background.
             drop(held.disarm());
         }

@@ -93,14 +93,14 @@ pub(super) async fn run<B: Backend>(
             // Finished requests before events: a grant's reply always goes
             // out before a LOCK_LOST of that grant.
             Some(resp) = c.inflight.next(), if !c.inflight.is_empty() => {
-                c.answer(&resp);
+                c.answer(&resp, &mut lost);
                 Flow::Continue
             }
             Some(ev) = lost.recv() => {
                 c.push_lost(&ev);
                 Flow::Continue
             }
-            frame = c.framed.next(), if can_read => c.on_read(frame),
+            frame = c.framed.next(), if can_read => c.on_read(frame, &mut lost),
             () = sleep_until_or_never(timer.and_then(|(at, _)| at)), if timer.is_some() => {
                 let what = timer.map_or("idle", |(_, what)| what);
                 info!(timeout = what, "closing connection");
@@ -138,16 +138,23 @@ impl<B: Backend> Conn<B> {
             .then_some((self.last_activity.checked_add(idle), "idle"))
     }
 
-    /// Encodes whatever else is ready without waiting: finished requests,
-    /// pending events and frames already buffered.
-    /// Writes a reply, remembering any safe-until it promises.
-    fn answer(&mut self, resp: &Response) {
+    /// Writes a reply, remembering any safe-until it promises. A reply that
+    /// promises goes out after every loss already queued: the engine queues a
+    /// loss before the lock leaves the table the promise was computed from,
+    /// so the client always hears of a loss before a promise that no longer
+    /// covers that lock (and would otherwise extend it).
+    fn answer(&mut self, resp: &Response, lost: &mut LostEvents) {
         let safe_ms = match &resp.result {
             Ok(ResponseBody::Acquired(a)) => a.safe_ms,
             Ok(ResponseBody::Renewed { safe_ms, .. }) => *safe_ms,
             Ok(ResponseBody::Confirmed { safe_ms }) => Some(*safe_ms),
             _ => None,
         };
+        if safe_ms.is_some() {
+            while let Some(ev) = lost.try_recv() {
+                self.push_lost(&ev);
+            }
+        }
         if let Some(ms) = safe_ms.filter(|&ms| ms != u32::MAX) {
             let until = Instant::now() + std::time::Duration::from_millis(u64::from(ms));
             self.promised_until = Some(self.promised_until.map_or(until, |p| p.max(until)));
@@ -177,11 +184,13 @@ impl<B: Backend> Conn<B> {
         }
     }
 
+    /// Encodes whatever else is ready without waiting: finished requests,
+    /// pending events and frames already buffered.
     fn drain_ready(&mut self, lost: &mut LostEvents) -> Flow {
         // Replies first, then events (see the select loop), then new frames,
         // whose grants' events can only come in a later round.
         while let Some(Some(resp)) = self.inflight.next().now_or_never() {
-            self.answer(&resp);
+            self.answer(&resp, lost);
         }
         while let Some(ev) = lost.try_recv() {
             self.push_lost(&ev);
@@ -196,7 +205,7 @@ impl<B: Backend> Conn<B> {
             }
             match self.framed.next().now_or_never() {
                 Some(frame) => {
-                    if let Flow::Close = self.on_read(frame) {
+                    if let Flow::Close = self.on_read(frame, lost) {
                         return Flow::Close;
                     }
                 }
@@ -226,12 +235,12 @@ impl<B: Backend> Conn<B> {
         .encode(self.framed.write_buffer_mut());
     }
 
-    fn on_read(&mut self, frame: Option<Result<Frame, FrameError>>) -> Flow {
+    fn on_read(&mut self, frame: Option<Result<Frame, FrameError>>, lost: &mut LostEvents) -> Flow {
         match frame {
             None => Flow::Close,
             Some(Ok(frame)) => {
                 self.last_activity = Instant::now();
-                self.on_frame(frame)
+                self.on_frame(frame, lost)
             }
             Some(Err(FrameError::Io(e))) => {
                 debug!(error = %e, "read failed");
@@ -246,7 +255,7 @@ impl<B: Backend> Conn<B> {
         }
     }
 
-    fn on_frame(&mut self, frame: Frame) -> Flow {
+    fn on_frame(&mut self, frame: Frame, lost: &mut LostEvents) -> Flow {
         let Frame { header, body } = frame;
         let stats = &self.shared.stats;
         stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +323,7 @@ impl<B: Backend> Conn<B> {
                 // Most requests finish on their first poll (a ping, an
                 // uncontended in-memory acquire): answer those in this batch.
                 match (&mut fut).now_or_never() {
-                    Some(resp) => self.answer(&resp),
+                    Some(resp) => self.answer(&resp, lost),
                     None => self.inflight.push(fut),
                 }
             }

@@ -119,6 +119,10 @@ pub(crate) async fn dispatch<B: Backend>(
             }))
         }
         Request::Info => Ok(ResponseBody::Info(shared.info())),
+        Request::Confirm if !ctx.reports_safe => Err(err(
+            Status::BadRequest,
+            "CONFIRM needs protocol version 2 (offer max_version 2 in HELLO)",
+        )),
         Request::Confirm => Ok(ResponseBody::Confirmed {
             safe_ms: safe_ms(ctx, shared, None),
         }),
@@ -146,12 +150,16 @@ fn held_lock(h: HeldInfo) -> HeldLock {
 /// The `safe_ms` of a reply: for how long from now nobody else can be
 /// granted `key` (with `None`: any lock of the connection), capped by what the
 /// server itself can promise a connection ([`ServerConfig::safe_horizon`]).
-/// `u32::MAX` means no bound.
+/// `u32::MAX` means no bound; 0 that nothing is held (a lock lost a moment
+/// ago: its `LOCK_LOST` is already queued and goes out first).
 ///
 /// [`ServerConfig::safe_horizon`]: super::ServerConfig::safe_horizon
 pub(crate) fn safe_ms<B: Backend>(ctx: &RequestContext<B>, shared: &ServerState<B>, key: Option<&LockKey>) -> u32 {
     let now = Instant::now();
-    let held = ctx.session.safe_until(key).map(|t| t.saturating_duration_since(now));
+    let Some(held) = ctx.session.safe_until(key) else {
+        return 0;
+    };
+    let held = held.map(|t| t.saturating_duration_since(now));
     let bound = match (held, shared.config.safe_horizon()) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

@@ -6,6 +6,8 @@
 //! reply was lost is found again by the uuid in its Curator-style name
 //! ([`recover`], [`PendingNode`]'s drop).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use futures_util::future::{join, join3};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
-use zookeeper_client::EventType;
+use zookeeper_client::{EventType, WatchedEvent};
 
 use super::error::{ZkError, map_err};
 use super::layout;
@@ -62,17 +64,21 @@ async fn delete_until_gone(session: Arc<ZkSession>, path: String) {
     }
 }
 
+/// A one-shot ZooKeeper watch on one of our lock nodes, being awaited.
+pub(super) type OwnWatch = Pin<Box<dyn Future<Output = WatchedEvent> + Send>>;
+
 /// Starts watching a lock node of ours for deletion by anyone but us (an
-/// operator "unsticking" a lock with `deleteall`). The returned token is
-/// cancelled when the node is found gone; if it was granted by then (its
-/// grant is registered on the session), the holder is told at once that the
-/// lock is lost. A release unregisters the grant before deleting, so our own
+/// operator "unsticking" a lock with `deleteall`), from `armed` (a watch the
+/// caller already set) or by setting one. The returned token is cancelled
+/// when the node is found gone; if it was granted by then (its grant is
+/// registered on the session), the holder is told at once that the lock is
+/// lost. A release unregisters the grant before deleting, so our own
 /// deletions report nothing. The watch ends with the node or the session.
-pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str) -> CancellationToken {
+pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str, armed: Option<OwnWatch>) -> CancellationToken {
     let gone = CancellationToken::new();
     let (session, path, signal) = (Arc::clone(session), path.to_owned(), gone.clone());
     spawn_background(async move {
-        if own_node_deleted(&session, &path).await {
+        if own_node_deleted(&session, &path, armed).await {
             signal.cancel();
             if let Some(record) = session.unregister(&path) {
                 warn!(%path, key = %record.key, token = record.token, "held lock node was deleted from outside; reporting the lock lost");
@@ -83,37 +89,56 @@ pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str) -> CancellationTok
     gone
 }
 
-/// Waits until `path` is deleted (`true`), or the session ends or the node
-/// can no longer be watched (`false`: the session's retirement reports its
-/// grants).
-async fn own_node_deleted(session: &ZkSession, path: &str) -> bool {
+/// Sets a watch on our node `path`: `None` if the node is already gone.
+///
+/// # Errors
+/// [`ZkSession::gone`] if the session is lost; ZooKeeper's refusal, or its
+/// last connection error after the retry policy's sends, as a backend error.
+pub(super) async fn arm_own_watch(session: &ZkSession, path: &str) -> Result<Option<OwnWatch>, BackendError> {
+    match session
+        .retry(|c| async move { c.check_and_watch_stat(path).await })
+        .await?
+    {
+        Ok((None, _)) => Ok(None),
+        Ok((Some(_), watcher)) => Ok(Some(Box::pin(watcher.changed()))),
+        Err(e) => Err(map_err("watch lock node", e)),
+    }
+}
+
+/// Waits until `path` is deleted (`true`), or the session ends (`false`: the
+/// session's retirement reports its grants). Watches again after other
+/// events, and after failures with backoff: a node that could not be watched
+/// would be deleted from outside unnoticed.
+async fn own_node_deleted(session: &ZkSession, path: &str, mut armed: Option<OwnWatch>) -> bool {
+    let mut backoff = Duration::from_millis(100);
     loop {
-        let watched = match session
-            .retry(|c| async move { c.check_and_watch_stat(path).await })
-            .await
-        {
-            Ok(watched) => watched,
-            Err(_) => return false,
-        };
-        match watched {
-            Ok((None, _)) => return true,
-            Ok((Some(_), watcher)) => {
-                let event = tokio::select! {
-                    event = watcher.changed() => event,
-                    () = session.retired() => return false,
-                };
-                match event.event_type {
-                    EventType::NodeDeleted => return true,
-                    // The session ended: its retirement reports the grants.
-                    EventType::Session => return false,
-                    // Data changed: still there; watch again.
-                    _ => {}
+        let watch = match armed.take() {
+            Some(watch) => watch,
+            None => match arm_own_watch(session, path).await {
+                Ok(Some(watch)) => watch,
+                Ok(None) => return true,
+                Err(_) if session.is_retired() => return false,
+                Err(e) => {
+                    warn!(%path, error = %e, retry_in = ?backoff, "cannot watch our lock node; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = session.retired() => return false,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
                 }
-            }
-            Err(e) => {
-                warn!(%path, error = %e, "cannot watch our lock node; deletion from outside goes unnoticed");
-                return false;
-            }
+            },
+        };
+        let event = tokio::select! {
+            event = watch => event,
+            () = session.retired() => return false,
+        };
+        match event.event_type {
+            EventType::NodeDeleted => return true,
+            // The session ended: its retirement reports the grants.
+            EventType::Session => return false,
+            // Data changed: still there; watch again.
+            _ => {}
         }
     }
 }

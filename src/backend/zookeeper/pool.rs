@@ -100,13 +100,15 @@ pub(super) struct Pool {
     tasks: TaskTracker,
 }
 
-/// Opens one session, bounded by the connect timeout.
-async fn open(cfg: &PoolConfig) -> Result<Client, BackendError> {
+/// Opens one session, bounded by the connect timeout. Also returns when the
+/// connect began: the session was created, and last heard of, no earlier.
+async fn open(cfg: &PoolConfig) -> Result<(Client, Instant), BackendError> {
+    let started = Instant::now();
     let connect = Client::connector()
         .with_session_timeout(cfg.session_timeout)
         .connect(&cfg.hosts);
     match tokio::time::timeout(cfg.connect_timeout, connect).await {
-        Ok(Ok(client)) => Ok(client),
+        Ok(Ok(client)) => Ok((client, started)),
         Ok(Err(e)) => Err(BackendError::Unavailable(format!(
             "cannot connect to ZooKeeper at {}: {e}",
             cfg.hosts
@@ -135,8 +137,8 @@ impl Pool {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        for (i, client) in clients.into_iter().enumerate() {
-            let first = pool.install(i, client);
+        for (i, (client, started)) in clients.into_iter().enumerate() {
+            let first = pool.install(i, client, started);
             let weak = Arc::downgrade(&pool);
             pool.tasks.spawn(supervise(weak, i, first));
         }
@@ -145,10 +147,13 @@ impl Pool {
         Ok(pool)
     }
 
-    fn install(&self, slot: usize, client: Client) -> Arc<ZkSession> {
+    /// Puts a new session in `slot`, its last contact counted from `started`
+    /// (when its connect began), not from now: sessions opened together wait
+    /// for each other, and the leader may have created this one long ago.
+    fn install(&self, slot: usize, client: Client, started: Instant) -> Arc<ZkSession> {
         let generation = self.slots[slot].generations.fetch_add(1, Ordering::AcqRel);
         let session = Arc::new(ZkSession::new(slot, generation, client));
-        session.touch(Instant::now());
+        session.touch(started);
         info!(
             slot,
             generation,
@@ -181,9 +186,14 @@ impl Pool {
         self.pick_where(false)
     }
 
-    /// The requested session timeout (the negotiated one may be clamped).
-    pub(super) fn session_timeout(&self) -> Duration {
-        self.cfg.session_timeout
+    /// The shortest session timeout ZooKeeper granted the current sessions
+    /// (it may clamp the requested one); the requested one while none is up.
+    pub(super) fn negotiated_timeout(&self) -> Duration {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.get().map(|s| s.timeout()))
+            .min()
+            .unwrap_or(self.cfg.session_timeout)
     }
 
     fn pick_where(&self, reconnecting_ok: bool) -> Result<Arc<ZkSession>, BackendError> {
@@ -198,7 +208,9 @@ impl Pool {
                 continue;
             };
             match session.health() {
-                Health::Connected => return Ok(session),
+                // One past its contact deadline would only refuse the grant.
+                Health::Connected if !session.out_of_contact() => return Ok(session),
+                Health::Connected if reconnecting_ok && fallback.is_none() => fallback = Some(session),
                 Health::Disconnected if reconnecting_ok && fallback.is_none() => fallback = Some(session),
                 _ => {}
             }
@@ -282,9 +294,9 @@ async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSessio
                 () = shutdown.cancelled() => return,
             };
             match opened {
-                Ok(client) => {
+                Ok((client, started)) => {
                     let Some(p) = pool.upgrade() else { return };
-                    session = Some(p.install(slot, client));
+                    session = Some(p.install(slot, client, started));
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {

@@ -23,17 +23,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clastor_protocol::{KindMode, LockMode};
+use futures_util::FutureExt as _;
 use futures_util::future::{join, join3};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use zookeeper_client::{EventType, SessionState};
+use zookeeper_client::{EventType, SessionState, WatchedEvent};
 
 use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::kinds::Missing;
 use super::layout::{self, CONTAINER, LOCK_NODE};
-use super::nodes::{self, Created, PendingNode, ZkGuard};
+use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
 use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
 use crate::key::LockKey;
@@ -73,7 +73,7 @@ impl Backend for ZooKeeperBackend {
         }
         let (key, wait) = (req.key, req.wait);
         let deadline = far_deadline(wait);
-        let grace = (self.pool.session_timeout() / 3).min(MAX_GRACE);
+        let grace = (self.pool.negotiated_timeout() / 3).min(MAX_GRACE);
         let limit = deadline.checked_add(grace).unwrap_or(deadline);
         // Dropping the inner future on expiry cleans up like a cancellation.
         match tokio::time::timeout_at(limit, self.acquire_until(req, deadline)).await {
@@ -150,7 +150,7 @@ impl Backend for ZooKeeperBackend {
     /// contact is proven.
     fn confirm_interval(&self) -> Option<Duration> {
         Some(crate::backend::zookeeper::pool::probe_interval(
-            self.pool.session_timeout(),
+            self.pool.negotiated_timeout(),
         ))
     }
 
@@ -211,8 +211,8 @@ impl ZooKeeperBackend {
                 continue;
             }
             let path = pending.path().unwrap_or_default().to_owned();
-            let gone = nodes::watch_own(&session, &path);
-            match wait_turn(&session, &pending, created.children, &gone, deadline).await? {
+            let (turn, armed) = wait_turn(&session, &pending, created.children, deadline).await?;
+            match turn {
                 Turn::First => {}
                 Turn::TimedOut => {
                     pending.delete().await;
@@ -226,6 +226,9 @@ impl ZooKeeperBackend {
             }
             let token = u64::try_from(created.czxid)
                 .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {}", created.czxid)))?;
+            // From here on the held node is watched (a waiter's watch, set
+            // while it waited, carries on; an uncontended grant sets one).
+            let gone = nodes::watch_own(&session, &path, armed);
             let Some(notifier) = on_lost.take() else {
                 return Err(BackendError::Unavailable(format!(
                     "the lock node for {key} kept being deleted from outside"
@@ -242,7 +245,14 @@ impl ZooKeeperBackend {
             // The watch cancels before it looks for a registered grant, so a
             // deletion it saw before the registration shows here.
             if gone.is_cancelled() {
-                on_lost = session.unregister(&path).map(|record| record.notifier);
+                // The watch may already have reported it (its notifier is
+                // then spent): fail now rather than wait in the queue again.
+                let Some(record) = session.unregister(&path) else {
+                    return Err(BackendError::Unavailable(format!(
+                        "the lock node for {key} was deleted from outside as it was granted"
+                    )));
+                };
+                on_lost = Some(record.notifier);
                 warn!(%key, %path, "our lock node was deleted from outside as it was granted; queueing again");
                 continue;
             }
@@ -373,7 +383,12 @@ enum Turn {
 }
 
 /// Waits until our node is first among the contenders, the deadline passes,
-/// or our own node is found deleted (`gone`), watching only the predecessor.
+/// or our own node is found deleted, watching only the predecessor — and,
+/// once it has to wait, our own node, on this same task: one session's
+/// events arrive in order, so when a predecessor's deletion comes in, the
+/// deletion of our own node (an operator's `deleteall` taking both) is
+/// already there to be seen, and we are never granted on a node that is
+/// gone. Returns that watch with `First`, for the holder to keep.
 ///
 /// The listing came back after our create on the same session, so it holds
 /// every node that sorts before ours; any node created later gets a later
@@ -385,28 +400,39 @@ async fn wait_turn(
     session: &ZkSession,
     pending: &PendingNode,
     children: Vec<String>,
-    gone: &CancellationToken,
     deadline: Instant,
-) -> Result<Turn, BackendError> {
+) -> Result<(Turn, Option<OwnWatch>), BackendError> {
     let me = pending.name();
+    let mine = pending.path().unwrap_or_default();
     let mut ahead: Vec<String> = {
         let contenders = layout::sorted_contenders(&children);
         let Some(pos) = contenders.iter().position(|c| c.name == me) else {
-            return Ok(Turn::NodeGone);
+            return Ok((Turn::NodeGone, None));
         };
         contenders[..pos]
             .iter()
             .map(|c| format!("{}/{}", pending.dir(), c.name))
             .collect()
     };
+    if ahead.is_empty() {
+        return Ok((Turn::First, None));
+    }
+    let Some(mut own) = nodes::arm_own_watch(session, mine).await? else {
+        return Ok((Turn::NodeGone, None));
+    };
     // The closest predecessor is last: watch it, and on its deletion the one
     // before it, until none is left.
     while let Some(predecessor) = ahead.last() {
-        if gone.is_cancelled() {
-            return Ok(Turn::NodeGone);
+        // Anything already delivered about our own node comes first.
+        if let Some(event) = (&mut own).now_or_never() {
+            match rearm(session, mine, &event).await? {
+                Some(watch) => own = watch,
+                None => return Ok((Turn::NodeGone, None)),
+            }
+            continue;
         }
         if Instant::now() >= deadline {
-            return Ok(Turn::TimedOut);
+            return Ok((Turn::TimedOut, None));
         }
         let node = predecessor.as_str();
         match session
@@ -416,6 +442,11 @@ async fn wait_turn(
             Ok((_, _, watcher)) => {
                 debug!(node = me, predecessor = node, "waiting for predecessor");
                 tokio::select! {
+                    biased;
+                    event = &mut own => match rearm(session, mine, &event).await? {
+                        Some(watch) => own = watch,
+                        None => return Ok((Turn::NodeGone, None)),
+                    },
                     event = watcher.changed() => match event.event_type {
                         EventType::NodeDeleted => {
                             ahead.pop();
@@ -432,8 +463,7 @@ async fn wait_turn(
                         // node is still there; watch it again.
                         _ => {}
                     },
-                    () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
-                    () = gone.cancelled() => return Ok(Turn::NodeGone),
+                    () = tokio::time::sleep_until(deadline) => return Ok((Turn::TimedOut, None)),
                     () = session.retired() => return Err(session.gone()),
                 }
             }
@@ -443,9 +473,25 @@ async fn wait_turn(
             Err(e) => return Err(map_err("watch predecessor", e)),
         }
     }
-    Ok(if gone.is_cancelled() {
-        Turn::NodeGone
-    } else {
-        Turn::First
-    })
+    match (&mut own).now_or_never() {
+        None => Ok((Turn::First, Some(own))),
+        Some(event) => match rearm(session, mine, &event).await? {
+            Some(watch) => Ok((Turn::First, Some(watch))),
+            None => Ok((Turn::NodeGone, None)),
+        },
+    }
+}
+
+/// After an event on our own node's watch: `None` if the node is gone, else
+/// a new watch (its data changed, which ours never does, so rarely).
+///
+/// # Errors
+/// [`ZkSession::gone`] for a session event (the session ended), and as
+/// [`nodes::arm_own_watch`].
+async fn rearm(session: &ZkSession, path: &str, event: &WatchedEvent) -> Result<Option<OwnWatch>, BackendError> {
+    match event.event_type {
+        EventType::NodeDeleted => Ok(None),
+        EventType::Session => Err(session.gone()),
+        _ => nodes::arm_own_watch(session, path).await,
+    }
 }
