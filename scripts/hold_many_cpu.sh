@@ -11,7 +11,14 @@ cd "$(dirname "$0")/.."
 bin=${1:-target/release/clastor}
 n=${2:-10000}
 secs=${3:-20}
-ulimit -n $((n * 2 + 1024))
+# Each process (server, client) needs a descriptor per connection.
+want=$((n + 1024))
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+  echo "open-file limit $hard is below the $want needed for $n connections" >&2
+  exit 1
+fi
+ulimit -n "$want"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$bin" serve --listen "127.0.0.1:$port" --max-connections $((n + 100)) >/dev/null 2>&1 &
 server=$!
