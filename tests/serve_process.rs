@@ -157,6 +157,28 @@ fn zookeeper_backend_needs_a_connect_string() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--zk"));
 }
 
+/// A ZooKeeper with a 500 ms tick, and two `clastor serve` processes X and Y
+/// on it, each with one ZooKeeper session of `session_timeout`.
+fn two_servers_on_zookeeper(session_timeout: &str) -> (ZooKeeper, Server, Server) {
+    let zk = ZooKeeper::builder()
+        .tick_time(Duration::from_millis(500))
+        .start()
+        .expect("start ZooKeeper (apt-get install -y zookeeper)");
+    let connect = zk.connect_string();
+    let args = [
+        "--backend",
+        "zookeeper",
+        "--zk",
+        &connect,
+        "--zk-session-timeout",
+        session_timeout,
+        "--zk-sessions",
+        "1",
+    ];
+    let (x, y) = (Server::start(&args), Server::start(&args));
+    (zk, x, y)
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to a process.
 fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
@@ -183,23 +205,7 @@ fn wall_ns() -> u128 {
 /// jeopardy and the command under `clastor lock` got its SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_server_s_holders_are_told_before_another_server_grants() {
-    let zk = ZooKeeper::builder()
-        .tick_time(Duration::from_millis(500))
-        .start()
-        .expect("start ZooKeeper (apt-get install -y zookeeper)");
-    let connect = zk.connect_string();
-    let args = [
-        "--backend",
-        "zookeeper",
-        "--zk",
-        &connect,
-        "--zk-session-timeout",
-        "4s",
-        "--zk-sessions",
-        "1",
-    ];
-    let x = Server::start(&args);
-    let y = Server::start(&args);
+    let (_zk, x, y) = two_servers_on_zookeeper("4s");
 
     // The Rust holder, without a keepalive: only safe-until speaks here.
     let holder = clastor_client::Client::builder(x.addr)
@@ -378,23 +384,7 @@ async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::Cancell
 /// grant order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_two_holders_overlap_while_a_server_is_frozen_and_thawed() {
-    let zk = ZooKeeper::builder()
-        .tick_time(Duration::from_millis(500))
-        .start()
-        .expect("start ZooKeeper (apt-get install -y zookeeper)");
-    let connect = zk.connect_string();
-    let args = [
-        "--backend",
-        "zookeeper",
-        "--zk",
-        &connect,
-        "--zk-session-timeout",
-        "3s",
-        "--zk-sessions",
-        "1",
-    ];
-    let x = Server::start(&args);
-    let y = Server::start(&args);
+    let (_zk, x, y) = two_servers_on_zookeeper("3s");
     let stop = tokio_util::sync::CancellationToken::new();
     let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
         .into_iter()

@@ -42,6 +42,31 @@ fn frame(version: u8, opcode: u8, flags: u16, request_id: u32, body: &[u8]) -> V
     b.to_vec()
 }
 
+/// A HELLO offering `min ..= max` gets VERSION_MISMATCH, then CLOSING and
+/// the end of the connection.
+async fn refused_as_version_mismatch(addr: std::net::SocketAddr, min_version: u8, max_version: u8) {
+    let mut raw = Raw::connect(addr).await;
+    let resp = raw
+        .call(Request::Hello(Hello {
+            min_version,
+            max_version,
+            client_name: "mismatch".into(),
+        }))
+        .await;
+    assert_eq!(resp.status(), Status::VersionMismatch);
+    let rest = raw.until_closed().await;
+    assert!(
+        matches!(
+            rest.as_slice(),
+            [Incoming::Event(Event::Closing {
+                status: Status::VersionMismatch,
+                ..
+            })]
+        ),
+        "{rest:?}"
+    );
+}
+
 #[tokio::test]
 async fn handshake_is_required_and_negotiated() {
     let (server, _) = start_default().await;
@@ -75,26 +100,7 @@ async fn handshake_is_required_and_negotiated() {
         .await;
     assert_eq!(again.status(), Status::BadRequest);
 
-    let mut old = Raw::connect(addr).await;
-    let resp = old
-        .call(Request::Hello(Hello {
-            min_version: 3,
-            max_version: 9,
-            client_name: "future".into(),
-        }))
-        .await;
-    assert_eq!(resp.status(), Status::VersionMismatch);
-    let rest = old.until_closed().await;
-    assert!(
-        matches!(
-            rest.as_slice(),
-            [Incoming::Event(Event::Closing {
-                status: Status::VersionMismatch,
-                ..
-            })]
-        ),
-        "{rest:?}"
-    );
+    refused_as_version_mismatch(addr, 3, 9).await;
     server.shutdown().await;
 }
 
@@ -646,26 +652,7 @@ async fn the_wait_limit_counts_only_acquires_that_would_wait() {
 #[tokio::test]
 async fn hello_with_min_above_max_is_a_version_mismatch() {
     let (server, _) = start_default().await;
-    let mut raw = Raw::connect(server.local_addr()).await;
-    let resp = raw
-        .call(Request::Hello(Hello {
-            min_version: 1,
-            max_version: 0,
-            client_name: "backwards".into(),
-        }))
-        .await;
-    assert_eq!(resp.status(), Status::VersionMismatch);
-    let rest = raw.until_closed().await;
-    assert!(
-        matches!(
-            rest.as_slice(),
-            [Incoming::Event(Event::Closing {
-                status: Status::VersionMismatch,
-                ..
-            })]
-        ),
-        "{rest:?}"
-    );
+    refused_as_version_mismatch(server.local_addr(), 1, 0).await;
     server.shutdown().await;
 }
 
