@@ -420,3 +420,61 @@ async fn no_two_holders_overlap_while_a_server_is_frozen_and_thawed() {
         beliefs.len()
     );
 }
+
+/// The whole ZooKeeper frozen: X, alive, stops hearing from the leader and
+/// tells its holder the lock is lost (at 3/5 of the session timeout); the
+/// holder's guard knows before Y, once ZooKeeper is back and has expired X's
+/// session, grants the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_zookeeper_s_holders_are_told_before_anyone_is_granted() {
+    let (mut zk, x, y) = two_servers_on_zookeeper("4s");
+    let holder = clastor_client::Client::connect(x.addr).await.unwrap();
+    let guard = holder
+        .lock("tx", "zk-frozen")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    // Y's own session goes too while ZooKeeper is frozen: its wait fails
+    // (retryably), and is tried again.
+    let wait = tokio::spawn(async move {
+        loop {
+            match other
+                .lock("tx", "zk-frozen")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+            {
+                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
+                Ok(None) => panic!("not granted within a minute"),
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+
+    zk.freeze(0).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder is told");
+    let told_at = tokio::time::Instant::now();
+    // Keep ZooKeeper frozen past the session timeout, then let it expire X's session.
+    tokio::time::sleep_until(frozen_at + Duration::from_secs(5)).await;
+    zk.thaw(0).unwrap();
+    let (granted_at, granted) = wait.await.unwrap();
+    assert!(granted.token() > guard.token());
+    println!(
+        "ZooKeeper frozen at 0: holder told after {:?} ({}), Y granted after {:?}",
+        told_at - frozen_at,
+        guard
+            .lost_reason()
+            .map_or_else(|| "jeopardy".to_owned(), |r| r.to_string()),
+        granted_at - frozen_at
+    );
+    assert!(
+        told_at < granted_at,
+        "another holder was granted before the holder was told"
+    );
+}
