@@ -478,3 +478,67 @@ async fn a_frozen_zookeeper_s_holders_are_told_before_anyone_is_granted() {
         "another holder was granted before the holder was told"
     );
 }
+
+/// In a three-node ensemble, the follower X's session goes through is
+/// frozen: X (its only ZooKeeper address is that follower) stops hearing
+/// from the leader and tells its holder; Y, on the leader, is granted the
+/// lock only once the leader expired X's session, after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_follower_s_holders_are_told_before_anyone_is_granted() {
+    let mut zk = ZooKeeper::builder()
+        .nodes(3)
+        .tick_time(Duration::from_millis(500))
+        .start()
+        .expect("start a ZooKeeper ensemble (apt-get install -y zookeeper)");
+    let leader = zk.leader().expect("a leader");
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let server = |node: usize| {
+        Server::start(&[
+            "--backend",
+            "zookeeper",
+            "--zk",
+            &zk.addr(node).to_string(),
+            "--zk-session-timeout",
+            "4s",
+            "--zk-sessions",
+            "1",
+        ])
+    };
+    let (x, y) = (server(follower), server(leader));
+    let holder = clastor_client::Client::connect(x.addr).await.unwrap();
+    let guard = holder
+        .lock("tx", "follower")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait = tokio::spawn(async move {
+        let g = other
+            .lock("tx", "follower")
+            .wait(Duration::from_secs(60))
+            .acquire()
+            .await;
+        (tokio::time::Instant::now(), g)
+    });
+
+    zk.freeze(follower).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder is told");
+    let told_at = tokio::time::Instant::now();
+    let (granted_at, granted) = wait.await.unwrap();
+    let granted = granted.unwrap().expect("Y grants once the leader expired X's session");
+    assert!(granted.token() > guard.token());
+    println!(
+        "follower frozen at 0: holder told after {:?}, Y granted after {:?}",
+        told_at - frozen_at,
+        granted_at - frozen_at
+    );
+    assert!(
+        told_at < granted_at,
+        "another holder was granted before the holder was told"
+    );
+    zk.thaw(follower).unwrap();
+}
