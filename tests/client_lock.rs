@@ -511,5 +511,13 @@ async fn a_guard_knows_until_when_it_is_safe_and_keeps_it_fresh() {
         tokio::time::timeout(PATIENCE, leased.lost()).await.expect("lost"),
         LostReason::LeaseExpired
     );
+    // The short lease on the same connection did not cut the other lock's
+    // promise: it is still confirmed.
+    let before = guard.safe_until().unwrap();
+    let after = tokio::time::timeout(PATIENCE, guard.confirmation())
+        .await
+        .expect("confirmed")
+        .unwrap();
+    assert!(after > before && guard.is_safe());
     server.shutdown().await;
 }

@@ -110,6 +110,19 @@ pub(crate) struct Safe {
     /// Send instant of the latest renewal: it set `until` outright (a renewal
     /// can shorten the lease), and confirmations sent before it are stale.
     renewed: Option<tokio::time::Instant>,
+    /// The lease's end counted from the send of the acquire or renewal that
+    /// set it: `CONFIRM` replies leave leases out, so this caps them.
+    lease_until: Option<tokio::time::Instant>,
+}
+
+impl Safe {
+    /// The safe-until in force: the confirmed one, capped by the lease.
+    pub(crate) fn effective(&self) -> Option<tokio::time::Instant> {
+        match (self.until, self.lease_until) {
+            (Some(u), Some(l)) => Some(u.min(l)),
+            (u, _) => u,
+        }
+    }
 }
 
 impl HeldGrant {
@@ -131,7 +144,15 @@ impl HeldGrant {
     /// Applies a `safe_ms` the server gave in reply to a request this client
     /// sent at `sent`: counted from the send, never from the receipt, since
     /// the server may have handled the request at any time in between.
-    /// A confirmation (a grant's or a `CONFIRM`'s) moves it forward only.
+    /// A grant's `safe_ms` and lease, for an acquire sent at `sent`.
+    pub(crate) fn granted(&self, sent: tokio::time::Instant, safe_ms: u32, lease_ms: u32) {
+        self.safe.send_modify(|cur| {
+            cur.until = Some(later_by(sent, safe_ms));
+            cur.lease_until = (lease_ms > 0).then(|| later_by(sent, lease_ms));
+        });
+    }
+
+    /// A confirmation (a `CONFIRM`'s) moves it forward only.
     pub(crate) fn confirm(&self, sent: tokio::time::Instant, safe_ms: u32) {
         let until = later_by(sent, safe_ms);
         self.safe.send_if_modified(|cur| {
@@ -148,7 +169,7 @@ impl HeldGrant {
     /// Applies a renewal's `safe_ms` (sent at `sent`): outright, since a
     /// renewal may have shortened the lease, and confirmations sent before it
     /// no longer count.
-    pub(crate) fn renewed(&self, sent: tokio::time::Instant, safe_ms: u32) {
+    pub(crate) fn renewed(&self, sent: tokio::time::Instant, safe_ms: u32, lease_ms: u32) {
         let until = later_by(sent, safe_ms);
         self.safe.send_if_modified(|cur| {
             if cur.renewed.is_some_and(|r| sent < r) {
@@ -157,6 +178,7 @@ impl HeldGrant {
             *cur = Safe {
                 until: Some(until),
                 renewed: Some(sent),
+                lease_until: (lease_ms > 0).then(|| later_by(sent, lease_ms)),
             };
             true
         });
@@ -167,7 +189,7 @@ impl HeldGrant {
     }
 
     pub(crate) fn safe_until(&self) -> Option<tokio::time::Instant> {
-        self.safe.borrow().until
+        self.safe.borrow().effective()
     }
 
     pub(crate) fn id(&self) -> &str {

@@ -156,7 +156,7 @@ impl LockRequest {
         };
         let Reply { response, grant } = reply;
         let safe_ms = match response.result.map_err(Error::from) {
-            Ok(ResponseBody::Acquired(a)) => a.safe_ms,
+            Ok(ResponseBody::Acquired(a)) => a.safe_ms.map(|ms| (ms, a.lease_ms)),
             Err(Error::Timeout(_)) => return Ok(None),
             Err(e) => return Err(e),
             Ok(other) => return Err(unexpected(&other)),
@@ -164,8 +164,8 @@ impl LockRequest {
         let Some(lock) = grant.and_then(conn::PendingGrant::accept) else {
             return Err(Error::Malformed("grant without a registered lock".into()));
         };
-        if let Some(safe_ms) = safe_ms {
-            lock.confirm(started, safe_ms);
+        if let Some((safe_ms, lease_ms)) = safe_ms {
+            lock.granted(started, safe_ms, lease_ms);
             // After a queue wait, counting from the send may leave little or
             // nothing: confirm again now rather than at the next tick.
             let confirm_every = Duration::from_millis(conn.hello.confirm_ms.unwrap_or(0).into());
@@ -354,7 +354,7 @@ impl LockGuard {
     pub async fn confirmation(&self) -> Option<Instant> {
         let mut rx = self.lock.safe.subscribe();
         rx.changed().await.ok()?;
-        rx.borrow().until
+        rx.borrow().effective()
     }
 
     /// Whether the lock is held and inside its safe-until (true with a server
@@ -388,10 +388,10 @@ impl LockGuard {
                 if lost.borrow().is_some() {
                     return;
                 }
-                let at = safe.borrow_and_update().until.map(early);
+                let at = safe.borrow_and_update().effective().map(early);
                 tokio::select! {
                     () = sleep_until_or_never(at) => {
-                        if safe.borrow().until.is_some_and(|t| early(t) <= Instant::now()) {
+                        if safe.borrow().effective().is_some_and(|t| early(t) <= Instant::now()) {
                             return;
                         }
                     }
@@ -533,7 +533,7 @@ fn apply_renewal(
         }) if token == lock.token => {
             lock.lease_ms.store(lease_ms, Ordering::Relaxed);
             if let Some(safe_ms) = safe_ms {
-                lock.renewed(sent, safe_ms);
+                lock.renewed(sent, safe_ms, lease_ms);
             }
             Ok(())
         }

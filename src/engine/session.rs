@@ -459,16 +459,19 @@ impl<B: Backend> Session<B> {
         self.state.held_len()
     }
 
-    /// Until when nobody else can be granted `key` (or, with `None`, any lock
-    /// this session holds), as far as the engine and the backend know: the
-    /// earliest of the leases' ends and the backend's own bounds
-    /// ([`Backend::safe_until`]). `Some(None)`: held, with no bound;
-    /// `None`: not held (with `None`: nothing held), so nothing is promised.
+    /// Until when nobody else can be granted `key`, as far as the engine and
+    /// the backend know: the earlier of its lease's end and the backend's own
+    /// bound ([`Backend::safe_until`]). With `None`: the earliest backend
+    /// bound of every lock this session holds, leases left out (each lock's
+    /// holder counts its own lease; one short lease must not cut the others'
+    /// promise). `Some(None)`: held, with no bound; `None`: not held (with
+    /// `None`: nothing held), so nothing is promised.
     pub fn safe_until(&self, key: Option<&LockKey>) -> Option<Option<Instant>> {
         let backend = &self.state.engine.backend;
         let st = self.state.lock();
+        let with_lease = key.is_some();
         let bound = |h: &Held<B::Guard>| {
-            let lease = h.lease.as_ref().map(|l| l.deadline);
+            let lease = h.lease.as_ref().filter(|_| with_lease).map(|l| l.deadline);
             match (lease, backend.safe_until(&h.guard)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
