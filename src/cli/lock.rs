@@ -270,6 +270,8 @@ async fn supervise(
     tokio::pin!(jeopardy);
     loop {
         tokio::select! {
+            // A loss also ends the jeopardy wait: report it as the loss.
+            biased;
             status = child.wait() => {
                 return match status {
                     Ok(status) => Outcome::Exited(status),
