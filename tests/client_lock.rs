@@ -12,7 +12,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use clastor_client::{Client, Error, HeldScope, LostReason};
+use clastor_client::{Client, Error, HeldScope, LostReason, Released};
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use support::PATIENCE;
@@ -174,7 +174,11 @@ async fn an_expired_lease_is_reported_lost() {
         guard.renew(Duration::from_secs(1)).await,
         Err(Error::LockLost(LostReason::LeaseExpired))
     ));
-    assert_eq!(guard.release().await, Err(Error::LockLost(LostReason::LeaseExpired)));
+    assert_eq!(
+        guard.release().await,
+        Ok(Released::AlreadyGone(LostReason::LeaseExpired)),
+        "an outcome, not an error"
+    );
     // And the key is free again.
     assert!(client.lock("k", "leased").try_acquire().await.unwrap().is_some());
     server.shutdown().await;
@@ -362,7 +366,7 @@ async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
             assert!(a.is_lost());
             drop(a);
         } else {
-            assert!(matches!(a.release().await, Err(Error::LockLost(_))));
+            assert!(matches!(a.release().await, Ok(Released::AlreadyGone(_))));
         }
         hold_events.send_replace(false);
         // B is still held by the client's connection, and only by it.
@@ -519,5 +523,31 @@ async fn a_guard_knows_until_when_it_is_safe_and_keeps_it_fresh() {
         .expect("confirmed")
         .unwrap();
     assert!(after > before && guard.is_safe());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_lets_go_of_every_lock_and_refuses_later_calls() {
+    let (server, client) = support::start_and_connect().await;
+    let clone = client.clone();
+    let guard = support::take_free(&client, "tx", "closed").await;
+    client.close();
+    assert!(clone.is_closed(), "every clone is closed");
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, guard.lost()).await.expect("told"),
+        LostReason::ConnectionLost
+    );
+    assert_eq!(clone.ping().await, Err(Error::Closed));
+    assert!(matches!(
+        clone.lock("tx", "other").try_acquire().await,
+        Err(Error::Closed)
+    ));
+    // The server let go of the lock with the connection.
+    let other = support::connect(&server).await;
+    assert!(support::granted_in_time(&other, "tx", "closed").await);
+    assert_eq!(
+        guard.release().await,
+        Ok(Released::AlreadyGone(LostReason::ConnectionLost))
+    );
     server.shutdown().await;
 }

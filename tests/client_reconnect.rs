@@ -15,7 +15,7 @@ use std::time::Duration;
 use clastor::backend::memory::MemoryBackend;
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
-use clastor_client::{Client, ClientEvent, Error, LostReason};
+use clastor_client::{Client, ClientEvent, Error, LostReason, Released};
 use support::PATIENCE;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -116,7 +116,7 @@ async fn connection_loss_marks_every_guard_lost_and_fails_pending_calls() {
     let ev = tokio::time::timeout(PATIENCE, events.recv()).await.unwrap().unwrap();
     assert!(matches!(ev, ClientEvent::Disconnected { .. }), "{ev:?}");
     for g in guards {
-        assert_eq!(g.release().await, Err(Error::LockLost(LostReason::ConnectionLost)));
+        assert_eq!(g.release().await, Ok(Released::AlreadyGone(LostReason::ConnectionLost)));
     }
     // The server released them with the connection.
     let other = support::connect(&server).await;
@@ -181,7 +181,7 @@ async fn reconnects_after_the_server_restarts_on_the_same_port() {
         .await
         .unwrap()
         .expect("fresh server, free key");
-    assert!(matches!(guard.release().await, Err(Error::LockLost(_))));
+    assert!(matches!(guard.release().await, Ok(Released::AlreadyGone(_))));
     again.release().await.unwrap();
     server.shutdown().await;
 }

@@ -35,7 +35,8 @@ struct ClientPool {
     slots: Vec<watch::Receiver<Slot>>,
     next: AtomicUsize,
     events: broadcast::Sender<ClientEvent>,
-    /// Stops the supervisors when the last clone goes.
+    /// Stops the supervisors: by [`Client::close`], or when the last clone goes.
+    stop: CancellationToken,
     _stop: DropGuard,
 }
 
@@ -212,6 +213,25 @@ impl Client {
         }
     }
 
+    /// Closes the client, every clone of it included: its connections close
+    /// (the server releases every lock held through them, and every guard
+    /// reports [`LostReason::ConnectionLost`](crate::LostReason::ConnectionLost)),
+    /// and later calls fail with [`Error::Closed`]. Dropping the last clone
+    /// does the same; this is for closing while clones live on.
+    pub fn close(&self) {
+        self.pool.stop.cancel();
+        for slot in &self.pool.slots {
+            if let Slot::Up(c) = &*slot.borrow() {
+                c.fail(Error::Closed);
+            }
+        }
+    }
+
+    /// Whether [`Client::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.pool.stop.is_cancelled()
+    }
+
     /// The address this client connects to.
     pub fn server_addr(&self) -> &ServerAddr {
         &self.pool.cfg.addr
@@ -235,6 +255,9 @@ impl Client {
     /// The live connection of `slot`, waiting up to the connect timeout for a
     /// reconnect if it is down.
     async fn conn(&self, slot: usize) -> Result<Conn, Error> {
+        if self.pool.stop.is_cancelled() {
+            return Err(Error::Closed);
+        }
         if let Slot::Up(c) = &*self.pool.slots[slot].borrow()
             && c.is_alive()
         {
@@ -322,6 +345,7 @@ impl ClientBuilder {
                 slots,
                 next: AtomicUsize::new(0),
                 events,
+                stop,
                 _stop: stop_guard,
             }),
         })

@@ -16,7 +16,13 @@
 //!         // holders out even if this process stalls past its lock.
 //!         tokio::select! {
 //!             reason = guard.lost() => eprintln!("lost the lock ({reason}), stopping"),
-//!             () = write_to_store("tx-123", guard.token()) => guard.release().await?,
+//!             () = write_to_store("tx-123", guard.token()) => {
+//!                 // The fenced write is done and stays done: do not turn the
+//!                 // release into an error that makes a caller redo it.
+//!                 if let Ok(clastor_client::Released::AlreadyGone(reason)) = guard.release().await {
+//!                     eprintln!("the lock was already gone ({reason}); the token fenced the write");
+//!                 }
+//!             }
 //!         }
 //!     }
 //!     None => println!("someone else holds transaction/tx-123"),
@@ -68,9 +74,11 @@ mod event;
 mod lock;
 mod reply;
 
-pub use clastor_protocol::{HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, Status, VersionInfo};
+pub use clastor_protocol::{
+    Event, HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, Status, VersionInfo,
+};
 pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};
 pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
-pub use lock::{LockGuard, LockRequest, LostWatch};
+pub use lock::{LockGuard, LockRequest, LostWatch, Released};

@@ -24,7 +24,7 @@ impl Client {
     /// use std::time::Duration;
     /// if let Some(guard) = client.lock("transaction", "tx-1").wait(Duration::from_secs(5)).acquire().await? {
     ///     println!("fencing token {}", guard.token());
-    ///     guard.release().await?;
+    ///     let _released_or_already_gone = guard.release().await;
     /// }
     /// # Ok(()) }
     /// ```
@@ -309,7 +309,7 @@ impl LockGuard {
     /// # async fn f(guard: clastor_client::LockGuard) -> Result<(), clastor_client::Error> {
     /// tokio::select! {
     ///     reason = guard.lost() => eprintln!("lock lost ({reason}); abandoning the work"),
-    ///     () = work(guard.token()) => guard.release().await?,
+    ///     () = work(guard.token()) => drop(guard.release().await),
     /// }
     /// # Ok(()) }
     /// ```
@@ -457,11 +457,11 @@ impl LockGuard {
     /// # Cancellation safety
     /// Safe: the release is sent before the first await; dropping the future
     /// only stops waiting for the confirmation.
-    pub async fn release(mut self) -> Result<(), Error> {
+    pub async fn release(mut self) -> Result<Released, Error> {
         drop(self._renewer.take());
         if let Some(reason) = self.lost_reason() {
             self.done = true;
-            return Err(Error::LockLost(reason));
+            return Ok(Released::AlreadyGone(reason));
         }
         let deadline = self.request_timeout.and_then(|t| Instant::now().checked_add(t));
         let limit = self.request_timeout.unwrap_or_default();
@@ -469,25 +469,43 @@ impl LockGuard {
         // by acquires waiting for this very lock, waiting would deadlock. A
         // release is answered at once, so it holds the server's slot briefly.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.conn.send_release(&self.lock, Some(tx))?;
+        // A connection that is gone took the lock with it: the server
+        // releases a connection's locks when it ends.
         self.done = true;
+        let lock = Arc::clone(&self.lock);
+        let gone = move |e: Error| match e {
+            Error::ConnectionLost(_) => {
+                lock.mark_lost(LostReason::ConnectionLost);
+                Ok(Released::AlreadyGone(
+                    lock.lost_reason().unwrap_or(LostReason::ConnectionLost),
+                ))
+            }
+            e => Err(e),
+        };
+        if let Err(e) = self.conn.send_release(&self.lock, Some(tx)) {
+            return gone(e);
+        }
         let exchange = async { rx.await.unwrap_or_else(|_| Err(self.conn.dead_error())) };
         let reply = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, exchange)
                 .await
-                .unwrap_or(Err(Error::RequestTimeout(limit)))?,
-            None => exchange.await?,
+                .unwrap_or(Err(Error::RequestTimeout(limit))),
+            None => exchange.await,
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return gone(e),
         };
         match body(reply) {
             Ok(ResponseBody::Released { released: true }) => {
                 tracing::debug!(key = %self.lock.key, token = self.lock.token, "released");
-                Ok(())
+                Ok(Released::Released)
             }
             // `false`: this connection did not hold this grant any more (its
             // lease ran out, say, and the loss is still on the way).
             Ok(ResponseBody::Released { released: false }) | Err(Error::NotOwner(_)) => {
                 self.lock.mark_lost(LostReason::Unknown);
-                Err(Error::LockLost(self.lost_reason().unwrap_or(LostReason::Unknown)))
+                Ok(Released::AlreadyGone(self.lost_reason().unwrap_or(LostReason::Unknown)))
             }
             Ok(other) => Err(unexpected(&other)),
             Err(e) => Err(e),
@@ -621,6 +639,20 @@ async fn renew_loop(
         }
         return;
     }
+}
+
+/// What [`LockGuard::release`] found. Both are outcomes, not errors: the
+/// work done under the lock is done either way; what differs is whether the
+/// lock was still held to the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Released {
+    /// The lock was held, and is now released.
+    Released,
+    /// The lock was already gone (lost, or its connection ended, which the
+    /// server treats as a release); nothing was left to release. Whatever the
+    /// holder wrote after the loss was fenced by its token.
+    AlreadyGone(LostReason),
 }
 
 /// Sleeps until `at`; forever if `None`.

@@ -225,7 +225,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                 async move {
                     let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
                     match guard {
-                        Some(g) => g.release().await.map_err(anyhow::Error::from),
+                        Some(g) => g.release().await.map(drop).map_err(anyhow::Error::from),
                         None => bail!("not granted within 30 s"),
                     }
                 }

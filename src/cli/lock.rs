@@ -118,7 +118,7 @@ pub(crate) struct LockArgs {
 
 /// `clastor lock`.
 pub(crate) fn run(args: LockArgs) -> ExitCode {
-    let runtime = match client_runtime() {
+    let runtime = match client_runtime(args.quiet) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("clastor lock: cannot start the runtime: {e}");
@@ -402,11 +402,11 @@ async fn release(guard: LockGuard, what: &str, signals: Option<&mut Signals>, ti
         }
     };
     match result {
-        Ok(Ok(())) => Released::Yes,
-        Ok(Err(Error::LockLost(reason))) => {
+        Ok(Ok(clastor_client::Released::AlreadyGone(reason)) | Err(Error::LockLost(reason))) => {
             eprintln!("clastor lock: {what} was lost before it could be released ({reason})");
             Released::Lost
         }
+        Ok(Ok(_)) => Released::Yes,
         Ok(Err(e)) if e.is_connection_error() => {
             eprintln!("clastor lock: {what}: connection lost before the release ({e}); the lock may have lapsed early");
             Released::Lost

@@ -95,9 +95,11 @@ fn zk_sessions_default() -> std::num::NonZeroUsize {
 
 /// Logging and a single-threaded runtime for the client-side subcommands:
 /// they drive one connection, so a second thread would only add hops.
-fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// `quiet` logs errors only (unless `RUST_LOG` says otherwise).
+fn client_runtime(quiet: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    let level = if quiet { "error" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

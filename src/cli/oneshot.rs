@@ -151,7 +151,7 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<u8, Error>>,
 {
-    let runtime = match client_runtime() {
+    let runtime = match client_runtime(false) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("clastor: cannot start the runtime: {e}");
@@ -314,7 +314,7 @@ pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
                 // wait: closing the connection releases the lock as well.
                 tokio::select! {
                     r = tokio::time::timeout(connect_timeout, guard.release()) => match r {
-                        Ok(r) => r?,
+                        Ok(r) => drop(r?),
                         Err(_) => eprintln!("clastor: no answer to the release; closing the connection releases it"),
                     },
                     () = signals.recv() => {}

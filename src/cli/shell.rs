@@ -68,7 +68,7 @@ pub(crate) struct ShellArgs {
 
 /// `clastor shell`.
 pub(crate) fn run(args: ShellArgs) -> ExitCode {
-    let runtime = match client_runtime() {
+    let runtime = match client_runtime(false) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("clastor: cannot start the runtime: {e}");
