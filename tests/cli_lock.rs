@@ -287,3 +287,46 @@ async fn signals_to_clastor_reach_the_whole_command() {
     assert!(client.lock("k", "signalled").try_acquire().await.unwrap().is_some());
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn retry_connect_waits_for_a_server_that_comes_up_late() {
+    // A free port, with nobody on it yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = cli::spawn_piped(clastor(addr).args([
+        "lock",
+        "--connect-timeout",
+        "200ms",
+        "--retry-connect",
+        "30s",
+        "k",
+        "late",
+        "--",
+        "sh",
+        "-c",
+        "echo running",
+    ]));
+    let mut lines = cli::stdout_lines(&mut child);
+    // Without --retry-connect this would have failed by now (200 ms).
+    let refused = tokio::time::timeout(std::time::Duration::from_millis(600), cli::next_line(&mut lines)).await;
+    assert!(refused.is_err(), "ran without a server: {refused:?}");
+    let engine = clastor::Engine::new(
+        clastor::backend::memory::MemoryBackend::new(),
+        clastor::EngineConfig::default(),
+    );
+    let server = clastor::server::spawn(
+        engine,
+        clastor::server::ServerConfig {
+            listen: addr,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(cli::next_line(&mut lines).await.as_deref(), Some("running"));
+    let out = cli::output(child, "ran once the server was up").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    server.shutdown().await;
+}

@@ -233,3 +233,57 @@ async fn a_silent_connection_is_declared_lost_and_closed_so_the_server_releases(
     drop(guard);
     server.shutdown().await;
 }
+
+/// Starts a memory-backend server on `addr` (a port a previous one used).
+async fn restart_on(addr: SocketAddr) -> server::ServerHandle {
+    let engine = Engine::new(MemoryBackend::new(), EngineConfig::default());
+    server::spawn(
+        engine,
+        ServerConfig {
+            listen: addr,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_lock_request_with_a_retry_policy_rides_out_a_restart() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    // A short connect timeout: without a retry, an outage longer than it fails.
+    let client = Client::builder(addr)
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .connect_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    server.shutdown().await;
+    let once = {
+        let client = client.clone();
+        tokio::spawn(async move { client.lock("k", "retried").try_acquire().await })
+    };
+    let retried = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .lock("k", "retried")
+                .retry(clastor_client::RetryPolicy::until(PATIENCE))
+                .try_acquire()
+                .await
+        })
+    };
+    // The outage outlasts the connect timeout: the plain request gives up.
+    let failed = once.await.unwrap();
+    assert!(matches!(&failed, Err(e) if e.is_retryable()), "{failed:?}");
+    let server = restart_on(addr).await;
+    let guard = tokio::time::timeout(PATIENCE, retried)
+        .await
+        .expect("retried in time")
+        .unwrap()
+        .unwrap()
+        .expect("free on the fresh server");
+    guard.release().await.unwrap();
+    server.shutdown().await;
+}

@@ -81,4 +81,4 @@ pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};
 pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
-pub use lock::{LockGuard, LockRequest, LostWatch, Released};
+pub use lock::{LockGuard, LockRequest, LostWatch, Released, RetryPolicy};

@@ -33,9 +33,56 @@ impl Client {
     }
 }
 
+/// How a lock request retries failures that may pass — a server restarting,
+/// a connection being re-established, a backend briefly unavailable: the
+/// errors [`Error::is_retryable`] accepts. Contention is never retried: "not
+/// acquired within the wait" is an outcome. While the server is down, each
+/// attempt itself blocks for up to the client's connect timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (0 counts as 1).
+    pub attempts: u32,
+    /// Pause before the second attempt; it doubles each time, up to
+    /// `max_backoff`.
+    pub backoff: Duration,
+    /// Longest pause between attempts.
+    pub max_backoff: Duration,
+    /// No attempt starts later than this after the first (`None`: only
+    /// `attempts` bounds the retries).
+    pub deadline: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// One attempt, no retry (the default).
+    pub const fn none() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 1,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            deadline: None,
+        }
+    }
+
+    /// Retry for up to `deadline`, as often as it takes (backoff from 50 ms
+    /// to 1 s).
+    pub const fn until(deadline: Duration) -> RetryPolicy {
+        RetryPolicy {
+            attempts: u32::MAX,
+            deadline: Some(deadline),
+            ..RetryPolicy::none()
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy::none()
+    }
+}
+
 /// A lock request being built: from [`Client::lock`].
 ///
-/// Defaults: try once (no wait), no lease, no automatic renewal.
+/// Defaults: try once (no wait), no lease, no automatic renewal, no retry.
 #[derive(Debug, Clone)]
 #[must_use = "a lock request does nothing until `.acquire()` or `.try_acquire()` is awaited"]
 pub struct LockRequest {
@@ -45,6 +92,7 @@ pub struct LockRequest {
     wait: Duration,
     lease: Option<Duration>,
     auto_renew: bool,
+    retry: RetryPolicy,
 }
 
 impl LockRequest {
@@ -56,7 +104,14 @@ impl LockRequest {
             wait: Duration::ZERO,
             lease: None,
             auto_renew: false,
+            retry: RetryPolicy::none(),
         }
+    }
+
+    /// Retry failures that may pass, per `policy` ([`RetryPolicy`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> LockRequest {
+        self.retry = policy;
+        self
     }
 
     /// How long the server may queue the request (FIFO per key) before
@@ -101,6 +156,11 @@ impl LockRequest {
     /// - connection errors ([`Error::ConnectionLost`], [`Error::Connect`]) and
     ///   other server statuses ([`Error::Unavailable`], [`Error::LimitExceeded`], …).
     ///
+    /// With a [`RetryPolicy`] ([`LockRequest::retry`]), the retryable ones are
+    /// tried again first, and the last one is returned once the policy is
+    /// spent. Each attempt may block up to the client's connect timeout while
+    /// the server is unreachable.
+    ///
     /// # Cancellation safety
     /// Safe: if the future is dropped after the request was sent, the server
     /// keeps the wait queued until it is granted or times out, and a grant that
@@ -108,6 +168,29 @@ impl LockRequest {
     /// acquire of the same key on the same connection gets
     /// [`Error::AlreadyHeld`].
     pub async fn acquire(self) -> Result<Option<LockGuard>, Error> {
+        let policy = self.retry;
+        let started = Instant::now();
+        let mut backoff = policy.backoff;
+        let mut attempt = 1;
+        loop {
+            match self.clone().acquire_once().await {
+                Err(e) if e.is_retryable() && attempt < policy.attempts.max(1) => {
+                    let next = Instant::now() + backoff;
+                    if policy.deadline.is_some_and(|d| next > started + d) {
+                        return Err(e);
+                    }
+                    tracing::debug!(kind = %self.kind, id = %self.id, attempt, error = %e, retry_in = ?backoff, "acquire failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(policy.max_backoff);
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One attempt of [`LockRequest::acquire`].
+    async fn acquire_once(self) -> Result<Option<LockGuard>, Error> {
         let LockRequest {
             client,
             kind,
@@ -115,6 +198,7 @@ impl LockRequest {
             wait,
             lease,
             auto_renew,
+            retry: _,
         } = self;
         name::validate("kind", &kind).map_err(|e| Error::InvalidName(e.to_string()))?;
         name::validate("id", &id).map_err(|e| Error::InvalidName(e.to_string()))?;

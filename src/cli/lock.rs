@@ -85,6 +85,7 @@ COMMAND's status    COMMAND ran under the lock (128+N if it was killed by signal
 2                   invalid command line\n\n\
 Examples:\n  \
 clastor lock transaction tx-1 -- ./settle.sh tx-1\n  \
+clastor lock transaction tx-1 --retry-connect 30s -- ./settle.sh tx-1   # ride out a server restart\n  \
 clastor lock nightly report --wait 10m --lease 30s -- make report\n  \
 clastor lock transaction tx-1 -- sh -c 'echo \"token $CLASTOR_FENCING_TOKEN\"'"
 )]
@@ -106,6 +107,11 @@ pub(crate) struct LockArgs {
     /// third of the window if that is shorter (a short lease).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     grace: Option<Duration>,
+    /// Keep trying to reach the server and take the lock this long when it is
+    /// down or restarting (connection errors, unavailable backend); contention
+    /// is still governed by --wait alone.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    retry_connect: Option<Duration>,
     /// Say nothing but errors.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -130,14 +136,28 @@ pub(crate) fn run(args: LockArgs) -> ExitCode {
 
 async fn lock_and_run(args: LockArgs) -> u8 {
     let what = format!("{}/{}", args.kind, args.id);
-    let client = match args.server.connect().await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("clastor lock: {e}");
-            return EXIT_CLASTOR_ERROR;
+    let started = tokio::time::Instant::now();
+    let retry_until = args.retry_connect.and_then(|d| started.checked_add(d));
+    let client = loop {
+        match args.server.connect().await {
+            Ok(c) => break c,
+            Err(e) if e.is_retryable() && retry_until.is_some_and(|t| tokio::time::Instant::now() < t) => {
+                if !args.quiet {
+                    eprintln!("clastor lock: {e}; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                eprintln!("clastor lock: {e}");
+                return EXIT_CLASTOR_ERROR;
+            }
         }
     };
     let mut req = client.lock(args.kind.clone(), args.id.clone()).wait(args.wait);
+    if let Some(until) = retry_until {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        req = req.retry(clastor_client::RetryPolicy::until(left));
+    }
     if let Some(lease) = args.lease {
         req = req.lease(lease).auto_renew(true);
     }
