@@ -179,6 +179,35 @@ fn two_servers_on_zookeeper(session_timeout: &str) -> (ZooKeeper, Server, Server
     (zk, x, y)
 }
 
+/// A holder of `tx/{id}` through the server at `holder_at`, and a waiter for
+/// it through `waiter_at` that tries again after failures that may pass (its
+/// server losing its own ZooKeeper session). The waiter's task answers when,
+/// and with what, it was granted. The holder's client must be kept alive.
+async fn hold_and_wait(
+    holder_at: SocketAddr,
+    waiter_at: SocketAddr,
+    id: &'static str,
+) -> (
+    clastor_client::Client,
+    clastor_client::LockGuard,
+    tokio::task::JoinHandle<(tokio::time::Instant, clastor_client::LockGuard)>,
+) {
+    let holder = clastor_client::Client::connect(holder_at).await.unwrap();
+    let guard = holder.lock("tx", id).try_acquire().await.unwrap().expect("free");
+    let other = clastor_client::Client::connect(waiter_at).await.unwrap();
+    let wait = tokio::spawn(async move {
+        loop {
+            match other.lock("tx", id).wait(Duration::from_secs(60)).acquire().await {
+                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
+                Ok(None) => panic!("not granted within a minute"),
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    (holder, guard, wait)
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to a process.
 fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
@@ -428,31 +457,9 @@ async fn no_two_holders_overlap_while_a_server_is_frozen_and_thawed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_zookeeper_s_holders_are_told_before_anyone_is_granted() {
     let (mut zk, x, y) = two_servers_on_zookeeper("4s");
-    let holder = clastor_client::Client::connect(x.addr).await.unwrap();
-    let guard = holder
-        .lock("tx", "zk-frozen")
-        .try_acquire()
-        .await
-        .unwrap()
-        .expect("free");
-    let other = clastor_client::Client::connect(y.addr).await.unwrap();
     // Y's own session goes too while ZooKeeper is frozen: its wait fails
     // (retryably), and is tried again.
-    let wait = tokio::spawn(async move {
-        loop {
-            match other
-                .lock("tx", "zk-frozen")
-                .wait(Duration::from_secs(60))
-                .acquire()
-                .await
-            {
-                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
-                Ok(None) => panic!("not granted within a minute"),
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
+    let (_holder, guard, wait) = hold_and_wait(x.addr, y.addr, "zk-frozen").await;
 
     zk.freeze(0).unwrap();
     let frozen_at = tokio::time::Instant::now();
@@ -505,22 +512,7 @@ async fn a_frozen_follower_s_holders_are_told_before_anyone_is_granted() {
         ])
     };
     let (x, y) = (server(follower), server(leader));
-    let holder = clastor_client::Client::connect(x.addr).await.unwrap();
-    let guard = holder
-        .lock("tx", "follower")
-        .try_acquire()
-        .await
-        .unwrap()
-        .expect("free");
-    let other = clastor_client::Client::connect(y.addr).await.unwrap();
-    let wait = tokio::spawn(async move {
-        let g = other
-            .lock("tx", "follower")
-            .wait(Duration::from_secs(60))
-            .acquire()
-            .await;
-        (tokio::time::Instant::now(), g)
-    });
+    let (_holder, guard, wait) = hold_and_wait(x.addr, y.addr, "follower").await;
 
     zk.freeze(follower).unwrap();
     let frozen_at = tokio::time::Instant::now();
@@ -529,7 +521,6 @@ async fn a_frozen_follower_s_holders_are_told_before_anyone_is_granted() {
         .expect("the holder is told");
     let told_at = tokio::time::Instant::now();
     let (granted_at, granted) = wait.await.unwrap();
-    let granted = granted.unwrap().expect("Y grants once the leader expired X's session");
     assert!(granted.token() > guard.token());
     println!(
         "follower frozen at 0: holder told after {:?}, Y granted after {:?}",
