@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clastor_client::{Client, Error, HeldScope, LostReason, Released};
@@ -48,11 +49,9 @@ async fn contention_is_an_outcome_and_waiters_are_served() {
             .unwrap()
             .is_none()
     );
-    // Same connection: the server refuses a second grant of a held key.
-    assert!(matches!(
-        a.lock("k", "x").try_acquire().await,
-        Err(Error::AlreadyHeld(_))
-    ));
+    // Same connection: another task waits its turn like anyone else (tried
+    // once here: not acquired).
+    assert!(a.lock("k", "x").try_acquire().await.unwrap().is_none());
     let waiter = tokio::spawn(async move { b.lock("k", "x").wait(PATIENCE).acquire().await });
     let first = held.token();
     held.release().await.unwrap();
@@ -346,12 +345,9 @@ async fn a_stale_release_or_renew_never_touches_a_newer_grant() {
         let between = other.lock("k", "stale").wait(PATIENCE).acquire().await.unwrap();
         between.expect("granted when A expired").release().await.unwrap();
         assert!(!a.is_lost(), "the LOCK_LOST is held back");
-        // The lock API refuses a second grant of a key it still believes held,
-        // without asking the server...
-        assert!(matches!(
-            client.lock("k", "stale").try_acquire().await,
-            Err(Error::AlreadyHeld(_))
-        ));
+        // The lock API does not ask the server for a key another task of the
+        // connection still holds: it waits its turn (tried once: no)...
+        assert!(client.lock("k", "stale").try_acquire().await.unwrap().is_none());
         // ...so take grant B the raw way, on the same connection.
         let b = client
             .request(support::try_acquire_request("k", "stale", 0))
@@ -549,5 +545,51 @@ async fn close_lets_go_of_every_lock_and_refuses_later_calls() {
         guard.release().await,
         Ok(Released::AlreadyGone(LostReason::ConnectionLost))
     );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_sharing_a_handle_queue_for_a_key_like_everyone_else() {
+    let (server, _) = support::start_default().await;
+    // Two "processes", each one handle shared by many tasks (one connection
+    // each), contending on a few keys.
+    let handles = [support::connect(&server).await, support::connect(&server).await];
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (p, handle) in handles.iter().enumerate() {
+        for t in 0..6 {
+            let (handle, spans) = (handle.clone(), Arc::clone(&spans));
+            tasks.push(tokio::spawn(async move {
+                for round in 0..10 {
+                    let key = format!("k{}", (p + t + round) % 3);
+                    let guard = handle
+                        .lock("shared", key.clone())
+                        .wait(PATIENCE)
+                        .acquire()
+                        .await
+                        .expect("no error: tasks of one handle wait for each other")
+                        .expect("granted");
+                    let from = tokio::time::Instant::now();
+                    // Work under the lock, long enough for the others to
+                    // pile up behind it.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let until = tokio::time::Instant::now();
+                    spans.lock().unwrap().push((key, guard.token(), from, until));
+                    guard.release().await.unwrap();
+                }
+            }));
+        }
+    }
+    for task in join_all(tasks).await {
+        task.unwrap();
+    }
+    let mut spans = spans.lock().unwrap().clone();
+    assert_eq!(spans.len(), 2 * 6 * 10);
+    spans.sort_by_key(|s| (s.0.clone(), s.2));
+    for pair in spans.windows(2).filter(|p| p[0].0 == p[1].0) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(a.3 <= b.2, "two holders of {} at once: {a:?} {b:?}", a.0);
+        assert!(b.1 > a.1, "tokens of {} not increasing: {a:?} {b:?}", a.0);
+    }
     server.shutdown().await;
 }

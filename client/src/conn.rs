@@ -214,6 +214,33 @@ impl HeldGrant {
     }
 }
 
+/// One task's turn at a key of its connection: from
+/// [`Connection::local_turn`], given back (to the next task waiting, in
+/// arrival order) when dropped.
+#[derive(Debug)]
+pub(crate) struct LocalTurn {
+    conn: Weak<Connection>,
+    key: Key,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for LocalTurn {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Some(conn) = self.conn.upgrade() {
+            let mut turns = lock_turns(&conn.turns);
+            // Nobody else has or awaits it: forget the key.
+            if turns.get(&self.key).is_some_and(|t| Arc::strong_count(t) == 1) {
+                turns.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock_turns(m: &Mutex<HashMap<Key, Arc<Semaphore>>>) -> MutexGuard<'_, HashMap<Key, Arc<Semaphore>>> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// `sent + ms`, saturating a year ahead.
 fn later_by(sent: tokio::time::Instant, ms: u32) -> tokio::time::Instant {
     sent.checked_add(Duration::from_millis(u64::from(ms)))
@@ -328,6 +355,10 @@ pub(crate) struct Connection {
     pub(crate) peer: SocketAddr,
     write: OwnedWriteHalf,
     state: Mutex<State>,
+    /// Per key, the turn its own tasks take, in arrival order (see
+    /// [`Connection::local_turn`]); an entry lives while someone has or
+    /// awaits the turn.
+    turns: Mutex<HashMap<Key, Arc<Semaphore>>>,
     writer_wake: Notify,
     closed: CancellationToken,
     permits: Arc<Semaphore>,
@@ -418,6 +449,7 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         hello,
         peer,
         write,
+        turns: Mutex::new(HashMap::new()),
         state: Mutex::new(State {
             next_id: HELLO_ID + 1,
             pending: HashMap::new(),
@@ -512,6 +544,35 @@ fn handshake_reply(frame: Frame) -> Result<HelloOk, Error> {
 }
 
 impl Connection {
+    /// This connection's turn at `key` among the tasks that share it, in
+    /// arrival order: taken at once (no round trip) when no other task of the
+    /// connection holds or is acquiring the key, else waited for. The server
+    /// sees one owner per connection, so without it a second task asking for a
+    /// key the first holds would be refused instead of waiting. The acquire
+    /// holds the turn, then its guard, until the lock is given back.
+    ///
+    /// # Errors
+    /// The connection's error once it is dead.
+    ///
+    /// # Cancellation safety
+    /// Safe: a turn not yet taken is given up.
+    pub(crate) async fn local_turn(&self, key: &str) -> Result<LocalTurn, Error> {
+        let turn = {
+            let mut turns = lock_turns(&self.turns);
+            Arc::clone(
+                turns
+                    .entry(key.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(1))),
+            )
+        };
+        let permit = turn.acquire_owned().await.map_err(|_| self.dead_error())?;
+        Ok(LocalTurn {
+            conn: self.me.clone(),
+            key: key.to_owned(),
+            permit: Some(permit),
+        })
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // The lock is never held across code that can panic on input; if it
         // was poisoned anyway, the state is still consistent enough to tear down.

@@ -146,10 +146,11 @@ impl LockRequest {
     /// - [`Error::InvalidName`] (checked before sending) or
     ///   [`Error::InvalidArgument`] (a wait or lease over `u32::MAX` ms, or
     ///   `auto_renew` without a lease);
-    /// - [`Error::AlreadyHeld`] if this connection already holds or waits for
-    ///   the lock (e.g. an earlier acquire of it was cancelled but is still
-    ///   queued on the server). A key held through a guard of this connection
-    ///   is refused without asking the server;
+    /// - [`Error::AlreadyHeld`] if this connection holds or waits for the lock
+    ///   outside the lock API (a raw request, or an earlier acquire that was
+    ///   cancelled but is still queued on the server). A key another task holds
+    ///   or is acquiring through this connection is not an error: this acquire
+    ///   waits its turn, in arrival order, within the same wait;
     /// - [`Error::RequestTimeout`] if a request timeout is configured and no
     ///   answer came within the wait plus that timeout (waiting for a release
     ///   of the same key in flight on the connection included);
@@ -202,7 +203,7 @@ impl LockRequest {
         } = self;
         name::validate("kind", &kind).map_err(|e| Error::InvalidName(e.to_string()))?;
         name::validate("id", &id).map_err(|e| Error::InvalidName(e.to_string()))?;
-        let wait_ms = millis("wait", wait)?;
+        millis("wait", wait)?;
         let lease_ms = lease.map(lease_millis).transpose()?.unwrap_or(0);
         if auto_renew && lease_ms == 0 {
             return Err(Error::InvalidArgument("auto_renew needs a lease".into()));
@@ -215,6 +216,15 @@ impl LockRequest {
         let conn = client.pick().await?;
         let key = conn::key(&kind, &id);
         let kind_len = kind.len();
+        // Another task of this connection holding or acquiring the key is
+        // waited for like any other holder, within the same wait (a free key
+        // costs no round trip here).
+        let queued = Instant::now();
+        let turn = match tokio::time::timeout(wait, conn.local_turn(&key)).await {
+            Ok(turn) => turn?,
+            Err(_) => return Ok(None),
+        };
+        let wait_ms = millis("wait", wait.saturating_sub(queued.elapsed()))?;
         let req = Request::Acquire(Acquire {
             kind,
             id,
@@ -267,6 +277,7 @@ impl LockRequest {
             done: false,
             request_timeout,
             _renewer: None,
+            _turn: turn,
         };
         if auto_renew {
             let stop = CancellationToken::new();
@@ -337,6 +348,9 @@ pub struct LockGuard {
     request_timeout: Option<Duration>,
     /// Stops the renewal task when the guard goes.
     _renewer: Option<DropGuard>,
+    /// This task's turn at the key among its connection's tasks: the next
+    /// one's acquire goes ahead once the guard is gone.
+    _turn: conn::LocalTurn,
 }
 
 impl LockGuard {
