@@ -593,3 +593,102 @@ async fn tasks_sharing_a_handle_queue_for_a_key_like_everyone_else() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_many_over_overlapping_keys_never_deadlocks_nor_overlaps() {
+    let (server, _) = support::start_default().await;
+    let handles = [support::connect(&server).await, support::connect(&server).await];
+    let accounts = ["a", "b", "c", "d"];
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (p, handle) in handles.iter().enumerate() {
+        for t in 0..4 {
+            let (handle, spans) = (handle.clone(), Arc::clone(&spans));
+            tasks.push(tokio::spawn(async move {
+                for round in 0..15 {
+                    // A transfer between two accounts, named in either order:
+                    // the global order is the client's business.
+                    let from = accounts[(p + t + round) % 4];
+                    let to = accounts[(p * 3 + t + 2 * round + 1) % 4];
+                    let both = handle
+                        .lock_many([("account", from), ("account", to)])
+                        .wait(PATIENCE)
+                        .acquire()
+                        .await
+                        .unwrap()
+                        .expect("granted");
+                    let start = tokio::time::Instant::now();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let end = tokio::time::Instant::now();
+                    for g in both.guards() {
+                        spans.lock().unwrap().push((g.id().to_owned(), g.token(), start, end));
+                    }
+                    assert_eq!(both.release().await, Ok(Released::Released));
+                }
+            }));
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), join_all(tasks))
+        .await
+        .expect("no deadlock")
+        .into_iter()
+        .for_each(|t| t.unwrap());
+    let mut spans = spans.lock().unwrap().clone();
+    spans.sort_by_key(|s| (s.0.clone(), s.2));
+    for pair in spans.windows(2).filter(|p| p[0].0 == p[1].0) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(a.3 <= b.2, "two holders of {} at once: {a:?} {b:?}", a.0);
+        assert!(b.1 > a.1, "tokens of {} not increasing: {a:?} {b:?}", a.0);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn lock_many_is_all_or_nothing() {
+    let (server, client) = support::start_and_connect().await;
+    let other = support::connect(&server).await;
+    let y = support::take_free(&other, "k", "y").await;
+    // y is taken: x is not kept either.
+    assert!(
+        client
+            .lock_many([("k", "x"), ("k", "y")])
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        client
+            .lock_many([("k", "x"), ("k", "y")])
+            .wait(Duration::from_millis(50))
+            .acquire()
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let x = support::take_free(&other, "k", "x").await;
+    drop((x, y));
+    // Free: both, each with its own token, and lost when either is.
+    let both = client
+        .lock_many([("k", "y"), ("k", "x"), ("k", "x")])
+        .lease(Duration::from_secs(60))
+        .wait(PATIENCE)
+        .acquire()
+        .await
+        .unwrap()
+        .expect("both free");
+    assert_eq!(both.guards().len(), 2, "duplicates count once");
+    assert_eq!(both.guards()[0].id(), "x", "the global order");
+    assert!(both.token("k", "x").is_some() && both.token("k", "y").is_some());
+    assert!(both.lost().now_or_never().is_none());
+    both.guards()[1].renew(Duration::from_millis(100)).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, both.lost()).await.expect("lost"),
+        LostReason::LeaseExpired
+    );
+    assert!(matches!(
+        both.release().await,
+        Ok(Released::AlreadyGone(LostReason::LeaseExpired))
+    ));
+    server.shutdown().await;
+}

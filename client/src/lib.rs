@@ -72,6 +72,7 @@ mod conn;
 mod error;
 mod event;
 mod lock;
+mod multi;
 mod reply;
 
 pub use clastor_protocol::{
@@ -82,3 +83,4 @@ pub use config::{ClientBuilder, ServerAddr};
 pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
 pub use lock::{LockGuard, LockRequest, LostWatch, Released, RetryPolicy};
+pub use multi::{MultiLockGuard, MultiLockRequest};
