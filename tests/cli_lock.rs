@@ -330,3 +330,57 @@ async fn retry_connect_waits_for_a_server_that_comes_up_late() {
     assert!(out.status.success(), "{}", stderr(&out));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn several_keys_are_held_together_with_a_token_each() {
+    let (server, _) = support::start_default().await;
+    let addr = server.local_addr();
+    let mut child = cli::spawn_piped(
+        clastor(addr)
+            .args([
+                "lock",
+                "account",
+                "bob",
+                "--and",
+                "account/alice",
+                "--",
+                "sh",
+                "-c",
+                "echo $CLASTOR_FENCING_TOKEN_0 $CLASTOR_FENCING_TOKEN_1 $CLASTOR_FENCING_TOKEN; \
+                 echo \"$CLASTOR_LOCKS\"; read line || true",
+            ])
+            .stdin(Stdio::piped()),
+    );
+    let mut lines = cli::stdout_lines(&mut child);
+    let tokens = cli::next_line(&mut lines).await.expect("tokens");
+    let tokens: Vec<u64> = tokens.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(
+        tokens[0], tokens[2],
+        "the first key's token is also CLASTOR_FENCING_TOKEN"
+    );
+    let json: serde_json::Value = serde_json::from_str(&cli::next_line(&mut lines).await.expect("json")).unwrap();
+    let locks = json.as_array().expect("an array");
+    assert_eq!(locks.len(), 2);
+    assert_eq!(locks[0]["id"], "bob", "command-line order");
+    assert_eq!(locks[1]["token"], tokens[1].to_string(), "tokens as decimal strings");
+    // Both are held while the command runs.
+    let other = support::connect(&server).await;
+    for id in ["alice", "bob"] {
+        assert!(
+            other.lock("account", id).try_acquire().await.unwrap().is_none(),
+            "{id} is free"
+        );
+    }
+    drop(child.stdin.take());
+    let out = cli::output(child, "the command finished").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let both = other
+        .lock_many([("account", "alice"), ("account", "bob")])
+        .wait(PATIENCE)
+        .acquire()
+        .await
+        .unwrap();
+    assert!(both.is_some(), "both released on exit");
+    server.shutdown().await;
+}

@@ -216,10 +216,44 @@ impl MultiLockGuard {
     /// # Cancellation safety
     /// Safe; call it as often as needed.
     pub fn jeopardy(&self) -> impl Future<Output = ()> + Send + 'static {
-        let each: Vec<_> = self.guards.iter().map(|g| Box::pin(g.jeopardy())).collect();
+        self.jeopardy_within(Duration::ZERO)
+    }
+
+    /// As [`MultiLockGuard::jeopardy`], `margin` before the earliest
+    /// safe-until (see [`LockGuard::jeopardy_within`]).
+    ///
+    /// # Cancellation safety
+    /// Safe; call it as often as needed.
+    pub fn jeopardy_within(&self, margin: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let each: Vec<_> = self
+            .guards
+            .iter()
+            .map(|g| Box::pin(g.jeopardy_within(margin)))
+            .collect();
         async move {
             select_all(each).await;
         }
+    }
+
+    /// The earliest safe-until of the locks (see [`LockGuard::safe_until`]);
+    /// `None` if the server promises nothing.
+    pub fn safe_until(&self) -> Option<Instant> {
+        self.guards.iter().filter_map(LockGuard::safe_until).min()
+    }
+
+    /// Waits until any lock's safe-until moves, and returns the earliest one
+    /// then (see [`LockGuard::confirmation`]).
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub async fn confirmation(&self) -> Option<Instant> {
+        select_all(self.guards.iter().map(|g| Box::pin(g.confirmation()))).await;
+        self.safe_until()
+    }
+
+    /// The locks, to hold or release one by one.
+    pub fn into_guards(self) -> Vec<LockGuard> {
+        self.guards
     }
 
     /// Releases every lock (all requests at once). `Released` if all were

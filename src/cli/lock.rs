@@ -21,7 +21,7 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use clap::Args;
-use clastor_client::{Error, LockGuard};
+use clastor_client::{Error, LockGuard, MultiLockGuard};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -58,7 +58,11 @@ COMMAND runs with these environment variables:\n  \
 CLASTOR_FENCING_TOKEN  the grant's fencing token; pass it to every store you write to\n  \
 CLASTOR_LOCK_KIND      the kind\n  \
 CLASTOR_LOCK_ID        the id\n  \
-CLASTOR_LOCK_VERSION   the kind's version the lock was taken under\n\n\
+CLASTOR_LOCK_VERSION   the kind's version the lock was taken under\n  \
+CLASTOR_FENCING_TOKEN_<n>  with --and: the token of the n-th key (0: KIND ID, then each --and in order)\n  \
+CLASTOR_LOCKS          every lock as JSON: [{\"kind\",\"id\",\"token\" (a decimal string),\"version\"}]\n\n\
+With --and KIND/ID (repeatable) clastor takes several locks, all or none, in one global order (so \
+two runs naming the same keys in different orders cannot deadlock); a loss of any stops COMMAND.\n\n\
 The lock belongs to this process's connection to the server. COMMAND runs in its own process \
 group. If the lock is lost while COMMAND runs (lease not renewed, server or connection gone), that \
 whole group (COMMAND and whatever it started) gets SIGTERM, then SIGKILL after --grace, and \
@@ -86,6 +90,7 @@ COMMAND's status    COMMAND ran under the lock (128+N if it was killed by signal
 Examples:\n  \
 clastor lock transaction tx-1 -- ./settle.sh tx-1\n  \
 clastor lock transaction tx-1 --retry-connect 30s -- ./settle.sh tx-1   # ride out a server restart\n  \
+clastor lock account alice --and account/bob -- ./transfer.sh alice bob\n  \
 clastor lock nightly report --wait 10m --lease 30s -- make report\n  \
 clastor lock transaction tx-1 -- sh -c 'echo \"token $CLASTOR_FENCING_TOKEN\"'"
 )]
@@ -94,6 +99,11 @@ pub(crate) struct LockArgs {
     kind: String,
     /// Resource id within the kind, e.g. `tx-1`.
     id: String,
+    /// More locks to hold with the first, as KIND/ID (repeatable): all are
+    /// taken, in one global order so that no two `clastor lock` runs can
+    /// deadlock, or none.
+    #[arg(long = "and", value_name = "KIND/ID", value_parser = parse_key)]
+    and: Vec<(String, String)>,
     /// How long to wait for the lock; 0 tries once (like `flock -n`).
     #[arg(long, short = 'w', value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     wait: Duration,
@@ -134,8 +144,25 @@ pub(crate) fn run(args: LockArgs) -> ExitCode {
     ExitCode::from(runtime.block_on(lock_and_run(args)))
 }
 
+/// `KIND/ID`, for `--and`.
+fn parse_key(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((kind, id)) if !kind.is_empty() && !id.is_empty() => Ok((kind.to_owned(), id.to_owned())),
+        _ => Err(format!("{s:?} is not KIND/ID")),
+    }
+}
+
 async fn lock_and_run(args: LockArgs) -> u8 {
-    let what = format!("{}/{}", args.kind, args.id);
+    // The keys as given (the first is the positional one); the client takes
+    // them in its global order.
+    let keys: Vec<(String, String)> = std::iter::once((args.kind.clone(), args.id.clone()))
+        .chain(args.and.iter().cloned())
+        .collect();
+    let what = keys
+        .iter()
+        .map(|(k, i)| format!("{k}/{i}"))
+        .collect::<Vec<_>>()
+        .join(" + ");
     let started = tokio::time::Instant::now();
     let retry_until = args.retry_connect.and_then(|d| started.checked_add(d));
     let client = loop {
@@ -153,7 +180,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
             }
         }
     };
-    let mut req = client.lock(args.kind.clone(), args.id.clone()).wait(args.wait);
+    let mut req = client.lock_many(keys.iter().cloned()).wait(args.wait);
     if let Some(until) = retry_until {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         req = req.retry(clastor_client::RetryPolicy::until(left));
@@ -176,7 +203,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
         }
     };
     if !args.quiet {
-        eprintln!("clastor lock: acquired {what} (token {})", guard.token());
+        eprintln!("clastor lock: acquired {what} (token {})", tokens(&guard, &keys));
     }
     let mut grace = args.grace.unwrap_or(DEFAULT_GRACE);
     if let Some(mut until) = guard.safe_until() {
@@ -213,7 +240,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
             return EXIT_CLASTOR_ERROR;
         }
     };
-    let mut child = match spawn(&args.command, &guard) {
+    let mut child = match spawn(&args.command, &guard, &keys) {
         Ok(child) => child,
         Err(e) => {
             let program = args.command.first().map(|p| p.to_string_lossy()).unwrap_or_default();
@@ -234,7 +261,7 @@ async fn lock_and_run(args: LockArgs) -> u8 {
         return EXIT_CLASTOR_ERROR;
     };
     let timeout = args.server.connect_timeout;
-    match supervise(&mut child, group, &guard, grace, &mut signals).await {
+    match supervise(&mut child, group, &guard, &what, grace, &mut signals).await {
         Outcome::Exited(status) => match release(guard, &what, Some(&mut signals), timeout).await {
             Released::Yes => exit_code(status),
             Released::Lost => EXIT_LOCK_LOST,
@@ -248,16 +275,51 @@ async fn lock_and_run(args: LockArgs) -> u8 {
     }
 }
 
-fn spawn(command: &[OsString], guard: &LockGuard) -> io::Result<Child> {
+/// The tokens of `keys`, in their order, for messages.
+fn tokens(guard: &MultiLockGuard, keys: &[(String, String)]) -> String {
+    keys.iter()
+        .filter_map(|(k, i)| guard.token(k, i))
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the command with the locks in its environment: the first key's as
+/// `CLASTOR_FENCING_TOKEN` and `CLASTOR_LOCK_*`, every key's token as
+/// `CLASTOR_FENCING_TOKEN_<n>` in command-line order, and all of them as
+/// JSON in `CLASTOR_LOCKS` (tokens as decimal strings).
+fn spawn(command: &[OsString], guard: &MultiLockGuard, keys: &[(String, String)]) -> io::Result<Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| io::Error::other("no command given"))?;
-    Command::new(program)
-        .args(args)
-        .env("CLASTOR_FENCING_TOKEN", guard.token().to_string())
-        .env("CLASTOR_LOCK_KIND", guard.kind())
-        .env("CLASTOR_LOCK_ID", guard.id())
-        .env("CLASTOR_LOCK_VERSION", guard.version())
+    let held: Vec<&LockGuard> = keys
+        .iter()
+        .filter_map(|(k, i)| guard.guards().iter().find(|g| g.kind() == k && g.id() == i))
+        .collect();
+    let first = held.first().ok_or_else(|| io::Error::other("no lock held"))?;
+    let json = serde_json::Value::Array(
+        held.iter()
+            .map(|g| {
+                serde_json::json!({
+                    "kind": g.kind(),
+                    "id": g.id(),
+                    "token": g.token().to_string(),
+                    "version": g.version(),
+                })
+            })
+            .collect(),
+    );
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("CLASTOR_FENCING_TOKEN", first.token().to_string())
+        .env("CLASTOR_LOCK_KIND", first.kind())
+        .env("CLASTOR_LOCK_ID", first.id())
+        .env("CLASTOR_LOCK_VERSION", first.version())
+        .env("CLASTOR_LOCKS", json.to_string());
+    for (n, g) in held.iter().enumerate() {
+        cmd.env(format!("CLASTOR_FENCING_TOKEN_{n}"), g.token().to_string());
+    }
+    cmd
         // Its own group, so a loss stops everything it started, not just it.
         .process_group(0)
         // If this function's caller unwinds or returns early, the command must
@@ -278,7 +340,8 @@ enum Outcome {
 async fn supervise(
     child: &mut Child,
     group: Pid,
-    guard: &LockGuard,
+    guard: &MultiLockGuard,
+    what: &str,
     grace: Duration,
     signals: &mut Signals,
 ) -> Outcome {
@@ -299,23 +362,25 @@ async fn supervise(
                 };
             }
             reason = &mut lost => {
+                let lock = guard.guards().iter().find(|g| g.is_lost()).map_or_else(
+                    || what.to_owned(),
+                    |g| format!("{}/{} (token {})", g.kind(), g.id(), g.token()),
+                );
                 eprintln!(
-                    "clastor lock: lost {}/{} (token {}): {reason}; stopping the command (SIGTERM, SIGKILL after {})",
-                    guard.kind(),
-                    guard.id(),
-                    guard.token(),
+                    "clastor lock: lost {lock}: {reason}; stopping the command (SIGTERM, SIGKILL after {})",
                     humantime::format_duration(grace)
                 );
                 stop(child, group, grace).await;
                 return Outcome::Lost;
             }
             () = &mut jeopardy, if !guard.is_lost() => {
+                let lock = guard.guards().iter().find(|g| !g.is_safe()).map_or_else(
+                    || what.to_owned(),
+                    |g| format!("{}/{} (token {})", g.kind(), g.id(), g.token()),
+                );
                 eprintln!(
-                    "clastor lock: {}/{} (token {}) in jeopardy: the server has not confirmed it, and another \
+                    "clastor lock: {lock} in jeopardy: the server has not confirmed it, and another \
                      holder may be granted it within {}; stopping the command (SIGTERM, SIGKILL after {})",
-                    guard.kind(),
-                    guard.id(),
-                    guard.token(),
                     humantime::format_duration(grace),
                     humantime::format_duration(grace)
                 );
@@ -407,7 +472,7 @@ enum Released {
 ///
 /// Waits at most `timeout` for the server, and stops waiting on a signal: the
 /// server releases the lock anyway when this process's connection closes.
-async fn release(guard: LockGuard, what: &str, signals: Option<&mut Signals>, timeout: Duration) -> Released {
+async fn release(guard: MultiLockGuard, what: &str, signals: Option<&mut Signals>, timeout: Duration) -> Released {
     let interrupted = async {
         match signals {
             Some(s) => s.recv().await,
