@@ -692,3 +692,26 @@ async fn lock_many_is_all_or_nothing() {
     ));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn release_all_gives_back_every_lock_of_the_handle() {
+    let (server, client) = support::start_and_connect().await;
+    let a = support::take_free(&client, "k", "a").await;
+    let b = support::take_free(&client.clone(), "k", "b").await;
+    assert_eq!(client.release_all().await, Ok(2));
+    for guard in [&a, &b] {
+        assert_eq!(guard.lost().now_or_never(), Some(LostReason::ReleasedAll));
+    }
+    let other = support::connect(&server).await;
+    assert!(
+        other
+            .lock_many([("k", "a"), ("k", "b")])
+            .try_acquire()
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(a.release().await, Ok(Released::AlreadyGone(LostReason::ReleasedAll)));
+    assert_eq!(client.release_all().await, Ok(0), "nothing left");
+    server.shutdown().await;
+}

@@ -227,6 +227,47 @@ impl Client {
         }
     }
 
+    /// Gives back every lock held through this client (every clone's), all
+    /// requests at once, and returns how many the server released. Their
+    /// guards report [`LostReason::ReleasedAll`](crate::LostReason::ReleasedAll)
+    /// from then on: whoever held one must stop acting on it. For a shutdown
+    /// path that must not leave locks to the server's connection timeouts.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after [`Client::close`]; otherwise none: a lock
+    /// whose release cannot be confirmed goes with its connection.
+    pub async fn release_all(&self) -> Result<usize, Error> {
+        if self.pool.stop.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        let mut replies = Vec::new();
+        for slot in &self.pool.slots {
+            let conn = match &*slot.borrow() {
+                Slot::Up(c) if c.is_alive() => c.clone(),
+                _ => continue,
+            };
+            for lock in conn.held_locks() {
+                if !lock.mark_lost(crate::LostReason::ReleasedAll) {
+                    continue;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if conn.send_release(&lock, Some(tx)).is_ok() {
+                    replies.push(rx);
+                }
+            }
+        }
+        let released = futures_util::future::join_all(replies).await;
+        Ok(released
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Ok(Ok(reply)) if matches!(reply.response.result, Ok(ResponseBody::Released { released: true }))
+                )
+            })
+            .count())
+    }
+
     /// Whether [`Client::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.pool.stop.is_cancelled()

@@ -1112,6 +1112,11 @@ async fn write_loop(shared: Arc<Connection>) {
 }
 
 impl Connection {
+    /// Every lock this connection holds, for [`Client::release_all`](crate::Client::release_all).
+    pub(crate) fn held_locks(&self) -> Vec<Arc<HeldGrant>> {
+        self.state().held.values().cloned().collect()
+    }
+
     /// Asks the confirm loop for a `CONFIRM` now rather than at its next tick.
     pub(crate) fn confirm_soon(&self) {
         self.confirm_now.notify_one();

@@ -243,6 +243,8 @@ pub enum LostReason {
     /// Automatic renewal failed (the message says how), so the lease can no
     /// longer be trusted; the client released the lock.
     RenewFailed(String),
+    /// [`Client::release_all`](crate::Client::release_all) gave it back.
+    ReleasedAll,
 }
 
 impl From<clastor_protocol::LostReason> for LostReason {
@@ -272,6 +274,7 @@ impl fmt::Display for LostReason {
             LostReason::Unknown => f.write_str("unknown reason"),
             LostReason::ConnectionLost => f.write_str("connection to the server lost"),
             LostReason::RenewFailed(m) => write!(f, "lease renewal failed: {m}"),
+            LostReason::ReleasedAll => f.write_str("released by release_all"),
         }
     }
 }
