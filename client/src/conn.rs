@@ -972,6 +972,11 @@ impl Connection {
             Event::Closing { status, message } => {
                 tracing::info!(%status, %message, "server is closing the connection");
                 self.state().closing = Some(format!("server closed the connection: {status} {message}"));
+                // Heard: say so with a FIN, so a server keeping our locks
+                // until their promised safe-until (on shutdown) need not.
+                if let Err(e) = socket2::SockRef::from(self.write.as_ref()).shutdown(std::net::Shutdown::Write) {
+                    tracing::debug!(error = %e, "could not shut down the write side");
+                }
             }
         }
         // Nobody listening is fine.
