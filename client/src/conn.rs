@@ -100,6 +100,9 @@ pub(crate) struct HeldGrant {
     /// Until when the server guarantees nobody else is granted this lock, on
     /// this client's clock (protocol version 2).
     pub(crate) safe: watch::Sender<Safe>,
+    /// The holding task's turn at the key among its connection's tasks:
+    /// given back when the lock is released, dropped or lost.
+    turn: Mutex<Option<LocalTurn>>,
 }
 
 /// A grant's safe-until and what may still move it.
@@ -138,6 +141,7 @@ impl HeldGrant {
             received: tokio::time::Instant::now(),
             lost: watch::channel(None).0,
             safe: watch::channel(Safe::default()).0,
+            turn: Mutex::new(None),
         }
     }
 
@@ -199,14 +203,37 @@ impl HeldGrant {
     /// Records the loss; the first reason wins. Returns whether this call
     /// recorded it.
     pub(crate) fn mark_lost(&self, reason: LostReason) -> bool {
-        self.lost.send_if_modified(|slot| {
+        let recorded = self.lost.send_if_modified(|slot| {
             if slot.is_none() {
                 *slot = Some(reason);
                 true
             } else {
                 false
             }
-        })
+        });
+        if recorded {
+            // A lost lock holds nobody back: the next task of the
+            // connection may go ahead even while this guard lives on.
+            drop(self.take_turn());
+        }
+        recorded
+    }
+
+    /// Hands the grant the task's turn at its key (see
+    /// [`Connection::local_turn`]), to give back when the grant ends.
+    pub(crate) fn keep_turn(&self, turn: LocalTurn) {
+        let mut slot = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(turn);
+        drop(slot);
+        // Lost before it was handed over: give it back at once.
+        if self.lost_reason().is_some() {
+            drop(self.take_turn());
+        }
+    }
+
+    /// Takes the turn back (to drop it).
+    pub(crate) fn take_turn(&self) -> Option<LocalTurn> {
+        self.turn.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {

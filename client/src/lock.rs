@@ -271,13 +271,15 @@ impl LockRequest {
             }
         }
         tracing::debug!(key = %lock.key, token = lock.token, "acquired");
+        // The turn at the key goes with the grant: given back on release,
+        // drop or loss.
+        lock.keep_turn(turn);
         let mut guard = LockGuard {
             conn,
             lock,
             done: false,
             request_timeout,
             _renewer: None,
-            _turn: turn,
         };
         if auto_renew {
             let stop = CancellationToken::new();
@@ -348,9 +350,6 @@ pub struct LockGuard {
     request_timeout: Option<Duration>,
     /// Stops the renewal task when the guard goes.
     _renewer: Option<DropGuard>,
-    /// This task's turn at the key among its connection's tasks: the next
-    /// one's acquire goes ahead once the guard is gone.
-    _turn: conn::LocalTurn,
 }
 
 impl LockGuard {
@@ -618,6 +617,8 @@ impl Drop for LockGuard {
         if !self.done && !self.is_lost() {
             self.conn.release_in_background(&self.lock);
         }
+        // After the release is on its way (the next task waits for it).
+        drop(self.lock.take_turn());
     }
 }
 
