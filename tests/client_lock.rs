@@ -548,6 +548,17 @@ async fn close_lets_go_of_every_lock_and_refuses_later_calls() {
     server.shutdown().await;
 }
 
+/// The overlap checker: `(id, token, from, until)` spans of grants; per id,
+/// no two overlap and tokens strictly increase in grant order.
+fn assert_one_holder_at_a_time(spans: &mut [(String, u64, tokio::time::Instant, tokio::time::Instant)]) {
+    spans.sort_by_key(|s| (s.0.clone(), s.2));
+    for pair in spans.windows(2).filter(|p| p[0].0 == p[1].0) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(a.3 <= b.2, "two holders of {} at once: {a:?} {b:?}", a.0);
+        assert!(b.1 > a.1, "tokens of {} not increasing: {a:?} {b:?}", a.0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sharing_a_handle_queue_for_a_key_like_everyone_else() {
     let (server, _) = support::start_default().await;
@@ -585,12 +596,7 @@ async fn tasks_sharing_a_handle_queue_for_a_key_like_everyone_else() {
     }
     let mut spans = spans.lock().unwrap().clone();
     assert_eq!(spans.len(), 2 * 6 * 10);
-    spans.sort_by_key(|s| (s.0.clone(), s.2));
-    for pair in spans.windows(2).filter(|p| p[0].0 == p[1].0) {
-        let (a, b) = (&pair[0], &pair[1]);
-        assert!(a.3 <= b.2, "two holders of {} at once: {a:?} {b:?}", a.0);
-        assert!(b.1 > a.1, "tokens of {} not increasing: {a:?} {b:?}", a.0);
-    }
+    assert_one_holder_at_a_time(&mut spans);
     server.shutdown().await;
 }
 
@@ -634,12 +640,7 @@ async fn lock_many_over_overlapping_keys_never_deadlocks_nor_overlaps() {
         .into_iter()
         .for_each(|t| t.unwrap());
     let mut spans = spans.lock().unwrap().clone();
-    spans.sort_by_key(|s| (s.0.clone(), s.2));
-    for pair in spans.windows(2).filter(|p| p[0].0 == p[1].0) {
-        let (a, b) = (&pair[0], &pair[1]);
-        assert!(a.3 <= b.2, "two holders of {} at once: {a:?} {b:?}", a.0);
-        assert!(b.1 > a.1, "tokens of {} not increasing: {a:?} {b:?}", a.0);
-    }
+    assert_one_holder_at_a_time(&mut spans);
     server.shutdown().await;
 }
 

@@ -108,6 +108,20 @@ impl LockRequest {
         }
     }
 
+    /// The same request for another key (for [`Client::lock_many`]).
+    pub(crate) fn for_key(&self, kind: &str, id: &str) -> LockRequest {
+        LockRequest {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The configured wait.
+    pub(crate) fn wait_time(&self) -> Duration {
+        self.wait
+    }
+
     /// Retry failures that may pass, per `policy` ([`RetryPolicy`]).
     pub fn retry(mut self, policy: RetryPolicy) -> LockRequest {
         self.retry = policy;

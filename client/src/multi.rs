@@ -40,12 +40,9 @@ impl Client {
         keys.sort();
         keys.dedup();
         MultiLockRequest {
-            client: self.clone(),
             keys,
-            wait: Duration::ZERO,
-            lease: None,
-            auto_renew: false,
-            retry: RetryPolicy::none(),
+            // Every key's request is this one with its key.
+            request: self.lock(String::new(), String::new()),
         }
     }
 }
@@ -56,13 +53,10 @@ impl Client {
 #[derive(Debug, Clone)]
 #[must_use = "a lock request does nothing until `.acquire()` or `.try_acquire()` is awaited"]
 pub struct MultiLockRequest {
-    client: Client,
     /// Sorted and without duplicates: the global order.
     keys: Vec<(String, String)>,
-    wait: Duration,
-    lease: Option<Duration>,
-    auto_renew: bool,
-    retry: RetryPolicy,
+    /// The options every key's request shares.
+    request: LockRequest,
 }
 
 impl MultiLockRequest {
@@ -70,39 +64,30 @@ impl MultiLockRequest {
     /// its key's FIFO queue within what is left). Zero tries once, with every
     /// request sent at once.
     pub fn wait(mut self, wait: Duration) -> MultiLockRequest {
-        self.wait = wait;
+        self.request = self.request.wait(wait);
         self
     }
 
     /// A lease on every lock (see [`LockRequest::lease`]).
     pub fn lease(mut self, lease: Duration) -> MultiLockRequest {
-        self.lease = Some(lease);
+        self.request = self.request.lease(lease);
         self
     }
 
     /// Renew every lease in the background (see [`LockRequest::auto_renew`]).
     pub fn auto_renew(mut self, on: bool) -> MultiLockRequest {
-        self.auto_renew = on;
+        self.request = self.request.auto_renew(on);
         self
     }
 
     /// Retry failures that may pass, per `policy`, for each lock.
     pub fn retry(mut self, policy: RetryPolicy) -> MultiLockRequest {
-        self.retry = policy;
+        self.request = self.request.retry(policy);
         self
     }
 
     fn one(&self, (kind, id): &(String, String), wait: Duration) -> LockRequest {
-        let mut req = self
-            .client
-            .lock(kind.clone(), id.clone())
-            .wait(wait)
-            .auto_renew(self.auto_renew)
-            .retry(self.retry);
-        if let Some(lease) = self.lease {
-            req = req.lease(lease);
-        }
-        req
+        self.request.for_key(kind, id).wait(wait)
     }
 
     /// Takes every lock, or none: `Ok(None)` if they were not all granted
@@ -119,7 +104,8 @@ impl MultiLockRequest {
         if self.keys.is_empty() {
             return Err(Error::InvalidArgument("lock_many needs at least one key".into()));
         }
-        if self.wait.is_zero() {
+        let wait = self.request.wait_time();
+        if wait.is_zero() {
             // Nobody waits, so nobody can deadlock: send every request at once.
             let outcomes = join_all(self.keys.iter().map(|k| self.one(k, Duration::ZERO).acquire())).await;
             let mut guards = Vec::with_capacity(outcomes.len());
@@ -134,10 +120,10 @@ impl MultiLockRequest {
             }
             return finish(guards, missing, first_error).await;
         }
-        let deadline = Instant::now().checked_add(self.wait);
+        let deadline = Instant::now().checked_add(wait);
         let mut guards = Vec::with_capacity(self.keys.len());
         for key in &self.keys {
-            let left = deadline.map_or(self.wait, |d| d.saturating_duration_since(Instant::now()));
+            let left = deadline.map_or(wait, |d| d.saturating_duration_since(Instant::now()));
             match self.one(key, left).acquire().await {
                 Ok(Some(guard)) => guards.push(guard),
                 Ok(None) => return finish(guards, true, None).await,
