@@ -36,6 +36,12 @@ pub enum LockError {
     /// The backend lost the grant before the acquire could complete.
     #[error("lock lost while being acquired ({})", .0.name())]
     LostDuringAcquire(LostReason),
+    /// A rotation was not started (the message says why).
+    #[error("rotation refused: {0}")]
+    RotationRefused(String),
+    /// A rotation gave up; the kind is normal on its old version.
+    #[error("rotation aborted: {0}")]
+    RotationAborted(String),
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -53,6 +59,8 @@ impl LockError {
             LockError::InvalidArgument(_) => Status::BadRequest,
             LockError::SessionClosed => Status::ShuttingDown,
             LockError::LostDuringAcquire(_) => Status::Unavailable,
+            LockError::RotationRefused(_) => Status::RotationRefused,
+            LockError::RotationAborted(_) => Status::RotationAborted,
             LockError::Backend(e) => e.status(),
         }
     }

@@ -42,6 +42,8 @@ mod error;
 mod key;
 pub mod server;
 
-pub use engine::{AcquireOptions, Engine, EngineConfig, Granted, HeldInfo, LostEvent, LostEvents, Session};
+pub use engine::{
+    AcquireOptions, DEFAULT_DRAIN_TIMEOUT, Engine, EngineConfig, Granted, HeldInfo, LostEvent, LostEvents, Session,
+};
 pub use error::LockError;
 pub use key::{LockKey, validate_kind};

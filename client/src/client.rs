@@ -12,6 +12,8 @@ use clastor_protocol::{HeldLock, HeldScope, Request, Response, ResponseBody, Ver
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+mod rotate;
+
 use crate::config::{ClientBuilder, ServerAddr};
 use crate::conn::{self, Conn, HeldUpdate, Reply};
 use crate::error::Error;
@@ -186,6 +188,10 @@ impl Client {
         }
         let extra = match &req {
             Request::Acquire(a) => Duration::from_millis(a.wait_ms.into()),
+            // A rotation answers when its drain (default 60 s) and clean-up end.
+            Request::Rotate(r) => {
+                Duration::from_millis(r.drain_timeout_ms.max(60_000).into()) + Duration::from_secs(60)
+            }
             _ => Duration::ZERO,
         };
         let conn = self.conn(0).await?;

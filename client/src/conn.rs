@@ -996,6 +996,8 @@ impl Connection {
                     None => tracing::debug!(%key, token, "LOCK_LOST for a lock no guard holds"),
                 }
             }
+            // Delivered to `Client::rotate` through the event channel below.
+            Event::RotateProgress { .. } => {}
             Event::Closing { status, message } => {
                 tracing::info!(%status, %message, "server is closing the connection");
                 self.state().closing = Some(format!("server closed the connection: {status} {message}"));

@@ -32,6 +32,14 @@ pub enum Error {
     /// this lock.
     #[error("lock already held or waited for on this connection: {0}")]
     AlreadyHeld(String),
+    /// `ROTATION_REFUSED`: a rotation was not started (the kind is not at
+    /// `from`, or another rotation of it runs or was left half-done).
+    #[error("rotation refused: {0}")]
+    RotationRefused(String),
+    /// `ROTATION_ABORTED`: a rotation gave up (drain timeout, or aborted); the
+    /// kind is normal on `from`.
+    #[error("rotation aborted: {0}")]
+    RotationAborted(String),
     /// `BAD_REQUEST`: the server could not decode the request.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -127,6 +135,8 @@ impl Error {
             Status::NotHeld => Error::NotHeld(m),
             Status::NotOwner => Error::NotOwner(m),
             Status::AlreadyHeld => Error::AlreadyHeld(m),
+            Status::RotationRefused => Error::RotationRefused(m),
+            Status::RotationAborted => Error::RotationAborted(m),
             Status::BadRequest => Error::BadRequest(m),
             Status::InvalidName => Error::InvalidName(m),
             Status::UnknownOpcode => Error::UnknownOpcode(m),
@@ -148,6 +158,8 @@ impl Error {
             Error::NotHeld(_) => Status::NotHeld,
             Error::NotOwner(_) => Status::NotOwner,
             Error::AlreadyHeld(_) => Status::AlreadyHeld,
+            Error::RotationRefused(_) => Status::RotationRefused,
+            Error::RotationAborted(_) => Status::RotationAborted,
             Error::BadRequest(_) => Status::BadRequest,
             Error::InvalidName(_) => Status::InvalidName,
             Error::UnknownOpcode(_) => Status::UnknownOpcode,

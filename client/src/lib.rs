@@ -76,7 +76,8 @@ mod multi;
 mod reply;
 
 pub use clastor_protocol::{
-    Event, HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, Status, VersionInfo,
+    DrainState, Event, HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, RotateOk, RotationHolder,
+    RotationPhase, RotationProgress, Status, VersionInfo,
 };
 pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};

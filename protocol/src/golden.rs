@@ -24,8 +24,9 @@ use tokio_util::codec::Decoder;
 
 use crate::text::{self, Command};
 use crate::{
-    Acquire, AcquireOk, ClastorCodec, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode,
-    LostReason, Opcode, Request, Response, ResponseBody, Status, VersionInfo,
+    Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode,
+    LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
+    RotationProgress, Status, VersionInfo,
 };
 
 /// Any message, with what its encoder needs.
@@ -182,6 +183,25 @@ pub(crate) fn examples() -> Vec<Example> {
             golden: "00000008 01 16 0000 00000009",
         },
         Example {
+            name: "request/rotate",
+            msg: req(
+                10,
+                Request::Rotate(Rotate {
+                    kind: s("transaction"),
+                    from: s("v1"),
+                    to: s("v2"),
+                    drain_timeout_ms: 60000,
+                }),
+            ),
+            golden: "00000021 01 17 0000 0000000a
+                     000b 7472616e73616374696f6e 0002 7631 0002 7632 0000ea60",
+        },
+        Example {
+            name: "request/rotate-abort",
+            msg: req(11, Request::RotateAbort { kind: s("transaction") }),
+            golden: "00000015 01 18 0000 0000000b  000b 7472616e73616374696f6e",
+        },
+        Example {
             name: "response/hello",
             msg: ok(
                 1,
@@ -258,6 +278,7 @@ pub(crate) fn examples() -> Vec<Example> {
                 ResponseBody::Version(VersionInfo {
                     version: s("v1"),
                     mode: KindMode::Normal,
+                    drain: None,
                 }),
             ),
             golden: "0000000f 01 14 0001 00000007  0000 0002 7631 00",
@@ -321,6 +342,57 @@ pub(crate) fn examples() -> Vec<Example> {
             golden: "0000001a 01 12 0001 00000005  0000 00000000000004d2 00007530 00001518",
         },
         Example {
+            name: "response/version-v2-draining",
+            msg: ok(
+                7,
+                ResponseBody::Version(VersionInfo {
+                    version: s("v1"),
+                    mode: KindMode::Draining,
+                    drain: Some(DrainState {
+                        to: s("v2"),
+                        remaining: 3,
+                        left_ms: 58500,
+                    }),
+                }),
+            ),
+            golden: "0000001b 01 14 0001 00000007  0000 0002 7631 01 0002 7632 00000003 0000e484",
+        },
+        Example {
+            name: "response/rotate",
+            msg: ok(
+                10,
+                ResponseBody::Rotated(RotateOk {
+                    version: s("v2"),
+                    drain_ms: 1500,
+                    leftover: 0,
+                }),
+            ),
+            golden: "00000016 01 17 0001 0000000a  0000 0002 7632 000005dc 00000000",
+        },
+        Example {
+            name: "response/rotate-abort",
+            msg: ok(
+                11,
+                ResponseBody::RotateAborted {
+                    version: s("v1"),
+                    aborted: true,
+                },
+            ),
+            golden: "0000000f 01 18 0001 0000000b  0000 0002 7631 01",
+        },
+        Example {
+            name: "response/error-rotation-refused",
+            msg: Msg::Response(Response::error(
+                10,
+                Opcode::Rotate as u8,
+                Status::RotationRefused,
+                "transaction is at version v2, not v1",
+            )),
+            golden: "00000030 01 17 0001 0000000a
+                     0005 0024 7472616e73616374696f6e206973206174207665727369
+                     6f6e2076322c206e6f74207631",
+        },
+        Example {
             name: "response/error-timeout",
             msg: Msg::Response(Response::error(
                 9,
@@ -356,6 +428,29 @@ pub(crate) fn examples() -> Vec<Example> {
             }),
             golden: "00000020 01 81 0002 00000000
                      00c9 0014 736572766572207368757474696e6720646f776e",
+        },
+        Example {
+            name: "event/rotate-progress",
+            msg: Msg::Event(Event::RotateProgress {
+                request_id: 10,
+                progress: RotationProgress {
+                    kind: s("transaction"),
+                    from: s("v1"),
+                    to: s("v2"),
+                    phase: RotationPhase::Draining,
+                    remaining: 2,
+                    elapsed_ms: 1500,
+                    left_ms: 58500,
+                    holders: vec![RotationHolder {
+                        id: s("tx-1"),
+                        holder: s("clastor owner=17"),
+                    }],
+                },
+            }),
+            golden: "00000044 01 82 0002 0000000a
+                     000b 7472616e73616374696f6e 0002 7631 0002 7632 00
+                     00000002 000005dc 0000e484
+                     0001 0004 74782d31 0010 636c6173746f72206f776e65723d3137",
         },
     ]
 }
@@ -517,7 +612,13 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
         (0, 0x13) => {
             w.enum8("scope", &["connection", "server"]);
         }
-        (0, 0x14) => w.string("kind"),
+        (0, 0x14 | 0x18) => w.string("kind"),
+        (0, 0x17) => {
+            w.string("kind");
+            w.string("from");
+            w.string("to");
+            w.u32("drain_timeout_ms");
+        }
         // Responses: a status, then the opcode's body on OK, else a message.
         (1, _) => {
             if w.status("status") != 0 {
@@ -567,6 +668,20 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                     0x14 => {
                         w.string("version");
                         w.enum8("mode", &["normal", "draining"]);
+                        if w.pos < w.bytes.len() {
+                            w.string("drain.to");
+                            w.u32("drain.remaining");
+                            w.u32("drain.left_ms");
+                        }
+                    }
+                    0x17 => {
+                        w.string("version");
+                        w.u32("drain_ms");
+                        w.u32("leftover");
+                    }
+                    0x18 => {
+                        w.string("version");
+                        w.enum8("aborted", &["false", "true"]);
                     }
                     0x15 => {
                         let n = w.u16("count");
@@ -603,6 +718,20 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
         (2, 0x81) => {
             w.status("status");
             w.string("message");
+        }
+        (2, 0x82) => {
+            w.string("kind");
+            w.string("from");
+            w.string("to");
+            w.enum8("phase", &["draining", "switched"]);
+            w.u32("remaining");
+            w.u32("elapsed_ms");
+            w.u32("left_ms");
+            let n = w.u16("count");
+            for i in 0..n {
+                w.string(&format!("[{i}].id"));
+                w.string(&format!("[{i}].holder"));
+            }
         }
         other => panic!("no layout for {other:?}"),
     }
@@ -744,6 +873,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
             Ok(ResponseBody::Version(VersionInfo {
                 version: s("v1"),
                 mode: KindMode::Normal,
+                drain: None,
             })),
         ),
         // This connection holds tx-1 (tx-2 was lost); the other client's

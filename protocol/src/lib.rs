@@ -33,6 +33,7 @@ mod header;
 mod message;
 pub mod name;
 mod opcode;
+mod rotation;
 mod status;
 pub mod text;
 mod wire;
@@ -49,4 +50,7 @@ pub use message::{
     MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;
+pub use rotation::{
+    DrainState, MAX_PROGRESS_HOLDERS, Rotate, RotateOk, RotationHolder, RotationPhase, RotationProgress,
+};
 pub use status::Status;

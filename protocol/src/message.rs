@@ -12,6 +12,7 @@ use crate::body_error::BodyError;
 use crate::constants::{EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
 use crate::header::{Flags, Header};
 use crate::opcode::Opcode;
+use crate::rotation::{DrainState, Rotate, RotateOk, RotationProgress};
 use crate::status::Status;
 use crate::wire::{Reader, put_string, string_len, truncate};
 
@@ -230,6 +231,13 @@ pub enum Request {
     Info,
     /// `CONFIRM` (version 2): how long this connection's locks stay safe.
     Confirm,
+    /// Admin: rotate a kind to a new version.
+    Rotate(Rotate),
+    /// Admin: abort a kind's rotation.
+    RotateAbort {
+        /// Resource kind.
+        kind: String,
+    },
 }
 
 impl Request {
@@ -245,6 +253,8 @@ impl Request {
             Request::Version { .. } => Opcode::Version,
             Request::Info => Opcode::Info,
             Request::Confirm => Opcode::Confirm,
+            Request::Rotate(_) => Opcode::Rotate,
+            Request::RotateAbort { .. } => Opcode::RotateAbort,
         }
     }
 
@@ -256,7 +266,8 @@ impl Request {
             Request::Release { kind, id, .. } => string_len(kind) + string_len(id) + 8,
             Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4 + 8,
             Request::Held { .. } => 1,
-            Request::Version { kind } => string_len(kind),
+            Request::Version { kind } | Request::RotateAbort { kind } => string_len(kind),
+            Request::Rotate(r) => r.len(),
         }
     }
 
@@ -301,7 +312,8 @@ impl Request {
                 dst.put_u64(*token);
             }
             Request::Held { scope } => dst.put_u8(*scope as u8),
-            Request::Version { kind } => put_string(dst, kind),
+            Request::Version { kind } | Request::RotateAbort { kind } => put_string(dst, kind),
+            Request::Rotate(r) => r.write(dst),
         }
     }
 
@@ -351,8 +363,14 @@ impl Request {
             },
             Opcode::Info => Request::Info,
             Opcode::Confirm => Request::Confirm,
+            Opcode::Rotate => Request::Rotate(Rotate::read(&mut r)?),
+            Opcode::RotateAbort => Request::RotateAbort {
+                kind: r.string("kind")?,
+            },
             // Filtered out above; kept so a new event opcode is a compile error here.
-            Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(header.opcode)),
+            Opcode::LockLost | Opcode::Closing | Opcode::RotateProgress => {
+                return Err(BodyError::UnknownOpcode(header.opcode));
+            }
         };
         r.finish()?;
         Ok(req)
@@ -422,6 +440,9 @@ pub struct VersionInfo {
     pub version: String,
     /// Current mode.
     pub mode: KindMode,
+    /// Version 2, while the kind drains: where the rotation is. On the wire
+    /// only when `Some`.
+    pub drain: Option<DrainState>,
 }
 
 /// The body of a successful response.
@@ -454,6 +475,16 @@ pub enum ResponseBody {
     Version(VersionInfo),
     /// To `INFO`: ordered `name → value` pairs.
     Info(Vec<(String, String)>),
+    /// To `ROTATE`: the rotation completed.
+    Rotated(RotateOk),
+    /// To `ROTATE_ABORT`.
+    RotateAborted {
+        /// The kind's version now.
+        version: String,
+        /// True if a rotation was aborted (the kind was draining and is now
+        /// normal); false if there was nothing to abort.
+        aborted: bool,
+    },
     /// To `CONFIRM`: for how long after the server handled it no lock this
     /// connection holds will be granted to anyone else (the client counts it
     /// from when it sent the request).
@@ -476,6 +507,8 @@ impl ResponseBody {
             ResponseBody::Version(_) => Opcode::Version,
             ResponseBody::Info(_) => Opcode::Info,
             ResponseBody::Confirmed { .. } => Opcode::Confirm,
+            ResponseBody::Rotated(_) => Opcode::Rotate,
+            ResponseBody::RotateAborted { .. } => Opcode::RotateAbort,
         }
     }
 
@@ -494,7 +527,9 @@ impl ResponseBody {
                     .map(|h| string_len(&h.kind) + string_len(&h.id) + 8 + string_len(&h.version) + 4 + 8)
                     .sum::<usize>()
             }
-            ResponseBody::Version(v) => string_len(&v.version) + 1,
+            ResponseBody::Version(v) => string_len(&v.version) + 1 + v.drain.as_ref().map_or(0, DrainState::len),
+            ResponseBody::Rotated(r) => r.len(),
+            ResponseBody::RotateAborted { version, .. } => string_len(version) + 1,
             ResponseBody::Info(pairs) => {
                 2 + pairs
                     .iter()
@@ -553,6 +588,14 @@ impl ResponseBody {
             ResponseBody::Version(v) => {
                 put_string(dst, &v.version);
                 dst.put_u8(v.mode as u8);
+                if let Some(drain) = &v.drain {
+                    drain.write(dst);
+                }
+            }
+            ResponseBody::Rotated(r) => r.write(dst),
+            ResponseBody::RotateAborted { version, aborted } => {
+                put_string(dst, version);
+                dst.put_u8(u8::from(*aborted));
             }
             ResponseBody::Info(pairs) => {
                 dst.put_u16(clamp_count(pairs.len()));
@@ -614,7 +657,13 @@ impl ResponseBody {
             Opcode::Version => ResponseBody::Version(VersionInfo {
                 version: r.string("version")?,
                 mode: r.enum_u8("mode")?,
+                drain: if r.has_more() { Some(DrainState::read(r)?) } else { None },
             }),
+            Opcode::Rotate => ResponseBody::Rotated(RotateOk::read(r)?),
+            Opcode::RotateAbort => ResponseBody::RotateAborted {
+                version: r.string("version")?,
+                aborted: r.bool("aborted")?,
+            },
             Opcode::Info => {
                 let n = r.count("count", 4)?;
                 let mut pairs = Vec::with_capacity(n);
@@ -623,7 +672,9 @@ impl ResponseBody {
                 }
                 ResponseBody::Info(pairs)
             }
-            Opcode::LockLost | Opcode::Closing => return Err(BodyError::UnknownOpcode(op as u8)),
+            Opcode::LockLost | Opcode::Closing | Opcode::RotateProgress => {
+                return Err(BodyError::UnknownOpcode(op as u8));
+            }
         })
     }
 }
@@ -750,7 +801,8 @@ impl Response {
 /// Error and event messages are cut to this many bytes on encode.
 pub const MAX_MESSAGE_LEN: usize = 1024;
 
-/// A frame the server pushes unprompted, with request id 0.
+/// A frame the server pushes unprompted: request id 0, except
+/// `ROTATE_PROGRESS`, which carries the id of the `ROTATE` it reports on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A lock held by this connection can no longer be guaranteed; the
@@ -772,6 +824,13 @@ pub enum Event {
         /// Detail.
         message: String,
     },
+    /// How a `ROTATE` this connection sent is doing.
+    RotateProgress {
+        /// The `ROTATE`'s request id.
+        request_id: u32,
+        /// Where it is.
+        progress: RotationProgress,
+    },
 }
 
 impl Event {
@@ -780,6 +839,7 @@ impl Event {
         match self {
             Event::LockLost { .. } => Opcode::LockLost,
             Event::Closing { .. } => Opcode::Closing,
+            Event::RotateProgress { .. } => Opcode::RotateProgress,
         }
     }
 
@@ -788,12 +848,16 @@ impl Event {
         let body_len = match self {
             Event::LockLost { kind, id, .. } => string_len(kind) + string_len(id) + 8 + 1,
             Event::Closing { message, .. } => 2 + string_len(truncate(message, MAX_MESSAGE_LEN)),
+            Event::RotateProgress { progress, .. } => progress.len(),
         };
         let header = Header {
             version: PROTOCOL_VERSION,
             opcode: self.opcode() as u8,
             flags: Flags::EVENT,
-            request_id: EVENT_REQUEST_ID,
+            request_id: match self {
+                Event::RotateProgress { request_id, .. } => *request_id,
+                Event::LockLost { .. } | Event::Closing { .. } => EVENT_REQUEST_ID,
+            },
         };
         let dst = start_frame(dst, &header, body_len);
         match self {
@@ -812,6 +876,7 @@ impl Event {
                 dst.put_u16(*status as u16);
                 put_string(dst, truncate(message, MAX_MESSAGE_LEN));
             }
+            Event::RotateProgress { progress, .. } => progress.write(dst),
         }
     }
 
@@ -840,6 +905,10 @@ impl Event {
                     message: r.string("message")?,
                 }
             }
+            Ok(Opcode::RotateProgress) => Event::RotateProgress {
+                request_id: header.request_id,
+                progress: RotationProgress::read(&mut r)?,
+            },
             _ => return Err(BodyError::UnknownOpcode(header.opcode)),
         };
         r.finish()?;

@@ -30,6 +30,20 @@ pub enum NameError {
         /// `kind` or `id`.
         what: &'static str,
     },
+    /// A version name longer than [`MAX_VERSION_LEN`] bytes.
+    #[error("{what} is {len} bytes long; the limit for a version is {MAX_VERSION_LEN}")]
+    VersionTooLong {
+        /// `from` or `to`.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A version name a backend keeps for itself.
+    #[error("{what} may not be `version` or `rotation` (reserved)")]
+    Reserved {
+        /// `from` or `to`.
+        what: &'static str,
+    },
     /// A forbidden character: `/`, NUL, whitespace or another control or
     /// non-printable character.
     #[error("{what} contains forbidden character {ch:?} at byte {at}")]
@@ -64,6 +78,27 @@ pub fn validate(what: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Longest version name, in bytes.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// Version names a backend keeps for its own bookkeeping (ZooKeeper: the
+/// kind's `version` node and its `rotation` claim).
+pub const RESERVED_VERSIONS: [&str; 2] = ["version", "rotation"];
+
+/// Checks a version name (`ROTATE`'s `from` and `to`): the naming rules of
+/// [`validate`], at most [`MAX_VERSION_LEN`] bytes, and not one of
+/// [`RESERVED_VERSIONS`].
+pub fn validate_version(what: &'static str, name: &str) -> Result<(), NameError> {
+    validate(what, name)?;
+    if name.len() > MAX_VERSION_LEN {
+        return Err(NameError::VersionTooLong { what, len: name.len() });
+    }
+    if RESERVED_VERSIONS.contains(&name) {
+        return Err(NameError::Reserved { what });
+    }
+    Ok(())
+}
+
 fn allowed(c: char) -> bool {
     // Control characters include NUL, DEL and the C1 range; format characters
     // such as zero-width joiners and bidi overrides are refused too, so a name
@@ -77,6 +112,27 @@ fn allowed(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_names_follow_the_name_rules_and_more() {
+        assert_eq!(validate_version("to", "v2"), Ok(()));
+        assert_eq!(validate_version("to", "2026-11-schema"), Ok(()));
+        assert!(matches!(validate_version("to", "../x"), Err(NameError::BadChar { .. })));
+        assert!(matches!(validate_version("to", ".."), Err(NameError::Dot { .. })));
+        assert!(matches!(validate_version("to", ""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            validate_version("to", &"v".repeat(65)),
+            Err(NameError::VersionTooLong { len: 65, .. })
+        ));
+        assert_eq!(
+            validate_version("to", "version"),
+            Err(NameError::Reserved { what: "to" })
+        );
+        assert_eq!(
+            validate_version("to", "rotation"),
+            Err(NameError::Reserved { what: "to" })
+        );
+    }
 
     #[test]
     fn accepts_ordinary_names() {

@@ -26,15 +26,22 @@ pub enum Opcode {
     /// Version 2: how long the server still guarantees this connection's
     /// locks (safe-until).
     Confirm = 0x16,
+    /// Admin: move a kind to a new version, draining the old one first.
+    Rotate = 0x17,
+    /// Admin: abort a kind's rotation, back to normal on its current version.
+    RotateAbort = 0x18,
     /// Event: a lock this connection held can no longer be guaranteed.
     LockLost = 0x80,
     /// Event: the server is about to close the connection, and why.
     Closing = 0x81,
+    /// Event: how a `ROTATE` of this connection is doing (carries the
+    /// `ROTATE`'s request id).
+    RotateProgress = 0x82,
 }
 
 impl Opcode {
     /// Every opcode, in wire order.
-    pub const ALL: [Opcode; 11] = [
+    pub const ALL: [Opcode; 14] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::Acquire,
@@ -44,8 +51,11 @@ impl Opcode {
         Opcode::Version,
         Opcode::Info,
         Opcode::Confirm,
+        Opcode::Rotate,
+        Opcode::RotateAbort,
         Opcode::LockLost,
         Opcode::Closing,
+        Opcode::RotateProgress,
     ];
 
     /// The upper-case name used in logs, PROTOCOL.md and the text form.
@@ -60,14 +70,17 @@ impl Opcode {
             Opcode::Version => "VERSION",
             Opcode::Info => "INFO",
             Opcode::Confirm => "CONFIRM",
+            Opcode::Rotate => "ROTATE",
+            Opcode::RotateAbort => "ROTATE_ABORT",
             Opcode::LockLost => "LOCK_LOST",
             Opcode::Closing => "CLOSING",
+            Opcode::RotateProgress => "ROTATE_PROGRESS",
         }
     }
 
     /// True for opcodes only the server sends, unprompted.
     pub fn is_event(self) -> bool {
-        matches!(self, Opcode::LockLost | Opcode::Closing)
+        matches!(self, Opcode::LockLost | Opcode::Closing | Opcode::RotateProgress)
     }
 }
 
@@ -86,8 +99,11 @@ impl TryFrom<u8> for Opcode {
             0x14 => Opcode::Version,
             0x15 => Opcode::Info,
             0x16 => Opcode::Confirm,
+            0x17 => Opcode::Rotate,
+            0x18 => Opcode::RotateAbort,
             0x80 => Opcode::LockLost,
             0x81 => Opcode::Closing,
+            0x82 => Opcode::RotateProgress,
             other => return Err(other),
         })
     }

@@ -20,6 +20,12 @@ pub enum Status {
     NotOwner = 3,
     /// This connection already holds, or already waits for, this lock.
     AlreadyHeld = 4,
+    /// `ROTATE` refused: the kind is not at `from`, or another rotation of it
+    /// is in progress (or was left half-done with another target).
+    RotationRefused = 5,
+    /// `ROTATE` gave up: the drain did not finish within its timeout, or the
+    /// rotation was aborted; the kind is back to normal on `from`.
+    RotationAborted = 6,
     /// The body could not be decoded (short, trailing bytes, bad UTF-8, bad enum).
     BadRequest = 100,
     /// A kind or id breaks the naming rules.
@@ -46,12 +52,14 @@ pub enum Status {
 
 impl Status {
     /// Every status, in wire order.
-    pub const ALL: [Status; 16] = [
+    pub const ALL: [Status; 18] = [
         Status::Ok,
         Status::Timeout,
         Status::NotHeld,
         Status::NotOwner,
         Status::AlreadyHeld,
+        Status::RotationRefused,
+        Status::RotationAborted,
         Status::BadRequest,
         Status::InvalidName,
         Status::UnknownOpcode,
@@ -73,6 +81,8 @@ impl Status {
             Status::NotHeld => "NOT_HELD",
             Status::NotOwner => "NOT_OWNER",
             Status::AlreadyHeld => "ALREADY_HELD",
+            Status::RotationRefused => "ROTATION_REFUSED",
+            Status::RotationAborted => "ROTATION_ABORTED",
             Status::BadRequest => "BAD_REQUEST",
             Status::InvalidName => "INVALID_NAME",
             Status::UnknownOpcode => "UNKNOWN_OPCODE",
@@ -117,7 +127,7 @@ mod tests {
         for s in Status::ALL {
             assert_eq!(Status::try_from(s as u16), Ok(s));
         }
-        assert_eq!(Status::try_from(5), Err(5));
+        assert_eq!(Status::try_from(7), Err(7));
         assert_eq!(Status::try_from(u16::MAX), Err(u16::MAX));
     }
 }

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use thiserror::Error;
 
 use crate::message::{Acquire, Event, HeldScope, LockMode, Request, Response, ResponseBody};
+use crate::rotation::{Rotate, RotationProgress};
 use crate::status::Status;
 
 /// Longest accepted command line, in bytes (without the line ending).
@@ -47,6 +48,8 @@ pub const USAGE: &[&str] = &[
     "RENEW <kind> <id> <lease_ms> [token]",
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
     "VERSION <kind>",
+    "ROTATE <kind> <from> <to> [drain_timeout_ms]   move kind to version <to>, draining <from> first",
+    "ROTATE_ABORT <kind>                        abort a rotation: back to normal on the current version",
     "INFO",
     "HELP",
     "QUIT",
@@ -116,6 +119,23 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "VERSION" => {
             arity(1, 1, "VERSION <kind>")?;
             Request::Version { kind: owned(0) }
+        }
+        "ROTATE" => {
+            arity(3, 4, "ROTATE <kind> <from> <to> [drain_timeout_ms]")?;
+            Request::Rotate(Rotate {
+                kind: owned(0),
+                from: owned(1),
+                to: owned(2),
+                drain_timeout_ms: args
+                    .get(3)
+                    .map(|w| number("drain_timeout_ms", w))
+                    .transpose()?
+                    .unwrap_or(0),
+            })
+        }
+        "ROTATE_ABORT" => {
+            arity(1, 1, "ROTATE_ABORT <kind>")?;
+            Request::RotateAbort { kind: owned(0) }
         }
         _ => {
             return Err(ParseError {
@@ -235,15 +255,46 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
             out.push_str(".\n");
         }
         Ok(ResponseBody::Version(v)) => {
-            let kind = match req {
-                Request::Version { kind } => kind.as_str(),
-                _ => "",
-            };
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "+VERSION {kind} version={} mode={}",
+                "+VERSION {} version={} mode={}",
+                kind_of(req),
                 one_line(&v.version),
                 v.mode.name()
+            );
+            if let Some(d) = &v.drain {
+                let _ = write!(
+                    out,
+                    " to={} remaining={} left_ms={}",
+                    one_line(&d.to),
+                    d.remaining,
+                    d.left_ms
+                );
+            }
+            out.push('\n');
+        }
+        Ok(ResponseBody::Rotated(r)) => {
+            let _ = writeln!(
+                out,
+                "+ROTATED {} version={} drain_ms={} leftover={}",
+                kind_of(req),
+                one_line(&r.version),
+                r.drain_ms,
+                r.leftover
+            );
+        }
+        Ok(ResponseBody::RotateAborted { version, aborted: true }) => {
+            let _ = writeln!(out, "+ROTATE_ABORTED {} version={}", kind_of(req), one_line(version));
+        }
+        Ok(ResponseBody::RotateAborted {
+            version,
+            aborted: false,
+        }) => {
+            let _ = writeln!(
+                out,
+                "+NOT_ROTATING {} version={} (nothing to abort)",
+                kind_of(req),
+                one_line(version)
             );
         }
         Ok(ResponseBody::Info(pairs)) => {
@@ -255,6 +306,63 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         }
     }
     out
+}
+
+/// The kind a kind-level request names.
+fn kind_of(req: &Request) -> &str {
+    match req {
+        Request::Version { kind } | Request::RotateAbort { kind } => kind,
+        Request::Rotate(r) => &r.kind,
+        _ => "",
+    }
+}
+
+/// The lines a `ROTATE` reply streams while it runs (section 14.2): the
+/// first progress opens the multi-line reply with `+ROTATING`; each one
+/// after it is a `draining`/`switched` line, then one line per named holder.
+pub fn format_rotation_progress(p: &RotationProgress, first: bool) -> String {
+    let mut out = String::new();
+    if first {
+        let _ = writeln!(
+            out,
+            "+ROTATING {} {} {} left_ms={}",
+            p.kind,
+            one_line(&p.from),
+            one_line(&p.to),
+            p.left_ms
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} remaining={} elapsed_ms={} left_ms={}",
+        p.phase.name(),
+        p.remaining,
+        p.elapsed_ms,
+        p.left_ms
+    );
+    for h in &p.holders {
+        let _ = writeln!(out, "  held {} by {}", h.id, one_line(&h.holder));
+    }
+    out
+}
+
+/// The end of a `ROTATE` reply: after progress lines were sent (`started`),
+/// a `rotated ...` or `failed <STATUS> <message>` line and the closing `.`;
+/// otherwise the one-line reply of [`format_response`].
+pub fn format_rotation_end(req: &Request, resp: &Response, started: bool) -> String {
+    if !started {
+        return format_response(req, resp);
+    }
+    match &resp.result {
+        Ok(ResponseBody::Rotated(r)) => format!(
+            "rotated version={} drain_ms={} leftover={}\n.\n",
+            one_line(&r.version),
+            r.drain_ms,
+            r.leftover
+        ),
+        Ok(_) => ".\n".to_owned(),
+        Err(e) => format!("failed {} {}\n.\n", e.status.name(), one_line(&e.message)),
+    }
 }
 
 /// ` safe_ms=<n>` when a (version 2) reply carries it.
@@ -274,6 +382,16 @@ pub fn format_event(ev: &Event) -> String {
             format!("!LOST {kind} {id} token={token} reason={}\n", reason.name())
         }
         Event::Closing { status, message } => format!("!CLOSING {} {}\n", status.name(), one_line(message)),
+        Event::RotateProgress { progress: p, .. } => format!(
+            "!ROTATE_PROGRESS {} {} {} {} remaining={} elapsed_ms={} left_ms={}\n",
+            p.kind,
+            one_line(&p.from),
+            one_line(&p.to),
+            p.phase.name(),
+            p.remaining,
+            p.elapsed_ms,
+            p.left_ms
+        ),
     }
 }
 
@@ -346,6 +464,35 @@ mod tests {
             parse("VERSION k"),
             Ok(Command::Request(Request::Version { kind: "k".into() }))
         );
+    }
+
+    #[test]
+    fn parses_rotation_commands() {
+        assert_eq!(
+            parse("rotate transaction v1 v2 30000"),
+            Ok(Command::Request(Request::Rotate(Rotate {
+                kind: "transaction".into(),
+                from: "v1".into(),
+                to: "v2".into(),
+                drain_timeout_ms: 30000,
+            })))
+        );
+        assert!(matches!(
+            parse("ROTATE transaction v1 v2"),
+            Ok(Command::Request(Request::Rotate(Rotate {
+                drain_timeout_ms: 0,
+                ..
+            })))
+        ));
+        assert_eq!(
+            parse("ROTATE_ABORT transaction"),
+            Ok(Command::Request(Request::RotateAbort {
+                kind: "transaction".into()
+            }))
+        );
+        assert!(parse("ROTATE transaction v1").is_err());
+        assert!(parse("ROTATE transaction v1 v2 soon").is_err());
+        assert!(parse("ROTATE_ABORT").is_err());
     }
 
     #[test]

@@ -95,6 +95,11 @@ impl Reader {
         }
     }
 
+    /// Whether any bytes are left (an optional trailing field follows).
+    pub(crate) fn has_more(&self) -> bool {
+        self.buf.has_remaining()
+    }
+
     /// Fails if bytes are left over: a body longer than its message is malformed.
     pub(crate) fn finish(self) -> Result<(), BodyError> {
         if self.buf.has_remaining() {

@@ -18,8 +18,9 @@
 use bytes::{BufMut, BytesMut};
 use clastor_protocol::text::{self, Command};
 use clastor_protocol::{
-    Acquire, AcquireOk, ClastorCodec, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello, HelloOk, KindMode,
-    LockMode, LostReason, Request, Response, ResponseBody, Status, VersionInfo,
+    Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello, HelloOk,
+    KindMode, LockMode, LostReason, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
+    RotationProgress, Status, VersionInfo,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -110,6 +111,15 @@ fn request() -> impl Strategy<Value = Request> {
         any_string().prop_map(|kind| Request::Version { kind }),
         Just(Request::Info),
         Just(Request::Confirm),
+        (any_string(), any_string(), any_string(), any::<u32>()).prop_map(|(kind, from, to, drain_timeout_ms)| {
+            Request::Rotate(Rotate {
+                kind,
+                from,
+                to,
+                drain_timeout_ms,
+            })
+        }),
+        any_string().prop_map(|kind| Request::RotateAbort { kind }),
     ]
 }
 
@@ -178,8 +188,24 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
         }),
         any::<u32>().prop_map(|safe_ms| ResponseBody::Confirmed { safe_ms }),
         vec(held_lock(), 0..4).prop_map(ResponseBody::Held),
-        (any_string(), select(vec![KindMode::Normal, KindMode::Draining]))
-            .prop_map(|(version, mode)| ResponseBody::Version(VersionInfo { version, mode })),
+        (
+            any_string(),
+            select(vec![KindMode::Normal, KindMode::Draining]),
+            proptest::option::of((any_string(), any::<u32>(), any::<u32>()))
+        )
+            .prop_map(|(version, mode, drain)| ResponseBody::Version(VersionInfo {
+                version,
+                mode,
+                drain: drain.map(|(to, remaining, left_ms)| DrainState { to, remaining, left_ms }),
+            })),
+        (any_string(), any::<u32>(), any::<u32>()).prop_map(|(version, drain_ms, leftover)| ResponseBody::Rotated(
+            RotateOk {
+                version,
+                drain_ms,
+                leftover
+            }
+        )),
+        (any_string(), any::<bool>()).prop_map(|(version, aborted)| ResponseBody::RotateAborted { version, aborted }),
         vec((any_string(), any_string()), 0..4).prop_map(ResponseBody::Info),
     ]
 }
@@ -219,6 +245,33 @@ fn event() -> impl Strategy<Value = Event> {
             }
         }),
         (select(Status::ALL.to_vec()), any_string()).prop_map(|(status, message)| Event::Closing { status, message }),
+        (
+            1..=u32::MAX,
+            (any_string(), any_string(), any_string()),
+            select(vec![RotationPhase::Draining, RotationPhase::Switched]),
+            (any::<u32>(), any::<u32>(), any::<u32>()),
+            vec((any_string(), any_string()), 0..4),
+        )
+            .prop_map(
+                |(request_id, (kind, from, to), phase, (remaining, elapsed_ms, left_ms), holders)| {
+                    Event::RotateProgress {
+                        request_id,
+                        progress: RotationProgress {
+                            kind,
+                            from,
+                            to,
+                            phase,
+                            remaining,
+                            elapsed_ms,
+                            left_ms,
+                            holders: holders
+                                .into_iter()
+                                .map(|(id, holder)| RotationHolder { id, holder })
+                                .collect(),
+                        },
+                    }
+                }
+            ),
     ]
 }
 

@@ -8,6 +8,9 @@
 //! takes the lock and is either still queued (it leaves the queue) or already
 //! the holder (it releases, handing off to the next).
 //!
+//! Kinds and version rotation live in [`rotation`]: an acquire passes its
+//! kind's gate (normal: go ahead; draining: wait) before it queues.
+//!
 //! Tokens come from one process-wide hybrid clock: each grant's token is the
 //! larger of the previous token plus one and the current Unix time in
 //! microseconds. So they increase per key (and globally), including after a
@@ -18,15 +21,21 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clastor_protocol::{KindMode, LockMode};
+use clastor_protocol::LockMode;
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
-use super::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
+use self::rotation::{KindGate, KindState};
+use super::{AcquireRequest, Backend, BackendError, Grant, KindVersion, RotateOutcome, RotateRequest};
 use crate::key::LockKey;
+
+mod rotation;
+
+/// The version every kind starts at.
+const INITIAL_VERSION: &str = "v1";
 
 /// The in-memory backend. Cheap to clone; clones share state.
 #[derive(Debug, Clone, Default)]
@@ -38,10 +47,13 @@ pub struct MemoryBackend {
 #[derive(Debug)]
 struct MemoryState {
     keys: DashMap<LockKey, KeyState>,
+    /// Kinds that were ever rotated (the others are at `v1`, normal).
+    kinds: DashMap<Arc<str>, KindState>,
+    /// How many kinds drain now: releases only look a kind up when some do.
+    draining: AtomicUsize,
     /// The last token granted.
     last_token: AtomicU64,
     next_waiter: AtomicU64,
-    version: Arc<str>,
     closed: AtomicBool,
 }
 
@@ -56,9 +68,10 @@ impl Default for MemoryState {
     fn default() -> Self {
         MemoryState {
             keys: DashMap::new(),
+            kinds: DashMap::new(),
+            draining: AtomicUsize::new(0),
             last_token: AtomicU64::new(0),
             next_waiter: AtomicU64::new(1),
-            version: Arc::from("v1"),
             closed: AtomicBool::new(false),
         }
     }
@@ -148,6 +161,7 @@ impl MemoryState {
             self.keys
                 .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
         }
+        self.kind_changed(key.kind_arc());
     }
 
     /// With the key's lock held and no holder: grants to the first waiter whose
@@ -187,6 +201,7 @@ impl MemoryState {
             self.keys
                 .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
         }
+        self.kind_changed(key.kind_arc());
         None
     }
 }
@@ -226,29 +241,71 @@ impl Backend for MemoryBackend {
         // The in-memory backend never loses a grant on its own.
         drop(req.on_lost);
         let key = req.key;
+        let started = tokio::time::Instant::now();
+        let wait_deadline = started.checked_add(req.wait);
         let ticket = inner.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let grant = |token| Grant {
+        let grant = |token, version| Grant {
             token,
-            version: inner.version.clone(),
+            version,
             guard: MemoryGuard {
                 inner: self.inner.clone(),
                 key: key.clone(),
                 ticket,
             },
         };
-        let rx = {
+        let (rx, version) = loop {
+            // The kind's entry stays read-locked while the key queues (see
+            // `rotation`'s lock order).
+            let kind = inner.kinds.get(key.kind());
+            let version = match kind.as_deref().map(|k| inner.gate(k)) {
+                None => Arc::from(INITIAL_VERSION),
+                Some(KindGate::Open(version)) => version,
+                Some(KindGate::Draining {
+                    mut changed,
+                    abandoned_at,
+                }) => {
+                    drop(kind);
+                    if req.wait.is_zero() {
+                        return Ok(None);
+                    }
+                    let until = match (wait_deadline, abandoned_at) {
+                        (Some(w), Some(a)) => Some(w.min(a)),
+                        (w, a) => w.or(a),
+                    };
+                    let sleep = async {
+                        match until {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        () = sleep => {
+                            if wait_deadline.is_some_and(|w| tokio::time::Instant::now() >= w) {
+                                return Ok(None);
+                            }
+                            inner.abort_abandoned(key.kind_arc());
+                        }
+                    }
+                    if inner.closed.load(Ordering::Acquire) {
+                        return Err(BackendError::Closed);
+                    }
+                    continue;
+                }
+            };
             let mut state = inner.keys.entry(key.clone()).or_default();
             if state.holder.is_none() && state.waiters.is_empty() {
                 state.holder = Some(ticket);
-                return Ok(Some(grant(inner.token())));
+                return Ok(Some(grant(inner.token(), version)));
             }
             if req.wait.is_zero() {
                 return Ok(None);
             }
             let (tx, rx) = oneshot::channel();
             state.waiters.push_back(Waiter { ticket, grant: tx });
-            rx
+            break (rx, version);
         };
+        let left = wait_deadline.map(|w| w.saturating_duration_since(tokio::time::Instant::now()));
         let mut wait = WaitGuard {
             inner,
             key,
@@ -256,10 +313,14 @@ impl Backend for MemoryBackend {
             rx,
             armed: true,
         };
-        match tokio::time::timeout(req.wait, &mut wait.rx).await {
+        let granted = match left {
+            Some(left) => tokio::time::timeout(left, &mut wait.rx).await,
+            None => Ok((&mut wait.rx).await),
+        };
+        match granted {
             Ok(Ok(token)) => {
                 wait.armed = false;
-                Ok(Some(grant(token)))
+                Ok(Some(grant(token, version)))
             }
             // The sender is dropped only by `shutdown` clearing the queues.
             Ok(Err(_)) => {
@@ -268,7 +329,9 @@ impl Backend for MemoryBackend {
             }
             Err(_elapsed) => {
                 wait.armed = false;
-                Ok(inner.withdraw(key, ticket, &mut wait.rx, true).map(grant))
+                Ok(inner
+                    .withdraw(key, ticket, &mut wait.rx, true)
+                    .map(|token| grant(token, version)))
             }
         }
     }
@@ -282,11 +345,23 @@ impl Backend for MemoryBackend {
         Ok(self.inner.keys.get(key).is_some_and(|s| s.holder.is_some()))
     }
 
-    async fn version(&self, _kind: &str) -> Result<KindVersion, BackendError> {
-        Ok(KindVersion {
-            version: self.inner.version.clone(),
-            mode: KindMode::Normal,
-        })
+    async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
+        Ok(self.inner.kind_version(kind))
+    }
+
+    async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(BackendError::Closed);
+        }
+        self.inner.rotate(req).await
+    }
+
+    async fn abort_rotation(&self, kind: &Arc<str>) -> Result<(KindVersion, bool), BackendError> {
+        Ok(self.inner.abort_rotation(kind))
+    }
+
+    async fn count_locks(&self, kind: &Arc<str>, version: &str) -> Result<u32, BackendError> {
+        Ok(self.inner.count_locks(kind, version))
     }
 
     fn info(&self) -> Vec<(String, String)> {
@@ -300,6 +375,10 @@ impl Backend for MemoryBackend {
         self.inner.closed.store(true, Ordering::Release);
         // Dropping the queued senders wakes every waiter with `Closed`.
         self.inner.keys.iter_mut().for_each(|mut s| s.waiters.clear());
+        // Acquires waiting on a draining kind re-check and see `closed`.
+        self.inner.kinds.iter().for_each(|k| {
+            k.changed.send_replace(());
+        });
     }
 }
 

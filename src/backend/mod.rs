@@ -25,7 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, LockMode, LostReason, Status};
+use clastor_protocol::{KindMode, LockMode, LostReason, RotationProgress, Status};
 use thiserror::Error;
 
 use crate::key::LockKey;
@@ -81,6 +81,87 @@ pub struct KindVersion {
     pub version: Arc<str>,
     /// Normal, or draining for a rotation.
     pub mode: KindMode,
+    /// While draining: the rotation's target and deadline.
+    pub rotation: Option<RotationTarget>,
+}
+
+/// What a draining kind is being rotated to, stored with its mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationTarget {
+    /// The version the kind moves to.
+    pub to: Arc<str>,
+    /// When the drain times out, in ms since the Unix epoch (wall clock, so
+    /// every server reads it the same way; skew only moves when an abandoned
+    /// rotation is aborted, never whether a grant is safe).
+    pub deadline_unix_ms: u64,
+}
+
+impl KindVersion {
+    /// A kind in normal mode at `version`.
+    pub fn normal(version: impl Into<Arc<str>>) -> KindVersion {
+        KindVersion {
+            version: version.into(),
+            mode: KindMode::Normal,
+            rotation: None,
+        }
+    }
+
+    /// Time left before the drain deadline (zero once passed; `None` when
+    /// not draining).
+    pub fn drain_left(&self) -> Option<Duration> {
+        let r = self.rotation.as_ref()?;
+        Some(Duration::from_millis(r.deadline_unix_ms.saturating_sub(unix_ms())))
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A request to rotate a kind (PROTOCOL.md, "Version rotation").
+pub struct RotateRequest<'a> {
+    /// The kind (a validated name).
+    pub kind: &'a Arc<str>,
+    /// The version the kind must be at (validated).
+    pub from: &'a str,
+    /// The version to move to (validated, not `from`).
+    pub to: &'a str,
+    /// How long the drain may take before the rotation aborts.
+    pub drain_timeout: Duration,
+    /// Called with progress while the rotation runs; must not block.
+    pub progress: &'a (dyn Fn(RotationProgress) + Send + Sync),
+}
+
+impl fmt::Debug for RotateRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateRequest")
+            .field("kind", &self.kind)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a rotation ended, when the backend could carry it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The kind is at `to`, normal, and the old subtree is gone.
+    Completed {
+        /// How long the drain took.
+        drained: Duration,
+        /// Nodes left under the old version that could not be deleted.
+        leftover: u32,
+    },
+    /// Not started: the kind is not at `from`, or another rotation of it is
+    /// running or half-done with another target. The message says which.
+    Refused(String),
+    /// Given up (drain timeout, or aborted by someone); the kind is normal on
+    /// `from`. The message says why and what remained.
+    Aborted(String),
 }
 
 /// Everything an acquire needs to know.
@@ -173,6 +254,46 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// [`BackendError::Unavailable`] if the backend cannot be reached.
     fn is_held(&self, key: &LockKey) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Rotates a kind to a new version, draining the old one first
+    /// (PROTOCOL.md, "Version rotation"): claims the kind's rotation, marks it
+    /// draining, waits (reporting progress) until no lock remains under
+    /// `from` or the drain times out, then switches to `to` and deletes the
+    /// old subtree — or aborts back to normal on `from`.
+    ///
+    /// # Cancellation safety
+    /// Dropping the future stops driving the rotation and gives up its claim:
+    /// the kind stays as it is (draining, or switched but not cleaned up),
+    /// and the same rotation sent again resumes it; an abandoned drain is
+    /// aborted by the first acquire that waits on it past its deadline.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached or its
+    /// session is lost mid-way; [`BackendError::Closed`] after shutdown.
+    fn rotate(&self, req: RotateRequest<'_>) -> impl Future<Output = Result<RotateOutcome, BackendError>> + Send;
+
+    /// Aborts a kind's rotation: a draining kind goes back to normal on its
+    /// current version, and the running rotation (on any server) ends
+    /// aborted. Returns the kind's version afterwards and whether a rotation
+    /// was aborted (false: the kind was not draining).
+    ///
+    /// # Cancellation safety
+    /// One atomic write; safe to drop.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached.
+    fn abort_rotation(&self, kind: &Arc<str>)
+    -> impl Future<Output = Result<(KindVersion, bool), BackendError>> + Send;
+
+    /// Lock entries (holders and waiters) of `kind` under `version`: a
+    /// rotation's drain progress, for `VERSION`.
+    ///
+    /// # Cancellation safety
+    /// Read-only; safe to drop.
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] if the backend cannot be reached.
+    fn count_locks(&self, kind: &Arc<str>, version: &str) -> impl Future<Output = Result<u32, BackendError>> + Send;
 
     /// The kind's current version and mode.
     ///

@@ -14,13 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use clastor_protocol::{DrainState, KindMode, RotationProgress, name};
 use dashmap::DashMap;
 
 use self::session::SessionState;
 pub use self::session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session};
-use crate::backend::{Backend, KindVersion};
+use crate::backend::{Backend, KindVersion, RotateOutcome, RotateRequest};
 use crate::error::LockError;
 use crate::key::validate_kind;
+
+/// How long a rotation's drain may take when the request does not say.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Per-session limits. Defaults suit a server with thousands of connections.
 #[derive(Debug, Clone)]
@@ -156,6 +160,85 @@ impl<B: Backend> Engine<B> {
     pub async fn version(&self, kind: &str) -> Result<KindVersion, LockError> {
         let kind = validate_kind(kind)?;
         Ok(self.inner.backend.version(&kind).await?)
+    }
+
+    /// A kind's version and mode and, while it drains, its rotation's target,
+    /// the locks left under the current version and the time left.
+    ///
+    /// # Errors
+    /// [`LockError::InvalidName`] for a bad kind; backend failures.
+    pub async fn version_detail(&self, kind: &str) -> Result<(KindVersion, Option<DrainState>), LockError> {
+        let kind = validate_kind(kind)?;
+        let backend = &self.inner.backend;
+        let v = backend.version(&kind).await?;
+        let drain = match (&v.rotation, v.mode) {
+            (Some(r), KindMode::Draining) => Some(DrainState {
+                to: r.to.to_string(),
+                remaining: backend.count_locks(&kind, &v.version).await?,
+                left_ms: v
+                    .drain_left()
+                    .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+            }),
+            _ => None,
+        };
+        Ok((v, drain))
+    }
+
+    /// Rotates `kind` from `from` to `to` (PROTOCOL.md, "Version rotation"),
+    /// calling `progress` as it goes. A zero `drain_timeout` means
+    /// [`DEFAULT_DRAIN_TIMEOUT`].
+    ///
+    /// # Errors
+    /// [`LockError::InvalidName`] for a bad kind or version name,
+    /// [`LockError::InvalidArgument`] if `from` = `to` or the timeout exceeds
+    /// the longest wait, [`LockError::RotationRefused`],
+    /// [`LockError::RotationAborted`], and backend failures.
+    pub async fn rotate(
+        &self,
+        kind: &str,
+        from: &str,
+        to: &str,
+        drain_timeout: Duration,
+        progress: &(dyn Fn(RotationProgress) + Send + Sync),
+    ) -> Result<(Duration, u32), LockError> {
+        let kind = validate_kind(kind)?;
+        name::validate_version("from", from)?;
+        name::validate_version("to", to)?;
+        if from == to {
+            return Err(LockError::InvalidArgument(format!("from and to are both {from}")));
+        }
+        let max = self.inner.config.max_wait;
+        if drain_timeout > max {
+            return Err(LockError::InvalidArgument(format!(
+                "drain timeout {drain_timeout:?} exceeds the longest wait {max:?}"
+            )));
+        }
+        let drain_timeout = if drain_timeout.is_zero() {
+            DEFAULT_DRAIN_TIMEOUT
+        } else {
+            drain_timeout
+        };
+        let req = RotateRequest {
+            kind: &kind,
+            from,
+            to,
+            drain_timeout,
+            progress,
+        };
+        match self.inner.backend.rotate(req).await? {
+            RotateOutcome::Completed { drained, leftover } => Ok((drained, leftover)),
+            RotateOutcome::Refused(m) => Err(LockError::RotationRefused(m)),
+            RotateOutcome::Aborted(m) => Err(LockError::RotationAborted(m)),
+        }
+    }
+
+    /// Aborts `kind`'s rotation; see [`Backend::abort_rotation`].
+    ///
+    /// # Errors
+    /// [`LockError::InvalidName`] for a bad kind; backend failures.
+    pub async fn rotate_abort(&self, kind: &str) -> Result<(KindVersion, bool), LockError> {
+        let kind = validate_kind(kind)?;
+        Ok(self.inner.backend.abort_rotation(&kind).await?)
     }
 
     /// Engine and backend counters as `name → value` pairs.

@@ -15,17 +15,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::{
-    ClastorCodec, Event, Frame, FrameError, HIGHEST_VERSION, HelloOk, Request, Response, ResponseBody, Status,
+    ClastorCodec, Event, Frame, FrameError, HIGHEST_VERSION, HelloOk, Opcode, Request, Response, ResponseBody, Status,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::dispatch::{RequestContext, confirm_ms, dispatch};
+use super::dispatch::{RequestContext, confirm_ms, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
 use crate::backend::Backend;
@@ -57,6 +58,9 @@ struct Conn<B: Backend> {
     /// (version 2): on shutdown they are kept until then, unless the client
     /// goes first, so a client that did not hear the goodbye is never wrong.
     promised_until: Option<Instant>,
+    /// `ROTATE_PROGRESS` events of this connection's running rotations;
+    /// made by the first `ROTATE` (most connections never send one).
+    progress: Option<(mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>)>,
 }
 
 pub(super) async fn run<B: Backend>(
@@ -76,6 +80,7 @@ pub(super) async fn run<B: Backend>(
         opened: Instant::now(),
         last_activity: Instant::now(),
         promised_until: None,
+        progress: None,
     };
     let mut shutting_down = false;
     loop {
@@ -98,6 +103,10 @@ pub(super) async fn run<B: Backend>(
             }
             Some(ev) = lost.recv() => {
                 c.push_lost(&ev);
+                Flow::Continue
+            }
+            Some(ev) = recv_progress(&mut c.progress) => {
+                ev.encode(c.framed.write_buffer_mut());
                 Flow::Continue
             }
             frame = c.framed.next(), if can_read => c.on_read(frame, &mut lost),
@@ -123,6 +132,16 @@ pub(super) async fn run<B: Backend>(
         c.keep_promises().await;
     }
     // Dropping `c` cancels in-flight requests; the caller closes the session.
+}
+
+/// The next progress event, or never if no rotation ever ran here.
+async fn recv_progress(
+    progress: &mut Option<(mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>)>,
+) -> Option<Event> {
+    match progress {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<B: Backend> Conn<B> {
@@ -153,6 +172,14 @@ impl<B: Backend> Conn<B> {
         if safe_ms.is_some() {
             while let Some(ev) = lost.try_recv() {
                 self.push_lost(&ev);
+            }
+        }
+        // A rotation's progress goes out before its answer (PROTOCOL.md §2.4).
+        if resp.opcode == Opcode::Rotate as u8
+            && let Some((_, rx)) = &mut self.progress
+        {
+            while let Ok(ev) = rx.try_recv() {
+                ev.encode(self.framed.write_buffer_mut());
             }
         }
         if let Some(ms) = safe_ms.filter(|&ms| ms != u32::MAX) {
@@ -301,6 +328,7 @@ impl<B: Backend> Conn<B> {
                     confirm_ms: (version >= 2).then(|| confirm_ms(&self.shared)),
                 });
                 self.ctx.reports_safe = version >= 2;
+                self.ctx.reports_drain = version >= 2;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
             (false, _) => {
@@ -309,6 +337,22 @@ impl<B: Backend> Conn<B> {
             (true, Request::Hello(_)) => {
                 reply_err(Status::BadRequest, "HELLO was already done on this connection".into())
                     .encode(self.framed.write_buffer_mut())
+            }
+            (true, Request::Rotate(r)) => {
+                let ctx = self.ctx.clone();
+                let (request_id, opcode) = (header.request_id, header.opcode);
+                let tx = self.progress.get_or_insert_with(mpsc::unbounded_channel).0.clone();
+                let fut: Pending = Box::pin(async move {
+                    let progress = move |progress| {
+                        // The connection may be closing; progress is advisory.
+                        let _ = tx.send(Event::RotateProgress { request_id, progress });
+                    };
+                    match rotate(&ctx, r, &progress).await {
+                        Ok(body) => Response::ok(request_id, body),
+                        Err(e) => Response::error(request_id, opcode, e.status, e.message),
+                    }
+                });
+                self.inflight.push(fut);
             }
             (true, req) => {
                 let ctx = self.ctx.clone();

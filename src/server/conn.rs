@@ -50,6 +50,8 @@ pub(super) async fn serve<B: Backend>(
     let _open = OpenConnection::count(&shared.stats);
     let ctx = RequestContext {
         reports_safe: false,
+        // Text has no versions: it always shows a draining kind's progress.
+        reports_drain: !binary,
         engine: shared.engine.clone(),
         session: session.clone(),
     };

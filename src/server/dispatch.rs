@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use clastor_protocol::{AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Status, VersionInfo};
+use clastor_protocol::{
+    AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Rotate, RotateOk, RotationProgress, Status,
+    VersionInfo,
+};
 
 use super::state::ServerState;
 use crate::backend::Backend;
@@ -24,6 +27,8 @@ pub(crate) struct RequestContext<B: Backend> {
     /// The connection negotiated protocol version 2: grants and renewals
     /// carry `safe_ms`.
     pub(crate) reports_safe: bool,
+    /// `VERSION` replies carry a draining kind's progress (version 2, text).
+    pub(crate) reports_drain: bool,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -32,6 +37,7 @@ impl<B: Backend> Clone for RequestContext<B> {
             engine: self.engine.clone(),
             session: self.session.clone(),
             reports_safe: self.reports_safe,
+            reports_drain: self.reports_drain,
         }
     }
 }
@@ -112,11 +118,25 @@ pub(crate) async fn dispatch<B: Backend>(
             Ok(ResponseBody::Held(held.into_iter().map(held_lock).collect()))
         }
         Request::Version { kind } => {
-            let v = ctx.engine.version(&kind).await?;
+            let (v, drain) = if ctx.reports_drain {
+                ctx.engine.version_detail(&kind).await?
+            } else {
+                (ctx.engine.version(&kind).await?, None)
+            };
             Ok(ResponseBody::Version(VersionInfo {
                 version: v.version.to_string(),
                 mode: v.mode,
+                drain,
             }))
+        }
+        // The actors hand progress to the client themselves (`rotate`).
+        Request::Rotate(r) => rotate(ctx, r, &|_| {}).await,
+        Request::RotateAbort { kind } => {
+            let (v, aborted) = ctx.engine.rotate_abort(&kind).await?;
+            Ok(ResponseBody::RotateAborted {
+                version: v.version.to_string(),
+                aborted,
+            })
         }
         Request::Info => Ok(ResponseBody::Info(shared.info())),
         Request::Confirm if !ctx.reports_safe => Err(err(
@@ -127,6 +147,21 @@ pub(crate) async fn dispatch<B: Backend>(
             safe_ms: safe_ms(ctx, shared, None),
         }),
     }
+}
+
+/// Runs a `ROTATE`, handing each progress report to `progress`.
+pub(crate) async fn rotate<B: Backend>(
+    ctx: &RequestContext<B>,
+    r: Rotate,
+    progress: &(dyn Fn(RotationProgress) + Send + Sync),
+) -> Result<ResponseBody, ErrorReply> {
+    let timeout = ms(r.drain_timeout_ms);
+    let (drained, leftover) = ctx.engine.rotate(&r.kind, &r.from, &r.to, timeout, progress).await?;
+    Ok(ResponseBody::Rotated(RotateOk {
+        version: r.to,
+        drain_ms: millis_u32(drained),
+        leftover,
+    }))
 }
 
 /// Token 0 on the wire means "whichever grant this connection holds".

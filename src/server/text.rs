@@ -17,16 +17,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clastor_protocol::text::{self, Command, MAX_LINE_LEN};
-use clastor_protocol::{Event, Response, Status};
+use clastor_protocol::{Event, Request, Response, RotationProgress, Status};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::dispatch::{RequestContext, dispatch};
+use super::dispatch::{RequestContext, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
 use crate::backend::Backend;
@@ -42,6 +43,30 @@ enum Reply {
     Text(String),
     /// Send `+BYE` and close.
     Bye,
+    /// The end of a `ROTATE`, whose progress lines may have gone out.
+    Rotation { req: Request, resp: Response },
+}
+
+/// A running `ROTATE`'s progress, and whether its reply has been opened.
+struct RotationLines {
+    rx: mpsc::UnboundedReceiver<RotationProgress>,
+    started: bool,
+}
+
+impl RotationLines {
+    fn format(&mut self, p: &RotationProgress) -> String {
+        let out = text::format_rotation_progress(p, !self.started);
+        self.started = true;
+        out
+    }
+}
+
+/// The next progress of the running rotation, or never.
+async fn next_progress(rotation: &mut Option<RotationLines>) -> Option<RotationProgress> {
+    match rotation {
+        Some(r) => r.rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 pub(super) async fn run<B: Backend>(
@@ -58,14 +83,18 @@ pub(super) async fn run<B: Backend>(
     // The running command: at most one (a set only so it can sit in `select!`).
     let mut running: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut last_activity = Instant::now();
+    // The running command's progress lines, while it is a `ROTATE`.
+    let mut rotation: Option<RotationLines> = None;
     loop {
         while running.is_empty() {
             let Some(line) = queued.pop_front() else { break };
             queued_bytes -= line.len();
-            if let Some(fut) = command(&line, &ctx, shared) {
+            if let Some(fut) = command(&line, &ctx, shared, &mut rotation) {
                 running.push_back(fut);
             }
         }
+        // Events never split a multi-line reply (PROTOCOL.md §14.3).
+        let reply_open = rotation.as_ref().is_some_and(|r| r.started);
         let idle_at = cfg
             .idle_timeout
             .filter(|_| running.is_empty() && queued.is_empty() && ctx.session.held_count() == 0)
@@ -84,8 +113,21 @@ pub(super) async fn run<B: Backend>(
                     let _ = send(&mut framed, shared, text::format_bye()).await;
                     break;
                 }
+                Reply::Rotation { req, resp } => {
+                    let mut out = String::new();
+                    let mut lines = rotation.take();
+                    if let Some(r) = &mut lines {
+                        while let Ok(p) = r.rx.try_recv() {
+                            out.push_str(&r.format(&p));
+                        }
+                    }
+                    let started = lines.is_some_and(|r| r.started);
+                    out.push_str(&text::format_rotation_end(&req, &resp, started));
+                    Some(out)
+                }
             },
-            Some(ev) = lost.recv() => Some(text::format_event(&lost_event(&ev))),
+            Some(p) = next_progress(&mut rotation) => rotation.as_mut().map(|r| r.format(&p)),
+            Some(ev) = lost.recv(), if !reply_open => Some(text::format_event(&lost_event(&ev))),
             line = framed.next() => {
                 last_activity = Instant::now();
                 match line {
@@ -148,13 +190,36 @@ async fn send<B: Backend>(
 }
 
 /// Turns one line into the future of its reply; `None` for a blank line.
-fn command<B: Backend>(line: &str, ctx: &RequestContext<B>, shared: &Arc<ServerState<B>>) -> Option<Pending> {
+fn command<B: Backend>(
+    line: &str,
+    ctx: &RequestContext<B>,
+    shared: &Arc<ServerState<B>>,
+    rotation: &mut Option<RotationLines>,
+) -> Option<Pending> {
     let ready = |reply: Reply| -> Option<Pending> { Some(Box::pin(async move { reply })) };
     let stats = &shared.stats;
     match text::parse(line) {
         Ok(Command::Empty) => None,
         Ok(Command::Quit) => ready(Reply::Bye),
         Ok(Command::Help) => ready(Reply::Text(text::format_help())),
+        Ok(Command::Request(Request::Rotate(r))) => {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            *rotation = Some(RotationLines { rx, started: false });
+            let ctx = ctx.clone();
+            Some(Box::pin(async move {
+                let req = Request::Rotate(r.clone());
+                let opcode = req.opcode() as u8;
+                let progress = move |p| {
+                    let _ = tx.send(p);
+                };
+                let resp = match rotate(&ctx, r, &progress).await {
+                    Ok(body) => Response::ok(0, body),
+                    Err(e) => Response::error(0, opcode, e.status, e.message),
+                };
+                Reply::Rotation { req, resp }
+            }))
+        }
         Ok(Command::Request(req)) => {
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let ctx = ctx.clone();

@@ -14,12 +14,20 @@ use clastor_protocol::KindMode;
 use dashmap::{DashMap, DashSet};
 use futures_util::future::{join, join_all};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::error::{ZkError, ZkResult, map_err};
 use super::layout::{self, CONTAINER, Layout, PERSISTENT};
 use super::session::{MAX_ATTEMPTS, ZkSession};
 use crate::backend::{BackendError, KindVersion};
+
+/// Sleeps until `at`, or forever when there is no such instant.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Bounds of the caches: cleared when full (cheap, and a miss only costs a
 /// pipelined request or a read).
@@ -117,7 +125,7 @@ impl Kinds {
 
     /// Creates the root, provider and kind nodes and the version node (as
     /// `v1`/normal) where missing, pipelined.
-    async fn ensure_kind(&self, session: &ZkSession, kind: &str) -> Result<(), BackendError> {
+    pub(super) async fn ensure_kind(&self, session: &ZkSession, kind: &str) -> Result<(), BackendError> {
         let layout = &self.layout;
         let (kind_path, version_path) = (layout.kind_path(kind), layout.version_path(kind));
         let (kind_path, version_path) = (kind_path.as_str(), version_path.as_str());
@@ -223,6 +231,12 @@ impl Kinds {
     /// Waits until the kind is back to normal mode (a rotation finished or
     /// aborted); `None` at the deadline.
     ///
+    /// A drain whose deadline has passed while nobody holds the kind's
+    /// rotation claim (its driver was killed, or its server died) is aborted
+    /// here, back to normal on the version it drained — conditioned on the
+    /// version node's data version, so it cannot undo a switch or a resume
+    /// that got there first.
+    ///
     /// # Errors
     /// As [`Kinds::read_version`], and [`ZkSession::gone`] if the session is
     /// lost while waiting.
@@ -238,7 +252,7 @@ impl Kinds {
             let watched = session
                 .retry(|c| async move { c.get_and_watch_data(node).await })
                 .await?;
-            let (data, _, watcher) = match watched {
+            let (data, stat, watcher) = match watched {
                 Ok(found) => found,
                 Err(ZkError::NoNode) if Instant::now() < deadline => {
                     self.ensure_kind(session, kind).await?;
@@ -247,16 +261,57 @@ impl Kinds {
                 Err(ZkError::NoNode) => return Ok(None),
                 Err(e) => return Err(map_err("watch version node", e)),
             };
+            let stat = stat.version;
             let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
             self.remember(kind, &v);
             if v.mode == KindMode::Normal {
                 return Ok(Some(v));
             }
             debug!(%kind, version = %v.version, "kind is draining; waiting");
+            let changed = watcher.changed();
+            tokio::pin!(changed);
+            let abandoned_at = v.drain_left().map(|left| Instant::now() + left);
             tokio::select! {
-                _ = watcher.changed() => {}
+                _ = &mut changed => continue,
                 () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = sleep_until_or_never(abandoned_at) => {}
                 () = session.retired() => return Err(session.gone()),
+            }
+            // The drain deadline passed: abort it unless a driver is still
+            // at work (it aborts by itself; clocks may differ).
+            let claim = self.layout.rotation_path(kind);
+            let claim = claim.as_str();
+            match session
+                .retry(|c| async move { c.check_and_watch_stat(claim).await })
+                .await?
+                .map_err(|e| map_err("check rotation claim", e))?
+            {
+                (None, _) => {
+                    let normal = KindVersion::normal(v.version.clone());
+                    let bytes = layout::encode_version(&normal);
+                    let bytes = bytes.as_slice();
+                    let expected = stat;
+                    match session
+                        .retry(|c| async move { c.set_data(node, bytes, Some(expected)).await })
+                        .await?
+                    {
+                        Ok(_) => {
+                            warn!(%kind, version = %v.version, "drain deadline passed with no rotation driving it; aborted it");
+                            self.remember(kind, &normal);
+                        }
+                        // Someone changed it first (or our write went through
+                        // and its reply was lost): read again.
+                        Err(_) => {}
+                    }
+                }
+                (Some(_), claim_watch) => {
+                    tokio::select! {
+                        _ = &mut changed => {}
+                        _ = claim_watch.changed() => {}
+                        () = tokio::time::sleep_until(deadline) => return Ok(None),
+                        () = session.retired() => return Err(session.gone()),
+                    }
+                }
             }
         }
     }

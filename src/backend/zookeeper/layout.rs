@@ -22,12 +22,14 @@ use clastor_protocol::KindMode;
 use uuid::Uuid;
 use zookeeper_client::{Acls, CreateMode, CreateOptions};
 
-use crate::backend::KindVersion;
+use crate::backend::{KindVersion, RotationTarget};
 
 /// The version every kind starts with.
 pub(super) const INITIAL_VERSION: &str = "v1";
 /// Name of the per-kind node holding the current version and mode.
 pub(super) const VERSION_NODE: &str = "version";
+/// Name of the per-kind ephemeral node a rotation's driver holds (its claim).
+pub(super) const ROTATION_NODE: &str = "rotation";
 const CURATOR_PREFIX: &str = "_c_";
 const CURATOR_LOCK: &str = "lock-";
 const KAZOO_LOCK: &str = "__lock__";
@@ -95,6 +97,11 @@ impl Layout {
     /// `{base}/{kind}/version`.
     pub(super) fn version_path(&self, kind: &str) -> String {
         format!("{}/{kind}/{VERSION_NODE}", self.base)
+    }
+
+    /// `{base}/{kind}/rotation`: the running rotation's claim (ephemeral).
+    pub(super) fn rotation_path(&self, kind: &str) -> String {
+        format!("{}/{kind}/{ROTATION_NODE}", self.base)
     }
 
     /// `{base}/{kind}/{version}`: a container.
@@ -183,24 +190,29 @@ pub(super) fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
     contenders
 }
 
-/// Encodes the version node's data: `"{version}\n{mode}"`.
+/// Encodes the version node's data: `"{version}\n{mode}"`, and while
+/// draining `"\nto={to}\ndeadline_ms={unix ms}"`.
 pub(super) fn encode_version(v: &KindVersion) -> Vec<u8> {
-    format!("{}\n{}", v.version, v.mode.name()).into_bytes()
+    let mut out = format!("{}\n{}", v.version, v.mode.name());
+    if let (KindMode::Draining, Some(r)) = (v.mode, &v.rotation) {
+        out.push_str(&format!("\nto={}\ndeadline_ms={}", r.to, r.deadline_unix_ms));
+    }
+    out.into_bytes()
 }
 
 /// The data of a kind's version node when it is first created.
 pub(super) fn initial_version() -> KindVersion {
-    KindVersion {
-        version: Arc::from(INITIAL_VERSION),
-        mode: KindMode::Normal,
-    }
+    KindVersion::normal(INITIAL_VERSION)
 }
 
-/// Decodes the version node's data. A missing mode line means normal.
+/// Decodes the version node's data. A missing mode line means normal; lines
+/// after it are `key=value` pairs (unknown keys are ignored, for newer
+/// writers). A draining kind without `to` (marked by another tool) has no
+/// rotation target: nothing here aborts it on its own.
 ///
 /// # Errors
-/// A message if the data is not UTF-8, the version name is not a valid path
-/// segment, or the mode is unknown.
+/// A message if the data is not UTF-8, a version name is invalid, or the
+/// mode is unknown.
 pub(super) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
     let text = std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
     let mut lines = text.lines();
@@ -213,22 +225,38 @@ pub(super) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
         Some("draining") => KindMode::Draining,
         Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
     };
+    let (mut to, mut deadline) = (None, None);
+    for line in lines {
+        match line.trim().split_once('=') {
+            Some(("to", v)) if valid_version_name(v) => to = Some(Arc::from(v)),
+            Some(("to", v)) => return Err(format!("version node names an invalid target {v:?}")),
+            Some(("deadline_ms", v)) => {
+                deadline = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("version node has a bad deadline {v:?}"))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    let rotation = match (mode, to) {
+        (KindMode::Draining, Some(to)) => Some(RotationTarget {
+            to,
+            deadline_unix_ms: deadline.unwrap_or(u64::MAX),
+        }),
+        _ => None,
+    };
     Ok(KindVersion {
         version: Arc::from(version),
         mode,
+        rotation,
     })
 }
 
-/// A version name is one path segment that is not the version node's own name.
+/// A version name follows the protocol's rules for them (one path segment,
+/// not the name of a kind's bookkeeping node).
 pub(super) fn valid_version_name(version: &str) -> bool {
-    !version.is_empty()
-        && version.len() <= 64
-        && version != VERSION_NODE
-        && version != "."
-        && version != ".."
-        && version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    clastor_protocol::name::validate_version("version", version).is_ok()
 }
 
 #[cfg(test)]
@@ -327,6 +355,22 @@ mod tests {
         assert!(decode_version(b"").is_err());
         assert!(decode_version(b"a/b\nnormal").is_err());
         assert!(decode_version(b"v1\nweird").is_err());
+        let draining = KindVersion {
+            version: Arc::from("v1"),
+            mode: KindMode::Draining,
+            rotation: Some(RotationTarget {
+                to: Arc::from("v2"),
+                deadline_unix_ms: 1_767_000_000_000,
+            }),
+        };
+        assert_eq!(
+            encode_version(&draining),
+            b"v1\ndraining\nto=v2\ndeadline_ms=1767000000000"
+        );
+        assert_eq!(decode_version(&encode_version(&draining))?, draining);
+        assert_eq!(decode_version(b"v1\ndraining\nwho=ops")?.rotation, None);
+        assert!(decode_version(b"v1\ndraining\nto=a/b").is_err());
+        assert!(decode_version(b"rotation\nnormal").is_err());
         Ok(())
     }
 }

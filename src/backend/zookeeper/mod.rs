@@ -9,7 +9,9 @@
 //!   the one retry policy;
 //! - `pool.rs`: the sessions, picking one, the liveness supervisor;
 //! - `nodes.rs`: lock nodes being created or waited on, recovery by uuid, the guard;
-//! - `kinds.rs`: each kind's version node, parents and caches (rotation's home);
+//! - `kinds.rs`: each kind's version node, parents and caches, and the wait
+//!   of an acquire while its kind drains;
+//! - `rotation.rs`: version rotation — claim, drain, switch, clean up;
 //! - `recipe.rs`: the [`Backend`](crate::backend::Backend) implementation —
 //!   the pipelined acquire, predecessor waits, release, read paths.
 //!
@@ -21,6 +23,7 @@ mod layout;
 mod nodes;
 mod pool;
 mod recipe;
+mod rotation;
 mod session;
 
 use std::sync::Arc;

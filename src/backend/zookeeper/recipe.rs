@@ -35,7 +35,7 @@ use super::kinds::Missing;
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
+use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion, RotateOutcome, RotateRequest};
 use crate::key::LockKey;
 
 /// Longest an acquire may overrun its wait while ZooKeeper does not answer.
@@ -140,6 +140,18 @@ impl Backend for ZooKeeperBackend {
         let kind = crate::key::validate_kind(kind).map_err(|e| BackendError::Internal(e.to_string()))?;
         let session = self.pool.pick()?;
         self.kinds.read_version(&session, &kind, Missing::AssumeInitial).await
+    }
+
+    async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
+        self.rotate_kind(req).await
+    }
+
+    async fn abort_rotation(&self, kind: &Arc<str>) -> Result<(KindVersion, bool), BackendError> {
+        self.abort_kind_rotation(kind).await
+    }
+
+    async fn count_locks(&self, kind: &Arc<str>, version: &str) -> Result<u32, BackendError> {
+        self.count_kind_locks(kind, version).await
     }
 
     fn safe_until(&self, guard: &ZkGuard) -> Option<Instant> {
