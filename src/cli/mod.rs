@@ -4,6 +4,7 @@
 mod load;
 mod lock;
 mod oneshot;
+mod rotate;
 mod serve;
 mod shell;
 
@@ -40,6 +41,7 @@ enum Command {
     Held(oneshot::HeldArgs),
     Version(oneshot::VersionArgs),
     Info(oneshot::InfoArgs),
+    Rotate(rotate::RotateArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -56,6 +58,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Held(args) => oneshot::held(args),
         Command::Version(args) => oneshot::version(args),
         Command::Info(args) => oneshot::info(args),
+        Command::Rotate(args) => rotate::run(args),
     }
 }
 

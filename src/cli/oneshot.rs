@@ -29,7 +29,7 @@ status), or a --hold wait was interrupted; 2 invalid command line; 3 cannot conn
 pub(crate) struct OutputOpt {
     /// Print JSON (one object per line) instead of text.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 /// Measure round trips to a server.
@@ -146,7 +146,7 @@ pub(crate) struct InfoArgs {
 }
 
 /// Runs `body` on a fresh connection and turns its outcome into an exit code.
-fn run_with<F, Fut>(server: &ServerOpt, out: OutputOpt, body: F) -> ExitCode
+pub(super) fn run_with<F, Fut>(server: &ServerOpt, out: OutputOpt, body: F) -> ExitCode
 where
     F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<u8, Error>>,
@@ -470,10 +470,27 @@ pub(crate) fn version(args: VersionArgs) -> ExitCode {
             KindMode::Normal => "normal",
             KindMode::Draining => "draining",
         };
-        if out.json {
-            println!("{}", json!({ "kind": kind, "version": v.version, "mode": mode }));
-        } else {
-            println!("{kind} version={} mode={mode}", v.version);
+        match (&v.drain, out.json) {
+            (None, true) => println!("{}", json!({ "kind": kind, "version": v.version, "mode": mode })),
+            (None, false) => println!("{kind} version={} mode={mode}", v.version),
+            (Some(d), true) => println!(
+                "{}",
+                json!({
+                    "kind": kind,
+                    "version": v.version,
+                    "mode": mode,
+                    "to": d.to,
+                    "remaining": d.remaining,
+                    "left_ms": d.left_ms,
+                })
+            ),
+            (Some(d), false) => println!(
+                "{kind} version={} mode={mode} to={} remaining={} left={}",
+                v.version,
+                d.to,
+                d.remaining,
+                fmt_duration(Duration::from_millis(d.left_ms.into()))
+            ),
         }
         Ok(0)
     })
@@ -497,7 +514,7 @@ pub(crate) fn info(args: InfoArgs) -> ExitCode {
 }
 
 /// `123µs`, `1.2ms`, `1.003s`.
-fn fmt_duration(d: Duration) -> String {
+pub(super) fn fmt_duration(d: Duration) -> String {
     let us = d.as_micros();
     if us < 1_000 {
         format!("{us}µs")

@@ -15,6 +15,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
+mod rotation;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,7 +113,14 @@ cases!(
     version_of_a_new_kind_is_v1_normal,
     names_are_validated,
     concurrent_holders_never_overlap_and_tokens_increase,
+    rotating_an_idle_kind_switches_it_and_tokens_keep_increasing,
+    a_rotation_drains_holders_and_queued_waiters_then_new_acquires_proceed_under_the_new_version,
+    a_drain_that_times_out_aborts_back_to_normal_with_nothing_lost,
+    rotations_are_refused_unless_from_is_current_and_one_at_a_time,
+    a_rotation_left_draining_resumes_or_is_aborted_by_a_waiting_acquire,
 );
+
+use self::rotation::*;
 
 static KINDS: AtomicU64 = AtomicU64::new(0);
 

@@ -210,9 +210,21 @@ impl ZooKeeperBackend {
             }
             let dir = self.kinds.layout().lock_dir(kind, &version.version, key.id());
             let mut pending = PendingNode::new(&session, dir);
-            let created = self
+            let created = match self
                 .create_round(&session, kind, &version, &mut pending, data.as_bytes())
-                .await?;
+                .await?
+            {
+                Round::Created(created) => created,
+                Round::Moved(seen) => {
+                    // The directory is gone because the kind moved on (a
+                    // rotation deleted it): follow it rather than create the
+                    // old directory again.
+                    debug!(%key, from = %version.version, to = %seen.version, mode = seen.mode.name(), "kind version changed; following it");
+                    self.kinds.remember(kind, &seen);
+                    version = seen;
+                    continue;
+                }
+            };
             if created.seen != version {
                 // A rotation began (or finished) since we built the path: back
                 // out and follow the version node.
@@ -287,7 +299,7 @@ impl ZooKeeperBackend {
         version: &KindVersion,
         pending: &mut PendingNode,
         data: &[u8],
-    ) -> Result<Created, BackendError> {
+    ) -> Result<Round, BackendError> {
         let layout = self.kinds.layout();
         let version_path = layout.version_path(kind);
         let version_dir = layout.version_dir(kind, &version.version);
@@ -331,15 +343,21 @@ impl ZooKeeperBackend {
                         Ok(children) => children,
                         Err(_) => list_children(session, pending.dir()).await?,
                     };
-                    return Ok(Created {
+                    return Ok(Round::Created(Created {
                         czxid: stat.czxid,
                         seen,
                         children,
-                    });
+                    }));
                 }
                 Err(ZkError::NoNode) => {
                     pending.mark_not_created();
                     self.kinds.forget_dir(pending.dir());
+                    if let Ok((data, _)) = &read
+                        && let Ok(seen) = layout::decode_version(data)
+                        && seen != *version
+                    {
+                        return Ok(Round::Moved(seen));
+                    }
                     if dir_known {
                         // Reaped since we saw it: create it with the node.
                         dir_known = false;
@@ -354,7 +372,7 @@ impl ZooKeeperBackend {
                 Err(e) if connection_broke(&e) => {
                     if let Some(created) = nodes::recover(session, &version_path, pending).await? {
                         self.kinds.remember_dir(pending.dir());
-                        return Ok(created);
+                        return Ok(Round::Created(created));
                     }
                 }
                 Err(e) => {
@@ -372,6 +390,15 @@ impl ZooKeeperBackend {
             pending.dir()
         )))
     }
+}
+
+/// How a create round ended.
+enum Round {
+    /// Our node exists (see [`Created`]).
+    Created(Created),
+    /// No node was made: the lock directory is gone and the kind's version
+    /// node, read in the same round, says the kind moved on.
+    Moved(KindVersion),
 }
 
 /// Lists a lock directory (a missing one is empty).
