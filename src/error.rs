@@ -36,11 +36,12 @@ pub enum LockError {
     /// The backend lost the grant before the acquire could complete.
     #[error("lock lost while being acquired ({})", .0.name())]
     LostDuringAcquire(LostReason),
-    /// A rotation was not started (the message says why).
-    #[error("rotation refused: {0}")]
+    /// A rotation was not started (the message says why; the status names
+    /// the outcome).
+    #[error("{0}")]
     RotationRefused(String),
     /// A rotation gave up; the kind is normal on its old version.
-    #[error("rotation aborted: {0}")]
+    #[error("{0}")]
     RotationAborted(String),
     /// The backend failed.
     #[error(transparent)]

@@ -533,3 +533,146 @@ async fn a_frozen_follower_s_holders_are_told_before_anyone_is_granted() {
     );
     zk.thaw(follower).unwrap();
 }
+
+/// Runs `clastor rotate ARGS --server ADDR --json` to the end: its exit
+/// status and the JSON lines it printed.
+async fn rotate_cli(addr: SocketAddr, args: &[&str]) -> (std::process::ExitStatus, Vec<serde_json::Value>) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .arg("rotate")
+        .args(args)
+        .args(["--server", &addr.to_string(), "--json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (out.status, lines)
+}
+
+/// Rotation as operators run it, with `clastor rotate`, through faults: a
+/// rotation started while the server holding a lock of the kind is frozen
+/// completes once ZooKeeper expires that server's session (its holder hears
+/// of it first); a rotation tool killed mid-drain leaves the kind draining,
+/// and running it again resumes and completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_survives_a_frozen_server_and_a_killed_tool() {
+    let (_zk, x, y) = two_servers_on_zookeeper("4s");
+
+    // A lock of the kind held through X; then X freezes.
+    let holder = clastor_client::Client::builder(x.addr)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let frozen_guard = holder
+        .lock("rot", "held-on-x")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    send_signal(x.child.id(), "STOP");
+    // Through Y: refused while X holds, as expected.
+    let (status, lines) = rotate_cli(y.addr, &["rot", "v2", "v3"]).await;
+    assert_eq!(status.code(), Some(1), "{lines:?}");
+    assert!(lines[0]["error"]["status"] == "ROTATION_REFUSED", "{lines:?}");
+    let started = tokio::time::Instant::now();
+    let (status, lines) = rotate_cli(y.addr, &["rot", "v1", "v2", "--drain-timeout", "40s"]).await;
+    assert!(status.success(), "rotation did not complete: {lines:?}");
+    let first = &lines[0];
+    assert_eq!(first["status"], "PROGRESS");
+    assert_eq!(first["remaining"], 1, "the frozen server's lock is counted: {first}");
+    assert!(
+        first["holders"][0]["holder"]
+            .as_str()
+            .unwrap()
+            .contains("clastor owner="),
+        "its holder is named: {first}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["status"], "ROTATED");
+    assert_eq!(last["to"], "v2");
+    // It waited for ZooKeeper to expire X's session, and X's holder was in
+    // jeopardy by then (its safe-until ran out).
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "switched before the session expired"
+    );
+    assert!(
+        !frozen_guard.is_safe(),
+        "the frozen server's holder still believes it is safe"
+    );
+    send_signal(x.child.id(), "CONT");
+
+    // A tool killed mid-drain: the kind stays draining; a second run resumes.
+    let c = clastor_client::Client::connect(y.addr).await.unwrap();
+    let held = c.lock("rot", "held-on-y").try_acquire().await.unwrap().expect("free");
+    assert_eq!(held.version(), "v2");
+    let mut tool = tokio::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args(["rotate", "rot", "v2", "v3", "--drain-timeout", "30s", "--json"])
+        .args(["--server", &y.addr.to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(tool.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    assert!(line.contains("\"PROGRESS\""), "{line}");
+    tool.kill().await.unwrap();
+    let v = c.version("rot").await.unwrap();
+    assert_eq!((v.version.as_str(), v.mode), ("v2", clastor_client::KindMode::Draining));
+    let drain = v.drain.expect("a version 2 VERSION reports the drain");
+    assert_eq!((drain.to.as_str(), drain.remaining), ("v3", 1));
+    // New acquires wait meanwhile; the holder still holds.
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.lock("rot", "new").wait(Duration::from_secs(60)).acquire().await })
+    };
+    let y_addr = y.addr;
+    let resumed = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, lines) = rotate_cli(y_addr, &["rot", "v2", "v3", "--drain-timeout", "60s"]).await;
+            // The killed tool's server lets go of its claim a moment after.
+            let in_progress = lines.first().is_some_and(|l| {
+                l["error"]["status"] == "ROTATION_REFUSED"
+                    && l["error"]["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("in progress")
+            });
+            if !in_progress || tokio::time::Instant::now() > deadline {
+                return (status, lines);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // The resumed rotation set a new deadline (60 s, where the killed one's
+    // was 30 s) and counts the same lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while c
+        .version("rot")
+        .await
+        .unwrap()
+        .drain
+        .is_none_or(|d| d.remaining != 1 || d.left_ms < 31_000)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the rotation was not resumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!waiter.is_finished(), "granted while draining");
+    assert!(held.is_safe(), "the holder was never told to stop");
+    held.release().await.unwrap();
+    let (status, lines) = resumed.await.unwrap();
+    assert!(status.success(), "resumed rotation: {lines:?}");
+    assert_eq!(lines.last().unwrap()["to"], "v3");
+    let g = waiter.await.unwrap().unwrap().expect("granted after the switch");
+    assert_eq!(g.version(), "v3");
+    drop(y);
+    drop(x);
+}

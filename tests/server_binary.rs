@@ -11,7 +11,7 @@ use bytes::{BufMut, BytesMut};
 use clastor::EngineConfig;
 use clastor::server::ServerConfig;
 use clastor_protocol::{Acquire, Event, Hello, LockMode, LostReason, Opcode, Request, ResponseBody, Status};
-use support::{Incoming, Raw, Text, start, start_default};
+use support::{Incoming, Raw, Text, start, start_default, try_acquire_request};
 
 fn acquire(kind: &str, id: &str, wait_ms: u32, lease_ms: u32) -> Request {
     Request::Acquire(Acquire {
@@ -802,4 +802,59 @@ async fn on_shutdown_a_holder_that_does_not_leave_keeps_its_locks_until_its_prom
     );
     shutdown.await.unwrap();
     drop(raw);
+}
+
+/// `ROTATE` over the binary form: `ROTATE_PROGRESS` events carry the
+/// request's id and come before its response; `ROTATE_ABORT` ends it.
+#[tokio::test]
+async fn rotate_sends_progress_events_with_its_request_id_then_answers() {
+    use clastor_protocol::{KindMode, Rotate, RotationPhase};
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let (mut holder, _) = Raw::hello(addr).await;
+    let granted = holder.call(try_acquire_request("ledger", "acc-1", 0)).await;
+    assert!(granted.result.is_ok(), "{granted:?}");
+    let (mut admin, _) = Raw::hello(addr).await;
+    let id = admin
+        .send(&Request::Rotate(Rotate {
+            kind: "ledger".into(),
+            from: "v1".into(),
+            to: "v2".into(),
+            drain_timeout_ms: 30_000,
+        }))
+        .await;
+    match admin.next().await {
+        Some(Incoming::Event(Event::RotateProgress { request_id, progress })) => {
+            assert_eq!(request_id, id);
+            assert_eq!((progress.phase, progress.remaining), (RotationPhase::Draining, 1));
+            assert_eq!(progress.holders[0].id, "acc-1");
+        }
+        other => panic!("expected progress, got {other:?}"),
+    }
+    // Version 1 connections see only version and mode.
+    let v = holder.call(Request::Version { kind: "ledger".into() }).await;
+    match v.result {
+        Ok(ResponseBody::Version(v)) => assert_eq!((v.mode, v.drain), (KindMode::Draining, None)),
+        other => panic!("{other:?}"),
+    }
+    let (mut other, _) = Raw::hello(addr).await;
+    let aborted = other.call(Request::RotateAbort { kind: "ledger".into() }).await;
+    assert_eq!(
+        aborted.result,
+        Ok(ResponseBody::RotateAborted {
+            version: "v1".into(),
+            aborted: true
+        })
+    );
+    loop {
+        match admin.next().await {
+            Some(Incoming::Event(Event::RotateProgress { request_id, .. })) => assert_eq!(request_id, id),
+            Some(Incoming::Response(r)) => {
+                assert_eq!(r.request_id, id);
+                assert_eq!(r.status(), Status::RotationAborted, "{r:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

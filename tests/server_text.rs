@@ -245,3 +245,67 @@ async fn past_the_wait_limit_an_acquire_is_tried_once() {
     assert!(once.starts_with("-TIMEOUT k busy"), "{once}");
     server.shutdown().await;
 }
+
+/// `ROTATE` streams: `+ROTATING`, progress lines naming what is left, then
+/// the end line and `.`; a refusal is one `-ERR` line; `VERSION` shows the
+/// drain; `!LOST` never splits the reply.
+#[tokio::test]
+async fn rotate_streams_progress_and_ends_with_a_dot() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let mut holder = Text::connect(addr).await;
+    let mut admin = Text::connect(addr).await;
+    assert!(
+        holder
+            .cmd("ACQUIRE ledger acc-1")
+            .await
+            .starts_with("+ACQUIRED ledger acc-1")
+    );
+    let refused = admin.cmd("ROTATE ledger v7 v8").await;
+    assert!(
+        refused.starts_with("-ERR ROTATION_REFUSED ledger is at version v1"),
+        "{refused}"
+    );
+    assert!(admin.cmd("ROTATE ledger v1 v1").await.starts_with("-ERR BAD_REQUEST"));
+    assert!(admin.cmd("ROTATE ledger v1 a/b").await.starts_with("-ERR INVALID_NAME"));
+
+    admin.send("ROTATE ledger v1 v2 30000").await;
+    let header = admin.line().await.unwrap();
+    assert!(header.starts_with("+ROTATING ledger v1 v2 left_ms="), "{header}");
+    let progress = admin.line().await.unwrap();
+    assert!(progress.starts_with("draining remaining=1 elapsed_ms="), "{progress}");
+    assert_eq!(admin.line().await.unwrap(), "  held acc-1 by this server");
+    let mut watcher = Text::connect(addr).await;
+    let v = watcher.cmd("VERSION ledger").await;
+    assert!(
+        v.starts_with("+VERSION ledger version=v1 mode=draining to=v2 remaining=1 left_ms="),
+        "{v}"
+    );
+    assert!(holder.cmd("RELEASE ledger acc-1").await.starts_with("+RELEASED"));
+    let rest = admin.block().await;
+    assert!(rest.iter().any(|l| l.starts_with("switched remaining=0")), "{rest:?}");
+    assert!(
+        rest.last().unwrap().starts_with("rotated version=v2 drain_ms="),
+        "{rest:?}"
+    );
+    assert!(
+        watcher.cmd("VERSION ledger").await == "+VERSION ledger version=v2 mode=normal",
+        "switched"
+    );
+    assert!(holder.cmd("ACQUIRE ledger acc-1").await.contains("version=v2"));
+
+    // A drain that times out ends with `failed ROTATION_ABORTED`.
+    admin.send("ROTATE ledger v2 v3 200").await;
+    assert!(admin.line().await.unwrap().starts_with("+ROTATING ledger v2 v3"));
+    let rest = admin.block().await;
+    assert!(
+        rest.last()
+            .unwrap()
+            .starts_with("failed ROTATION_ABORTED the drain did not finish"),
+        "{rest:?}"
+    );
+    assert_eq!(
+        admin.cmd("ROTATE_ABORT ledger").await,
+        "+NOT_ROTATING ledger version=v2 (nothing to abort)"
+    );
+}
