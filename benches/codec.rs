@@ -132,6 +132,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 ResponseBody::Version(VersionInfo {
                     version: "v1".into(),
                     mode: KindMode::Normal,
+                    drain: None,
                 }),
             ),
         ),

@@ -16,6 +16,9 @@ use super::{Env, LONG, PATIENCE, POLL, fresh_key, must_acquire, wait};
 /// Progress reports a rotation made, for the case to inspect.
 type Seen = Arc<Mutex<Vec<RotationProgress>>>;
 
+/// A rotation running in the background: drain time and leftover, or why not.
+type Running = tokio::task::JoinHandle<Result<(Duration, u32), LockError>>;
+
 /// Starts a rotation in the background on `engine`.
 fn spawn_rotation<B: Backend>(
     engine: &Engine<B>,
@@ -23,7 +26,7 @@ fn spawn_rotation<B: Backend>(
     from: &str,
     to: &str,
     drain: Duration,
-) -> (tokio::task::JoinHandle<Result<(Duration, u32), LockError>>, Seen) {
+) -> (Running, Seen) {
     let seen: Seen = Arc::default();
     let (engine, kind, from, to, sink) = (
         engine.clone(),

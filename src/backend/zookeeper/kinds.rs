@@ -291,17 +291,15 @@ impl Kinds {
                     let bytes = layout::encode_version(&normal);
                     let bytes = bytes.as_slice();
                     let expected = stat;
-                    match session
+                    // On failure someone changed it first (or our write went
+                    // through and its reply was lost): the loop reads again.
+                    if session
                         .retry(|c| async move { c.set_data(node, bytes, Some(expected)).await })
                         .await?
+                        .is_ok()
                     {
-                        Ok(_) => {
-                            warn!(%kind, version = %v.version, "drain deadline passed with no rotation driving it; aborted it");
-                            self.remember(kind, &normal);
-                        }
-                        // Someone changed it first (or our write went through
-                        // and its reply was lost): read again.
-                        Err(_) => {}
+                        warn!(%kind, version = %v.version, "drain deadline passed with no rotation driving it; aborted it");
+                        self.remember(kind, &normal);
                     }
                 }
                 (Some(_), claim_watch) => {
