@@ -46,9 +46,9 @@ pub(crate) struct RotateArgs {
     #[arg(required_unless_present = "abort")]
     to: Option<String>,
     /// How long the locks under FROM may take to go before the rotation is
-    /// aborted (0: the server's default, 60s).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
+    /// aborted [default: the server's, 60s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
     /// Abort KIND's rotation instead: back to normal on its current version.
     #[arg(long, conflicts_with_all = ["from", "to"])]
     abort: bool,
@@ -85,11 +85,19 @@ pub(crate) fn run(args: RotateArgs) -> ExitCode {
             return Err(Error::InvalidArgument("FROM and TO are required".into()));
         };
         if !out.json {
-            println!(
-                "rotating {kind} {from} -> {to} (drain timeout {})",
-                fmt_duration(drain_timeout)
+            let shown = drain_timeout.map_or_else(
+                || {
+                    format!(
+                        "{} (the server's default)",
+                        fmt_duration(clastor::DEFAULT_DRAIN_TIMEOUT)
+                    )
+                },
+                fmt_duration,
             );
+            println!("rotating {kind} {from} -> {to} (drain timeout {shown})");
         }
+        // Zero asks for the server's default.
+        let drain_timeout = drain_timeout.unwrap_or(Duration::ZERO);
         let show = |p: &RotationProgress| print_progress(out.json, p);
         let rotation = client.rotate(&kind, &from, &to, drain_timeout, show);
         tokio::pin!(rotation);
