@@ -1,20 +1,40 @@
 //! Resource kinds in ZooKeeper: each kind's version node (version and mode),
-//! the nodes above the lock directories, and two caches that let the hot
-//! path skip reads — the future home of version rotation.
+//! the nodes above the lock directories, two caches that let the hot path
+//! skip work, and each session's *watched* versions, which let it skip the
+//! version read.
 //!
-//! Both caches are hints. The acquire round reads the version node after its
-//! own create and backs out if the cached version was stale; a lock
-//! directory that was reaped since it was cached fails the create with
-//! `NoNode`, and is created again. Read paths never write: a missing version
-//! node reads as `v1`/normal.
+//! The caches are hints. A lock directory that was reaped since it was
+//! cached fails the create with `NoNode`, and is created again; a stale
+//! cached version is caught after the create (below). Read paths never
+//! write: a missing version node reads as `v1`/normal.
+//!
+//! **Watched versions.** An acquire must know the kind's version and mode as
+//! of its own create (the rotation argument, `rotation.rs`). The cold way is
+//! a read of the version node pipelined behind the create on the same
+//! session. The warm way costs nothing: when a session reads the version
+//! node it leaves a one-shot data watch there, and as long as that watch has
+//! not fired, the version it read is still the version — and still as of any
+//! later create on that session, because ZooKeeper delivers a session's watch
+//! events in order with its replies (a change committed before our create
+//! fires the watch, and the event reaches us before the create's reply;
+//! `zookeeper_client` hands the event to the watcher before it completes the
+//! reply, so polling the watcher once the reply is in sees it). A fired
+//! watch (a change, or the session's end) makes the next acquire read again
+//! and watch anew. One-shot watches survive reconnections (the client sets
+//! them again, and the server fires those whose node changed meanwhile).
 
 use std::sync::Arc;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use clastor_protocol::KindMode;
 use dashmap::{DashMap, DashSet};
+use futures_util::FutureExt as _;
 use futures_util::future::{join, join_all};
 use tokio::time::Instant;
 use tracing::{debug, warn};
+use zookeeper_client::{OneshotWatcher, WatchedEvent};
 
 use super::error::{ZkError, ZkResult, map_err};
 use super::layout::{self, CONTAINER, Layout, PERSISTENT};
@@ -34,22 +54,30 @@ async fn sleep_until_or_never(at: Option<Instant>) {
 const MAX_CACHED_KINDS: usize = 1024;
 const MAX_CACHED_DIRS: usize = 4096;
 
-/// What a read of a kind's version node does when the node is missing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Missing {
-    /// Create it as `v1`/normal (acquire: the node must exist before a lock
-    /// node does, so a rotation can see and drain it).
-    Create,
-    /// Answer `v1`/normal without writing (read paths).
-    AssumeInitial,
-}
-
 /// The kinds' nodes and caches, under one layout.
 #[derive(Debug)]
 pub(super) struct Kinds {
     layout: Layout,
     versions: DashMap<Arc<str>, KindVersion>,
     dirs: DashSet<String>,
+    /// Per (session id, kind): the version read with a watch still unfired.
+    watched: DashMap<(i64, Arc<str>), Watched>,
+}
+
+/// A version read with a one-shot watch that vouches for it until it fires.
+struct Watched {
+    version: KindVersion,
+    /// The watch's event, polled without waiting (behind a mutex only to be
+    /// `Sync`; it is taken under the map's shard lock anyway).
+    fired: std::sync::Mutex<Pin<Box<dyn Future<Output = WatchedEvent> + Send>>>,
+}
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `Ok` when every create made its node or found it there.
@@ -66,7 +94,72 @@ impl Kinds {
             layout,
             versions: DashMap::new(),
             dirs: DashSet::new(),
+            watched: DashMap::new(),
         }
+    }
+
+    /// The kind's version as `session`'s watch vouches for it now (see the
+    /// module docs): `None` if the session has no watch on it, or the watch
+    /// fired — then the caller reads the version node again.
+    pub(super) fn watched(&self, session: &ZkSession, kind: &Arc<str>) -> Option<KindVersion> {
+        let key = (session.session_id(), Arc::clone(kind));
+        let entry = self.watched.get(&key)?;
+        let fired = match entry.fired.lock() {
+            Ok(mut fut) => fut.as_mut().now_or_never().is_some(),
+            // A panic while polling: trust nothing.
+            Err(_) => true,
+        };
+        if fired {
+            drop(entry);
+            self.watched.remove(&key);
+            return None;
+        }
+        Some(entry.version.clone())
+    }
+
+    /// Remembers a version read with a watch on `session`.
+    pub(super) fn install(&self, session: &ZkSession, kind: &Arc<str>, version: &KindVersion, watch: OneshotWatcher) {
+        if self.watched.len() >= MAX_CACHED_KINDS {
+            // Dropping a watcher unregisters it.
+            self.watched.clear();
+        }
+        self.remember(kind, version);
+        self.watched.insert(
+            (session.session_id(), Arc::clone(kind)),
+            Watched {
+                version: version.clone(),
+                fired: std::sync::Mutex::new(Box::pin(watch.changed())),
+            },
+        );
+    }
+
+    /// Reads the kind's version node with a watch and installs it for
+    /// `session` (creating the node as `v1`/normal if the kind is new).
+    ///
+    /// # Errors
+    /// As [`Kinds::read_version`].
+    pub(super) async fn read_and_watch(
+        &self,
+        session: &ZkSession,
+        kind: &Arc<str>,
+    ) -> Result<KindVersion, BackendError> {
+        let path = self.layout.version_path(kind);
+        let node = path.as_str();
+        for _ in 0..MAX_ATTEMPTS {
+            match session
+                .retry(|c| async move { c.get_and_watch_data(node).await })
+                .await?
+            {
+                Ok((data, _, watch)) => {
+                    let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                    self.install(session, kind, &v, watch);
+                    return Ok(v);
+                }
+                Err(ZkError::NoNode) => self.ensure_kind(session, kind).await?,
+                Err(e) => return Err(map_err("read version node", e)),
+            }
+        }
+        Err(BackendError::Unavailable(format!("could not read {path}")))
     }
 
     pub(super) fn layout(&self) -> &Layout {
@@ -187,30 +280,26 @@ impl Kinds {
         )))
     }
 
-    /// The kind's version for an acquire: cached, or read (creating the
-    /// version node if the kind is new).
+    /// The kind's version for an acquire: as this session's watch vouches
+    /// for it, or cached, or read with a watch (creating the version node if
+    /// the kind is new).
     ///
     /// # Errors
     /// As [`Kinds::read_version`].
     pub(super) async fn for_acquire(&self, session: &ZkSession, kind: &Arc<str>) -> Result<KindVersion, BackendError> {
-        match self.cached(kind) {
-            Some(v) => Ok(v),
-            None => self.read_version(session, kind, Missing::Create).await,
+        if let Some(v) = self.watched(session, kind).or_else(|| self.cached(kind)) {
+            return Ok(v);
         }
+        self.read_and_watch(session, kind).await
     }
 
-    /// Reads a kind's version node; if it is missing, creates it as
-    /// `v1`/normal or just answers that, per `missing`.
+    /// Reads a kind's version node, without writing anything: a missing one
+    /// reads as `v1`/normal.
     ///
     /// # Errors
     /// `Unavailable` if ZooKeeper cannot be reached; `Internal` if the node
     /// holds something unreadable.
-    pub(super) async fn read_version(
-        &self,
-        session: &ZkSession,
-        kind: &Arc<str>,
-        missing: Missing,
-    ) -> Result<KindVersion, BackendError> {
+    pub(super) async fn read_version(&self, session: &ZkSession, kind: &Arc<str>) -> Result<KindVersion, BackendError> {
         let path = self.layout.version_path(kind);
         let node = path.as_str();
         for _ in 0..MAX_ATTEMPTS {
@@ -220,8 +309,7 @@ impl Kinds {
                     self.remember(kind, &v);
                     return Ok(v);
                 }
-                Err(ZkError::NoNode) if missing == Missing::AssumeInitial => return Ok(layout::initial_version()),
-                Err(ZkError::NoNode) => self.ensure_kind(session, kind).await?,
+                Err(ZkError::NoNode) => return Ok(layout::initial_version()),
                 Err(e) => return Err(map_err("read version node", e)),
             }
         }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use self::nodes::ZkGuard;
 
-use self::kinds::{Kinds, Missing};
+use self::kinds::Kinds;
 use self::layout::Layout;
 use self::pool::{Pool, PoolConfig};
 use crate::backend::BackendError;
@@ -134,10 +134,7 @@ impl ZooKeeperBackend {
     /// [`BackendError::Unavailable`] if ZooKeeper cannot be reached.
     pub async fn lock_path(&self, key: &LockKey) -> Result<String, BackendError> {
         let session = self.pool.pick()?;
-        let v = self
-            .kinds
-            .read_version(&session, key.kind_arc(), Missing::AssumeInitial)
-            .await?;
+        let v = self.kinds.read_version(&session, key.kind_arc()).await?;
         Ok(self.kinds.layout().lock_dir(key.kind(), &v.version, key.id()))
     }
 

@@ -31,7 +31,6 @@ use zookeeper_client::{EventType, SessionState, WatchedEvent};
 
 use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
-use super::kinds::Missing;
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
@@ -139,7 +138,7 @@ impl Backend for ZooKeeperBackend {
     async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
         let kind = crate::key::validate_kind(kind).map_err(|e| BackendError::Internal(e.to_string()))?;
         let session = self.pool.pick()?;
-        self.kinds.read_version(&session, &kind, Missing::AssumeInitial).await
+        self.kinds.read_version(&session, &kind).await
     }
 
     async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
@@ -319,9 +318,18 @@ impl ZooKeeperBackend {
                     client.create(pending.dir(), &[], &CONTAINER),
                 )
             });
+            // Warm: this session's version watch vouches for the version
+            // (see `kinds`); cold: read it, leaving a watch for next time.
+            let warm = self.kinds.watched(session, kind).is_some_and(|v| v == *version);
             let create = client.create(&prefix, data, &LOCK_NODE);
-            let read = client.get_data(&version_path);
+            let read = (!warm).then(|| client.get_and_watch_data(&version_path));
             let list = client.list_children(pending.dir());
+            let read = async move {
+                match read {
+                    Some(read) => Some(read.await),
+                    None => None,
+                }
+            };
             let parents = async move {
                 if let Some(parents) = parents {
                     // `NodeExists` is the usual answer; any failure that
@@ -336,8 +344,18 @@ impl ZooKeeperBackend {
                     pending.created(format!("{prefix}{seq}"));
                     self.kinds.remember_dir(pending.dir());
                     let seen = match read {
-                        Ok((data, _)) => layout::decode_version(&data).map_err(BackendError::Internal)?,
-                        Err(_) => self.kinds.read_version(session, kind, Missing::Create).await?,
+                        // Polled now that the create's reply is in: any
+                        // change made before our create has fired the watch.
+                        None => match self.kinds.watched(session, kind) {
+                            Some(v) => v,
+                            None => self.kinds.read_and_watch(session, kind).await?,
+                        },
+                        Some(Ok((data, _, watch))) => {
+                            let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                            self.kinds.install(session, kind, &v, watch);
+                            v
+                        }
+                        Some(Err(_)) => self.kinds.read_and_watch(session, kind).await?,
                     };
                     let children = match list {
                         Ok(children) => children,
@@ -352,8 +370,21 @@ impl ZooKeeperBackend {
                 Err(ZkError::NoNode) => {
                     pending.mark_not_created();
                     self.kinds.forget_dir(pending.dir());
-                    if let Ok((data, _)) = &read
-                        && let Ok(seen) = layout::decode_version(data)
+                    let seen = match read {
+                        Some(Ok((data, _, watch))) => match layout::decode_version(&data) {
+                            Ok(v) => {
+                                self.kinds.install(session, kind, &v, watch);
+                                Some(v)
+                            }
+                            Err(_) => None,
+                        },
+                        Some(Err(_)) => None,
+                        None => match self.kinds.watched(session, kind) {
+                            Some(v) => Some(v),
+                            None => Some(self.kinds.read_and_watch(session, kind).await?),
+                        },
+                    };
+                    if let Some(seen) = seen
                         && seen != *version
                     {
                         return Ok(Round::Moved(seen));
