@@ -302,18 +302,15 @@ impl Kinds {
     pub(super) async fn read_version(&self, session: &ZkSession, kind: &Arc<str>) -> Result<KindVersion, BackendError> {
         let path = self.layout.version_path(kind);
         let node = path.as_str();
-        for _ in 0..MAX_ATTEMPTS {
-            match session.retry(|c| async move { c.get_data(node).await }).await? {
-                Ok((data, _)) => {
-                    let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
-                    self.remember(kind, &v);
-                    return Ok(v);
-                }
-                Err(ZkError::NoNode) => return Ok(layout::initial_version()),
-                Err(e) => return Err(map_err("read version node", e)),
+        match session.retry(|c| async move { c.get_data(node).await }).await? {
+            Ok((data, _)) => {
+                let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                self.remember(kind, &v);
+                Ok(v)
             }
+            Err(ZkError::NoNode) => Ok(layout::initial_version()),
+            Err(e) => Err(map_err("read version node", e)),
         }
-        Err(BackendError::Unavailable(format!("could not read {path}")))
     }
 
     /// Waits until the kind is back to normal mode (a rotation finished or
