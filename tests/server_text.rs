@@ -248,7 +248,7 @@ async fn past_the_wait_limit_an_acquire_is_tried_once() {
 
 /// `ROTATE` streams: `+ROTATING`, progress lines naming what is left, then
 /// the end line and `.`; a refusal is one `-ERR` line; `VERSION` shows the
-/// drain; `!LOST` never splits the reply.
+/// drain; a `!LOST` is not held back for the length of a drain.
 #[tokio::test]
 async fn rotate_streams_progress_and_ends_with_a_dot() {
     let (server, _) = start_default().await;
@@ -294,10 +294,23 @@ async fn rotate_streams_progress_and_ends_with_a_dot() {
     );
     assert!(holder.cmd("ACQUIRE ledger acc-1").await.contains("version=v2"));
 
-    // A drain that times out ends with `failed ROTATION_ABORTED`.
-    admin.send("ROTATE ledger v2 v3 200").await;
+    // A drain that times out ends with `failed ROTATION_ABORTED`; a lock the
+    // rotating connection itself loses meanwhile is reported at once, inside
+    // the reply.
+    assert!(
+        admin
+            .cmd("ACQUIRE other k 0 100")
+            .await
+            .starts_with("+ACQUIRED other k")
+    );
+    admin.send("ROTATE ledger v2 v3 1500").await;
     assert!(admin.line().await.unwrap().starts_with("+ROTATING ledger v2 v3"));
     let rest = admin.block().await;
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("!LOST other k token=") && l.ends_with("reason=lease_expired")),
+        "{rest:?}"
+    );
     assert!(
         rest.last()
             .unwrap()

@@ -29,10 +29,14 @@ const IDS: u64 = 6;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn start_server(zk: &ZooKeeper) -> ServerHandle {
+    start_server_with(zk, 2).await
+}
+
+async fn start_server_with(zk: &ZooKeeper, sessions: usize) -> ServerHandle {
     let backend = ZooKeeperBackend::connect(ZkConfig {
         hosts: zk.connect_string(),
         provider: PROVIDER.into(),
-        sessions: 2,
+        sessions,
         session_timeout: Duration::from_secs(6),
         ..ZkConfig::default()
     })
@@ -260,9 +264,52 @@ async fn a_completed_rotation_leaves_no_old_subtree_and_an_aborted_one_leaves_ev
         "old subtree left"
     );
     let (data, _) = raw.get_data(&format!("{base}/version")).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&data), "v2\nnormal");
+    assert_eq!(String::from_utf8_lossy(&data), "v2\nnormal\nprev=v1");
     let g = c.lock("tidy", "a").acquire().await.unwrap().unwrap();
     assert_eq!(g.version(), "v2");
     assert!(raw.check_stat(&format!("{base}/v1")).await.unwrap().is_none());
+    s1.shutdown().await;
+}
+
+/// Two rotations of one kind through one server whose pool has a single
+/// ZooKeeper session: the claim still admits only one, and neither deletes
+/// the other's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rotations_on_one_session_one_wins_the_other_is_refused() {
+    let zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
+    let s1 = start_server_with(&zk, 1).await;
+    let c = Client::connect(s1.local_addr()).await.unwrap();
+    let held = c.lock("duo", "x").acquire().await.unwrap().unwrap();
+    let first = {
+        let c = c.clone();
+        tokio::spawn(async move { c.rotate("duo", "v1", "v2", Duration::from_secs(30), |_| {}).await })
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while c.version("duo").await.unwrap().mode != clastor_client::KindMode::Draining {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for to in ["v2", "v3"] {
+        let second = c.rotate("duo", "v1", to, Duration::from_secs(30), |_| {}).await;
+        assert!(
+            matches!(&second, Err(clastor_client::Error::RotationRefused(m)) if m.contains("in progress")),
+            "{second:?}"
+        );
+    }
+    // The refused ones left the running rotation's claim alone.
+    let raw = zookeeper_client::Client::connect(&zk.connect_string()).await.unwrap();
+    let claim = format!("/locks/{PROVIDER}/duo/rotation");
+    assert!(
+        raw.check_stat(&claim).await.unwrap().is_some(),
+        "the running rotation lost its claim"
+    );
+    held.release().await.unwrap();
+    let done = first.await.unwrap().expect("the first rotation completed");
+    assert_eq!(done.version, "v2");
+    // Released before the answer: the next rotation is not refused.
+    assert!(raw.check_stat(&claim).await.unwrap().is_none(), "claim left behind");
+    c.rotate("duo", "v2", "v3", Duration::from_secs(10), |_| {})
+        .await
+        .unwrap();
     s1.shutdown().await;
 }

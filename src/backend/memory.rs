@@ -51,6 +51,11 @@ struct MemoryState {
     kinds: DashMap<Arc<str>, KindState>,
     /// How many kinds drain now: releases only look a kind up when some do.
     draining: AtomicUsize,
+    /// Read by an acquire of a kind that has no entry in `kinds` while it
+    /// queues; written by a rotation while it makes a kind's entry, so every
+    /// acquire that found none has queued (and is counted) before the kind
+    /// can be marked.
+    first_rotation: std::sync::RwLock<()>,
     /// The last token granted.
     last_token: AtomicU64,
     next_waiter: AtomicU64,
@@ -70,6 +75,7 @@ impl Default for MemoryState {
             keys: DashMap::new(),
             kinds: DashMap::new(),
             draining: AtomicUsize::new(0),
+            first_rotation: std::sync::RwLock::new(()),
             last_token: AtomicU64::new(0),
             next_waiter: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -254,9 +260,22 @@ impl Backend for MemoryBackend {
             },
         };
         let (rx, version) = loop {
-            // The kind's entry stays read-locked while the key queues (see
+            // The kind's entry stays read-locked while the key queues; a kind
+            // without one (never rotated) is covered by the gate instead (see
             // `rotation`'s lock order).
-            let kind = inner.kinds.get(key.kind());
+            let mut kind = inner.kinds.get(key.kind());
+            let gate = match kind {
+                Some(_) => None,
+                None => {
+                    let gate = inner
+                        .first_rotation
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    // A rotation may have made the entry meanwhile.
+                    kind = inner.kinds.get(key.kind());
+                    Some(gate)
+                }
+            };
             let version = match kind.as_deref().map(|k| inner.gate(k)) {
                 None => Arc::from(INITIAL_VERSION),
                 Some(KindGate::Open(version)) => version,
@@ -265,6 +284,7 @@ impl Backend for MemoryBackend {
                     abandoned_at,
                 }) => {
                     drop(kind);
+                    drop(gate);
                     if req.wait.is_zero() {
                         return Ok(None);
                     }

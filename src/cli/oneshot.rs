@@ -175,7 +175,7 @@ where
     }
 }
 
-fn report_error(out: OutputOpt, e: &Error) {
+pub(super) fn report_error(out: OutputOpt, e: &Error) {
     if out.json {
         let status = e.status().map(|s| s.name());
         println!("{}", json!({ "error": { "status": status, "message": e.to_string() } }));

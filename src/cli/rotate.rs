@@ -10,13 +10,41 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::ServerOpt;
-use super::oneshot::{OutputOpt, fmt_duration, run_with};
+use super::oneshot::{OutputOpt, fmt_duration, report_error, run_with};
+
+/// The rotation was refused or aborted: the kind is as it was.
+const EXIT_REFUSED: u8 = 1;
+/// The request itself was invalid.
+const EXIT_USAGE: u8 = 2;
+/// The connection failed.
+const EXIT_CONNECTION: u8 = 3;
+/// The rotation failed mid-way, or its answer did not come: the kind may be
+/// left draining (or switched, not yet cleaned up).
+const EXIT_UNKNOWN: u8 = 5;
+
+/// The exit status for a failed rotation, with advice where the kind's
+/// state is not known.
+fn exit_code(e: &Error, kind: &str) -> u8 {
+    match e {
+        Error::RotationRefused(_) | Error::RotationAborted(_) => EXIT_REFUSED,
+        Error::BadRequest(_) | Error::InvalidName(_) | Error::InvalidArgument(_) => EXIT_USAGE,
+        Error::Connect { .. } => EXIT_CONNECTION,
+        _ => {
+            eprintln!(
+                "clastor: the rotation of {kind} may be left half-done: check `clastor version {kind}`, then run the \
+same command again to resume it, or `clastor rotate --abort {kind}`"
+            );
+            EXIT_UNKNOWN
+        }
+    }
+}
 
 const ROTATE_EXIT_CODES: &str = "Exit status: 0 the rotation completed (or, with --abort, the kind is normal); \
 1 refused (the kind is not at <FROM>, or another rotation of it runs) or aborted (the drain timed out, \
 someone aborted it, or you pressed Ctrl-C): the kind is normal on <FROM>, nothing was lost; \
-2 invalid command line; 3 cannot connect or connection lost (the kind may be left draining: \
-run the same command again to resume, or --abort).";
+2 invalid command line or arguments (bad names, FROM = TO); 3 cannot connect; \
+5 the rotation failed mid-way, the connection was lost, or you pressed Ctrl-C twice: the kind may be \
+left draining — check `clastor version KIND`, then run the same command again to resume it, or --abort.";
 
 /// Move a kind to a new version (or abort a rotation).
 #[derive(Debug, Args)]
@@ -105,17 +133,41 @@ pub(crate) fn run(args: RotateArgs) -> ExitCode {
         let result = tokio::select! {
             r = &mut rotation => r,
             _ = interrupt.recv() => {
-                eprintln!("clastor: interrupted; aborting the rotation of {kind}");
-                // On the same client: the abort goes out while the rotation
-                // waits for its answer, which then says it was aborted.
-                let (abort, r) = tokio::join!(client.rotate_abort(&kind), &mut rotation);
-                if let Err(e) = abort {
-                    eprintln!("clastor: could not abort: {e}");
+                eprintln!("clastor: interrupted; aborting the rotation of {kind} (Ctrl-C again to leave it as it is)");
+                // On the same client, while the rotation waits for its
+                // answer (which then says it was aborted). Before the kind
+                // is marked there is nothing to abort yet: ask again.
+                let aborting = async {
+                    loop {
+                        match client.rotate_abort(&kind).await {
+                            Ok((_, true)) => return,
+                            Ok((_, false)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                            Err(e) => {
+                                eprintln!("clastor: could not abort: {e}");
+                                return std::future::pending().await;
+                            }
+                        }
+                    }
+                };
+                let rotating = async {
+                    tokio::join!(aborting, &mut rotation).1
+                };
+                tokio::select! {
+                    r = rotating => r,
+                    _ = interrupt.recv() => {
+                        eprintln!("clastor: interrupted again; leaving {kind} as it is (check `clastor version {kind}`)");
+                        return Ok(EXIT_UNKNOWN);
+                    }
                 }
-                r
             }
         };
-        let done = result?;
+        let done = match result {
+            Ok(done) => done,
+            Err(e) => {
+                report_error(out, &e);
+                return Ok(exit_code(&e, &kind));
+            }
+        };
         if out.json {
             println!(
                 "{}",

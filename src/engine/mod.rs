@@ -208,16 +208,16 @@ impl<B: Backend> Engine<B> {
             return Err(LockError::InvalidArgument(format!("from and to are both {from}")));
         }
         let max = self.inner.config.max_wait;
+        let drain_timeout = if drain_timeout.is_zero() {
+            DEFAULT_DRAIN_TIMEOUT.min(max)
+        } else {
+            drain_timeout
+        };
         if drain_timeout > max {
             return Err(LockError::InvalidArgument(format!(
                 "drain timeout {drain_timeout:?} exceeds the longest wait {max:?}"
             )));
         }
-        let drain_timeout = if drain_timeout.is_zero() {
-            DEFAULT_DRAIN_TIMEOUT
-        } else {
-            drain_timeout
-        };
         let req = RotateRequest {
             kind: &kind,
             from,

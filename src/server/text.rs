@@ -93,8 +93,6 @@ pub(super) async fn run<B: Backend>(
                 running.push_back(fut);
             }
         }
-        // Events never split a multi-line reply (PROTOCOL.md §14.3).
-        let reply_open = rotation.as_ref().is_some_and(|r| r.started);
         let idle_at = cfg
             .idle_timeout
             .filter(|_| running.is_empty() && queued.is_empty() && ctx.session.held_count() == 0)
@@ -127,7 +125,9 @@ pub(super) async fn run<B: Backend>(
                 }
             },
             Some(p) = next_progress(&mut rotation) => rotation.as_mut().map(|r| r.format(&p)),
-            Some(ev) = lost.recv(), if !reply_open => Some(text::format_event(&lost_event(&ev))),
+            // Between replies, or between a ROTATE's progress lines (which
+            // never start with `!`): a loss is never held back.
+            Some(ev) = lost.recv() => Some(text::format_event(&lost_event(&ev))),
             line = framed.next() => {
                 last_activity = Instant::now();
                 match line {

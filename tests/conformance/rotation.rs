@@ -76,6 +76,18 @@ pub(super) async fn rotating_an_idle_kind_switches_it_and_tokens_keep_increasing
     for engine in &env.engines {
         await_mode(engine, &kind, "v2", KindMode::Normal).await;
     }
+    // Sent again, it finds its own switch done: completed, nothing to do.
+    // With another `from`, it is refused.
+    env.engines[1]
+        .rotate(&kind, "v1", "v2", Duration::from_secs(10), &|_| {})
+        .await
+        .expect("the same rotation again is a completed one");
+    assert!(matches!(
+        env.engines[1]
+            .rotate(&kind, "v7", "v2", Duration::from_secs(10), &|_| {})
+            .await,
+        Err(LockError::RotationRefused(_))
+    ));
     // Through the other engine ("server") too, which cached v1.
     let (b, _) = env.session(1);
     let g = b.acquire(&key, wait(LONG)).await.unwrap().unwrap();
@@ -240,29 +252,14 @@ pub(super) async fn a_rotation_left_draining_resumes_or_is_aborted_by_a_waiting_
     let (a, _) = env.session(0);
     must_acquire(&a, &key).await;
     // The driver goes away mid-drain (its connection closed).
-    let (driver, _) = spawn_rotation(&env.engines[0], &kind, "v1", "v2", Duration::from_secs(30));
+    let (driver, _) = spawn_rotation(&env.engines[0], &kind, "v1", "v2", Duration::from_secs(20));
     await_mode(&env.engines[1], &kind, "v1", KindMode::Draining).await;
     driver.abort();
     let _ = driver.await;
     // Still draining: resumable.
     assert_eq!(env.engines[1].version(&kind).await.unwrap().mode, KindMode::Draining);
     // Resume on the other engine, and let the holder go: it completes.
-    let (resumed, _) = {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            // The old driver's claim may take a moment to go.
-            let (task, seen) = spawn_rotation(&env.engines[1], &kind, "v1", "v2", Duration::from_secs(30));
-            tokio::time::sleep(POLL).await;
-            if !task.is_finished() {
-                break (task, seen);
-            }
-            let r = task.await.unwrap();
-            assert!(
-                matches!(r, Err(LockError::RotationRefused(_))) && Instant::now() < deadline,
-                "resume failed: {r:?}"
-            );
-        }
-    };
+    let resumed = resume(&env.engines[1], &kind, "v1", "v2").await;
     assert!(a.release(&key).await.unwrap());
     resumed.await.unwrap().expect("resumed rotation completed");
     await_mode(&env.engines[0], &kind, "v2", KindMode::Normal).await;
@@ -284,4 +281,62 @@ pub(super) async fn a_rotation_left_draining_resumes_or_is_aborted_by_a_waiting_
     assert_eq!(&*g.version, "v2");
     await_mode(&env.engines[0], &kind, "v2", KindMode::Normal).await;
     assert_eq!(a.held().len(), 1, "the holder kept its lock throughout");
+}
+
+/// Resumes a rotation left draining (with a 30 s drain timeout, where the
+/// abandoned one had 20 s): sends it until it is not refused because the
+/// old driver's claim is still going, and returns once the new deadline shows.
+async fn resume<B: Backend>(engine: &Engine<B>, kind: &str, from: &str, to: &str) -> Running {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (task, _) = spawn_rotation(engine, kind, from, to, Duration::from_secs(30));
+        loop {
+            assert!(Instant::now() < deadline, "the rotation was not resumed");
+            if task.is_finished() {
+                let r = task.await.unwrap();
+                assert!(matches!(r, Err(LockError::RotationRefused(_))), "resume failed: {r:?}");
+                break;
+            }
+            let (_, drain) = engine.version_detail(kind).await.unwrap();
+            if drain.is_some_and(|d| d.left_ms > 21_000) {
+                return task;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+pub(super) async fn an_acquire_with_a_stale_view_during_the_drain_waits_and_lands_on_the_new_version<B: Backend>(
+    env: Env<B>,
+) {
+    let key = fresh_key("held");
+    let kind = key.kind().to_owned();
+    let stale_key = LockKey::new(&kind, "stale").unwrap();
+    // Engine 1 sees the kind at v1, normal, and keeps it cached.
+    let (s1, _) = env.session(1);
+    must_acquire(&s1, &stale_key).await;
+    assert!(s1.release(&stale_key).await.unwrap());
+    // Engine 0 holds a lock and rotates; only engine 0 is asked about the mode.
+    let (a, _) = env.session(0);
+    must_acquire(&a, &key).await;
+    let (rotation, _) = spawn_rotation(&env.engines[0], &kind, "v1", "v2", Duration::from_secs(20));
+    await_mode(&env.engines[0], &kind, "v1", KindMode::Draining).await;
+    // Engine 1's next acquire starts from its stale view: it must not be
+    // granted under v1 while the kind drains.
+    let fresh = LockKey::new(&kind, "fresh").unwrap();
+    let late = {
+        let (s1, fresh) = (s1.clone(), fresh.clone());
+        tokio::spawn(async move { s1.acquire(&fresh, wait(LONG)).await })
+    };
+    // Give it every chance to be (wrongly) granted: until it has at least
+    // tried under v1 and backed out, or queued nothing at all.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        assert!(!late.is_finished(), "granted while the kind drains: {:?}", late.await);
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(a.release(&key).await.unwrap());
+    rotation.await.unwrap().expect("rotation completed");
+    let g = late.await.unwrap().unwrap().expect("granted after the switch");
+    assert_eq!(&*g.version, "v2");
 }

@@ -9,10 +9,12 @@
 //! happens only once nothing of the kind is held or queued, and an abandoned
 //! drain is aborted by the first acquire that waits past its deadline.
 //!
-//! Lock order: a kind's entry in `kinds`, then a key's entry in `keys`, never
-//! the other way round. An acquire holds its kind's entry (read) while it
-//! joins the key's queue, so once a rotation has marked the kind draining
-//! (write), every acquire that saw it normal has already queued and is
+//! Lock order: the `first_rotation` gate, then a kind's entry in `kinds`,
+//! then a key's entry in `keys`, never the other way round. An acquire holds
+//! its kind's entry (read) while it joins the key's queue — or, for a kind
+//! with no entry yet, the gate (read) — so once a rotation has made the
+//! entry (under the gate, written) and marked the kind draining (the entry,
+//! written), every acquire that saw it normal has already queued and is
 //! counted by the drain.
 
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub(super) struct KindState {
     pub(super) current: KindVersion,
     /// A rotation is being driven (the claim: one driver per kind).
     driver: bool,
+    /// The version the last completed rotation switched away from.
+    previous: Option<Arc<str>>,
     /// Bumped by every change of `current` (a mark, resume, switch, abort).
     epoch: u64,
     /// Wakes acquires waiting on a draining kind (on every change of
@@ -51,6 +55,7 @@ impl KindState {
         KindState {
             current: KindVersion::normal(super::INITIAL_VERSION),
             driver: false,
+            previous: None,
             epoch: 0,
             changed: watch::Sender::new(()),
         }
@@ -196,7 +201,16 @@ impl MemoryState {
         };
         // 1. Claim, check and mark, in one step under the kind's entry.
         let (mut changed, epoch, _claim) = {
-            let mut k = self.kinds.entry(kind.clone()).or_insert_with(KindState::new);
+            let mut k = match self.kinds.get_mut(kind) {
+                Some(k) => k,
+                None => {
+                    let _gate = self
+                        .first_rotation
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    self.kinds.entry(kind.clone()).or_insert_with(KindState::new)
+                }
+            };
             if k.driver {
                 let to = k.current.rotation.as_ref().map_or("?", |r| &*r.to).to_owned();
                 return Ok(RotateOutcome::Refused(format!(
@@ -205,7 +219,7 @@ impl MemoryState {
                 )));
             }
             match (&k.current.mode, &k.current.rotation) {
-                (KindMode::Normal, _) if *k.current.version == *to => {
+                (KindMode::Normal, _) if *k.current.version == *to && k.previous.as_deref() == Some(from) => {
                     // Switched already (resuming after the switch): nothing
                     // is left to clean up in memory.
                     return Ok(RotateOutcome::Completed {
@@ -271,6 +285,7 @@ impl MemoryState {
                 remaining = self.census(kind, 0).0;
                 if remaining == 0 {
                     k.set(KindVersion::normal(Arc::from(to)));
+                    k.previous = Some(Arc::from(from));
                     self.draining.fetch_sub(1, Ordering::AcqRel);
                     drop(k);
                     let drained = started.elapsed();

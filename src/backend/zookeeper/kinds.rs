@@ -376,15 +376,20 @@ impl Kinds {
                     let bytes = layout::encode_version(&normal);
                     let bytes = bytes.as_slice();
                     let expected = stat;
-                    // On failure someone changed it first (or our write went
-                    // through and its reply was lost): the loop reads again.
-                    if session
+                    match session
                         .retry(|c| async move { c.set_data(node, bytes, Some(expected)).await })
                         .await?
-                        .is_ok()
                     {
-                        warn!(%kind, version = %v.version, "drain deadline passed with no rotation driving it; aborted it");
-                        self.remember(kind, &normal);
+                        Ok(_) => {
+                            warn!(%kind, version = %v.version, "drain deadline passed with no rotation driving it; aborted it");
+                            self.remember(kind, &normal);
+                        }
+                        // Someone changed it first (or our write went through
+                        // and its reply was lost): the loop reads again.
+                        Err(ZkError::BadVersion) => {}
+                        // Anything else (no permission to write, say) would
+                        // only repeat: give up waiting.
+                        Err(e) => return Err(map_err("abort an abandoned drain", e)),
                     }
                 }
                 (Some(_), claim_watch) => {

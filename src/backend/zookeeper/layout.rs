@@ -253,6 +253,15 @@ pub(super) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
     })
 }
 
+/// The version a completed rotation switched away from (`prev=` in a normal
+/// kind's data), if the data says.
+pub(super) fn decode_previous(data: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(data).ok()?;
+    text.lines()
+        .skip(2)
+        .find_map(|l| l.trim().strip_prefix("prev=").map(str::to_owned))
+}
+
 /// A version name follows the protocol's rules for them (one path segment,
 /// not the name of a kind's bookkeeping node).
 pub(super) fn valid_version_name(version: &str) -> bool {
@@ -371,6 +380,9 @@ mod tests {
         assert_eq!(decode_version(b"v1\ndraining\nwho=ops")?.rotation, None);
         assert!(decode_version(b"v1\ndraining\nto=a/b").is_err());
         assert!(decode_version(b"rotation\nnormal").is_err());
+        assert_eq!(decode_version(b"v2\nnormal\nprev=v1")?, KindVersion::normal("v2"));
+        assert_eq!(decode_previous(b"v2\nnormal\nprev=v1").as_deref(), Some("v1"));
+        assert_eq!(decode_previous(b"v2\nnormal"), None);
         Ok(())
     }
 }

@@ -11,12 +11,14 @@
 //! - `nodes.rs`: lock nodes being created or waited on, recovery by uuid, the guard;
 //! - `kinds.rs`: each kind's version node, parents and caches, and the wait
 //!   of an acquire while its kind drains;
+//! - `drain.rs`: a rotation's watched count of what is left under a version;
 //! - `rotation.rs`: version rotation — claim, drain, switch, clean up;
 //! - `recipe.rs`: the [`Backend`](crate::backend::Backend) implementation —
 //!   the pipelined acquire, predecessor waits, release, read paths.
 //!
 //! See DESIGN.md, "ZooKeeper backend", for the decisions behind it.
 
+mod drain;
 mod error;
 mod kinds;
 mod layout;

@@ -32,23 +32,35 @@
 //!   per acquire (a `create` inside a `multi` returns no Stat on ZooKeeper
 //!   3.8, so no czxid for the token): not worth it for an object nobody is
 //!   ever granted.
-//! - **Drain**: a census of `{kind}/{from}` (its lock directories and their
-//!   children) with a child watch on each non-empty directory, repeated when
-//!   one fires, when the version node changes (an abort) and at least every
-//!   second for progress.
+//! - **Drain**: `drain.rs` keeps a count of what is left under `{kind}/{from}`
+//!   with child watches; the switch waits for a full census that finds
+//!   nothing. Progress goes out at the start, when the count changes (at
+//!   most four times a second) and at least every second.
+//! - **Claim release**: awaited before the rotation answers (so the same
+//!   rotation sent again right after is never refused as "in progress"),
+//!   and conditional on the claim's uuid, so a driver never deletes another
+//!   driver's claim — even one on the same pooled session.
+//! - **A driver that fails** (its session lost, ZooKeeper unreachable)
+//!   tries, once, to put the kind back to normal on `from` (conditionally, as
+//!   always) before it reports the failure, so a kind is left draining only
+//!   when even that write cannot be made; then the recovery of PROTOCOL.md
+//!   applies (resume, `ROTATE_ABORT`, or the first acquire waiting past the
+//!   deadline).
+//! - **Resuming after the switch** is recognised by the `prev=` line the
+//!   switch writes into the version node, so a `ROTATE` with a mistyped
+//!   `from` is refused rather than taken for a finished rotation.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, MAX_PROGRESS_HOLDERS, RotationHolder, RotationPhase, RotationProgress};
-use futures_util::StreamExt as _;
-use futures_util::future::join_all;
-use futures_util::stream::FuturesUnordered;
+use clastor_protocol::{KindMode, RotationHolder, RotationPhase, RotationProgress};
 use tokio::time::Instant;
 use tracing::{info, warn};
-use zookeeper_client::{Acls, CreateMode, CreateOptions, OneshotWatcher, Stat};
+use uuid::Uuid;
+use zookeeper_client::{Acls, CreateMode, CreateOptions, Stat};
 
 use super::ZooKeeperBackend;
+use super::drain::{Drain, count_nodes};
 use super::error::{ZkError, map_err};
 use super::layout::{self, Layout};
 use super::session::{MAX_ATTEMPTS, ZkSession, spawn_background};
@@ -66,32 +78,159 @@ const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
 /// Passes over the old subtree before the clean-up gives up on what is left.
 const CLEANUP_PASSES: usize = 3;
 
-/// What the drain's census found under the version being drained.
-struct Census {
-    /// Children of every lock directory (holders, waiters, strays).
-    count: u32,
-    /// Up to [`MAX_PROGRESS_HOLDERS`] of them, described.
-    holders: Vec<RotationHolder>,
-    /// One child watch per non-empty directory (fires on any change there),
-    /// and one on the version directory (new lock directories).
-    watches: Vec<OneshotWatcher>,
-}
-
-/// The claim on a kind's rotation, deleted when the driver ends or is
-/// dropped.
-struct ClaimNode {
+/// The claim on a kind's rotation: an ephemeral node whose data starts with
+/// this driver's uuid.
+struct Claim {
     session: Arc<ZkSession>,
     path: String,
+    uuid: String,
+    released: bool,
 }
 
-impl Drop for ClaimNode {
+impl Claim {
+    /// Creates the claim node; `None` if another driver holds it.
+    async fn take(
+        session: &Arc<ZkSession>,
+        layout: &Layout,
+        kind: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<Claim>, BackendError> {
+        let path = layout.rotation_path(kind);
+        let uuid = Uuid::new_v4().to_string();
+        let data = format!(
+            "{uuid}\n{from} -> {to}, driven through ZooKeeper session {:#x} by {} (pid {})",
+            session.session_id(),
+            host_name(),
+            std::process::id()
+        );
+        let (node, bytes) = (path.as_str(), data.as_bytes());
+        let claim = |path| Claim {
+            session: session.clone(),
+            path,
+            uuid: uuid.clone(),
+            released: false,
+        };
+        match session
+            .retry(|c| async move { c.create(node, bytes, &CLAIM).await })
+            .await?
+        {
+            Ok(_) => Ok(Some(claim(path))),
+            // Ours only if an earlier send of this very create went through
+            // before its connection broke: the uuid says.
+            Err(ZkError::NodeExists) => match read_claim(session, node).await? {
+                Some((owner, _)) if owner == uuid => Ok(Some(claim(path))),
+                _ => Ok(None),
+            },
+            Err(e) => Err(map_err("create rotation claim", e)),
+        }
+    }
+
+    /// Deletes the claim (if it is still ours), before the rotation answers.
+    async fn release(mut self) {
+        self.released = true;
+        if let Err(e) = delete_claim(&self.session, &self.path, &self.uuid).await {
+            warn!(path = %self.path, error = %e, "could not delete the rotation claim; it goes with its session");
+        }
+    }
+}
+
+impl Drop for Claim {
+    /// A driver cancelled mid-way (its connection closed): the claim goes in
+    /// the background, retried until it is gone or its session ends.
     fn drop(&mut self) {
-        let session = self.session.clone();
-        let path = std::mem::take(&mut self.path);
+        if self.released {
+            return;
+        }
+        let (session, path, uuid) = (
+            self.session.clone(),
+            std::mem::take(&mut self.path),
+            std::mem::take(&mut self.uuid),
+        );
         spawn_background(async move {
-            if let Err(e) = super::nodes::delete_node(&session, &path).await {
-                warn!(%path, error = %e, "could not delete the rotation claim; it goes with its session");
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = delete_claim(&session, &path, &uuid).await {
+                warn!(%path, error = %e, retry_in = ?backoff, "could not delete the rotation claim; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = session.retired() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        });
+    }
+}
+
+/// Deletes the claim node at `path` if its data starts with `uuid`.
+async fn delete_claim(session: &ZkSession, path: &str, uuid: &str) -> Result<(), BackendError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let stat = match read_claim(session, path).await? {
+            Some((owner, stat)) if owner == uuid => stat,
+            // Gone, or another driver's by now.
+            _ => return Ok(()),
+        };
+        let version = stat.version;
+        match session
+            .retry(|c| async move { c.delete(path, Some(version)).await })
+            .await?
+        {
+            Ok(()) | Err(ZkError::NoNode) => return Ok(()),
+            // Changed under us: look again.
+            Err(ZkError::BadVersion) => {}
+            Err(e) => return Err(map_err("delete rotation claim", e)),
+        }
+    }
+    Err(BackendError::Unavailable(format!("could not delete {path}")))
+}
+
+/// The claim at `path`: its owner's uuid (first line) and Stat; `None` if
+/// there is none.
+async fn read_claim(session: &ZkSession, path: &str) -> Result<Option<(String, Stat)>, BackendError> {
+    match session.retry(|c| async move { c.get_data(path).await }).await? {
+        Ok((data, stat)) => {
+            let text = String::from_utf8_lossy(&data);
+            Ok(Some((text.lines().next().unwrap_or_default().to_owned(), stat)))
+        }
+        Err(ZkError::NoNode) => Ok(None),
+        Err(e) => Err(map_err("read rotation claim", e)),
+    }
+}
+
+/// Who holds a kind's rotation claim, for a refusal.
+async fn describe_claim(session: &ZkSession, path: &str) -> String {
+    match session.retry(|c| async move { c.get_data(path).await }).await {
+        Ok(Ok((data, _))) => {
+            let text = String::from_utf8_lossy(&data);
+            text.split_once('\n')
+                .map_or_else(|| text.to_string(), |(_, rest)| rest.to_owned())
+        }
+        _ => "its driver could not be read".to_owned(),
+    }
+}
+
+/// One rotation being driven: what it needs at every step.
+struct Driver<'a> {
+    session: &'a Arc<ZkSession>,
+    kind: &'a Arc<str>,
+    from: &'a str,
+    to: &'a str,
+    version_path: String,
+    started: Instant,
+    deadline: Instant,
+    progress: &'a (dyn Fn(RotationProgress) + Send + Sync),
+}
+
+impl Driver<'_> {
+    fn report(&self, phase: RotationPhase, remaining: u32, holders: Vec<RotationHolder>) {
+        (self.progress)(RotationProgress {
+            kind: self.kind.to_string(),
+            from: self.from.to_owned(),
+            to: self.to.to_owned(),
+            phase,
+            remaining,
+            elapsed_ms: millis(self.started.elapsed()),
+            left_ms: millis(self.deadline.saturating_duration_since(Instant::now())),
+            holders,
         });
     }
 }
@@ -99,38 +238,37 @@ impl Drop for ClaimNode {
 impl ZooKeeperBackend {
     /// [`Backend::rotate`](crate::backend::Backend::rotate) on ZooKeeper.
     pub(super) async fn rotate_kind(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
-        let RotateRequest {
-            kind,
-            from,
-            to,
-            drain_timeout,
-            progress,
-        } = req;
         let session = self.pool.pick()?;
         let layout = self.kinds.layout();
-        let version_path = layout.version_path(kind);
-        self.kinds.ensure_kind(&session, kind).await?;
+        self.kinds.ensure_kind(&session, req.kind).await?;
         // 1. Claim.
-        let Some(claim) = claim(&session, layout, kind, from, to).await? else {
-            let by = read_claim(&session, &layout.rotation_path(kind)).await;
+        let Some(claim) = Claim::take(&session, layout, req.kind, req.from, req.to).await? else {
+            let by = describe_claim(&session, &layout.rotation_path(req.kind)).await;
             return Ok(RotateOutcome::Refused(format!(
-                "another rotation of {kind} is in progress ({by})"
+                "another rotation of {} is in progress ({by})",
+                req.kind
             )));
         };
         let started = Instant::now();
-        let deadline = started + drain_timeout;
-        let report = |phase, remaining, holders| {
-            progress(RotationProgress {
-                kind: kind.to_string(),
-                from: from.to_owned(),
-                to: to.to_owned(),
-                phase,
-                remaining,
-                elapsed_ms: millis(started.elapsed()),
-                left_ms: millis(deadline.saturating_duration_since(Instant::now())),
-                holders,
-            });
+        let driver = Driver {
+            session: &session,
+            kind: req.kind,
+            from: req.from,
+            to: req.to,
+            version_path: layout.version_path(req.kind),
+            started,
+            deadline: started + req.drain_timeout,
+            progress: req.progress,
         };
+        let outcome = self.drive(&driver, req.drain_timeout).await;
+        claim.release().await;
+        outcome
+    }
+
+    /// Steps 2 to 5: mark, drain, switch, clean up.
+    async fn drive(&self, d: &Driver<'_>, drain_timeout: Duration) -> Result<RotateOutcome, BackendError> {
+        let (kind, from, to) = (d.kind, d.from, d.to);
+        let layout = self.kinds.layout();
         // 2. Mark draining (or resume), conditioned on what we read.
         let draining = KindVersion {
             version: Arc::from(from),
@@ -143,14 +281,13 @@ impl ZooKeeperBackend {
         };
         let mut marked = None;
         for _ in 0..MAX_ATTEMPTS {
-            let (current, stat) = read_version_node(&session, &version_path).await?;
+            let (current, stat, previous) = read_version_node(d.session, &d.version_path).await?;
             match (current.mode, &current.rotation) {
-                (KindMode::Normal, _) if *current.version == *to => {
+                (KindMode::Normal, _) if *current.version == *to && previous.as_deref() == Some(from) => {
                     // Switched already: the driver died while cleaning up.
                     info!(%kind, from, to, "resuming a rotation after its switch: cleaning up");
-                    report(RotationPhase::Switched, 0, Vec::new());
-                    let leftover = self.delete_subtree(&session, &layout.version_dir(kind, from)).await;
-                    drop(claim);
+                    d.report(RotationPhase::Switched, 0, Vec::new());
+                    let leftover = self.delete_subtree(d.session, &layout.version_dir(kind, from)).await;
                     return Ok(RotateOutcome::Completed {
                         drained: Duration::ZERO,
                         leftover,
@@ -174,48 +311,87 @@ impl ZooKeeperBackend {
                     )));
                 }
             }
-            if let Some(stat) = set_if(&session, &version_path, &draining, stat.version).await? {
+            if let Some(stat) = set_if(
+                d.session,
+                &d.version_path,
+                &layout::encode_version(&draining),
+                stat.version,
+            )
+            .await?
+            {
                 marked = Some(stat.version);
                 break;
             }
         }
-        let Some(mut data_version) = marked else {
+        let Some(data_version) = marked else {
             return Err(BackendError::Unavailable(format!(
                 "the version node of {kind} kept changing; rotation not started"
             )));
         };
         self.kinds.remember(kind, &draining);
         info!(%kind, from, to, ?drain_timeout, "rotation started: draining");
+        match self.drain_and_switch(d, drain_timeout, data_version).await {
+            Err(e) => {
+                // Leave the kind normal on `from` if we still can (and if
+                // nobody changed it since our mark).
+                let normal = layout::encode_version(&KindVersion::normal(from));
+                let undone = match self.pool.pick() {
+                    Ok(s) => set_if(&s, &d.version_path, &normal, data_version)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some(),
+                    Err(_) => false,
+                };
+                warn!(%kind, from, to, error = %e, undone, "rotation failed; {}", if undone { "the kind is back to normal" } else { "the kind may be left draining (resume it, or abort it)" });
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// Steps 3 to 5, once the kind is marked (at `data_version`).
+    async fn drain_and_switch(
+        &self,
+        d: &Driver<'_>,
+        drain_timeout: Duration,
+        data_version: i32,
+    ) -> Result<RotateOutcome, BackendError> {
+        let (session, kind, from, to) = (d.session, d.kind, d.from, d.to);
+        let from_dir = self.kinds.layout().version_dir(kind, from);
         // 3. Drain.
-        let from_dir = layout.version_dir(kind, from);
+        let mut drain = Drain::start(session, from_dir.clone()).await?;
         let mut reported: Option<(Instant, u32)> = None;
         loop {
-            let (version_watch, census) = {
-                let node = version_path.as_str();
-                let watched = session
-                    .retry(|c| async move { c.get_and_watch_data(node).await })
-                    .await?;
-                let (data, stat, watch) = watched.map_err(|e| map_err("watch version node", e))?;
-                if stat.version != data_version {
-                    let now = layout::decode_version(&data).map_err(BackendError::Internal)?;
-                    self.kinds.remember(kind, &now);
-                    return Ok(aborted_by_someone(kind, from, &now));
-                }
-                (watch, census(&session, &from_dir).await?)
-            };
-            let Census {
-                count,
-                holders,
-                watches,
-            } = census;
+            // Watch the version node too: an abort (ours or anyone's) shows there.
+            let node = d.version_path.as_str();
+            let (data, stat, version_watch) = session
+                .retry(|c| async move { c.get_and_watch_data(node).await })
+                .await?
+                .map_err(|e| map_err("watch version node", e))?;
+            if stat.version != data_version {
+                let now = layout::decode_version(&data).map_err(BackendError::Internal)?;
+                self.kinds.remember(kind, &now);
+                return Ok(aborted_by_someone(kind, from, &now));
+            }
+            let mut count = drain.remaining();
             if count == 0 {
-                break;
+                // Only a full census may conclude "empty".
+                drain.full(session).await?;
+                count = drain.remaining();
+                if count == 0 {
+                    if reported.is_none() {
+                        d.report(RotationPhase::Draining, 0, Vec::new());
+                    }
+                    break;
+                }
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= d.deadline {
                 // Back to normal on `from`, unless someone beat us to a change.
+                let holders = drain.holders(session).await;
                 let normal = KindVersion::normal(from);
-                return match set_if(&session, &version_path, &normal, data_version).await? {
+                return match set_if(session, &d.version_path, &layout::encode_version(&normal), data_version).await? {
                     Some(_) => {
                         self.kinds.remember(kind, &normal);
                         warn!(%kind, from, to, remaining = count, "drain timed out; rotation aborted");
@@ -225,7 +401,7 @@ impl ZooKeeperBackend {
                         )))
                     }
                     None => {
-                        let (now, _) = read_version_node(&session, &version_path).await?;
+                        let (now, _, _) = read_version_node(session, &d.version_path).await?;
                         Ok(aborted_by_someone(kind, from, &now))
                     }
                 };
@@ -235,35 +411,35 @@ impl ZooKeeperBackend {
                 Some((at, n)) => now - at >= PROGRESS_EVERY || (n != count && now - at >= PROGRESS_MIN_GAP),
             };
             if due {
-                report(RotationPhase::Draining, count, holders);
+                d.report(RotationPhase::Draining, count, drain.holders(session).await);
                 reported = Some((now, count));
             }
             let next_report = reported.map_or(now, |(at, _)| at + PROGRESS_EVERY);
-            let mut fired: FuturesUnordered<_> = watches.into_iter().map(OneshotWatcher::changed).collect();
-            fired.push(version_watch.changed());
             tokio::select! {
-                _ = fired.next() => {}
-                () = tokio::time::sleep_until(next_report.min(deadline)) => {}
+                changed = drain.changed(session) => changed?,
+                _ = version_watch.changed() => {}
+                () = tokio::time::sleep_until(next_report.min(d.deadline)) => {}
                 () = session.retired() => return Err(session.gone()),
             }
         }
-        // 4. Switch: `to`, normal, if the node is still as we left it.
+        // 4. Switch: `to`, normal, if the node is still as we left it; `prev`
+        // lets a resumed rotation recognise its own switch.
         let switched = KindVersion::normal(to);
-        let Some(stat) = set_if(&session, &version_path, &switched, data_version).await? else {
-            let (now, _) = read_version_node(&session, &version_path).await?;
+        let mut data = layout::encode_version(&switched);
+        data.extend_from_slice(format!("\nprev={from}").as_bytes());
+        if set_if(session, &d.version_path, &data, data_version).await?.is_none() {
+            let (now, _, _) = read_version_node(session, &d.version_path).await?;
             return Ok(aborted_by_someone(kind, from, &now));
-        };
-        data_version = stat.version;
+        }
         self.kinds.remember(kind, &switched);
-        let drained = started.elapsed();
-        info!(%kind, from, to, ?drained, data_version, "rotation switched; deleting the old version's subtree");
-        report(RotationPhase::Switched, 0, Vec::new());
+        let drained = d.started.elapsed();
+        info!(%kind, from, to, ?drained, "rotation switched; deleting the old version's subtree");
+        d.report(RotationPhase::Switched, 0, Vec::new());
         // 5. Clean up.
-        let leftover = self.delete_subtree(&session, &from_dir).await;
+        let leftover = self.delete_subtree(session, &from_dir).await;
         if leftover > 0 {
             warn!(%kind, from, leftover, "nodes left under the old version (a foreign client still creating there?)");
         }
-        drop(claim);
         Ok(RotateOutcome::Completed { drained, leftover })
     }
 
@@ -272,7 +448,7 @@ impl ZooKeeperBackend {
         let session = self.pool.pick()?;
         let version_path = self.kinds.layout().version_path(kind);
         for _ in 0..MAX_ATTEMPTS {
-            let (current, stat) = match read_version_node(&session, &version_path).await {
+            let (current, stat, _) = match read_version_node(&session, &version_path).await {
                 Ok(found) => found,
                 // Never used: nothing to abort.
                 Err(NotFound::Missing) => return Ok((layout::initial_version(), false)),
@@ -282,7 +458,10 @@ impl ZooKeeperBackend {
                 return Ok((current, false));
             }
             let normal = KindVersion::normal(current.version.clone());
-            if set_if(&session, &version_path, &normal, stat.version).await?.is_some() {
+            if set_if(&session, &version_path, &layout::encode_version(&normal), stat.version)
+                .await?
+                .is_some()
+            {
                 self.kinds.remember(kind, &normal);
                 info!(%kind, version = %normal.version, "rotation aborted by request");
                 return Ok((normal, true));
@@ -296,91 +475,42 @@ impl ZooKeeperBackend {
     /// [`Backend::count_locks`](crate::backend::Backend::count_locks) on ZooKeeper.
     pub(super) async fn count_kind_locks(&self, kind: &Arc<str>, version: &str) -> Result<u32, BackendError> {
         let session = self.pool.pick()?;
-        let dir = self.kinds.layout().version_dir(kind, version);
-        Ok(census(&session, &dir).await?.count)
+        count_nodes(&session, &self.kinds.layout().version_dir(kind, version)).await
     }
 
     /// Deletes `dir` and everything under it (lock directories and any stray
-    /// node); returns how many nodes could not be deleted.
+    /// node), pipelined per pass; returns how many nodes could not be deleted.
     async fn delete_subtree(&self, session: &ZkSession, dir: &str) -> u32 {
         let mut left = 0;
         for _ in 0..CLEANUP_PASSES {
-            left = 0;
-            let ids = match list(session, dir).await {
-                Ok(ids) => ids,
-                Err(_) => return u32::MAX,
+            let Ok(ids) = list(session, dir).await else {
+                return u32::MAX;
             };
-            for id in ids {
-                let sub = format!("{dir}/{id}");
-                let nodes = list(session, &sub).await.unwrap_or_default();
-                let deletes = nodes.iter().map(|n| {
-                    let path = format!("{sub}/{n}");
-                    async move { super::nodes::delete_node(session, &path).await }
-                });
-                left += join_all(deletes).await.into_iter().filter(Result::is_err).count();
-                if super::nodes::delete_node(session, &sub).await.is_err() {
-                    left += 1;
-                }
-                self.kinds.forget_dir(&sub);
+            let subs: Vec<String> = ids.iter().map(|id| format!("{dir}/{id}")).collect();
+            let listings = futures_util::future::join_all(subs.iter().map(|sub| list(session, sub))).await;
+            let nodes: Vec<String> = subs
+                .iter()
+                .zip(listings)
+                .flat_map(|(sub, l)| l.unwrap_or_default().into_iter().map(move |n| format!("{sub}/{n}")))
+                .collect();
+            let deleted =
+                futures_util::future::join_all(nodes.iter().map(|n| super::nodes::delete_node(session, n))).await;
+            left = deleted.iter().filter(|r| r.is_err()).count();
+            let deleted =
+                futures_util::future::join_all(subs.iter().map(|s| super::nodes::delete_node(session, s))).await;
+            left += deleted.iter().filter(|r| r.is_err()).count();
+            for sub in &subs {
+                self.kinds.forget_dir(sub);
             }
             match session.retry(|c| async move { c.delete(dir, None).await }).await {
                 Ok(Ok(()) | Err(ZkError::NoNode)) => return 0,
                 // Something was created meanwhile (a backing-out acquire):
                 // another pass.
-                Ok(Err(ZkError::NotEmpty)) => {}
+                Ok(Err(ZkError::NotEmpty)) => left = left.max(1),
                 Ok(Err(_)) | Err(_) => left += 1,
             }
         }
-        u32::try_from(left).unwrap_or(u32::MAX).max(1)
-    }
-}
-
-/// Creates the claim node; `None` if another driver holds it.
-async fn claim(
-    session: &Arc<ZkSession>,
-    layout: &Layout,
-    kind: &str,
-    from: &str,
-    to: &str,
-) -> Result<Option<ClaimNode>, BackendError> {
-    let path = layout.rotation_path(kind);
-    let data = format!(
-        "{from} -> {to}, driven through ZooKeeper session {:#x} by {} (pid {})",
-        session.session_id(),
-        host_name(),
-        std::process::id()
-    );
-    let (node, data) = (path.as_str(), data.as_bytes());
-    match session
-        .retry(|c| async move { c.create(node, data, &CLAIM).await })
-        .await?
-    {
-        Ok(_) => Ok(Some(ClaimNode {
-            session: session.clone(),
-            path,
-        })),
-        Err(ZkError::NodeExists) => {
-            // Ours, if an earlier send of this create went through before its
-            // connection broke.
-            let stat = session.retry(|c| async move { c.check_stat(node).await }).await?;
-            match stat {
-                Ok(Some(stat)) if stat.ephemeral_owner == session.session_id() => Ok(Some(ClaimNode {
-                    session: session.clone(),
-                    path,
-                })),
-                Ok(_) => Ok(None),
-                Err(e) => Err(map_err("check rotation claim", e)),
-            }
-        }
-        Err(e) => Err(map_err("create rotation claim", e)),
-    }
-}
-
-/// Who holds a kind's rotation claim, for a refusal.
-async fn read_claim(session: &ZkSession, path: &str) -> String {
-    match session.retry(|c| async move { c.get_data(path).await }).await {
-        Ok(Ok((data, _))) => String::from_utf8_lossy(&data).into_owned(),
-        _ => "its driver could not be read".to_owned(),
+        u32::try_from(left).unwrap_or(u32::MAX)
     }
 }
 
@@ -407,40 +537,36 @@ impl From<NotFound> for BackendError {
     }
 }
 
-/// The version node's content and Stat.
-async fn read_version_node(session: &ZkSession, path: &str) -> Result<(KindVersion, Stat), NotFound> {
+/// The version node's content, Stat, and the version a switch left behind
+/// (`prev=`, absent otherwise).
+async fn read_version_node(session: &ZkSession, path: &str) -> Result<(KindVersion, Stat, Option<String>), NotFound> {
     match session.retry(|c| async move { c.get_data(path).await }).await? {
-        Ok((data, stat)) => Ok((layout::decode_version(&data).map_err(BackendError::Internal)?, stat)),
+        Ok((data, stat)) => Ok((
+            layout::decode_version(&data).map_err(BackendError::Internal)?,
+            stat,
+            layout::decode_previous(&data),
+        )),
         Err(ZkError::NoNode) => Err(NotFound::Missing),
         Err(e) => Err(NotFound::Failed(map_err("read version node", e))),
     }
 }
 
-/// Writes the version node if its data version is still `expected`; `None`
-/// if someone changed it first.
+/// Writes `data` to the version node if its data version is still
+/// `expected`; `None` if someone changed it first.
 ///
 /// A `setData` whose reply was lost may have been applied: a retry then
 /// fails with `BadVersion` although the write is ours. It is told apart by
 /// reading the node back: our exact data at `expected + 1`.
-async fn set_if(
-    session: &ZkSession,
-    path: &str,
-    to: &KindVersion,
-    expected: i32,
-) -> Result<Option<Stat>, BackendError> {
-    let data = layout::encode_version(to);
-    let bytes = data.as_slice();
+async fn set_if(session: &ZkSession, path: &str, data: &[u8], expected: i32) -> Result<Option<Stat>, BackendError> {
     match session
-        .retry(|c| async move { c.set_data(path, bytes, Some(expected)).await })
+        .retry(|c| async move { c.set_data(path, data, Some(expected)).await })
         .await?
     {
         Ok(stat) => Ok(Some(stat)),
-        Err(ZkError::BadVersion) => match read_version_node(session, path).await {
-            Ok((now, stat)) if stat.version == expected.wrapping_add(1) && layout::encode_version(&now) == data => {
-                Ok(Some(stat))
-            }
-            Ok(_) | Err(NotFound::Missing) => Ok(None),
-            Err(NotFound::Failed(e)) => Err(e),
+        Err(ZkError::BadVersion) => match session.retry(|c| async move { c.get_data(path).await }).await? {
+            Ok((now, stat)) if stat.version == expected.wrapping_add(1) && now == data => Ok(Some(stat)),
+            Ok(_) | Err(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(map_err("read version node", e)),
         },
         Err(e) => Err(map_err("write version node", e)),
     }
@@ -453,90 +579,6 @@ async fn list(session: &ZkSession, path: &str) -> Result<Vec<String>, BackendErr
         Err(ZkError::NoNode) => Ok(Vec::new()),
         Err(e) => Err(map_err("list", e)),
     }
-}
-
-/// Counts every node under the version directory `dir`, describes the first
-/// holders, and watches every non-empty lock directory (and `dir`).
-async fn census(session: &ZkSession, dir: &str) -> Result<Census, BackendError> {
-    let (ids, dir_watch) = match session
-        .retry(|c| async move { c.list_and_watch_children(dir).await })
-        .await?
-    {
-        Ok((ids, watch)) => (ids, Some(watch)),
-        Err(ZkError::NoNode) => (Vec::new(), None),
-        Err(e) => return Err(map_err("list version directory", e)),
-    };
-    // One pipelined round: every directory's children, each with a watch.
-    let listings = join_all(ids.iter().map(|id| {
-        let sub = format!("{dir}/{id}");
-        async move {
-            let path = sub.as_str();
-            let found = session
-                .retry(|c| async move { c.list_and_watch_children(path).await })
-                .await;
-            (sub, found)
-        }
-    }))
-    .await;
-    let mut census = Census {
-        count: 0,
-        holders: Vec::new(),
-        watches: dir_watch.into_iter().collect(),
-    };
-    let mut heads = Vec::new();
-    for (sub, found) in listings {
-        match found? {
-            Ok((children, watch)) if !children.is_empty() => {
-                census.count = census
-                    .count
-                    .saturating_add(u32::try_from(children.len()).unwrap_or(u32::MAX));
-                census.watches.push(watch);
-                if heads.len() < MAX_PROGRESS_HOLDERS {
-                    let contenders = layout::sorted_contenders(&children);
-                    let head = contenders.first().map_or(children[0].as_str(), |c| c.name).to_owned();
-                    heads.push((sub, head, children.len() - 1));
-                }
-            }
-            // Empty (about to be reaped), or reaped already.
-            Ok(_) | Err(ZkError::NoNode) => {}
-            Err(e) => return Err(map_err("list lock directory", e)),
-        }
-    }
-    let described = join_all(heads.iter().map(|(sub, head, _)| {
-        let path = format!("{sub}/{head}");
-        async move {
-            let path = path.as_str();
-            session.retry(|c| async move { c.get_data(path).await }).await
-        }
-    }))
-    .await;
-    for ((sub, head, waiting), found) in heads.into_iter().zip(described) {
-        let id = sub.rsplit('/').next().unwrap_or_default().to_owned();
-        let mut holder = match found {
-            Ok(Ok((data, stat))) => describe_node(&head, &data, &stat),
-            _ => head,
-        };
-        if waiting > 0 {
-            holder.push_str(&format!(" (+{waiting} waiting)"));
-        }
-        census.holders.push(RotationHolder { id, holder });
-    }
-    Ok(census)
-}
-
-/// Who made a lock node: its session and, for ours, the owner in its data.
-fn describe_node(name: &str, data: &[u8], stat: &Stat) -> String {
-    let client = if name.starts_with("_c_") {
-        match std::str::from_utf8(data) {
-            Ok(d) if d.starts_with("clastor") => d.to_owned(),
-            _ => "curator".to_owned(),
-        }
-    } else if name.contains("__lock__") || name.contains("__rlock__") {
-        "kazoo".to_owned()
-    } else {
-        format!("node {name}")
-    };
-    format!("session {:#x} {client}", stat.ephemeral_owner)
 }
 
 /// ` (held: a by x; b by y)` for an abort message.
