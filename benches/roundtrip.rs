@@ -2,7 +2,8 @@
 //! backend, loopback TCP), next to their floor: a raw tokio TCP echo of a
 //! frame of the same size, measured in the same process and runtime.
 //!
-//! One criterion group, `roundtrip`, holds the three. Before criterion runs, a
+//! One criterion group, `roundtrip`, holds them (and a two-lock transfer:
+//! `lock_many` of two keys, then release). Before criterion runs, a
 //! fixed number of sequential round trips of each is recorded in an HDR
 //! histogram and p50/p99 are printed, so figures can be quoted. The three are
 //! interleaved (one echo, one ping, one acquire+release per round, in the same
@@ -103,6 +104,18 @@ async fn acquire_release_once(client: &Client) {
     guard.release().await.unwrap();
 }
 
+/// A two-lock transfer's locking, as an application does it: both accounts
+/// in one `lock_many` (pipelined when the wait is zero), then released.
+async fn two_locks_once(client: &Client) {
+    let guard = client
+        .lock_many([("account", "alice"), ("account", "bob")])
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("uncontended");
+    guard.release().await.unwrap();
+}
+
 /// One latency histogram, in ns.
 struct Latencies(Histogram<u64>);
 
@@ -142,8 +155,10 @@ fn print_percentiles(rt: &Runtime, env: &Env, n: u64) {
             echo_once(&mut stream).await;
             ping_once(&env.client).await;
             acquire_release_once(&env.client).await;
+            two_locks_once(&env.client).await;
         }
-        let (mut echo, mut ping, mut acq) = (Latencies::new(), Latencies::new(), Latencies::new());
+        let (mut echo, mut ping, mut acq, mut two) =
+            (Latencies::new(), Latencies::new(), Latencies::new(), Latencies::new());
         for _ in 0..n {
             let start = Instant::now();
             echo_once(&mut stream).await;
@@ -154,10 +169,14 @@ fn print_percentiles(rt: &Runtime, env: &Env, n: u64) {
             let start = Instant::now();
             acquire_release_once(&env.client).await;
             acq.record(start.elapsed());
+            let start = Instant::now();
+            two_locks_once(&env.client).await;
+            two.record(start.elapsed());
         }
         echo.print("echo_floor");
         ping.print("client_ping");
         acq.print("client_acquire_release");
+        two.print("client_two_lock_transfer");
         println!(
             "ratios to the echo floor: ping p50 {:.2}x p99 {:.2}x (goal p50 1.3x); \
              acquire+release p50 {:.2}x p99 {:.2}x (goal p50 2.5x)",
@@ -190,6 +209,9 @@ fn bench(c: &mut Criterion, rt: &Runtime, env: &Env) {
     });
     g.bench_function("client_acquire_release", |b| {
         b.to_async(rt).iter(|| acquire_release_once(&env.client));
+    });
+    g.bench_function("client_two_lock_transfer", |b| {
+        b.to_async(rt).iter(|| two_locks_once(&env.client));
     });
     g.finish();
 }

@@ -716,3 +716,73 @@ async fn release_all_gives_back_every_lock_of_the_handle() {
     assert_eq!(client.release_all().await, Ok(0), "nothing left");
     server.shutdown().await;
 }
+
+/// Arrival order at one key, pinned down: tasks of one handle wait for each
+/// other on the client and join the server's queue on their turn (so a
+/// process that queued meanwhile goes first); tasks that take their own
+/// owner ([`Client::new_owner`]) queue at the server at once, in strict
+/// arrival order with everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_owners_keep_strict_arrival_order_with_other_processes() {
+    let (server, backend) = support::start_default().await;
+    let app = support::connect(&server).await;
+    let other_process = support::connect(&server).await;
+    let key = clastor::LockKey::new("fifo", "k").unwrap();
+    let queued = |n: usize| {
+        let (backend, key) = (backend.clone(), key.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            while backend.contenders(&key) != n {
+                assert!(tokio::time::Instant::now() < deadline, "never {n} contenders");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let waiter = |client: Client, name: &'static str| {
+        let tx = order_tx.clone();
+        tokio::spawn(async move {
+            let g = client
+                .lock("fifo", "k")
+                .wait(PATIENCE)
+                .acquire()
+                .await
+                .unwrap()
+                .unwrap();
+            tx.send(name).unwrap();
+            g.release().await.unwrap();
+        })
+    };
+
+    // Own owners: o1, then the other process, then o2 — served in that order.
+    let holder = app.lock("fifo", "k").acquire().await.unwrap().unwrap();
+    let o1 = waiter(app.new_owner().await.unwrap(), "o1");
+    queued(2).await;
+    let r = waiter(other_process.clone(), "other");
+    queued(3).await;
+    let o2 = waiter(app.new_owner().await.unwrap(), "o2");
+    queued(4).await;
+    holder.release().await.unwrap();
+    for t in [o1, r, o2] {
+        t.await.unwrap();
+    }
+    let got: Vec<_> = std::iter::from_fn(|| order.try_recv().ok()).collect();
+    assert_eq!(got, ["o1", "other", "o2"]);
+
+    // One shared handle: its second task waits on the client, so the other
+    // process, which queued at the server meanwhile, goes first.
+    let holder = app.lock("fifo", "k").acquire().await.unwrap().unwrap();
+    let sibling = waiter(app.clone(), "sibling");
+    // The sibling is parked on the client: still one contender at the server.
+    tokio::task::yield_now().await;
+    assert_eq!(backend.contenders(&key), 1);
+    let r = waiter(other_process, "other");
+    queued(2).await;
+    holder.release().await.unwrap();
+    for t in [sibling, r] {
+        t.await.unwrap();
+    }
+    let got: Vec<_> = std::iter::from_fn(|| order.try_recv().ok()).collect();
+    assert_eq!(got, ["other", "sibling"]);
+    server.shutdown().await;
+}

@@ -83,6 +83,28 @@ impl Client {
         ClientBuilder::new(addr)
     }
 
+    /// A new, separate **owner**: a client with the same settings and its own
+    /// connection(s), so its locks and waits are its own on the server.
+    ///
+    /// Tasks sharing one handle share its connection: when one of them holds
+    /// or is acquiring a key, another that asks for the same key waits on the
+    /// client, in arrival order among those tasks, and joins the server's
+    /// queue only when its turn comes — behind any process that queued at the
+    /// server meanwhile. That is what most applications want (no
+    /// `ALREADY_HELD`, one connection). A task that must be served in strict
+    /// arrival order with every other process, or that wants its locks to
+    /// survive the handle's other tasks' connection trouble, takes its own
+    /// owner: its acquires then queue at the server the moment they are made.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`].
+    ///
+    /// # Cancellation safety
+    /// Safe: dropping the future closes any connection made so far.
+    pub async fn new_owner(&self) -> Result<Client, Error> {
+        self.pool.cfg.clone().connect().await
+    }
+
     /// Round trip to the server; returns the time it took.
     ///
     /// # Errors

@@ -38,6 +38,13 @@
 //!   request id, replies come back in any order, and a blocked acquire never
 //!   holds up a ping. Frames queued while another is being written leave in
 //!   the same syscall.
+//! - **Tasks of one handle wait for each other.** A key another task of the
+//!   same handle holds or is acquiring is waited for, in arrival order among
+//!   those tasks, instead of failing with `ALREADY_HELD`. Such a waiter
+//!   joins the server's queue only when its turn comes, so a process that
+//!   queued at the server meanwhile goes first; a task that must keep strict
+//!   arrival order with every other process takes its own owner
+//!   ([`Client::new_owner`]).
 //! - **Locks belong to connections.** The server releases a connection's locks
 //!   when it closes, so a [`LockGuard`] stays tied to the connection that
 //!   acquired it. If that connection breaks, every guard on it reports
