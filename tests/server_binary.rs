@@ -20,6 +20,7 @@ fn acquire(kind: &str, id: &str, wait_ms: u32, lease_ms: u32) -> Request {
         wait_ms,
         lease_ms,
         mode: LockMode::Exclusive,
+        trace_id: None,
     })
 }
 
@@ -192,6 +193,7 @@ async fn malformed_bodies_get_an_error_and_the_connection_lives() {
         wait_ms: 0,
         lease_ms: 0,
         mode: LockMode::Shared,
+        trace_id: None,
     });
     assert_eq!(c.call(shared).await.status(), Status::Unsupported);
     assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));

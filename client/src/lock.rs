@@ -245,6 +245,7 @@ impl LockRequest {
             wait_ms,
             lease_ms,
             mode: LockMode::Exclusive,
+            trace_id: None,
         });
         let mut started = Instant::now();
         let exchange = async {

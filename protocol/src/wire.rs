@@ -95,6 +95,22 @@ impl Reader {
         }
     }
 
+    /// A trailing string that only some peers send (fields added by protocol
+    /// version 3 at the end of a body): `None` if the body ended, or if the
+    /// string is empty.
+    pub(crate) fn optional_string(&mut self, field: &'static str) -> Result<Option<String>, BodyError> {
+        if self.buf.has_remaining() {
+            Ok(Some(self.string(field)?).filter(|s| !s.is_empty()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whether any bytes are left.
+    pub(crate) fn has_remaining(&self) -> bool {
+        self.buf.has_remaining()
+    }
+
     /// Fails if bytes are left over: a body longer than its message is malformed.
     pub(crate) fn finish(self) -> Result<(), BodyError> {
         if self.buf.has_remaining() {

@@ -524,6 +524,7 @@ mod tests {
             version: "v1".into(),
             lease_remaining_ms: 0,
             connection_id: 7,
+            trace_id: None,
         }];
         let table = held_table(&list);
         let mut lines = table.lines();

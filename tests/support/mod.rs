@@ -230,6 +230,7 @@ pub(crate) fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Reques
         wait_ms: 0,
         lease_ms,
         mode: clastor_protocol::LockMode::Exclusive,
+        trace_id: None,
     })
 }
 
