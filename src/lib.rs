@@ -42,6 +42,9 @@ mod error;
 mod key;
 pub mod server;
 
-pub use engine::{AcquireOptions, Engine, EngineConfig, Granted, HeldInfo, LostEvent, LostEvents, Session};
+pub use engine::{
+    AcquireOptions, Engine, EngineConfig, EngineObserver, Granted, HeldInfo, HoldEnd, LostEvent, LostEvents, Session,
+    SessionInfo, WaitInfo,
+};
 pub use error::LockError;
 pub use key::{LockKey, validate_kind};

@@ -301,6 +301,7 @@ impl<B: Backend> Conn<B> {
                     confirm_ms: (version >= 2).then(|| confirm_ms(&self.shared)),
                 });
                 self.ctx.reports_safe = version >= 2;
+                self.ctx.reports_traces = version >= 3;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
             (false, _) => {

@@ -50,6 +50,8 @@ pub(super) async fn serve<B: Backend>(
     let _open = OpenConnection::count(&shared.stats);
     let ctx = RequestContext {
         reports_safe: false,
+        // The text form shows trace ids; binary connections from version 3 on.
+        reports_traces: !binary,
         engine: shared.engine.clone(),
         session: session.clone(),
     };

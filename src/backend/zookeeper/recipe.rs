@@ -35,7 +35,7 @@ use super::kinds::Missing;
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion};
+use crate::backend::{AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion};
 use crate::key::LockKey;
 
 /// Longest an acquire may overrun its wait while ZooKeeper does not answer.
@@ -152,6 +152,10 @@ impl Backend for ZooKeeperBackend {
         Some(crate::backend::zookeeper::pool::probe_interval(
             self.pool.negotiated_timeout(),
         ))
+    }
+
+    fn health(&self) -> BackendHealth {
+        self.pool.health()
     }
 
     fn info(&self) -> Vec<(String, String)> {
