@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Framed;
 
+pub(crate) mod http;
+
 /// How long a test waits for something that should happen promptly.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
