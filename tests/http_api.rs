@@ -10,9 +10,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clastor::backend::Backend;
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
-use clastor::backend::Backend;
 use clastor::server::{self, HttpConfig, ServerConfig, ServerHandle};
 use clastor::{Engine, EngineConfig};
 use clastor_testkit::ZooKeeper;
@@ -27,7 +27,9 @@ async fn start_with<B: Backend>(backend: B, http: HttpConfig) -> (ServerHandle, 
         http: Some(http),
         ..ServerConfig::default()
     };
-    let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config).await.unwrap();
+    let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config)
+        .await
+        .unwrap();
     let http = handle.http_addr().expect("the HTTP port is on");
     (handle, http)
 }
@@ -45,7 +47,11 @@ async fn client(handle: &ServerHandle) -> clastor_client::Client {
 }
 
 /// Polls `check` until it returns `Some`, failing after `within`.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(within: Duration, what: &str, mut check: impl FnMut() -> F) -> T {
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = check().await {
@@ -85,8 +91,15 @@ async fn health_and_metrics_move_with_grants_and_a_lost_lock() {
     let before = get(http, "/metrics").await;
     assert_eq!(before.status, 200);
     assert!(before.header("content-type").unwrap().starts_with("text/plain"));
-    assert!(before.body.contains("# HELP clastor_connections_open"), "{}", before.body);
-    assert_eq!(metric(&before.body, "clastor_acquires_granted_total", "kind=\"job\""), 0.0);
+    assert!(
+        before.body.contains("# HELP clastor_connections_open"),
+        "{}",
+        before.body
+    );
+    assert_eq!(
+        metric(&before.body, "clastor_acquires_granted_total", "kind=\"job\""),
+        0.0
+    );
 
     let c = client(&handle).await;
     let other = client(&handle).await;
@@ -95,11 +108,26 @@ async fn health_and_metrics_move_with_grants_and_a_lost_lock() {
     assert!(other.lock("job", "a").acquire().await.unwrap().is_none());
     a.release().await.unwrap();
     // A lease that runs out: the lock is lost.
-    let b = c.lock("job", "b").lease(Duration::from_millis(200)).acquire().await.unwrap().unwrap();
-    tokio::time::timeout(PATIENCE, b.lost()).await.expect("the lease runs out");
+    let b = c
+        .lock("job", "b")
+        .lease(Duration::from_millis(200))
+        .acquire()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, b.lost())
+        .await
+        .expect("the lease runs out");
     // Kinds past the cap (2: job, then k1) are counted under `other`.
     for kind in ["k1", "k2", "k3"] {
-        c.lock(kind, "x").acquire().await.unwrap().unwrap().release().await.unwrap();
+        c.lock(kind, "x")
+            .acquire()
+            .await
+            .unwrap()
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
     }
 
     let m = get(http, "/metrics").await.body;
@@ -134,7 +162,10 @@ async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
     assert_eq!(first.status, 200, "{first:?}");
     let first = first.json();
     assert_eq!(first["status"], "ACQUIRED");
-    assert_eq!((first["resource"].as_str(), first["resourceId"].as_str()), (Some("orders"), Some("o-1")));
+    assert_eq!(
+        (first["resource"].as_str(), first["resourceId"].as_str()),
+        (Some("orders"), Some("o-1"))
+    );
     assert_eq!(first["version"], "v1");
     assert_eq!(first["leaseMs"], 5000);
     let token1: u64 = first["token"].as_str().expect("the token is a string").parse().unwrap();
@@ -145,22 +176,33 @@ async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
     assert_eq!(busy.json()["status"], "NOT_ACQUIRED");
 
     // A second HTTP caller queues behind the first.
-    let waiter = tokio::spawn(async move { post(http, &format!("{base}/o-1/acquire?timeoutMs=10000&leaseMs=5000")).await });
+    let waiter =
+        tokio::spawn(async move { post(http, &format!("{base}/o-1/acquire?timeoutMs=10000&leaseMs=5000")).await });
     let listed: Value = eventually(PATIENCE, "the waiter is listed", || async {
         let held = get(http, "/api/v1/locks/held").await.json();
-        let lock = held["locks"].as_array()?.iter().find(|l| l["resourceId"] == "o-1")?.clone();
+        let lock = held["locks"]
+            .as_array()?
+            .iter()
+            .find(|l| l["resourceId"] == "o-1")?
+            .clone();
         (lock["waiters"].as_array()?.len() == 1).then_some(lock)
     })
     .await;
     assert_eq!(listed["token"], token1.to_string());
-    assert!(listed["holder"].as_str().unwrap().starts_with("http 127.0.0.1:"), "{listed}");
+    assert!(
+        listed["holder"].as_str().unwrap().starts_with("http 127.0.0.1:"),
+        "{listed}"
+    );
     assert!(listed["leaseRemainingMs"].as_u64().unwrap() <= 5000);
 
     // Renew needs the token.
     let renewed = post(http, &format!("{base}/o-1/renew?token={token1}&leaseMs=8000")).await;
     assert_eq!(renewed.status, 200, "{renewed:?}");
     assert_eq!(renewed.json()["status"], "RENEWED");
-    assert_eq!(code(&post(http, &format!("{base}/o-1/renew?token={}", token1 + 1)).await), "NOT_HELD");
+    assert_eq!(
+        code(&post(http, &format!("{base}/o-1/renew?token={}", token1 + 1)).await),
+        "NOT_HELD"
+    );
 
     // Release needs the token: none is a bad request, a wrong one a conflict.
     let none = post(http, &format!("{base}/o-1/release")).await;
@@ -168,11 +210,21 @@ async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
     let wrong = post(http, &format!("{base}/o-1/release?token={}", token1 + 1)).await;
     assert_eq!((wrong.status, code(&wrong).as_str()), (409, "NOT_HELD"));
     // The token may come in a JSON body too.
-    let released = request(http, "POST", &format!("{base}/o-1/release"), &[("Content-Type", "application/json")], format!("{{\"token\":\"{token1}\"}}").as_bytes()).await;
+    let released = request(
+        http,
+        "POST",
+        &format!("{base}/o-1/release"),
+        &[("Content-Type", "application/json")],
+        format!("{{\"token\":\"{token1}\"}}").as_bytes(),
+    )
+    .await;
     assert_eq!(released.status, 200, "{released:?}");
     assert_eq!(released.json()["status"], "RELEASED");
     // Releasing again is refused: the token no longer names a grant.
-    assert_eq!(post(http, &format!("{base}/o-1/release?token={token1}")).await.status, 409);
+    assert_eq!(
+        post(http, &format!("{base}/o-1/release?token={token1}")).await.status,
+        409
+    );
 
     // The waiter gets it, with a greater token.
     let second = waiter.await.unwrap();
@@ -182,14 +234,21 @@ async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
     // A binary-protocol client is excluded too.
     let c = client(&handle).await;
     assert!(c.lock("orders", "o-1").acquire().await.unwrap().is_none());
-    assert_eq!(post(http, &format!("{base}/o-1/release?token={token2}")).await.status, 200);
+    assert_eq!(
+        post(http, &format!("{base}/o-1/release?token={token2}")).await.status,
+        200
+    );
 
     // A lease that runs out: the lock goes, and its token releases nothing.
     let short = post(http, &format!("{base}/o-2/acquire?leaseMs=300")).await.json();
     let token3 = short["token"].as_str().unwrap().to_owned();
     eventually(PATIENCE, "the expired lock leaves the listing", || async {
         let held = get(http, "/api/v1/locks/held").await.json();
-        held["locks"].as_array()?.iter().all(|l| l["resourceId"] != "o-2").then_some(())
+        held["locks"]
+            .as_array()?
+            .iter()
+            .all(|l| l["resourceId"] != "o-2")
+            .then_some(())
     })
     .await;
     let late = post(http, &format!("{base}/o-2/release?token={token3}")).await;
@@ -198,11 +257,18 @@ async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
     assert_eq!(again.status, 200);
     assert!(again.json()["leaseMs"].as_u64().unwrap() > 0, "a default lease");
     let m = get(http, "/metrics").await.body;
-    assert_eq!(metric(&m, "clastor_locks_lost_total", "reason=\"lease_expired\""), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "clastor_locks_lost_total", "reason=\"lease_expired\""),
+        1.0,
+        "{m}"
+    );
 
     let version = get(http, "/api/v1/locks/orders/version").await;
     assert_eq!(version.status, 200);
-    assert_eq!((version.json()["version"].as_str(), version.json()["mode"].as_str()), (Some("v1"), Some("normal")));
+    assert_eq!(
+        (version.json()["version"].as_str(), version.json()["mode"].as_str()),
+        (Some("v1"), Some("normal"))
+    );
     let openapi = get(http, "/api/v1/openapi.json").await.json();
     assert_eq!(openapi["openapi"], "3.0.3");
     assert!(openapi["paths"]["/api/v1/locks/{kind}/{id}/acquire"]["post"].is_object());
@@ -222,18 +288,34 @@ async fn hostile_names_and_bodies_are_refused_with_json_codes() {
         ("/api/v1/locks/k/a%20b/acquire".to_owned(), 400, "INVALID_NAME"),
         ("/api/v1/locks/k/%FF%FE/acquire".to_owned(), 400, "INVALID_NAME"),
         (format!("/api/v1/locks/{long}/x/acquire"), 400, "INVALID_NAME"),
-        ("/api/v1/locks/k/x/acquire?timeoutMs=soon".to_owned(), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/locks/k/x/acquire?timeoutMs=soon".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
         ("/api/v1/locks/k/x/acquire?timeoutMs=-1".to_owned(), 400, "BAD_REQUEST"),
-        ("/api/v1/locks/k/x/acquire?timeoutMs=999999999".to_owned(), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/locks/k/x/acquire?timeoutMs=999999999".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
         ("/api/v1/locks/k/x/acquire?leaseMs=0".to_owned(), 400, "BAD_REQUEST"),
         ("/api/v1/locks/k/x/release?token=abc".to_owned(), 400, "BAD_REQUEST"),
         ("/api/v1/locks/k/x/release?token=0".to_owned(), 400, "BAD_REQUEST"),
-        ("/api/v1/locks/k/x/release?token=99999999999999999999999".to_owned(), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/locks/k/x/release?token=99999999999999999999999".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
         ("/api/v1/locks/k/x/renew".to_owned(), 400, "BAD_REQUEST"),
         ("/api/v1/nothing/here".to_owned(), 404, "UNKNOWN_OPCODE"),
     ] {
         let reply = post(http, &target).await;
-        assert_eq!((reply.status, code(&reply)), (status, want.to_owned()), "{target}: {reply:?}");
+        assert_eq!(
+            (reply.status, code(&reply)),
+            (status, want.to_owned()),
+            "{target}: {reply:?}"
+        );
     }
     let get_acquire = get(http, "/api/v1/locks/k/x/acquire").await;
     assert_eq!((get_acquire.status, code(&get_acquire).as_str()), (405, "BAD_REQUEST"));
@@ -272,9 +354,11 @@ async fn readyz_follows_a_frozen_zookeeper() {
     .await
     .expect("connect");
     let (handle, http) = start_with(backend, http_config()).await;
-    let ready = |want: u16| move || async move {
-        let r = get(http, "/readyz").await;
-        (r.status == want).then_some(r)
+    let ready = |want: u16| {
+        move || async move {
+            let r = get(http, "/readyz").await;
+            (r.status == want).then_some(r)
+        }
     };
     eventually(PATIENCE, "ready at first", ready(200)).await;
     let m = get(http, "/metrics").await.body;
@@ -284,7 +368,11 @@ async fn readyz_follows_a_frozen_zookeeper() {
     zk.freeze(0).unwrap();
     let frozen = Instant::now();
     let not_ready = eventually(Duration::from_secs(30), "503 while ZooKeeper is frozen", ready(503)).await;
-    println!("/readyz said 503 {:?} after the freeze: {}", frozen.elapsed(), not_ready.body);
+    println!(
+        "/readyz said 503 {:?} after the freeze: {}",
+        frozen.elapsed(),
+        not_ready.body
+    );
     assert_eq!(code_free_status(&not_ready), "unavailable");
     let m = get(http, "/metrics").await.body;
     assert_eq!(metric(&m, "clastor_backend_ready", ""), 0.0, "{m}");

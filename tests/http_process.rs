@@ -57,14 +57,26 @@ impl Server {
                 sink.lock().unwrap().push(line);
             }
         });
-        Server { child, addr, http, logs }
+        Server {
+            child,
+            addr,
+            http,
+            logs,
+        }
     }
 
     /// The log lines that mention `needle`, once at least `n` do.
     async fn logged(&self, needle: &str, n: usize) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let found: Vec<String> = self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect();
+            let found: Vec<String> = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
             if found.len() >= n {
                 return found;
             }
@@ -96,7 +108,13 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
     // The Rust client, per lock request.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client = clastor_client::Client::connect(server.addr).await.unwrap();
-    let guard = client.lock("transaction", "tx-traced").trace_id(trace).acquire().await.unwrap().unwrap();
+    let guard = client
+        .lock("transaction", "tx-traced")
+        .trace_id(trace)
+        .acquire()
+        .await
+        .unwrap()
+        .unwrap();
     let untraced = client.lock("transaction", "tx-plain").acquire().await.unwrap().unwrap();
 
     let mut text = Text::connect(server.addr).await;
@@ -104,13 +122,19 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
     let held = text.block().await;
     let traced_line = held.iter().find(|l| l.starts_with("transaction tx-traced ")).unwrap();
     assert!(traced_line.ends_with(&format!(" trace={trace}")), "{traced_line}");
-    assert!(held.iter().any(|l| l.starts_with("transaction tx-plain ") && !l.contains("trace=")), "{held:?}");
+    assert!(
+        held.iter()
+            .any(|l| l.starts_with("transaction tx-plain ") && !l.contains("trace=")),
+        "{held:?}"
+    );
 
     // The lines logged for the request carry the trace id as a span field.
     let lines = server.logged(trace, 2).await;
     for line in &lines {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let in_span = v["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["trace_id"] == trace))
+        let in_span = v["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["trace_id"] == trace))
             || v["span"]["trace_id"] == trace
             || v["fields"]["trace_id"] == trace;
         assert!(in_span, "the trace id is a field of the line: {line}");
@@ -136,9 +160,19 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
     assert_eq!(reply.json()["traceId"], rest_trace);
     assert!(text.cmd("HELD ALL").await.starts_with("+HELD 2"));
     let held = text.block().await;
-    assert!(held.iter().any(|l| l.starts_with("transaction tx-rest ") && l.ends_with(&format!("trace={rest_trace}"))), "{held:?}");
+    assert!(
+        held.iter()
+            .any(|l| l.starts_with("transaction tx-rest ") && l.ends_with(&format!("trace={rest_trace}"))),
+        "{held:?}"
+    );
     let listed = get(server.http, "/api/v1/locks/held").await.json();
-    let rest_lock = listed["locks"].as_array().unwrap().iter().find(|l| l["resourceId"] == "tx-rest").unwrap().clone();
+    let rest_lock = listed["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["resourceId"] == "tx-rest")
+        .unwrap()
+        .clone();
     assert_eq!(rest_lock["traceId"], rest_trace);
     server.logged(rest_trace, 2).await;
 

@@ -39,7 +39,11 @@ struct Browser {
 impl Browser {
     fn open(url: &str) -> Browser {
         let chromium = std::env::var("CLASTOR_CHROMIUM").unwrap_or_else(|_| "chromium".to_owned());
-        let found = Command::new(&chromium).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let found = Command::new(&chromium)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         assert!(
             found.is_ok_and(|s| s.success()),
             "`{chromium}` is not installed: the status page test needs a headless browser \
@@ -74,10 +78,10 @@ impl Browser {
                 buf.extend_from_slice(&chunk[..n]);
                 while let Some(end) = buf.iter().position(|&b| b == 0) {
                     let msg: Vec<u8> = buf.drain(..=end).collect();
-                    if let Ok(v) = serde_json::from_slice(&msg[..msg.len() - 1]) {
-                        if tx.send(v).is_err() {
-                            return;
-                        }
+                    if let Ok(v) = serde_json::from_slice(&msg[..msg.len() - 1])
+                        && tx.send(v).is_err()
+                    {
+                        return;
                     }
                 }
             }
@@ -111,7 +115,10 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let reply = self.replies.recv_timeout(left).unwrap_or_else(|_| panic!("no reply to {method}"));
+            let reply = self
+                .replies
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no reply to {method}"));
             if reply["id"] == id {
                 assert!(reply.get("error").is_none(), "{method}: {reply}");
                 return reply["result"].clone();
@@ -121,7 +128,10 @@ impl Browser {
 
     /// Evaluates `expression` in the page; its value (JSON).
     fn eval(&mut self, expression: &str) -> Value {
-        let r = self.call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true }));
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expression, "returnByValue": true }),
+        );
         r["result"]["value"].clone()
     }
 
@@ -133,7 +143,10 @@ impl Browser {
             if ok(&v) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "the page did not show {what} within {within:?}; it shows {v}");
+            assert!(
+                Instant::now() < deadline,
+                "the page did not show {what} within {within:?}; it shows {v}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -166,7 +179,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len() / 4 * 3);
     let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
     for chunk in bytes.chunks(4) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &c)| n | u32::from(value(c)) << (18 - 6 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | u32::from(value(c)) << (18 - 6 * i));
         let take = chunk.len().saturating_sub(1);
         out.extend_from_slice(&n.to_be_bytes()[1..=take]);
     }
@@ -194,16 +210,29 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
         http: Some(HttpConfig::new("127.0.0.1:0".parse().unwrap())),
         ..ServerConfig::default()
     };
-    let handle = server::spawn(Engine::new(MemoryBackend::new(), EngineConfig::default()), config).await.unwrap();
+    let handle = server::spawn(Engine::new(MemoryBackend::new(), EngineConfig::default()), config)
+        .await
+        .unwrap();
     let http = handle.http_addr().unwrap();
 
     // The scenario: A holds the lock, B waits for it.
     let a = clastor_client::Client::connect(handle.local_addr()).await.unwrap();
     let b = clastor_client::Client::connect(handle.local_addr()).await.unwrap();
-    let held = a.lock("transaction", "tx-page").trace_id("page-test").acquire().await.unwrap().unwrap();
+    let held = a
+        .lock("transaction", "tx-page")
+        .trace_id("page-test")
+        .acquire()
+        .await
+        .unwrap()
+        .unwrap();
     let waiting = {
         let b = b.clone();
-        tokio::spawn(async move { b.lock("transaction", "tx-page").wait(Duration::from_secs(60)).acquire().await })
+        tokio::spawn(async move {
+            b.lock("transaction", "tx-page")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+        })
     };
     let (a_id, a_token) = (held.connection_id(), held.token());
 
@@ -212,31 +241,47 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
         let mut browser = Browser::open(&url);
         let shown = browser.wait_for("A holding and B waiting", Duration::from_secs(30), ROW, |v| {
             let cells = v["cells"].to_string();
-            cells.contains(&format!("(#{a_id})")) && cells.contains(&a_token.to_string()) && v["waiters"].as_array().is_some_and(|w| w.len() == 1)
+            cells.contains(&format!("(#{a_id})"))
+                && cells.contains(&a_token.to_string())
+                && v["waiters"].as_array().is_some_and(|w| w.len() == 1)
         });
         browser.screenshot(&target_dir().join("status-page.png"));
         (browser, shown)
     });
     let (mut browser, shown) = shown;
-    assert!(shown["cells"][6].as_str().unwrap().contains("page-test"), "the trace id is shown: {shown}");
+    assert!(
+        shown["cells"][6].as_str().unwrap().contains("page-test"),
+        "the trace id is shown: {shown}"
+    );
     let refreshes_before = shown["refreshes"].as_u64().unwrap();
 
     // The lock moves to B; the open page follows without a reload.
     held.release().await.unwrap();
-    let granted = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap().unwrap().unwrap();
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let (b_id, b_token) = (granted.connection_id(), granted.token());
     assert!(b_token > a_token);
     let moved = tokio::task::block_in_place(|| {
         let moved = browser.wait_for("B holding, nobody waiting", Duration::from_secs(30), ROW, |v| {
             let cells = v["cells"].to_string();
-            cells.contains(&format!("(#{b_id})")) && cells.contains(&b_token.to_string()) && v["waiters"].as_array().is_some_and(Vec::is_empty)
+            cells.contains(&format!("(#{b_id})"))
+                && cells.contains(&b_token.to_string())
+                && v["waiters"].as_array().is_some_and(Vec::is_empty)
         });
         browser.screenshot(&target_dir().join("status-page-moved.png"));
         moved
     });
-    assert!(moved["refreshes"].as_u64().unwrap() > refreshes_before, "updated live: {moved}");
+    assert!(
+        moved["refreshes"].as_u64().unwrap() > refreshes_before,
+        "updated live: {moved}"
+    );
     // The connections table lists both clients.
-    let connections = tokio::task::block_in_place(|| browser.eval("document.querySelectorAll('#connections tbody tr').length"));
+    let connections =
+        tokio::task::block_in_place(|| browser.eval("document.querySelectorAll('#connections tbody tr').length"));
     assert_eq!(connections, json!(2));
 
     drop(browser);

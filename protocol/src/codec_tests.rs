@@ -373,7 +373,10 @@ fn every_request_with_maximal_names_fits_in_min_frame_len() {
             request.opcode()
         );
         if request.opcode() == Opcode::Acquire {
-            assert_eq!(frame_len, MIN_FRAME_LEN, "ACQUIRE with a trace id is the largest request");
+            assert_eq!(
+                frame_len, MIN_FRAME_LEN,
+                "ACQUIRE with a trace id is the largest request"
+            );
         }
         // And a codec at that limit takes it.
         let frame = ClastorCodec::new(MIN_FRAME_LEN)

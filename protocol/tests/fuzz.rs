@@ -88,16 +88,24 @@ fn request() -> impl Strategy<Value = Request> {
             })
         }),
         Just(Request::Ping),
-        (any_string(), any_string(), any::<u32>(), any::<u32>(), lock_mode(), trace_id()).prop_map(
-            |(kind, id, wait_ms, lease_ms, mode, trace_id)| Request::Acquire(Acquire {
-                kind,
-                id,
-                wait_ms,
-                lease_ms,
-                mode,
-                trace_id,
-            })
-        ),
+        (
+            any_string(),
+            any_string(),
+            any::<u32>(),
+            any::<u32>(),
+            lock_mode(),
+            trace_id()
+        )
+            .prop_map(
+                |(kind, id, wait_ms, lease_ms, mode, trace_id)| Request::Acquire(Acquire {
+                    kind,
+                    id,
+                    wait_ms,
+                    lease_ms,
+                    mode,
+                    trace_id,
+                })
+            ),
         (any_string(), any_string(), any::<u64>()).prop_map(|(kind, id, token)| Request::Release { kind, id, token }),
         (any_string(), any_string(), any::<u32>(), any::<u64>()).prop_map(|(kind, id, lease_ms, token)| {
             Request::Renew {

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use self::session::SessionState;
 pub use self::observer::{EngineObserver, HoldEnd};
+use self::session::SessionState;
 pub use self::session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session, WaitInfo};
 use crate::backend::{Backend, KindVersion};
 use crate::error::LockError;

@@ -138,7 +138,9 @@ pub(crate) async fn dispatch<B: Backend>(
                 HeldScope::Server => ctx.engine.held_all(MAX_HELD_LISTING),
             };
             let traces = ctx.reports_traces;
-            Ok(ResponseBody::Held(held.into_iter().map(|h| held_lock(h, traces)).collect()))
+            Ok(ResponseBody::Held(
+                held.into_iter().map(|h| held_lock(h, traces)).collect(),
+            ))
         }
         Request::Version { kind } => {
             let v = ctx.engine.version(&kind).await?;

@@ -32,7 +32,13 @@ impl Reply {
 }
 
 /// Sends one request and reads the whole response.
-pub(crate) async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -52,10 +58,16 @@ pub(crate) async fn request(addr: SocketAddr, method: &str, target: &str, header
 
 fn parse(raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
-    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{status_line:?}"));
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{status_line:?}"));
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
@@ -99,7 +111,11 @@ pub(crate) fn metric(text: &str, name: &str, labels: &str) -> f64 {
             let (series, value) = l.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, ""));
             let rest = rest.trim_end_matches('}');
-            let matches = if labels.is_empty() { rest.is_empty() } else { labels_all(rest, labels) };
+            let matches = if labels.is_empty() {
+                rest.is_empty()
+            } else {
+                labels_all(rest, labels)
+            };
             (n == name && matches).then(|| value.parse().ok())?
         })
         .unwrap_or(0.0)

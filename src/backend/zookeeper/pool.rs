@@ -256,7 +256,11 @@ impl Pool {
         } else {
             format!("{trusted} of {} ZooKeeper sessions trusted", sessions.len())
         };
-        BackendHealth { ready, detail, sessions }
+        BackendHealth {
+            ready,
+            detail,
+            sessions,
+        }
     }
 
     /// `INFO` pairs: one per session, plus totals.

@@ -92,7 +92,10 @@ mod tests {
 
     #[test]
     fn the_defaults_are_valid() {
-        assert_eq!(HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0))).validate(), Ok(()));
+        assert_eq!(
+            HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0))).validate(),
+            Ok(())
+        );
     }
 
     #[test]

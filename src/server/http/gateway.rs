@@ -130,7 +130,12 @@ impl<B: Backend> Gateway<B> {
             // watcher has not run yet: its slot goes with its entry.
             self.in_use.fetch_sub(1, Ordering::AcqRel);
         }
-        let (locks, in_use, key, token) = (Arc::downgrade(&self.locks), self.in_use.clone(), key.clone(), granted.token);
+        let (locks, in_use, key, token) = (
+            Arc::downgrade(&self.locks),
+            self.in_use.clone(),
+            key.clone(),
+            granted.token,
+        );
         tokio::spawn(async move {
             // An event: the lock was lost (lease ran out...). `None`: the
             // session is gone (released over HTTP, or shutdown).

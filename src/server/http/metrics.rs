@@ -42,7 +42,9 @@ pub(super) struct Metrics {
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").field("max_kinds", &self.max_kinds).finish_non_exhaustive()
+        f.debug_struct("Metrics")
+            .field("max_kinds", &self.max_kinds)
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,29 +75,78 @@ impl Metrics {
     fn describe(&self) {
         metrics::with_local_recorder(&self.recorder, || {
             describe_counter!("clastor_acquires_granted_total", "Acquires granted, by kind");
-            describe_counter!("clastor_acquires_not_granted_total", "Acquires not granted within their wait, by kind");
-            describe_counter!("clastor_releases_total", "Holds ended by a release (how=release) or by their owner's session closing (how=close), by kind");
+            describe_counter!(
+                "clastor_acquires_not_granted_total",
+                "Acquires not granted within their wait, by kind"
+            );
+            describe_counter!(
+                "clastor_releases_total",
+                "Holds ended by a release (how=release) or by their owner's session closing (how=close), by kind"
+            );
             describe_counter!("clastor_locks_lost_total", "Locks lost, by reason");
             describe_counter!("clastor_leases_expired_total", "Locks lost because their lease ran out");
-            describe_histogram!("clastor_acquire_wait_seconds", Unit::Seconds, "Time granted acquires waited, by kind");
-            describe_histogram!("clastor_hold_seconds", Unit::Seconds, "Time locks were held, by kind, however the hold ended");
+            describe_histogram!(
+                "clastor_acquire_wait_seconds",
+                Unit::Seconds,
+                "Time granted acquires waited, by kind"
+            );
+            describe_histogram!(
+                "clastor_hold_seconds",
+                Unit::Seconds,
+                "Time locks were held, by kind, however the hold ended"
+            );
             describe_gauge!("clastor_locks_held", "Locks held through this server now");
             describe_gauge!("clastor_acquires_waiting", "Acquires waiting through this server now");
             describe_gauge!("clastor_connections_open", "Lock-protocol connections open");
-            describe_counter!("clastor_connections_accepted_total", "Lock-protocol connections accepted");
-            describe_counter!("clastor_connections_refused_total", "Lock-protocol connections refused (over --max-connections)");
+            describe_counter!(
+                "clastor_connections_accepted_total",
+                "Lock-protocol connections accepted"
+            );
+            describe_counter!(
+                "clastor_connections_refused_total",
+                "Lock-protocol connections refused (over --max-connections)"
+            );
             describe_counter!("clastor_requests_total", "Lock-protocol requests, by opcode");
-            describe_counter!("clastor_bad_requests_total", "Lock-protocol requests refused as malformed");
-            describe_counter!("clastor_protocol_errors_total", "Lock-protocol connections closed for a protocol error");
+            describe_counter!(
+                "clastor_bad_requests_total",
+                "Lock-protocol requests refused as malformed"
+            );
+            describe_counter!(
+                "clastor_protocol_errors_total",
+                "Lock-protocol connections closed for a protocol error"
+            );
             describe_gauge!("clastor_http_connections_open", "HTTP connections open");
-            describe_counter!("clastor_http_connections_refused_total", "HTTP connections refused (over the HTTP connection limit)");
-            describe_gauge!("clastor_backend_ready", "1 while the backend can grant locks (what /readyz says)");
-            describe_gauge!("clastor_zk_session_state", "ZooKeeper session state per pool slot: 0 connected, 1 disconnected, 2 lost, 3 reconnecting");
-            describe_gauge!("clastor_zk_session_trusted", "1 while the ZooKeeper session is connected and in proven contact with the leader");
-            describe_gauge!("clastor_zk_session_last_contact_seconds", Unit::Seconds, "Time since the ZooKeeper session's last answered request was sent");
+            describe_counter!(
+                "clastor_http_connections_refused_total",
+                "HTTP connections refused (over the HTTP connection limit)"
+            );
+            describe_gauge!(
+                "clastor_backend_ready",
+                "1 while the backend can grant locks (what /readyz says)"
+            );
+            describe_gauge!(
+                "clastor_zk_session_state",
+                "ZooKeeper session state per pool slot: 0 connected, 1 disconnected, 2 lost, 3 reconnecting"
+            );
+            describe_gauge!(
+                "clastor_zk_session_trusted",
+                "1 while the ZooKeeper session is connected and in proven contact with the leader"
+            );
+            describe_gauge!(
+                "clastor_zk_session_last_contact_seconds",
+                Unit::Seconds,
+                "Time since the ZooKeeper session's last answered request was sent"
+            );
             describe_gauge!("clastor_zk_session_grants", "Locks held through the ZooKeeper session");
-            describe_counter!("clastor_zk_requests_total", "ZooKeeper requests answered, per session slot");
-            describe_counter!("clastor_zk_request_microseconds_total", Unit::Microseconds, "Total time of the answered ZooKeeper requests (first send to answer), per session slot; with clastor_zk_requests_total it gives the mean latency");
+            describe_counter!(
+                "clastor_zk_requests_total",
+                "ZooKeeper requests answered, per session slot"
+            );
+            describe_counter!(
+                "clastor_zk_request_microseconds_total",
+                Unit::Microseconds,
+                "Total time of the answered ZooKeeper requests (first send to answer), per session slot; with clastor_zk_requests_total it gives the mean latency"
+            );
         });
     }
 
@@ -182,7 +233,9 @@ impl EngineObserver for Metrics {
         metrics::with_local_recorder(&self.recorder, || {
             histogram!("clastor_hold_seconds", "kind" => kind.clone()).record(held.as_secs_f64());
             match how {
-                HoldEnd::Released => counter!("clastor_releases_total", "kind" => kind, "how" => "release").increment(1),
+                HoldEnd::Released => {
+                    counter!("clastor_releases_total", "kind" => kind, "how" => "release").increment(1)
+                }
                 HoldEnd::Closed => counter!("clastor_releases_total", "kind" => kind, "how" => "close").increment(1),
                 HoldEnd::Lost(reason) => {
                     counter!("clastor_locks_lost_total", "reason" => reason.name()).increment(1);

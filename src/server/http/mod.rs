@@ -116,7 +116,9 @@ pub(super) async fn serve<B: Backend>(
         tracker.spawn(async move {
             state.connections_open.fetch_add(1, Ordering::Relaxed);
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(state.config.header_timeout);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(state.config.header_timeout);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {

@@ -36,7 +36,11 @@ pub(super) async fn readyz<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> R
     let health = st.shared.engine.backend().health();
     let stopping = st.shutdown.is_cancelled();
     let ready = health.ready && !stopping;
-    let detail = if stopping { "shutting down" } else { health.detail.as_str() };
+    let detail = if stopping {
+        "shutting down"
+    } else {
+        health.detail.as_str()
+    };
     let body = Json(Health {
         status: if ready { "ready" } else { "unavailable" },
         backend: st.shared.engine.backend().name(),
@@ -57,7 +61,11 @@ pub(super) async fn metrics<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> 
         st.connections_open.load(Ordering::Relaxed),
         st.connections_refused.load(Ordering::Relaxed),
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
 }
 
 /// `GET /api/v1/openapi.json`

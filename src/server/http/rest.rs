@@ -55,10 +55,9 @@ impl LockParams {
                 "a token is required: the fencing token of the grant (decimal string), as returned by acquire",
             )
         })?;
-        raw.parse::<u64>()
-            .ok()
-            .filter(|&t| t != 0)
-            .ok_or_else(|| ApiError::bad_request(format!("token {raw:?} is not a fencing token (a decimal u64 above 0)")))
+        raw.parse::<u64>().ok().filter(|&t| t != 0).ok_or_else(|| {
+            ApiError::bad_request(format!("token {raw:?} is not a fencing token (a decimal u64 above 0)"))
+        })
     }
 }
 
@@ -73,7 +72,11 @@ fn request(
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::with_http(StatusCode::PAYLOAD_TOO_LARGE, Status::LimitExceeded, "request body too large")
+            ApiError::with_http(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Status::LimitExceeded,
+                "request body too large",
+            )
         } else {
             ApiError::bad_request(format!("unreadable body: {}", e.body_text()))
         }
@@ -111,7 +114,10 @@ pub(super) fn trace_id(headers: &HeaderMap) -> Option<Arc<str>> {
 fn ms(what: &str, v: Option<u64>, default: Duration, max: Duration) -> Result<Duration, ApiError> {
     let d = v.map_or(default, Duration::from_millis);
     if d > max {
-        return Err(ApiError::bad_request(format!("{what} is over the maximum of {} ms", max.as_millis())));
+        return Err(ApiError::bad_request(format!(
+            "{what} is over the maximum of {} ms",
+            max.as_millis()
+        )));
     }
     Ok(d)
 }
@@ -154,9 +160,16 @@ pub(super) async fn acquire<B: Backend>(
     let (key, params) = request(path, query, body)?;
     let cfg = &st.config;
     let wait = ms("timeoutMs", params.timeout_ms, Duration::ZERO, cfg.max_wait)?;
-    let lease = ms("leaseMs", params.lease_ms, cfg.default_lease, st.shared.engine.config().max_lease)?;
+    let lease = ms(
+        "leaseMs",
+        params.lease_ms,
+        cfg.default_lease,
+        st.shared.engine.config().max_lease,
+    )?;
     if lease.is_zero() {
-        return Err(ApiError::bad_request("leaseMs must be above 0: a lock taken over HTTP always has a lease"));
+        return Err(ApiError::bad_request(
+            "leaseMs must be above 0: a lock taken over HTTP always has a lease",
+        ));
     }
     let trace = trace_id(&headers);
     let span = match &trace {
@@ -213,7 +226,12 @@ pub(super) async fn renew<B: Backend>(
 ) -> Result<Response, ApiError> {
     let (key, params) = request(path, query, body)?;
     let token = params.token()?;
-    let lease = ms("leaseMs", params.lease_ms, st.config.default_lease, st.shared.engine.config().max_lease)?;
+    let lease = ms(
+        "leaseMs",
+        params.lease_ms,
+        st.config.default_lease,
+        st.shared.engine.config().max_lease,
+    )?;
     let g = st.gateway.renew(&key, token, lease)?;
     Ok(Json(Renewed {
         resource: key.kind(),
@@ -394,7 +412,10 @@ mod tests {
     #[test]
     fn traceparent_gives_the_trace_id_or_nothing() {
         let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(trace_id(&headers(ok)).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            trace_id(&headers(ok)).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
