@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -36,7 +36,7 @@ pub(super) const OTHER_KIND: &str = "other";
 pub(super) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    kinds: Mutex<HashSet<String>>,
+    kinds: RwLock<HashSet<String>>,
     max_kinds: usize,
 }
 
@@ -65,7 +65,7 @@ impl Metrics {
         let m = Metrics {
             recorder,
             handle,
-            kinds: Mutex::new(HashSet::new()),
+            kinds: RwLock::new(HashSet::new()),
             max_kinds,
         };
         m.describe();
@@ -152,7 +152,11 @@ impl Metrics {
 
     /// The label for `kind`: itself while under the cap, else `other`.
     fn kind_label(&self, kind: &str) -> String {
-        let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
+        // Every grant passes here: the common case (a kind already seen) only reads.
+        if self.kinds.read().unwrap_or_else(PoisonError::into_inner).contains(kind) {
+            return kind.to_owned();
+        }
+        let mut kinds = self.kinds.write().unwrap_or_else(PoisonError::into_inner);
         if kinds.contains(kind) {
             return kind.to_owned();
         }
@@ -169,8 +173,9 @@ impl Metrics {
         let s = &shared.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let health = shared.engine.backend().health();
-        let held: usize = shared.engine.sessions().iter().map(|s| s.held).sum();
-        let waiting: usize = shared.engine.sessions().iter().map(|s| s.waiting).sum();
+        let sessions = shared.engine.sessions();
+        let held: usize = sessions.iter().map(|s| s.held).sum();
+        let waiting: usize = sessions.iter().map(|s| s.waiting).sum();
         metrics::with_local_recorder(&self.recorder, || {
             gauge!("clastor_locks_held").set(count(held));
             gauge!("clastor_acquires_waiting").set(count(waiting));
