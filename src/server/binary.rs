@@ -277,7 +277,8 @@ impl<B: Backend> Conn<B> {
         }
         match (self.handshaken, req) {
             (false, Request::Hello(h)) => {
-                // The highest version both speak: this server speaks 1 ..= 2.
+                stats.count_request(clastor_protocol::Opcode::Hello);
+                // The highest version both speak: this server speaks 1 ..= HIGHEST_VERSION.
                 let version = h.max_version.min(HIGHEST_VERSION);
                 if version < 1 || version < h.min_version {
                     let msg = format!(
