@@ -94,14 +94,14 @@ pub(crate) async fn dispatch<B: Backend>(
                 Some(t) => info_span!("request", trace_id = %t, connection = ctx.session.id()),
                 None => Span::none(),
             };
-            debug!(parent: &span, %key, wait_ms = a.wait_ms, lease_ms = a.lease_ms, "acquire");
+            span.in_scope(|| debug!(%key, wait_ms = a.wait_ms, lease_ms = a.lease_ms, "acquire"));
             let granted = ctx
                 .session
                 .acquire_traced(&key, opts, trace_id)
                 .instrument(span.clone())
                 .await
-                .inspect_err(|e| debug!(parent: &span, error = %e, "acquire failed"))?;
-            debug!(parent: &span, granted = granted.is_some(), "acquire done");
+                .inspect_err(|e| span.in_scope(|| debug!(error = %e, "acquire failed")))?;
+            span.in_scope(|| debug!(granted = granted.is_some(), "acquire done"));
             match granted {
                 Some(g) => Ok(ResponseBody::Acquired(AcquireOk {
                     token: g.token,

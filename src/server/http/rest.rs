@@ -176,13 +176,13 @@ pub(super) async fn acquire<B: Backend>(
         Some(t) => info_span!("http_request", trace_id = %t, %peer),
         None => Span::none(),
     };
-    debug!(parent: &span, %key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire");
+    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire"));
     let granted = st
         .gateway
         .acquire(&key, wait, lease, peer, trace.clone())
         .instrument(span.clone())
         .await?;
-    debug!(parent: &span, %key, granted = granted.is_some(), "HTTP acquire done");
+    span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
     Ok(match granted {
         Some(g) => Json(Acquired {
             resource: key.kind(),
