@@ -364,6 +364,13 @@ async fn readyz_follows_a_frozen_zookeeper() {
     let m = get(http, "/metrics").await.body;
     assert_eq!(metric(&m, "clastor_zk_session_trusted", "session=\"0\""), 1.0, "{m}");
     assert!(metric(&m, "clastor_zk_requests_total", "session=\"0\"") >= 1.0, "{m}");
+    let probe = eventually(PATIENCE, "a probe round trip", || async {
+        let m = get(http, "/metrics").await.body;
+        let v = metric(&m, "clastor_zk_session_probe_seconds", "session=\"0\"");
+        (v > 0.0).then_some(v)
+    })
+    .await;
+    assert!(probe < 5.0, "{probe}");
 
     zk.freeze(0).unwrap();
     let frozen = Instant::now();

@@ -111,6 +111,8 @@ pub struct SessionHealth {
     pub grants: usize,
     /// Time since the send time of its last answered request.
     pub last_contact: Option<Duration>,
+    /// Round trip of its last answered liveness probe (ZooKeeper: a `sync`).
+    pub last_probe: Option<Duration>,
     /// Requests answered through it (retries of one request count once).
     pub requests: u64,
     /// Their total time, from first send to answer.

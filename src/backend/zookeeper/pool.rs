@@ -244,6 +244,7 @@ impl Pool {
                     trusted: false,
                     grants: 0,
                     last_contact: None,
+                    last_probe: None,
                     requests: 0,
                     request_time: Duration::ZERO,
                 },
@@ -458,6 +459,7 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEn
                     ProbeOutcome::Contact => {
                         if let Some(at) = sent_at {
                             session.touch(at);
+                            session.record_probe(at.elapsed());
                         }
                     }
                     ProbeOutcome::NoContact => debug!(slot = session.slot(), "ZooKeeper probe failed"),

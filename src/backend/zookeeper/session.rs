@@ -89,6 +89,8 @@ pub(super) struct ZkSession {
     /// Requests answered through `retry`, and their total time in µs.
     requests: AtomicU64,
     request_us: AtomicU64,
+    /// Round trip of the last answered liveness probe, in µs (`u64::MAX`: none yet).
+    probe_us: AtomicU64,
     grants: Mutex<HashMap<String, GrantRecord>>,
     retired: CancellationToken,
 }
@@ -150,6 +152,7 @@ impl ZkSession {
             last_contact_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             request_us: AtomicU64::new(0),
+            probe_us: AtomicU64::new(u64::MAX),
             grants: Mutex::new(HashMap::new()),
             retired: CancellationToken::new(),
         }
@@ -278,6 +281,12 @@ impl ZkSession {
         self.since_contact() >= self.lost_after
     }
 
+    /// Records the round trip of an answered liveness probe.
+    pub(super) fn record_probe(&self, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+        self.probe_us.store(us, Ordering::Relaxed);
+    }
+
     /// This session's health, for readiness and metrics.
     pub(super) fn report(&self) -> SessionHealth {
         let state = self.health();
@@ -288,6 +297,9 @@ impl ZkSession {
             trusted: state == Health::Connected && !self.out_of_contact(),
             grants: self.grant_count(),
             last_contact: Some(self.since_contact()),
+            last_probe: Some(self.probe_us.load(Ordering::Relaxed))
+                .filter(|&us| us != u64::MAX)
+                .map(Duration::from_micros),
             requests: self.requests.load(Ordering::Relaxed),
             request_time: Duration::from_micros(self.request_us.load(Ordering::Relaxed)),
         }

@@ -138,6 +138,11 @@ impl Metrics {
                 "Time since the ZooKeeper session's last answered request was sent"
             );
             describe_gauge!("clastor_zk_session_grants", "Locks held through the ZooKeeper session");
+            describe_gauge!(
+                "clastor_zk_session_probe_seconds",
+                Unit::Seconds,
+                "Round trip of the ZooKeeper session's last answered liveness probe (sync)"
+            );
             describe_counter!(
                 "clastor_zk_requests_total",
                 "ZooKeeper requests answered, per session slot"
@@ -204,6 +209,9 @@ impl Metrics {
                     gauge!("clastor_zk_session_last_contact_seconds", "session" => slot.clone()).set(age.as_secs_f64());
                 }
                 gauge!("clastor_zk_session_grants", "session" => slot.clone()).set(count(z.grants));
+                if let Some(rtt) = z.last_probe {
+                    gauge!("clastor_zk_session_probe_seconds", "session" => slot.clone()).set(rtt.as_secs_f64());
+                }
                 counter!("clastor_zk_requests_total", "session" => slot.clone()).absolute(z.requests);
                 let us = u64::try_from(z.request_time.as_micros()).unwrap_or(u64::MAX);
                 counter!("clastor_zk_request_microseconds_total", "session" => slot).absolute(us);

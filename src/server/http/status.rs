@@ -47,6 +47,7 @@ struct SessionJson {
     trusted: bool,
     grants: usize,
     last_contact_ms: Option<u64>,
+    probe_ms: Option<f64>,
     requests: u64,
     mean_latency_ms: Option<f64>,
 }
@@ -86,6 +87,7 @@ pub(super) async fn status<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> R
             trusted: s.trusted,
             grants: s.grants,
             last_contact_ms: s.last_contact.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            probe_ms: s.last_probe.map(|d| d.as_secs_f64() * 1000.0),
             requests: s.requests,
             mean_latency_ms: (s.requests > 0).then(|| s.request_time.as_secs_f64() * 1000.0 / s.requests as f64),
         })
