@@ -6,6 +6,9 @@
 //! prefix is zero), anything else is the line-based text form. Both forms end
 //! in the same `dispatch` onto the engine.
 //!
+//! With the `http` feature and `ServerConfig::http` set, the same task also
+//! serves the operators' HTTP port (`http/`), sharing the shutdown.
+//!
 //! Connection limit: a connection past `max_connections` is accepted only to
 //! be told why it is refused (an error frame or line) and closed, by a small,
 //! separately bounded set of refusal tasks, so a client learns "limit
