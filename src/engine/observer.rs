@@ -21,9 +21,8 @@ pub enum HoldEnd {
     Lost(LostReason),
 }
 
-/// Receives engine events. Called synchronously on the engine's paths, often
-/// under nothing but a plain mutex of the session: keep it short and never
-/// block.
+/// Receives engine events. Called synchronously on the engine's hot paths
+/// (never with a session's table locked): keep it short and never block.
 pub trait EngineObserver: Send + Sync + Debug + 'static {
     /// `key` was granted after waiting `waited`.
     fn granted(&self, key: &LockKey, waited: Duration);

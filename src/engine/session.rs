@@ -379,6 +379,7 @@ impl<B: Backend> Session<B> {
                     )));
                 }
                 s.engine.stats.not_granted.fetch_add(1, Ordering::Relaxed);
+                drop(st);
                 if let Some(o) = s.engine.observer.get() {
                     o.not_granted(key, started.elapsed());
                 }
