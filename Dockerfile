@@ -29,6 +29,7 @@ FROM debian:${DEBIAN_RELEASE}-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin clastor
 COPY --from=build /usr/local/bin/clastor /usr/local/bin/clastor
 USER clastor
-EXPOSE 8078
+# 8078: the lock protocol; 9078: the HTTP port, when turned on (--http / CLASTOR_HTTP).
+EXPOSE 8078 9078
 ENTRYPOINT ["clastor"]
 CMD ["serve", "--listen", "0.0.0.0:8078", "--backend", "zookeeper", "--zk", "zookeeper:2181"]

@@ -34,6 +34,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 wait_ms: 5000,
                 lease_ms: 30_000,
                 mode: LockMode::Exclusive,
+                trace_id: None,
             }),
         ),
         (
@@ -77,6 +78,7 @@ fn held_lock(i: u64) -> HeldLock {
         version: "v1".into(),
         lease_remaining_ms: 12_000,
         connection_id: 42,
+        trace_id: None,
     }
 }
 

@@ -13,14 +13,16 @@ as_root() {
 }
 
 # ZooKeeper for the backend tests; Apache Curator (with the JDK's javac) and
-# kazoo for the interoperation tests against real foreign lock clients.
+# kazoo for the interoperation tests against real foreign lock clients;
+# chromium for the status page test (tests/status_page.rs, headless).
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
   || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
-  || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1; then
-  echo "== installing ZooKeeper, Apache Curator and kazoo (Debian packages) for the tests"
+  || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1 \
+  || ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing ZooKeeper, Apache Curator, kazoo and chromium (Debian packages) for the tests"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
-    zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo >/dev/null
+    zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo chromium >/dev/null
 fi
 
 echo "== cargo test (workspace)"

@@ -10,7 +10,10 @@
 //!   development and embedding, [`backend::zookeeper`] for production.
 //! - [`Engine`] / [`Session`]: backend-independent lock semantics, usable
 //!   in-process ("library mode") with the same tokens and events as over the wire.
-//! - [`server`]: the TCP server speaking `clastor-protocol`.
+//! - [`server`]: the TCP server speaking `clastor-protocol`, and (feature
+//!   `http`, on by default) the operators' HTTP port: Prometheus metrics,
+//!   health checks, a REST API and a live status page
+//!   ([`server::ServerConfig`]'s `http`).
 //!
 //! Errors: [`LockError`] for lock operations, with one mapping to wire status
 //! codes ([`LockError::status`]); backends fail with [`backend::BackendError`].
@@ -43,7 +46,8 @@ mod key;
 pub mod server;
 
 pub use engine::{
-    AcquireOptions, DEFAULT_DRAIN_TIMEOUT, Engine, EngineConfig, Granted, HeldInfo, LostEvent, LostEvents, Session,
+    AcquireOptions, DEFAULT_DRAIN_TIMEOUT, Engine, EngineConfig, EngineObserver, Granted, HeldInfo, HoldEnd, LostEvent,
+    LostEvents, Session, SessionInfo, WaitInfo,
 };
 pub use error::LockError;
 pub use key::{LockKey, validate_kind};

@@ -297,7 +297,7 @@ async fn serve_refuses_limits_that_cannot_work() {
     let err = serve_refused(&["--max-in-flight", "20", "--max-waits", "5"]).await;
     assert!(err.contains("21"), "{err}");
     let err = serve_refused(&["--max-frame", "8"]).await;
-    assert!(err.contains("--max-frame") && err.contains("280"), "{err}");
+    assert!(err.contains("--max-frame") && err.contains("311"), "{err}");
     let err = serve_refused(&["--max-frame", "16777216"]).await;
     assert!(err.contains("--max-frame"), "{err}");
     let err = serve_refused(&["--max-connections", "0"]).await;
@@ -316,7 +316,7 @@ async fn serve_help_states_the_rules_and_defaults() {
     let help = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "--max-waits + 16",
-        "280",
+        "311",
         "16777215",
         "[default: 512]",
         "[default: 256]",

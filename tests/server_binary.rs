@@ -20,6 +20,7 @@ fn acquire(kind: &str, id: &str, wait_ms: u32, lease_ms: u32) -> Request {
         wait_ms,
         lease_ms,
         mode: LockMode::Exclusive,
+        trace_id: None,
     })
 }
 
@@ -76,15 +77,18 @@ async fn handshake_is_required_and_negotiated() {
     let hello = raw
         .call(Request::Hello(Hello {
             min_version: 1,
-            max_version: 3,
+            max_version: 4,
             client_name: "t".into(),
         }))
         .await;
     match hello.result {
         Ok(ResponseBody::Hello(h)) => {
-            // The highest version both speak: this server speaks 1 and 2.
-            assert_eq!(h.version, 2);
-            assert!(h.confirm_ms.is_some_and(|ms| ms > 0), "version 2 announces confirm_ms");
+            // The highest version both speak: this server speaks 1 to 3.
+            assert_eq!(h.version, 3);
+            assert!(
+                h.confirm_ms.is_some_and(|ms| ms > 0),
+                "version 2 and later announce confirm_ms"
+            );
             assert!(h.connection_id > 0);
             assert!(h.server.starts_with("clastor "));
         }
@@ -100,7 +104,7 @@ async fn handshake_is_required_and_negotiated() {
         .await;
     assert_eq!(again.status(), Status::BadRequest);
 
-    refused_as_version_mismatch(addr, 3, 9).await;
+    refused_as_version_mismatch(addr, 4, 9).await;
     server.shutdown().await;
 }
 
@@ -192,6 +196,7 @@ async fn malformed_bodies_get_an_error_and_the_connection_lives() {
         wait_ms: 0,
         lease_ms: 0,
         mode: LockMode::Shared,
+        trace_id: None,
     });
     assert_eq!(c.call(shared).await.status(), Status::Unsupported);
     assert_eq!(c.call(Request::Ping).await.result, Ok(ResponseBody::Pong));
@@ -857,4 +862,72 @@ async fn rotate_sends_progress_events_with_its_request_id_then_answers() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// Protocol version 3: an ACQUIRE's trace id is checked, kept with the
+/// grant and listed by `HELD` on version 3 connections (not on older ones).
+#[tokio::test]
+async fn trace_ids_are_checked_kept_and_listed_from_version_3() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let hello = |max_version| {
+        Request::Hello(Hello {
+            min_version: 1,
+            max_version,
+            client_name: "t".into(),
+        })
+    };
+    let traced = |id: &str, trace_id: &str| {
+        Request::Acquire(Acquire {
+            kind: "k".into(),
+            id: id.into(),
+            wait_ms: 0,
+            lease_ms: 0,
+            mode: LockMode::Exclusive,
+            trace_id: Some(trace_id.into()),
+        })
+    };
+    let mut v3 = Raw::connect(addr).await;
+    assert!(v3.call(hello(3)).await.result.is_ok());
+    let granted = v3.call(traced("a", "4bf92f3577b34da6a3ce929d0e0e4736")).await;
+    let a = token(&granted);
+    for bad in ["has space", "a/b", &"x".repeat(33)] {
+        let refused = v3.call(traced("b", bad)).await;
+        assert_eq!(refused.status(), Status::BadRequest, "{bad:?}: {refused:?}");
+    }
+    // A bad name is still INVALID_NAME, whatever the trace id.
+    assert_eq!(v3.call(traced("a/b", "bad trace")).await.status(), Status::InvalidName);
+    assert!(v3.call(acquire("k", "c", 0, 0)).await.result.is_ok());
+    let held = |resp: clastor_protocol::Response| match resp.result {
+        Ok(ResponseBody::Held(list)) => list,
+        other => panic!("{other:?}"),
+    };
+    let list = held(
+        v3.call(Request::Held {
+            scope: clastor_protocol::HeldScope::Server,
+        })
+        .await,
+    );
+    let find = |list: &[clastor_protocol::HeldLock], id: &str| list.iter().find(|h| h.id == id).cloned().unwrap();
+    assert_eq!(find(&list, "a").token, a);
+    assert_eq!(
+        find(&list, "a").trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(find(&list, "c").trace_id, None);
+    assert!(list.iter().all(|h| h.id != "b"), "refused acquires took nothing");
+
+    // A version 2 connection gets the listing without the trace section.
+    let mut v2 = Raw::connect(addr).await;
+    assert!(v2.call(hello(2)).await.result.is_ok());
+    let list = held(
+        v2.call(Request::Held {
+            scope: clastor_protocol::HeldScope::Server,
+        })
+        .await,
+    );
+    assert!(list.iter().all(|h| h.trace_id.is_none()), "{list:?}");
+    assert_eq!(list.len(), 2);
+    drop((v3, v2));
+    server.shutdown().await;
 }

@@ -322,3 +322,34 @@ async fn rotate_streams_progress_and_ends_with_a_dot() {
         "+NOT_ROTATING ledger version=v2 (nothing to abort)"
     );
 }
+
+/// A fifth `ACQUIRE` argument is a trace id (protocol version 3): checked,
+/// and listed by `HELD` as `trace=`.
+#[tokio::test]
+async fn acquire_takes_a_trace_id_and_held_lists_it() {
+    let (server, _) = start_default().await;
+    let mut c = Text::connect(server.local_addr()).await;
+    assert!(
+        c.cmd("ACQUIRE k traced 0 0 job-42:step.1")
+            .await
+            .starts_with("+ACQUIRED k traced ")
+    );
+    assert!(c.cmd("ACQUIRE k plain").await.starts_with("+ACQUIRED k plain "));
+    assert!(
+        c.cmd("ACQUIRE k bad 0 0 no/slash")
+            .await
+            .starts_with("-ERR BAD_REQUEST")
+    );
+    assert_eq!(c.cmd("HELD").await, "+HELD 2");
+    let held = c.block().await;
+    assert!(
+        held[0].starts_with("k plain ") && !held[0].contains("trace="),
+        "{held:?}"
+    );
+    assert!(
+        held[1].starts_with("k traced ") && held[1].ends_with(" trace=job-42:step.1"),
+        "{held:?}"
+    );
+    drop(c);
+    server.shutdown().await;
+}

@@ -611,6 +611,11 @@ impl Connection {
         self.hello.connection_id
     }
 
+    /// The protocol version negotiated with the server.
+    pub(crate) fn version(&self) -> u8 {
+        self.hello.version
+    }
+
     /// Whether the connection can still carry requests.
     pub(crate) fn is_alive(&self) -> bool {
         !self.closed.is_cancelled()

@@ -2,7 +2,7 @@
 //! frame limits every peer agrees on, and the request id of events. A leaf,
 //! so every other module can use them without importing the crate root.
 
-use crate::name::MAX_NAME_LEN;
+use crate::name::{MAX_NAME_LEN, MAX_TRACE_ID_LEN};
 
 /// The protocol version this crate speaks. It travels in every frame header.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -10,7 +10,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// The highest protocol version this crate speaks in `HELLO`. Version 2 adds
 /// safe-until (`CONFIRM`, and `safe_ms`/`confirm_ms` at the end of three
 /// bodies) and keeps the frame layout, so every frame's header still says 1.
-pub const HIGHEST_VERSION: u8 = 2;
+/// Version 3 adds trace ids: an optional `trace_id` at the end of `ACQUIRE`,
+/// and the grants' trace ids at the end of `HELD OK`.
+pub const HIGHEST_VERSION: u8 = 3;
 
 /// Bytes of the fixed header that follows the length prefix.
 pub const HEADER_LEN: usize = 8;
@@ -32,7 +34,9 @@ pub const MAX_FRAME_LEN_CEILING: usize = (1 << 24) - 1;
 pub const EVENT_REQUEST_ID: u32 = 0;
 
 /// Smallest frame limit a peer may enforce: the largest request whose size is
-/// fixed by the protocol's own limits (`RENEW` with two names of
-/// [`MAX_NAME_LEN`] bytes: header, two length-prefixed names, lease and
-/// token) must fit, or some valid request could never be sent.
-pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + MAX_NAME_LEN) + 4 + 8;
+/// fixed by the protocol's own limits must fit, or some valid request could
+/// never be sent. That is `ACQUIRE` (version 3) with two names of
+/// [`MAX_NAME_LEN`] bytes and a trace id of [`MAX_TRACE_ID_LEN`]: header, two
+/// length-prefixed names, wait, lease, mode and the length-prefixed trace id
+/// (`RENEW`, the largest before version 3, has 9 bytes fewer than it).
+pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + MAX_NAME_LEN) + 4 + 4 + 1 + 2 + MAX_TRACE_ID_LEN;

@@ -125,6 +125,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     wait_ms: 5000,
                     lease_ms: 30000,
                     mode: LockMode::Exclusive,
+                    trace_id: None,
                 }),
             ),
             golden: "00000024 01 10 0000 00000003
@@ -264,6 +265,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     version: s("v1"),
                     lease_remaining_ms: 29500,
                     connection_id: 42,
+                    trace_id: None,
                 }]),
             ),
             golden: "00000037 01 13 0001 00000006
@@ -391,6 +393,56 @@ pub(crate) fn examples() -> Vec<Example> {
             golden: "00000030 01 17 0001 0000000a
                      0005 0024 7472616e73616374696f6e206973206174207665727369
                      6f6e2076322c206e6f74207631",
+        },
+        Example {
+            name: "request/acquire-v3",
+            msg: req(
+                3,
+                Request::Acquire(Acquire {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    wait_ms: 5000,
+                    lease_ms: 30000,
+                    mode: LockMode::Exclusive,
+                    trace_id: Some(s("4bf92f3577b34da6a3ce929d0e0e4736")),
+                }),
+            ),
+            golden: "00000046 01 10 0000 00000003
+                     000b 7472616e73616374696f6e 0004 74782d31 00001388 00007530 00
+                     0020 3462663932663335373762333464613661336365393239643065306534373336",
+        },
+        Example {
+            name: "response/held-v3",
+            msg: ok(
+                6,
+                ResponseBody::Held(vec![
+                    HeldLock {
+                        kind: s("transaction"),
+                        id: s("tx-1"),
+                        token: 1234,
+                        version: s("v1"),
+                        lease_remaining_ms: 29500,
+                        connection_id: 42,
+                        trace_id: Some(s("4bf92f3577b34da6a3ce929d0e0e4736")),
+                    },
+                    HeldLock {
+                        kind: s("transaction"),
+                        id: s("tx-2"),
+                        token: 1240,
+                        version: s("v1"),
+                        lease_remaining_ms: 0,
+                        connection_id: 43,
+                        trace_id: None,
+                    },
+                ]),
+            ),
+            golden: "00000086 01 13 0001 00000006
+                     0000 0002
+                     000b 7472616e73616374696f6e 0004 74782d31 00000000000004d2
+                     0002 7631 0000733c 000000000000002a
+                     000b 7472616e73616374696f6e 0004 74782d32 00000000000004d8
+                     0002 7631 00000000 000000000000002b
+                     0020 3462663932663335373762333464613661336365393239643065306534373336 0000",
         },
         Example {
             name: "response/error-timeout",
@@ -597,6 +649,9 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
             w.u32("wait_ms");
             w.u32("lease_ms");
             w.enum8("mode", &["exclusive", "shared"]);
+            if w.pos < w.bytes.len() {
+                w.string("trace_id");
+            }
         }
         (0, 0x11) => {
             w.string("kind");
@@ -663,6 +718,11 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                             w.string(&format!("[{i}].version"));
                             w.u32(&format!("[{i}].lease_remaining_ms"));
                             w.u64(&format!("[{i}].connection_id"));
+                        }
+                        if w.pos < w.bytes.len() {
+                            for i in 0..n {
+                                w.string(&format!("[{i}].trace_id"));
+                            }
                         }
                     }
                     0x14 => {
@@ -821,6 +881,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                     version: s("v1"),
                     lease_remaining_ms: 0,
                     connection_id: 7,
+                    trace_id: None,
                 },
                 HeldLock {
                     kind: s("transaction"),
@@ -829,6 +890,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                     version: s("v1"),
                     lease_remaining_ms: 1874,
                     connection_id: 7,
+                    trace_id: None,
                 },
             ])),
         ),

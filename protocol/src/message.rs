@@ -183,6 +183,10 @@ pub struct Acquire {
     pub lease_ms: u32,
     /// Requested mode.
     pub mode: LockMode,
+    /// Version 3: a trace id the server logs with everything this request
+    /// and its grant do, and lists with the grant in `HELD`. On the wire only
+    /// when `Some` (send it only on a connection that negotiated version 3).
+    pub trace_id: Option<String>,
 }
 
 /// A request from client to server.
@@ -262,7 +266,9 @@ impl Request {
         match self {
             Request::Hello(h) => 2 + string_len(&h.client_name),
             Request::Ping | Request::Info | Request::Confirm => 0,
-            Request::Acquire(a) => string_len(&a.kind) + string_len(&a.id) + 4 + 4 + 1,
+            Request::Acquire(a) => {
+                string_len(&a.kind) + string_len(&a.id) + 4 + 4 + 1 + a.trace_id.as_deref().map_or(0, string_len)
+            }
             Request::Release { kind, id, .. } => string_len(kind) + string_len(id) + 8,
             Request::Renew { kind, id, .. } => string_len(kind) + string_len(id) + 4 + 8,
             Request::Held { .. } => 1,
@@ -294,6 +300,9 @@ impl Request {
                 dst.put_u32(a.wait_ms);
                 dst.put_u32(a.lease_ms);
                 dst.put_u8(a.mode as u8);
+                if let Some(trace_id) = &a.trace_id {
+                    put_string(dst, trace_id);
+                }
             }
             Request::Release { kind, id, token } => {
                 put_string(dst, kind);
@@ -343,6 +352,7 @@ impl Request {
                 wait_ms: r.u32("wait_ms")?,
                 lease_ms: r.u32("lease_ms")?,
                 mode: r.enum_u8("mode")?,
+                trace_id: r.optional_string("trace_id")?,
             }),
             Opcode::Release => Request::Release {
                 kind: r.string("kind")?,
@@ -375,6 +385,11 @@ impl Request {
         r.finish()?;
         Ok(req)
     }
+}
+
+/// Whether a `HELD` listing carries its trace-id section (version 3).
+fn has_trace_ids(list: &[HeldLock]) -> bool {
+    list.iter().take(usize::from(u16::MAX)).any(|h| h.trace_id.is_some())
 }
 
 /// Encoded size of an optional trailing `u32`.
@@ -431,6 +446,10 @@ pub struct HeldLock {
     pub lease_remaining_ms: u32,
     /// Holding connection's id.
     pub connection_id: u64,
+    /// Version 3: the trace id the grant was acquired with. A server sends
+    /// trace ids only to connections that negotiated version 3 (see
+    /// [`ResponseBody::Held`]).
+    pub trace_id: Option<String>,
 }
 
 /// `VERSION` response body.
@@ -469,7 +488,8 @@ pub enum ResponseBody {
         /// Version 2: as [`AcquireOk::safe_ms`]. On the wire only when `Some`.
         safe_ms: Option<u32>,
     },
-    /// To `HELD`.
+    /// To `HELD`. Version 3: when any entry has a trace id, the entries are
+    /// followed by one `trace_id` string per entry (empty for none).
     Held(Vec<HeldLock>),
     /// To `VERSION`.
     Version(VersionInfo),
@@ -526,6 +546,14 @@ impl ResponseBody {
                     .take(usize::from(u16::MAX))
                     .map(|h| string_len(&h.kind) + string_len(&h.id) + 8 + string_len(&h.version) + 4 + 8)
                     .sum::<usize>()
+                    + if has_trace_ids(list) {
+                        list.iter()
+                            .take(usize::from(u16::MAX))
+                            .map(|h| string_len(h.trace_id.as_deref().unwrap_or_default()))
+                            .sum::<usize>()
+                    } else {
+                        0
+                    }
             }
             ResponseBody::Version(v) => string_len(&v.version) + 1 + v.drain.as_ref().map_or(0, DrainState::len),
             ResponseBody::Rotated(r) => r.len(),
@@ -583,6 +611,11 @@ impl ResponseBody {
                     put_string(dst, &h.version);
                     dst.put_u32(h.lease_remaining_ms);
                     dst.put_u64(h.connection_id);
+                }
+                if has_trace_ids(list) {
+                    for h in list.iter().take(usize::from(u16::MAX)) {
+                        put_string(dst, h.trace_id.as_deref().unwrap_or_default());
+                    }
                 }
             }
             ResponseBody::Version(v) => {
@@ -650,14 +683,25 @@ impl ResponseBody {
                         version: r.string("version")?,
                         lease_remaining_ms: r.u32("lease_remaining_ms")?,
                         connection_id: r.u64("connection_id")?,
+                        trace_id: None,
                     });
+                }
+                // Version 3: one trace id per entry, if any grant has one.
+                if r.has_remaining() {
+                    for h in &mut list {
+                        h.trace_id = Some(r.string("trace_id")?).filter(|t| !t.is_empty());
+                    }
                 }
                 ResponseBody::Held(list)
             }
             Opcode::Version => ResponseBody::Version(VersionInfo {
                 version: r.string("version")?,
                 mode: r.enum_u8("mode")?,
-                drain: if r.has_more() { Some(DrainState::read(r)?) } else { None },
+                drain: if r.has_remaining() {
+                    Some(DrainState::read(r)?)
+                } else {
+                    None
+                },
             }),
             Opcode::Rotate => ResponseBody::Rotated(RotateOk::read(r)?),
             Opcode::RotateAbort => ResponseBody::RotateAborted {

@@ -6,6 +6,9 @@ use thiserror::Error;
 /// Longest kind or id, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// Longest trace id, in bytes: a W3C trace-id (32 lower-case hex digits) fits.
+pub const MAX_TRACE_ID_LEN: usize = 32;
+
 /// Why a kind or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -43,6 +46,12 @@ pub enum NameError {
     Reserved {
         /// `from` or `to`.
         what: &'static str,
+    },
+    /// A trace id longer than [`MAX_TRACE_ID_LEN`] bytes.
+    #[error("trace_id is {len} bytes long; the limit is {MAX_TRACE_ID_LEN}")]
+    TraceTooLong {
+        /// Its length in bytes.
+        len: usize,
     },
     /// A forbidden character: `/`, NUL, whitespace or another control or
     /// non-printable character.
@@ -99,6 +108,28 @@ pub fn validate_version(what: &'static str, name: &str) -> Result<(), NameError>
     Ok(())
 }
 
+/// Checks a trace id (protocol version 3): 1 to [`MAX_TRACE_ID_LEN`] bytes of
+/// ASCII letters, digits, `-`, `_`, `.` and `:`, so it can be logged, listed
+/// and typed anywhere as one word.
+///
+/// # Errors
+/// [`NameError`] with `what = "trace_id"`: empty, too long (`TooLong` with the
+/// trace limit in its message), or a character outside that set.
+pub fn validate_trace_id(trace_id: &str) -> Result<(), NameError> {
+    const WHAT: &str = "trace_id";
+    if trace_id.is_empty() {
+        return Err(NameError::Empty { what: WHAT });
+    }
+    if trace_id.len() > MAX_TRACE_ID_LEN {
+        return Err(NameError::TraceTooLong { len: trace_id.len() });
+    }
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if let Some((at, ch)) = trace_id.char_indices().find(|&(_, c)| !ok(c)) {
+        return Err(NameError::BadChar { what: WHAT, ch, at });
+    }
+    Ok(())
+}
+
 fn allowed(c: char) -> bool {
     // Control characters include NUL, DEL and the C1 range; format characters
     // such as zero-width joiners and bidi overrides are refused too, so a name
@@ -147,6 +178,17 @@ mod tests {
             &"a".repeat(MAX_NAME_LEN),
         ] {
             assert_eq!(validate("id", ok), Ok(()), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn trace_ids() {
+        assert_eq!(validate_trace_id("4bf92f3577b34da6a3ce929d0e0e4736"), Ok(()));
+        assert_eq!(validate_trace_id("job-7:step_2.a"), Ok(()));
+        assert!(validate_trace_id("").is_err());
+        assert!(validate_trace_id(&"a".repeat(MAX_TRACE_ID_LEN + 1)).is_err());
+        for bad in ["a b", "a/b", "a\0b", "é", "a\nb"] {
+            assert!(validate_trace_id(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -43,7 +43,7 @@ pub struct ParseError {
 /// One line per command, as shown by `HELP`.
 pub const USAGE: &[&str] = &[
     "PING",
-    "ACQUIRE <kind> <id> [wait_ms] [lease_ms]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
+    "ACQUIRE <kind> <id> [wait_ms] [lease_ms] [trace_id]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
     "RELEASE <kind> <id> [token]                token: only that grant (default: whichever this connection holds)",
     "RENEW <kind> <id> <lease_ms> [token]",
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
@@ -78,13 +78,14 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "INFO" => arity(0, 0, "INFO").map(|()| Request::Info)?,
         "CONFIRM" => arity(0, 0, "CONFIRM").map(|()| Request::Confirm)?,
         "ACQUIRE" => {
-            arity(2, 4, "ACQUIRE <kind> <id> [wait_ms] [lease_ms]")?;
+            arity(2, 5, "ACQUIRE <kind> <id> [wait_ms] [lease_ms] [trace_id]")?;
             Request::Acquire(Acquire {
                 kind: owned(0),
                 id: owned(1),
                 wait_ms: args.get(2).map(|w| number("wait_ms", w)).transpose()?.unwrap_or(0),
                 lease_ms: args.get(3).map(|w| number("lease_ms", w)).transpose()?.unwrap_or(0),
                 mode: LockMode::Exclusive,
+                trace_id: args.get(4).map(|w| (*w).to_owned()),
             })
         }
         "RELEASE" => {
@@ -241,7 +242,7 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
         Ok(ResponseBody::Held(list)) => {
             let _ = writeln!(out, "+HELD {}", list.len());
             for h in list {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "{} {} token={} version={} lease_ms={} connection={}",
                     h.kind,
@@ -251,6 +252,12 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
                     h.lease_remaining_ms,
                     h.connection_id
                 );
+                match &h.trace_id {
+                    Some(trace_id) => {
+                        let _ = writeln!(out, " trace={}", one_line(trace_id));
+                    }
+                    None => out.push('\n'),
+                }
             }
             out.push_str(".\n");
         }
@@ -430,7 +437,8 @@ mod tests {
                 id: "tx-1".into(),
                 wait_ms: 5000,
                 lease_ms: 0,
-                mode: LockMode::Exclusive
+                mode: LockMode::Exclusive,
+                trace_id: None,
             })))
         );
         assert!(matches!(
@@ -517,6 +525,7 @@ mod tests {
             wait_ms: 0,
             lease_ms: 0,
             mode: LockMode::Exclusive,
+            trace_id: None,
         });
         let ok = Response::ok(
             1,

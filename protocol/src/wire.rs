@@ -95,8 +95,19 @@ impl Reader {
         }
     }
 
-    /// Whether any bytes are left (an optional trailing field follows).
-    pub(crate) fn has_more(&self) -> bool {
+    /// A trailing string that only some peers send (fields added by protocol
+    /// version 3 at the end of a body): `None` if the body ended, or if the
+    /// string is empty.
+    pub(crate) fn optional_string(&mut self, field: &'static str) -> Result<Option<String>, BodyError> {
+        if self.buf.has_remaining() {
+            Ok(Some(self.string(field)?).filter(|s| !s.is_empty()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whether any bytes are left.
+    pub(crate) fn has_remaining(&self) -> bool {
         self.buf.has_remaining()
     }
 

@@ -89,15 +89,24 @@ fn request() -> impl Strategy<Value = Request> {
             })
         }),
         Just(Request::Ping),
-        (any_string(), any_string(), any::<u32>(), any::<u32>(), lock_mode()).prop_map(
-            |(kind, id, wait_ms, lease_ms, mode)| Request::Acquire(Acquire {
-                kind,
-                id,
-                wait_ms,
-                lease_ms,
-                mode
-            })
-        ),
+        (
+            any_string(),
+            any_string(),
+            any::<u32>(),
+            any::<u32>(),
+            lock_mode(),
+            trace_id()
+        )
+            .prop_map(
+                |(kind, id, wait_ms, lease_ms, mode, trace_id)| Request::Acquire(Acquire {
+                    kind,
+                    id,
+                    wait_ms,
+                    lease_ms,
+                    mode,
+                    trace_id,
+                })
+            ),
         (any_string(), any_string(), any::<u64>()).prop_map(|(kind, id, token)| Request::Release { kind, id, token }),
         (any_string(), any_string(), any::<u32>(), any::<u64>()).prop_map(|(kind, id, lease_ms, token)| {
             Request::Renew {
@@ -123,23 +132,26 @@ fn request() -> impl Strategy<Value = Request> {
     ]
 }
 
+/// A version 3 trace id: absent, or a non-empty string (an empty one is
+/// "none" on the wire).
+fn trace_id() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of("[0-9a-z:._-]{1,32}")
+}
+
 fn held_lock() -> impl Strategy<Value = HeldLock> {
     (
-        any_string(),
-        any_string(),
-        any::<u64>(),
-        any_string(),
-        any::<u32>(),
-        any::<u64>(),
+        (any_string(), any_string(), any::<u64>(), any_string()),
+        (any::<u32>(), any::<u64>(), trace_id()),
     )
         .prop_map(
-            |(kind, id, token, version, lease_remaining_ms, connection_id)| HeldLock {
+            |((kind, id, token, version), (lease_remaining_ms, connection_id, trace_id))| HeldLock {
                 kind,
                 id,
                 token,
                 version,
                 lease_remaining_ms,
                 connection_id,
+                trace_id,
             },
         )
 }
@@ -553,6 +565,7 @@ proptest! {
             wait_ms: wait_ms.unwrap_or(0),
             lease_ms: if wait_ms.is_some() { lease_ms } else { 0 },
             mode: LockMode::Exclusive,
+            trace_id: None,
         });
         prop_assert_eq!(text::parse(&join(&words)), Ok(Command::Request(want)));
         let words = vec![cased("RENEW"), kind.clone(), id.clone(), lease_ms.to_string()];
@@ -578,7 +591,7 @@ proptest! {
         values in vec((any_string(), any_string()), 0..4),
     ) {
         let req = Request::Acquire(Acquire {
-            kind: "k".into(), id: "i".into(), wait_ms: 0, lease_ms: 0, mode: LockMode::Exclusive,
+            kind: "k".into(), id: "i".into(), wait_ms: 0, lease_ms: 0, mode: LockMode::Exclusive, trace_id: None,
         });
         let one_line = |s: &str| s.ends_with('\n') && s.matches('\n').count() == 1;
         let err = text::format_response(&req, &Response::error(1, 0x10, status, message.clone()));

@@ -164,6 +164,42 @@ pub enum RotateOutcome {
     Aborted(String),
 }
 
+/// What a backend says of its own health: for readiness checks, metrics and
+/// the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// Whether it can grant locks now (ZooKeeper: at least one session is
+    /// connected and in proven contact with the leader).
+    pub ready: bool,
+    /// One line on why (not) ready.
+    pub detail: String,
+    /// Its sessions, for backends that have them (one per pool slot).
+    pub sessions: Vec<SessionHealth>,
+}
+
+/// One backend session (a ZooKeeper session of the pool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionHealth {
+    /// Pool slot.
+    pub slot: usize,
+    /// The backend's id for it (`0x…`); empty while the slot reconnects.
+    pub id: String,
+    /// `connected`, `disconnected`, `lost` or `reconnecting`.
+    pub state: &'static str,
+    /// Connected and in proven contact: new grants may go through it.
+    pub trusted: bool,
+    /// Grants made through it and still held.
+    pub grants: usize,
+    /// Time since the send time of its last answered request.
+    pub last_contact: Option<Duration>,
+    /// Round trip of its last answered liveness probe (ZooKeeper: a `sync`).
+    pub last_probe: Option<Duration>,
+    /// Requests answered through it (retries of one request count once).
+    pub requests: u64,
+    /// Their total time, from first send to answer.
+    pub request_time: Duration,
+}
+
 /// Everything an acquire needs to know.
 #[derive(Debug)]
 pub struct AcquireRequest<'a> {
@@ -318,6 +354,16 @@ pub trait Backend: Send + Sync + 'static {
     /// them; `None`: no preference of the backend's.
     fn confirm_interval(&self) -> Option<Duration> {
         None
+    }
+
+    /// Whether the backend can grant now, and its sessions' state. The
+    /// default: always ready, no sessions (a backend in this process).
+    fn health(&self) -> BackendHealth {
+        BackendHealth {
+            ready: true,
+            detail: format!("{} backend", self.name()),
+            sessions: Vec::new(),
+        }
     }
 
     /// Backend-specific `name → value` pairs for `INFO` (sessions, health).

@@ -77,6 +77,9 @@ pub(crate) struct AcquireArgs {
     /// Keep the lock until Ctrl-C or SIGTERM instead of exiting at once.
     #[arg(long)]
     hold: bool,
+    /// Trace id for the server's logs and listings (1-32 of A-Z a-z 0-9 - _ . :).
+    #[arg(long, value_name = "ID")]
+    trace_id: Option<String>,
     #[command(flatten)]
     server: ServerOpt,
     #[command(flatten)]
@@ -233,6 +236,7 @@ pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
         wait,
         lease,
         hold,
+        trace_id,
         server,
         out,
     } = args;
@@ -244,6 +248,9 @@ pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
             None
         };
         let mut req = client.lock(kind.clone(), id.clone()).wait(wait);
+        if let Some(trace_id) = trace_id {
+            req = req.trace_id(trace_id);
+        }
         if let Some(lease) = lease {
             req = req.lease(lease).auto_renew(hold);
         }
@@ -541,6 +548,7 @@ mod tests {
             version: "v1".into(),
             lease_remaining_ms: 0,
             connection_id: 7,
+            trace_id: None,
         }];
         let table = held_table(&list);
         let mut lines = table.lines();

@@ -32,7 +32,7 @@ line-based text form for debugging: `nc 127.0.0.1 7070`, then `HELP`.\n\n\
 Every flag can also be set from the environment variable shown. Durations take units: \
 `500ms`, `10s`, `2m`.\n\n\
 The server refuses to start with limits that cannot work: --max-in-flight below \
---max-waits + 16, --max-frame outside 280..=16777215, --max-connections or --max-held of 0, \
+--max-waits + 16, --max-frame outside 311..=16777215, --max-connections or --max-held of 0, \
 --zk-sessions of 0, a zero --handshake-timeout.\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
@@ -83,7 +83,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_MAX_WAITS", default_value_t = EngineConfig::default().max_waits_per_session)]
     max_waits: usize,
 
-    /// Largest frame accepted from a client, in bytes (between 280 and 16777215).
+    /// Largest frame accepted from a client, in bytes (between 311 and 16777215).
     #[arg(long, env = "CLASTOR_MAX_FRAME", default_value_t = ServerConfig::default().max_frame_len)]
     max_frame: usize,
 
@@ -103,6 +103,43 @@ pub(crate) struct ServeArgs {
     /// On SIGINT/SIGTERM, how long connections get to release their locks.
     #[arg(long, env = "CLASTOR_SHUTDOWN_GRACE", default_value_t = ServerConfig::default().shutdown_grace.into())]
     shutdown_grace: humantime::Duration,
+
+    /// Serve the operators' HTTP port on this address: Prometheus metrics (/metrics), health
+    /// checks (/healthz, /readyz), the REST API (/api/v1/...) and the live status page (/).
+    /// Off unless given.
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_HTTP", value_name = "ADDR")]
+    http: Option<SocketAddr>,
+
+    /// Lease of a lock taken over HTTP that asks for none (HTTP locks always have one).
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_HTTP_DEFAULT_LEASE", default_value_t = http_defaults().default_lease.into())]
+    http_default_lease: humantime::Duration,
+
+    /// HTTP connections served at once; more are closed at once.
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_HTTP_MAX_CONNECTIONS", default_value_t = http_defaults().max_connections)]
+    http_max_connections: usize,
+
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
+    #[arg(long, env = "CLASTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How the server writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans
+    /// (connection, trace_id).
+    Json,
+}
+
+/// The HTTP port's defaults (for the flags' defaults: one source).
+#[cfg(feature = "http")]
+fn http_defaults() -> clastor::server::HttpConfig {
+    clastor::server::HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 /// A duration that may be off, as a flag value: 0 for off.
@@ -117,10 +154,15 @@ fn zero_is_off(d: humantime::Duration) -> Option<Duration> {
 
 /// Runs the server until SIGINT or SIGTERM.
 pub(crate) fn run(args: ServeArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // Span fields (trace_id, connection) go on every line, flattened in `spans`.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -153,6 +195,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: zero_is_off(args.idle_timeout),
         shutdown_grace: *args.shutdown_grace,
         tcp_keepalive: zero_is_off(args.tcp_keepalive),
+        #[cfg(feature = "http")]
+        http: args.http.map(|listen| clastor::server::HttpConfig {
+            default_lease: *args.http_default_lease,
+            max_connections: args.http_max_connections,
+            ..clastor::server::HttpConfig::new(listen)
+        }),
         ..ServerConfig::default()
     };
     // Before connecting to ZooKeeper; `server::spawn` checks the same again.

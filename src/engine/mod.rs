@@ -8,17 +8,19 @@
 //! `session` is a submodule because a session reads and updates the
 //! engine's state (backend, limits, registry, counters) directly.
 
+mod observer;
 mod session;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use clastor_protocol::{DrainState, KindMode, RotationProgress, name};
 use dashmap::DashMap;
 
+pub use self::observer::{EngineObserver, HoldEnd};
 use self::session::SessionState;
-pub use self::session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session};
+pub use self::session::{AcquireOptions, Granted, HeldInfo, LostEvent, LostEvents, Session, WaitInfo};
 use crate::backend::{Backend, KindVersion, RotateOutcome, RotateRequest};
 use crate::error::LockError;
 use crate::key::validate_kind;
@@ -53,6 +55,19 @@ impl Default for EngineConfig {
     }
 }
 
+/// One open session, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Engine-wide id (the connection id on the wire).
+    pub id: u64,
+    /// Its label (a connection's peer address).
+    pub label: Arc<str>,
+    /// Locks it holds.
+    pub held: usize,
+    /// Acquires it has waiting.
+    pub waiting: usize,
+}
+
 /// The lock engine. Cheap to clone; clones share everything.
 #[derive(Debug)]
 pub struct Engine<B: Backend> {
@@ -82,6 +97,7 @@ pub(crate) struct EngineState<B: Backend> {
     pub(crate) config: EngineConfig,
     pub(crate) sessions: DashMap<u64, Weak<SessionState<B>>>,
     pub(crate) stats: EngineStats,
+    pub(crate) observer: OnceLock<Arc<dyn EngineObserver>>,
     next_session: AtomicU64,
     next_grant: AtomicU64,
 }
@@ -111,6 +127,7 @@ impl<B: Backend> Engine<B> {
                 config,
                 sessions: DashMap::new(),
                 stats: EngineStats::default(),
+                observer: OnceLock::new(),
                 next_session: AtomicU64::new(1),
                 next_grant: AtomicU64::new(1),
             }),
@@ -134,6 +151,37 @@ impl<B: Backend> Engine<B> {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
         Session::open(self.inner.clone(), id, label.into())
+    }
+
+    /// Attaches the observer told of every grant and end of a hold (the HTTP
+    /// port's metrics). One per engine: `false` if one was attached already.
+    pub fn set_observer(&self, observer: Arc<dyn EngineObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// Every open session: id, label, locks held, acquires waiting; by id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self
+            .live_sessions()
+            .iter()
+            .map(|s| SessionInfo {
+                id: s.id(),
+                label: s.label().clone(),
+                held: s.held_len(),
+                waiting: s.waiting().len(),
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Every acquire waiting through this engine, up to `limit` entries, by
+    /// key, then longest wait first: for each key the order they queued in.
+    pub fn waiting_all(&self, limit: usize) -> Vec<WaitInfo> {
+        let mut out: Vec<WaitInfo> = self.live_sessions().iter().flat_map(|s| s.waiting()).collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key).then(b.waited.cmp(&a.waited)));
+        out.truncate(limit);
+        out
     }
 
     /// Every lock held through this engine, up to `limit` entries, ordered by

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::EngineState;
+use super::observer::HoldEnd;
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
 use crate::error::LockError;
 use crate::key::LockKey;
@@ -76,6 +77,12 @@ pub struct Granted {
 /// One held lock, for listings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldInfo {
+    /// The holding session's label (a connection's peer address).
+    pub holder: Arc<str>,
+    /// How long it has been held.
+    pub age: Duration,
+    /// The trace id it was acquired with, if any.
+    pub trace_id: Option<Arc<str>>,
     /// The lock.
     pub key: LockKey,
     /// Its fencing token.
@@ -86,6 +93,21 @@ pub struct HeldInfo {
     pub lease_remaining: Option<Duration>,
     /// The holding session.
     pub session: u64,
+}
+
+/// One acquire waiting for its lock, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitInfo {
+    /// The lock.
+    pub key: LockKey,
+    /// The waiting session.
+    pub session: u64,
+    /// The waiting session's label.
+    pub holder: Arc<str>,
+    /// How long it has been waiting.
+    pub waited: Duration,
+    /// The trace id it was sent with, if any.
+    pub trace_id: Option<Arc<str>>,
 }
 
 /// A lock the session no longer holds, and why.
@@ -171,6 +193,8 @@ struct LockTable<G> {
 
 struct Held<G> {
     grant_id: u64,
+    granted_at: Instant,
+    trace_id: Option<Arc<str>>,
     token: u64,
     version: Arc<str>,
     lease: Option<Lease>,
@@ -185,6 +209,8 @@ struct Lease {
 
 struct Pending {
     grant_id: u64,
+    since: Instant,
+    trace_id: Option<Arc<str>>,
     /// Counted in `LockTable::waiting` (asked for a wait, within the limit).
     waits: bool,
     lost: Option<LostReason>,
@@ -252,7 +278,26 @@ impl<B: Backend> Session<B> {
     /// maximum or a zero lease;
     /// [`LockError::SessionClosed`]; backend failures.
     pub async fn acquire(&self, key: &LockKey, opts: AcquireOptions) -> Result<Option<Granted>, LockError> {
+        self.acquire_traced(key, opts, None).await
+    }
+
+    /// [`Session::acquire`] on behalf of a request carrying trace id
+    /// `trace_id`: the grant keeps it, listings show it, and the engine's
+    /// log lines about the grant (lease expiry, loss) name it.
+    ///
+    /// # Cancellation safety
+    /// As [`Session::acquire`].
+    ///
+    /// # Errors
+    /// As [`Session::acquire`].
+    pub async fn acquire_traced(
+        &self,
+        key: &LockKey,
+        opts: AcquireOptions,
+        trace_id: Option<Arc<str>>,
+    ) -> Result<Option<Granted>, LockError> {
         let s = &*self.state;
+        let started = Instant::now();
         let cfg = &s.engine.config;
         if opts.wait > cfg.max_wait {
             return Err(LockError::InvalidArgument(format!(
@@ -292,6 +337,8 @@ impl<B: Backend> Session<B> {
                 key.clone(),
                 Pending {
                     grant_id,
+                    since: Instant::now(),
+                    trace_id: trace_id.clone(),
                     waits,
                     lost: None,
                 },
@@ -332,6 +379,10 @@ impl<B: Backend> Session<B> {
                     )));
                 }
                 s.engine.stats.not_granted.fetch_add(1, Ordering::Relaxed);
+                drop(st);
+                if let Some(o) = s.engine.observer.get() {
+                    o.not_granted(key, started.elapsed());
+                }
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
@@ -347,6 +398,8 @@ impl<B: Backend> Session<B> {
             key.clone(),
             Held {
                 grant_id,
+                granted_at: Instant::now(),
+                trace_id,
                 token: grant.token,
                 version: grant.version.clone(),
                 lease,
@@ -355,6 +408,9 @@ impl<B: Backend> Session<B> {
         );
         drop(st);
         s.engine.stats.granted.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = s.engine.observer.get() {
+            o.granted(key, started.elapsed());
+        }
         debug!(session = s.id, %key, token = grant.token, "granted");
         Ok(Some(Granted {
             token: grant.token,
@@ -396,7 +452,8 @@ impl<B: Backend> Session<B> {
         match held {
             Some((held, _releasing)) => {
                 s.engine.stats.released.fetch_add(1, Ordering::Relaxed);
-                debug!(session = s.id, %key, token = held.token, "released");
+                s.observe_end(key, &held, HoldEnd::Released);
+                debug!(session = s.id, %key, token = held.token, trace_id = held.trace_id.as_deref(), "released");
                 s.engine.backend.release(held.disarm()).await?;
                 Ok(true)
             }
@@ -554,7 +611,8 @@ async fn lease_timer<B: Backend>(session: Weak<SessionState<B>>, key: LockKey, g
         };
         if let Some((held, _releasing)) = expired {
             s.engine.stats.lease_expired.fetch_add(1, Ordering::Relaxed);
-            info!(session = s.id, %key, token = held.token, "lease expired");
+            s.observe_end(&key, &held, HoldEnd::Lost(LostReason::LeaseExpired));
+            info!(session = s.id, %key, token = held.token, trace_id = held.trace_id.as_deref(), "lease expired");
             // Not `disarm`: this task is the timer, and it is finishing anyway.
             if let Err(e) = s.engine.backend.release(held.guard).await {
                 warn!(session = s.id, %key, error = %e, "release after lease expiry not confirmed");
@@ -624,6 +682,33 @@ impl<B: Backend> SessionState<B> {
         self.id
     }
 
+    pub(crate) fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    fn observe_end(&self, key: &LockKey, held: &Held<B::Guard>, how: HoldEnd) {
+        if let Some(o) = self.engine.observer.get() {
+            o.ended(key, held.granted_at.elapsed(), how);
+        }
+    }
+
+    /// The acquires of this session waiting for their locks.
+    pub(crate) fn waiting(&self) -> Vec<WaitInfo> {
+        let now = Instant::now();
+        let st = self.lock();
+        st.pending
+            .iter()
+            .filter(|(_, p)| p.waits)
+            .map(|(key, p)| WaitInfo {
+                key: key.clone(),
+                session: self.id,
+                holder: self.label.clone(),
+                waited: now.saturating_duration_since(p.since),
+                trace_id: p.trace_id.clone(),
+            })
+            .collect()
+    }
+
     pub(crate) fn held_len(&self) -> usize {
         self.lock().held.len()
     }
@@ -635,6 +720,9 @@ impl<B: Backend> SessionState<B> {
             .held
             .iter()
             .map(|(key, h)| HeldInfo {
+                holder: self.label.clone(),
+                age: now.saturating_duration_since(h.granted_at),
+                trace_id: h.trace_id.clone(),
                 key: key.clone(),
                 token: h.token,
                 version: h.version.clone(),
@@ -680,7 +768,8 @@ impl<B: Backend> SessionState<B> {
             }
         };
         if let Some(held) = removed {
-            warn!(session = self.id, %key, token = held.token, reason = reason.name(), "lock lost");
+            self.observe_end(key, &held, HoldEnd::Lost(reason));
+            warn!(session = self.id, %key, token = held.token, trace_id = held.trace_id.as_deref(), reason = reason.name(), "lock lost");
             // Dropping the guard asks the backend to clean up in the background.
             drop(held.disarm());
         }
@@ -696,6 +785,9 @@ impl<B: Backend> SessionState<B> {
         self.engine.sessions.remove(&self.id);
         if !held.is_empty() {
             debug!(session = self.id, locks = held.len(), "releasing on close");
+        }
+        for (key, h) in &held {
+            self.observe_end(key, h, HoldEnd::Closed);
         }
         let backend = &self.engine.backend;
         let releases = held.into_iter().map(|(key, h)| async move {

@@ -304,7 +304,8 @@ impl<B: Backend> Conn<B> {
         }
         match (self.handshaken, req) {
             (false, Request::Hello(h)) => {
-                // The highest version both speak: this server speaks 1 ..= 2.
+                stats.count_request(clastor_protocol::Opcode::Hello);
+                // The highest version both speak: this server speaks 1 ..= HIGHEST_VERSION.
                 let version = h.max_version.min(HIGHEST_VERSION);
                 if version < 1 || version < h.min_version {
                     let msg = format!(
@@ -329,6 +330,7 @@ impl<B: Backend> Conn<B> {
                 });
                 self.ctx.reports_safe = version >= 2;
                 self.ctx.reports_drain = version >= 2;
+                self.ctx.reports_traces = version >= 3;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
             (false, _) => {

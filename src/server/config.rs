@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// On shutdown, how long connections get to say goodbye and release their
     /// locks before they are cut.
     pub shutdown_grace: Duration,
+    /// The operators' HTTP port (metrics, health, REST API, status page);
+    /// `None`: off.
+    #[cfg(feature = "http")]
+    pub http: Option<super::HttpConfig>,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,8 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(30),
             tcp_keepalive: Some(Duration::from_secs(30)),
             shutdown_grace: Duration::from_secs(10),
+            #[cfg(feature = "http")]
+            http: None,
         }
     }
 }
@@ -92,6 +98,10 @@ pub enum ConfigError {
         /// The requested frame limit.
         max_frame_len: usize,
     },
+    /// The HTTP port's settings break one of its rules.
+    #[cfg(feature = "http")]
+    #[error(transparent)]
+    Http(#[from] super::HttpConfigError),
     /// A limit or timeout of zero, which would refuse everything.
     #[error("{flag} ({field}) must be greater than zero")]
     Zero {
@@ -146,6 +156,10 @@ impl ServerConfig {
             return Err(ConfigError::FrameLenOutOfRange {
                 max_frame_len: self.max_frame_len,
             });
+        }
+        #[cfg(feature = "http")]
+        if let Some(http) = &self.http {
+            http.validate()?;
         }
         Ok(())
     }

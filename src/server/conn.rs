@@ -52,6 +52,8 @@ pub(super) async fn serve<B: Backend>(
         reports_safe: false,
         // Text has no versions: it always shows a draining kind's progress.
         reports_drain: !binary,
+        // The text form shows trace ids; binary connections from version 3 on.
+        reports_traces: !binary,
         engine: shared.engine.clone(),
         session: session.clone(),
     };

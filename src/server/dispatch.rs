@@ -1,9 +1,12 @@
 //! Maps a decoded request onto the engine and back to a response body. Used
 //! by the binary and the text form, so both have one semantics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use clastor_protocol::name::validate_trace_id;
 use tokio::time::Instant;
+use tracing::{Instrument, Span, debug, info_span};
 
 use clastor_protocol::{
     AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Rotate, RotateOk, RotationProgress, Status,
@@ -29,6 +32,9 @@ pub(crate) struct RequestContext<B: Backend> {
     pub(crate) reports_safe: bool,
     /// `VERSION` replies carry a draining kind's progress (version 2, text).
     pub(crate) reports_drain: bool,
+    /// The connection negotiated protocol version 3 (or speaks text):
+    /// `HELD` listings carry the grants' trace ids.
+    pub(crate) reports_traces: bool,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -38,6 +44,7 @@ impl<B: Backend> Clone for RequestContext<B> {
             session: self.session.clone(),
             reports_safe: self.reports_safe,
             reports_drain: self.reports_drain,
+            reports_traces: self.reports_traces,
         }
     }
 }
@@ -70,6 +77,7 @@ pub(crate) async fn dispatch<B: Backend>(
     shared: &ServerState<B>,
     req: Request,
 ) -> Result<ResponseBody, ErrorReply> {
+    shared.stats.count_request(req.opcode());
     match req {
         Request::Hello(_) => Err(err(Status::BadRequest, "HELLO is only valid as the first binary frame")),
         Request::Ping => Ok(ResponseBody::Pong),
@@ -80,7 +88,27 @@ pub(crate) async fn dispatch<B: Backend>(
                 lease: (a.lease_ms > 0).then(|| ms(a.lease_ms)),
                 mode: a.mode,
             };
-            match ctx.session.acquire(&key, opts).await? {
+            let trace_id = match a.trace_id {
+                Some(t) => {
+                    validate_trace_id(&t).map_err(|e| err(Status::BadRequest, e.to_string()))?;
+                    Some(Arc::<str>::from(t))
+                }
+                None => None,
+            };
+            // Everything logged for this request, down to the backend, names its trace id.
+            let span = match &trace_id {
+                Some(t) => info_span!("request", trace_id = %t, connection = ctx.session.id()),
+                None => Span::none(),
+            };
+            span.in_scope(|| debug!(%key, wait_ms = a.wait_ms, lease_ms = a.lease_ms, "acquire"));
+            let granted = ctx
+                .session
+                .acquire_traced(&key, opts, trace_id)
+                .instrument(span.clone())
+                .await
+                .inspect_err(|e| span.in_scope(|| debug!(error = %e, "acquire failed")))?;
+            span.in_scope(|| debug!(granted = granted.is_some(), "acquire done"));
+            match granted {
                 Some(g) => Ok(ResponseBody::Acquired(AcquireOk {
                     token: g.token,
                     lease_ms: a.lease_ms,
@@ -115,7 +143,10 @@ pub(crate) async fn dispatch<B: Backend>(
                 HeldScope::Connection => ctx.session.held(),
                 HeldScope::Server => ctx.engine.held_all(MAX_HELD_LISTING),
             };
-            Ok(ResponseBody::Held(held.into_iter().map(held_lock).collect()))
+            let traces = ctx.reports_traces;
+            Ok(ResponseBody::Held(
+                held.into_iter().map(|h| held_lock(h, traces)).collect(),
+            ))
         }
         Request::Version { kind } => {
             let (v, drain) = if ctx.reports_drain {
@@ -169,8 +200,9 @@ fn any_token(token: u64) -> Option<u64> {
     (token != 0).then_some(token)
 }
 
-fn held_lock(h: HeldInfo) -> HeldLock {
+fn held_lock(h: HeldInfo, traces: bool) -> HeldLock {
     HeldLock {
+        trace_id: h.trace_id.filter(|_| traces).map(|t| t.to_string()),
         kind: h.key.kind().to_owned(),
         id: h.key.id().to_owned(),
         token: h.token,

@@ -6,6 +6,9 @@
 //! prefix is zero), anything else is the line-based text form. Both forms end
 //! in the same `dispatch` onto the engine.
 //!
+//! With the `http` feature and `ServerConfig::http` set, the same task also
+//! serves the operators' HTTP port (`http/`), sharing the shutdown.
+//!
 //! Connection limit: a connection past `max_connections` is accepted only to
 //! be told why it is refused (an error frame or line) and closed, by a small,
 //! separately bounded set of refusal tasks, so a client learns "limit
@@ -16,11 +19,15 @@ mod binary;
 mod config;
 mod conn;
 mod dispatch;
+#[cfg(feature = "http")]
+mod http;
 mod io;
 mod state;
 mod text;
 
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
+#[cfg(feature = "http")]
+pub use http::{HttpConfig, HttpConfigError};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +50,7 @@ use state::{ServerState, ServerStats};
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     join: JoinHandle<()>,
 }
@@ -51,6 +59,11 @@ impl ServerHandle {
     /// The address the server listens on (with the real port if `:0` was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the HTTP port, if it is on (with the real port if `:0` was asked).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// A token that shuts the server down when cancelled.
@@ -85,6 +98,14 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let listener = bind(config.listen)?;
     let local_addr = listener.local_addr()?;
+    #[cfg(feature = "http")]
+    let http = match &config.http {
+        Some(http) => {
+            let l = http::bind(http).await?;
+            Some((l.local_addr()?, l, http.clone()))
+        }
+        None => None,
+    };
     let shared = Arc::new(ServerState {
         engine,
         config,
@@ -94,10 +115,33 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         hard_stop: CancellationToken::new(),
     });
     let shutdown = CancellationToken::new();
-    let join = tokio::spawn(accept_loop(listener, shared, shutdown.clone()));
+    #[allow(unused_mut)]
+    let mut http_addr = None;
+    #[cfg(feature = "http")]
+    let http_port = match http {
+        Some((addr, l, cfg)) => {
+            http_addr = Some(addr);
+            info!(http = %addr, "HTTP port listening");
+            Some(http::serve(l, shared.clone(), cfg, shutdown.clone()))
+        }
+        None => None,
+    };
+    let tcp = accept_loop(listener, shared, shutdown.clone());
+    #[cfg(feature = "http")]
+    let join = tokio::spawn(async move {
+        match http_port {
+            Some(http_port) => {
+                tokio::join!(tcp, http_port);
+            }
+            None => tcp.await,
+        }
+    });
+    #[cfg(not(feature = "http"))]
+    let join = tokio::spawn(tcp);
     info!(%local_addr, "listening");
     Ok(ServerHandle {
         local_addr,
+        http_addr,
         shutdown,
         join,
     })

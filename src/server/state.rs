@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use clastor_protocol::Opcode;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ServerConfig;
@@ -20,6 +21,26 @@ pub(crate) struct ServerStats {
     pub(crate) requests: AtomicU64,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    /// Requests that reached dispatch, by opcode (index: `Opcode as u8 & 0x1f`;
+    /// request opcodes are 0x01..=0x1f).
+    pub(crate) by_opcode: [AtomicU64; 32],
+}
+
+impl ServerStats {
+    pub(crate) fn count_request(&self, opcode: Opcode) {
+        if let Some(n) = self.by_opcode.get(usize::from(opcode as u8)) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests by opcode, for the metrics.
+    #[cfg(feature = "http")]
+    pub(crate) fn requests_by_opcode(&self) -> impl Iterator<Item = (Opcode, u64)> + '_ {
+        (0u8..32).filter_map(|i| {
+            let op = Opcode::try_from(i).ok()?;
+            Some((op, self.by_opcode[usize::from(i)].load(Ordering::Relaxed)))
+        })
+    }
 }
 
 /// What every connection task shares.

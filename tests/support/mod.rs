@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Framed;
 
+pub(crate) mod http;
+
 /// How long a test waits for something that should happen promptly.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -230,6 +232,7 @@ pub(crate) fn try_acquire_request(kind: &str, id: &str, lease_ms: u32) -> Reques
         wait_ms: 0,
         lease_ms,
         mode: clastor_protocol::LockMode::Exclusive,
+        trace_id: None,
     })
 }
 

@@ -39,7 +39,7 @@ use zookeeper_client::{Client, SessionState};
 
 use super::error::ZkResult;
 use super::session::{Health, ZkSession};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, BackendHealth, SessionHealth};
 
 /// What the pool needs to open sessions.
 #[derive(Debug, Clone)]
@@ -227,6 +227,41 @@ impl Pool {
     /// Whether the pool was shut down.
     pub(super) fn is_shut_down(&self) -> bool {
         self.shutdown.is_cancelled()
+    }
+
+    /// Every slot's session health; ready when one is trusted.
+    pub(super) fn health(&self) -> BackendHealth {
+        let sessions: Vec<SessionHealth> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(slot, s)| match s.get() {
+                Some(s) => s.report(),
+                None => SessionHealth {
+                    slot,
+                    id: String::new(),
+                    state: "reconnecting",
+                    trusted: false,
+                    grants: 0,
+                    last_contact: None,
+                    last_probe: None,
+                    requests: 0,
+                    request_time: Duration::ZERO,
+                },
+            })
+            .collect();
+        let trusted = sessions.iter().filter(|s| s.trusted).count();
+        let ready = trusted > 0 && !self.is_shut_down();
+        let detail = if self.is_shut_down() {
+            "shut down".to_owned()
+        } else {
+            format!("{trusted} of {} ZooKeeper sessions trusted", sessions.len())
+        };
+        BackendHealth {
+            ready,
+            detail,
+            sessions,
+        }
     }
 
     /// `INFO` pairs: one per session, plus totals.
@@ -424,6 +459,7 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEn
                     ProbeOutcome::Contact => {
                         if let Some(at) = sent_at {
                             session.touch(at);
+                            session.record_probe(at.elapsed());
                         }
                     }
                     ProbeOutcome::NoContact => debug!(slot = session.slot(), "ZooKeeper probe failed"),

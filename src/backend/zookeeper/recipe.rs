@@ -34,7 +34,9 @@ use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use crate::backend::{AcquireRequest, Backend, BackendError, Grant, KindVersion, RotateOutcome, RotateRequest};
+use crate::backend::{
+    AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
+};
 use crate::key::LockKey;
 
 /// Longest an acquire may overrun its wait while ZooKeeper does not answer.
@@ -163,6 +165,10 @@ impl Backend for ZooKeeperBackend {
         Some(crate::backend::zookeeper::pool::probe_interval(
             self.pool.negotiated_timeout(),
         ))
+    }
+
+    fn health(&self) -> BackendHealth {
+        self.pool.health()
     }
 
     fn info(&self) -> Vec<(String, String)> {

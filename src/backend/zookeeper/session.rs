@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use zookeeper_client::Client;
 
 use super::error::{ZkResult, connection_broke};
-use crate::backend::{BackendError, LostNotifier};
+use crate::backend::{BackendError, LostNotifier, SessionHealth};
 use crate::key::LockKey;
 
 /// How many times one request is sent before its connection-loss error is
@@ -86,6 +86,11 @@ pub(super) struct ZkSession {
     born: Instant,
     /// Milliseconds since `born` of the send time of the last answered request.
     last_contact_ms: AtomicU64,
+    /// Requests answered through `retry`, and their total time in µs.
+    requests: AtomicU64,
+    request_us: AtomicU64,
+    /// Round trip of the last answered liveness probe, in µs (`u64::MAX`: none yet).
+    probe_us: AtomicU64,
     grants: Mutex<HashMap<String, GrantRecord>>,
     retired: CancellationToken,
 }
@@ -145,6 +150,9 @@ impl ZkSession {
             health: AtomicU8::new(Health::Connected as u8),
             born: Instant::now(),
             last_contact_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            request_us: AtomicU64::new(0),
+            probe_us: AtomicU64::new(u64::MAX),
             grants: Mutex::new(HashMap::new()),
             retired: CancellationToken::new(),
         }
@@ -220,6 +228,7 @@ impl ZkSession {
         F: Future<Output = ZkResult<T>>,
     {
         let mut attempt = 1;
+        let started = Instant::now();
         loop {
             let reply = self.until_retired(send(self.client()?)).await?;
             match reply {
@@ -227,7 +236,12 @@ impl ZkSession {
                     debug!(session = format_args!("{:#x}", self.session_id), attempt, error = %e, "ZooKeeper connection broke; sending again");
                     attempt += 1;
                 }
-                reply => return Ok(reply),
+                reply => {
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    self.requests.fetch_add(1, Ordering::Relaxed);
+                    self.request_us.fetch_add(us, Ordering::Relaxed);
+                    return Ok(reply);
+                }
             }
         }
     }
@@ -265,6 +279,30 @@ impl ZkSession {
     /// (about to be) reported lost, so it must not hand out new ones.
     pub(super) fn out_of_contact(&self) -> bool {
         self.since_contact() >= self.lost_after
+    }
+
+    /// Records the round trip of an answered liveness probe.
+    pub(super) fn record_probe(&self, rtt: Duration) {
+        let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX - 1);
+        self.probe_us.store(us, Ordering::Relaxed);
+    }
+
+    /// This session's health, for readiness and metrics.
+    pub(super) fn report(&self) -> SessionHealth {
+        let state = self.health();
+        SessionHealth {
+            slot: self.slot,
+            id: format!("{:#x}", self.session_id),
+            state: state.name(),
+            trusted: state == Health::Connected && !self.out_of_contact(),
+            grants: self.grant_count(),
+            last_contact: Some(self.since_contact()),
+            last_probe: Some(self.probe_us.load(Ordering::Relaxed))
+                .filter(|&us| us != u64::MAX)
+                .map(Duration::from_micros),
+            requests: self.requests.load(Ordering::Relaxed),
+            request_time: Duration::from_micros(self.request_us.load(Ordering::Relaxed)),
+        }
     }
 
     /// Remembers a grant so its holder can be told if the session is lost.

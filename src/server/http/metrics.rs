@@ -1,0 +1,280 @@
+//! Prometheus metrics: a `metrics-exporter-prometheus` recorder owned by
+//! this server (not the process-wide one, so two servers in one process —
+//! tests, embedders — keep their numbers apart).
+//!
+//! Two sources: events the engine reports as they happen ([`EngineObserver`]:
+//! grants, refusals, ends of holds with their wait and hold times, into
+//! counters and histograms labelled by kind), and state read at scrape time
+//! (connections, requests by opcode, backend sessions), written into gauges
+//! and absolute counters just before rendering. Kinds are user input, so
+//! their label is capped: the first `max_metric_kinds` kinds get their own,
+//! the rest share `other`.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::backend::Backend;
+use crate::engine::{EngineObserver, HoldEnd};
+use crate::key::LockKey;
+use crate::server::state::ServerState;
+
+/// Histogram buckets, in seconds: sub-millisecond grants up to hour-long holds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+];
+
+/// The label every kind past the cap is counted under.
+pub(super) const OTHER_KIND: &str = "other";
+
+/// This server's metrics.
+pub(super) struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    kinds: RwLock<HashSet<String>>,
+    max_kinds: usize,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("max_kinds", &self.max_kinds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub(super) fn new(max_kinds: usize) -> Metrics {
+        // Buckets are constant and non-empty, so this cannot fail; fall back
+        // to summaries rather than panic if a future version disagrees.
+        let builder = PrometheusBuilder::new();
+        let builder = match builder.set_buckets(BUCKETS) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "histogram buckets refused; using summaries");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let m = Metrics {
+            recorder,
+            handle,
+            kinds: RwLock::new(HashSet::new()),
+            max_kinds,
+        };
+        m.describe();
+        m
+    }
+
+    fn describe(&self) {
+        metrics::with_local_recorder(&self.recorder, || {
+            describe_counter!("clastor_acquires_granted_total", "Acquires granted, by kind");
+            describe_counter!(
+                "clastor_acquires_not_granted_total",
+                "Acquires not granted within their wait, by kind"
+            );
+            describe_counter!(
+                "clastor_releases_total",
+                "Holds ended by a release (how=release) or by their owner's session closing (how=close), by kind"
+            );
+            describe_counter!("clastor_locks_lost_total", "Locks lost, by reason");
+            describe_counter!("clastor_leases_expired_total", "Locks lost because their lease ran out");
+            describe_histogram!(
+                "clastor_acquire_wait_seconds",
+                Unit::Seconds,
+                "Time granted acquires waited, by kind"
+            );
+            describe_histogram!(
+                "clastor_hold_seconds",
+                Unit::Seconds,
+                "Time locks were held, by kind, however the hold ended"
+            );
+            describe_gauge!("clastor_locks_held", "Locks held through this server now");
+            describe_gauge!("clastor_acquires_waiting", "Acquires waiting through this server now");
+            describe_gauge!("clastor_connections_open", "Lock-protocol connections open");
+            describe_counter!(
+                "clastor_connections_accepted_total",
+                "Lock-protocol connections accepted"
+            );
+            describe_counter!(
+                "clastor_connections_refused_total",
+                "Lock-protocol connections refused (over --max-connections)"
+            );
+            describe_counter!("clastor_requests_total", "Lock-protocol requests, by opcode");
+            describe_counter!(
+                "clastor_bad_requests_total",
+                "Lock-protocol requests refused as malformed"
+            );
+            describe_counter!(
+                "clastor_protocol_errors_total",
+                "Lock-protocol connections closed for a protocol error"
+            );
+            describe_gauge!("clastor_http_connections_open", "HTTP connections open");
+            describe_counter!(
+                "clastor_http_connections_refused_total",
+                "HTTP connections refused (over the HTTP connection limit)"
+            );
+            describe_gauge!(
+                "clastor_backend_ready",
+                "1 while the backend can grant locks (what /readyz says)"
+            );
+            describe_gauge!(
+                "clastor_zk_session_state",
+                "ZooKeeper session state per pool slot: 0 connected, 1 disconnected, 2 lost, 3 reconnecting"
+            );
+            describe_gauge!(
+                "clastor_zk_session_trusted",
+                "1 while the ZooKeeper session is connected and in proven contact with the leader"
+            );
+            describe_gauge!(
+                "clastor_zk_session_last_contact_seconds",
+                Unit::Seconds,
+                "Time since the ZooKeeper session's last answered request was sent"
+            );
+            describe_gauge!("clastor_zk_session_grants", "Locks held through the ZooKeeper session");
+            describe_gauge!(
+                "clastor_zk_session_probe_seconds",
+                Unit::Seconds,
+                "Round trip of the ZooKeeper session's last answered liveness probe (sync)"
+            );
+            describe_counter!(
+                "clastor_zk_requests_total",
+                "ZooKeeper requests answered, per session slot"
+            );
+            describe_counter!(
+                "clastor_zk_request_microseconds_total",
+                Unit::Microseconds,
+                "Total time of the answered ZooKeeper requests (first send to answer), per session slot; with clastor_zk_requests_total it gives the mean latency"
+            );
+        });
+    }
+
+    /// The label for `kind`: itself while under the cap, else `other`.
+    fn kind_label(&self, kind: &str) -> String {
+        // Every grant passes here: the common case (a kind already seen) only reads.
+        if self.kinds.read().unwrap_or_else(PoisonError::into_inner).contains(kind) {
+            return kind.to_owned();
+        }
+        let mut kinds = self.kinds.write().unwrap_or_else(PoisonError::into_inner);
+        if kinds.contains(kind) {
+            return kind.to_owned();
+        }
+        if kinds.len() < self.max_kinds && kind != OTHER_KIND {
+            kinds.insert(kind.to_owned());
+            return kind.to_owned();
+        }
+        OTHER_KIND.to_owned()
+    }
+
+    /// Renders every metric, after reading the state that is not counted
+    /// as it happens.
+    pub(super) fn render<B: Backend>(&self, shared: &ServerState<B>, http_open: u64, http_refused: u64) -> String {
+        let s = &shared.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let health = shared.engine.backend().health();
+        let sessions = shared.engine.sessions();
+        let held: usize = sessions.iter().map(|s| s.held).sum();
+        let waiting: usize = sessions.iter().map(|s| s.waiting).sum();
+        metrics::with_local_recorder(&self.recorder, || {
+            gauge!("clastor_locks_held").set(count(held));
+            gauge!("clastor_acquires_waiting").set(count(waiting));
+            gauge!("clastor_connections_open").set(load(&s.connections_open) as f64);
+            counter!("clastor_connections_accepted_total").absolute(load(&s.connections_accepted));
+            counter!("clastor_connections_refused_total").absolute(load(&s.connections_refused));
+            counter!("clastor_bad_requests_total").absolute(load(&s.bad_requests));
+            counter!("clastor_protocol_errors_total").absolute(load(&s.protocol_errors));
+            for (op, n) in s.requests_by_opcode() {
+                counter!("clastor_requests_total", "opcode" => op.name()).absolute(n);
+            }
+            gauge!("clastor_http_connections_open").set(http_open as f64);
+            counter!("clastor_http_connections_refused_total").absolute(http_refused);
+            gauge!("clastor_backend_ready").set(if health.ready { 1.0 } else { 0.0 });
+            for z in &health.sessions {
+                let slot = z.slot.to_string();
+                let state = match z.state {
+                    "connected" => 0.0,
+                    "disconnected" => 1.0,
+                    "lost" => 2.0,
+                    _ => 3.0,
+                };
+                gauge!("clastor_zk_session_state", "session" => slot.clone()).set(state);
+                gauge!("clastor_zk_session_trusted", "session" => slot.clone()).set(if z.trusted { 1.0 } else { 0.0 });
+                if let Some(age) = z.last_contact {
+                    gauge!("clastor_zk_session_last_contact_seconds", "session" => slot.clone()).set(age.as_secs_f64());
+                }
+                gauge!("clastor_zk_session_grants", "session" => slot.clone()).set(count(z.grants));
+                if let Some(rtt) = z.last_probe {
+                    gauge!("clastor_zk_session_probe_seconds", "session" => slot.clone()).set(rtt.as_secs_f64());
+                }
+                counter!("clastor_zk_requests_total", "session" => slot.clone()).absolute(z.requests);
+                let us = u64::try_from(z.request_time.as_micros()).unwrap_or(u64::MAX);
+                counter!("clastor_zk_request_microseconds_total", "session" => slot).absolute(us);
+            }
+        });
+        self.handle.render()
+    }
+}
+
+fn count(n: usize) -> f64 {
+    n as f64
+}
+
+impl EngineObserver for Metrics {
+    fn granted(&self, key: &LockKey, waited: Duration) {
+        let kind = self.kind_label(key.kind());
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("clastor_acquires_granted_total", "kind" => kind.clone()).increment(1);
+            histogram!("clastor_acquire_wait_seconds", "kind" => kind).record(waited.as_secs_f64());
+        });
+    }
+
+    fn not_granted(&self, key: &LockKey, _waited: Duration) {
+        let kind = self.kind_label(key.kind());
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("clastor_acquires_not_granted_total", "kind" => kind).increment(1);
+        });
+    }
+
+    fn ended(&self, key: &LockKey, held: Duration, how: HoldEnd) {
+        let kind = self.kind_label(key.kind());
+        metrics::with_local_recorder(&self.recorder, || {
+            histogram!("clastor_hold_seconds", "kind" => kind.clone()).record(held.as_secs_f64());
+            match how {
+                HoldEnd::Released => {
+                    counter!("clastor_releases_total", "kind" => kind, "how" => "release").increment(1)
+                }
+                HoldEnd::Closed => counter!("clastor_releases_total", "kind" => kind, "how" => "close").increment(1),
+                HoldEnd::Lost(reason) => {
+                    counter!("clastor_locks_lost_total", "reason" => reason.name()).increment(1);
+                    if reason == clastor_protocol::LostReason::LeaseExpired {
+                        counter!("clastor_leases_expired_total").increment(1);
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_past_the_cap_share_one_label() {
+        let m = Metrics::new(2);
+        assert_eq!(m.kind_label("a"), "a");
+        assert_eq!(m.kind_label("b"), "b");
+        assert_eq!(m.kind_label("c"), OTHER_KIND);
+        assert_eq!(m.kind_label("a"), "a");
+        // A kind named like the overflow label never takes a slot of its own.
+        let m = Metrics::new(2);
+        assert_eq!(m.kind_label(OTHER_KIND), OTHER_KIND);
+        assert_eq!(m.kind_label("x"), "x");
+    }
+}

@@ -1,0 +1,186 @@
+//! The operators' HTTP port (feature `http`): Prometheus metrics, health
+//! checks, the REST API and the live status page, served by axum on hyper
+//! on the server's own runtime, next to the lock protocol's TCP port.
+//!
+//! It has limits of its own: connections (past `max_connections` a new one
+//! is closed at once and counted), header read time, body size (413), and
+//! one timeout per request (503). Shutdown is the server's: the same token
+//! stops the accept loop, and connections finish their request in flight.
+//!
+//! Files: `config.rs` (settings), `error.rs` (JSON errors), `metrics.rs`
+//! (the Prometheus recorder and the engine observer), `gateway.rs` (locks
+//! held over HTTP), `rest.rs` (`/api/v1/locks/...`), `ops.rs` (`/healthz`,
+//! `/readyz`, `/metrics`, OpenAPI), `status.rs` (the page).
+
+mod config;
+mod error;
+mod gateway;
+mod metrics;
+mod ops;
+mod rest;
+mod status;
+
+pub use config::{HttpConfig, HttpConfigError};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clastor_protocol::Status;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use self::error::ApiError;
+use self::gateway::Gateway;
+use self::metrics::Metrics;
+use super::state::ServerState;
+use crate::backend::Backend;
+
+/// What every HTTP handler shares.
+#[derive(Debug)]
+pub(super) struct HttpState<B: Backend> {
+    shared: Arc<ServerState<B>>,
+    config: HttpConfig,
+    metrics: Arc<Metrics>,
+    gateway: Gateway<B>,
+    shutdown: CancellationToken,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+}
+
+/// The peer of the HTTP connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer(SocketAddr);
+
+/// Binds the HTTP port: done before the server reports itself started, so
+/// a port in use fails `spawn`.
+pub(super) async fn bind(config: &HttpConfig) -> std::io::Result<TcpListener> {
+    TcpListener::bind(config.listen).await
+}
+
+/// Serves HTTP on `listener` until `shutdown`.
+pub(super) async fn serve<B: Backend>(
+    listener: TcpListener,
+    shared: Arc<ServerState<B>>,
+    config: HttpConfig,
+    shutdown: CancellationToken,
+) {
+    let metrics = Arc::new(Metrics::new(config.max_metric_kinds));
+    if !shared.engine.set_observer(metrics.clone()) {
+        warn!("the engine already reports to another observer; grant and hold metrics stay empty");
+    }
+    let state = Arc::new(HttpState {
+        gateway: Gateway::new(shared.engine.clone(), config.max_locks),
+        shared,
+        metrics,
+        shutdown: shutdown.clone(),
+        connections_open: AtomicU64::new(0),
+        connections_refused: AtomicU64::new(0),
+        config,
+    });
+    let router = router(state.clone());
+    let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            state.connections_refused.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "HTTP connection refused: over the limit");
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            state.connections_open.fetch_add(1, Ordering::Relaxed);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(state.config.header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+            state.connections_open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    info!("HTTP port stopped");
+}
+
+fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
+    let timeout = state.config.request_timeout;
+    Router::new()
+        .route("/", get(status::page))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz::<B>))
+        .route("/metrics", get(ops::metrics::<B>))
+        .route("/api/v1/openapi.json", get(ops::openapi))
+        .route("/api/v1/status", get(status::status::<B>))
+        .route("/api/v1/locks/held", get(rest::held::<B>))
+        .route("/api/v1/locks/{kind}/version", get(rest::version::<B>))
+        .route("/api/v1/locks/{kind}/{id}/acquire", post(rest::acquire::<B>))
+        .route("/api/v1/locks/{kind}/{id}/renew", post(rest::renew::<B>))
+        .route("/api/v1/locks/{kind}/{id}/release", post(rest::release::<B>))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_body))
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| async move {
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::with_http(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Status::Timeout,
+                    format!("no answer within {} ms", timeout.as_millis()),
+                )
+                .into_response(),
+            }
+        }))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    ApiError::status(Status::UnknownOpcode, "no such path; see /api/v1/openapi.json").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::with_http(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Status::BadRequest,
+        "method not allowed on this path; see /api/v1/openapi.json",
+    )
+    .into_response()
+}

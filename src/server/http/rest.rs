@@ -1,0 +1,431 @@
+//! The REST API (JSON), on the original Clastor's paths: acquire, renew and
+//! release a lock, list held locks, read a kind's version. Names pass the
+//! lock protocol's validation; tokens travel as decimal strings (they exceed
+//! 2^53, the largest integer a JSON number keeps exactly in JavaScript).
+//!
+//! Parameters come from the query string (`?timeoutMs=&leaseMs=&token=`) or,
+//! for clients that prefer it, a JSON object body with the same names; the
+//! query wins where both say something. Bodies are capped by the router's
+//! body limit (413 `LIMIT_EXCEEDED`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use clastor_protocol::Status;
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, Span, debug, info_span};
+
+use super::error::ApiError;
+use super::{HttpState, Peer};
+use crate::backend::Backend;
+use crate::engine::{Engine, HeldInfo, WaitInfo};
+use crate::key::LockKey;
+
+/// Most locks (and waits) one listing shows.
+const MAX_LISTING: usize = 10_000;
+
+/// The parameters of acquire, renew and release.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct LockParams {
+    timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    token: Option<String>,
+}
+
+impl LockParams {
+    /// Query parameters over body parameters.
+    fn merge(query: LockParams, body: LockParams) -> LockParams {
+        LockParams {
+            timeout_ms: query.timeout_ms.or(body.timeout_ms),
+            lease_ms: query.lease_ms.or(body.lease_ms),
+            token: query.token.or(body.token),
+        }
+    }
+
+    fn token(&self) -> Result<u64, ApiError> {
+        let raw = self.token.as_deref().ok_or_else(|| {
+            ApiError::bad_request(
+                "a token is required: the fencing token of the grant (decimal string), as returned by acquire",
+            )
+        })?;
+        raw.parse::<u64>().ok().filter(|&t| t != 0).ok_or_else(|| {
+            ApiError::bad_request(format!("token {raw:?} is not a fencing token (a decimal u64 above 0)"))
+        })
+    }
+}
+
+/// Reads the key and the parameters, refusing what the lock protocol refuses.
+fn request(
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<LockParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(LockKey, LockParams), ApiError> {
+    let Path((kind, id)) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad lock path: {e}")))?;
+    let key = LockKey::new(&kind, &id).map_err(|e| ApiError::status(Status::InvalidName, e.to_string()))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::with_http(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Status::LimitExceeded,
+                "request body too large",
+            )
+        } else {
+            ApiError::bad_request(format!("unreadable body: {}", e.body_text()))
+        }
+    })?;
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        LockParams::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body must be a JSON object with timeoutMs, leaseMs or token: {e}"
+            ))
+        })?
+    };
+    Ok((key, LockParams::merge(query, body)))
+}
+
+/// The trace id of a W3C `traceparent` header
+/// (`00-<32 hex trace-id>-<16 hex parent-id>-<2 hex flags>`); a malformed
+/// header is ignored, as the W3C recommendation says.
+pub(super) fn trace_id(headers: &HeaderMap) -> Option<Arc<str>> {
+    let value = headers.get("traceparent")?.to_str().ok()?.trim();
+    let mut parts = value.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    valid.then(|| Arc::from(trace))
+}
+
+fn ms(what: &str, v: Option<u64>, default: Duration, max: Duration) -> Result<Duration, ApiError> {
+    let d = v.map_or(default, Duration::from_millis);
+    if d > max {
+        return Err(ApiError::bad_request(format!(
+            "{what} is over the maximum of {} ms",
+            max.as_millis()
+        )));
+    }
+    Ok(d)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Acquired<'a> {
+    resource: &'a str,
+    resource_id: &'a str,
+    status: &'static str,
+    token: String,
+    version: &'a str,
+    lease_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NotAcquired<'a> {
+    resource: &'a str,
+    resource_id: &'a str,
+    status: &'static str,
+    timeout_ms: u64,
+}
+
+/// `POST /api/v1/locks/{kind}/{id}/acquire?timeoutMs=&leaseMs=`
+pub(super) async fn acquire<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<LockParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (key, params) = request(path, query, body)?;
+    let cfg = &st.config;
+    let wait = ms("timeoutMs", params.timeout_ms, Duration::ZERO, cfg.max_wait)?;
+    let lease = ms(
+        "leaseMs",
+        params.lease_ms,
+        cfg.default_lease,
+        st.shared.engine.config().max_lease,
+    )?;
+    if lease.is_zero() {
+        return Err(ApiError::bad_request(
+            "leaseMs must be above 0: a lock taken over HTTP always has a lease",
+        ));
+    }
+    let trace = trace_id(&headers);
+    let span = match &trace {
+        Some(t) => info_span!("http_request", trace_id = %t, %peer),
+        None => Span::none(),
+    };
+    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire"));
+    let granted = st
+        .gateway
+        .acquire(&key, wait, lease, peer, trace.clone())
+        .instrument(span.clone())
+        .await?;
+    span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
+    Ok(match granted {
+        Some(g) => Json(Acquired {
+            resource: key.kind(),
+            resource_id: key.id(),
+            status: "ACQUIRED",
+            token: g.token.to_string(),
+            version: &g.version,
+            lease_ms: millis(lease),
+            trace_id: trace.as_deref(),
+        })
+        .into_response(),
+        None => (
+            StatusCode::CONFLICT,
+            Json(NotAcquired {
+                resource: key.kind(),
+                resource_id: key.id(),
+                status: "NOT_ACQUIRED",
+                timeout_ms: millis(wait),
+            }),
+        )
+            .into_response(),
+    })
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Renewed<'a> {
+    resource: &'a str,
+    resource_id: &'a str,
+    status: &'static str,
+    token: String,
+    lease_ms: u64,
+}
+
+/// `POST /api/v1/locks/{kind}/{id}/renew?token=&leaseMs=`
+pub(super) async fn renew<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<LockParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (key, params) = request(path, query, body)?;
+    let token = params.token()?;
+    let lease = ms(
+        "leaseMs",
+        params.lease_ms,
+        st.config.default_lease,
+        st.shared.engine.config().max_lease,
+    )?;
+    let g = st.gateway.renew(&key, token, lease)?;
+    Ok(Json(Renewed {
+        resource: key.kind(),
+        resource_id: key.id(),
+        status: "RENEWED",
+        token: g.token.to_string(),
+        lease_ms: millis(lease),
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Released<'a> {
+    resource: &'a str,
+    resource_id: &'a str,
+    status: &'static str,
+}
+
+/// `POST /api/v1/locks/{kind}/{id}/release?token=`
+pub(super) async fn release<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<LockParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (key, params) = request(path, query, body)?;
+    let token = params.token()?;
+    st.gateway.release(&key, token).await?;
+    Ok(Json(Released {
+        resource: key.kind(),
+        resource_id: key.id(),
+        status: "RELEASED",
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionJson<'a> {
+    resource: &'a str,
+    version: &'a str,
+    mode: &'static str,
+}
+
+/// `GET /api/v1/locks/{kind}/version`
+pub(super) async fn version<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let v = st.shared.engine.version(&kind).await?;
+    Ok(Json(VersionJson {
+        resource: &kind,
+        version: &v.version,
+        mode: v.mode.name(),
+    })
+    .into_response())
+}
+
+/// One waiting acquire.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WaiterJson {
+    holder: String,
+    connection: u64,
+    waited_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+}
+
+/// One held lock, with the acquires waiting for it in queue order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct LockJson {
+    resource: String,
+    resource_id: String,
+    token: String,
+    version: String,
+    holder: String,
+    connection: u64,
+    age_ms: u64,
+    lease_remaining_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+    waiters: Vec<WaiterJson>,
+}
+
+/// Acquires waiting for a key no session of this server holds (held
+/// through another server, or just being handed over).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct QueueJson {
+    resource: String,
+    resource_id: String,
+    waiters: Vec<WaiterJson>,
+}
+
+/// Every lock held through this server and every acquire waiting.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct HeldJson {
+    pub(super) locks: Vec<LockJson>,
+    pub(super) waiting_elsewhere: Vec<QueueJson>,
+}
+
+fn waiter(w: WaitInfo) -> WaiterJson {
+    WaiterJson {
+        holder: w.holder.to_string(),
+        connection: w.session,
+        waited_ms: millis(w.waited),
+        trace_id: w.trace_id.map(|t| t.to_string()),
+    }
+}
+
+/// The listing behind `/api/v1/locks/held` and the status page.
+pub(super) fn held_listing<B: Backend>(engine: &Engine<B>) -> HeldJson {
+    let held: Vec<HeldInfo> = engine.held_all(MAX_LISTING);
+    let mut waits: Vec<WaitInfo> = engine.waiting_all(MAX_LISTING);
+    let mut locks: Vec<LockJson> = held
+        .into_iter()
+        .map(|h| LockJson {
+            resource: h.key.kind().to_owned(),
+            resource_id: h.key.id().to_owned(),
+            token: h.token.to_string(),
+            version: h.version.to_string(),
+            holder: h.holder.to_string(),
+            connection: h.session,
+            age_ms: millis(h.age),
+            lease_remaining_ms: h.lease_remaining.map(millis),
+            trace_id: h.trace_id.map(|t| t.to_string()),
+            waiters: Vec::new(),
+        })
+        .collect();
+    locks.sort_by(|a, b| (&a.resource, &a.resource_id).cmp(&(&b.resource, &b.resource_id)));
+    for l in &mut locks {
+        let (mine, rest): (Vec<WaitInfo>, Vec<WaitInfo>) = waits
+            .into_iter()
+            .partition(|w| w.key.kind() == l.resource && w.key.id() == l.resource_id);
+        l.waiters = mine.into_iter().map(waiter).collect();
+        waits = rest;
+    }
+    let mut waiting_elsewhere: Vec<QueueJson> = Vec::new();
+    for w in waits {
+        let (kind, id) = (w.key.kind().to_owned(), w.key.id().to_owned());
+        match waiting_elsewhere.last_mut() {
+            Some(q) if q.resource == kind && q.resource_id == id => q.waiters.push(waiter(w)),
+            _ => waiting_elsewhere.push(QueueJson {
+                resource: kind,
+                resource_id: id,
+                waiters: vec![waiter(w)],
+            }),
+        }
+    }
+    HeldJson {
+        locks,
+        waiting_elsewhere,
+    }
+}
+
+/// `GET /api/v1/locks/held`
+pub(super) async fn held<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> Json<HeldJson> {
+    Json(held_listing(&st.shared.engine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = v.parse() {
+            h.insert("traceparent", v);
+        }
+        h
+    }
+
+    #[test]
+    fn traceparent_gives_the_trace_id_or_nothing() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id(&headers(ok)).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f35/7b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(&headers(bad)), None, "{bad:?}");
+        }
+    }
+}

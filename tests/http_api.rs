@@ -1,0 +1,399 @@
+//! The HTTP port over real HTTP: metrics present and moving, health and
+//! readiness (readiness following a frozen ZooKeeper), the REST API's
+//! lifecycle including a lease running out, and hostile names and bodies
+//! refused with the right JSON code.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clastor::backend::Backend;
+use clastor::backend::memory::MemoryBackend;
+use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::server::{self, HttpConfig, ServerConfig, ServerHandle};
+use clastor::{Engine, EngineConfig};
+use clastor_testkit::ZooKeeper;
+use serde_json::Value;
+use support::PATIENCE;
+use support::http::{Reply, get, metric, post, request};
+use tokio::time::Instant;
+
+async fn start_with<B: Backend>(backend: B, http: HttpConfig) -> (ServerHandle, SocketAddr) {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: Some(http),
+        ..ServerConfig::default()
+    };
+    let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config)
+        .await
+        .unwrap();
+    let http = handle.http_addr().expect("the HTTP port is on");
+    (handle, http)
+}
+
+fn http_config() -> HttpConfig {
+    HttpConfig::new("127.0.0.1:0".parse().unwrap())
+}
+
+async fn start() -> (ServerHandle, SocketAddr) {
+    start_with(MemoryBackend::new(), http_config()).await
+}
+
+async fn client(handle: &ServerHandle) -> clastor_client::Client {
+    clastor_client::Client::connect(handle.local_addr()).await.unwrap()
+}
+
+/// Polls `check` until it returns `Some`, failing after `within`.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn code(reply: &Reply) -> String {
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/json"),
+        "errors are JSON: {reply:?}"
+    );
+    let v = reply.json();
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    v["code"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_move_with_grants_and_a_lost_lock() {
+    let (handle, http) = start_with(
+        MemoryBackend::new(),
+        HttpConfig {
+            max_metric_kinds: 2,
+            ..http_config()
+        },
+    )
+    .await;
+    let healthz = get(http, "/healthz").await;
+    assert_eq!((healthz.status, healthz.json()["status"].as_str()), (200, Some("ok")));
+    let readyz = get(http, "/readyz").await;
+    assert_eq!((readyz.status, readyz.json()["status"].as_str()), (200, Some("ready")));
+
+    let before = get(http, "/metrics").await;
+    assert_eq!(before.status, 200);
+    assert!(before.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(
+        before.body.contains("# HELP clastor_connections_open"),
+        "{}",
+        before.body
+    );
+    assert_eq!(
+        metric(&before.body, "clastor_acquires_granted_total", "kind=\"job\""),
+        0.0
+    );
+
+    let c = client(&handle).await;
+    let other = client(&handle).await;
+    let a = c.lock("job", "a").acquire().await.unwrap().unwrap();
+    // Contention: a try-once that is not granted.
+    assert!(other.lock("job", "a").acquire().await.unwrap().is_none());
+    a.release().await.unwrap();
+    // A lease that runs out: the lock is lost.
+    let b = c
+        .lock("job", "b")
+        .lease(Duration::from_millis(200))
+        .acquire()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(PATIENCE, b.lost())
+        .await
+        .expect("the lease runs out");
+    // Kinds past the cap (2: job, then k1) are counted under `other`.
+    for kind in ["k1", "k2", "k3"] {
+        c.lock(kind, "x")
+            .acquire()
+            .await
+            .unwrap()
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+
+    let m = get(http, "/metrics").await.body;
+    let v = |name: &str, labels: &str| metric(&m, name, labels);
+    assert_eq!(v("clastor_acquires_granted_total", "kind=\"job\""), 2.0, "{m}");
+    assert_eq!(v("clastor_acquires_not_granted_total", "kind=\"job\""), 1.0, "{m}");
+    assert_eq!(v("clastor_releases_total", "kind=\"job\",how=\"release\""), 1.0, "{m}");
+    assert_eq!(v("clastor_locks_lost_total", "reason=\"lease_expired\""), 1.0, "{m}");
+    assert_eq!(v("clastor_leases_expired_total", ""), 1.0, "{m}");
+    assert_eq!(v("clastor_acquire_wait_seconds_count", "kind=\"job\""), 2.0, "{m}");
+    assert_eq!(v("clastor_hold_seconds_count", "kind=\"job\""), 2.0, "{m}");
+    assert!(v("clastor_hold_seconds_sum", "kind=\"job\"") >= 0.2, "{m}");
+    assert_eq!(v("clastor_acquires_granted_total", "kind=\"k1\""), 1.0, "{m}");
+    assert_eq!(v("clastor_acquires_granted_total", "kind=\"other\""), 2.0, "{m}");
+    assert!(!m.contains("kind=\"k3\""), "kinds past the cap have no label: {m}");
+    assert!(v("clastor_requests_total", "opcode=\"ACQUIRE\"") >= 6.0, "{m}");
+    assert_eq!(v("clastor_connections_open", ""), 2.0, "{m}");
+    assert_eq!(v("clastor_connections_accepted_total", ""), 2.0, "{m}");
+    assert_eq!(v("clastor_backend_ready", ""), 1.0, "{m}");
+    assert_eq!(v("clastor_locks_held", ""), 0.0, "{m}");
+
+    drop((c, other));
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_lifecycle_with_waiters_renewal_release_and_a_lease_running_out() {
+    let (handle, http) = start().await;
+    let base = "/api/v1/locks/orders";
+
+    let first = post(http, &format!("{base}/o-1/acquire?leaseMs=5000")).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let first = first.json();
+    assert_eq!(first["status"], "ACQUIRED");
+    assert_eq!(
+        (first["resource"].as_str(), first["resourceId"].as_str()),
+        (Some("orders"), Some("o-1"))
+    );
+    assert_eq!(first["version"], "v1");
+    assert_eq!(first["leaseMs"], 5000);
+    let token1: u64 = first["token"].as_str().expect("the token is a string").parse().unwrap();
+
+    // Held: a try-once is refused, as NOT_ACQUIRED.
+    let busy = post(http, &format!("{base}/o-1/acquire")).await;
+    assert_eq!(busy.status, 409);
+    assert_eq!(busy.json()["status"], "NOT_ACQUIRED");
+
+    // A second HTTP caller queues behind the first.
+    let waiter =
+        tokio::spawn(async move { post(http, &format!("{base}/o-1/acquire?timeoutMs=10000&leaseMs=5000")).await });
+    let listed: Value = eventually(PATIENCE, "the waiter is listed", || async {
+        let held = get(http, "/api/v1/locks/held").await.json();
+        let lock = held["locks"]
+            .as_array()?
+            .iter()
+            .find(|l| l["resourceId"] == "o-1")?
+            .clone();
+        (lock["waiters"].as_array()?.len() == 1).then_some(lock)
+    })
+    .await;
+    assert_eq!(listed["token"], token1.to_string());
+    assert!(
+        listed["holder"].as_str().unwrap().starts_with("http 127.0.0.1:"),
+        "{listed}"
+    );
+    assert!(listed["leaseRemainingMs"].as_u64().unwrap() <= 5000);
+
+    // Renew needs the token.
+    let renewed = post(http, &format!("{base}/o-1/renew?token={token1}&leaseMs=8000")).await;
+    assert_eq!(renewed.status, 200, "{renewed:?}");
+    assert_eq!(renewed.json()["status"], "RENEWED");
+    assert_eq!(
+        code(&post(http, &format!("{base}/o-1/renew?token={}", token1 + 1)).await),
+        "NOT_HELD"
+    );
+
+    // Release needs the token: none is a bad request, a wrong one a conflict.
+    let none = post(http, &format!("{base}/o-1/release")).await;
+    assert_eq!((none.status, code(&none).as_str()), (400, "BAD_REQUEST"));
+    let wrong = post(http, &format!("{base}/o-1/release?token={}", token1 + 1)).await;
+    assert_eq!((wrong.status, code(&wrong).as_str()), (409, "NOT_HELD"));
+    // The token may come in a JSON body too.
+    let released = request(
+        http,
+        "POST",
+        &format!("{base}/o-1/release"),
+        &[("Content-Type", "application/json")],
+        format!("{{\"token\":\"{token1}\"}}").as_bytes(),
+    )
+    .await;
+    assert_eq!(released.status, 200, "{released:?}");
+    assert_eq!(released.json()["status"], "RELEASED");
+    // Releasing again is refused: the token no longer names a grant.
+    assert_eq!(
+        post(http, &format!("{base}/o-1/release?token={token1}")).await.status,
+        409
+    );
+
+    // The waiter gets it, with a greater token.
+    let second = waiter.await.unwrap();
+    assert_eq!(second.status, 200, "{second:?}");
+    let token2: u64 = second.json()["token"].as_str().unwrap().parse().unwrap();
+    assert!(token2 > token1);
+    // A binary-protocol client is excluded too.
+    let c = client(&handle).await;
+    assert!(c.lock("orders", "o-1").acquire().await.unwrap().is_none());
+    assert_eq!(
+        post(http, &format!("{base}/o-1/release?token={token2}")).await.status,
+        200
+    );
+
+    // A lease that runs out: the lock goes, and its token releases nothing.
+    let short = post(http, &format!("{base}/o-2/acquire?leaseMs=300")).await.json();
+    let token3 = short["token"].as_str().unwrap().to_owned();
+    eventually(PATIENCE, "the expired lock leaves the listing", || async {
+        let held = get(http, "/api/v1/locks/held").await.json();
+        held["locks"]
+            .as_array()?
+            .iter()
+            .all(|l| l["resourceId"] != "o-2")
+            .then_some(())
+    })
+    .await;
+    let late = post(http, &format!("{base}/o-2/release?token={token3}")).await;
+    assert_eq!((late.status, code(&late).as_str()), (409, "NOT_HELD"));
+    let again = post(http, &format!("{base}/o-2/acquire")).await;
+    assert_eq!(again.status, 200);
+    assert!(again.json()["leaseMs"].as_u64().unwrap() > 0, "a default lease");
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(
+        metric(&m, "clastor_locks_lost_total", "reason=\"lease_expired\""),
+        1.0,
+        "{m}"
+    );
+
+    let version = get(http, "/api/v1/locks/orders/version").await;
+    assert_eq!(version.status, 200);
+    assert_eq!(
+        (version.json()["version"].as_str(), version.json()["mode"].as_str()),
+        (Some("v1"), Some("normal"))
+    );
+    let openapi = get(http, "/api/v1/openapi.json").await.json();
+    assert_eq!(openapi["openapi"], "3.0.3");
+    assert!(openapi["paths"]["/api/v1/locks/{kind}/{id}/acquire"]["post"].is_object());
+
+    drop(c);
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_and_bodies_are_refused_with_json_codes() {
+    let (handle, http) = start().await;
+    let long = "k".repeat(129);
+    for (target, status, want) in [
+        ("/api/v1/locks/a%2Fb/x/acquire".to_owned(), 400, "INVALID_NAME"),
+        ("/api/v1/locks/k/%00/acquire".to_owned(), 400, "INVALID_NAME"),
+        ("/api/v1/locks/%2E%2E/x/acquire".to_owned(), 400, "INVALID_NAME"),
+        ("/api/v1/locks/k/a%20b/acquire".to_owned(), 400, "INVALID_NAME"),
+        ("/api/v1/locks/k/%FF%FE/acquire".to_owned(), 400, "INVALID_NAME"),
+        (format!("/api/v1/locks/{long}/x/acquire"), 400, "INVALID_NAME"),
+        (
+            "/api/v1/locks/k/x/acquire?timeoutMs=soon".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
+        ("/api/v1/locks/k/x/acquire?timeoutMs=-1".to_owned(), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/locks/k/x/acquire?timeoutMs=999999999".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
+        ("/api/v1/locks/k/x/acquire?leaseMs=0".to_owned(), 400, "BAD_REQUEST"),
+        ("/api/v1/locks/k/x/release?token=abc".to_owned(), 400, "BAD_REQUEST"),
+        ("/api/v1/locks/k/x/release?token=0".to_owned(), 400, "BAD_REQUEST"),
+        (
+            "/api/v1/locks/k/x/release?token=99999999999999999999999".to_owned(),
+            400,
+            "BAD_REQUEST",
+        ),
+        ("/api/v1/locks/k/x/renew".to_owned(), 400, "BAD_REQUEST"),
+        ("/api/v1/nothing/here".to_owned(), 404, "UNKNOWN_OPCODE"),
+    ] {
+        let reply = post(http, &target).await;
+        assert_eq!(
+            (reply.status, code(&reply)),
+            (status, want.to_owned()),
+            "{target}: {reply:?}"
+        );
+    }
+    let get_acquire = get(http, "/api/v1/locks/k/x/acquire").await;
+    assert_eq!((get_acquire.status, code(&get_acquire).as_str()), (405, "BAD_REQUEST"));
+    let bad_version = get(http, "/api/v1/locks/a%2Fb/version").await;
+    assert_eq!((bad_version.status, code(&bad_version).as_str()), (400, "INVALID_NAME"));
+
+    let json = [("Content-Type", "application/json")];
+    for body in [&b"{not json"[..], b"[1,2]", b"{\"timeoutMs\":\"soon\"}", b"\xff\xfe"] {
+        let reply = request(http, "POST", "/api/v1/locks/k/x/acquire", &json, body).await;
+        assert_eq!((reply.status, code(&reply).as_str()), (400, "BAD_REQUEST"), "{body:?}");
+    }
+    let huge = vec![b' '; 1 << 20];
+    let reply = request(http, "POST", "/api/v1/locks/k/x/acquire", &json, &huge).await;
+    assert_eq!((reply.status, code(&reply).as_str()), (413, "LIMIT_EXCEEDED"));
+    // A JSON body with the parameters is fine, and nothing above took a lock.
+    let ok = request(http, "POST", "/api/v1/locks/k/x/acquire", &json, b"{\"leaseMs\": 1000}").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(ok.json()["leaseMs"], 1000);
+    let held = get(http, "/api/v1/locks/held").await.json();
+    assert_eq!(held["locks"].as_array().unwrap().len(), 1, "{held}");
+    handle.shutdown().await;
+}
+
+/// `/readyz` is 503 while the ZooKeeper the server uses is frozen (its one
+/// session no longer in proven contact), and 200 again after the thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_a_frozen_zookeeper() {
+    let mut zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
+    let backend = ZooKeeperBackend::connect(ZkConfig {
+        hosts: zk.connect_string(),
+        provider: "http-readyz".to_owned(),
+        sessions: 1,
+        session_timeout: Duration::from_secs(4),
+        ..ZkConfig::default()
+    })
+    .await
+    .expect("connect");
+    let (handle, http) = start_with(backend, http_config()).await;
+    let ready = |want: u16| {
+        move || async move {
+            let r = get(http, "/readyz").await;
+            (r.status == want).then_some(r)
+        }
+    };
+    eventually(PATIENCE, "ready at first", ready(200)).await;
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(metric(&m, "clastor_zk_session_trusted", "session=\"0\""), 1.0, "{m}");
+    assert!(metric(&m, "clastor_zk_requests_total", "session=\"0\"") >= 1.0, "{m}");
+    let probe = eventually(PATIENCE, "a probe round trip", || async {
+        let m = get(http, "/metrics").await.body;
+        let v = metric(&m, "clastor_zk_session_probe_seconds", "session=\"0\"");
+        (v > 0.0).then_some(v)
+    })
+    .await;
+    assert!(probe < 5.0, "{probe}");
+
+    zk.freeze(0).unwrap();
+    let frozen = Instant::now();
+    let not_ready = eventually(Duration::from_secs(30), "503 while ZooKeeper is frozen", ready(503)).await;
+    println!(
+        "/readyz said 503 {:?} after the freeze: {}",
+        frozen.elapsed(),
+        not_ready.body
+    );
+    assert_eq!(code_free_status(&not_ready), "unavailable");
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(metric(&m, "clastor_backend_ready", ""), 0.0, "{m}");
+    assert_eq!(metric(&m, "clastor_zk_session_trusted", "session=\"0\""), 0.0, "{m}");
+    let status = get(http, "/api/v1/status").await.json();
+    assert_eq!(status["backend"]["ready"], false, "{status}");
+
+    zk.thaw(0).unwrap();
+    let thawed = Instant::now();
+    eventually(Duration::from_secs(60), "200 after the thaw", ready(200)).await;
+    println!("/readyz said 200 again {:?} after the thaw", thawed.elapsed());
+    handle.shutdown().await;
+}
+
+fn code_free_status(reply: &Reply) -> String {
+    reply.json()["status"].as_str().unwrap().to_owned()
+}
