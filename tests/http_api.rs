@@ -397,3 +397,81 @@ async fn readyz_follows_a_frozen_zookeeper() {
 fn code_free_status(reply: &Reply) -> String {
     reply.json()["status"].as_str().unwrap().to_owned()
 }
+
+/// Rotation over REST: the version endpoint shows the drain, a second
+/// rotation and a wrong `from` get 409 with the protocol's codes, an abort
+/// ends a running one (409 `ROTATION_ABORTED`), and a completed one answers
+/// `ROTATED`; the rotation metrics follow. A lock id named `rotate` is still
+/// a lock id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_over_rest_with_progress_refusals_and_abort() {
+    let (handle, http) = start().await;
+    let c = client(&handle).await;
+    let held = c.lock("ledger", "acc-1").acquire().await.unwrap().unwrap();
+    let running =
+        tokio::spawn(async move { post(http, "/api/v1/locks/ledger/rotate?from=v1&to=v2&drainTimeoutMs=20000").await });
+    let v: Value = eventually(PATIENCE, "the kind drains", || async {
+        let v = get(http, "/api/v1/locks/ledger/version").await.json();
+        (v["mode"] == "draining").then_some(v)
+    })
+    .await;
+    assert_eq!(
+        (v["version"].as_str(), v["drain"]["to"].as_str()),
+        (Some("v1"), Some("v2"))
+    );
+    assert_eq!(v["drain"]["remaining"], 1);
+    let second = post(http, "/api/v1/locks/ledger/rotate?from=v1&to=v3").await;
+    assert_eq!((second.status, code(&second)), (409, "ROTATION_REFUSED".to_owned()));
+    let missing = post(http, "/api/v1/locks/ledger/rotate?from=v1").await;
+    assert_eq!((missing.status, code(&missing)), (400, "BAD_REQUEST".to_owned()));
+    let text = get(http, "/metrics").await.body;
+    assert_eq!(
+        metric(&text, "clastor_rotation_draining", "kind=\"ledger\""),
+        1.0,
+        "{text}"
+    );
+
+    let aborted = post(http, "/api/v1/locks/ledger/rotate/abort").await;
+    assert_eq!(aborted.status, 200, "{aborted:?}");
+    assert_eq!(
+        (aborted.json()["aborted"].as_bool(), aborted.json()["version"].as_str()),
+        (Some(true), Some("v1"))
+    );
+    let ended = running.await.unwrap();
+    assert_eq!((ended.status, code(&ended)), (409, "ROTATION_ABORTED".to_owned()));
+
+    held.release().await.unwrap();
+    let done = post(http, "/api/v1/locks/ledger/rotate").await;
+    assert_eq!(done.status, 400, "from and to are required");
+    let done = request(
+        http,
+        "POST",
+        "/api/v1/locks/ledger/rotate",
+        &[("content-type", "application/json")],
+        br#"{"from":"v1","to":"v2"}"#,
+    )
+    .await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(
+        (done.json()["status"].as_str(), done.json()["version"].as_str()),
+        (Some("ROTATED"), Some("v2"))
+    );
+    let wrong = post(http, "/api/v1/locks/ledger/rotate?from=v7&to=v8").await;
+    assert_eq!((wrong.status, code(&wrong)), (409, "ROTATION_REFUSED".to_owned()));
+    let text = get(http, "/metrics").await.body;
+    assert_eq!(
+        metric(
+            &text,
+            "clastor_rotations_total",
+            "kind=\"ledger\",outcome=\"completed\""
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "clastor_rotation_draining", "kind=\"ledger\""), 0.0);
+    // A lock id that looks like the rotation path is still a lock id.
+    let odd = post(http, "/api/v1/locks/ledger/rotate/acquire").await;
+    assert_eq!(odd.status, 200, "{odd:?}");
+    assert_eq!(odd.json()["version"], "v2");
+    handle.shutdown().await;
+}

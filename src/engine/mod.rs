@@ -266,14 +266,35 @@ impl<B: Backend> Engine<B> {
                 "drain timeout {drain_timeout:?} exceeds the longest wait {max:?}"
             )));
         }
+        // The observer hears of the drain once the backend first reports it.
+        let started = std::sync::atomic::AtomicBool::new(false);
+        let observed = |p: RotationProgress| {
+            if !started.swap(true, Ordering::Relaxed)
+                && let Some(o) = self.inner.observer.get()
+            {
+                o.rotation_started(&kind);
+            }
+            progress(p);
+        };
         let req = RotateRequest {
             kind: &kind,
             from,
             to,
             drain_timeout,
-            progress,
+            progress: &observed,
         };
-        match self.inner.backend.rotate(req).await? {
+        let observer = self.inner.observer.get();
+        let outcome = self.inner.backend.rotate(req).await;
+        if let Some(o) = observer {
+            let name = match &outcome {
+                Ok(RotateOutcome::Completed { .. }) => "completed",
+                Ok(RotateOutcome::Refused(_)) => "refused",
+                Ok(RotateOutcome::Aborted(_)) => "aborted",
+                Err(_) => "failed",
+            };
+            o.rotation_ended(&kind, name, started.load(Ordering::Relaxed));
+        }
+        match outcome? {
             RotateOutcome::Completed { drained, leftover } => Ok((drained, leftover)),
             RotateOutcome::Refused(m) => Err(LockError::RotationRefused(m)),
             RotateOutcome::Aborted(m) => Err(LockError::RotationAborted(m)),

@@ -30,4 +30,16 @@ pub trait EngineObserver: Send + Sync + Debug + 'static {
     fn not_granted(&self, key: &LockKey, waited: Duration);
     /// A hold of `key` ended after `held`.
     fn ended(&self, key: &LockKey, held: Duration, how: HoldEnd);
+
+    /// A rotation of `kind` driven through this engine started draining.
+    fn rotation_started(&self, kind: &str) {
+        let _ = kind;
+    }
+
+    /// A rotation of `kind` driven through this engine ended: `completed`,
+    /// `refused`, `aborted` or `failed`; `drained` if it had started
+    /// draining (a refused one never did).
+    fn rotation_ended(&self, kind: &str, outcome: &'static str, drained: bool) {
+        let _ = (kind, outcome, drained);
+    }
 }

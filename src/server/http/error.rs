@@ -52,7 +52,12 @@ impl ApiError {
 fn http_status(status: Status) -> StatusCode {
     match status {
         Status::Ok => StatusCode::OK,
-        Status::Timeout | Status::AlreadyHeld | Status::NotHeld | Status::NotOwner => StatusCode::CONFLICT,
+        Status::Timeout
+        | Status::AlreadyHeld
+        | Status::NotHeld
+        | Status::NotOwner
+        | Status::RotationRefused
+        | Status::RotationAborted => StatusCode::CONFLICT,
         Status::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         Status::Unavailable | Status::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Status::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -241,6 +241,23 @@ impl EngineObserver for Metrics {
         });
     }
 
+    fn rotation_started(&self, kind: &str) {
+        let kind = self.kind_label(kind);
+        metrics::with_local_recorder(&self.recorder, || {
+            gauge!("clastor_rotation_draining", "kind" => kind).set(1.0);
+        });
+    }
+
+    fn rotation_ended(&self, kind: &str, outcome: &'static str, drained: bool) {
+        let kind = self.kind_label(kind);
+        metrics::with_local_recorder(&self.recorder, || {
+            if drained {
+                gauge!("clastor_rotation_draining", "kind" => kind.clone()).set(0.0);
+            }
+            counter!("clastor_rotations_total", "kind" => kind, "outcome" => outcome).increment(1);
+        });
+    }
+
     fn ended(&self, key: &LockKey, held: Duration, how: HoldEnd) {
         let kind = self.kind_label(key.kind());
         metrics::with_local_recorder(&self.recorder, || {

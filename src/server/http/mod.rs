@@ -152,6 +152,8 @@ fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
         .route("/api/v1/status", get(status::status::<B>))
         .route("/api/v1/locks/held", get(rest::held::<B>))
         .route("/api/v1/locks/{kind}/version", get(rest::version::<B>))
+        .route("/api/v1/locks/{kind}/rotate", post(rest::rotate::<B>))
+        .route("/api/v1/locks/{kind}/rotate/abort", post(rest::rotate_abort::<B>))
         .route("/api/v1/locks/{kind}/{id}/acquire", post(rest::acquire::<B>))
         .route("/api/v1/locks/{kind}/{id}/renew", post(rest::renew::<B>))
         .route("/api/v1/locks/{kind}/{id}/release", post(rest::release::<B>))

@@ -275,19 +275,132 @@ struct VersionJson<'a> {
     resource: &'a str,
     version: &'a str,
     mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain: Option<DrainJson>,
 }
 
-/// `GET /api/v1/locks/{kind}/version`
+/// `GET /api/v1/locks/{kind}/version`: version, mode, and while draining the
+/// rotation's target, the lock nodes left and the time left.
 pub(super) async fn version<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
-    let v = st.shared.engine.version(&kind).await?;
+    let (v, drain) = st.shared.engine.version_detail(&kind).await?;
     Ok(Json(VersionJson {
         resource: &kind,
         version: &v.version,
         mode: v.mode.name(),
+        drain: drain.map(|d| DrainJson {
+            to: d.to,
+            remaining: d.remaining,
+            left_ms: d.left_ms,
+        }),
+    })
+    .into_response())
+}
+
+/// A draining kind's rotation.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DrainJson {
+    to: String,
+    remaining: u32,
+    left_ms: u32,
+}
+
+/// The parameters of a rotation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RotateParams {
+    from: Option<String>,
+    to: Option<String>,
+    drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotated<'a> {
+    resource: &'a str,
+    status: &'static str,
+    from: &'a str,
+    version: &'a str,
+    drain_ms: u64,
+    leftover: u32,
+}
+
+/// `POST /api/v1/locks/{kind}/rotate?from=&to=&drainTimeoutMs=`: the whole
+/// rotation (PROTOCOL.md, "Version rotation"), answered when it is over —
+/// `200 ROTATED`, or `409` with `ROTATION_REFUSED` / `ROTATION_ABORTED`. The
+/// drain timeout is capped by the HTTP port's longest wait, so the answer
+/// comes within its request timeout; a caller that goes away leaves the kind
+/// draining, resumable like any abandoned rotation.
+pub(super) async fn rotate<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RotateParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
+    let body = body.map_err(|e| ApiError::bad_request(format!("unreadable body: {e}")))?;
+    let body: RotateParams = if body.is_empty() {
+        RotateParams::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))?
+    };
+    let from = query
+        .from
+        .or(body.from)
+        .ok_or_else(|| ApiError::bad_request("from is required"))?;
+    let to = query
+        .to
+        .or(body.to)
+        .ok_or_else(|| ApiError::bad_request("to is required"))?;
+    let max = st.config.max_wait;
+    let drain = ms(
+        "drainTimeoutMs",
+        query.drain_timeout_ms.or(body.drain_timeout_ms),
+        max,
+        max,
+    )?;
+    let (drained, leftover) = st
+        .shared
+        .engine
+        .rotate(&kind, &from, &to, drain, &|p| {
+            debug!(kind = %p.kind, remaining = p.remaining, phase = p.phase.name(), "HTTP rotation progress");
+        })
+        .await?;
+    Ok(Json(Rotated {
+        resource: &kind,
+        status: "ROTATED",
+        from: &from,
+        version: &to,
+        drain_ms: millis(drained),
+        leftover,
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+struct RotateAborted<'a> {
+    resource: &'a str,
+    version: &'a str,
+    aborted: bool,
+}
+
+/// `POST /api/v1/locks/{kind}/rotate/abort`: back to normal on the current
+/// version (`aborted: false` when the kind was not draining).
+pub(super) async fn rotate_abort<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let (v, aborted) = st.shared.engine.rotate_abort(&kind).await?;
+    Ok(Json(RotateAborted {
+        resource: &kind,
+        version: &v.version,
+        aborted,
     })
     .into_response())
 }
