@@ -7,7 +7,8 @@
 //! back-pressure, not by our memory), and the handshake or idle timer.
 //! Responses go out in completion order, so a blocked `ACQUIRE` never holds
 //! up a `PING`. Writes are batched: everything ready is encoded, then flushed
-//! once.
+//! once. The socket's buffers are held only while they hold bytes
+//! (`wire.rs`), so an idle connection costs little more than its task.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,16 +19,16 @@ use clastor_protocol::{
     ClastorCodec, Event, Frame, FrameError, HIGHEST_VERSION, HelloOk, Request, Response, ResponseBody, Status,
 };
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::dispatch::{RequestContext, confirm_ms, dispatch};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
+use super::wire::Wire;
 use crate::backend::Backend;
 use crate::engine::{LostEvent, LostEvents};
 
@@ -46,7 +47,7 @@ enum Flow {
 }
 
 struct Conn<B: Backend> {
-    framed: Framed<TcpStream, ClastorCodec>,
+    framed: Wire,
     shared: Arc<ServerState<B>>,
     ctx: RequestContext<B>,
     inflight: FuturesUnordered<Pending>,
@@ -68,7 +69,7 @@ pub(super) async fn run<B: Backend>(
 ) {
     let cfg = &shared.config;
     let mut c = Conn {
-        framed: Framed::new(stream, ClastorCodec::new(cfg.max_frame_len)),
+        framed: Wire::new(stream, ClastorCodec::new(cfg.max_frame_len)),
         shared: shared.clone(),
         ctx,
         inflight: FuturesUnordered::new(),
@@ -100,7 +101,7 @@ pub(super) async fn run<B: Backend>(
                 c.push_lost(&ev);
                 Flow::Continue
             }
-            frame = c.framed.next(), if can_read => c.on_read(frame, &mut lost),
+            frame = c.framed.next_frame(), if can_read => c.on_read(frame, &mut lost),
             () = sleep_until_or_never(timer.and_then(|(at, _)| at)), if timer.is_some() => {
                 let what = timer.map_or("idle", |(_, what)| what);
                 info!(timeout = what, "closing connection");
@@ -175,7 +176,7 @@ impl<B: Backend> Conn<B> {
         debug!(until = ?until.saturating_duration_since(Instant::now()), "keeping locks until their promised safe-until");
         let closed = async {
             // Anything the client still sends is not served; EOF ends the wait.
-            while let Some(Ok(_)) = self.framed.next().await {}
+            while let Some(Ok(_)) = self.framed.next_frame().await {}
         };
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
@@ -203,7 +204,7 @@ impl<B: Backend> Conn<B> {
             {
                 break;
             }
-            match self.framed.next().now_or_never() {
+            match self.framed.ready_frame() {
                 Some(frame) => {
                     if let Flow::Close = self.on_read(frame, lost) {
                         return Flow::Close;
@@ -219,8 +220,7 @@ impl<B: Backend> Conn<B> {
         if self.framed.write_buffer().is_empty() {
             return Ok(());
         }
-        let flush = SinkExt::<&Response>::flush(&mut self.framed);
-        write_within(&self.shared, flush).await
+        write_within(&self.shared, self.framed.flush()).await
     }
 
     fn push_lost(&mut self, ev: &LostEvent) {

@@ -19,6 +19,7 @@ mod dispatch;
 mod io;
 mod state;
 mod text;
+mod wire;
 
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
 
