@@ -4,10 +4,23 @@
 //! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
 //! pairs issued directly with zookeeper-client over as many sessions as the
 //! server uses.
+//!
+//! By default each client is a `clastor-client` connection, measured as an
+//! application would see it; `--depth` runs that many loops per connection
+//! (the client pipelines them). `--raw` swaps the client crate for a lean
+//! pipelined driver (`pipeline.rs`), so the load process costs little next to
+//! the server. `--sweep` repeats everything over several connection counts;
+//! `--op idle|hold` measure the server's memory instead (`footprint.rs`), and
+//! `--chart-from` draws SVG charts from collected `--json` lines (`chart.rs`).
+
+mod chart;
+mod footprint;
+mod pipeline;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -37,6 +50,12 @@ pub(crate) enum Op {
     Handoff,
     /// Ping and acquire+release.
     All,
+    /// Server memory per idle connection (`--count`, default 10,000), with
+    /// a `clastor serve` child process (memory backend).
+    Idle,
+    /// Server memory per held lock (`--count`, default 100,000, on 100
+    /// connections), with a `clastor serve` child process (memory backend).
+    Hold,
 }
 
 /// How clients pick their keys.
@@ -98,11 +117,54 @@ pub(crate) struct LoadArgs {
     /// Print one JSON object per result line instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// Requests in flight per connection: loops sharing each client
+    /// connection, or with --raw, frames pipelined on it.
+    #[arg(long, default_value_t = NonZeroUsize::MIN)]
+    depth: NonZeroUsize,
+
+    /// Drive the binary protocol directly with a lean pipelined driver
+    /// instead of the client crate (ping and acquire+release only).
+    #[arg(long)]
+    raw: bool,
+
+    /// Run every measurement at each of these connection counts (instead of --clients).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    sweep: Vec<usize>,
+
+    /// Scenario name written into each --json line (groups lines into tables and charts).
+    #[arg(long, default_value = "")]
+    scenario: String,
+
+    /// With --op idle|hold: how many connections or locks.
+    #[arg(long)]
+    count: Option<usize>,
+
+    /// With --op idle|hold: the `clastor` binary to start as the server
+    /// (default: this one), to compare builds.
+    #[arg(long, value_name = "PATH")]
+    serve_bin: Option<PathBuf>,
+
+    /// Draw SVG charts from this file of --json lines into --chart-dir, and
+    /// measure nothing.
+    #[arg(long, value_name = "FILE")]
+    chart_from: Option<PathBuf>,
+
+    /// Where --chart-from writes its SVG files.
+    #[arg(long, value_name = "DIR", default_value = "docs/perf")]
+    chart_dir: PathBuf,
 }
 
 /// One measured scenario.
 struct Report {
     name: String,
+    /// `clastor`, or which floor.
+    series: &'static str,
+    scenario: String,
+    connections: usize,
+    depth: usize,
+    /// Requests each sample makes (2 for acquire+release).
+    requests_per_op: u64,
     ops: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
@@ -110,18 +172,36 @@ struct Report {
 }
 
 impl Report {
+    fn new(name: &str, elapsed: Duration) -> Report {
+        Report {
+            name: name.to_owned(),
+            series: "clastor",
+            scenario: String::new(),
+            connections: 1,
+            depth: 1,
+            requests_per_op: 1,
+            ops: 0,
+            elapsed,
+            hist: new_hist(),
+            errors: 0,
+        }
+    }
+
     fn print(&self, json: bool) {
         let q = |p: f64| self.hist.value_at_quantile(p);
         let rate = self.ops as f64 / self.elapsed.as_secs_f64();
         if json {
             let v = serde_json::json!({
-                "name": self.name, "ops": self.ops, "ops_per_s": rate.round(), "errors": self.errors,
-                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "max_us": self.hist.max(),
+                "name": self.name, "series": self.series, "scenario": self.scenario,
+                "connections": self.connections, "depth": self.depth,
+                "ops": self.ops, "ops_per_s": rate.round(),
+                "requests_per_s": (rate * self.requests_per_op as f64).round(), "errors": self.errors,
+                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": self.hist.max(),
             });
             println!("{v}");
         } else {
             println!(
-                "{:<42} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<50} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 self.name,
                 rate,
                 q(0.5),
@@ -153,8 +233,35 @@ pub(crate) fn run(args: LoadArgs) -> ExitCode {
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    if args.clients == 0 {
-        bail!("--clients must be at least 1");
+    if let Some(input) = &args.chart_from {
+        for name in chart::draw(input, &args.chart_dir)? {
+            println!("{}", args.chart_dir.join(name).display());
+        }
+        return Ok(());
+    }
+    if matches!(args.op, Op::Idle | Op::Hold) {
+        let bin = match &args.serve_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe().context("find this binary")?,
+        };
+        let footprint = if args.op == Op::Idle {
+            footprint::idle_connections(&bin, args.count.unwrap_or(10_000)).await?
+        } else {
+            footprint::held_locks(&bin, args.count.unwrap_or(100_000)).await?
+        };
+        footprint.print(args.json, &args.scenario);
+        return Ok(());
+    }
+    let counts = if args.sweep.is_empty() {
+        vec![args.clients]
+    } else {
+        args.sweep.clone()
+    };
+    if counts.contains(&0) {
+        bail!("--clients and --sweep counts must be at least 1");
+    }
+    if args.raw && args.op == Op::Handoff {
+        bail!("--raw measures ping and acquire+release; hand-over goes through the client");
     }
     let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
         (Some(addr), _) => (addr.clone(), None),
@@ -173,52 +280,90 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     };
     if !args.json {
         println!(
-            "clastor load: {} client(s), {:?} per measurement, server {addr}{}",
-            args.clients,
+            "clastor load: {:?} connection(s), depth {}{}, {:?} per measurement, server {addr}{}",
+            counts,
+            args.depth,
+            if args.raw { " (raw driver)" } else { "" },
             args.duration,
             if local.is_some() { " (in-process)" } else { "" }
         );
         println!(
-            "{:<42} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "{:<50} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
             "operation", "ops/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "errors"
         );
     }
-    // Echo of the PING frame sizes: 12 bytes out, 14 back.
-    echo_floor(&args).await?.print(args.json);
-    let clients = connect_all(&addr, args.clients).await?;
-    if matches!(args.op, Op::Ping | Op::All) {
-        let c = clients.clone();
-        measure(
-            &args,
-            "clastor PING",
-            op_fn(move |i| {
-                let c = c[i].clone();
-                async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
-            }),
-        )
-        .await
-        .print(args.json);
+    for &n in &counts {
+        run_at(&args, &addr, n).await?;
     }
-    if matches!(args.op, Op::AcquireRelease | Op::All) {
-        let keys = args.keys;
-        let name = format!(
-            "clastor acquire+release ({})",
-            match keys {
-                Keys::Shared => "1 key",
-                Keys::Distinct => "distinct keys",
-                Keys::Fresh => "fresh keys",
-            }
-        );
-        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let run = std::process::id();
-        let c = clients.clone();
-        measure(
-            &args,
-            &name,
-            op_fn(move |i| {
-                let c = c[i].clone();
+    if let Some(server) = local {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Every measurement `args` asks for, with `n` connections.
+async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
+    let depth = args.depth.get();
+    let workers = n * depth;
+    let emit = |mut r: Report, series: &'static str, requests_per_op: u64| {
+        r.series = series;
+        r.scenario.clone_from(&args.scenario);
+        r.connections = n;
+        r.depth = depth;
+        r.requests_per_op = requests_per_op;
+        if !args.json {
+            r.name = format!("{} [{n}x{depth}]", r.name);
+        }
+        r.print(args.json);
+    };
+    let keys_name = match args.keys {
+        Keys::Shared => "shared keys",
+        Keys::Distinct => "distinct keys",
+        Keys::Fresh => "fresh keys",
+    };
+    let wants_ping = matches!(args.op, Op::Ping | Op::All);
+    let wants_pairs = matches!(args.op, Op::AcquireRelease | Op::All);
+    // The floor: echo of the PING frame sizes (12 bytes out, 14 back), or
+    // pipelined PING frames echoed as they are.
+    if args.raw || depth > 1 {
+        let echo = EchoServer::start().await?;
+        let r = raw_measure(args, &echo.addr, n, pipeline::RawOp::Echo, args.keys, "floor: loopback TCP echo").await?;
+        emit(r, "floor: TCP echo", 1);
+    } else {
+        emit(echo_floor(args, n).await?, "floor: TCP echo", 1);
+    }
+    if args.raw {
+        if wants_ping {
+            let r = raw_measure(args, addr, n, pipeline::RawOp::Ping, args.keys, "clastor PING").await?;
+            emit(r, "clastor", 1);
+        }
+        if wants_pairs {
+            let name = format!("clastor acquire+release ({keys_name})");
+            let r = raw_measure(args, addr, n, pipeline::RawOp::AcquireRelease, args.keys, &name).await?;
+            emit(r, "clastor", 2);
+        }
+    } else {
+        let clients = connect_all(addr, n).await?;
+        if wants_ping {
+            let c = clients.clone();
+            let op = op_fn(move |i| {
+                let c = c[i % c.len()].clone();
+                async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
+            });
+            emit(measure_n(args, workers, "clastor PING", op).await, "clastor", 1);
+        }
+        if wants_pairs {
+            let keys = args.keys;
+            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let run = std::process::id();
+            let c = clients.clone();
+            let op = op_fn(move |i| {
+                let conns = c.len();
+                let c = c[i % conns].clone();
                 let id = match keys {
-                    Keys::Shared => "shared".to_owned(),
+                    // Loop j of every connection shares key j: contended by
+                    // every connection, never twice by one.
+                    Keys::Shared => format!("shared-{}", i / conns),
                     Keys::Distinct => format!("k{i}"),
                     Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
                 };
@@ -229,26 +374,93 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                         None => bail!("not granted within 30 s"),
                     }
                 }
-            }),
-        )
-        .await
-        .print(args.json);
-    }
-    if args.op == Op::Handoff {
-        handoff(&args, &clients).await.print(args.json);
+            });
+            let name = format!("clastor acquire+release ({keys_name})");
+            emit(measure_n(args, workers, &name, op).await, "clastor", 2);
+        }
+        if args.op == Op::Handoff {
+            emit(handoff(args, &clients).await, "clastor", 1);
+        }
     }
     if let Some(zk) = &args.zk {
         if args.op == Op::Handoff {
-            zk_handoff_floor(&args, zk).await?.print(args.json);
-        } else {
-            zk_floor(&args, zk).await?.print(args.json);
+            emit(zk_handoff_floor(args, zk, n).await?, "floor: ZooKeeper", 1);
+        } else if wants_pairs {
+            emit(zk_floor(args, zk, workers).await?, "floor: ZooKeeper", 2);
         }
     }
-    drop(clients);
-    if let Some(server) = local {
-        server.shutdown().await;
-    }
     Ok(())
+}
+
+/// A loopback server echoing whatever it reads, as it reads it: the floor
+/// for pipelined frames.
+struct EchoServer {
+    addr: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    async fn start() -> anyhow::Result<EchoServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => {
+                                if s.write_all(&buf[..k]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(EchoServer { addr, task })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `n` connections of the lean driver, `--depth` in flight on each, for a
+/// warm-up and then `--duration` of recorded samples.
+async fn raw_measure(
+    args: &LoadArgs,
+    addr: &str,
+    n: usize,
+    op: pipeline::RawOp,
+    keys: Keys,
+    name: &str,
+) -> anyhow::Result<Report> {
+    let start = Instant::now();
+    let window = Arc::new(pipeline::Window {
+        record_from: start + args.warmup,
+        until: start + args.warmup + args.duration,
+    });
+    let depth = args.depth.get();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, window) = (addr.to_owned(), window.clone());
+            tokio::spawn(async move { pipeline::run_connection(&addr, op, keys, i, depth, &window).await })
+        })
+        .collect();
+    let mut report = Report::new(name, args.duration);
+    for t in tasks {
+        let (hist, errors) = t.await??;
+        report.ops += hist.len();
+        let _ = report.hist.add(&hist);
+        report.errors += errors;
+    }
+    Ok(report)
 }
 
 async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>)> {
@@ -312,24 +524,13 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Runs `op` in a closed loop on every client: a warm-up, then
+/// Runs `op` in a closed loop on `workers` tasks: a warm-up, then
 /// `args.duration` of recorded samples.
-async fn measure(args: &LoadArgs, name: &str, op: OpFn) -> Report {
-    measure_n(args, args.clients, name, op).await
-}
-
-/// [`measure`] with `workers` loops instead of one per client.
 async fn measure_n(args: &LoadArgs, workers: usize, name: &str, op: OpFn) -> Report {
     phase(workers, args.warmup, op.clone()).await;
     let started = Instant::now();
     let results = phase(workers, args.duration, op).await;
-    let mut report = Report {
-        name: name.to_owned(),
-        ops: 0,
-        elapsed: started.elapsed(),
-        hist: new_hist(),
-        errors: 0,
-    };
+    let mut report = Report::new(name, started.elapsed());
     for (hist, errors) in results {
         report.ops += hist.len();
         let _ = report.hist.add(&hist);
@@ -371,7 +572,7 @@ const PING_FRAME: usize = 12;
 const PONG_FRAME: usize = 14;
 
 /// Loopback TCP echo with the `PING` frame sizes: the floor for one round trip.
-async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
+async fn echo_floor(args: &LoadArgs, n: usize) -> anyhow::Result<Report> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -387,15 +588,16 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
             });
         }
     });
-    let mut conns = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         conns.push(tokio::sync::Mutex::new(s));
     }
     let conns = Arc::new(conns);
-    let report = measure(
+    let report = measure_n(
         args,
+        n,
         "floor: loopback TCP echo",
         op_fn(move |i| {
             let conns = conns.clone();
@@ -416,14 +618,15 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
 /// Raw ZooKeeper `create` (ephemeral) + `delete` pairs with zookeeper-client,
 /// one path per client, over `--zk-sessions` sessions: the floor for a lock
 /// and unlock through ZooKeeper.
-async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+async fn zk_floor(args: &LoadArgs, hosts: &str, workers: usize) -> anyhow::Result<Report> {
     use zookeeper_client::{Acls, CreateMode};
     let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
-    Ok(measure(
+    Ok(measure_n(
         args,
+        workers,
         &name,
         op_fn(move |i| {
             let sessions = sessions.clone();
@@ -506,9 +709,9 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
 
 /// Raw ZooKeeper hand-over: one session deletes a node another session
 /// watches; from the `delete` call to the watch notification.
-async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+async fn zk_handoff_floor(args: &LoadArgs, hosts: &str, clients: usize) -> anyhow::Result<Report> {
     use zookeeper_client::{Acls, CreateMode};
-    let n = (args.clients / 2).max(1);
+    let n = (clients / 2).max(1);
     let sessions = raw_sessions(hosts, 2).await?;
     let root = FLOOR_ROOT;
     let sessions = Arc::new(sessions);
