@@ -15,7 +15,8 @@ use std::io;
 
 use bytes::{Buf, BytesMut};
 use clastor_protocol::{ClastorCodec, Frame, FrameError};
-use tokio::io::AsyncWriteExt;
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
@@ -113,14 +114,18 @@ impl Wire {
                 });
             }
             self.read.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.read) {
-                Ok(0) => self.eof = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            // `poll_read`, not `try_read_buf`: a short read clears the
+            // socket's readiness there, which saves the `recv` that would
+            // otherwise only learn `WouldBlock` (one system call per request
+            // on a request-reply connection).
+            match self.stream.read_buf(&mut self.read).now_or_never() {
+                Some(Ok(0)) => self.eof = true,
+                Some(Ok(_)) => {}
+                None => {
                     self.shrink_read();
                     return None;
                 }
-                Err(e) => return Some(Err(e.into())),
+                Some(Err(e)) => return Some(Err(e.into())),
             }
         }
     }
