@@ -48,10 +48,12 @@ pub(super) fn draw(input: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
     for (scenario, points) in &scenarios {
-        let slug: String = scenario
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-            .collect();
+        let slug = scenario
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
+            .join("-");
         let mut conns: Vec<u64> = points.iter().map(|p| p.connections).collect();
         conns.sort_unstable();
         conns.dedup();
@@ -73,7 +75,7 @@ pub(super) fn draw(input: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
                 })
                 .collect::<Vec<_>>();
             let xs: Vec<String> = conns.iter().map(u64::to_string).collect();
-            let svg = line_chart(&format!("{scenario}: throughput"), "connections", "ops/s", &xs, &lines, false);
+            let svg = line_chart(&format!("{scenario}: throughput"), "connections", "ops/s (log)", &xs, &lines, true);
             let name = format!("throughput-{slug}.svg");
             std::fs::write(dir.join(&name), svg)?;
             written.push(name);

@@ -325,7 +325,9 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     let wants_pairs = matches!(args.op, Op::AcquireRelease | Op::All);
     // The floor: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are.
-    if args.raw || depth > 1 {
+    if args.zk.is_some() {
+        // The ZooKeeper floors below are the ones that matter.
+    } else if args.raw || depth > 1 {
         let echo = EchoServer::start().await?;
         let r = raw_measure(args, &echo.addr, n, pipeline::RawOp::Echo, args.keys, "floor: loopback TCP echo").await?;
         emit(r, "floor: TCP echo", 1);
