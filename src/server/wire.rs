@@ -108,10 +108,9 @@ impl Wire {
                 Err(e) => return Some(Err(e)),
             }
             if self.eof {
-                return (!self.read.is_empty()).then(|| {
-                    self.read = BytesMut::new();
-                    Err(eof_error())
-                });
+                let cut = !self.read.is_empty();
+                self.read = BytesMut::new();
+                return cut.then(|| Err(eof_error()));
             }
             self.read.reserve(READ_CHUNK);
             // `poll_read`, not `try_read_buf`: a short read clears the
@@ -172,4 +171,74 @@ impl Wire {
 
 fn eof_error() -> FrameError {
     FrameError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside a frame"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clastor_protocol::{Request, Response, ResponseBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn pair() -> (Wire, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Wire::new(server, ClastorCodec::default()), client)
+    }
+
+    fn ping(id: u32) -> BytesMut {
+        let mut b = BytesMut::new();
+        Request::Ping.encode(id, &mut b);
+        b
+    }
+
+    #[tokio::test]
+    async fn idle_connection_holds_no_buffer() {
+        let (mut wire, mut client) = pair().await;
+        assert_eq!(wire.buffered_capacity(), 0, "a new connection holds no buffer");
+        client.write_all(&ping(7)).await.unwrap();
+        let frame = wire.next_frame().await.unwrap().unwrap();
+        assert_eq!(frame.header.request_id, 7);
+        assert!(wire.ready_frame().is_none());
+        assert_eq!(wire.buffered_capacity(), 0, "read buffer given back once drained");
+        Response::ok(7, ResponseBody::Pong).encode(wire.write_buffer_mut());
+        assert!(wire.buffered_capacity() > 0);
+        wire.flush().await.unwrap();
+        assert_eq!(wire.buffered_capacity(), 0, "write buffer given back after the flush");
+        let mut reply = [0u8; 14];
+        client.read_exact(&mut reply).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_reads_is_kept_until_whole() {
+        let (mut wire, mut client) = pair().await;
+        let mut bytes = ping(1);
+        bytes.extend_from_slice(&ping(2));
+        let rest = bytes.split_off(5);
+        client.write_all(&bytes).await.unwrap();
+        // Wait until the first bytes are in, then check nothing is framed yet.
+        wire.stream.readable().await.unwrap();
+        assert!(wire.ready_frame().is_none());
+        assert_eq!(wire.read.len(), 1, "the length prefix is taken, one header byte waits");
+        client.write_all(&rest).await.unwrap();
+        assert_eq!(wire.next_frame().await.unwrap().unwrap().header.request_id, 1);
+        assert_eq!(wire.next_frame().await.unwrap().unwrap().header.request_id, 2);
+        drop(client);
+        assert!(wire.next_frame().await.is_none(), "a clean end after whole frames");
+        assert_eq!(wire.buffered_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_a_frame_is_an_error() {
+        let (mut wire, mut client) = pair().await;
+        let mut bytes = ping(1);
+        bytes.truncate(6);
+        client.write_all(&bytes).await.unwrap();
+        drop(client);
+        assert!(matches!(wire.next_frame().await, Some(Err(FrameError::Io(_)))));
+    }
 }

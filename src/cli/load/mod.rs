@@ -132,6 +132,16 @@ pub(crate) struct LoadArgs {
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     sweep: Vec<usize>,
 
+    /// Hand-over: how long the waiter's acquire gets to queue before the
+    /// holder releases. Too short a time for the backend's queueing (a
+    /// busy ZooKeeper) adds the rest of the waiter's queueing to the sample.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
+    queue_time: Duration,
+
+    /// Skip the floors (for profiling the server alone).
+    #[arg(long)]
+    no_floor: bool,
+
     /// Scenario name written into each --json line (groups lines into tables and charts).
     #[arg(long, default_value = "")]
     scenario: String,
@@ -325,7 +335,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     let wants_pairs = matches!(args.op, Op::AcquireRelease | Op::All);
     // The floor: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are.
-    if args.zk.is_some() {
+    if args.zk.is_some() || args.no_floor {
         // The ZooKeeper floors below are the ones that matter.
     } else if args.raw || depth > 1 {
         let echo = EchoServer::start().await?;
@@ -384,7 +394,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             emit(handoff(args, &clients).await, "clastor", 1);
         }
     }
-    if let Some(zk) = &args.zk {
+    if let Some(zk) = args.zk.as_ref().filter(|_| !args.no_floor) {
         if args.op == Op::Handoff {
             emit(zk_handoff_floor(args, zk, n).await?, "floor: ZooKeeper", 1);
         } else if wants_pairs {
@@ -646,11 +656,6 @@ async fn zk_floor(args: &LoadArgs, hosts: &str, workers: usize) -> anyhow::Resul
     .await)
 }
 
-/// How long a hand-over round lets the waiter queue before the holder
-/// releases. Benchmark pacing only: the waiter's acquire is in flight, and a
-/// round in which it had not queued yet only measures slower, never faster.
-const QUEUE_TIME: Duration = Duration::from_millis(5);
-
 /// Two clients taking turns on one key.
 struct Pair {
     clients: [Client; 2],
@@ -673,6 +678,7 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
         .collect();
     let n = pairs.len().max(1);
     let pairs = Arc::new(pairs);
+    let queue_time = args.queue_time;
     let op = timed_op_fn(move |i| {
         let pairs = pairs.clone();
         async move {
@@ -695,7 +701,9 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
                 let g = waiter.lock("load", key).wait(wait).acquire().await;
                 (g, Instant::now())
             });
-            tokio::time::sleep(QUEUE_TIME).await;
+            // Benchmark pacing only: the waiter's acquire is in flight, and a
+            // round in which it had not queued yet only measures slower.
+            tokio::time::sleep(queue_time).await;
             let t0 = Instant::now();
             if let Some(g) = p.held.take() {
                 g.release().await?;
