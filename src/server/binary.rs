@@ -54,6 +54,10 @@ struct Conn<B: Backend> {
     handshaken: bool,
     opened: Instant,
     last_activity: Instant,
+    /// A frame arrived since `last_activity` was last set: it is set once
+    /// per round, not per frame (the idle timer needs no finer grain, and
+    /// a pipelined batch then costs one clock read).
+    active: bool,
     /// The latest instant this connection was told its locks are safe until
     /// (version 2): on shutdown they are kept until then, unless the client
     /// goes first, so a client that did not hear the goodbye is never wrong.
@@ -76,6 +80,7 @@ pub(super) async fn run<B: Backend>(
         handshaken: false,
         opened: Instant::now(),
         last_activity: Instant::now(),
+        active: false,
         promised_until: None,
     };
     let mut shutting_down = false;
@@ -113,6 +118,9 @@ pub(super) async fn run<B: Backend>(
             Flow::Continue => c.drain_ready(&mut lost),
             Flow::Close => Flow::Close,
         };
+        if std::mem::take(&mut c.active) {
+            c.last_activity = Instant::now();
+        }
         if c.flush().await.is_err() {
             break;
         }
@@ -239,7 +247,7 @@ impl<B: Backend> Conn<B> {
         match frame {
             None => Flow::Close,
             Some(Ok(frame)) => {
-                self.last_activity = Instant::now();
+                self.active = true;
                 self.on_frame(frame, lost)
             }
             Some(Err(FrameError::Io(e))) => {

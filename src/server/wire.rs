@@ -170,7 +170,10 @@ impl Wire {
 }
 
 fn eof_error() -> FrameError {
-    FrameError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside a frame"))
+    FrameError::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "stream ended inside a frame",
+    ))
 }
 
 #[cfg(test)]

@@ -22,7 +22,12 @@ struct Point {
     percentiles: [Option<f64>; 4],
 }
 
-const PERCENTILES: [(&str, &str); 4] = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us")];
+const PERCENTILES: [(&str, &str); 4] = [
+    ("p50", "p50_us"),
+    ("p90", "p90_us"),
+    ("p99", "p99_us"),
+    ("p99.9", "p999_us"),
+];
 
 /// Reads `input` and writes the charts into `dir`; returns the files written.
 pub(super) fn draw(input: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
@@ -30,11 +35,9 @@ pub(super) fn draw(input: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut scenarios: BTreeMap<String, Vec<Point>> = BTreeMap::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let v: Value = serde_json::from_str(line).with_context(|| format!("bad JSON line: {line}"))?;
-        let (Some(scenario), Some(series), Some(ops)) = (
-            v["scenario"].as_str(),
-            v["series"].as_str(),
-            v["ops_per_s"].as_f64(),
-        ) else {
+        let (Some(scenario), Some(series), Some(ops)) =
+            (v["scenario"].as_str(), v["series"].as_str(), v["ops_per_s"].as_f64())
+        else {
             continue;
         };
         let percentiles = PERCENTILES.map(|(_, field)| v[field].as_f64());
@@ -75,7 +78,14 @@ pub(super) fn draw(input: &Path, dir: &Path) -> anyhow::Result<Vec<String>> {
                 })
                 .collect::<Vec<_>>();
             let xs: Vec<String> = conns.iter().map(u64::to_string).collect();
-            let svg = line_chart(&format!("{scenario}: throughput"), "connections", "ops/s (log)", &xs, &lines, true);
+            let svg = line_chart(
+                &format!("{scenario}: throughput"),
+                "connections",
+                "ops/s (log)",
+                &xs,
+                &lines,
+                true,
+            );
             let name = format!("throughput-{slug}.svg");
             std::fs::write(dir.join(&name), svg)?;
             written.push(name);
@@ -120,7 +130,14 @@ const COLOURS: [&str; 8] = [
 ];
 
 /// A line chart over categorical x values; linear y from 0, or log y.
-fn line_chart(title: &str, x_label: &str, y_label: &str, xs: &[String], lines: &[(String, Vec<Option<f64>>)], log_y: bool) -> String {
+fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    xs: &[String],
+    lines: &[(String, Vec<Option<f64>>)],
+    log_y: bool,
+) -> String {
     let values = lines.iter().flat_map(|(_, ys)| ys.iter().flatten().copied());
     let max = values.clone().fold(0.0_f64, f64::max).max(1.0);
     let min = values.fold(f64::INFINITY, f64::min).max(1.0);
@@ -133,7 +150,11 @@ fn line_chart(title: &str, x_label: &str, y_label: &str, xs: &[String], lines: &
     let plot_h = H - TOP - BOTTOM;
     let x_at = |i: usize| LEFT + plot_w * (i as f64 + 0.5) / xs.len().max(1) as f64;
     let y_at = |v: f64| {
-        let f = if log_y { (v.max(1.0).log10() - lo) / (hi - lo) } else { v / hi };
+        let f = if log_y {
+            (v.max(1.0).log10() - lo) / (hi - lo)
+        } else {
+            v / hi
+        };
         TOP + plot_h * (1.0 - f)
     };
     let mut s = String::new();
@@ -142,7 +163,12 @@ fn line_chart(title: &str, x_label: &str, y_label: &str, xs: &[String], lines: &
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
     );
     let _ = write!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = write!(s, r#"<text x="{}" y="22" font-size="14" text-anchor="middle">{}</text>"#, W / 2.0, esc(title));
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="22" font-size="14" text-anchor="middle">{}</text>"#,
+        W / 2.0,
+        esc(title)
+    );
     // Grid and y ticks.
     let ticks: Vec<f64> = if log_y {
         (lo as i32..=hi as i32).map(|e| 10f64.powi(e)).collect()
@@ -220,7 +246,11 @@ fn line_chart(title: &str, x_label: &str, y_label: &str, xs: &[String], lines: &
 /// 1, 2 or 5 times a power of ten, at least `v`.
 fn nice_ceiling(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|&c| c >= v).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
 }
 
 fn human(v: f64) -> String {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::BytesMut;
-use clastor_protocol::{Acquire, Hello, HIGHEST_VERSION, LockMode, Request, Response, split_frame};
+use clastor_protocol::{Acquire, HIGHEST_VERSION, Hello, LockMode, Request, Response, split_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -94,7 +94,8 @@ impl Server {
     }
 
     fn rss(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).context("read /proc (Linux only)")?;
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).context("read /proc (Linux only)")?;
         let kib = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))

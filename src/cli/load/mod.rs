@@ -339,7 +339,15 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
         // The ZooKeeper floors below are the ones that matter.
     } else if args.raw || depth > 1 {
         let echo = EchoServer::start().await?;
-        let r = raw_measure(args, &echo.addr, n, pipeline::RawOp::Echo, args.keys, "floor: loopback TCP echo").await?;
+        let r = raw_measure(
+            args,
+            &echo.addr,
+            n,
+            pipeline::RawOp::Echo,
+            args.keys,
+            "floor: loopback TCP echo",
+        )
+        .await?;
         emit(r, "floor: TCP echo", 1);
     } else {
         emit(echo_floor(args, n).await?, "floor: TCP echo", 1);

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::BytesMut;
-use clastor_protocol::{Acquire, Hello, HIGHEST_VERSION, LockMode, Request, Response, ResponseBody, split_frame};
+use clastor_protocol::{Acquire, HIGHEST_VERSION, Hello, LockMode, Request, Response, ResponseBody, split_frame};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Keys, new_hist, micros};
+use super::{Keys, micros, new_hist};
 
 /// What each pipeline slot does over and over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,9 @@ pub(super) async fn run_connection(
     depth: usize,
     window: &Window,
 ) -> anyhow::Result<(Histogram<u64>, u64)> {
-    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut out = BytesMut::with_capacity(64 * depth.max(1));
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
