@@ -110,6 +110,7 @@ load "zookeeper, contended, depth 1" --zk "$zk" --op acquire-release --keys shar
 echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
 
 echo "== report"
+rm -f docs/perf/*.svg
 "$clastor" load --chart-from "$results" --chart-dir docs/perf >/dev/null
 /usr/bin/python3 scripts/perf_report.py "$results" >PERFORMANCE.md
 echo "PERFORMANCE.md and docs/perf/*.svg written; raw results in $results"

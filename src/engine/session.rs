@@ -788,3 +788,47 @@ impl<B: Backend> Drop for SessionState<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn event(id: &str) -> LostEvent {
+        LostEvent {
+            key: LockKey::new("k", id).unwrap(),
+            token: 1,
+            reason: LostReason::LeaseExpired,
+        }
+    }
+
+    #[tokio::test]
+    async fn lost_events_arrive_in_order_then_end_with_the_session() {
+        let queue = Arc::new(LostQueue::default());
+        let mut rx = LostEvents { queue: queue.clone() };
+        assert!(rx.try_recv().is_none());
+        let waiting = tokio::spawn(async move {
+            let first = rx.recv().await.unwrap();
+            let second = rx.recv().await.unwrap();
+            (first.key.id().to_owned(), second.key.id().to_owned(), rx.recv().await.is_none())
+        });
+        tokio::task::yield_now().await;
+        queue.push(event("a"));
+        queue.push(event("b"));
+        queue.close();
+        assert_eq!(waiting.await.unwrap(), ("a".into(), "b".into(), true));
+    }
+
+    #[test]
+    fn an_idle_queue_holds_no_memory_and_a_deaf_one_queues_nothing() {
+        let queue = Arc::new(LostQueue::default());
+        let mut rx = LostEvents { queue: queue.clone() };
+        queue.push(event("a"));
+        assert!(rx.try_recv().is_some());
+        assert_eq!(queue.lock().events.capacity(), 0, "space given back once drained");
+        drop(rx);
+        queue.push(event("b"));
+        assert!(queue.lock().events.is_empty(), "nobody listens: nothing is kept");
+    }
+}

@@ -405,7 +405,9 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     if let Some(zk) = args.zk.as_ref().filter(|_| !args.no_floor) {
         if args.op == Op::Handoff {
             emit(zk_handoff_floor(args, zk, n).await?, "floor: ZooKeeper", 1);
-        } else if wants_pairs {
+        } else if wants_pairs && args.keys != Keys::Shared {
+            // Distinct paths: a floor for distinct keys only (a contended
+            // lock's floor is the hand-over one, `--op handoff`).
             emit(zk_floor(args, zk, workers).await?, "floor: ZooKeeper", 2);
         }
     }
