@@ -5,8 +5,9 @@
 # pid), Clastor next to the floors `clastor load` measures in the same run and
 # next to Apache Curator's InterProcessMutex and kazoo's Lock on the same
 # ZooKeeper. The latency-critical ZooKeeper scenarios run ROUNDS times,
-# interleaved (Clastor, floor, Curator, kazoo, then again), and the report
-# gives the range over rounds.
+# interleaved (Clastor, floor, Curator, kazoo, then again; Clastor and its
+# floor alternate sample by sample, `--interleave`), and the report gives the
+# range over rounds.
 #
 # Usage: scripts/perf.sh            (about 12 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
@@ -96,10 +97,10 @@ echo "{\"meta\":\"kazoo\",\"value\":\"$(/usr/bin/python3 -c 'import kazoo.versio
 
 for round in $(seq "$ROUNDS"); do
   echo "== ZooKeeper round $round/$ROUNDS"
-  load "zookeeper, uncontended" --zk "$zk" --op acquire-release --clients 1
+  load "zookeeper, uncontended" --zk "$zk" --op acquire-release --clients 1 --interleave
   curator uncontended "zookeeper, uncontended"
   kazoo uncontended "zookeeper, uncontended"
-  load "zookeeper, hand-over" --zk "$zk" --op handoff --clients 2
+  load "zookeeper, hand-over" --zk "$zk" --op handoff --clients 2 --interleave
   curator handoff "zookeeper, hand-over"
   kazoo handoff "zookeeper, hand-over"
   load "zookeeper, 64 connections, distinct keys" --zk "$zk" --op acquire-release --clients 64

@@ -99,7 +99,9 @@ w("- *hand-over*: two connections on one key; from the holder's release call to 
 w("  arriving (the waiter queued 5 ms before). Curator and kazoo are measured the same way, each side its")
 w("  own ZooKeeper session.")
 w("- ZooKeeper rows marked with ranges ran in interleaved rounds (Clastor, floor, Curator, kazoo, again);")
-w("  ratios are per round.")
+w("  ratios are per round. In the *uncontended* and *hand-over* rounds Clastor and its floor alternate")
+w("  sample by sample in the same loop (`--interleave`), so a busy moment slows both alike.")
+w("- *contended* ZooKeeper rows have no floor: raw create+delete on distinct paths is not one.")
 w("")
 
 # Goals

@@ -138,6 +138,11 @@ pub(crate) struct LoadArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
     queue_time: Duration,
 
+    /// With --zk: measure Clastor and the ZooKeeper floor alternately, sample
+    /// by sample in the same loops, instead of one after the other.
+    #[arg(long)]
+    interleave: bool,
+
     /// Skip the floors (for profiling the server alone).
     #[arg(long)]
     no_floor: bool,
@@ -396,22 +401,113 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 }
             });
             let name = format!("clastor acquire+release ({keys_name})");
-            emit(measure_n(args, workers, &name, op).await, "clastor", 2);
-        }
-        if args.op == Op::Handoff {
-            emit(handoff(args, &clients).await, "clastor", 1);
-        }
-    }
-    if let Some(zk) = args.zk.as_ref().filter(|_| !args.no_floor) {
-        if args.op == Op::Handoff {
-            emit(zk_handoff_floor(args, zk, n).await?, "floor: ZooKeeper", 1);
-        } else if wants_pairs && args.keys != Keys::Shared {
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            emit(zk_floor(args, zk, workers).await?, "floor: ZooKeeper", 2);
+            let floor = match args.zk.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
+                Some(zk) => Some(zk_floor(args, zk).await?),
+                None => None,
+            };
+            compare(args, workers, (&name, op), floor, 2, &emit).await;
+        }
+        if args.op == Op::Handoff {
+            let (name, pairs, op) = handoff(args, &clients);
+            let floor = match args.zk.as_ref().filter(|_| !args.no_floor) {
+                Some(zk) => Some(zk_handoff_floor(zk).await?),
+                None => None,
+            };
+            compare(args, pairs, (&name, op), floor, 1, &emit).await;
         }
     }
+    if let Some(zk) = args
+        .zk
+        .as_ref()
+        .filter(|_| args.raw && !args.no_floor && wants_pairs && args.keys != Keys::Shared)
+    {
+        let (name, op) = zk_floor(args, zk).await?;
+        emit(measure_n(args, workers, &name, op).await, "floor: ZooKeeper", 2);
+    }
     Ok(())
+}
+
+/// Measures Clastor's `op` and, if given, its ZooKeeper floor: one after the
+/// other, or with `--interleave` sample by sample in the same loops, so both
+/// see the same machine (a busy second slows both instead of one).
+async fn compare(
+    args: &LoadArgs,
+    workers: usize,
+    (name, op): (&str, OpFn),
+    floor: Option<(String, OpFn)>,
+    requests_per_op: u64,
+    emit: &impl Fn(Report, &'static str, u64),
+) {
+    match floor {
+        Some((floor_name, floor_op)) if args.interleave => {
+            let (a, b) = measure_alternating(args, workers, [(name, op), (&floor_name, floor_op)]).await;
+            emit(a, "clastor", requests_per_op);
+            emit(b, "floor: ZooKeeper", requests_per_op);
+        }
+        Some((floor_name, floor_op)) => {
+            emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op);
+            emit(
+                measure_n(args, workers, &floor_name, floor_op).await,
+                "floor: ZooKeeper",
+                requests_per_op,
+            );
+        }
+        None => emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op),
+    }
+}
+
+/// Two operations alternating in each of `workers` loops (a warm-up, then
+/// `--duration`); one report each. Throughput is each one's share of the
+/// shared time.
+async fn measure_alternating(args: &LoadArgs, workers: usize, ops: [(&str, OpFn); 2]) -> (Report, Report) {
+    let [(name_a, op_a), (name_b, op_b)] = ops;
+    let run = |length: Duration| {
+        let deadline = Instant::now() + length;
+        let tasks: Vec<_> = (0..workers)
+            .map(|i| {
+                let (op_a, op_b) = (op_a.clone(), op_b.clone());
+                tokio::spawn(async move {
+                    let mut out = [(new_hist(), 0u64), (new_hist(), 0u64)];
+                    while Instant::now() < deadline {
+                        for (k, op) in [&op_a, &op_b].into_iter().enumerate() {
+                            match op(i).await {
+                                Ok(latency) => {
+                                    let _ = out[k].0.record(micros(latency));
+                                }
+                                Err(_) => out[k].1 += 1,
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        async move {
+            let mut all = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                if let Ok(r) = t.await {
+                    all.push(r);
+                }
+            }
+            all
+        }
+    };
+    run(args.warmup).await;
+    let started = Instant::now();
+    let results = run(args.duration).await;
+    let elapsed = started.elapsed();
+    let (mut a, mut b) = (Report::new(name_a, elapsed), Report::new(name_b, elapsed));
+    for [(ha, ea), (hb, eb)] in results {
+        a.ops += ha.len();
+        let _ = a.hist.add(&ha);
+        a.errors += ea;
+        b.ops += hb.len();
+        let _ = b.hist.add(&hb);
+        b.errors += eb;
+    }
+    (a, b)
 }
 
 /// A loopback server echoing whatever it reads, as it reads it: the floor
@@ -640,16 +736,14 @@ async fn echo_floor(args: &LoadArgs, n: usize) -> anyhow::Result<Report> {
 /// Raw ZooKeeper `create` (ephemeral) + `delete` pairs with zookeeper-client,
 /// one path per client, over `--zk-sessions` sessions: the floor for a lock
 /// and unlock through ZooKeeper.
-async fn zk_floor(args: &LoadArgs, hosts: &str, workers: usize) -> anyhow::Result<Report> {
+async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<(String, OpFn)> {
     use zookeeper_client::{Acls, CreateMode};
     let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
-    Ok(measure_n(
-        args,
-        workers,
-        &name,
+    Ok((
+        name,
         op_fn(move |i| {
             let sessions = sessions.clone();
             async move {
@@ -662,8 +756,7 @@ async fn zk_floor(args: &LoadArgs, hosts: &str, workers: usize) -> anyhow::Resul
                 Ok(())
             }
         }),
-    )
-    .await)
+    ))
 }
 
 /// Two clients taking turns on one key.
@@ -675,7 +768,7 @@ struct Pair {
 }
 
 /// From the holder's `release` call to the waiter's grant arriving.
-async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
+fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> (String, usize, OpFn) {
     let pairs: Vec<_> = clients
         .chunks_exact(2)
         .map(|c| {
@@ -724,14 +817,13 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
             Ok(granted_at.duration_since(t0))
         }
     });
-    measure_n(args, n, &format!("clastor hand-over ({n} pair(s))"), op).await
+    (format!("clastor hand-over ({n} pair(s))"), n, op)
 }
 
 /// Raw ZooKeeper hand-over: one session deletes a node another session
 /// watches; from the `delete` call to the watch notification.
-async fn zk_handoff_floor(args: &LoadArgs, hosts: &str, clients: usize) -> anyhow::Result<Report> {
+async fn zk_handoff_floor(hosts: &str) -> anyhow::Result<(String, OpFn)> {
     use zookeeper_client::{Acls, CreateMode};
-    let n = (clients / 2).max(1);
     let sessions = raw_sessions(hosts, 2).await?;
     let root = FLOOR_ROOT;
     let sessions = Arc::new(sessions);
@@ -757,7 +849,7 @@ async fn zk_handoff_floor(args: &LoadArgs, hosts: &str, clients: usize) -> anyho
             Ok(latency)
         }
     });
-    Ok(measure_n(args, n, "floor: ZooKeeper delete → watch event", op).await)
+    Ok(("floor: ZooKeeper delete → watch event".to_owned(), op))
 }
 
 /// Parent of the raw floors' nodes.
