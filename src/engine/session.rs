@@ -811,7 +811,11 @@ mod tests {
         let waiting = tokio::spawn(async move {
             let first = rx.recv().await.unwrap();
             let second = rx.recv().await.unwrap();
-            (first.key.id().to_owned(), second.key.id().to_owned(), rx.recv().await.is_none())
+            (
+                first.key.id().to_owned(),
+                second.key.id().to_owned(),
+                rx.recv().await.is_none(),
+            )
         });
         tokio::task::yield_now().await;
         queue.push(event("a"));
