@@ -387,6 +387,9 @@ impl<B: Backend> Session<B> {
         };
         // Dropping the backend's future on close withdraws the wait.
         let grant = tokio::select! {
+            // The acquire first: one that is ready at once (an uncontended
+            // in-memory lock) then never registers with the closing token.
+            biased;
             grant = s.engine.backend.acquire(req) => grant,
             () = s.closing.cancelled() => return Err(LockError::SessionClosed),
         };

@@ -84,12 +84,17 @@ pub(super) async fn run<B: Backend>(
         promised_until: None,
     };
     let mut shutting_down = false;
+    // One registration with the shutdown token for the connection's life:
+    // a fresh `cancelled()` per round would add and remove a waiter (a
+    // mutex-guarded list) on every request batch.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let can_read = c.inflight.len() < cfg.max_in_flight;
         let timer = c.timer();
         let flow = tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
+            () = &mut cancelled => {
                 for ev in goodbye(&c.ctx.session, &mut lost) {
                     ev.encode(c.framed.write_buffer_mut());
                 }
