@@ -7,7 +7,8 @@
 //! back-pressure, not by our memory), and the handshake or idle timer.
 //! Responses go out in completion order, so a blocked `ACQUIRE` never holds
 //! up a `PING`. Writes are batched: everything ready is encoded, then flushed
-//! once.
+//! once. The socket's buffers are held only while they hold bytes
+//! (`wire.rs`), so an idle connection costs little more than its task.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,17 +19,17 @@ use clastor_protocol::{
     ClastorCodec, Event, Frame, FrameError, HIGHEST_VERSION, HelloOk, Opcode, Request, Response, ResponseBody, Status,
 };
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::dispatch::{RequestContext, confirm_ms, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
+use super::wire::Wire;
 use crate::backend::Backend;
 use crate::engine::{LostEvent, LostEvents};
 
@@ -47,13 +48,17 @@ enum Flow {
 }
 
 struct Conn<B: Backend> {
-    framed: Framed<TcpStream, ClastorCodec>,
+    framed: Wire,
     shared: Arc<ServerState<B>>,
     ctx: RequestContext<B>,
     inflight: FuturesUnordered<Pending>,
     handshaken: bool,
     opened: Instant,
     last_activity: Instant,
+    /// A frame arrived since `last_activity` was last set: it is set once
+    /// per round, not per frame (the idle timer needs no finer grain, and
+    /// a pipelined batch then costs one clock read).
+    active: bool,
     /// The latest instant this connection was told its locks are safe until
     /// (version 2): on shutdown they are kept until then, unless the client
     /// goes first, so a client that did not hear the goodbye is never wrong.
@@ -72,23 +77,29 @@ pub(super) async fn run<B: Backend>(
 ) {
     let cfg = &shared.config;
     let mut c = Conn {
-        framed: Framed::new(stream, ClastorCodec::new(cfg.max_frame_len)),
+        framed: Wire::new(stream, ClastorCodec::new(cfg.max_frame_len)),
         shared: shared.clone(),
         ctx,
         inflight: FuturesUnordered::new(),
         handshaken: false,
         opened: Instant::now(),
         last_activity: Instant::now(),
+        active: false,
         promised_until: None,
         progress: None,
     };
     let mut shutting_down = false;
+    // One registration with the shutdown token for the connection's life:
+    // a fresh `cancelled()` per round would add and remove a waiter (a
+    // mutex-guarded list) on every request batch.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let can_read = c.inflight.len() < cfg.max_in_flight;
         let timer = c.timer();
         let flow = tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
+            () = &mut cancelled => {
                 for ev in goodbye(&c.ctx.session, &mut lost) {
                     ev.encode(c.framed.write_buffer_mut());
                 }
@@ -109,7 +120,7 @@ pub(super) async fn run<B: Backend>(
                 ev.encode(c.framed.write_buffer_mut());
                 Flow::Continue
             }
-            frame = c.framed.next(), if can_read => c.on_read(frame, &mut lost),
+            frame = c.framed.next_frame(), if can_read => c.on_read(frame, &mut lost),
             () = sleep_until_or_never(timer.and_then(|(at, _)| at)), if timer.is_some() => {
                 let what = timer.map_or("idle", |(_, what)| what);
                 info!(timeout = what, "closing connection");
@@ -121,6 +132,9 @@ pub(super) async fn run<B: Backend>(
             Flow::Continue => c.drain_ready(&mut lost),
             Flow::Close => Flow::Close,
         };
+        if std::mem::take(&mut c.active) {
+            c.last_activity = Instant::now();
+        }
         if c.flush().await.is_err() {
             break;
         }
@@ -202,7 +216,7 @@ impl<B: Backend> Conn<B> {
         debug!(until = ?until.saturating_duration_since(Instant::now()), "keeping locks until their promised safe-until");
         let closed = async {
             // Anything the client still sends is not served; EOF ends the wait.
-            while let Some(Ok(_)) = self.framed.next().await {}
+            while let Some(Ok(_)) = self.framed.next_frame().await {}
         };
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
@@ -230,7 +244,7 @@ impl<B: Backend> Conn<B> {
             {
                 break;
             }
-            match self.framed.next().now_or_never() {
+            match self.framed.ready_frame() {
                 Some(frame) => {
                     if let Flow::Close = self.on_read(frame, lost) {
                         return Flow::Close;
@@ -246,8 +260,7 @@ impl<B: Backend> Conn<B> {
         if self.framed.write_buffer().is_empty() {
             return Ok(());
         }
-        let flush = SinkExt::<&Response>::flush(&mut self.framed);
-        write_within(&self.shared, flush).await
+        write_within(&self.shared, self.framed.flush()).await
     }
 
     fn push_lost(&mut self, ev: &LostEvent) {
@@ -266,7 +279,7 @@ impl<B: Backend> Conn<B> {
         match frame {
             None => Flow::Close,
             Some(Ok(frame)) => {
-                self.last_activity = Instant::now();
+                self.active = true;
                 self.on_frame(frame, lost)
             }
             Some(Err(FrameError::Io(e))) => {

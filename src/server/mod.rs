@@ -24,6 +24,7 @@ mod http;
 mod io;
 mod state;
 mod text;
+mod wire;
 
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
 #[cfg(feature = "http")]

@@ -4,10 +4,23 @@
 //! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
 //! pairs issued directly with zookeeper-client over as many sessions as the
 //! server uses.
+//!
+//! By default each client is a `clastor-client` connection, measured as an
+//! application would see it; `--depth` runs that many loops per connection
+//! (the client pipelines them). `--raw` swaps the client crate for a lean
+//! pipelined driver (`pipeline.rs`), so the load process costs little next to
+//! the server. `--sweep` repeats everything over several connection counts;
+//! `--op idle|hold` measure the server's memory instead (`footprint.rs`), and
+//! `--chart-from` draws SVG charts from collected `--json` lines (`chart.rs`).
+
+mod chart;
+mod footprint;
+mod pipeline;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -37,6 +50,12 @@ pub(crate) enum Op {
     Handoff,
     /// Ping and acquire+release.
     All,
+    /// Server memory per idle connection (`--count`, default 10,000), with
+    /// a `clastor serve` child process (memory backend).
+    Idle,
+    /// Server memory per held lock (`--count`, default 100,000, on 100
+    /// connections), with a `clastor serve` child process (memory backend).
+    Hold,
 }
 
 /// How clients pick their keys.
@@ -98,11 +117,69 @@ pub(crate) struct LoadArgs {
     /// Print one JSON object per result line instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// Requests in flight per connection: loops sharing each client
+    /// connection, or with --raw, frames pipelined on it.
+    #[arg(long, default_value_t = NonZeroUsize::MIN)]
+    depth: NonZeroUsize,
+
+    /// Drive the binary protocol directly with a lean pipelined driver
+    /// instead of the client crate (ping and acquire+release only).
+    #[arg(long)]
+    raw: bool,
+
+    /// Run every measurement at each of these connection counts (instead of --clients).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    sweep: Vec<usize>,
+
+    /// Hand-over: how long the waiter's acquire gets to queue before the
+    /// holder releases. Too short a time for the backend's queueing (a
+    /// busy ZooKeeper) adds the rest of the waiter's queueing to the sample.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
+    queue_time: Duration,
+
+    /// With --zk: measure Clastor and the ZooKeeper floor alternately, sample
+    /// by sample in the same loops, instead of one after the other.
+    #[arg(long)]
+    interleave: bool,
+
+    /// Skip the floors (for profiling the server alone).
+    #[arg(long)]
+    no_floor: bool,
+
+    /// Scenario name written into each --json line (groups lines into tables and charts).
+    #[arg(long, default_value = "")]
+    scenario: String,
+
+    /// With --op idle|hold: how many connections or locks.
+    #[arg(long)]
+    count: Option<usize>,
+
+    /// With --op idle|hold: the `clastor` binary to start as the server
+    /// (default: this one), to compare builds.
+    #[arg(long, value_name = "PATH")]
+    serve_bin: Option<PathBuf>,
+
+    /// Draw SVG charts from this file of --json lines into --chart-dir, and
+    /// measure nothing.
+    #[arg(long, value_name = "FILE")]
+    chart_from: Option<PathBuf>,
+
+    /// Where --chart-from writes its SVG files.
+    #[arg(long, value_name = "DIR", default_value = "docs/perf")]
+    chart_dir: PathBuf,
 }
 
 /// One measured scenario.
 struct Report {
     name: String,
+    /// `clastor`, or which floor.
+    series: &'static str,
+    scenario: String,
+    connections: usize,
+    depth: usize,
+    /// Requests each sample makes (2 for acquire+release).
+    requests_per_op: u64,
     ops: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
@@ -110,18 +187,36 @@ struct Report {
 }
 
 impl Report {
+    fn new(name: &str, elapsed: Duration) -> Report {
+        Report {
+            name: name.to_owned(),
+            series: "clastor",
+            scenario: String::new(),
+            connections: 1,
+            depth: 1,
+            requests_per_op: 1,
+            ops: 0,
+            elapsed,
+            hist: new_hist(),
+            errors: 0,
+        }
+    }
+
     fn print(&self, json: bool) {
         let q = |p: f64| self.hist.value_at_quantile(p);
         let rate = self.ops as f64 / self.elapsed.as_secs_f64();
         if json {
             let v = serde_json::json!({
-                "name": self.name, "ops": self.ops, "ops_per_s": rate.round(), "errors": self.errors,
-                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "max_us": self.hist.max(),
+                "name": self.name, "series": self.series, "scenario": self.scenario,
+                "connections": self.connections, "depth": self.depth,
+                "ops": self.ops, "ops_per_s": rate.round(),
+                "requests_per_s": (rate * self.requests_per_op as f64).round(), "errors": self.errors,
+                "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": self.hist.max(),
             });
             println!("{v}");
         } else {
             println!(
-                "{:<42} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<50} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 self.name,
                 rate,
                 q(0.5),
@@ -153,8 +248,35 @@ pub(crate) fn run(args: LoadArgs) -> ExitCode {
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
-    if args.clients == 0 {
-        bail!("--clients must be at least 1");
+    if let Some(input) = &args.chart_from {
+        for name in chart::draw(input, &args.chart_dir)? {
+            println!("{}", args.chart_dir.join(name).display());
+        }
+        return Ok(());
+    }
+    if matches!(args.op, Op::Idle | Op::Hold) {
+        let bin = match &args.serve_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe().context("find this binary")?,
+        };
+        let footprint = if args.op == Op::Idle {
+            footprint::idle_connections(&bin, args.count.unwrap_or(10_000)).await?
+        } else {
+            footprint::held_locks(&bin, args.count.unwrap_or(100_000)).await?
+        };
+        footprint.print(args.json, &args.scenario);
+        return Ok(());
+    }
+    let counts = if args.sweep.is_empty() {
+        vec![args.clients]
+    } else {
+        args.sweep.clone()
+    };
+    if counts.contains(&0) {
+        bail!("--clients and --sweep counts must be at least 1");
+    }
+    if args.raw && args.op == Op::Handoff {
+        bail!("--raw measures ping and acquire+release; hand-over goes through the client");
     }
     let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
         (Some(addr), _) => (addr.clone(), None),
@@ -173,52 +295,100 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     };
     if !args.json {
         println!(
-            "clastor load: {} client(s), {:?} per measurement, server {addr}{}",
-            args.clients,
+            "clastor load: {:?} connection(s), depth {}{}, {:?} per measurement, server {addr}{}",
+            counts,
+            args.depth,
+            if args.raw { " (raw driver)" } else { "" },
             args.duration,
             if local.is_some() { " (in-process)" } else { "" }
         );
         println!(
-            "{:<42} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "{:<50} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
             "operation", "ops/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "errors"
         );
     }
-    // Echo of the PING frame sizes: 12 bytes out, 14 back.
-    echo_floor(&args).await?.print(args.json);
-    let clients = connect_all(&addr, args.clients).await?;
-    if matches!(args.op, Op::Ping | Op::All) {
-        let c = clients.clone();
-        measure(
-            &args,
-            "clastor PING",
-            op_fn(move |i| {
-                let c = c[i].clone();
-                async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
-            }),
-        )
-        .await
-        .print(args.json);
+    for &n in &counts {
+        run_at(&args, &addr, n).await?;
     }
-    if matches!(args.op, Op::AcquireRelease | Op::All) {
-        let keys = args.keys;
-        let name = format!(
-            "clastor acquire+release ({})",
-            match keys {
-                Keys::Shared => "1 key",
-                Keys::Distinct => "distinct keys",
-                Keys::Fresh => "fresh keys",
-            }
-        );
-        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let run = std::process::id();
-        let c = clients.clone();
-        measure(
-            &args,
-            &name,
-            op_fn(move |i| {
-                let c = c[i].clone();
+    if let Some(server) = local {
+        server.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Every measurement `args` asks for, with `n` connections.
+async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
+    let depth = args.depth.get();
+    let workers = n * depth;
+    let emit = |mut r: Report, series: &'static str, requests_per_op: u64| {
+        r.series = series;
+        r.scenario.clone_from(&args.scenario);
+        r.connections = n;
+        r.depth = depth;
+        r.requests_per_op = requests_per_op;
+        if !args.json {
+            r.name = format!("{} [{n}x{depth}]", r.name);
+        }
+        r.print(args.json);
+    };
+    let keys_name = match args.keys {
+        Keys::Shared => "shared keys",
+        Keys::Distinct => "distinct keys",
+        Keys::Fresh => "fresh keys",
+    };
+    let wants_ping = matches!(args.op, Op::Ping | Op::All);
+    let wants_pairs = matches!(args.op, Op::AcquireRelease | Op::All);
+    // The floor: echo of the PING frame sizes (12 bytes out, 14 back), or
+    // pipelined PING frames echoed as they are.
+    if args.zk.is_some() || args.no_floor {
+        // The ZooKeeper floors below are the ones that matter.
+    } else if args.raw || depth > 1 {
+        let echo = EchoServer::start().await?;
+        let r = raw_measure(
+            args,
+            &echo.addr,
+            n,
+            pipeline::RawOp::Echo,
+            args.keys,
+            "floor: loopback TCP echo",
+        )
+        .await?;
+        emit(r, "floor: TCP echo", 1);
+    } else {
+        emit(echo_floor(args, n).await?, "floor: TCP echo", 1);
+    }
+    if args.raw {
+        if wants_ping {
+            let r = raw_measure(args, addr, n, pipeline::RawOp::Ping, args.keys, "clastor PING").await?;
+            emit(r, "clastor", 1);
+        }
+        if wants_pairs {
+            let name = format!("clastor acquire+release ({keys_name})");
+            let r = raw_measure(args, addr, n, pipeline::RawOp::AcquireRelease, args.keys, &name).await?;
+            emit(r, "clastor", 2);
+        }
+    } else {
+        let clients = connect_all(addr, n).await?;
+        if wants_ping {
+            let c = clients.clone();
+            let op = op_fn(move |i| {
+                let c = c[i % c.len()].clone();
+                async move { c.ping().await.map(drop).map_err(anyhow::Error::from) }
+            });
+            emit(measure_n(args, workers, "clastor PING", op).await, "clastor", 1);
+        }
+        if wants_pairs {
+            let keys = args.keys;
+            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let run = std::process::id();
+            let c = clients.clone();
+            let op = op_fn(move |i| {
+                let conns = c.len();
+                let c = c[i % conns].clone();
                 let id = match keys {
-                    Keys::Shared => "shared".to_owned(),
+                    // Loop j of every connection shares key j: contended by
+                    // every connection, never twice by one.
+                    Keys::Shared => format!("shared-{}", i / conns),
                     Keys::Distinct => format!("k{i}"),
                     Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
                 };
@@ -229,26 +399,186 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                         None => bail!("not granted within 30 s"),
                     }
                 }
-            }),
-        )
-        .await
-        .print(args.json);
-    }
-    if args.op == Op::Handoff {
-        handoff(&args, &clients).await.print(args.json);
-    }
-    if let Some(zk) = &args.zk {
+            });
+            let name = format!("clastor acquire+release ({keys_name})");
+            // Distinct paths: a floor for distinct keys only (a contended
+            // lock's floor is the hand-over one, `--op handoff`).
+            let floor = match args.zk.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
+                Some(zk) => Some(zk_floor(args, zk).await?),
+                None => None,
+            };
+            compare(args, workers, (&name, op), floor, 2, &emit).await;
+        }
         if args.op == Op::Handoff {
-            zk_handoff_floor(&args, zk).await?.print(args.json);
-        } else {
-            zk_floor(&args, zk).await?.print(args.json);
+            let (name, pairs, op) = handoff(args, &clients);
+            let floor = match args.zk.as_ref().filter(|_| !args.no_floor) {
+                Some(zk) => Some(zk_handoff_floor(zk).await?),
+                None => None,
+            };
+            compare(args, pairs, (&name, op), floor, 1, &emit).await;
         }
     }
-    drop(clients);
-    if let Some(server) = local {
-        server.shutdown().await;
+    if let Some(zk) = args
+        .zk
+        .as_ref()
+        .filter(|_| args.raw && !args.no_floor && wants_pairs && args.keys != Keys::Shared)
+    {
+        let (name, op) = zk_floor(args, zk).await?;
+        emit(measure_n(args, workers, &name, op).await, "floor: ZooKeeper", 2);
     }
     Ok(())
+}
+
+/// Measures Clastor's `op` and, if given, its ZooKeeper floor: one after the
+/// other, or with `--interleave` sample by sample in the same loops, so both
+/// see the same machine (a busy second slows both instead of one).
+async fn compare(
+    args: &LoadArgs,
+    workers: usize,
+    (name, op): (&str, OpFn),
+    floor: Option<(String, OpFn)>,
+    requests_per_op: u64,
+    emit: &impl Fn(Report, &'static str, u64),
+) {
+    match floor {
+        Some((floor_name, floor_op)) if args.interleave => {
+            let (a, b) = measure_alternating(args, workers, [(name, op), (&floor_name, floor_op)]).await;
+            emit(a, "clastor", requests_per_op);
+            emit(b, "floor: ZooKeeper", requests_per_op);
+        }
+        Some((floor_name, floor_op)) => {
+            emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op);
+            emit(
+                measure_n(args, workers, &floor_name, floor_op).await,
+                "floor: ZooKeeper",
+                requests_per_op,
+            );
+        }
+        None => emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op),
+    }
+}
+
+/// Two operations alternating in each of `workers` loops (a warm-up, then
+/// `--duration`); one report each. Throughput is each one's share of the
+/// shared time.
+async fn measure_alternating(args: &LoadArgs, workers: usize, ops: [(&str, OpFn); 2]) -> (Report, Report) {
+    let [(name_a, op_a), (name_b, op_b)] = ops;
+    let run = |length: Duration| {
+        let deadline = Instant::now() + length;
+        let tasks: Vec<_> = (0..workers)
+            .map(|i| {
+                let (op_a, op_b) = (op_a.clone(), op_b.clone());
+                tokio::spawn(async move {
+                    let mut out = [(new_hist(), 0u64), (new_hist(), 0u64)];
+                    while Instant::now() < deadline {
+                        for (k, op) in [&op_a, &op_b].into_iter().enumerate() {
+                            match op(i).await {
+                                Ok(latency) => {
+                                    let _ = out[k].0.record(micros(latency));
+                                }
+                                Err(_) => out[k].1 += 1,
+                            }
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        async move {
+            let mut all = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                if let Ok(r) = t.await {
+                    all.push(r);
+                }
+            }
+            all
+        }
+    };
+    run(args.warmup).await;
+    let started = Instant::now();
+    let results = run(args.duration).await;
+    let elapsed = started.elapsed();
+    let (mut a, mut b) = (Report::new(name_a, elapsed), Report::new(name_b, elapsed));
+    for [(ha, ea), (hb, eb)] in results {
+        a.ops += ha.len();
+        let _ = a.hist.add(&ha);
+        a.errors += ea;
+        b.ops += hb.len();
+        let _ = b.hist.add(&hb);
+        b.errors += eb;
+    }
+    (a, b)
+}
+
+/// A loopback server echoing whatever it reads, as it reads it: the floor
+/// for pipelined frames.
+struct EchoServer {
+    addr: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    async fn start() -> anyhow::Result<EchoServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => {
+                                if s.write_all(&buf[..k]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(EchoServer { addr, task })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `n` connections of the lean driver, `--depth` in flight on each, for a
+/// warm-up and then `--duration` of recorded samples.
+async fn raw_measure(
+    args: &LoadArgs,
+    addr: &str,
+    n: usize,
+    op: pipeline::RawOp,
+    keys: Keys,
+    name: &str,
+) -> anyhow::Result<Report> {
+    let start = Instant::now();
+    let window = Arc::new(pipeline::Window {
+        record_from: start + args.warmup,
+        until: start + args.warmup + args.duration,
+    });
+    let depth = args.depth.get();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, window) = (addr.to_owned(), window.clone());
+            tokio::spawn(async move { pipeline::run_connection(&addr, op, keys, i, depth, &window).await })
+        })
+        .collect();
+    let mut report = Report::new(name, args.duration);
+    for t in tasks {
+        let (hist, errors) = t.await??;
+        report.ops += hist.len();
+        let _ = report.hist.add(&hist);
+        report.errors += errors;
+    }
+    Ok(report)
 }
 
 async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>)> {
@@ -312,24 +642,13 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Runs `op` in a closed loop on every client: a warm-up, then
+/// Runs `op` in a closed loop on `workers` tasks: a warm-up, then
 /// `args.duration` of recorded samples.
-async fn measure(args: &LoadArgs, name: &str, op: OpFn) -> Report {
-    measure_n(args, args.clients, name, op).await
-}
-
-/// [`measure`] with `workers` loops instead of one per client.
 async fn measure_n(args: &LoadArgs, workers: usize, name: &str, op: OpFn) -> Report {
     phase(workers, args.warmup, op.clone()).await;
     let started = Instant::now();
     let results = phase(workers, args.duration, op).await;
-    let mut report = Report {
-        name: name.to_owned(),
-        ops: 0,
-        elapsed: started.elapsed(),
-        hist: new_hist(),
-        errors: 0,
-    };
+    let mut report = Report::new(name, started.elapsed());
     for (hist, errors) in results {
         report.ops += hist.len();
         let _ = report.hist.add(&hist);
@@ -371,7 +690,7 @@ const PING_FRAME: usize = 12;
 const PONG_FRAME: usize = 14;
 
 /// Loopback TCP echo with the `PING` frame sizes: the floor for one round trip.
-async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
+async fn echo_floor(args: &LoadArgs, n: usize) -> anyhow::Result<Report> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -387,15 +706,16 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
             });
         }
     });
-    let mut conns = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
         conns.push(tokio::sync::Mutex::new(s));
     }
     let conns = Arc::new(conns);
-    let report = measure(
+    let report = measure_n(
         args,
+        n,
         "floor: loopback TCP echo",
         op_fn(move |i| {
             let conns = conns.clone();
@@ -416,15 +736,14 @@ async fn echo_floor(args: &LoadArgs) -> anyhow::Result<Report> {
 /// Raw ZooKeeper `create` (ephemeral) + `delete` pairs with zookeeper-client,
 /// one path per client, over `--zk-sessions` sessions: the floor for a lock
 /// and unlock through ZooKeeper.
-async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<(String, OpFn)> {
     use zookeeper_client::{Acls, CreateMode};
     let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
     let run = std::process::id();
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
-    Ok(measure(
-        args,
-        &name,
+    Ok((
+        name,
         op_fn(move |i| {
             let sessions = sessions.clone();
             async move {
@@ -437,14 +756,8 @@ async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
                 Ok(())
             }
         }),
-    )
-    .await)
+    ))
 }
-
-/// How long a hand-over round lets the waiter queue before the holder
-/// releases. Benchmark pacing only: the waiter's acquire is in flight, and a
-/// round in which it had not queued yet only measures slower, never faster.
-const QUEUE_TIME: Duration = Duration::from_millis(5);
 
 /// Two clients taking turns on one key.
 struct Pair {
@@ -455,7 +768,7 @@ struct Pair {
 }
 
 /// From the holder's `release` call to the waiter's grant arriving.
-async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
+fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> (String, usize, OpFn) {
     let pairs: Vec<_> = clients
         .chunks_exact(2)
         .map(|c| {
@@ -468,6 +781,7 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
         .collect();
     let n = pairs.len().max(1);
     let pairs = Arc::new(pairs);
+    let queue_time = args.queue_time;
     let op = timed_op_fn(move |i| {
         let pairs = pairs.clone();
         async move {
@@ -490,7 +804,9 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
                 let g = waiter.lock("load", key).wait(wait).acquire().await;
                 (g, Instant::now())
             });
-            tokio::time::sleep(QUEUE_TIME).await;
+            // Benchmark pacing only: the waiter's acquire is in flight, and a
+            // round in which it had not queued yet only measures slower.
+            tokio::time::sleep(queue_time).await;
             let t0 = Instant::now();
             if let Some(g) = p.held.take() {
                 g.release().await?;
@@ -501,14 +817,13 @@ async fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> Report {
             Ok(granted_at.duration_since(t0))
         }
     });
-    measure_n(args, n, &format!("clastor hand-over ({n} pair(s))"), op).await
+    (format!("clastor hand-over ({n} pair(s))"), n, op)
 }
 
 /// Raw ZooKeeper hand-over: one session deletes a node another session
 /// watches; from the `delete` call to the watch notification.
-async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report> {
+async fn zk_handoff_floor(hosts: &str) -> anyhow::Result<(String, OpFn)> {
     use zookeeper_client::{Acls, CreateMode};
-    let n = (args.clients / 2).max(1);
     let sessions = raw_sessions(hosts, 2).await?;
     let root = FLOOR_ROOT;
     let sessions = Arc::new(sessions);
@@ -534,7 +849,7 @@ async fn zk_handoff_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<Report
             Ok(latency)
         }
     });
-    Ok(measure_n(args, n, "floor: ZooKeeper delete → watch event", op).await)
+    Ok(("floor: ZooKeeper delete → watch event".to_owned(), op))
 }
 
 /// Parent of the raw floors' nodes.

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Regenerates PERFORMANCE.md and its charts (docs/perf/*.svg) from one run on
+# this machine: the memory backend, then a standalone ZooKeeper 3.8 (Debian's
+# package, forceSync on, started here on a free loopback port and stopped by
+# pid), Clastor next to the floors `clastor load` measures in the same run and
+# next to Apache Curator's InterProcessMutex and kazoo's Lock on the same
+# ZooKeeper. The latency-critical ZooKeeper scenarios run ROUNDS times,
+# interleaved (Clastor, floor, Curator, kazoo, then again; Clastor and its
+# floor alternate sample by sample, `--interleave`), and the report gives the
+# range over rounds.
+#
+# Usage: scripts/perf.sh            (about 12 minutes)
+#        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
+# Needs: zookeeper, libcurator-recipes-java, default-jdk-headless,
+# python3-kazoo (scripts/test.sh installs them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-3}
+WARMUP=${WARMUP:-1}
+SWEEP=${SWEEP:-1,16,64,256}
+OUT=${OUT:-target/perf}
+JAVA=/usr/share/java
+
+mkdir -p "$OUT" docs/perf
+results="$OUT/results.jsonl"
+: >"$results"
+work=$(mktemp -d)
+zk_pid=
+cleanup() {
+  if [ -n "$zk_pid" ]; then kill "$zk_pid" 2>/dev/null || true; wait "$zk_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== build"
+cargo build --release --locked --bin clastor
+clastor=target/release/clastor
+
+# Machine load while measuring, so the report can say whether it was busy.
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "{\"meta\":\"load_start\",\"value\":\"$(loadavg)\"}" >>"$results"
+
+load() { # scenario, then clastor load arguments
+  local scenario=$1
+  shift
+  echo "-- $scenario: clastor load $*" >&2
+  "$clastor" load --json --scenario "$scenario" --duration "${DURATION}s" --warmup "${WARMUP}s" "$@" | tee -a "$results"
+}
+
+echo "== memory backend"
+load "memory, uncontended, depth 1" --op acquire-release --sweep "$SWEEP"
+load "memory, uncontended, depth 32" --op acquire-release --raw --depth 32 --sweep "$SWEEP"
+load "memory, contended, depth 1" --op acquire-release --keys shared --sweep "$SWEEP"
+load "memory, contended, depth 32" --op acquire-release --keys shared --raw --depth 32 --sweep "$SWEEP"
+load "memory, ping, depth 1" --op ping --sweep "$SWEEP"
+load "memory, ping, depth 32" --op ping --raw --depth 32 --sweep "$SWEEP"
+"$clastor" load --json --scenario "memory footprint" --op idle --count 10000 | tee -a "$results"
+"$clastor" load --json --scenario "memory footprint" --op hold --count 100000 | tee -a "$results"
+
+echo "== ZooKeeper"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/data"
+cat >"$work/zoo.cfg" <<CFG
+tickTime=2000
+dataDir=$work/data
+clientPort=$port
+clientPortAddress=127.0.0.1
+admin.enableServer=false
+4lw.commands.whitelist=*
+forceSync=yes
+maxClientCnxns=0
+CFG
+java -cp "$JAVA/zookeeper.jar:$JAVA/slf4j-simple.jar" -Dzookeeper.jmx.log4j.disable=true \
+  -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
+  org.apache.zookeeper.server.quorum.QuorumPeerMain "$work/zoo.cfg" >"$work/zk.log" 2>&1 &
+zk_pid=$!
+zk=127.0.0.1:$port
+srvr() { (exec 3<>"/dev/tcp/127.0.0.1/$port" && printf srvr >&3 && cat <&3) 2>/dev/null; }
+for _ in $(seq 150); do
+  if srvr | grep -q Mode; then break; fi
+  sleep 0.2
+done
+srvr | grep -q Mode || { echo "ZooKeeper did not start:"; tail -20 "$work/zk.log"; exit 1; }
+zk_version=$(srvr | head -1 | sed 's/.*version: //; s/,.*//; s/-.*//')
+echo "{\"meta\":\"zookeeper\",\"value\":\"$zk_version (standalone, forceSync=yes)\"}" >>"$results"
+
+javac -d "$work" -cp "$JAVA/curator-recipes.jar:$JAVA/curator-framework.jar:$JAVA/curator-client.jar:$JAVA/zookeeper.jar" \
+  scripts/peers/CuratorBench.java
+curator_cp="$work:$JAVA/curator-recipes.jar:$JAVA/curator-framework.jar:$JAVA/curator-client.jar:$JAVA/zookeeper.jar:$JAVA/zookeeper-jute.jar:$JAVA/guava.jar:$JAVA/slf4j-api.jar:$JAVA/slf4j-nop.jar"
+curator() { java -cp "$curator_cp" CuratorBench "$zk" "$1" "$DURATION" "$WARMUP" "$2" | tee -a "$results"; }
+kazoo() { /usr/bin/python3 scripts/peers/kazoo_bench.py "$zk" "$1" "$DURATION" "$WARMUP" "$2" | tee -a "$results"; }
+curator_version=$(basename "$(ls "$JAVA"/curator-recipes-*.jar | head -1)" .jar)
+echo "{\"meta\":\"curator\",\"value\":\"${curator_version#curator-recipes-}\"}" >>"$results"
+echo "{\"meta\":\"kazoo\",\"value\":\"$(/usr/bin/python3 -c 'import kazoo.version as v; print(v.__version__)')\"}" >>"$results"
+
+for round in $(seq "$ROUNDS"); do
+  echo "== ZooKeeper round $round/$ROUNDS"
+  load "zookeeper, uncontended" --zk "$zk" --op acquire-release --clients 1 --interleave
+  curator uncontended "zookeeper, uncontended"
+  kazoo uncontended "zookeeper, uncontended"
+  load "zookeeper, hand-over" --zk "$zk" --op handoff --clients 2 --interleave
+  curator handoff "zookeeper, hand-over"
+  kazoo handoff "zookeeper, hand-over"
+  load "zookeeper, 64 connections, distinct keys" --zk "$zk" --op acquire-release --clients 64
+done
+load "zookeeper, uncontended, depth 1" --zk "$zk" --op acquire-release --sweep "$SWEEP"
+load "zookeeper, uncontended, depth 32" --zk "$zk" --op acquire-release --depth 32 --sweep 1,16,64
+load "zookeeper, contended, depth 1" --zk "$zk" --op acquire-release --keys shared --sweep "$SWEEP"
+echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
+
+echo "== report"
+rm -f docs/perf/*.svg
+"$clastor" load --chart-from "$results" --chart-dir docs/perf >/dev/null
+/usr/bin/python3 scripts/perf_report.py "$results" >PERFORMANCE.md
+echo "PERFORMANCE.md and docs/perf/*.svg written; raw results in $results"
