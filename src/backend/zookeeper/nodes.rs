@@ -24,7 +24,6 @@ use super::session::{ZkSession, spawn_background};
 use crate::backend::{BackendError, KindVersion};
 
 /// A lock node that exists, as its create round saw it.
-#[derive(Debug)]
 pub(super) struct Created {
     /// The node's `czxid`: the fencing token.
     pub(super) czxid: i64,
@@ -32,6 +31,20 @@ pub(super) struct Created {
     pub(super) seen: KindVersion,
     /// The lock directory's children, listed after the create.
     pub(super) children: Vec<String>,
+    /// The child watch that listing left on the directory (`None` after a
+    /// recovery): a holder's first watch on its node, at no extra request.
+    pub(super) dir_watch: Option<OwnWatch>,
+}
+
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Created")
+            .field("czxid", &self.czxid)
+            .field("seen", &self.seen)
+            .field("children", &self.children)
+            .field("dir_watch", &self.dir_watch.is_some())
+            .finish()
+    }
 }
 
 /// Deletes `path` on `session` (retried per the session's policy). Gone
@@ -68,17 +81,28 @@ async fn delete_until_gone(session: Arc<ZkSession>, path: String) {
 pub(super) type OwnWatch = Pin<Box<dyn Future<Output = WatchedEvent> + Send>>;
 
 /// Starts watching a lock node of ours for deletion by anyone but us (an
-/// operator "unsticking" a lock with `deleteall`), from `armed` (a watch the
-/// caller already set) or by setting one. The returned token is cancelled
-/// when the node is found gone; if it was granted by then (its grant is
-/// registered on the session), the holder is told at once that the lock is
-/// lost. A release unregisters the grant before deleting, so our own
-/// deletions report nothing. The watch ends with the node or the session.
-pub(super) fn watch_own(session: &Arc<ZkSession>, path: &str, armed: Option<OwnWatch>) -> CancellationToken {
+/// operator "unsticking" a lock with `deleteall`), from `armed` (a watch on
+/// the node the caller already set), else from `dir_watch` (the child watch
+/// the create round's listing left on the lock directory: free, and for an
+/// uncontended lock it fires only when the holder's own release deletes the
+/// node), else by setting one. A directory event (someone queued, or left)
+/// makes it watch the node itself. The returned token is cancelled when the
+/// node is found gone; if it was granted by then (its grant is registered on
+/// the session), the holder is told at once that the lock is lost. `done` is
+/// cancelled by the guard before its own delete, so our own deletions report
+/// nothing and cost no further request. The watch ends with the node or the
+/// session.
+pub(super) fn watch_own(
+    session: &Arc<ZkSession>,
+    path: &str,
+    armed: Option<OwnWatch>,
+    dir_watch: Option<OwnWatch>,
+    done: CancellationToken,
+) -> CancellationToken {
     let gone = CancellationToken::new();
     let (session, path, signal) = (Arc::clone(session), path.to_owned(), gone.clone());
     spawn_background(async move {
-        if own_node_deleted(&session, &path, armed).await {
+        if own_node_deleted(&session, &path, armed, dir_watch, &done).await {
             signal.cancel();
             if let Some(record) = session.unregister(&path) {
                 warn!(%path, key = %record.key, token = record.token, "held lock node was deleted from outside; reporting the lock lost");
@@ -109,9 +133,29 @@ pub(super) async fn arm_own_watch(session: &ZkSession, path: &str) -> Result<Opt
 /// session's retirement reports its grants). Watches again after other
 /// events, and after failures with backoff: a node that could not be watched
 /// would be deleted from outside unnoticed.
-async fn own_node_deleted(session: &ZkSession, path: &str, mut armed: Option<OwnWatch>) -> bool {
+async fn own_node_deleted(
+    session: &ZkSession,
+    path: &str,
+    mut armed: Option<OwnWatch>,
+    mut dir_watch: Option<OwnWatch>,
+    done: &CancellationToken,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if armed.is_none()
+            && let Some(watch) = dir_watch.take()
+        {
+            let event = tokio::select! {
+                event = watch => event,
+                () = session.retired() => return false,
+            };
+            // Our own release's delete, or the session's end: nothing to report.
+            if done.is_cancelled() || event.event_type == EventType::Session {
+                return false;
+            }
+            // Someone came or went in the directory: look at the node itself.
+            continue;
+        }
         let watch = match armed.take() {
             Some(watch) => watch,
             None => match arm_own_watch(session, path).await {
@@ -134,6 +178,7 @@ async fn own_node_deleted(session: &ZkSession, path: &str, mut armed: Option<Own
             () = session.retired() => return false,
         };
         match event.event_type {
+            EventType::NodeDeleted if done.is_cancelled() => return false,
             EventType::NodeDeleted => return true,
             // The session ended: its retirement reports the grants.
             EventType::Session => return false,
@@ -317,6 +362,7 @@ pub(super) async fn recover(
         czxid: stat.czxid,
         seen,
         children,
+        dir_watch: None,
     }))
 }
 
@@ -328,15 +374,18 @@ pub struct ZkGuard {
     path: String,
     token: u64,
     released: bool,
+    /// Tells the node's watch that what deletes it now is us.
+    done: CancellationToken,
 }
 
 impl ZkGuard {
-    pub(super) fn new(session: Arc<ZkSession>, path: String, token: u64) -> ZkGuard {
+    pub(super) fn new(session: Arc<ZkSession>, path: String, token: u64, done: CancellationToken) -> ZkGuard {
         ZkGuard {
             session,
             path,
             token,
             released: false,
+            done,
         }
     }
 
@@ -377,6 +426,7 @@ impl ZkGuard {
     /// guard's drop keeps trying in the background.
     pub(super) async fn release(mut self) -> Result<(), BackendError> {
         self.session.unregister(&self.path);
+        self.done.cancel();
         let within = self.session.timeout() / 3;
         match tokio::time::timeout(within, delete_node(&self.session, &self.path)).await {
             Ok(Ok(())) => {
@@ -399,6 +449,7 @@ impl Drop for ZkGuard {
             return;
         }
         self.session.unregister(&self.path);
+        self.done.cancel();
         if self.session.is_retired() {
             return;
         }

@@ -26,6 +26,7 @@ use clastor_protocol::{KindMode, LockMode};
 use futures_util::FutureExt as _;
 use futures_util::future::{join, join3};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use zookeeper_client::{EventType, SessionState, WatchedEvent};
 
@@ -240,7 +241,13 @@ impl ZooKeeperBackend {
                 continue;
             }
             let path = pending.path().unwrap_or_default().to_owned();
-            let (turn, armed) = wait_turn(&session, &pending, created.children, deadline).await?;
+            let Created {
+                czxid,
+                children,
+                dir_watch,
+                ..
+            } = created;
+            let (turn, armed) = wait_turn(&session, &pending, children, deadline).await?;
             match turn {
                 Turn::First => {}
                 Turn::TimedOut => {
@@ -253,11 +260,13 @@ impl ZooKeeperBackend {
                     continue;
                 }
             }
-            let token = u64::try_from(created.czxid)
-                .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {}", created.czxid)))?;
-            // From here on the held node is watched (a waiter's watch, set
-            // while it waited, carries on; an uncontended grant sets one).
-            let gone = nodes::watch_own(&session, &path, armed);
+            let token = u64::try_from(czxid)
+                .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {czxid}")))?;
+            // From here on the held node is watched: a waiter's watch, set
+            // while it waited, carries on; an uncontended grant keeps the
+            // child watch its create round's listing left on the directory.
+            let done = CancellationToken::new();
+            let gone = nodes::watch_own(&session, &path, armed, dir_watch, done.clone());
             let Some(notifier) = on_lost.take() else {
                 return Err(BackendError::Unavailable(format!(
                     "the lock node for {key} kept being deleted from outside"
@@ -290,7 +299,7 @@ impl ZooKeeperBackend {
             return Ok(Some(Grant {
                 token,
                 version: version.version,
-                guard: ZkGuard::new(session, path, token),
+                guard: ZkGuard::new(session, path, token, done),
             }));
         }
     }
@@ -329,7 +338,8 @@ impl ZooKeeperBackend {
             let warm = self.kinds.watched(session, kind).is_some_and(|v| v == *version);
             let create = client.create(&prefix, data, &LOCK_NODE);
             let read = (!warm).then(|| client.get_and_watch_data(&version_path));
-            let list = client.list_children(pending.dir());
+            // With a child watch: a holder's first watch on its node, free.
+            let list = client.list_and_watch_children(pending.dir());
             let read = async move {
                 match read {
                     Some(read) => Some(read.await),
@@ -363,14 +373,15 @@ impl ZooKeeperBackend {
                         }
                         Some(Err(_)) => self.kinds.read_and_watch(session, kind).await?,
                     };
-                    let children = match list {
-                        Ok(children) => children,
-                        Err(_) => list_children(session, pending.dir()).await?,
+                    let (children, dir_watch) = match list {
+                        Ok((children, watch)) => (children, Some(Box::pin(watch.changed()) as OwnWatch)),
+                        Err(_) => (list_children(session, pending.dir()).await?, None),
                     };
                     return Ok(Round::Created(Created {
                         czxid: stat.czxid,
                         seen,
                         children,
+                        dir_watch,
                     }));
                 }
                 Err(ZkError::NoNode) => {
