@@ -2,13 +2,20 @@
 //! as the ZooKeeper backend's [`Backend`] implementation.
 //!
 //! Acquire, uncontended, is one network round trip: `create` of an
-//! ephemeral-sequential node (its Stat carries the czxid, our fencing token),
-//! `get_data` of the kind's version node and `list_children` of the lock
-//! directory are sent back-to-back on one session — `zookeeper_client` sends a
-//! request when the method is called, not when the future is polled — and
-//! awaited together. ZooKeeper runs one session's requests in order, so the
-//! read sees any rotation that began before our create, and the listing
-//! contains our node and every predecessor.
+//! ephemeral-sequential node (its Stat carries the czxid, our fencing token)
+//! and `list_children` of the lock directory, with a child watch, are sent
+//! back-to-back on one session — `zookeeper_client` sends a request when the
+//! method is called, not when the future is polled — and awaited together.
+//! ZooKeeper runs one session's requests in order, so the listing contains
+//! our node and every predecessor, and its child watch is the holder's first
+//! watch on its node (no request of its own).
+//!
+//! The kind's version as of our create must be known too (rotation,
+//! `rotation.rs`): on the warm path the session's unfired one-shot watch on
+//! the version node vouches for it (see [`Kinds`]); on the cold path a
+//! watched `get_data` of the version node goes out in the same round trip.
+//! Either way a rotation that began before our create is seen, and the
+//! acquire backs out.
 //!
 //! A lock directory not known to exist (a fresh id) is created in the same
 //! round trip: on a miss in the directory cache ([`Kinds`]), container
