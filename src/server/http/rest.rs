@@ -279,13 +279,19 @@ struct VersionJson<'a> {
     drain: Option<DrainJson>,
 }
 
+/// The `{kind}` of a kind-level path (the engine checks the name itself).
+fn kind_in(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(kind)| kind)
+        .map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))
+}
+
 /// `GET /api/v1/locks/{kind}/version`: version, mode, and while draining the
 /// rotation's target, the lock nodes left and the time left.
 pub(super) async fn version<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let kind = kind_in(path)?;
     let (v, drain) = st.shared.engine.version_detail(&kind).await?;
     Ok(Json(VersionJson {
         resource: &kind,
@@ -341,7 +347,7 @@ pub(super) async fn rotate<B: Backend>(
     query: Result<Query<RotateParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let kind = kind_in(path)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
     let body = body.map_err(|e| ApiError::bad_request(format!("unreadable body: {e}")))?;
     let body: RotateParams = if body.is_empty() {
@@ -395,7 +401,7 @@ pub(super) async fn rotate_abort<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Path(kind) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad kind: {e}")))?;
+    let kind = kind_in(path)?;
     let (v, aborted) = st.shared.engine.rotate_abort(&kind).await?;
     Ok(Json(RotateAborted {
         resource: &kind,
