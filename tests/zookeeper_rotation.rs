@@ -10,14 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
-use clastor::server::{self, ServerConfig, ServerHandle};
-use clastor::{Engine, EngineConfig};
+use clastor::server::ServerHandle;
 use clastor_client::{Client, RotationPhase};
 use clastor_testkit::ZooKeeper;
 use tokio::time::Instant;
@@ -33,21 +33,7 @@ async fn start_server(zk: &ZooKeeper) -> ServerHandle {
 }
 
 async fn start_server_with(zk: &ZooKeeper, sessions: usize) -> ServerHandle {
-    let backend = ZooKeeperBackend::connect(ZkConfig {
-        hosts: zk.connect_string(),
-        provider: PROVIDER.into(),
-        sessions,
-        session_timeout: Duration::from_secs(6),
-        ..ZkConfig::default()
-    })
-    .await
-    .expect("connect backend");
-    let engine = Engine::new(backend, EngineConfig::default());
-    let config = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..ServerConfig::default()
-    };
-    server::spawn(engine, config).await.expect("start server")
+    support::start_on_zookeeper(zk, PROVIDER, sessions).await
 }
 
 /// One grant as its holder saw it.

@@ -5,35 +5,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
-use clastor::server::{self, ServerConfig, ServerHandle};
-use clastor::{Engine, EngineConfig};
+use clastor::server::ServerHandle;
 use clastor_client::Client;
 use clastor_testkit::ZooKeeper;
 
 const PATIENCE: Duration = Duration::from_secs(15);
 
 async fn start_server(zk: &ZooKeeper) -> ServerHandle {
-    let backend = ZooKeeperBackend::connect(ZkConfig {
-        hosts: zk.connect_string(),
-        provider: "two-servers".into(),
-        sessions: 2,
-        session_timeout: Duration::from_secs(6),
-        ..ZkConfig::default()
-    })
-    .await
-    .expect("connect backend");
-    let engine = Engine::new(backend, EngineConfig::default());
-    let config = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ..ServerConfig::default()
-    };
-    server::spawn(engine, config).await.expect("start server")
+    support::start_on_zookeeper(zk, "two-servers", 2).await
 }
 
 async fn two_servers() -> (ZooKeeper, ServerHandle, ServerHandle) {

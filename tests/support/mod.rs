@@ -19,6 +19,33 @@ use tokio_util::codec::Framed;
 
 pub(crate) mod http;
 
+/// A server on `127.0.0.1:0` over its own ZooKeeper backend (a "server" of a
+/// multi-server deployment sharing `zk`): `sessions` pooled sessions with a
+/// 6 s timeout, under `provider`.
+pub(crate) async fn start_on_zookeeper(
+    zk: &clastor_testkit::ZooKeeper,
+    provider: &str,
+    sessions: usize,
+) -> ServerHandle {
+    use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+    let backend = ZooKeeperBackend::connect(ZkConfig {
+        hosts: zk.connect_string(),
+        provider: provider.into(),
+        sessions,
+        session_timeout: Duration::from_secs(6),
+        ..ZkConfig::default()
+    })
+    .await
+    .expect("connect backend");
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..ServerConfig::default()
+    };
+    server::spawn(Engine::new(backend, EngineConfig::default()), config)
+        .await
+        .expect("start server")
+}
+
 /// How long a test waits for something that should happen promptly.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
