@@ -114,6 +114,53 @@ impl KindVersion {
     }
 }
 
+/// What a `ROTATE from → to` makes of a kind's current state: the one rule
+/// every backend applies before it marks anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RotationStart {
+    /// Normal at `from`: mark it draining.
+    Mark,
+    /// Left draining from `from` to `to` by a driver that went away: take it over.
+    Resume,
+    /// Already switched from `from` to `to` (its driver died cleaning up).
+    Switched,
+    /// Anything else: refused, with why.
+    Refuse(String),
+}
+
+impl KindVersion {
+    /// The kind draining from `from` to `to` until `drain` from now.
+    pub(crate) fn draining(from: &str, to: &str, drain: Duration) -> KindVersion {
+        KindVersion {
+            version: Arc::from(from),
+            mode: KindMode::Draining,
+            rotation: Some(RotationTarget {
+                to: Arc::from(to),
+                deadline_unix_ms: unix_ms().saturating_add(u64::try_from(drain.as_millis()).unwrap_or(u64::MAX)),
+            }),
+        }
+    }
+
+    /// How a `ROTATE from → to` of `kind` starts from this state; `previous`
+    /// is the version the last completed rotation switched away from.
+    pub(crate) fn rotation_start(&self, kind: &str, previous: Option<&str>, from: &str, to: &str) -> RotationStart {
+        match (self.mode, &self.rotation) {
+            (KindMode::Normal, _) if *self.version == *to && previous == Some(from) => RotationStart::Switched,
+            (KindMode::Normal, _) if *self.version == *from => RotationStart::Mark,
+            (KindMode::Draining, Some(r)) if *self.version == *from && *r.to == *to => RotationStart::Resume,
+            (KindMode::Draining, Some(r)) if *self.version == *from => RotationStart::Refuse(format!(
+                "{kind} is draining towards {} (a rotation left half-done); abort it first (clastor rotate --abort {kind})",
+                r.to
+            )),
+            _ => RotationStart::Refuse(format!(
+                "{kind} is at version {} ({}), not {from}",
+                self.version,
+                self.mode.name()
+            )),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()

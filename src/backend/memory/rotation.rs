@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::MemoryState;
-use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationTarget, unix_ms};
+use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
 
 /// Longest pause between two progress reports while a kind drains.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -218,44 +218,21 @@ impl MemoryState {
                     k.current.version
                 )));
             }
-            match (&k.current.mode, &k.current.rotation) {
-                (KindMode::Normal, _) if *k.current.version == *to && k.previous.as_deref() == Some(from) => {
-                    // Switched already (resuming after the switch): nothing
-                    // is left to clean up in memory.
+            match k.current.rotation_start(kind, k.previous.as_deref(), from, to) {
+                // Resuming after the switch: nothing is left to clean up in memory.
+                RotationStart::Switched => {
                     return Ok(RotateOutcome::Completed {
                         drained: Duration::ZERO,
                         leftover: 0,
                     });
                 }
-                (KindMode::Normal, _) if *k.current.version == *from => {
+                RotationStart::Mark => {
                     self.draining.fetch_add(1, Ordering::AcqRel);
                 }
-                (KindMode::Draining, Some(r)) if *k.current.version == *from && *r.to == *to => {
-                    tracing::info!(%kind, from, to, "resuming a rotation left draining");
-                }
-                (KindMode::Draining, Some(r)) if *k.current.version == *from => {
-                    return Ok(RotateOutcome::Refused(format!(
-                        "{kind} is draining towards {} (a rotation left half-done); abort it first (clastor rotate --abort {kind})",
-                        r.to
-                    )));
-                }
-                _ => {
-                    return Ok(RotateOutcome::Refused(format!(
-                        "{kind} is at version {} ({}), not {from}",
-                        k.current.version,
-                        k.current.mode.name()
-                    )));
-                }
+                RotationStart::Resume => tracing::info!(%kind, from, to, "resuming a rotation left draining"),
+                RotationStart::Refuse(why) => return Ok(RotateOutcome::Refused(why)),
             }
-            k.set(KindVersion {
-                version: Arc::from(from),
-                mode: KindMode::Draining,
-                rotation: Some(RotationTarget {
-                    to: Arc::from(to),
-                    deadline_unix_ms: unix_ms()
-                        .saturating_add(u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX)),
-                }),
-            });
+            k.set(KindVersion::draining(from, to, drain_timeout));
             k.driver = true;
             (
                 k.changed.subscribe(),

@@ -64,7 +64,7 @@ use super::drain::{Drain, count_nodes};
 use super::error::{ZkError, map_err};
 use super::layout::{self, Layout};
 use super::session::{MAX_ATTEMPTS, ZkSession, spawn_background};
-use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationTarget, unix_ms};
+use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
 
 /// The claim node: ephemeral, gone with its session.
 const CLAIM: CreateOptions<'static> = CreateMode::Ephemeral.with_acls(Acls::anyone_all());
@@ -270,21 +270,13 @@ impl ZooKeeperBackend {
         let (kind, from, to) = (d.kind, d.from, d.to);
         let layout = self.kinds.layout();
         // 2. Mark draining (or resume), conditioned on what we read.
-        let draining = KindVersion {
-            version: Arc::from(from),
-            mode: KindMode::Draining,
-            rotation: Some(RotationTarget {
-                to: Arc::from(to),
-                deadline_unix_ms: unix_ms()
-                    .saturating_add(u64::try_from(drain_timeout.as_millis()).unwrap_or(u64::MAX)),
-            }),
-        };
+        let draining = KindVersion::draining(from, to, drain_timeout);
         let mut marked = None;
         for _ in 0..MAX_ATTEMPTS {
             let (current, stat, previous) = read_version_node(d.session, &d.version_path).await?;
-            match (current.mode, &current.rotation) {
-                (KindMode::Normal, _) if *current.version == *to && previous.as_deref() == Some(from) => {
-                    // Switched already: the driver died while cleaning up.
+            match current.rotation_start(kind, previous.as_deref(), from, to) {
+                RotationStart::Switched => {
+                    // The driver died while cleaning up.
                     info!(%kind, from, to, "resuming a rotation after its switch: cleaning up");
                     d.report(RotationPhase::Switched, 0, Vec::new());
                     let leftover = self.delete_subtree(d.session, &layout.version_dir(kind, from)).await;
@@ -293,23 +285,9 @@ impl ZooKeeperBackend {
                         leftover,
                     });
                 }
-                (KindMode::Normal, _) if *current.version == *from => {}
-                (KindMode::Draining, Some(r)) if *current.version == *from && *r.to == *to => {
-                    info!(%kind, from, to, "resuming a rotation left draining");
-                }
-                (KindMode::Draining, Some(r)) if *current.version == *from => {
-                    return Ok(RotateOutcome::Refused(format!(
-                        "{kind} is draining towards {} (a rotation left half-done); abort it first (clastor rotate --abort {kind})",
-                        r.to
-                    )));
-                }
-                _ => {
-                    return Ok(RotateOutcome::Refused(format!(
-                        "{kind} is at version {} ({}), not {from}",
-                        current.version,
-                        current.mode.name()
-                    )));
-                }
+                RotationStart::Mark => {}
+                RotationStart::Resume => info!(%kind, from, to, "resuming a rotation left draining"),
+                RotationStart::Refuse(why) => return Ok(RotateOutcome::Refused(why)),
             }
             if let Some(stat) = set_if(
                 d.session,
