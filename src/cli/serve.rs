@@ -65,6 +65,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_ZK_SESSION_TIMEOUT", default_value_t = ZkConfig::default().session_timeout.into())]
     zk_session_timeout: humantime::Duration,
 
+    /// Lock directories each ZooKeeper session keeps a live view of (a persistent recursive
+    /// watch), so a repeat acquire there costs one create and no listing; 0 turns views off.
+    #[arg(long, env = "CLASTOR_ZK_WATCHED_DIRS", default_value_t = ZkConfig::default().watched_dirs)]
+    zk_watched_dirs: usize,
+
     /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
     #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
@@ -225,6 +230,7 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
         provider: args.provider.clone(),
         sessions: args.zk_sessions.get(),
         session_timeout: *args.zk_session_timeout,
+        watched_dirs: args.zk_watched_dirs,
     };
     info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
     ZooKeeperBackend::connect(config)

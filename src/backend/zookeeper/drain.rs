@@ -10,6 +10,10 @@
 //! full census, so a directory the incremental view missed cannot be
 //! skipped: the rotation switches only after a full census, made after the
 //! kind was marked draining, found nothing.
+//!
+//! While the census watches, the session keeps no views of the directories
+//! it watches (`views.rs`: ZooKeeper 3.8 keeps one watch mode per path and
+//! session).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +28,7 @@ use zookeeper_client::Stat;
 use super::error::{ZkError, map_err};
 use super::layout;
 use super::session::ZkSession;
+use super::views::Suspended;
 use crate::backend::BackendError;
 
 /// A watch's firing, tagged with its lock directory's id (`None`: the
@@ -45,6 +50,9 @@ pub(super) struct Drain {
     root: String,
     dirs: HashMap<String, Dir>,
     fired: FuturesUnordered<Fired>,
+    /// The session's directory views stay off under `root` while the
+    /// census's one-shot child watches are there (`views.rs`).
+    _views_off: Suspended,
 }
 
 impl Drain {
@@ -53,10 +61,12 @@ impl Drain {
     /// # Errors
     /// `Unavailable` if the session is lost; ZooKeeper's other failures.
     pub(super) async fn start(session: &ZkSession, root: String) -> Result<Drain, BackendError> {
+        let views_off = session.views().suspend(&root);
         let mut drain = Drain {
             root,
             dirs: HashMap::new(),
             fired: FuturesUnordered::new(),
+            _views_off: views_off,
         };
         drain.full(session).await?;
         Ok(drain)

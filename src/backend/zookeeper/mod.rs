@@ -27,6 +27,7 @@ mod pool;
 mod recipe;
 mod rotation;
 mod session;
+mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,10 @@ pub struct ZkConfig {
     /// `minSessionTimeout`/`maxSessionTimeout`. Holders are told their locks
     /// are lost after 3/5 of it without an answer from the ZooKeeper leader.
     pub session_timeout: Duration,
+    /// Lock directories each session keeps a live view of (1024): a
+    /// persistent recursive watch that lets a repeat acquire there skip the
+    /// listing (`views.rs`). 0 lists on every acquire.
+    pub watched_dirs: usize,
 }
 
 impl Default for ZkConfig {
@@ -65,6 +70,7 @@ impl Default for ZkConfig {
             provider: "zk-provider".into(),
             sessions: 4,
             session_timeout: Duration::from_secs(10),
+            watched_dirs: views::DEFAULT_WATCHED_DIRS,
         }
     }
 }
@@ -116,6 +122,7 @@ impl ZooKeeperBackend {
             sessions: cfg.sessions,
             session_timeout: cfg.session_timeout,
             connect_timeout,
+            watched_dirs: cfg.watched_dirs,
         })
         .await?;
         let kinds = Kinds::new(layout);

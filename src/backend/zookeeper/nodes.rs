@@ -21,6 +21,7 @@ use zookeeper_client::{EventType, WatchedEvent};
 use super::error::{ZkError, map_err};
 use super::layout;
 use super::session::{ZkSession, spawn_background};
+use super::views::DirView;
 use crate::backend::{BackendError, KindVersion};
 
 /// A lock node that exists, as its create round saw it.
@@ -34,6 +35,9 @@ pub(super) struct Created {
     /// The child watch that listing left on the directory (`None` after a
     /// recovery): a holder's first watch on its node, at no extra request.
     pub(super) dir_watch: Option<OwnWatch>,
+    /// The session's view of the directory, when it stood in for the
+    /// listing: a holder's watch on its node, through the view.
+    pub(super) dir_view: Option<Arc<DirView>>,
 }
 
 impl std::fmt::Debug for Created {
@@ -43,6 +47,7 @@ impl std::fmt::Debug for Created {
             .field("seen", &self.seen)
             .field("children", &self.children)
             .field("dir_watch", &self.dir_watch.is_some())
+            .field("dir_view", &self.dir_view.is_some())
             .finish()
     }
 }
@@ -363,6 +368,7 @@ pub(super) async fn recover(
         seen,
         children,
         dir_watch: None,
+        dir_view: None,
     }))
 }
 

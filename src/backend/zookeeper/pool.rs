@@ -48,6 +48,8 @@ pub(super) struct PoolConfig {
     pub(super) sessions: usize,
     pub(super) session_timeout: Duration,
     pub(super) connect_timeout: Duration,
+    /// Directory views per session (`views.rs`).
+    pub(super) watched_dirs: usize,
 }
 
 /// One slot of the pool: the session currently serving it, if any.
@@ -152,7 +154,7 @@ impl Pool {
     /// for each other, and the leader may have created this one long ago.
     fn install(&self, slot: usize, client: Client, started: Instant) -> Arc<ZkSession> {
         let generation = self.slots[slot].generations.fetch_add(1, Ordering::AcqRel);
-        let session = Arc::new(ZkSession::new(slot, generation, client));
+        let session = Arc::new(ZkSession::new(slot, generation, client, self.cfg.watched_dirs));
         session.touch(started);
         info!(
             slot,
@@ -173,17 +175,21 @@ impl Pool {
     /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
     /// if every session is lost and not yet replaced.
     pub(super) fn pick(&self) -> Result<Arc<ZkSession>, BackendError> {
-        self.pick_where(true)
+        self.pick_where(self.next.fetch_add(1, Ordering::Relaxed), true)
     }
 
-    /// As [`Pool::pick`], but only a connected session: for work that must
-    /// not queue behind a reconnect (a try-once acquire answers at once).
+    /// As [`Pool::pick`], starting from the slot `affinity` chooses: the
+    /// acquires of one lock go through one session while it is healthy, so
+    /// one session, not all of them, keeps a view of its directory. Without
+    /// `reconnecting_ok`, only a connected session: for work that must not
+    /// queue behind a reconnect (a try-once acquire answers at once).
     ///
     /// # Errors
     /// [`BackendError::Closed`] after shutdown; [`BackendError::Unavailable`]
-    /// if no session is connected.
-    pub(super) fn pick_connected(&self) -> Result<Arc<ZkSession>, BackendError> {
-        self.pick_where(false)
+    /// if no session is usable.
+    pub(super) fn pick_for(&self, affinity: u64, reconnecting_ok: bool) -> Result<Arc<ZkSession>, BackendError> {
+        // Truncation is fine: only the remainder matters.
+        self.pick_where(affinity as usize, reconnecting_ok)
     }
 
     /// The shortest session timeout ZooKeeper granted the current sessions
@@ -196,12 +202,11 @@ impl Pool {
             .unwrap_or(self.cfg.session_timeout)
     }
 
-    fn pick_where(&self, reconnecting_ok: bool) -> Result<Arc<ZkSession>, BackendError> {
+    fn pick_where(&self, start: usize, reconnecting_ok: bool) -> Result<Arc<ZkSession>, BackendError> {
         if self.shutdown.is_cancelled() {
             return Err(BackendError::Closed);
         }
         let n = self.slots.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut fallback = None;
         for k in 0..n {
             let Some(session) = self.slots[(start + k) % n].get() else {
@@ -273,6 +278,7 @@ impl Pool {
                 "zk.session_timeout_ms".to_owned(),
                 self.cfg.session_timeout.as_millis().to_string(),
             ),
+            ("zk.watched_dirs".to_owned(), self.cfg.watched_dirs.to_string()),
         ];
         let mut healthy = 0;
         for (i, slot) in self.slots.iter().enumerate() {
@@ -282,10 +288,11 @@ impl Pool {
                         healthy += 1;
                     }
                     format!(
-                        "id={:#x} state={} grants={} last_contact_ms={} generation={}",
+                        "id={:#x} state={} grants={} views={} last_contact_ms={} generation={}",
                         s.session_id(),
                         s.health().name(),
                         s.grant_count(),
+                        s.views().len(),
                         s.since_contact().as_millis(),
                         s.generation()
                     )

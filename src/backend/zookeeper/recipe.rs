@@ -31,17 +31,18 @@ use std::time::Duration;
 
 use clastor_protocol::{KindMode, LockMode};
 use futures_util::FutureExt as _;
-use futures_util::future::{join, join3};
+use futures_util::future::{join, join4};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use zookeeper_client::{EventType, SessionState, WatchedEvent};
+use zookeeper_client::{AddWatchMode, EventType, SessionState, WatchedEvent};
 
 use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
+use super::views::{Plan, Views};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -49,6 +50,15 @@ use crate::key::LockKey;
 
 /// Longest an acquire may overrun its wait while ZooKeeper does not answer.
 const MAX_GRACE: Duration = Duration::from_secs(2);
+
+/// Which session a lock's acquires start from (see [`super::pool::Pool::pick_for`]).
+fn affinity(key: &LockKey) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.kind().hash(&mut hasher);
+    key.id().hash(&mut hasher);
+    hasher.finish()
+}
 
 fn far_deadline(wait: Duration) -> Instant {
     let now = Instant::now();
@@ -205,11 +215,7 @@ impl ZooKeeperBackend {
             ..
         } = req;
         let started = Instant::now();
-        let session = if wait.is_zero() {
-            self.pool.pick_connected()?
-        } else {
-            self.pool.pick()?
-        };
+        let session = self.pool.pick_for(affinity(key), !wait.is_zero())?;
         let kind = key.kind_arc();
         let mut version = self.kinds.for_acquire(&session, kind).await?;
         let data = format!("clastor owner={owner}");
@@ -252,6 +258,7 @@ impl ZooKeeperBackend {
                 czxid,
                 children,
                 dir_watch,
+                dir_view,
                 ..
             } = created;
             let (turn, armed) = wait_turn(&session, &pending, children, deadline).await?;
@@ -270,8 +277,13 @@ impl ZooKeeperBackend {
             let token = u64::try_from(czxid)
                 .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {czxid}")))?;
             // From here on the held node is watched: a waiter's watch, set
-            // while it waited, carries on; an uncontended grant keeps the
-            // child watch its create round's listing left on the directory.
+            // while it waited, carries on; an uncontended grant watches
+            // through the session's view of the directory, or keeps the
+            // child watch its create round's listing left there.
+            let dir_watch = match (&armed, dir_view) {
+                (None, Some(view)) => Some(view.subscribe(pending.name())),
+                _ => dir_watch,
+            };
             let done = CancellationToken::new();
             let gone = nodes::watch_own(&session, &path, armed, dir_watch, done.clone());
             let Some(notifier) = on_lost.take() else {
@@ -343,14 +355,47 @@ impl ZooKeeperBackend {
             // Warm: this session's version watch vouches for the version
             // (see `kinds`); cold: read it, leaving a watch for next time.
             let warm = self.kinds.watched(session, kind).is_some_and(|v| v == *version);
+            // A view of the directory replaces the listing; establishing one
+            // sends its `addWatch` here, ahead of the create (`views`).
+            let plan = session.views().plan(pending.dir(), dir_known, || {
+                client.watch(pending.dir(), AddWatchMode::PersistentRecursive)
+            });
             let create = client.create(&prefix, data, &LOCK_NODE);
             let read = (!warm).then(|| client.get_and_watch_data(&version_path));
-            // With a child watch: a holder's first watch on its node, free.
-            let list = client.list_and_watch_children(pending.dir());
+            let (view, ticket, adding, list) = match plan {
+                Plan::Warm(view) => (Some(view), None, None, List::None),
+                Plan::Establish(ticket, adding) => (
+                    None,
+                    Some(ticket),
+                    Some(adding),
+                    List::Plain(client.list_children(pending.dir())),
+                ),
+                // With a child watch: a holder's first watch on its node, free.
+                Plan::List { watch: true } => (
+                    None,
+                    None,
+                    None,
+                    List::Watched(client.list_and_watch_children(pending.dir())),
+                ),
+                Plan::List { watch: false } => (None, None, None, List::Plain(client.list_children(pending.dir()))),
+            };
             let read = async move {
                 match read {
                     Some(read) => Some(read.await),
                     None => None,
+                }
+            };
+            let adding = async move {
+                match adding {
+                    Some(adding) => Some(adding.await),
+                    None => None,
+                }
+            };
+            let list = async move {
+                match list {
+                    List::Watched(list) => Some(list.await.map(|(children, watch)| (children, Some(watch)))),
+                    List::Plain(list) => Some(list.await.map(|children| (children, None))),
+                    List::None => None,
                 }
             };
             let parents = async move {
@@ -360,7 +405,9 @@ impl ZooKeeperBackend {
                     let _ = parents.await;
                 }
             };
-            let ((), (created, read, list)) = session.until_retired(join(parents, join3(create, read, list))).await?;
+            let ((), (created, read, list, adding)) = session
+                .until_retired(join(parents, join4(create, read, list, adding)))
+                .await?;
             match created {
                 Ok((stat, seq)) => {
                     session.touch(sent_at);
@@ -380,15 +427,31 @@ impl ZooKeeperBackend {
                         }
                         Some(Err(_)) => self.kinds.read_and_watch(session, kind).await?,
                     };
-                    let (children, dir_watch) = match list {
-                        Ok((children, watch)) => (children, Some(Box::pin(watch.changed()) as OwnWatch)),
-                        Err(_) => (list_children(session, pending.dir()).await?, None),
+                    let mut dir_view = None;
+                    let (children, dir_watch) = match (view, list) {
+                        // The view, made current by the events that came
+                        // before the create's reply, stands for the listing.
+                        (Some(view), _) => match view.after_create(pending.name()) {
+                            Some(upto) => {
+                                dir_view = Some(view);
+                                (upto, None)
+                            }
+                            None => (list_children(session, pending.dir()).await?, None),
+                        },
+                        (None, Some(Ok((children, watch)))) => {
+                            if let (Some(ticket), Some(Ok(watcher))) = (ticket, adding) {
+                                dir_view = Views::complete(ticket, watcher, &children);
+                            }
+                            (children, watch.map(|w| Box::pin(w.changed()) as OwnWatch))
+                        }
+                        (None, _) => (list_children(session, pending.dir()).await?, None),
                     };
                     return Ok(Round::Created(Created {
                         czxid: stat.czxid,
                         seen,
                         children,
                         dir_watch,
+                        dir_view,
                     }));
                 }
                 Err(ZkError::NoNode) => {
@@ -445,6 +508,13 @@ impl ZooKeeperBackend {
             pending.dir()
         )))
     }
+}
+
+/// The listing a create round sends, if any.
+enum List<W, P> {
+    Watched(W),
+    Plain(P),
+    None,
 }
 
 /// How a create round ended.

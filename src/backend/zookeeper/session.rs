@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use zookeeper_client::Client;
 
 use super::error::{ZkResult, connection_broke};
+use super::views::Views;
 use crate::backend::{BackendError, LostNotifier, SessionHealth};
 use crate::key::LockKey;
 
@@ -92,6 +93,8 @@ pub(super) struct ZkSession {
     /// Round trip of the last answered liveness probe, in µs (`u64::MAX`: none yet).
     probe_us: AtomicU64,
     grants: Mutex<HashMap<String, GrantRecord>>,
+    /// Live views of hot lock directories (`views.rs`).
+    views: Arc<Views>,
     retired: CancellationToken,
 }
 
@@ -130,10 +133,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ZkSession {
-    pub(super) fn new(slot: usize, generation: u64, client: Client) -> ZkSession {
+    pub(super) fn new(slot: usize, generation: u64, client: Client, watched_dirs: usize) -> ZkSession {
         let timeout = client.session_timeout();
         let mut session = ZkSession::detached(slot, generation, client.session_id().0, timeout);
         session.client = Mutex::new(Some(Arc::new(client)));
+        session.views = Arc::new(Views::new(watched_dirs));
         session
     }
 
@@ -154,6 +158,7 @@ impl ZkSession {
             request_us: AtomicU64::new(0),
             probe_us: AtomicU64::new(u64::MAX),
             grants: Mutex::new(HashMap::new()),
+            views: Arc::new(Views::new(0)),
             retired: CancellationToken::new(),
         }
     }
@@ -327,6 +332,11 @@ impl ZkSession {
         lock(&self.grants).remove(path)
     }
 
+    /// This session's views of hot lock directories.
+    pub(super) fn views(&self) -> &Arc<Views> {
+        &self.views
+    }
+
     /// Number of grants held through this session.
     pub(super) fn grant_count(&self) -> usize {
         lock(&self.grants).len()
@@ -345,6 +355,7 @@ impl ZkSession {
     pub(super) fn retire(&self, reason: LostReason) -> Option<ClosingSession> {
         self.health.store(Health::Lost as u8, Ordering::Release);
         self.retired.cancel();
+        self.views.clear();
         let mut client = lock(&self.client).take();
         if reason == LostReason::BackendUnreachable
             && let Some(kept) = client.take()

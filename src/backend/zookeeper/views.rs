@@ -1,0 +1,473 @@
+//! Views of hot lock directories: what a session knows of a directory's
+//! children without listing it, kept by a persistent recursive watch
+//! (ZooKeeper ≥ 3.6 `addWatch`) on that same session.
+//!
+//! **Why a view is as good as a listing.** ZooKeeper delivers one session's
+//! watch events and replies in the order of the changes they report: the
+//! event for every change committed before our `create` reaches us before
+//! the create's reply. `zookeeper_client` hands an event to the watcher's
+//! channel before it completes the next reply (both on its one I/O loop), so
+//! once the reply is in, draining the channel without waiting yields every
+//! earlier event. A view therefore says, at the create's reply, exactly what
+//! a listing pipelined behind the create would have said: whether our node is
+//! first.
+//!
+//! **Establishing one** (the "cold" round): `addWatch` is sent ahead of the
+//! create and a listing on the same session. The listing is the base; every
+//! event from the watch is then applied on top in order, including those
+//! that arrived before the listing's reply (changes the listing already
+//! shows). That is exact whatever the names: a child with no event since the
+//! watch was added is as the listing shows it, and one with events ends as
+//! its last event says.
+//!
+//! **When a view cannot be trusted** it is dropped and the next acquire
+//! lists again: on any session event (a disconnection can lose persistent
+//! watch events, ZOOKEEPER-4698), on eviction (each session keeps at most
+//! `capacity` views, least recently used first), and while a rotation's
+//! census watches lock directories on the session ([`Views::suspend`]):
+//! ZooKeeper 3.8 keeps one watch mode per path and session (ZOOKEEPER-4466),
+//! so a one-shot child watch set on a directory *before* a recursive watch
+//! there would stop firing. The rule that makes this safe: on a session, a
+//! recursive watch is only ever added to a lock directory while no one-shot
+//! child watch of ours may be pending there — the acquire path sets none once
+//! views are on, and the census suspends views first. (The other order —
+//! recursive first, then a one-shot child watch — leaves both working.)
+//!
+//! Holders use the view too: [`DirView::subscribe`] resolves when the view
+//! sees the holder's node deleted, or when the view is dropped (then the
+//! holder watches its node itself, see `nodes::watch_own`).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use hashlink::LruCache;
+use tokio::sync::oneshot;
+use tracing::debug;
+use zookeeper_client::{EventType, PersistentWatcher, WatchedEvent};
+
+use super::layout::{self, Contender};
+use super::nodes::OwnWatch;
+use super::session::spawn_background;
+
+/// Default number of lock directories each session keeps a view of.
+pub(super) const DEFAULT_WATCHED_DIRS: usize = 1024;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent (inserts,
+    // removes, a flag), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One session's views, least recently used first.
+#[derive(Debug)]
+pub(super) struct Views {
+    capacity: usize,
+    state: Mutex<ViewsState>,
+}
+
+#[derive(Debug)]
+struct ViewsState {
+    views: LruCache<String, Slot>,
+    /// Directory prefixes a census is watching: no view is made under them.
+    suspended: Vec<String>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// An `addWatch` is on its way; the view is not usable yet.
+    Establishing(u64),
+    Ready(Arc<DirView>),
+}
+
+/// What an acquire does about a lock directory's children.
+pub(super) enum Plan<W> {
+    /// The session has a view: send the create alone.
+    Warm(Arc<DirView>),
+    /// An `addWatch` was sent (its reply is the future): send the create and
+    /// a listing after it, then [`Views::complete`].
+    Establish(Ticket, W),
+    /// List after the create; with a one-shot child watch only where views
+    /// are off (see the module docs).
+    List { watch: bool },
+}
+
+/// The right to complete the view being established for one directory;
+/// dropped unused, it calls the establishment off.
+#[derive(Debug)]
+pub(super) struct Ticket {
+    views: Arc<Views>,
+    dir: String,
+    id: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut state = lock(&self.views.state);
+        if matches!(state.views.get(&self.dir), Some(Slot::Establishing(id)) if *id == self.id) {
+            state.views.remove(&self.dir);
+        }
+    }
+}
+
+impl Views {
+    /// Views of at most `capacity` directories (0: none).
+    pub(super) fn new(capacity: usize) -> Views {
+        Views {
+            capacity,
+            state: Mutex::new(ViewsState {
+                views: LruCache::new_unbounded(),
+                suspended: Vec::new(),
+            }),
+        }
+    }
+
+    /// How an acquire in `dir` goes. A view is established (by calling
+    /// `add_watch`, which must send the `addWatch` as it is called, under
+    /// this session's lock so a census cannot slip in between) only for a
+    /// directory acquired before (`hot`) and not under a census.
+    pub(super) fn plan<W>(self: &Arc<Self>, dir: &str, hot: bool, add_watch: impl FnOnce() -> W) -> Plan<W> {
+        if self.capacity == 0 {
+            return Plan::List { watch: true };
+        }
+        let mut state = lock(&self.state);
+        match state.views.get(dir) {
+            Some(Slot::Ready(view)) if view.is_valid() => return Plan::Warm(Arc::clone(view)),
+            Some(Slot::Establishing(_)) => return Plan::List { watch: false },
+            Some(Slot::Ready(_)) | None => {}
+        }
+        if !hot || state.suspended.iter().any(|p| under(dir, p)) {
+            state.views.remove(dir);
+            return Plan::List { watch: false };
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let watch = add_watch();
+        state.views.insert(dir.to_owned(), Slot::Establishing(id));
+        let evicted = evict(&mut state.views, self.capacity);
+        drop(state);
+        evicted.into_iter().for_each(|v| v.invalidate("evicted"));
+        Plan::Establish(
+            Ticket {
+                views: Arc::clone(self),
+                dir: dir.to_owned(),
+                id,
+            },
+            watch,
+        )
+    }
+
+    /// Finishes an establishment: the view is `children` (listed after the
+    /// watch was added) with every event of `watcher` applied. `None` if the
+    /// establishment was called off meanwhile (a census, or eviction).
+    pub(super) fn complete(ticket: Ticket, watcher: PersistentWatcher, children: &[String]) -> Option<Arc<DirView>> {
+        let view = Arc::new(DirView::new(ticket.dir.clone(), watcher, children));
+        // (The guard goes before `ticket`, whose drop takes the same lock.)
+        let mut state = lock(&ticket.views.state);
+        let ours = matches!(state.views.get(&ticket.dir), Some(Slot::Establishing(id)) if *id == ticket.id);
+        if !ours || !view.sync() {
+            return None;
+        }
+        state.views.insert(ticket.dir.clone(), Slot::Ready(Arc::clone(&view)));
+        drop(state);
+        spawn_background(pump(Arc::clone(&view)));
+        debug!(dir = %ticket.dir, "directory view established");
+        Some(view)
+    }
+
+    /// Drops every view under `prefix` and makes none there until the guard
+    /// goes: for a census that sets one-shot child watches on those
+    /// directories (see the module docs).
+    pub(super) fn suspend(self: &Arc<Self>, prefix: &str) -> Suspended {
+        let prefix = format!("{}/", prefix.trim_end_matches('/'));
+        let mut state = lock(&self.state);
+        state.suspended.push(prefix.clone());
+        let dirs: Vec<String> = state
+            .views
+            .iter()
+            .filter(|(dir, _)| under(dir, &prefix))
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        let dropped: Vec<Slot> = dirs.iter().filter_map(|d| state.views.remove(d)).collect();
+        drop(state);
+        for slot in dropped {
+            if let Slot::Ready(view) = slot {
+                view.invalidate("a census watches its directory");
+            }
+        }
+        Suspended {
+            views: Arc::clone(self),
+            prefix,
+        }
+    }
+
+    /// Drops every view (the session is retired).
+    pub(super) fn clear(&self) {
+        let mut state = lock(&self.state);
+        let dropped: Vec<Slot> = state.views.drain().map(|(_, slot)| slot).collect();
+        drop(state);
+        for slot in dropped {
+            if let Slot::Ready(view) = slot {
+                view.invalidate("session retired");
+            }
+        }
+    }
+
+    /// Number of directories with a usable view.
+    pub(super) fn len(&self) -> usize {
+        lock(&self.state)
+            .views
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Ready(v) if v.is_valid()))
+            .count()
+    }
+}
+
+/// Views stay off under a prefix while this lives.
+#[derive(Debug)]
+pub(super) struct Suspended {
+    views: Arc<Views>,
+    prefix: String,
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        let mut state = lock(&self.views.state);
+        if let Some(i) = state.suspended.iter().position(|p| *p == self.prefix) {
+            state.suspended.swap_remove(i);
+        }
+    }
+}
+
+fn under(dir: &str, prefix_with_slash: &str) -> bool {
+    dir.starts_with(prefix_with_slash)
+}
+
+/// Removes least recently used views beyond `capacity`.
+fn evict(views: &mut LruCache<String, Slot>, capacity: usize) -> Vec<Arc<DirView>> {
+    let mut evicted = Vec::new();
+    while views.len() > capacity {
+        match views.remove_lru() {
+            Some((_, Slot::Ready(view))) => evicted.push(view),
+            Some((_, Slot::Establishing(_))) => {}
+            None => break,
+        }
+    }
+    evicted
+}
+
+/// One lock directory as one session sees it.
+#[derive(Debug)]
+pub(super) struct DirView {
+    dir: String,
+    valid: AtomicBool,
+    state: Mutex<ViewState>,
+}
+
+struct ViewState {
+    /// `None` once the view is dropped (dropping it removes the watch).
+    watcher: Option<PersistentWatcher>,
+    /// The contenders' node names.
+    names: HashSet<String>,
+    /// Holders waiting to hear that their node was deleted, by node name.
+    subscribers: HashMap<String, oneshot::Sender<WatchedEvent>>,
+    /// The pump task's waker: whoever drains the watcher polls with it, so
+    /// the channel keeps waking the pump.
+    pump: Option<Waker>,
+}
+
+impl std::fmt::Debug for ViewState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewState")
+            .field("watching", &self.watcher.is_some())
+            .field("names", &self.names.len())
+            .field("subscribers", &self.subscribers.len())
+            .finish()
+    }
+}
+
+impl DirView {
+    fn new(dir: String, watcher: PersistentWatcher, children: &[String]) -> DirView {
+        let names = children
+            .iter()
+            .filter(|c| Contender::parse(c).is_some())
+            .cloned()
+            .collect();
+        DirView {
+            dir,
+            valid: AtomicBool::new(true),
+            state: Mutex::new(ViewState {
+                watcher: Some(watcher),
+                names,
+                subscribers: HashMap::new(),
+                pump: None,
+            }),
+        }
+    }
+
+    pub(super) fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
+    /// Applies every event delivered so far; `false` if the view is no
+    /// longer to be trusted.
+    fn sync(&self) -> bool {
+        let mut state = lock(&self.state);
+        self.drain(&mut state, None);
+        state.watcher.is_some()
+    }
+
+    /// Applies every event already in the watcher's channel, marking the
+    /// view invalid if one of them ended it.
+    fn drain(&self, state: &mut ViewState, cx: Option<&mut Context<'_>>) {
+        drain(&self.dir, state, cx);
+        if state.watcher.is_none() {
+            self.valid.store(false, Ordering::Release);
+        }
+    }
+
+    /// Our node `name` was just created and its reply is in: the view, made
+    /// current, as the names of the contenders up to and including ours (in
+    /// no particular order). `None` if the view cannot be trusted (list
+    /// instead).
+    pub(super) fn after_create(&self, name: &str) -> Option<Vec<String>> {
+        let mine = Contender::parse(name)?.seq;
+        let mut state = lock(&self.state);
+        self.drain(&mut state, None);
+        state.watcher.as_ref()?;
+        // Our own creation's event is normally in already; either way.
+        if !state.names.contains(name) {
+            state.names.insert(name.to_owned());
+        }
+        let mut upto = Vec::with_capacity(1);
+        for other in &state.names {
+            if other == name || Contender::parse(other).is_some_and(|c| layout::seq_before(c.seq, mine)) {
+                upto.push(other.clone());
+            }
+        }
+        Some(upto)
+    }
+
+    /// A watch on our node `name` through the view: resolves with
+    /// `NodeDeleted` when the view sees it deleted, or with a
+    /// `NodeChildrenChanged` when the view can no longer tell (dropped, or
+    /// the node was already missing) — the holder then looks at its node.
+    pub(super) fn subscribe(&self, name: &str) -> OwnWatch {
+        let path = format!("{}/{name}", self.dir);
+        let mut state = lock(&self.state);
+        self.drain(&mut state, None);
+        if state.watcher.is_none() || !state.names.contains(name) {
+            return Box::pin(std::future::ready(look_again(&path)));
+        }
+        let (tx, rx) = oneshot::channel();
+        state.subscribers.insert(name.to_owned(), tx);
+        Box::pin(async move { rx.await.unwrap_or_else(|_| look_again(&path)) })
+    }
+
+    /// Drops the view: its watch is removed, and its subscribers look at
+    /// their nodes themselves.
+    pub(super) fn invalidate(&self, why: &str) {
+        self.valid.store(false, Ordering::Release);
+        let mut state = lock(&self.state);
+        close(&self.dir, &mut state, why);
+    }
+
+    fn poll_pump(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(&self.state);
+        if state.watcher.is_none() {
+            return Poll::Ready(());
+        }
+        if !state.pump.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            state.pump = Some(cx.waker().clone());
+        }
+        self.drain(&mut state, Some(cx));
+        if state.watcher.is_none() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// A `NodeChildrenChanged` event for `path`: "look at the node yourself".
+fn look_again(path: &str) -> WatchedEvent {
+    WatchedEvent::new(EventType::NodeChildrenChanged, path)
+}
+
+/// Applies every event already in the watcher's channel. Polls with the
+/// pump's waker (or `cx`, the pump's own), so the channel goes on waking the
+/// pump for later events.
+fn drain(dir: &str, state: &mut ViewState, cx: Option<&mut Context<'_>>) {
+    let waker = match cx {
+        Some(cx) => cx.waker().clone(),
+        None => state.pump.clone().unwrap_or_else(|| Waker::noop().clone()),
+    };
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        let Some(watcher) = state.watcher.as_mut() else {
+            return;
+        };
+        // `changed` panics once the session has ended; a terminal session
+        // event comes first and drops the view, but a panic must not take
+        // the acquire (or the pump) down with it.
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let changed = std::pin::pin!(watcher.changed());
+            changed.poll(&mut cx)
+        }));
+        match polled {
+            Ok(Poll::Pending) => return,
+            Ok(Poll::Ready(event)) => apply(dir, state, event),
+            Err(_) => close(dir, state, "watch channel closed"),
+        }
+    }
+}
+
+fn apply(dir: &str, state: &mut ViewState, event: WatchedEvent) {
+    let child = event
+        .path
+        .strip_prefix(dir)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .filter(|name| !name.is_empty() && !name.contains('/'));
+    match (event.event_type, child) {
+        (EventType::Session, _) => {
+            let why = format!("session event {:?}", event.session_state);
+            close(dir, state, &why);
+        }
+        (EventType::NodeCreated, Some(name)) if Contender::parse(name).is_some() => {
+            state.names.insert(name.to_owned());
+        }
+        (EventType::NodeDeleted, Some(name)) => {
+            state.names.remove(name);
+            if let Some(tx) = state.subscribers.remove(name) {
+                let _ = tx.send(event);
+            }
+        }
+        // Data changes, and the directory's own creation or reaping.
+        _ => {}
+    }
+}
+
+/// Drops the watcher (removing the watch) and hands the subscribers back to
+/// their own watches.
+fn close(dir: &str, state: &mut ViewState, why: &str) {
+    if state.watcher.take().is_none() {
+        return;
+    }
+    debug!(%dir, why, holders = state.subscribers.len(), "dropping directory view");
+    state.names.clear();
+    for (name, tx) in state.subscribers.drain() {
+        let _ = tx.send(look_again(&format!("{dir}/{name}")));
+    }
+    if let Some(pump) = state.pump.take() {
+        pump.wake();
+    }
+}
+
+/// Keeps a view current between acquires: applies events as they come, so
+/// holders hear of their node's deletion at once and the channel stays short.
+async fn pump(view: Arc<DirView>) {
+    std::future::poll_fn(|cx| view.poll_pump(cx)).await;
+}

@@ -1,0 +1,234 @@
+//! Directory views (`backend/zookeeper/views.rs`) against a real ZooKeeper:
+//! a repeat acquire of a lock decides "am I first" from the session's
+//! persistent recursive watch instead of a listing. These tests make the
+//! view the only thing standing between two holders — contenders from other
+//! servers, nodes deleted by hand, a restarted ZooKeeper, and a hammer of
+//! one key from several servers and sessions — and check that it never lets
+//! two through.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clastor::LockKey;
+use clastor::backend::zookeeper::{ZkConfig, ZkGuard, ZooKeeperBackend};
+use clastor::backend::{AcquireRequest, Backend, Grant, LostNotifier};
+use clastor_protocol::{LockMode, LostReason};
+use clastor_testkit::ZooKeeper;
+use tokio::sync::mpsc;
+use zookeeper_client::Client;
+
+const PATIENCE: Duration = Duration::from_secs(15);
+
+fn start_zk() -> ZooKeeper {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)")
+}
+
+async fn server(zk: &ZooKeeper, sessions: usize) -> Arc<ZooKeeperBackend> {
+    let cfg = ZkConfig {
+        hosts: zk.connect_string(),
+        provider: "views".to_owned(),
+        sessions,
+        session_timeout: Duration::from_secs(10),
+        ..ZkConfig::default()
+    };
+    Arc::new(ZooKeeperBackend::connect(cfg).await.expect("connect backend"))
+}
+
+fn key(id: &str) -> LockKey {
+    LockKey::new("tx", id).unwrap()
+}
+
+/// An acquire whose lost notification arrives on the returned channel.
+fn request(key: &LockKey, wait: Duration) -> (AcquireRequest<'_>, mpsc::UnboundedReceiver<LostReason>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let on_lost = LostNotifier::new(move |reason| {
+        let _ = tx.send(reason);
+    });
+    let req = AcquireRequest {
+        key,
+        wait,
+        mode: LockMode::Exclusive,
+        owner: 1,
+        on_lost,
+    };
+    (req, rx)
+}
+
+async fn acquire(b: &ZooKeeperBackend, key: &LockKey, wait: Duration) -> Option<Grant<ZkGuard>> {
+    b.acquire(request(key, wait).0).await.unwrap()
+}
+
+/// Views held across the backend's sessions, from `INFO`.
+fn views(b: &ZooKeeperBackend) -> usize {
+    let info: HashMap<String, String> = b.info().into_iter().collect();
+    info.iter()
+        .filter(|(k, _)| k.starts_with("zk.session."))
+        .filter_map(|(_, v)| v.split_whitespace().find_map(|f| f.strip_prefix("views=")))
+        .map(|n| n.parse::<usize>().unwrap())
+        .sum()
+}
+
+/// Takes and gives back `key` until the backend has a view of its directory.
+async fn warm_up(b: &ZooKeeperBackend, key: &LockKey) {
+    for _ in 0..3 {
+        let g = acquire(b, key, PATIENCE).await.expect("free lock granted");
+        b.release(g.guard).await.unwrap();
+    }
+    assert!(views(b) >= 1, "no view after repeat acquires: {:?}", b.info());
+}
+
+async fn raw(zk: &ZooKeeper) -> Client {
+    Client::connect(&zk.connect_string()).await.expect("raw client")
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_acquire_sees_a_holder_on_another_server_and_waits_its_turn() {
+    let zk = start_zk();
+    let (x, y) = (server(&zk, 1).await, server(&zk, 1).await);
+    let k = key("warm-contended");
+    warm_up(&x, &k).await;
+
+    let held = acquire(&y, &k, PATIENCE).await.expect("y holds");
+    // x's view must show y's node: a try-once is refused.
+    assert!(
+        acquire(&x, &k, Duration::ZERO).await.is_none(),
+        "x granted while y holds"
+    );
+    let waiter = {
+        let (x, k) = (Arc::clone(&x), k.clone());
+        tokio::spawn(async move { acquire(&x, &k, PATIENCE).await })
+    };
+    let token = held.token;
+    y.release(held.guard).await.unwrap();
+    let next = waiter.await.unwrap().expect("x granted after y's release");
+    assert!(next.token > token);
+    x.release(next.guard).await.unwrap();
+    assert!(views(&x) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_by_hand_under_a_view_is_reported_lost() {
+    let zk = start_zk();
+    let x = server(&zk, 1).await;
+    let y = server(&zk, 1).await;
+    let k = key("warm-deleted");
+    warm_up(&x, &k).await;
+    let (req, mut lost) = request(&k, PATIENCE);
+    let held = x.acquire(req).await.unwrap().expect("x holds");
+    let inspect = raw(&zk).await;
+    inspect.delete(held.guard.path(), None).await.unwrap();
+    let reason = tokio::time::timeout(PATIENCE, lost.recv())
+        .await
+        .expect("the holder is told")
+        .expect("lost notification");
+    assert_eq!(reason, LostReason::NodeDeleted);
+    // The lock is free for others, and x's view knows it too.
+    let other = acquire(&y, &k, PATIENCE).await.expect("y granted");
+    assert!(other.token > held.token);
+    assert!(
+        acquire(&x, &k, Duration::ZERO).await.is_none(),
+        "x granted while y holds"
+    );
+    y.release(other.guard).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_are_dropped_when_the_connection_breaks_and_made_again_after() {
+    let mut zk = start_zk();
+    let x = server(&zk, 1).await;
+    let k = key("warm-restart");
+    warm_up(&x, &k).await;
+    zk.kill(0).unwrap();
+    eventually("the view is dropped on the disconnection", || views(&x) == 0).await;
+    zk.restart(0).unwrap();
+    zk.wait_ready(PATIENCE).unwrap();
+    // Another server takes the lock first; x, once back, must see it.
+    let y = server(&zk, 1).await;
+    let held = acquire(&y, &k, PATIENCE).await.expect("y holds");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match x.acquire(request(&k, Duration::ZERO).0).await {
+            Ok(None) => break,
+            Ok(Some(_)) => panic!("x granted while y holds, after a reconnection"),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "x never came back: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    y.release(held.guard).await.unwrap();
+    warm_up(&x, &k).await;
+}
+
+/// Several servers, each with several sessions, take one key (and a few
+/// others) in a loop with views on: never two holders of a key at once, and
+/// tokens strictly increase per key in grant order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_hammered_from_several_servers_and_sessions_never_has_two_holders() {
+    let zk = start_zk();
+    let servers = [server(&zk, 2).await, server(&zk, 2).await, server(&zk, 2).await];
+    let keys: Vec<LockKey> = ["hammer-0", "hammer-1", "hammer-2"].iter().map(|id| key(id)).collect();
+    let holders: Arc<Vec<AtomicUsize>> = Arc::new(keys.iter().map(|_| AtomicUsize::new(0)).collect());
+    let last_token: Arc<Vec<std::sync::Mutex<u64>>> = Arc::new(keys.iter().map(|_| std::sync::Mutex::new(0)).collect());
+    let grants = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (s, backend) in servers.iter().enumerate() {
+        for worker in 0..4usize {
+            let (backend, keys, holders, last_token, grants) = (
+                Arc::clone(backend),
+                keys.clone(),
+                Arc::clone(&holders),
+                Arc::clone(&last_token),
+                Arc::clone(&grants),
+            );
+            tasks.push(tokio::spawn(async move {
+                for round in 0..40usize {
+                    // Mostly the first key: that one is contended hardest.
+                    let i = if (round + worker + s) % 4 == 0 {
+                        1 + round % 2
+                    } else {
+                        0
+                    };
+                    let k = &keys[i];
+                    let g = acquire(&backend, k, PATIENCE)
+                        .await
+                        .unwrap_or_else(|| panic!("{k} not granted within {PATIENCE:?}"));
+                    let before = holders[i].fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(before, 0, "{k}: two holders at once (server {s}, worker {worker})");
+                    {
+                        let mut last = last_token[i].lock().unwrap();
+                        assert!(g.token > *last, "{k}: token {} after {}", g.token, *last);
+                        *last = g.token;
+                    }
+                    tokio::task::yield_now().await;
+                    holders[i].fetch_sub(1, Ordering::SeqCst);
+                    backend.release(g.guard).await.unwrap();
+                    grants.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(grants.load(Ordering::Relaxed), 3 * 4 * 40);
+    for b in &servers {
+        assert!(views(b) >= 1, "no views were used: {:?}", b.info());
+    }
+}
