@@ -94,6 +94,11 @@ pub(crate) struct LoadArgs {
     #[arg(long, default_value_t = super::zk_sessions_default())]
     zk_sessions: NonZeroUsize,
 
+    /// Lock directories each ZooKeeper session of the in-process server keeps a view of
+    /// (0: list on every acquire, for an A/B)
+    #[arg(long, default_value_t = ZkConfig::default().watched_dirs)]
+    zk_watched_dirs: usize,
+
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
     clients: usize,
@@ -285,6 +290,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             let cfg = ZkConfig {
                 hosts: zk.clone(),
                 sessions: args.zk_sessions.get(),
+                watched_dirs: args.zk_watched_dirs,
                 ..ZkConfig::default()
             };
             let backend = ZooKeeperBackend::connect(cfg)
@@ -412,7 +418,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
         if args.op == Op::Handoff {
             let (name, pairs, op) = handoff(args, &clients);
             let floor = match args.zk.as_ref().filter(|_| !args.no_floor) {
-                Some(zk) => Some(zk_handoff_floor(zk).await?),
+                Some(zk) => Some(zk_handoff_floor(zk, args.queue_time).await?),
                 None => None,
             };
             compare(args, pairs, (&name, op), floor, 1, &emit).await;
@@ -821,8 +827,11 @@ fn handoff(args: &LoadArgs, clients: &Arc<Vec<Client>>) -> (String, usize, OpFn)
 }
 
 /// Raw ZooKeeper hand-over: one session deletes a node another session
-/// watches; from the `delete` call to the watch notification.
-async fn zk_handoff_floor(hosts: &str) -> anyhow::Result<(String, OpFn)> {
+/// watches; from the `delete` call to the watch notification. Like the
+/// Clastor hand-over, the delete comes `queue_time` after the watch is set:
+/// both start from the same idle process (threads parked, caches cold), so
+/// the ratio compares paths, not wake-up conditions.
+async fn zk_handoff_floor(hosts: &str, queue_time: Duration) -> anyhow::Result<(String, OpFn)> {
     use zookeeper_client::{Acls, CreateMode};
     let sessions = raw_sessions(hosts, 2).await?;
     let root = FLOOR_ROOT;
@@ -839,6 +848,7 @@ async fn zk_handoff_floor(hosts: &str) -> anyhow::Result<(String, OpFn)> {
             if stat.is_none() {
                 bail!("node vanished before the watch was set");
             }
+            tokio::time::sleep(queue_time).await;
             let t0 = Instant::now();
             // zookeeper-client sends a request when the method is called, so
             // the delete is on its way while we wait for the other session's event.
