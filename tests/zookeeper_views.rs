@@ -32,11 +32,16 @@ fn start_zk() -> ZooKeeper {
 }
 
 async fn server(zk: &ZooKeeper, sessions: usize) -> Arc<ZooKeeperBackend> {
+    server_with(zk, sessions, ZkConfig::default().watched_dirs).await
+}
+
+async fn server_with(zk: &ZooKeeper, sessions: usize, watched_dirs: usize) -> Arc<ZooKeeperBackend> {
     let cfg = ZkConfig {
         hosts: zk.connect_string(),
         provider: "views".to_owned(),
         sessions,
         session_timeout: Duration::from_secs(10),
+        watched_dirs,
         ..ZkConfig::default()
     };
     Arc::new(ZooKeeperBackend::connect(cfg).await.expect("connect backend"))
@@ -231,4 +236,68 @@ async fn one_key_hammered_from_several_servers_and_sessions_never_has_two_holder
     for b in &servers {
         assert!(views(b) >= 1, "no views were used: {:?}", b.info());
     }
+}
+
+/// A waiter whose closest predecessor leaves the queue early (its wait ran
+/// out) prunes the queue — from the view, or from a listing with views off:
+/// the holder ahead is still there, so it waits on, granted only after the
+/// holder's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_predecessor_leaves_early_still_waits_for_the_holder() {
+    for watched_dirs in [ZkConfig::default().watched_dirs, 0] {
+        predecessor_leaves_early(watched_dirs).await;
+    }
+}
+
+async fn predecessor_leaves_early(watched_dirs: usize) {
+    let zk = start_zk();
+    let (x, y) = (server_with(&zk, 1, watched_dirs).await, server(&zk, 1).await);
+    let k = key("warm-middle");
+    for _ in 0..3 {
+        let g = acquire(&x, &k, PATIENCE).await.expect("free lock granted");
+        x.release(g.guard).await.unwrap();
+    }
+    assert_eq!(views(&x) >= 1, watched_dirs > 0, "{:?}", x.info());
+    let inspect = raw(&zk).await;
+    let held = acquire(&y, &k, PATIENCE).await.expect("y holds");
+    let dir = held.guard.path().rsplit_once('/').unwrap().0.to_owned();
+    let contenders = |n: usize| {
+        let (inspect, dir) = (&inspect, dir.clone());
+        async move {
+            let deadline = Instant::now() + PATIENCE;
+            while inspect.list_children(&dir).await.unwrap().len() != n {
+                assert!(Instant::now() < deadline, "{dir} never had {n} nodes");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let middle = {
+        let (x, k) = (Arc::clone(&x), k.clone());
+        tokio::spawn(async move { acquire(&x, &k, Duration::from_millis(500)).await })
+    };
+    contenders(2).await;
+    let last = {
+        let (x, k) = (Arc::clone(&x), k.clone());
+        tokio::spawn(async move {
+            let g = acquire(&x, &k, PATIENCE).await;
+            (g, Instant::now())
+        })
+    };
+    contenders(3).await;
+    assert!(
+        middle.await.unwrap().is_none(),
+        "the middle waiter was granted while y holds"
+    );
+    contenders(2).await;
+    // Asserting that something does not happen needs a window; this one is
+    // far longer than a wrong grant takes (one event and one listing).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!last.is_finished(), "the last waiter was granted while y holds");
+    let released_at = Instant::now();
+    y.release(held.guard).await.unwrap();
+    let (g, granted_at) = last.await.unwrap();
+    let g = g.expect("the last waiter is granted after the release");
+    assert!(granted_at >= released_at, "granted before the holder released");
+    assert!(g.token > held.token);
+    x.release(g.guard).await.unwrap();
 }

@@ -42,7 +42,7 @@ use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use super::views::{Plan, Views};
+use super::views::{DirView, Plan, Views};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -261,7 +261,7 @@ impl ZooKeeperBackend {
                 dir_view,
                 ..
             } = created;
-            let (turn, armed) = wait_turn(&session, &pending, children, deadline).await?;
+            let (turn, armed) = wait_turn(&session, &pending, children, dir_view.as_deref(), deadline).await?;
             match turn {
                 Turn::First => {}
                 Turn::TimedOut => {
@@ -557,26 +557,30 @@ enum Turn {
 /// The listing came back after our create on the same session, so it holds
 /// every node that sorts before ours; any node created later gets a later
 /// sequence number from the same parent. The set of nodes ahead of us can
-/// therefore only shrink, and when the last of them is deleted we are first
-/// without listing again: a hand-over costs the delete's watch event and
-/// nothing more.
+/// therefore only shrink. When the closest predecessor goes, the others
+/// ahead have usually gone before it (each released in turn): they are
+/// pruned in one step — from the session's view of the directory, as fresh
+/// as the deletion event (`views`), or else from one listing — rather than
+/// checked one round trip each. A node is pruned only if it is seen gone, so
+/// pruning can only make us wait less, never be granted early. In a FIFO
+/// queue a hand-over then costs the delete's watch event and nothing more.
 async fn wait_turn(
     session: &ZkSession,
     pending: &PendingNode,
     children: Vec<String>,
+    view: Option<&DirView>,
     deadline: Instant,
 ) -> Result<(Turn, Option<OwnWatch>), BackendError> {
     let me = pending.name();
     let mine = pending.path().unwrap_or_default();
+    let dir = pending.dir();
+    // Names of the contenders ahead of us, closest last.
     let mut ahead: Vec<String> = {
         let contenders = layout::sorted_contenders(&children);
         let Some(pos) = contenders.iter().position(|c| c.name == me) else {
             return Ok((Turn::NodeGone, None));
         };
-        contenders[..pos]
-            .iter()
-            .map(|c| format!("{}/{}", pending.dir(), c.name))
-            .collect()
+        contenders[..pos].iter().map(|c| c.name.to_owned()).collect()
     };
     if ahead.is_empty() {
         return Ok((Turn::First, None));
@@ -584,9 +588,8 @@ async fn wait_turn(
     let Some(mut own) = nodes::arm_own_watch(session, mine).await? else {
         return Ok((Turn::NodeGone, None));
     };
-    // The closest predecessor is last: watch it, and on its deletion the one
-    // before it, until none is left.
-    while let Some(predecessor) = ahead.last() {
+    // Watch the closest predecessor; on its deletion, prune and go on.
+    while let Some(closest) = ahead.last() {
         // Anything already delivered about our own node comes first.
         if let Some(event) = (&mut own).now_or_never() {
             match rearm(session, mine, &event).await? {
@@ -598,8 +601,9 @@ async fn wait_turn(
         if Instant::now() >= deadline {
             return Ok((Turn::TimedOut, None));
         }
+        let predecessor = format!("{dir}/{closest}");
         let node = predecessor.as_str();
-        match session
+        let deleted = match session
             .retry(|c| async move { c.get_and_watch_data(node).await })
             .await?
         {
@@ -608,13 +612,14 @@ async fn wait_turn(
                 tokio::select! {
                     biased;
                     event = &mut own => match rearm(session, mine, &event).await? {
-                        Some(watch) => own = watch,
+                        Some(watch) => {
+                            own = watch;
+                            false
+                        }
                         None => return Ok((Turn::NodeGone, None)),
                     },
                     event = watcher.changed() => match event.event_type {
-                        EventType::NodeDeleted => {
-                            ahead.pop();
-                        }
+                        EventType::NodeDeleted => true,
                         EventType::Session
                             if matches!(
                                 event.session_state,
@@ -625,16 +630,20 @@ async fn wait_turn(
                         }
                         // Data changed (or a non-terminal session event): the
                         // node is still there; watch it again.
-                        _ => {}
+                        _ => false,
                     },
                     () = tokio::time::sleep_until(deadline) => return Ok((Turn::TimedOut, None)),
                     () = session.retired() => return Err(session.gone()),
                 }
             }
-            Err(ZkError::NoNode) => {
-                ahead.pop();
-            }
+            Err(ZkError::NoNode) => true,
             Err(e) => return Err(map_err("watch predecessor", e)),
+        };
+        if deleted {
+            ahead.pop();
+            if !ahead.is_empty() {
+                prune_gone(session, dir, me, view, &mut ahead).await?;
+            }
         }
     }
     match (&mut own).now_or_never() {
@@ -644,6 +653,32 @@ async fn wait_turn(
             None => Ok((Turn::NodeGone, None)),
         },
     }
+}
+
+/// Drops from `ahead` the nodes seen gone: by the session's view of `dir`
+/// when it has a usable one, else by one listing. Our own node missing from
+/// the listing is left for the own-node watch to report.
+async fn prune_gone(
+    session: &ZkSession,
+    dir: &str,
+    me: &str,
+    view: Option<&DirView>,
+    ahead: &mut Vec<String>,
+) -> Result<(), BackendError> {
+    if let Some(view) = view
+        && view.retain_present(ahead)
+    {
+        return Ok(());
+    }
+    let children = list_children(session, dir).await?;
+    let present: std::collections::HashSet<&str> = children.iter().map(String::as_str).collect();
+    ahead.retain(|name| present.contains(name.as_str()));
+    debug!(
+        node = me,
+        left = ahead.len(),
+        "pruned the queue ahead of us from a listing"
+    );
+    Ok(())
 }
 
 /// After an event on our own node's watch: `None` if the node is gone, else

@@ -351,6 +351,21 @@ impl DirView {
         Some(upto)
     }
 
+    /// Keeps in `names` only the nodes the view, made current, still shows;
+    /// `false` (and `names` untouched) if the view cannot be trusted. A node
+    /// is dropped only if the view saw it deleted (or never saw it after the
+    /// listing it was built on, which came after the node's creation — the
+    /// caller's names come from a listing or view no older than that).
+    pub(super) fn retain_present(&self, names: &mut Vec<String>) -> bool {
+        let mut state = lock(&self.state);
+        self.drain(&mut state, None);
+        if state.watcher.is_none() {
+            return false;
+        }
+        names.retain(|name| state.names.contains(name));
+        true
+    }
+
     /// A watch on our node `name` through the view: resolves with
     /// `NodeDeleted` when the view sees it deleted, or with a
     /// `NodeChildrenChanged` when the view can no longer tell (dropped, or
