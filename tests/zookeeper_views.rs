@@ -301,3 +301,38 @@ async fn predecessor_leaves_early(watched_dirs: usize) {
     assert!(g.token > held.token);
     x.release(g.guard).await.unwrap();
 }
+
+/// A first-time holder watches its node through the listing's one-shot
+/// child watch; a second acquire of the same lock through the same session
+/// must not put a recursive watch on the directory while that child watch is
+/// pending (ZooKeeper 3.8 keeps one watch mode per path and session, and the
+/// child watch would never fire): the holder still hears of its node's
+/// deletion by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_time_holder_still_hears_of_its_deletion_when_a_second_acquire_follows() {
+    let zk = start_zk();
+    let x = server(&zk, 1).await;
+    let k = key("fresh-then-hot");
+    let (req, mut lost) = request(&k, PATIENCE);
+    let held = x.acquire(req).await.unwrap().expect("granted");
+    let waiter = {
+        let (x, k) = (Arc::clone(&x), k.clone());
+        tokio::spawn(async move { acquire(&x, &k, PATIENCE).await })
+    };
+    let inspect = raw(&zk).await;
+    let dir = held.guard.path().rsplit_once('/').unwrap().0.to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    while inspect.list_children(&dir).await.unwrap().len() != 2 {
+        assert!(Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    inspect.delete(held.guard.path(), None).await.unwrap();
+    let reason = tokio::time::timeout(PATIENCE, lost.recv())
+        .await
+        .expect("the holder is told its node was deleted")
+        .expect("lost notification");
+    assert_eq!(reason, LostReason::NodeDeleted);
+    let next = waiter.await.unwrap().expect("the waiter is granted");
+    assert!(next.token > held.token);
+    x.release(next.guard).await.unwrap();
+}

@@ -1,14 +1,20 @@
 //! The lock recipe — Apache Curator's InterProcessMutex protocol, pipelined —
 //! as the ZooKeeper backend's [`Backend`] implementation.
 //!
-//! Acquire, uncontended, is one network round trip: `create` of an
-//! ephemeral-sequential node (its Stat carries the czxid, our fencing token)
-//! and `list_children` of the lock directory, with a child watch, are sent
-//! back-to-back on one session — `zookeeper_client` sends a request when the
-//! method is called, not when the future is polled — and awaited together.
-//! ZooKeeper runs one session's requests in order, so the listing contains
-//! our node and every predecessor, and its child watch is the holder's first
-//! watch on its node (no request of its own).
+//! Acquire, uncontended, is one network round trip. Warm — the session has a
+//! view of the lock directory (`views.rs`: a persistent recursive watch) —
+//! it is the `create` of an ephemeral-sequential node alone (its Stat
+//! carries the czxid, our fencing token): the events that reach the session
+//! before the create's reply bring the view up to date, and it says whether
+//! our node is first. Cold, `create` and `list_children` of the lock
+//! directory are sent back-to-back on one session — `zookeeper_client`
+//! sends a request when the method is called, not when the future is
+//! polled — and awaited together; ZooKeeper runs one session's requests in
+//! order, so the listing contains our node and every predecessor. A cold
+//! round for a directory used before also sends an `addWatch` first, which
+//! establishes the view for next time. The holder's first watch on its node
+//! costs no request: the view's (or, with views off, the listing's child
+//! watch).
 //!
 //! The kind's version as of our create must be known too (rotation,
 //! `rotation.rs`): on the warm path the session's unfired one-shot watch on
@@ -42,7 +48,7 @@ use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::layout::{self, CONTAINER, LOCK_NODE};
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use super::views::{DirView, Plan, Views};
+use super::views::{ChildWatch, DirView, GuardedWatch, Plan, Views};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -282,7 +288,8 @@ impl ZooKeeperBackend {
             // child watch its create round's listing left there.
             let dir_watch = match (&armed, dir_view) {
                 (None, Some(view)) => Some(view.subscribe(pending.name())),
-                _ => dir_watch,
+                (None, None) => dir_watch,
+                (Some(_), _) => None,
             };
             let done = CancellationToken::new();
             let gone = nodes::watch_own(&session, &path, armed, dir_watch, done.clone());
@@ -371,13 +378,13 @@ impl ZooKeeperBackend {
                     List::Plain(client.list_children(pending.dir())),
                 ),
                 // With a child watch: a holder's first watch on its node, free.
-                Plan::List { watch: true } => (
+                Plan::List { watch: Some(guard) } => (
                     None,
                     None,
                     None,
-                    List::Watched(client.list_and_watch_children(pending.dir())),
+                    List::Watched(client.list_and_watch_children(pending.dir()), guard),
                 ),
-                Plan::List { watch: false } => (None, None, None, List::Plain(client.list_children(pending.dir()))),
+                Plan::List { watch: None } => (None, None, None, List::Plain(client.list_children(pending.dir()))),
             };
             let read = async move {
                 match read {
@@ -393,7 +400,10 @@ impl ZooKeeperBackend {
             };
             let list = async move {
                 match list {
-                    List::Watched(list) => Some(list.await.map(|(children, watch)| (children, Some(watch)))),
+                    List::Watched(list, guard) => Some(list.await.map(|(children, watch)| {
+                        let watch: OwnWatch = Box::pin(watch.changed());
+                        (children, Some(Box::pin(GuardedWatch::new(watch, guard)) as OwnWatch))
+                    })),
                     List::Plain(list) => Some(list.await.map(|children| (children, None))),
                     List::None => None,
                 }
@@ -442,7 +452,7 @@ impl ZooKeeperBackend {
                             if let (Some(ticket), Some(Ok(watcher))) = (ticket, adding) {
                                 dir_view = Views::complete(ticket, watcher, &children);
                             }
-                            (children, watch.map(|w| Box::pin(w.changed()) as OwnWatch))
+                            (children, watch)
                         }
                         (None, _) => (list_children(session, pending.dir()).await?, None),
                     };
@@ -512,7 +522,7 @@ impl ZooKeeperBackend {
 
 /// The listing a create round sends, if any.
 enum List<W, P> {
-    Watched(W),
+    Watched(W, ChildWatch),
     Plain(P),
     None,
 }

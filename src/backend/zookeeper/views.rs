@@ -29,9 +29,14 @@
 //! so a one-shot child watch set on a directory *before* a recursive watch
 //! there would stop firing. The rule that makes this safe: on a session, a
 //! recursive watch is only ever added to a lock directory while no one-shot
-//! child watch of ours may be pending there — the acquire path sets none once
-//! views are on, and the census suspends views first. (The other order —
-//! recursive first, then a one-shot child watch — leaves both working.)
+//! child watch of ours may be pending there. The acquire path counts its
+//! pending child watches per directory ([`ChildWatch`], released once the
+//! watch has fired or its removal has been sent — which goes ahead of any
+//! later request of the session) and makes no view where one is; the census
+//! suspends views first. (The other order — recursive first, then a one-shot
+//! child watch — leaves both working, but then removing the view would need
+//! a removal mode ZooKeeper 3.8 lacks, so an acquire sets no child watch
+//! beside a view either.)
 //!
 //! Holders use the view too: [`DirView::subscribe`] resolves when the view
 //! sees the holder's node deleted, or when the view is dropped (then the
@@ -74,6 +79,9 @@ struct ViewsState {
     views: LruCache<String, Slot>,
     /// Directory prefixes a census is watching: no view is made under them.
     suspended: Vec<String>,
+    /// One-shot child watches an acquire may have pending, by directory: no
+    /// view is made where one is (see the module docs).
+    child_watches: HashMap<String, usize>,
 }
 
 #[derive(Debug)]
@@ -90,9 +98,10 @@ pub(super) enum Plan<W> {
     /// An `addWatch` was sent (its reply is the future): send the create and
     /// a listing after it, then [`Views::complete`].
     Establish(Ticket, W),
-    /// List after the create; with a one-shot child watch only where views
-    /// are off (see the module docs).
-    List { watch: bool },
+    /// List after the create; with a one-shot child watch (the holder's
+    /// first watch on its node) when the guard is given — it must then live
+    /// until that watch has fired or been dropped.
+    List { watch: Option<ChildWatch> },
 }
 
 /// The right to complete the view being established for one directory;
@@ -121,6 +130,7 @@ impl Views {
             state: Mutex::new(ViewsState {
                 views: LruCache::new_unbounded(),
                 suspended: Vec::new(),
+                child_watches: HashMap::new(),
             }),
         }
     }
@@ -131,17 +141,31 @@ impl Views {
     /// directory acquired before (`hot`) and not under a census.
     pub(super) fn plan<W>(self: &Arc<Self>, dir: &str, hot: bool, add_watch: impl FnOnce() -> W) -> Plan<W> {
         if self.capacity == 0 {
-            return Plan::List { watch: true };
+            return Plan::List {
+                watch: Some(ChildWatch {
+                    views: None,
+                    dir: String::new(),
+                }),
+            };
         }
         let mut state = lock(&self.state);
         match state.views.get(dir) {
             Some(Slot::Ready(view)) if view.is_valid() => return Plan::Warm(Arc::clone(view)),
-            Some(Slot::Establishing(_)) => return Plan::List { watch: false },
+            // No one-shot child watch beside a recursive one: removing the
+            // view would then need a removal mode ZooKeeper 3.8 lacks.
+            Some(Slot::Establishing(_)) => return Plan::List { watch: None },
             Some(Slot::Ready(_)) | None => {}
         }
-        if !hot || state.suspended.iter().any(|p| under(dir, p)) {
+        let pending_child_watch = state.child_watches.get(dir).is_some_and(|n| *n > 0);
+        if !hot || pending_child_watch || state.suspended.iter().any(|p| under(dir, p)) {
             state.views.remove(dir);
-            return Plan::List { watch: false };
+            *state.child_watches.entry(dir.to_owned()).or_insert(0) += 1;
+            return Plan::List {
+                watch: Some(ChildWatch {
+                    views: Some(Arc::clone(self)),
+                    dir: dir.to_owned(),
+                }),
+            };
         }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -223,6 +247,66 @@ impl Views {
             .iter()
             .filter(|(_, slot)| matches!(slot, Slot::Ready(v) if v.is_valid()))
             .count()
+    }
+}
+
+/// Counts a one-shot child watch of an acquire on a directory, until it has
+/// fired or been dropped (which sends its removal ahead of any later
+/// request of the session). Keep it beside the watch, dropped after it.
+#[derive(Debug)]
+pub(super) struct ChildWatch {
+    /// `None` where views are off: nothing to count.
+    views: Option<Arc<Views>>,
+    dir: String,
+}
+
+impl Drop for ChildWatch {
+    fn drop(&mut self) {
+        let Some(views) = &self.views else {
+            return;
+        };
+        let mut state = lock(&views.state);
+        if let Some(n) = state.child_watches.get_mut(&self.dir) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.child_watches.remove(&self.dir);
+            }
+        }
+    }
+}
+
+/// A one-shot child watch being awaited, with its [`ChildWatch`] guard:
+/// dropped after the watch, whether it fired or not.
+pub(super) struct GuardedWatch {
+    watch: OwnWatch,
+    guard: Option<ChildWatch>,
+}
+
+impl GuardedWatch {
+    pub(super) fn new(watch: OwnWatch, guard: ChildWatch) -> GuardedWatch {
+        GuardedWatch {
+            watch,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Future for GuardedWatch {
+    type Output = WatchedEvent;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<WatchedEvent> {
+        let event = std::task::ready!(self.watch.as_mut().poll(cx));
+        // Fired: ZooKeeper has removed the watch.
+        self.guard = None;
+        Poll::Ready(event)
+    }
+}
+
+impl Drop for GuardedWatch {
+    fn drop(&mut self) {
+        // The watch goes first (its removal is sent), then the guard.
+        self.watch = Box::pin(std::future::pending());
+        self.guard = None;
     }
 }
 
