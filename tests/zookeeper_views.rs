@@ -336,3 +336,82 @@ async fn a_first_time_holder_still_hears_of_its_deletion_when_a_second_acquire_f
     assert!(next.token > held.token);
     x.release(next.guard).await.unwrap();
 }
+
+/// A warm acquire whose node is deleted from outside right after its create
+/// (before the view has caught up with the create's reply) must not be
+/// granted on the gone node: it queues again with a new one. Found by
+/// review: the view once put our name back "either way", and the holder of
+/// a node that no longer existed was never told. To make the window wide, a
+/// task blocks this test's only runtime thread in 50 ms slices, so the
+/// client reads the create's reply and the deletion event — made by another
+/// thread's client as soon as it sees the node — in one go.
+#[tokio::test(flavor = "current_thread")]
+async fn a_warm_grant_is_never_made_on_a_node_deleted_right_after_its_create() {
+    use std::sync::atomic::AtomicBool;
+    use zookeeper_client::{AddWatchMode, EventType};
+
+    let zk = start_zk();
+    let x = server(&zk, 1).await;
+    let k = key("deleted-at-birth");
+    warm_up(&x, &k).await;
+    let g = acquire(&x, &k, PATIENCE).await.unwrap();
+    let dir = g.guard.path().rsplit_once('/').unwrap().0.to_owned();
+    x.release(g.guard).await.unwrap();
+    let inspect = raw(&zk).await;
+
+    // Another process's client deletes the next node created in the
+    // directory, once per arming.
+    let armed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let deleter = {
+        let (armed, stop, connect, dir) = (Arc::clone(&armed), Arc::clone(&stop), zk.connect_string(), dir.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let c = Client::connect(&connect).await.unwrap();
+                let mut w = c.watch(&dir, AddWatchMode::PersistentRecursive).await.unwrap();
+                ready_tx.send(()).unwrap();
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(ev) = tokio::time::timeout(Duration::from_millis(100), w.changed()).await else {
+                        continue;
+                    };
+                    if ev.event_type == EventType::NodeCreated && ev.path != dir && armed.swap(false, Ordering::SeqCst)
+                    {
+                        let _ = c.delete(&ev.path, None).await;
+                    }
+                }
+            });
+        })
+    };
+    ready_rx.recv().unwrap();
+
+    for attempt in 0..10 {
+        let hog = tokio::spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                tokio::task::yield_now().await;
+            }
+        });
+        armed.store(true, Ordering::SeqCst);
+        let (req, mut lost) = request(&k, PATIENCE);
+        let held = x.acquire(req).await.unwrap().expect("granted");
+        hog.abort();
+        let _ = hog.await;
+        let path = held.guard.path().to_owned();
+        if inspect.check_stat(&path).await.unwrap().is_none() {
+            // Granted on a gone node: it must at least be told, at once.
+            let told = tokio::time::timeout(Duration::from_secs(3), lost.recv()).await;
+            assert!(
+                told.is_ok(),
+                "attempt {attempt}: granted on {path}, deleted before the grant, and never told"
+            );
+        }
+        x.release(held.guard).await.ok();
+    }
+    stop.store(true, Ordering::SeqCst);
+    deleter.join().unwrap();
+}

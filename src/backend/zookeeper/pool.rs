@@ -209,7 +209,7 @@ impl Pool {
         let n = self.slots.len();
         let mut fallback = None;
         for k in 0..n {
-            let Some(session) = self.slots[(start + k) % n].get() else {
+            let Some(session) = self.slots[(start % n + k) % n].get() else {
                 continue;
             };
             match session.health() {

@@ -38,6 +38,15 @@
 //! a removal mode ZooKeeper 3.8 lacks, so an acquire sets no child watch
 //! beside a view either.)
 //!
+//! ZooKeeper 3.8 delivers a child's creation and deletion to a recursive
+//! watch only through its data-watch table, so an `exists`/`getData` watch
+//! on a lock *directory* (or a data-watch removal there) on a session with a
+//! view would silence the view without any session event. Nothing sets one
+//! (waiters and holders watch their nodes, `D/x`, never `D`); keep it so.
+//! One harmless leftover is known: a census that starts while a view is
+//! being established may leave that recursive watch on the server until the
+//! session ends (its events then only cost the client a removal request).
+//!
 //! Holders use the view too: [`DirView::subscribe`] resolves when the view
 //! sees the holder's node deleted, or when the view is dropped (then the
 //! holder watches its node itself, see `nodes::watch_own`).
@@ -422,9 +431,10 @@ impl DirView {
         let mut state = lock(&self.state);
         self.drain(&mut state, None);
         state.watcher.as_ref()?;
-        // Our own creation's event is normally in already; either way.
+        // Our create's event precedes its reply: a missing name means the
+        // node was deleted since (and its deletion drained). List instead.
         if !state.names.contains(name) {
-            state.names.insert(name.to_owned());
+            return None;
         }
         let mut upto = Vec::with_capacity(1);
         for other in &state.names {
