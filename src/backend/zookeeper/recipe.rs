@@ -452,7 +452,17 @@ impl ZooKeeperBackend {
                             if let (Some(ticket), Some(Ok(watcher))) = (ticket, adding) {
                                 dir_view = Views::complete(ticket, watcher, &children);
                             }
-                            (children, watch)
+                            // A new view has applied the events that came
+                            // after the listing too: trust it as the warm
+                            // path does (our node already gone → list).
+                            match dir_view.as_ref().map(|view| view.after_create(pending.name())) {
+                                Some(Some(upto)) => (upto, watch),
+                                Some(None) => {
+                                    dir_view = None;
+                                    (list_children(session, pending.dir()).await?, watch)
+                                }
+                                None => (children, watch),
+                            }
                         }
                         (None, _) => (list_children(session, pending.dir()).await?, None),
                     };
