@@ -27,6 +27,7 @@ mod pool;
 mod recipe;
 mod rotation;
 mod session;
+mod turn;
 mod views;
 
 use std::sync::Arc;
