@@ -415,3 +415,53 @@ async fn a_warm_grant_is_never_made_on_a_node_deleted_right_after_its_create() {
     stop.store(true, Ordering::SeqCst);
     deleter.join().unwrap();
 }
+
+/// A rotation drained through the same (single) session that holds a lock
+/// through a view: the census suspends the session's views under the old
+/// version (ZooKeeper 3.8 keeps one watch mode per path and session), the
+/// holder falls back to watching its node itself and is still told of a
+/// deletion, and the drain ends when the holder releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_through_the_viewing_session_suspends_its_views_and_completes() {
+    use clastor::backend::{RotateOutcome, RotateRequest};
+
+    let zk = start_zk();
+    let x = server(&zk, 1).await;
+    let k = key("rotated");
+    warm_up(&x, &k).await;
+    let (req, mut lost) = request(&k, PATIENCE);
+    let held = x.acquire(req).await.unwrap().expect("x holds");
+    assert!(views(&x) >= 1);
+    let rotation = {
+        let x = Arc::clone(&x);
+        let kind: Arc<str> = Arc::from("tx");
+        tokio::spawn(async move {
+            let progress = |_| {};
+            x.rotate(RotateRequest {
+                kind: &kind,
+                from: "v1",
+                to: "v2",
+                drain_timeout: PATIENCE,
+                progress: &progress,
+            })
+            .await
+        })
+    };
+    eventually("the census suspended the session's views", || views(&x) == 0).await;
+    assert!(!rotation.is_finished(), "the rotation ended while a lock was held");
+    // The holder still hears of its node's deletion, now through its own watch.
+    let inspect = raw(&zk).await;
+    inspect.delete(held.guard.path(), None).await.unwrap();
+    let reason = tokio::time::timeout(PATIENCE, lost.recv())
+        .await
+        .expect("the holder is told")
+        .expect("lost notification");
+    assert_eq!(reason, LostReason::NodeDeleted);
+    let outcome = rotation.await.unwrap().expect("rotation runs");
+    assert!(matches!(outcome, RotateOutcome::Completed { .. }), "{outcome:?}");
+    // The kind is on v2, and views come back there.
+    let g = acquire(&x, &k, PATIENCE).await.expect("granted under v2");
+    assert!(g.guard.path().contains("/v2/"), "{}", g.guard.path());
+    x.release(g.guard).await.unwrap();
+    warm_up(&x, &k).await;
+}
