@@ -98,6 +98,8 @@ echo "{\"meta\":\"kazoo\",\"value\":\"$(/usr/bin/python3 -c 'import kazoo.versio
 for round in $(seq "$ROUNDS"); do
   echo "== ZooKeeper round $round/$ROUNDS"
   load "zookeeper, uncontended" --zk "$zk" --op acquire-release --clients 1 --interleave
+  # The same with directory views off (a listing on every acquire): the views' share.
+  load "zookeeper, uncontended, views off" --zk "$zk" --op acquire-release --clients 1 --interleave --zk-watched-dirs 0
   curator uncontended "zookeeper, uncontended"
   kazoo uncontended "zookeeper, uncontended"
   load "zookeeper, hand-over" --zk "$zk" --op handoff --clients 2 --interleave
