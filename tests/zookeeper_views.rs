@@ -94,6 +94,24 @@ async fn raw(zk: &ZooKeeper) -> Client {
     Client::connect(&zk.connect_string()).await.expect("raw client")
 }
 
+/// The holder's lost notification arrives, saying its node was deleted.
+async fn told_node_deleted(lost: &mut mpsc::UnboundedReceiver<LostReason>) {
+    let reason = tokio::time::timeout(PATIENCE, lost.recv())
+        .await
+        .expect("the holder is told its node was deleted")
+        .expect("lost notification");
+    assert_eq!(reason, LostReason::NodeDeleted);
+}
+
+/// Polls until `dir` has `n` children, or `PATIENCE` runs out.
+async fn await_children(inspect: &Client, dir: &str, n: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while inspect.list_children(dir).await.unwrap().len() != n {
+        assert!(Instant::now() < deadline, "{dir} never had {n} children");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
     while !cond() {
@@ -138,11 +156,7 @@ async fn a_node_deleted_by_hand_under_a_view_is_reported_lost() {
     let held = x.acquire(req).await.unwrap().expect("x holds");
     let inspect = raw(&zk).await;
     inspect.delete(held.guard.path(), None).await.unwrap();
-    let reason = tokio::time::timeout(PATIENCE, lost.recv())
-        .await
-        .expect("the holder is told")
-        .expect("lost notification");
-    assert_eq!(reason, LostReason::NodeDeleted);
+    told_node_deleted(&mut lost).await;
     // The lock is free for others, and x's view knows it too.
     let other = acquire(&y, &k, PATIENCE).await.expect("y granted");
     assert!(other.token > held.token);
@@ -261,21 +275,11 @@ async fn predecessor_leaves_early(watched_dirs: usize) {
     let inspect = raw(&zk).await;
     let held = acquire(&y, &k, PATIENCE).await.expect("y holds");
     let dir = held.guard.path().rsplit_once('/').unwrap().0.to_owned();
-    let contenders = |n: usize| {
-        let (inspect, dir) = (&inspect, dir.clone());
-        async move {
-            let deadline = Instant::now() + PATIENCE;
-            while inspect.list_children(&dir).await.unwrap().len() != n {
-                assert!(Instant::now() < deadline, "{dir} never had {n} nodes");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     let middle = {
         let (x, k) = (Arc::clone(&x), k.clone());
         tokio::spawn(async move { acquire(&x, &k, Duration::from_millis(500)).await })
     };
-    contenders(2).await;
+    await_children(&inspect, &dir, 2).await;
     let last = {
         let (x, k) = (Arc::clone(&x), k.clone());
         tokio::spawn(async move {
@@ -283,12 +287,12 @@ async fn predecessor_leaves_early(watched_dirs: usize) {
             (g, Instant::now())
         })
     };
-    contenders(3).await;
+    await_children(&inspect, &dir, 3).await;
     assert!(
         middle.await.unwrap().is_none(),
         "the middle waiter was granted while y holds"
     );
-    contenders(2).await;
+    await_children(&inspect, &dir, 2).await;
     // Asserting that something does not happen needs a window; this one is
     // far longer than a wrong grant takes (one event and one listing).
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -321,17 +325,9 @@ async fn a_first_time_holder_still_hears_of_its_deletion_when_a_second_acquire_f
     };
     let inspect = raw(&zk).await;
     let dir = held.guard.path().rsplit_once('/').unwrap().0.to_owned();
-    let deadline = Instant::now() + PATIENCE;
-    while inspect.list_children(&dir).await.unwrap().len() != 2 {
-        assert!(Instant::now() < deadline, "the waiter never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_children(&inspect, &dir, 2).await;
     inspect.delete(held.guard.path(), None).await.unwrap();
-    let reason = tokio::time::timeout(PATIENCE, lost.recv())
-        .await
-        .expect("the holder is told its node was deleted")
-        .expect("lost notification");
-    assert_eq!(reason, LostReason::NodeDeleted);
+    told_node_deleted(&mut lost).await;
     let next = waiter.await.unwrap().expect("the waiter is granted");
     assert!(next.token > held.token);
     x.release(next.guard).await.unwrap();
@@ -452,11 +448,7 @@ async fn a_rotation_through_the_viewing_session_suspends_its_views_and_completes
     // The holder still hears of its node's deletion, now through its own watch.
     let inspect = raw(&zk).await;
     inspect.delete(held.guard.path(), None).await.unwrap();
-    let reason = tokio::time::timeout(PATIENCE, lost.recv())
-        .await
-        .expect("the holder is told")
-        .expect("lost notification");
-    assert_eq!(reason, LostReason::NodeDeleted);
+    told_node_deleted(&mut lost).await;
     let outcome = rotation.await.unwrap().expect("rotation runs");
     assert!(matches!(outcome, RotateOutcome::Completed { .. }), "{outcome:?}");
     // The kind is on v2, and views come back there.
