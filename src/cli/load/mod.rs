@@ -344,24 +344,40 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     };
     let wants_ping = matches!(args.op, Op::Ping | Op::All);
     let wants_pairs = matches!(args.op, Op::AcquireRelease | Op::All);
-    // The floor: echo of the PING frame sizes (12 bytes out, 14 back), or
-    // pipelined PING frames echoed as they are.
+    // The floors: echo of the PING frame sizes (12 bytes out, 14 back), or
+    // pipelined PING frames echoed as they are; for acquire+release also
+    // its shape, an ACQUIRE frame's round trip then a RELEASE frame's.
     if args.zk.is_some() || args.no_floor {
         // The ZooKeeper floors below are the ones that matter.
-    } else if args.raw || depth > 1 {
-        let echo = EchoServer::start().await?;
-        let r = raw_measure(
-            args,
-            &echo.addr,
-            n,
-            pipeline::RawOp::Echo,
-            args.keys,
-            "floor: loopback TCP echo",
-        )
-        .await?;
-        emit(r, "floor: TCP echo", 1);
     } else {
-        emit(echo_floor(args, n).await?, "floor: TCP echo", 1);
+        if args.raw || depth > 1 {
+            let echo = EchoServer::start().await?;
+            let r = raw_measure(
+                args,
+                &echo.addr,
+                n,
+                pipeline::RawOp::Echo,
+                args.keys,
+                "floor: loopback TCP echo",
+            )
+            .await?;
+            emit(r, "floor: TCP echo", 1);
+        } else {
+            emit(echo_floor(args, n).await?, "floor: TCP echo", 1);
+        }
+        if wants_pairs {
+            let echo = EchoServer::start().await?;
+            let r = raw_measure(
+                args,
+                &echo.addr,
+                n,
+                pipeline::RawOp::EchoPair,
+                args.keys,
+                "floor: TCP echo, acquire then release frame",
+            )
+            .await?;
+            emit(r, "floor: TCP echo x2", 2);
+        }
     }
     if args.raw {
         if wants_ping {

@@ -5,8 +5,10 @@
 //! arrived, queues the follow-up requests, and sends them in one write, so
 //! the load process spends its time on the server's work, not its own.
 //!
-//! The same driver runs the pipelined echo floor: against an echo server
-//! every frame comes back as it went, and only its request id is read.
+//! The same driver runs the echo floors: against an echo server every
+//! frame comes back as it went, and only its request id is read; the
+//! acquire+release floor sends an `ACQUIRE` frame, then on its echo a
+//! `RELEASE` frame, as the driver does against the server.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,16 @@ pub(super) enum RawOp {
     AcquireRelease,
     /// Frames of `PING`'s size to an echo server; a sample is one round trip.
     Echo,
+    /// An `ACQUIRE` frame then a `RELEASE` frame to an echo server, each
+    /// sent when the previous one came back: the floor of an
+    /// acquire+release sample, two round trips of its requests' sizes.
+    EchoPair,
+}
+
+impl RawOp {
+    fn is_echo(self) -> bool {
+        matches!(self, RawOp::Echo | RawOp::EchoPair)
+    }
 }
 
 /// Request id of the handshake; slot `j` uses id `FIRST_SLOT_ID + j`.
@@ -68,7 +80,7 @@ pub(super) async fn run_connection(
     stream.set_nodelay(true)?;
     let mut out = BytesMut::with_capacity(64 * depth.max(1));
     let mut inbuf = BytesMut::with_capacity(16 * 1024);
-    if op != RawOp::Echo {
+    if !op.is_echo() {
         handshake(&mut stream, &mut out, &mut inbuf).await?;
     }
     let run = std::process::id();
@@ -114,18 +126,24 @@ pub(super) async fn run_connection(
             let slot = &mut slots[j];
             let done = match op {
                 RawOp::Echo | RawOp::Ping => true,
+                // The acquire's echo is back: send the release's (a token
+                // of 0 encodes to the same size as any other).
+                RawOp::EchoPair if slot.releasing.is_none() => {
+                    slot.releasing = Some(0);
+                    encode_release(&slot.id, 0, slot_id(j), &mut out);
+                    false
+                }
+                RawOp::EchoPair => {
+                    slot.releasing = None;
+                    true
+                }
                 RawOp::AcquireRelease => match Response::decode(&frame.header, frame.body) {
                     Ok(Response {
                         result: Ok(ResponseBody::Acquired(a)),
                         ..
                     }) => {
                         slot.releasing = Some(a.token);
-                        Request::Release {
-                            kind: KIND.to_owned(),
-                            id: slot.id.clone(),
-                            token: a.token,
-                        }
-                        .encode(slot_id(j), &mut out);
+                        encode_release(&slot.id, a.token, slot_id(j), &mut out);
                         false
                     }
                     Ok(Response {
@@ -174,7 +192,7 @@ fn slot_id(j: usize) -> u32 {
 fn send_first(op: RawOp, request_id: u32, id: &str, out: &mut BytesMut) {
     match op {
         RawOp::Ping | RawOp::Echo => Request::Ping.encode(request_id, out),
-        RawOp::AcquireRelease => Request::Acquire(Acquire {
+        RawOp::AcquireRelease | RawOp::EchoPair => Request::Acquire(Acquire {
             kind: KIND.to_owned(),
             id: id.to_owned(),
             wait_ms: WAIT_MS,
@@ -184,6 +202,15 @@ fn send_first(op: RawOp, request_id: u32, id: &str, out: &mut BytesMut) {
         })
         .encode(request_id, out),
     }
+}
+
+fn encode_release(id: &str, token: u64, request_id: u32, out: &mut BytesMut) {
+    Request::Release {
+        kind: KIND.to_owned(),
+        id: id.to_owned(),
+        token,
+    }
+    .encode(request_id, out);
 }
 
 /// `HELLO` for the highest version, as the client crate does (so grants
