@@ -150,9 +150,9 @@ pub(crate) async fn dispatch<B: Backend>(
         }
         Request::Version { kind } => {
             let (v, drain) = if ctx.reports_drain {
-                ctx.engine.version_detail(&kind).await?
+                Box::pin(ctx.engine.version_detail(&kind)).await?
             } else {
-                (ctx.engine.version(&kind).await?, None)
+                (Box::pin(ctx.engine.version(&kind)).await?, None)
             };
             Ok(ResponseBody::Version(VersionInfo {
                 version: v.version.to_string(),
@@ -161,9 +161,11 @@ pub(crate) async fn dispatch<B: Backend>(
             }))
         }
         // The actors hand progress to the client themselves (`rotate`).
-        Request::Rotate(r) => rotate(ctx, r, &|_| {}).await,
+        // Rare requests with big futures (a rotation drives a whole drain)
+        // are boxed, so every request's future is not as big as theirs.
+        Request::Rotate(r) => Box::pin(rotate(ctx, r, &|_| {})).await,
         Request::RotateAbort { kind } => {
-            let (v, aborted) = ctx.engine.rotate_abort(&kind).await?;
+            let (v, aborted) = Box::pin(ctx.engine.rotate_abort(&kind)).await?;
             Ok(ResponseBody::RotateAborted {
                 version: v.version.to_string(),
                 aborted,

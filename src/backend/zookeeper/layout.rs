@@ -91,39 +91,81 @@ impl Layout {
 
     /// `{base}/{kind}`.
     pub(super) fn kind_path(&self, kind: &str) -> String {
-        format!("{}/{kind}", self.base)
+        join_path(&[&self.base, kind])
     }
 
     /// `{base}/{kind}/version`.
     pub(super) fn version_path(&self, kind: &str) -> String {
-        format!("{}/{kind}/{VERSION_NODE}", self.base)
+        join_path(&[&self.base, kind, VERSION_NODE])
     }
 
     /// `{base}/{kind}/rotation`: the running rotation's claim (ephemeral).
     pub(super) fn rotation_path(&self, kind: &str) -> String {
-        format!("{}/{kind}/{ROTATION_NODE}", self.base)
+        join_path(&[&self.base, kind, ROTATION_NODE])
     }
 
     /// `{base}/{kind}/{version}`: a container.
     pub(super) fn version_dir(&self, kind: &str, version: &str) -> String {
-        format!("{}/{kind}/{version}", self.base)
+        join_path(&[&self.base, kind, version])
     }
 
     /// `{base}/{kind}/{version}/{id}`: a container, the parent of the lock nodes.
     pub(super) fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
-        format!("{}/{kind}/{version}/{id}", self.base)
+        join_path(&[&self.base, kind, version, id])
     }
 }
 
 /// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-lock-`;
 /// ZooKeeper appends the sequence.
 pub(super) fn node_prefix(dir: &str, uuid: &Uuid) -> String {
-    format!("{dir}/{}", node_name_prefix(uuid))
+    let mut buf = Uuid::encode_buffer();
+    let mut path = String::with_capacity(dir.len() + NAME_PREFIX_LEN + SEQ_LEN);
+    path.push_str(dir);
+    path.push('/');
+    push_name_prefix(&mut path, uuid.hyphenated().encode_lower(&mut buf));
+    path
 }
 
 /// `_c_{uuid}-lock-`: the start of every node name a given create can produce.
+#[cfg(test)]
 pub(super) fn node_name_prefix(uuid: &Uuid) -> String {
-    format!("{CURATOR_PREFIX}{}-{CURATOR_LOCK}", uuid.hyphenated())
+    let mut buf = Uuid::encode_buffer();
+    let mut name = String::with_capacity(NAME_PREFIX_LEN);
+    push_name_prefix(&mut name, uuid.hyphenated().encode_lower(&mut buf));
+    name
+}
+
+/// Length of `_c_{uuid}-lock-`, and of the sequence ZooKeeper appends.
+const NAME_PREFIX_LEN: usize = CURATOR_PREFIX.len() + 36 + 1 + CURATOR_LOCK.len();
+const SEQ_LEN: usize = 10;
+
+fn push_name_prefix(out: &mut String, uuid: &str) {
+    out.push_str(CURATOR_PREFIX);
+    out.push_str(uuid);
+    out.push('-');
+    out.push_str(CURATOR_LOCK);
+}
+
+/// `parts` joined by `/`, allocated once at its length (`format!` guesses a
+/// capacity from its literal pieces and grows several times for a path).
+fn join_path(parts: &[&str]) -> String {
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1);
+    let mut path = String::with_capacity(len);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            path.push('/');
+        }
+        path.push_str(part);
+    }
+    path
+}
+
+/// The last occurrence of `needle` in `hay` (short needles in short names:
+/// a scan beats `str::rfind`'s searcher set-up).
+fn rfind_bytes(hay: &str, needle: &str) -> Option<usize> {
+    hay.as_bytes()
+        .windows(needle.len())
+        .rposition(|w| w == needle.as_bytes())
 }
 
 /// Whether a child name came from the create tagged with `uuid`.
@@ -149,7 +191,7 @@ impl Contender<'_> {
     pub(super) fn parse(name: &str) -> Option<Contender<'_>> {
         let suffix = [KAZOO_LOCK, KAZOO_READ_LOCK, CURATOR_LOCK]
             .into_iter()
-            .filter_map(|marker| name.rfind(marker).map(|i| &name[i + marker.len()..]))
+            .filter_map(|marker| rfind_bytes(name, marker).map(|i| &name[i + marker.len()..]))
             // The marker that ends last is the one the sequence follows.
             .min_by_key(|suffix| suffix.len())?;
         // Sequences are ten digits, or a sign and nine after int32 overflow.

@@ -32,6 +32,7 @@
 //! made here is owned by a [`PendingNode`] until it is granted in a
 //! [`ZkGuard`] or deleted (see [`super::nodes`]).
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +102,12 @@ impl Backend for ZooKeeperBackend {
         let grace = (self.pool.negotiated_timeout() / 3).min(MAX_GRACE);
         let limit = deadline.checked_add(grace).unwrap_or(deadline);
         // Dropping the inner future on expiry cleans up like a cancellation.
-        match tokio::time::timeout_at(limit, self.acquire_until(req, deadline)).await {
+        // Boxed: the acquire's state (a pipelined round of ZooKeeper calls, a
+        // turn in the queue) is kilobytes, and unboxed it made every future
+        // above it as big, copied at each level and for every request the
+        // connection serves, not only acquires.
+        let until = Box::pin(self.acquire_until(req, deadline));
+        match tokio::time::timeout_at(limit, until).await {
             Ok(result) => result,
             Err(_) => Err(BackendError::Unavailable(format!(
                 "ZooKeeper did not answer the acquire of {key} within its wait ({wait:?}) plus {grace:?}"
@@ -110,7 +116,8 @@ impl Backend for ZooKeeperBackend {
     }
 
     async fn release(&self, guard: ZkGuard) -> Result<(), BackendError> {
-        guard.release().await
+        // Boxed for the reason `acquire` is.
+        Box::pin(guard.release()).await
     }
 
     /// Whether any contender node exists for `key` under the kind's current
@@ -341,8 +348,6 @@ impl ZooKeeperBackend {
         data: &[u8],
     ) -> Result<Round, BackendError> {
         let layout = self.kinds.layout();
-        let version_path = layout.version_path(kind);
-        let version_dir = layout.version_dir(kind, &version.version);
         let prefix = pending.create_prefix();
         let mut dir_known = self.kinds.dir_known(pending.dir());
         for _ in 0..MAX_ATTEMPTS {
@@ -353,9 +358,10 @@ impl ZooKeeperBackend {
             pending.mark_sent();
             // A directory not known to exist is created ahead of the node, in
             // the same round trip (its result shows in the node's create).
-            let parents = (!dir_known).then(|| {
+            let version_dir = (!dir_known).then(|| layout.version_dir(kind, &version.version));
+            let parents = version_dir.as_deref().map(|version_dir| {
                 join(
-                    client.create(&version_dir, &[], &CONTAINER),
+                    client.create(version_dir, &[], &CONTAINER),
                     client.create(pending.dir(), &[], &CONTAINER),
                 )
             });
@@ -368,7 +374,8 @@ impl ZooKeeperBackend {
                 client.watch(pending.dir(), AddWatchMode::PersistentRecursive)
             });
             let create = client.create(&prefix, data, &LOCK_NODE);
-            let read = (!warm).then(|| client.get_and_watch_data(&version_path));
+            let version_path = (!warm).then(|| layout.version_path(kind));
+            let read = version_path.as_deref().map(|path| client.get_and_watch_data(path));
             let (view, ticket, adding, list) = match plan {
                 Plan::Warm(view) => (Some(view), None, None, List::None),
                 Plan::Establish(ticket, adding) => (
@@ -421,7 +428,10 @@ impl ZooKeeperBackend {
             match created {
                 Ok((stat, seq)) => {
                     session.touch(sent_at);
-                    pending.created(format!("{prefix}{seq}"));
+                    let mut path = String::with_capacity(prefix.len() + 11);
+                    path.push_str(&prefix);
+                    let _ = write!(path, "{seq}");
+                    pending.created(path);
                     self.kinds.remember_dir(pending.dir());
                     let seen = match read {
                         // Polled now that the create's reply is in: any
@@ -508,7 +518,7 @@ impl ZooKeeperBackend {
                     }
                 }
                 Err(e) if connection_broke(&e) => {
-                    if let Some(created) = nodes::recover(session, &version_path, pending).await? {
+                    if let Some(created) = nodes::recover(session, &layout.version_path(kind), pending).await? {
                         self.kinds.remember_dir(pending.dir());
                         return Ok(Round::Created(created));
                     }

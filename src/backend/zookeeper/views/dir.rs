@@ -132,7 +132,10 @@ impl DirView {
     /// `NodeChildrenChanged` when the view can no longer tell (dropped, or
     /// the node was already missing) — the holder then looks at its node.
     pub(in crate::backend::zookeeper) fn subscribe(&self, name: &str) -> OwnWatch {
-        let path = format!("{}/{name}", self.dir);
+        let mut path = String::with_capacity(self.dir.len() + 1 + name.len());
+        path.push_str(&self.dir);
+        path.push('/');
+        path.push_str(name);
         let mut state = lock(&self.state);
         self.drain(&mut state, None);
         if state.watcher.is_none() || !state.names.contains(name) {
