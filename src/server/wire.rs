@@ -5,11 +5,11 @@
 //! life of a connection, and reserves read space *before* it waits, so an
 //! idle connection pins both. Most connections of a lock service are idle
 //! most of the time (a holder waiting out its critical section), so here the
-//! read buffer is taken only once the socket is readable and given back as
-//! soon as every complete frame has been split off it, and the write buffer
-//! is given back after each flush. An idle connection then holds no buffer
-//! at all; a busy one pays one allocation per read or flush, which is small
-//! next to the system call it goes with.
+//! read buffer is taken only once bytes have arrived (read to the stack
+//! first, then kept at the size that came) and given back as soon as every
+//! complete frame has been split off it, and the write buffer is given back
+//! after each flush. An idle connection then holds no buffer at all; a busy
+//! one pays one small allocation per read or flush.
 
 use std::io;
 
@@ -23,6 +23,9 @@ use tokio_util::codec::Decoder;
 /// Read space taken when the socket becomes readable: enough for a burst of
 /// pipelined requests (a typical ACQUIRE frame is 40–80 bytes).
 const READ_CHUNK: usize = 4096;
+
+/// The first read of a batch goes to the stack, this much at most.
+const STACK_CHUNK: usize = 1024;
 
 /// A framed binary connection with on-demand buffers.
 #[derive(Debug)]
@@ -112,12 +115,7 @@ impl Wire {
                 self.read = BytesMut::new();
                 return cut.then(|| Err(eof_error()));
             }
-            self.read.reserve(READ_CHUNK);
-            // `poll_read`, not `try_read_buf`: a short read clears the
-            // socket's readiness there, which saves the `recv` that would
-            // otherwise only learn `WouldBlock` (one system call per request
-            // on a request-reply connection).
-            match self.stream.read_buf(&mut self.read).now_or_never() {
+            match self.read_some() {
                 Some(Ok(0)) => self.eof = true,
                 Some(Ok(_)) => {}
                 None => {
@@ -127,6 +125,30 @@ impl Wire {
                 Some(Err(e)) => return Some(Err(e.into())),
             }
         }
+    }
+
+    /// Reads what the socket has, without waiting (`None`: nothing now).
+    ///
+    /// `poll_read`, not `try_read_buf`: a short read clears the socket's
+    /// readiness there, which saves the `recv` that would otherwise only
+    /// learn `WouldBlock` (one system call per request on a request-reply
+    /// connection). With nothing buffered the read goes to the stack first
+    /// and the buffer is allocated at the size that came: most reads find
+    /// nothing (the actor looks once more after each batch) or one small
+    /// request, and a `READ_CHUNK` allocation given back each time cost more
+    /// than the request's own work.
+    fn read_some(&mut self) -> Option<io::Result<usize>> {
+        if !self.read.is_empty() {
+            // The rest of a partial frame, or more of a burst.
+            self.read.reserve(READ_CHUNK);
+            return self.stream.read_buf(&mut self.read).now_or_never();
+        }
+        let mut chunk = [0u8; STACK_CHUNK];
+        let read = self.stream.read(&mut chunk).now_or_never();
+        if let Some(Ok(n)) = read {
+            self.read.extend_from_slice(&chunk[..n]);
+        }
+        read
     }
 
     fn decode_buffered(&mut self) -> Result<Option<Frame>, FrameError> {
