@@ -100,6 +100,9 @@ for round in $(seq "$ROUNDS"); do
   load "zookeeper, uncontended" --zk "$zk" --op acquire-release --clients 1 --interleave
   # The same with directory views off (a listing on every acquire): the views' share.
   load "zookeeper, uncontended, views off" --zk "$zk" --op acquire-release --clients 1 --interleave --zk-watched-dirs 0
+  # Back to back (Clastor's samples, then the floor's), as the peers run: the
+  # like-for-like comparison with Curator and kazoo, whose loops run alone.
+  load "zookeeper, uncontended, back to back" --zk "$zk" --op acquire-release --clients 1
   curator uncontended "zookeeper, uncontended"
   kazoo uncontended "zookeeper, uncontended"
   load "zookeeper, hand-over" --zk "$zk" --op handoff --clients 2 --interleave

@@ -109,7 +109,9 @@ w("  arriving (the waiter queued 5 ms before). Curator and kazoo are measured th
 w("  own ZooKeeper session.")
 w("- ZooKeeper rows marked with ranges ran in interleaved rounds (Clastor, floor, Curator, kazoo, again);")
 w("  ratios are per round. In the *uncontended* and *hand-over* rounds Clastor and its floor alternate")
-w("  sample by sample in the same loop (`--interleave`), so a busy moment slows both alike.")
+w("  sample by sample in the same loop (`--interleave`), so a busy moment slows both alike. Interleaved,")
+w("  each Clastor sample follows a floor sample and runs with colder caches than back to back; Curator")
+w("  and kazoo run back to back, so *uncontended, back to back* is the row to hold them against.")
 w("- *contended* ZooKeeper rows have no floor: raw create+delete on distinct paths is not one.")
 w("")
 
@@ -147,6 +149,12 @@ fs, fr = floor_of(c)
 if c.get("clastor") and fr:
     w(f"| ZooKeeper uncontended acquire+release p50 vs raw create+delete | ≤ 1.15× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} |")
+b2b = cell("zookeeper, uncontended, back to back", 1).get("clastor")
+peer = cell("zookeeper, uncontended", 1).get("Curator InterProcessMutex")
+if b2b and peer:
+    w(f"| ZooKeeper uncontended p50: Clastor (back to back, as the peers run) vs Curator | below 1× | "
+      f"{ratio_range(b2b, peer, 'p50_us')} ({rng([r['p50_us'] for r in b2b])} µs vs "
+      f"{rng([r['p50_us'] for r in peer])} µs) |")
 c = cell("zookeeper, hand-over", 2)
 fs, fr = floor_of(c)
 if c.get("clastor") and fr:

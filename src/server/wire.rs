@@ -258,6 +258,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_bigger_than_the_stack_read_comes_out_whole_and_in_order() {
+        let (mut wire, mut client) = pair().await;
+        let mut burst = BytesMut::new();
+        for id in 0..200 {
+            Request::Ping.encode(id, &mut burst);
+        }
+        assert!(
+            burst.len() > 2 * STACK_CHUNK,
+            "the burst needs more than the stack read"
+        );
+        client.write_all(&burst).await.unwrap();
+        for id in 0..200 {
+            assert_eq!(wire.next_frame().await.unwrap().unwrap().header.request_id, id);
+        }
+        assert!(wire.ready_frame().is_none());
+        assert_eq!(wire.buffered_capacity(), 0, "read buffer given back once drained");
+    }
+
+    #[tokio::test]
     async fn a_stream_cut_inside_a_frame_is_an_error() {
         let (mut wire, mut client) = pair().await;
         let mut bytes = ping(1);
