@@ -95,7 +95,10 @@ async fn exercise(addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_on_the_memory_backend_and_stops_on_sigterm() {
-    let server = tokio::task::spawn_blocking(|| Server::start(&[])).await.unwrap();
+    // One worker thread: the whole server on one thread still serves and stops.
+    let server = tokio::task::spawn_blocking(|| Server::start(&["--worker-threads", "1"]))
+        .await
+        .unwrap();
     exercise(server.addr).await;
     let mut holder = Text::connect(server.addr).await;
     assert!(holder.cmd("ACQUIRE k i").await.starts_with("+ACQUIRED"));

@@ -129,6 +129,12 @@ pub(crate) struct ServeArgs {
     /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
     #[arg(long, env = "CLASTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Threads serving connections [default: the CPUs this process may use, cgroup quota
+    /// included]. Set it lower to leave cores to other work on a shared host (a ZooKeeper
+    /// server beside this one).
+    #[arg(long, env = "CLASTOR_WORKER_THREADS", value_name = "N")]
+    worker_threads: Option<NonZeroUsize>,
 }
 
 /// How the server writes its logs.
@@ -168,13 +174,18 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         // Span fields (trace_id, connection) go on every line, flattened in `spans`.
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
+    info!(worker_threads = runtime.metrics().num_workers(), "runtime started");
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
