@@ -351,32 +351,18 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
         // The ZooKeeper floors below are the ones that matter.
     } else {
         if args.raw || depth > 1 {
-            let echo = EchoServer::start().await?;
-            let r = raw_measure(
-                args,
-                &echo.addr,
-                n,
-                pipeline::RawOp::Echo,
-                args.keys,
-                "floor: loopback TCP echo",
-            )
-            .await?;
+            let r = raw_echo(args, n, pipeline::RawOp::Echo, "floor: loopback TCP echo").await?;
             emit(r, "floor: TCP echo", 1);
         } else {
             emit(echo_floor(args, n).await?, "floor: TCP echo", 1);
         }
         if wants_pairs {
-            let echo = EchoServer::start().await?;
-            let r = raw_measure(
-                args,
-                &echo.addr,
-                n,
-                pipeline::RawOp::EchoPair,
-                args.keys,
-                "floor: TCP echo, acquire then release frame",
-            )
-            .await?;
-            emit(r, "floor: TCP echo x2", 2);
+            let name = "floor: TCP echo, acquire then release frame";
+            emit(
+                raw_echo(args, n, pipeline::RawOp::EchoPair, name).await?,
+                "floor: TCP echo x2",
+                2,
+            );
         }
     }
     if args.raw {
@@ -569,6 +555,13 @@ impl Drop for EchoServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An echo floor driven by the lean driver (`op` is one of its echo ops),
+/// against an echo server started for it.
+async fn raw_echo(args: &LoadArgs, n: usize, op: pipeline::RawOp, name: &str) -> anyhow::Result<Report> {
+    let echo = EchoServer::start().await?;
+    raw_measure(args, &echo.addr, n, op, args.keys, name).await
 }
 
 /// `n` connections of the lean driver, `--depth` in flight on each, for a
