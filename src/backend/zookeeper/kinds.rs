@@ -68,8 +68,11 @@ pub(super) struct Kinds {
 struct Watched {
     version: KindVersion,
     /// The watch's event, polled without waiting (behind a mutex only to be
-    /// `Sync`; it is taken under the map's shard lock anyway).
-    fired: std::sync::Mutex<Pin<Box<dyn Future<Output = WatchedEvent> + Send>>>,
+    /// `Sync`; `get` holds only a shared lock on the map's shard); `None`
+    /// once it has fired. Two acquires may look at once: the one that sees
+    /// it fire removes the entry, and the other must not poll the finished
+    /// future in between (an `async fn` panics when resumed after completion).
+    fired: std::sync::Mutex<FiredSlot>,
 }
 
 impl std::fmt::Debug for Watched {
@@ -78,6 +81,21 @@ impl std::fmt::Debug for Watched {
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
+}
+
+type FiredSlot = Option<Pin<Box<dyn Future<Output = WatchedEvent> + Send>>>;
+
+/// Whether the watch in `slot` has fired, polling it without waiting; a
+/// finished future is dropped, never polled again.
+fn has_fired(slot: &mut FiredSlot) -> bool {
+    if let Some(fut) = slot.as_mut()
+        && fut.as_mut().now_or_never().is_none()
+    {
+        return false;
+    }
+    // It fired now or before.
+    *slot = None;
+    true
 }
 
 /// `Ok` when every create made its node or found it there.
@@ -105,7 +123,7 @@ impl Kinds {
         let key = (session.session_id(), Arc::clone(kind));
         let entry = self.watched.get(&key)?;
         let fired = match entry.fired.lock() {
-            Ok(mut fut) => fut.as_mut().now_or_never().is_some(),
+            Ok(mut slot) => has_fired(&mut slot),
             // A panic while polling: trust nothing.
             Err(_) => true,
         };
@@ -128,7 +146,7 @@ impl Kinds {
             (session.session_id(), Arc::clone(kind)),
             Watched {
                 version: version.clone(),
-                fired: std::sync::Mutex::new(Box::pin(watch.changed())),
+                fired: std::sync::Mutex::new(Some(Box::pin(watch.changed()))),
             },
         );
     }
@@ -402,5 +420,28 @@ impl Kinds {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zookeeper_client::EventType;
+
+    use super::*;
+
+    /// Two acquires can look at one version watch at once: once one has
+    /// seen it fire, the other's look must say "fired" too, not resume the
+    /// finished `async fn` (which panics).
+    #[test]
+    fn a_fired_version_watch_is_never_polled_again() {
+        let fired = async { WatchedEvent::new(EventType::NodeDataChanged, "/locks/p/k/version") };
+        let mut slot: FiredSlot = Some(Box::pin(fired));
+        assert!(has_fired(&mut slot));
+        assert!(slot.is_none());
+        assert!(has_fired(&mut slot), "still fired, and no panic");
+
+        let mut pending: FiredSlot = Some(Box::pin(std::future::pending()));
+        assert!(!has_fired(&mut pending));
+        assert!(!has_fired(&mut pending));
     }
 }
