@@ -457,3 +457,39 @@ async fn a_rotation_through_the_viewing_session_suspends_its_views_and_completes
     x.release(g.guard).await.unwrap();
     warm_up(&x, &k).await;
 }
+
+/// A view no acquire has used for `view_idle` is dropped on the session's
+/// probe tick (its watch removed), unless a holder watches its node through
+/// it; the directory gets a view again when it is used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_view_is_dropped_but_not_one_a_holder_watches_through() {
+    let zk = start_zk();
+    let idle = Duration::from_millis(300);
+    let cfg = ZkConfig {
+        hosts: zk.connect_string(),
+        provider: "views".to_owned(),
+        sessions: 1,
+        // Probes, and so idle checks, every tenth of it: 400 ms.
+        session_timeout: Duration::from_secs(4),
+        view_idle: idle,
+        ..ZkConfig::default()
+    };
+    let x = ZooKeeperBackend::connect(cfg).await.expect("connect backend");
+    let (unused, held) = (key("idle-unused"), key("idle-held"));
+    warm_up(&x, &unused).await;
+    warm_up(&x, &held).await;
+    assert_eq!(views(&x), 2, "{:?}", x.info());
+    // A warm grant: the holder watches its node through the view.
+    let (req, mut lost) = request(&held, PATIENCE);
+    let g = x.acquire(req).await.unwrap().expect("free lock granted");
+    eventually("the unused view is dropped", || views(&x) == 1).await;
+    // The held lock's view is as idle by now plus a few probe ticks, and
+    // stays: a negative, so it is checked over a bounded time.
+    tokio::time::sleep(idle + Duration::from_millis(1_000)).await;
+    assert_eq!(views(&x), 1, "the holder's view was dropped: {:?}", x.info());
+    assert!(lost.try_recv().is_err(), "the holder heard of a loss");
+    x.release(g.guard).await.unwrap();
+    eventually("the released lock's view is dropped once idle", || views(&x) == 0).await;
+    // Used again, the directory gets its view back.
+    warm_up(&x, &unused).await;
+}

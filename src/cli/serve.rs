@@ -70,6 +70,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_ZK_WATCHED_DIRS", default_value_t = ZkConfig::default().watched_dirs)]
     zk_watched_dirs: usize,
 
+    /// A directory view no acquire has used for this long, and no holder watches through, is
+    /// dropped (its watch removed); 0 keeps views until evicted.
+    #[arg(long, env = "CLASTOR_ZK_VIEW_IDLE", default_value_t = ZkConfig::default().view_idle.into())]
+    zk_view_idle: humantime::Duration,
+
     /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
     #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
@@ -242,6 +247,7 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
         sessions: args.zk_sessions.get(),
         session_timeout: *args.zk_session_timeout,
         watched_dirs: args.zk_watched_dirs,
+        view_idle: *args.zk_view_idle,
     };
     info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
     ZooKeeperBackend::connect(config)

@@ -61,6 +61,11 @@ pub struct ZkConfig {
     /// persistent recursive watch that lets a repeat acquire there skip the
     /// listing (`views.rs`). 0 lists on every acquire.
     pub watched_dirs: usize,
+    /// A view no acquire has used for this long, and that no holder
+    /// watches through, is dropped (60 s), so a directory used a few times
+    /// and abandoned stops costing a watch and its events. Zero keeps views
+    /// until they are evicted.
+    pub view_idle: Duration,
 }
 
 impl Default for ZkConfig {
@@ -72,6 +77,7 @@ impl Default for ZkConfig {
             sessions: 4,
             session_timeout: Duration::from_secs(10),
             watched_dirs: views::DEFAULT_WATCHED_DIRS,
+            view_idle: views::DEFAULT_VIEW_IDLE,
         }
     }
 }
@@ -124,6 +130,7 @@ impl ZooKeeperBackend {
             session_timeout: cfg.session_timeout,
             connect_timeout,
             watched_dirs: cfg.watched_dirs,
+            view_idle: cfg.view_idle,
         })
         .await?;
         let kinds = Kinds::new(layout);

@@ -39,6 +39,7 @@ use zookeeper_client::{Client, SessionState};
 
 use super::error::ZkResult;
 use super::session::{Health, ZkSession};
+use super::views::Views;
 use crate::backend::{BackendError, BackendHealth, SessionHealth};
 
 /// What the pool needs to open sessions.
@@ -50,6 +51,8 @@ pub(super) struct PoolConfig {
     pub(super) connect_timeout: Duration,
     /// Directory views per session (`views.rs`).
     pub(super) watched_dirs: usize,
+    /// How long an unused view is kept (`views.rs`; zero: until evicted).
+    pub(super) view_idle: Duration,
 }
 
 /// One slot of the pool: the session currently serving it, if any.
@@ -154,7 +157,12 @@ impl Pool {
     /// for each other, and the leader may have created this one long ago.
     fn install(&self, slot: usize, client: Client, started: Instant) -> Arc<ZkSession> {
         let generation = self.slots[slot].generations.fetch_add(1, Ordering::AcqRel);
-        let session = Arc::new(ZkSession::new(slot, generation, client, self.cfg.watched_dirs));
+        let session = Arc::new(ZkSession::new(
+            slot,
+            generation,
+            client,
+            Views::new(self.cfg.watched_dirs, self.cfg.view_idle),
+        ));
         session.touch(started);
         info!(
             slot,
@@ -279,6 +287,7 @@ impl Pool {
                 self.cfg.session_timeout.as_millis().to_string(),
             ),
             ("zk.watched_dirs".to_owned(), self.cfg.watched_dirs.to_string()),
+            ("zk.view_idle".to_owned(), format!("{:?}", self.cfg.view_idle)),
         ];
         let mut healthy = 0;
         for (i, slot) in self.slots.iter().enumerate() {
@@ -489,6 +498,7 @@ async fn monitor(session: &ZkSession, shutdown: &CancellationToken) -> SessionEn
                 if probe.is_none() {
                     probe = new_probe(session);
                 }
+                session.views().expire_idle();
             }
         }
     }

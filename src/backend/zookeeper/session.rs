@@ -133,11 +133,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ZkSession {
-    pub(super) fn new(slot: usize, generation: u64, client: Client, watched_dirs: usize) -> ZkSession {
+    pub(super) fn new(slot: usize, generation: u64, client: Client, views: Views) -> ZkSession {
         let timeout = client.session_timeout();
         let mut session = ZkSession::detached(slot, generation, client.session_id().0, timeout);
         session.client = Mutex::new(Some(Arc::new(client)));
-        session.views = Arc::new(Views::new(watched_dirs));
+        session.views = Arc::new(views);
         session
     }
 
@@ -158,7 +158,7 @@ impl ZkSession {
             request_us: AtomicU64::new(0),
             probe_us: AtomicU64::new(u64::MAX),
             grants: Mutex::new(HashMap::new()),
-            views: Arc::new(Views::new(0)),
+            views: Arc::new(Views::new(0, Duration::ZERO)),
             retired: CancellationToken::new(),
         }
     }

@@ -23,8 +23,10 @@
 //! **When a view cannot be trusted** it is dropped and the next acquire
 //! lists again: on any session event (a disconnection can lose persistent
 //! watch events, ZOOKEEPER-4698), on eviction (each session keeps at most
-//! `capacity` views, least recently used first), and while a rotation's
-//! census watches lock directories on the session ([`Views::suspend`]):
+//! `capacity` views, least recently used first; and one unused for the
+//! idle time with no holder watching through it, on the session's probe
+//! tick), and while a rotation's census watches lock directories on the
+//! session ([`Views::suspend`]):
 //! ZooKeeper 3.8 keeps one watch mode per path and session (ZOOKEEPER-4466),
 //! so a one-shot child watch set on a directory *before* a recursive watch
 //! there would stop firing. The rule that makes this safe: on a session, a
@@ -56,8 +58,10 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hashlink::LruCache;
+use tokio::time::Instant;
 use tracing::debug;
 use zookeeper_client::{PersistentWatcher, WatchedEvent};
 
@@ -70,6 +74,9 @@ pub(super) use self::dir::DirView;
 /// Default number of lock directories each session keeps a view of.
 pub(super) const DEFAULT_WATCHED_DIRS: usize = 1024;
 
+/// Default time an unused view is kept.
+pub(super) const DEFAULT_VIEW_IDLE: Duration = Duration::from_secs(60);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves the data consistent (inserts,
     // removes, a flag), so a poisoned lock is still usable.
@@ -80,6 +87,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub(super) struct Views {
     capacity: usize,
+    /// Unused this long, a view is dropped ([`Views::expire_idle`]); zero: never.
+    idle: Duration,
     state: Mutex<ViewsState>,
 }
 
@@ -97,7 +106,8 @@ struct ViewsState {
 enum Slot {
     /// An `addWatch` is on its way; the view is not usable yet.
     Establishing(u64),
-    Ready(Arc<DirView>),
+    /// Usable; `used` is when an acquire last planned with it.
+    Ready { view: Arc<DirView>, used: Instant },
 }
 
 /// What an acquire does about a lock directory's children.
@@ -132,10 +142,12 @@ impl Drop for Ticket {
 }
 
 impl Views {
-    /// Views of at most `capacity` directories (0: none).
-    pub(super) fn new(capacity: usize) -> Views {
+    /// Views of at most `capacity` directories (0: none), each dropped once
+    /// unused for `idle` (zero: never).
+    pub(super) fn new(capacity: usize, idle: Duration) -> Views {
         Views {
             capacity,
+            idle,
             state: Mutex::new(ViewsState {
                 views: LruCache::new_unbounded(),
                 suspended: Vec::new(),
@@ -158,12 +170,15 @@ impl Views {
             };
         }
         let mut state = lock(&self.state);
-        match state.views.get(dir) {
-            Some(Slot::Ready(view)) if view.is_valid() => return Plan::Warm(Arc::clone(view)),
+        match state.views.get_mut(dir) {
+            Some(Slot::Ready { view, used }) if view.is_valid() => {
+                *used = Instant::now();
+                return Plan::Warm(Arc::clone(view));
+            }
             // No one-shot child watch beside a recursive one: removing the
             // view would then need a removal mode ZooKeeper 3.8 lacks.
             Some(Slot::Establishing(_)) => return Plan::List { watch: None },
-            Some(Slot::Ready(_)) | None => {}
+            Some(Slot::Ready { .. }) | None => {}
         }
         let pending_child_watch = state.child_watches.get(dir).is_some_and(|n| *n > 0);
         if !hot || pending_child_watch || state.suspended.iter().any(|p| under(dir, p)) {
@@ -204,7 +219,11 @@ impl Views {
         if !ours || !view.sync() {
             return None;
         }
-        state.views.insert(ticket.dir.clone(), Slot::Ready(Arc::clone(&view)));
+        let slot = Slot::Ready {
+            view: Arc::clone(&view),
+            used: Instant::now(),
+        };
+        state.views.insert(ticket.dir.clone(), slot);
         drop(state);
         dir::start_pump(&view);
         debug!(dir = %ticket.dir, "directory view established");
@@ -227,7 +246,7 @@ impl Views {
         let dropped: Vec<Slot> = dirs.iter().filter_map(|d| state.views.remove(d)).collect();
         drop(state);
         for slot in dropped {
-            if let Slot::Ready(view) = slot {
+            if let Slot::Ready { view, .. } = slot {
                 view.invalidate("a census watches its directory");
             }
         }
@@ -243,8 +262,39 @@ impl Views {
         let dropped: Vec<Slot> = state.views.drain().map(|(_, slot)| slot).collect();
         drop(state);
         for slot in dropped {
-            if let Slot::Ready(view) = slot {
+            if let Slot::Ready { view, .. } = slot {
                 view.invalidate("session retired");
+            }
+        }
+    }
+
+    /// Drops the views no acquire has used for the idle time and no holder
+    /// watches through: a directory used a few times and abandoned stops
+    /// costing a watch on the server and its events here. Called on the
+    /// session's probe tick; cheap when nothing is due (it stops at the
+    /// first recently used view, the cache being in order of use).
+    pub(super) fn expire_idle(&self) {
+        if self.idle.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let mut due = Vec::new();
+        for (dir, slot) in state.views.iter() {
+            if let Slot::Ready { view, used } = slot {
+                if now.saturating_duration_since(*used) < self.idle {
+                    break;
+                }
+                if !view.has_subscribers() {
+                    due.push(dir.clone());
+                }
+            }
+        }
+        let dropped: Vec<Slot> = due.iter().filter_map(|d| state.views.remove(d)).collect();
+        drop(state);
+        for slot in dropped {
+            if let Slot::Ready { view, .. } = slot {
+                view.invalidate("idle");
             }
         }
     }
@@ -254,7 +304,7 @@ impl Views {
         lock(&self.state)
             .views
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Ready(v) if v.is_valid()))
+            .filter(|(_, slot)| matches!(slot, Slot::Ready { view, .. } if view.is_valid()))
             .count()
     }
 }
@@ -344,7 +394,7 @@ fn evict(views: &mut LruCache<String, Slot>, capacity: usize) -> Vec<Arc<DirView
     let mut evicted = Vec::new();
     while views.len() > capacity {
         match views.remove_lru() {
-            Some((_, Slot::Ready(view))) => evicted.push(view),
+            Some((_, Slot::Ready { view, .. })) => evicted.push(view),
             Some((_, Slot::Establishing(_))) => {}
             None => break,
         }

@@ -72,6 +72,11 @@ impl DirView {
         self.valid.load(Ordering::Acquire)
     }
 
+    /// Whether a holder watches its node through this view.
+    pub(in crate::backend::zookeeper) fn has_subscribers(&self) -> bool {
+        !lock(&self.state).subscribers.is_empty()
+    }
+
     /// Applies every event delivered so far; `false` if the view is no
     /// longer to be trusted.
     pub(in crate::backend::zookeeper) fn sync(&self) -> bool {
