@@ -243,13 +243,9 @@ impl Views {
             .filter(|(dir, _)| under(dir, &prefix))
             .map(|(dir, _)| dir.clone())
             .collect();
-        let dropped: Vec<Slot> = dirs.iter().filter_map(|d| state.views.remove(d)).collect();
+        let dropped = take(&mut state.views, &dirs);
         drop(state);
-        for slot in dropped {
-            if let Slot::Ready { view, .. } = slot {
-                view.invalidate("a census watches its directory");
-            }
-        }
+        close(dropped, "a census watches its directory");
         Suspended {
             views: Arc::clone(self),
             prefix,
@@ -261,18 +257,15 @@ impl Views {
         let mut state = lock(&self.state);
         let dropped: Vec<Slot> = state.views.drain().map(|(_, slot)| slot).collect();
         drop(state);
-        for slot in dropped {
-            if let Slot::Ready { view, .. } = slot {
-                view.invalidate("session retired");
-            }
-        }
+        close(dropped, "session retired");
     }
 
     /// Drops the views no acquire has used for the idle time and no holder
     /// watches through: a directory used a few times and abandoned stops
     /// costing a watch on the server and its events here. Called on the
-    /// session's probe tick; cheap when nothing is due (it stops at the
-    /// first recently used view, the cache being in order of use).
+    /// session's probe tick. It stops at the first recently used view, the
+    /// cache being in order of use; old views kept for their holders are
+    /// looked at again on each tick (one lock each, at most `capacity`).
     pub(super) fn expire_idle(&self) {
         if self.idle.is_zero() {
             return;
@@ -290,13 +283,9 @@ impl Views {
                 }
             }
         }
-        let dropped: Vec<Slot> = due.iter().filter_map(|d| state.views.remove(d)).collect();
+        let dropped = take(&mut state.views, &due);
         drop(state);
-        for slot in dropped {
-            if let Slot::Ready { view, .. } = slot {
-                view.invalidate("idle");
-            }
-        }
+        close(dropped, "idle");
     }
 
     /// Number of directories with a usable view.
@@ -387,6 +376,21 @@ impl Drop for Suspended {
 
 fn under(dir: &str, prefix_with_slash: &str) -> bool {
     dir.starts_with(prefix_with_slash)
+}
+
+/// Takes the slots of `dirs` out of the cache.
+fn take(views: &mut LruCache<String, Slot>, dirs: &[String]) -> Vec<Slot> {
+    dirs.iter().filter_map(|d| views.remove(d)).collect()
+}
+
+/// Drops the views among slots taken out of the cache (with the cache's
+/// lock released: dropping a view takes its own).
+fn close(slots: Vec<Slot>, why: &str) {
+    for slot in slots {
+        if let Slot::Ready { view, .. } = slot {
+            view.invalidate(why);
+        }
+    }
 }
 
 /// Removes least recently used views beyond `capacity`.
