@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use self::rotation::{KindGate, KindState};
 use super::{AcquireRequest, Backend, BackendError, Grant, KindVersion, RotateOutcome, RotateRequest};
-use crate::key::LockKey;
+use crate::key::{KeyHashing, LockKey};
 
 mod rotation;
 
@@ -46,7 +46,7 @@ pub struct MemoryBackend {
 /// Everything the backend knows: the keys, the token clock, the kinds' version.
 #[derive(Debug)]
 struct MemoryState {
-    keys: DashMap<LockKey, KeyState>,
+    keys: DashMap<LockKey, KeyState, KeyHashing>,
     /// Kinds that were ever rotated (the others are at `v1`, normal).
     kinds: DashMap<Arc<str>, KindState>,
     /// How many kinds drain now: releases only look a kind up when some do.
@@ -72,7 +72,7 @@ fn unix_micros() -> u64 {
 impl Default for MemoryState {
     fn default() -> Self {
         MemoryState {
-            keys: DashMap::new(),
+            keys: DashMap::default(),
             kinds: DashMap::new(),
             draining: AtomicUsize::new(0),
             first_rotation: std::sync::RwLock::new(()),

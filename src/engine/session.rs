@@ -12,7 +12,7 @@
 //! to release, so the holder hears of the loss no later than anyone else can
 //! be granted the lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -28,7 +28,7 @@ use super::EngineState;
 use super::observer::HoldEnd;
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
 use crate::error::LockError;
-use crate::key::LockKey;
+use crate::key::{KeyMap, LockKey};
 
 /// Options of one acquire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -250,14 +250,14 @@ impl<B: Backend> std::fmt::Debug for SessionState<B> {
 }
 
 struct LockTable<G> {
-    held: HashMap<LockKey, Held<G>>,
-    pending: HashMap<LockKey, Pending>,
+    held: KeyMap<Held<G>>,
+    pending: KeyMap<Pending>,
     /// How many of `pending` may wait: what the wait limit counts.
     waiting: usize,
     /// Keys taken out of `held` whose backend release is still running, with
     /// how many such releases are in flight: a RELEASE racing one of them is
     /// answered "not held", not NOT_OWNER.
-    releasing: HashMap<LockKey, usize>,
+    releasing: KeyMap<usize>,
     closed: bool,
 }
 
@@ -313,10 +313,10 @@ impl<B: Backend> Session<B> {
             label,
             engine: engine.clone(),
             table: Mutex::new(LockTable {
-                held: HashMap::new(),
-                pending: HashMap::new(),
+                held: KeyMap::default(),
+                pending: KeyMap::default(),
                 waiting: 0,
-                releasing: HashMap::new(),
+                releasing: KeyMap::default(),
                 closed: false,
             }),
             events: events.clone(),

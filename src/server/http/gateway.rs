@@ -7,7 +7,6 @@
 //! no connection's end would ever release it; when the lease runs out (or
 //! the lock is lost) a small watcher task drops the session.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -19,14 +18,14 @@ use tracing::info;
 use super::error::ApiError;
 use crate::backend::Backend;
 use crate::engine::{AcquireOptions, Engine, Granted, Session};
-use crate::key::LockKey;
+use crate::key::{KeyMap, LockKey};
 
 struct HttpLock<B: Backend> {
     token: u64,
     session: Session<B>,
 }
 
-type Table<B> = Mutex<HashMap<LockKey, HttpLock<B>>>;
+type Table<B> = Mutex<KeyMap<HttpLock<B>>>;
 
 /// The locks held over HTTP.
 pub(super) struct Gateway<B: Backend> {
@@ -46,7 +45,7 @@ impl<B: Backend> std::fmt::Debug for Gateway<B> {
     }
 }
 
-fn lock<B: Backend>(t: &Table<B>) -> MutexGuard<'_, HashMap<LockKey, HttpLock<B>>> {
+fn lock<B: Backend>(t: &Table<B>) -> MutexGuard<'_, KeyMap<HttpLock<B>>> {
     // Critical sections are single inserts and removes: consistent even after a panic.
     t.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -72,7 +71,7 @@ impl<B: Backend> Gateway<B> {
     pub(super) fn new(engine: Engine<B>, max_locks: usize) -> Gateway<B> {
         Gateway {
             engine,
-            locks: Arc::new(Mutex::new(HashMap::new())),
+            locks: Arc::new(Mutex::new(KeyMap::default())),
             in_use: Arc::new(AtomicUsize::new(0)),
             max_locks,
         }
