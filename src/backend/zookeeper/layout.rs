@@ -16,7 +16,8 @@
 //! Sequence suffixes are a per-parent int32 that wraps to negative, so they
 //! are ordered with serial-number arithmetic (RFC 1982), not as integers.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use clastor_protocol::KindMode;
 use uuid::Uuid;
@@ -113,6 +114,22 @@ impl Layout {
     pub(super) fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
         join_path(&[&self.base, kind, version, id])
     }
+}
+
+/// A fresh protection uuid for one create (Curator's protected mode: how a
+/// create whose reply was lost finds its node). It only has to be unique
+/// among the creates in a directory, so it is a random base drawn once per
+/// process plus a counter, with the version 4 bits set: distinct within the
+/// process for 2^62 creates, and as unlikely to meet another process's as
+/// two random uuids are — without a `getrandom` system call per acquire.
+pub(super) fn fresh_uuid() -> Uuid {
+    static BASE: OnceLock<u128> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| Uuid::new_v4().as_u128());
+    let n = u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
+    // Bits set by the version and variant are 62 and above in the low
+    // half: two counters under 2^62 apart never differ only there.
+    uuid::Builder::from_random_bytes(base.wrapping_add(n).to_be_bytes()).into_uuid()
 }
 
 /// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-lock-`;
@@ -330,8 +347,21 @@ mod tests {
     }
 
     #[test]
+    fn fresh_uuids_are_distinct_version_4_uuids() {
+        let uuids: Vec<Uuid> = (0..10_000).map(|_| fresh_uuid()).collect();
+        let distinct: std::collections::HashSet<&Uuid> = uuids.iter().collect();
+        assert_eq!(distinct.len(), uuids.len());
+        assert!(uuids.iter().all(|u| u.get_version_num() == 4));
+        assert!(uuids.iter().all(|u| u.get_variant() == uuid::Variant::RFC4122));
+        // Parsed back from a node name, each is itself and no other.
+        let name = format!("{}0000000001", node_name_prefix(&uuids[1]));
+        assert!(is_ours(&name, &uuids[1]));
+        assert!(!is_ours(&name, &uuids[0]) && !is_ours(&name, &uuids[2]));
+    }
+
+    #[test]
     fn curator_names_and_order() {
-        let uuid = Uuid::new_v4();
+        let uuid = fresh_uuid();
         let prefix = node_name_prefix(&uuid);
         assert_eq!(prefix.len(), 3 + 36 + 1 + 5);
         let ours = format!("{prefix}0000000012");

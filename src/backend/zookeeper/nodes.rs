@@ -210,7 +210,7 @@ impl PendingNode {
         PendingNode {
             session: Arc::clone(session),
             dir,
-            uuid: Uuid::new_v4(),
+            uuid: layout::fresh_uuid(),
             path: None,
             sent: false,
         }
