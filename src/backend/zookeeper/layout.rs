@@ -127,8 +127,8 @@ pub(super) fn fresh_uuid() -> Uuid {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let base = *BASE.get_or_init(|| Uuid::new_v4().as_u128());
     let n = u128::from(NEXT.fetch_add(1, Ordering::Relaxed));
-    // Bits set by the version and variant are 62 and above in the low
-    // half: two counters under 2^62 apart never differ only there.
+    // The version and variant overwrite bits 62, 63 and 76-79 only: two
+    // values less than 2^62 apart differ below bit 62, so stay distinct.
     uuid::Builder::from_random_bytes(base.wrapping_add(n).to_be_bytes()).into_uuid()
 }
 
