@@ -29,10 +29,15 @@ pub struct LockKey {
     id: Arc<str>,
 }
 
-/// The per-process SipHash key of every [`LockKey`]'s stored hash.
-fn hash_of(kind: &str, id: &str) -> u64 {
+/// The per-process SipHash key of every [`LockKey`]'s stored hash (and of
+/// [`KeyHasher`]'s fallback).
+fn sip() -> &'static RandomState {
     static STATE: OnceLock<RandomState> = OnceLock::new();
-    STATE.get_or_init(RandomState::new).hash_one((kind, id))
+    STATE.get_or_init(RandomState::new)
+}
+
+fn hash_of(kind: &str, id: &str) -> u64 {
+    sip().hash_one((kind, id))
 }
 
 impl LockKey {
@@ -117,9 +122,8 @@ enum Written {
 
 impl KeyHasher {
     fn other(&mut self) -> &mut std::hash::DefaultHasher {
-        static STATE: OnceLock<RandomState> = OnceLock::new();
         if let Written::Nothing | Written::Hash(_) = self.0 {
-            let mut h = STATE.get_or_init(RandomState::new).build_hasher();
+            let mut h = sip().build_hasher();
             if let Written::Hash(v) = self.0 {
                 h.write_u64(v);
             }
