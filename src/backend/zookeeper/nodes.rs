@@ -21,7 +21,7 @@ use zookeeper_client::{EventType, WatchedEvent};
 use super::error::{ZkError, map_err};
 use super::layout;
 use super::session::{ZkSession, spawn_background};
-use super::views::DirView;
+use super::views::{ChildWatch, DirView};
 use crate::backend::{BackendError, KindVersion};
 
 /// A lock node that exists, as its create round saw it.
@@ -35,6 +35,10 @@ pub(super) struct Created {
     /// The child watch that listing left on the directory (`None` after a
     /// recovery): a holder's first watch on its node, at no extra request.
     pub(super) dir_watch: Option<OwnWatch>,
+    /// The count of that child watch on the session's views, for the
+    /// holder's guard to end once its release's delete (which fires the
+    /// watch) is confirmed.
+    pub(super) child_watch: Option<ChildWatch>,
     /// The session's view of the directory, when it stood in for the
     /// listing: a holder's watch on its node, through the view.
     pub(super) dir_view: Option<Arc<DirView>>,
@@ -368,6 +372,7 @@ pub(super) async fn recover(
         seen,
         children,
         dir_watch: None,
+        child_watch: None,
         dir_view: None,
     }))
 }
@@ -382,16 +387,27 @@ pub struct ZkGuard {
     released: bool,
     /// Tells the node's watch that what deletes it now is us.
     done: CancellationToken,
+    /// The child watch the create round left on the lock directory, if the
+    /// node's watch is that one: fired by our delete, so its count ends
+    /// when the delete is confirmed.
+    child_watch: Option<ChildWatch>,
 }
 
 impl ZkGuard {
-    pub(super) fn new(session: Arc<ZkSession>, path: String, token: u64, done: CancellationToken) -> ZkGuard {
+    pub(super) fn new(
+        session: Arc<ZkSession>,
+        path: String,
+        token: u64,
+        done: CancellationToken,
+        child_watch: Option<ChildWatch>,
+    ) -> ZkGuard {
         ZkGuard {
             session,
             path,
             token,
             released: false,
             done,
+            child_watch,
         }
     }
 
@@ -437,6 +453,9 @@ impl ZkGuard {
         match tokio::time::timeout(within, delete_node(&self.session, &self.path)).await {
             Ok(Ok(())) => {
                 self.released = true;
+                if let Some(watch) = self.child_watch.take() {
+                    watch.fired();
+                }
                 debug!(path = %self.path, token = self.token, "released");
                 Ok(())
             }
@@ -459,9 +478,16 @@ impl Drop for ZkGuard {
         if self.session.is_retired() {
             return;
         }
-        spawn_background(delete_until_gone(
+        let (session, path, child_watch) = (
             Arc::clone(&self.session),
             std::mem::take(&mut self.path),
-        ));
+            self.child_watch.take(),
+        );
+        spawn_background(async move {
+            delete_until_gone(session, path).await;
+            if let Some(watch) = child_watch {
+                watch.fired();
+            }
+        });
     }
 }

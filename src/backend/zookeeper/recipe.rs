@@ -271,6 +271,7 @@ impl ZooKeeperBackend {
                 czxid,
                 children,
                 dir_watch,
+                child_watch,
                 dir_view,
                 ..
             } = created;
@@ -293,10 +294,10 @@ impl ZooKeeperBackend {
             // while it waited, carries on; an uncontended grant watches
             // through the session's view of the directory, or keeps the
             // child watch its create round's listing left there.
-            let dir_watch = match (&armed, dir_view) {
-                (None, Some(view)) => Some(view.subscribe(pending.name())),
-                (None, None) => dir_watch,
-                (Some(_), _) => None,
+            let (dir_watch, child_watch) = match (&armed, dir_view) {
+                (None, Some(view)) => (Some(view.subscribe(pending.name())), None),
+                (None, None) => (dir_watch, child_watch),
+                (Some(_), _) => (None, None),
             };
             let done = CancellationToken::new();
             let gone = nodes::watch_own(&session, &path, armed, dir_watch, done.clone());
@@ -332,7 +333,7 @@ impl ZooKeeperBackend {
             return Ok(Some(Grant {
                 token,
                 version: version.version,
-                guard: ZkGuard::new(session, path, token, done),
+                guard: ZkGuard::new(session, path, token, done, child_watch),
             }));
         }
     }
@@ -409,7 +410,9 @@ impl ZooKeeperBackend {
                 match list {
                     List::Watched(list, guard) => Some(list.await.map(|(children, watch)| {
                         let watch: OwnWatch = Box::pin(watch.changed());
-                        (children, Some(Box::pin(GuardedWatch::new(watch, guard)) as OwnWatch))
+                        let counted = guard.clone();
+                        let watch = Box::pin(GuardedWatch::new(watch, guard)) as OwnWatch;
+                        (children, Some((watch, counted)))
                     })),
                     List::Plain(list) => Some(list.await.map(|children| (children, None))),
                     List::None => None,
@@ -448,7 +451,7 @@ impl ZooKeeperBackend {
                         Some(Err(_)) => self.kinds.read_and_watch(session, kind).await?,
                     };
                     let mut dir_view = None;
-                    let (children, dir_watch) = match (view, list) {
+                    let (children, dir_watch): (_, Option<(OwnWatch, ChildWatch)>) = match (view, list) {
                         // The view, made current by the events that came
                         // before the create's reply, stands for the listing.
                         (Some(view), _) => match view.after_create(pending.name()) {
@@ -476,11 +479,13 @@ impl ZooKeeperBackend {
                         }
                         (None, _) => (list_children(session, pending.dir()).await?, None),
                     };
+                    let (dir_watch, child_watch) = dir_watch.unzip();
                     return Ok(Round::Created(Created {
                         czxid: stat.czxid,
                         seen,
                         children,
                         dir_watch,
+                        child_watch,
                         dir_view,
                     }));
                 }

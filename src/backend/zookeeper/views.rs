@@ -33,8 +33,10 @@
 //! recursive watch is only ever added to a lock directory while no one-shot
 //! child watch of ours may be pending there. The acquire path counts its
 //! pending child watches per directory ([`ChildWatch`], released once the
-//! watch has fired or its removal has been sent — which goes ahead of any
-//! later request of the session) and makes no view where one is; the census
+//! watch has fired — seen by the task awaiting it, or known from the
+//! holder's confirmed delete of its node, which fires it — or its removal
+//! has been sent, which goes ahead of any later request of the session) and
+//! makes no view where one is; the census
 //! suspends views first. (The other order — recursive first, then a one-shot
 //! child watch — leaves both working, but then removing the view would need
 //! a removal mode ZooKeeper 3.8 lacks, so an acquire sets no child watch
@@ -55,7 +57,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -163,10 +165,7 @@ impl Views {
     pub(super) fn plan<W>(self: &Arc<Self>, dir: &str, hot: bool, add_watch: impl FnOnce() -> W) -> Plan<W> {
         if self.capacity == 0 {
             return Plan::List {
-                watch: Some(ChildWatch {
-                    views: None,
-                    dir: String::new(),
-                }),
+                watch: Some(ChildWatch(None)),
             };
         }
         let mut state = lock(&self.state);
@@ -185,10 +184,11 @@ impl Views {
             state.views.remove(dir);
             *state.child_watches.entry(dir.to_owned()).or_insert(0) += 1;
             return Plan::List {
-                watch: Some(ChildWatch {
-                    views: Some(Arc::clone(self)),
+                watch: Some(ChildWatch(Some(Arc::new(Counted {
+                    views: Arc::clone(self),
                     dir: dir.to_owned(),
-                }),
+                    ended: AtomicBool::new(false),
+                })))),
             };
         }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -301,25 +301,54 @@ impl Views {
 /// Counts a one-shot child watch of an acquire on a directory, until it has
 /// fired or been dropped (which sends its removal ahead of any later
 /// request of the session). Keep it beside the watch, dropped after it.
-#[derive(Debug)]
-pub(super) struct ChildWatch {
+///
+/// Clones share one count, which ends at the first [`ChildWatch::fired`] or
+/// when the last clone goes: the task awaiting the watch holds one, and the
+/// holder's guard another, so the count ends as soon as the release's delete
+/// is confirmed (that delete fired the watch), not when the awaiting task
+/// next runs. Otherwise an acquire right after the release could find the
+/// watch still counted and list (and watch) again instead of making a view.
+#[derive(Debug, Clone)]
+pub(super) struct ChildWatch(
     /// `None` where views are off: nothing to count.
-    views: Option<Arc<Views>>,
+    Option<Arc<Counted>>,
+);
+
+#[derive(Debug)]
+struct Counted {
+    views: Arc<Views>,
     dir: String,
+    ended: AtomicBool,
 }
 
-impl Drop for ChildWatch {
-    fn drop(&mut self) {
-        let Some(views) = &self.views else {
+impl ChildWatch {
+    /// The watch has fired on the server (its node's deletion is confirmed):
+    /// it no longer stands in the way of a view.
+    pub(super) fn fired(&self) {
+        if let Some(counted) = &self.0 {
+            counted.end();
+        }
+    }
+}
+
+impl Counted {
+    fn end(&self) {
+        if self.ended.swap(true, Ordering::AcqRel) {
             return;
-        };
-        let mut state = lock(&views.state);
+        }
+        let mut state = lock(&self.views.state);
         if let Some(n) = state.child_watches.get_mut(&self.dir) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 state.child_watches.remove(&self.dir);
             }
         }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -345,7 +374,9 @@ impl Future for GuardedWatch {
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<WatchedEvent> {
         let event = std::task::ready!(self.watch.as_mut().poll(cx));
         // Fired: ZooKeeper has removed the watch.
-        self.guard = None;
+        if let Some(guard) = self.guard.take() {
+            guard.fired();
+        }
         Poll::Ready(event)
     }
 }
@@ -404,4 +435,49 @@ fn evict(views: &mut LruCache<String, Slot>, capacity: usize) -> Vec<Arc<DirView
         }
     }
     evicted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(views: &Arc<Views>, hot: bool) -> Plan<()> {
+        views.plan("/locks/tx/v1/a", hot, || ())
+    }
+
+    fn counted_watch(plan: Plan<()>) -> ChildWatch {
+        match plan {
+            Plan::List { watch: Some(watch) } => watch,
+            _ => panic!("expected a listing with a counted child watch"),
+        }
+    }
+
+    #[test]
+    fn a_fired_child_watch_stops_counting_while_its_awaiting_task_still_holds_it() {
+        let views = Arc::new(Views::new(8, Duration::ZERO));
+        let first = counted_watch(plan(&views, false));
+        let awaiting = first.clone();
+        // Pending: a hot directory is listed (and watched) again, not viewed.
+        let second = counted_watch(plan(&views, true));
+        drop(second);
+        assert!(matches!(plan(&views, true), Plan::List { watch: Some(_) }));
+        // The holder's guard saw its delete confirmed; the task that awaits
+        // the watch has not run yet.
+        first.fired();
+        assert!(matches!(plan(&views, true), Plan::Establish(..)));
+        // The count ended once: the last clone's drop takes nothing more.
+        let other = counted_watch(plan(&views, false));
+        drop((first, awaiting));
+        assert!(matches!(plan(&views, true), Plan::List { watch: Some(_) }));
+        drop(other);
+        assert!(matches!(plan(&views, true), Plan::Establish(..)));
+    }
+
+    #[test]
+    fn without_views_nothing_is_counted() {
+        let views = Arc::new(Views::new(0, Duration::ZERO));
+        let watch = counted_watch(plan(&views, true));
+        watch.fired();
+        assert!(lock(&views.state).child_watches.is_empty());
+    }
 }
