@@ -920,6 +920,17 @@ async fn trace_ids_are_checked_kept_and_listed_from_version_3() {
     // A version 2 connection gets the listing without the trace section.
     let mut v2 = Raw::connect(addr).await;
     assert!(v2.call(hello(2)).await.result.is_ok());
+    // ...and on version 1 and 2 a trace id is trailing bytes, a malformed
+    // body (PROTOCOL.md §2.2), before any name check; an empty one too.
+    let mut v1 = Raw::connect(addr).await;
+    assert!(v1.call(hello(1)).await.result.is_ok());
+    for conn in [&mut v1, &mut v2] {
+        for (id, trace) in [("d", "4bf92f3577b34da6a3ce929d0e0e4736"), ("d", ""), ("a/b", "t")] {
+            let refused = conn.call(traced(id, trace)).await;
+            assert_eq!(refused.status(), Status::BadRequest, "{id:?} {trace:?}: {refused:?}");
+        }
+    }
+    drop(v1);
     let list = held(
         v2.call(Request::Held {
             scope: clastor_protocol::HeldScope::Server,
@@ -927,7 +938,7 @@ async fn trace_ids_are_checked_kept_and_listed_from_version_3() {
         .await,
     );
     assert!(list.iter().all(|h| h.trace_id.is_none()), "{list:?}");
-    assert_eq!(list.len(), 2);
+    assert_eq!(list.len(), 2, "refused acquires on v1/v2 took nothing: {list:?}");
     drop((v3, v2));
     server.shutdown().await;
 }

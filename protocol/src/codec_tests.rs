@@ -484,6 +484,33 @@ fn trailing_bytes_are_malformed() {
 }
 
 #[test]
+fn a_trace_id_is_trailing_bytes_before_version_3() {
+    // ACQUIRE k/x, wait 0, lease 0, exclusive, then trace id "t" (or an
+    // empty one): version 3 reads it; versions 1 and 2 have no such field.
+    let base = [0, 1, b'k', 0, 1, b'x', 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (trace, len) in [(&[0, 1, b't'][..], 3), (&[0, 0][..], 2)] {
+        let body = [&base[..], trace].concat();
+        let frame = frame_of(&raw(1, Opcode::Acquire as u8, 0, 3, &body));
+        for version in [1, 2] {
+            assert_eq!(
+                Request::decode_for(&frame.header, frame.body.clone(), version),
+                Err(BodyError::TrailingBytes { len }),
+                "version {version}"
+            );
+        }
+        let Ok(Request::Acquire(a)) = Request::decode_for(&frame.header, frame.body, 3) else {
+            panic!("version 3 reads a trace id");
+        };
+        assert_eq!(a.trace_id.as_deref(), (len == 3).then_some("t"));
+    }
+    // Without one, every version reads the same request.
+    let frame = frame_of(&raw(1, Opcode::Acquire as u8, 0, 3, &base));
+    for version in 1..=3 {
+        assert!(Request::decode_for(&frame.header, frame.body.clone(), version).is_ok());
+    }
+}
+
+#[test]
 fn bad_utf8_is_malformed() {
     // ACQUIRE with kind = ff fe.
     let body = [0, 2, 0xff, 0xfe, 0, 1, b'x', 0, 0, 0, 0, 0, 0, 0, 0, 0];

@@ -9,7 +9,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::body_error::BodyError;
-use crate::constants::{EVENT_REQUEST_ID, HEADER_LEN, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
+use crate::constants::{EVENT_REQUEST_ID, HEADER_LEN, HIGHEST_VERSION, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
 use crate::header::{Flags, Header};
 use crate::opcode::Opcode;
 use crate::rotation::{DrainState, Rotate, RotateOk, RotationProgress};
@@ -331,6 +331,15 @@ impl Request {
     /// (PROTOCOL.md §12). An event opcode is not a request: it is unknown here,
     /// whatever the flags say.
     pub fn decode(header: &Header, body: Bytes) -> Result<Request, BodyError> {
+        Request::decode_for(header, body, HIGHEST_VERSION)
+    }
+
+    /// Decodes a request body as a connection of protocol `version` reads it:
+    /// fields that version does not have are trailing bytes, so malformed
+    /// (an `ACQUIRE` with a `trace_id` on a version 1 or 2 connection,
+    /// PROTOCOL.md §2.2), exactly as a server speaking only that version
+    /// would answer. Before the handshake, pass [`HIGHEST_VERSION`].
+    pub fn decode_for(header: &Header, body: Bytes, version: u8) -> Result<Request, BodyError> {
         let op = Opcode::try_from(header.opcode)
             .ok()
             .filter(|op| !op.is_event())
@@ -352,7 +361,11 @@ impl Request {
                 wait_ms: r.u32("wait_ms")?,
                 lease_ms: r.u32("lease_ms")?,
                 mode: r.enum_u8("mode")?,
-                trace_id: r.optional_string("trace_id")?,
+                trace_id: if version >= 3 {
+                    r.optional_string("trace_id")?
+                } else {
+                    None
+                },
             }),
             Opcode::Release => Request::Release {
                 kind: r.string("kind")?,

@@ -53,6 +53,9 @@ struct Conn<B: Backend> {
     ctx: RequestContext<B>,
     inflight: FuturesUnordered<Pending>,
     handshaken: bool,
+    /// The protocol version the body decoder reads with: the negotiated one,
+    /// or the highest before `HELLO` (only `HELLO` is run then anyway).
+    version: u8,
     opened: Instant,
     last_activity: Instant,
     /// A frame arrived since `last_activity` was last set: it is set once
@@ -82,6 +85,7 @@ pub(super) async fn run<B: Backend>(
         ctx,
         inflight: FuturesUnordered::new(),
         handshaken: false,
+        version: HIGHEST_VERSION,
         opened: Instant::now(),
         last_activity: Instant::now(),
         active: false,
@@ -300,7 +304,7 @@ impl<B: Backend> Conn<B> {
         let stats = &self.shared.stats;
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let reply_err = |status, message: String| Response::error(header.request_id, header.opcode, status, message);
-        let req = match Request::decode(&header, body) {
+        let req = match Request::decode_for(&header, body, self.version) {
             Ok(req) => req,
             Err(e) => {
                 stats.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +348,7 @@ impl<B: Backend> Conn<B> {
                 self.ctx.reports_safe = version >= 2;
                 self.ctx.reports_drain = version >= 2;
                 self.ctx.reports_traces = version >= 3;
+                self.version = version;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }
             (false, _) => {
