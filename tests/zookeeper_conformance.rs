@@ -15,7 +15,7 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend, path_segment};
 use clastor::{Engine, EngineConfig, LockKey};
 use clastor_testkit::ZooKeeper;
 use conformance::Env;
@@ -37,13 +37,16 @@ fn config(hosts: &str) -> ZkConfig {
 /// Holder plus waiters of `key` in ZooKeeper: lock-named children of its lock
 /// directory under the kind's current version.
 async fn count_contenders(zk: &Client, key: &LockKey) -> usize {
-    let base = format!("/locks/{PROVIDER}/{}", key.kind());
+    let base = format!("/locks/{PROVIDER}/{}", path_segment(key.kind()));
     let version = match zk.get_data(&format!("{base}/version")).await {
         Ok((data, _)) => String::from_utf8_lossy(&data).lines().next().unwrap_or("v1").to_owned(),
         Err(zookeeper_client::Error::NoNode) => return 0,
         Err(e) => panic!("read version of {key}: {e}"),
     };
-    match zk.list_children(&format!("{base}/{version}/{}", key.id())).await {
+    match zk
+        .list_children(&format!("{base}/{version}/{}", path_segment(key.id())))
+        .await
+    {
         Ok(children) => children
             .iter()
             .filter(|c| c.contains("lock-") || c.contains("__lock__"))

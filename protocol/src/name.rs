@@ -47,6 +47,20 @@ pub enum NameError {
         /// `from` or `to`.
         what: &'static str,
     },
+    /// A character in a version name that some backend cannot store in a
+    /// path (see [`is_path_safe`]).
+    #[error(
+        "{what} contains {ch:?} at byte {at}: version names may not contain U+E000..U+F8FF, \
+         U+FFF0..U+FFFF or characters above U+FFFF (ZooKeeper cannot store them in a path)"
+    )]
+    VersionChar {
+        /// `from` or `to`.
+        what: &'static str,
+        /// The character.
+        ch: char,
+        /// Its byte offset.
+        at: usize,
+    },
     /// A trace id longer than [`MAX_TRACE_ID_LEN`] bytes.
     #[error("trace_id is {len} bytes long; the limit is {MAX_TRACE_ID_LEN}")]
     TraceTooLong {
@@ -100,8 +114,13 @@ pub const MAX_VERSION_LEN: usize = 64;
 pub const RESERVED_VERSIONS: [&str; 2] = ["version", "rotation"];
 
 /// Checks a version name (`ROTATE`'s `from` and `to`): the naming rules of
-/// [`validate`], at most [`MAX_VERSION_LEN`] bytes, and not one of
-/// [`RESERVED_VERSIONS`].
+/// [`validate`], at most [`MAX_VERSION_LEN`] bytes, not one of
+/// [`RESERVED_VERSIONS`], and only [path-safe](is_path_safe) characters.
+///
+/// Kinds and ids may hold any valid character (a backend that cannot store
+/// one encodes the name); a version name is stored as it is on every
+/// backend, and an operator chooses it, so it is held to the characters
+/// every backend stores.
 pub fn validate_version(what: &'static str, name: &str) -> Result<(), NameError> {
     validate(what, name)?;
     if name.len() > MAX_VERSION_LEN {
@@ -110,7 +129,19 @@ pub fn validate_version(what: &'static str, name: &str) -> Result<(), NameError>
     if RESERVED_VERSIONS.contains(&name) {
         return Err(NameError::Reserved { what });
     }
+    if let Some((at, ch)) = name.char_indices().find(|&(_, c)| !is_path_safe(c)) {
+        return Err(NameError::VersionChar { what, ch, at });
+    }
     Ok(())
+}
+
+/// Whether ZooKeeper accepts `c` in a path, of the characters a valid name
+/// may hold: it refuses the private-use area U+E000..=U+F8FF,
+/// U+FFF0..=U+FFFF, and everything above U+FFFF (which Java stores as
+/// UTF-16 surrogates, refused with U+D800..=U+DFFF), besides the control
+/// characters that no valid name holds (`PathUtils.validatePath`).
+pub fn is_path_safe(c: char) -> bool {
+    !matches!(c, '\u{E000}'..='\u{F8FF}' | '\u{FFF0}'..='\u{FFFF}' | '\u{10000}'..)
 }
 
 /// Checks a trace id (protocol version 3): 1 to [`MAX_TRACE_ID_LEN`] bytes of
@@ -168,6 +199,33 @@ mod tests {
             validate_version("to", "rotation"),
             Err(NameError::Reserved { what: "to" })
         );
+        assert_eq!(validate_version("to", "版本-2"), Ok(()));
+        for (bad, ch) in [("v\u{E000}", '\u{E000}'), ("v\u{FFFD}", '\u{FFFD}'), ("v🙂", '🙂')] {
+            assert!(validate("to", bad).is_ok(), "{bad:?} is a valid name");
+            assert_eq!(
+                validate_version("to", bad),
+                Err(NameError::VersionChar { what: "to", ch, at: 1 })
+            );
+        }
+    }
+
+    #[test]
+    fn path_safety_follows_zookeepers_ranges() {
+        for c in ['a', '%', '日', '\u{D7FF}', '\u{F900}', '\u{FFEF}'] {
+            assert!(is_path_safe(c), "{c:?}");
+        }
+        for c in [
+            '\u{E000}',
+            '\u{F8FF}',
+            '\u{FFF0}',
+            '\u{FFFD}',
+            '\u{FFFF}',
+            '\u{10000}',
+            '🙂',
+            '\u{10FFFF}',
+        ] {
+            assert!(!is_path_safe(c), "{c:?}");
+        }
     }
 
     #[test]

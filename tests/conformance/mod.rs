@@ -112,6 +112,7 @@ cases!(
     shared_mode_is_refused,
     version_of_a_new_kind_is_v1_normal,
     names_are_validated,
+    every_class_of_valid_name_locks_and_stays_distinct,
     concurrent_holders_never_overlap_and_tokens_increase,
     rotating_an_idle_kind_switches_it_and_tokens_keep_increasing,
     a_rotation_drains_holders_and_queued_waiters_then_new_acquires_proceed_under_the_new_version,
@@ -514,6 +515,71 @@ async fn names_are_validated<B: Backend>(env: Env<B>) {
             "{kind:?}"
         );
     }
+}
+
+/// Every class of character PROTOCOL.md §10 allows locks on every backend,
+/// including those ZooKeeper refuses in paths (above U+FFFF, private use,
+/// U+FFF0..U+FFFF), and names that spell out another name's encoding are
+/// other locks. A kind of such characters works too, its version read and
+/// rotated.
+async fn every_class_of_valid_name_locks_and_stays_distinct<B: Backend>(env: Env<B>) {
+    let base = fresh_key("x");
+    let ids = [
+        "plain-ascii",
+        "日本",
+        "\u{F900}",
+        "\u{E000}",
+        "\u{F8FF}",
+        "\u{FFF0}",
+        "\u{FFFD}",
+        "\u{FFFF}",
+        "🙂",
+        "\u{10FFFF}",
+        "%EE%80%80",
+        "%\u{E000}",
+        "a%25🙂",
+        "a%🙂",
+    ];
+    let (a, _) = env.session(0);
+    let (b, _) = env.session(1);
+    let mut tokens = Vec::new();
+    for id in ids {
+        let key = LockKey::new(base.kind(), id).unwrap();
+        tokens.push(must_acquire(&a, &key).await);
+        assert_eq!(env.contenders(&key).await, 1, "{id:?}");
+    }
+    // All held at once by one owner: each is its own lock. Another owner is
+    // refused every one of them.
+    assert_eq!(a.held().len(), ids.len());
+    for id in ids {
+        let key = LockKey::new(base.kind(), id).unwrap();
+        assert_eq!(
+            b.acquire(&key, AcquireOptions::try_once()).await.unwrap(),
+            None,
+            "{id:?}"
+        );
+    }
+    for (id, first) in ids.iter().zip(&tokens) {
+        let key = LockKey::new(base.kind(), id).unwrap();
+        assert!(a.release(&key).await.unwrap(), "{id:?}");
+        assert!(must_acquire(&b, &key).await > *first, "{id:?}");
+    }
+    // A kind of characters ZooKeeper refuses: its version, a rotation.
+    let kind = format!("{}-🙂\u{E000}", base.kind());
+    let key = LockKey::new(&kind, "\u{FFFF}").unwrap();
+    let t1 = must_acquire(&a, &key).await;
+    assert!(a.release(&key).await.unwrap());
+    assert_eq!(&*env.engines[0].version(&kind).await.unwrap().version, "v1");
+    env.engines[0]
+        .rotate(&kind, "v1", "v2", Duration::from_secs(5), &|_| {})
+        .await
+        .unwrap();
+    let t2 = must_acquire(&a, &key).await;
+    assert!(t2 > t1);
+    assert_eq!(
+        &*env.engines[1 % env.engines.len()].version(&kind).await.unwrap().version,
+        "v2"
+    );
 }
 
 /// Many tasks on a few keys: every grant is logged with the time span it was

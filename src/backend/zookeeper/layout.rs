@@ -11,15 +11,19 @@
 //! `<32 hex>__lock__<seq>` (Lock, WriteLock) and `__rlock__<seq>` (ReadLock)
 //! nodes count as contenders too: a kazoo reader must exclude a Clastor
 //! writer. Names are built only from validated [`LockKey`](crate::key::LockKey)
-//! parts.
+//! parts; the few valid names ZooKeeper cannot store (characters above
+//! U+FFFF, private use, U+FFF0..) are encoded, see [`segment`].
 //!
 //! Sequence suffixes are a per-parent int32 that wraps to negative, so they
 //! are ordered with serial-number arithmetic (RFC 1982), not as integers.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use clastor_protocol::KindMode;
+use clastor_protocol::name::is_path_safe;
 use uuid::Uuid;
 use zookeeper_client::{Acls, CreateMode, CreateOptions};
 
@@ -92,28 +96,57 @@ impl Layout {
 
     /// `{base}/{kind}`.
     pub(super) fn kind_path(&self, kind: &str) -> String {
-        join_path(&[&self.base, kind])
+        join_path(&[&self.base, &segment(kind)])
     }
 
     /// `{base}/{kind}/version`.
     pub(super) fn version_path(&self, kind: &str) -> String {
-        join_path(&[&self.base, kind, VERSION_NODE])
+        join_path(&[&self.base, &segment(kind), VERSION_NODE])
     }
 
     /// `{base}/{kind}/rotation`: the running rotation's claim (ephemeral).
     pub(super) fn rotation_path(&self, kind: &str) -> String {
-        join_path(&[&self.base, kind, ROTATION_NODE])
+        join_path(&[&self.base, &segment(kind), ROTATION_NODE])
     }
 
     /// `{base}/{kind}/{version}`: a container.
     pub(super) fn version_dir(&self, kind: &str, version: &str) -> String {
-        join_path(&[&self.base, kind, version])
+        join_path(&[&self.base, &segment(kind), &segment(version)])
     }
 
     /// `{base}/{kind}/{version}/{id}`: a container, the parent of the lock nodes.
     pub(super) fn lock_dir(&self, kind: &str, version: &str, id: &str) -> String {
-        join_path(&[&self.base, kind, version, id])
+        join_path(&[&self.base, &segment(kind), &segment(version), &segment(id)])
     }
+}
+
+/// A valid kind, version or id as one path segment. Names ZooKeeper stores
+/// are used as they are (every ASCII name, and so every Curator or kazoo
+/// path a Clastor name can match). A name holding a character ZooKeeper
+/// refuses in paths ([`is_path_safe`]) is encoded: a space, which no valid
+/// name holds (so no encoded name equals a plain one), then the name with
+/// `%` and each refused character percent-encoded as its UTF-8 bytes (so no
+/// two names share an encoding). Version names never need it (they are held
+/// to path-safe characters). Public as
+/// [`path_segment`](crate::backend::zookeeper::path_segment), for tools that
+/// look a lock up in ZooKeeper.
+pub fn segment(name: &str) -> Cow<'_, str> {
+    if name.is_ascii() || name.chars().all(is_path_safe) {
+        return Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(1 + name.len() * 3);
+    out.push(' ');
+    for c in name.chars() {
+        if c == '%' || !is_path_safe(c) {
+            for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{b:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A fresh protection uuid for one create (Curator's protected mode: how a
@@ -343,6 +376,35 @@ mod tests {
         assert!(Layout::new("locks", "p").is_err());
         assert!(Layout::new("/locks", "a/b").is_err());
         assert!(Layout::new("/locks/../x", "p").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn names_zookeeper_refuses_are_encoded_and_no_two_meet() -> Result<(), String> {
+        for plain in ["tx-1", "日本", "a%b", "x.y", "\u{F900}"] {
+            assert!(matches!(segment(plain), Cow::Borrowed(p) if p == plain), "{plain:?}");
+        }
+        assert_eq!(segment("a🙂"), " a%F0%9F%99%82");
+        assert_eq!(segment("\u{E000}%"), " %EE%80%80%25");
+        assert_eq!(segment("\u{FFFD}"), " %EF%BF%BD");
+        // The encoding of a refused character never equals a name that
+        // spells it out, nor one with a plain `%` beside a refused one.
+        let names = [
+            "%EE%80%80",
+            "\u{E000}",
+            "%\u{E000}",
+            "%25\u{E000}",
+            "\u{E000}%",
+            "a🙂",
+            "a%F0%9F%99%82",
+        ];
+        let encoded: std::collections::HashSet<_> = names.iter().map(|n| segment(n)).collect();
+        assert_eq!(encoded.len(), names.len(), "{encoded:?}");
+        let l = Layout::new("/locks", "p")?;
+        assert_eq!(
+            l.lock_dir("k🙂", "v1", "\u{FFFF}"),
+            "/locks/p/ k%F0%9F%99%82/v1/ %EF%BF%BF"
+        );
         Ok(())
     }
 

@@ -33,6 +33,7 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::layout::segment as path_segment;
 pub use self::nodes::ZkGuard;
 
 use self::kinds::Kinds;
