@@ -281,6 +281,12 @@ async fn rotate_streams_progress_and_ends_with_a_dot() {
         v.starts_with("+VERSION ledger version=v1 mode=draining to=v2 remaining=1 left_ms="),
         "{v}"
     );
+    // A try-once of a free id of the draining kind says why it was not
+    // granted (nobody holds acc-2).
+    assert_eq!(
+        watcher.cmd("ACQUIRE ledger acc-2 0").await,
+        "-TIMEOUT ledger acc-2 kind ledger is draining (a rotation from v1 to v2); a try-once does not wait for it"
+    );
     assert!(holder.cmd("RELEASE ledger acc-1").await.starts_with("+RELEASED"));
     let rest = admin.block().await;
     assert!(rest.iter().any(|l| l.starts_with("switched remaining=0")), "{rest:?}");

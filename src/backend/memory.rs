@@ -369,6 +369,10 @@ impl Backend for MemoryBackend {
         Ok(self.inner.kind_version(kind))
     }
 
+    fn cached_version(&self, kind: &str) -> Option<KindVersion> {
+        Some(self.inner.kind_version(kind))
+    }
+
     async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(BackendError::Closed);

@@ -388,6 +388,12 @@ pub trait Backend: Send + Sync + 'static {
     /// [`BackendError::Unavailable`] if the backend cannot be reached.
     fn version(&self, kind: &str) -> impl Future<Output = Result<KindVersion, BackendError>> + Send;
 
+    /// The kind's version and mode as this server last saw them, without
+    /// asking the store; `None` if it has not looked at the kind lately.
+    /// For messages and listings only, never the ground for a grant: it
+    /// may be stale by the time it is read.
+    fn cached_version(&self, kind: &str) -> Option<KindVersion>;
+
     /// Until when the backend guarantees that nobody else is granted the lock
     /// `guard` holds, on this process's clock (safe-until; PROTOCOL.md,
     /// "Safe-until"). `None`: the backend sets no bound of its own (the memory

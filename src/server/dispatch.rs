@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
 use clastor_protocol::{
-    AcquireOk, ErrorReply, HeldLock, HeldScope, Request, ResponseBody, Rotate, RotateOk, RotationProgress, Status,
-    VersionInfo,
+    AcquireOk, ErrorReply, HeldLock, HeldScope, KindMode, Request, ResponseBody, Rotate, RotateOk, RotationProgress,
+    Status, VersionInfo,
 };
 
 use super::state::ServerState;
@@ -66,6 +66,21 @@ fn key(kind: &str, id: &str) -> Result<LockKey, ErrorReply> {
     LockKey::new(kind, id).map_err(|e| err(Status::InvalidName, e.to_string()))
 }
 
+/// Why a try-once was not granted, as far as this server can tell without
+/// asking the backend again: a draining kind (which a try-once does not wait
+/// for), or another owner.
+fn tried_once<B: Backend>(engine: &Engine<B>, key: &LockKey) -> String {
+    match engine.backend().cached_version(key.kind()) {
+        Some(v) if v.mode == KindMode::Draining => format!(
+            "kind {} is draining (a rotation from {}{}); a try-once does not wait for it",
+            key.kind(),
+            v.version,
+            v.rotation.map(|r| format!(" to {}", r.to)).unwrap_or_default()
+        ),
+        _ => "held by another owner (tried once)".to_owned(),
+    }
+}
+
 fn ms(v: u32) -> Duration {
     Duration::from_millis(u64::from(v))
 }
@@ -115,7 +130,7 @@ pub(crate) async fn dispatch<B: Backend>(
                     version: g.version.to_string(),
                     safe_ms: ctx.reports_safe.then(|| safe_ms(ctx, shared, Some(&key))),
                 })),
-                None if a.wait_ms == 0 => Err(err(Status::Timeout, "held by another owner (tried once)")),
+                None if a.wait_ms == 0 => Err(err(Status::Timeout, tried_once(&ctx.engine, &key))),
                 None => Err(err(Status::Timeout, format!("not acquired within {} ms", a.wait_ms))),
             }
         }

@@ -373,8 +373,18 @@ impl Kinds {
             debug!(%kind, version = %v.version, "kind is draining; waiting");
             let changed = watcher.changed();
             tokio::pin!(changed);
+            if Instant::now() >= deadline {
+                // A try-once (or a wait already over) never aborts an
+                // abandoned drain: only an acquire that waits does
+                // (PROTOCOL.md, "Version rotation"), so a try-once can never
+                // be granted under the version being drained.
+                return Ok(None);
+            }
             let abandoned_at = v.drain_left().map(|left| Instant::now() + left);
             tokio::select! {
+                // Checked in this order: when the wait and the drain run out
+                // together, the wait ends without aborting anything.
+                biased;
                 _ = &mut changed => continue,
                 () = tokio::time::sleep_until(deadline) => return Ok(None),
                 () = sleep_until_or_never(abandoned_at) => {}

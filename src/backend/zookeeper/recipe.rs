@@ -174,6 +174,10 @@ impl Backend for ZooKeeperBackend {
         self.kinds.read_version(&session, &kind).await
     }
 
+    fn cached_version(&self, kind: &str) -> Option<KindVersion> {
+        self.kinds.cached(kind)
+    }
+
     async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
         self.rotate_kind(req).await
     }
