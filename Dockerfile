@@ -11,8 +11,12 @@ ARG DEBIAN_RELEASE=bookworm
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 # Manifests and sources of every workspace member (the manifests name the
-# benches and tests, so those directories must be present too).
+# benches and tests, so those directories must be present too), and the
+# patched zookeeper-client that Cargo.toml's [patch.crates-io] points at.
+# scripts/check-docker-build.sh builds from exactly these COPY lines in a
+# clean folder (CI runs it), so a missing one fails there, not here.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor vendor
 COPY protocol protocol
 COPY client client
 COPY testkit testkit
@@ -31,5 +35,9 @@ COPY --from=build /usr/local/bin/clastor /usr/local/bin/clastor
 USER clastor
 # 8078: the lock protocol; 9078: the HTTP port, when turned on (--http / CLASTOR_HTTP).
 EXPOSE 8078 9078
+# Ready when the backend can grant locks. Needs the HTTP port: `clastor
+# healthcheck` asks CLASTOR_HTTP's /readyz (the image has no curl).
+HEALTHCHECK --interval=5s --timeout=4s --start-period=10s --retries=3 \
+    CMD ["clastor", "healthcheck", "--timeout", "3s"]
 ENTRYPOINT ["clastor"]
 CMD ["serve", "--listen", "0.0.0.0:8078", "--backend", "zookeeper", "--zk", "zookeeper:2181"]

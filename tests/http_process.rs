@@ -178,3 +178,33 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
 
     drop(untraced);
 }
+
+/// `clastor healthcheck` (the compose file's healthcheck: the image has no
+/// curl): exit 0 on `/readyz` answering 200, 1 on another status or nothing
+/// listening; the listen address `0.0.0.0` (a container's `CLASTOR_HTTP`)
+/// is asked on loopback.
+#[test]
+fn healthcheck_exits_zero_only_on_200() {
+    let server = Server::start();
+    let check = |http: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_clastor"))
+            .args(["healthcheck", "--http", http])
+            .args(extra)
+            .env_remove("CLASTOR_HTTP")
+            .output()
+            .unwrap()
+    };
+    let http = server.http.to_string();
+    assert!(check(&http, &[]).status.success());
+    assert!(check(&http, &["--path", "/healthz"]).status.success());
+    let wildcard = format!("0.0.0.0:{}", server.http.port());
+    assert!(check(&wildcard, &[]).status.success());
+    let missing = check(&http, &["--path", "/no-such-page"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+    // Nothing listens on the lock port's neighbour that was just freed.
+    let closed = free_port().to_string();
+    let refused = check(&closed, &["--timeout", "2s"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(!check(&http, &["--path", "no-slash"]).status.success());
+}

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch for the `clastor` binary. Each subcommand
 //! lives in its own file with its clap arguments.
 
+mod healthcheck;
 mod load;
 mod lock;
 mod oneshot;
@@ -42,6 +43,7 @@ enum Command {
     Version(oneshot::VersionArgs),
     Info(oneshot::InfoArgs),
     Rotate(rotate::RotateArgs),
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -59,6 +61,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Version(args) => oneshot::version(args),
         Command::Info(args) => oneshot::info(args),
         Command::Rotate(args) => rotate::run(args),
+        Command::Healthcheck(args) => healthcheck::run(args),
     }
 }
 
