@@ -7,7 +7,8 @@
 //! ```
 //!
 //! - [`backend`]: where locks live. [`backend::memory::MemoryBackend`] for
-//!   development and embedding, [`backend::zookeeper`] for production.
+//!   development and embedding, `backend::zookeeper` for production (feature
+//!   `zookeeper`, on by default).
 //! - [`Engine`] / [`Session`]: backend-independent lock semantics, usable
 //!   in-process ("library mode") with the same tokens and events as over the wire.
 //! - [`server`]: the TCP server speaking `clastor-protocol`, and (feature

@@ -18,6 +18,7 @@
 //! Static dispatch on the hot path: the engine is generic over `B: Backend`.
 
 pub mod memory;
+#[cfg(feature = "zookeeper")]
 pub mod zookeeper;
 
 use std::fmt;

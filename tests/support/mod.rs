@@ -22,6 +22,7 @@ pub(crate) mod http;
 /// A server on `127.0.0.1:0` over its own ZooKeeper backend (a "server" of a
 /// multi-server deployment sharing `zk`): `sessions` pooled sessions with a
 /// 6 s timeout, under `provider`.
+#[cfg(feature = "zookeeper")]
 pub(crate) async fn start_on_zookeeper(
     zk: &clastor_testkit::ZooKeeper,
     provider: &str,
