@@ -1010,9 +1010,15 @@ async fn a_version_1_client_during_someone_elses_rotation() {
     let (mut old, _) = Raw::hello(addr).await;
     // A free id of the draining kind: a wait runs out, a try-once fails at once.
     let started = std::time::Instant::now();
-    assert_eq!(old.call(acquire("ledger", "free", 300, 0)).await.status(), Status::Timeout);
+    assert_eq!(
+        old.call(acquire("ledger", "free", 300, 0)).await.status(),
+        Status::Timeout
+    );
     assert!(started.elapsed() >= Duration::from_millis(300), "did not wait");
-    assert_eq!(old.call(acquire("ledger", "free", 0, 0)).await.status(), Status::Timeout);
+    assert_eq!(
+        old.call(acquire("ledger", "free", 0, 0)).await.status(),
+        Status::Timeout
+    );
     match old.call(Request::Version { kind: "ledger".into() }).await.result {
         Ok(ResponseBody::Version(v)) => {
             assert_eq!((v.version.as_str(), v.mode, v.drain), ("v1", KindMode::Draining, None));

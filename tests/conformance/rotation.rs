@@ -356,16 +356,31 @@ pub(super) async fn rotate_checks_come_in_the_documented_order<B: Backend>(env: 
     let err = |r: Result<(Duration, u32), LockError>| r.expect_err("refused");
     // 1. kind, then from, then to: INVALID_NAME, whatever else is wrong.
     let e = err(e0.rotate("a/b", "..", "..", too_long, &|_| {}).await);
-    assert!(matches!(&e, LockError::InvalidName(m) if m.to_string().contains("kind")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("kind")),
+        "{e:?}"
+    );
     let e = err(e0.rotate(&kind, "..", "version", too_long, &|_| {}).await);
-    assert!(matches!(&e, LockError::InvalidName(m) if m.to_string().contains("from")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("from")),
+        "{e:?}"
+    );
     let e = err(e0.rotate(&kind, "v1", "version", too_long, &|_| {}).await);
-    assert!(matches!(&e, LockError::InvalidName(m) if m.to_string().contains("to")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("to")),
+        "{e:?}"
+    );
     // 2. from = to before 3. the drain timeout over the longest wait.
     let e = err(e0.rotate(&kind, "v1", "v1", too_long, &|_| {}).await);
-    assert!(matches!(&e, LockError::InvalidArgument(m) if m.contains("both")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::InvalidArgument(m) if m.contains("both")),
+        "{e:?}"
+    );
     let e = err(e0.rotate(&kind, "v1", "v2", too_long, &|_| {}).await);
-    assert!(matches!(&e, LockError::InvalidArgument(m) if m.contains("drain timeout")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::InvalidArgument(m) if m.contains("drain timeout")),
+        "{e:?}"
+    );
 
     let (a, _) = env.session(0);
     must_acquire(&a, &key).await;
@@ -379,7 +394,10 @@ pub(super) async fn rotate_checks_come_in_the_documented_order<B: Backend>(env: 
     // 4. The claim before the kind's state: a wrong `from` while a rotation
     // runs is refused for the running rotation.
     let e = err(e1.rotate(&kind, "v7", "v8", second, &|_| {}).await);
-    assert!(matches!(&e, LockError::RotationRefused(m) if m.contains("in progress")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::RotationRefused(m) if m.contains("in progress")),
+        "{e:?}"
+    );
     // Its driver goes away; the kind stays draining towards v2.
     first.abort();
     let _ = first.await;
@@ -401,7 +419,10 @@ pub(super) async fn rotate_checks_come_in_the_documented_order<B: Backend>(env: 
     }
     // 6. ... and a `from` that is not the current version: refused, naming it.
     let e = err(e1.rotate(&kind, "v2", "v3", second, &|_| {}).await);
-    assert!(matches!(&e, LockError::RotationRefused(m) if m.contains("at version v1")), "{e:?}");
+    assert!(
+        matches!(&e, LockError::RotationRefused(m) if m.contains("at version v1")),
+        "{e:?}"
+    );
     assert!(e1.rotate_abort(&kind).await.unwrap().1);
     assert_eq!(a.held().len(), 1);
 }
