@@ -942,3 +942,205 @@ async fn trace_ids_are_checked_kept_and_listed_from_version_3() {
     drop((v3, v2));
     server.shutdown().await;
 }
+
+/// A raw connection that negotiated `version` (1 to 3).
+async fn hello_version(addr: std::net::SocketAddr, version: u8) -> Raw {
+    let mut raw = Raw::connect(addr).await;
+    let hello = raw
+        .call(Request::Hello(Hello {
+            min_version: 1,
+            max_version: version,
+            client_name: format!("v{version}"),
+        }))
+        .await;
+    match hello.result {
+        Ok(ResponseBody::Hello(h)) if h.version == version => raw,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The header's version byte is `1` whatever protocol version the
+/// connection negotiated (PROTOCOL.md §3.2): a frame carrying the negotiated
+/// version there, 2 or 3, is fatal like any other value.
+#[tokio::test]
+async fn the_header_version_byte_stays_1_on_version_2_and_3_connections() {
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    for version in [2, 3] {
+        let mut raw = hello_version(addr, version).await;
+        // Frames with 1 in the header are served on this connection.
+        raw.send_bytes(&frame(1, Opcode::Ping as u8, 0, 7, &[])).await;
+        match raw.next().await {
+            Some(Incoming::Response(r)) => assert_eq!((r.request_id, r.result), (7, Ok(ResponseBody::Pong))),
+            other => panic!("v{version}: {other:?}"),
+        }
+        raw.send_bytes(&frame(version, Opcode::Ping as u8, 0, 8, &[])).await;
+        let got = raw.until_closed().await;
+        assert!(
+            matches!(
+                got.as_slice(),
+                [Incoming::Event(Event::Closing {
+                    status: Status::ProtocolError,
+                    ..
+                })]
+            ),
+            "v{version}: {got:?}"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// Rotation is part of protocol version 1 (PROTOCOL.md, "Version rotation"):
+/// a version 1 client can drive one, and one that does not know of a
+/// rotation driven by someone else sees its acquires of the kind wait (and
+/// time out) while it drains, `VERSION` say `draining` without the drain
+/// state (that is version 2), and its waiting acquire granted under the new
+/// version once the kind switches.
+#[tokio::test]
+async fn a_version_1_client_during_someone_elses_rotation() {
+    use clastor_protocol::{KindMode, Rotate, RotationPhase};
+    let (server, _) = start_default().await;
+    let addr = server.local_addr();
+    let (mut holder, _) = Raw::hello(addr).await;
+    assert!(holder.call(acquire("ledger", "held", 0, 0)).await.result.is_ok());
+    let (mut admin, _) = Raw::hello(addr).await;
+    let rotate_id = admin
+        .send(&Request::Rotate(Rotate {
+            kind: "ledger".into(),
+            from: "v1".into(),
+            to: "v2".into(),
+            drain_timeout_ms: 60_000,
+        }))
+        .await;
+    match admin.next().await {
+        Some(Incoming::Event(Event::RotateProgress { request_id, progress })) => {
+            assert_eq!((request_id, progress.phase), (rotate_id, RotationPhase::Draining));
+        }
+        other => panic!("expected progress on a version 1 connection, got {other:?}"),
+    }
+    let (mut old, _) = Raw::hello(addr).await;
+    // A free id of the draining kind: a wait runs out, a try-once fails at once.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        old.call(acquire("ledger", "free", 300, 0)).await.status(),
+        Status::Timeout
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300), "did not wait");
+    assert_eq!(
+        old.call(acquire("ledger", "free", 0, 0)).await.status(),
+        Status::Timeout
+    );
+    match old.call(Request::Version { kind: "ledger".into() }).await.result {
+        Ok(ResponseBody::Version(v)) => {
+            assert_eq!((v.version.as_str(), v.mode, v.drain), ("v1", KindMode::Draining, None));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A long wait is granted under v2 once the holder lets go.
+    let waiting = old.send(&acquire("ledger", "free", 30_000, 0)).await;
+    holder
+        .call(Request::Release {
+            kind: "ledger".into(),
+            id: "held".into(),
+            token: 0,
+        })
+        .await;
+    let granted = old.response().await;
+    assert_eq!(granted.request_id, waiting);
+    match granted.result {
+        Ok(ResponseBody::Acquired(a)) => assert_eq!((a.version.as_str(), a.safe_ms), ("v2", None)),
+        other => panic!("{other:?}"),
+    }
+    loop {
+        match admin.next().await {
+            Some(Incoming::Event(Event::RotateProgress { .. })) => {}
+            Some(Incoming::Response(r)) => {
+                assert!(matches!(r.result, Ok(ResponseBody::Rotated(_))), "{r:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    server.shutdown().await;
+}
+
+/// After `CLOSING` on shutdown, a version 2 holder with a promise still
+/// running keeps the connection (and its locks) until the promise passes or
+/// until it shuts down its write side: then the server closes at once
+/// (PROTOCOL.md §2.6). The promise here is 30 s; the read gives up after 10.
+#[tokio::test]
+async fn after_closing_a_holder_that_shuts_its_write_side_is_let_go_at_once() {
+    use tokio::io::AsyncWriteExt as _;
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let (server, backend) = start(config, EngineConfig::default()).await;
+    let (mut raw, _) = hello_v2(server.local_addr()).await;
+    let promised = safe_ms(&raw.call(acquire("tx", "promised", 0, 0)).await);
+    assert!(promised > 20_000, "{promised}");
+    let shutdown = tokio::spawn(async move { server.shutdown().await });
+    match raw.next().await {
+        Some(Incoming::Event(Event::LockLost { reason, .. })) => assert_eq!(reason, LostReason::ServerShutdown),
+        other => panic!("{other:?}"),
+    }
+    match raw.next().await {
+        Some(Incoming::Event(Event::Closing { status, .. })) => assert_eq!(status, Status::ShuttingDown),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(backend.active_keys(), 1, "the promised lock is kept after CLOSING");
+    raw.framed.get_mut().shutdown().await.unwrap();
+    assert_eq!(raw.until_closed().await, vec![], "nothing follows CLOSING");
+    shutdown.await.unwrap();
+    assert_eq!(backend.active_keys(), 0);
+}
+
+/// The server's own horizon bounds every `safe_ms`: the write timeout
+/// (`--write-timeout`) and the shutdown grace always apply, so even with
+/// keepalive off and the memory backend (no bound of its own) the server
+/// never sends `u32::MAX` ("no bound", PROTOCOL.md "Safe-until").
+#[tokio::test]
+async fn the_write_timeout_and_the_shutdown_grace_bound_every_promise() {
+    for (write, grace, want) in [(20, 60, 20_000), (90, 60, 60_000)] {
+        let config = ServerConfig {
+            tcp_keepalive: None,
+            write_timeout: Duration::from_secs(write),
+            shutdown_grace: Duration::from_secs(grace),
+            ..ServerConfig::default()
+        };
+        let (server, _) = start(config, EngineConfig::default()).await;
+        let (mut raw, _) = hello_v2(server.local_addr()).await;
+        // No lease and the memory backend: the horizon alone, exactly.
+        assert_eq!(safe_ms(&raw.call(acquire("tx", "a", 0, 0)).await), want);
+        assert_eq!(safe_ms(&raw.call(Request::Confirm).await), want);
+        drop(raw);
+        server.shutdown().await;
+    }
+}
+
+/// `safe_ms` is rounded down to whole milliseconds, never up: a grant whose
+/// lease has less than 1 ms left by the time its reply is made (a 1 ms lease)
+/// is promised 0, and a 1 s lease less than 1000.
+#[tokio::test]
+async fn safe_ms_rounds_down_so_a_1_ms_lease_is_promised_0() {
+    let (server, _) = start_default().await;
+    let (mut raw, _) = hello_v2(server.local_addr()).await;
+    let id = raw.send(&acquire("tx", "short", 0, 1)).await;
+    // Its LOCK_LOST (lease expired) may come before or after the grant.
+    let mut granted = None;
+    let mut lost = false;
+    while granted.is_none() || !lost {
+        match raw.next().await {
+            Some(Incoming::Response(r)) if r.request_id == id => granted = Some(r),
+            Some(Incoming::Event(Event::LockLost { reason, .. })) => {
+                assert_eq!(reason, LostReason::LeaseExpired);
+                lost = true;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(granted.map(|g| safe_ms(&g)), Some(0));
+    let second = safe_ms(&raw.call(acquire("tx", "second", 0, 1_000)).await);
+    assert!(second < 1_000, "{second}");
+    server.shutdown().await;
+}

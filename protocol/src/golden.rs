@@ -811,6 +811,12 @@ enum Step {
     Local(&'static str),
     /// A pushed event.
     Event(Event),
+    /// A `ROTATE` line, the progress it streams, then how it ended.
+    Rotate(
+        &'static str,
+        Vec<RotationProgress>,
+        Result<ResponseBody, (Status, &'static str)>,
+    ),
 }
 
 fn transcript(steps: &[Step]) -> String {
@@ -840,6 +846,20 @@ fn transcript(steps: &[Step]) -> String {
                 }
             }
             Step::Event(ev) => out.push_str(&text::format_event(ev)),
+            Step::Rotate(line, progress, result) => {
+                let Ok(Command::Request(request)) = text::parse(line) else {
+                    panic!("{line:?} is not a request");
+                };
+                let _ = writeln!(out, "{line}");
+                for (i, p) in progress.iter().enumerate() {
+                    out.push_str(&text::format_rotation_progress(p, i == 0));
+                }
+                let response = match result {
+                    Ok(body) => Response::ok(0, body.clone()),
+                    Err((status, message)) => Response::error(0, request.opcode() as u8, *status, *message),
+                };
+                out.push_str(&text::format_rotation_end(&request, &response, !progress.is_empty()));
+            }
         }
     }
     out
@@ -973,7 +993,132 @@ fn text_sessions() -> Vec<(&'static str, String)> {
             message: s("server shutting down"),
         }),
     ];
-    vec![("session", transcript(&session)), ("shutdown", transcript(&shutdown))]
+    vec![
+        ("session", transcript(&session)),
+        ("shutdown", transcript(&shutdown)),
+        ("rotate", transcript(&rotate_session())),
+        ("rotate-aborted", transcript(&rotate_aborted_session())),
+        ("rotate-other", transcript(&rotate_other_session())),
+    ]
+}
+
+/// A progress report of a `transaction` rotation from `from` to `to` with a
+/// 60 s drain timeout, `elapsed_ms` into it.
+fn progress(
+    from: &str,
+    to: &str,
+    phase: RotationPhase,
+    remaining: u32,
+    elapsed_ms: u32,
+    holders: &[(&str, &str)],
+) -> RotationProgress {
+    RotationProgress {
+        kind: s("transaction"),
+        from: s(from),
+        to: s(to),
+        phase,
+        remaining,
+        elapsed_ms,
+        left_ms: 60_000 - elapsed_ms,
+        holders: holders
+            .iter()
+            .map(|(id, holder)| RotationHolder {
+                id: s(id),
+                holder: s(holder),
+            })
+            .collect(),
+    }
+}
+
+/// A rotation that completes, on a memory-backend server where other
+/// connections hold `tx-1` (one more waiting for it) and `tx-2`; then the
+/// same `ROTATE` sent again, which finds its switch done.
+fn rotate_session() -> Vec<Step> {
+    vec![
+        Step::Rotate(
+            "ROTATE transaction v1 v2 60000",
+            vec![
+                progress(
+                    "v1",
+                    "v2",
+                    RotationPhase::Draining,
+                    3,
+                    0,
+                    &[("tx-1", "this server (+1 waiting)"), ("tx-2", "this server")],
+                ),
+                progress("v1", "v2", RotationPhase::Draining, 1, 1250, &[("tx-1", "this server")]),
+                progress("v1", "v2", RotationPhase::Switched, 0, 2480, &[]),
+            ],
+            Ok(ResponseBody::Rotated(RotateOk {
+                version: s("v2"),
+                drain_ms: 2480,
+                leftover: 0,
+            })),
+        ),
+        Step::Rotate(
+            "ROTATE transaction v1 v2",
+            Vec::new(),
+            Ok(ResponseBody::Rotated(RotateOk {
+                version: s("v2"),
+                drain_ms: 0,
+                leftover: 0,
+            })),
+        ),
+    ]
+}
+
+/// A rotation another connection aborts (see [`rotate_other_session`]).
+fn rotate_aborted_session() -> Vec<Step> {
+    vec![Step::Rotate(
+        "ROTATE transaction v2 v3",
+        vec![
+            progress("v2", "v3", RotationPhase::Draining, 1, 0, &[("tx-7", "this server")]),
+            progress("v2", "v3", RotationPhase::Draining, 1, 1000, &[("tx-7", "this server")]),
+        ],
+        Err((
+            Status::RotationAborted,
+            "the rotation of transaction was aborted (ROTATE_ABORT); transaction is normal on v2",
+        )),
+    )]
+}
+
+/// A second connection while that rotation drains.
+fn rotate_other_session() -> Vec<Step> {
+    vec![
+        Step::Cmd(
+            "VERSION transaction",
+            Ok(ResponseBody::Version(VersionInfo {
+                version: s("v2"),
+                mode: KindMode::Draining,
+                drain: Some(DrainState {
+                    to: s("v3"),
+                    remaining: 1,
+                    left_ms: 58_900,
+                }),
+            })),
+        ),
+        Step::Cmd(
+            "ROTATE transaction v2 v4",
+            Err((
+                Status::RotationRefused,
+                "another rotation of transaction is in progress (v2 -> v3)",
+            )),
+        ),
+        Step::Cmd(
+            "ROTATE_ABORT transaction",
+            Ok(ResponseBody::RotateAborted {
+                version: s("v2"),
+                aborted: true,
+            }),
+        ),
+        Step::Cmd(
+            "ROTATE_ABORT transaction",
+            Ok(ResponseBody::RotateAborted {
+                version: s("v2"),
+                aborted: false,
+            }),
+        ),
+    ]
 }
 
 fn protocol_md_path() -> std::path::PathBuf {

@@ -33,7 +33,7 @@ Every flag can also be set from the environment variable shown. Durations take u
 `500ms`, `10s`, `2m`.\n\n\
 The server refuses to start with limits that cannot work: --max-in-flight below \
 --max-waits + 16, --max-frame outside 311..=16777215, --max-connections or --max-held of 0, \
---zk-sessions of 0, a zero --handshake-timeout.\n\n\
+--zk-sessions of 0, a zero --handshake-timeout or --write-timeout.\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
 pub(crate) struct ServeArgs {
@@ -104,6 +104,12 @@ pub(crate) struct ServeArgs {
     /// Close connections that hold no lock and sent nothing for this long (0 = never).
     #[arg(long, env = "CLASTOR_IDLE_TIMEOUT", default_value_t = or_zero(ServerConfig::default().idle_timeout))]
     idle_timeout: humantime::Duration,
+
+    /// A client that stops reading while the server has replies for it is dropped (and its
+    /// locks released) once a write has blocked this long (more than 0). It also bounds every
+    /// safe-until the server promises (safe_ms).
+    #[arg(long, env = "CLASTOR_WRITE_TIMEOUT", default_value_t = ServerConfig::default().write_timeout.into())]
+    write_timeout: humantime::Duration,
 
     /// TCP keepalive idle time: a client whose host vanished is dropped (and its
     /// locks released) after about twice this (0 = off).
@@ -202,6 +208,20 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (engine_config, server_config) = configs(&args);
+    // Before connecting to ZooKeeper; `server::spawn` checks the same again.
+    server_config.validate(&engine_config)?;
+    match args.backend {
+        BackendKind::Memory => run_with(MemoryBackend::new(), engine_config, server_config).await,
+        BackendKind::Zookeeper => {
+            let backend = zookeeper(&args).await?;
+            run_with(backend, engine_config, server_config).await
+        }
+    }
+}
+
+/// The engine's and the server's settings the flags give.
+fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
     let engine_config = EngineConfig {
         max_held_per_session: args.max_held,
         max_waits_per_session: args.max_waits,
@@ -214,6 +234,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_frame_len: args.max_frame,
         handshake_timeout: *args.handshake_timeout,
         idle_timeout: zero_is_off(args.idle_timeout),
+        write_timeout: *args.write_timeout,
         shutdown_grace: *args.shutdown_grace,
         tcp_keepalive: zero_is_off(args.tcp_keepalive),
         #[cfg(feature = "http")]
@@ -222,17 +243,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_connections: args.http_max_connections,
             ..clastor::server::HttpConfig::new(listen)
         }),
-        ..ServerConfig::default()
     };
-    // Before connecting to ZooKeeper; `server::spawn` checks the same again.
-    server_config.validate(&engine_config)?;
-    match args.backend {
-        BackendKind::Memory => run_with(MemoryBackend::new(), engine_config, server_config).await,
-        BackendKind::Zookeeper => {
-            let backend = zookeeper(&args).await?;
-            run_with(backend, engine_config, server_config).await
-        }
-    }
+    (engine_config, server_config)
 }
 
 async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
@@ -300,7 +312,49 @@ mod tests {
     use clastor::server::IN_FLIGHT_HEADROOM;
     use clastor_protocol::{MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN};
 
-    use super::ServeArgs;
+    use super::{ServeArgs, configs};
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        use clap::FromArgMatches as _;
+        let cmd = ServeArgs::augment_args(Command::new("serve"));
+        let matches = cmd
+            .try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        ServeArgs::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `--write-timeout` (`CLASTOR_WRITE_TIMEOUT`) reaches the server's
+    /// settings, defaults to `ServerConfig`'s, and bounds the promises the
+    /// server makes (`safe_horizon`); 0 is refused, not taken for "none".
+    #[test]
+    fn the_write_timeout_flag_sets_the_write_timeout_and_the_horizon() {
+        use std::time::Duration;
+
+        use clastor::server::ServerConfig;
+
+        let (_, default) = configs(&parse(&[]));
+        assert_eq!(default.write_timeout, ServerConfig::default().write_timeout);
+        let flags = [
+            "--write-timeout",
+            "2m",
+            "--tcp-keepalive",
+            "0",
+            "--shutdown-grace",
+            "5m",
+        ];
+        let (engine, set) = configs(&parse(&flags));
+        assert_eq!(set.write_timeout, Duration::from_secs(120));
+        assert_eq!(set.safe_horizon(), Some(Duration::from_secs(120)));
+        assert_eq!(set.validate(&engine), Ok(()));
+        let (engine, zero) = configs(&parse(&["--write-timeout", "0"]));
+        assert!(zero.validate(&engine).is_err(), "a zero write timeout was accepted");
+        let cmd = ServeArgs::augment_args(Command::new("serve"));
+        let arg = cmd.get_arguments().find(|a| a.get_id() == "write_timeout");
+        assert_eq!(
+            arg.and_then(|a| a.get_env()),
+            Some(std::ffi::OsStr::new("CLASTOR_WRITE_TIMEOUT"))
+        );
+    }
 
     /// The help states the rules `ServerConfig::validate` enforces, with the
     /// numbers it uses.

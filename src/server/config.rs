@@ -36,7 +36,9 @@ pub struct ServerConfig {
     /// A connection with no request in flight, no lock held and no traffic for
     /// this long is closed. `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// How long a stalled client may block a write before it is dropped.
+    /// How long a stalled client may block a write before it is dropped
+    /// (its locks released). More than zero: a write that could block for
+    /// ever would pin the connection, and its locks, until shutdown.
     pub write_timeout: Duration,
     /// TCP keepalive idle time on accepted connections (`None`: off). A
     /// client whose host vanished (power loss, partition) holds its locks
@@ -118,8 +120,9 @@ impl ServerConfig {
     /// the server itself releases a connection's locks when its TCP keepalive
     /// gives the peer up (no sooner than the keepalive idle time after it last
     /// heard from it), when a write to it blocks for the write timeout, and on
-    /// shutdown after the shutdown grace. `None`: no bound (keepalive off and
-    /// both timeouts unbounded cannot happen: the write timeout always bounds).
+    /// shutdown after the shutdown grace. Never `None` today: the write
+    /// timeout and the shutdown grace are always finite, so this server never
+    /// sends `safe_ms` = `u32::MAX` ("no bound", PROTOCOL.md, "Safe-until").
     pub fn safe_horizon(&self) -> Option<Duration> {
         let mut horizon = self.write_timeout.min(self.shutdown_grace);
         if let Some(idle) = self.tcp_keepalive {
@@ -143,6 +146,9 @@ impl ServerConfig {
         }
         if self.handshake_timeout.is_zero() {
             return zero("handshake_timeout", "--handshake-timeout");
+        }
+        if self.write_timeout.is_zero() {
+            return zero("write_timeout", "--write-timeout");
         }
         let minimum = engine.max_waits_per_session.saturating_add(IN_FLIGHT_HEADROOM);
         if self.max_in_flight < minimum {
@@ -238,6 +244,17 @@ mod tests {
             max_held_per_session: 0,
             ..EngineConfig::default()
         };
+        let no_writes = ServerConfig {
+            write_timeout: Duration::ZERO,
+            ..ServerConfig::default()
+        };
+        assert!(matches!(
+            no_writes.validate(&engine),
+            Err(ConfigError::Zero {
+                field: "write_timeout",
+                flag: "--write-timeout"
+            })
+        ));
         assert!(matches!(
             ServerConfig::default().validate(&no_locks),
             Err(ConfigError::Zero {

@@ -120,6 +120,7 @@ cases!(
     rotations_are_refused_unless_from_is_current_and_one_at_a_time,
     a_rotation_left_draining_resumes_or_is_aborted_by_a_waiting_acquire,
     an_acquire_with_a_stale_view_during_the_drain_waits_and_lands_on_the_new_version,
+    rotate_checks_come_in_the_documented_order,
 );
 
 use self::rotation::*;

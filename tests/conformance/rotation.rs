@@ -371,3 +371,89 @@ pub(super) async fn an_acquire_with_a_stale_view_during_the_drain_waits_and_land
     let g = late.await.unwrap().unwrap().expect("granted after the switch");
     assert_eq!(&*g.version, "v2");
 }
+
+/// `ROTATE`'s checks come in the order PROTOCOL.md lists ("Version
+/// rotation", checks in order), shown where two of them conflict: names
+/// (kind, from, to) before `from` = `to`, that before the drain timeout,
+/// those before the claim (one rotation per kind), the claim before the
+/// kind's state (a half-done rotation to another target, then `from`).
+pub(super) async fn rotate_checks_come_in_the_documented_order<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let kind = key.kind().to_owned();
+    let e0 = &env.engines[0];
+    let e1 = &env.engines[1];
+    let too_long = Duration::from_secs(25 * 3600);
+    let second = Duration::from_secs(1);
+    let err = |r: Result<(Duration, u32), LockError>| r.expect_err("refused");
+    // 1. kind, then from, then to: INVALID_NAME, whatever else is wrong.
+    let e = err(e0.rotate("a/b", "..", "..", too_long, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("kind")),
+        "{e:?}"
+    );
+    let e = err(e0.rotate(&kind, "..", "version", too_long, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("from")),
+        "{e:?}"
+    );
+    let e = err(e0.rotate(&kind, "v1", "version", too_long, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::InvalidName(m) if m.to_string().contains("to")),
+        "{e:?}"
+    );
+    // 2. from = to before 3. the drain timeout over the longest wait.
+    let e = err(e0.rotate(&kind, "v1", "v1", too_long, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::InvalidArgument(m) if m.contains("both")),
+        "{e:?}"
+    );
+    let e = err(e0.rotate(&kind, "v1", "v2", too_long, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::InvalidArgument(m) if m.contains("drain timeout")),
+        "{e:?}"
+    );
+
+    let (a, _) = env.session(0);
+    must_acquire(&a, &key).await;
+    let (first, _) = spawn_rotation(e0, &kind, "v1", "v2", Duration::from_secs(20));
+    await_mode(e1, &kind, "v1", KindMode::Draining).await;
+    // The argument checks come before the claim: BAD_REQUEST, not refused.
+    let e = err(e1.rotate(&kind, "v1", "v1", second, &|_| {}).await);
+    assert!(matches!(e, LockError::InvalidArgument(_)), "{e:?}");
+    let e = err(e1.rotate(&kind, "v1", "v3", too_long, &|_| {}).await);
+    assert!(matches!(e, LockError::InvalidArgument(_)), "{e:?}");
+    // 4. The claim before the kind's state: a wrong `from` while a rotation
+    // runs is refused for the running rotation.
+    let e = err(e1.rotate(&kind, "v7", "v8", second, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::RotationRefused(m) if m.contains("in progress")),
+        "{e:?}"
+    );
+    // Its driver goes away; the kind stays draining towards v2.
+    first.abort();
+    let _ = first.await;
+    // 5. Draining towards another target: refused (abort it first), ...
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let e = err(e1.rotate(&kind, "v1", "v3", second, &|_| {}).await);
+        match &e {
+            // The old driver's claim may take a moment to go (ZooKeeper).
+            LockError::RotationRefused(m) if m.contains("in progress") && Instant::now() < deadline => {
+                tokio::time::sleep(POLL).await;
+            }
+            LockError::RotationRefused(m) => {
+                assert!(m.contains("abort it first"), "{e:?}");
+                break;
+            }
+            _ => panic!("{e:?}"),
+        }
+    }
+    // 6. ... and a `from` that is not the current version: refused, naming it.
+    let e = err(e1.rotate(&kind, "v2", "v3", second, &|_| {}).await);
+    assert!(
+        matches!(&e, LockError::RotationRefused(m) if m.contains("at version v1")),
+        "{e:?}"
+    );
+    assert!(e1.rotate_abort(&kind).await.unwrap().1);
+    assert_eq!(a.held().len(), 1);
+}
