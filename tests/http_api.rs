@@ -686,6 +686,10 @@ async fn the_original_endpoints_answer_in_their_shapes() {
 
     let missing = post(http, "/api/v1/locks/orders/acquire").await;
     assert_eq!((missing.status, code(&missing).as_str()), (400, "BAD_REQUEST"));
+    let openapi = get(http, "/api/v1/openapi.json").await.json();
+    for path in ["/api/v1/locks/{resource}/acquire", "/api/v1/locks/{resource}/release"] {
+        assert!(openapi["paths"][path]["post"].is_object(), "{path} is described");
+    }
     handle.shutdown().await;
 }
 
