@@ -96,6 +96,11 @@ pub(super) async fn serve<B: Backend>(
     config: HttpConfig,
     shutdown: CancellationToken,
 ) {
+    if config.compat_tokenless_release {
+        warn!(
+            "HTTP releases without a token are honoured (compatibility switch on): anyone who can reach the HTTP port can release anyone's HTTP lock"
+        );
+    }
     let metrics = Arc::new(Metrics::new(config.max_metric_kinds));
     if !shared.engine.set_observer(metrics.clone()) {
         warn!("the engine already reports to another observer; grant and hold metrics stay empty");
