@@ -1,7 +1,8 @@
 //! The status page in a real headless browser (Debian's `chromium`, driven
-//! over the DevTools protocol on a pipe): it shows the held lock (holder,
-//! token) and the waiter of a scenario set up here, and follows the lock when
-//! it moves to the waiter, with no reload. Screenshots are kept under
+//! over the DevTools protocol on a pipe): it shows the held lock (holder and
+//! the client name its `HELLO` gave, never the token) and the waiter of a
+//! scenario set up here, and follows the lock when it moves to the waiter,
+//! with no reload. Screenshots are kept under
 //! `target/` (`target/status-page.png`, `target/status-page-moved.png`).
 //!
 //! Needs `chromium` (scripts/test.sh installs it). Without it this test
@@ -216,8 +217,13 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
     let http = handle.http_addr().unwrap();
 
     // The scenario: A holds the lock, B waits for it.
-    let a = clastor_client::Client::connect(handle.local_addr()).await.unwrap();
-    let b = clastor_client::Client::connect(handle.local_addr()).await.unwrap();
+    let named = |name: &'static str| {
+        clastor_client::Client::builder(handle.local_addr())
+            .client_name(name)
+            .connect()
+    };
+    let a = named("page-worker-a").await.unwrap();
+    let b = named("page-worker-b").await.unwrap();
     let held = a
         .lock("transaction", "tx-page")
         .trace_id("page-test")
@@ -242,7 +248,7 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
         let shown = browser.wait_for("A holding and B waiting", Duration::from_secs(30), ROW, |v| {
             let cells = v["cells"].to_string();
             cells.contains(&format!("(#{a_id})"))
-                && cells.contains(&a_token.to_string())
+                && cells.contains("page-worker-a")
                 && v["waiters"].as_array().is_some_and(|w| w.len() == 1)
         });
         browser.screenshot(&target_dir().join("status-page.png"));
@@ -250,9 +256,15 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
     });
     let (mut browser, shown) = shown;
     assert!(
-        shown["cells"][6].as_str().unwrap().contains("page-test"),
+        shown["cells"][5].as_str().unwrap().contains("page-test"),
         "the trace id is shown: {shown}"
     );
+    assert!(
+        shown["waiters"][0].as_str().unwrap().contains("page-worker-b"),
+        "the waiter's client name is shown: {shown}"
+    );
+    // The token is the capability to release HTTP locks: never on the page.
+    assert!(!shown.to_string().contains(&a_token.to_string()), "{shown}");
     let refreshes_before = shown["refreshes"].as_u64().unwrap();
 
     // The lock moves to B; the open page follows without a reload.
@@ -269,7 +281,8 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
         let moved = browser.wait_for("B holding, nobody waiting", Duration::from_secs(30), ROW, |v| {
             let cells = v["cells"].to_string();
             cells.contains(&format!("(#{b_id})"))
-                && cells.contains(&b_token.to_string())
+                && cells.contains("page-worker-b")
+                && !cells.contains(&b_token.to_string())
                 && v["waiters"].as_array().is_some_and(Vec::is_empty)
         });
         browser.screenshot(&target_dir().join("status-page-moved.png"));
@@ -279,10 +292,11 @@ async fn the_status_page_shows_holder_and_waiter_and_follows_the_lock() {
         moved["refreshes"].as_u64().unwrap() > refreshes_before,
         "updated live: {moved}"
     );
-    // The connections table lists both clients.
-    let connections =
-        tokio::task::block_in_place(|| browser.eval("document.querySelectorAll('#connections tbody tr').length"));
-    assert_eq!(connections, json!(2));
+    // The connections table lists both clients, by name.
+    let connections = tokio::task::block_in_place(|| {
+        browser.eval("[...document.querySelectorAll('#connections tbody tr')].map(r => r.cells[1].innerText)")
+    });
+    assert_eq!(connections, json!(["page-worker-a", "page-worker-b"]));
 
     drop(browser);
     drop(granted);

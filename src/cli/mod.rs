@@ -108,6 +108,7 @@ fn client_runtime(quiet: bool) -> std::io::Result<tokio::runtime::Runtime> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
     tokio::runtime::Builder::new_current_thread().enable_all().build()

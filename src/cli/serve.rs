@@ -137,6 +137,19 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_HTTP_MAX_CONNECTIONS", default_value_t = http_defaults().max_connections)]
     http_max_connections: usize,
 
+    /// HTTP lock requests (acquires, rotations) in progress at once; more get 429 at once.
+    /// Below --http-max-connections, so health checks and metrics keep connections of their own.
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_HTTP_MAX_LOCK_REQUESTS", default_value_t = http_defaults().max_lock_requests)]
+    http_max_lock_requests: usize,
+
+    /// UNSAFE compatibility switch: honour a release on the original Clastor's path
+    /// (/api/v1/locks/{resource}/release?resourceId=) that names no token. Anyone who can
+    /// reach the HTTP port can then release anyone's HTTP lock.
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_HTTP_COMPAT_TOKENLESS_RELEASE", default_value_t = http_defaults().compat_tokenless_release)]
+    http_compat_tokenless_release: bool,
+
     /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
     #[arg(long, env = "CLASTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -179,6 +192,8 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in a log file or pipeline.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),
@@ -241,6 +256,8 @@ fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
         http: args.http.map(|listen| clastor::server::HttpConfig {
             default_lease: *args.http_default_lease,
             max_connections: args.http_max_connections,
+            max_lock_requests: args.http_max_lock_requests,
+            compat_tokenless_release: args.http_compat_tokenless_release,
             ..clastor::server::HttpConfig::new(listen)
         }),
     };

@@ -62,6 +62,8 @@ pub struct SessionInfo {
     pub id: u64,
     /// Its label (a connection's peer address).
     pub label: Arc<str>,
+    /// The name its client gave (binary `HELLO`, HTTP `User-Agent`), if any.
+    pub client: Option<Arc<str>>,
     /// Locks it holds.
     pub held: usize,
     /// Acquires it has waiting.
@@ -167,6 +169,7 @@ impl<B: Backend> Engine<B> {
             .map(|s| SessionInfo {
                 id: s.id(),
                 label: s.label().clone(),
+                client: s.client().cloned(),
                 held: s.held_len(),
                 waiting: s.waiting().len(),
             })

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use clastor_protocol::{LockMode, LostReason};
@@ -29,6 +29,10 @@ use super::observer::HoldEnd;
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
 use crate::error::LockError;
 use crate::key::{KeyMap, LockKey};
+
+/// Longest client name kept (characters): a name is for people reading a
+/// listing, and it comes from the network.
+const MAX_CLIENT_NAME: usize = 128;
 
 /// Options of one acquire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,6 +83,8 @@ pub struct Granted {
 pub struct HeldInfo {
     /// The holding session's label (a connection's peer address).
     pub holder: Arc<str>,
+    /// The name the holding client gave (binary `HELLO`, HTTP `User-Agent`), if any.
+    pub client: Option<Arc<str>>,
     /// How long it has been held.
     pub age: Duration,
     /// The trace id it was acquired with, if any.
@@ -104,6 +110,8 @@ pub struct WaitInfo {
     pub session: u64,
     /// The waiting session's label.
     pub holder: Arc<str>,
+    /// The name the waiting client gave, if any.
+    pub client: Option<Arc<str>>,
     /// How long it has been waiting.
     pub waited: Duration,
     /// The trace id it was sent with, if any.
@@ -233,6 +241,9 @@ impl<B: Backend> Clone for Session<B> {
 pub(crate) struct SessionState<B: Backend> {
     id: u64,
     label: Arc<str>,
+    /// The name the client gave, set once (after `HELLO`): listings clone
+    /// the `Arc`, so naming costs nothing per request.
+    client: OnceLock<Arc<str>>,
     engine: Arc<EngineState<B>>,
     table: Mutex<LockTable<B::Guard>>,
     events: Arc<LostQueue>,
@@ -311,6 +322,7 @@ impl<B: Backend> Session<B> {
         let state = Arc::new(SessionState {
             id,
             label,
+            client: OnceLock::new(),
             engine: engine.clone(),
             table: Mutex::new(LockTable {
                 held: KeyMap::default(),
@@ -330,6 +342,31 @@ impl<B: Backend> Session<B> {
     /// The session's engine-wide id (the connection id on the wire).
     pub fn id(&self) -> u64 {
         self.state.id
+    }
+
+    /// Names the client behind this session, for listings and logs: once
+    /// (a later call changes nothing and returns `None`). The name comes
+    /// from the client, so it is cut to `MAX_CLIENT_NAME` (128) characters with
+    /// control characters replaced; an empty name names nothing. Returns the
+    /// name as stored.
+    pub fn set_client_name(&self, name: &str) -> Option<Arc<str>> {
+        let clean: String = name
+            .trim()
+            .chars()
+            .take(MAX_CLIENT_NAME)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        if clean.is_empty() {
+            return None;
+        }
+        let name: Arc<str> = Arc::from(clean);
+        self.state.client.set(name.clone()).ok()?;
+        Some(name)
+    }
+
+    /// The name the client gave, if any ([`Session::set_client_name`]).
+    pub fn client_name(&self) -> Option<&Arc<str>> {
+        self.state.client.get()
     }
 
     /// Takes the lock on `key`, waiting up to `opts.wait` (FIFO behind earlier
@@ -759,6 +796,10 @@ impl<B: Backend> SessionState<B> {
         &self.label
     }
 
+    pub(crate) fn client(&self) -> Option<&Arc<str>> {
+        self.client.get()
+    }
+
     fn observe_end(&self, key: &LockKey, held: &Held<B::Guard>, how: HoldEnd) {
         if let Some(o) = self.engine.observer.get() {
             o.ended(key, held.granted_at.elapsed(), how);
@@ -776,6 +817,7 @@ impl<B: Backend> SessionState<B> {
                 key: key.clone(),
                 session: self.id,
                 holder: self.label.clone(),
+                client: self.client.get().cloned(),
                 waited: now.saturating_duration_since(p.since),
                 trace_id: p.trace_id.clone(),
             })
@@ -794,6 +836,7 @@ impl<B: Backend> SessionState<B> {
             .iter()
             .map(|(key, h)| HeldInfo {
                 holder: self.label.clone(),
+                client: self.client.get().cloned(),
                 age: now.saturating_duration_since(h.granted_at),
                 trace_id: h.trace_id.clone(),
                 key: key.clone(),

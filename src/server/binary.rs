@@ -334,6 +334,11 @@ impl<B: Backend> Conn<B> {
                     return Flow::Close;
                 }
                 self.handshaken = true;
+                // Once per connection: listings and later log lines (the
+                // `conn` span) show the client's name, not only its address.
+                if let Some(name) = self.ctx.session.set_client_name(&h.client_name) {
+                    tracing::Span::current().record("client", &*name);
+                }
                 debug!(client = %h.client_name, "handshake done");
                 let cfg = &self.shared.config;
                 let body = ResponseBody::Hello(HelloOk {

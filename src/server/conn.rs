@@ -46,7 +46,14 @@ pub(super) async fn serve<B: Backend>(
     }
     let binary = first[0] == 0;
     let (session, lost) = shared.engine.open_session(peer.to_string());
-    let span = debug_span!("conn", id = session.id(), %peer, mode = if binary { "binary" } else { "text" });
+    // `client` is filled in by the binary actor once HELLO names it.
+    let span = debug_span!(
+        "conn",
+        id = session.id(),
+        %peer,
+        mode = if binary { "binary" } else { "text" },
+        client = tracing::field::Empty
+    );
     let _open = OpenConnection::count(&shared.stats);
     let ctx = RequestContext {
         reports_safe: false,

@@ -11,8 +11,15 @@ use thiserror::Error;
 pub struct HttpConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// HTTP connections served at once; more are closed at once.
+    /// HTTP connections served at once; past it a new connection gets a
+    /// `503 LIMIT_EXCEEDED` answer (or, past a small number of such answers
+    /// in progress, is closed).
     pub max_connections: usize,
+    /// Lock requests (acquires, rotations: the requests that may wait) in
+    /// progress at once; more get an immediate `429 LIMIT_EXCEEDED`. Below
+    /// `max_connections`, so waiting acquires never take every connection:
+    /// the rest stay for `/healthz`, `/readyz`, `/metrics` and quick requests.
+    pub max_lock_requests: usize,
     /// Largest request body read, in bytes; larger ones get 413.
     pub max_body: usize,
     /// Time a client has to send a request's headers.
@@ -30,6 +37,12 @@ pub struct HttpConfig {
     /// Distinct lock kinds that get their own label in the metrics; the
     /// rest are counted under `other`.
     pub max_metric_kinds: usize,
+    /// Honour a release on the original Clastor's path
+    /// (`/api/v1/locks/{resource}/release?resourceId=`) that names no token,
+    /// releasing whatever HTTP lock the key has. Off by default, and unsafe
+    /// when on: anyone who can reach the port can then release anyone's
+    /// HTTP lock. Only for migrating clients that cannot send the token yet.
+    pub compat_tokenless_release: bool,
 }
 
 impl HttpConfig {
@@ -38,6 +51,7 @@ impl HttpConfig {
         HttpConfig {
             listen,
             max_connections: 256,
+            max_lock_requests: 192,
             max_body: 16 * 1024,
             header_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(60),
@@ -45,6 +59,7 @@ impl HttpConfig {
             default_lease: Duration::from_secs(30),
             max_locks: 10_000,
             max_metric_kinds: 64,
+            compat_tokenless_release: false,
         }
     }
 
@@ -55,6 +70,15 @@ impl HttpConfig {
     pub fn validate(&self) -> Result<(), HttpConfigError> {
         if self.max_connections == 0 {
             return Err(HttpConfigError::Zero("max_connections"));
+        }
+        if self.max_lock_requests == 0 {
+            return Err(HttpConfigError::Zero("max_lock_requests"));
+        }
+        if self.max_lock_requests >= self.max_connections {
+            return Err(HttpConfigError::LockRequestsNotBelowConnections {
+                max_lock_requests: self.max_lock_requests,
+                max_connections: self.max_connections,
+            });
         }
         if self.default_lease.is_zero() {
             return Err(HttpConfigError::Zero("default_lease"));
@@ -76,6 +100,18 @@ pub enum HttpConfigError {
     /// A limit of zero, which would refuse everything.
     #[error("HTTP setting {0} must be greater than zero")]
     Zero(&'static str),
+    /// Waiting lock requests could take every connection, and health
+    /// checks and metrics would go unanswered.
+    #[error(
+        "HTTP max_lock_requests ({max_lock_requests}) must be below max_connections ({max_connections}), \
+         so health checks and metrics keep connections of their own (--http-max-lock-requests, --http-max-connections)"
+    )]
+    LockRequestsNotBelowConnections {
+        /// Lock requests at once.
+        max_lock_requests: usize,
+        /// Connections at once.
+        max_connections: usize,
+    },
     /// Requests would be cut before an acquire's longest wait ends.
     #[error("HTTP request_timeout ({request_timeout:?}) must be longer than max_wait ({max_wait:?})")]
     TimeoutBelowWait {
@@ -103,5 +139,19 @@ mod tests {
         let mut c = HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         c.request_timeout = c.max_wait;
         assert!(matches!(c.validate(), Err(HttpConfigError::TimeoutBelowWait { .. })));
+    }
+
+    #[test]
+    fn lock_requests_leave_connections_for_health_checks() {
+        let mut c = HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.max_lock_requests = c.max_connections;
+        assert!(matches!(
+            c.validate(),
+            Err(HttpConfigError::LockRequestsNotBelowConnections { .. })
+        ));
+        c.max_lock_requests = 0;
+        assert_eq!(c.validate(), Err(HttpConfigError::Zero("max_lock_requests")));
+        c.max_lock_requests = c.max_connections - 1;
+        assert_eq!(c.validate(), Ok(()));
     }
 }

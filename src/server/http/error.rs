@@ -42,6 +42,17 @@ impl ApiError {
         }
     }
 
+    /// The protocol status name it carries (`NOT_HELD`, ...).
+    pub(super) fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The message.
+    #[cfg(test)]
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
     /// `400 BAD_REQUEST`.
     pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::status(Status::BadRequest, message)

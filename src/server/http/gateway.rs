@@ -104,10 +104,14 @@ impl<B: Backend> Gateway<B> {
         wait: Duration,
         lease: Duration,
         peer: SocketAddr,
+        client: Option<&str>,
         trace_id: Option<Arc<str>>,
     ) -> Result<Option<Granted>, ApiError> {
         let slot = self.take_slot()?;
         let (session, mut lost) = self.engine.open_session(format!("http {peer}"));
+        if let Some(name) = client {
+            session.set_client_name(name);
+        }
         let opts = AcquireOptions {
             wait,
             lease: Some(lease),
@@ -155,27 +159,29 @@ impl<B: Backend> Gateway<B> {
             .get(key)
             .filter(|l| l.token == token)
             .map(|l| l.session.clone())
-            .ok_or_else(|| not_held(key, token))?;
+            .ok_or_else(|| not_held(key, Some(token)))?;
         Ok(session.renew_grant(key, lease, Some(token))?)
     }
 
-    /// Releases the HTTP lock on `key` whose token is `token`.
+    /// Releases the HTTP lock on `key` whose token is `token`; with `None`,
+    /// whichever HTTP lock `key` has (the original Clastor's tokenless
+    /// release, only behind its compatibility switch).
     ///
     /// # Errors
     /// `NOT_HELD` (409) if no HTTP lock on `key` has that token (or it was
     /// lost a moment ago); backend errors (the lock is gone from the gateway
     /// either way).
-    pub(super) async fn release(&self, key: &LockKey, token: u64) -> Result<(), ApiError> {
+    pub(super) async fn release(&self, key: &LockKey, token: Option<u64>) -> Result<(), ApiError> {
         let held = {
             let mut locks = lock(&self.locks);
             match locks.get(key) {
-                Some(l) if l.token == token => locks.remove(key),
+                Some(l) if token.is_none_or(|t| t == l.token) => locks.remove(key),
                 _ => None,
             }
         };
         let held = held.ok_or_else(|| not_held(key, token))?;
         self.in_use.fetch_sub(1, Ordering::AcqRel);
-        let released = held.session.release_grant(key, Some(token)).await;
+        let released = held.session.release_grant(key, Some(held.token)).await;
         held.session.close().await;
         match released? {
             true => Ok(()),
@@ -184,11 +190,14 @@ impl<B: Backend> Gateway<B> {
     }
 }
 
-fn not_held(key: &LockKey, token: u64) -> ApiError {
-    ApiError::status(
-        Status::NotHeld,
-        format!("{key} is not held over HTTP with token {token} (released, expired, or another holder's)"),
-    )
+fn not_held(key: &LockKey, token: Option<u64>) -> ApiError {
+    let message = match token {
+        Some(token) => {
+            format!("{key} is not held over HTTP with token {token} (released, expired, or another holder's)")
+        }
+        None => format!("{key} is not held over HTTP (released, expired, or never taken over HTTP)"),
+    };
+    ApiError::status(Status::NotHeld, message)
 }
 
 /// Drops the gateway's record of `key` if it is still the grant `token`.

@@ -120,6 +120,18 @@ impl Metrics {
                 "clastor_http_connections_refused_total",
                 "HTTP connections refused (over the HTTP connection limit)"
             );
+            describe_counter!(
+                "clastor_http_requests_total",
+                "HTTP requests answered, by route template (unmatched: no route) and status"
+            );
+            describe_gauge!(
+                "clastor_rotation_draining",
+                "1 while a rotation driven through this server drains the kind"
+            );
+            describe_counter!(
+                "clastor_rotations_total",
+                "Rotations driven through this server, by kind and outcome (completed, refused, aborted, failed)"
+            );
             describe_gauge!(
                 "clastor_backend_ready",
                 "1 while the backend can grant locks (what /readyz says)"
@@ -170,6 +182,15 @@ impl Metrics {
             return kind.to_owned();
         }
         OTHER_KIND.to_owned()
+    }
+
+    /// Counts one HTTP answer. `route` is a route template, so the label
+    /// values stay few.
+    pub(super) fn http_request(&self, route: &str, status: axum::http::StatusCode) {
+        let (route, status) = (route.to_owned(), status.as_u16().to_string());
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("clastor_http_requests_total", "route" => route, "status" => status).increment(1);
+        });
     }
 
     /// Renders every metric, after reading the state that is not counted

@@ -3,15 +3,22 @@
 //! on the server's own runtime, next to the lock protocol's TCP port.
 //!
 //! It has limits of its own: connections (past `max_connections` a new one
-//! is closed at once and counted), header read time, body size (413), and
-//! one timeout per request (503). Shutdown is the server's: the same token
-//! stops the accept loop, and connections finish their request in flight.
+//! gets a JSON `503 LIMIT_EXCEEDED` and is closed, and is counted), lock
+//! requests (acquires and rotations, which may wait: past
+//! `max_lock_requests` an immediate JSON `429`; kept below the connection
+//! limit so waiting acquires never starve `/healthz`, `/readyz` and
+//! `/metrics`), header read time, body size (413), and one timeout per
+//! request (503). Every answer is counted by route template and status.
+//! Shutdown is the server's: the same token stops the accept loop, and
+//! connections finish their request in flight.
 //!
 //! Files: `config.rs` (settings), `error.rs` (JSON errors), `metrics.rs`
 //! (the Prometheus recorder and the engine observer), `gateway.rs` (locks
-//! held over HTTP), `rest.rs` (`/api/v1/locks/...`), `ops.rs` (`/healthz`,
-//! `/readyz`, `/metrics`, OpenAPI), `status.rs` (the page).
+//! held over HTTP), `rest.rs` (`/api/v1/locks/...`), `compat.rs` (the
+//! original Clastor's two-segment paths), `ops.rs` (`/healthz`, `/readyz`,
+//! `/metrics`, OpenAPI), `status.rs` (the page).
 
+mod compat;
 mod config;
 mod error;
 mod gateway;
@@ -28,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,7 +44,7 @@ use clastor_protocol::Status;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -56,9 +63,21 @@ pub(super) struct HttpState<B: Backend> {
     metrics: Arc<Metrics>,
     gateway: Gateway<B>,
     shutdown: CancellationToken,
+    /// Permits for lock requests in progress (`max_lock_requests`).
+    lock_requests: Arc<Semaphore>,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
 }
+
+/// Refused connections being answered (503) at once; past it a refused
+/// connection is closed without an answer, so a flood costs nothing more.
+const MAX_REFUSALS_ANSWERING: usize = 32;
+
+/// How long a refused connection gets to send its request and read the 503.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+/// The route label of requests that matched no route (bounded, unlike paths).
+const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// The peer of the HTTP connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +96,11 @@ pub(super) async fn serve<B: Backend>(
     config: HttpConfig,
     shutdown: CancellationToken,
 ) {
+    if config.compat_tokenless_release {
+        warn!(
+            "HTTP releases without a token are honoured (compatibility switch on): anyone who can reach the HTTP port can release anyone's HTTP lock"
+        );
+    }
     let metrics = Arc::new(Metrics::new(config.max_metric_kinds));
     if !shared.engine.set_observer(metrics.clone()) {
         warn!("the engine already reports to another observer; grant and hold metrics stay empty");
@@ -86,12 +110,14 @@ pub(super) async fn serve<B: Backend>(
         shared,
         metrics,
         shutdown: shutdown.clone(),
+        lock_requests: Arc::new(Semaphore::new(config.max_lock_requests)),
         connections_open: AtomicU64::new(0),
         connections_refused: AtomicU64::new(0),
         config,
     });
     let router = router(state.clone());
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_ANSWERING));
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,7 +133,13 @@ pub(super) async fn serve<B: Backend>(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             state.connections_refused.fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "HTTP connection refused: over the limit");
+            match refusals.clone().try_acquire_owned() {
+                Ok(answering) => {
+                    debug!(%peer, "HTTP connection refused: over the limit; answering 503");
+                    tracker.spawn(refuse(stream, state.config.max_connections, answering));
+                }
+                Err(_) => debug!(%peer, "HTTP connection refused: over the limit; closed"),
+            }
             continue;
         };
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
@@ -141,8 +173,44 @@ pub(super) async fn serve<B: Backend>(
     info!("HTTP port stopped");
 }
 
+/// Answers a connection over the limit with a JSON 503 (so a probe or a
+/// client sees why, not a reset socket), then closes it.
+async fn refuse(stream: tokio::net::TcpStream, max: usize, answering: OwnedSemaphorePermit) {
+    let service = hyper::service::service_fn(move |_req| async move {
+        let mut response = ApiError::with_http(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Status::LimitExceeded,
+            format!("too many HTTP connections (limit {max}); try again later"),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSAL_TIME)
+        .keep_alive(false);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIME, conn).await {
+        debug!(error = %e, "refused HTTP connection ended with an error");
+    }
+    drop(answering);
+}
+
 fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
     let timeout = state.config.request_timeout;
+    // The requests that may wait, under their own limit.
+    let lock_requests = Router::new()
+        .route("/api/v1/locks/{kind}/rotate", post(rest::rotate::<B>))
+        .route("/api/v1/locks/{kind}/{id}/acquire", post(rest::acquire::<B>))
+        .route("/api/v1/locks/{resource}/acquire", post(compat::acquire::<B>))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_lock_requests::<B>,
+        ));
     Router::new()
         .route("/", get(status::page))
         .route("/healthz", get(ops::healthz))
@@ -152,11 +220,11 @@ fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
         .route("/api/v1/status", get(status::status::<B>))
         .route("/api/v1/locks/held", get(rest::held::<B>))
         .route("/api/v1/locks/{kind}/version", get(rest::version::<B>))
-        .route("/api/v1/locks/{kind}/rotate", post(rest::rotate::<B>))
         .route("/api/v1/locks/{kind}/rotate/abort", post(rest::rotate_abort::<B>))
-        .route("/api/v1/locks/{kind}/{id}/acquire", post(rest::acquire::<B>))
         .route("/api/v1/locks/{kind}/{id}/renew", post(rest::renew::<B>))
         .route("/api/v1/locks/{kind}/{id}/release", post(rest::release::<B>))
+        .route("/api/v1/locks/{resource}/release", post(compat::release::<B>))
+        .merge(lock_requests)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body))
@@ -171,7 +239,35 @@ fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
                 .into_response(),
             }
         }))
+        // Outermost, so it counts every answer, timeouts and refusals included.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests::<B>))
         .with_state(state)
+}
+
+/// Past `max_lock_requests` acquires and rotations in progress, an
+/// immediate 429: a lock request never takes the connections the rest need.
+async fn limit_lock_requests<B: Backend>(State(st): State<Arc<HttpState<B>>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = st.lock_requests.clone().try_acquire_owned() else {
+        return ApiError::status(
+            Status::LimitExceeded,
+            format!(
+                "{} lock requests (acquires, rotations) are in progress over HTTP, the most allowed; try again later",
+                st.config.max_lock_requests
+            ),
+        )
+        .into_response();
+    };
+    next.run(req).await
+}
+
+/// Counts each answer by route template (never the raw path: bounded
+/// label values) and status.
+async fn count_requests<B: Backend>(State(st): State<Arc<HttpState<B>>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let response = next.run(req).await;
+    let route = route.as_ref().map_or(UNMATCHED_ROUTE, MatchedPath::as_str);
+    st.metrics.http_request(route, response.status());
+    response
 }
 
 async fn not_found() -> Response {

@@ -1,12 +1,18 @@
-//! The REST API (JSON), on the original Clastor's paths: acquire, renew and
-//! release a lock, list held locks, read a kind's version. Names pass the
-//! lock protocol's validation; tokens travel as decimal strings (they exceed
-//! 2^53, the largest integer a JSON number keeps exactly in JavaScript).
+//! The REST API (JSON): acquire, renew and release a lock, list held locks,
+//! read a kind's version, rotate a kind. Names pass the lock protocol's
+//! validation; tokens travel as decimal strings (they exceed 2^53, the
+//! largest integer a JSON number keeps exactly in JavaScript). The original
+//! Clastor's two-segment paths are in `compat.rs`.
 //!
 //! Parameters come from the query string (`?timeoutMs=&leaseMs=&token=`) or,
 //! for clients that prefer it, a JSON object body with the same names; the
-//! query wins where both say something. Bodies are capped by the router's
-//! body limit (413 `LIMIT_EXCEEDED`).
+//! query wins where both say something. A parameter an endpoint does not
+//! know is a 400 naming it, never silently ignored (a misspelt `timeoutMS`
+//! would otherwise turn a wait into a try-once). Bodies are capped by the
+//! router's body limit (413 `LIMIT_EXCEEDED`).
+//!
+//! Listings never show fencing tokens: over HTTP the token is the capability
+//! to renew and release, and these pages have no authentication.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +24,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use clastor_protocol::Status;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, Span, debug, info_span};
 
 use super::error::ApiError;
 use super::{HttpState, Peer};
 use crate::backend::Backend;
-use crate::engine::{Engine, HeldInfo, WaitInfo};
+use crate::engine::{Engine, Granted, HeldInfo, WaitInfo};
 use crate::key::LockKey;
 
 /// Most locks (and waits) one listing shows.
@@ -32,7 +39,7 @@ const MAX_LISTING: usize = 10_000;
 
 /// The parameters of acquire, renew and release.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct LockParams {
     timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
@@ -55,20 +62,30 @@ impl LockParams {
                 "a token is required: the fencing token of the grant (decimal string), as returned by acquire",
             )
         })?;
-        raw.parse::<u64>().ok().filter(|&t| t != 0).ok_or_else(|| {
-            ApiError::bad_request(format!("token {raw:?} is not a fencing token (a decimal u64 above 0)"))
-        })
+        parse_token(raw)
     }
 }
 
-/// Reads the key and the parameters, refusing what the lock protocol refuses.
-fn request(
-    path: Result<Path<(String, String)>, PathRejection>,
-    query: Result<Query<LockParams>, QueryRejection>,
+/// A fencing token as sent: a decimal `u64` above 0.
+pub(super) fn parse_token(raw: &str) -> Result<u64, ApiError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|&t| t != 0)
+        .ok_or_else(|| ApiError::bad_request(format!("token {raw:?} is not a fencing token (a decimal u64 above 0)")))
+}
+
+/// An endpoint that takes no parameters: any given is refused by name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NoParams {}
+
+/// Reads an endpoint's parameters from the query string and the body (a
+/// JSON object, or nothing), each on its own: the caller merges them, the
+/// query first. Unknown names are refused (`deny_unknown_fields` on `P`).
+pub(super) fn params<P: DeserializeOwned + Default>(
+    query: Result<Query<P>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(LockKey, LockParams), ApiError> {
-    let Path((kind, id)) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad lock path: {e}")))?;
-    let key = LockKey::new(&kind, &id).map_err(|e| ApiError::status(Status::InvalidName, e.to_string()))?;
+) -> Result<(P, P), ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -82,15 +99,92 @@ fn request(
         }
     })?;
     let body = if body.iter().all(u8::is_ascii_whitespace) {
-        LockParams::default()
+        P::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(format!(
-                "the body must be a JSON object with timeoutMs, leaseMs or token: {e}"
+                "the body must be a JSON object of this endpoint's parameters: {e}"
             ))
         })?
     };
+    Ok((query, body))
+}
+
+/// Only the query string, for endpoints without a body.
+pub(super) fn query_only<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("bad query: {}", e.body_text())))
+}
+
+/// Reads the key and the parameters, refusing what the lock protocol refuses.
+fn request(
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<LockParams>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(LockKey, LockParams), ApiError> {
+    let Path((kind, id)) = path.map_err(|e| ApiError::status(Status::InvalidName, format!("bad lock path: {e}")))?;
+    let key = lock_key(&kind, &id)?;
+    let (query, body) = params(query, body)?;
     Ok((key, LockParams::merge(query, body)))
+}
+
+/// A lock's key from a request: `INVALID_NAME` as the lock protocol says.
+pub(super) fn lock_key(kind: &str, id: &str) -> Result<LockKey, ApiError> {
+    LockKey::new(kind, id).map_err(|e| ApiError::status(Status::InvalidName, e.to_string()))
+}
+
+/// The name an HTTP caller gives itself, for listings: its `User-Agent`.
+fn user_agent(headers: &HeaderMap) -> Option<&str> {
+    headers.get(axum::http::header::USER_AGENT)?.to_str().ok()
+}
+
+/// The wait of an acquire: `timeoutMs`, or `default` (each path form has
+/// its own), at most the port's longest wait.
+pub(super) fn wait(timeout_ms: Option<u64>, default: Duration, max: Duration) -> Result<Duration, ApiError> {
+    ms("timeoutMs", timeout_ms, default, max)
+}
+
+/// The lease of an acquire: `leaseMs`, by default the port's default lease,
+/// at most the engine's longest; never 0: an HTTP lock always has one.
+pub(super) fn lease<B: Backend>(st: &HttpState<B>, lease_ms: Option<u64>) -> Result<Duration, ApiError> {
+    let lease = ms(
+        "leaseMs",
+        lease_ms,
+        st.config.default_lease,
+        st.shared.engine.config().max_lease,
+    )?;
+    if lease.is_zero() {
+        return Err(ApiError::bad_request(
+            "leaseMs must be above 0: a lock taken over HTTP always has a lease",
+        ));
+    }
+    Ok(lease)
+}
+
+/// Takes `key` for an HTTP caller (both path forms): the trace id of its
+/// `traceparent`, its `User-Agent` as the client name. `Ok(None)`: not
+/// granted within `wait`.
+pub(super) async fn take_lock<B: Backend>(
+    st: &HttpState<B>,
+    key: &LockKey,
+    (wait, lease): (Duration, Duration),
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(Option<Granted>, Option<Arc<str>>), ApiError> {
+    let trace = trace_id(headers);
+    let span = match &trace {
+        Some(t) => info_span!("http_request", trace_id = %t, %peer),
+        None => Span::none(),
+    };
+    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire"));
+    let granted = st
+        .gateway
+        .acquire(key, wait, lease, peer, user_agent(headers), trace.clone())
+        .instrument(span.clone())
+        .await?;
+    span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
+    Ok((granted, trace))
 }
 
 /// The trace id of a W3C `traceparent` header
@@ -111,7 +205,7 @@ pub(super) fn trace_id(headers: &HeaderMap) -> Option<Arc<str>> {
     valid.then(|| Arc::from(trace))
 }
 
-fn ms(what: &str, v: Option<u64>, default: Duration, max: Duration) -> Result<Duration, ApiError> {
+pub(super) fn ms(what: &str, v: Option<u64>, default: Duration, max: Duration) -> Result<Duration, ApiError> {
     let d = v.map_or(default, Duration::from_millis);
     if d > max {
         return Err(ApiError::bad_request(format!(
@@ -122,7 +216,7 @@ fn ms(what: &str, v: Option<u64>, default: Duration, max: Duration) -> Result<Du
     Ok(d)
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -158,53 +252,45 @@ pub(super) async fn acquire<B: Backend>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let (key, params) = request(path, query, body)?;
-    let cfg = &st.config;
-    let wait = ms("timeoutMs", params.timeout_ms, Duration::ZERO, cfg.max_wait)?;
-    let lease = ms(
-        "leaseMs",
-        params.lease_ms,
-        cfg.default_lease,
-        st.shared.engine.config().max_lease,
-    )?;
-    if lease.is_zero() {
-        return Err(ApiError::bad_request(
-            "leaseMs must be above 0: a lock taken over HTTP always has a lease",
-        ));
-    }
-    let trace = trace_id(&headers);
-    let span = match &trace {
-        Some(t) => info_span!("http_request", trace_id = %t, %peer),
-        None => Span::none(),
-    };
-    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire"));
-    let granted = st
-        .gateway
-        .acquire(&key, wait, lease, peer, trace.clone())
-        .instrument(span.clone())
-        .await?;
-    span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
+    // Ours tries once unless told to wait.
+    let terms = (
+        wait(params.timeout_ms, Duration::ZERO, st.config.max_wait)?,
+        lease(&st, params.lease_ms)?,
+    );
+    let (granted, trace) = take_lock(&st, &key, terms, peer, &headers).await?;
     Ok(match granted {
-        Some(g) => Json(Acquired {
+        Some(g) => acquired(&key, &g, terms.1, trace.as_deref()),
+        None => not_acquired(&key, StatusCode::CONFLICT, "NOT_ACQUIRED", terms.0),
+    })
+}
+
+/// The answer to a granted acquire (both path forms).
+pub(super) fn acquired(key: &LockKey, g: &Granted, lease: Duration, trace: Option<&str>) -> Response {
+    Json(Acquired {
+        resource: key.kind(),
+        resource_id: key.id(),
+        status: "ACQUIRED",
+        token: g.token.to_string(),
+        version: &g.version,
+        lease_ms: millis(lease),
+        trace_id: trace,
+    })
+    .into_response()
+}
+
+/// The answer to an acquire not granted within `wait`: each path form has
+/// its own HTTP status and status word.
+pub(super) fn not_acquired(key: &LockKey, http: StatusCode, status: &'static str, wait: Duration) -> Response {
+    (
+        http,
+        Json(NotAcquired {
             resource: key.kind(),
             resource_id: key.id(),
-            status: "ACQUIRED",
-            token: g.token.to_string(),
-            version: &g.version,
-            lease_ms: millis(lease),
-            trace_id: trace.as_deref(),
-        })
-        .into_response(),
-        None => (
-            StatusCode::CONFLICT,
-            Json(NotAcquired {
-                resource: key.kind(),
-                resource_id: key.id(),
-                status: "NOT_ACQUIRED",
-                timeout_ms: millis(wait),
-            }),
-        )
-            .into_response(),
-    })
+            status,
+            timeout_ms: millis(wait),
+        }),
+    )
+        .into_response()
 }
 
 #[derive(Serialize)]
@@ -260,13 +346,18 @@ pub(super) async fn release<B: Backend>(
 ) -> Result<Response, ApiError> {
     let (key, params) = request(path, query, body)?;
     let token = params.token()?;
-    st.gateway.release(&key, token).await?;
-    Ok(Json(Released {
+    st.gateway.release(&key, Some(token)).await?;
+    Ok(released(&key, "RELEASED"))
+}
+
+/// The answer to a release (both path forms).
+pub(super) fn released(key: &LockKey, status: &'static str) -> Response {
+    Json(Released {
         resource: key.kind(),
         resource_id: key.id(),
-        status: "RELEASED",
+        status,
     })
-    .into_response())
+    .into_response()
 }
 
 #[derive(Serialize)]
@@ -290,8 +381,10 @@ fn kind_in(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError
 pub(super) async fn version<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<NoParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = kind_in(path)?;
+    query_only(query)?;
     let (v, drain) = st.shared.engine.version_detail(&kind).await?;
     Ok(Json(VersionJson {
         resource: &kind,
@@ -317,7 +410,7 @@ struct DrainJson {
 
 /// The parameters of a rotation.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RotateParams {
     from: Option<String>,
     to: Option<String>,
@@ -338,9 +431,10 @@ struct Rotated<'a> {
 /// `POST /api/v1/locks/{kind}/rotate?from=&to=&drainTimeoutMs=`: the whole
 /// rotation (PROTOCOL.md, "Version rotation"), answered when it is over —
 /// `200 ROTATED`, or `409` with `ROTATION_REFUSED` / `ROTATION_ABORTED`. The
-/// drain timeout is capped by the HTTP port's longest wait, so the answer
-/// comes within its request timeout; a caller that goes away leaves the kind
-/// draining, resumable like any abandoned rotation.
+/// drain timeout defaults to the HTTP port's longest wait (`max_wait`; also
+/// for 0) and may not exceed it (400), so the answer comes within the
+/// request timeout; a caller that goes away leaves the kind draining,
+/// resumable like any abandoned rotation.
 pub(super) async fn rotate<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
@@ -348,13 +442,7 @@ pub(super) async fn rotate<B: Backend>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let kind = kind_in(path)?;
-    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?;
-    let body = body.map_err(|e| ApiError::bad_request(format!("unreadable body: {e}")))?;
-    let body: RotateParams = if body.is_empty() {
-        RotateParams::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))?
-    };
+    let (query, body) = params(query, body)?;
     let from = query
         .from
         .or(body.from)
@@ -364,9 +452,11 @@ pub(super) async fn rotate<B: Backend>(
         .or(body.to)
         .ok_or_else(|| ApiError::bad_request("to is required"))?;
     let max = st.config.max_wait;
+    // 0 is the default too: the engine's own default drain could outlast
+    // this port's request timeout.
     let drain = ms(
         "drainTimeoutMs",
-        query.drain_timeout_ms.or(body.drain_timeout_ms),
+        query.drain_timeout_ms.or(body.drain_timeout_ms).filter(|&ms| ms != 0),
         max,
         max,
     )?;
@@ -400,8 +490,10 @@ struct RotateAborted<'a> {
 pub(super) async fn rotate_abort<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<NoParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let kind = kind_in(path)?;
+    query_only(query)?;
     let (v, aborted) = st.shared.engine.rotate_abort(&kind).await?;
     Ok(Json(RotateAborted {
         resource: &kind,
@@ -416,21 +508,25 @@ pub(super) async fn rotate_abort<B: Backend>(
 #[serde(rename_all = "camelCase")]
 pub(super) struct WaiterJson {
     holder: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
     connection: u64,
     waited_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<String>,
 }
 
-/// One held lock, with the acquires waiting for it in queue order.
+/// One held lock, with the acquires waiting for it in queue order. No
+/// token: over HTTP it is the capability to release.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct LockJson {
     resource: String,
     resource_id: String,
-    token: String,
     version: String,
     holder: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
     connection: u64,
     age_ms: u64,
     lease_remaining_ms: Option<u64>,
@@ -460,6 +556,7 @@ pub(super) struct HeldJson {
 fn waiter(w: WaitInfo) -> WaiterJson {
     WaiterJson {
         holder: w.holder.to_string(),
+        client: w.client.map(|c| c.to_string()),
         connection: w.session,
         waited_ms: millis(w.waited),
         trace_id: w.trace_id.map(|t| t.to_string()),
@@ -475,9 +572,9 @@ pub(super) fn held_listing<B: Backend>(engine: &Engine<B>) -> HeldJson {
         .map(|h| LockJson {
             resource: h.key.kind().to_owned(),
             resource_id: h.key.id().to_owned(),
-            token: h.token.to_string(),
             version: h.version.to_string(),
             holder: h.holder.to_string(),
+            client: h.client.map(|c| c.to_string()),
             connection: h.session,
             age_ms: millis(h.age),
             lease_remaining_ms: h.lease_remaining.map(millis),
@@ -511,9 +608,36 @@ pub(super) fn held_listing<B: Backend>(engine: &Engine<B>) -> HeldJson {
     }
 }
 
-/// `GET /api/v1/locks/held`
-pub(super) async fn held<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> Json<HeldJson> {
-    Json(held_listing(&st.shared.engine))
+/// The parameters of `/api/v1/locks/held`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HeldParams {
+    format: Option<String>,
+}
+
+/// `GET /api/v1/locks/held`: every lock held through this server with its
+/// waiters; `?format=legacy` gives the original Clastor's shape instead, a
+/// JSON array of `"resource/resourceId"`.
+pub(super) async fn held<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    query: Result<Query<HeldParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let engine = &st.shared.engine;
+    match query_only(query)?.format.as_deref() {
+        None | Some("full") => Ok(Json(held_listing(engine)).into_response()),
+        Some("legacy") => {
+            let mut keys: Vec<String> = engine
+                .held_all(MAX_LISTING)
+                .into_iter()
+                .map(|h| format!("{}/{}", h.key.kind(), h.key.id()))
+                .collect();
+            keys.sort();
+            Ok(Json(keys).into_response())
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "format {other:?} is not one of full, legacy"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -526,6 +650,20 @@ mod tests {
             h.insert("traceparent", v);
         }
         h
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused_by_name() {
+        let query = |q: &str| -> Result<LockParams, ApiError> {
+            let uri: axum::http::Uri = format!("/x?{q}").parse().map_err(|_| ApiError::bad_request("URI"))?;
+            query_only(Query::try_from_uri(&uri))
+        };
+        assert!(query("timeoutMs=5&leaseMs=9&token=1").is_ok());
+        let refused = query("timeoutMS=5").err().map(|e| e.message().to_owned());
+        assert!(
+            refused.as_deref().is_some_and(|m| m.contains("timeoutMS")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -1,18 +1,21 @@
 //! The live status page (`GET /`): plain HTML and a little JavaScript built
 //! into the binary, polling `GET /api/v1/status` once a second. Shows held
-//! locks (holder, token, age, lease), waiters per key in queue order, open
-//! connections and the backend's sessions with their health.
+//! locks (holder and its client's name, age, lease; never the token, which
+//! over HTTP is the capability to release), waiters per key in queue order,
+//! open connections and the backend's sessions with their health.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::HttpState;
-use super::rest::{HeldJson, held_listing};
+use super::error::ApiError;
+use super::rest::{HeldJson, NoParams, held_listing, query_only};
 use crate::backend::Backend;
 
 const PAGE: &str = include_str!("status.html");
@@ -34,6 +37,8 @@ pub(super) async fn page() -> Response {
 struct ConnectionJson {
     id: u64,
     label: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
     held: usize,
     waiting: usize,
 }
@@ -74,7 +79,11 @@ struct StatusJson {
 }
 
 /// `GET /api/v1/status`: everything the page shows.
-pub(super) async fn status<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> Response {
+pub(super) async fn status<B: Backend>(
+    State(st): State<Arc<HttpState<B>>>,
+    query: Result<Query<NoParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    query_only(query)?;
     let shared = &st.shared;
     let health = shared.engine.backend().health();
     let sessions = health
@@ -109,11 +118,12 @@ pub(super) async fn status<B: Backend>(State(st): State<Arc<HttpState<B>>>) -> R
             .map(|s| ConnectionJson {
                 id: s.id,
                 label: s.label.to_string(),
+                client: s.client.map(|c| c.to_string()),
                 held: s.held,
                 waiting: s.waiting,
             })
             .collect(),
         held: held_listing(&shared.engine),
     };
-    ([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response()
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
