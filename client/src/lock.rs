@@ -573,14 +573,22 @@ impl LockGuard {
 
     /// Releases the lock and waits for the server to confirm.
     ///
+    /// Returns [`Released::Released`] when the lock was held to the end and
+    /// is now released, and [`Released::AlreadyGone`] with the reason when
+    /// it was not: lost before the release (reported by `LOCK_LOST`, or the
+    /// server answering that this grant was no longer held, read as
+    /// [`LostReason::Unknown`] until the loss event says more), or its
+    /// connection ended ([`LostReason::ConnectionLost`]: the server releases
+    /// a connection's locks when it ends). Then the critical section may not
+    /// have been exclusive to the end: only the fencing token protected it.
+    /// Either way, nothing is left to release.
+    ///
     /// # Errors
-    /// - [`Error::LockLost`] if the lock was lost before the release (the
-    ///   critical section may not have been exclusive to the end: only the
-    ///   fencing token protected it), including when the server answers that
-    ///   this grant was no longer held;
     /// - [`Error::RequestTimeout`] if no reply came within the client's
     ///   request timeout (the release was sent and still takes effect);
-    /// - connection errors: the connection is gone, and with it the lock.
+    /// - another error the server answered with (a server in trouble:
+    ///   [`Error::Unavailable`], say); the lock is not this guard's any more
+    ///   either way.
     ///
     /// # Cancellation safety
     /// Safe: the release is sent before the first await; dropping the future
