@@ -139,9 +139,10 @@ pub(crate) struct ServeArgs {
 
     /// HTTP lock requests (acquires, rotations) in progress at once; more get 429 at once.
     /// Below --http-max-connections, so health checks and metrics keep connections of their own.
+    /// Default: three quarters of --http-max-connections (192 of 256).
     #[cfg(feature = "http")]
-    #[arg(long, env = "CLASTOR_HTTP_MAX_LOCK_REQUESTS", default_value_t = http_defaults().max_lock_requests)]
-    http_max_lock_requests: usize,
+    #[arg(long, env = "CLASTOR_HTTP_MAX_LOCK_REQUESTS", value_name = "N")]
+    http_max_lock_requests: Option<usize>,
 
     /// UNSAFE compatibility switch: honour a release on the original Clastor's path
     /// (/api/v1/locks/{resource}/release?resourceId=) that names no token. Anyone who can
@@ -256,7 +257,9 @@ fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
         http: args.http.map(|listen| clastor::server::HttpConfig {
             default_lease: *args.http_default_lease,
             max_connections: args.http_max_connections,
-            max_lock_requests: args.http_max_lock_requests,
+            max_lock_requests: args
+                .http_max_lock_requests
+                .unwrap_or_else(|| clastor::server::HttpConfig::lock_requests_for(args.http_max_connections)),
             compat_tokenless_release: args.http_compat_tokenless_release,
             ..clastor::server::HttpConfig::new(listen)
         }),
@@ -370,6 +373,27 @@ mod tests {
         assert_eq!(
             arg.and_then(|a| a.get_env()),
             Some(std::ffi::OsStr::new("CLASTOR_WRITE_TIMEOUT"))
+        );
+    }
+
+    /// Lowering `--http-max-connections` alone keeps a valid configuration:
+    /// the lock-request limit follows it unless set.
+    #[cfg(feature = "http")]
+    #[test]
+    fn the_http_lock_request_limit_follows_the_connection_limit() {
+        let http = |flags: &[&str]| {
+            let (engine, config) = configs(&parse(flags));
+            assert_eq!(config.validate(&engine), Ok(()), "{flags:?}");
+            config.http.map(|h| (h.max_connections, h.max_lock_requests))
+        };
+        assert_eq!(http(&["--http", "127.0.0.1:0"]), Some((256, 192)));
+        assert_eq!(
+            http(&["--http", "127.0.0.1:0", "--http-max-connections", "100"]),
+            Some((100, 75))
+        );
+        assert_eq!(
+            http(&["--http", "127.0.0.1:0", "--http-max-lock-requests", "10"]),
+            Some((256, 10))
         );
     }
 

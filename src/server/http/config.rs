@@ -46,12 +46,19 @@ pub struct HttpConfig {
 }
 
 impl HttpConfig {
+    /// The default `max_lock_requests` for `max_connections`: three
+    /// quarters of them, leaving the rest to health checks, metrics and
+    /// the other routes.
+    pub fn lock_requests_for(max_connections: usize) -> usize {
+        (max_connections - max_connections.div_ceil(4)).max(1)
+    }
+
     /// The defaults, listening on `listen`.
     pub fn new(listen: SocketAddr) -> HttpConfig {
         HttpConfig {
             listen,
             max_connections: 256,
-            max_lock_requests: 192,
+            max_lock_requests: HttpConfig::lock_requests_for(256),
             max_body: 16 * 1024,
             header_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(60),
@@ -151,6 +158,10 @@ mod tests {
         ));
         c.max_lock_requests = 0;
         assert_eq!(c.validate(), Err(HttpConfigError::Zero("max_lock_requests")));
+        for (connections, lock_requests) in [(256, 192), (100, 75), (5, 3), (2, 1), (1, 1)] {
+            assert_eq!(HttpConfig::lock_requests_for(connections), lock_requests);
+        }
+        assert_eq!(HttpConfig::new(c.listen).max_lock_requests, 192);
         c.max_lock_requests = c.max_connections - 1;
         assert_eq!(c.validate(), Ok(()));
     }
