@@ -821,6 +821,22 @@ async fn listings_name_clients_and_show_no_tokens() {
             assert!(!body.contains(t.as_str()), "{what} shows token {t}: {body}");
         }
     }
+    // Nor does the lock port's HELD ALL (text and binary form share it) show
+    // the HTTP lock's token, the capability to release it; a connection's
+    // own token stays listed.
+    let mut text = support::Text::connect(handle.local_addr()).await;
+    assert!(text.cmd("HELD ALL").await.starts_with("+HELD 2"));
+    let lines = text.block().await;
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("ledger {id} ")))
+            .cloned()
+            .unwrap()
+    };
+    assert!(line("acc-2").contains(" token=0 "), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains(tokens[1].as_str())), "{lines:?}");
+    assert!(line("acc-1").contains(&format!(" token={} ", tokens[0])), "{lines:?}");
     drop(binary);
     handle.shutdown().await;
 }

@@ -13,7 +13,7 @@
 //! be granted the lock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -93,6 +93,9 @@ pub struct HeldInfo {
     pub key: LockKey,
     /// Its fencing token.
     pub token: u64,
+    /// The token is a capability ([`Session::keep_tokens_private`]): a
+    /// listing for anyone but the holder must not show it.
+    pub token_private: bool,
     /// Version it was taken under.
     pub version: Arc<str>,
     /// Lease left, if it has one.
@@ -244,6 +247,9 @@ pub(crate) struct SessionState<B: Backend> {
     /// The name the client gave, set once (after `HELLO`): listings clone
     /// the `Arc`, so naming costs nothing per request.
     client: OnceLock<Arc<str>>,
+    /// Its tokens are capabilities (HTTP locks: the token renews and
+    /// releases), so listings leave them out.
+    private_tokens: AtomicBool,
     engine: Arc<EngineState<B>>,
     table: Mutex<LockTable<B::Guard>>,
     events: Arc<LostQueue>,
@@ -323,6 +329,7 @@ impl<B: Backend> Session<B> {
             id,
             label,
             client: OnceLock::new(),
+            private_tokens: AtomicBool::new(false),
             engine: engine.clone(),
             table: Mutex::new(LockTable {
                 held: KeyMap::default(),
@@ -362,6 +369,13 @@ impl<B: Backend> Session<B> {
         let name: Arc<str> = Arc::from(clean);
         self.state.client.set(name.clone()).ok()?;
         Some(name)
+    }
+
+    /// Marks this session's tokens as capabilities (whoever knows one can
+    /// renew or release the lock, as over HTTP): listings of other owners'
+    /// locks ([`HeldInfo::token_private`]) leave them out.
+    pub fn keep_tokens_private(&self) {
+        self.state.private_tokens.store(true, Ordering::Relaxed);
     }
 
     /// The name the client gave, if any ([`Session::set_client_name`]).
@@ -841,6 +855,7 @@ impl<B: Backend> SessionState<B> {
                 trace_id: h.trace_id.clone(),
                 key: key.clone(),
                 token: h.token,
+                token_private: self.private_tokens.load(Ordering::Relaxed),
                 version: h.version.clone(),
                 lease_remaining: h.lease.as_ref().map(|l| l.deadline.saturating_duration_since(now)),
                 session: self.id,

@@ -222,7 +222,9 @@ fn held_lock(h: HeldInfo, traces: bool) -> HeldLock {
         trace_id: h.trace_id.filter(|_| traces).map(|t| t.to_string()),
         kind: h.key.kind().to_owned(),
         id: h.key.id().to_owned(),
-        token: h.token,
+        // A token that is a capability (an HTTP lock's) is never listed:
+        // 0, which no grant has (PROTOCOL.md, HELD OK).
+        token: if h.token_private { 0 } else { h.token },
         version: h.version.to_string(),
         // A lease with under 1 ms left still reports 1, so 0 keeps meaning "no lease".
         lease_remaining_ms: h.lease_remaining.map_or(0, |d| millis_u32(d).max(1)),

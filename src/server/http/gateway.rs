@@ -109,6 +109,9 @@ impl<B: Backend> Gateway<B> {
     ) -> Result<Option<Granted>, ApiError> {
         let slot = self.take_slot()?;
         let (session, mut lost) = self.engine.open_session(format!("http {peer}"));
+        // The token renews and releases an HTTP lock: `HELD ALL` on the lock
+        // port must not hand it to whoever asks.
+        session.keep_tokens_private();
         if let Some(name) = client {
             session.set_client_name(name);
         }
