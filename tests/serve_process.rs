@@ -12,69 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clastor_testkit::ZooKeeper;
+use support::process::{Server, free_port, send_signal, wall_ns};
 use support::{Text, token_of};
-
-/// A free loopback port (bound, then released for the server to take).
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// A `clastor serve` child, killed on drop if still running.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    /// Starts the server and waits until it logs that it listens.
-    fn start(extra: &[&str]) -> Server {
-        let addr = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_clastor"))
-            .args(["serve", "--listen", &addr.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let line = lines.next().expect("server exited before listening").unwrap();
-            if line.contains("listening") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "server did not start");
-        }
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "server exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Two connections: a grant, a refusal by timeout, a hand-over on close.
 async fn exercise(addr: SocketAddr) {
@@ -209,24 +148,6 @@ async fn hold_and_wait(
         }
     });
     (holder, guard, wait)
-}
-
-/// Sends `signal` (`STOP`, `CONT`) to a process.
-fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-/// Nanoseconds since the Unix epoch: the one clock a child shell and this
-/// test share.
-fn wall_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 /// The safe-until promise, end to end, when a server freezes (what a long

@@ -17,7 +17,11 @@
 //!
 //! Static dispatch on the hot path: the engine is generic over `B: Backend`.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
+#[cfg(any(feature = "zookeeper", feature = "etcd"))]
+mod version_record;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
 

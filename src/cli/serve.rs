@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
+use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig};
@@ -22,6 +23,8 @@ pub(crate) enum BackendKind {
     Memory,
     /// An Apache ZooKeeper ensemble, shared by many Clastor servers.
     Zookeeper,
+    /// An etcd v3 cluster, shared by many Clastor servers.
+    Etcd,
 }
 
 /// Run a Clastor server.
@@ -33,8 +36,9 @@ Every flag can also be set from the environment variable shown. Durations take u
 `500ms`, `10s`, `2m`.\n\n\
 The server refuses to start with limits that cannot work: --max-in-flight below \
 --max-waits + 16, --max-frame outside 311..=16777215, --max-connections or --max-held of 0, \
---zk-sessions of 0, a zero --handshake-timeout or --write-timeout.\n\n\
-Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n\n\
+--zk-sessions or --etcd-leases of 0, a zero --handshake-timeout or --write-timeout.\n\n\
+Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n  \
+clastor serve --backend etcd --etcd etcd1:2379,etcd2:2379,etcd3:2379\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
 pub(crate) struct ServeArgs {
     /// Address to listen on.
@@ -74,6 +78,24 @@ pub(crate) struct ServeArgs {
     /// dropped (its watch removed); 0 keeps views until evicted.
     #[arg(long, env = "CLASTOR_ZK_VIEW_IDLE", default_value_t = ZkConfig::default().view_idle.into())]
     zk_view_idle: humantime::Duration,
+
+    /// etcd client endpoints (`host:port[,host:port...]`, or `http://host:port`); required
+    /// with `--backend etcd`.
+    #[arg(long, env = "CLASTOR_ETCD", value_name = "HOST:PORT[,...]")]
+    etcd: Option<String>,
+
+    /// Key prefix of every key Clastor writes in etcd (`{prefix}/{kind}/{version}/{id}/...`).
+    #[arg(long, env = "CLASTOR_ETCD_PREFIX", default_value_t = EtcdConfig::default().prefix)]
+    etcd_prefix: String,
+
+    /// etcd leases kept alive; every lock key is put with one of them (at least 1).
+    #[arg(long, env = "CLASTOR_ETCD_LEASES", default_value_t = NonZeroUsize::new(EtcdConfig::default().leases).unwrap_or(NonZeroUsize::MIN))]
+    etcd_leases: NonZeroUsize,
+
+    /// etcd lease TTL (whole seconds, at least 1 s); holders are told their locks are lost at
+    /// 3/5 of it without an answered keepalive.
+    #[arg(long, env = "CLASTOR_ETCD_LEASE_TTL", default_value_t = EtcdConfig::default().lease_ttl.into())]
+    etcd_lease_ttl: humantime::Duration,
 
     /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
     #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
@@ -233,6 +255,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let backend = zookeeper(&args).await?;
             run_with(backend, engine_config, server_config).await
         }
+        BackendKind::Etcd => {
+            let backend = etcd(&args).await?;
+            run_with(backend, engine_config, server_config).await
+        }
     }
 }
 
@@ -285,6 +311,24 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
     ZooKeeperBackend::connect(config)
         .await
         .with_context(|| format!("cannot use ZooKeeper at {hosts}"))
+}
+
+async fn etcd(args: &ServeArgs) -> anyhow::Result<EtcdBackend> {
+    let endpoints = args
+        .etcd
+        .clone()
+        .context("--backend etcd needs --etcd HOST:PORT[,HOST:PORT...] (or CLASTOR_ETCD)")?;
+    let config = EtcdConfig {
+        endpoints: endpoints.split(',').map(str::to_owned).collect(),
+        prefix: args.etcd_prefix.clone(),
+        leases: args.etcd_leases.get(),
+        lease_ttl: *args.etcd_lease_ttl,
+        ..EtcdConfig::default()
+    };
+    info!(etcd = %endpoints, leases = config.leases, "connecting to etcd");
+    EtcdBackend::connect(config)
+        .await
+        .with_context(|| format!("cannot use etcd at {endpoints}"))
 }
 
 async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {

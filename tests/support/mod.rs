@@ -18,6 +18,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Framed;
 
 pub(crate) mod http;
+#[cfg(feature = "cli")]
+pub(crate) mod process;
 
 /// A server on `127.0.0.1:0` over its own ZooKeeper backend (a "server" of a
 /// multi-server deployment sharing `zk`): `sessions` pooled sessions with a

@@ -19,18 +19,17 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
-use clastor_protocol::KindMode;
 use clastor_protocol::name::is_path_safe;
 use uuid::Uuid;
 use zookeeper_client::{Acls, CreateMode, CreateOptions};
 
-use crate::backend::{KindVersion, RotationTarget};
+pub(super) use crate::backend::version_record::{
+    INITIAL_VERSION, decode_previous, decode_version, encode_switched, encode_version, initial_version,
+};
 
-/// The version every kind starts with.
-pub(super) const INITIAL_VERSION: &str = "v1";
 /// Name of the per-kind node holding the current version and mode.
 pub(super) const VERSION_NODE: &str = "version";
 /// Name of the per-kind ephemeral node a rotation's driver holds (its claim).
@@ -282,84 +281,6 @@ pub(super) fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
     contenders
 }
 
-/// Encodes the version node's data: `"{version}\n{mode}"`, and while
-/// draining `"\nto={to}\ndeadline_ms={unix ms}"`.
-pub(super) fn encode_version(v: &KindVersion) -> Vec<u8> {
-    let mut out = format!("{}\n{}", v.version, v.mode.name());
-    if let (KindMode::Draining, Some(r)) = (v.mode, &v.rotation) {
-        out.push_str(&format!("\nto={}\ndeadline_ms={}", r.to, r.deadline_unix_ms));
-    }
-    out.into_bytes()
-}
-
-/// The data of a kind's version node when it is first created.
-pub(super) fn initial_version() -> KindVersion {
-    KindVersion::normal(INITIAL_VERSION)
-}
-
-/// Decodes the version node's data. A missing mode line means normal; lines
-/// after it are `key=value` pairs (unknown keys are ignored, for newer
-/// writers). A draining kind without `to` (marked by another tool) has no
-/// rotation target: nothing here aborts it on its own.
-///
-/// # Errors
-/// A message if the data is not UTF-8, a version name is invalid, or the
-/// mode is unknown.
-pub(super) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
-    let text = std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
-    let mut lines = text.lines();
-    let version = lines.next().unwrap_or("").trim();
-    if !valid_version_name(version) {
-        return Err(format!("version node names an invalid version {version:?}"));
-    }
-    let mode = match lines.next().map(str::trim) {
-        None | Some("") | Some("normal") => KindMode::Normal,
-        Some("draining") => KindMode::Draining,
-        Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
-    };
-    let (mut to, mut deadline) = (None, None);
-    for line in lines {
-        match line.trim().split_once('=') {
-            Some(("to", v)) if valid_version_name(v) => to = Some(Arc::from(v)),
-            Some(("to", v)) => return Err(format!("version node names an invalid target {v:?}")),
-            Some(("deadline_ms", v)) => {
-                deadline = Some(
-                    v.parse::<u64>()
-                        .map_err(|_| format!("version node has a bad deadline {v:?}"))?,
-                );
-            }
-            _ => {}
-        }
-    }
-    let rotation = match (mode, to) {
-        (KindMode::Draining, Some(to)) => Some(RotationTarget {
-            to,
-            deadline_unix_ms: deadline.unwrap_or(u64::MAX),
-        }),
-        _ => None,
-    };
-    Ok(KindVersion {
-        version: Arc::from(version),
-        mode,
-        rotation,
-    })
-}
-
-/// The version a completed rotation switched away from (`prev=` in a normal
-/// kind's data), if the data says.
-pub(super) fn decode_previous(data: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(data).ok()?;
-    text.lines()
-        .skip(2)
-        .find_map(|l| l.trim().strip_prefix("prev=").map(str::to_owned))
-}
-
-/// A version name follows the protocol's rules for them (one path segment,
-/// not the name of a kind's bookkeeping node).
-pub(super) fn valid_version_name(version: &str) -> bool {
-    clastor_protocol::name::validate_version("version", version).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,37 +407,5 @@ mod tests {
         let names: Vec<String> = [10, 2, 3_000_000, 0].iter().map(|&s| curator(s)).collect();
         let seqs: Vec<i32> = sorted_contenders(&names).iter().map(|c| c.seq).collect();
         assert_eq!(seqs, [0, 2, 10, 3_000_000]);
-    }
-
-    #[test]
-    fn version_data_round_trip() -> Result<(), String> {
-        let v = initial_version();
-        assert_eq!(encode_version(&v), b"v1\nnormal");
-        assert_eq!(decode_version(&encode_version(&v))?, v);
-        assert_eq!(decode_version(b"v2\ndraining")?.mode, KindMode::Draining);
-        assert_eq!(decode_version(b"v3")?.mode, KindMode::Normal);
-        assert!(decode_version(b"").is_err());
-        assert!(decode_version(b"a/b\nnormal").is_err());
-        assert!(decode_version(b"v1\nweird").is_err());
-        let draining = KindVersion {
-            version: Arc::from("v1"),
-            mode: KindMode::Draining,
-            rotation: Some(RotationTarget {
-                to: Arc::from("v2"),
-                deadline_unix_ms: 1_767_000_000_000,
-            }),
-        };
-        assert_eq!(
-            encode_version(&draining),
-            b"v1\ndraining\nto=v2\ndeadline_ms=1767000000000"
-        );
-        assert_eq!(decode_version(&encode_version(&draining))?, draining);
-        assert_eq!(decode_version(b"v1\ndraining\nwho=ops")?.rotation, None);
-        assert!(decode_version(b"v1\ndraining\nto=a/b").is_err());
-        assert!(decode_version(b"rotation\nnormal").is_err());
-        assert_eq!(decode_version(b"v2\nnormal\nprev=v1")?, KindVersion::normal("v2"));
-        assert_eq!(decode_previous(b"v2\nnormal\nprev=v1").as_deref(), Some("v1"));
-        assert_eq!(decode_previous(b"v2\nnormal"), None);
-        Ok(())
     }
 }

@@ -403,8 +403,7 @@ impl ZooKeeperBackend {
         // 4. Switch: `to`, normal, if the node is still as we left it; `prev`
         // lets a resumed rotation recognise its own switch.
         let switched = KindVersion::normal(to);
-        let mut data = layout::encode_version(&switched);
-        data.extend_from_slice(format!("\nprev={from}").as_bytes());
+        let data = layout::encode_switched(to, from);
         if set_if(session, &d.version_path, &data, data_version).await?.is_none() {
             let (now, _, _) = read_version_node(session, &d.version_path).await?;
             return Ok(aborted_by_someone(kind, from, &now));

@@ -1,0 +1,576 @@
+//! `impl Backend for EtcdBackend`: the one-transaction acquire, the wait for
+//! the predecessor's deletion, the holder's watch on its own key, release
+//! and the reads.
+//!
+//! **Acquire.** One transaction: *if* the kind's version record has the mod
+//! revision this server last saw, *then* put our key (with a pooled lease)
+//! and read the lock's first contender, *else* read the record. The put's
+//! revision is our key's create revision, the fencing token; if the first
+//! contender is ours, the lock is granted, in one round trip. Otherwise we
+//! wait as Go's `concurrency.Mutex` does: for the deletion of the key
+//! created last before ours, then look again — each look one consistent
+//! read of the last predecessor *and* our own key, so a key deleted from
+//! outside (or with its lease) is never granted. The prefix watch starts at
+//! our create revision, so no deletion is missed between two looks.
+//!
+//! **Holding.** A holder's key is watched for deletion (from its create
+//! revision on): deleted from outside, or with its lease revoked by hand,
+//! the holder is told `NodeDeleted` at once. Its lease's loss reports it
+//! too (`lease.rs`).
+//!
+//! **Nothing left behind.** A key being waited on belongs to a
+//! [`PendingKey`], and a granted one to an [`EtcdGuard`]; dropping either
+//! deletes the key (in the background, retried until it is gone or its
+//! lease is), so a cancelled, timed-out or failed acquire and a vanished
+//! holder leave nothing that would block the next contender.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clastor_protocol::{LockMode, LostReason};
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::EtcdBackend;
+use super::EtcdClient;
+use super::error;
+use super::kinds::seen_in;
+use super::lease::{Lease, keepalive_interval, lost_after};
+use super::watch::WatchMsg;
+use crate::backend::{
+    AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
+};
+use crate::key::LockKey;
+
+/// Times a waiting key deleted from outside is put again before the acquire
+/// gives up.
+const MAX_REQUEUES: u32 = 3;
+
+/// Numbers our keys apart on one lease (`{lease:x}_{n:x}`).
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// A contender's key not (yet) granted: deleted when dropped, unless it
+/// became a grant.
+#[derive(Debug)]
+struct PendingKey {
+    client: EtcdClient,
+    key: String,
+    lease: Arc<Lease>,
+    armed: bool,
+}
+
+impl PendingKey {
+    fn new(client: &EtcdClient, key: String, lease: Arc<Lease>) -> PendingKey {
+        PendingKey {
+            client: client.clone(),
+            key,
+            lease,
+            armed: true,
+        }
+    }
+
+    /// The key is granted: the guard owns it now.
+    fn disarm(mut self) -> (String, Arc<Lease>) {
+        self.armed = false;
+        (std::mem::take(&mut self.key), self.lease.clone())
+    }
+}
+
+impl Drop for PendingKey {
+    fn drop(&mut self) {
+        if self.armed {
+            delete_in_background(&self.client, std::mem::take(&mut self.key), self.lease.clone());
+        }
+    }
+}
+
+/// Deletes `key` until it is gone, or its lease is (which takes the key
+/// with it); never gives up while both live.
+fn delete_in_background(client: &EtcdClient, key: String, lease: Arc<Lease>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let client = client.clone();
+    handle.spawn(async move {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let deleted = error::retry("delete a lock key", || {
+                let mut kv = client.kv_client();
+                let key = key.clone();
+                async move { kv.delete(key, None).await }
+            });
+            tokio::select! {
+                r = deleted => match r {
+                    Ok(_) => return,
+                    Err(e) => warn!(%key, error = %e, "cannot delete a lock key yet; retrying"),
+                },
+                () = lease.until_retired() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = lease.until_retired() => return,
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    });
+}
+
+/// A grant: its key, the lease it lives on, and the watch on its deletion.
+/// Dropping it releases the lock in the background.
+#[derive(Debug)]
+pub struct EtcdGuard {
+    held: Option<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    client: EtcdClient,
+    key: String,
+    lease: Arc<Lease>,
+    grant: u64,
+    watcher: AbortHandle,
+}
+
+impl EtcdGuard {
+    /// The lock's key in etcd.
+    pub fn key(&self) -> &str {
+        self.held.as_ref().map_or("", |h| &h.key)
+    }
+
+    /// The id of the lease the key lives on.
+    pub fn lease_id(&self) -> i64 {
+        self.held.as_ref().map_or(0, |h| h.lease.id())
+    }
+
+    fn take(&mut self) -> Option<Held> {
+        let held = self.held.take()?;
+        held.lease.forget(held.grant);
+        held.watcher.abort();
+        Some(held)
+    }
+}
+
+impl Drop for EtcdGuard {
+    fn drop(&mut self) {
+        if let Some(h) = self.take() {
+            delete_in_background(&h.client, h.key, h.lease);
+        }
+    }
+}
+
+/// How a wait for our turn ended.
+enum Turn {
+    Granted,
+    TimedOut,
+    /// Our key was deleted from outside while we waited.
+    Deleted,
+}
+
+impl EtcdBackend {
+    /// Waits until no key created before ours (`rev`) is left in `dir`.
+    async fn wait_turn(
+        &self,
+        dir: &str,
+        key: &str,
+        rev: i64,
+        lease: &Lease,
+        deadline: Instant,
+    ) -> Result<Turn, BackendError> {
+        let mut watch = self.watches.watch(dir, true, rev + 1, true).await?;
+        let look = Txn::new().and_then([
+            TxnOp::get(
+                dir,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_max_create_revision(rev - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                ),
+            ),
+            TxnOp::get(key, Some(GetOptions::new().with_count_only())),
+        ]);
+        loop {
+            // One consistent look: the last key before ours, and ours.
+            let resp = error::retry("look for the predecessor", || {
+                let mut kv = self.client.kv_client();
+                let look = look.clone();
+                async move { kv.txn(look).await }
+            })
+            .await?;
+            let at = resp.header().map_or(rev, |h| h.revision());
+            let ops = resp.op_responses();
+            let (Some(TxnOpResponse::Get(before)), Some(TxnOpResponse::Get(mine))) = (ops.first(), ops.get(1)) else {
+                return Err(BackendError::Internal(
+                    "etcd answered a lookup with other operations".into(),
+                ));
+            };
+            if mine.count() == 0 {
+                return Ok(Turn::Deleted);
+            }
+            let Some(pred) = before.kvs().first().map(|kv| kv.key().to_vec()) else {
+                return Ok(Turn::Granted);
+            };
+            // Wait for that key's deletion (or ours).
+            'events: loop {
+                let msg = tokio::select! {
+                    biased;
+                    () = lease.until_retired() => {
+                        return Err(BackendError::Unavailable("the etcd lease of a waiting acquire was lost".into()));
+                    }
+                    msg = watch.next() => msg,
+                    () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
+                };
+                match msg {
+                    WatchMsg::Events(events) => {
+                        for e in &events {
+                            if e.event_type() != EventType::Delete {
+                                continue;
+                            }
+                            let Some(k) = e.kv().map(etcd_client::KeyValue::key) else {
+                                continue;
+                            };
+                            if k == key.as_bytes() {
+                                return Ok(Turn::Deleted);
+                            }
+                            if k == pred.as_slice() {
+                                break 'events;
+                            }
+                        }
+                    }
+                    WatchMsg::Cancelled(why) => {
+                        debug!(%dir, %why, "watch of a lock's contenders cancelled; watching again");
+                        watch = self.watches.watch(dir, true, at + 1, true).await?;
+                        break 'events;
+                    }
+                    WatchMsg::Broken => {
+                        watch = self.watches.watch(dir, true, at + 1, true).await?;
+                        break 'events;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watches a holder's key for deletion from `rev` on, and reports the
+    /// grant lost when it goes; the task ends with the guard.
+    async fn watch_held(
+        &self,
+        key: &str,
+        rev: i64,
+        lease: Arc<Lease>,
+        grant: u64,
+    ) -> Result<AbortHandle, BackendError> {
+        let mut watch = self.watches.watch(key, false, rev + 1, true).await?;
+        let (client, watches, key) = (self.client.clone(), self.watches.clone(), key.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = watch.next() => msg,
+                    () = lease.until_retired() => return,
+                };
+                match msg {
+                    WatchMsg::Events(events) => {
+                        if events.iter().any(|e| e.event_type() == EventType::Delete) {
+                            warn!(%key, "lock key deleted from outside Clastor");
+                            lease.lose(grant, LostReason::NodeDeleted);
+                            return;
+                        }
+                    }
+                    WatchMsg::Cancelled(_) | WatchMsg::Broken => {
+                        // Look at the key, then watch again from there.
+                        match still_there(&client, &key, &lease).await {
+                            Some((true, at)) => match watches.watch(&key, false, at + 1, true).await {
+                                Ok(w) => watch = w,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            },
+                            Some((false, _)) => {
+                                warn!(%key, "lock key deleted from outside Clastor");
+                                lease.lose(grant, LostReason::NodeDeleted);
+                                return;
+                            }
+                            // The lease is retired: that reports the loss.
+                            None => return,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(task.abort_handle())
+    }
+
+    /// The directory of `key`'s contenders under the kind's version, as
+    /// read now.
+    async fn current_dir(&self, key: &LockKey) -> Result<String, BackendError> {
+        let seen = self.kinds.read(key.kind_arc()).await?;
+        Ok(self.keys.lock_dir(key.kind(), &seen.version.version, key.id()))
+    }
+
+    /// Keys with this prefix, counted at one revision.
+    async fn count(&self, prefix: &str) -> Result<i64, BackendError> {
+        let resp = error::retry("count lock keys", || {
+            let mut kv = self.client.kv_client();
+            let prefix = prefix.to_owned();
+            async move {
+                kv.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+                    .await
+            }
+        })
+        .await?;
+        Ok(resp.count())
+    }
+}
+
+/// Whether `key` still exists, and the revision of the look; `None` once
+/// `lease` is retired (keep looking until then).
+async fn still_there(client: &EtcdClient, key: &str, lease: &Lease) -> Option<(bool, i64)> {
+    loop {
+        let look = error::retry("look at a held lock key", || {
+            let mut kv = client.kv_client();
+            let key = key.to_owned();
+            async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+        });
+        tokio::select! {
+            r = look => if let Ok(resp) = r {
+                return Some((resp.count() > 0, resp.header().map_or(0, |h| h.revision())));
+            },
+            () = lease.until_retired() => return None,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = lease.until_retired() => return None,
+        }
+    }
+}
+
+impl Backend for EtcdBackend {
+    type Guard = EtcdGuard;
+
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<EtcdGuard>>, BackendError> {
+        if req.mode != LockMode::Exclusive {
+            return Err(BackendError::Unsupported("shared locks are not supported yet".into()));
+        }
+        let deadline = Instant::now() + req.wait;
+        let key = req.key;
+        let kind = key.kind_arc();
+        let version_key = self.keys.version_key(kind);
+        let mut seen = self.kinds.cached(kind);
+        let mut requeues = 0;
+        loop {
+            if seen.version.mode != clastor_protocol::KindMode::Normal {
+                match self.kinds.wait_normal(kind, seen, deadline).await? {
+                    Some(s) => seen = s,
+                    None => return Ok(None),
+                }
+            }
+            let lease = self.leases.pick()?;
+            let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
+            let name = format!("{dir}{:x}_{:x}", lease.id(), NEXT_KEY.fetch_add(1, Ordering::Relaxed));
+            let pending = PendingKey::new(&self.client, name, lease.clone());
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    version_key.as_str(),
+                    CompareOp::Equal,
+                    seen.mod_rev,
+                )])
+                .and_then([
+                    TxnOp::put(
+                        pending.key.as_str(),
+                        format!("clastor owner={}", req.owner),
+                        Some(PutOptions::new().with_lease(lease.id())),
+                    ),
+                    TxnOp::get(
+                        dir.as_str(),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                                .with_limit(1)
+                                .with_keys_only(),
+                        ),
+                    ),
+                ])
+                .or_else([TxnOp::get(version_key.as_str(), None)]);
+            // Sent once: a lost answer leaves the key to `pending`'s drop.
+            let resp = error::once("create a lock key", async {
+                let mut kv = self.client.kv_client();
+                kv.txn(txn).await
+            })
+            .await?;
+            let ops = resp.op_responses();
+            if !resp.succeeded() {
+                // The kind's record moved on: learn it and go again.
+                drop(pending.disarm());
+                seen = match ops.first().and_then(seen_in) {
+                    Some(s) => s?,
+                    None => {
+                        return Err(BackendError::Internal(
+                            "etcd answered a failed compare without the record".into(),
+                        ));
+                    }
+                };
+                self.kinds.remember(kind, &seen);
+                continue;
+            }
+            let Some(rev) = resp.header().map(|h| h.revision()) else {
+                return Err(BackendError::Internal(
+                    "etcd answered a transaction without a header".into(),
+                ));
+            };
+            let first = match ops.get(1) {
+                Some(TxnOpResponse::Get(get)) => get.kvs().first().map(etcd_client::KeyValue::create_revision),
+                _ => None,
+            };
+            let turn = if first == Some(rev) {
+                Turn::Granted
+            } else {
+                self.wait_turn(&dir, &pending.key, rev, &lease, deadline).await?
+            };
+            match turn {
+                Turn::Granted => {}
+                Turn::TimedOut => return Ok(None),
+                Turn::Deleted if requeues < MAX_REQUEUES => {
+                    requeues += 1;
+                    warn!(%key, key = %pending.key, "our waiting lock key was deleted from outside; queueing again");
+                    drop(pending.disarm());
+                    continue;
+                }
+                Turn::Deleted => {
+                    return Err(BackendError::Unavailable(format!(
+                        "the lock key for {key} kept being deleted from outside"
+                    )));
+                }
+            }
+            let token = u64::try_from(rev).map_err(|_| BackendError::Internal(format!("negative revision {rev}")))?;
+            let grant = lease
+                .register(key, token, req.on_lost)
+                .map_err(|_| BackendError::Unavailable("the etcd lease was lost as the lock was granted".into()))?;
+            let watcher = match self.watch_held(&pending.key, rev, lease.clone(), grant).await {
+                Ok(w) => w,
+                Err(e) => {
+                    lease.forget(grant);
+                    return Err(e);
+                }
+            };
+            let (name, lease) = pending.disarm();
+            return Ok(Some(Grant {
+                token,
+                version: seen.version.version.clone(),
+                guard: EtcdGuard {
+                    held: Some(Held {
+                        client: self.client.clone(),
+                        key: name,
+                        lease,
+                        grant,
+                        watcher,
+                    }),
+                },
+            }));
+        }
+    }
+
+    async fn release(&self, mut guard: EtcdGuard) -> Result<(), BackendError> {
+        let Some(h) = guard.take() else { return Ok(()) };
+        let deleted = error::retry("delete a lock key", || {
+            let mut kv = h.client.kv_client();
+            let key = h.key.clone();
+            async move { kv.delete(key, None).await }
+        })
+        .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            // Its lease is gone, and the key with it.
+            Err(_) if h.lease.is_retired() => Ok(()),
+            Err(e) => {
+                delete_in_background(&h.client, h.key, h.lease);
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_held(&self, key: &LockKey) -> Result<bool, BackendError> {
+        let dir = self.current_dir(key).await?;
+        Ok(self.count(&dir).await? > 0)
+    }
+
+    async fn rotate(&self, req: RotateRequest<'_>) -> Result<RotateOutcome, BackendError> {
+        self.rotate_kind(req).await
+    }
+
+    async fn abort_rotation(&self, kind: &Arc<str>) -> Result<(KindVersion, bool), BackendError> {
+        self.abort_kind(kind).await
+    }
+
+    async fn count_locks(&self, kind: &Arc<str>, version: &str) -> Result<u32, BackendError> {
+        let n = self.count(&self.keys.version_dir(kind, version)).await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
+        let kind: Arc<str> = Arc::from(kind);
+        Ok(self.kinds.read(&kind).await?.version)
+    }
+
+    fn cached_version(&self, kind: &str) -> Option<KindVersion> {
+        self.kinds.cached_version(kind)
+    }
+
+    fn safe_until(&self, guard: &EtcdGuard) -> Option<Instant> {
+        Some(guard.held.as_ref().map_or_else(Instant::now, |h| h.lease.safe_until()))
+    }
+
+    fn confirm_interval(&self) -> Option<Duration> {
+        Some(keepalive_interval(self.leases.ttl()))
+    }
+
+    fn health(&self) -> BackendHealth {
+        let (ready, sessions) = self.leases.health();
+        let trusted = sessions.iter().filter(|s| s.trusted).count();
+        BackendHealth {
+            ready,
+            detail: if ready {
+                format!("etcd: {trusted} of {} leases in contact", sessions.len())
+            } else {
+                "etcd: no lease in contact with the cluster".to_owned()
+            },
+            sessions,
+        }
+    }
+
+    fn info(&self) -> Vec<(String, String)> {
+        let (ready, sessions) = self.leases.health();
+        let mut out = vec![
+            ("etcd_ready".to_owned(), ready.to_string()),
+            ("etcd_leases".to_owned(), sessions.len().to_string()),
+            (
+                "etcd_lease_ttl_ms".to_owned(),
+                self.leases.ttl().as_millis().to_string(),
+            ),
+            (
+                "etcd_lost_after_ms".to_owned(),
+                lost_after(self.leases.ttl()).as_millis().to_string(),
+            ),
+        ];
+        for s in sessions {
+            out.push((
+                format!("etcd_lease_{}", s.slot),
+                format!("{} {} grants={}", s.id, s.state, s.grants),
+            ));
+        }
+        out
+    }
+
+    async fn shutdown(&self) {
+        self.leases.shutdown().await;
+    }
+}

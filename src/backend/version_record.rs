@@ -1,0 +1,141 @@
+//! A kind's version record, as every remote backend stores it (the data of
+//! ZooKeeper's `{kind}/version` node, the value of etcd's `{kind}/version`
+//! key): `"{version}\n{mode}"`, then `key=value` lines — the rotation's
+//! target and deadline while draining, `prev=` after a switch.
+//!
+//! One format for every store, so an operator reads the same text whichever
+//! backend holds it, and one parser, so the rules (valid names, unknown
+//! keys ignored for newer writers) are written once.
+
+use std::sync::Arc;
+
+use clastor_protocol::KindMode;
+
+use crate::backend::{KindVersion, RotationTarget};
+
+/// The version every kind starts with.
+pub(crate) const INITIAL_VERSION: &str = "v1";
+
+/// Encodes the version node's data: `"{version}\n{mode}"`, and while
+/// draining `"\nto={to}\ndeadline_ms={unix ms}"`.
+pub(crate) fn encode_version(v: &KindVersion) -> Vec<u8> {
+    let mut out = format!("{}\n{}", v.version, v.mode.name());
+    if let (KindMode::Draining, Some(r)) = (v.mode, &v.rotation) {
+        out.push_str(&format!("\nto={}\ndeadline_ms={}", r.to, r.deadline_unix_ms));
+    }
+    out.into_bytes()
+}
+
+/// The record a completed rotation from `from` leaves: normal on `to`, with
+/// `prev={from}` so the same rotation sent again is known to be done.
+pub(crate) fn encode_switched(to: &str, from: &str) -> Vec<u8> {
+    let mut data = encode_version(&KindVersion::normal(to));
+    data.extend_from_slice(format!("\nprev={from}").as_bytes());
+    data
+}
+
+/// The data of a kind's version node when it is first created.
+pub(crate) fn initial_version() -> KindVersion {
+    KindVersion::normal(INITIAL_VERSION)
+}
+
+/// Decodes the version node's data. A missing mode line means normal; lines
+/// after it are `key=value` pairs (unknown keys are ignored, for newer
+/// writers). A draining kind without `to` (marked by another tool) has no
+/// rotation target: nothing here aborts it on its own.
+///
+/// # Errors
+/// A message if the data is not UTF-8, a version name is invalid, or the
+/// mode is unknown.
+pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
+    let text = std::str::from_utf8(data).map_err(|_| "version node data is not UTF-8".to_owned())?;
+    let mut lines = text.lines();
+    let version = lines.next().unwrap_or("").trim();
+    if !valid_version_name(version) {
+        return Err(format!("version node names an invalid version {version:?}"));
+    }
+    let mode = match lines.next().map(str::trim) {
+        None | Some("") | Some("normal") => KindMode::Normal,
+        Some("draining") => KindMode::Draining,
+        Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
+    };
+    let (mut to, mut deadline) = (None, None);
+    for line in lines {
+        match line.trim().split_once('=') {
+            Some(("to", v)) if valid_version_name(v) => to = Some(Arc::from(v)),
+            Some(("to", v)) => return Err(format!("version node names an invalid target {v:?}")),
+            Some(("deadline_ms", v)) => {
+                deadline = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("version node has a bad deadline {v:?}"))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    let rotation = match (mode, to) {
+        (KindMode::Draining, Some(to)) => Some(RotationTarget {
+            to,
+            deadline_unix_ms: deadline.unwrap_or(u64::MAX),
+        }),
+        _ => None,
+    };
+    Ok(KindVersion {
+        version: Arc::from(version),
+        mode,
+        rotation,
+    })
+}
+
+/// The version a completed rotation switched away from (`prev=` in a normal
+/// kind's data), if the data says.
+pub(crate) fn decode_previous(data: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(data).ok()?;
+    text.lines()
+        .skip(2)
+        .find_map(|l| l.trim().strip_prefix("prev=").map(str::to_owned))
+}
+
+/// A version name follows the protocol's rules for them (one path segment,
+/// not the name of a kind's bookkeeping node).
+pub(crate) fn valid_version_name(version: &str) -> bool {
+    clastor_protocol::name::validate_version("version", version).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_data_round_trip() -> Result<(), String> {
+        let v = initial_version();
+        assert_eq!(encode_version(&v), b"v1\nnormal");
+        assert_eq!(decode_version(&encode_version(&v))?, v);
+        assert_eq!(decode_version(b"v2\ndraining")?.mode, KindMode::Draining);
+        assert_eq!(decode_version(b"v3")?.mode, KindMode::Normal);
+        assert!(decode_version(b"").is_err());
+        assert!(decode_version(b"a/b\nnormal").is_err());
+        assert!(decode_version(b"v1\nweird").is_err());
+        let draining = KindVersion {
+            version: Arc::from("v1"),
+            mode: KindMode::Draining,
+            rotation: Some(RotationTarget {
+                to: Arc::from("v2"),
+                deadline_unix_ms: 1_767_000_000_000,
+            }),
+        };
+        assert_eq!(
+            encode_version(&draining),
+            b"v1\ndraining\nto=v2\ndeadline_ms=1767000000000"
+        );
+        assert_eq!(decode_version(&encode_version(&draining))?, draining);
+        assert_eq!(decode_version(b"v1\ndraining\nwho=ops")?.rotation, None);
+        assert!(decode_version(b"v1\ndraining\nto=a/b").is_err());
+        assert!(decode_version(b"rotation\nnormal").is_err());
+        assert_eq!(decode_version(b"v2\nnormal\nprev=v1")?, KindVersion::normal("v2"));
+        assert_eq!(decode_previous(b"v2\nnormal\nprev=v1").as_deref(), Some("v1"));
+        assert_eq!(decode_previous(b"v2\nnormal"), None);
+        assert_eq!(encode_switched("v2", "v1"), b"v2\nnormal\nprev=v1");
+        Ok(())
+    }
+}
