@@ -43,7 +43,9 @@ pub(super) fn transient(e: &etcd_client::Error) -> bool {
 
 /// An etcd error as a backend error, saying what was being done.
 pub(super) fn backend_error(what: &str, e: &etcd_client::Error) -> BackendError {
-    if transient(e) {
+    // A lease retired (revoked, expired) while a request with it was in
+    // flight: the pool has another; the caller may retry.
+    if transient(e) || e.to_string().contains("lease not found") {
         BackendError::Unavailable(format!("etcd: {what}: {e}"))
     } else {
         BackendError::Internal(format!("etcd: {what}: {e}"))

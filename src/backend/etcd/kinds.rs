@@ -196,7 +196,7 @@ impl Kinds {
                             return Ok(Some(seen));
                         }
                     }
-                    WatchMsg::Cancelled(_) | WatchMsg::Broken => {
+                    WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_) => {
                         seen = self.read(kind).await?;
                         continue 'watch;
                     }

@@ -172,6 +172,29 @@ enum Turn {
 }
 
 impl EtcdBackend {
+    /// Watches `dir` for deletions from now on: etcd reports a watch made
+    /// from a past revision only from its next sync (up to 100 ms later)
+    /// once anything was written since, so the watch starts now, and the
+    /// caller looks at the store only after etcd confirmed it.
+    async fn watch_deletions(&self, dir: &str) -> Result<super::watch::Watch, BackendError> {
+        for _ in 0..error::MAX_ATTEMPTS {
+            let mut watch = self.watches.watch(dir, true, 0, true).await?;
+            match watch.created().await {
+                Ok(_) => return Ok(watch),
+                Err(WatchMsg::Cancelled(why)) => {
+                    return Err(BackendError::Unavailable(format!(
+                        "etcd refused a watch of {dir}: {why}"
+                    )));
+                }
+                // The stream broke before the watch was made: make it again.
+                Err(_) => {}
+            }
+        }
+        Err(BackendError::Unavailable(format!(
+            "etcd: the watch stream kept breaking while watching {dir}"
+        )))
+    }
+
     /// Waits until no key created before ours (`rev`) is left in `dir`.
     async fn wait_turn(
         &self,
@@ -181,7 +204,6 @@ impl EtcdBackend {
         lease: &Lease,
         deadline: Instant,
     ) -> Result<Turn, BackendError> {
-        let mut watch = self.watches.watch(dir, true, rev + 1, true).await?;
         let look = Txn::new().and_then([
             TxnOp::get(
                 dir,
@@ -196,15 +218,19 @@ impl EtcdBackend {
             ),
             TxnOp::get(key, Some(GetOptions::new().with_count_only())),
         ]);
+        let mut watch = tokio::select! {
+            w = self.watch_deletions(dir) => w?,
+            () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
+        };
         loop {
-            // One consistent look: the last key before ours, and ours.
+            // One consistent look, after the watch is in place: the last key
+            // before ours, and ours.
             let resp = error::retry("look for the predecessor", || {
                 let mut kv = self.client.kv_client();
                 let look = look.clone();
                 async move { kv.txn(look).await }
             })
             .await?;
-            let at = resp.header().map_or(rev, |h| h.revision());
             let ops = resp.op_responses();
             let (Some(TxnOpResponse::Get(before)), Some(TxnOpResponse::Get(mine))) = (ops.first(), ops.get(1)) else {
                 return Err(BackendError::Internal(
@@ -246,11 +272,11 @@ impl EtcdBackend {
                     }
                     WatchMsg::Cancelled(why) => {
                         debug!(%dir, %why, "watch of a lock's contenders cancelled; watching again");
-                        watch = self.watches.watch(dir, true, at + 1, true).await?;
+                        watch = self.watch_deletions(dir).await?;
                         break 'events;
                     }
-                    WatchMsg::Broken => {
-                        watch = self.watches.watch(dir, true, at + 1, true).await?;
+                    WatchMsg::Broken | WatchMsg::Created(_) => {
+                        watch = self.watch_deletions(dir).await?;
                         break 'events;
                     }
                 }
@@ -283,7 +309,7 @@ impl EtcdBackend {
                             return;
                         }
                     }
-                    WatchMsg::Cancelled(_) | WatchMsg::Broken => {
+                    WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_) => {
                         // Look at the key, then watch again from there.
                         match still_there(&client, &key, &lease).await {
                             Some((true, at)) => match watches.watch(&key, false, at + 1, true).await {

@@ -394,7 +394,7 @@ impl EtcdBackend {
                         }
                     }
                 }
-                Some(WatchMsg::Cancelled(_) | WatchMsg::Broken) => {
+                Some(WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_)) => {
                     census = self.census(kind, from).await?;
                     watch = self
                         .watches

@@ -29,6 +29,8 @@ pub(super) enum WatchMsg {
     Cancelled(String),
     /// The stream broke: re-read and watch again.
     Broken,
+    /// etcd created the watch; it reports every change after this revision.
+    Created(i64),
 }
 
 /// Open watches: their id → their channel.
@@ -60,12 +62,35 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// The next message; `Broken` if the hub went away.
+    /// The next change (or trouble); `Broken` if the hub went away.
     ///
     /// # Cancellation safety
     /// Safe: a message is either returned or stays queued.
     pub(super) async fn next(&mut self) -> WatchMsg {
-        self.rx.recv().await.unwrap_or(WatchMsg::Broken)
+        loop {
+            match self.rx.recv().await {
+                Some(WatchMsg::Created(_)) => {}
+                Some(msg) => return msg,
+                None => return WatchMsg::Broken,
+            }
+        }
+    }
+
+    /// Waits until etcd created a watch made from now (start revision 0):
+    /// the store's revision then — every change after it is reported — or
+    /// the trouble that came instead.
+    ///
+    /// # Cancellation safety
+    /// Safe.
+    pub(super) async fn created(&mut self) -> Result<i64, WatchMsg> {
+        loop {
+            match self.rx.recv().await {
+                Some(WatchMsg::Created(rev)) => return Ok(rev),
+                Some(WatchMsg::Events(_)) => {}
+                Some(msg) => return Err(msg),
+                None => return Err(WatchMsg::Broken),
+            }
+        }
     }
 }
 
@@ -220,6 +245,9 @@ impl WatchHub {
                         let Some(tx) = routes.1.get(&resp.watch_id()) else {
                             continue;
                         };
+                        if resp.created() && !resp.canceled() {
+                            let _ = tx.send(WatchMsg::Created(resp.header().map_or(0, |h| h.revision())));
+                        }
                         if resp.canceled() {
                             let why = if resp.compact_revision() > 0 {
                                 format!("compacted at revision {}", resp.compact_revision())

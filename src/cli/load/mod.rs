@@ -3,7 +3,8 @@
 //! floors measured in the same run on the same machine: a loopback TCP echo
 //! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
 //! pairs issued directly with zookeeper-client over as many sessions as the
-//! server uses.
+//! server uses; with `--etcd`, the etcd floors and etcd's own lock service
+//! (`etcd.rs`).
 //!
 //! By default each client is a `clastor-client` connection, measured as an
 //! application would see it; `--depth` runs that many loops per connection
@@ -14,6 +15,7 @@
 //! `--chart-from` draws SVG charts from collected `--json` lines (`chart.rs`).
 
 mod chart;
+mod etcd;
 mod footprint;
 mod pipeline;
 
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
+use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig, ServerHandle};
@@ -98,6 +101,15 @@ pub(crate) struct LoadArgs {
     /// (0: list on every acquire, for an A/B)
     #[arg(long, default_value_t = ZkConfig::default().watched_dirs)]
     zk_watched_dirs: usize,
+
+    /// etcd endpoints: backend of the in-process server, and target of the etcd floors and of
+    /// the v3lock peer (instead of --zk).
+    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "zk")]
+    etcd: Option<String>,
+
+    /// etcd leases of the in-process server, and channels of the raw floor (at least 1).
+    #[arg(long, default_value_t = NonZeroUsize::new(EtcdConfig::default().leases).unwrap_or(NonZeroUsize::MIN))]
+    etcd_leases: NonZeroUsize,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -234,6 +246,28 @@ impl Report {
     }
 }
 
+impl LoadArgs {
+    /// `--etcd`, split into endpoints.
+    fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect()
+    }
+
+    /// The series name of the backend's floor.
+    fn floor_series(&self) -> &'static str {
+        if self.etcd.is_some() {
+            "floor: etcd"
+        } else {
+            "floor: ZooKeeper"
+        }
+    }
+}
+
 /// Runs `clastor load`.
 pub(crate) fn run(args: LoadArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -285,6 +319,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     }
     let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
         (Some(addr), _) => (addr.clone(), None),
+        (None, None) if args.etcd.is_some() => {
+            let cfg = EtcdConfig {
+                endpoints: args.etcd_endpoints(),
+                leases: args.etcd_leases.get(),
+                ..EtcdConfig::default()
+            };
+            let backend = EtcdBackend::connect(cfg)
+                .await
+                .with_context(|| format!("etcd at {}", args.etcd_endpoints().join(",")))?;
+            start(backend).await?
+        }
         (None, None) => start(MemoryBackend::new()).await?,
         (None, Some(zk)) => {
             let cfg = ZkConfig {
@@ -347,8 +392,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     // The floors: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are; for acquire+release also
     // its shape, an ACQUIRE frame's round trip then a RELEASE frame's.
-    if args.zk.is_some() || args.no_floor {
-        // The ZooKeeper floors below are the ones that matter.
+    if args.zk.is_some() || args.etcd.is_some() || args.no_floor {
+        // The backend's floors below are the ones that matter.
     } else {
         if args.raw || depth > 1 {
             let r = raw_echo(args, n, pipeline::RawOp::Echo, "floor: loopback TCP echo").await?;
@@ -411,17 +456,31 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             let name = format!("clastor acquire+release ({keys_name})");
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            let floor = match args.zk.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
-                Some(zk) => Some(zk_floor(args, zk).await?),
-                None => None,
+            let floor = if args.no_floor || args.keys == Keys::Shared {
+                None
+            } else if let Some(zk) = &args.zk {
+                Some(zk_floor(args, zk).await?)
+            } else if args.etcd.is_some() {
+                Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
+            } else {
+                None
             };
             compare(args, workers, (&name, op), floor, 2, &emit).await;
+            if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
+                let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
+                emit(measure_n(args, workers, &name, op).await, "peer: etcd v3lock", 2);
+            }
         }
         if args.op == Op::Handoff {
             let (name, pairs, op) = handoff(args, &clients);
-            let floor = match args.zk.as_ref().filter(|_| !args.no_floor) {
-                Some(zk) => Some(zk_handoff_floor(zk, args.queue_time).await?),
-                None => None,
+            let floor = if args.no_floor {
+                None
+            } else if let Some(zk) = &args.zk {
+                Some(zk_handoff_floor(zk, args.queue_time).await?)
+            } else if args.etcd.is_some() {
+                Some(etcd::handoff_floor(&args.etcd_endpoints(), args.queue_time).await?)
+            } else {
+                None
             };
             compare(args, pairs, (&name, op), floor, 1, &emit).await;
         }
@@ -452,13 +511,13 @@ async fn compare(
         Some((floor_name, floor_op)) if args.interleave => {
             let (a, b) = measure_alternating(args, workers, [(name, op), (&floor_name, floor_op)]).await;
             emit(a, "clastor", requests_per_op);
-            emit(b, "floor: ZooKeeper", requests_per_op);
+            emit(b, args.floor_series(), requests_per_op);
         }
         Some((floor_name, floor_op)) => {
             emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op);
             emit(
                 measure_n(args, workers, &floor_name, floor_op).await,
-                "floor: ZooKeeper",
+                args.floor_series(),
                 requests_per_op,
             );
         }

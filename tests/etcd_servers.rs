@@ -1,0 +1,333 @@
+//! The etcd backend under faults, the way an operator meets them: `clastor
+//! serve` processes on a real etcd (Debian's package, via the testkit), a
+//! frozen Clastor server, a frozen etcd, a killed etcd leader under a
+//! two-server hammer, a lock key deleted by hand, and `etcdctl lock` — Go's
+//! `concurrency.Mutex` — contending with Clastor on the same lock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clastor_testkit::Etcd;
+use support::process::{Server, send_signal, wall_ns};
+use support::{Text, token_of};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Two `clastor serve` processes X and Y on `etcd`, each with one lease of
+/// `ttl`.
+fn two_servers_on(etcd: &Etcd, ttl: &str) -> (Server, Server) {
+    let endpoints = etcd.endpoints().join(",");
+    let args = [
+        "--backend",
+        "etcd",
+        "--etcd",
+        &endpoints,
+        "--etcd-lease-ttl",
+        ttl,
+        "--etcd-leases",
+        "1",
+    ];
+    (Server::start(&args), Server::start(&args))
+}
+
+fn start_etcd(members: usize) -> Etcd {
+    Etcd::builder()
+        .members(members)
+        .heartbeat_interval(Duration::from_millis(50))
+        .election_timeout(Duration::from_millis(500))
+        .start()
+        .expect("start etcd (apt-get install -y etcd-server etcd-client)")
+}
+
+/// A holder of `tx/{id}` through `holder_at`, and a waiter for it through
+/// `waiter_at` that tries again after failures that may pass. The waiter's
+/// task answers when it was granted, and the guard.
+async fn hold_and_wait(
+    holder_at: SocketAddr,
+    waiter_at: SocketAddr,
+    id: &'static str,
+) -> (
+    clastor_client::Client,
+    clastor_client::LockGuard,
+    tokio::task::JoinHandle<(tokio::time::Instant, clastor_client::LockGuard)>,
+) {
+    let holder = clastor_client::Client::connect(holder_at).await.unwrap();
+    let guard = holder.lock("tx", id).try_acquire().await.unwrap().expect("free");
+    let other = clastor_client::Client::connect(waiter_at).await.unwrap();
+    let wait = tokio::spawn(async move {
+        loop {
+            match other.lock("tx", id).wait(Duration::from_secs(60)).acquire().await {
+                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
+                Ok(None) => panic!("not granted within a minute"),
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    (holder, guard, wait)
+}
+
+/// A frozen Clastor server (a long pause, a hung host): its holder's
+/// safe-until runs out on the client — jeopardy — before etcd expires the
+/// server's lease and the other server grants the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_s_holder_is_told_before_another_server_grants() {
+    let etcd = start_etcd(1);
+    let (x, y) = two_servers_on(&etcd, "3s");
+    let holder = clastor_client::Client::builder(x.addr)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let guard = holder.lock("tx", "frozen").try_acquire().await.unwrap().expect("free");
+    assert!(guard.safe_until().expect("safe-until is stated") > tokio::time::Instant::now());
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait = tokio::spawn(async move {
+        let g = other.lock("tx", "frozen").wait(Duration::from_secs(60)).acquire().await;
+        (tokio::time::Instant::now(), g)
+    });
+
+    send_signal(x.child.id(), "STOP");
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder falls into jeopardy");
+    let jeopardy_at = tokio::time::Instant::now();
+    let (granted_at, granted) = wait.await.unwrap();
+    let granted = granted.unwrap().expect("Y grants once X's lease expired");
+    assert!(granted.token() > guard.token());
+    println!(
+        "X frozen at 0: jeopardy after {:?}, Y granted after {:?}",
+        jeopardy_at - frozen_at,
+        granted_at - frozen_at
+    );
+    assert!(
+        jeopardy_at < granted_at,
+        "jeopardy came after another holder was granted"
+    );
+    send_signal(x.child.id(), "CONT");
+}
+
+/// The whole etcd frozen: X stops hearing keepalive answers and tells its
+/// holder at 3/5 of the TTL; Y grants only once etcd is back and has expired
+/// X's lease — after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_s_holders_are_told_before_anyone_is_granted() {
+    let mut etcd = start_etcd(1);
+    let (x, y) = two_servers_on(&etcd, "3s");
+    let (_holder, guard, wait) = hold_and_wait(x.addr, y.addr, "etcd-frozen").await;
+
+    etcd.freeze(0).unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder is told");
+    let told_at = tokio::time::Instant::now();
+    // Past the TTL, so etcd expires X's lease as soon as it runs again.
+    tokio::time::sleep_until(frozen_at + Duration::from_secs(4)).await;
+    etcd.thaw(0).unwrap();
+    let (granted_at, granted) = wait.await.unwrap();
+    assert!(granted.token() > guard.token());
+    println!(
+        "etcd frozen at 0: holder told after {:?} ({}), Y granted after {:?}",
+        told_at - frozen_at,
+        guard
+            .lost_reason()
+            .map_or_else(|| "jeopardy".to_owned(), |r| r.to_string()),
+        granted_at - frozen_at
+    );
+    assert!(
+        told_at < granted_at,
+        "another holder was granted before the holder was told"
+    );
+    drop((x, y));
+}
+
+/// One holder's belief: from the grant's arrival until it stopped trusting
+/// the lock (it began to release, or fell into jeopardy first).
+#[derive(Debug, Clone, Copy)]
+struct Belief {
+    token: u64,
+    from: tokio::time::Instant,
+    until: tokio::time::Instant,
+    server: char,
+}
+
+/// Contends for one key through `addr` until `stop`, recording every belief.
+async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
+    let client = clastor_client::Client::builder(addr)
+        .keepalive(None)
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect()
+        .await
+        .unwrap();
+    let mut beliefs = Vec::new();
+    while !stop.is_cancelled() {
+        let guard = match client
+            .lock("tx", "hammered")
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+        {
+            Ok(Some(guard)) => guard,
+            Ok(None) => continue,
+            // No leader for a moment, or the server between leases.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let from = tokio::time::Instant::now();
+        let until = tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(5)) => tokio::time::Instant::now(),
+            () = guard.jeopardy() => tokio::time::Instant::now(),
+        };
+        beliefs.push(Belief {
+            token: guard.token(),
+            from,
+            until,
+            server,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
+    }
+    beliefs
+}
+
+/// A three-member etcd cluster, two Clastor servers each on all members,
+/// four clients hammering one key; the etcd leader is killed (SIGKILL), a
+/// new one is elected, the old one restarts and rejoins — twice. From the
+/// holders' own view no two ever overlap, and tokens increase in grant order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_holders_overlap_while_the_etcd_leader_is_killed() {
+    let mut etcd = start_etcd(3);
+    let (x, y) = two_servers_on(&etcd, "3s");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
+        .into_iter()
+        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
+        .collect();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let leader = etcd.leader().expect("a leader");
+        etcd.kill(leader).unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        etcd.restart(leader).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.cancel();
+    let mut beliefs = Vec::new();
+    for w in workers {
+        beliefs.extend(w.await.unwrap());
+    }
+    beliefs.sort_by_key(|b| b.from);
+    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
+    assert!(
+        servers.len() == 2 && beliefs.len() > 50,
+        "too little contention: {} grants",
+        beliefs.len()
+    );
+    for pair in beliefs.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
+        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
+    }
+    println!(
+        "{} grants across X and Y, the etcd leader killed twice: no overlap, tokens increasing",
+        beliefs.len()
+    );
+}
+
+/// A lock key deleted by hand (`etcdctl del`): its holder is told at once,
+/// `node_deleted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_from_outside_is_reported_lost() {
+    let etcd = start_etcd(1);
+    let (x, _y) = two_servers_on(&etcd, "5s");
+    let mut a = Text::connect(x.addr).await;
+    let granted = a.cmd("ACQUIRE tx deleted 0").await;
+    assert!(granted.starts_with("+ACQUIRED tx deleted token="), "{granted}");
+    let out = etcd
+        .etcdctl()
+        .args(["del", "--prefix", "/clastor/tx/v1/deleted/"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lost = a.line().await.unwrap();
+    assert_eq!(
+        lost,
+        format!("!LOST tx deleted token={} reason=node_deleted", token_of(&granted))
+    );
+}
+
+/// `etcdctl lock` (Go's `concurrency.Mutex`) and Clastor exclude each other
+/// on `{prefix}/{kind}/{version}/{id}`, both ways, and hand over in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_and_clastor_exclude_each_other() {
+    let etcd = start_etcd(1);
+    let (x, _y) = two_servers_on(&etcd, "5s");
+    let name = clastor::backend::etcd::mutex_name("/clastor", "tx", "v1", "shared");
+
+    // 1. Clastor holds; `etcdctl lock` waits until Clastor releases.
+    let mut a = Text::connect(x.addr).await;
+    assert!(a.cmd("ACQUIRE tx shared 0").await.starts_with("+ACQUIRED"));
+    let mut ctl = tokio::process::Command::from(etcd.etcdctl())
+        .args(["lock", &name, "--", "sh", "-c", "echo held; read _"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(ctl.stdout.take().unwrap()).lines();
+    // It queued behind Clastor's key (two contenders), and does not run.
+    let count = || {
+        let out = etcd
+            .etcdctl()
+            .args([
+                "get",
+                "--prefix",
+                "--count-only",
+                "--write-out=fields",
+                &format!("{name}/"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("\"Count\" : ").map(|n| n.trim().parse::<u32>().unwrap()))
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "etcdctl lock never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let early = tokio::time::timeout(Duration::from_millis(300), out.next_line()).await;
+    assert!(early.is_err(), "etcdctl lock ran while Clastor held the lock");
+    let released_wall = wall_ns();
+    assert_eq!(a.cmd("RELEASE tx shared").await, "+RELEASED tx shared");
+    let held = tokio::time::timeout(Duration::from_secs(10), out.next_line()).await;
+    assert_eq!(held.unwrap().unwrap().as_deref(), Some("held"));
+    assert!(wall_ns() > released_wall);
+
+    // 2. `etcdctl lock` holds; Clastor cannot, then is granted when it lets go.
+    assert!(a.cmd("ACQUIRE tx shared 0").await.starts_with("-TIMEOUT"));
+    a.send("ACQUIRE tx shared 10000").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "Clastor's acquire never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(ctl.stdin.take()); // `read` ends: the command exits, etcdctl unlocks
+    let granted = tokio::time::timeout(Duration::from_secs(10), a.line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(granted.starts_with("+ACQUIRED tx shared token="), "{granted}");
+    assert!(ctl.wait().await.unwrap().success());
+}
