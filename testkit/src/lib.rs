@@ -1,33 +1,38 @@
-//! Test support for Clastor: a real ZooKeeper, started from Debian's
-//! `zookeeper` package on free loopback ports, for integration tests and
-//! benches.
+//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package)
+//! or a real etcd (Debian's `etcd-server` and `etcd-client`), started on free
+//! loopback ports, for integration tests and benches.
 //!
 //! Design choices:
 //! - **Real servers, never mocks.** [`ZooKeeper::start`] launches one
 //!   standalone server, [`ZooKeeper::ensemble`] a quorum on one host, each a
-//!   `java … QuorumPeerMain zoo.cfg` child process with its own temporary data
-//!   directory and log file.
+//!   `java … QuorumPeerMain zoo.cfg` child process; [`Etcd::start`] launches
+//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster.
+//!   Every server has its own temporary data directory and log file.
 //! - **Parallel-safe.** Every instance picks its own free ports and temp dir;
 //!   a port stolen between picking and binding is detected (the server exits
 //!   or never serves, and its log says so) and the start is retried on fresh
 //!   ports.
-//! - **Fault injection by pid**: [`ZooKeeper::freeze`]/[`ZooKeeper::thaw`]
-//!   (SIGSTOP/SIGCONT), [`ZooKeeper::kill`]/[`ZooKeeper::restart`].
+//! - **Fault injection by pid**: `freeze`/`thaw` (SIGSTOP/SIGCONT),
+//!   `kill` (SIGKILL, data kept) and `restart` on both launchers.
 //! - **Nothing left behind.** `Drop` kills every process it started (by pid)
 //!   and removes the temp dir; a watchdog per server also kills it if the test
 //!   process itself dies without unwinding.
-//! - **One [`Error`] for every server**: each variant carries a [`Server`],
-//!   so a message names the server and says how to install what is missing.
-//! - Blocking `std` APIs only, so it works from sync tests, async
+//! - **One [`Error`] for both servers**: each variant carries a [`Server`],
+//!   so a message names ZooKeeper or etcd (and a ZooKeeper "node" or an etcd
+//!   "member") and says how to install what is missing.
+//! - Blocking `std` APIs only (etcd is probed over plain HTTP/1.0 on a
+//!   `TcpStream`, ZooKeeper with `srvr`), so it works from sync tests, async
 //!   tests (call it before entering the runtime or via `spawn_blocking`; it
 //!   blocks for about a second) and benches alike.
 
+mod etcd;
 mod node;
 mod ports;
 mod probe;
 mod process;
 mod zookeeper;
 
+pub use etcd::{Etcd, EtcdBuilder, etcd_health};
 pub use probe::{Mode, srvr};
 pub use zookeeper::{Builder, ZooKeeper};
 
@@ -40,6 +45,8 @@ use std::path::PathBuf;
 pub enum Server {
     /// Apache ZooKeeper ([`ZooKeeper`]).
     ZooKeeper,
+    /// etcd ([`Etcd`]).
+    Etcd,
 }
 
 impl Server {
@@ -47,6 +54,7 @@ impl Server {
     fn member_word(self) -> &'static str {
         match self {
             Server::ZooKeeper => "node",
+            Server::Etcd => "member",
         }
     }
 
@@ -54,6 +62,7 @@ impl Server {
     fn install_hint(self) -> &'static str {
         match self {
             Server::ZooKeeper => "install with `apt-get install -y zookeeper`; Java 17 is required",
+            Server::Etcd => "install with `apt-get install -y etcd-server etcd-client`",
         }
     }
 }
@@ -62,15 +71,16 @@ impl fmt::Display for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Server::ZooKeeper => "ZooKeeper",
+            Server::Etcd => "etcd",
         })
     }
 }
 
-/// What starting or controlling a test server can fail with.
+/// What starting or controlling a test ZooKeeper or etcd can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The server's programs are missing (`java` or a ZooKeeper jar).
+    /// The server's programs are missing (`java` or a ZooKeeper jar; `etcd`).
     #[error("{server} is not installed: {detail} ({})", .server.install_hint())]
     NotInstalled {
         /// Which server.
