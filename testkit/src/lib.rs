@@ -1,41 +1,93 @@
-//! Test support for Clastor: a real ZooKeeper, started from Debian's
-//! `zookeeper` package on free loopback ports, for integration tests and
-//! benches.
+//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package)
+//! or a real etcd (Debian's `etcd-server` and `etcd-client`), started on free
+//! loopback ports, for integration tests and benches.
 //!
 //! Design choices:
 //! - **Real servers, never mocks.** [`ZooKeeper::start`] launches one
 //!   standalone server, [`ZooKeeper::ensemble`] a quorum on one host, each a
-//!   `java … QuorumPeerMain zoo.cfg` child process with its own temporary data
-//!   directory and log file.
+//!   `java … QuorumPeerMain zoo.cfg` child process; [`Etcd::start`] launches
+//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster.
+//!   Every server has its own temporary data directory and log file.
 //! - **Parallel-safe.** Every instance picks its own free ports and temp dir;
-//!   a port stolen between picking and binding is detected (the JVM exits or
-//!   never serves) and the start is retried on fresh ports.
-//! - **Fault injection by pid**: [`ZooKeeper::freeze`]/[`ZooKeeper::thaw`]
-//!   (SIGSTOP/SIGCONT), [`ZooKeeper::kill`]/[`ZooKeeper::restart`].
+//!   a port stolen between picking and binding is detected (the server exits
+//!   or never serves, and its log says so) and the start is retried on fresh
+//!   ports.
+//! - **Fault injection by pid**: `freeze`/`thaw` (SIGSTOP/SIGCONT),
+//!   `kill` (SIGKILL, data kept) and `restart` on both launchers.
 //! - **Nothing left behind.** `Drop` kills every process it started (by pid)
 //!   and removes the temp dir; a watchdog per server also kills it if the test
 //!   process itself dies without unwinding.
-//! - Blocking `std` APIs only, so it works from sync tests, async tests
-//!   (call it before entering the runtime or via `spawn_blocking`; it blocks
-//!   for about a second) and benches alike.
+//! - **One [`Error`] for both servers**: each variant carries a [`Server`],
+//!   so a message names ZooKeeper or etcd (and a ZooKeeper "node" or an etcd
+//!   "member") and says how to install what is missing.
+//! - Blocking `std` APIs only (etcd is probed over plain HTTP/1.0 on a
+//!   `TcpStream`, ZooKeeper with `srvr`), so it works from sync tests, async
+//!   tests (call it before entering the runtime or via `spawn_blocking`; it
+//!   blocks for about a second) and benches alike.
 
+mod etcd;
 mod node;
 mod ports;
 mod probe;
+mod process;
 mod zookeeper;
 
+pub use etcd::{Etcd, EtcdBuilder, etcd_health};
 pub use probe::{Mode, srvr};
 pub use zookeeper::{Builder, ZooKeeper};
 
+use std::fmt;
 use std::path::PathBuf;
 
-/// What starting or controlling a test ZooKeeper can fail with.
+/// Which server an [`Error`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Server {
+    /// Apache ZooKeeper ([`ZooKeeper`]).
+    ZooKeeper,
+    /// etcd ([`Etcd`]).
+    Etcd,
+}
+
+impl Server {
+    /// What one server of a cluster is called: a ZooKeeper "node", an etcd "member".
+    fn member_word(self) -> &'static str {
+        match self {
+            Server::ZooKeeper => "node",
+            Server::Etcd => "member",
+        }
+    }
+
+    /// How to install it on Debian.
+    fn install_hint(self) -> &'static str {
+        match self {
+            Server::ZooKeeper => "install with `apt-get install -y zookeeper`; Java 17 is required",
+            Server::Etcd => "install with `apt-get install -y etcd-server etcd-client`",
+        }
+    }
+}
+
+impl fmt::Display for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Server::ZooKeeper => "ZooKeeper",
+            Server::Etcd => "etcd",
+        })
+    }
+}
+
+/// What starting or controlling a test ZooKeeper or etcd can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// `java` or a ZooKeeper jar is missing.
-    #[error("ZooKeeper is not installed: {0} (install with `apt-get install -y zookeeper`; Java 17 is required)")]
-    NotInstalled(String),
+    /// The server's programs are missing (`java` or a ZooKeeper jar; `etcd`).
+    #[error("{server} is not installed: {detail} ({})", .server.install_hint())]
+    NotInstalled {
+        /// Which server.
+        server: Server,
+        /// What is missing.
+        detail: String,
+    },
     /// A local I/O operation (temp dir, config file, process spawn) failed.
     #[error("{what}: {source}")]
     Io {
@@ -46,35 +98,48 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A server process exited during startup.
-    #[error("ZooKeeper node {node} exited during startup ({status}); log tail of {log}:\n{tail}")]
+    #[error("{server} {} {index} exited during startup ({status}); log tail of {}:\n{tail}", .server.member_word(), .log.display())]
     Exited {
-        /// Index of the node (0-based).
-        node: usize,
+        /// Which server.
+        server: Server,
+        /// Index of the node or member (0-based).
+        index: usize,
         /// Exit status as text.
         status: String,
-        /// The node's log file.
+        /// Its log file.
         log: PathBuf,
         /// The last lines of its log.
         tail: String,
     },
     /// The servers did not become ready in time.
-    #[error("ZooKeeper did not become ready within {secs}s: {detail}; log tails:\n{tails}")]
+    #[error("{server} did not become ready within {timeout:?}: {detail}; log tails:\n{tails}")]
     NotReady {
-        /// The timeout, in seconds.
-        secs: u64,
+        /// Which server.
+        server: Server,
+        /// How long it waited.
+        timeout: std::time::Duration,
         /// What was still missing (e.g. "no leader").
         detail: String,
-        /// The last lines of every node's log.
+        /// The last lines of every server's log.
         tails: String,
     },
-    /// A node index past the ensemble size.
-    #[error("no ZooKeeper node {0} (ensemble has {1})")]
-    NoSuchNode(usize, usize),
+    /// An index past the cluster size.
+    #[error("no {server} {} {index} (the cluster has {len})", .server.member_word())]
+    NoSuchNode {
+        /// Which server.
+        server: Server,
+        /// The index asked for.
+        index: usize,
+        /// How many there are.
+        len: usize,
+    },
     /// A signal could not be delivered (`kill -STOP`, `kill -CONT`).
-    #[error("could not signal ZooKeeper node {node} (pid {pid}) with {signal}: {detail}")]
+    #[error("could not signal {server} {} {index} (pid {pid}) with {signal}: {detail}", .server.member_word())]
     Signal {
-        /// Index of the node.
-        node: usize,
+        /// Which server.
+        server: Server,
+        /// Index of the node or member.
+        index: usize,
         /// Its process id.
         pid: u32,
         /// The signal name.
@@ -82,9 +147,14 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
-    /// The node is not running (killed, or never started).
-    #[error("ZooKeeper node {0} is not running")]
-    NotRunning(usize),
+    /// The node or member is not running (killed, or never started).
+    #[error("{server} {} {index} is not running", .server.member_word())]
+    NotRunning {
+        /// Which server.
+        server: Server,
+        /// Index of the node or member.
+        index: usize,
+    },
 }
 
 impl Error {

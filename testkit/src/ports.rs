@@ -1,6 +1,6 @@
 //! Free loopback ports: bind `127.0.0.1:0` for each port wanted, all at once
 //! (so one instance never gets the same port twice), then release them for
-//! ZooKeeper to bind. Another process can still take one in between; the
+//! the server to bind. Another process can still take one in between; the
 //! caller detects that and retries on fresh ports.
 
 use std::net::TcpListener;

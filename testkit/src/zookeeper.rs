@@ -8,16 +8,15 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::Error;
 use crate::node::{self, Node, Ports, Settings};
 use crate::ports::free_ports;
 use crate::probe::{Mode, srvr};
+use crate::{Error, Server};
 
 /// How many times a start is retried on fresh ports after a port conflict.
 const START_ATTEMPTS: usize = 4;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(50);
-const LOG_TAIL_LINES: usize = 30;
 
 /// Options for starting a test ZooKeeper; [`ZooKeeper::start`] and
 /// [`ZooKeeper::ensemble`] cover the usual cases.
@@ -102,7 +101,7 @@ impl Builder {
                 Err(err) => {
                     // A port taken by someone else between picking and
                     // binding: try again on fresh ports. Anything else is real.
-                    if !zk.nodes.iter().any(Node::port_conflict) {
+                    if !zk.nodes.iter().any(|n| n.process.port_conflict()) {
                         return Err(err);
                     }
                     last_err = Some(err);
@@ -110,7 +109,8 @@ impl Builder {
             }
         }
         Err(last_err.unwrap_or(Error::NotReady {
-            secs: self.startup_timeout.as_secs(),
+            server: Server::ZooKeeper,
+            timeout: self.startup_timeout,
             detail: "no start attempt made".into(),
             tails: String::new(),
         }))
@@ -219,7 +219,7 @@ impl ZooKeeper {
 
     /// The JVM pid of node `i` while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.nodes.get(i).and_then(Node::pid)
+        self.nodes.get(i).and_then(|n| n.process.pid())
     }
 
     /// The temp directory holding every node's data, config and log.
@@ -229,24 +229,28 @@ impl ZooKeeper {
 
     /// Node `i`'s log file.
     pub fn log_path(&self, i: usize) -> Option<PathBuf> {
-        self.nodes.get(i).map(Node::log_path)
+        self.nodes.get(i).map(|n| n.process.log_path().to_path_buf())
     }
 
     /// The last `lines` lines of node `i`'s log.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        self.nodes.get(i).map(|n| n.log_tail(lines)).unwrap_or_default()
+        self.nodes.get(i).map(|n| n.process.log_tail(lines)).unwrap_or_default()
     }
 
     fn node_mut(&mut self, i: usize) -> Result<&mut Node, Error> {
         let len = self.nodes.len();
-        self.nodes.get_mut(i).ok_or(Error::NoSuchNode(i, len))
+        self.nodes.get_mut(i).ok_or(Error::NoSuchNode {
+            server: Server::ZooKeeper,
+            index: i,
+            len,
+        })
     }
 
     /// Node `i`'s role per `srvr`; `None` if it does not answer or does not
     /// serve (starting, frozen, killed, no quorum).
     pub fn mode(&self, i: usize) -> Option<Mode> {
         let node = self.nodes.get(i)?;
-        if node.is_frozen() || node.pid().is_none() {
+        if !node.process.is_live() {
             return None;
         }
         srvr(node.addr(), PROBE_TIMEOUT)
@@ -266,7 +270,7 @@ impl ZooKeeper {
     /// # Errors
     /// [`Error::NoSuchNode`], [`Error::NotRunning`], [`Error::Signal`].
     pub fn freeze(&mut self, i: usize) -> Result<(), Error> {
-        self.node_mut(i)?.signal("STOP")
+        self.node_mut(i)?.process.signal("STOP")
     }
 
     /// Resumes a frozen node with SIGCONT.
@@ -274,7 +278,7 @@ impl ZooKeeper {
     /// # Errors
     /// [`Error::NoSuchNode`], [`Error::NotRunning`], [`Error::Signal`].
     pub fn thaw(&mut self, i: usize) -> Result<(), Error> {
-        self.node_mut(i)?.signal("CONT")
+        self.node_mut(i)?.process.signal("CONT")
     }
 
     /// Kills node `i` with SIGKILL (a crash: no clean shutdown).
@@ -282,7 +286,7 @@ impl ZooKeeper {
     /// # Errors
     /// [`Error::NoSuchNode`].
     pub fn kill(&mut self, i: usize) -> Result<(), Error> {
-        self.node_mut(i)?.kill();
+        self.node_mut(i)?.process.kill();
         Ok(())
     }
 
@@ -294,7 +298,7 @@ impl ZooKeeper {
     pub fn restart(&mut self, i: usize) -> Result<(), Error> {
         let settings = self.settings.clone();
         let node = self.node_mut(i)?;
-        node.kill();
+        node.process.kill();
         node.spawn(&settings)?;
         let timeout = self.startup_timeout;
         self.wait_ready(timeout)
@@ -317,7 +321,8 @@ impl ZooKeeper {
             }
             if Instant::now() >= deadline {
                 return Err(Error::NotReady {
-                    secs: timeout.as_secs(),
+                    server: Server::ZooKeeper,
+                    timeout,
                     detail,
                     tails: self.tails(),
                 });
@@ -331,7 +336,7 @@ impl ZooKeeper {
         let standalone = self.nodes.len() == 1;
         let mut leaders = 0;
         for (i, node) in self.nodes.iter().enumerate() {
-            if node.pid().is_none() || node.is_frozen() {
+            if !node.process.is_live() {
                 continue;
             }
             match self.mode(i) {
@@ -350,30 +355,13 @@ impl ZooKeeper {
 
     /// An error for the first node whose JVM exited, if any.
     fn exit_error(&mut self) -> Option<Error> {
-        for node in &mut self.nodes {
-            if let Some(status) = node.exited() {
-                return Some(Error::Exited {
-                    node: node.index,
-                    status: status.to_string(),
-                    log: node.log_path(),
-                    tail: node.log_tail(LOG_TAIL_LINES),
-                });
-            }
-        }
-        None
+        self.nodes.iter_mut().find_map(|n| n.process.exit_error())
     }
 
     fn tails(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| {
-                format!(
-                    "--- node {} ({}) ---\n{}",
-                    n.index,
-                    n.log_path().display(),
-                    n.log_tail(LOG_TAIL_LINES)
-                )
-            })
+            .map(|n| n.process.tail_section())
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -384,7 +372,7 @@ impl ZooKeeper {
     /// [`Error::NoSuchNode`].
     pub fn is_down(&mut self, i: usize) -> Result<bool, Error> {
         let node = self.node_mut(i)?;
-        let _ = node.exited();
-        Ok(node.pid().is_none())
+        let _ = node.process.exited();
+        Ok(node.process.pid().is_none())
     }
 }
