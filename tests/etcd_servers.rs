@@ -275,9 +275,13 @@ async fn etcdctl_lock_and_clastor_exclude_each_other() {
     // 1. Clastor holds; `etcdctl lock` waits until Clastor releases.
     let mut a = Text::connect(x.addr).await;
     assert!(a.cmd("ACQUIRE tx shared 0").await.starts_with("+ACQUIRED"));
+    // The command holds until the file `done` appears (etcdctl gives it no stdin).
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let script = format!("echo held; while [ ! -e {} ]; do sleep 0.01; done", done.display());
     let mut ctl = tokio::process::Command::from(etcd.etcdctl())
-        .args(["lock", &name, "--", "sh", "-c", "echo held; read _"])
-        .stdin(Stdio::piped())
+        .args(["lock", &name, "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -286,21 +290,16 @@ async fn etcdctl_lock_and_clastor_exclude_each_other() {
     let mut out = BufReader::new(ctl.stdout.take().unwrap()).lines();
     // It queued behind Clastor's key (two contenders), and does not run.
     let count = || {
+        // etcdctl 3.4 has no --count-only: count the keys it lists.
         let out = etcd
             .etcdctl()
-            .args([
-                "get",
-                "--prefix",
-                "--count-only",
-                "--write-out=fields",
-                &format!("{name}/"),
-            ])
+            .args(["get", "--prefix", "--keys-only", &format!("{name}/")])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .find_map(|l| l.strip_prefix("\"Count\" : ").map(|n| n.trim().parse::<u32>().unwrap()))
-            .unwrap_or(0)
+            .filter(|l| !l.trim().is_empty())
+            .count()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while count() < 2 {
@@ -316,14 +315,15 @@ async fn etcdctl_lock_and_clastor_exclude_each_other() {
     assert!(wall_ns() > released_wall);
 
     // 2. `etcdctl lock` holds; Clastor cannot, then is granted when it lets go.
-    assert!(a.cmd("ACQUIRE tx shared 0").await.starts_with("-TIMEOUT"));
+    let refused = a.cmd("ACQUIRE tx shared 0").await;
+    assert!(refused.starts_with("-TIMEOUT"), "{refused}");
     a.send("ACQUIRE tx shared 10000").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while count() < 2 {
         assert!(std::time::Instant::now() < deadline, "Clastor's acquire never queued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(ctl.stdin.take()); // `read` ends: the command exits, etcdctl unlocks
+    std::fs::write(&done, b"").unwrap(); // the command exits, etcdctl unlocks
     let granted = tokio::time::timeout(Duration::from_secs(10), a.line())
         .await
         .unwrap()

@@ -383,17 +383,17 @@ impl EtcdBackend {
                 () = tokio::time::sleep_until(next_report.min(deadline)) => None,
             };
             match msg {
-                Some(WatchMsg::Events(events)) => {
+                Some(WatchMsg::Events(events))
                     if events
                         .iter()
-                        .any(|e| e.kv().is_some_and(|kv| kv.key() == version_key.as_bytes()))
-                    {
-                        let now = self.kinds.read(kind).await?;
-                        if now.mod_rev != mark_rev {
-                            return Ok(aborted_by_someone(kind, &now.version));
-                        }
+                        .any(|e| e.kv().is_some_and(|kv| kv.key() == version_key.as_bytes())) =>
+                {
+                    let now = self.kinds.read(kind).await?;
+                    if now.mod_rev != mark_rev {
+                        return Ok(aborted_by_someone(kind, &now.version));
                     }
                 }
+                Some(WatchMsg::Events(_)) | None => {}
                 Some(WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_)) => {
                     census = self.census(kind, from).await?;
                     watch = self
@@ -405,7 +405,6 @@ impl EtcdBackend {
                         return Ok(aborted_by_someone(kind, &now.version));
                     }
                 }
-                None => {}
             }
             census = self.census(kind, from).await?;
             let since = reported.0.elapsed();
