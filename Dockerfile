@@ -4,11 +4,18 @@
 #   docker build -t clastor .
 # Run against ZooKeeper:
 #   docker run -p 8078:8078 clastor serve --listen 0.0.0.0:8078 --backend zookeeper --zk zookeeper:2181
+# or etcd:
+#   docker run -p 8078:8078 clastor serve --listen 0.0.0.0:8078 --backend etcd --etcd etcd:2379
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# protoc: the etcd backend's client (etcd-client) compiles etcd's .proto
+# files when it builds.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Manifests and sources of every workspace member (the manifests name the
 # benches and tests, so those directories must be present too), and the

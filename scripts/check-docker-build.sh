@@ -23,6 +23,13 @@ stage=$(sed -e ':a' -e '/\\$/N; s/\\\n//; ta' Dockerfile \
 build=$(printf '%s\n' "$stage" | grep -oE 'cargo build [^&]*' | head -n 1 | sed 's/ *$//' | tr -s ' ')
 [ -n "$build" ] || { echo "no cargo build in the Dockerfile's build stage" >&2; exit 1; }
 
+# The host has protoc; the image's build stage must install its own, or
+# etcd-client's build script fails there (and nowhere here).
+if ! printf '%s\n' "$stage" | grep -qE '^RUN .*apt-get install .*protobuf-compiler'; then
+  echo "the Dockerfile's build stage does not install protobuf-compiler (etcd-client needs protoc)" >&2
+  exit 1
+fi
+
 copies=0
 while read -r _ args; do
   # COPY SRC... DEST (no --from in the build stage; flags are refused).
