@@ -5,7 +5,7 @@
 //! ```text
 //! {prefix}/{kind}/version                        value: the kind's version record ("v1\nnormal")
 //! {prefix}/{kind}/rotation                       a rotation's claim, on its driver's lease
-//! {prefix}/{kind}/{version}/{id}/{lease:x}_{n:x} one contender: holder or waiter, on a pooled lease
+//! {prefix}/{kind}/{version}/{id}/{lease:x}[_{n}] one contender: holder or waiter, on a pooled lease
 //! ```
 //!
 //! **The recipe is etcd's own** (Go's `clientv3/concurrency.Mutex`, which
@@ -13,9 +13,9 @@
 //! with its lease, the one with the lowest create revision holds, and a
 //! waiter watches the deletion of the key created last before its own. So
 //! `etcdctl lock {prefix}/{kind}/{version}/{id}` and a Go service's Mutex on
-//! that name exclude Clastor holders, and the other way round. Go names its
-//! key `{lease:x}`; ours add `_{n:x}` (a counter of this process), because
-//! one pooled lease carries many owners' contenders, possibly for one lock.
+//! that name exclude Clastor holders, and the other way round. Keys are
+//! named `{lease:x}` as Go names them, `{lease:x}_{n}` for a second
+//! contender of one lock on one pooled lease (`names.rs`).
 //!
 //! **Fencing token = the key's create revision**: etcd's revision counter is
 //! global to the cluster and never goes back, so a later grant of a lock —
@@ -38,6 +38,7 @@
 //! - `error.rs`: what an etcd error means, the bounded retry;
 //! - `lease.rs`: the leases, their keepalives, contact, grants and losses;
 //! - `watch.rs`: one watch stream per backend, multiplexed by watch id;
+//! - `names.rs`: our keys' names, reused once their keys are gone;
 //! - `kinds.rs`: each kind's version record, its cache, waiting while it drains;
 //! - `rotation.rs`: version rotation — claim, mark, drain, switch, clean up;
 //! - `recipe.rs`: the [`Backend`](crate::backend::Backend) implementation.
@@ -45,6 +46,7 @@
 mod error;
 mod kinds;
 mod lease;
+mod names;
 mod recipe;
 mod rotation;
 mod watch;
@@ -58,6 +60,7 @@ pub use self::recipe::EtcdGuard;
 
 use self::kinds::Kinds;
 use self::lease::LeasePool;
+use self::names::Names;
 use self::watch::WatchHub;
 use crate::backend::BackendError;
 
@@ -100,6 +103,7 @@ pub struct EtcdBackend {
     leases: Arc<LeasePool>,
     watches: Arc<WatchHub>,
     kinds: Kinds,
+    names: Arc<Names>,
 }
 
 impl EtcdBackend {
@@ -167,6 +171,7 @@ impl EtcdBackend {
             keys,
             leases,
             watches,
+            names: Arc::default(),
         })
     }
 }

@@ -25,7 +25,6 @@
 //! holder leave nothing that would block the next contender.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clastor_protocol::{LockMode, LostReason};
@@ -41,6 +40,7 @@ use super::EtcdClient;
 use super::error;
 use super::kinds::seen_in;
 use super::lease::{Lease, keepalive_interval, lost_after};
+use super::names::NameClaim;
 use super::watch::WatchMsg;
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
@@ -51,47 +51,51 @@ use crate::key::LockKey;
 /// gives up.
 const MAX_REQUEUES: u32 = 3;
 
-/// Numbers our keys apart on one lease (`{lease:x}_{n:x}`).
-static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
 /// A contender's key not (yet) granted: deleted when dropped, unless it
 /// became a grant.
 #[derive(Debug)]
 struct PendingKey {
     client: EtcdClient,
-    key: String,
+    name: Option<NameClaim>,
     lease: Arc<Lease>,
-    armed: bool,
 }
 
 impl PendingKey {
-    fn new(client: &EtcdClient, key: String, lease: Arc<Lease>) -> PendingKey {
+    fn new(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>) -> PendingKey {
         PendingKey {
             client: client.clone(),
-            key,
+            name: Some(name),
             lease,
-            armed: true,
         }
     }
 
+    fn key(&self) -> &str {
+        self.name.as_ref().map_or("", NameClaim::key)
+    }
+
+    /// The key was never created, or is known to be gone: free its name.
+    fn forget(mut self) {
+        self.name = None;
+    }
+
     /// The key is granted: the guard owns it now.
-    fn disarm(mut self) -> (String, Arc<Lease>) {
-        self.armed = false;
-        (std::mem::take(&mut self.key), self.lease.clone())
+    fn into_granted(mut self) -> (Option<NameClaim>, Arc<Lease>) {
+        (self.name.take(), self.lease.clone())
     }
 }
 
 impl Drop for PendingKey {
     fn drop(&mut self) {
-        if self.armed {
-            delete_in_background(&self.client, std::mem::take(&mut self.key), self.lease.clone());
+        if let Some(name) = self.name.take() {
+            delete_in_background(&self.client, name, self.lease.clone());
         }
     }
 }
 
-/// Deletes `key` until it is gone, or its lease is (which takes the key
-/// with it); never gives up while both live.
-fn delete_in_background(client: &EtcdClient, key: String, lease: Arc<Lease>) {
+/// Deletes the key named by `name` until it is gone, or its lease is (which
+/// takes the key with it); never gives up while both live. The name is free
+/// again only then (`names.rs`).
+fn delete_in_background(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -101,13 +105,13 @@ fn delete_in_background(client: &EtcdClient, key: String, lease: Arc<Lease>) {
         loop {
             let deleted = error::retry("delete a lock key", || {
                 let mut kv = client.kv_client();
-                let key = key.clone();
+                let key = name.key().to_owned();
                 async move { kv.delete(key, None).await }
             });
             tokio::select! {
                 r = deleted => match r {
                     Ok(_) => return,
-                    Err(e) => warn!(%key, error = %e, "cannot delete a lock key yet; retrying"),
+                    Err(e) => warn!(key = %name.key(), error = %e, "cannot delete a lock key yet; retrying"),
                 },
                 () = lease.until_retired() => return,
             }
@@ -130,7 +134,7 @@ pub struct EtcdGuard {
 #[derive(Debug)]
 struct Held {
     client: EtcdClient,
-    key: String,
+    name: NameClaim,
     lease: Arc<Lease>,
     grant: u64,
     watcher: AbortHandle,
@@ -139,7 +143,7 @@ struct Held {
 impl EtcdGuard {
     /// The lock's key in etcd.
     pub fn key(&self) -> &str {
-        self.held.as_ref().map_or("", |h| &h.key)
+        self.held.as_ref().map_or("", |h| h.name.key())
     }
 
     /// The id of the lease the key lives on.
@@ -158,7 +162,7 @@ impl EtcdGuard {
 impl Drop for EtcdGuard {
     fn drop(&mut self) {
         if let Some(h) = self.take() {
-            delete_in_background(&h.client, h.key, h.lease);
+            delete_in_background(&h.client, h.name, h.lease);
         }
     }
 }
@@ -401,8 +405,7 @@ impl Backend for EtcdBackend {
             }
             let lease = self.leases.pick()?;
             let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
-            let name = format!("{dir}{:x}_{:x}", lease.id(), NEXT_KEY.fetch_add(1, Ordering::Relaxed));
-            let pending = PendingKey::new(&self.client, name, lease.clone());
+            let pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir), lease.clone());
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     version_key.as_str(),
@@ -411,7 +414,7 @@ impl Backend for EtcdBackend {
                 )])
                 .and_then([
                     TxnOp::put(
-                        pending.key.as_str(),
+                        pending.key(),
                         format!("clastor owner={}", req.owner),
                         Some(PutOptions::new().with_lease(lease.id())),
                     ),
@@ -436,7 +439,7 @@ impl Backend for EtcdBackend {
             let ops = resp.op_responses();
             if !resp.succeeded() {
                 // The kind's record moved on: learn it and go again.
-                drop(pending.disarm());
+                pending.forget();
                 seen = match ops.first().and_then(seen_in) {
                     Some(s) => s?,
                     None => {
@@ -460,15 +463,15 @@ impl Backend for EtcdBackend {
             let turn = if first == Some(rev) {
                 Turn::Granted
             } else {
-                self.wait_turn(&dir, &pending.key, rev, &lease, deadline).await?
+                self.wait_turn(&dir, pending.key(), rev, &lease, deadline).await?
             };
             match turn {
                 Turn::Granted => {}
                 Turn::TimedOut => return Ok(None),
                 Turn::Deleted if requeues < MAX_REQUEUES => {
                     requeues += 1;
-                    warn!(%key, key = %pending.key, "our waiting lock key was deleted from outside; queueing again");
-                    drop(pending.disarm());
+                    warn!(%key, key = %pending.key(), "our waiting lock key was deleted from outside; queueing again");
+                    pending.forget();
                     continue;
                 }
                 Turn::Deleted => {
@@ -481,21 +484,23 @@ impl Backend for EtcdBackend {
             let grant = lease
                 .register(key, token, req.on_lost)
                 .map_err(|_| BackendError::Unavailable("the etcd lease was lost as the lock was granted".into()))?;
-            let watcher = match self.watch_held(&pending.key, rev, lease.clone(), grant).await {
+            let watcher = match self.watch_held(pending.key(), rev, lease.clone(), grant).await {
                 Ok(w) => w,
                 Err(e) => {
                     lease.forget(grant);
                     return Err(e);
                 }
             };
-            let (name, lease) = pending.disarm();
+            let (Some(name), lease) = pending.into_granted() else {
+                return Err(BackendError::Internal("a granted key without its name".into()));
+            };
             return Ok(Some(Grant {
                 token,
                 version: seen.version.version.clone(),
                 guard: EtcdGuard {
                     held: Some(Held {
                         client: self.client.clone(),
-                        key: name,
+                        name,
                         lease,
                         grant,
                         watcher,
@@ -509,7 +514,7 @@ impl Backend for EtcdBackend {
         let Some(h) = guard.take() else { return Ok(()) };
         let deleted = error::retry("delete a lock key", || {
             let mut kv = h.client.kv_client();
-            let key = h.key.clone();
+            let key = h.name.key().to_owned();
             async move { kv.delete(key, None).await }
         })
         .await;
@@ -518,7 +523,7 @@ impl Backend for EtcdBackend {
             // Its lease is gone, and the key with it.
             Err(_) if h.lease.is_retired() => Ok(()),
             Err(e) => {
-                delete_in_background(&h.client, h.key, h.lease);
+                delete_in_background(&h.client, h.name, h.lease);
                 Err(e)
             }
         }
