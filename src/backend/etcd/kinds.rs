@@ -196,7 +196,12 @@ impl Kinds {
                             return Ok(Some(seen));
                         }
                     }
-                    WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_) => {
+                    WatchMsg::Cancelled(why) => {
+                        tracing::debug!(%kind, %why, "watch of a kind's version cancelled; reading it again");
+                        seen = self.read(kind).await?;
+                        continue 'watch;
+                    }
+                    WatchMsg::Broken => {
                         seen = self.read(kind).await?;
                         continue 'watch;
                     }

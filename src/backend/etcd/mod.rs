@@ -37,12 +37,16 @@
 //!
 //! - `error.rs`: what an etcd error means, the bounded retry;
 //! - `lease.rs`: the leases, their keepalives, contact, grants and losses;
-//! - `watch.rs`: one watch stream per backend, multiplexed by watch id;
+//! - `watch.rs`: one watch stream per backend, multiplexed by watch id (the
+//!   kinds' records, a rotation's drain);
+//! - `deletions.rs`: one watch of every deletion under the prefix, routed
+//!   to the waiters and holders of each lock;
 //! - `names.rs`: our keys' names, reused once their keys are gone;
 //! - `kinds.rs`: each kind's version record, its cache, waiting while it drains;
 //! - `rotation.rs`: version rotation — claim, mark, drain, switch, clean up;
 //! - `recipe.rs`: the [`Backend`](crate::backend::Backend) implementation.
 
+mod deletions;
 mod error;
 mod kinds;
 mod lease;
@@ -58,6 +62,7 @@ use etcd_client::{Client, ConnectOptions};
 
 pub use self::recipe::EtcdGuard;
 
+use self::deletions::Deletions;
 use self::kinds::Kinds;
 use self::lease::LeasePool;
 use self::names::Names;
@@ -104,6 +109,7 @@ pub struct EtcdBackend {
     watches: Arc<WatchHub>,
     kinds: Kinds,
     names: Arc<Names>,
+    deletions: Arc<Deletions>,
 }
 
 impl EtcdBackend {
@@ -164,6 +170,13 @@ impl EtcdBackend {
             return Err(BackendError::Unavailable(format!("etcd at {named}: {e}")));
         }
         let watches = WatchHub::new(client.clone());
+        let deletions = match Deletions::start(client.clone(), format!("{}/", keys.prefix)).await {
+            Ok(d) => d,
+            Err(e) => {
+                leases.shutdown().await;
+                return Err(BackendError::Unavailable(format!("etcd at {named}: {e}")));
+            }
+        };
         tracing::info!(endpoints = %named, prefix = %cfg.prefix, leases = cfg.leases, "connected to etcd");
         Ok(EtcdBackend {
             kinds: Kinds::new(client.clone(), keys.clone(), watches.clone()),
@@ -172,6 +185,7 @@ impl EtcdBackend {
             leases,
             watches,
             names: Arc::default(),
+            deletions,
         })
     }
 }

@@ -29,11 +29,11 @@ use std::time::Duration;
 
 use clastor_protocol::{LockMode, LostReason};
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::EtcdBackend;
 use super::EtcdClient;
@@ -41,7 +41,7 @@ use super::error;
 use super::kinds::seen_in;
 use super::lease::{Lease, keepalive_interval, lost_after};
 use super::names::NameClaim;
-use super::watch::WatchMsg;
+use super::deletions::{DelMsg, Subscription};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -176,30 +176,8 @@ enum Turn {
 }
 
 impl EtcdBackend {
-    /// Watches `dir` for deletions from now on: etcd reports a watch made
-    /// from a past revision only from its next sync (up to 100 ms later)
-    /// once anything was written since, so the watch starts now, and the
-    /// caller looks at the store only after etcd confirmed it.
-    async fn watch_deletions(&self, dir: &str) -> Result<super::watch::Watch, BackendError> {
-        for _ in 0..error::MAX_ATTEMPTS {
-            let mut watch = self.watches.watch(dir, true, 0, true).await?;
-            match watch.created().await {
-                Ok(_) => return Ok(watch),
-                Err(WatchMsg::Cancelled(why)) => {
-                    return Err(BackendError::Unavailable(format!(
-                        "etcd refused a watch of {dir}: {why}"
-                    )));
-                }
-                // The stream broke before the watch was made: make it again.
-                Err(_) => {}
-            }
-        }
-        Err(BackendError::Unavailable(format!(
-            "etcd: the watch stream kept breaking while watching {dir}"
-        )))
-    }
-
-    /// Waits until no key created before ours (`rev`) is left in `dir`.
+    /// Waits until no key created before ours (`rev`) is left in `dir`;
+    /// `deletions` was subscribed to before our key was created.
     async fn wait_turn(
         &self,
         dir: &str,
@@ -207,6 +185,7 @@ impl EtcdBackend {
         rev: i64,
         lease: &Lease,
         deadline: Instant,
+        deletions: &mut Subscription,
     ) -> Result<Turn, BackendError> {
         let look = Txn::new().and_then([
             TxnOp::get(
@@ -222,24 +201,18 @@ impl EtcdBackend {
             ),
             TxnOp::get(key, Some(GetOptions::new().with_count_only())),
         ]);
-        let mut watch = tokio::select! {
-            w = self.watch_deletions(dir) => w?,
-            () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
-        };
         loop {
-            // One consistent look, after the watch is in place: the last key
-            // before ours, and ours.
+            // One consistent look: the last key before ours, and ours.
             let resp = error::retry("look for the predecessor", || {
                 let mut kv = self.client.kv_client();
                 let look = look.clone();
                 async move { kv.txn(look).await }
             })
             .await?;
+            let at = resp.header().map_or(rev, |h| h.revision());
             let ops = resp.op_responses();
             let (Some(TxnOpResponse::Get(before)), Some(TxnOpResponse::Get(mine))) = (ops.first(), ops.get(1)) else {
-                return Err(BackendError::Internal(
-                    "etcd answered a lookup with other operations".into(),
-                ));
+                return Err(BackendError::Internal("etcd answered a lookup with other operations".into()));
             };
             if mine.count() == 0 {
                 return Ok(Turn::Deleted);
@@ -247,92 +220,59 @@ impl EtcdBackend {
             let Some(pred) = before.kvs().first().map(|kv| kv.key().to_vec()) else {
                 return Ok(Turn::Granted);
             };
-            // Wait for that key's deletion (or ours).
-            'events: loop {
+            // Wait for that key's deletion (or ours), after the look.
+            loop {
                 let msg = tokio::select! {
                     biased;
                     () = lease.until_retired() => {
                         return Err(BackendError::Unavailable("the etcd lease of a waiting acquire was lost".into()));
                     }
-                    msg = watch.next() => msg,
+                    msg = deletions.next() => msg,
                     () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
                 };
                 match msg {
-                    WatchMsg::Events(events) => {
-                        for e in &events {
-                            if e.event_type() != EventType::Delete {
-                                continue;
-                            }
-                            let Some(k) = e.kv().map(etcd_client::KeyValue::key) else {
-                                continue;
-                            };
-                            if k == key.as_bytes() {
-                                return Ok(Turn::Deleted);
-                            }
-                            if k == pred.as_slice() {
-                                break 'events;
-                            }
+                    DelMsg::Deleted { key: k, revision } if revision > at => {
+                        if k == key.as_bytes() {
+                            return Ok(Turn::Deleted);
+                        }
+                        if k == pred {
+                            break;
                         }
                     }
-                    WatchMsg::Cancelled(why) => {
-                        debug!(%dir, %why, "watch of a lock's contenders cancelled; watching again");
-                        watch = self.watch_deletions(dir).await?;
-                        break 'events;
-                    }
-                    WatchMsg::Broken | WatchMsg::Created(_) => {
-                        watch = self.watch_deletions(dir).await?;
-                        break 'events;
-                    }
+                    DelMsg::Deleted { .. } => {}
+                    DelMsg::Broken => break,
                 }
             }
         }
     }
 
-    /// Watches a holder's key for deletion from `rev` on, and reports the
-    /// grant lost when it goes; the task ends with the guard.
-    async fn watch_held(
-        &self,
-        key: &str,
-        rev: i64,
-        lease: Arc<Lease>,
-        grant: u64,
-    ) -> Result<AbortHandle, BackendError> {
-        let mut watch = self.watches.watch(key, false, rev + 1, true).await?;
-        let (client, watches, key) = (self.client.clone(), self.watches.clone(), key.to_owned());
+    /// Reports the grant lost when its key (created at `rev`) is deleted
+    /// from outside; the task ends with the guard.
+    fn watch_held(&self, key: &str, rev: i64, lease: Arc<Lease>, grant: u64, mut deletions: Subscription) -> AbortHandle {
+        let (client, key) = (self.client.clone(), key.to_owned());
         let task = tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
-                    msg = watch.next() => msg,
+                    msg = deletions.next() => msg,
                     () = lease.until_retired() => return,
                 };
-                match msg {
-                    WatchMsg::Events(events) => {
-                        if events.iter().any(|e| e.event_type() == EventType::Delete) {
-                            warn!(%key, "lock key deleted from outside Clastor");
-                            lease.lose(grant, LostReason::NodeDeleted);
-                            return;
-                        }
-                    }
-                    WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_) => {
-                        // Look at the key, then watch again from there.
-                        match still_there(&client, &key, &lease).await {
-                            Some((true, at)) => match watches.watch(&key, false, at + 1, true).await {
-                                Ok(w) => watch = w,
-                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                            },
-                            Some((false, _)) => {
-                                warn!(%key, "lock key deleted from outside Clastor");
-                                lease.lose(grant, LostReason::NodeDeleted);
-                                return;
-                            }
-                            // The lease is retired: that reports the loss.
-                            None => return,
-                        }
-                    }
+                let gone = match msg {
+                    DelMsg::Deleted { key: k, revision } => revision > rev && k == key.as_bytes(),
+                    // Look at the key: deletions may have been missed.
+                    DelMsg::Broken => match still_there(&client, &key, &lease).await {
+                        Some(there) => !there,
+                        // The lease is retired: that reports the loss.
+                        None => return,
+                    },
+                };
+                if gone {
+                    warn!(%key, "lock key deleted from outside Clastor");
+                    lease.lose(grant, LostReason::NodeDeleted);
+                    return;
                 }
             }
         });
-        Ok(task.abort_handle())
+        task.abort_handle()
     }
 
     /// The directory of `key`'s contenders under the kind's version, as
@@ -357,9 +297,9 @@ impl EtcdBackend {
     }
 }
 
-/// Whether `key` still exists, and the revision of the look; `None` once
-/// `lease` is retired (keep looking until then).
-async fn still_there(client: &EtcdClient, key: &str, lease: &Lease) -> Option<(bool, i64)> {
+/// Whether `key` still exists; `None` once `lease` is retired (keep
+/// looking until then).
+async fn still_there(client: &EtcdClient, key: &str, lease: &Lease) -> Option<bool> {
     loop {
         let look = error::retry("look at a held lock key", || {
             let mut kv = client.kv_client();
@@ -368,7 +308,7 @@ async fn still_there(client: &EtcdClient, key: &str, lease: &Lease) -> Option<(b
         });
         tokio::select! {
             r = look => if let Ok(resp) = r {
-                return Some((resp.count() > 0, resp.header().map_or(0, |h| h.revision())));
+                return Some(resp.count() > 0);
             },
             () = lease.until_retired() => return None,
         }
@@ -405,6 +345,8 @@ impl Backend for EtcdBackend {
             }
             let lease = self.leases.pick()?;
             let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
+            // Before the key exists: no deletion after it can be missed.
+            let mut deletions = self.deletions.subscribe(&dir);
             let pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir), lease.clone());
             let txn = Txn::new()
                 .when([Compare::mod_revision(
@@ -463,7 +405,8 @@ impl Backend for EtcdBackend {
             let turn = if first == Some(rev) {
                 Turn::Granted
             } else {
-                self.wait_turn(&dir, pending.key(), rev, &lease, deadline).await?
+                self.wait_turn(&dir, pending.key(), rev, &lease, deadline, &mut deletions)
+                    .await?
             };
             match turn {
                 Turn::Granted => {}
@@ -484,13 +427,7 @@ impl Backend for EtcdBackend {
             let grant = lease
                 .register(key, token, req.on_lost)
                 .map_err(|_| BackendError::Unavailable("the etcd lease was lost as the lock was granted".into()))?;
-            let watcher = match self.watch_held(pending.key(), rev, lease.clone(), grant).await {
-                Ok(w) => w,
-                Err(e) => {
-                    lease.forget(grant);
-                    return Err(e);
-                }
-            };
+            let watcher = self.watch_held(pending.key(), rev, lease.clone(), grant, deletions);
             let (Some(name), lease) = pending.into_granted() else {
                 return Err(BackendError::Internal("a granted key without its name".into()));
             };

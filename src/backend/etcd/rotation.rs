@@ -394,7 +394,7 @@ impl EtcdBackend {
                     }
                 }
                 Some(WatchMsg::Events(_)) | None => {}
-                Some(WatchMsg::Cancelled(_) | WatchMsg::Broken | WatchMsg::Created(_)) => {
+                Some(WatchMsg::Cancelled(_) | WatchMsg::Broken) => {
                     census = self.census(kind, from).await?;
                     watch = self
                         .watches

@@ -1,6 +1,8 @@
-//! One watch stream per backend, shared by every waiter and holder: watches
-//! are created on it with ids we assign (etcd ≥ 3.4), and one reader task
-//! routes each response to its watch by id.
+//! One watch stream per backend for the occasional watches — a kind's
+//! version record while an acquire waits out a drain, a rotation's count of
+//! what is left — created on it with ids we assign (etcd ≥ 3.4); one reader
+//! task routes each response to its watch by id. (The hot path, waiters and
+//! holders, shares one standing watch instead: `deletions.rs`.)
 //!
 //! A watch is always created from an explicit start revision, so nothing
 //! that happened between a read and the watch is missed. When the stream
@@ -29,8 +31,6 @@ pub(super) enum WatchMsg {
     Cancelled(String),
     /// The stream broke: re-read and watch again.
     Broken,
-    /// etcd created the watch; it reports every change after this revision.
-    Created(i64),
 }
 
 /// Open watches: their id → their channel.
@@ -67,30 +67,7 @@ impl Watch {
     /// # Cancellation safety
     /// Safe: a message is either returned or stays queued.
     pub(super) async fn next(&mut self) -> WatchMsg {
-        loop {
-            match self.rx.recv().await {
-                Some(WatchMsg::Created(_)) => {}
-                Some(msg) => return msg,
-                None => return WatchMsg::Broken,
-            }
-        }
-    }
-
-    /// Waits until etcd created a watch made from now (start revision 0):
-    /// the store's revision then — every change after it is reported — or
-    /// the trouble that came instead.
-    ///
-    /// # Cancellation safety
-    /// Safe.
-    pub(super) async fn created(&mut self) -> Result<i64, WatchMsg> {
-        loop {
-            match self.rx.recv().await {
-                Some(WatchMsg::Created(rev)) => return Ok(rev),
-                Some(WatchMsg::Events(_)) => {}
-                Some(msg) => return Err(msg),
-                None => return Err(WatchMsg::Broken),
-            }
-        }
+        self.rx.recv().await.unwrap_or(WatchMsg::Broken)
     }
 }
 
@@ -245,9 +222,6 @@ impl WatchHub {
                         let Some(tx) = routes.1.get(&resp.watch_id()) else {
                             continue;
                         };
-                        if resp.created() && !resp.canceled() {
-                            let _ = tx.send(WatchMsg::Created(resp.header().map_or(0, |h| h.revision())));
-                        }
                         if resp.canceled() {
                             let why = if resp.compact_revision() > 0 {
                                 format!("compacted at revision {}", resp.compact_revision())

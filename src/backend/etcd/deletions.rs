@@ -1,0 +1,242 @@
+//! One watch of every deletion under the prefix, for the whole backend:
+//! waiters learn that their predecessor went, holders that their key was
+//! deleted from outside, without a watch of their own.
+//!
+//! A watch per wait and per grant costs etcd a create and a cancel each, and
+//! a watch made from a past revision is only served from etcd's next sync
+//! (up to 100 ms later) once anything was written since. This one watch is
+//! made once, from "now", and kept: puts are filtered out by etcd, and each
+//! deletion is routed to the subscribers of its lock's prefix (the key up to
+//! its last `/`). Every server receives every deletion under the prefix —
+//! one event per release per server, cheap next to a watch per grant while
+//! the servers are few.
+//!
+//! **No deletion is missed.** A subscriber subscribes *before* it creates
+//! its key or reads the store, and the watch has been running since before
+//! that; after a broken stream it resumes from the revision after the last
+//! one it saw, so it skips nothing. Only when that history was compacted
+//! away does it start again from now — and once that new watch runs, every
+//! subscriber is told [`DelMsg::Broken`] and looks at the store again. Each event carries its
+//! revision, so a subscriber ignores deletions older than what it read (a
+//! name is reused once its key is gone, `names.rs`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchFilterType, WatchOptions, WatchStream};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::EtcdClient;
+use super::error;
+use crate::backend::BackendError;
+
+/// What a subscriber hears.
+#[derive(Debug)]
+pub(super) enum DelMsg {
+    /// `key` was deleted at `revision`.
+    Deleted { key: Vec<u8>, revision: i64 },
+    /// Deletions may have been missed (history compacted while the stream
+    /// was down): look at the store again.
+    Broken,
+}
+
+type Subscribers = HashMap<String, Vec<(u64, mpsc::UnboundedSender<DelMsg>)>>;
+
+/// The watch and its subscribers.
+#[derive(Debug)]
+pub(super) struct Deletions {
+    subs: Mutex<(u64, Subscribers)>,
+    /// Highest revision a response of the watch carried (-1: none to
+    /// resume from; watch from now).
+    seen: AtomicI64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Deletions under one lock's prefix, until dropped.
+#[derive(Debug)]
+pub(super) struct Subscription {
+    id: u64,
+    dir: String,
+    rx: mpsc::UnboundedReceiver<DelMsg>,
+    owner: Weak<Deletions>,
+}
+
+impl Subscription {
+    /// The next deletion (or `Broken`, also when the backend went away).
+    ///
+    /// # Cancellation safety
+    /// Safe: a message is either returned or stays queued.
+    pub(super) async fn next(&mut self) -> DelMsg {
+        self.rx.recv().await.unwrap_or(DelMsg::Broken)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(owner) = self.owner.upgrade() else { return };
+        let mut subs = lock(&owner.subs);
+        if let Some(list) = subs.1.get_mut(&self.dir) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                subs.1.remove(&self.dir);
+            }
+        }
+    }
+}
+
+impl Deletions {
+    /// Starts the watch of deletions under `prefix` and waits until etcd
+    /// made it.
+    ///
+    /// # Errors
+    /// `Unavailable` if etcd cannot be reached.
+    pub(super) async fn start(client: EtcdClient, prefix: String) -> Result<Arc<Deletions>, BackendError> {
+        let deletions = Arc::new(Deletions {
+            subs: Mutex::new((0, HashMap::new())),
+            seen: AtomicI64::new(0),
+        });
+        let (stream, created) = open(&client, &prefix, 0).await?;
+        deletions.seen.store(created, Ordering::Release);
+        let weak = Arc::downgrade(&deletions);
+        tokio::spawn(pump(client, prefix, stream, weak));
+        Ok(deletions)
+    }
+
+    /// Subscribes to the deletions of keys directly under `dir` (a lock's
+    /// prefix, ending in `/`).
+    pub(super) fn subscribe(self: &Arc<Self>, dir: &str) -> Subscription {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut subs = lock(&self.subs);
+        subs.0 += 1;
+        let id = subs.0;
+        subs.1.entry(dir.to_owned()).or_default().push((id, tx));
+        Subscription {
+            id,
+            dir: dir.to_owned(),
+            rx,
+            owner: Arc::downgrade(self),
+        }
+    }
+
+    fn route(&self, key: &[u8], revision: i64) {
+        let Some(slash) = key.iter().rposition(|b| *b == b'/') else { return };
+        let Ok(dir) = std::str::from_utf8(&key[..=slash]) else { return };
+        let subs = lock(&self.subs);
+        if let Some(list) = subs.1.get(dir) {
+            for (_, tx) in list {
+                let _ = tx.send(DelMsg::Deleted {
+                    key: key.to_vec(),
+                    revision,
+                });
+            }
+        }
+    }
+
+    fn broken(&self) {
+        let subs = lock(&self.subs);
+        for (_, tx) in subs.1.values().flatten() {
+            let _ = tx.send(DelMsg::Broken);
+        }
+    }
+}
+
+/// Opens the watch from `start` (0: now) and waits for etcd to create it;
+/// the revision it was created at.
+async fn open(client: &EtcdClient, prefix: &str, start: i64) -> Result<(WatchStream, i64), BackendError> {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_filters([WatchFilterType::NoPut])
+        .with_start_revision(start);
+    let mut stream = error::once("watch deletions", async {
+        client.watch_client().watch(prefix.as_bytes().to_vec(), Some(options)).await
+    })
+    .await?;
+    let created = error::once("watch deletions", stream.message()).await?;
+    match created {
+        Some(resp) if resp.created() && !resp.canceled() => Ok((stream, resp.header().map_or(0, |h| h.revision()))),
+        Some(resp) if resp.compact_revision() > 0 => Err(BackendError::Unavailable(format!(
+            "{COMPACTED}: etcd compacted its history at revision {}",
+            resp.compact_revision()
+        ))),
+        Some(resp) => Err(BackendError::Unavailable(format!(
+            "etcd refused the watch of deletions: {}",
+            resp.cancel_reason()
+        ))),
+        None => Err(BackendError::Unavailable("etcd did not create the watch of deletions".into())),
+    }
+}
+
+/// How a failed reopen says the history it needed is gone.
+const COMPACTED: &str = "the deletions to resume from are compacted";
+
+/// Routes deletions until the backend is dropped. A broken stream is
+/// reopened from the revision after the last one seen; if etcd compacted
+/// that away, every subscriber is told `Broken` and the watch starts again
+/// from now.
+async fn pump(client: EtcdClient, prefix: String, mut stream: WatchStream, owner: Weak<Deletions>) {
+    loop {
+        loop {
+            let msg = stream.message().await;
+            let Some(deletions) = owner.upgrade() else { return };
+            match msg {
+                Ok(Some(resp)) if resp.canceled() => {
+                    if resp.compact_revision() > 0 {
+                        warn!(compact = resp.compact_revision(), "the watch of deletions fell behind a compaction; watching from now");
+                        deletions.seen.store(-1, Ordering::Release);
+                    } else {
+                        debug!(reason = resp.cancel_reason(), "etcd cancelled the watch of deletions; resuming");
+                    }
+                    break;
+                }
+                Ok(Some(resp)) => {
+                    if let Some(h) = resp.header() {
+                        deletions.seen.fetch_max(h.revision(), Ordering::AcqRel);
+                    }
+                    for e in resp.events() {
+                        if e.event_type() == EventType::Delete
+                            && let Some(kv) = e.kv()
+                        {
+                            deletions.route(kv.key(), kv.mod_revision());
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    debug!("the watch of deletions broke; resuming");
+                    break;
+                }
+            }
+        }
+        let mut pause = Duration::from_millis(20);
+        stream = loop {
+            let Some(deletions) = owner.upgrade() else { return };
+            let seen = deletions.seen.load(Ordering::Acquire);
+            let from = if seen < 0 { 0 } else { seen + 1 };
+            match open(&client, &prefix, from).await {
+                Ok((s, created)) => {
+                    deletions.seen.fetch_max(created, Ordering::AcqRel);
+                    if seen < 0 {
+                        // Deletions were missed: now that the new watch
+                        // runs, every subscriber looks again.
+                        deletions.broken();
+                    }
+                    break s;
+                }
+                Err(e) if e.to_string().contains(COMPACTED) => {
+                    warn!("the deletions to resume from are compacted; watching from now");
+                    deletions.seen.store(-1, Ordering::Release);
+                    continue;
+                }
+                Err(e) => debug!(error = %e, "cannot reopen the watch of deletions yet"),
+            }
+            drop(deletions);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        };
+    }
+}
