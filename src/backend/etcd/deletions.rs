@@ -125,8 +125,12 @@ impl Deletions {
     }
 
     fn route(&self, key: &[u8], revision: i64) {
-        let Some(slash) = key.iter().rposition(|b| *b == b'/') else { return };
-        let Ok(dir) = std::str::from_utf8(&key[..=slash]) else { return };
+        let Some(slash) = key.iter().rposition(|b| *b == b'/') else {
+            return;
+        };
+        let Ok(dir) = std::str::from_utf8(&key[..=slash]) else {
+            return;
+        };
         let subs = lock(&self.subs);
         if let Some(list) = subs.1.get(dir) {
             for (_, tx) in list {
@@ -154,7 +158,10 @@ async fn open(client: &EtcdClient, prefix: &str, start: i64) -> Result<(WatchStr
         .with_filters([WatchFilterType::NoPut])
         .with_start_revision(start);
     let mut stream = error::once("watch deletions", async {
-        client.watch_client().watch(prefix.as_bytes().to_vec(), Some(options)).await
+        client
+            .watch_client()
+            .watch(prefix.as_bytes().to_vec(), Some(options))
+            .await
     })
     .await?;
     let created = error::once("watch deletions", stream.message()).await?;
@@ -168,7 +175,9 @@ async fn open(client: &EtcdClient, prefix: &str, start: i64) -> Result<(WatchStr
             "etcd refused the watch of deletions: {}",
             resp.cancel_reason()
         ))),
-        None => Err(BackendError::Unavailable("etcd did not create the watch of deletions".into())),
+        None => Err(BackendError::Unavailable(
+            "etcd did not create the watch of deletions".into(),
+        )),
     }
 }
 
@@ -187,10 +196,16 @@ async fn pump(client: EtcdClient, prefix: String, mut stream: WatchStream, owner
             match msg {
                 Ok(Some(resp)) if resp.canceled() => {
                     if resp.compact_revision() > 0 {
-                        warn!(compact = resp.compact_revision(), "the watch of deletions fell behind a compaction; watching from now");
+                        warn!(
+                            compact = resp.compact_revision(),
+                            "the watch of deletions fell behind a compaction; watching from now"
+                        );
                         deletions.seen.store(-1, Ordering::Release);
                     } else {
-                        debug!(reason = resp.cancel_reason(), "etcd cancelled the watch of deletions; resuming");
+                        debug!(
+                            reason = resp.cancel_reason(),
+                            "etcd cancelled the watch of deletions; resuming"
+                        );
                     }
                     break;
                 }

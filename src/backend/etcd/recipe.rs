@@ -1,22 +1,24 @@
 //! `impl Backend for EtcdBackend`: the one-transaction acquire, the wait for
-//! the predecessor's deletion, the holder's watch on its own key, release
-//! and the reads.
+//! the keys ahead to go, the holder's eye on its own key, release and the
+//! reads.
 //!
 //! **Acquire.** One transaction: *if* the kind's version record has the mod
 //! revision this server last saw, *then* put our key (with a pooled lease)
 //! and read the lock's first contender, *else* read the record. The put's
 //! revision is our key's create revision, the fencing token; if the first
 //! contender is ours, the lock is granted, in one round trip. Otherwise we
-//! wait as Go's `concurrency.Mutex` does: for the deletion of the key
-//! created last before ours, then look again — each look one consistent
-//! read of the last predecessor *and* our own key, so a key deleted from
-//! outside (or with its lease) is never granted. The prefix watch starts at
-//! our create revision, so no deletion is missed between two looks.
+//! wait: one consistent read of the keys created before ours (up to
+//! [`TRACKED_PREDECESSORS`]) *and* of our own key, then their deletions as
+//! the backend's standing watch reports them (`deletions.rs`, subscribed
+//! before our key was created, so none is missed). When the last of them
+//! goes we hold the lock — a hand-over costs one watch event, no read. In a
+//! longer queue we wait, as Go's `concurrency.Mutex` does, for the key just
+//! ahead of ours and read again when it goes. A key deleted from outside
+//! (or with its lease) is never granted: its deletion event comes first.
 //!
-//! **Holding.** A holder's key is watched for deletion (from its create
-//! revision on): deleted from outside, or with its lease revoked by hand,
-//! the holder is told `NodeDeleted` at once. Its lease's loss reports it
-//! too (`lease.rs`).
+//! **Holding.** A holder's deletions subscription stays with it: its key
+//! deleted from outside, or with its lease revoked by hand, the holder is
+//! told `NodeDeleted` at once. Its lease's loss reports it too (`lease.rs`).
 //!
 //! **Nothing left behind.** A key being waited on belongs to a
 //! [`PendingKey`], and a granted one to an [`EtcdGuard`]; dropping either
@@ -28,20 +30,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clastor_protocol::{LockMode, LostReason};
-use etcd_client::{
-    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::EtcdBackend;
 use super::EtcdClient;
+use super::deletions::{DelMsg, Subscription};
 use super::error;
 use super::kinds::seen_in;
 use super::lease::{Lease, keepalive_interval, lost_after};
 use super::names::NameClaim;
-use super::deletions::{DelMsg, Subscription};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -50,6 +50,12 @@ use crate::key::LockKey;
 /// Times a waiting key deleted from outside is put again before the acquire
 /// gives up.
 const MAX_REQUEUES: u32 = 3;
+
+/// A waiter tracks this many keys ahead of it: with no more in the queue
+/// it is granted on the last one's deletion event, without another read;
+/// further back in a longer queue it watches only the key just ahead, and
+/// reads again when that goes (Go's `concurrency.Mutex`).
+const TRACKED_PREDECESSORS: i64 = 64;
 
 /// A contender's key not (yet) granted: deleted when dropped, unless it
 /// became a grant.
@@ -195,15 +201,15 @@ impl EtcdBackend {
                         .with_prefix()
                         .with_max_create_revision(rev - 1)
                         .with_sort(SortTarget::Create, SortOrder::Descend)
-                        .with_limit(1)
+                        .with_limit(TRACKED_PREDECESSORS)
                         .with_keys_only(),
                 ),
             ),
             TxnOp::get(key, Some(GetOptions::new().with_count_only())),
         ]);
         loop {
-            // One consistent look: the last key before ours, and ours.
-            let resp = error::retry("look for the predecessor", || {
+            // One consistent look: the keys before ours (the last few), and ours.
+            let resp = error::retry("look for the predecessors", || {
                 let mut kv = self.client.kv_client();
                 let look = look.clone();
                 async move { kv.txn(look).await }
@@ -212,15 +218,24 @@ impl EtcdBackend {
             let at = resp.header().map_or(rev, |h| h.revision());
             let ops = resp.op_responses();
             let (Some(TxnOpResponse::Get(before)), Some(TxnOpResponse::Get(mine))) = (ops.first(), ops.get(1)) else {
-                return Err(BackendError::Internal("etcd answered a lookup with other operations".into()));
+                return Err(BackendError::Internal(
+                    "etcd answered a lookup with other operations".into(),
+                ));
             };
             if mine.count() == 0 {
                 return Ok(Turn::Deleted);
             }
-            let Some(pred) = before.kvs().first().map(|kv| kv.key().to_vec()) else {
+            if before.kvs().is_empty() {
                 return Ok(Turn::Granted);
-            };
-            // Wait for that key's deletion (or ours), after the look.
+            }
+            // All of them, or (a long queue) only the last: then look again
+            // when it goes, as Go's Mutex does.
+            let complete = usize::try_from(before.count()).is_ok_and(|n| n <= before.kvs().len());
+            let mut ahead: Vec<Vec<u8>> = before.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+            if !complete {
+                ahead.truncate(1);
+            }
+            // Wait for their deletion (or ours), after the look.
             loop {
                 let msg = tokio::select! {
                     biased;
@@ -235,7 +250,14 @@ impl EtcdBackend {
                         if k == key.as_bytes() {
                             return Ok(Turn::Deleted);
                         }
-                        if k == pred {
+                        ahead.retain(|a| *a != k);
+                        if ahead.is_empty() {
+                            if complete {
+                                // Every key created before ours is gone, and
+                                // ours was not (its deletion would have come
+                                // first): ours is the lowest.
+                                return Ok(Turn::Granted);
+                            }
                             break;
                         }
                     }
@@ -248,7 +270,14 @@ impl EtcdBackend {
 
     /// Reports the grant lost when its key (created at `rev`) is deleted
     /// from outside; the task ends with the guard.
-    fn watch_held(&self, key: &str, rev: i64, lease: Arc<Lease>, grant: u64, mut deletions: Subscription) -> AbortHandle {
+    fn watch_held(
+        &self,
+        key: &str,
+        rev: i64,
+        lease: Arc<Lease>,
+        grant: u64,
+        mut deletions: Subscription,
+    ) -> AbortHandle {
         let (client, key) = (self.client.clone(), key.to_owned());
         let task = tokio::spawn(async move {
             loop {
