@@ -331,3 +331,39 @@ async fn etcdctl_lock_and_clastor_exclude_each_other() {
     assert!(granted.starts_with("+ACQUIRED tx shared token="), "{granted}");
     assert!(ctl.wait().await.unwrap().success());
 }
+
+/// A lease revoked by hand (`etcdctl lease revoke`): etcd deletes its keys,
+/// and the holder of a lock made with it is told at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_revoked_from_outside_is_reported_lost() {
+    let etcd = start_etcd(1);
+    let (x, _y) = two_servers_on(&etcd, "5s");
+    let mut a = Text::connect(x.addr).await;
+    let granted = a.cmd("ACQUIRE tx revoked 0").await;
+    assert!(granted.starts_with("+ACQUIRED tx revoked token="), "{granted}");
+    // The key's lease, from etcd itself.
+    let out = etcd
+        .etcdctl()
+        .args(["get", "--prefix", "/clastor/tx/v1/revoked/", "-w", "json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lease = json["kvs"][0]["lease"].as_i64().expect("the key has a lease");
+    let out = etcd
+        .etcdctl()
+        .args(["lease", "revoke", &format!("{lease:x}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lost = a.line().await.unwrap();
+    let token = token_of(&granted);
+    assert!(
+        lost == format!("!LOST tx revoked token={token} reason=node_deleted")
+            || lost == format!("!LOST tx revoked token={token} reason=session_expired"),
+        "{lost}"
+    );
+    // The server goes on with a new lease.
+    let again = a.cmd("ACQUIRE tx revoked 5000").await;
+    assert!(again.starts_with("+ACQUIRED tx revoked token="), "{again}");
+    assert!(token_of(&again) > token);
+}

@@ -49,6 +49,9 @@ pub(super) fn keepalive_interval(ttl: Duration) -> Duration {
     (ttl / 10).max(Duration::from_millis(20))
 }
 
+/// How long an acquire waits, at least, for a lease when none is in contact.
+const LEASE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Keepalives sent and not yet answered, at most (a stalled stream is
 /// judged by the deadline, not by piling up requests).
 const MAX_PENDING: usize = 16;
@@ -191,8 +194,10 @@ impl Lease {
         }
     }
 
-    /// Retires the lease and reports every grant made with it lost.
-    fn retire(&self, reason: LostReason) {
+    /// Retires the lease and reports every grant made with it lost (also
+    /// when etcd answered a request with "lease not found": it was revoked
+    /// or expired, and the keepalive has not heard yet). Idempotent.
+    pub(super) fn retire(&self, reason: LostReason) {
         self.retired.cancel();
         let lost: Vec<GrantRecord> = lock(&self.grants).table.drain().map(|(_, r)| r).collect();
         if !lost.is_empty() {
@@ -287,22 +292,35 @@ impl LeasePool {
     }
 
     /// A lease new grants may be made with: the slots in turn, skipping
-    /// those without contact.
+    /// those without contact; when none is, waits for one until `until`
+    /// (at least [`LEASE_PATIENCE`]: a slot gets a new lease in one round
+    /// trip once etcd answers).
     ///
     /// # Errors
     /// [`BackendError::Closed`] after shutdown, [`BackendError::Unavailable`]
-    /// when no lease is in contact.
-    pub(super) fn pick(&self) -> Result<Arc<Lease>, BackendError> {
-        if self.closed.is_cancelled() {
-            return Err(BackendError::Closed);
+    /// when no lease came in contact in time.
+    pub(super) async fn pick(&self, until: Instant) -> Result<Arc<Lease>, BackendError> {
+        let until = until.max(Instant::now() + LEASE_PATIENCE);
+        let mut filled = self.filled.subscribe();
+        loop {
+            if self.closed.is_cancelled() {
+                return Err(BackendError::Closed);
+            }
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let n = self.slots.len();
+            if let Some(lease) = (0..n).find_map(|i| lock(&self.slots[(start + i) % n]).clone().filter(|l| l.trusted()))
+            {
+                return Ok(lease);
+            }
+            tokio::select! {
+                r = filled.changed() => if r.is_err() { return Err(BackendError::Closed) },
+                () = tokio::time::sleep_until(until) => {
+                    return Err(BackendError::Unavailable(
+                        "no etcd lease is in contact with the cluster (etcd unreachable?)".into(),
+                    ));
+                }
+            }
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.slots.len();
-        (0..n)
-            .find_map(|i| lock(&self.slots[(start + i) % n]).clone().filter(|l| l.trusted()))
-            .ok_or_else(|| {
-                BackendError::Unavailable("no etcd lease is in contact with the cluster (etcd unreachable?)".into())
-            })
     }
 
     /// The pool's lease TTL as configured.
@@ -417,6 +435,7 @@ impl LeasePool {
             let opened = tokio::select! {
                 biased;
                 () = self.closed.cancelled() => return LostReason::ServerShutdown,
+                () = lease.until_retired() => return LostReason::SessionExpired,
                 () = tokio::time::sleep_until(lease.contact_deadline()) => return LostReason::BackendUnreachable,
                 r = async { self.client.lease_client().keep_alive(lease.id).await } => r,
             };
@@ -443,6 +462,7 @@ impl LeasePool {
                 tokio::select! {
                     biased;
                     () = self.closed.cancelled() => return LostReason::ServerShutdown,
+                    () = lease.until_retired() => return LostReason::SessionExpired,
                     () = tokio::time::sleep_until(lease.contact_deadline()) => {
                         // The deadline moves with every answer: lost only if
                         // it has really passed.

@@ -364,7 +364,7 @@ impl Backend for EtcdBackend {
         let kind = key.kind_arc();
         let version_key = self.keys.version_key(kind);
         let mut seen = self.kinds.cached(kind);
-        let mut requeues = 0;
+        let (mut requeues, mut stale_leases) = (0, 0);
         loop {
             if seen.version.mode != clastor_protocol::KindMode::Normal {
                 match self.kinds.wait_normal(kind, seen, deadline).await? {
@@ -372,7 +372,7 @@ impl Backend for EtcdBackend {
                     None => return Ok(None),
                 }
             }
-            let lease = self.leases.pick()?;
+            let lease = self.leases.pick(deadline).await?;
             let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
             // Before the key exists: no deletion after it can be missed.
             let mut deletions = self.deletions.subscribe(&dir);
@@ -402,11 +402,27 @@ impl Backend for EtcdBackend {
                 ])
                 .or_else([TxnOp::get(version_key.as_str(), None)]);
             // Sent once: a lost answer leaves the key to `pending`'s drop.
-            let resp = error::once("create a lock key", async {
+            let resp = match error::once("create a lock key", async {
                 let mut kv = self.client.kv_client();
                 kv.txn(txn).await
             })
-            .await?;
+            .await
+            {
+                Ok(resp) => resp,
+                // The lease was revoked or expired before its keepalive
+                // noticed: retire it now (nothing was put) and use another.
+                Err(e) if e.to_string().contains("lease not found") && stale_leases < MAX_REQUEUES => {
+                    warn!(
+                        lease = format_args!("{:x}", lease.id()),
+                        "etcd no longer knows a pooled lease; retiring it"
+                    );
+                    pending.forget();
+                    lease.retire(LostReason::SessionExpired);
+                    stale_leases += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let ops = resp.op_responses();
             if !resp.succeeded() {
                 // The kind's record moved on: learn it and go again.

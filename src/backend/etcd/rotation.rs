@@ -208,7 +208,7 @@ impl EtcdBackend {
             });
         };
         // 1. Claim, reading the record in the same transaction.
-        let lease = self.leases.pick()?;
+        let lease = self.leases.pick(Instant::now()).await?;
         let claim_key = self.keys.rotation_key(kind);
         let version_key = self.keys.version_key(kind);
         let value = format!(
