@@ -7,12 +7,14 @@
 # ZooKeeper. The latency-critical ZooKeeper scenarios run ROUNDS times,
 # interleaved (Clastor, floor, Curator, kazoo, then again; Clastor and its
 # floor alternate sample by sample, `--interleave`), and the report gives the
-# range over rounds.
+# range over rounds. Then a single-member etcd 3.4 (Debian's package, fsync
+# on), Clastor's etcd backend next to raw etcd transactions and etcd's own
+# lock service (v3lock), in rounds the same way.
 #
 # Usage: scripts/perf.sh            (about 12 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
 # Needs: zookeeper, libcurator-recipes-java, default-jdk-headless,
-# python3-kazoo (scripts/test.sh installs them).
+# python3-kazoo, etcd-server (scripts/test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +30,10 @@ results="$OUT/results.jsonl"
 : >"$results"
 work=$(mktemp -d)
 zk_pid=
+etcd_pid=
 cleanup() {
   if [ -n "$zk_pid" ]; then kill "$zk_pid" 2>/dev/null || true; wait "$zk_pid" 2>/dev/null || true; fi
+  if [ -n "$etcd_pid" ]; then kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -113,6 +117,34 @@ done
 load "zookeeper, uncontended, depth 1" --zk "$zk" --op acquire-release --sweep "$SWEEP"
 load "zookeeper, uncontended, depth 32" --zk "$zk" --op acquire-release --depth 32 --sweep 1,16,64
 load "zookeeper, contended, depth 1" --zk "$zk" --op acquire-release --keys shared --sweep "$SWEEP"
+kill "$zk_pid" 2>/dev/null || true
+wait "$zk_pid" 2>/dev/null || true
+zk_pid=
+
+echo "== etcd"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+client_port=$(free_port)
+peer_port=$(free_port)
+etcd --name perf --data-dir "$work/etcd" \
+  --listen-client-urls "http://127.0.0.1:$client_port" --advertise-client-urls "http://127.0.0.1:$client_port" \
+  --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "perf=http://127.0.0.1:$peer_port" >"$work/etcd.log" 2>&1 &
+etcd_pid=$!
+etcd_ep=127.0.0.1:$client_port
+for _ in $(seq 150); do
+  if ETCDCTL_API=3 etcdctl --endpoints "$etcd_ep" endpoint health >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+ETCDCTL_API=3 etcdctl --endpoints "$etcd_ep" endpoint health >/dev/null 2>&1 \
+  || { echo "etcd did not start:"; tail -20 "$work/etcd.log"; exit 1; }
+echo "{\"meta\":\"etcd\",\"value\":\"$(etcd --version | head -1 | sed 's/etcd Version: //') (one member, fsync on)\"}" >>"$results"
+for round in $(seq "$ROUNDS"); do
+  echo "== etcd round $round/$ROUNDS"
+  load "etcd, uncontended" --etcd "$etcd_ep" --op acquire-release --clients 1 --interleave
+  load "etcd, uncontended, back to back" --etcd "$etcd_ep" --op acquire-release --clients 1
+  load "etcd, hand-over" --etcd "$etcd_ep" --op handoff --clients 2 --interleave
+  load "etcd, 16 connections, distinct keys" --etcd "$etcd_ep" --op acquire-release --clients 16
+done
 echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
 
 echo "== report"
