@@ -1,5 +1,5 @@
 //! The HTTP port over real HTTP: metrics present and moving, health and
-//! readiness (readiness following a frozen ZooKeeper), the REST API's
+//! readiness (readiness following a frozen ZooKeeper or etcd), the REST API's
 //! lifecycle including a lease running out, hostile names and bodies
 //! refused with the right JSON code, health checks answering while lock
 //! requests fill their limit, the original Clastor's endpoints, and
@@ -13,11 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clastor::backend::Backend;
+use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, HttpConfig, ServerConfig, ServerHandle};
 use clastor::{Engine, EngineConfig};
-use clastor_testkit::ZooKeeper;
+use clastor_testkit::{Etcd, ZooKeeper};
 use serde_json::Value;
 use support::PATIENCE;
 use support::http::{Reply, get, metric, post, request};
@@ -394,6 +395,52 @@ async fn readyz_follows_a_frozen_zookeeper() {
     let thawed = Instant::now();
     eventually(Duration::from_secs(60), "200 after the thaw", ready(200)).await;
     println!("/readyz said 200 again {:?} after the thaw", thawed.elapsed());
+    handle.shutdown().await;
+}
+
+/// The same with etcd: `/readyz` is 503 while the etcd the server uses is
+/// frozen (its lease without an answered keepalive past 3/5 of the TTL),
+/// 200 again after the thaw; the lease's metrics are the etcd ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_a_frozen_etcd() {
+    let mut etcd = Etcd::start().expect("start etcd (apt-get install -y etcd-server etcd-client)");
+    let backend = EtcdBackend::connect(EtcdConfig {
+        endpoints: etcd.endpoints(),
+        prefix: "/http-readyz".to_owned(),
+        leases: 1,
+        lease_ttl: Duration::from_secs(2),
+        ..EtcdConfig::default()
+    })
+    .await
+    .expect("connect");
+    let (handle, http) = start_with(backend, http_config()).await;
+    let ready = |want: u16| {
+        move || async move {
+            let r = get(http, "/readyz").await;
+            (r.status == want).then_some(r)
+        }
+    };
+    eventually(PATIENCE, "ready at first", ready(200)).await;
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(metric(&m, "clastor_etcd_session_trusted", "session=\"0\""), 1.0, "{m}");
+    assert!(!m.contains("clastor_zk_session"), "{m}");
+
+    etcd.freeze(0).unwrap();
+    let frozen = Instant::now();
+    let not_ready = eventually(Duration::from_secs(30), "503 while etcd is frozen", ready(503)).await;
+    println!(
+        "/readyz said 503 {:?} after the freeze: {}",
+        frozen.elapsed(),
+        not_ready.body
+    );
+    assert_eq!(code_free_status(&not_ready), "unavailable");
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(metric(&m, "clastor_backend_ready", ""), 0.0, "{m}");
+
+    etcd.thaw(0).unwrap();
+    eventually(Duration::from_secs(60), "200 after the thaw", ready(200)).await;
+    let m = get(http, "/metrics").await.body;
+    assert_eq!(metric(&m, "clastor_etcd_session_trusted", "session=\"0\""), 1.0, "{m}");
     handle.shutdown().await;
 }
 

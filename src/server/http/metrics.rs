@@ -38,6 +38,42 @@ pub(super) struct Metrics {
     handle: PrometheusHandle,
     kinds: RwLock<HashSet<String>>,
     max_kinds: usize,
+    sessions: SessionNames,
+}
+
+/// The names of the backend sessions' metrics: `clastor_zk_session_*` for
+/// ZooKeeper's pooled sessions (the names dashboards know), and
+/// `clastor_{backend}_session_*` for any other backend's (etcd: its leases).
+struct SessionNames {
+    /// What one session is, for the descriptions ("ZooKeeper session").
+    noun: &'static str,
+    state: String,
+    trusted: String,
+    last_contact: String,
+    grants: String,
+    probe: String,
+    requests: String,
+    request_time: String,
+}
+
+impl SessionNames {
+    fn for_backend(backend: &str) -> SessionNames {
+        let (prefix, noun) = match backend {
+            "zookeeper" => ("clastor_zk".to_owned(), "ZooKeeper session"),
+            "etcd" => ("clastor_etcd".to_owned(), "etcd lease"),
+            other => (format!("clastor_{other}"), "backend session"),
+        };
+        SessionNames {
+            noun,
+            state: format!("{prefix}_session_state"),
+            trusted: format!("{prefix}_session_trusted"),
+            last_contact: format!("{prefix}_session_last_contact_seconds"),
+            grants: format!("{prefix}_session_grants"),
+            probe: format!("{prefix}_session_probe_seconds"),
+            requests: format!("{prefix}_requests_total"),
+            request_time: format!("{prefix}_request_microseconds_total"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -49,7 +85,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub(super) fn new(max_kinds: usize) -> Metrics {
+    /// Metrics of a server whose backend is called `backend`
+    /// ([`Backend::name`]).
+    pub(super) fn new(max_kinds: usize, backend: &str) -> Metrics {
         // Buckets are constant and non-empty, so this cannot fail; fall back
         // to summaries rather than panic if a future version disagrees.
         let builder = PrometheusBuilder::new();
@@ -67,6 +105,7 @@ impl Metrics {
             handle,
             kinds: RwLock::new(HashSet::new()),
             max_kinds,
+            sessions: SessionNames::for_backend(backend),
         };
         m.describe();
         m
@@ -136,33 +175,37 @@ impl Metrics {
                 "clastor_backend_ready",
                 "1 while the backend can grant locks (what /readyz says)"
             );
+            let n = &self.sessions;
+            let noun = n.noun;
             describe_gauge!(
-                "clastor_zk_session_state",
-                "ZooKeeper session state per pool slot: 0 connected, 1 disconnected, 2 lost, 3 reconnecting"
+                n.state.clone(),
+                format!("{noun} state per pool slot: 0 connected, 1 disconnected, 2 lost, 3 reconnecting")
             );
             describe_gauge!(
-                "clastor_zk_session_trusted",
-                "1 while the ZooKeeper session is connected and in proven contact with the leader"
+                n.trusted.clone(),
+                format!("1 while the {noun} is in proven contact: new grants may go through it")
             );
             describe_gauge!(
-                "clastor_zk_session_last_contact_seconds",
+                n.last_contact.clone(),
                 Unit::Seconds,
-                "Time since the ZooKeeper session's last answered request was sent"
+                format!("Time since the send of the {noun}'s last answered request (a keepalive for etcd)")
             );
-            describe_gauge!("clastor_zk_session_grants", "Locks held through the ZooKeeper session");
+            describe_gauge!(n.grants.clone(), format!("Locks held through the {noun}"));
             describe_gauge!(
-                "clastor_zk_session_probe_seconds",
+                n.probe.clone(),
                 Unit::Seconds,
-                "Round trip of the ZooKeeper session's last answered liveness probe (sync)"
+                format!("Round trip of the {noun}'s last answered liveness probe (ZooKeeper: sync; etcd: keepalive)")
             );
             describe_counter!(
-                "clastor_zk_requests_total",
-                "ZooKeeper requests answered, per session slot"
+                n.requests.clone(),
+                format!("Requests answered through the {noun}, per pool slot (etcd: keepalives)")
             );
             describe_counter!(
-                "clastor_zk_request_microseconds_total",
+                n.request_time.clone(),
                 Unit::Microseconds,
-                "Total time of the answered ZooKeeper requests (first send to answer), per session slot; with clastor_zk_requests_total it gives the mean latency"
+                format!(
+                    "Total time of the answered requests of the {noun} (first send to answer), per pool slot; with the requests total it gives the mean latency"
+                )
             );
         });
     }
@@ -224,18 +267,19 @@ impl Metrics {
                     "lost" => 2.0,
                     _ => 3.0,
                 };
-                gauge!("clastor_zk_session_state", "session" => slot.clone()).set(state);
-                gauge!("clastor_zk_session_trusted", "session" => slot.clone()).set(if z.trusted { 1.0 } else { 0.0 });
+                let n = &self.sessions;
+                gauge!(n.state.clone(), "session" => slot.clone()).set(state);
+                gauge!(n.trusted.clone(), "session" => slot.clone()).set(if z.trusted { 1.0 } else { 0.0 });
                 if let Some(age) = z.last_contact {
-                    gauge!("clastor_zk_session_last_contact_seconds", "session" => slot.clone()).set(age.as_secs_f64());
+                    gauge!(n.last_contact.clone(), "session" => slot.clone()).set(age.as_secs_f64());
                 }
-                gauge!("clastor_zk_session_grants", "session" => slot.clone()).set(count(z.grants));
+                gauge!(n.grants.clone(), "session" => slot.clone()).set(count(z.grants));
                 if let Some(rtt) = z.last_probe {
-                    gauge!("clastor_zk_session_probe_seconds", "session" => slot.clone()).set(rtt.as_secs_f64());
+                    gauge!(n.probe.clone(), "session" => slot.clone()).set(rtt.as_secs_f64());
                 }
-                counter!("clastor_zk_requests_total", "session" => slot.clone()).absolute(z.requests);
+                counter!(n.requests.clone(), "session" => slot.clone()).absolute(z.requests);
                 let us = u64::try_from(z.request_time.as_micros()).unwrap_or(u64::MAX);
-                counter!("clastor_zk_request_microseconds_total", "session" => slot).absolute(us);
+                counter!(n.request_time.clone(), "session" => slot).absolute(us);
             }
         });
         self.handle.render()
@@ -305,13 +349,13 @@ mod tests {
 
     #[test]
     fn kinds_past_the_cap_share_one_label() {
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, "memory");
         assert_eq!(m.kind_label("a"), "a");
         assert_eq!(m.kind_label("b"), "b");
         assert_eq!(m.kind_label("c"), OTHER_KIND);
         assert_eq!(m.kind_label("a"), "a");
         // A kind named like the overflow label never takes a slot of its own.
-        let m = Metrics::new(2);
+        let m = Metrics::new(2, "memory");
         assert_eq!(m.kind_label(OTHER_KIND), OTHER_KIND);
         assert_eq!(m.kind_label("x"), "x");
     }

@@ -101,7 +101,7 @@ pub(super) async fn serve<B: Backend>(
             "HTTP releases without a token are honoured (compatibility switch on): anyone who can reach the HTTP port can release anyone's HTTP lock"
         );
     }
-    let metrics = Arc::new(Metrics::new(config.max_metric_kinds));
+    let metrics = Arc::new(Metrics::new(config.max_metric_kinds, shared.engine.backend().name()));
     if !shared.engine.set_observer(metrics.clone()) {
         warn!("the engine already reports to another observer; grant and hold metrics stay empty");
     }
