@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use etcd_client::{EventType, WatchFilterType, WatchOptions, WatchStream};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::EtcdClient;
@@ -52,6 +53,14 @@ pub(super) struct Deletions {
     /// Highest revision a response of the watch carried (-1: none to
     /// resume from; watch from now).
     seen: AtomicI64,
+    /// Stops the pump (on shutdown, or when the backend is dropped).
+    closed: CancellationToken,
+}
+
+impl Drop for Deletions {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,12 +109,25 @@ impl Deletions {
         let deletions = Arc::new(Deletions {
             subs: Mutex::new((0, HashMap::new())),
             seen: AtomicI64::new(0),
+            closed: CancellationToken::new(),
         });
         let (stream, created) = open(&client, &prefix, 0).await?;
         deletions.seen.store(created, Ordering::Release);
         let weak = Arc::downgrade(&deletions);
-        tokio::spawn(pump(client, prefix, stream, weak));
+        let closed = deletions.closed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = closed.cancelled() => {}
+                () = pump(client, prefix, stream, weak) => {}
+            }
+        });
         Ok(deletions)
+    }
+
+    /// Stops the watch (the leases' retirement on shutdown ends the waits
+    /// and holds that subscribed).
+    pub(super) fn shutdown(&self) {
+        self.closed.cancel();
     }
 
     /// Subscribes to the deletions of keys directly under `dir` (a lock's

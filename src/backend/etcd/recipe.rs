@@ -585,5 +585,6 @@ impl Backend for EtcdBackend {
 
     async fn shutdown(&self) {
         self.leases.shutdown().await;
+        self.deletions.shutdown();
     }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use etcd_client::{Event, WatchFilterType, WatchOptions, WatchRequestSender};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::EtcdClient;
 use super::error;
@@ -46,6 +47,14 @@ pub(super) struct WatchHub {
     sender: tokio::sync::Mutex<Option<(u64, WatchRequestSender)>>,
     /// Routes of watches on the stream of each generation.
     routes: Mutex<(u64, Routes)>,
+    /// Ends the reader task when the backend goes.
+    closed: CancellationToken,
+}
+
+impl Drop for WatchHub {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +112,7 @@ impl WatchHub {
             next_id: AtomicI64::new(1),
             sender: tokio::sync::Mutex::new(None),
             routes: Mutex::new((0, HashMap::new())),
+            closed: CancellationToken::new(),
         })
     }
 
@@ -209,9 +219,13 @@ impl WatchHub {
         let (s, mut responses) = stream.split();
         *sender = Some((generation, s));
         let hub = Arc::downgrade(self);
+        let closed = self.closed.clone();
         tokio::spawn(async move {
             loop {
-                let msg = responses.message().await;
+                let msg = tokio::select! {
+                    msg = responses.message() => msg,
+                    () = closed.cancelled() => return,
+                };
                 let Some(hub) = hub.upgrade() else { return };
                 match msg {
                     Ok(Some(resp)) => {
