@@ -485,13 +485,17 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             compare(args, pairs, (&name, op), floor, 1, &emit).await;
         }
     }
-    if let Some(zk) = args
-        .zk
-        .as_ref()
-        .filter(|_| args.raw && !args.no_floor && wants_pairs && args.keys != Keys::Shared)
-    {
-        let (name, op) = zk_floor(args, zk).await?;
-        emit(measure_n(args, workers, &name, op).await, "floor: ZooKeeper", 2);
+    if args.raw && !args.no_floor && wants_pairs && args.keys != Keys::Shared {
+        let floor = if let Some(zk) = &args.zk {
+            Some(zk_floor(args, zk).await?)
+        } else if args.etcd.is_some() {
+            Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
+        } else {
+            None
+        };
+        if let Some((name, op)) = floor {
+            emit(measure_n(args, workers, &name, op).await, args.floor_series(), 2);
+        }
     }
     Ok(())
 }
