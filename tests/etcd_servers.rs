@@ -367,3 +367,52 @@ async fn a_lease_revoked_from_outside_is_reported_lost() {
     assert!(again.starts_with("+ACQUIRED tx revoked token="), "{again}");
     assert!(token_of(&again) > token);
 }
+
+/// A lock's whole prefix deleted by hand while one server has a holder and
+/// a waiter on it (one lease: both keys go at one revision). The holder is
+/// told; the waiter is not granted on its deleted key — it queues again and
+/// is granted on a new key that etcd has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_goes_with_its_predecessor_s_is_not_granted_on_it() {
+    let etcd = start_etcd(1);
+    let (x, _y) = two_servers_on(&etcd, "5s");
+    let mut holder = Text::connect(x.addr).await;
+    let mut waiter = Text::connect(x.addr).await;
+    let granted = holder.cmd("ACQUIRE tx wiped 0").await;
+    assert!(granted.starts_with("+ACQUIRED tx wiped token="), "{granted}");
+    waiter.send("ACQUIRE tx wiped 10000").await;
+    let keys = || {
+        let out = etcd
+            .etcdctl()
+            .args(["get", "--prefix", "--keys-only", "/clastor/tx/v1/wiped/"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while keys().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the waiter never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both keys, one revision.
+    let out = etcd
+        .etcdctl()
+        .args(["del", "--prefix", "/clastor/tx/v1/wiped/"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lost = holder.line().await.unwrap();
+    assert!(lost.starts_with("!LOST tx wiped") && lost.ends_with("reason=node_deleted"), "{lost}");
+    let second = waiter.line().await.unwrap();
+    assert!(second.starts_with("+ACQUIRED tx wiped token="), "{second}");
+    assert!(token_of(&second) > token_of(&granted));
+    // Granted on a key etcd has: the waiter's new one, and only that.
+    assert_eq!(keys().len(), 1, "{:?}", keys());
+    // And it is a real grant: nobody else gets the lock now.
+    let mut other = Text::connect(x.addr).await;
+    assert!(other.cmd("ACQUIRE tx wiped 0").await.starts_with("-TIMEOUT"));
+}

@@ -38,6 +38,10 @@ pub(super) struct Seen {
     pub(super) mod_rev: i64,
     /// `prev=`: what the last completed rotation switched away from.
     pub(super) previous: Option<String>,
+    /// The store's revision when it was read (0: not read, assumed): a
+    /// watch for its next change starts after it, and of two reads the
+    /// later one wins the cache.
+    pub(super) at: i64,
 }
 
 impl Seen {
@@ -46,21 +50,26 @@ impl Seen {
             version: initial_version(),
             mod_rev: 0,
             previous: None,
+            at: 0,
         }
     }
 
-    /// The record from its key-value (absent: never written).
+    /// The record from its key-value (absent: never written), read at
+    /// revision `at`.
     ///
     /// # Errors
     /// `Internal` if the value is not a version record.
-    pub(super) fn from_kv(kv: Option<&KeyValue>) -> Result<Seen, BackendError> {
-        let Some(kv) = kv else { return Ok(Seen::initial()) };
+    pub(super) fn from_kv(kv: Option<&KeyValue>, at: i64) -> Result<Seen, BackendError> {
+        let Some(kv) = kv else {
+            return Ok(Seen { at, ..Seen::initial() });
+        };
         let version = decode_version(kv.value())
             .map_err(|e| BackendError::Internal(format!("etcd key {:?}: {e}", String::from_utf8_lossy(kv.key()))))?;
         Ok(Seen {
             version,
             mod_rev: kv.mod_revision(),
             previous: decode_previous(kv.value()),
+            at: at.max(kv.mod_revision()),
         })
     }
 }
@@ -102,7 +111,7 @@ impl Kinds {
     pub(super) fn remember(&self, kind: &Arc<str>, seen: &Seen) {
         let mut cache = lock(&self.cache);
         if let Some(old) = cache.get_mut(&**kind) {
-            if old.mod_rev <= seen.mod_rev {
+            if old.at <= seen.at {
                 *old = seen.clone();
             }
             return;
@@ -125,7 +134,7 @@ impl Kinds {
             async move { kv.get(key, None).await }
         })
         .await?;
-        let seen = Seen::from_kv(resp.kvs().first())?;
+        let seen = Seen::from_kv(resp.kvs().first(), resp.header().map_or(0, |h| h.revision()))?;
         self.remember(kind, &seen);
         Ok(seen)
     }
@@ -155,7 +164,12 @@ impl Kinds {
             if Instant::now() >= deadline {
                 return Ok(None);
             }
-            let mut watch = self.watches.watch(&key, false, seen.mod_rev + 1, false).await?;
+            // After the read (not after the record's last change, which a
+            // compaction may have passed during a long drain).
+            let mut watch = self
+                .watches
+                .watch(&key, false, seen.at.max(seen.mod_rev) + 1, false)
+                .await?;
             loop {
                 let abandoned_at = seen.version.drain_left().map(|left| Instant::now() + left);
                 let msg = tokio::select! {
@@ -182,13 +196,12 @@ impl Kinds {
                 match msg {
                     WatchMsg::Events(events) => {
                         for e in &events {
+                            let at = e.kv().map_or(seen.at, KeyValue::mod_revision);
                             seen = match e.event_type() {
-                                EventType::Put => Seen::from_kv(e.kv())?,
-                                // Deleted by hand: a never-rotated kind again.
-                                EventType::Delete => Seen {
-                                    mod_rev: e.kv().map_or(seen.mod_rev, KeyValue::mod_revision),
-                                    ..Seen::initial()
-                                },
+                                EventType::Put => Seen::from_kv(e.kv(), at)?,
+                                // Deleted by hand: a never-rotated kind again
+                                // (an absent key compares as mod revision 0).
+                                EventType::Delete => Seen { at, ..Seen::initial() },
                             };
                         }
                         self.remember(kind, &seen);
@@ -237,10 +250,14 @@ impl Kinds {
     }
 }
 
-/// The record a transaction's `Get` of it returned, if it was one.
-pub(super) fn seen_in(resp: &TxnOpResponse) -> Option<Result<Seen, BackendError>> {
+/// The record a transaction's `Get` of it returned, if it was one; the
+/// transaction's `header` says when.
+pub(super) fn seen_in(
+    resp: &TxnOpResponse,
+    header: Option<&etcd_client::ResponseHeader>,
+) -> Option<Result<Seen, BackendError>> {
     match resp {
-        TxnOpResponse::Get(get) => Some(Seen::from_kv(get.kvs().first())),
+        TxnOpResponse::Get(get) => Some(Seen::from_kv(get.kvs().first(), header.map_or(0, |h| h.revision()))),
         _ => None,
     }
 }

@@ -354,6 +354,12 @@ impl LeasePool {
         (sessions.iter().any(|s| s.trusted), sessions)
     }
 
+    /// Tells the supervisors to stop (without waiting for them): every
+    /// lease is retired and revoked in the background.
+    pub(super) fn close(&self) {
+        self.closed.cancel();
+    }
+
     /// Stops the supervisors: every lease is retired (its grants reported
     /// lost to whoever still holds them) and revoked, within a few seconds.
     pub(super) async fn shutdown(&self) {

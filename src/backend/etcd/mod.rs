@@ -215,6 +215,16 @@ impl std::fmt::Debug for EtcdClient {
     }
 }
 
+impl Drop for EtcdBackend {
+    /// A backend dropped without [`Backend::shutdown`](crate::backend::Backend::shutdown)
+    /// still stops its tasks: the leases are retired (their holders told)
+    /// and revoked in the background, the watches end.
+    fn drop(&mut self) {
+        self.leases.close();
+        self.deletions.shutdown();
+    }
+}
+
 /// Where things live in etcd. Names come only from validated
 /// [`LockKey`](crate::key::LockKey) parts and version names (no `/`, no NUL,
 /// not `.`/`..`), so one name is one key segment and needs no encoding:

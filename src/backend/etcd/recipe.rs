@@ -14,7 +14,8 @@
 //! goes we hold the lock — a hand-over costs one watch event, no read. In a
 //! longer queue we wait, as Go's `concurrency.Mutex` does, for the key just
 //! ahead of ours and read again when it goes. A key deleted from outside
-//! (or with its lease) is never granted: its deletion event comes first.
+//! (or with its lease) is never granted: its deletion comes in the same
+//! batch as the last key ahead's, or an earlier one.
 //!
 //! **Holding.** A holder's deletions subscription stays with it: its key
 //! deleted from outside, or with its lease revoked by hand, the holder is
@@ -64,7 +65,26 @@ struct PendingKey {
     client: EtcdClient,
     name: Option<NameClaim>,
     lease: Arc<Lease>,
+    /// What is known of the key in etcd.
+    state: KeyState,
 }
+
+/// What a contender knows of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyState {
+    /// Not sent yet, or refused: nothing to delete.
+    Absent,
+    /// Created at this revision.
+    Created(i64),
+    /// The put was sent and its answer lost: it may be applied even after a
+    /// delete of ours; delete, then delete again once no request of ours can
+    /// still be in flight ([`LATE_WRITE`]).
+    Unknown,
+}
+
+/// How long after its answer was lost a put can still be applied: past
+/// etcd's own request timeout (5 s) plus two election timeouts, with room.
+const LATE_WRITE: Duration = Duration::from_secs(15);
 
 impl PendingKey {
     fn new(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>) -> PendingKey {
@@ -72,6 +92,7 @@ impl PendingKey {
             client: client.clone(),
             name: Some(name),
             lease,
+            state: KeyState::Unknown,
         }
     }
 
@@ -93,41 +114,80 @@ impl PendingKey {
 impl Drop for PendingKey {
     fn drop(&mut self) {
         if let Some(name) = self.name.take() {
-            delete_in_background(&self.client, name, self.lease.clone());
+            delete_in_background(&self.client, name, self.lease.clone(), self.state);
         }
     }
 }
 
 /// Deletes the key named by `name` until it is gone, or its lease is (which
-/// takes the key with it); never gives up while both live. The name is free
-/// again only then (`names.rs`).
-fn delete_in_background(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>) {
+/// takes the key with it); never gives up while both live. A key created at
+/// a known revision is deleted only if it is still that one (a late delete
+/// must never take a later key of the same name); one whose put is in
+/// doubt is deleted again after [`LATE_WRITE`]. The name is free again only
+/// then (`names.rs`).
+fn delete_in_background(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>, state: KeyState) {
+    if state == KeyState::Absent {
+        return;
+    }
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let client = client.clone();
     handle.spawn(async move {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            let deleted = error::retry("delete a lock key", || {
-                let mut kv = client.kv_client();
-                let key = name.key().to_owned();
-                async move { kv.delete(key, None).await }
-            });
-            tokio::select! {
-                r = deleted => match r {
-                    Ok(_) => return,
-                    Err(e) => warn!(key = %name.key(), error = %e, "cannot delete a lock key yet; retrying"),
-                },
-                () = lease.until_retired() => return,
-            }
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = lease.until_retired() => return,
-            }
-            pause = (pause * 2).min(Duration::from_secs(1));
+        let deleted = delete_until_done(&client, name.key(), &lease, state);
+        if !deleted.await || state != KeyState::Unknown {
+            return;
         }
+        tokio::select! {
+            () = tokio::time::sleep(LATE_WRITE) => {}
+            () = lease.until_retired() => return,
+        }
+        delete_until_done(&client, name.key(), &lease, state).await;
+        drop(name);
     });
+}
+
+/// One delete of `key` (conditional on its create revision when known),
+/// retried until etcd confirms it; `false` if the lease went first.
+async fn delete_until_done(client: &EtcdClient, key: &str, lease: &Lease, state: KeyState) -> bool {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let deleted = delete_key(client, key, state);
+        tokio::select! {
+            r = deleted => match r {
+                Ok(()) => return true,
+                Err(e) => warn!(%key, error = %e, "cannot delete a lock key yet; retrying"),
+            },
+            () = lease.until_retired() => return false,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = lease.until_retired() => return false,
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Deletes `key` — only the incarnation created at `rev` when it is known
+/// (a retried delete whose first attempt applied late must not take the
+/// next key of that name). Gone already is success.
+///
+/// # Errors
+/// As [`error::retry`].
+async fn delete_key(client: &EtcdClient, key: &str, state: KeyState) -> Result<(), BackendError> {
+    let txn = match state {
+        KeyState::Created(rev) => Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, rev)])
+            .and_then([TxnOp::delete(key, None)]),
+        KeyState::Unknown | KeyState::Absent => Txn::new().and_then([TxnOp::delete(key, None)]),
+    };
+    error::retry("delete a lock key", || {
+        let mut kv = client.kv_client();
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
+    .map(drop)
 }
 
 /// A grant: its key, the lease it lives on, and the watch on its deletion.
@@ -141,6 +201,8 @@ pub struct EtcdGuard {
 struct Held {
     client: EtcdClient,
     name: NameClaim,
+    /// The key's create revision (the token).
+    rev: i64,
     lease: Arc<Lease>,
     grant: u64,
     watcher: AbortHandle,
@@ -168,7 +230,7 @@ impl EtcdGuard {
 impl Drop for EtcdGuard {
     fn drop(&mut self) {
         if let Some(h) = self.take() {
-            delete_in_background(&h.client, h.name, h.lease);
+            delete_in_background(&h.client, h.name, h.lease, KeyState::Created(h.rev));
         }
     }
 }
@@ -209,12 +271,23 @@ impl EtcdBackend {
         ]);
         loop {
             // One consistent look: the keys before ours (the last few), and ours.
-            let resp = error::retry("look for the predecessors", || {
-                let mut kv = self.client.kv_client();
-                let look = look.clone();
-                async move { kv.txn(look).await }
-            })
-            .await?;
+            let looked = tokio::time::timeout_at(
+                deadline,
+                error::retry("look for the predecessors", || {
+                    let mut kv = self.client.kv_client();
+                    let look = look.clone();
+                    async move { kv.txn(look).await }
+                }),
+            );
+            let resp = tokio::select! {
+                r = looked => match r {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(Turn::TimedOut),
+                },
+                () = lease.until_retired() => {
+                    return Err(BackendError::Unavailable("the etcd lease of a waiting acquire was lost".into()));
+                }
+            };
             let at = resp.header().map_or(rev, |h| h.revision());
             let ops = resp.op_responses();
             let (Some(TxnOpResponse::Get(before)), Some(TxnOpResponse::Get(mine))) = (ops.first(), ops.get(1)) else {
@@ -228,9 +301,10 @@ impl EtcdBackend {
             if before.kvs().is_empty() {
                 return Ok(Turn::Granted);
             }
-            // All of them, or (a long queue) only the last: then look again
-            // when it goes, as Go's Mutex does.
-            let complete = usize::try_from(before.count()).is_ok_and(|n| n <= before.kvs().len());
+            // All of them (nothing more in range: `count` would not do, etcd
+            // counts before the create-revision filter), or in a long queue
+            // only the last: then look again when it goes, as Go's Mutex does.
+            let complete = !before.more();
             let mut ahead: Vec<Vec<u8>> = before.kvs().iter().map(|kv| kv.key().to_vec()).collect();
             if !complete {
                 ahead.truncate(1);
@@ -246,16 +320,18 @@ impl EtcdBackend {
                     () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
                 };
                 match msg {
-                    DelMsg::Deleted { key: k, revision } if revision > at => {
-                        if k == key.as_bytes() {
+                    DelMsg::Deleted { keys, revision } if revision > at => {
+                        // One batch per revision: ours gone in the same one
+                        // as the last ahead is ours gone, not our turn.
+                        if keys.iter().any(|k| k == key.as_bytes()) {
                             return Ok(Turn::Deleted);
                         }
-                        ahead.retain(|a| *a != k);
+                        ahead.retain(|a| !keys.contains(a));
                         if ahead.is_empty() {
                             if complete {
                                 // Every key created before ours is gone, and
-                                // ours was not (its deletion would have come
-                                // first): ours is the lowest.
+                                // ours was not (it would have been in this
+                                // batch or an earlier one): ours is the lowest.
                                 return Ok(Turn::Granted);
                             }
                             break;
@@ -263,6 +339,7 @@ impl EtcdBackend {
                     }
                     DelMsg::Deleted { .. } => {}
                     DelMsg::Broken => break,
+                    DelMsg::Closed => return Err(BackendError::Closed),
                 }
             }
         }
@@ -286,7 +363,8 @@ impl EtcdBackend {
                     () = lease.until_retired() => return,
                 };
                 let gone = match msg {
-                    DelMsg::Deleted { key: k, revision } => revision > rev && k == key.as_bytes(),
+                    DelMsg::Deleted { keys, revision } => revision > rev && keys.iter().any(|k| k == key.as_bytes()),
+                    DelMsg::Closed => return,
                     // Look at the key: deletions may have been missed.
                     DelMsg::Broken => match still_there(&client, &key, &lease).await {
                         Some(there) => !there,
@@ -376,13 +454,15 @@ impl Backend for EtcdBackend {
             let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
             // Before the key exists: no deletion after it can be missed.
             let mut deletions = self.deletions.subscribe(&dir);
-            let pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir), lease.clone());
+            let mut pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir), lease.clone());
+            // Only if the kind's record is as seen, and only a new key: a put
+            // must never adopt a stray key of this name (a put of ours whose
+            // answer was lost, applied after we gave up on it).
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    version_key.as_str(),
-                    CompareOp::Equal,
-                    seen.mod_rev,
-                )])
+                .when([
+                    Compare::mod_revision(version_key.as_str(), CompareOp::Equal, seen.mod_rev),
+                    Compare::create_revision(pending.key(), CompareOp::Equal, 0),
+                ])
                 .and_then([
                     TxnOp::put(
                         pending.key(),
@@ -400,7 +480,10 @@ impl Backend for EtcdBackend {
                         ),
                     ),
                 ])
-                .or_else([TxnOp::get(version_key.as_str(), None)]);
+                .or_else([
+                    TxnOp::get(version_key.as_str(), None),
+                    TxnOp::get(pending.key(), Some(GetOptions::new().with_keys_only())),
+                ]);
             // Sent once: a lost answer leaves the key to `pending`'s drop.
             let resp = match error::once("create a lock key", async {
                 let mut kv = self.client.kv_client();
@@ -416,6 +499,7 @@ impl Backend for EtcdBackend {
                         lease = format_args!("{:x}", lease.id()),
                         "etcd no longer knows a pooled lease; retiring it"
                     );
+                    pending.state = KeyState::Absent;
                     pending.forget();
                     lease.retire(LostReason::SessionExpired);
                     stale_leases += 1;
@@ -425,9 +509,19 @@ impl Backend for EtcdBackend {
             };
             let ops = resp.op_responses();
             if !resp.succeeded() {
-                // The kind's record moved on: learn it and go again.
-                pending.forget();
-                seen = match ops.first().and_then(seen_in) {
+                // A stray key of ours under this name: delete it (the name
+                // stays taken until it is gone) and go again with another.
+                match ops.get(1) {
+                    Some(TxnOpResponse::Get(g)) if !g.kvs().is_empty() => {
+                        let stray = g.kvs()[0].create_revision();
+                        warn!(key = %pending.key(), stray, "a stray lock key of ours; deleting it");
+                        pending.state = KeyState::Created(stray);
+                        drop(pending);
+                    }
+                    _ => pending.forget(),
+                }
+                // The kind's record moved on (or did not): learn it, go again.
+                seen = match ops.first().and_then(|op| seen_in(op, resp.header())) {
                     Some(s) => s?,
                     None => {
                         return Err(BackendError::Internal(
@@ -443,6 +537,7 @@ impl Backend for EtcdBackend {
                     "etcd answered a transaction without a header".into(),
                 ));
             };
+            pending.state = KeyState::Created(rev);
             let first = match ops.get(1) {
                 Some(TxnOpResponse::Get(get)) => get.kvs().first().map(etcd_client::KeyValue::create_revision),
                 _ => None,
@@ -483,6 +578,7 @@ impl Backend for EtcdBackend {
                     held: Some(Held {
                         client: self.client.clone(),
                         name,
+                        rev,
                         lease,
                         grant,
                         watcher,
@@ -492,22 +588,23 @@ impl Backend for EtcdBackend {
         }
     }
 
-    async fn release(&self, mut guard: EtcdGuard) -> Result<(), BackendError> {
-        let Some(h) = guard.take() else { return Ok(()) };
-        let deleted = error::retry("delete a lock key", || {
-            let mut kv = h.client.kv_client();
-            let key = h.name.key().to_owned();
-            async move { kv.delete(key, None).await }
-        })
-        .await;
+    async fn release(&self, guard: EtcdGuard) -> Result<(), BackendError> {
+        let Some(h) = guard.held.as_ref() else { return Ok(()) };
+        // The holder is done with it: no loss to report any more.
+        h.lease.forget(h.grant);
+        h.watcher.abort();
+        // The guard stays armed until etcd confirmed the delete: dropped
+        // before (this future cancelled), it deletes in the background.
+        let deleted = delete_key(&h.client, h.name.key(), KeyState::Created(h.rev)).await;
         match deleted {
-            Ok(_) => Ok(()),
+            Ok(()) => {
+                let mut guard = guard;
+                drop(guard.held.take());
+                Ok(())
+            }
             // Its lease is gone, and the key with it.
             Err(_) if h.lease.is_retired() => Ok(()),
-            Err(e) => {
-                delete_in_background(&h.client, h.name, h.lease);
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 

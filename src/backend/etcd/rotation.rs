@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use super::EtcdClient;
 use super::kinds::{Seen, seen_in};
+use super::lease::Lease;
 use super::watch::WatchMsg;
 use super::{EtcdBackend, error};
 use crate::backend::version_record::{encode_switched, encode_version};
@@ -50,12 +51,15 @@ const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
 const MAX_RACES: u32 = 3;
 
 /// This driver's claim on a kind's rotation; deleted (if still ours) when
-/// dropped.
+/// released or dropped — in the background, retried until etcd confirms it
+/// or the lease it lives on is gone, so a claim never outlives its rotation
+/// on a lease the server keeps alive.
 #[derive(Debug)]
 struct Claim {
     client: EtcdClient,
     key: String,
     value: String,
+    lease: Arc<Lease>,
     released: bool,
 }
 
@@ -67,18 +71,21 @@ impl Claim {
     }
 
     /// Releases the claim and waits for it (so the same rotation sent again
-    /// right after is not refused as "in progress").
+    /// right after is not refused as "in progress"); if that cannot be
+    /// confirmed now, the drop keeps trying.
     async fn release(mut self) {
-        self.released = true;
         let txn = self.delete_if_ours();
-        if let Err(e) = error::retry("release a rotation claim", || {
+        let deleted = error::retry("release a rotation claim", || {
             let mut kv = self.client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
-        .await
-        {
-            warn!(key = %self.key, error = %e, "cannot release a rotation claim; it goes with its lease");
+        .await;
+        match deleted {
+            Ok(_) => self.released = true,
+            Err(e) => {
+                warn!(key = %self.key, error = %e, "cannot release a rotation claim yet; retrying in the background")
+            }
         }
     }
 }
@@ -88,15 +95,30 @@ impl Drop for Claim {
         if self.released {
             return;
         }
-        let (client, txn) = (self.client.clone(), self.delete_if_ours());
+        let (client, txn, lease) = (self.client.clone(), self.delete_if_ours(), self.lease.clone());
+        let key = std::mem::take(&mut self.key);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = error::retry("release a rotation claim", || {
-                    let mut kv = client.kv_client();
-                    let txn = txn.clone();
-                    async move { kv.txn(txn).await }
-                })
-                .await;
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    let deleted = error::retry("release a rotation claim", || {
+                        let mut kv = client.kv_client();
+                        let txn = txn.clone();
+                        async move { kv.txn(txn).await }
+                    });
+                    tokio::select! {
+                        r = deleted => match r {
+                            Ok(_) => return,
+                            Err(e) => warn!(%key, error = %e, "cannot release a rotation claim yet; retrying"),
+                        },
+                        () = lease.until_retired() => return,
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = lease.until_retired() => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
             });
         }
     }
@@ -116,16 +138,29 @@ impl EtcdBackend {
         let key = self.keys.version_key(kind);
         let txn = Txn::new()
             .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, expected_rev)])
-            .and_then([TxnOp::put(key.as_str(), data, None::<PutOptions>)]);
+            .and_then([TxnOp::put(key.as_str(), data.clone(), None::<PutOptions>)]);
         let resp = error::retry("write a kind's version", || {
             let mut kv = self.client.kv_client();
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
         .await?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map_or(expected_rev, |h| h.revision())))
+        if resp.succeeded() {
+            return Ok(Some(resp.header().map_or(expected_rev, |h| h.revision())));
+        }
+        // Lost to someone — or to our own earlier attempt, applied with its
+        // answer lost: then the record holds exactly what we wrote, since.
+        let now = error::retry("read a kind's version", || {
+            let mut kv = self.client.kv_client();
+            let key = key.clone();
+            async move { kv.get(key, None).await }
+        })
+        .await?;
+        Ok(now
+            .kvs()
+            .first()
+            .filter(|kv| kv.value() == data.as_slice() && kv.mod_revision() > expected_rev)
+            .map(etcd_client::KeyValue::mod_revision))
     }
 
     /// Lock keys under `{kind}/{version}/`, and up to a few of their ids.
@@ -216,6 +251,15 @@ impl EtcdBackend {
             lease.id(),
             crate::backend::unix_ms()
         );
+        // The guard before the request: an answer lost (or this future
+        // dropped) with the claim made still deletes it.
+        let claim = Claim {
+            client: self.client.clone(),
+            key: claim_key.clone(),
+            value: value.clone(),
+            lease: lease.clone(),
+            released: false,
+        };
         let txn = Txn::new()
             .when([Compare::create_revision(claim_key.as_str(), CompareOp::Equal, 0)])
             .and_then([
@@ -236,8 +280,12 @@ impl EtcdBackend {
         })
         .await?;
         let ops = resp.op_responses();
-        let mut seen = read_seen(ops.get(usize::from(resp.succeeded())).or(ops.first()))?;
+        let mut seen = read_seen(ops.get(usize::from(resp.succeeded())).or(ops.first()), resp.header())?;
         if !resp.succeeded() {
+            // Someone else's claim: ours was never made.
+            let mut claim = claim;
+            claim.released = true;
+            drop(claim);
             let by = match ops.get(1) {
                 Some(TxnOpResponse::Get(g)) => g
                     .kvs()
@@ -250,12 +298,6 @@ impl EtcdBackend {
                 "another rotation of {kind} is in progress ({by})"
             )));
         }
-        let claim = Claim {
-            client: self.client.clone(),
-            key: claim_key,
-            value,
-            released: false,
-        };
         // 2. Mark (or resume, or find it done).
         let mut races = 0;
         let mark_rev = loop {
@@ -279,6 +321,7 @@ impl EtcdBackend {
                             version: draining,
                             mod_rev: rev,
                             previous: None,
+                            at: rev,
                         };
                         self.kinds.remember(kind, &seen);
                         break rev;
@@ -345,6 +388,7 @@ impl EtcdBackend {
                                 version: KindVersion::normal(to),
                                 mod_rev: rev,
                                 previous: Some(from.to_owned()),
+                                at: rev,
                             },
                         );
                         let drained = started.elapsed();
@@ -366,6 +410,7 @@ impl EtcdBackend {
                                 version: normal,
                                 mod_rev: rev,
                                 previous: None,
+                                at: rev,
                             },
                         );
                         let remaining = census.remaining;
@@ -432,6 +477,7 @@ impl EtcdBackend {
                         version: normal.clone(),
                         mod_rev: rev,
                         previous: None,
+                        at: rev,
                     },
                 );
                 info!(%kind, version = %normal.version, "rotation aborted by request");
@@ -444,8 +490,8 @@ impl EtcdBackend {
     }
 }
 
-fn read_seen(op: Option<&TxnOpResponse>) -> Result<Seen, BackendError> {
-    op.and_then(seen_in).unwrap_or_else(|| {
+fn read_seen(op: Option<&TxnOpResponse>, header: Option<&etcd_client::ResponseHeader>) -> Result<Seen, BackendError> {
+    op.and_then(|op| seen_in(op, header)).unwrap_or_else(|| {
         Err(BackendError::Internal(
             "etcd answered without the version record".into(),
         ))
