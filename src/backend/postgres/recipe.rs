@@ -9,7 +9,9 @@
 //! whose server row has not expired by the database's clock). If that is
 //! ours, the lock is granted, in one round trip. The row's `seq` is the
 //! fencing token: one sequence for every lock, so a later grant — by any
-//! server, after any restart, under any version — has a larger one.
+//! server, after any restart, under any version — has a larger one. A
+//! try-once that is not first has its row deleted by the same statement; a
+//! wait that times out deletes its row before it answers.
 //!
 //! **Waiting** (FIFO by `seq`): subscribe to the lock's notifications
 //! (`listen.rs`), then look — one statement reading our own row and the
@@ -279,12 +281,16 @@ impl Backend for PostgresBackend {
                 seen.rev,
             );
             let owner = owner.as_str();
+            let try_once = req.wait.is_zero();
             // Sent once: a lost answer leaves the row to `pending`'s drop.
             let row = self
                 .pool
                 .once("insert a lock row", |c| async move {
                     c.client
-                        .query_one(&c.st.acquire, &[&k, &version, &id, &server, &tag, &owner, &rev])
+                        .query_one(
+                            &c.st.acquire,
+                            &[&k, &version, &id, &server, &tag, &owner, &rev, &try_once],
+                        )
                         .await
                 })
                 .await?;
@@ -301,12 +307,23 @@ impl Backend for PostgresBackend {
             let head: Option<i64> = row.try_get(1).map_err(|e| internal("acquire", &e))?;
             let turn = if head == Some(seq) {
                 Turn::Granted
+            } else if try_once {
+                // Deleted again by the same statement.
+                pending.forget();
+                return Ok(None);
             } else {
                 self.wait_turn(key, version, &session, tag, seq, deadline).await?
             };
             match turn {
                 Turn::Granted => {}
-                Turn::TimedOut => return Ok(None),
+                Turn::TimedOut => {
+                    // Gone before the answer, so a look right after finds
+                    // nothing of ours (else the drop deletes it later).
+                    if release_row(&self.pool, server, tag).await.is_ok() {
+                        pending.forget();
+                    }
+                    return Ok(None);
+                }
                 Turn::Deleted if requeues < MAX_REQUEUES => {
                     requeues += 1;
                     warn!(%key, server, tag, "our waiting lock row was deleted from outside; queueing again");

@@ -114,7 +114,7 @@ impl Schema {
     /// The statements each pooled connection prepares.
     pub(super) fn statements(&self) -> StatementsSql {
         StatementsSql {
-            acquire: self.sql("SELECT seq, head, record, rev FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7)"),
+            acquire: self.sql("SELECT seq, head, record, rev FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"),
             turn: self.sql(
                 "SELECT (SELECT c.seq FROM {s}.contenders c WHERE c.server = $4 AND c.tag = $5),
                         (SELECT c.seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
@@ -213,9 +213,11 @@ CREATE TABLE IF NOT EXISTS {s}.rotations (
 -- One acquire: compare the kind's revision under the shared kind lock,
 -- check our server row is live, take the key lock, insert with the next
 -- token, and read the lock's first live contender. seq is NULL (and the
--- record is returned) when the revision moved on.
+-- record is returned) when the revision moved on. With p_try (a try-once),
+-- a row that is not first is deleted again before the commit: a failed try
+-- leaves nothing, and needs no notification (no row comes after it yet).
 CREATE OR REPLACE FUNCTION {s}.acquire(p_kind text, p_version text, p_id text, p_server bigint,
-                                       p_tag bigint, p_owner text, p_rev bigint)
+                                       p_tag bigint, p_owner text, p_rev bigint, p_try boolean)
 RETURNS TABLE (seq bigint, head bigint, record text, rev bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
@@ -242,6 +244,9 @@ BEGIN
     SELECT c.seq INTO first_seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
      WHERE c.kind = p_kind AND c.version = p_version AND c.id = p_id AND sv.expires_at > now()
      ORDER BY c.seq LIMIT 1;
+    IF p_try AND first_seq IS DISTINCT FROM mine THEN
+        DELETE FROM {s}.contenders c WHERE c.server = p_server AND c.tag = p_tag;
+    END IF;
     RETURN QUERY SELECT mine, first_seq, NULL::text, p_rev;
 END
 $fn$;
