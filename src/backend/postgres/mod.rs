@@ -44,8 +44,8 @@
 //! The files, from the bottom up (each imports only the ones above it):
 //!
 //! - `schema.rs`: the DDL, the functions, the statements' SQL;
-//! - `pool.rs`: connections, prepared statements, the pool;
-//! - `error.rs`: what an error means, the bounded retry;
+//! - `error.rs`: what an error means, the retry policy's bounds;
+//! - `pool.rs`: connections, prepared statements, the pool and its bounded retry;
 //! - `session.rs`: this server's row, heartbeats, grants and their loss, the reaper;
 //! - `listen.rs`: LISTEN/NOTIFY, waking waiters;
 //! - `kinds.rs`: each kind's version record, its cache, waiting while it drains;
