@@ -208,16 +208,21 @@ impl Pool {
             .count()
     }
 
-    /// A connection: the slots in turn, a closed one replaced first.
+    /// A connection, a closed one replaced first: the slots in turn, or
+    /// with `affinity` always the same slot for the same value (every
+    /// statement of one lock on one connection: they stay in order, and a
+    /// lone client keeps one database backend busy instead of waking
+    /// several in turn).
     ///
     /// # Errors
     /// [`BackendError::Closed`] after [`Pool::close`]; `Unavailable` if a
     /// closed connection cannot be replaced.
-    pub(super) async fn get(&self) -> Result<Arc<Conn>, BackendError> {
+    pub(super) async fn get(&self, affinity: Option<u64>) -> Result<Arc<Conn>, BackendError> {
         if self.closed.is_cancelled() {
             return Err(BackendError::Closed);
         }
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        let n = affinity.unwrap_or_else(|| u64::try_from(self.next.fetch_add(1, Ordering::Relaxed)).unwrap_or(0));
+        let slot = &self.slots[usize::try_from(n % self.slots.len() as u64).unwrap_or(0)];
         if let Some(c) = lock(&slot.conn).as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(c.clone());
         }
@@ -249,7 +254,24 @@ impl Pool {
     /// # Errors
     /// The last attempt's error, as a [`BackendError`]; [`BackendError::Closed`]
     /// once the pool is closed.
-    pub(super) async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, BackendError>
+    pub(super) async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, BackendError>
+    where
+        F: FnMut(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.retry_on(None, what, op).await
+    }
+
+    /// [`Pool::retry`] on the connection of `affinity` ([`Pool::get`]).
+    ///
+    /// # Errors
+    /// As [`Pool::retry`].
+    pub(super) async fn retry_on<T, F, Fut>(
+        &self,
+        affinity: Option<u64>,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, BackendError>
     where
         F: FnMut(Arc<Conn>) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
@@ -257,7 +279,7 @@ impl Pool {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            let error = match self.get().await {
+            let error = match self.get(affinity).await {
                 Err(BackendError::Closed) => return Err(BackendError::Closed),
                 Err(e) if attempt < MAX_ATTEMPTS => e.to_string(),
                 Err(e) => return Err(e),
@@ -285,12 +307,12 @@ impl Pool {
     ///
     /// # Errors
     /// Its error, or `Unavailable` on timeout.
-    pub(super) async fn once<T, F, Fut>(&self, what: &str, op: F) -> Result<T, BackendError>
+    pub(super) async fn once<T, F, Fut>(&self, affinity: Option<u64>, what: &str, op: F) -> Result<T, BackendError>
     where
         F: FnOnce(Arc<Conn>) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let conn = self.get().await?;
+        let conn = self.get(affinity).await?;
         match tokio::time::timeout(REQUEST_TIMEOUT, op(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(error::backend_error(what, &e)),

@@ -18,8 +18,9 @@
 //! first live contender; a row of ours deleted from outside is never
 //! granted. Look again on each notification (a release or reap of a
 //! contender of this lock), and at least every [`RECHECK`] — then after
-//! reaping expired servers, so a dead server's holder is passed over even
-//! without a notification. Every contender with a lower `seq` committed
+//! reaping expired servers (at most once per [`RECHECK`] per server): a
+//! dead server's holder is passed over by the look anyway, and the reap
+//! deletes its rows and wakes the other waiters. Every contender with a lower `seq` committed
 //! before ours existed (the key lock), so no look can miss one.
 //!
 //! **Holding.** A holder is told `node_deleted` when its row is found
@@ -46,7 +47,7 @@ use super::PostgresBackend;
 use super::kinds::{Seen, internal};
 use super::listen::lock_topic;
 use super::pool::Pool;
-use super::session::{ServerSession, heartbeat_interval, lost_after, reap};
+use super::session::{ServerSession, heartbeat_interval, lost_after};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -64,15 +65,17 @@ pub(super) const RECHECK: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct PendingRow {
     pool: Arc<Pool>,
+    affinity: Option<u64>,
     session: Arc<ServerSession>,
     tag: Option<i64>,
 }
 
 impl PendingRow {
-    fn new(pool: &Arc<Pool>, session: Arc<ServerSession>) -> PendingRow {
+    fn new(pool: &Arc<Pool>, affinity: Option<u64>, session: Arc<ServerSession>) -> PendingRow {
         let tag = session.next_tag();
         PendingRow {
             pool: pool.clone(),
+            affinity,
             session,
             tag: Some(tag),
         }
@@ -96,7 +99,7 @@ impl PendingRow {
 impl Drop for PendingRow {
     fn drop(&mut self) {
         if let Some(tag) = self.tag.take() {
-            delete_in_background(&self.pool, self.session.clone(), tag);
+            delete_in_background(&self.pool, self.affinity, self.session.clone(), tag);
         }
     }
 }
@@ -104,7 +107,7 @@ impl Drop for PendingRow {
 /// Deletes our row `(session, tag)` until it is gone, or the session is
 /// retired (its clean-up deletes every row of it, else it expires and is
 /// reaped).
-fn delete_in_background(pool: &Arc<Pool>, session: Arc<ServerSession>, tag: i64) {
+fn delete_in_background(pool: &Arc<Pool>, affinity: Option<u64>, session: Arc<ServerSession>, tag: i64) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -113,7 +116,7 @@ fn delete_in_background(pool: &Arc<Pool>, session: Arc<ServerSession>, tag: i64)
         let mut pause = Duration::from_millis(50);
         loop {
             tokio::select! {
-                r = release_row(&pool, session.id(), tag) => match r {
+                r = release_row(&pool, affinity, session.id(), tag) => match r {
                     Ok(_) | Err(BackendError::Closed) => return,
                     Err(e) => warn!(server = session.id(), tag, error = %e, "cannot delete a lock row yet; retrying"),
                 },
@@ -128,10 +131,19 @@ fn delete_in_background(pool: &Arc<Pool>, session: Arc<ServerSession>, tag: i64)
     });
 }
 
+/// The pool connection every statement about `key` goes through.
+fn affinity(key: &LockKey) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.kind().hash(&mut h);
+    key.id().hash(&mut h);
+    Some(h.finish())
+}
+
 /// Deletes our row (and notifies the lock's waiters): whether it was there.
-async fn release_row(pool: &Pool, server: i64, tag: i64) -> Result<bool, BackendError> {
+async fn release_row(pool: &Pool, affinity: Option<u64>, server: i64, tag: i64) -> Result<bool, BackendError> {
     let row = pool
-        .retry("delete a lock row", |c| async move {
+        .retry_on(affinity, "delete a lock row", |c| async move {
             c.client.query_one(&c.st.release, &[&server, &tag]).await
         })
         .await?;
@@ -148,6 +160,7 @@ pub struct PgGuard {
 #[derive(Debug)]
 struct Held {
     pool: Arc<Pool>,
+    affinity: Option<u64>,
     session: Arc<ServerSession>,
     tag: i64,
     grant: u64,
@@ -169,7 +182,7 @@ impl PgGuard {
 impl Drop for PgGuard {
     fn drop(&mut self) {
         if let Some(h) = self.take() {
-            delete_in_background(&h.pool, h.session, h.tag);
+            delete_in_background(&h.pool, h.affinity, h.session, h.tag);
         }
     }
 }
@@ -199,12 +212,13 @@ impl PostgresBackend {
         let mut timed = false;
         loop {
             if timed {
-                // Pass over servers that died without a word.
-                reap(&self.pool, false).await?;
+                // Delete the rows of servers that died without a word (their
+                // rows are passed over already; this wakes the others).
+                self.sessions.reap_for_waiters(RECHECK).await?;
             }
             let row = self
                 .pool
-                .retry("look at a lock's queue", |c| async move {
+                .retry_on(affinity(key), "look at a lock's queue", |c| async move {
                     c.client
                         .query_one(&c.st.turn, &[&kind, &version, &id, &server, &tag])
                         .await
@@ -261,6 +275,7 @@ impl Backend for PostgresBackend {
         let key = req.key;
         let kind = key.kind_arc();
         let owner = format!("clastor owner={}", req.owner);
+        let affine = affinity(key);
         let mut seen = self.kinds.cached(kind);
         let mut requeues = 0;
         loop {
@@ -271,7 +286,7 @@ impl Backend for PostgresBackend {
                 }
             }
             let session = self.sessions.pick()?;
-            let pending = PendingRow::new(&self.pool, session.clone());
+            let pending = PendingRow::new(&self.pool, affine, session.clone());
             let (k, version, id, server, tag, rev) = (
                 &**kind,
                 &*seen.version.version,
@@ -285,7 +300,7 @@ impl Backend for PostgresBackend {
             // Sent once: a lost answer leaves the row to `pending`'s drop.
             let row = self
                 .pool
-                .once("insert a lock row", |c| async move {
+                .once(affine, "insert a lock row", |c| async move {
                     c.client
                         .query_one(
                             &c.st.acquire,
@@ -319,7 +334,7 @@ impl Backend for PostgresBackend {
                 Turn::TimedOut => {
                     // Gone before the answer, so a look right after finds
                     // nothing of ours (else the drop deletes it later).
-                    if release_row(&self.pool, server, tag).await.is_ok() {
+                    if release_row(&self.pool, affine, server, tag).await.is_ok() {
                         pending.forget();
                     }
                     return Ok(None);
@@ -347,6 +362,7 @@ impl Backend for PostgresBackend {
                 guard: PgGuard {
                     held: Some(Held {
                         pool: self.pool.clone(),
+                        affinity: affine,
                         session,
                         tag,
                         grant,
@@ -358,12 +374,12 @@ impl Backend for PostgresBackend {
 
     async fn release(&self, mut guard: PgGuard) -> Result<(), BackendError> {
         let Some(h) = guard.take() else { return Ok(()) };
-        match release_row(&h.pool, h.session.id(), h.tag).await {
+        match release_row(&h.pool, h.affinity, h.session.id(), h.tag).await {
             Ok(_) => Ok(()),
             // Its session is gone, and the row with it (or soon).
             Err(_) if h.session.is_retired() => Ok(()),
             Err(e) => {
-                delete_in_background(&h.pool, h.session, h.tag);
+                delete_in_background(&h.pool, h.affinity, h.session, h.tag);
                 Err(e)
             }
         }

@@ -181,7 +181,7 @@ impl PostgresBackend {
         let (k, t) = (&**kind, text.as_str());
         let row = self
             .pool
-            .once("claim a rotation", |c| async move {
+            .once(None, "claim a rotation", |c| async move {
                 c.client.query_one(&c.st.claim, &[&k, &server, &t]).await
             })
             .await?;

@@ -23,11 +23,12 @@
 //! - *Key lock* (`{schema}/{kind}/{version}/{id}`, exclusive): an acquire
 //!   takes it before `nextval`, so per lock the sequence hands out numbers
 //!   in commit order — every contender with a lower `seq` is committed
-//!   before a higher one exists, and one snapshot taken after our insert
-//!   sees them all. A release takes it after its delete, before it looks
-//!   for waiters to notify, so a waiter that looked before the delete was
-//!   committed is always notified (it committed its insert before the
-//!   release looked).
+//!   before a higher one exists, and the snapshot of the acquire's next
+//!   statement, and any later one, sees them all. A release takes it
+//!   before its delete and looks for waiters to notify in the next
+//!   statement, so a waiter that looked before the delete was committed is
+//!   always notified: it committed its insert before the release had the
+//!   lock, hence before the release looked.
 //! - *Kind lock* (`{schema}/{kind}`): acquires take it shared before they
 //!   compare the kind's revision, every write of the record takes it
 //!   exclusive. So a rotation's mark waits for acquires in flight, and an
@@ -114,7 +115,7 @@ impl Schema {
     /// The statements each pooled connection prepares.
     pub(super) fn statements(&self) -> StatementsSql {
         StatementsSql {
-            acquire: self.sql("SELECT seq, head, record, rev FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"),
+            acquire: self.sql("SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"),
             turn: self.sql(
                 "SELECT (SELECT c.seq FROM {s}.contenders c WHERE c.server = $4 AND c.tag = $5),
                         (SELECT c.seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
@@ -210,65 +211,73 @@ CREATE TABLE IF NOT EXISTS {s}.rotations (
     claim  text NOT NULL
 );
 
--- One acquire: compare the kind's revision under the shared kind lock,
--- check our server row is live, take the key lock, insert with the next
--- token, and read the lock's first live contender. seq is NULL (and the
--- record is returned) when the revision moved on. With p_try (a try-once),
--- a row that is not first is deleted again before the commit: a failed try
--- leaves nothing, and needs no notification (no row comes after it yet).
+-- One acquire, in two statements: take the shared kind lock and the key
+-- lock; then, with a snapshot that sees every row of the lock committed
+-- before the key lock was ours, insert our row with the next token — only
+-- if the kind's revision is p_rev and our server row is live — and read
+-- the lock's first live row (ours, if no live row was there before). When
+-- nothing was inserted, seq is NULL and the record is returned (or, if the
+-- revision matched, our server row is not live: an error). With p_try (a
+-- try-once), a row that is not first is deleted again before the commit: a
+-- failed try leaves nothing, and needs no notification (no row comes after
+-- it yet).
 CREATE OR REPLACE FUNCTION {s}.acquire(p_kind text, p_version text, p_id text, p_server bigint,
-                                       p_tag bigint, p_owner text, p_rev bigint, p_try boolean)
-RETURNS TABLE (seq bigint, head bigint, record text, rev bigint)
+                                       p_tag bigint, p_owner text, p_rev bigint, p_try boolean,
+                                       OUT seq bigint, OUT head bigint, OUT record text, OUT rev bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
-DECLARE
-    k_rev bigint;
-    k_record text;
-    mine bigint;
-    first_seq bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(hashtextextended('{s}/' || p_kind, 0));
-    SELECT k.rev, k.record INTO k_rev, k_record FROM {s}.kinds k WHERE k.kind = p_kind;
-    IF coalesce(k_rev, 0) <> p_rev THEN
-        RETURN QUERY SELECT NULL::bigint, NULL::bigint, k_record, coalesce(k_rev, 0);
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended('{s}/' || p_kind, 0)),
+            pg_advisory_xact_lock(hashtextextended('{s}/' || p_kind || '/' || p_version || '/' || p_id, 1));
+    WITH ins AS (
+        INSERT INTO {s}.contenders AS c (server, tag, kind, version, id, owner)
+        SELECT p_server, p_tag, p_kind, p_version, p_id, p_owner
+         WHERE coalesce((SELECT k.rev FROM {s}.kinds k WHERE k.kind = p_kind), 0) = p_rev
+           AND EXISTS (SELECT 1 FROM {s}.servers sv WHERE sv.id = p_server AND sv.expires_at > now())
+        RETURNING c.seq
+    )
+    SELECT ins.seq,
+           coalesce((SELECT c.seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
+                      WHERE c.kind = p_kind AND c.version = p_version AND c.id = p_id AND sv.expires_at > now()
+                      ORDER BY c.seq LIMIT 1), ins.seq)
+      INTO seq, head FROM ins;
+    IF NOT FOUND THEN
+        SELECT k.rev, k.record INTO rev, record FROM {s}.kinds k WHERE k.kind = p_kind;
+        rev := coalesce(rev, 0);
+        IF rev = p_rev THEN
+            RAISE EXCEPTION 'clastor server % is not live (expired or reaped)', p_server USING ERRCODE = 'CLS01';
+        END IF;
         RETURN;
     END IF;
-    PERFORM 1 FROM {s}.servers sv WHERE sv.id = p_server AND sv.expires_at > now();
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'clastor server % is not live (expired or reaped)', p_server USING ERRCODE = 'CLS01';
-    END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('{s}/' || p_kind || '/' || p_version || '/' || p_id, 1));
-    INSERT INTO {s}.contenders AS c (server, tag, kind, version, id, owner)
-        VALUES (p_server, p_tag, p_kind, p_version, p_id, p_owner)
-        RETURNING c.seq INTO mine;
-    SELECT c.seq INTO first_seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
-     WHERE c.kind = p_kind AND c.version = p_version AND c.id = p_id AND sv.expires_at > now()
-     ORDER BY c.seq LIMIT 1;
-    IF p_try AND first_seq IS DISTINCT FROM mine THEN
+    rev := p_rev;
+    IF p_try AND head <> seq THEN
         DELETE FROM {s}.contenders c WHERE c.server = p_server AND c.tag = p_tag;
     END IF;
-    RETURN QUERY SELECT mine, first_seq, NULL::text, p_rev;
 END
 $fn$;
 
--- One release: delete our row; under the key lock, notify waiters if any
--- contender of the lock is left. Whether a row was deleted.
+-- One release: take the key lock of our row, then delete it and, with a
+-- snapshot that sees every row committed before the lock was ours, notify
+-- the lock's waiters if any row of it is left. Whether a row was there.
 CREATE OR REPLACE FUNCTION {s}.release(p_server bigint, p_tag bigint)
 RETURNS boolean
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    r record;
+    n bigint;
 BEGIN
-    DELETE FROM {s}.contenders c WHERE c.server = p_server AND c.tag = p_tag
-        RETURNING c.kind, c.version, c.id INTO r;
+    PERFORM pg_advisory_xact_lock(hashtextextended('{s}/' || c.kind || '/' || c.version || '/' || c.id, 1))
+       FROM {s}.contenders c WHERE c.server = p_server AND c.tag = p_tag;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('{s}/' || r.kind || '/' || r.version || '/' || r.id, 1));
-    PERFORM 1 FROM {s}.contenders c WHERE c.kind = r.kind AND c.version = r.version AND c.id = r.id LIMIT 1;
-    IF FOUND THEN
-        PERFORM pg_notify('{channel}', 'L' || r.kind || '/' || r.version || '/' || r.id);
-    END IF;
+    WITH d AS (
+        DELETE FROM {s}.contenders c WHERE c.server = p_server AND c.tag = p_tag
+        RETURNING c.kind, c.version, c.id
+    )
+    SELECT count(pg_notify('{channel}', 'L' || d.kind || '/' || d.version || '/' || d.id)) INTO n FROM d
+     WHERE EXISTS (SELECT 1 FROM {s}.contenders c
+                    WHERE c.kind = d.kind AND c.version = d.version AND c.id = d.id
+                      AND (c.server, c.tag) <> (p_server, p_tag));
     RETURN true;
 END
 $fn$;

@@ -287,6 +287,9 @@ pub(super) struct Sessions {
     filled: tokio::sync::watch::Sender<u64>,
     closed: CancellationToken,
     tasks: TaskTracker,
+    /// When the last reap from the wait path started (ms since `epoch`).
+    waiters_reaped_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl Sessions {
@@ -301,6 +304,8 @@ impl Sessions {
             filled: tokio::sync::watch::Sender::new(0),
             closed: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            waiters_reaped_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let s = sessions.clone();
         sessions.tasks.spawn(async move { s.supervise().await });
@@ -559,6 +564,29 @@ impl Sessions {
                 Err(e) => debug!(server = session.id, error = %e, "heartbeat failed"),
             }
         }
+    }
+
+    /// Reaps expired server rows for a waiter's timed look, unless a waiter
+    /// of this server did so less than `every` ago (a thousand waiters do
+    /// not make a thousand reaps a second).
+    ///
+    /// # Errors
+    /// `Unavailable` if the database cannot be reached.
+    pub(super) async fn reap_for_waiters(&self, every: Duration) -> Result<(), BackendError> {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.waiters_reaped_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < every {
+            return Ok(());
+        }
+        if self
+            .waiters_reaped_ms
+            .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return Ok(());
+        }
+        reap(&self.pool, false).await.map(drop)
     }
 
     /// Reaps expired server rows every [`reap_interval`] until shutdown.
