@@ -599,7 +599,7 @@ impl Sessions {
                 () = tokio::time::sleep(every) => {}
             }
             n += 1;
-            if let Err(e) = reap(&self.pool, n % ORPHAN_SWEEP_EVERY == 0).await {
+            if let Err(e) = reap(&self.pool, n.is_multiple_of(ORPHAN_SWEEP_EVERY)).await {
                 debug!(error = %e, "reaping expired server rows failed");
             }
         }

@@ -84,10 +84,10 @@ pub(super) async fn handoff_floor(url: &str, queue_time: Duration) -> anyhow::Re
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m {
-                if tx.send(n.payload().to_owned()).is_err() {
-                    return;
-                }
+            if let AsyncMessage::Notification(n) = m
+                && tx.send(n.payload().to_owned()).is_err()
+            {
+                return;
             }
         }
     });
