@@ -237,7 +237,8 @@ async fn no_two_holders_overlap_in_a_two_server_hammer_across_a_database_freeze(
 }
 
 /// A lock row deleted by hand (`DELETE FROM clastor.contenders …`): its
-/// holder is told `node_deleted` at the server's next heartbeat.
+/// holder is told `node_deleted` at the server's next heartbeat. Then a
+/// clean shutdown leaves nothing of the server behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_deleted_by_hand_is_reported_lost() {
     let pg = start_postgres();
@@ -267,6 +268,19 @@ async fn a_row_deleted_by_hand_is_reported_lost() {
     // The lock is free for others at once.
     let mut b = Text::connect(x.addr).await;
     assert!(b.cmd("ACQUIRE tx deleted 0").await.starts_with("+ACQUIRED"));
+    // A clean shutdown (SIGTERM) leaves neither X's row nor its locks.
+    x.terminate();
+    let count = |sql: &str| {
+        let out = pg.psql().args(["-c", sql]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(count("SELECT count(*) FROM clastor.contenders"), "0");
+    assert_eq!(
+        count("SELECT count(*) FROM clastor.servers"),
+        "1",
+        "only Y's row is left"
+    );
 }
 
 /// `serve` with a database it cannot reach fails at startup, naming the

@@ -441,10 +441,19 @@ impl Sessions {
             conn = kept;
             *lock(&self.current) = None;
             session.retire(reason);
+            if reason == LostReason::ServerShutdown {
+                // The release of whatever is left, awaited (within a bound),
+                // on our own connection if it still works.
+                if let Some(c) = conn.take() {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, c.client.query_one(&c.st.reap, &[&Some(id), &false]))
+                        .await;
+                }
+                return;
+            }
             // Delete the old row and its contenders as soon as the database
-            // answers (on shutdown, awaited: the release of what is left).
+            // answers, in the background: the next session registers now.
             let pool = self.pool.clone();
-            let cleanup = async move {
+            self.tasks.spawn(async move {
                 let done = pool.retry("delete a retired server row", |c| async move {
                     c.client.query_one(&c.st.reap, &[&Some(id), &false]).await
                 });
@@ -458,17 +467,7 @@ impl Sessions {
                         "cannot delete a retired server row in time; it expires with its TTL"
                     ),
                 }
-            };
-            if reason == LostReason::ServerShutdown {
-                // The pool is closed by now; one statement on our own
-                // connection, if it still works.
-                if let Some(c) = conn.take() {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, c.client.query_one(&c.st.reap, &[&Some(id), &false]))
-                        .await;
-                }
-                return;
-            }
-            self.tasks.spawn(cleanup);
+            });
         }
     }
 
