@@ -2,8 +2,8 @@
 # Runs Clastor's whole test suite on a fresh Debian machine: installs what the
 # tests need (ZooKeeper from Debian's package, with its Java runtime; etcd) when
 # it is missing, then runs every test of the workspace. Tests that need
-# ZooKeeper or etcd start their own on free loopback ports and stop it
-# afterwards.
+# ZooKeeper, etcd or PostgreSQL start their own on free loopback ports and stop
+# it afterwards.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -18,18 +18,21 @@ as_root() {
 # chromium for the status page test (tests/status_page.rs, headless);
 # etcd-server for the etcd backend tests and etcd-client (etcdctl) for the
 # interoperation tests against it; protoc builds the etcd-client crate's gRPC
-# stubs.
+# stubs; postgresql (15, Debian 12's) for the PostgreSQL backend tests, which
+# run its binaries from /usr/lib/postgresql/15/bin (no cluster or service is
+# started by the package's scripts here: the tests initdb their own).
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
   || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
   || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1 \
   || ! command -v chromium >/dev/null 2>&1 \
   || ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1 \
-  || ! command -v protoc >/dev/null 2>&1; then
-  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd and protoc (Debian packages) for the tests"
+  || ! command -v protoc >/dev/null 2>&1 \
+  || [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc and PostgreSQL (Debian packages) for the tests"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
     zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo chromium \
-    etcd-server etcd-client protobuf-compiler >/dev/null
+    etcd-server etcd-client protobuf-compiler postgresql >/dev/null
 fi
 
 echo "== cargo test (workspace)"

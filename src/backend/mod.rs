@@ -20,7 +20,9 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
-#[cfg(any(feature = "zookeeper", feature = "etcd"))]
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "zookeeper", feature = "etcd", feature = "postgres"))]
 mod version_record;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

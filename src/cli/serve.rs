@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
 use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
+use clastor::backend::postgres::{PgConfig, PostgresBackend};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
@@ -25,6 +26,8 @@ pub(crate) enum BackendKind {
     Zookeeper,
     /// An etcd v3 cluster, shared by many Clastor servers.
     Etcd,
+    /// A PostgreSQL database (one primary), shared by many Clastor servers.
+    Postgres,
 }
 
 /// Run a Clastor server.
@@ -36,9 +39,14 @@ Every flag can also be set from the environment variable shown. Durations take u
 `500ms`, `10s`, `2m`.\n\n\
 The server refuses to start with limits that cannot work: --max-in-flight below \
 --max-waits + 16, --max-frame outside 311..=16777215, --max-connections or --max-held of 0, \
---zk-sessions or --etcd-leases of 0, a zero --handshake-timeout or --write-timeout.\n\n\
+--zk-sessions, --etcd-leases or --pg-connections of 0, a zero --handshake-timeout or --write-timeout.\n\n\
+With --backend postgres, the server creates its tables in --pg-schema if they are absent and \
+fails at startup, naming the database (never its password), if it cannot reach it. One \
+PostgreSQL primary is a single point of failure, and a failover to an asynchronous replica can \
+lose a grant: see the README, \"PostgreSQL backend\".\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n  \
-clastor serve --backend etcd --etcd etcd1:2379,etcd2:2379,etcd3:2379\n\n\
+clastor serve --backend etcd --etcd etcd1:2379,etcd2:2379,etcd3:2379\n  \
+clastor serve --backend postgres --pg postgres://clastor:secret@db1:5432/locks\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
 pub(crate) struct ServeArgs {
     /// Address to listen on.
@@ -96,6 +104,27 @@ pub(crate) struct ServeArgs {
     /// 3/5 of it without an answered keepalive.
     #[arg(long, env = "CLASTOR_ETCD_LEASE_TTL", default_value_t = EtcdConfig::default().lease_ttl.into())]
     etcd_lease_ttl: humantime::Duration,
+
+    /// PostgreSQL URL (`postgres://user:password@host:5432/db`, or `host=... user=...`; no TLS);
+    /// required with `--backend postgres`.
+    #[arg(long, env = "CLASTOR_PG", value_name = "URL")]
+    pg: Option<String>,
+
+    /// Schema of Clastor's tables in PostgreSQL, created if absent; every server of one deployment
+    /// uses the same.
+    #[arg(long, env = "CLASTOR_PG_SCHEMA", default_value_t = PgConfig::default().schema)]
+    pg_schema: String,
+
+    /// Pooled PostgreSQL connections for lock statements (at least 1); heartbeats and LISTEN use
+    /// one more each.
+    #[arg(long, env = "CLASTOR_PG_CONNECTIONS", default_value_t = NonZeroUsize::new(PgConfig::default().connections).unwrap_or(NonZeroUsize::MIN))]
+    pg_connections: NonZeroUsize,
+
+    /// TTL of this server's row in PostgreSQL (at least 100ms): other servers pass over its locks
+    /// once it has gone that long without a heartbeat; its holders are told their locks are lost
+    /// at 3/5 of it without an answered heartbeat.
+    #[arg(long, env = "CLASTOR_PG_TTL", default_value_t = PgConfig::default().ttl.into())]
+    pg_ttl: humantime::Duration,
 
     /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
     #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
@@ -259,6 +288,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let backend = etcd(&args).await?;
             run_with(backend, engine_config, server_config).await
         }
+        BackendKind::Postgres => {
+            let backend = postgres(&args).await?;
+            run_with(backend, engine_config, server_config).await
+        }
     }
 }
 
@@ -329,6 +362,25 @@ async fn etcd(args: &ServeArgs) -> anyhow::Result<EtcdBackend> {
     EtcdBackend::connect(config)
         .await
         .with_context(|| format!("cannot use etcd at {endpoints}"))
+}
+
+async fn postgres(args: &ServeArgs) -> anyhow::Result<PostgresBackend> {
+    let url = args
+        .pg
+        .clone()
+        .context("--backend postgres needs --pg URL (or CLASTOR_PG)")?;
+    let shown = clastor::backend::postgres::redact(&url);
+    let config = PgConfig {
+        url,
+        schema: args.pg_schema.clone(),
+        connections: args.pg_connections.get(),
+        ttl: *args.pg_ttl,
+        ..PgConfig::default()
+    };
+    info!(pg = %shown, schema = %config.schema, connections = config.connections, "connecting to PostgreSQL");
+    PostgresBackend::connect(config)
+        .await
+        .with_context(|| format!("cannot use PostgreSQL at {shown}"))
 }
 
 async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {

@@ -1,38 +1,44 @@
-//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package)
-//! or a real etcd (Debian's `etcd-server` and `etcd-client`), started on free
-//! loopback ports, for integration tests and benches.
+//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package),
+//! a real etcd (Debian's `etcd-server` and `etcd-client`) or a real
+//! PostgreSQL 15 (Debian's `postgresql`), started on free loopback ports, for
+//! integration tests and benches.
 //!
 //! Design choices:
 //! - **Real servers, never mocks.** [`ZooKeeper::start`] launches one
 //!   standalone server, [`ZooKeeper::ensemble`] a quorum on one host, each a
 //!   `java … QuorumPeerMain zoo.cfg` child process; [`Etcd::start`] launches
-//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster.
+//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster;
+//!   [`Postgres::start`] one PostgreSQL instance (`initdb` into a temp dir).
 //!   Every server has its own temporary data directory and log file.
 //! - **Parallel-safe.** Every instance picks its own free ports and temp dir;
 //!   a port stolen between picking and binding is detected (the server exits
 //!   or never serves, and its log says so) and the start is retried on fresh
 //!   ports.
 //! - **Fault injection by pid**: `freeze`/`thaw` (SIGSTOP/SIGCONT),
-//!   `kill` (SIGKILL, data kept) and `restart` on both launchers.
+//!   `kill` (SIGKILL, data kept) and `restart` on the ZooKeeper and etcd
+//!   launchers; `freeze`/`thaw` of every process of a PostgreSQL instance
+//!   (a stopped postmaster alone leaves its backends answering).
 //! - **Nothing left behind.** `Drop` kills every process it started (by pid)
 //!   and removes the temp dir; a watchdog per server also kills it if the test
 //!   process itself dies without unwinding.
-//! - **One [`Error`] for both servers**: each variant carries a [`Server`],
-//!   so a message names ZooKeeper or etcd (and a ZooKeeper "node" or an etcd
-//!   "member") and says how to install what is missing.
+//! - **One [`Error`] for every server**: each variant carries a [`Server`],
+//!   so a message names ZooKeeper, etcd or PostgreSQL (and a ZooKeeper
+//!   "node", an etcd "member") and says how to install what is missing.
 //! - Blocking `std` APIs only (etcd is probed over plain HTTP/1.0 on a
-//!   `TcpStream`, ZooKeeper with `srvr`), so it works from sync tests, async
+//!   `TcpStream`, ZooKeeper with `srvr`, PostgreSQL with `pg_isready`), so it works from sync tests, async
 //!   tests (call it before entering the runtime or via `spawn_blocking`; it
 //!   blocks for about a second) and benches alike.
 
 mod etcd;
 mod node;
 mod ports;
+pub mod postgres;
 mod probe;
 mod process;
 mod zookeeper;
 
 pub use etcd::{Etcd, EtcdBuilder, etcd_health};
+pub use postgres::Postgres;
 pub use probe::{Mode, srvr};
 pub use zookeeper::{Builder, ZooKeeper};
 
@@ -47,6 +53,8 @@ pub enum Server {
     ZooKeeper,
     /// etcd ([`Etcd`]).
     Etcd,
+    /// PostgreSQL ([`Postgres`]).
+    Postgres,
 }
 
 impl Server {
@@ -55,6 +63,7 @@ impl Server {
         match self {
             Server::ZooKeeper => "node",
             Server::Etcd => "member",
+            Server::Postgres => "instance",
         }
     }
 
@@ -63,6 +72,7 @@ impl Server {
         match self {
             Server::ZooKeeper => "install with `apt-get install -y zookeeper`; Java 17 is required",
             Server::Etcd => "install with `apt-get install -y etcd-server etcd-client`",
+            Server::Postgres => "install with `apt-get install -y postgresql` (version 15, Debian 12's)",
         }
     }
 }
@@ -72,6 +82,7 @@ impl fmt::Display for Server {
         f.write_str(match self {
             Server::ZooKeeper => "ZooKeeper",
             Server::Etcd => "etcd",
+            Server::Postgres => "PostgreSQL",
         })
     }
 }

@@ -2,7 +2,8 @@
 //! stdout and stderr appended to its log file, a watchdog that kills it if the
 //! test process dies without running `Drop` (a CI timeout, `SIGKILL`),
 //! SIGSTOP/SIGCONT and SIGKILL by pid, and its log's tail for error messages.
-//! The ZooKeeper and etcd launchers differ only in how they build the command.
+//! The ZooKeeper, etcd and PostgreSQL launchers differ only in how they build
+//! the command.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read as _;
@@ -201,7 +202,8 @@ impl ServerProcess {
 
     /// Whether the log says a port could not be bound (a port stolen between
     /// picking and binding): Java's `BindException: Address already in use`,
-    /// Go's `bind: address already in use`.
+    /// Go's `bind: address already in use`, PostgreSQL's `could not bind
+    /// IPv4 address …: Address already in use`.
     pub(crate) fn port_conflict(&self) -> bool {
         let tail = self.log_tail(200).to_ascii_lowercase();
         tail.contains("address already in use") || tail.contains("bindexception")
@@ -216,7 +218,7 @@ impl Drop for ServerProcess {
 
 /// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`); `None`
 /// where that cannot be read (not Linux, or the process is gone).
-fn process_stopped(pid: u32) -> Option<bool> {
+pub(crate) fn process_stopped(pid: u32) -> Option<bool> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the command name, which is in parentheses.
     let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;

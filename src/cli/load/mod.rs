@@ -4,7 +4,8 @@
 //! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
 //! pairs issued directly with zookeeper-client over as many sessions as the
 //! server uses; with `--etcd`, the etcd floors and etcd's own lock service
-//! (`etcd.rs`).
+//! (`etcd.rs`); with `--pg`, the PostgreSQL floors and `pg_advisory_lock`
+//! (`postgres.rs`).
 //!
 //! By default each client is a `clastor-client` connection, measured as an
 //! application would see it; `--depth` runs that many loops per connection
@@ -18,6 +19,7 @@ mod chart;
 mod etcd;
 mod footprint;
 mod pipeline;
+mod postgres;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
 use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
+use clastor::backend::postgres::{PgConfig, PostgresBackend};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig, ServerHandle};
 use clastor::{Engine, EngineConfig};
@@ -77,11 +80,13 @@ pub(crate) enum Keys {
 #[command(
     long_about = "Measure throughput and latency (p50/p90/p99) against floors measured in \
 the same run: a loopback TCP echo of the same frame sizes, and with --zk raw ZooKeeper \
-create+delete pairs over the same number of sessions.\n\n\
+create+delete pairs over the same number of sessions; with --etcd and --pg, the store's own \
+floors and lock (etcd v3lock, pg_advisory_lock).\n\n\
 Without --server, an in-process server is started on 127.0.0.1 (memory backend, or ZooKeeper \
 with --zk). Each client is its own connection and keeps one request outstanding (closed loop).\n\n\
 Examples:\n  clastor load                                 # in-memory server, 1 client\n  \
 clastor load --clients 64 --duration 10s\n  clastor load --zk 127.0.0.1:2181 --clients 64     # ZooKeeper backend vs raw ZooKeeper\n  \
+clastor load --pg postgres://postgres@127.0.0.1/postgres --clients 16   # vs INSERT+DELETE, pg_advisory_lock\n  \
 clastor load --server 10.0.0.5:7070 --op ping"
 )]
 pub(crate) struct LoadArgs {
@@ -110,6 +115,15 @@ pub(crate) struct LoadArgs {
     /// etcd leases of the in-process server, and channels of the raw floor (at least 1).
     #[arg(long, default_value_t = NonZeroUsize::new(EtcdConfig::default().leases).unwrap_or(NonZeroUsize::MIN))]
     etcd_leases: NonZeroUsize,
+
+    /// PostgreSQL URL: backend of the in-process server, and target of the PostgreSQL floors
+    /// and of the pg_advisory_lock peer (instead of --zk or --etcd).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["zk", "etcd"])]
+    pg: Option<String>,
+
+    /// PostgreSQL connections of the in-process server's pool, and of the raw floor (at least 1).
+    #[arg(long, default_value_t = NonZeroUsize::new(PgConfig::default().connections).unwrap_or(NonZeroUsize::MIN))]
+    pg_connections: NonZeroUsize,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -260,7 +274,9 @@ impl LoadArgs {
 
     /// The series name of the backend's floor.
     fn floor_series(&self) -> &'static str {
-        if self.etcd.is_some() {
+        if self.pg.is_some() {
+            "floor: PostgreSQL"
+        } else if self.etcd.is_some() {
             "floor: etcd"
         } else {
             "floor: ZooKeeper"
@@ -319,6 +335,18 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     }
     let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
         (Some(addr), _) => (addr.clone(), None),
+        (None, None) if args.pg.is_some() => {
+            let url = args.pg.clone().unwrap_or_default();
+            let cfg = PgConfig {
+                url: url.clone(),
+                connections: args.pg_connections.get(),
+                ..PgConfig::default()
+            };
+            let backend = PostgresBackend::connect(cfg)
+                .await
+                .with_context(|| format!("PostgreSQL at {}", clastor::backend::postgres::redact(&url)))?;
+            start(backend).await?
+        }
         (None, None) if args.etcd.is_some() => {
             let cfg = EtcdConfig {
                 endpoints: args.etcd_endpoints(),
@@ -392,7 +420,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     // The floors: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are; for acquire+release also
     // its shape, an ACQUIRE frame's round trip then a RELEASE frame's.
-    if args.zk.is_some() || args.etcd.is_some() || args.no_floor {
+    if args.zk.is_some() || args.etcd.is_some() || args.pg.is_some() || args.no_floor {
         // The backend's floors below are the ones that matter.
     } else {
         if args.raw || depth > 1 {
@@ -462,6 +490,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(zk_floor(args, zk).await?)
             } else if args.etcd.is_some() {
                 Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
+            } else if let Some(url) = &args.pg {
+                Some(postgres::pair_floor(url, args.pg_connections.get()).await?)
             } else {
                 None
             };
@@ -469,6 +499,10 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: etcd v3lock", 2);
+            }
+            if let Some(url) = args.pg.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
+                let (name, op) = postgres::advisory_peer(url, workers).await?;
+                emit(measure_n(args, workers, &name, op).await, "peer: pg_advisory_lock", 2);
             }
         }
         if args.op == Op::Handoff {
@@ -479,6 +513,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(zk_handoff_floor(zk, args.queue_time).await?)
             } else if args.etcd.is_some() {
                 Some(etcd::handoff_floor(&args.etcd_endpoints(), args.queue_time).await?)
+            } else if let Some(url) = &args.pg {
+                Some(postgres::handoff_floor(url, args.queue_time).await?)
             } else {
                 None
             };

@@ -1,0 +1,322 @@
+//! The PostgreSQL backend under faults, the way an operator meets them:
+//! `clastor serve` processes on a real PostgreSQL 15 (Debian's package, via
+//! the testkit), a frozen Clastor server, a frozen database (every one of
+//! its processes), a lock row deleted by hand, a two-server hammer across a
+//! database freeze, and a bad URL at startup.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clastor_testkit::Postgres;
+use support::process::{Server, free_port, send_signal};
+use support::{Text, token_of};
+
+/// Two `clastor serve` processes X and Y on `pg`, with server rows of `ttl`.
+fn two_servers_on(pg: &Postgres, ttl: &str) -> (Server, Server) {
+    let url = pg.url();
+    let args = [
+        "--backend",
+        "postgres",
+        "--pg",
+        &url,
+        "--pg-ttl",
+        ttl,
+        "--pg-connections",
+        "2",
+    ];
+    (Server::start(&args), Server::start(&args))
+}
+
+fn start_postgres() -> Postgres {
+    Postgres::start().expect("start PostgreSQL (apt-get install -y postgresql)")
+}
+
+/// A holder of `tx/{id}` through `holder_at`, and a waiter for it through
+/// `waiter_at` that tries again after failures that may pass. The waiter's
+/// task answers when it was granted, and the guard.
+async fn hold_and_wait(
+    holder_at: SocketAddr,
+    waiter_at: SocketAddr,
+    id: &'static str,
+) -> (
+    clastor_client::Client,
+    clastor_client::LockGuard,
+    tokio::task::JoinHandle<(tokio::time::Instant, clastor_client::LockGuard)>,
+) {
+    let holder = clastor_client::Client::connect(holder_at).await.unwrap();
+    let guard = holder.lock("tx", id).try_acquire().await.unwrap().expect("free");
+    let other = clastor_client::Client::connect(waiter_at).await.unwrap();
+    let wait = tokio::spawn(async move {
+        loop {
+            match other.lock("tx", id).wait(Duration::from_secs(60)).acquire().await {
+                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
+                Ok(None) => panic!("not granted within a minute"),
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    (holder, guard, wait)
+}
+
+/// A frozen Clastor server (a long pause, a hung host): its holder's
+/// safe-until runs out on the client — jeopardy — before the server's row
+/// expires in the database and the other server grants the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_s_holder_is_told_before_another_server_grants() {
+    let pg = start_postgres();
+    let (x, y) = two_servers_on(&pg, "3s");
+    let holder = clastor_client::Client::builder(x.addr)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let guard = holder.lock("tx", "frozen").try_acquire().await.unwrap().expect("free");
+    assert!(guard.safe_until().expect("safe-until is stated") > tokio::time::Instant::now());
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait = tokio::spawn(async move {
+        let g = other.lock("tx", "frozen").wait(Duration::from_secs(60)).acquire().await;
+        (tokio::time::Instant::now(), g)
+    });
+
+    send_signal(x.child.id(), "STOP");
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder falls into jeopardy");
+    let jeopardy_at = tokio::time::Instant::now();
+    let (granted_at, granted) = wait.await.unwrap();
+    let granted = granted.unwrap().expect("Y grants once X's row expired");
+    assert!(granted.token() > guard.token());
+    println!(
+        "X frozen at 0: jeopardy after {:?}, Y granted after {:?}",
+        jeopardy_at - frozen_at,
+        granted_at - frozen_at
+    );
+    assert!(
+        jeopardy_at < granted_at,
+        "jeopardy came after another holder was granted"
+    );
+    // X's own rows were not deleted by X: Y passed over them by the
+    // database's clock (and reaped them).
+    send_signal(x.child.id(), "CONT");
+}
+
+/// The whole database frozen (the postmaster and every backend): X stops
+/// hearing heartbeat answers and tells its holder at 3/5 of the TTL; Y
+/// grants only once the database runs again and X's row has expired by its
+/// clock — after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_database_s_holders_are_told_before_anyone_is_granted() {
+    let mut pg = start_postgres();
+    let (x, y) = two_servers_on(&pg, "3s");
+    let (_holder, guard, wait) = hold_and_wait(x.addr, y.addr, "db-frozen").await;
+
+    pg.freeze().unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder is told");
+    let told_at = tokio::time::Instant::now();
+    // Past the TTL, so X's row has expired by the database's clock when it
+    // runs again.
+    tokio::time::sleep_until(frozen_at + Duration::from_secs(4)).await;
+    pg.thaw().unwrap();
+    let (granted_at, granted) = wait.await.unwrap();
+    assert!(granted.token() > guard.token());
+    println!(
+        "PostgreSQL frozen at 0: holder told after {:?} ({}), Y granted after {:?}",
+        told_at - frozen_at,
+        guard
+            .lost_reason()
+            .map_or_else(|| "jeopardy".to_owned(), |r| r.to_string()),
+        granted_at - frozen_at
+    );
+    assert!(
+        told_at < granted_at,
+        "another holder was granted before the holder was told"
+    );
+    drop((x, y));
+}
+
+/// One holder's belief: from the grant's arrival until it stopped trusting
+/// the lock (it began to release, or fell into jeopardy first).
+#[derive(Debug, Clone, Copy)]
+struct Belief {
+    token: u64,
+    from: tokio::time::Instant,
+    until: tokio::time::Instant,
+    server: char,
+}
+
+/// Contends for one key through `addr` until `stop`, recording every belief.
+async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
+    let client = clastor_client::Client::builder(addr)
+        .keepalive(None)
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect()
+        .await
+        .unwrap();
+    let mut beliefs = Vec::new();
+    while !stop.is_cancelled() {
+        let guard = match client
+            .lock("tx", "hammered")
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+        {
+            Ok(Some(guard)) => guard,
+            Ok(None) => continue,
+            // The database frozen, or the server between sessions.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let from = tokio::time::Instant::now();
+        let until = tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(5)) => tokio::time::Instant::now(),
+            () = guard.jeopardy() => tokio::time::Instant::now(),
+        };
+        beliefs.push(Belief {
+            token: guard.token(),
+            from,
+            until,
+            server,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
+    }
+    beliefs
+}
+
+/// Two Clastor servers, four clients hammering one key; the database is
+/// frozen for 2.5 s mid-way (past 3/5 of the TTL: every session is lost and
+/// registered again). From the holders' own view no two ever overlap, and
+/// tokens increase in grant order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_holders_overlap_in_a_two_server_hammer_across_a_database_freeze() {
+    let mut pg = start_postgres();
+    let (x, y) = two_servers_on(&pg, "3s");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
+        .into_iter()
+        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pg.freeze().unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    pg.thaw().unwrap();
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    stop.cancel();
+    let mut beliefs = Vec::new();
+    for w in workers {
+        beliefs.extend(w.await.unwrap());
+    }
+    beliefs.sort_by_key(|b| b.from);
+    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
+    assert!(
+        servers.len() == 2 && beliefs.len() > 50,
+        "too little contention: {} grants",
+        beliefs.len()
+    );
+    for pair in beliefs.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
+        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
+    }
+    println!(
+        "{} grants across X and Y, the database frozen for 2.5 s: no overlap, tokens increasing",
+        beliefs.len()
+    );
+}
+
+/// A lock row deleted by hand (`DELETE FROM clastor.contenders …`): its
+/// holder is told `node_deleted` at the server's next heartbeat. Then a
+/// clean shutdown leaves nothing of the server behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_by_hand_is_reported_lost() {
+    let pg = start_postgres();
+    let (x, _y) = two_servers_on(&pg, "3s");
+    let mut a = Text::connect(x.addr).await;
+    let granted = a.cmd("ACQUIRE tx deleted 0").await;
+    assert!(granted.starts_with("+ACQUIRED tx deleted token="), "{granted}");
+    let out = pg
+        .psql()
+        .args([
+            "-c",
+            "DELETE FROM clastor.contenders WHERE kind = 'tx' AND id = 'deleted'",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deleted_at = tokio::time::Instant::now();
+    let lost = tokio::time::timeout(Duration::from_secs(5), a.line())
+        .await
+        .expect("told within a few heartbeats")
+        .unwrap();
+    assert_eq!(
+        lost,
+        format!("!LOST tx deleted token={} reason=node_deleted", token_of(&granted))
+    );
+    println!("row deleted at 0: holder told after {:?}", deleted_at.elapsed());
+    // The lock is free for others at once.
+    let mut b = Text::connect(x.addr).await;
+    assert!(b.cmd("ACQUIRE tx deleted 0").await.starts_with("+ACQUIRED"));
+    // A clean shutdown (SIGTERM) leaves neither X's row nor its locks.
+    x.terminate();
+    let count = |sql: &str| {
+        let out = pg.psql().args(["-c", sql]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(count("SELECT count(*) FROM clastor.contenders"), "0");
+    assert_eq!(
+        count("SELECT count(*) FROM clastor.servers"),
+        "1",
+        "only Y's row is left"
+    );
+}
+
+/// `serve` with a database it cannot reach fails at startup, naming the
+/// URL without its password.
+#[test]
+fn serve_fails_at_startup_naming_the_database_without_its_password() {
+    let closed = free_port();
+    let url = format!("postgres://clastor:hunter2@{closed}/locks");
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args([
+            "serve",
+            "--listen",
+            &free_port().to_string(),
+            "--backend",
+            "postgres",
+            "--pg",
+            &url,
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started without its database: {stderr}");
+    assert!(
+        stderr.contains(&format!("postgres://clastor:***@{closed}/locks")),
+        "the database is not named: {stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "the password is shown: {stderr}");
+    // Without --pg at all: a message saying what is missing.
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args(["serve", "--listen", &free_port().to_string(), "--backend", "postgres"])
+        .env_remove("CLASTOR_PG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--backend postgres needs --pg URL"));
+}
