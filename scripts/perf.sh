@@ -9,12 +9,14 @@
 # floor alternate sample by sample, `--interleave`), and the report gives the
 # range over rounds. Then a single-member etcd 3.4 (Debian's package, fsync
 # on), Clastor's etcd backend next to raw etcd transactions and etcd's own
-# lock service (v3lock), in rounds the same way.
+# lock service (v3lock), in rounds the same way; then a PostgreSQL 15
+# (Debian's package, fsync on, run as the postgres user) next to a raw
+# INSERT+DELETE and pg_advisory_lock.
 #
 # Usage: scripts/perf.sh            (about 12 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
 # Needs: zookeeper, libcurator-recipes-java, default-jdk-headless,
-# python3-kazoo, etcd-server (scripts/test.sh installs them).
+# python3-kazoo, etcd-server, postgresql (scripts/test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +33,9 @@ results="$OUT/results.jsonl"
 work=$(mktemp -d)
 zk_pid=
 etcd_pid=
+pg_pid=
 cleanup() {
+  if [ -n "$pg_pid" ]; then kill -INT "$pg_pid" 2>/dev/null || true; wait "$pg_pid" 2>/dev/null || true; fi
   if [ -n "$zk_pid" ]; then kill "$zk_pid" 2>/dev/null || true; wait "$zk_pid" 2>/dev/null || true; fi
   if [ -n "$etcd_pid" ]; then kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
   rm -rf "$work"
@@ -144,6 +148,33 @@ for round in $(seq "$ROUNDS"); do
   load "etcd, uncontended, back to back" --etcd "$etcd_ep" --op acquire-release --clients 1
   load "etcd, hand-over" --etcd "$etcd_ep" --op handoff --clients 2 --interleave
   load "etcd, 16 connections, distinct keys" --etcd "$etcd_ep" --op acquire-release --clients 16
+done
+kill "$etcd_pid" 2>/dev/null || true
+wait "$etcd_pid" 2>/dev/null || true
+etcd_pid=
+
+echo "== PostgreSQL"
+pgbin=/usr/lib/postgresql/15/bin
+pg_port=$(free_port)
+mkdir -p "$work/pg/data" "$work/pg/sock"
+as_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi; }
+[ "$(id -u)" = 0 ] && chown -R postgres:postgres "$work/pg"
+as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust -E UTF8 --locale=C >"$work/pg.log" 2>&1
+as_pg "$pgbin/postgres" -D "$work/pg/data" -p "$pg_port" -k "$work/pg/sock" \
+  -c listen_addresses=127.0.0.1 -c max_connections=200 >>"$work/pg.log" 2>&1 &
+pg_pid=$!
+for _ in $(seq 150); do
+  if "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; then break; fi
+  sleep 0.2
+done
+"$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { echo "PostgreSQL did not start:"; tail -20 "$work/pg.log"; exit 1; }
+pg_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
+echo "{\"meta\":\"postgres\",\"value\":\"$("$pgbin/postgres" --version | sed 's/postgres (PostgreSQL) //') (fsync on)\"}" >>"$results"
+for round in $(seq "$ROUNDS"); do
+  echo "== PostgreSQL round $round/$ROUNDS"
+  load "postgres, uncontended" --pg "$pg_url" --op acquire-release --clients 1 --interleave
+  load "postgres, hand-over" --pg "$pg_url" --op handoff --clients 2 --interleave
+  load "postgres, 16 connections, distinct keys" --pg "$pg_url" --op acquire-release --clients 16
 done
 echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
 

@@ -90,6 +90,8 @@ w(f"- ZooKeeper {meta.get('zookeeper', '?')}; Curator {meta.get('curator', '?')}
   f" kazoo {meta.get('kazoo', '?')} on {sh('/usr/bin/python3 --version')}")
 if "etcd" in meta:
     w(f"- etcd {meta['etcd']}")
+if "postgres" in meta:
+    w(f"- PostgreSQL {meta['postgres']}")
 w("")
 w("## Method")
 w("")
@@ -167,6 +169,26 @@ fs, fr = floor_of(c)
 if c.get("clastor") and fr:
     w(f"| ZooKeeper hand-over p50 vs raw delete → watch event | ≤ 1.5× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} |")
+def goal_rows(prefix, label, floor_label, peer_series):
+    c = cell(f"{prefix}, uncontended", 1)
+    fs, fr = floor_of(c)
+    if c.get("clastor") and fr:
+        w(f"| {label} uncontended acquire+release p50 vs {floor_label} | ≤ 1.3× | "
+          f"{ratio_range(c['clastor'], fr, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
+          f"{rng([r['p50_us'] for r in fr])} µs) |")
+    peer = c.get(peer_series)
+    if c.get("clastor") and peer:
+        w(f"| {label} uncontended p50: Clastor vs {peer_series[6:]} | report | "
+          f"{ratio_range(c['clastor'], peer, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
+          f"{rng([r['p50_us'] for r in peer])} µs) |")
+    c = cell(f"{prefix}, hand-over", 2)
+    fs, fr = floor_of(c)
+    if c.get("clastor") and fr:
+        w(f"| {label} hand-over p50 vs its floor | report | "
+          f"{ratio_range(c['clastor'], fr, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
+          f"{rng([r['p50_us'] for r in fr])} µs) |")
+
+
 c = cell("zookeeper, 64 connections, distinct keys", 64)
 fs, fr = floor_of(c)
 if c.get("clastor") and fr:
