@@ -20,7 +20,9 @@
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
-#[cfg(any(feature = "zookeeper", feature = "etcd"))]
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(any(feature = "zookeeper", feature = "etcd", feature = "redis"))]
 mod version_record;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

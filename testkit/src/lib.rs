@@ -1,19 +1,22 @@
-//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package)
-//! or a real etcd (Debian's `etcd-server` and `etcd-client`), started on free
-//! loopback ports, for integration tests and benches.
+//! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package),
+//! a real etcd (Debian's `etcd-server` and `etcd-client`) or a real Redis
+//! (Debian's `redis-server`), started on free loopback ports, for
+//! integration tests and benches.
 //!
 //! Design choices:
 //! - **Real servers, never mocks.** [`ZooKeeper::start`] launches one
 //!   standalone server, [`ZooKeeper::ensemble`] a quorum on one host, each a
 //!   `java … QuorumPeerMain zoo.cfg` child process; [`Etcd::start`] launches
-//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster.
+//!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster,
+//!   [`Redis::start`] one Redis without persistence.
 //!   Every server has its own temporary data directory and log file.
 //! - **Parallel-safe.** Every instance picks its own free ports and temp dir;
 //!   a port stolen between picking and binding is detected (the server exits
 //!   or never serves, and its log says so) and the start is retried on fresh
 //!   ports.
 //! - **Fault injection by pid**: `freeze`/`thaw` (SIGSTOP/SIGCONT),
-//!   `kill` (SIGKILL, data kept) and `restart` on both launchers.
+//!   `kill` (SIGKILL, data kept — none for Redis, which persists nothing)
+//!   and `restart` on every launcher.
 //! - **Nothing left behind.** `Drop` kills every process it started (by pid)
 //!   and removes the temp dir; a watchdog per server also kills it if the test
 //!   process itself dies without unwinding.
@@ -30,10 +33,12 @@ mod node;
 mod ports;
 mod probe;
 mod process;
+mod redis;
 mod zookeeper;
 
 pub use etcd::{Etcd, EtcdBuilder, etcd_health};
 pub use probe::{Mode, srvr};
+pub use redis::Redis;
 pub use zookeeper::{Builder, ZooKeeper};
 
 use std::fmt;
@@ -47,6 +52,8 @@ pub enum Server {
     ZooKeeper,
     /// etcd ([`Etcd`]).
     Etcd,
+    /// Redis ([`Redis`]).
+    Redis,
 }
 
 impl Server {
@@ -54,7 +61,7 @@ impl Server {
     fn member_word(self) -> &'static str {
         match self {
             Server::ZooKeeper => "node",
-            Server::Etcd => "member",
+            Server::Etcd | Server::Redis => "member",
         }
     }
 
@@ -63,6 +70,7 @@ impl Server {
         match self {
             Server::ZooKeeper => "install with `apt-get install -y zookeeper`; Java 17 is required",
             Server::Etcd => "install with `apt-get install -y etcd-server etcd-client`",
+            Server::Redis => "install with `apt-get install -y redis-server redis-tools`",
         }
     }
 }
@@ -72,6 +80,7 @@ impl fmt::Display for Server {
         f.write_str(match self {
             Server::ZooKeeper => "ZooKeeper",
             Server::Etcd => "etcd",
+            Server::Redis => "Redis",
         })
     }
 }
