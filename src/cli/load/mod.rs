@@ -4,7 +4,8 @@
 //! of the same frame sizes and, with `--zk`, raw ZooKeeper `create`+`delete`
 //! pairs issued directly with zookeeper-client over as many sessions as the
 //! server uses; with `--etcd`, the etcd floors and etcd's own lock service
-//! (`etcd.rs`).
+//! (`etcd.rs`); with `--redis`, the Redis floors and a plain Redis lock
+//! (`redis.rs`).
 //!
 //! By default each client is a `clastor-client` connection, measured as an
 //! application would see it; `--depth` runs that many loops per connection
@@ -18,6 +19,7 @@ mod chart;
 mod etcd;
 mod footprint;
 mod pipeline;
+mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use clap::{Args, ValueEnum};
 use clastor::backend::Backend;
 use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
+use clastor::backend::redis::{RedisBackend, RedisConfig};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig, ServerHandle};
 use clastor::{Engine, EngineConfig};
@@ -110,6 +113,11 @@ pub(crate) struct LoadArgs {
     /// etcd leases of the in-process server, and channels of the raw floor (at least 1).
     #[arg(long, default_value_t = NonZeroUsize::new(EtcdConfig::default().leases).unwrap_or(NonZeroUsize::MIN))]
     etcd_leases: NonZeroUsize,
+
+    /// Redis URL: backend of the in-process server, and target of the Redis floors and of the
+    /// plain Redis lock peer (instead of --zk or --etcd).
+    #[arg(long, value_name = "redis://HOST:PORT", conflicts_with_all = ["zk", "etcd"])]
+    redis: Option<String>,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -262,6 +270,8 @@ impl LoadArgs {
     fn floor_series(&self) -> &'static str {
         if self.etcd.is_some() {
             "floor: etcd"
+        } else if self.redis.is_some() {
+            "floor: Redis"
         } else {
             "floor: ZooKeeper"
         }
@@ -330,6 +340,15 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("etcd at {}", args.etcd_endpoints().join(",")))?;
             start(backend).await?
         }
+        (None, None) if args.redis.is_some() => {
+            let url = args.redis.clone().unwrap_or_default();
+            let cfg = RedisConfig {
+                url: url.clone(),
+                ..RedisConfig::default()
+            };
+            let backend = RedisBackend::connect(cfg).await.with_context(|| format!("Redis at {url}"))?;
+            start(backend).await?
+        }
         (None, None) => start(MemoryBackend::new()).await?,
         (None, Some(zk)) => {
             let cfg = ZkConfig {
@@ -392,7 +411,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     // The floors: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are; for acquire+release also
     // its shape, an ACQUIRE frame's round trip then a RELEASE frame's.
-    if args.zk.is_some() || args.etcd.is_some() || args.no_floor {
+    if args.zk.is_some() || args.etcd.is_some() || args.redis.is_some() || args.no_floor {
         // The backend's floors below are the ones that matter.
     } else {
         if args.raw || depth > 1 {
@@ -462,6 +481,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(zk_floor(args, zk).await?)
             } else if args.etcd.is_some() {
                 Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
+            } else if let Some(url) = &args.redis {
+                Some(redis::pair_floor(url).await?)
             } else {
                 None
             };
@@ -469,6 +490,10 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: etcd v3lock", 2);
+            }
+            if let Some(url) = args.redis.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
+                let (name, op) = redis::plain_lock_peer(url).await?;
+                emit(measure_n(args, workers, &name, op).await, "peer: plain Redis lock", 2);
             }
         }
         if args.op == Op::Handoff {
@@ -479,6 +504,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(zk_handoff_floor(zk, args.queue_time).await?)
             } else if args.etcd.is_some() {
                 Some(etcd::handoff_floor(&args.etcd_endpoints(), args.queue_time).await?)
+            } else if let Some(url) = &args.redis {
+                Some(redis::handoff_floor(url, args.queue_time).await?)
             } else {
                 None
             };
