@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs Clastor's whole test suite on a fresh Debian machine: installs what the
-# tests need (ZooKeeper from Debian's package, with its Java runtime; etcd) when
+# tests need (ZooKeeper from Debian's package, with its Java runtime; etcd; Redis) when
 # it is missing, then runs every test of the workspace. Tests that need
-# ZooKeeper or etcd start their own on free loopback ports and stop it
+# ZooKeeper, etcd or Redis start their own on free loopback ports and stop it
 # afterwards.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
@@ -18,18 +18,20 @@ as_root() {
 # chromium for the status page test (tests/status_page.rs, headless);
 # etcd-server for the etcd backend tests and etcd-client (etcdctl) for the
 # interoperation tests against it; protoc builds the etcd-client crate's gRPC
-# stubs.
+# stubs; redis-server for the Redis backend tests and redis-tools (redis-cli)
+# for removing a contender by hand in them.
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
   || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
   || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1 \
   || ! command -v chromium >/dev/null 2>&1 \
   || ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1 \
-  || ! command -v protoc >/dev/null 2>&1; then
-  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd and protoc (Debian packages) for the tests"
+  || ! command -v protoc >/dev/null 2>&1 \
+  || ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc and Redis (Debian packages) for the tests"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
     zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo chromium \
-    etcd-server etcd-client protobuf-compiler >/dev/null
+    etcd-server etcd-client protobuf-compiler redis-server redis-tools >/dev/null
 fi
 
 echo "== cargo test (workspace)"
