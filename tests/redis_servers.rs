@@ -84,7 +84,12 @@ async fn a_frozen_redis_s_holders_are_told_before_anyone_is_granted() {
     let other = clastor_client::Client::connect(y.addr).await.unwrap();
     let wait = tokio::spawn(async move {
         loop {
-            match other.lock("tx", "redis-frozen").wait(Duration::from_secs(60)).acquire().await {
+            match other
+                .lock("tx", "redis-frozen")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+            {
                 Ok(Some(g)) => return (tokio::time::Instant::now(), g),
                 Ok(None) => panic!("not granted within a minute"),
                 // Y's own session is lost while Redis is frozen: try again.
@@ -94,13 +99,21 @@ async fn a_frozen_redis_s_holders_are_told_before_anyone_is_granted() {
         }
     });
     // Y's waiter is queued before the freeze.
-    let queued = redis.cli().args(["ZCARD", "clastor/tx/v1/redis-frozen"]).output().unwrap();
+    let queued = redis
+        .cli()
+        .args(["ZCARD", "clastor/tx/v1/redis-frozen"])
+        .output()
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut count = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
     while count != "2" {
         assert!(std::time::Instant::now() < deadline, "Y's waiter never queued");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let out = redis.cli().args(["ZCARD", "clastor/tx/v1/redis-frozen"]).output().unwrap();
+        let out = redis
+            .cli()
+            .args(["ZCARD", "clastor/tx/v1/redis-frozen"])
+            .output()
+            .unwrap();
         count = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     }
 
@@ -143,7 +156,10 @@ async fn a_contender_removed_by_hand_is_reported_lost() {
     let queue = clastor::backend::redis::queue_key("clastor", "tx", "v1", "removed");
     let out = redis.cli().args(["ZRANGE", &queue, "0", "-1"]).output().unwrap();
     let member = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(!member.is_empty() && !member.contains('\n'), "one contender: {member:?}");
+    assert!(
+        !member.is_empty() && !member.contains('\n'),
+        "one contender: {member:?}"
+    );
     let removed_at = tokio::time::Instant::now();
     let out = redis.cli().args(["ZREM", &queue, &member]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");

@@ -143,7 +143,10 @@ impl Kinds {
             async move { cmd.query_async(&mut c).await }
         })
         .await?;
-        let seen = Seen::from_raw(raw.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())?;
+        let seen = Seen::from_raw(
+            raw.map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default(),
+        )?;
         self.remember(kind, &seen);
         Ok(seen)
     }

@@ -185,12 +185,7 @@ enum Queued {
 
 impl RedisBackend {
     /// Waits until our contender is first.
-    async fn wait_turn(
-        &self,
-        k: &Contender,
-        session: &Session,
-        deadline: Instant,
-    ) -> Result<Turn, BackendError> {
+    async fn wait_turn(&self, k: &Contender, session: &Session, deadline: Instant) -> Result<Turn, BackendError> {
         let recheck_max = session.ttl();
         let mut sub = tokio::select! {
             s = self.notify.subscribe(&k.queue) => s?,
@@ -238,7 +233,13 @@ impl RedisBackend {
     }
 
     /// Sends `ACQUIRE` once for `k` under `session`, expecting `record`.
-    async fn queue(&self, key: &LockKey, k: &Contender, session: &Session, record: &str) -> Result<Queued, BackendError> {
+    async fn queue(
+        &self,
+        key: &LockKey,
+        k: &Contender,
+        session: &Session,
+        record: &str,
+    ) -> Result<Queued, BackendError> {
         let (record_key, token_key) = (self.keys.record(key.kind()), self.keys.token());
         let answer: Vec<Value> = error::once("queue a contender", async {
             let mut c = self.conn.get();
@@ -422,7 +423,12 @@ impl Backend for RedisBackend {
     }
 
     fn safe_until(&self, guard: &RedisGuard) -> Option<Instant> {
-        Some(guard.held.as_ref().map_or_else(Instant::now, |h| h.session.safe_until()))
+        Some(
+            guard
+                .held
+                .as_ref()
+                .map_or_else(Instant::now, |h| h.session.safe_until()),
+        )
     }
 
     fn confirm_interval(&self) -> Option<Duration> {

@@ -268,11 +268,7 @@ impl Session {
 
     /// The held contenders, for a refresh's check.
     fn held(&self) -> Vec<Contender> {
-        lock(&self.grants)
-            .table
-            .values()
-            .map(|r| r.contender.clone())
-            .collect()
+        lock(&self.grants).table.values().map(|r| r.contender.clone()).collect()
     }
 
     /// Retires the session and reports every grant under it lost; returns

@@ -346,7 +346,9 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                 url: url.clone(),
                 ..RedisConfig::default()
             };
-            let backend = RedisBackend::connect(cfg).await.with_context(|| format!("Redis at {url}"))?;
+            let backend = RedisBackend::connect(cfg)
+                .await
+                .with_context(|| format!("Redis at {url}"))?;
             start(backend).await?
         }
         (None, None) => start(MemoryBackend::new()).await?,
@@ -491,7 +493,11 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: etcd v3lock", 2);
             }
-            if let Some(url) = args.redis.as_ref().filter(|_| !args.no_floor && args.keys != Keys::Shared) {
+            if let Some(url) = args
+                .redis
+                .as_ref()
+                .filter(|_| !args.no_floor && args.keys != Keys::Shared)
+            {
                 let (name, op) = redis::plain_lock_peer(url).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: plain Redis lock", 2);
             }

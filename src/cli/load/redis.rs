@@ -84,7 +84,13 @@ pub(super) async fn handoff_floor(url: &str, queue_time: Duration) -> anyhow::Re
             let t0 = Instant::now();
             let publish = {
                 let channel = channel.clone();
-                tokio::spawn(async move { redis::cmd("PUBLISH").arg(channel).arg("r").query_async::<i64>(&mut conn).await })
+                tokio::spawn(async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg("r")
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
             };
             if messages.next().await.is_none() {
                 bail!("the subscription ended");
