@@ -55,11 +55,18 @@ fn starts_serves_freezes_restarts_and_cleans_up() -> TestResult {
     redis.kill();
     assert!(!Path::new(&format!("/proc/{pid}")).exists() || redis.pid().is_none());
     redis.restart()?;
-    assert_eq!(cli(&redis, &["EXISTS", "k"])?, "0", "a restarted Redis without persistence is empty");
+    assert_eq!(
+        cli(&redis, &["EXISTS", "k"])?,
+        "0",
+        "a restarted Redis without persistence is empty"
+    );
 
     let (dir, pid) = (redis.dir().to_path_buf(), redis.pid().ok_or("no pid")?);
     drop(redis);
     assert!(!dir.exists(), "temp dir left behind");
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "redis-server left running");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "redis-server left running"
+    );
     Ok(())
 }

@@ -14,9 +14,10 @@
 //!
 //! **Holding.** A grant is registered with the session (`session.rs`): it
 //! is reported lost with the session (`backend_unreachable`,
-//! `session_expired`), and every refresh checks that its contender is still
+//! `session_expired`), and the refreshes check that its contender is still
 //! queued (`node_deleted` within one refresh interval — a tenth of the TTL
-//! — plus a round trip, if someone removed it by hand).
+//! — plus a round trip if someone removed it by hand, while the server
+//! holds fewer than 512 locks; `session.rs` has the bound).
 //!
 //! **Nothing left behind.** A contender being waited for belongs to a
 //! [`PendingKey`], and a granted one to a [`RedisGuard`]; dropping either

@@ -109,12 +109,13 @@ return out
 ";
 
 /// Ends our session: removes the contenders named (as `REMOVE` does), then
-/// the session key if it is still ours, so every other contender of it is
-/// dead at once.
+/// (if asked: the last batch) the session key if it is still ours, so every
+/// other contender of it is dead at once.
 ///
-/// KEYS: session key. ARGV: secret, then queue, index, member, id, ...
+/// KEYS: session key. ARGV: secret, '1' to delete the key, then queue,
+/// index, member, id, ...
 const END: &str = r"
-for i = 2, #ARGV, 4 do
+for i = 3, #ARGV, 4 do
   local q, idx, m, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local head = redis.call('ZRANGE', q, 0, 0)[1]
   if redis.call('ZREM', q, m) == 1 then
@@ -126,7 +127,7 @@ for i = 2, #ARGV, 4 do
     end
   end
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 

@@ -28,11 +28,13 @@
 //! this server was frozen or cut off past the TTL; deleted by hand) is
 //! retired `session_expired`. Either way a new session (a new sid) opens,
 //! and the old key, with the contenders this server knows of, is deleted
-//! as soon as Redis answers. Each refresh also checks that every contender
-//! this server holds is still queued: one removed from outside (`redis-cli
-//! ZREM`) is reported `node_deleted` within one refresh interval.
+//! as soon as Redis answers. Each refresh also checks that the contenders
+//! this server holds are still queued, up to 512 of them per refresh in
+//! turn: one removed from outside (`redis-cli ZREM`) is reported
+//! `node_deleted` within `ceil(held / 512)` refresh intervals (one, below
+//! 512 held locks) plus a round trip.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -104,8 +106,16 @@ pub(super) struct Session {
 #[derive(Debug, Default)]
 struct Grants {
     next: u64,
-    table: HashMap<u64, GrantRecord>,
+    table: BTreeMap<u64, GrantRecord>,
+    /// The last grant whose contender a refresh checked: the next refresh
+    /// goes on after it.
+    checked: u64,
 }
+
+/// Held contenders one refresh checks, at most: the refresh stays a short
+/// script however many locks this server holds, and every contender is
+/// checked once per `ceil(held / CHECK_BATCH)` refreshes.
+const CHECK_BATCH: usize = 512;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The critical sections here cannot panic half-way; a poisoned table is
@@ -266,16 +276,29 @@ impl Session {
         }
     }
 
-    /// The held contenders, for a refresh's check.
+    /// The next [`CHECK_BATCH`] held contenders, for a refresh's check, in
+    /// grant order from where the last refresh stopped, wrapping around.
     fn held(&self) -> Vec<Contender> {
-        lock(&self.grants).table.values().map(|r| r.contender.clone()).collect()
+        let mut grants = lock(&self.grants);
+        let after = grants.checked;
+        let batch: Vec<(u64, Contender)> = grants
+            .table
+            .range(after + 1..)
+            .chain(grants.table.range(..=after))
+            .take(CHECK_BATCH)
+            .map(|(id, r)| (*id, r.contender.clone()))
+            .collect();
+        if let Some((last, _)) = batch.last() {
+            grants.checked = *last;
+        }
+        batch.into_iter().map(|(_, k)| k).collect()
     }
 
     /// Retires the session and reports every grant under it lost; returns
     /// their contenders (to remove from Redis).
     fn retire(&self, reason: LostReason) -> Vec<Contender> {
         self.retired.cancel();
-        let lost: Vec<GrantRecord> = lock(&self.grants).table.drain().map(|(_, r)| r).collect();
+        let lost: Vec<GrantRecord> = std::mem::take(&mut lock(&self.grants).table).into_values().collect();
         if !lost.is_empty() {
             warn!(
                 session = %self.sid,
@@ -470,15 +493,29 @@ impl Sessions {
             // shutdown this is the release of whatever is left.
             let (conn, scripts) = (self.conn.clone(), self.scripts.clone());
             self.tasks.spawn(async move {
-                let ended = error::retry("end a session", || {
-                    let mut c = conn.get();
-                    let mut inv = scripts.end.key(session.key());
-                    inv.arg(session.secret());
-                    for k in &contenders {
-                        inv.arg(&k.queue).arg(&k.index).arg(&k.member).arg(&k.id);
+                // In batches, so no one script keeps Redis busy for long;
+                // the key goes with the last.
+                let batches: Vec<&[Contender]> = if contenders.is_empty() {
+                    vec![&[]]
+                } else {
+                    contenders.chunks(CHECK_BATCH).collect()
+                };
+                let ended = async {
+                    for (i, batch) in batches.iter().enumerate() {
+                        let last = if i + 1 == batches.len() { "1" } else { "0" };
+                        error::retry("end a session", || {
+                            let mut c = conn.get();
+                            let mut inv = scripts.end.key(session.key());
+                            inv.arg(session.secret()).arg(last);
+                            for k in *batch {
+                                inv.arg(&k.queue).arg(&k.index).arg(&k.member).arg(&k.id);
+                            }
+                            async move { inv.invoke_async::<Value>(&mut c).await }
+                        })
+                        .await?;
                     }
-                    async move { inv.invoke_async::<Value>(&mut c).await }
-                });
+                    Ok::<(), BackendError>(())
+                };
                 match tokio::time::timeout(session.ttl, ended).await {
                     Ok(Ok(_)) => info!(session = %session.sid, "Redis session ended"),
                     Ok(Err(e)) => {
