@@ -1,7 +1,8 @@
 //! The Redis backend under faults, the way an operator meets them: `clastor
 //! serve` processes on a real Redis (Debian's package, via the testkit), a
 //! frozen Redis, a frozen Clastor server, a contender removed by hand with
-//! `redis-cli`, and two servers hammering one lock.
+//! `redis-cli`, two servers hammering one lock, and a Redis restarted
+//! without persistence.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -265,4 +266,52 @@ async fn no_two_holders_overlap_across_two_servers() {
         let out = redis.cli().args(["EXISTS", "clastor/tx/v1/hammered"]).output().unwrap();
         left = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     }
+}
+
+/// Redis killed and restarted empty (no persistence, as the testkit runs
+/// it): the holder's server finds its session key gone and tells it
+/// `session_expired`; the server opens a new session, reloads its scripts
+/// (`NOSCRIPT`) and grants again — with a token from a counter that started
+/// over, which is why the README asks for `appendfsync always` when tokens
+/// must fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_without_persistence_tells_holders_and_restarts_tokens() {
+    let mut redis = start_redis();
+    let (x, _y) = two_servers_on(&redis, "2s");
+    let mut a = Text::connect(x.addr).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let granted = a.cmd("ACQUIRE tx restarted 0").await;
+        assert!(granted.starts_with("+ACQUIRED tx restarted token="), "{granted}");
+        last = token_of(&granted);
+        assert_eq!(a.cmd("RELEASE tx restarted").await, "+RELEASED tx restarted");
+    }
+    let granted = a.cmd("ACQUIRE tx restarted 0").await;
+    let before = token_of(&granted);
+    assert!(before > last);
+
+    redis.kill();
+    redis.restart().unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(10), a.line())
+        .await
+        .expect("the holder is told")
+        .unwrap();
+    assert!(
+        lost == format!("!LOST tx restarted token={before} reason=session_expired")
+            || lost == format!("!LOST tx restarted token={before} reason=backend_unreachable"),
+        "{lost}"
+    );
+    // A new session, scripts loaded again: granted, with a token from the
+    // new, empty Redis.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let reply = a.cmd("ACQUIRE tx restarted 0").await;
+        if reply.starts_with("+ACQUIRED") {
+            break token_of(&reply);
+        }
+        assert!(std::time::Instant::now() < deadline, "never granted again: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(after <= before, "the counter started over: {after} after {before}");
+    println!("token {before} before the restart, {after} after it");
 }
