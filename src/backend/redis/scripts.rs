@@ -23,12 +23,14 @@ use redis::Script;
 const HEAD: &str = r"
 -- The first contender of queue q whose server session (sp .. its sid) is
 -- alive, after removing those ahead of it whose session expired; and how
--- many were removed.
-local function first_live(q, sp)
+-- many were removed. `mine` (a contender whose session the caller knows is
+-- alive) needs no look at its session.
+local function first_live(q, sp, mine)
   local purged = 0
   while true do
     local head = redis.call('ZRANGE', q, 0, 0)[1]
     if not head then return nil, purged end
+    if head == mine then return head, purged end
     if redis.call('EXISTS', sp .. string.match(head, '^([^:]*)')) == 1 then return head, purged end
     redis.call('ZREM', q, head)
     purged = purged + 1
@@ -55,7 +57,7 @@ if redis.call('GET', KEYS[5]) ~= ARGV[5] then return {-1} end
 local token = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[3], token, ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
-local head, purged = first_live(KEYS[3], ARGV[3])
+local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
 if head == ARGV[2] then return {1, token} end
 if purged > 0 then redis.call('PUBLISH', KEYS[3], 'p') end
 return {2, token}
@@ -66,7 +68,7 @@ return {2, token}
 /// KEYS: queue. ARGV: member, session prefix.
 /// Returns `{0}` (gone), `{1}` (first) or `{2, head's session pttl}`.
 const CHECK: &str = r"
-local head, purged = first_live(KEYS[1], ARGV[2])
+local head, purged = first_live(KEYS[1], ARGV[2], nil)
 if head and purged > 0 and head ~= ARGV[1] then redis.call('PUBLISH', KEYS[1], 'p') end
 if head == ARGV[1] then return {1} end
 if not head or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end
@@ -135,7 +137,7 @@ return 1
 ///
 /// KEYS: queue. ARGV: session prefix. Returns 1 or 0.
 const HELD: &str = r"
-local head, purged = first_live(KEYS[1], ARGV[1])
+local head, purged = first_live(KEYS[1], ARGV[1], nil)
 if head and purged > 0 then redis.call('PUBLISH', KEYS[1], 'p') end
 if head then return 1 end
 return 0
