@@ -191,14 +191,14 @@ impl Kinds {
             let abandoned_at = seen.version.drain_left().map(|left| Instant::now() + left);
             tokio::select! {
                 biased;
-                r = sub.changed() => r?,
+                r = sub.changed() => drop(r?),
                 () = tokio::time::sleep_until(deadline) => return Ok(None),
                 () = sleep_until_opt(abandoned_at) => {
                     if !self.abort_abandoned(kind, &seen).await? {
                         // Still claimed: its driver aborts it at the same
                         // deadline. Look again in a moment if it did not.
                         tokio::select! {
-                            r = sub.changed() => r?,
+                            r = sub.changed() => drop(r?),
                             () = tokio::time::sleep_until(deadline) => return Ok(None),
                             () = tokio::time::sleep(Duration::from_millis(500)) => {}
                         }

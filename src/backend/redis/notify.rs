@@ -2,9 +2,11 @@
 //! subscribed while anyone waits on it, and one reader task turns each
 //! message into a wake-up of that channel's waiters.
 //!
-//! A wake-up says only "look again": waiters read the store after every
-//! one, so a message lost, doubled or early costs a look, never a wrong
-//! grant. When the connection breaks (Redis restarted, cut off), every
+//! A wake-up says "look again", and carries the message's payload: a
+//! waiter that finds its own contender named there (`REMOVE` names the next
+//! first contender, who stays first until removed) needs no look; any other
+//! waiter reads the store, so a message lost, doubled, early or overwritten
+//! by a later one costs a look, never a wrong grant. When the connection breaks (Redis restarted, cut off), every
 //! channel is marked unsubscribed and every waiter woken; it subscribes
 //! again (on the next connection) and looks. A frozen Redis sends nothing
 //! and breaks nothing: waiters then rely on their own re-check timers and
@@ -33,8 +35,9 @@ struct Route {
     refs: usize,
     /// Redis confirmed the subscription on the current connection.
     confirmed: bool,
-    /// Bumped on every message (and when the connection breaks).
-    wake: watch::Sender<u64>,
+    /// The last message's payload, sent on every message (`None` when the
+    /// connection breaks).
+    wake: watch::Sender<Option<Arc<str>>>,
 }
 
 /// The shared pub/sub connection.
@@ -59,24 +62,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) struct Subscription {
     hub: Arc<Notify>,
     channel: String,
-    wake: watch::Receiver<u64>,
+    wake: watch::Receiver<Option<Arc<str>>>,
 }
 
 impl Subscription {
     /// Waits for the next wake-up (a message, or the connection broke), then
-    /// makes sure the channel is subscribed again; the caller looks at the
-    /// store after it.
+    /// makes sure the channel is subscribed again; returns the payload of
+    /// the latest message (`None` after a break). Several messages between
+    /// two calls are one wake-up, with the last one's payload.
     ///
     /// # Errors
     /// `Unavailable` if the channel cannot be subscribed again.
     ///
     /// # Cancellation safety
     /// Safe: a wake-up not yet seen stays pending.
-    pub(super) async fn changed(&mut self) -> Result<(), BackendError> {
+    pub(super) async fn changed(&mut self) -> Result<Option<Arc<str>>, BackendError> {
         if self.wake.changed().await.is_err() {
             return Err(BackendError::Closed);
         }
-        self.hub.ensure(&self.channel).await
+        let payload = self.wake.borrow_and_update().clone();
+        self.hub.ensure(&self.channel).await?;
+        Ok(payload)
     }
 }
 
@@ -130,7 +136,7 @@ impl Notify {
             let route = routes.entry(channel.to_owned()).or_insert_with(|| Route {
                 refs: 0,
                 confirmed: false,
-                wake: watch::Sender::new(0),
+                wake: watch::Sender::new(None),
             });
             route.refs += 1;
             route.wake.subscribe()
@@ -247,7 +253,8 @@ impl Notify {
                 };
                 let Some(msg) = msg else { break };
                 if let Some(route) = lock(&self.routes).get(msg.get_channel_name()) {
-                    route.wake.send_modify(|n| *n += 1);
+                    let payload = String::from_utf8_lossy(msg.get_payload_bytes());
+                    route.wake.send_replace(Some(Arc::from(payload.as_ref())));
                 }
             }
             warn!("Redis pub/sub connection lost; reconnecting");
@@ -257,7 +264,7 @@ impl Notify {
             *sink = None;
             for route in lock(&self.routes).values_mut() {
                 route.confirmed = false;
-                route.wake.send_modify(|n| *n += 1);
+                route.wake.send_replace(None);
             }
         }
     }

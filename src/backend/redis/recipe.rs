@@ -7,7 +7,8 @@
 //! contenders at the head, and say whether ours is first — granted in one
 //! round trip. Otherwise we wait: subscribe to the lock's channel, then
 //! look (`CHECK`: still queued? first? — removing dead contenders ahead),
-//! and look again on every message, when the head's session would expire
+//! and look again on every message that does not name us (a release names
+//! the contender it made first: that one is granted without a look), when the head's session would expire
 //! (Redis told us its `PTTL`), and at least once per session TTL. A
 //! contender removed from outside while it waits is queued again (a few
 //! times).
@@ -61,7 +62,7 @@ fn remove_in_background(conn: &Conn, scripts: &Arc<Scripts>, contender: Contende
     handle.spawn(async move {
         let mut pause = Duration::from_millis(50);
         loop {
-            let removed = remove(&conn, &scripts, &contender);
+            let removed = remove(&conn, &scripts, &session, &contender);
             tokio::select! {
                 r = removed => match r {
                     Ok(()) => return,
@@ -78,12 +79,13 @@ fn remove_in_background(conn: &Conn, scripts: &Arc<Scripts>, contender: Contende
     });
 }
 
-/// One `REMOVE` of `contender` (retried).
-async fn remove(conn: &Conn, scripts: &Scripts, k: &Contender) -> Result<(), BackendError> {
+/// One `REMOVE` of contender `k` of `session` (retried).
+async fn remove(conn: &Conn, scripts: &Scripts, session: &Session, k: &Contender) -> Result<(), BackendError> {
+    let session_prefix = session.session_prefix();
     error::retry("remove a lock's contender", || {
         let mut c = conn.get();
         let mut inv = scripts.remove.key(&k.queue);
-        inv.key(&k.index).arg(&k.member).arg(&k.id);
+        inv.key(&k.index).arg(&k.member).arg(&k.id).arg(session_prefix);
         async move { inv.invoke_async::<Value>(&mut c).await }
     })
     .await
@@ -226,7 +228,13 @@ impl RedisBackend {
                 () = session.until_retired() => {
                     return Err(BackendError::Unavailable("the Redis session of a waiting acquire was lost".into()));
                 }
-                r = sub.changed() => r?,
+                r = sub.changed() => {
+                    // Named first by the release that made us first: first
+                    // until removed, no look needed (`scripts.rs`).
+                    if r?.as_deref() == Some(k.member.as_str()) {
+                        return Ok(Turn::Granted);
+                    }
+                }
                 () = tokio::time::sleep(recheck) => {}
                 () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
             }
@@ -378,7 +386,7 @@ impl Backend for RedisBackend {
 
     async fn release(&self, mut guard: RedisGuard) -> Result<(), BackendError> {
         let Some(h) = guard.take() else { return Ok(()) };
-        match remove(&h.conn, &h.scripts, &h.contender).await {
+        match remove(&h.conn, &h.scripts, &h.session, &h.contender).await {
             Ok(()) => Ok(()),
             // Its session is gone, and the contender with it.
             Err(_) if h.session.is_retired() => Ok(()),

@@ -333,7 +333,7 @@ impl RedisBackend {
             }
             let next_report = reported.0 + PROGRESS_EVERY;
             tokio::select! {
-                r = emptied.changed() => r?,
+                r = emptied.changed() => drop(r?),
                 r = record.changed() => {
                     r?;
                     let now = self.kinds.read(kind).await?;

@@ -13,7 +13,10 @@
 //!
 //! A contender is a member `{sid}:{n}` of a lock's queue (a sorted set
 //! scored by its fencing token); it is alive while its server session key
-//! `{prefix}:session:{sid}` exists. Whether that key exists is judged by
+//! `{prefix}:session:{sid}` exists. A message on a lock's channel names
+//! the contender that is first as it is sent (or, from a census, `p`:
+//! something changed); a contender named there stays first until it is
+//! removed, since later ones queue behind it. Whether that key exists is judged by
 //! Redis alone, on its own clock (the key's `PEXPIRE` deadline; inside a
 //! script Redis 7 judges expiry at the script's start): never by ours.
 
@@ -59,7 +62,7 @@ redis.call('ZADD', KEYS[3], token, ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
 local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
 if head == ARGV[2] then return {1, token} end
-if purged > 0 then redis.call('PUBLISH', KEYS[3], 'p') end
+if purged > 0 then redis.call('PUBLISH', KEYS[3], head) end
 return {2, token}
 ";
 
@@ -69,28 +72,30 @@ return {2, token}
 /// Returns `{0}` (gone), `{1}` (first) or `{2, head's session pttl}`.
 const CHECK: &str = r"
 local head, purged = first_live(KEYS[1], ARGV[2], nil)
-if head and purged > 0 and head ~= ARGV[1] then redis.call('PUBLISH', KEYS[1], 'p') end
+if head and purged > 0 and head ~= ARGV[1] then redis.call('PUBLISH', KEYS[1], head) end
 if head == ARGV[1] then return {1} end
 if not head or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end
 return {2, session_pttl(ARGV[2], head)}
 ";
 
-/// Removes a contender (release, withdrawn wait): the next one is told on
-/// the lock's channel if it was first; an emptied queue leaves the
-/// version's index and is announced on the version's channel (a drain
-/// counts again).
+/// Removes a contender (release, withdrawn wait). If it was first, the
+/// next live contender (dead ones ahead of it removed) is named on the
+/// lock's channel — it is first from now until it is removed, so it needs no
+/// look of its own; an emptied queue leaves the version's index and is
+/// announced on the version's channel (a drain counts again).
 ///
-/// KEYS: queue, version index. ARGV: member, id. Returns 1 if it was there.
+/// KEYS: queue, version index. ARGV: member, id, session prefix.
+/// Returns 1 if it was there.
 const REMOVE: &str = r"
 local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if removed == 1 then
-  if redis.call('EXISTS', KEYS[1]) == 0 then
-    redis.call('SREM', KEYS[2], ARGV[2])
-    redis.call('PUBLISH', KEYS[2], ARGV[2])
-  elseif head == ARGV[1] then
-    redis.call('PUBLISH', KEYS[1], 'r')
-  end
+if removed == 1 and head == ARGV[1] then
+  local nxt = first_live(KEYS[1], ARGV[3], nil)
+  if nxt then redis.call('PUBLISH', KEYS[1], nxt) end
+end
+if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
 end
 return removed
 ";
@@ -114,19 +119,20 @@ return out
 /// (if asked: the last batch) the session key if it is still ours, so every
 /// other contender of it is dead at once.
 ///
-/// KEYS: session key. ARGV: secret, '1' to delete the key, then queue,
-/// index, member, id, ...
+/// KEYS: session key. ARGV: secret, '1' to delete the key, session prefix,
+/// then queue, index, member, id, ...
 const END: &str = r"
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local q, idx, m, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local head = redis.call('ZRANGE', q, 0, 0)[1]
-  if redis.call('ZREM', q, m) == 1 then
-    if redis.call('EXISTS', q) == 0 then
-      redis.call('SREM', idx, id)
-      redis.call('PUBLISH', idx, id)
-    elseif head == m then
-      redis.call('PUBLISH', q, 'r')
-    end
+  local removed = redis.call('ZREM', q, m)
+  if removed == 1 and head == m then
+    local nxt = first_live(q, ARGV[3], nil)
+    if nxt then redis.call('PUBLISH', q, nxt) end
+  end
+  if removed == 1 and redis.call('EXISTS', q) == 0 then
+    redis.call('SREM', idx, id)
+    redis.call('PUBLISH', idx, id)
   end
 end
 if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -138,7 +144,7 @@ return 1
 /// KEYS: queue. ARGV: session prefix. Returns 1 or 0.
 const HELD: &str = r"
 local head, purged = first_live(KEYS[1], ARGV[1], nil)
-if head and purged > 0 then redis.call('PUBLISH', KEYS[1], 'p') end
+if head and purged > 0 then redis.call('PUBLISH', KEYS[1], head) end
 if head then return 1 end
 return 0
 ";
@@ -262,9 +268,9 @@ impl Scripts {
         Scripts {
             acquire: with_head(ACQUIRE),
             check: with_head(CHECK),
-            remove: Script::new(REMOVE),
+            remove: with_head(REMOVE),
             refresh: Script::new(REFRESH),
-            end: Script::new(END),
+            end: with_head(END),
             held: with_head(HELD),
             count: Script::new(COUNT),
             claim: Script::new(CLAIM),

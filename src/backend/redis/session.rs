@@ -169,6 +169,11 @@ impl Session {
         &self.key
     }
 
+    /// `{prefix}:session:`: what its key is its sid after.
+    pub(super) fn session_prefix(&self) -> &str {
+        &self.key[..self.key.len() - self.sid.len()]
+    }
+
     /// Its secret: the key's value.
     pub(super) fn secret(&self) -> &str {
         &self.secret
@@ -506,7 +511,7 @@ impl Sessions {
                         error::retry("end a session", || {
                             let mut c = conn.get();
                             let mut inv = scripts.end.key(session.key());
-                            inv.arg(session.secret()).arg(last);
+                            inv.arg(session.secret()).arg(last).arg(session.session_prefix());
                             for k in *batch {
                                 inv.arg(&k.queue).arg(&k.index).arg(&k.member).arg(&k.id);
                             }
