@@ -6,12 +6,15 @@
 //! take a token (`INCR`), queue the contender scored by it, remove dead
 //! contenders at the head, and say whether ours is first — granted in one
 //! round trip. Otherwise we wait: subscribe to the lock's channel, then
-//! look (`CHECK`: still queued? first? — removing dead contenders ahead),
-//! and look again on every message that does not name us (a release names
-//! the contender it made first: that one is granted without a look), when the head's session would expire
-//! (Redis told us its `PTTL`), and at least once per session TTL. A
-//! contender removed from outside while it waits is queued again (a few
-//! times).
+//! look (`CHECK`: still queued? first? — removing dead contenders ahead;
+//! if not, how long the head's session has left). A release announces the
+//! contender it made first and how long that one's session has left: the
+//! one named is granted without a look, and the others look again only
+//! when that session could have expired — one look per waiter per head,
+//! not per release, and no herd. The safety net: a look at least once per
+//! session TTL (a queue changed by hand announces nothing), and at once
+//! after a census or a broken pub/sub connection. A contender removed from
+//! outside while it waits is queued again (a few times).
 //!
 //! **Holding.** A grant is registered with the session (`session.rs`): it
 //! is reported lost with the session (`backend_unreachable`,
@@ -190,52 +193,61 @@ impl RedisBackend {
     /// Waits until our contender is first.
     async fn wait_turn(&self, k: &Contender, session: &Session, deadline: Instant) -> Result<Turn, BackendError> {
         let recheck_max = session.ttl();
+        // When the head's session would expire if its server stopped
+        // refreshing it: look again just after (at most a TTL away).
+        let look_after = |pttl: i64| {
+            Instant::now()
+                + match u64::try_from(pttl) {
+                    Ok(ms) => (Duration::from_millis(ms) + EXPIRY_SLACK).min(recheck_max),
+                    Err(_) => recheck_max,
+                }
+        };
+        let lost = || BackendError::Unavailable("the Redis session of a waiting acquire was lost".into());
         let mut sub = tokio::select! {
             s = self.notify.subscribe(&k.queue) => s?,
             () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
         };
+        // Look at once, after subscribing: a release before the
+        // subscription is seen by the look, one after it wakes us.
+        let mut next_look = Instant::now();
         loop {
-            // Look after subscribing: a release before the subscription is
-            // seen here, one after it wakes us.
-            let look = error::retry("look at a lock's queue", || {
-                let mut c = self.conn.get();
-                let mut inv = self.scripts.check.key(&k.queue);
-                inv.arg(&k.member).arg(self.keys.session_prefix());
-                async move { inv.invoke_async::<Vec<Value>>(&mut c).await }
-            });
-            let answer = tokio::select! {
-                biased;
-                () = session.until_retired() => {
-                    return Err(BackendError::Unavailable("the Redis session of a waiting acquire was lost".into()));
+            if Instant::now() >= next_look {
+                let look = error::retry("look at a lock's queue", || {
+                    let mut c = self.conn.get();
+                    let mut inv = self.scripts.check.key(&k.queue);
+                    inv.arg(&k.member).arg(self.keys.session_prefix());
+                    async move { inv.invoke_async::<Vec<Value>>(&mut c).await }
+                });
+                let answer = tokio::select! {
+                    biased;
+                    () = session.until_retired() => return Err(lost()),
+                    r = look => r?,
+                    () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
+                };
+                match int(answer.first()) {
+                    Some(1) => return Ok(Turn::Granted),
+                    Some(2) => next_look = look_after(int(answer.get(1)).unwrap_or(-1)),
+                    _ => return Ok(Turn::Deleted),
                 }
-                r = look => r?,
-                () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
-            };
-            match int(answer.first()) {
-                Some(1) => return Ok(Turn::Granted),
-                Some(2) => {}
-                _ => return Ok(Turn::Deleted),
             }
-            let head_pttl = int(answer.get(1)).unwrap_or(-1);
-            // The head's session expires then (if its server stopped
-            // refreshing it): look again just after.
-            let recheck = match u64::try_from(head_pttl) {
-                Ok(ms) => (Duration::from_millis(ms) + EXPIRY_SLACK).min(recheck_max),
-                Err(_) => recheck_max,
-            };
             tokio::select! {
                 biased;
-                () = session.until_retired() => {
-                    return Err(BackendError::Unavailable("the Redis session of a waiting acquire was lost".into()));
-                }
+                () = session.until_retired() => return Err(lost()),
                 r = sub.changed() => {
-                    // Named first by the release that made us first: first
-                    // until removed, no look needed (`scripts.rs`).
-                    if r?.as_deref() == Some(k.member.as_str()) {
-                        return Ok(Turn::Granted);
+                    let payload = r?;
+                    match payload.as_deref().and_then(|p| p.split_once(' ')) {
+                        // Named first: first until removed, no look needed
+                        // (`scripts.rs`).
+                        Some((member, _)) if member == k.member => return Ok(Turn::Granted),
+                        // Another is first, alive as the message was sent:
+                        // nothing to look at before its session could expire.
+                        Some((_, pttl)) => next_look = look_after(pttl.parse().unwrap_or(-1)),
+                        // A census changed the queue, or the connection
+                        // broke: look.
+                        None => next_look = Instant::now(),
                     }
                 }
-                () = tokio::time::sleep(recheck) => {}
+                () = tokio::time::sleep_until(next_look) => {}
                 () = tokio::time::sleep_until(deadline) => return Ok(Turn::TimedOut),
             }
         }

@@ -14,9 +14,11 @@
 //! A contender is a member `{sid}:{n}` of a lock's queue (a sorted set
 //! scored by its fencing token); it is alive while its server session key
 //! `{prefix}:session:{sid}` exists. A message on a lock's channel names
-//! the contender that is first as it is sent (or, from a census, `p`:
-//! something changed); a contender named there stays first until it is
-//! removed, since later ones queue behind it. Whether that key exists is judged by
+//! the contender that is first as it is sent and how long its session has
+//! left (`{member} {pttl}`), or, from a census, is `p` (something changed).
+//! A contender named there stays first until it is removed, since later
+//! ones queue behind it: it needs no look of its own, and the waiters
+//! behind it need none before its session could expire. Whether that key exists is judged by
 //! Redis alone, on its own clock (the key's `PEXPIRE` deadline; inside a
 //! script Redis 7 judges expiry at the script's start): never by ours.
 
@@ -43,6 +45,11 @@ end
 local function session_pttl(sp, m)
   return redis.call('PTTL', sp .. string.match(m, '^([^:]*)'))
 end
+-- Names m, first in queue q from now until it is removed, on q's channel,
+-- with how long its session has left: '{member} {pttl}'.
+local function announce(q, sp, m)
+  redis.call('PUBLISH', q, m .. ' ' .. session_pttl(sp, m))
+end
 ";
 
 /// Acquire: check the kind's record, check our session, take a token, queue
@@ -62,7 +69,7 @@ redis.call('ZADD', KEYS[3], token, ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
 local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
 if head == ARGV[2] then return {1, token} end
-if purged > 0 then redis.call('PUBLISH', KEYS[3], head) end
+if purged > 0 then announce(KEYS[3], ARGV[3], head) end
 return {2, token}
 ";
 
@@ -72,16 +79,15 @@ return {2, token}
 /// Returns `{0}` (gone), `{1}` (first) or `{2, head's session pttl}`.
 const CHECK: &str = r"
 local head, purged = first_live(KEYS[1], ARGV[2], nil)
-if head and purged > 0 and head ~= ARGV[1] then redis.call('PUBLISH', KEYS[1], head) end
+if head and purged > 0 and head ~= ARGV[1] then announce(KEYS[1], ARGV[2], head) end
 if head == ARGV[1] then return {1} end
 if not head or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end
 return {2, session_pttl(ARGV[2], head)}
 ";
 
 /// Removes a contender (release, withdrawn wait). If it was first, the
-/// next live contender (dead ones ahead of it removed) is named on the
-/// lock's channel — it is first from now until it is removed, so it needs no
-/// look of its own; an emptied queue leaves the version's index and is
+/// next live contender (dead ones ahead of it removed) is announced on the
+/// lock's channel; an emptied queue leaves the version's index and is
 /// announced on the version's channel (a drain counts again).
 ///
 /// KEYS: queue, version index. ARGV: member, id, session prefix.
@@ -91,7 +97,7 @@ local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 if removed == 1 and head == ARGV[1] then
   local nxt = first_live(KEYS[1], ARGV[3], nil)
-  if nxt then redis.call('PUBLISH', KEYS[1], nxt) end
+  if nxt then announce(KEYS[1], ARGV[3], nxt) end
 end
 if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[2], ARGV[2])
@@ -128,7 +134,7 @@ for i = 4, #ARGV, 4 do
   local removed = redis.call('ZREM', q, m)
   if removed == 1 and head == m then
     local nxt = first_live(q, ARGV[3], nil)
-    if nxt then redis.call('PUBLISH', q, nxt) end
+    if nxt then announce(q, ARGV[3], nxt) end
   end
   if removed == 1 and redis.call('EXISTS', q) == 0 then
     redis.call('SREM', idx, id)
@@ -144,7 +150,7 @@ return 1
 /// KEYS: queue. ARGV: session prefix. Returns 1 or 0.
 const HELD: &str = r"
 local head, purged = first_live(KEYS[1], ARGV[1], nil)
-if head and purged > 0 then redis.call('PUBLISH', KEYS[1], head) end
+if head and purged > 0 then announce(KEYS[1], ARGV[1], head) end
 if head then return 1 end
 return 0
 ";
