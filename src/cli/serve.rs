@@ -487,6 +487,37 @@ mod tests {
         );
     }
 
+    /// `--backend redis` takes its URL, prefix and session TTL from the
+    /// flags, and the help warns that tokens are as durable as Redis.
+    #[test]
+    fn the_redis_flags_reach_the_backend_and_the_help_states_the_durability() {
+        use std::time::Duration;
+
+        let args = parse(&[
+            "--backend",
+            "redis",
+            "--redis",
+            "redis://h:6390",
+            "--redis-prefix",
+            "p",
+            "--redis-session-ttl",
+            "3s",
+        ]);
+        assert_eq!(args.backend, super::BackendKind::Redis);
+        assert_eq!(args.redis.as_deref(), Some("redis://h:6390"));
+        assert_eq!(args.redis_prefix, "p");
+        assert_eq!(*args.redis_session_ttl, Duration::from_secs(3));
+        let defaults = parse(&[]);
+        assert_eq!(
+            defaults.redis_prefix,
+            clastor::backend::redis::RedisConfig::default().prefix
+        );
+        let mut cmd = ServeArgs::augment_args(Command::new("serve"));
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("appendfsync always"), "{help}");
+        assert!(help.contains("--backend redis --redis redis://"), "{help}");
+    }
+
     /// The help states the rules `ServerConfig::validate` enforces, with the
     /// numbers it uses.
     #[test]
