@@ -1,8 +1,8 @@
 //! The Redis backend under faults, the way an operator meets them: `clastor
 //! serve` processes on a real Redis (Debian's package, via the testkit), a
 //! frozen Redis, a frozen Clastor server, a contender removed by hand with
-//! `redis-cli`, two servers hammering one lock, and a Redis restarted
-//! without persistence.
+//! `redis-cli`, two servers hammering one lock, a Redis restarted without
+//! persistence, and readiness following the session's contact.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -314,4 +314,61 @@ async fn a_redis_restarted_without_persistence_tells_holders_and_restarts_tokens
     };
     assert!(after <= before, "the counter started over: {after} after {before}");
     println!("token {before} before the restart, {after} after it");
+}
+
+/// Readiness follows the session's contact with Redis: `/readyz` answers
+/// 200, then 503 once a frozen Redis has left the session unanswered past
+/// 3/5 of its TTL, and 200 again after the thaw; `INFO` and `VERSION` go
+/// through the same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_session_s_contact_with_redis() {
+    let mut redis = start_redis();
+    let http = support::process::free_port();
+    let url = redis.url();
+    let x = Server::start(&[
+        "--backend",
+        "redis",
+        "--redis",
+        &url,
+        "--redis-session-ttl",
+        "2s",
+        "--http",
+        &http.to_string(),
+    ]);
+    let await_status = |want: u16| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = support::http::get(http, "/readyz").await.status;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz still {got}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    await_status(200).await;
+    let mut a = Text::connect(x.addr).await;
+    assert_eq!(a.cmd("INFO").await, "+INFO");
+    let info = a.block().await;
+    assert!(
+        info.iter().any(|l| l.contains("redis_ready") && l.contains("true")),
+        "{info:?}"
+    );
+    let version = a.cmd("VERSION tx").await;
+    assert!(version.contains("v1"), "{version}");
+
+    redis.freeze().unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    await_status(503).await;
+    // Not before 3/5 of the TTL without an answer (less the last refresh's age).
+    assert!(
+        frozen_at.elapsed() >= Duration::from_millis(1_000),
+        "not ready after {:?}",
+        frozen_at.elapsed()
+    );
+    redis.thaw().unwrap();
+    await_status(200).await;
 }
