@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs Clastor's whole test suite on a fresh Debian machine: installs what the
-# tests need (ZooKeeper from Debian's package, with its Java runtime; etcd) when
+# tests need (ZooKeeper from Debian's package, with its Java runtime; etcd; Redis) when
 # it is missing, then runs every test of the workspace. Tests that need
-# ZooKeeper, etcd or PostgreSQL start their own on free loopback ports and stop
-# it afterwards.
+# ZooKeeper, etcd, PostgreSQL or Redis start their own on free loopback ports
+# and stop it afterwards.
 #
 # Usage: scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -20,19 +20,22 @@ as_root() {
 # interoperation tests against it; protoc builds the etcd-client crate's gRPC
 # stubs; postgresql (15, Debian 12's) for the PostgreSQL backend tests, which
 # run its binaries from /usr/lib/postgresql/15/bin (no cluster or service is
-# started by the package's scripts here: the tests initdb their own).
+# started by the package's scripts here: the tests initdb their own);
+# redis-server for the Redis backend tests and redis-tools (redis-cli) for
+# removing a contender by hand in them.
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
   || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
   || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1 \
   || ! command -v chromium >/dev/null 2>&1 \
   || ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1 \
   || ! command -v protoc >/dev/null 2>&1 \
-  || [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
-  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc and PostgreSQL (Debian packages) for the tests"
+  || [ ! -x /usr/lib/postgresql/15/bin/postgres ] \
+  || ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc, PostgreSQL and Redis (Debian packages) for the tests"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
     zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo chromium \
-    etcd-server etcd-client protobuf-compiler postgresql >/dev/null
+    etcd-server etcd-client protobuf-compiler postgresql redis-server redis-tools >/dev/null
 fi
 
 echo "== cargo test (workspace)"

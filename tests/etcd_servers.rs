@@ -406,7 +406,10 @@ async fn a_waiter_whose_key_goes_with_its_predecessor_s_is_not_granted_on_it() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lost = holder.line().await.unwrap();
-    assert!(lost.starts_with("!LOST tx wiped") && lost.ends_with("reason=node_deleted"), "{lost}");
+    assert!(
+        lost.starts_with("!LOST tx wiped") && lost.ends_with("reason=node_deleted"),
+        "{lost}"
+    );
     let second = waiter.line().await.unwrap();
     assert!(second.starts_with("+ACQUIRED tx wiped token="), "{second}");
     assert!(token_of(&second) > token_of(&granted));

@@ -22,7 +22,9 @@ pub mod etcd;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
-#[cfg(any(feature = "zookeeper", feature = "etcd", feature = "postgres"))]
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(any(feature = "zookeeper", feature = "etcd", feature = "postgres", feature = "redis"))]
 mod version_record;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

@@ -1,6 +1,6 @@
 //! A kind's version record, as every remote backend stores it (the data of
-//! ZooKeeper's `{kind}/version` node, the value of etcd's `{kind}/version`
-//! key, the `record` column of PostgreSQL's `kinds` row):
+//! ZooKeeper's `{kind}/version` node, the value of etcd's and Redis'
+//! `{kind}/version` key, the `record` column of PostgreSQL's `kinds` row):
 //! `"{version}\n{mode}"`, then `key=value` lines — the rotation's target and
 //! deadline while draining, `prev=` after a switch.
 //!

@@ -29,8 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    Serve(serve::ServeArgs),
-    Load(load::LoadArgs),
+    // Boxed: the server's flags (every backend's) are by far the largest.
+    Serve(Box<serve::ServeArgs>),
+    Load(Box<load::LoadArgs>),
     // The client-side subcommands take their help (short and long, with
     // examples and exit codes) from their argument structs; a doc comment
     // here would replace it.
@@ -50,8 +51,8 @@ enum Command {
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve::run(args),
-        Command::Load(args) => load::run(args),
+        Command::Serve(args) => serve::run(*args),
+        Command::Load(args) => load::run(*args),
         Command::Shell(args) => shell::run(args),
         Command::Lock(args) => lock::run(args),
         Command::Ping(args) => oneshot::ping(args),

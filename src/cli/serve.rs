@@ -11,6 +11,7 @@ use clastor::backend::Backend;
 use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::postgres::{PgConfig, PostgresBackend};
+use clastor::backend::redis::{RedisBackend, RedisConfig};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
@@ -28,6 +29,9 @@ pub(crate) enum BackendKind {
     Etcd,
     /// A PostgreSQL database (one primary), shared by many Clastor servers.
     Postgres,
+    /// One Redis instance, shared by many Clastor servers (no replication safety: see
+    /// the README's "Redis backend").
+    Redis,
 }
 
 /// Run a Clastor server.
@@ -39,14 +43,19 @@ Every flag can also be set from the environment variable shown. Durations take u
 `500ms`, `10s`, `2m`.\n\n\
 The server refuses to start with limits that cannot work: --max-in-flight below \
 --max-waits + 16, --max-frame outside 311..=16777215, --max-connections or --max-held of 0, \
---zk-sessions, --etcd-leases or --pg-connections of 0, a zero --handshake-timeout or --write-timeout.\n\n\
+--zk-sessions, --etcd-leases or --pg-connections of 0, a --redis-session-ttl below 200ms, a zero \
+--handshake-timeout or --write-timeout.\n\n\
 With --backend postgres, the server creates its tables in --pg-schema if they are absent and \
 fails at startup, naming the database (never its password), if it cannot reach it. One \
 PostgreSQL primary is a single point of failure, and a failover to an asynchronous replica can \
 lose a grant: see the README, \"PostgreSQL backend\".\n\n\
+With --backend redis, fencing tokens are only as strong as Redis' durability: run Redis with \
+`appendonly yes` and `appendfsync always`, and never fail over to an asynchronous replica \
+(README, \"Redis backend\").\n\n\
 Examples:\n  clastor serve\n  clastor serve --listen 0.0.0.0:7070 --backend zookeeper --zk zk1:2181,zk2:2181,zk3:2181\n  \
 clastor serve --backend etcd --etcd etcd1:2379,etcd2:2379,etcd3:2379\n  \
-clastor serve --backend postgres --pg postgres://clastor:secret@db1:5432/locks\n\n\
+clastor serve --backend postgres --pg postgres://clastor:secret@db1:5432/locks\n  \
+clastor serve --backend redis --redis redis://redis1:6379\n\n\
 Logs go to stderr; set RUST_LOG (e.g. `RUST_LOG=clastor=debug`) for more or less.")]
 pub(crate) struct ServeArgs {
     /// Address to listen on.
@@ -125,6 +134,22 @@ pub(crate) struct ServeArgs {
     /// at 3/5 of it without an answered heartbeat.
     #[arg(long, env = "CLASTOR_PG_TTL", default_value_t = PgConfig::default().ttl.into())]
     pg_ttl: humantime::Duration,
+
+    /// Redis URL (`redis://HOST:PORT[/DB]`, `redis://:PASSWORD@HOST:PORT`); required with
+    /// `--backend redis`. One Redis instance (not a cluster, not Sentinel).
+    #[arg(long, env = "CLASTOR_REDIS", value_name = "redis://HOST:PORT")]
+    redis: Option<String>,
+
+    /// Prefix of every key Clastor writes in Redis (`{prefix}/{kind}/{version}/{id}`,
+    /// `{prefix}:token`, `{prefix}:session:{id}`).
+    #[arg(long, env = "CLASTOR_REDIS_PREFIX", default_value_t = RedisConfig::default().prefix)]
+    redis_prefix: String,
+
+    /// TTL of this server's session key in Redis (at least 200ms), refreshed every tenth of
+    /// it; holders are told their locks are lost at 3/5 of it without an answered refresh, and
+    /// a dead server's locks go to others once it has run out.
+    #[arg(long, env = "CLASTOR_REDIS_SESSION_TTL", default_value_t = RedisConfig::default().session_ttl.into())]
+    redis_session_ttl: humantime::Duration,
 
     /// Connections served at once; more are refused with LIMIT_EXCEEDED (at least 1).
     #[arg(long, env = "CLASTOR_MAX_CONNECTIONS", default_value_t = ServerConfig::default().max_connections)]
@@ -292,6 +317,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let backend = postgres(&args).await?;
             run_with(backend, engine_config, server_config).await
         }
+        BackendKind::Redis => {
+            let backend = redis(&args).await?;
+            run_with(backend, engine_config, server_config).await
+        }
     }
 }
 
@@ -381,6 +410,23 @@ async fn postgres(args: &ServeArgs) -> anyhow::Result<PostgresBackend> {
     PostgresBackend::connect(config)
         .await
         .with_context(|| format!("cannot use PostgreSQL at {shown}"))
+}
+
+async fn redis(args: &ServeArgs) -> anyhow::Result<RedisBackend> {
+    let url = args
+        .redis
+        .clone()
+        .context("--backend redis needs --redis redis://HOST:PORT (or CLASTOR_REDIS)")?;
+    let config = RedisConfig {
+        url,
+        prefix: args.redis_prefix.clone(),
+        session_ttl: *args.redis_session_ttl,
+        ..RedisConfig::default()
+    };
+    info!(prefix = %config.prefix, ttl = ?config.session_ttl, "connecting to Redis");
+    RedisBackend::connect(config)
+        .await
+        .context("cannot use Redis (see --redis)")
 }
 
 async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: ServerConfig) -> anyhow::Result<()> {
@@ -491,6 +537,37 @@ mod tests {
             http(&["--http", "127.0.0.1:0", "--http-max-lock-requests", "10"]),
             Some((256, 10))
         );
+    }
+
+    /// `--backend redis` takes its URL, prefix and session TTL from the
+    /// flags, and the help warns that tokens are as durable as Redis.
+    #[test]
+    fn the_redis_flags_reach_the_backend_and_the_help_states_the_durability() {
+        use std::time::Duration;
+
+        let args = parse(&[
+            "--backend",
+            "redis",
+            "--redis",
+            "redis://h:6390",
+            "--redis-prefix",
+            "p",
+            "--redis-session-ttl",
+            "3s",
+        ]);
+        assert_eq!(args.backend, super::BackendKind::Redis);
+        assert_eq!(args.redis.as_deref(), Some("redis://h:6390"));
+        assert_eq!(args.redis_prefix, "p");
+        assert_eq!(*args.redis_session_ttl, Duration::from_secs(3));
+        let defaults = parse(&[]);
+        assert_eq!(
+            defaults.redis_prefix,
+            clastor::backend::redis::RedisConfig::default().prefix
+        );
+        let mut cmd = ServeArgs::augment_args(Command::new("serve"));
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("appendfsync always"), "{help}");
+        assert!(help.contains("--backend redis --redis redis://"), "{help}");
     }
 
     /// The help states the rules `ServerConfig::validate` enforces, with the

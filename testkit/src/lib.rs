@@ -1,6 +1,7 @@
 //! Test support for Clastor: a real ZooKeeper (Debian's `zookeeper` package),
-//! a real etcd (Debian's `etcd-server` and `etcd-client`) or a real
-//! PostgreSQL 15 (Debian's `postgresql`), started on free loopback ports, for
+//! a real etcd (Debian's `etcd-server` and `etcd-client`), a real
+//! PostgreSQL 15 (Debian's `postgresql`) or a real Redis (Debian's
+//! `redis-server`), started on free loopback ports, for
 //! integration tests and benches.
 //!
 //! Design choices:
@@ -8,16 +9,18 @@
 //!   standalone server, [`ZooKeeper::ensemble`] a quorum on one host, each a
 //!   `java … QuorumPeerMain zoo.cfg` child process; [`Etcd::start`] launches
 //!   one etcd member, [`Etcd::cluster`] a statically bootstrapped cluster;
-//!   [`Postgres::start`] one PostgreSQL instance (`initdb` into a temp dir).
+//!   [`Postgres::start`] one PostgreSQL instance (`initdb` into a temp dir);
+//!   [`Redis::start`] one Redis without persistence.
 //!   Every server has its own temporary data directory and log file.
 //! - **Parallel-safe.** Every instance picks its own free ports and temp dir;
 //!   a port stolen between picking and binding is detected (the server exits
 //!   or never serves, and its log says so) and the start is retried on fresh
 //!   ports.
 //! - **Fault injection by pid**: `freeze`/`thaw` (SIGSTOP/SIGCONT),
-//!   `kill` (SIGKILL, data kept) and `restart` on the ZooKeeper and etcd
-//!   launchers; `freeze`/`thaw` of every process of a PostgreSQL instance
-//!   (a stopped postmaster alone leaves its backends answering).
+//!   `kill` (SIGKILL, data kept — none for Redis, which persists nothing)
+//!   and `restart` on the ZooKeeper, etcd and Redis launchers;
+//!   `freeze`/`thaw` of every process of a PostgreSQL instance (a stopped
+//!   postmaster alone leaves its backends answering).
 //! - **Nothing left behind.** `Drop` kills every process it started (by pid)
 //!   and removes the temp dir; a watchdog per server also kills it if the test
 //!   process itself dies without unwinding.
@@ -35,11 +38,13 @@ mod ports;
 pub mod postgres;
 mod probe;
 mod process;
+mod redis;
 mod zookeeper;
 
 pub use etcd::{Etcd, EtcdBuilder, etcd_health};
 pub use postgres::Postgres;
 pub use probe::{Mode, srvr};
+pub use redis::Redis;
 pub use zookeeper::{Builder, ZooKeeper};
 
 use std::fmt;
@@ -55,6 +60,8 @@ pub enum Server {
     Etcd,
     /// PostgreSQL ([`Postgres`]).
     Postgres,
+    /// Redis ([`Redis`]).
+    Redis,
 }
 
 impl Server {
@@ -64,6 +71,7 @@ impl Server {
             Server::ZooKeeper => "node",
             Server::Etcd => "member",
             Server::Postgres => "instance",
+            Server::Redis => "member",
         }
     }
 
@@ -73,6 +81,7 @@ impl Server {
             Server::ZooKeeper => "install with `apt-get install -y zookeeper`; Java 17 is required",
             Server::Etcd => "install with `apt-get install -y etcd-server etcd-client`",
             Server::Postgres => "install with `apt-get install -y postgresql` (version 15, Debian 12's)",
+            Server::Redis => "install with `apt-get install -y redis-server redis-tools`",
         }
     }
 }
@@ -83,6 +92,7 @@ impl fmt::Display for Server {
             Server::ZooKeeper => "ZooKeeper",
             Server::Etcd => "etcd",
             Server::Postgres => "PostgreSQL",
+            Server::Redis => "Redis",
         })
     }
 }

@@ -5,7 +5,8 @@
 //! pairs issued directly with zookeeper-client over as many sessions as the
 //! server uses; with `--etcd`, the etcd floors and etcd's own lock service
 //! (`etcd.rs`); with `--pg`, the PostgreSQL floors and `pg_advisory_lock`
-//! (`postgres.rs`).
+//! (`postgres.rs`); with `--redis`, the Redis floors and a plain Redis lock
+//! (`redis.rs`).
 //!
 //! By default each client is a `clastor-client` connection, measured as an
 //! application would see it; `--depth` runs that many loops per connection
@@ -20,6 +21,7 @@ mod etcd;
 mod footprint;
 mod pipeline;
 mod postgres;
+mod redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +38,7 @@ use clastor::backend::Backend;
 use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::postgres::{PgConfig, PostgresBackend};
+use clastor::backend::redis::{RedisBackend, RedisConfig};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig, ServerHandle};
 use clastor::{Engine, EngineConfig};
@@ -118,12 +121,17 @@ pub(crate) struct LoadArgs {
 
     /// PostgreSQL URL: backend of the in-process server, and target of the PostgreSQL floors
     /// and of the pg_advisory_lock peer (instead of --zk or --etcd).
-    #[arg(long, value_name = "URL", conflicts_with_all = ["zk", "etcd"])]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["zk", "etcd", "redis"])]
     pg: Option<String>,
 
     /// PostgreSQL connections of the in-process server's pool, and of the raw floor (at least 1).
     #[arg(long, default_value_t = NonZeroUsize::new(PgConfig::default().connections).unwrap_or(NonZeroUsize::MIN))]
     pg_connections: NonZeroUsize,
+
+    /// Redis URL: backend of the in-process server, and target of the Redis floors and of the
+    /// plain Redis lock peer (instead of --zk or --etcd).
+    #[arg(long, value_name = "redis://HOST:PORT", conflicts_with_all = ["zk", "etcd", "pg"])]
+    redis: Option<String>,
 
     /// Concurrent clients, each with its own connection.
     #[arg(long, default_value_t = 1)]
@@ -278,6 +286,8 @@ impl LoadArgs {
             "floor: PostgreSQL"
         } else if self.etcd.is_some() {
             "floor: etcd"
+        } else if self.redis.is_some() {
+            "floor: Redis"
         } else {
             "floor: ZooKeeper"
         }
@@ -358,6 +368,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("etcd at {}", args.etcd_endpoints().join(",")))?;
             start(backend).await?
         }
+        (None, None) if args.redis.is_some() => {
+            let url = args.redis.clone().unwrap_or_default();
+            let cfg = RedisConfig {
+                url: url.clone(),
+                ..RedisConfig::default()
+            };
+            let backend = RedisBackend::connect(cfg)
+                .await
+                .with_context(|| format!("Redis at {url}"))?;
+            start(backend).await?
+        }
         (None, None) => start(MemoryBackend::new()).await?,
         (None, Some(zk)) => {
             let cfg = ZkConfig {
@@ -420,7 +441,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
     // The floors: echo of the PING frame sizes (12 bytes out, 14 back), or
     // pipelined PING frames echoed as they are; for acquire+release also
     // its shape, an ACQUIRE frame's round trip then a RELEASE frame's.
-    if args.zk.is_some() || args.etcd.is_some() || args.pg.is_some() || args.no_floor {
+    if args.zk.is_some() || args.etcd.is_some() || args.pg.is_some() || args.redis.is_some() || args.no_floor {
         // The backend's floors below are the ones that matter.
     } else {
         if args.raw || depth > 1 {
@@ -492,6 +513,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
             } else if let Some(url) = &args.pg {
                 Some(postgres::pair_floor(url, args.pg_connections.get()).await?)
+            } else if let Some(url) = &args.redis {
+                Some(redis::pair_floor(url).await?)
             } else {
                 None
             };
@@ -504,6 +527,14 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 let (name, op) = postgres::advisory_peer(url, workers).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: pg_advisory_lock", 2);
             }
+            if let Some(url) = args
+                .redis
+                .as_ref()
+                .filter(|_| !args.no_floor && args.keys != Keys::Shared)
+            {
+                let (name, op) = redis::plain_lock_peer(url).await?;
+                emit(measure_n(args, workers, &name, op).await, "peer: plain Redis lock", 2);
+            }
         }
         if args.op == Op::Handoff {
             let (name, pairs, op) = handoff(args, &clients);
@@ -515,6 +546,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
                 Some(etcd::handoff_floor(&args.etcd_endpoints(), args.queue_time).await?)
             } else if let Some(url) = &args.pg {
                 Some(postgres::handoff_floor(url, args.queue_time).await?)
+            } else if let Some(url) = &args.redis {
+                Some(redis::handoff_floor(url, args.queue_time).await?)
             } else {
                 None
             };

@@ -1,0 +1,307 @@
+//! The Lua scripts every step runs inside Redis, atomically: Redis runs one
+//! script at a time, so what a script reads and what it writes are one
+//! step for every other client.
+//!
+//! They are loaded once at connect (`SCRIPT LOAD`) and run by `EVALSHA`;
+//! redis-rs' [`redis::Script`] falls back to loading a script again when
+//! Redis answers `NOSCRIPT` (a restarted or flushed Redis forgot them).
+//!
+//! Keys a script touches that it cannot name in `KEYS` in advance (the
+//! session key of each contender it looks at, `{prefix}:session:{sid}`) are
+//! built from `ARGV`: fine on one Redis instance, which is what this backend
+//! supports (a Redis Cluster would refuse them across slots).
+//!
+//! A contender is a member `{sid}:{n}` of a lock's queue (a sorted set
+//! scored by its fencing token); it is alive while its server session key
+//! `{prefix}:session:{sid}` exists. A message on a lock's channel names
+//! the contender that is first as it is sent and how long its session has
+//! left (`{member} {pttl}`), or, from a census, is `p` (something changed).
+//! A contender named there stays first until it is removed, since later
+//! ones queue behind it: it needs no look of its own, and the waiters
+//! behind it need none before its session could expire. Whether that key exists is judged by
+//! Redis alone, on its own clock (the key's `PEXPIRE` deadline; inside a
+//! script Redis 7 judges expiry at the script's start): never by ours.
+
+use redis::Script;
+
+/// Lua shared by the scripts that look at a queue's head.
+const HEAD: &str = r"
+-- The first contender of queue q whose server session (sp .. its sid) is
+-- alive, after removing those ahead of it whose session expired; and how
+-- many were removed. `mine` (a contender whose session the caller knows is
+-- alive) needs no look at its session.
+local function first_live(q, sp, mine)
+  local purged = 0
+  while true do
+    local head = redis.call('ZRANGE', q, 0, 0)[1]
+    if not head then return nil, purged end
+    if head == mine then return head, purged end
+    if redis.call('EXISTS', sp .. string.match(head, '^([^:]*)')) == 1 then return head, purged end
+    redis.call('ZREM', q, head)
+    purged = purged + 1
+  end
+end
+-- Milliseconds before the session of contender m expires (-1: never).
+local function session_pttl(sp, m)
+  return redis.call('PTTL', sp .. string.match(m, '^([^:]*)'))
+end
+-- Names m, first in queue q from now until it is removed, on q's channel,
+-- with how long its session has left: '{member} {pttl}'.
+local function announce(q, sp, m)
+  redis.call('PUBLISH', q, m .. ' ' .. session_pttl(sp, m))
+end
+";
+
+/// Acquire: check the kind's record, check our session, take a token, queue
+/// the contender, purge dead contenders ahead of it, say whether it is first.
+///
+/// KEYS: record, token counter, queue, version index, our session key.
+/// ARGV: the record as expected ('' = absent), member, session prefix, id,
+/// our session's secret.
+/// Returns `{0, record}` (the record differs), `{-1}` (our session is
+/// gone), `{1, token}` (first: granted) or `{2, token}` (queued behind).
+const ACQUIRE: &str = r"
+local rec = redis.call('GET', KEYS[1]) or ''
+if rec ~= ARGV[1] then return {0, rec} end
+if redis.call('GET', KEYS[5]) ~= ARGV[5] then return {-1} end
+local token = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[3], token, ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[4])
+local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
+if head == ARGV[2] then return {1, token} end
+if purged > 0 then announce(KEYS[3], ARGV[3], head) end
+return {2, token}
+";
+
+/// A waiter's look: is its contender still queued, and first?
+///
+/// KEYS: queue. ARGV: member, session prefix.
+/// Returns `{0}` (gone), `{1}` (first) or `{2, head's session pttl}`.
+const CHECK: &str = r"
+local head, purged = first_live(KEYS[1], ARGV[2], nil)
+if head and purged > 0 and head ~= ARGV[1] then announce(KEYS[1], ARGV[2], head) end
+if head == ARGV[1] then return {1} end
+if not head or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end
+return {2, session_pttl(ARGV[2], head)}
+";
+
+/// Removes a contender (release, withdrawn wait). If it was first, the
+/// next live contender (dead ones ahead of it removed) is announced on the
+/// lock's channel; an emptied queue leaves the version's index and is
+/// announced on the version's channel (a drain counts again).
+///
+/// KEYS: queue, version index. ARGV: member, id, session prefix.
+/// Returns 1 if it was there.
+const REMOVE: &str = r"
+local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if removed == 1 and head == ARGV[1] then
+  local nxt = first_live(KEYS[1], ARGV[3], nil)
+  if nxt then announce(KEYS[1], ARGV[3], nxt) end
+end
+if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+end
+return removed
+";
+
+/// Refreshes our session if the key still holds our secret, and names the
+/// held contenders (pairs of queue and member in ARGV) no longer queued.
+///
+/// KEYS: session key. ARGV: secret, TTL in ms, then queue, member, ...
+/// Returns `{0}` (the session key is gone or not ours) or `{1, gone...}`.
+const REFRESH: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local out = {1}
+for i = 3, #ARGV, 2 do
+  if not redis.call('ZSCORE', ARGV[i], ARGV[i + 1]) then out[#out + 1] = ARGV[i + 1] end
+end
+return out
+";
+
+/// Ends our session: removes the contenders named (as `REMOVE` does), then
+/// (if asked: the last batch) the session key if it is still ours, so every
+/// other contender of it is dead at once.
+///
+/// KEYS: session key. ARGV: secret, '1' to delete the key, session prefix,
+/// then queue, index, member, id, ...
+const END: &str = r"
+for i = 4, #ARGV, 4 do
+  local q, idx, m, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local head = redis.call('ZRANGE', q, 0, 0)[1]
+  local removed = redis.call('ZREM', q, m)
+  if removed == 1 and head == m then
+    local nxt = first_live(q, ARGV[3], nil)
+    if nxt then announce(q, ARGV[3], nxt) end
+  end
+  if removed == 1 and redis.call('EXISTS', q) == 0 then
+    redis.call('SREM', idx, id)
+    redis.call('PUBLISH', idx, id)
+  end
+end
+if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// Whether the lock has a live contender (purging dead ones at the head).
+///
+/// KEYS: queue. ARGV: session prefix. Returns 1 or 0.
+const HELD: &str = r"
+local head, purged = first_live(KEYS[1], ARGV[1], nil)
+if head and purged > 0 then announce(KEYS[1], ARGV[1], head) end
+if head then return 1 end
+return 0
+";
+
+/// Counts the live contenders of every lock of a kind under a version,
+/// removing dead ones (and ids whose queue is empty from the index).
+///
+/// KEYS: version index. ARGV: queue prefix (`{prefix}/{kind}/{version}/`),
+/// session prefix, how many ids to name. Returns `{total, id, n, ...}`.
+const COUNT: &str = r"
+local total, named, alive = 0, {}, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local q = ARGV[1] .. id
+  local removed = 0
+  for _, m in ipairs(redis.call('ZRANGE', q, 0, -1)) do
+    local sid = string.match(m, '^([^:]*)')
+    if alive[sid] == nil then alive[sid] = redis.call('EXISTS', ARGV[2] .. sid) == 1 end
+    if not alive[sid] then
+      redis.call('ZREM', q, m)
+      removed = removed + 1
+    end
+  end
+  local n = redis.call('ZCARD', q)
+  if n == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    if removed > 0 then redis.call('PUBLISH', q, 'p') end
+    total = total + n
+    if #named < 2 * tonumber(ARGV[3]) then
+      named[#named + 1] = id
+      named[#named + 1] = n
+    end
+  end
+end
+local out = {total}
+for _, v in ipairs(named) do out[#out + 1] = v end
+return out
+";
+
+/// Claims a kind's rotation unless a live session holds the claim; returns
+/// the record with the answer.
+///
+/// KEYS: claim, record. ARGV: claim value (naming `session {sid}`),
+/// session prefix. Returns `{1, record}` or `{0, record, their claim}`.
+const CLAIM: &str = r"
+local c = redis.call('GET', KEYS[1])
+local rec = redis.call('GET', KEYS[2]) or ''
+if c then
+  local sid = string.match(c, 'session (%x+)')
+  if sid and redis.call('EXISTS', ARGV[2] .. sid) == 1 then return {0, rec, c} end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return {1, rec}
+";
+
+/// Deletes the claim if it still holds our value. KEYS: claim. ARGV: value.
+const UNCLAIM: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Writes the kind's record if it is still as expected, and announces the
+/// change on the record's channel.
+///
+/// KEYS: record. ARGV: expected ('' = absent), new record.
+/// Returns `{1}` or `{0, record now}`.
+const SET_RECORD: &str = r"
+local rec = redis.call('GET', KEYS[1]) or ''
+if rec ~= ARGV[1] then return {0, rec} end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], 'v')
+return {1}
+";
+
+/// `SET_RECORD`, only if no live session claims the kind's rotation (an
+/// abandoned drain put back to normal).
+///
+/// KEYS: record, claim. ARGV: expected, new record, session prefix.
+const ABORT_ABANDONED: &str = r"
+local c = redis.call('GET', KEYS[2])
+if c then
+  local sid = string.match(c, 'session (%x+)')
+  if sid and redis.call('EXISTS', ARGV[3] .. sid) == 1 then return {0} end
+end
+local rec = redis.call('GET', KEYS[1]) or ''
+if rec ~= ARGV[1] then return {0} end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], 'v')
+return {1}
+";
+
+/// Deletes every lock of a kind under a version (after a switch away from
+/// it). KEYS: version index. ARGV: queue prefix. Returns how many locks.
+const CLEAN_UP: &str = r"
+local ids = redis.call('SMEMBERS', KEYS[1])
+for _, id in ipairs(ids) do redis.call('DEL', ARGV[1] .. id) end
+redis.call('DEL', KEYS[1])
+return #ids
+";
+
+/// Every script, compiled once (its SHA1 computed) per backend.
+#[derive(Debug)]
+pub(super) struct Scripts {
+    pub(super) acquire: Script,
+    pub(super) check: Script,
+    pub(super) remove: Script,
+    pub(super) refresh: Script,
+    pub(super) end: Script,
+    pub(super) held: Script,
+    pub(super) count: Script,
+    pub(super) claim: Script,
+    pub(super) unclaim: Script,
+    pub(super) set_record: Script,
+    pub(super) abort_abandoned: Script,
+    pub(super) clean_up: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        let with_head = |body: &str| Script::new(&format!("{HEAD}{body}"));
+        Scripts {
+            acquire: with_head(ACQUIRE),
+            check: with_head(CHECK),
+            remove: with_head(REMOVE),
+            refresh: Script::new(REFRESH),
+            end: with_head(END),
+            held: with_head(HELD),
+            count: Script::new(COUNT),
+            claim: Script::new(CLAIM),
+            unclaim: Script::new(UNCLAIM),
+            set_record: Script::new(SET_RECORD),
+            abort_abandoned: Script::new(ABORT_ABANDONED),
+            clean_up: Script::new(CLEAN_UP),
+        }
+    }
+
+    /// All of them, for loading at connect.
+    pub(super) fn all(&self) -> [&Script; 12] {
+        [
+            &self.acquire,
+            &self.check,
+            &self.remove,
+            &self.refresh,
+            &self.end,
+            &self.held,
+            &self.count,
+            &self.claim,
+            &self.unclaim,
+            &self.set_record,
+            &self.abort_abandoned,
+            &self.clean_up,
+        ]
+    }
+}

@@ -1,0 +1,138 @@
+//! The Redis floors and peer of `clastor load --redis`: what the same Redis
+//! does for a lock without Clastor, measured in the same run.
+//!
+//! - floor, acquire+release: `SET key val NX PX` then `DEL key`, over one
+//!   multiplexed connection as Clastor's backend uses — the least any Redis
+//!   lock can pay;
+//! - floor, hand-over: one connection `PUBLISH`es on a channel another
+//!   connection subscribed to; from the publish to the message's arrival
+//!   (a Clastor waiter is woken the same way);
+//! - peer: the plain Redis lock users pick instead of Clastor, written with
+//!   the `redis` crate as its docs and countless blog posts show it:
+//!   `SET key token NX PX 30000` to take it, and a compare-and-delete Lua
+//!   script (`if GET == token then DEL`) to release it, each worker on its
+//!   own key — no fencing, no FIFO, no lost-lock events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
+use redis::aio::MultiplexedConnection;
+
+use super::{OpFn, op_fn, timed_op_fn};
+
+/// Prefix of the floors' keys and channels.
+const FLOOR_PREFIX: &str = "clastor-load-floor";
+
+/// The compare-and-delete release of the plain lock.
+const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+async fn connection(url: &str) -> anyhow::Result<(redis::Client, MultiplexedConnection)> {
+    let client = redis::Client::open(url).with_context(|| format!("Redis URL {url}"))?;
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| format!("Redis at {url}"))?;
+    Ok((client, conn))
+}
+
+/// The acquire+release floor (module docs), one key per worker.
+pub(super) async fn pair_floor(url: &str) -> anyhow::Result<(String, OpFn)> {
+    let (_, conn) = connection(url).await?;
+    let run = std::process::id();
+    Ok((
+        "floor: Redis SET NX PX + DEL (1 connection)".to_owned(),
+        op_fn(move |i| {
+            let mut conn = conn.clone();
+            async move {
+                let key = format!("{FLOOR_PREFIX}:p{run}-{i}");
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut conn)
+                    .await?;
+                if set.is_none() {
+                    bail!("{key} was taken");
+                }
+                let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+                Ok(())
+            }
+        }),
+    ))
+}
+
+/// The hand-over floor (module docs): the subscription is made
+/// `queue_time` before the publish, as Clastor's waiter queues before the
+/// holder releases.
+pub(super) async fn handoff_floor(url: &str, queue_time: Duration) -> anyhow::Result<(String, OpFn)> {
+    let (client, conn) = connection(url).await?;
+    let run = std::process::id();
+    let client = Arc::new(client);
+    let op = timed_op_fn(move |i| {
+        let (client, mut conn) = (client.clone(), conn.clone());
+        async move {
+            let channel = format!("{FLOOR_PREFIX}:h{run}-{i}");
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let mut messages = pubsub.into_on_message();
+            tokio::time::sleep(queue_time).await;
+            let t0 = Instant::now();
+            let publish = {
+                let channel = channel.clone();
+                tokio::spawn(async move {
+                    redis::cmd("PUBLISH")
+                        .arg(channel)
+                        .arg("r")
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+            };
+            if messages.next().await.is_none() {
+                bail!("the subscription ended");
+            }
+            let latency = t0.elapsed();
+            publish.await??;
+            Ok(latency)
+        }
+    });
+    Ok(("floor: Redis PUBLISH → subscriber".to_owned(), op))
+}
+
+/// The plain Redis lock peer (module docs), over one multiplexed connection.
+pub(super) async fn plain_lock_peer(url: &str) -> anyhow::Result<(String, OpFn)> {
+    let (_, conn) = connection(url).await?;
+    let unlock = Arc::new(redis::Script::new(UNLOCK));
+    let run = std::process::id();
+    let tokens = Arc::new(AtomicU64::new(0));
+    Ok((
+        "peer: plain Redis lock (SET NX PX + CAS DEL)".to_owned(),
+        op_fn(move |i| {
+            let (mut conn, unlock, tokens) = (conn.clone(), unlock.clone(), tokens.clone());
+            async move {
+                let key = format!("{FLOOR_PREFIX}:lock{run}-{i}");
+                let token = format!("{run}-{}", tokens.fetch_add(1, Ordering::Relaxed));
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut conn)
+                    .await?;
+                if set.is_none() {
+                    bail!("{key} was taken");
+                }
+                let released: i64 = unlock.key(&key).arg(&token).invoke_async(&mut conn).await?;
+                if released != 1 {
+                    bail!("{key} was not ours any more");
+                }
+                Ok(())
+            }
+        }),
+    ))
+}

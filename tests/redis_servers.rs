@@ -1,0 +1,374 @@
+//! The Redis backend under faults, the way an operator meets them: `clastor
+//! serve` processes on a real Redis (Debian's package, via the testkit), a
+//! frozen Redis, a frozen Clastor server, a contender removed by hand with
+//! `redis-cli`, two servers hammering one lock, a Redis restarted without
+//! persistence, and readiness following the session's contact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clastor_testkit::Redis;
+use support::process::{Server, send_signal};
+use support::{Text, token_of};
+
+/// Two `clastor serve` processes X and Y on `redis`, each with a session
+/// TTL of `ttl`.
+fn two_servers_on(redis: &Redis, ttl: &str) -> (Server, Server) {
+    let url = redis.url();
+    let args = ["--backend", "redis", "--redis", &url, "--redis-session-ttl", ttl];
+    (Server::start(&args), Server::start(&args))
+}
+
+fn start_redis() -> Redis {
+    Redis::start().expect("start Redis (apt-get install -y redis-server redis-tools)")
+}
+
+/// A frozen Clastor server (a long pause, a hung host): its holder's
+/// safe-until runs out on the client — jeopardy — before Redis expires the
+/// server's session key and the other server grants the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_s_holder_is_told_before_another_server_grants() {
+    let redis = start_redis();
+    let (x, y) = two_servers_on(&redis, "3s");
+    let holder = clastor_client::Client::builder(x.addr)
+        .keepalive(None)
+        .connect()
+        .await
+        .unwrap();
+    let guard = holder.lock("tx", "frozen").try_acquire().await.unwrap().expect("free");
+    assert!(guard.safe_until().expect("safe-until is stated") > tokio::time::Instant::now());
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait = tokio::spawn(async move {
+        let g = other.lock("tx", "frozen").wait(Duration::from_secs(60)).acquire().await;
+        (tokio::time::Instant::now(), g)
+    });
+
+    send_signal(x.child.id(), "STOP");
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder falls into jeopardy");
+    let jeopardy_at = tokio::time::Instant::now();
+    let (granted_at, granted) = wait.await.unwrap();
+    let granted = granted.unwrap().expect("Y grants once X's session expired");
+    assert!(granted.token() > guard.token());
+    println!(
+        "X frozen at 0: jeopardy after {:?}, Y granted after {:?}",
+        jeopardy_at - frozen_at,
+        granted_at - frozen_at
+    );
+    assert!(
+        jeopardy_at < granted_at,
+        "jeopardy came after another holder was granted"
+    );
+    send_signal(x.child.id(), "CONT");
+}
+
+/// Redis frozen: X stops hearing refresh answers and tells its holder at 3/5
+/// of the TTL; Y grants only once Redis is back and has expired X's session
+/// — after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_s_holders_are_told_before_anyone_is_granted() {
+    let mut redis = start_redis();
+    let (x, y) = two_servers_on(&redis, "3s");
+    let holder = clastor_client::Client::connect(x.addr).await.unwrap();
+    let guard = holder
+        .lock("tx", "redis-frozen")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("free");
+    let other = clastor_client::Client::connect(y.addr).await.unwrap();
+    let wait = tokio::spawn(async move {
+        loop {
+            match other
+                .lock("tx", "redis-frozen")
+                .wait(Duration::from_secs(60))
+                .acquire()
+                .await
+            {
+                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
+                Ok(None) => panic!("not granted within a minute"),
+                // Y's own session is lost while Redis is frozen: try again.
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    // Y's waiter is queued before the freeze.
+    let queued = redis
+        .cli()
+        .args(["ZCARD", "clastor/tx/v1/redis-frozen"])
+        .output()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut count = String::from_utf8_lossy(&queued.stdout).trim().to_owned();
+    while count != "2" {
+        assert!(std::time::Instant::now() < deadline, "Y's waiter never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = redis
+            .cli()
+            .args(["ZCARD", "clastor/tx/v1/redis-frozen"])
+            .output()
+            .unwrap();
+        count = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    }
+
+    redis.freeze().unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), guard.jeopardy())
+        .await
+        .expect("the holder is told");
+    let told_at = tokio::time::Instant::now();
+    // Past the TTL, so X's session key has expired when Redis runs again:
+    // the sleep is the fault under test.
+    tokio::time::sleep_until(frozen_at + Duration::from_secs(4)).await;
+    redis.thaw().unwrap();
+    let (granted_at, granted) = wait.await.unwrap();
+    assert!(granted.token() > guard.token());
+    println!(
+        "Redis frozen at 0: holder told after {:?} ({}), Y granted after {:?}",
+        told_at - frozen_at,
+        guard
+            .lost_reason()
+            .map_or_else(|| "jeopardy".to_owned(), |r| r.to_string()),
+        granted_at - frozen_at
+    );
+    assert!(
+        told_at < granted_at,
+        "another holder was granted before the holder was told"
+    );
+    drop((x, y));
+}
+
+/// A contender removed by hand (`redis-cli ZREM`): its holder is told
+/// `node_deleted` within a refresh interval (a tenth of the TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contender_removed_by_hand_is_reported_lost() {
+    let redis = start_redis();
+    let (x, _y) = two_servers_on(&redis, "2s");
+    let mut a = Text::connect(x.addr).await;
+    let granted = a.cmd("ACQUIRE tx removed 0").await;
+    assert!(granted.starts_with("+ACQUIRED tx removed token="), "{granted}");
+    let queue = clastor::backend::redis::queue_key("clastor", "tx", "v1", "removed");
+    let out = redis.cli().args(["ZRANGE", &queue, "0", "-1"]).output().unwrap();
+    let member = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        !member.is_empty() && !member.contains('\n'),
+        "one contender: {member:?}"
+    );
+    let removed_at = tokio::time::Instant::now();
+    let out = redis.cli().args(["ZREM", &queue, &member]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let lost = tokio::time::timeout(Duration::from_secs(5), a.line())
+        .await
+        .expect("told within a few refresh intervals")
+        .unwrap();
+    assert_eq!(
+        lost,
+        format!("!LOST tx removed token={} reason=node_deleted", token_of(&granted))
+    );
+    println!("removed by hand at 0: holder told after {:?}", removed_at.elapsed());
+}
+
+/// One holder's belief: from the grant's arrival until it stopped trusting
+/// the lock (it began to release, or fell into jeopardy first).
+#[derive(Debug, Clone, Copy)]
+struct Belief {
+    token: u64,
+    from: tokio::time::Instant,
+    until: tokio::time::Instant,
+    server: char,
+}
+
+/// Contends for one key through `addr` until `stop`, recording every belief.
+async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
+    let client = clastor_client::Client::builder(addr)
+        .keepalive(None)
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect()
+        .await
+        .unwrap();
+    let mut beliefs = Vec::new();
+    while !stop.is_cancelled() {
+        let guard = match client
+            .lock("tx", "hammered")
+            .wait(Duration::from_secs(2))
+            .acquire()
+            .await
+        {
+            Ok(Some(guard)) => guard,
+            Ok(None) => continue,
+            Err(e) => panic!("{e}"),
+        };
+        let from = tokio::time::Instant::now();
+        let until = tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(2)) => tokio::time::Instant::now(),
+            () = guard.jeopardy() => tokio::time::Instant::now(),
+        };
+        beliefs.push(Belief {
+            token: guard.token(),
+            from,
+            until,
+            server,
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
+    }
+    beliefs
+}
+
+/// Two Clastor servers on one Redis, four clients hammering one key: from
+/// the holders' own view no two ever overlap, tokens increase in grant
+/// order, and both servers get the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_holders_overlap_across_two_servers() {
+    let redis = start_redis();
+    let (x, y) = two_servers_on(&redis, "3s");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
+        .into_iter()
+        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let mut beliefs = Vec::new();
+    for w in workers {
+        beliefs.extend(w.await.unwrap());
+    }
+    beliefs.sort_by_key(|b| b.from);
+    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
+    assert!(
+        servers.len() == 2 && beliefs.len() > 100,
+        "too little contention: {} grants",
+        beliefs.len()
+    );
+    for pair in beliefs.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
+        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
+    }
+    println!(
+        "{} grants across X and Y on one Redis: no overlap, tokens increasing",
+        beliefs.len()
+    );
+    // Nothing left behind once everyone let go.
+    let out = redis.cli().args(["EXISTS", "clastor/tx/v1/hammered"]).output().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut left = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    while left != "0" {
+        assert!(std::time::Instant::now() < deadline, "the queue was left behind");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let out = redis.cli().args(["EXISTS", "clastor/tx/v1/hammered"]).output().unwrap();
+        left = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    }
+}
+
+/// Redis killed and restarted empty (no persistence, as the testkit runs
+/// it): the holder's server finds its session key gone and tells it
+/// `session_expired`; the server opens a new session, reloads its scripts
+/// (`NOSCRIPT`) and grants again — with a token from a counter that started
+/// over, which is why the README asks for `appendfsync always` when tokens
+/// must fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_without_persistence_tells_holders_and_restarts_tokens() {
+    let mut redis = start_redis();
+    let (x, _y) = two_servers_on(&redis, "2s");
+    let mut a = Text::connect(x.addr).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let granted = a.cmd("ACQUIRE tx restarted 0").await;
+        assert!(granted.starts_with("+ACQUIRED tx restarted token="), "{granted}");
+        last = token_of(&granted);
+        assert_eq!(a.cmd("RELEASE tx restarted").await, "+RELEASED tx restarted");
+    }
+    let granted = a.cmd("ACQUIRE tx restarted 0").await;
+    let before = token_of(&granted);
+    assert!(before > last);
+
+    redis.kill();
+    redis.restart().unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(10), a.line())
+        .await
+        .expect("the holder is told")
+        .unwrap();
+    assert!(
+        lost == format!("!LOST tx restarted token={before} reason=session_expired")
+            || lost == format!("!LOST tx restarted token={before} reason=backend_unreachable"),
+        "{lost}"
+    );
+    // A new session, scripts loaded again: granted, with a token from the
+    // new, empty Redis.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let reply = a.cmd("ACQUIRE tx restarted 0").await;
+        if reply.starts_with("+ACQUIRED") {
+            break token_of(&reply);
+        }
+        assert!(std::time::Instant::now() < deadline, "never granted again: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(after <= before, "the counter started over: {after} after {before}");
+    println!("token {before} before the restart, {after} after it");
+}
+
+/// Readiness follows the session's contact with Redis: `/readyz` answers
+/// 200, then 503 once a frozen Redis has left the session unanswered past
+/// 3/5 of its TTL, and 200 again after the thaw; `INFO` and `VERSION` go
+/// through the same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_session_s_contact_with_redis() {
+    let mut redis = start_redis();
+    let http = support::process::free_port();
+    let url = redis.url();
+    let x = Server::start(&[
+        "--backend",
+        "redis",
+        "--redis",
+        &url,
+        "--redis-session-ttl",
+        "2s",
+        "--http",
+        &http.to_string(),
+    ]);
+    let await_status = |want: u16| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = support::http::get(http, "/readyz").await.status;
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz still {got}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    await_status(200).await;
+    let mut a = Text::connect(x.addr).await;
+    assert_eq!(a.cmd("INFO").await, "+INFO");
+    let info = a.block().await;
+    assert!(
+        info.iter().any(|l| l.contains("redis_ready") && l.contains("true")),
+        "{info:?}"
+    );
+    let version = a.cmd("VERSION tx").await;
+    assert!(version.contains("v1"), "{version}");
+
+    redis.freeze().unwrap();
+    let frozen_at = tokio::time::Instant::now();
+    await_status(503).await;
+    // Not before 3/5 of the TTL without an answer (less the last refresh's age).
+    assert!(
+        frozen_at.elapsed() >= Duration::from_millis(1_000),
+        "not ready after {:?}",
+        frozen_at.elapsed()
+    );
+    redis.thaw().unwrap();
+    await_status(200).await;
+}
