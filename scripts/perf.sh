@@ -11,12 +11,14 @@
 # on), Clastor's etcd backend next to raw etcd transactions and etcd's own
 # lock service (v3lock), in rounds the same way; then a PostgreSQL 15
 # (Debian's package, fsync on, run as the postgres user) next to a raw
-# INSERT+DELETE and pg_advisory_lock.
+# INSERT+DELETE and pg_advisory_lock; then a Redis 7 (Debian's package, no
+# persistence) next to SET NX PX + DEL and a plain Redis lock.
 #
 # Usage: scripts/perf.sh            (about 12 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
 # Needs: zookeeper, libcurator-recipes-java, default-jdk-headless,
-# python3-kazoo, etcd-server, postgresql (scripts/test.sh installs them).
+# python3-kazoo, etcd-server, postgresql, redis-server (scripts/test.sh
+# installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +36,9 @@ work=$(mktemp -d)
 zk_pid=
 etcd_pid=
 pg_pid=
+redis_pid=
 cleanup() {
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   if [ -n "$pg_pid" ]; then kill -INT "$pg_pid" 2>/dev/null || true; wait "$pg_pid" 2>/dev/null || true; fi
   if [ -n "$zk_pid" ]; then kill "$zk_pid" 2>/dev/null || true; wait "$zk_pid" 2>/dev/null || true; fi
   if [ -n "$etcd_pid" ]; then kill "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
@@ -175,6 +179,28 @@ for round in $(seq "$ROUNDS"); do
   load "postgres, uncontended" --pg "$pg_url" --op acquire-release --clients 1 --interleave
   load "postgres, hand-over" --pg "$pg_url" --op handoff --clients 2 --interleave
   load "postgres, 16 connections, distinct keys" --pg "$pg_url" --op acquire-release --clients 16
+done
+kill -INT "$pg_pid" 2>/dev/null || true
+wait "$pg_pid" 2>/dev/null || true
+pg_pid=
+
+echo "== Redis"
+redis_port=$(free_port)
+mkdir -p "$work/redis"
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work/redis" >"$work/redis.log" 2>&1 &
+redis_pid=$!
+for _ in $(seq 150); do
+  if redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG; then break; fi
+  sleep 0.2
+done
+redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG || { echo "Redis did not start:"; tail -20 "$work/redis.log"; exit 1; }
+redis_url="redis://127.0.0.1:$redis_port"
+echo "{\"meta\":\"redis\",\"value\":\"$(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/') (no persistence)\"}" >>"$results"
+for round in $(seq "$ROUNDS"); do
+  echo "== Redis round $round/$ROUNDS"
+  load "redis, uncontended" --redis "$redis_url" --op acquire-release --clients 1 --interleave
+  load "redis, hand-over" --redis "$redis_url" --op handoff --clients 2 --interleave
+  load "redis, 16 connections, distinct keys" --redis "$redis_url" --op acquire-release --clients 16
 done
 echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
 

@@ -92,6 +92,8 @@ if "etcd" in meta:
     w(f"- etcd {meta['etcd']}")
 if "postgres" in meta:
     w(f"- PostgreSQL {meta['postgres']}")
+if "redis" in meta:
+    w(f"- Redis {meta['redis']}")
 w("")
 w("## Method")
 w("")
