@@ -43,7 +43,8 @@ pub(super) struct Metrics {
 
 /// The names of the backend sessions' metrics: `clastor_zk_session_*` for
 /// ZooKeeper's pooled sessions (the names dashboards know), and
-/// `clastor_{backend}_session_*` for any other backend's (etcd: its leases).
+/// `clastor_{backend}_session_*` for any other backend's (etcd: its leases;
+/// PostgreSQL and Redis: the server's own session).
 struct SessionNames {
     /// What one session is, for the descriptions ("ZooKeeper session").
     noun: &'static str,
