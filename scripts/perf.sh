@@ -161,6 +161,7 @@ echo "== PostgreSQL"
 pgbin=/usr/lib/postgresql/15/bin
 pg_port=$(free_port)
 mkdir -p "$work/pg/data" "$work/pg/sock"
+chmod 755 "$work" # the postgres user must reach its data dir inside (mktemp makes it 0700)
 as_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$work/pg"
 as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust -E UTF8 --locale=C >"$work/pg.log" 2>&1
