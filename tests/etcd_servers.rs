@@ -8,11 +8,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use clastor_testkit::Etcd;
+use support::hammer::{OnError, assert_no_overlap, hammer, hold_and_wait};
 use support::process::{Server, send_signal, wall_ns};
 use support::{Text, token_of};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -41,34 +41,6 @@ fn start_etcd(members: usize) -> Etcd {
         .election_timeout(Duration::from_millis(500))
         .start()
         .expect("start etcd (apt-get install -y etcd-server etcd-client)")
-}
-
-/// A holder of `tx/{id}` through `holder_at`, and a waiter for it through
-/// `waiter_at` that tries again after failures that may pass. The waiter's
-/// task answers when it was granted, and the guard.
-async fn hold_and_wait(
-    holder_at: SocketAddr,
-    waiter_at: SocketAddr,
-    id: &'static str,
-) -> (
-    clastor_client::Client,
-    clastor_client::LockGuard,
-    tokio::task::JoinHandle<(tokio::time::Instant, clastor_client::LockGuard)>,
-) {
-    let holder = clastor_client::Client::connect(holder_at).await.unwrap();
-    let guard = holder.lock("tx", id).try_acquire().await.unwrap().expect("free");
-    let other = clastor_client::Client::connect(waiter_at).await.unwrap();
-    let wait = tokio::spawn(async move {
-        loop {
-            match other.lock("tx", id).wait(Duration::from_secs(60)).acquire().await {
-                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
-                Ok(None) => panic!("not granted within a minute"),
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
-    (holder, guard, wait)
 }
 
 /// A frozen Clastor server (a long pause, a hung host): its holder's
@@ -147,57 +119,6 @@ async fn a_frozen_etcd_s_holders_are_told_before_anyone_is_granted() {
     drop((x, y));
 }
 
-/// One holder's belief: from the grant's arrival until it stopped trusting
-/// the lock (it began to release, or fell into jeopardy first).
-#[derive(Debug, Clone, Copy)]
-struct Belief {
-    token: u64,
-    from: tokio::time::Instant,
-    until: tokio::time::Instant,
-    server: char,
-}
-
-/// Contends for one key through `addr` until `stop`, recording every belief.
-async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
-    let client = clastor_client::Client::builder(addr)
-        .keepalive(None)
-        .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Some(Duration::from_secs(5)))
-        .connect()
-        .await
-        .unwrap();
-    let mut beliefs = Vec::new();
-    while !stop.is_cancelled() {
-        let guard = match client
-            .lock("tx", "hammered")
-            .wait(Duration::from_secs(2))
-            .acquire()
-            .await
-        {
-            Ok(Some(guard)) => guard,
-            Ok(None) => continue,
-            // No leader for a moment, or the server between leases.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let from = tokio::time::Instant::now();
-        let until = tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(5)) => tokio::time::Instant::now(),
-            () = guard.jeopardy() => tokio::time::Instant::now(),
-        };
-        beliefs.push(Belief {
-            token: guard.token(),
-            from,
-            until,
-            server,
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
-    }
-    beliefs
-}
-
 /// A three-member etcd cluster, two Clastor servers each on all members,
 /// four clients hammering one key; the etcd leader is killed (SIGKILL), a
 /// new one is elected, the old one restarts and rejoins — twice. From the
@@ -207,10 +128,7 @@ async fn no_two_holders_overlap_while_the_etcd_leader_is_killed() {
     let mut etcd = start_etcd(3);
     let (x, y) = two_servers_on(&etcd, "3s");
     let stop = tokio_util::sync::CancellationToken::new();
-    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
-        .into_iter()
-        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
-        .collect();
+    let workers = hammer(x.addr, y.addr, &stop, Duration::from_millis(5), OnError::Retry);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let leader = etcd.leader().expect("a leader");
@@ -220,25 +138,10 @@ async fn no_two_holders_overlap_while_the_etcd_leader_is_killed() {
     }
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     stop.cancel();
-    let mut beliefs = Vec::new();
-    for w in workers {
-        beliefs.extend(w.await.unwrap());
-    }
-    beliefs.sort_by_key(|b| b.from);
-    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
-    assert!(
-        servers.len() == 2 && beliefs.len() > 50,
-        "too little contention: {} grants",
-        beliefs.len()
-    );
-    for pair in beliefs.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
-        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
-    }
+    let grants = assert_no_overlap(workers, 50).await;
     println!(
         "{} grants across X and Y, the etcd leader killed twice: no overlap, tokens increasing",
-        beliefs.len()
+        grants
     );
 }
 

@@ -8,11 +8,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clastor_testkit::Postgres;
+use support::hammer::{OnError, assert_no_overlap, hammer, hold_and_wait};
 use support::process::{Server, free_port, send_signal};
 use support::{Text, token_of};
 
@@ -34,34 +34,6 @@ fn two_servers_on(pg: &Postgres, ttl: &str) -> (Server, Server) {
 
 fn start_postgres() -> Postgres {
     Postgres::start().expect("start PostgreSQL (apt-get install -y postgresql)")
-}
-
-/// A holder of `tx/{id}` through `holder_at`, and a waiter for it through
-/// `waiter_at` that tries again after failures that may pass. The waiter's
-/// task answers when it was granted, and the guard.
-async fn hold_and_wait(
-    holder_at: SocketAddr,
-    waiter_at: SocketAddr,
-    id: &'static str,
-) -> (
-    clastor_client::Client,
-    clastor_client::LockGuard,
-    tokio::task::JoinHandle<(tokio::time::Instant, clastor_client::LockGuard)>,
-) {
-    let holder = clastor_client::Client::connect(holder_at).await.unwrap();
-    let guard = holder.lock("tx", id).try_acquire().await.unwrap().expect("free");
-    let other = clastor_client::Client::connect(waiter_at).await.unwrap();
-    let wait = tokio::spawn(async move {
-        loop {
-            match other.lock("tx", id).wait(Duration::from_secs(60)).acquire().await {
-                Ok(Some(g)) => return (tokio::time::Instant::now(), g),
-                Ok(None) => panic!("not granted within a minute"),
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    });
-    (holder, guard, wait)
 }
 
 /// A frozen Clastor server (a long pause, a hung host): its holder's
@@ -144,57 +116,6 @@ async fn a_frozen_database_s_holders_are_told_before_anyone_is_granted() {
     drop((x, y));
 }
 
-/// One holder's belief: from the grant's arrival until it stopped trusting
-/// the lock (it began to release, or fell into jeopardy first).
-#[derive(Debug, Clone, Copy)]
-struct Belief {
-    token: u64,
-    from: tokio::time::Instant,
-    until: tokio::time::Instant,
-    server: char,
-}
-
-/// Contends for one key through `addr` until `stop`, recording every belief.
-async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
-    let client = clastor_client::Client::builder(addr)
-        .keepalive(None)
-        .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Some(Duration::from_secs(5)))
-        .connect()
-        .await
-        .unwrap();
-    let mut beliefs = Vec::new();
-    while !stop.is_cancelled() {
-        let guard = match client
-            .lock("tx", "hammered")
-            .wait(Duration::from_secs(2))
-            .acquire()
-            .await
-        {
-            Ok(Some(guard)) => guard,
-            Ok(None) => continue,
-            // The database frozen, or the server between sessions.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let from = tokio::time::Instant::now();
-        let until = tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(5)) => tokio::time::Instant::now(),
-            () = guard.jeopardy() => tokio::time::Instant::now(),
-        };
-        beliefs.push(Belief {
-            token: guard.token(),
-            from,
-            until,
-            server,
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
-    }
-    beliefs
-}
-
 /// Two Clastor servers, four clients hammering one key; the database is
 /// frozen for 2.5 s mid-way (past 3/5 of the TTL: every session is lost and
 /// registered again). From the holders' own view no two ever overlap, and
@@ -204,35 +125,17 @@ async fn no_two_holders_overlap_in_a_two_server_hammer_across_a_database_freeze(
     let mut pg = start_postgres();
     let (x, y) = two_servers_on(&pg, "3s");
     let stop = tokio_util::sync::CancellationToken::new();
-    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
-        .into_iter()
-        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
-        .collect();
+    let workers = hammer(x.addr, y.addr, &stop, Duration::from_millis(5), OnError::Retry);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     pg.freeze().unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     pg.thaw().unwrap();
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     stop.cancel();
-    let mut beliefs = Vec::new();
-    for w in workers {
-        beliefs.extend(w.await.unwrap());
-    }
-    beliefs.sort_by_key(|b| b.from);
-    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
-    assert!(
-        servers.len() == 2 && beliefs.len() > 50,
-        "too little contention: {} grants",
-        beliefs.len()
-    );
-    for pair in beliefs.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
-        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
-    }
+    let grants = assert_no_overlap(workers, 50).await;
     println!(
         "{} grants across X and Y, the database frozen for 2.5 s: no overlap, tokens increasing",
-        beliefs.len()
+        grants
     );
 }
 

@@ -8,10 +8,10 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clastor_testkit::Redis;
+use support::hammer::{OnError, assert_no_overlap, hammer};
 use support::process::{Server, send_signal};
 use support::{Text, token_of};
 
@@ -175,53 +175,6 @@ async fn a_contender_removed_by_hand_is_reported_lost() {
     println!("removed by hand at 0: holder told after {:?}", removed_at.elapsed());
 }
 
-/// One holder's belief: from the grant's arrival until it stopped trusting
-/// the lock (it began to release, or fell into jeopardy first).
-#[derive(Debug, Clone, Copy)]
-struct Belief {
-    token: u64,
-    from: tokio::time::Instant,
-    until: tokio::time::Instant,
-    server: char,
-}
-
-/// Contends for one key through `addr` until `stop`, recording every belief.
-async fn contend(addr: SocketAddr, server: char, stop: tokio_util::sync::CancellationToken) -> Vec<Belief> {
-    let client = clastor_client::Client::builder(addr)
-        .keepalive(None)
-        .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Some(Duration::from_secs(5)))
-        .connect()
-        .await
-        .unwrap();
-    let mut beliefs = Vec::new();
-    while !stop.is_cancelled() {
-        let guard = match client
-            .lock("tx", "hammered")
-            .wait(Duration::from_secs(2))
-            .acquire()
-            .await
-        {
-            Ok(Some(guard)) => guard,
-            Ok(None) => continue,
-            Err(e) => panic!("{e}"),
-        };
-        let from = tokio::time::Instant::now();
-        let until = tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(2)) => tokio::time::Instant::now(),
-            () = guard.jeopardy() => tokio::time::Instant::now(),
-        };
-        beliefs.push(Belief {
-            token: guard.token(),
-            from,
-            until,
-            server,
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
-    }
-    beliefs
-}
-
 /// Two Clastor servers on one Redis, four clients hammering one key: from
 /// the holders' own view no two ever overlap, tokens increase in grant
 /// order, and both servers get the lock.
@@ -230,31 +183,13 @@ async fn no_two_holders_overlap_across_two_servers() {
     let redis = start_redis();
     let (x, y) = two_servers_on(&redis, "3s");
     let stop = tokio_util::sync::CancellationToken::new();
-    let workers: Vec<_> = [(x.addr, 'x'), (x.addr, 'x'), (y.addr, 'y'), (y.addr, 'y')]
-        .into_iter()
-        .map(|(addr, name)| tokio::spawn(contend(addr, name, stop.clone())))
-        .collect();
+    let workers = hammer(x.addr, y.addr, &stop, Duration::from_millis(2), OnError::Fail);
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
-    let mut beliefs = Vec::new();
-    for w in workers {
-        beliefs.extend(w.await.unwrap());
-    }
-    beliefs.sort_by_key(|b| b.from);
-    let servers: std::collections::HashSet<char> = beliefs.iter().map(|b| b.server).collect();
-    assert!(
-        servers.len() == 2 && beliefs.len() > 100,
-        "too little contention: {} grants",
-        beliefs.len()
-    );
-    for pair in beliefs.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
-        assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
-    }
+    let grants = assert_no_overlap(workers, 100).await;
     println!(
         "{} grants across X and Y on one Redis: no overlap, tokens increasing",
-        beliefs.len()
+        grants
     );
     // Nothing left behind once everyone let go.
     let out = redis.cli().args(["EXISTS", "clastor/tx/v1/hammered"]).output().unwrap();
