@@ -165,8 +165,14 @@ chmod 755 "$work" # the postgres user must reach its data dir inside (mktemp mak
 as_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$work/pg"
 as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust -E UTF8 --locale=C >"$work/pg.log" 2>&1
-as_pg "$pgbin/postgres" -D "$work/pg/data" -p "$pg_port" -k "$work/pg/sock" \
-  -c listen_addresses=127.0.0.1 -c max_connections=200 >>"$work/pg.log" 2>&1 &
+# Started without a shell function in between, so $! is postgres itself
+# (setpriv execs it) and the clean-up's signal reaches it.
+pg_cmd=("$pgbin/postgres" -D "$work/pg/data" -p "$pg_port" -k "$work/pg/sock" -c listen_addresses=127.0.0.1 -c max_connections=200)
+if [ "$(id -u)" = 0 ]; then
+  setpriv --reuid=postgres --regid=postgres --init-groups -- "${pg_cmd[@]}" >>"$work/pg.log" 2>&1 &
+else
+  "${pg_cmd[@]}" >>"$work/pg.log" 2>&1 &
+fi
 pg_pid=$!
 for _ in $(seq 150); do
   if "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; then break; fi
