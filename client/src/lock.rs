@@ -31,6 +31,17 @@ impl Client {
     pub fn lock(&self, kind: impl Into<String>, id: impl Into<String>) -> LockRequest {
         LockRequest::new(self.clone(), kind.into(), id.into())
     }
+
+    /// Starts building a shared (read) lock request on `(kind, id)`: many
+    /// owners may hold it at once, never with an exclusive holder; FIFO
+    /// with the exclusive requests. Needs a server speaking protocol
+    /// version 4 and a kind in the read-write layout (PROTOCOL.md,
+    /// "Layouts"). One connection holds one grant per key, so two shared
+    /// requests of one key on one [`Client`] take turns: give independent
+    /// readers their own owner ([`Client::new_owner`]).
+    pub fn lock_shared(&self, kind: impl Into<String>, id: impl Into<String>) -> LockRequest {
+        self.lock(kind, id).mode(LockMode::Shared)
+    }
 }
 
 /// How a lock request retries failures that may pass — a server restarting,
@@ -94,6 +105,7 @@ pub struct LockRequest {
     auto_renew: bool,
     retry: RetryPolicy,
     trace_id: Option<String>,
+    mode: LockMode,
 }
 
 impl LockRequest {
@@ -107,7 +119,14 @@ impl LockRequest {
             auto_renew: false,
             retry: RetryPolicy::none(),
             trace_id: None,
+            mode: LockMode::Exclusive,
         }
+    }
+
+    /// Exclusive (the default) or shared; see [`Client::lock_shared`].
+    pub fn mode(mut self, mode: LockMode) -> LockRequest {
+        self.mode = mode;
+        self
     }
 
     /// The same request for another key (for [`Client::lock_many`]).
@@ -227,6 +246,7 @@ impl LockRequest {
             auto_renew,
             retry: _,
             trace_id,
+            mode,
         } = self;
         name::validate("kind", &kind).map_err(|e| Error::InvalidName(e.to_string()))?;
         name::validate("id", &id).map_err(|e| Error::InvalidName(e.to_string()))?;
@@ -255,12 +275,18 @@ impl LockRequest {
             Err(_) => return Ok(None),
         };
         let wait_ms = millis("wait", wait.saturating_sub(queued.elapsed()))?;
+        if mode == LockMode::Shared && conn.version() < 4 {
+            return Err(Error::Unsupported(format!(
+                "shared locks need protocol version 4; the server speaks {}",
+                conn.version()
+            )));
+        }
         let req = Request::Acquire(Acquire {
             kind,
             id,
             wait_ms,
             lease_ms,
-            mode: LockMode::Exclusive,
+            mode,
             trace_id: trace_id.filter(|_| conn.version() >= 3),
         });
         let mut started = Instant::now();

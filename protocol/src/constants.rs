@@ -11,8 +11,11 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// safe-until (`CONFIRM`, and `safe_ms`/`confirm_ms` at the end of three
 /// bodies) and keeps the frame layout, so every frame's header still says 1.
 /// Version 3 adds trace ids: an optional `trace_id` at the end of `ACQUIRE`,
-/// and the grants' trace ids at the end of `HELD OK`.
-pub const HIGHEST_VERSION: u8 = 3;
+/// and the grants' trace ids at the end of `HELD OK`. Version 4 adds shared
+/// locks: `ACQUIRE`'s `mode = 1` is granted, `HELD OK` ends with the grants'
+/// modes, `VERSION OK` with the kind's layout, and `ROTATE` may name the
+/// layout of its target.
+pub const HIGHEST_VERSION: u8 = 4;
 
 /// Bytes of the fixed header that follows the length prefix.
 pub const HEADER_LEN: usize = 8;

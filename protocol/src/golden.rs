@@ -24,7 +24,7 @@ use tokio_util::codec::Decoder;
 
 use crate::text::{self, Command};
 use crate::{
-    Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode,
+    Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindLayout, KindMode,
     LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
     RotationProgress, Status, VersionInfo,
 };
@@ -192,6 +192,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     from: s("v1"),
                     to: s("v2"),
                     drain_timeout_ms: 60000,
+                    layout: None,
                 }),
             ),
             golden: "00000021 01 17 0000 0000000a
@@ -266,6 +267,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     lease_remaining_ms: 29500,
                     connection_id: 42,
                     trace_id: None,
+                    mode: None,
                 }]),
             ),
             golden: "00000037 01 13 0001 00000006
@@ -281,6 +283,7 @@ pub(crate) fn examples() -> Vec<Example> {
                     version: s("v1"),
                     mode: KindMode::Normal,
                     drain: None,
+                    layout: None,
                 }),
             ),
             golden: "0000000f 01 14 0001 00000007  0000 0002 7631 00",
@@ -355,6 +358,7 @@ pub(crate) fn examples() -> Vec<Example> {
                         remaining: 3,
                         left_ms: 58500,
                     }),
+                    layout: None,
                 }),
             ),
             golden: "0000001b 01 14 0001 00000007  0000 0002 7631 01 0002 7632 00000003 0000e484",
@@ -424,6 +428,7 @@ pub(crate) fn examples() -> Vec<Example> {
                         lease_remaining_ms: 29500,
                         connection_id: 42,
                         trace_id: Some(s("4bf92f3577b34da6a3ce929d0e0e4736")),
+                        mode: None,
                     },
                     HeldLock {
                         kind: s("transaction"),
@@ -433,6 +438,7 @@ pub(crate) fn examples() -> Vec<Example> {
                         lease_remaining_ms: 0,
                         connection_id: 43,
                         trace_id: None,
+                        mode: None,
                     },
                 ]),
             ),
@@ -443,6 +449,71 @@ pub(crate) fn examples() -> Vec<Example> {
                      000b 7472616e73616374696f6e 0004 74782d32 00000000000004d8
                      0002 7631 00000000 000000000000002b
                      0020 3462663932663335373762333464613661336365393239643065306534373336 0000",
+        },
+        Example {
+            name: "request/acquire-shared-v4",
+            msg: req(
+                12,
+                Request::Acquire(Acquire {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    wait_ms: 5000,
+                    lease_ms: 30000,
+                    mode: LockMode::Shared,
+                    trace_id: None,
+                }),
+            ),
+            golden: "00000024 01 10 0000 0000000c
+                     000b 7472616e73616374696f6e 0004 74782d31 00001388 00007530 01",
+        },
+        Example {
+            name: "request/rotate-layout-v4",
+            msg: req(
+                13,
+                Request::Rotate(Rotate {
+                    kind: s("transaction"),
+                    from: s("v1"),
+                    to: s("v2"),
+                    drain_timeout_ms: 60000,
+                    layout: Some(KindLayout::ReadWrite),
+                }),
+            ),
+            golden: "00000022 01 17 0000 0000000d
+                     000b 7472616e73616374696f6e 0002 7631 0002 7632 0000ea60 01",
+        },
+        Example {
+            name: "response/held-v4",
+            msg: ok(
+                6,
+                ResponseBody::Held(vec![HeldLock {
+                    kind: s("transaction"),
+                    id: s("tx-1"),
+                    token: 1234,
+                    version: s("v2"),
+                    lease_remaining_ms: 29500,
+                    connection_id: 42,
+                    trace_id: None,
+                    mode: Some(LockMode::Shared),
+                }]),
+            ),
+            golden: "0000003a 01 13 0001 00000006
+                     0000 0001
+                     000b 7472616e73616374696f6e 0004 74782d31 00000000000004d2
+                     0002 7632 0000733c 000000000000002a
+                     0000 01",
+        },
+        Example {
+            name: "response/version-v4",
+            msg: ok(
+                7,
+                ResponseBody::Version(VersionInfo {
+                    version: s("v2"),
+                    mode: KindMode::Normal,
+                    drain: None,
+                    layout: Some(KindLayout::ReadWrite),
+                }),
+            ),
+            golden: "00000010 01 14 0001 00000007  0000 0002 7632 00 01",
         },
         Example {
             name: "response/error-timeout",
@@ -673,6 +744,9 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
             w.string("from");
             w.string("to");
             w.u32("drain_timeout_ms");
+            if w.pos < w.bytes.len() {
+                w.enum8("layout", &["mutex", "read_write"]);
+            }
         }
         // Responses: a status, then the opcode's body on OK, else a message.
         (1, _) => {
@@ -724,14 +798,22 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                                 w.string(&format!("[{i}].trace_id"));
                             }
                         }
+                        if w.pos < w.bytes.len() {
+                            for i in 0..n {
+                                w.enum8(&format!("[{i}].mode"), &["exclusive", "shared"]);
+                            }
+                        }
                     }
                     0x14 => {
                         w.string("version");
                         w.enum8("mode", &["normal", "draining"]);
-                        if w.pos < w.bytes.len() {
+                        if w.bytes.len() - w.pos > 1 {
                             w.string("drain.to");
                             w.u32("drain.remaining");
                             w.u32("drain.left_ms");
+                        }
+                        if w.pos < w.bytes.len() {
+                            w.enum8("layout", &["mutex", "read_write"]);
                         }
                     }
                     0x17 => {
@@ -902,6 +984,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                     lease_remaining_ms: 0,
                     connection_id: 7,
                     trace_id: None,
+                    mode: Some(LockMode::Exclusive),
                 },
                 HeldLock {
                     kind: s("transaction"),
@@ -911,6 +994,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                     lease_remaining_ms: 1874,
                     connection_id: 7,
                     trace_id: None,
+                    mode: Some(LockMode::Exclusive),
                 },
             ])),
         ),
@@ -956,6 +1040,7 @@ fn text_sessions() -> Vec<(&'static str, String)> {
                 version: s("v1"),
                 mode: KindMode::Normal,
                 drain: None,
+                layout: Some(KindLayout::ReadWrite),
             })),
         ),
         // This connection holds tx-1 (tx-2 was lost); the other client's
@@ -1095,6 +1180,7 @@ fn rotate_other_session() -> Vec<Step> {
                     remaining: 1,
                     left_ms: 58_900,
                 }),
+                layout: Some(KindLayout::ReadWrite),
             })),
         ),
         Step::Cmd(

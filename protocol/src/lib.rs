@@ -46,7 +46,7 @@ pub use constants::{
 };
 pub use header::{Flags, Header};
 pub use message::{
-    Acquire, AcquireOk, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode, LostReason,
+    Acquire, AcquireOk, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindLayout, KindMode, LockMode, LostReason,
     MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;

@@ -16,16 +16,75 @@ use crate::rotation::{DrainState, Rotate, RotateOk, RotationProgress};
 use crate::status::Status;
 use crate::wire::{Reader, put_string, string_len, truncate};
 
-/// Lock mode requested by `ACQUIRE`. Only exclusive locks exist today; the
-/// field is on the wire so shared (read) locks can arrive without a new version.
+/// Lock mode requested by `ACQUIRE`. The field has been on the wire since
+/// version 1; shared locks are granted from version 4 (a server answers
+/// `UNSUPPORTED` to a shared `ACQUIRE` on a connection of version 1 to 3).
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum LockMode {
-    /// One holder at a time.
+    /// One holder at a time (a writer).
     #[default]
     Exclusive = 0,
-    /// Reserved: many readers, no writer. Servers answer `UNSUPPORTED` today.
+    /// Many holders at a time, none of them exclusive (readers). FIFO with
+    /// the exclusive requests: a reader queued behind a writer waits for it.
     Shared = 1,
+}
+
+impl LockMode {
+    /// The lower-case name used in logs, the text form and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Shared => "shared",
+        }
+    }
+}
+
+/// How a kind's locks are laid out in the backend, which decides whether it
+/// takes shared locks (version 4; PROTOCOL.md, "Layouts"). On ZooKeeper the
+/// mutex layout is Curator's `InterProcessMutex` and the read-write layout
+/// Curator's `InterProcessReadWriteLock`; other backends have one layout for
+/// every kind. Changed only by a version rotation.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KindLayout {
+    /// Exclusive locks only.
+    #[default]
+    Mutex = 0,
+    /// Exclusive and shared locks.
+    ReadWrite = 1,
+}
+
+impl KindLayout {
+    /// The lower-case name used in logs, the text form and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            KindLayout::Mutex => "mutex",
+            KindLayout::ReadWrite => "read_write",
+        }
+    }
+
+    /// Parses [`KindLayout::name`] (also `read-write` and `rw`).
+    pub fn from_name(name: &str) -> Option<KindLayout> {
+        match name.to_ascii_lowercase().as_str() {
+            "mutex" => Some(KindLayout::Mutex),
+            "read_write" | "read-write" | "rw" => Some(KindLayout::ReadWrite),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<u8> for KindLayout {
+    /// The unknown value.
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            0 => Ok(KindLayout::Mutex),
+            1 => Ok(KindLayout::ReadWrite),
+            other => Err(other),
+        }
+    }
 }
 
 impl TryFrom<u8> for LockMode {
@@ -386,7 +445,7 @@ impl Request {
             },
             Opcode::Info => Request::Info,
             Opcode::Confirm => Request::Confirm,
-            Opcode::Rotate => Request::Rotate(Rotate::read(&mut r)?),
+            Opcode::Rotate => Request::Rotate(Rotate::read(&mut r, version)?),
             Opcode::RotateAbort => Request::RotateAbort {
                 kind: r.string("kind")?,
             },
@@ -400,9 +459,15 @@ impl Request {
     }
 }
 
-/// Whether a `HELD` listing carries its trace-id section (version 3).
+/// Whether a `HELD` listing carries its trace-id section (version 3; always
+/// with a mode section, version 4).
 fn has_trace_ids(list: &[HeldLock]) -> bool {
-    list.iter().take(usize::from(u16::MAX)).any(|h| h.trace_id.is_some())
+    has_modes(list) || list.iter().take(usize::from(u16::MAX)).any(|h| h.trace_id.is_some())
+}
+
+/// Whether a `HELD` listing carries its mode section (version 4).
+fn has_modes(list: &[HeldLock]) -> bool {
+    list.iter().take(usize::from(u16::MAX)).any(|h| h.mode.is_some())
 }
 
 /// Encoded size of an optional trailing `u32`.
@@ -463,6 +528,9 @@ pub struct HeldLock {
     /// trace ids only to connections that negotiated version 3 (see
     /// [`ResponseBody::Held`]).
     pub trace_id: Option<String>,
+    /// Version 4: the grant's mode. A server sends modes only to connections
+    /// that negotiated version 4 (see [`ResponseBody::Held`]).
+    pub mode: Option<LockMode>,
 }
 
 /// `VERSION` response body.
@@ -475,6 +543,9 @@ pub struct VersionInfo {
     /// Version 2, while the kind drains: where the rotation is. On the wire
     /// only when `Some`.
     pub drain: Option<DrainState>,
+    /// Version 4: the kind's layout (whether it takes shared locks). On the
+    /// wire only when `Some`, after `drain`.
+    pub layout: Option<KindLayout>,
 }
 
 /// The body of a successful response.
@@ -502,7 +573,9 @@ pub enum ResponseBody {
         safe_ms: Option<u32>,
     },
     /// To `HELD`. Version 3: when any entry has a trace id, the entries are
-    /// followed by one `trace_id` string per entry (empty for none).
+    /// followed by one `trace_id` string per entry (empty for none). Version
+    /// 4: when any entry has a mode, the trace-id section is always there,
+    /// followed by one `mode` byte per entry.
     Held(Vec<HeldLock>),
     /// To `VERSION`.
     Version(VersionInfo),
@@ -567,8 +640,15 @@ impl ResponseBody {
                     } else {
                         0
                     }
+                    + if has_modes(list) {
+                        list.len().min(usize::from(u16::MAX))
+                    } else {
+                        0
+                    }
             }
-            ResponseBody::Version(v) => string_len(&v.version) + 1 + v.drain.as_ref().map_or(0, DrainState::len),
+            ResponseBody::Version(v) => {
+                string_len(&v.version) + 1 + v.drain.as_ref().map_or(0, DrainState::len) + usize::from(v.layout.is_some())
+            }
             ResponseBody::Rotated(r) => r.len(),
             ResponseBody::RotateAborted { version, .. } => string_len(version) + 1,
             ResponseBody::Info(pairs) => {
@@ -630,12 +710,20 @@ impl ResponseBody {
                         put_string(dst, h.trace_id.as_deref().unwrap_or_default());
                     }
                 }
+                if has_modes(list) {
+                    for h in list.iter().take(usize::from(u16::MAX)) {
+                        dst.put_u8(h.mode.unwrap_or_default() as u8);
+                    }
+                }
             }
             ResponseBody::Version(v) => {
                 put_string(dst, &v.version);
                 dst.put_u8(v.mode as u8);
                 if let Some(drain) = &v.drain {
                     drain.write(dst);
+                }
+                if let Some(layout) = v.layout {
+                    dst.put_u8(layout as u8);
                 }
             }
             ResponseBody::Rotated(r) => r.write(dst),
@@ -697,6 +785,7 @@ impl ResponseBody {
                         lease_remaining_ms: r.u32("lease_remaining_ms")?,
                         connection_id: r.u64("connection_id")?,
                         trace_id: None,
+                        mode: None,
                     });
                 }
                 // Version 3: one trace id per entry, if any grant has one.
@@ -705,17 +794,36 @@ impl ResponseBody {
                         h.trace_id = Some(r.string("trace_id")?).filter(|t| !t.is_empty());
                     }
                 }
+                // Version 4: one mode per entry.
+                if r.has_remaining() {
+                    for h in &mut list {
+                        h.mode = Some(r.enum_u8("mode")?);
+                    }
+                }
                 ResponseBody::Held(list)
             }
-            Opcode::Version => ResponseBody::Version(VersionInfo {
-                version: r.string("version")?,
-                mode: r.enum_u8("mode")?,
-                drain: if r.has_remaining() {
+            Opcode::Version => {
+                let version = r.string("version")?;
+                let mode = r.enum_u8("mode")?;
+                // A drain state is longer than one byte; a lone byte is the
+                // version 4 layout of a kind that does not drain.
+                let drain = if r.remaining() > 1 {
                     Some(DrainState::read(r)?)
                 } else {
                     None
-                },
-            }),
+                };
+                let layout = if r.has_remaining() {
+                    Some(r.enum_u8("layout")?)
+                } else {
+                    None
+                };
+                ResponseBody::Version(VersionInfo {
+                    version,
+                    mode,
+                    drain,
+                    layout,
+                })
+            }
             Opcode::Rotate => ResponseBody::Rotated(RotateOk::read(r)?),
             Opcode::RotateAbort => ResponseBody::RotateAborted {
                 version: r.string("version")?,

@@ -8,6 +8,7 @@
 use bytes::{BufMut, BytesMut};
 
 use crate::body_error::BodyError;
+use crate::message::KindLayout;
 use crate::wire::{Reader, put_string, string_len};
 
 /// Most holders a `ROTATE_PROGRESS` event names; the rest are only counted.
@@ -26,11 +27,15 @@ pub struct Rotate {
     /// How long to wait for the locks under `from` to go; 0: the server's
     /// default. When it runs out the rotation is aborted back to `from`.
     pub drain_timeout_ms: u32,
+    /// Version 4: the layout `to` gets (`None`: the layout `from` has). On
+    /// the wire only when `Some` (send it only on a connection that
+    /// negotiated version 4).
+    pub layout: Option<KindLayout>,
 }
 
 impl Rotate {
     pub(crate) fn len(&self) -> usize {
-        string_len(&self.kind) + string_len(&self.from) + string_len(&self.to) + 4
+        string_len(&self.kind) + string_len(&self.from) + string_len(&self.to) + 4 + usize::from(self.layout.is_some())
     }
 
     pub(crate) fn write(&self, dst: &mut BytesMut) {
@@ -38,14 +43,24 @@ impl Rotate {
         put_string(dst, &self.from);
         put_string(dst, &self.to);
         dst.put_u32(self.drain_timeout_ms);
+        if let Some(layout) = self.layout {
+            dst.put_u8(layout as u8);
+        }
     }
 
-    pub(crate) fn read(r: &mut Reader) -> Result<Rotate, BodyError> {
+    /// Reads the body as a connection of protocol `version` does: the layout
+    /// only from version 4 (before, a byte there is trailing, so malformed).
+    pub(crate) fn read(r: &mut Reader, version: u8) -> Result<Rotate, BodyError> {
         Ok(Rotate {
             kind: r.string("kind")?,
             from: r.string("from")?,
             to: r.string("to")?,
             drain_timeout_ms: r.u32("drain_timeout_ms")?,
+            layout: if version >= 4 && r.has_remaining() {
+                Some(r.enum_u8("layout")?)
+            } else {
+                None
+            },
         })
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use thiserror::Error;
 
-use crate::message::{Acquire, Event, HeldScope, LockMode, Request, Response, ResponseBody};
+use crate::message::{Acquire, Event, HeldScope, KindLayout, LockMode, Request, Response, ResponseBody};
 use crate::rotation::{Rotate, RotationProgress};
 use crate::status::Status;
 
@@ -44,11 +44,12 @@ pub struct ParseError {
 pub const USAGE: &[&str] = &[
     "PING",
     "ACQUIRE <kind> <id> [wait_ms] [lease_ms] [trace_id]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
+    "ACQUIRE_SHARED <kind> <id> [wait_ms] [lease_ms] [trace_id]   the same, shared (a reader: many at a time, no writer)",
     "RELEASE <kind> <id> [token]                token: only that grant (default: whichever this connection holds)",
     "RENEW <kind> <id> <lease_ms> [token]",
     "HELD [ALL]                                 this connection's locks, or every lock of the server",
     "VERSION <kind>",
-    "ROTATE <kind> <from> <to> [drain_timeout_ms]   move kind to version <to>, draining <from> first",
+    "ROTATE <kind> <from> <to> [drain_timeout_ms] [mutex|read_write]   move kind to version <to> (and layout), draining <from> first",
     "ROTATE_ABORT <kind>                        abort a rotation: back to normal on the current version",
     "INFO",
     "HELP",
@@ -77,14 +78,19 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "PING" => arity(0, 0, "PING").map(|()| Request::Ping)?,
         "INFO" => arity(0, 0, "INFO").map(|()| Request::Info)?,
         "CONFIRM" => arity(0, 0, "CONFIRM").map(|()| Request::Confirm)?,
-        "ACQUIRE" => {
-            arity(2, 5, "ACQUIRE <kind> <id> [wait_ms] [lease_ms] [trace_id]")?;
+        name @ ("ACQUIRE" | "ACQUIRE_SHARED") => {
+            let mode = if name == "ACQUIRE" {
+                LockMode::Exclusive
+            } else {
+                LockMode::Shared
+            };
+            arity(2, 5, &format!("{name} <kind> <id> [wait_ms] [lease_ms] [trace_id]"))?;
             Request::Acquire(Acquire {
                 kind: owned(0),
                 id: owned(1),
                 wait_ms: args.get(2).map(|w| number("wait_ms", w)).transpose()?.unwrap_or(0),
                 lease_ms: args.get(3).map(|w| number("lease_ms", w)).transpose()?.unwrap_or(0),
-                mode: LockMode::Exclusive,
+                mode,
                 trace_id: args.get(4).map(|w| (*w).to_owned()),
             })
         }
@@ -122,16 +128,24 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
             Request::Version { kind: owned(0) }
         }
         "ROTATE" => {
-            arity(3, 4, "ROTATE <kind> <from> <to> [drain_timeout_ms]")?;
+            const USAGE: &str = "ROTATE <kind> <from> <to> [drain_timeout_ms] [mutex|read_write]";
+            arity(3, 5, USAGE)?;
+            // The layout is a word, the drain timeout a number: either may
+            // come alone, in that order.
+            let (mut drain, mut layout) = (None, None);
+            for (i, word) in args.iter().enumerate().skip(3) {
+                match KindLayout::from_name(word) {
+                    Some(l) if layout.is_none() => layout = Some(l),
+                    None if i == 3 => drain = Some(number("drain_timeout_ms", word)?),
+                    _ => return Err(bad(format!("usage: {USAGE}"))),
+                }
+            }
             Request::Rotate(Rotate {
                 kind: owned(0),
                 from: owned(1),
                 to: owned(2),
-                drain_timeout_ms: args
-                    .get(3)
-                    .map(|w| number("drain_timeout_ms", w))
-                    .transpose()?
-                    .unwrap_or(0),
+                drain_timeout_ms: drain.unwrap_or(0),
+                layout,
             })
         }
         "ROTATE_ABORT" => {
@@ -252,6 +266,9 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
                     h.lease_remaining_ms,
                     h.connection_id
                 );
+                if let Some(mode) = h.mode {
+                    let _ = write!(out, " mode={}", mode.name());
+                }
                 match &h.trace_id {
                     Some(trace_id) => {
                         let _ = writeln!(out, " trace={}", one_line(trace_id));
@@ -277,6 +294,9 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
                     d.remaining,
                     d.left_ms
                 );
+            }
+            if let Some(layout) = v.layout {
+                let _ = write!(out, " layout={}", layout.name());
             }
             out.push('\n');
         }
@@ -475,6 +495,25 @@ mod tests {
     }
 
     #[test]
+    fn parses_shared_acquires() {
+        match parse("acquire_shared transaction tx-1 5000 0 trace-7") {
+            Ok(Command::Request(Request::Acquire(a))) => {
+                assert_eq!(a.mode, LockMode::Shared);
+                assert_eq!((a.wait_ms, a.lease_ms, a.trace_id.as_deref()), (5000, 0, Some("trace-7")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse("ACQUIRE transaction tx-1"),
+            Ok(Command::Request(Request::Acquire(Acquire {
+                mode: LockMode::Exclusive,
+                ..
+            })))
+        ));
+        assert!(parse("ACQUIRE_SHARED transaction").is_err());
+    }
+
+    #[test]
     fn parses_rotation_commands() {
         assert_eq!(
             parse("rotate transaction v1 v2 30000"),
@@ -483,8 +522,19 @@ mod tests {
                 from: "v1".into(),
                 to: "v2".into(),
                 drain_timeout_ms: 30000,
+                layout: None,
             })))
         );
+        let layout = |line| match parse(line) {
+            Ok(Command::Request(Request::Rotate(r))) => Ok((r.drain_timeout_ms, r.layout)),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(layout("ROTATE k v1 v2 500 read_write"), Ok((500, Some(KindLayout::ReadWrite))));
+        assert_eq!(layout("ROTATE k v1 v2 rw"), Ok((0, Some(KindLayout::ReadWrite))));
+        assert_eq!(layout("ROTATE k v1 v2 mutex"), Ok((0, Some(KindLayout::Mutex))));
+        assert!(layout("ROTATE k v1 v2 mutex 500").is_err(), "the timeout comes first");
+        assert!(layout("ROTATE k v1 v2 mutex rw").is_err());
+        assert!(layout("ROTATE k v1 v2 500 600").is_err());
         assert!(matches!(
             parse("ROTATE transaction v1 v2"),
             Ok(Command::Request(Request::Rotate(Rotate {

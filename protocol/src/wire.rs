@@ -106,6 +106,11 @@ impl Reader {
         }
     }
 
+    /// How many bytes are left.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.remaining()
+    }
+
     /// Whether any bytes are left.
     pub(crate) fn has_remaining(&self) -> bool {
         self.buf.has_remaining()

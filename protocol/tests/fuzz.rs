@@ -19,7 +19,7 @@ use bytes::{BufMut, BytesMut};
 use clastor_protocol::text::{self, Command};
 use clastor_protocol::{
     Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello, HelloOk,
-    KindMode, LockMode, LostReason, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
+    KindLayout, KindMode, LockMode, LostReason, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
     RotationProgress, Status, VersionInfo,
 };
 use proptest::collection::vec;
@@ -120,14 +120,20 @@ fn request() -> impl Strategy<Value = Request> {
         any_string().prop_map(|kind| Request::Version { kind }),
         Just(Request::Info),
         Just(Request::Confirm),
-        (any_string(), any_string(), any_string(), any::<u32>()).prop_map(|(kind, from, to, drain_timeout_ms)| {
-            Request::Rotate(Rotate {
-                kind,
-                from,
-                to,
-                drain_timeout_ms,
-            })
-        }),
+        (
+            (any_string(), any_string(), any_string()),
+            any::<u32>(),
+            proptest::option::of(select(vec![KindLayout::Mutex, KindLayout::ReadWrite]))
+        )
+            .prop_map(|((kind, from, to), drain_timeout_ms, layout)| {
+                Request::Rotate(Rotate {
+                    kind,
+                    from,
+                    to,
+                    drain_timeout_ms,
+                    layout,
+                })
+            }),
         any_string().prop_map(|kind| Request::RotateAbort { kind }),
     ]
 }
@@ -152,8 +158,27 @@ fn held_lock() -> impl Strategy<Value = HeldLock> {
                 lease_remaining_ms,
                 connection_id,
                 trace_id,
+                mode: None,
             },
         )
+}
+
+/// A `HELD` listing: without modes (versions 1 to 3), or with one per entry
+/// (version 4).
+fn held_list() -> impl Strategy<Value = Vec<HeldLock>> {
+    (
+        vec((held_lock(), select(vec![LockMode::Exclusive, LockMode::Shared])), 0..4),
+        any::<bool>(),
+    )
+        .prop_map(|(entries, v4)| {
+            entries
+                .into_iter()
+                .map(|(mut h, mode)| {
+                    h.mode = v4.then_some(mode);
+                    h
+                })
+                .collect()
+        })
 }
 
 fn response_body() -> impl Strategy<Value = ResponseBody> {
@@ -199,16 +224,18 @@ fn response_body() -> impl Strategy<Value = ResponseBody> {
             }
         }),
         any::<u32>().prop_map(|safe_ms| ResponseBody::Confirmed { safe_ms }),
-        vec(held_lock(), 0..4).prop_map(ResponseBody::Held),
+        held_list().prop_map(ResponseBody::Held),
         (
             any_string(),
             select(vec![KindMode::Normal, KindMode::Draining]),
-            proptest::option::of((any_string(), any::<u32>(), any::<u32>()))
+            proptest::option::of((any_string(), any::<u32>(), any::<u32>())),
+            proptest::option::of(select(vec![KindLayout::Mutex, KindLayout::ReadWrite]))
         )
-            .prop_map(|(version, mode, drain)| ResponseBody::Version(VersionInfo {
+            .prop_map(|(version, mode, drain, layout)| ResponseBody::Version(VersionInfo {
                 version,
                 mode,
                 drain: drain.map(|(to, remaining, left_ms)| DrainState { to, remaining, left_ms }),
+                layout,
             })),
         (any_string(), any::<u32>(), any::<u32>()).prop_map(|(version, drain_ms, leftover)| ResponseBody::Rotated(
             RotateOk {

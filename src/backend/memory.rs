@@ -1,12 +1,17 @@
 //! In-memory backend: one process, no persistence. For development, tests and
 //! embedding (library mode).
 //!
-//! Each key has a holder and a FIFO queue of waiters behind a `DashMap` shard
-//! lock; a release hands the lock straight to the first live waiter through a
-//! oneshot channel. Every state change for a key happens under that key's
-//! shard lock, which is what makes cancellation simple: a waiter that gives up
-//! takes the lock and is either still queued (it leaves the queue) or already
-//! the holder (it releases, handing off to the next).
+//! Each key has its holders — one exclusive holder, or any number of shared
+//! ones — and a FIFO queue of waiters behind a `DashMap` shard lock; a
+//! release hands the lock straight to the waiters at the front of the queue
+//! through oneshot channels: the first, and, if it is shared, every shared
+//! waiter right behind it. Strict FIFO: a shared request queues behind a
+//! waiting exclusive one even while the lock is shared, so a stream of
+//! readers never starves a writer. Every state change for a key happens
+//! under that key's shard lock, which is what makes cancellation simple: a
+//! waiter that gives up takes the lock and is either still queued (it leaves
+//! the queue, and the waiters it held back are let in) or already a holder
+//! (it releases, handing off to the next).
 //!
 //! Kinds and version rotation live in [`rotation`]: an acquire passes its
 //! kind's gate (normal: go ahead; draining: wait) before it queues.
@@ -24,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clastor_protocol::LockMode;
+use clastor_protocol::{KindLayout, LockMode};
 use dashmap::DashMap;
 use tokio::sync::oneshot;
 
@@ -85,14 +90,41 @@ impl Default for MemoryState {
 
 #[derive(Debug, Default)]
 struct KeyState {
-    /// Ticket of the current holder.
-    holder: Option<u64>,
+    /// Tickets of the current holders: one exclusive, or any number shared.
+    holders: Vec<u64>,
+    /// The holders are shared (meaningless while there are none).
+    shared: bool,
     waiters: VecDeque<Waiter>,
+}
+
+impl KeyState {
+    /// Whether a request in `mode` may hold alongside the current holders.
+    fn admits(&self, mode: LockMode) -> bool {
+        self.holders.is_empty() || (self.shared && mode == LockMode::Shared)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.holders.is_empty() && self.waiters.is_empty()
+    }
+
+    /// Makes `ticket` a holder in `mode`.
+    fn hold(&mut self, ticket: u64, mode: LockMode) {
+        self.shared = mode == LockMode::Shared;
+        self.holders.push(ticket);
+    }
+
+    /// Removes `ticket` from the holders; whether it was one.
+    fn unhold(&mut self, ticket: u64) -> bool {
+        let before = self.holders.len();
+        self.holders.retain(|&t| t != ticket);
+        self.holders.len() != before
+    }
 }
 
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
+    mode: LockMode,
     grant: oneshot::Sender<u64>,
 }
 
@@ -128,7 +160,7 @@ impl MemoryBackend {
         self.inner
             .keys
             .get(key)
-            .map_or(0, |s| usize::from(s.holder.is_some()) + s.waiters.len())
+            .map_or(0, |s| s.holders.len() + s.waiters.len())
     }
 
     /// Number of queued waiters across all keys.
@@ -150,45 +182,57 @@ impl MemoryState {
         }
     }
 
-    /// Gives up `ticket`'s hold on `key`, handing the lock to the first waiter
-    /// still listening. A no-op if `ticket` is not the holder.
+    /// Gives up `ticket`'s hold on `key`, handing the lock to the waiters at
+    /// the front still listening. A no-op if `ticket` is not a holder.
     fn release(&self, key: &LockKey, ticket: u64) {
         let Some(mut state) = self.keys.get_mut(key) else {
             return;
         };
-        if state.holder != Some(ticket) {
+        if !state.unhold(ticket) {
             return;
         }
-        state.holder = None;
         self.hand_off(&mut state);
-        let empty = state.holder.is_none() && state.waiters.is_empty();
+        self.settle(key, state);
+    }
+
+    /// With the key's lock held: grants to the waiters at the front, in
+    /// order, as long as each may hold alongside the holders — the first
+    /// exclusive one alone, a run of shared ones together. A dead receiver
+    /// means that waiter was cancelled and its clean-up is about to find it
+    /// gone from the queue.
+    fn hand_off(&self, state: &mut KeyState) {
+        while let Some(w) = state.waiters.front() {
+            if !state.admits(w.mode) {
+                return;
+            }
+            let Some(w) = state.waiters.pop_front() else {
+                return;
+            };
+            state.hold(w.ticket, w.mode);
+            if w.grant.send(self.token()).is_err() {
+                state.unhold(w.ticket);
+            }
+        }
+    }
+
+    /// Drops the key's entry once nobody holds or waits, and wakes a drain.
+    fn settle(&self, key: &LockKey, state: dashmap::mapref::one::RefMut<'_, LockKey, KeyState>) {
+        let idle = state.is_idle();
         drop(state);
-        if empty {
-            self.keys
-                .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
+        if idle {
+            self.keys.remove_if(key, |_, s| s.is_idle());
         }
         self.kind_changed(key.kind_arc());
     }
 
-    /// With the key's lock held and no holder: grants to the first waiter whose
-    /// receiver is alive. A dead receiver means that waiter was cancelled and
-    /// its clean-up is about to find it gone from the queue.
-    fn hand_off(&self, state: &mut KeyState) {
-        while let Some(w) = state.waiters.pop_front() {
-            state.holder = Some(w.ticket);
-            if w.grant.send(self.token()).is_ok() {
-                return;
-            }
-            state.holder = None;
-        }
-    }
-
     /// Clean-up for a waiter that stops waiting (timeout or cancellation).
     /// Returns the token if the lock had been handed to it meanwhile and
-    /// `keep` is true; otherwise undoes whatever the waiter had.
+    /// `keep` is true; otherwise undoes whatever the waiter had — and lets
+    /// in the waiters it held back (shared ones behind it, while the lock
+    /// is shared).
     fn withdraw(&self, key: &LockKey, ticket: u64, rx: &mut oneshot::Receiver<u64>, keep: bool) -> Option<u64> {
         let mut state = self.keys.get_mut(key)?;
-        if state.holder == Some(ticket) {
+        if state.holders.contains(&ticket) {
             if keep {
                 // Granted just as the wait ran out: the grant stands. The
                 // token is in the channel, sent under this same lock.
@@ -196,18 +240,12 @@ impl MemoryState {
                     return Some(token);
                 }
             }
-            state.holder = None;
-            self.hand_off(&mut state);
+            state.unhold(ticket);
         } else {
             state.waiters.retain(|w| w.ticket != ticket);
         }
-        let empty = state.holder.is_none() && state.waiters.is_empty();
-        drop(state);
-        if empty {
-            self.keys
-                .remove_if(key, |_, s| s.holder.is_none() && s.waiters.is_empty());
-        }
-        self.kind_changed(key.kind_arc());
+        self.hand_off(&mut state);
+        self.settle(key, state);
         None
     }
 }
@@ -237,10 +275,8 @@ impl Backend for MemoryBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<MemoryGuard>>, BackendError> {
-        if req.mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported("shared locks".into()));
-        }
         let inner = &*self.inner;
+        let mode = req.mode;
         if inner.closed.load(Ordering::Acquire) {
             return Err(BackendError::Closed);
         }
@@ -314,15 +350,20 @@ impl Backend for MemoryBackend {
                 }
             };
             let mut state = inner.keys.entry(key.clone()).or_default();
-            if state.holder.is_none() && state.waiters.is_empty() {
-                state.holder = Some(ticket);
+            // FIFO: nobody passes a waiter, not even a reader joining readers.
+            if state.waiters.is_empty() && state.admits(mode) {
+                state.hold(ticket, mode);
                 return Ok(Some(grant(inner.token(), version)));
             }
             if req.wait.is_zero() {
                 return Ok(None);
             }
             let (tx, rx) = oneshot::channel();
-            state.waiters.push_back(Waiter { ticket, grant: tx });
+            state.waiters.push_back(Waiter {
+                ticket,
+                mode,
+                grant: tx,
+            });
             break (rx, version);
         };
         let left = wait_deadline.map(|w| w.saturating_duration_since(tokio::time::Instant::now()));
@@ -362,7 +403,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn is_held(&self, key: &LockKey) -> Result<bool, BackendError> {
-        Ok(self.inner.keys.get(key).is_some_and(|s| s.holder.is_some()))
+        Ok(self.inner.keys.get(key).is_some_and(|s| !s.holders.is_empty()))
     }
 
     async fn version(&self, kind: &str) -> Result<KindVersion, BackendError> {
@@ -386,6 +427,12 @@ impl Backend for MemoryBackend {
 
     async fn count_locks(&self, kind: &Arc<str>, version: &str) -> Result<u32, BackendError> {
         Ok(self.inner.count_locks(kind, version))
+    }
+
+    fn fixed_layout(&self) -> Option<KindLayout> {
+        // Nothing outside this process shares its keys: every kind takes
+        // shared locks.
+        Some(KindLayout::ReadWrite)
     }
 
     fn info(&self) -> Vec<(String, String)> {

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, LockMode, LostReason, RotationProgress, Status};
+use clastor_protocol::{KindLayout, KindMode, LockMode, LostReason, RotationProgress, Status};
 use thiserror::Error;
 
 use crate::key::LockKey;
@@ -92,6 +92,11 @@ pub struct KindVersion {
     pub mode: KindMode,
     /// While draining: the rotation's target and deadline.
     pub rotation: Option<RotationTarget>,
+    /// How the kind's locks are laid out under `version` (whether it takes
+    /// shared locks). Backends with one layout for every kind
+    /// ([`Backend::fixed_layout`]) leave the default here; the engine
+    /// reports theirs.
+    pub layout: KindLayout,
 }
 
 /// What a draining kind is being rotated to, stored with its mode.
@@ -103,6 +108,8 @@ pub struct RotationTarget {
     /// every server reads it the same way; skew only moves when an abandoned
     /// rotation is aborted, never whether a grant is safe).
     pub deadline_unix_ms: u64,
+    /// The layout the kind gets at `to`.
+    pub layout: KindLayout,
 }
 
 impl KindVersion {
@@ -112,7 +119,14 @@ impl KindVersion {
             version: version.into(),
             mode: KindMode::Normal,
             rotation: None,
+            layout: KindLayout::Mutex,
         }
+    }
+
+    /// The same, with `layout`.
+    pub fn with_layout(mut self, layout: KindLayout) -> KindVersion {
+        self.layout = layout;
+        self
     }
 
     /// Time left before the drain deadline (zero once passed; `None` when
@@ -138,7 +152,8 @@ pub(crate) enum RotationStart {
 }
 
 impl KindVersion {
-    /// The kind draining from `from` to `to` until `drain` from now.
+    /// The kind draining from `from` to `to` until `drain` from now, in the
+    /// mutex layout before and after (see [`KindVersion::with_layouts`]).
     pub(crate) fn draining(from: &str, to: &str, drain: Duration) -> KindVersion {
         KindVersion {
             version: Arc::from(from),
@@ -146,8 +161,25 @@ impl KindVersion {
             rotation: Some(RotationTarget {
                 to: Arc::from(to),
                 deadline_unix_ms: unix_ms().saturating_add(u64::try_from(drain.as_millis()).unwrap_or(u64::MAX)),
+                layout: KindLayout::Mutex,
             }),
+            layout: KindLayout::Mutex,
         }
+    }
+
+    /// The kind back to normal on its current version and layout: what an
+    /// aborted rotation leaves.
+    pub(crate) fn aborted(&self) -> KindVersion {
+        KindVersion::normal(self.version.clone()).with_layout(self.layout)
+    }
+
+    /// The same kind in `layout` now and, if draining, `to_layout` after.
+    pub(crate) fn with_layouts(mut self, layout: KindLayout, to_layout: KindLayout) -> KindVersion {
+        self.layout = layout;
+        if let Some(r) = &mut self.rotation {
+            r.layout = to_layout;
+        }
+        self
     }
 
     /// How a `ROTATE from → to` of `kind` starts from this state; `previous`
@@ -187,6 +219,8 @@ pub struct RotateRequest<'a> {
     pub to: &'a str,
     /// How long the drain may take before the rotation aborts.
     pub drain_timeout: Duration,
+    /// The layout `to` gets; `None`: the layout `from` has.
+    pub layout: Option<KindLayout>,
     /// Called with progress while the rotation runs; must not block.
     pub progress: &'a (dyn Fn(RotationProgress) + Send + Sync),
 }
@@ -198,6 +232,7 @@ impl fmt::Debug for RotateRequest<'_> {
             .field("from", &self.from)
             .field("to", &self.to)
             .field("drain_timeout", &self.drain_timeout)
+            .field("layout", &self.layout)
             .finish_non_exhaustive()
     }
 }
@@ -402,6 +437,13 @@ pub trait Backend: Send + Sync + 'static {
     /// For messages and listings only, never the ground for a grant: it
     /// may be stale by the time it is read.
     fn cached_version(&self, kind: &str) -> Option<KindVersion>;
+
+    /// The one layout every kind of this backend has, or `None` if each kind
+    /// has its own ([`KindVersion::layout`], changed by a rotation). The
+    /// default: the mutex layout (exclusive locks only).
+    fn fixed_layout(&self) -> Option<KindLayout> {
+        Some(KindLayout::Mutex)
+    }
 
     /// Until when the backend guarantees that nobody else is granted the lock
     /// `guard` holds, on this process's clock (safe-until; PROTOCOL.md,

@@ -2,7 +2,11 @@
 //! ZooKeeper's `{kind}/version` node, the value of etcd's and Redis'
 //! `{kind}/version` key, the `record` column of PostgreSQL's `kinds` row):
 //! `"{version}\n{mode}"`, then `key=value` lines — the rotation's target and
-//! deadline while draining, `prev=` after a switch.
+//! deadline while draining, `prev=` after a switch, `layout=read_write` for
+//! a kind in the read-write layout (and `to_layout=` for a rotation's
+//! target). No `layout` line means the mutex layout, which is what servers
+//! from before layouts existed assume: see PROTOCOL.md, "Layouts", for why
+//! a kind must not move to the read-write layout while such a server runs.
 //!
 //! One format for every store, so an operator reads the same text whichever
 //! backend holds it, and one parser, so the rules (valid names, unknown
@@ -10,7 +14,7 @@
 
 use std::sync::Arc;
 
-use clastor_protocol::KindMode;
+use clastor_protocol::{KindLayout, KindMode};
 
 use crate::backend::{KindVersion, RotationTarget};
 
@@ -23,14 +27,21 @@ pub(crate) fn encode_version(v: &KindVersion) -> Vec<u8> {
     let mut out = format!("{}\n{}", v.version, v.mode.name());
     if let (KindMode::Draining, Some(r)) = (v.mode, &v.rotation) {
         out.push_str(&format!("\nto={}\ndeadline_ms={}", r.to, r.deadline_unix_ms));
+        if r.layout != KindLayout::Mutex {
+            out.push_str(&format!("\nto_layout={}", r.layout.name()));
+        }
+    }
+    if v.layout != KindLayout::Mutex {
+        out.push_str(&format!("\nlayout={}", v.layout.name()));
     }
     out.into_bytes()
 }
 
-/// The record a completed rotation from `from` leaves: normal on `to`, with
-/// `prev={from}` so the same rotation sent again is known to be done.
-pub(crate) fn encode_switched(to: &str, from: &str) -> Vec<u8> {
-    let mut data = encode_version(&KindVersion::normal(to));
+/// The record a completed rotation from `from` leaves: normal on `to` in
+/// `layout`, with `prev={from}` so the same rotation sent again is known to
+/// be done.
+pub(crate) fn encode_switched(to: &str, from: &str, layout: KindLayout) -> Vec<u8> {
+    let mut data = encode_version(&KindVersion::normal(to).with_layout(layout));
     data.extend_from_slice(format!("\nprev={from}").as_bytes());
     data
 }
@@ -61,8 +72,14 @@ pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
         Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
     };
     let (mut to, mut deadline) = (None, None);
+    let (mut layout, mut to_layout) = (KindLayout::Mutex, KindLayout::Mutex);
+    let parse_layout = |v: &str| {
+        KindLayout::from_name(v).ok_or_else(|| format!("version node names an unknown layout {v:?}"))
+    };
     for line in lines {
         match line.trim().split_once('=') {
+            Some(("layout", v)) => layout = parse_layout(v)?,
+            Some(("to_layout", v)) => to_layout = parse_layout(v)?,
             Some(("to", v)) if valid_version_name(v) => to = Some(Arc::from(v)),
             Some(("to", v)) => return Err(format!("version node names an invalid target {v:?}")),
             Some(("deadline_ms", v)) => {
@@ -78,6 +95,7 @@ pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
         (KindMode::Draining, Some(to)) => Some(RotationTarget {
             to,
             deadline_unix_ms: deadline.unwrap_or(u64::MAX),
+            layout: to_layout,
         }),
         _ => None,
     };
@@ -85,6 +103,7 @@ pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
         version: Arc::from(version),
         mode,
         rotation,
+        layout,
     })
 }
 
@@ -123,7 +142,9 @@ mod tests {
             rotation: Some(RotationTarget {
                 to: Arc::from("v2"),
                 deadline_unix_ms: 1_767_000_000_000,
+                layout: KindLayout::Mutex,
             }),
+            layout: KindLayout::Mutex,
         };
         assert_eq!(
             encode_version(&draining),
@@ -136,7 +157,26 @@ mod tests {
         assert_eq!(decode_version(b"v2\nnormal\nprev=v1")?, KindVersion::normal("v2"));
         assert_eq!(decode_previous(b"v2\nnormal\nprev=v1").as_deref(), Some("v1"));
         assert_eq!(decode_previous(b"v2\nnormal"), None);
-        assert_eq!(encode_switched("v2", "v1"), b"v2\nnormal\nprev=v1");
+        assert_eq!(encode_switched("v2", "v1", KindLayout::Mutex), b"v2\nnormal\nprev=v1");
+        Ok(())
+    }
+
+    #[test]
+    fn layouts_round_trip_and_default_to_mutex() -> Result<(), String> {
+        let rw = KindVersion::normal("v2").with_layout(KindLayout::ReadWrite);
+        assert_eq!(encode_version(&rw), b"v2\nnormal\nlayout=read_write");
+        assert_eq!(decode_version(&encode_version(&rw))?, rw);
+        let to_rw = KindVersion::draining("v1", "v2", std::time::Duration::from_secs(5))
+            .with_layouts(KindLayout::Mutex, KindLayout::ReadWrite);
+        let data = String::from_utf8(encode_version(&to_rw)).map_err(|e| e.to_string())?;
+        assert!(data.contains("\nto_layout=read_write") && !data.contains("\nlayout="), "{data}");
+        assert_eq!(decode_version(data.as_bytes())?, to_rw);
+        let switched = encode_switched("v2", "v1", KindLayout::ReadWrite);
+        assert_eq!(switched, b"v2\nnormal\nlayout=read_write\nprev=v1");
+        assert_eq!(decode_version(&switched)?, rw);
+        assert_eq!(decode_previous(&switched).as_deref(), Some("v1"));
+        assert_eq!(decode_version(b"v1\nnormal")?.layout, KindLayout::Mutex);
+        assert!(decode_version(b"v1\nnormal\nlayout=sideways").is_err());
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use clastor_protocol::{DrainState, KindMode, RotationProgress, name};
+use clastor_protocol::{DrainState, KindLayout, KindMode, RotationProgress, name};
 use dashmap::DashMap;
 
 pub use self::observer::{EngineObserver, HoldEnd};
@@ -210,7 +210,15 @@ impl<B: Backend> Engine<B> {
     /// [`LockError::InvalidName`] for a bad kind; backend failures.
     pub async fn version(&self, kind: &str) -> Result<KindVersion, LockError> {
         let kind = validate_kind(kind)?;
-        Ok(self.inner.backend.version(&kind).await?)
+        Ok(self.with_fixed_layout(self.inner.backend.version(&kind).await?))
+    }
+
+    /// `v` with the backend's layout, for a backend with one for every kind.
+    fn with_fixed_layout(&self, v: KindVersion) -> KindVersion {
+        match self.inner.backend.fixed_layout() {
+            Some(layout) => v.with_layouts(layout, layout),
+            None => v,
+        }
     }
 
     /// A kind's version and mode and, while it drains, its rotation's target,
@@ -221,7 +229,7 @@ impl<B: Backend> Engine<B> {
     pub async fn version_detail(&self, kind: &str) -> Result<(KindVersion, Option<DrainState>), LockError> {
         let kind = validate_kind(kind)?;
         let backend = &self.inner.backend;
-        let v = backend.version(&kind).await?;
+        let v = self.with_fixed_layout(backend.version(&kind).await?);
         let drain = match (&v.rotation, v.mode) {
             (Some(r), KindMode::Draining) => Some(DrainState {
                 to: r.to.to_string(),
@@ -237,19 +245,22 @@ impl<B: Backend> Engine<B> {
 
     /// Rotates `kind` from `from` to `to` (PROTOCOL.md, "Version rotation"),
     /// calling `progress` as it goes. A zero `drain_timeout` means
-    /// [`DEFAULT_DRAIN_TIMEOUT`].
+    /// [`DEFAULT_DRAIN_TIMEOUT`]; `layout` is the layout `to` gets (`None`:
+    /// the one `from` has).
     ///
     /// # Errors
     /// [`LockError::InvalidName`] for a bad kind or version name,
     /// [`LockError::InvalidArgument`] if `from` = `to` or the timeout exceeds
-    /// the longest wait, [`LockError::RotationRefused`],
-    /// [`LockError::RotationAborted`], and backend failures.
+    /// the longest wait, [`LockError::RotationRefused`] (also for a layout
+    /// the backend does not have), [`LockError::RotationAborted`], and
+    /// backend failures.
     pub async fn rotate(
         &self,
         kind: &str,
         from: &str,
         to: &str,
         drain_timeout: Duration,
+        layout: Option<KindLayout>,
         progress: &(dyn Fn(RotationProgress) + Send + Sync),
     ) -> Result<(Duration, u32), LockError> {
         let kind = validate_kind(kind)?;
@@ -258,6 +269,18 @@ impl<B: Backend> Engine<B> {
         if from == to {
             return Err(LockError::InvalidArgument(format!("from and to are both {from}")));
         }
+        if let (Some(want), Some(fixed)) = (layout, self.inner.backend.fixed_layout())
+            && want != fixed
+        {
+            return Err(LockError::RotationRefused(format!(
+                "the {} backend keeps every kind in the {} layout; it has no {} layout",
+                self.inner.backend.name(),
+                fixed.name(),
+                want.name()
+            )));
+        }
+        // A backend with one layout for every kind is told none.
+        let layout = layout.filter(|_| self.inner.backend.fixed_layout().is_none());
         let max = self.inner.config.max_wait;
         let drain_timeout = if drain_timeout.is_zero() {
             DEFAULT_DRAIN_TIMEOUT.min(max)
@@ -284,6 +307,7 @@ impl<B: Backend> Engine<B> {
             from,
             to,
             drain_timeout,
+            layout,
             progress: &observed,
         };
         let observer = self.inner.observer.get();

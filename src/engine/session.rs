@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::EngineState;
+use super::{EngineConfig, EngineState};
 use super::observer::HoldEnd;
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
 use crate::error::LockError;
@@ -42,7 +42,7 @@ pub struct AcquireOptions {
     /// Lease: the lock is released (and reported lost) when it runs out
     /// unless renewed. `None` holds it until released or the session closes.
     pub lease: Option<Duration>,
-    /// Requested mode (only exclusive today).
+    /// Requested mode: exclusive (a writer) or shared (a reader).
     pub mode: LockMode,
 }
 
@@ -98,6 +98,8 @@ pub struct HeldInfo {
     pub token_private: bool,
     /// Version it was taken under.
     pub version: Arc<str>,
+    /// Exclusive or shared.
+    pub mode: LockMode,
     /// Lease left, if it has one.
     pub lease_remaining: Option<Duration>,
     /// The holding session.
@@ -281,6 +283,7 @@ struct LockTable<G> {
 struct Held<G> {
     grant_id: u64,
     granted_at: Instant,
+    mode: LockMode,
     trace_id: Option<Arc<str>>,
     token: u64,
     version: Arc<str>,
@@ -304,6 +307,27 @@ struct Pending {
 }
 
 impl<G> LockTable<G> {
+    /// Whether an acquire of `key` may join the table: the session is open,
+    /// holds and awaits no `key`, and is under its limit on locks held.
+    fn admit(&self, key: &LockKey, cfg: &EngineConfig) -> Result<(), LockError> {
+        if self.closed {
+            return Err(LockError::SessionClosed);
+        }
+        if self.held.contains_key(key) || self.pending.contains_key(key) {
+            return Err(LockError::AlreadyHeld(key.clone()));
+        }
+        // Waits count too: each may turn into a held lock.
+        if self.held.len() + self.pending.len() >= cfg.max_held_per_session {
+            return Err(LockError::LimitExceeded(format!(
+                "this session holds {} locks and waits for {}; at most {} are allowed",
+                self.held.len(),
+                self.pending.len(),
+                cfg.max_held_per_session
+            )));
+        }
+        Ok(())
+    }
+
     /// Removes the pending acquire of `key`, keeping the wait count right.
     fn take_pending(&mut self, key: &LockKey) -> Option<Pending> {
         let p = self.pending.remove(key)?;
@@ -402,6 +426,19 @@ impl<B: Backend> Session<B> {
         self.acquire_traced(key, opts, None).await
     }
 
+    /// The checks [`Session::acquire`] makes before it tries the lock, and
+    /// nothing else: for a caller that refuses the request after them
+    /// (a shared lock asked for on a connection of protocol version 1 to 3,
+    /// PROTOCOL.md, ACQUIRE, step 6).
+    ///
+    /// # Errors
+    /// As [`Session::acquire`], but never from the backend.
+    pub fn check_acquire(&self, key: &LockKey, opts: &AcquireOptions) -> Result<(), LockError> {
+        let cfg = &self.state.engine.config;
+        check_options(opts, cfg)?;
+        self.state.lock().admit(key, cfg)
+    }
+
     /// [`Session::acquire`] on behalf of a request carrying trace id
     /// `trace_id`: the grant keeps it, listings show it, and the engine's
     /// log lines about the grant (lease expiry, loss) name it.
@@ -420,34 +457,12 @@ impl<B: Backend> Session<B> {
         let s = &*self.state;
         let started = Instant::now();
         let cfg = &s.engine.config;
-        if opts.wait > cfg.max_wait {
-            return Err(LockError::InvalidArgument(format!(
-                "wait is over the maximum of {:?}",
-                cfg.max_wait
-            )));
-        }
-        if let Some(lease) = opts.lease {
-            check_lease(lease, cfg.max_lease)?;
-        }
+        check_options(&opts, cfg)?;
         let grant_id = s.engine.next_grant_id();
         // `Some(waiting)`: the wait limit was reached, so this acquire only tries once.
         let over_wait_limit = {
             let mut st = s.lock();
-            if st.closed {
-                return Err(LockError::SessionClosed);
-            }
-            if st.held.contains_key(key) || st.pending.contains_key(key) {
-                return Err(LockError::AlreadyHeld(key.clone()));
-            }
-            // Waits count too: each may turn into a held lock.
-            if st.held.len() + st.pending.len() >= cfg.max_held_per_session {
-                return Err(LockError::LimitExceeded(format!(
-                    "this session holds {} locks and waits for {}; at most {} are allowed",
-                    st.held.len(),
-                    st.pending.len(),
-                    cfg.max_held_per_session
-                )));
-            }
+            st.admit(key, cfg)?;
             // A try-once never waits, so it never counts against the wait
             // limit; a wait past the limit is tried once, and refused only
             // if it would have had to wait.
@@ -523,6 +538,7 @@ impl<B: Backend> Session<B> {
             Held {
                 grant_id,
                 granted_at: Instant::now(),
+                mode: opts.mode,
                 trace_id,
                 token: grant.token,
                 version: grant.version.clone(),
@@ -697,6 +713,20 @@ impl<B: Backend> Session<B> {
     }
 }
 
+/// An acquire's wait and lease against the configured maxima.
+fn check_options(opts: &AcquireOptions, cfg: &EngineConfig) -> Result<(), LockError> {
+    if opts.wait > cfg.max_wait {
+        return Err(LockError::InvalidArgument(format!(
+            "wait is over the maximum of {:?}",
+            cfg.max_wait
+        )));
+    }
+    if let Some(lease) = opts.lease {
+        check_lease(lease, cfg.max_lease)?;
+    }
+    Ok(())
+}
+
 fn check_lease(lease: Duration, max: Duration) -> Result<(), LockError> {
     if lease.is_zero() {
         return Err(LockError::InvalidArgument("a lease must be longer than zero".into()));
@@ -857,6 +887,7 @@ impl<B: Backend> SessionState<B> {
                 token: h.token,
                 token_private: self.private_tokens.load(Ordering::Relaxed),
                 version: h.version.clone(),
+                mode: h.mode,
                 lease_remaining: h.lease.as_ref().map(|l| l.deadline.saturating_duration_since(now)),
                 session: self.id,
             })

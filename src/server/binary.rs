@@ -353,6 +353,7 @@ impl<B: Backend> Conn<B> {
                 self.ctx.reports_safe = version >= 2;
                 self.ctx.reports_drain = version >= 2;
                 self.ctx.reports_traces = version >= 3;
+                self.ctx.speaks_modes = version >= 4;
                 self.version = version;
                 Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut());
             }

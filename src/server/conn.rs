@@ -61,6 +61,8 @@ pub(super) async fn serve<B: Backend>(
         reports_drain: !binary,
         // The text form shows trace ids; binary connections from version 3 on.
         reports_traces: !binary,
+        // Text takes shared locks and shows modes; binary from version 4 on.
+        speaks_modes: !binary,
         engine: shared.engine.clone(),
         session: session.clone(),
     };

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
 use clastor_protocol::{
-    AcquireOk, ErrorReply, HeldLock, HeldScope, KindMode, Request, ResponseBody, Rotate, RotateOk, RotationProgress,
+    AcquireOk, ErrorReply, HeldLock, HeldScope, KindMode, LockMode, Request, ResponseBody, Rotate, RotateOk, RotationProgress,
     Status, VersionInfo,
 };
 
@@ -35,6 +35,10 @@ pub(crate) struct RequestContext<B: Backend> {
     /// The connection negotiated protocol version 3 (or speaks text):
     /// `HELD` listings carry the grants' trace ids.
     pub(crate) reports_traces: bool,
+    /// The connection negotiated protocol version 4 (or speaks text): it
+    /// may take shared locks, and listings and `VERSION` carry modes and
+    /// layouts.
+    pub(crate) speaks_modes: bool,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -45,6 +49,7 @@ impl<B: Backend> Clone for RequestContext<B> {
             reports_safe: self.reports_safe,
             reports_drain: self.reports_drain,
             reports_traces: self.reports_traces,
+            speaks_modes: self.speaks_modes,
         }
     }
 }
@@ -110,6 +115,15 @@ pub(crate) async fn dispatch<B: Backend>(
                 }
                 None => None,
             };
+            if a.mode == LockMode::Shared && !ctx.speaks_modes {
+                // After the session's own checks, before the lock is tried
+                // (PROTOCOL.md, ACQUIRE, step 6).
+                ctx.session.check_acquire(&key, &opts)?;
+                return Err(err(
+                    Status::Unsupported,
+                    "shared locks need protocol version 4 (offer max_version 4 in HELLO)",
+                ));
+            }
             // Everything logged for this request, down to the backend, names its trace id.
             let span = match &trace_id {
                 Some(t) => info_span!("request", trace_id = %t, connection = ctx.session.id()),
@@ -158,9 +172,8 @@ pub(crate) async fn dispatch<B: Backend>(
                 HeldScope::Connection => ctx.session.held(),
                 HeldScope::Server => ctx.engine.held_all(MAX_HELD_LISTING),
             };
-            let traces = ctx.reports_traces;
             Ok(ResponseBody::Held(
-                held.into_iter().map(|h| held_lock(h, traces)).collect(),
+                held.into_iter().map(|h| held_lock(h, ctx)).collect(),
             ))
         }
         Request::Version { kind } => {
@@ -173,6 +186,7 @@ pub(crate) async fn dispatch<B: Backend>(
                 version: v.version.to_string(),
                 mode: v.mode,
                 drain,
+                layout: ctx.speaks_modes.then_some(v.layout),
             }))
         }
         // The actors hand progress to the client themselves (`rotate`).
@@ -204,7 +218,10 @@ pub(crate) async fn rotate<B: Backend>(
     progress: &(dyn Fn(RotationProgress) + Send + Sync),
 ) -> Result<ResponseBody, ErrorReply> {
     let timeout = ms(r.drain_timeout_ms);
-    let (drained, leftover) = ctx.engine.rotate(&r.kind, &r.from, &r.to, timeout, progress).await?;
+    let (drained, leftover) = ctx
+        .engine
+        .rotate(&r.kind, &r.from, &r.to, timeout, r.layout, progress)
+        .await?;
     Ok(ResponseBody::Rotated(RotateOk {
         version: r.to,
         drain_ms: millis_u32(drained),
@@ -217,9 +234,10 @@ fn any_token(token: u64) -> Option<u64> {
     (token != 0).then_some(token)
 }
 
-fn held_lock(h: HeldInfo, traces: bool) -> HeldLock {
+fn held_lock<B: Backend>(h: HeldInfo, ctx: &RequestContext<B>) -> HeldLock {
     HeldLock {
-        trace_id: h.trace_id.filter(|_| traces).map(|t| t.to_string()),
+        trace_id: h.trace_id.filter(|_| ctx.reports_traces).map(|t| t.to_string()),
+        mode: ctx.speaks_modes.then_some(h.mode),
         kind: h.key.kind().to_owned(),
         id: h.key.id().to_owned(),
         // A token that is a capability (an HTTP lock's) is never listed:

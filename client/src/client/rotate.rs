@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use clastor_protocol::{Event, Request, ResponseBody, Rotate, RotateOk, RotationProgress, name};
+use clastor_protocol::{Event, KindLayout, Request, ResponseBody, Rotate, RotateOk, RotationProgress, name};
 
 use super::Client;
 use crate::conn::HeldUpdate;
@@ -39,6 +39,30 @@ impl Client {
         from: &str,
         to: &str,
         drain_timeout: Duration,
+        on_progress: impl FnMut(&RotationProgress),
+    ) -> Result<RotateOk, Error> {
+        self.rotate_to_layout(kind, from, to, None, drain_timeout, on_progress)
+            .await
+    }
+
+    /// [`Client::rotate`], giving `to` the layout `layout` (`None`: the
+    /// layout `from` has): the one way to move a kind between the mutex and
+    /// the read-write layout (PROTOCOL.md, "Layouts").
+    ///
+    /// # Errors
+    /// As [`Client::rotate`]; [`Error::Unsupported`] if a layout is named and
+    /// the server does not speak protocol version 4;
+    /// [`Error::RotationRefused`] for a layout the backend does not have.
+    ///
+    /// # Cancellation safety
+    /// As [`Client::rotate`].
+    pub async fn rotate_to_layout(
+        &self,
+        kind: &str,
+        from: &str,
+        to: &str,
+        layout: Option<KindLayout>,
+        drain_timeout: Duration,
         mut on_progress: impl FnMut(&RotationProgress),
     ) -> Result<RotateOk, Error> {
         name::validate("kind", kind).map_err(|e| Error::InvalidName(e.to_string()))?;
@@ -51,10 +75,17 @@ impl Client {
             from: from.to_owned(),
             to: to.to_owned(),
             drain_timeout_ms,
+            layout,
         });
         // Subscribe before sending: progress may come at once.
         let mut events = self.events();
         let conn = self.pick().await?;
+        if layout.is_some() && conn.version() < 4 {
+            return Err(Error::Unsupported(format!(
+                "a rotation to a layout needs protocol version 4; the server speaks {}",
+                conn.version()
+            )));
+        }
         let extra = drain_timeout.max(Duration::from_secs(60)) + CLEANUP_ALLOWANCE;
         let call = self.call_on(&conn, &req, HeldUpdate::None, extra);
         tokio::pin!(call);

@@ -28,7 +28,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, RotationHolder, RotationPhase, RotationProgress};
+use clastor_protocol::{KindLayout, KindMode, RotationHolder, RotationPhase, RotationProgress};
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -226,6 +226,8 @@ impl EtcdBackend {
             from,
             to,
             drain_timeout,
+            // One layout for every kind: the engine refuses another and passes none.
+            layout: _,
             progress,
         } = req;
         let started = Instant::now();
@@ -380,7 +382,7 @@ impl EtcdBackend {
         loop {
             if census.remaining == 0 {
                 // Final (module docs): switch, if the record is still ours.
-                return match self.set_record(kind, mark_rev, encode_switched(to, from)).await? {
+                return match self.set_record(kind, mark_rev, encode_switched(to, from, KindLayout::Mutex)).await? {
                     Some(rev) => {
                         self.kinds.remember(
                             kind,

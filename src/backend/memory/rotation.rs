@@ -135,7 +135,7 @@ impl MemoryState {
         let mut count = 0u32;
         let mut holders = Vec::new();
         for entry in self.keys.iter().filter(|e| e.key().kind() == kind) {
-            let n = usize::from(entry.holder.is_some()) + entry.waiters.len();
+            let n = entry.holders.len() + entry.waiters.len();
             count = count.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
             if holders.len() < limit && n > 0 {
                 let waiting = entry.waiters.len();
@@ -183,6 +183,8 @@ impl MemoryState {
             from,
             to,
             drain_timeout,
+            // One layout for every kind: the engine refuses another and passes none.
+            layout: _,
             progress,
         } = req;
         let started = Instant::now();

@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, RotationHolder, RotationPhase, RotationProgress};
+use clastor_protocol::{KindLayout, KindMode, RotationHolder, RotationPhase, RotationProgress};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -158,6 +158,8 @@ impl PostgresBackend {
             from,
             to,
             drain_timeout,
+            // One layout for every kind: the engine refuses another and passes none.
+            layout: _,
             progress,
         } = req;
         let started = Instant::now();
@@ -284,7 +286,7 @@ impl PostgresBackend {
                 // Final (module docs): switch, if the record is still ours.
                 return match self
                     .kinds
-                    .set(kind, mark_rev, &encode_switched(to, from), false)
+                    .set(kind, mark_rev, &encode_switched(to, from, KindLayout::Mutex), false)
                     .await?
                 {
                     Some(rev) => {

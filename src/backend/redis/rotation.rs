@@ -32,7 +32,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, RotationHolder, RotationPhase, RotationProgress};
+use clastor_protocol::{KindLayout, KindMode, RotationHolder, RotationPhase, RotationProgress};
 use redis::Value;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -185,6 +185,8 @@ impl RedisBackend {
             from,
             to,
             drain_timeout,
+            // One layout for every kind: the engine refuses another and passes none.
+            layout: _,
             progress,
         } = req;
         let started = Instant::now();
@@ -306,7 +308,7 @@ impl RedisBackend {
         loop {
             if census.remaining == 0 {
                 // Final (module docs): switch, if the record is still ours.
-                let switched = Seen::from_raw(String::from_utf8_lossy(&encode_switched(to, from)).into_owned())?;
+                let switched = Seen::from_raw(String::from_utf8_lossy(&encode_switched(to, from, KindLayout::Mutex)).into_owned())?;
                 return if self.set_record(kind, &mark.raw, &switched.raw).await? {
                     self.kinds.remember(kind, &switched);
                     let drained = started.elapsed();

@@ -400,7 +400,7 @@ impl Kinds {
                 .map_err(|e| map_err("check rotation claim", e))?
             {
                 (None, _) => {
-                    let normal = KindVersion::normal(v.version.clone());
+                    let normal = v.aborted();
                     let bytes = layout::encode_version(&normal);
                     let bytes = bytes.as_slice();
                     let expected = stat;

@@ -2,15 +2,20 @@
 //!
 //! ```text
 //! {root}/{provider}/{kind}/version                 data: "v1\nnormal"
-//! {root}/{provider}/{kind}/{version}/{id}/_c_{uuid}-lock-{seq}
+//! {root}/{provider}/{kind}/{version}/{id}/_c_{uuid}-lock-{seq}       mutex layout
+//! {root}/{provider}/{kind}/{version}/{id}/_c_{uuid}-__WRIT__{seq}    read-write layout
+//! {root}/{provider}/{kind}/{version}/{id}/_c_{uuid}-__READ__{seq}    read-write layout, shared
 //! ```
 //!
-//! Lock nodes use Apache Curator's InterProcessMutex naming (protected mode:
-//! `_c_` + 36-char dashed uuid + `-lock-` + 10-digit sequence) so a Curator
-//! client on the same path excludes a Clastor one and vice versa; kazoo's
-//! `<32 hex>__lock__<seq>` (Lock, WriteLock) and `__rlock__<seq>` (ReadLock)
-//! nodes count as contenders too: a kazoo reader must exclude a Clastor
-//! writer. Names are built only from validated [`LockKey`](crate::key::LockKey)
+//! Lock nodes use Apache Curator's naming (protected mode: `_c_` + 36-char
+//! dashed uuid + `-` + the lock name + 10-digit sequence): a kind in the
+//! mutex layout is an `InterProcessMutex` (`lock-`), one in the read-write
+//! layout an `InterProcessReadWriteLock` (`__WRIT__`, `__READ__`), so a
+//! Curator client on the same path excludes a Clastor one and vice versa.
+//! kazoo's `<32 hex>__lock__<seq>` (Lock, WriteLock) and `__rlock__<seq>`
+//! (ReadLock) nodes count as contenders too: a kazoo reader must exclude a
+//! Clastor writer. Readers (`__READ__`, `__rlock__`) exclude only writers;
+//! every other contender is a writer, whatever the layout. Names are built only from validated [`LockKey`](crate::key::LockKey)
 //! parts; the few valid names ZooKeeper cannot store (characters above
 //! U+FFFF, private use, U+FFF0..) are encoded, see [`segment`].
 //!
@@ -23,6 +28,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clastor_protocol::name::is_path_safe;
+use clastor_protocol::{KindLayout, LockMode};
 use uuid::Uuid;
 use zookeeper_client::{Acls, CreateMode, CreateOptions};
 
@@ -36,8 +42,20 @@ pub(super) const VERSION_NODE: &str = "version";
 pub(super) const ROTATION_NODE: &str = "rotation";
 const CURATOR_PREFIX: &str = "_c_";
 const CURATOR_LOCK: &str = "lock-";
+const CURATOR_READ: &str = "__READ__";
+const CURATOR_WRITE: &str = "__WRIT__";
 const KAZOO_LOCK: &str = "__lock__";
 const KAZOO_READ_LOCK: &str = "__rlock__";
+
+/// The lock name a Clastor node gets: Curator's for the kind's layout and
+/// the request's mode.
+pub(super) fn lock_name(layout: KindLayout, mode: LockMode) -> &'static str {
+    match (layout, mode) {
+        (KindLayout::Mutex, _) => CURATOR_LOCK,
+        (KindLayout::ReadWrite, LockMode::Exclusive) => CURATOR_WRITE,
+        (KindLayout::ReadWrite, LockMode::Shared) => CURATOR_READ,
+    }
+}
 
 /// Lock nodes: ephemeral-sequential, so they go with their session and sort
 /// in arrival order.
@@ -164,14 +182,14 @@ pub(super) fn fresh_uuid() -> Uuid {
     uuid::Builder::from_random_bytes(base.wrapping_add(n).to_be_bytes()).into_uuid()
 }
 
-/// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-lock-`;
-/// ZooKeeper appends the sequence.
-pub(super) fn node_prefix(dir: &str, uuid: &Uuid) -> String {
+/// The Curator protected-mode prefix for a create: `{dir}/_c_{uuid}-{lock}`
+/// (`lock` from [`lock_name`]); ZooKeeper appends the sequence.
+pub(super) fn node_prefix(dir: &str, uuid: &Uuid, lock: &str) -> String {
     let mut buf = Uuid::encode_buffer();
-    let mut path = String::with_capacity(dir.len() + NAME_PREFIX_LEN + SEQ_LEN);
+    let mut path = String::with_capacity(dir.len() + 1 + NAME_PREFIX_LEN + lock.len() + SEQ_LEN);
     path.push_str(dir);
     path.push('/');
-    push_name_prefix(&mut path, uuid.hyphenated().encode_lower(&mut buf));
+    push_name_prefix(&mut path, uuid.hyphenated().encode_lower(&mut buf), lock);
     path
 }
 
@@ -179,20 +197,21 @@ pub(super) fn node_prefix(dir: &str, uuid: &Uuid) -> String {
 #[cfg(test)]
 pub(super) fn node_name_prefix(uuid: &Uuid) -> String {
     let mut buf = Uuid::encode_buffer();
-    let mut name = String::with_capacity(NAME_PREFIX_LEN);
-    push_name_prefix(&mut name, uuid.hyphenated().encode_lower(&mut buf));
+    let mut name = String::with_capacity(NAME_PREFIX_LEN + CURATOR_LOCK.len());
+    push_name_prefix(&mut name, uuid.hyphenated().encode_lower(&mut buf), CURATOR_LOCK);
     name
 }
 
-/// Length of `_c_{uuid}-lock-`, and of the sequence ZooKeeper appends.
-const NAME_PREFIX_LEN: usize = CURATOR_PREFIX.len() + 36 + 1 + CURATOR_LOCK.len();
+/// Length of `_c_{uuid}-` (the lock name follows), and of the sequence
+/// ZooKeeper appends.
+const NAME_PREFIX_LEN: usize = CURATOR_PREFIX.len() + 36 + 1;
 const SEQ_LEN: usize = 10;
 
-fn push_name_prefix(out: &mut String, uuid: &str) {
+fn push_name_prefix(out: &mut String, uuid: &str, lock: &str) {
     out.push_str(CURATOR_PREFIX);
     out.push_str(uuid);
     out.push('-');
-    out.push_str(CURATOR_LOCK);
+    out.push_str(lock);
 }
 
 /// `parts` joined by `/`, allocated once at its length (`format!` guesses a
@@ -224,25 +243,28 @@ pub(super) fn is_ours(name: &str, uuid: &Uuid) -> bool {
         .is_some_and(|u| Uuid::parse_str(u).is_ok_and(|u| u == *uuid))
 }
 
-/// A contender in a lock directory: a Curator (`…lock-<seq>`) or kazoo
-/// (`…__lock__<seq>`, `…__rlock__<seq>`) node. Names that are neither are not
-/// contenders.
+/// A contender in a lock directory: a Curator (`…lock-<seq>`,
+/// `…__WRIT__<seq>`, `…__READ__<seq>`) or kazoo (`…__lock__<seq>`,
+/// `…__rlock__<seq>`) node. Names that are none of these are not contenders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Contender<'a> {
     /// The sequence number ZooKeeper appended (negative after int32 overflow).
     pub(super) seq: i32,
     /// The child name.
     pub(super) name: &'a str,
+    /// A reader (`__READ__`, `__rlock__`): it excludes writers only.
+    pub(super) shared: bool,
 }
 
 impl Contender<'_> {
     /// Parses a child name.
     pub(super) fn parse(name: &str) -> Option<Contender<'_>> {
-        let suffix = [KAZOO_LOCK, KAZOO_READ_LOCK, CURATOR_LOCK]
+        let (suffix, marker) = [KAZOO_LOCK, KAZOO_READ_LOCK, CURATOR_LOCK, CURATOR_WRITE, CURATOR_READ]
             .into_iter()
-            .filter_map(|marker| rfind_bytes(name, marker).map(|i| &name[i + marker.len()..]))
+            .filter_map(|marker| rfind_bytes(name, marker).map(|i| (&name[i + marker.len()..], marker)))
             // The marker that ends last is the one the sequence follows.
-            .min_by_key(|suffix| suffix.len())?;
+            .min_by_key(|(suffix, _)| suffix.len())?;
+        let shared = marker == CURATOR_READ || marker == KAZOO_READ_LOCK;
         // Sequences are ten digits, or a sign and nine after int32 overflow.
         if suffix.is_empty()
             || !suffix
@@ -252,7 +274,13 @@ impl Contender<'_> {
         {
             return None;
         }
-        suffix.parse::<i32>().ok().map(|seq| Contender { seq, name })
+        suffix.parse::<i32>().ok().map(|seq| Contender { seq, name, shared })
+    }
+
+    /// Whether this contender, ahead of `me` in the queue, keeps `me` from
+    /// holding: always, unless both are readers.
+    pub(super) fn blocks(&self, me: &Contender<'_>) -> bool {
+        !(self.shared && me.shared)
     }
 }
 
@@ -370,6 +398,36 @@ mod tests {
         let sorted = sorted_contenders(&children);
         assert_eq!(sorted.len(), 2);
         assert_eq!(sorted[0].name, children[0], "the kazoo reader holds");
+    }
+
+    #[test]
+    fn read_write_names_parse_and_readers_share() {
+        let uuid = fresh_uuid();
+        let writer = format!(
+            "{}0000000002",
+            node_prefix("", &uuid, lock_name(KindLayout::ReadWrite, LockMode::Exclusive)).trim_start_matches('/')
+        );
+        let reader = format!(
+            "{}0000000003",
+            node_prefix("", &uuid, lock_name(KindLayout::ReadWrite, LockMode::Shared)).trim_start_matches('/')
+        );
+        assert!(writer.ends_with("-__WRIT__0000000002") && is_ours(&writer, &uuid), "{writer}");
+        assert!(reader.ends_with("-__READ__0000000003") && is_ours(&reader, &uuid), "{reader}");
+        assert_eq!(lock_name(KindLayout::Mutex, LockMode::Shared), "lock-");
+        let children = vec![
+            reader.clone(),
+            "3f2a9c1d8e7b6a5f4e3d2c1b0a998877__rlock__0000000004".to_owned(),
+            writer.clone(),
+            "_c_0b2f0c47-2b8c-4a5a-9d2e-4a8cf5f3e1aa-lock-0000000001".to_owned(),
+            "3f2a9c1d8e7b6a5f4e3d2c1b0a998877__lock__0000000005".to_owned(),
+        ];
+        let sorted = sorted_contenders(&children);
+        let shape: Vec<(i32, bool)> = sorted.iter().map(|c| (c.seq, c.shared)).collect();
+        assert_eq!(shape, [(1, false), (2, false), (3, true), (4, true), (5, false)]);
+        let (r3, r4, w5) = (&sorted[2], &sorted[3], &sorted[4]);
+        assert!(!r3.blocks(r4), "readers share");
+        assert!(r3.blocks(w5) && w5.blocks(r4), "a reader and a writer exclude each other");
+        assert!(sorted[0].blocks(&sorted[1]), "writers exclude each other");
     }
 
     /// Names as ZooKeeper makes them: `%010d` of the parent's int32 cversion.

@@ -203,6 +203,8 @@ pub(super) struct PendingNode {
     session: Arc<ZkSession>,
     dir: String,
     uuid: Uuid,
+    /// Curator's lock name for the node ([`layout::lock_name`]).
+    lock: &'static str,
     /// Known once the create's reply arrived.
     path: Option<String>,
     /// A create was sent whose node may exist.
@@ -210,11 +212,13 @@ pub(super) struct PendingNode {
 }
 
 impl PendingNode {
-    pub(super) fn new(session: &Arc<ZkSession>, dir: String) -> PendingNode {
+    /// A node to be created in `dir` under the lock name `lock`.
+    pub(super) fn new(session: &Arc<ZkSession>, dir: String, lock: &'static str) -> PendingNode {
         PendingNode {
             session: Arc::clone(session),
             dir,
             uuid: layout::fresh_uuid(),
+            lock,
             path: None,
             sent: false,
         }
@@ -227,7 +231,7 @@ impl PendingNode {
 
     /// The prefix to create the node with (ZooKeeper appends the sequence).
     pub(super) fn create_prefix(&self) -> String {
-        layout::node_prefix(&self.dir, &self.uuid)
+        layout::node_prefix(&self.dir, &self.uuid, self.lock)
     }
 
     /// The node's full path, once its create was answered.

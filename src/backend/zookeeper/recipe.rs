@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, LockMode};
+use clastor_protocol::{KindLayout, KindMode, LockMode};
 use futures_util::future::{join, join4};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -89,14 +89,12 @@ impl Backend for ZooKeeperBackend {
     /// reply had not arrived) is deleted in the background.
     ///
     /// # Errors
-    /// `Unsupported` for shared mode, `Closed` after shutdown, `Unavailable`
+    /// `Unsupported` for shared mode on a kind in the mutex layout, `Closed`
+    /// after shutdown, `Unavailable`
     /// when ZooKeeper cannot be reached (no connected session for a try-once;
     /// no answer within the wait plus the grace) or the session was lost
     /// while waiting.
     async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<ZkGuard>>, BackendError> {
-        if req.mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported("shared locks on ZooKeeper".into()));
-        }
         let (key, wait) = (req.key, req.wait);
         let deadline = far_deadline(wait);
         let grace = (self.pool.negotiated_timeout() / 3).min(MAX_GRACE);
@@ -202,6 +200,11 @@ impl Backend for ZooKeeperBackend {
         ))
     }
 
+    fn fixed_layout(&self) -> Option<clastor_protocol::KindLayout> {
+        // Each kind has its own, in its version node.
+        None
+    }
+
     fn health(&self) -> BackendHealth {
         self.pool.health()
     }
@@ -227,9 +230,9 @@ impl ZooKeeperBackend {
         let AcquireRequest {
             key,
             wait,
+            mode,
             owner,
             on_lost,
-            ..
         } = req;
         let started = Instant::now();
         let session = self.pool.pick_for(affinity(key), !wait.is_zero())?;
@@ -244,8 +247,15 @@ impl ZooKeeperBackend {
                     None => return Ok(None),
                 }
             }
+            if mode == LockMode::Shared && version.layout == KindLayout::Mutex {
+                return Err(BackendError::Unsupported(format!(
+                    "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \
+                     rotate it to the read_write layout to take them (clastor rotate {kind} {v} <new> --layout read_write)",
+                    v = version.version
+                )));
+            }
             let dir = self.kinds.layout().lock_dir(kind, &version.version, key.id());
-            let mut pending = PendingNode::new(&session, dir);
+            let mut pending = PendingNode::new(&session, dir, layout::lock_name(version.layout, mode));
             let created = match self
                 .create_round(&session, kind, &version, &mut pending, data.as_bytes())
                 .await?

@@ -53,7 +53,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clastor_protocol::{KindMode, RotationHolder, RotationPhase, RotationProgress};
+use clastor_protocol::{KindLayout, KindMode, RotationHolder, RotationPhase, RotationProgress};
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -214,6 +214,8 @@ struct Driver<'a> {
     kind: &'a Arc<str>,
     from: &'a str,
     to: &'a str,
+    /// The layout `to` gets, if the request named one.
+    to_layout: Option<KindLayout>,
     version_path: String,
     started: Instant,
     deadline: Instant,
@@ -255,6 +257,7 @@ impl ZooKeeperBackend {
             kind: req.kind,
             from: req.from,
             to: req.to,
+            to_layout: req.layout,
             version_path: layout.version_path(req.kind),
             started,
             deadline: started + req.drain_timeout,
@@ -270,10 +273,26 @@ impl ZooKeeperBackend {
         let (kind, from, to) = (d.kind, d.from, d.to);
         let layout = self.kinds.layout();
         // 2. Mark draining (or resume), conditioned on what we read.
-        let draining = KindVersion::draining(from, to, drain_timeout);
         let mut marked = None;
+        let mut draining = KindVersion::draining(from, to, drain_timeout);
         for _ in 0..MAX_ATTEMPTS {
             let (current, stat, previous) = read_version_node(d.session, &d.version_path).await?;
+            // The target's layout: as asked, or as a resumed rotation set
+            // it, or the one `from` has.
+            let resumed = current.rotation.as_ref().map(|r| r.layout);
+            let to_layout = match (d.to_layout, current.mode, resumed) {
+                (Some(asked), KindMode::Draining, Some(set)) if asked != set && current.rotation.as_ref().is_some_and(|r| *r.to == *to) => {
+                    return Ok(RotateOutcome::Refused(format!(
+                        "{kind} is draining towards {to} in the {} layout, not {}; abort it first (clastor rotate --abort {kind})",
+                        set.name(),
+                        asked.name()
+                    )));
+                }
+                (Some(asked), _, _) => asked,
+                (None, KindMode::Draining, Some(set)) => set,
+                (None, _, _) => current.layout,
+            };
+            draining = KindVersion::draining(from, to, drain_timeout).with_layouts(current.layout, to_layout);
             match current.rotation_start(kind, previous.as_deref(), from, to) {
                 RotationStart::Switched => {
                     // The driver died while cleaning up.
@@ -308,11 +327,11 @@ impl ZooKeeperBackend {
         };
         self.kinds.remember(kind, &draining);
         info!(%kind, from, to, ?drain_timeout, "rotation started: draining");
-        match self.drain_and_switch(d, drain_timeout, data_version).await {
+        match self.drain_and_switch(d, &draining, drain_timeout, data_version).await {
             Err(e) => {
                 // Leave the kind normal on `from` if we still can (and if
                 // nobody changed it since our mark).
-                let normal = layout::encode_version(&KindVersion::normal(from));
+                let normal = layout::encode_version(&draining.aborted());
                 let undone = match self.pool.pick() {
                     Ok(s) => set_if(&s, &d.version_path, &normal, data_version)
                         .await
@@ -332,6 +351,7 @@ impl ZooKeeperBackend {
     async fn drain_and_switch(
         &self,
         d: &Driver<'_>,
+        draining: &KindVersion,
         drain_timeout: Duration,
         data_version: i32,
     ) -> Result<RotateOutcome, BackendError> {
@@ -368,7 +388,7 @@ impl ZooKeeperBackend {
             if now >= d.deadline {
                 // Back to normal on `from`, unless someone beat us to a change.
                 let holders = drain.holders(session).await;
-                let normal = KindVersion::normal(from);
+                let normal = draining.aborted();
                 return match set_if(session, &d.version_path, &layout::encode_version(&normal), data_version).await? {
                     Some(_) => {
                         self.kinds.remember(kind, &normal);
@@ -402,8 +422,9 @@ impl ZooKeeperBackend {
         }
         // 4. Switch: `to`, normal, if the node is still as we left it; `prev`
         // lets a resumed rotation recognise its own switch.
-        let switched = KindVersion::normal(to);
-        let data = layout::encode_switched(to, from);
+        let to_layout = draining.rotation.as_ref().map_or(draining.layout, |r| r.layout);
+        let switched = KindVersion::normal(to).with_layout(to_layout);
+        let data = layout::encode_switched(to, from, to_layout);
         if set_if(session, &d.version_path, &data, data_version).await?.is_none() {
             let (now, _, _) = read_version_node(session, &d.version_path).await?;
             return Ok(aborted_by_someone(kind, from, &now));
@@ -434,7 +455,7 @@ impl ZooKeeperBackend {
             if current.mode != KindMode::Draining {
                 return Ok((current, false));
             }
-            let normal = KindVersion::normal(current.version.clone());
+            let normal = current.aborted();
             if set_if(&session, &version_path, &layout::encode_version(&normal), stat.version)
                 .await?
                 .is_some()

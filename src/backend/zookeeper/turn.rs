@@ -34,7 +34,8 @@ pub(super) enum Turn {
     NodeGone,
 }
 
-/// Waits until our node is first among the contenders, the deadline passes,
+/// Waits until no contender ahead of our node keeps it from holding (a
+/// writer: none is left ahead; a reader: no writer is), the deadline passes,
 /// or our own node is found deleted, watching only the predecessor — and,
 /// once it has to wait, our own node, on this same task: one session's
 /// events arrive in order, so when a predecessor's deletion comes in, the
@@ -62,13 +63,19 @@ pub(super) async fn wait_turn(
     let me = pending.name();
     let mine = pending.path().unwrap_or_default();
     let dir = pending.dir();
-    // Names of the contenders ahead of us, closest last.
+    // Names of the contenders ahead of us that keep us from holding (every
+    // one, unless we and it are both readers), closest last.
     let mut ahead: Vec<String> = {
         let contenders = layout::sorted_contenders(&children);
         let Some(pos) = contenders.iter().position(|c| c.name == me) else {
             return Ok((Turn::NodeGone, None));
         };
-        contenders[..pos].iter().map(|c| c.name.to_owned()).collect()
+        let mine = &contenders[pos];
+        contenders[..pos]
+            .iter()
+            .filter(|c| c.blocks(mine))
+            .map(|c| c.name.to_owned())
+            .collect()
     };
     if ahead.is_empty() {
         return Ok((Turn::First, None));

@@ -19,7 +19,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use clastor_protocol::Status;
+use clastor_protocol::{LockMode, Status};
 use serde::Deserialize;
 use tracing::info;
 
@@ -88,9 +88,10 @@ pub(super) async fn acquire<B: Backend>(
         wait(params.timeout_ms, DEFAULT_WAIT, st.config.max_wait)?,
         lease(&st, params.lease_ms)?,
     );
-    let (granted, trace) = take_lock(&st, &key, terms, peer, &headers).await?;
+    // The original API has exclusive locks only.
+    let (granted, trace) = take_lock(&st, &key, terms, LockMode::Exclusive, peer, &headers).await?;
     Ok(match granted {
-        Some(g) => super::rest::acquired(&key, &g, terms.1, trace.as_deref()),
+        Some(g) => super::rest::acquired(&key, &g, terms.1, LockMode::Exclusive, trace.as_deref()),
         None => not_acquired(&key, StatusCode::OK, "FAILED", terms.0),
     })
 }

@@ -103,6 +103,7 @@ impl<B: Backend> Gateway<B> {
         key: &LockKey,
         wait: Duration,
         lease: Duration,
+        mode: LockMode,
         peer: SocketAddr,
         client: Option<&str>,
         trace_id: Option<Arc<str>>,
@@ -118,7 +119,7 @@ impl<B: Backend> Gateway<B> {
         let opts = AcquireOptions {
             wait,
             lease: Some(lease),
-            mode: LockMode::Exclusive,
+            mode,
         };
         let Some(granted) = session.acquire_traced(key, opts, trace_id).await? else {
             return Ok(None);

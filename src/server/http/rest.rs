@@ -23,7 +23,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use clastor_protocol::Status;
+use clastor_protocol::{KindLayout, LockMode, Status};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, Span, debug, info_span};
@@ -44,6 +44,8 @@ pub(super) struct LockParams {
     timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
     token: Option<String>,
+    /// `exclusive` (the default) or `shared` (acquire only).
+    mode: Option<String>,
 }
 
 impl LockParams {
@@ -53,6 +55,18 @@ impl LockParams {
             timeout_ms: query.timeout_ms.or(body.timeout_ms),
             lease_ms: query.lease_ms.or(body.lease_ms),
             token: query.token.or(body.token),
+            mode: query.mode.or(body.mode),
+        }
+    }
+
+    /// The acquire's mode: `exclusive` (the default) or `shared`.
+    fn mode(&self) -> Result<LockMode, ApiError> {
+        match self.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("exclusive") => Ok(LockMode::Exclusive),
+            Some("shared") => Ok(LockMode::Shared),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "mode {other:?} is neither exclusive nor shared"
+            ))),
         }
     }
 
@@ -169,6 +183,7 @@ pub(super) async fn take_lock<B: Backend>(
     st: &HttpState<B>,
     key: &LockKey,
     (wait, lease): (Duration, Duration),
+    mode: LockMode,
     peer: std::net::SocketAddr,
     headers: &HeaderMap,
 ) -> Result<(Option<Granted>, Option<Arc<str>>), ApiError> {
@@ -177,10 +192,10 @@ pub(super) async fn take_lock<B: Backend>(
         Some(t) => info_span!("http_request", trace_id = %t, %peer),
         None => Span::none(),
     };
-    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), "HTTP acquire"));
+    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), mode = mode.name(), "HTTP acquire"));
     let granted = st
         .gateway
-        .acquire(key, wait, lease, peer, user_agent(headers), trace.clone())
+        .acquire(key, wait, lease, mode, peer, user_agent(headers), trace.clone())
         .instrument(span.clone())
         .await?;
     span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
@@ -229,6 +244,7 @@ struct Acquired<'a> {
     token: String,
     version: &'a str,
     lease_ms: u64,
+    mode: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
 }
@@ -242,7 +258,7 @@ struct NotAcquired<'a> {
     timeout_ms: u64,
 }
 
-/// `POST /api/v1/locks/{kind}/{id}/acquire?timeoutMs=&leaseMs=`
+/// `POST /api/v1/locks/{kind}/{id}/acquire?timeoutMs=&leaseMs=&mode=`
 pub(super) async fn acquire<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
     axum::Extension(Peer(peer)): axum::Extension<Peer>,
@@ -257,15 +273,16 @@ pub(super) async fn acquire<B: Backend>(
         wait(params.timeout_ms, Duration::ZERO, st.config.max_wait)?,
         lease(&st, params.lease_ms)?,
     );
-    let (granted, trace) = take_lock(&st, &key, terms, peer, &headers).await?;
+    let mode = params.mode()?;
+    let (granted, trace) = take_lock(&st, &key, terms, mode, peer, &headers).await?;
     Ok(match granted {
-        Some(g) => acquired(&key, &g, terms.1, trace.as_deref()),
+        Some(g) => acquired(&key, &g, terms.1, mode, trace.as_deref()),
         None => not_acquired(&key, StatusCode::CONFLICT, "NOT_ACQUIRED", terms.0),
     })
 }
 
 /// The answer to a granted acquire (both path forms).
-pub(super) fn acquired(key: &LockKey, g: &Granted, lease: Duration, trace: Option<&str>) -> Response {
+pub(super) fn acquired(key: &LockKey, g: &Granted, lease: Duration, mode: LockMode, trace: Option<&str>) -> Response {
     Json(Acquired {
         resource: key.kind(),
         resource_id: key.id(),
@@ -273,6 +290,7 @@ pub(super) fn acquired(key: &LockKey, g: &Granted, lease: Duration, trace: Optio
         token: g.token.to_string(),
         version: &g.version,
         lease_ms: millis(lease),
+        mode: mode.name(),
         trace_id: trace,
     })
     .into_response()
@@ -366,6 +384,7 @@ struct VersionJson<'a> {
     resource: &'a str,
     version: &'a str,
     mode: &'static str,
+    layout: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     drain: Option<DrainJson>,
 }
@@ -390,6 +409,7 @@ pub(super) async fn version<B: Backend>(
         resource: &kind,
         version: &v.version,
         mode: v.mode.name(),
+        layout: v.layout.name(),
         drain: drain.map(|d| DrainJson {
             to: d.to,
             remaining: d.remaining,
@@ -415,6 +435,8 @@ pub(super) struct RotateParams {
     from: Option<String>,
     to: Option<String>,
     drain_timeout_ms: Option<u64>,
+    /// The layout `to` gets: `mutex` or `read_write`; absent: `from`'s.
+    layout: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -451,6 +473,12 @@ pub(super) async fn rotate<B: Backend>(
         .to
         .or(body.to)
         .ok_or_else(|| ApiError::bad_request("to is required"))?;
+    let layout = match query.layout.or(body.layout) {
+        None => None,
+        Some(name) => Some(KindLayout::from_name(&name).ok_or_else(|| {
+            ApiError::bad_request(format!("layout {name:?} is neither mutex nor read_write"))
+        })?),
+    };
     let max = st.config.max_wait;
     // 0 is the default too: the engine's own default drain could outlast
     // this port's request timeout.
@@ -463,7 +491,7 @@ pub(super) async fn rotate<B: Backend>(
     let (drained, leftover) = st
         .shared
         .engine
-        .rotate(&kind, &from, &to, drain, &|p| {
+        .rotate(&kind, &from, &to, drain, layout, &|p| {
             debug!(kind = %p.kind, remaining = p.remaining, phase = p.phase.name(), "HTTP rotation progress");
         })
         .await?;
