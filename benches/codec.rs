@@ -79,6 +79,7 @@ fn held_lock(i: u64) -> HeldLock {
         lease_remaining_ms: 12_000,
         connection_id: 42,
         trace_id: None,
+        mode: None,
     }
 }
 
@@ -135,6 +136,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                     version: "v1".into(),
                     mode: KindMode::Normal,
                     drain: None,
+                    layout: None,
                 }),
             ),
         ),

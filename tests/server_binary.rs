@@ -826,6 +826,7 @@ async fn rotate_sends_progress_events_with_its_request_id_then_answers() {
             from: "v1".into(),
             to: "v2".into(),
             drain_timeout_ms: 30_000,
+            layout: None,
         }))
         .await;
     match admin.next().await {
@@ -1010,6 +1011,7 @@ async fn a_version_1_client_during_someone_elses_rotation() {
             from: "v1".into(),
             to: "v2".into(),
             drain_timeout_ms: 60_000,
+            layout: None,
         }))
         .await;
     match admin.next().await {

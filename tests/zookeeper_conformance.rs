@@ -49,7 +49,11 @@ async fn count_contenders(zk: &Client, key: &LockKey) -> usize {
     {
         Ok(children) => children
             .iter()
-            .filter(|c| c.contains("lock-") || c.contains("__lock__"))
+            .filter(|c| {
+                ["lock-", "__lock__", "__rlock__", "__READ__", "__WRIT__"]
+                    .iter()
+                    .any(|m| c.contains(m))
+            })
             .count(),
         Err(zookeeper_client::Error::NoNode) => 0,
         Err(e) => panic!("list contenders of {key}: {e}"),

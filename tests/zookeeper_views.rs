@@ -479,6 +479,7 @@ async fn a_rotation_through_the_viewing_session_suspends_its_views_and_completes
                 from: "v1",
                 to: "v2",
                 drain_timeout: PATIENCE,
+                layout: None,
                 progress: &progress,
             })
             .await

@@ -83,8 +83,8 @@ mod multi;
 mod reply;
 
 pub use clastor_protocol::{
-    DrainState, Event, HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, RotateOk, RotationHolder,
-    RotationPhase, RotationProgress, Status, VersionInfo,
+    DrainState, Event, HeldLock, HeldScope, KindLayout, KindMode, LockMode, Request, Response, ResponseBody, RotateOk,
+    RotationHolder, RotationPhase, RotationProgress, Status, VersionInfo,
 };
 pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};

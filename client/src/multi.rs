@@ -68,6 +68,13 @@ impl MultiLockRequest {
         self
     }
 
+    /// Exclusive (the default) or shared, for every lock (see
+    /// [`Client::lock_shared`](crate::Client::lock_shared)).
+    pub fn mode(mut self, mode: clastor_protocol::LockMode) -> MultiLockRequest {
+        self.request = self.request.mode(mode);
+        self
+    }
+
     /// A lease on every lock (see [`LockRequest::lease`]).
     pub fn lease(mut self, lease: Duration) -> MultiLockRequest {
         self.request = self.request.lease(lease);

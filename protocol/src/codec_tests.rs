@@ -458,7 +458,9 @@ fn a_short_body_in_a_complete_frame_is_malformed_not_incomplete() {
         // as the version 4 layout of a kind that does not drain: the one cut
         // the length rule (PROTOCOL.md, VERSION OK) cannot tell.
         let lone_layout_at = match &e.msg {
-            Msg::Response(r) if matches!(&r.result, Ok(ResponseBody::Version(v)) if v.drain.is_some()) => mandatory.map(|m| m + 1),
+            Msg::Response(r) if matches!(&r.result, Ok(ResponseBody::Version(v)) if v.drain.is_some()) => {
+                mandatory.map(|m| m + 1)
+            }
             _ => None,
         };
         for cut in 0..body.len() {

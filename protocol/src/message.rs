@@ -647,7 +647,10 @@ impl ResponseBody {
                     }
             }
             ResponseBody::Version(v) => {
-                string_len(&v.version) + 1 + v.drain.as_ref().map_or(0, DrainState::len) + usize::from(v.layout.is_some())
+                string_len(&v.version)
+                    + 1
+                    + v.drain.as_ref().map_or(0, DrainState::len)
+                    + usize::from(v.layout.is_some())
             }
             ResponseBody::Rotated(r) => r.len(),
             ResponseBody::RotateAborted { version, .. } => string_len(version) + 1,

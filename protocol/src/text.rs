@@ -499,7 +499,10 @@ mod tests {
         match parse("acquire_shared transaction tx-1 5000 0 trace-7") {
             Ok(Command::Request(Request::Acquire(a))) => {
                 assert_eq!(a.mode, LockMode::Shared);
-                assert_eq!((a.wait_ms, a.lease_ms, a.trace_id.as_deref()), (5000, 0, Some("trace-7")));
+                assert_eq!(
+                    (a.wait_ms, a.lease_ms, a.trace_id.as_deref()),
+                    (5000, 0, Some("trace-7"))
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -529,7 +532,10 @@ mod tests {
             Ok(Command::Request(Request::Rotate(r))) => Ok((r.drain_timeout_ms, r.layout)),
             other => Err(format!("{other:?}")),
         };
-        assert_eq!(layout("ROTATE k v1 v2 500 read_write"), Ok((500, Some(KindLayout::ReadWrite))));
+        assert_eq!(
+            layout("ROTATE k v1 v2 500 read_write"),
+            Ok((500, Some(KindLayout::ReadWrite)))
+        );
         assert_eq!(layout("ROTATE k v1 v2 rw"), Ok((0, Some(KindLayout::ReadWrite))));
         assert_eq!(layout("ROTATE k v1 v2 mutex"), Ok((0, Some(KindLayout::Mutex))));
         assert!(layout("ROTATE k v1 v2 mutex 500").is_err(), "the timeout comes first");

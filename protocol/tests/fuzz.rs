@@ -19,8 +19,8 @@ use bytes::{BufMut, BytesMut};
 use clastor_protocol::text::{self, Command};
 use clastor_protocol::{
     Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, Frame, HEADER_LEN, HeldLock, HeldScope, Hello, HelloOk,
-    KindLayout, KindMode, LockMode, LostReason, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
-    RotationProgress, Status, VersionInfo,
+    KindLayout, KindMode, LockMode, LostReason, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder,
+    RotationPhase, RotationProgress, Status, VersionInfo,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;

@@ -73,9 +73,8 @@ pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
     };
     let (mut to, mut deadline) = (None, None);
     let (mut layout, mut to_layout) = (KindLayout::Mutex, KindLayout::Mutex);
-    let parse_layout = |v: &str| {
-        KindLayout::from_name(v).ok_or_else(|| format!("version node names an unknown layout {v:?}"))
-    };
+    let parse_layout =
+        |v: &str| KindLayout::from_name(v).ok_or_else(|| format!("version node names an unknown layout {v:?}"));
     for line in lines {
         match line.trim().split_once('=') {
             Some(("layout", v)) => layout = parse_layout(v)?,
@@ -169,7 +168,10 @@ mod tests {
         let to_rw = KindVersion::draining("v1", "v2", std::time::Duration::from_secs(5))
             .with_layouts(KindLayout::Mutex, KindLayout::ReadWrite);
         let data = String::from_utf8(encode_version(&to_rw)).map_err(|e| e.to_string())?;
-        assert!(data.contains("\nto_layout=read_write") && !data.contains("\nlayout="), "{data}");
+        assert!(
+            data.contains("\nto_layout=read_write") && !data.contains("\nlayout="),
+            "{data}"
+        );
         assert_eq!(decode_version(data.as_bytes())?, to_rw);
         let switched = encode_switched("v2", "v1", KindLayout::ReadWrite);
         assert_eq!(switched, b"v2\nnormal\nlayout=read_write\nprev=v1");

@@ -21,7 +21,7 @@ use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use clap::Args;
-use clastor_client::{Error, LockGuard, MultiLockGuard};
+use clastor_client::{Error, LockGuard, LockMode, MultiLockGuard};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -107,6 +107,11 @@ pub(crate) struct LockArgs {
     /// How long to wait for the lock; 0 tries once (like `flock -n`).
     #[arg(long, short = 'w', value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     wait: Duration,
+    /// Take shared (read) locks: other shared holders may hold them at the
+    /// same time, exclusive ones may not. Needs a kind in the read-write
+    /// layout on ZooKeeper (`clastor rotate --layout read_write`).
+    #[arg(long)]
+    shared: bool,
     /// Hold the lock with a lease, renewed automatically while COMMAND runs.
     #[arg(long, short = 'l', value_name = "DURATION", value_parser = humantime::parse_duration)]
     lease: Option<Duration>,
@@ -180,7 +185,14 @@ async fn lock_and_run(args: LockArgs) -> u8 {
             }
         }
     };
-    let mut req = client.lock_many(keys.iter().cloned()).wait(args.wait);
+    let mut req = client
+        .lock_many(keys.iter().cloned())
+        .wait(args.wait)
+        .mode(if args.shared {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        });
     if let Some(until) = retry_until {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         req = req.retry(clastor_client::RetryPolicy::until(left));

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use clastor_client::{Client, Error, HeldLock, HeldScope, KindMode, LockGuard};
+use clastor_client::{Client, Error, HeldLock, HeldScope, KindMode, LockGuard, LockMode};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -77,6 +77,10 @@ pub(crate) struct AcquireArgs {
     /// Keep the lock until Ctrl-C or SIGTERM instead of exiting at once.
     #[arg(long)]
     hold: bool,
+    /// Take a shared (read) lock: other shared holders may hold it at the
+    /// same time, exclusive ones may not.
+    #[arg(long)]
+    shared: bool,
     /// Trace id for the server's logs and listings (1-32 of A-Z a-z 0-9 - _ . :).
     #[arg(long, value_name = "ID")]
     trace_id: Option<String>,
@@ -236,6 +240,7 @@ pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
         wait,
         lease,
         hold,
+        shared,
         trace_id,
         server,
         out,
@@ -248,6 +253,9 @@ pub(crate) fn acquire(args: AcquireArgs) -> ExitCode {
             None
         };
         let mut req = client.lock(kind.clone(), id.clone()).wait(wait);
+        if shared {
+            req = req.mode(LockMode::Shared);
+        }
         if let Some(trace_id) = trace_id {
             req = req.trace_id(trace_id);
         }
@@ -424,6 +432,7 @@ fn held_json(h: &HeldLock) -> Value {
         "token": h.token,
         "token_str": h.token.to_string(),
         "version": h.version,
+        "mode": h.mode.map(LockMode::name),
         "lease_remaining_ms": (h.lease_remaining_ms > 0).then_some(h.lease_remaining_ms),
         "connection_id": h.connection_id,
     })
@@ -549,6 +558,7 @@ mod tests {
             lease_remaining_ms: 0,
             connection_id: 7,
             trace_id: None,
+            mode: None,
         }];
         let table = held_table(&list);
         let mut lines = table.lines();

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use clastor_client::{Error, RotationPhase, RotationProgress};
+use clastor_client::{Error, KindLayout, RotationPhase, RotationProgress};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -77,6 +77,13 @@ pub(crate) struct RotateArgs {
     /// aborted [default: the server's, 60s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// The layout TO gets: `mutex` (exclusive locks only; on ZooKeeper
+    /// Curator's InterProcessMutex) or `read_write` (shared locks too;
+    /// Curator's InterProcessReadWriteLock) [default: FROM's]. Only
+    /// ZooKeeper kinds have a choice; move one to read_write only once every
+    /// server runs a Clastor that knows layouts.
+    #[arg(long, value_name = "LAYOUT", value_parser = parse_layout)]
+    layout: Option<KindLayout>,
     /// Abort KIND's rotation instead: back to normal on its current version.
     #[arg(long, conflicts_with_all = ["from", "to"])]
     abort: bool,
@@ -86,6 +93,10 @@ pub(crate) struct RotateArgs {
     out: OutputOpt,
 }
 
+fn parse_layout(s: &str) -> Result<KindLayout, String> {
+    KindLayout::from_name(s).ok_or_else(|| format!("{s:?} is neither mutex nor read_write"))
+}
+
 /// `clastor rotate`.
 pub(crate) fn run(args: RotateArgs) -> ExitCode {
     let RotateArgs {
@@ -93,6 +104,7 @@ pub(crate) fn run(args: RotateArgs) -> ExitCode {
         from,
         to,
         drain_timeout,
+        layout,
         abort,
         server,
         out,
@@ -127,7 +139,7 @@ pub(crate) fn run(args: RotateArgs) -> ExitCode {
         // Zero asks for the server's default.
         let drain_timeout = drain_timeout.unwrap_or(Duration::ZERO);
         let show = |p: &RotationProgress| print_progress(out.json, p);
-        let rotation = client.rotate(&kind, &from, &to, drain_timeout, show);
+        let rotation = client.rotate_to_layout(&kind, &from, &to, layout, drain_timeout, show);
         tokio::pin!(rotation);
         let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let result = tokio::select! {

@@ -245,8 +245,7 @@ impl<B: Backend> Engine<B> {
 
     /// Rotates `kind` from `from` to `to` (PROTOCOL.md, "Version rotation"),
     /// calling `progress` as it goes. A zero `drain_timeout` means
-    /// [`DEFAULT_DRAIN_TIMEOUT`]; `layout` is the layout `to` gets (`None`:
-    /// the one `from` has).
+    /// [`DEFAULT_DRAIN_TIMEOUT`]. `to` keeps the layout `from` has.
     ///
     /// # Errors
     /// [`LockError::InvalidName`] for a bad kind or version name,
@@ -260,7 +259,25 @@ impl<B: Backend> Engine<B> {
         from: &str,
         to: &str,
         drain_timeout: Duration,
+        progress: &(dyn Fn(RotationProgress) + Send + Sync),
+    ) -> Result<(Duration, u32), LockError> {
+        self.rotate_to_layout(kind, from, to, None, drain_timeout, progress)
+            .await
+    }
+
+    /// [`Engine::rotate`], giving `to` the layout `layout` (`None`: the one
+    /// `from` has): the one way to move a kind between the mutex and the
+    /// read-write layout (PROTOCOL.md, "Layouts").
+    ///
+    /// # Errors
+    /// As [`Engine::rotate`].
+    pub async fn rotate_to_layout(
+        &self,
+        kind: &str,
+        from: &str,
+        to: &str,
         layout: Option<KindLayout>,
+        drain_timeout: Duration,
         progress: &(dyn Fn(RotationProgress) + Send + Sync),
     ) -> Result<(Duration, u32), LockError> {
         let kind = validate_kind(kind)?;

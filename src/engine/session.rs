@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{EngineConfig, EngineState};
 use super::observer::HoldEnd;
+use super::{EngineConfig, EngineState};
 use crate::backend::{AcquireRequest, Backend, LostNotifier};
 use crate::error::LockError;
 use crate::key::{KeyMap, LockKey};

@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tracing::{Instrument, Span, debug, info_span};
 
 use clastor_protocol::{
-    AcquireOk, ErrorReply, HeldLock, HeldScope, KindMode, LockMode, Request, ResponseBody, Rotate, RotateOk, RotationProgress,
-    Status, VersionInfo,
+    AcquireOk, ErrorReply, HeldLock, HeldScope, KindMode, LockMode, Request, ResponseBody, Rotate, RotateOk,
+    RotationProgress, Status, VersionInfo,
 };
 
 use super::state::ServerState;
@@ -220,7 +220,7 @@ pub(crate) async fn rotate<B: Backend>(
     let timeout = ms(r.drain_timeout_ms);
     let (drained, leftover) = ctx
         .engine
-        .rotate(&r.kind, &r.from, &r.to, timeout, r.layout, progress)
+        .rotate_to_layout(&r.kind, &r.from, &r.to, r.layout, timeout, progress)
         .await?;
     Ok(ResponseBody::Rotated(RotateOk {
         version: r.to,

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clastor::backend::Backend;
 use clastor::{AcquireOptions, Engine, LockError, LockKey, LostEvents, Session};
-use clastor_protocol::{KindMode, LockMode, LostReason};
+use clastor_protocol::{KindLayout, KindMode, LockMode, LostReason};
 
 /// A boxed future, for the runner-provided inspection hook.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -110,7 +110,11 @@ cases!(
     renew_can_shorten_the_lease,
     renew_needs_a_held_lock_and_a_positive_lease,
     a_stale_grant_cannot_release_or_renew_a_newer_one,
-    shared_mode_is_refused,
+    shared_needs_a_layout_that_has_it,
+    shared_holders_hold_together_and_exclude_an_exclusive_one,
+    a_queued_exclusive_request_is_not_passed_by_shared_ones,
+    shared_waiters_behind_an_exclusive_holder_are_let_in_together,
+    an_exclusive_waiter_leaving_lets_the_shared_ones_behind_it_in,
     version_of_a_new_kind_is_v1_normal,
     names_are_validated,
     every_class_of_valid_name_locks_and_stays_distinct,
@@ -522,16 +526,242 @@ async fn renew_needs_a_held_lock_and_a_positive_lease<B: Backend>(env: Env<B>) {
     ));
 }
 
-async fn shared_mode_is_refused<B: Backend>(env: Env<B>) {
-    let key = fresh_key("tx-1");
-    let (a, _) = env.session(0);
-    let opts = AcquireOptions {
+fn shared() -> AcquireOptions {
+    AcquireOptions {
         mode: LockMode::Shared,
         ..AcquireOptions::try_once()
+    }
+}
+
+fn shared_wait(d: Duration) -> AcquireOptions {
+    AcquireOptions {
+        mode: LockMode::Shared,
+        ..AcquireOptions::wait(d)
+    }
+}
+
+/// A fresh key of a kind that takes shared locks: as it is (a backend whose
+/// kinds all do), or after a rotation to the read-write layout (ZooKeeper).
+/// `None` for a backend that has no shared locks at all — after checking
+/// that it says so clearly (`UNSUPPORTED`) and keeps nothing.
+async fn shared_key<B: Backend>(env: &Env<B>, id: &str) -> Option<LockKey> {
+    let key = fresh_key(id);
+    let engine = &env.engines[0];
+    if engine.version(key.kind()).await.unwrap().layout == KindLayout::ReadWrite {
+        return Some(key);
+    }
+    match engine
+        .rotate_to_layout(key.kind(), "v1", "v2", Some(KindLayout::ReadWrite), LONG, &|_| {})
+        .await
+    {
+        Ok(_) => {
+            let v = engine.version(key.kind()).await.unwrap();
+            assert_eq!((&*v.version, v.layout), ("v2", KindLayout::ReadWrite));
+            Some(key)
+        }
+        Err(LockError::RotationRefused(why)) => {
+            let (a, _) = env.session(0);
+            let err = a.acquire(&key, shared()).await.unwrap_err();
+            assert_eq!(err.status(), clastor_protocol::Status::Unsupported, "{err}");
+            assert!(a.held().is_empty());
+            env.await_contenders(&key, 0).await;
+            eprintln!("no read-write layout ({why}): shared locks are refused UNSUPPORTED");
+            None
+        }
+        Err(e) => panic!("rotation to the read-write layout: {e}"),
+    }
+}
+
+/// A kind in the mutex layout refuses shared locks, clearly, and keeps
+/// nothing; one in the read-write layout grants them.
+async fn shared_needs_a_layout_that_has_it<B: Backend>(env: Env<B>) {
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    match env.engines[0].version(key.kind()).await.unwrap().layout {
+        KindLayout::Mutex => {
+            let err = a.acquire(&key, shared()).await.unwrap_err();
+            assert_eq!(err.status(), clastor_protocol::Status::Unsupported, "{err}");
+            assert!(a.held().is_empty());
+            env.await_contenders(&key, 0).await;
+        }
+        KindLayout::ReadWrite => {
+            let g = a.acquire(&key, shared()).await.unwrap().expect("a free key is granted");
+            assert!(g.token > 0);
+            assert_eq!(a.held()[0].mode, LockMode::Shared);
+        }
+    }
+}
+
+async fn shared_holders_hold_together_and_exclude_an_exclusive_one<B: Backend>(env: Env<B>) {
+    let Some(key) = shared_key(&env, "rw").await else {
+        return;
     };
-    let err = a.acquire(&key, opts).await.unwrap_err();
-    assert_eq!(err.status(), clastor_protocol::Status::Unsupported, "{err}");
-    assert!(a.held().is_empty());
+    let (r1, _) = env.session(0);
+    let (r2, _) = env.session(1);
+    let (w, _) = env.session(2);
+    let t1 = r1.acquire(&key, shared()).await.unwrap().expect("first reader").token;
+    let t2 = r2
+        .acquire(&key, shared())
+        .await
+        .unwrap()
+        .expect("a second reader holds with the first")
+        .token;
+    assert_ne!(t1, t2, "every grant has its own token");
+    assert!(
+        w.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_none(),
+        "a writer waits for readers"
+    );
+    let writer = {
+        let (w, key) = (w.clone(), key.clone());
+        tokio::spawn(async move { w.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 3).await;
+    assert!(r1.release(&key).await.unwrap());
+    env.await_contenders(&key, 2).await;
+    assert!(!writer.is_finished(), "granted while a reader still holds");
+    let (r3, _) = env.session(3);
+    assert!(
+        r3.acquire(&key, shared()).await.unwrap().is_none(),
+        "a reader may not pass the queued writer"
+    );
+    assert!(r2.release(&key).await.unwrap());
+    let tw = writer
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the writer, once the readers left")
+        .token;
+    assert!(tw > t1.max(t2), "writer's token {tw} after the readers' {t1}, {t2}");
+    assert!(
+        r3.acquire(&key, shared()).await.unwrap().is_none(),
+        "no reader with a writer"
+    );
+    assert!(w.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+}
+
+async fn a_queued_exclusive_request_is_not_passed_by_shared_ones<B: Backend>(env: Env<B>) {
+    let Some(key) = shared_key(&env, "fair").await else {
+        return;
+    };
+    let (r1, _) = env.session(0);
+    let (w, _) = env.session(1);
+    let (r2, _) = env.session(2);
+    r1.acquire(&key, shared()).await.unwrap().expect("first reader");
+    let writer = {
+        let (w, key) = (w.clone(), key.clone());
+        tokio::spawn(async move { w.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 2).await;
+    let reader = {
+        let (r2, key) = (r2.clone(), key.clone());
+        tokio::spawn(async move { r2.acquire(&key, shared_wait(LONG)).await })
+    };
+    env.await_contenders(&key, 3).await;
+    assert!(r1.release(&key).await.unwrap());
+    let tw = writer.await.unwrap().unwrap().expect("the writer goes first").token;
+    env.await_contenders(&key, 2).await;
+    assert!(
+        !reader.is_finished(),
+        "the reader queued behind the writer was let in beside it"
+    );
+    assert!(w.release(&key).await.unwrap());
+    let tr = reader.await.unwrap().unwrap().expect("then the reader").token;
+    assert!(tr > tw, "reader's token {tr} after the writer's {tw}");
+    assert!(r2.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+}
+
+async fn shared_waiters_behind_an_exclusive_holder_are_let_in_together<B: Backend>(env: Env<B>) {
+    let Some(key) = shared_key(&env, "batch").await else {
+        return;
+    };
+    let (w1, _) = env.session(0);
+    let tw1 = must_acquire(&w1, &key).await;
+    let mut readers = Vec::new();
+    for i in 0..3 {
+        let (r, _) = env.session(i + 1);
+        let k = key.clone();
+        let task = {
+            let r = r.clone();
+            tokio::spawn(async move { r.acquire(&k, shared_wait(LONG)).await })
+        };
+        readers.push((r, task));
+        env.await_contenders(&key, i + 2).await;
+    }
+    let (w2, _) = env.session(4);
+    let writer = {
+        let (w2, key) = (w2.clone(), key.clone());
+        tokio::spawn(async move { w2.acquire(&key, wait(LONG)).await })
+    };
+    env.await_contenders(&key, 5).await;
+    assert!(w1.release(&key).await.unwrap());
+    let mut tokens = Vec::new();
+    let mut holders = Vec::new();
+    for (r, task) in readers {
+        tokens.push(
+            task.await
+                .unwrap()
+                .unwrap()
+                .expect("every reader behind the writer")
+                .token,
+        );
+        holders.push(r);
+    }
+    assert!(
+        tokens.iter().all(|&t| t > tw1),
+        "readers' tokens {tokens:?} after the writer's {tw1}"
+    );
+    assert!(!writer.is_finished(), "the second writer got in beside readers");
+    for r in &holders {
+        assert!(r.release(&key).await.unwrap());
+    }
+    let tw2 = writer
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the second writer, after the readers")
+        .token;
+    assert!(
+        tokens.iter().all(|&t| tw2 > t),
+        "writer's token {tw2} after the readers' {tokens:?}"
+    );
+    assert!(w2.release(&key).await.unwrap());
+    env.await_contenders(&key, 0).await;
+}
+
+async fn an_exclusive_waiter_leaving_lets_the_shared_ones_behind_it_in<B: Backend>(env: Env<B>) {
+    let Some(key) = shared_key(&env, "leave").await else {
+        return;
+    };
+    let (r1, _) = env.session(0);
+    let (w, _) = env.session(1);
+    let (r2, _) = env.session(2);
+    r1.acquire(&key, shared()).await.unwrap().expect("first reader");
+    let writer = {
+        let (w, key) = (w.clone(), key.clone());
+        tokio::spawn(async move { w.acquire(&key, wait(Duration::from_millis(600))).await })
+    };
+    env.await_contenders(&key, 2).await;
+    let reader = {
+        let (r2, key) = (r2.clone(), key.clone());
+        tokio::spawn(async move { r2.acquire(&key, shared_wait(LONG)).await })
+    };
+    env.await_contenders(&key, 3).await;
+    // The writer times out while the first reader still holds: the reader
+    // it kept waiting joins the first.
+    assert!(
+        writer.await.unwrap().unwrap().is_none(),
+        "the writer cannot hold beside a reader"
+    );
+    reader
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the reader behind the writer, beside the first");
+    assert_eq!(r1.held().len() + r2.held().len(), 2);
+    assert!(r1.release(&key).await.unwrap());
+    assert!(r2.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
 }
 

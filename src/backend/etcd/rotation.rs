@@ -382,7 +382,10 @@ impl EtcdBackend {
         loop {
             if census.remaining == 0 {
                 // Final (module docs): switch, if the record is still ours.
-                return match self.set_record(kind, mark_rev, encode_switched(to, from, KindLayout::Mutex)).await? {
+                return match self
+                    .set_record(kind, mark_rev, encode_switched(to, from, KindLayout::Mutex))
+                    .await?
+                {
                     Some(rev) => {
                         self.kinds.remember(
                             kind,

@@ -308,7 +308,9 @@ impl RedisBackend {
         loop {
             if census.remaining == 0 {
                 // Final (module docs): switch, if the record is still ours.
-                let switched = Seen::from_raw(String::from_utf8_lossy(&encode_switched(to, from, KindLayout::Mutex)).into_owned())?;
+                let switched = Seen::from_raw(
+                    String::from_utf8_lossy(&encode_switched(to, from, KindLayout::Mutex)).into_owned(),
+                )?;
                 return if self.set_record(kind, &mark.raw, &switched.raw).await? {
                     self.kinds.remember(kind, &switched);
                     let drained = started.elapsed();

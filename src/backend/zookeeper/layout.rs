@@ -411,8 +411,14 @@ mod tests {
             "{}0000000003",
             node_prefix("", &uuid, lock_name(KindLayout::ReadWrite, LockMode::Shared)).trim_start_matches('/')
         );
-        assert!(writer.ends_with("-__WRIT__0000000002") && is_ours(&writer, &uuid), "{writer}");
-        assert!(reader.ends_with("-__READ__0000000003") && is_ours(&reader, &uuid), "{reader}");
+        assert!(
+            writer.ends_with("-__WRIT__0000000002") && is_ours(&writer, &uuid),
+            "{writer}"
+        );
+        assert!(
+            reader.ends_with("-__READ__0000000003") && is_ours(&reader, &uuid),
+            "{reader}"
+        );
         assert_eq!(lock_name(KindLayout::Mutex, LockMode::Shared), "lock-");
         let children = vec![
             reader.clone(),
@@ -426,7 +432,10 @@ mod tests {
         assert_eq!(shape, [(1, false), (2, false), (3, true), (4, true), (5, false)]);
         let (r3, r4, w5) = (&sorted[2], &sorted[3], &sorted[4]);
         assert!(!r3.blocks(r4), "readers share");
-        assert!(r3.blocks(w5) && w5.blocks(r4), "a reader and a writer exclude each other");
+        assert!(
+            r3.blocks(w5) && w5.blocks(r4),
+            "a reader and a writer exclude each other"
+        );
         assert!(sorted[0].blocks(&sorted[1]), "writers exclude each other");
     }
 

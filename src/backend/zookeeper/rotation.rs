@@ -281,7 +281,9 @@ impl ZooKeeperBackend {
             // it, or the one `from` has.
             let resumed = current.rotation.as_ref().map(|r| r.layout);
             let to_layout = match (d.to_layout, current.mode, resumed) {
-                (Some(asked), KindMode::Draining, Some(set)) if asked != set && current.rotation.as_ref().is_some_and(|r| *r.to == *to) => {
+                (Some(asked), KindMode::Draining, Some(set))
+                    if asked != set && current.rotation.as_ref().is_some_and(|r| *r.to == *to) =>
+                {
                     return Ok(RotateOutcome::Refused(format!(
                         "{kind} is draining towards {to} in the {} layout, not {}; abort it first (clastor rotate --abort {kind})",
                         set.name(),

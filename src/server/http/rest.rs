@@ -192,7 +192,9 @@ pub(super) async fn take_lock<B: Backend>(
         Some(t) => info_span!("http_request", trace_id = %t, %peer),
         None => Span::none(),
     };
-    span.in_scope(|| debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), mode = mode.name(), "HTTP acquire"));
+    span.in_scope(
+        || debug!(%key, wait_ms = millis(wait), lease_ms = millis(lease), mode = mode.name(), "HTTP acquire"),
+    );
     let granted = st
         .gateway
         .acquire(key, wait, lease, mode, peer, user_agent(headers), trace.clone())
@@ -475,9 +477,10 @@ pub(super) async fn rotate<B: Backend>(
         .ok_or_else(|| ApiError::bad_request("to is required"))?;
     let layout = match query.layout.or(body.layout) {
         None => None,
-        Some(name) => Some(KindLayout::from_name(&name).ok_or_else(|| {
-            ApiError::bad_request(format!("layout {name:?} is neither mutex nor read_write"))
-        })?),
+        Some(name) => Some(
+            KindLayout::from_name(&name)
+                .ok_or_else(|| ApiError::bad_request(format!("layout {name:?} is neither mutex nor read_write")))?,
+        ),
     };
     let max = st.config.max_wait;
     // 0 is the default too: the engine's own default drain could outlast
@@ -491,7 +494,7 @@ pub(super) async fn rotate<B: Backend>(
     let (drained, leftover) = st
         .shared
         .engine
-        .rotate(&kind, &from, &to, drain, layout, &|p| {
+        .rotate_to_layout(&kind, &from, &to, layout, drain, &|p| {
             debug!(kind = %p.kind, remaining = p.remaining, phase = p.phase.name(), "HTTP rotation progress");
         })
         .await?;
