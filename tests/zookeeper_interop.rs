@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::{AcquireOptions, Engine, EngineConfig, LockKey};
+use clastor_protocol::{KindLayout, LockMode};
 use clastor_testkit::ZooKeeper;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -38,12 +39,12 @@ fn classpath(extra: &Path) -> String {
     cp.join(":")
 }
 
-/// Compiles the Java driver into a temporary directory.
+/// Compiles the Java drivers into a temporary directory.
 fn compile(out: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/CuratorMutex.java");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
     let status = std::process::Command::new("javac")
         .args(["-d", &out.display().to_string(), "-cp", &classpath(out)])
-        .arg(&src)
+        .args([dir.join("CuratorMutex.java"), dir.join("CuratorRwLock.java")])
         .status()
         .expect("javac (the JDK) is needed");
     assert!(status.success(), "javac failed");
@@ -64,8 +65,22 @@ impl Peer {
         Peer::start(cmd).await
     }
 
+    async fn curator_rw(classes: &Path, connect: &str, path: &str) -> Peer {
+        let mut cmd = Command::new("java");
+        cmd.args(["-cp", &classpath(classes), "CuratorRwLock", connect, path]);
+        Peer::start(cmd).await
+    }
+
+    async fn kazoo_rw(connect: &str, path: &str) -> Peer {
+        Peer::python("kazoo_rwlock.py", connect, path).await
+    }
+
     async fn kazoo(connect: &str, path: &str) -> Peer {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/kazoo_lock.py");
+        Peer::python("kazoo_lock.py", connect, path).await
+    }
+
+    async fn python(script: &str, connect: &str, path: &str) -> Peer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
         // Debian's interpreter, where python3-kazoo is installed.
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script).args([connect, path]);
@@ -172,6 +187,129 @@ where
     assert!(session.release(&key).await.unwrap());
     assert_eq!(peer.line().await, "ACQUIRED");
     assert_eq!(peer.cmd("release").await, "RELEASED");
+    peer.quit().await;
+    engine.shutdown().await;
+    drop(zk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clastor_and_curator_read_write_locks_exclude_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = compile(dir.path());
+    read_write_exclusion(
+        |connect, path| {
+            let classes = classes.clone();
+            async move { Peer::curator_rw(&classes, &connect, &path).await }
+        },
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clastor_and_kazoo_read_write_locks_exclude_each_other() {
+    read_write_exclusion(
+        |connect, path| async move { Peer::kazoo_rw(&connect, &path).await },
+        false,
+    )
+    .await;
+}
+
+/// On a kind rotated to the read-write layout: foreign readers share with
+/// Clastor readers and exclude Clastor writers, foreign writers exclude
+/// both, and the other way round; with `downgrade`, Curator's write-to-read
+/// downgrade (take the read lock while holding the write lock, then release
+/// the write lock) keeps Clastor's writers out and lets its readers in.
+async fn read_write_exclusion<F, Fut>(start_peer: F, downgrade: bool)
+where
+    F: FnOnce(String, String) -> Fut,
+    Fut: std::future::Future<Output = Peer>,
+{
+    let zk = tokio::task::spawn_blocking(|| ZooKeeper::start().expect("start ZooKeeper"))
+        .await
+        .unwrap();
+    let backend = ZooKeeperBackend::connect(ZkConfig {
+        hosts: zk.connect_string(),
+        ..ZkConfig::default()
+    })
+    .await
+    .unwrap();
+    let engine = Engine::new(backend, EngineConfig::default());
+    let key = LockKey::new("report", "r-1").unwrap();
+    engine
+        .rotate_to_layout("report", "v1", "v2", Some(KindLayout::ReadWrite), PATIENCE, &|_| {})
+        .await
+        .unwrap();
+    let path = engine.backend().lock_path(&key).await.unwrap();
+    assert!(path.contains("/report/v2/"), "{path}");
+    let (reader, _) = engine.open_session("interop-reader");
+    let (writer, _) = engine.open_session("interop-writer");
+    let shared = AcquireOptions {
+        mode: LockMode::Shared,
+        ..AcquireOptions::try_once()
+    };
+    let exclusive = AcquireOptions::try_once();
+    let mut peer = start_peer(zk.connect_string(), path).await;
+
+    // A foreign reader: Clastor readers share, writers wait.
+    assert_eq!(peer.cmd("read 10000").await, "ACQUIRED");
+    let t = reader.acquire(&key, shared).await.unwrap().expect("readers share");
+    assert!(t.token > 0);
+    assert_eq!(writer.acquire(&key, exclusive).await.unwrap(), None);
+    assert!(reader.release(&key).await.unwrap());
+    let waiting_writer = {
+        let (writer, key) = (writer.clone(), key.clone());
+        tokio::spawn(async move { writer.acquire(&key, AcquireOptions::wait(PATIENCE)).await })
+    };
+    assert_eq!(peer.cmd("unread").await, "RELEASED");
+    waiting_writer
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("Clastor's writer, once the foreign reader left");
+
+    // A Clastor writer: foreign readers and writers wait.
+    assert_eq!(peer.cmd("read 300").await, "TIMEOUT");
+    assert_eq!(peer.cmd("write 300").await, "TIMEOUT");
+    peer.send("read 30000").await;
+    assert!(writer.release(&key).await.unwrap());
+    assert_eq!(peer.line().await, "ACQUIRED");
+    assert_eq!(peer.cmd("unread").await, "RELEASED");
+
+    // A Clastor reader: foreign readers share, foreign writers wait.
+    reader.acquire(&key, shared).await.unwrap().expect("free");
+    assert_eq!(peer.cmd("read 10000").await, "ACQUIRED");
+    assert_eq!(peer.cmd("unread").await, "RELEASED");
+    assert_eq!(peer.cmd("write 300").await, "TIMEOUT");
+    peer.send("write 30000").await;
+    assert!(reader.release(&key).await.unwrap());
+    assert_eq!(peer.line().await, "ACQUIRED");
+
+    // A foreign writer: Clastor readers and writers wait.
+    assert_eq!(reader.acquire(&key, shared).await.unwrap(), None);
+    assert_eq!(writer.acquire(&key, exclusive).await.unwrap(), None);
+    if downgrade {
+        // Downgrade with nobody queued: the read lock is granted beside the
+        // write lock, which then goes.
+        assert_eq!(peer.cmd("read 10000").await, "ACQUIRED");
+        assert_eq!(peer.cmd("unwrite").await, "RELEASED");
+        assert_eq!(
+            writer.acquire(&key, exclusive).await.unwrap(),
+            None,
+            "a writer beside a downgraded reader"
+        );
+        reader
+            .acquire(&key, shared)
+            .await
+            .unwrap()
+            .expect("a reader beside the downgraded reader");
+        assert!(reader.release(&key).await.unwrap());
+        assert_eq!(peer.cmd("unread").await, "RELEASED");
+    } else {
+        assert_eq!(peer.cmd("unwrite").await, "RELEASED");
+    }
+    writer.acquire(&key, exclusive).await.unwrap().expect("free again");
+    assert!(writer.release(&key).await.unwrap());
     peer.quit().await;
     engine.shutdown().await;
     drop(zk);
