@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::backend::zookeeper::{ZkConfig, ZkDigest, ZooKeeperBackend};
 use clastor::{AcquireOptions, Engine, EngineConfig, LockKey};
 use clastor_protocol::{KindLayout, LockMode};
 use clastor_testkit::ZooKeeper;
@@ -72,18 +72,26 @@ impl Peer {
     }
 
     async fn kazoo_rw(connect: &str, path: &str) -> Peer {
-        Peer::python("kazoo_rwlock.py", connect, path).await
+        Peer::python("kazoo_rwlock.py", connect, path, None).await
     }
 
     async fn kazoo(connect: &str, path: &str) -> Peer {
-        Peer::python("kazoo_lock.py", connect, path).await
+        Peer::python("kazoo_lock.py", connect, path, None).await
     }
 
-    async fn python(script: &str, connect: &str, path: &str) -> Peer {
+    /// kazoo's `Lock`, authenticated with digest credentials.
+    async fn kazoo_as(connect: &str, path: &str, digest: &str) -> Peer {
+        Peer::python("kazoo_lock.py", connect, path, Some(digest)).await
+    }
+
+    async fn python(script: &str, connect: &str, path: &str, digest: Option<&str>) -> Peer {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
         // Debian's interpreter, where python3-kazoo is installed.
         let mut cmd = Command::new("/usr/bin/python3");
         cmd.arg(script).args([connect, path]);
+        if let Some(digest) = digest {
+            cmd.env("KAZOO_DIGEST", digest);
+        }
         Peer::start(cmd).await
     }
 
@@ -311,6 +319,102 @@ where
     writer.acquire(&key, exclusive).await.unwrap().expect("free again");
     assert!(writer.release(&key).await.unwrap());
     peer.quit().await;
+    engine.shutdown().await;
+    drop(zk);
+}
+
+/// With digest credentials, every node Clastor makes is closed to anyone
+/// without them (reading aside): kazoo without them cannot delete a Clastor
+/// lock node, nor can a plain client create in its lock directory or change
+/// the kind's version; kazoo with them still shares the lock; the password
+/// never shows in the config's `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_acls_close_clastor_nodes_to_clients_without_the_credentials() {
+    const CREDENTIALS: &str = "clastor:s3cret-pw";
+    let zk = tokio::task::spawn_blocking(|| ZooKeeper::start().expect("start ZooKeeper"))
+        .await
+        .unwrap();
+    let cfg = ZkConfig {
+        hosts: zk.connect_string(),
+        digest: Some(ZkDigest::new(format!("{CREDENTIALS}\n")).unwrap()),
+        ..ZkConfig::default()
+    };
+    let shown = format!("{cfg:?}");
+    assert!(
+        shown.contains("clastor:<redacted>") && !shown.contains("s3cret"),
+        "{shown}"
+    );
+    assert!(ZkDigest::new("no-colon").is_err() && ZkDigest::new("user:").is_err());
+    let backend = ZooKeeperBackend::connect(cfg).await.unwrap();
+    let key = LockKey::new("secured", "s-1").unwrap();
+    let dir = backend.lock_path(&key).await.unwrap();
+    let engine = Engine::new(backend, EngineConfig::default());
+    let (session, _lost) = engine.open_session("acl");
+    session
+        .acquire(&key, AcquireOptions::try_once())
+        .await
+        .unwrap()
+        .expect("free");
+
+    let anonymous = zookeeper_client::Client::connect(&zk.connect_string()).await.unwrap();
+    let nodes = anonymous.list_children(&dir).await.unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    let node = format!("{dir}/{}", nodes[0]);
+    let version_node = dir
+        .rsplit_once("/v1/")
+        .map(|(kind, _)| format!("{kind}/version"))
+        .unwrap();
+    for path in [&dir, &node, &version_node] {
+        let (acls, _) = anonymous.get_acl(path).await.unwrap();
+        let has = |scheme: &str, id: &str, perm: zookeeper_client::Permission| {
+            acls.iter()
+                .any(|a| a.scheme() == scheme && a.id().starts_with(id) && a.permission() == perm)
+        };
+        assert!(
+            acls.len() == 2
+                && has("digest", "clastor:", zookeeper_client::Permission::ALL)
+                && has("world", "anyone", zookeeper_client::Permission::READ),
+            "{path}: {acls:?}"
+        );
+    }
+    assert_eq!(
+        anonymous.delete(&node, None).await,
+        Err(zookeeper_client::Error::NoAuth)
+    );
+    assert_eq!(
+        anonymous.set_data(&version_node, b"v9\nnormal", None).await.map(|_| ()),
+        Err(zookeeper_client::Error::NoAuth)
+    );
+    let open = zookeeper_client::CreateMode::EphemeralSequential.with_acls(zookeeper_client::Acls::anyone_all());
+    assert_eq!(
+        anonymous
+            .create(&format!("{dir}/x-lock-"), &[], &open)
+            .await
+            .map(|_| ()),
+        Err(zookeeper_client::Error::NoAuth)
+    );
+
+    let mut stranger = Peer::kazoo(&zk.connect_string(), &dir).await;
+    assert_eq!(stranger.cmd(&format!("delete {node}")).await, "NoAuthError");
+    stranger.quit().await;
+    assert!(
+        session.release(&key).await.unwrap(),
+        "the node the stranger could not delete is still ours"
+    );
+
+    // kazoo with the credentials shares the lock with Clastor.
+    session
+        .acquire(&key, AcquireOptions::try_once())
+        .await
+        .unwrap()
+        .expect("free");
+    let mut friend = Peer::kazoo_as(&zk.connect_string(), &dir, CREDENTIALS).await;
+    assert_eq!(friend.cmd("acquire 300").await, "TIMEOUT");
+    friend.send("acquire 30000").await;
+    assert!(session.release(&key).await.unwrap());
+    assert_eq!(friend.line().await, "ACQUIRED");
+    assert_eq!(friend.cmd("release").await, "RELEASED");
+    friend.quit().await;
     engine.shutdown().await;
     drop(zk);
 }

@@ -12,7 +12,7 @@ use clastor::backend::etcd::{EtcdBackend, EtcdConfig};
 use clastor::backend::memory::MemoryBackend;
 use clastor::backend::postgres::{PgConfig, PostgresBackend};
 use clastor::backend::redis::{RedisBackend, RedisConfig};
-use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
+use clastor::backend::zookeeper::{ZkConfig, ZkDigest, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig};
 use clastor::{Engine, EngineConfig};
 use tracing::{error, info};
@@ -95,6 +95,14 @@ pub(crate) struct ServeArgs {
     /// dropped (its watch removed); 0 keeps views until evicted.
     #[arg(long, env = "CLASTOR_ZK_VIEW_IDLE", default_value_t = ZkConfig::default().view_idle.into())]
     zk_view_idle: humantime::Duration,
+
+    /// A file holding ZooKeeper digest credentials, one line `user:password`. Every session
+    /// authenticates with them and every node Clastor creates gets an ACL giving them all
+    /// permissions and anyone else reading only, so nobody without them can delete a lock
+    /// node. Curator and kazoo clients sharing the locks need the same credentials. Nodes made
+    /// before are left as they are (set their ACLs with zkCli's setAcl). Default: open nodes.
+    #[arg(long, env = "CLASTOR_ZK_DIGEST_FILE", value_name = "PATH")]
+    zk_digest_file: Option<std::path::PathBuf>,
 
     /// etcd client endpoints (`host:port[,host:port...]`, or `http://host:port`); required
     /// with `--backend etcd`.
@@ -368,8 +376,21 @@ async fn zookeeper(args: &ServeArgs) -> anyhow::Result<ZooKeeperBackend> {
         session_timeout: *args.zk_session_timeout,
         watched_dirs: args.zk_watched_dirs,
         view_idle: *args.zk_view_idle,
+        digest: match &args.zk_digest_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --zk-digest-file {}", path.display()))?;
+                Some(ZkDigest::new(text).map_err(|e| anyhow::anyhow!("--zk-digest-file {}: {e}", path.display()))?)
+            }
+        },
     };
-    info!(zk = %hosts, sessions = config.sessions, "connecting to ZooKeeper");
+    info!(
+        zk = %hosts,
+        sessions = config.sessions,
+        acl_user = config.digest.as_ref().map(ZkDigest::user),
+        "connecting to ZooKeeper"
+    );
     ZooKeeperBackend::connect(config)
         .await
         .with_context(|| format!("cannot use ZooKeeper at {hosts}"))

@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use zookeeper_client::{OneshotWatcher, WatchedEvent};
 
 use super::error::{ZkError, ZkResult, map_err};
-use super::layout::{self, CONTAINER, Layout, PERSISTENT};
+use super::layout::{self, Layout};
 use super::session::{MAX_ATTEMPTS, ZkSession};
 use crate::backend::{BackendError, KindVersion};
 
@@ -225,9 +225,10 @@ impl Kinds {
     /// `Unavailable` or `Internal` with ZooKeeper's reason.
     pub(super) async fn ensure_base(&self, session: &ZkSession) -> Result<(), BackendError> {
         let layout = &self.layout;
+        let persistent = &layout.nodes().persistent();
         session
             .retry(|c| async move {
-                let creates = layout.ancestors().into_iter().map(|a| c.create(a, &[], &PERSISTENT));
+                let creates = layout.ancestors().into_iter().map(|a| c.create(a, &[], persistent));
                 all_made(join_all(creates).await)
             })
             .await?
@@ -242,15 +243,16 @@ impl Kinds {
         let (kind_path, version_path) = (kind_path.as_str(), version_path.as_str());
         let initial = layout::encode_version(&layout::initial_version());
         let initial = initial.as_slice();
+        let persistent = &layout.nodes().persistent();
         session
             .retry(|c| async move {
                 let mut creates: Vec<_> = layout
                     .ancestors()
                     .into_iter()
-                    .map(|a| c.create(a, &[], &PERSISTENT))
+                    .map(|a| c.create(a, &[], persistent))
                     .collect();
-                creates.push(c.create(kind_path, &[], &PERSISTENT));
-                creates.push(c.create(version_path, initial, &PERSISTENT));
+                creates.push(c.create(kind_path, &[], persistent));
+                creates.push(c.create(version_path, initial, persistent));
                 all_made(join_all(creates).await)
             })
             .await?
@@ -272,11 +274,12 @@ impl Kinds {
     ) -> Result<(), BackendError> {
         let version_dir = self.layout.version_dir(kind, version);
         let version_dir = version_dir.as_str();
+        let container = &self.layout.nodes().container();
         for _ in 0..MAX_ATTEMPTS {
             let made = session
                 .retry(|c| async move {
                     let (outer, inner) =
-                        join(c.create(version_dir, &[], &CONTAINER), c.create(dir, &[], &CONTAINER)).await;
+                        join(c.create(version_dir, &[], container), c.create(dir, &[], container)).await;
                     match (outer, inner) {
                         (_, Ok(_) | Err(ZkError::NodeExists)) => Ok(true),
                         // The kind's own nodes are missing.

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use clastor_protocol::name::is_path_safe;
 use clastor_protocol::{KindLayout, LockMode};
 use uuid::Uuid;
-use zookeeper_client::{Acls, CreateMode, CreateOptions};
+use zookeeper_client::{Acl, Acls, CreateMode, CreateOptions, Permission};
 
 pub(super) use crate::backend::version_record::{
     INITIAL_VERSION, decode_previous, decode_version, encode_switched, encode_version, initial_version,
@@ -57,19 +57,65 @@ pub(super) fn lock_name(layout: KindLayout, mode: LockMode) -> &'static str {
     }
 }
 
-/// Lock nodes: ephemeral-sequential, so they go with their session and sort
-/// in arrival order.
-pub(super) const LOCK_NODE: CreateOptions<'static> = CreateMode::EphemeralSequential.with_acls(Acls::anyone_all());
-/// Version and lock directories: containers, which ZooKeeper reaps when empty.
-pub(super) const CONTAINER: CreateOptions<'static> = CreateMode::Container.with_acls(Acls::anyone_all());
-/// The root, provider and kind nodes and the version node.
-pub(super) const PERSISTENT: CreateOptions<'static> = CreateMode::Persistent.with_acls(Acls::anyone_all());
+/// The ACL of every node a secured backend (`ZkConfig::digest`) creates:
+/// everything for the identities its session authenticated as (the digest
+/// user: Curator and kazoo clients with the same credentials interoperate),
+/// reading for anyone. ZooKeeper checks a delete against the *parent's*
+/// ACL, so nobody without the credentials can delete a lock node, create
+/// one in a lock directory, or change a version node.
+static SECURED: [Acl; 2] = [
+    Acl::new_const(Permission::ALL, "auth", ""),
+    Acl::new_const(Permission::READ, "world", "anyone"),
+];
 
-/// Paths under one root and provider.
+/// How nodes are created: their types, and their ACL (open to anyone, or
+/// [`SECURED`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NodeOptions {
+    acls: Acls<'static>,
+}
+
+impl NodeOptions {
+    /// Open nodes (ZooKeeper's `world:anyone` with every permission), or
+    /// secured ones.
+    pub(super) fn new(secured: bool) -> NodeOptions {
+        NodeOptions {
+            acls: if secured {
+                Acls::new(&SECURED)
+            } else {
+                Acls::anyone_all()
+            },
+        }
+    }
+
+    /// Lock nodes: ephemeral-sequential, so they go with their session and
+    /// sort in arrival order.
+    pub(super) fn lock_node(self) -> CreateOptions<'static> {
+        CreateMode::EphemeralSequential.with_acls(self.acls)
+    }
+
+    /// Version and lock directories: containers, which ZooKeeper reaps when empty.
+    pub(super) fn container(self) -> CreateOptions<'static> {
+        CreateMode::Container.with_acls(self.acls)
+    }
+
+    /// The root, provider and kind nodes and the version node.
+    pub(super) fn persistent(self) -> CreateOptions<'static> {
+        CreateMode::Persistent.with_acls(self.acls)
+    }
+
+    /// A rotation's claim: ephemeral, gone with its driver's session.
+    pub(super) fn ephemeral(self) -> CreateOptions<'static> {
+        CreateMode::Ephemeral.with_acls(self.acls)
+    }
+}
+
+/// Paths under one root and provider, and how nodes are made there.
 #[derive(Debug, Clone)]
 pub(super) struct Layout {
     /// `{root}/{provider}`, normalised (no trailing slash).
     base: String,
+    nodes: NodeOptions,
 }
 
 impl Layout {
@@ -91,7 +137,19 @@ impl Layout {
         }
         Ok(Layout {
             base: format!("{root}/{provider}"),
+            nodes: NodeOptions::new(false),
         })
+    }
+
+    /// The same layout, creating secured nodes ([`SECURED`]) if `secured`.
+    pub(super) fn secured(mut self, secured: bool) -> Layout {
+        self.nodes = NodeOptions::new(secured);
+        self
+    }
+
+    /// How nodes are created here.
+    pub(super) fn nodes(&self) -> NodeOptions {
+        self.nodes
     }
 
     /// `{root}/{provider}`.

@@ -30,6 +30,7 @@ mod session;
 mod turn;
 mod views;
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,54 @@ pub struct ZkConfig {
     /// and abandoned stops costing a watch and its events. Zero keeps views
     /// until they are evicted.
     pub view_idle: Duration,
+    /// ZooKeeper digest credentials (`user:password`): every session
+    /// authenticates with them, and every node Clastor creates gets an ACL
+    /// giving them all permissions and anyone else only reading — so only
+    /// holders of the credentials (other Clastor servers, or Curator and
+    /// kazoo clients given them) can create or delete lock nodes or change a
+    /// kind's version. `None` (the default): nodes open to anyone, as
+    /// Curator's and kazoo's are by default.
+    pub digest: Option<ZkDigest>,
+}
+
+/// ZooKeeper digest credentials, `user:password`. Its `Debug` shows the
+/// user only: configs are logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ZkDigest(String);
+
+impl ZkDigest {
+    /// Checks the `user:password` form (both parts non-empty, no line
+    /// breaks).
+    ///
+    /// # Errors
+    /// A message naming what is wrong, never the password.
+    pub fn new(credentials: impl Into<String>) -> Result<ZkDigest, String> {
+        let credentials = credentials.into();
+        let credentials = credentials.trim_end_matches(['\r', '\n']).to_owned();
+        match credentials.split_once(':') {
+            Some((user, password))
+                if !user.is_empty() && !password.is_empty() && !credentials.contains(['\r', '\n']) =>
+            {
+                Ok(ZkDigest(credentials))
+            }
+            _ => Err("ZooKeeper digest credentials must be one line of the form user:password".into()),
+        }
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        self.0.split_once(':').map_or("", |(user, _)| user)
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for ZkDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ZkDigest({}:<redacted>)", self.user())
+    }
 }
 
 impl Default for ZkConfig {
@@ -79,6 +128,7 @@ impl Default for ZkConfig {
             session_timeout: Duration::from_secs(10),
             watched_dirs: views::DEFAULT_WATCHED_DIRS,
             view_idle: views::DEFAULT_VIEW_IDLE,
+            digest: None,
         }
     }
 }
@@ -111,7 +161,9 @@ impl ZooKeeperBackend {
         cfg: ZkConfig,
         connect_timeout: Duration,
     ) -> Result<ZooKeeperBackend, BackendError> {
-        let layout = Layout::new(&cfg.root, &cfg.provider).map_err(BackendError::Internal)?;
+        let layout = Layout::new(&cfg.root, &cfg.provider)
+            .map_err(BackendError::Internal)?
+            .secured(cfg.digest.is_some());
         if cfg.hosts.trim().is_empty() {
             return Err(BackendError::Internal("no ZooKeeper hosts given".into()));
         }
@@ -132,6 +184,7 @@ impl ZooKeeperBackend {
             connect_timeout,
             watched_dirs: cfg.watched_dirs,
             view_idle: cfg.view_idle,
+            digest: cfg.digest.clone(),
         })
         .await?;
         let kinds = Kinds::new(layout);

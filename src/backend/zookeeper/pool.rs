@@ -53,6 +53,8 @@ pub(super) struct PoolConfig {
     pub(super) watched_dirs: usize,
     /// How long an unused view is kept (`views.rs`; zero: until evicted).
     pub(super) view_idle: Duration,
+    /// Digest credentials every session authenticates with.
+    pub(super) digest: Option<super::ZkDigest>,
 }
 
 /// One slot of the pool: the session currently serving it, if any.
@@ -109,9 +111,11 @@ pub(super) struct Pool {
 /// connect began: the session was created, and last heard of, no earlier.
 async fn open(cfg: &PoolConfig) -> Result<(Client, Instant), BackendError> {
     let started = Instant::now();
-    let connect = Client::connector()
-        .with_session_timeout(cfg.session_timeout)
-        .connect(&cfg.hosts);
+    let mut connector = Client::connector().with_session_timeout(cfg.session_timeout);
+    if let Some(digest) = &cfg.digest {
+        connector = connector.with_auth("digest", digest.as_bytes());
+    }
+    let connect = connector.connect(&cfg.hosts);
     match tokio::time::timeout(cfg.connect_timeout, connect).await {
         Ok(Ok(client)) => Ok((client, started)),
         Ok(Err(e)) => Err(BackendError::Unavailable(format!(

@@ -45,7 +45,7 @@ use zookeeper_client::AddWatchMode;
 
 use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
-use super::layout::{self, CONTAINER, LOCK_NODE};
+use super::layout;
 use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
 use super::turn::{Turn, list_children, wait_turn};
@@ -363,6 +363,7 @@ impl ZooKeeperBackend {
         data: &[u8],
     ) -> Result<Round, BackendError> {
         let layout = self.kinds.layout();
+        let (container, lock_node) = (layout.nodes().container(), layout.nodes().lock_node());
         let prefix = pending.create_prefix();
         let mut dir_known = self.kinds.dir_known(pending.dir());
         for _ in 0..MAX_ATTEMPTS {
@@ -376,8 +377,8 @@ impl ZooKeeperBackend {
             let version_dir = (!dir_known).then(|| layout.version_dir(kind, &version.version));
             let parents = version_dir.as_deref().map(|version_dir| {
                 join(
-                    client.create(version_dir, &[], &CONTAINER),
-                    client.create(pending.dir(), &[], &CONTAINER),
+                    client.create(version_dir, &[], &container),
+                    client.create(pending.dir(), &[], &container),
                 )
             });
             // Warm: this session's version watch vouches for the version
@@ -388,7 +389,7 @@ impl ZooKeeperBackend {
             let plan = session.views().plan(pending.dir(), dir_known, || {
                 client.watch(pending.dir(), AddWatchMode::PersistentRecursive)
             });
-            let create = client.create(&prefix, data, &LOCK_NODE);
+            let create = client.create(&prefix, data, &lock_node);
             let version_path = (!warm).then(|| layout.version_path(kind));
             let read = version_path.as_deref().map(|path| client.get_and_watch_data(path));
             let (view, ticket, adding, list) = match plan {

@@ -57,7 +57,7 @@ use clastor_protocol::{KindLayout, KindMode, RotationHolder, RotationPhase, Rota
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
-use zookeeper_client::{Acls, CreateMode, CreateOptions, Stat};
+use zookeeper_client::Stat;
 
 use super::ZooKeeperBackend;
 use super::drain::{Drain, count_nodes};
@@ -65,9 +65,6 @@ use super::error::{ZkError, map_err};
 use super::layout::{self, Layout};
 use super::session::{MAX_ATTEMPTS, ZkSession, spawn_background};
 use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
-
-/// The claim node: ephemeral, gone with its session.
-const CLAIM: CreateOptions<'static> = CreateMode::Ephemeral.with_acls(Acls::anyone_all());
 
 /// Longest pause between two progress reports while a kind drains.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -105,6 +102,7 @@ impl Claim {
             std::process::id()
         );
         let (node, bytes) = (path.as_str(), data.as_bytes());
+        let ephemeral = &layout.nodes().ephemeral();
         let claim = |path| Claim {
             session: session.clone(),
             path,
@@ -112,7 +110,7 @@ impl Claim {
             released: false,
         };
         match session
-            .retry(|c| async move { c.create(node, bytes, &CLAIM).await })
+            .retry(|c| async move { c.create(node, bytes, ephemeral).await })
             .await?
         {
             Ok(_) => Ok(Some(claim(path))),

@@ -27,6 +27,17 @@ struct HttpLock<B: Backend> {
 
 type Table<B> = Mutex<KeyMap<HttpLock<B>>>;
 
+/// What an HTTP caller asks of an acquire.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Terms {
+    /// How long it may wait in line.
+    pub(super) wait: Duration,
+    /// Its lease (an HTTP lock always has one).
+    pub(super) lease: Duration,
+    /// Exclusive or shared.
+    pub(super) mode: LockMode,
+}
+
 /// The locks held over HTTP.
 pub(super) struct Gateway<B: Backend> {
     engine: Engine<B>,
@@ -101,9 +112,7 @@ impl<B: Backend> Gateway<B> {
     pub(super) async fn acquire(
         &self,
         key: &LockKey,
-        wait: Duration,
-        lease: Duration,
-        mode: LockMode,
+        Terms { wait, lease, mode }: Terms,
         peer: SocketAddr,
         client: Option<&str>,
         trace_id: Option<Arc<str>>,

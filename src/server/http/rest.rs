@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, Span, debug, info_span};
 
 use super::error::ApiError;
+use super::gateway::Terms;
 use super::{HttpState, Peer};
 use crate::backend::Backend;
 use crate::engine::{Engine, Granted, HeldInfo, WaitInfo};
@@ -197,7 +198,13 @@ pub(super) async fn take_lock<B: Backend>(
     );
     let granted = st
         .gateway
-        .acquire(key, wait, lease, mode, peer, user_agent(headers), trace.clone())
+        .acquire(
+            key,
+            Terms { wait, lease, mode },
+            peer,
+            user_agent(headers),
+            trace.clone(),
+        )
         .instrument(span.clone())
         .await?;
     span.in_scope(|| debug!(%key, granted = granted.is_some(), "HTTP acquire done"));
