@@ -5,7 +5,13 @@ each other. kazoo sees other implementations' nodes only through
 `extra_lock_patterns`, its documented cross-implementation option: its
 reader must wait for `__WRIT__` nodes, its writer for both. Commands:
 `read <ms>` / `write <ms>` (ACQUIRED or TIMEOUT), `unread` / `unwrite`
-(RELEASED), `quit`. Prints READY once connected."""
+(RELEASED), `hammer <n> <hold_ms> <seed>` (n grants, reading or writing at
+random, each held hold_ms: one `HOLD R|W <from> <to>` line per grant in
+wall-clock ns read inside the true hold, then DONE), `quit`. Prints READY
+once connected."""
+
+import random
+import time
 
 import sys
 
@@ -36,6 +42,23 @@ def main():
         elif cmd in ("unread", "unwrite"):
             locks[cmd[2:]].release()
             print("RELEASED", flush=True)
+        elif cmd == "hammer":
+            rng = random.Random(int(words[3]))
+            for _ in range(int(words[1])):
+                mode = rng.choice(["read", "write"])
+                try:
+                    ok = locks[mode].acquire(timeout=30.0)
+                except LockTimeout:
+                    ok = False
+                if not ok:
+                    print("ERROR not acquired within 30 s", flush=True)
+                    break
+                start = time.time_ns()
+                time.sleep(int(words[2]) / 1000.0)
+                end = time.time_ns()
+                locks[mode].release()
+                print("HOLD %s %d %d" % ("W" if mode == "write" else "R", start, end), flush=True)
+            print("DONE", flush=True)
         elif cmd == "quit":
             break
         else:
