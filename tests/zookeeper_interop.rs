@@ -444,7 +444,7 @@ fn assert_no_rw_overlap(holds: &mut [Hold]) {
             if b.from >= a.to {
                 break;
             }
-            assert!(!(a.write || b.write), "overlap: {a:?} and {b:?}");
+            assert!(!(a.write || b.write), "overlap: {}'s {a:?} and {}'s {b:?}", a.who, b.who);
         }
     }
 }
@@ -515,7 +515,7 @@ where
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                let write = state % 2 == 0;
+                let write = state.is_multiple_of(2);
                 let opts = AcquireOptions {
                     mode: if write { LockMode::Exclusive } else { LockMode::Shared },
                     ..AcquireOptions::wait(PATIENCE)
