@@ -171,13 +171,24 @@ async fn a_key_deleted_from_outside_is_reported_lost() {
 /// on `{prefix}/{kind}/{version}/{id}`, both ways, and hand over in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_lock_and_clastor_exclude_each_other() {
+    etcdctl_lock_excludes("ACQUIRE").await;
+}
+
+/// The same with Clastor's shared locks: Go's Mutex waits for a reader's
+/// key like any other, and a Clastor reader for Go's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_and_clastor_readers_exclude_each_other() {
+    etcdctl_lock_excludes("ACQUIRE_SHARED").await;
+}
+
+async fn etcdctl_lock_excludes(verb: &str) {
     let etcd = start_etcd(1);
     let (x, _y) = two_servers_on(&etcd, "5s");
     let name = clastor::backend::etcd::mutex_name("/clastor", "tx", "v1", "shared");
 
     // 1. Clastor holds; `etcdctl lock` waits until Clastor releases.
     let mut a = Text::connect(x.addr).await;
-    assert!(a.cmd("ACQUIRE tx shared 0").await.starts_with("+ACQUIRED"));
+    assert!(a.cmd(&format!("{verb} tx shared 0")).await.starts_with("+ACQUIRED"));
     // The command holds until the file `done` appears (etcdctl gives it no stdin).
     let dir = tempfile::tempdir().unwrap();
     let done = dir.path().join("done");
@@ -218,9 +229,9 @@ async fn etcdctl_lock_and_clastor_exclude_each_other() {
     assert!(wall_ns() > released_wall);
 
     // 2. `etcdctl lock` holds; Clastor cannot, then is granted when it lets go.
-    let refused = a.cmd("ACQUIRE tx shared 0").await;
+    let refused = a.cmd(&format!("{verb} tx shared 0")).await;
     assert!(refused.starts_with("-TIMEOUT"), "{refused}");
-    a.send("ACQUIRE tx shared 10000").await;
+    a.send(&format!("{verb} tx shared 10000")).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while count() < 2 {
         assert!(std::time::Instant::now() < deadline, "Clastor's acquire never queued");

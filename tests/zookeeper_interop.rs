@@ -444,7 +444,12 @@ fn assert_no_rw_overlap(holds: &mut [Hold]) {
             if b.from >= a.to {
                 break;
             }
-            assert!(!(a.write || b.write), "overlap: {}'s {a:?} and {}'s {b:?}", a.who, b.who);
+            assert!(
+                !(a.write || b.write),
+                "overlap: {}'s {a:?} and {}'s {b:?}",
+                a.who,
+                b.who
+            );
         }
     }
 }

@@ -42,7 +42,7 @@ use super::deletions::{DelMsg, Subscription};
 use super::error;
 use super::kinds::seen_in;
 use super::lease::{Lease, keepalive_interval, lost_after};
-use super::names::NameClaim;
+use super::names::{NameClaim, is_shared};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -244,13 +244,17 @@ enum Turn {
 }
 
 impl EtcdBackend {
-    /// Waits until no key created before ours (`rev`) is left in `dir`;
-    /// `deletions` was subscribed to before our key was created.
+    /// Waits until no key created before ours (`rev`) that excludes ours is
+    /// left in `dir` (for a writer, any; for a reader, a writer's: one not
+    /// named [`is_shared`]); `deletions` was subscribed to before our key
+    /// was created.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_turn(
         &self,
         dir: &str,
         key: &str,
         rev: i64,
+        shared: bool,
         lease: &Lease,
         deadline: Instant,
         deletions: &mut Subscription,
@@ -298,14 +302,22 @@ impl EtcdBackend {
             if mine.count() == 0 {
                 return Ok(Turn::Deleted);
             }
-            if before.kvs().is_empty() {
-                return Ok(Turn::Granted);
-            }
             // All of them (nothing more in range: `count` would not do, etcd
             // counts before the create-revision filter), or in a long queue
             // only the last: then look again when it goes, as Go's Mutex does.
             let complete = !before.more();
-            let mut ahead: Vec<Vec<u8>> = before.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+            let mut ahead: Vec<Vec<u8>> = before
+                .kvs()
+                .iter()
+                .map(|kv| kv.key())
+                // A reader waits only for the writers ahead — once it has
+                // seen every key ahead; in a long queue, for the closest key.
+                .filter(|k| !(shared && complete && is_shared(k)))
+                .map(<[u8]>::to_vec)
+                .collect();
+            if ahead.is_empty() {
+                return Ok(Turn::Granted);
+            }
             if !complete {
                 ahead.truncate(1);
             }
@@ -434,9 +446,7 @@ impl Backend for EtcdBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<EtcdGuard>>, BackendError> {
-        if req.mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported("shared locks are not supported yet".into()));
-        }
+        let shared = req.mode == LockMode::Shared;
         let deadline = Instant::now() + req.wait;
         let key = req.key;
         let kind = key.kind_arc();
@@ -454,7 +464,7 @@ impl Backend for EtcdBackend {
             let dir = self.keys.lock_dir(kind, &seen.version.version, key.id());
             // Before the key exists: no deletion after it can be missed.
             let mut deletions = self.deletions.subscribe(&dir);
-            let mut pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir), lease.clone());
+            let mut pending = PendingKey::new(&self.client, self.names.take(lease.id(), &dir, shared), lease.clone());
             // Only if the kind's record is as seen, and only a new key: a put
             // must never adopt a stray key of this name (a put of ours whose
             // answer was lost, applied after we gave up on it).
@@ -469,13 +479,15 @@ impl Backend for EtcdBackend {
                         format!("clastor owner={}", req.owner),
                         Some(PutOptions::new().with_lease(lease.id())),
                     ),
+                    // The first contender, for a writer; for a reader the
+                    // first few, to see whether any writer is ahead of it.
                     TxnOp::get(
                         dir.as_str(),
                         Some(
                             GetOptions::new()
                                 .with_prefix()
                                 .with_sort(SortTarget::Create, SortOrder::Ascend)
-                                .with_limit(1)
+                                .with_limit(if shared { TRACKED_PREDECESSORS + 1 } else { 1 })
                                 .with_keys_only(),
                         ),
                     ),
@@ -538,14 +550,22 @@ impl Backend for EtcdBackend {
                 ));
             };
             pending.state = KeyState::Created(rev);
-            let first = match ops.get(1) {
-                Some(TxnOpResponse::Get(get)) => get.kvs().first().map(etcd_client::KeyValue::create_revision),
-                _ => None,
+            // Granted at once: a writer first in line, a reader with no
+            // writer ahead (in a queue longer than the read, `wait_turn`
+            // finds out).
+            let now = match ops.get(1) {
+                Some(TxnOpResponse::Get(get)) => {
+                    let kvs = get.kvs();
+                    kvs.iter()
+                        .position(|kv| kv.create_revision() == rev)
+                        .is_some_and(|pos| pos == 0 || (shared && kvs[..pos].iter().all(|kv| is_shared(kv.key()))))
+                }
+                _ => false,
             };
-            let turn = if first == Some(rev) {
+            let turn = if now {
                 Turn::Granted
             } else {
-                self.wait_turn(&dir, pending.key(), rev, &lease, deadline, &mut deletions)
+                self.wait_turn(&dir, pending.key(), rev, shared, &lease, deadline, &mut deletions)
                     .await?
             };
             match turn {
@@ -655,6 +675,12 @@ impl Backend for EtcdBackend {
             },
             sessions,
         }
+    }
+
+    fn fixed_layout(&self) -> Option<clastor_protocol::KindLayout> {
+        // Readers' keys are marked; Go's Mutex, which ignores the marks,
+        // waits for them like any key: every kind takes shared locks.
+        Some(clastor_protocol::KindLayout::ReadWrite)
     }
 
     fn info(&self) -> Vec<(String, String)> {
