@@ -887,3 +887,30 @@ async fn listings_name_clients_and_show_no_tokens() {
     drop(binary);
     handle.shutdown().await;
 }
+
+/// `?mode=shared`: readers hold together, a writer is refused beside them,
+/// listings and `version` show modes and the layout; a bad mode is a 400.
+#[tokio::test]
+async fn shared_locks_over_rest() {
+    let (_server, http) = start().await;
+    let base = "/api/v1/locks/report/r-1";
+    let r1 = post(http, &format!("{base}/acquire?mode=shared")).await;
+    let r2 = post(http, &format!("{base}/acquire?mode=shared")).await;
+    assert_eq!((r1.status, r2.status), (200, 200), "{} {}", r1.body, r2.body);
+    assert_eq!(r1.json()["mode"], "shared");
+    assert_ne!(r1.json()["token"], r2.json()["token"]);
+    let w = post(http, &format!("{base}/acquire")).await;
+    assert_eq!((w.status, w.json()["status"].as_str()), (409, Some("NOT_ACQUIRED")));
+    let held = get(http, "/api/v1/locks/held").await.json();
+    let modes: Vec<&str> = held["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["shared", "shared"], "{held}");
+    let v = get(http, "/api/v1/locks/report/version").await.json();
+    assert_eq!(v["layout"], "read_write", "{v}");
+    let bad = post(http, &format!("{base}/acquire?mode=sometimes")).await;
+    assert_eq!((bad.status, code(&bad).as_str()), (400, "BAD_REQUEST"), "{}", bad.body);
+}

@@ -25,7 +25,9 @@ struct HttpLock<B: Backend> {
     session: Session<B>,
 }
 
-type Table<B> = Mutex<KeyMap<HttpLock<B>>>;
+/// The HTTP locks of each key: one exclusive, or any number shared (each
+/// with its own session and token).
+type Table<B> = Mutex<KeyMap<Vec<HttpLock<B>>>>;
 
 /// What an HTTP caller asks of an acquire.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +58,7 @@ impl<B: Backend> std::fmt::Debug for Gateway<B> {
     }
 }
 
-fn lock<B: Backend>(t: &Table<B>) -> MutexGuard<'_, KeyMap<HttpLock<B>>> {
+fn lock<B: Backend>(t: &Table<B>) -> MutexGuard<'_, KeyMap<Vec<HttpLock<B>>>> {
     // Critical sections are single inserts and removes: consistent even after a panic.
     t.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -133,19 +135,14 @@ impl<B: Backend> Gateway<B> {
         let Some(granted) = session.acquire_traced(key, opts, trace_id).await? else {
             return Ok(None);
         };
-        let replaced = lock(&self.locks).insert(
-            key.clone(),
-            HttpLock {
-                token: granted.token,
-                session,
-            },
-        );
+        // Beside the key's other HTTP locks: shared ones, or one lost a
+        // moment ago whose watcher has not forgotten it yet (it will, and
+        // give back its slot then).
+        lock(&self.locks).entry(key.clone()).or_default().push(HttpLock {
+            token: granted.token,
+            session,
+        });
         slot.keep();
-        if replaced.is_some() {
-            // An earlier HTTP grant of the key, lost a moment ago, whose
-            // watcher has not run yet: its slot goes with its entry.
-            self.in_use.fetch_sub(1, Ordering::AcqRel);
-        }
         let (locks, in_use, key, token) = (
             Arc::downgrade(&self.locks),
             self.in_use.clone(),
@@ -170,7 +167,7 @@ impl<B: Backend> Gateway<B> {
     pub(super) fn renew(&self, key: &LockKey, token: u64, lease: Duration) -> Result<Granted, ApiError> {
         let session = lock(&self.locks)
             .get(key)
-            .filter(|l| l.token == token)
+            .and_then(|ls| ls.iter().find(|l| l.token == token))
             .map(|l| l.session.clone())
             .ok_or_else(|| not_held(key, Some(token)))?;
         Ok(session.renew_grant(key, lease, Some(token))?)
@@ -187,10 +184,7 @@ impl<B: Backend> Gateway<B> {
     pub(super) async fn release(&self, key: &LockKey, token: Option<u64>) -> Result<(), ApiError> {
         let held = {
             let mut locks = lock(&self.locks);
-            match locks.get(key) {
-                Some(l) if token.is_none_or(|t| t == l.token) => locks.remove(key),
-                _ => None,
-            }
+            take(&mut locks, key, |l| token.is_none_or(|t| t == l.token))
         };
         let held = held.ok_or_else(|| not_held(key, token))?;
         self.in_use.fetch_sub(1, Ordering::AcqRel);
@@ -214,15 +208,26 @@ fn not_held(key: &LockKey, token: Option<u64>) -> ApiError {
 }
 
 /// Drops the gateway's record of `key` if it is still the grant `token`.
+/// Removes the newest HTTP lock of `key` that `which` picks (for a
+/// tokenless release, the newest: an older one may be lost and not yet
+/// forgotten), dropping the key's entry once empty.
+fn take<B: Backend>(
+    locks: &mut KeyMap<Vec<HttpLock<B>>>,
+    key: &LockKey,
+    which: impl Fn(&HttpLock<B>) -> bool,
+) -> Option<HttpLock<B>> {
+    let ls = locks.get_mut(key)?;
+    let at = ls.iter().rposition(which)?;
+    let taken = ls.swap_remove(at);
+    if ls.is_empty() {
+        locks.remove(key);
+    }
+    Some(taken)
+}
+
 fn forget<B: Backend>(locks: &Weak<Table<B>>, in_use: &AtomicUsize, key: &LockKey, token: u64) {
     let Some(locks) = locks.upgrade() else { return };
-    let removed = {
-        let mut t = lock(&locks);
-        match t.get(key) {
-            Some(l) if l.token == token => t.remove(key),
-            _ => None,
-        }
-    };
+    let removed = take(&mut lock(&locks), key, |l| l.token == token);
     if removed.is_some() {
         in_use.fetch_sub(1, Ordering::AcqRel);
     }

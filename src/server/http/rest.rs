@@ -562,6 +562,8 @@ pub(super) struct LockJson {
     resource: String,
     resource_id: String,
     version: String,
+    /// `exclusive` or `shared` (shared holders of one key are listed once each).
+    mode: &'static str,
     holder: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<String>,
@@ -611,6 +613,7 @@ pub(super) fn held_listing<B: Backend>(engine: &Engine<B>) -> HeldJson {
             resource: h.key.kind().to_owned(),
             resource_id: h.key.id().to_owned(),
             version: h.version.to_string(),
+            mode: h.mode.name(),
             holder: h.holder.to_string(),
             client: h.client.map(|c| c.to_string()),
             connection: h.session,
@@ -625,6 +628,7 @@ pub(super) fn held_listing<B: Backend>(engine: &Engine<B>) -> HeldJson {
         let (mine, rest): (Vec<WaitInfo>, Vec<WaitInfo>) = waits
             .into_iter()
             .partition(|w| w.key.kind() == l.resource && w.key.id() == l.resource_id);
+        // Shared holders of one key: the waiters are listed with the first.
         l.waiters = mine.into_iter().map(waiter).collect();
         waits = rest;
     }
