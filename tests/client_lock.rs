@@ -786,3 +786,47 @@ async fn own_owners_keep_strict_arrival_order_with_other_processes() {
     assert_eq!(got, ["other", "sibling"]);
     server.shutdown().await;
 }
+
+/// Protocol version 4 through the client: readers on two connections hold
+/// together, a writer waits for both, `HELD` names the modes, and the
+/// kind's layout says it takes shared locks.
+#[tokio::test]
+async fn shared_locks_hold_together_and_a_writer_waits_for_them() {
+    let (server, a) = support::start_and_connect().await;
+    let b = support::connect(&server).await;
+    let w = support::connect(&server).await;
+    let ra = a
+        .lock_shared("report", "r-1")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("a free key");
+    let rb = b
+        .lock_shared("report", "r-1")
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("readers share");
+    assert_ne!(ra.token(), rb.token());
+    assert!(w.lock("report", "r-1").try_acquire().await.unwrap().is_none());
+    let held = a.held(HeldScope::Server).await.unwrap();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(
+        held.iter().all(|h| h.mode == Some(clastor_client::LockMode::Shared)),
+        "{held:?}"
+    );
+    let v = a.version("report").await.unwrap();
+    assert_eq!(v.layout, Some(clastor_client::KindLayout::ReadWrite));
+    let writer = tokio::spawn(async move { w.lock("report", "r-1").wait(PATIENCE).acquire().await });
+    let last = ra.token().max(rb.token());
+    ra.release().await.unwrap();
+    rb.release().await.unwrap();
+    let wg = writer
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the writer, once both readers left");
+    assert!(wg.token() > last);
+    wg.release().await.unwrap();
+    server.shutdown().await;
+}
