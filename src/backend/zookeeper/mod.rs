@@ -29,6 +29,7 @@ mod rotation;
 mod session;
 mod turn;
 mod views;
+mod watches;
 
 use std::fmt;
 use std::sync::Arc;

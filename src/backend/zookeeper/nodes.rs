@@ -6,8 +6,6 @@
 //! reply was lost is found again by the uuid in its Curator-style name
 //! ([`recover`], [`PendingNode`]'s drop).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +14,13 @@ use futures_util::future::{join, join3};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
-use zookeeper_client::{EventType, WatchedEvent};
+use zookeeper_client::EventType;
 
 use super::error::{ZkError, map_err};
 use super::layout;
-use super::session::{ZkSession, spawn_background};
+use super::session::ZkSession;
 use super::views::{ChildWatch, DirView};
+use super::watches::{OwnWatch, spawn_background};
 use crate::backend::{BackendError, KindVersion};
 
 /// A lock node that exists, as its create round saw it.
@@ -85,9 +84,6 @@ async fn delete_until_gone(session: Arc<ZkSession>, path: String) {
         }
     }
 }
-
-/// A one-shot ZooKeeper watch on one of our lock nodes, being awaited.
-pub(super) type OwnWatch = Pin<Box<dyn Future<Output = WatchedEvent> + Send>>;
 
 /// Starts watching a lock node of ours for deletion by anyone but us (an
 /// operator "unsticking" a lock with `deleteall`), from `armed` (a watch on

@@ -46,10 +46,11 @@ use zookeeper_client::AddWatchMode;
 use super::ZooKeeperBackend;
 use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
 use super::layout;
-use super::nodes::{self, Created, OwnWatch, PendingNode, ZkGuard};
+use super::nodes::{self, Created, PendingNode, ZkGuard};
 use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
 use super::turn::{Turn, list_children, wait_turn};
 use super::views::{ChildWatch, GuardedWatch, Plan, Views};
+use super::watches::OwnWatch;
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };

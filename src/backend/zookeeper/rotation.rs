@@ -63,7 +63,8 @@ use super::ZooKeeperBackend;
 use super::drain::{Drain, count_nodes};
 use super::error::{ZkError, map_err};
 use super::layout::{self, Layout};
-use super::session::{MAX_ATTEMPTS, ZkSession, spawn_background};
+use super::session::{MAX_ATTEMPTS, ZkSession};
+use super::watches::spawn_background;
 use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
 
 /// Longest pause between two progress reports while a kind drains.

@@ -25,6 +25,7 @@ use zookeeper_client::Client;
 
 use super::error::{ZkResult, connection_broke};
 use super::views::Views;
+use super::watches::spawn_background;
 use crate::backend::{BackendError, LostNotifier, SessionHealth};
 use crate::key::LockKey;
 
@@ -96,17 +97,6 @@ pub(super) struct ZkSession {
     /// Live views of hot lock directories (`views.rs`).
     views: Arc<Views>,
     retired: CancellationToken,
-}
-
-/// Runs `f` in the background on the current runtime, if there is one (a
-/// guard dropped outside any runtime relies on the session closing instead).
-pub(super) fn spawn_background(f: impl Future<Output = ()> + Send + 'static) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(f);
-        }
-        Err(_) => warn!("no tokio runtime for ZooKeeper background work; lock nodes go when their session closes"),
-    }
 }
 
 /// How long after the last proven contact a session's holders are told

@@ -9,9 +9,10 @@ use zookeeper_client::{EventType, SessionState, WatchedEvent};
 
 use super::error::{ZkError, map_err};
 use super::layout;
-use super::nodes::{self, OwnWatch, PendingNode};
+use super::nodes::{self, PendingNode};
 use super::session::ZkSession;
 use super::views::DirView;
+use super::watches::OwnWatch;
 use crate::backend::BackendError;
 
 /// Lists a lock directory (a missing one is empty).

@@ -67,7 +67,7 @@ use tokio::time::Instant;
 use tracing::debug;
 use zookeeper_client::{PersistentWatcher, WatchedEvent};
 
-use super::nodes::OwnWatch;
+use super::watches::OwnWatch;
 
 mod dir;
 

@@ -15,8 +15,7 @@ use tracing::debug;
 use zookeeper_client::{EventType, PersistentWatcher, WatchedEvent};
 
 use super::super::layout::{self, Contender};
-use super::super::nodes::OwnWatch;
-use super::super::session::spawn_background;
+use super::super::watches::{OwnWatch, spawn_background};
 use super::lock;
 
 /// One lock directory as one session sees it.
