@@ -26,6 +26,7 @@ mod nodes;
 mod pool;
 mod recipe;
 mod rotation;
+mod round;
 mod session;
 mod turn;
 mod views;

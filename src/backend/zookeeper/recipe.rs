@@ -1,5 +1,7 @@
-//! The lock recipe — Apache Curator's InterProcessMutex protocol, pipelined —
-//! as the ZooKeeper backend's [`Backend`] implementation.
+//! The lock recipe — Apache Curator's InterProcessMutex (and, for kinds in
+//! the read-write layout, InterProcessReadWriteLock) protocol, pipelined —
+//! as the ZooKeeper backend's [`Backend`] implementation. The create round
+//! itself (send, then read the replies) is `round.rs`.
 //!
 //! Acquire, uncontended, is one network round trip. Warm — the session has a
 //! view of the lock directory (`views.rs`: a persistent recursive watch) —
@@ -28,29 +30,27 @@
 //! `create`s of the version and lock directories go out just ahead of the
 //! lock node's.
 //!
-//! Contended, a waiter watches only its predecessor (no herd; `turn.rs`). Every node
+//! Contended, a waiter watches only the closest contender ahead that
+//! excludes it (no herd; `turn.rs`). Every node
 //! made here is owned by a [`PendingNode`] until it is granted in a
 //! [`ZkGuard`] or deleted (see [`super::nodes`]).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clastor_protocol::{KindLayout, KindMode, LockMode};
-use futures_util::future::{join, join4};
+use futures_util::future::join;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use zookeeper_client::AddWatchMode;
 
 use super::ZooKeeperBackend;
-use super::error::{ZkError, connection_broke, definitely_not_created, map_err};
+use super::error::{ZkError, connection_broke, map_err};
 use super::layout;
 use super::nodes::{self, Created, PendingNode, ZkGuard};
-use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
-use super::turn::{Turn, list_children, wait_turn};
-use super::views::{ChildWatch, GuardedWatch, Plan, Views};
-use super::watches::OwnWatch;
+use super::round::Round;
+use super::session::{GrantRecord, MAX_ATTEMPTS};
+use super::turn::{Turn, wait_turn};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
@@ -352,227 +352,4 @@ impl ZooKeeperBackend {
             }));
         }
     }
-
-    /// The pipelined create round (see the module docs), with parent creation
-    /// on `NoNode` and recovery of a create whose reply was lost.
-    async fn create_round(
-        &self,
-        session: &ZkSession,
-        kind: &Arc<str>,
-        version: &KindVersion,
-        pending: &mut PendingNode,
-        data: &[u8],
-    ) -> Result<Round, BackendError> {
-        let layout = self.kinds.layout();
-        let (container, lock_node) = (layout.nodes().container(), layout.nodes().lock_node());
-        let prefix = pending.create_prefix();
-        let mut dir_known = self.kinds.dir_known(pending.dir());
-        for _ in 0..MAX_ATTEMPTS {
-            let client = session.client()?;
-            let sent_at = Instant::now();
-            // From here the node may exist: every request below is sent as
-            // its method is called.
-            pending.mark_sent();
-            // A directory not known to exist is created ahead of the node, in
-            // the same round trip (its result shows in the node's create).
-            let version_dir = (!dir_known).then(|| layout.version_dir(kind, &version.version));
-            let parents = version_dir.as_deref().map(|version_dir| {
-                join(
-                    client.create(version_dir, &[], &container),
-                    client.create(pending.dir(), &[], &container),
-                )
-            });
-            // Warm: this session's version watch vouches for the version
-            // (see `kinds`); cold: read it, leaving a watch for next time.
-            let warm = self.kinds.watched(session, kind).is_some_and(|v| v == *version);
-            // A view of the directory replaces the listing; establishing one
-            // sends its `addWatch` here, ahead of the create (`views`).
-            let plan = session.views().plan(pending.dir(), dir_known, || {
-                client.watch(pending.dir(), AddWatchMode::PersistentRecursive)
-            });
-            let create = client.create(&prefix, data, &lock_node);
-            let version_path = (!warm).then(|| layout.version_path(kind));
-            let read = version_path.as_deref().map(|path| client.get_and_watch_data(path));
-            let (view, ticket, adding, list) = match plan {
-                Plan::Warm(view) => (Some(view), None, None, List::None),
-                Plan::Establish(ticket, adding) => (
-                    None,
-                    Some(ticket),
-                    Some(adding),
-                    List::Plain(client.list_children(pending.dir())),
-                ),
-                // With a child watch: a holder's first watch on its node, free.
-                Plan::List { watch: Some(guard) } => (
-                    None,
-                    None,
-                    None,
-                    List::Watched(client.list_and_watch_children(pending.dir()), guard),
-                ),
-                Plan::List { watch: None } => (None, None, None, List::Plain(client.list_children(pending.dir()))),
-            };
-            let read = async move {
-                match read {
-                    Some(read) => Some(read.await),
-                    None => None,
-                }
-            };
-            let adding = async move {
-                match adding {
-                    Some(adding) => Some(adding.await),
-                    None => None,
-                }
-            };
-            let list = async move {
-                match list {
-                    List::Watched(list, guard) => Some(list.await.map(|(children, watch)| {
-                        let watch: OwnWatch = Box::pin(watch.changed());
-                        let counted = guard.clone();
-                        let watch = Box::pin(GuardedWatch::new(watch, guard)) as OwnWatch;
-                        (children, Some((watch, counted)))
-                    })),
-                    List::Plain(list) => Some(list.await.map(|children| (children, None))),
-                    List::None => None,
-                }
-            };
-            let parents = async move {
-                if let Some(parents) = parents {
-                    // `NodeExists` is the usual answer; any failure that
-                    // matters shows in the node's create (`NoNode`).
-                    let _ = parents.await;
-                }
-            };
-            let ((), (created, read, list, adding)) = session
-                .until_retired(join(parents, join4(create, read, list, adding)))
-                .await?;
-            match created {
-                Ok((stat, seq)) => {
-                    session.touch(sent_at);
-                    let mut path = String::with_capacity(prefix.len() + 11);
-                    path.push_str(&prefix);
-                    let _ = write!(path, "{seq}");
-                    pending.created(path);
-                    self.kinds.remember_dir(pending.dir());
-                    let seen = match read {
-                        // Polled now that the create's reply is in: any
-                        // change made before our create has fired the watch.
-                        None => match self.kinds.watched(session, kind) {
-                            Some(v) => v,
-                            None => self.kinds.read_and_watch(session, kind).await?,
-                        },
-                        Some(Ok((data, _, watch))) => {
-                            let v = layout::decode_version(&data).map_err(BackendError::Internal)?;
-                            self.kinds.install(session, kind, &v, watch);
-                            v
-                        }
-                        Some(Err(_)) => self.kinds.read_and_watch(session, kind).await?,
-                    };
-                    let mut dir_view = None;
-                    let (children, dir_watch): (_, Option<(OwnWatch, ChildWatch)>) = match (view, list) {
-                        // The view, made current by the events that came
-                        // before the create's reply, stands for the listing.
-                        (Some(view), _) => match view.after_create(pending.name()) {
-                            Some(upto) => {
-                                dir_view = Some(view);
-                                (upto, None)
-                            }
-                            None => (list_children(session, pending.dir()).await?, None),
-                        },
-                        (None, Some(Ok((children, watch)))) => {
-                            if let (Some(ticket), Some(Ok(watcher))) = (ticket, adding) {
-                                dir_view = Views::complete(ticket, watcher, &children);
-                            }
-                            // A new view has applied the events that came
-                            // after the listing too: trust it as the warm
-                            // path does (our node already gone → list).
-                            match dir_view.as_ref().map(|view| view.after_create(pending.name())) {
-                                Some(Some(upto)) => (upto, watch),
-                                Some(None) => {
-                                    dir_view = None;
-                                    (list_children(session, pending.dir()).await?, watch)
-                                }
-                                None => (children, watch),
-                            }
-                        }
-                        (None, _) => (list_children(session, pending.dir()).await?, None),
-                    };
-                    let (dir_watch, child_watch) = dir_watch.unzip();
-                    return Ok(Round::Created(Created {
-                        czxid: stat.czxid,
-                        seen,
-                        children,
-                        dir_watch,
-                        child_watch,
-                        dir_view,
-                    }));
-                }
-                Err(ZkError::NoNode) => {
-                    pending.mark_not_created();
-                    self.kinds.forget_dir(pending.dir());
-                    let seen = match read {
-                        Some(Ok((data, _, watch))) => match layout::decode_version(&data) {
-                            Ok(v) => {
-                                self.kinds.install(session, kind, &v, watch);
-                                Some(v)
-                            }
-                            Err(_) => None,
-                        },
-                        Some(Err(_)) => None,
-                        None => match self.kinds.watched(session, kind) {
-                            Some(v) => Some(v),
-                            None => Some(self.kinds.read_and_watch(session, kind).await?),
-                        },
-                    };
-                    if let Some(seen) = seen
-                        && seen != *version
-                    {
-                        return Ok(Round::Moved(seen));
-                    }
-                    if dir_known {
-                        // Reaped since we saw it: create it with the node.
-                        dir_known = false;
-                    } else {
-                        // The kind's nodes are missing too.
-                        self.kinds
-                            .ensure_parents(session, kind, &version.version, pending.dir())
-                            .await?;
-                        dir_known = true;
-                    }
-                }
-                Err(e) if connection_broke(&e) => {
-                    if let Some(created) = nodes::recover(session, &layout.version_path(kind), pending).await? {
-                        self.kinds.remember_dir(pending.dir());
-                        return Ok(Round::Created(created));
-                    }
-                }
-                Err(e) => {
-                    // Only a definite refusal means no node was made;
-                    // otherwise the drop of `pending` looks for it by uuid.
-                    if definitely_not_created(&e) {
-                        pending.mark_not_created();
-                    }
-                    return Err(map_err("create lock node", e));
-                }
-            }
-        }
-        Err(BackendError::Internal(format!(
-            "could not create a lock node in {} after {MAX_ATTEMPTS} attempts",
-            pending.dir()
-        )))
-    }
-}
-
-/// The listing a create round sends, if any.
-enum List<W, P> {
-    Watched(W, ChildWatch),
-    Plain(P),
-    None,
-}
-
-/// How a create round ended.
-enum Round {
-    /// Our node exists (see [`Created`]).
-    Created(Created),
-    /// No node was made: the lock directory is gone and the kind's version
-    /// node, read in the same round, says the kind moved on.
-    Moved(KindVersion),
 }
