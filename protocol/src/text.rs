@@ -266,15 +266,15 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
                     h.lease_remaining_ms,
                     h.connection_id
                 );
+                if let Some(trace_id) = &h.trace_id {
+                    let _ = write!(out, " trace={}", one_line(trace_id));
+                }
+                // Version 4's field goes last: lines of earlier versions
+                // keep their shape.
                 if let Some(mode) = h.mode {
                     let _ = write!(out, " mode={}", mode.name());
                 }
-                match &h.trace_id {
-                    Some(trace_id) => {
-                        let _ = writeln!(out, " trace={}", one_line(trace_id));
-                    }
-                    None => out.push('\n'),
-                }
+                out.push('\n');
             }
             out.push_str(".\n");
         }

@@ -2,11 +2,12 @@
 //! ZooKeeper's `{kind}/version` node, the value of etcd's and Redis'
 //! `{kind}/version` key, the `record` column of PostgreSQL's `kinds` row):
 //! `"{version}\n{mode}"`, then `key=value` lines — the rotation's target and
-//! deadline while draining, `prev=` after a switch, `layout=read_write` for
-//! a kind in the read-write layout (and `to_layout=` for a rotation's
-//! target). No `layout` line means the mutex layout, which is what servers
-//! from before layouts existed assume: see PROTOCOL.md, "Layouts", for why
-//! a kind must not move to the read-write layout while such a server runs.
+//! deadline while draining (`to_layout=` for a target in the read-write
+//! layout), `prev=` after a switch. A kind in the read-write layout writes
+//! its mode as `normal+read_write` (or `draining+read_write`): a server from
+//! before layouts reads that as an unknown mode and refuses to acquire,
+//! rather than take the kind for a mutex it would share with writers whose
+//! nodes it cannot see. The mutex layout writes the mode alone.
 //!
 //! One format for every store, so an operator reads the same text whichever
 //! backend holds it, and one parser, so the rules (valid names, unknown
@@ -25,14 +26,14 @@ pub(crate) const INITIAL_VERSION: &str = "v1";
 /// draining `"\nto={to}\ndeadline_ms={unix ms}"`.
 pub(crate) fn encode_version(v: &KindVersion) -> Vec<u8> {
     let mut out = format!("{}\n{}", v.version, v.mode.name());
+    if v.layout != KindLayout::Mutex {
+        out.push_str(&format!("+{}", v.layout.name()));
+    }
     if let (KindMode::Draining, Some(r)) = (v.mode, &v.rotation) {
         out.push_str(&format!("\nto={}\ndeadline_ms={}", r.to, r.deadline_unix_ms));
         if r.layout != KindLayout::Mutex {
             out.push_str(&format!("\nto_layout={}", r.layout.name()));
         }
-    }
-    if v.layout != KindLayout::Mutex {
-        out.push_str(&format!("\nlayout={}", v.layout.name()));
     }
     out.into_bytes()
 }
@@ -66,18 +67,22 @@ pub(crate) fn decode_version(data: &[u8]) -> Result<KindVersion, String> {
     if !valid_version_name(version) {
         return Err(format!("version node names an invalid version {version:?}"));
     }
-    let mode = match lines.next().map(str::trim) {
-        None | Some("") | Some("normal") => KindMode::Normal,
-        Some("draining") => KindMode::Draining,
-        Some(other) => return Err(format!("version node has an unknown mode {other:?}")),
-    };
-    let (mut to, mut deadline) = (None, None);
-    let (mut layout, mut to_layout) = (KindLayout::Mutex, KindLayout::Mutex);
     let parse_layout =
         |v: &str| KindLayout::from_name(v).ok_or_else(|| format!("version node names an unknown layout {v:?}"));
+    let mode_line = lines.next().map(str::trim).unwrap_or("");
+    let (mode, layout) = match mode_line.split_once('+') {
+        Some((mode, layout)) => (mode, parse_layout(layout)?),
+        None => (mode_line, KindLayout::Mutex),
+    };
+    let mode = match mode {
+        "" | "normal" => KindMode::Normal,
+        "draining" => KindMode::Draining,
+        other => return Err(format!("version node has an unknown mode {other:?}")),
+    };
+    let (mut to, mut deadline) = (None, None);
+    let mut to_layout = KindLayout::Mutex;
     for line in lines {
         match line.trim().split_once('=') {
-            Some(("layout", v)) => layout = parse_layout(v)?,
             Some(("to_layout", v)) => to_layout = parse_layout(v)?,
             Some(("to", v)) if valid_version_name(v) => to = Some(Arc::from(v)),
             Some(("to", v)) => return Err(format!("version node names an invalid target {v:?}")),
@@ -160,25 +165,41 @@ mod tests {
         Ok(())
     }
 
+    fn rw_at(version: &str) -> KindVersion {
+        KindVersion::normal(version).with_layout(KindLayout::ReadWrite)
+    }
+
     #[test]
-    fn layouts_round_trip_and_default_to_mutex() -> Result<(), String> {
-        let rw = KindVersion::normal("v2").with_layout(KindLayout::ReadWrite);
-        assert_eq!(encode_version(&rw), b"v2\nnormal\nlayout=read_write");
+    fn layouts_round_trip_default_to_mutex_and_fail_closed_for_older_servers() -> Result<(), String> {
+        let rw = rw_at("v2");
+        assert_eq!(encode_version(&rw), b"v2\nnormal+read_write");
         assert_eq!(decode_version(&encode_version(&rw))?, rw);
         let to_rw = KindVersion::draining("v1", "v2", std::time::Duration::from_secs(5))
             .with_layouts(KindLayout::Mutex, KindLayout::ReadWrite);
         let data = String::from_utf8(encode_version(&to_rw)).map_err(|e| e.to_string())?;
         assert!(
-            data.contains("\nto_layout=read_write") && !data.contains("\nlayout="),
+            data.starts_with("v1\ndraining\n") && data.ends_with("\nto_layout=read_write"),
             "{data}"
         );
         assert_eq!(decode_version(data.as_bytes())?, to_rw);
+        let from_rw = KindVersion::draining("v2", "v3", std::time::Duration::from_secs(5))
+            .with_layouts(KindLayout::ReadWrite, KindLayout::ReadWrite);
+        let data = encode_version(&from_rw);
+        assert!(data.starts_with(b"v2\ndraining+read_write\nto=v3"));
+        assert_eq!(decode_version(&data)?, from_rw);
+        assert_eq!(decode_version(&data)?.aborted(), rw);
         let switched = encode_switched("v2", "v1", KindLayout::ReadWrite);
-        assert_eq!(switched, b"v2\nnormal\nlayout=read_write\nprev=v1");
+        assert_eq!(switched, b"v2\nnormal+read_write\nprev=v1");
         assert_eq!(decode_version(&switched)?, rw);
         assert_eq!(decode_previous(&switched).as_deref(), Some("v1"));
         assert_eq!(decode_version(b"v1\nnormal")?.layout, KindLayout::Mutex);
-        assert!(decode_version(b"v1\nnormal\nlayout=sideways").is_err());
+        assert!(decode_version(b"v1\nnormal+sideways").is_err());
+        // A server from before layouts reads the mode line alone: one it
+        // does not know, so it refuses the kind instead of granting in it.
+        let mode_line = |d: &[u8]| String::from_utf8_lossy(d).lines().nth(1).unwrap_or("").to_owned();
+        for data in [encode_version(&rw), switched, encode_version(&from_rw)] {
+            assert!(!["", "normal", "draining"].contains(&mode_line(&data).as_str()));
+        }
         Ok(())
     }
 }

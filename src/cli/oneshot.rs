@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use clastor_client::{Client, Error, HeldLock, HeldScope, KindMode, LockGuard, LockMode};
+use clastor_client::{Client, Error, HeldLock, HeldScope, KindLayout, KindMode, LockGuard, LockMode};
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -486,27 +486,29 @@ pub(crate) fn version(args: VersionArgs) -> ExitCode {
             KindMode::Normal => "normal",
             KindMode::Draining => "draining",
         };
-        match (&v.drain, out.json) {
-            (None, true) => println!("{}", json!({ "kind": kind, "version": v.version, "mode": mode })),
-            (None, false) => println!("{kind} version={} mode={mode}", v.version),
-            (Some(d), true) => println!(
-                "{}",
-                json!({
-                    "kind": kind,
-                    "version": v.version,
-                    "mode": mode,
-                    "to": d.to,
-                    "remaining": d.remaining,
-                    "left_ms": d.left_ms,
-                })
-            ),
-            (Some(d), false) => println!(
-                "{kind} version={} mode={mode} to={} remaining={} left={}",
-                v.version,
-                d.to,
-                d.remaining,
-                fmt_duration(Duration::from_millis(d.left_ms.into()))
-            ),
+        let layout = v.layout.map(KindLayout::name);
+        if out.json {
+            let mut j = json!({ "kind": kind, "version": v.version, "mode": mode, "layout": layout });
+            if let Some(d) = &v.drain {
+                j["to"] = json!(d.to);
+                j["remaining"] = json!(d.remaining);
+                j["left_ms"] = json!(d.left_ms);
+            }
+            println!("{j}");
+        } else {
+            let mut line = format!("{kind} version={} mode={mode}", v.version);
+            if let Some(d) = &v.drain {
+                line.push_str(&format!(
+                    " to={} remaining={} left={}",
+                    d.to,
+                    d.remaining,
+                    fmt_duration(Duration::from_millis(d.left_ms.into()))
+                ));
+            }
+            if let Some(layout) = layout {
+                line.push_str(&format!(" layout={layout}"));
+            }
+            println!("{line}");
         }
         Ok(0)
     })

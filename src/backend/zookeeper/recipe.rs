@@ -242,6 +242,16 @@ impl ZooKeeperBackend {
         let data = format!("clastor owner={owner}");
         let mut on_lost = Some(on_lost);
         loop {
+            // A shared request on a mutex kind is refused at once — unless
+            // the kind drains towards the read-write layout: then it waits.
+            let rw_ahead = version.rotation.as_ref().is_some_and(|r| r.layout == KindLayout::ReadWrite);
+            if mode == LockMode::Shared && version.layout == KindLayout::Mutex && !rw_ahead {
+                return Err(BackendError::Unsupported(format!(
+                    "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \
+                     rotate it to the read_write layout to take them (clastor rotate {kind} {v} <new> --layout read_write)",
+                    v = version.version
+                )));
+            }
             if version.mode == KindMode::Draining {
                 match self.kinds.wait_normal(&session, kind, deadline).await? {
                     Some(v) => version = v,
@@ -249,11 +259,8 @@ impl ZooKeeperBackend {
                 }
             }
             if mode == LockMode::Shared && version.layout == KindLayout::Mutex {
-                return Err(BackendError::Unsupported(format!(
-                    "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \
-                     rotate it to the read_write layout to take them (clastor rotate {kind} {v} <new> --layout read_write)",
-                    v = version.version
-                )));
+                // The drain ended back on the mutex layout (aborted).
+                continue;
             }
             let dir = self.kinds.layout().lock_dir(kind, &version.version, key.id());
             let mut pending = PendingNode::new(&session, dir, layout::lock_name(version.layout, mode));

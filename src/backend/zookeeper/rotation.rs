@@ -295,6 +295,13 @@ impl ZooKeeperBackend {
             };
             draining = KindVersion::draining(from, to, drain_timeout).with_layouts(current.layout, to_layout);
             match current.rotation_start(kind, previous.as_deref(), from, to) {
+                RotationStart::Switched if d.to_layout.is_some_and(|asked| asked != current.layout) => {
+                    return Ok(RotateOutcome::Refused(format!(
+                        "{kind} was already rotated from {from} to {to}, in the {} layout, not {}",
+                        current.layout.name(),
+                        d.to_layout.map_or("", KindLayout::name)
+                    )));
+                }
                 RotationStart::Switched => {
                     // The driver died while cleaning up.
                     info!(%kind, from, to, "resuming a rotation after its switch: cleaning up");

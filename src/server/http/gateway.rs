@@ -218,7 +218,7 @@ fn take<B: Backend>(
 ) -> Option<HttpLock<B>> {
     let ls = locks.get_mut(key)?;
     let at = ls.iter().rposition(which)?;
-    let taken = ls.swap_remove(at);
+    let taken = ls.remove(at);
     if ls.is_empty() {
         locks.remove(key);
     }
