@@ -185,6 +185,16 @@ def goal_rows(prefix, label, floor_label, peer_series):
         w(f"| {label} uncontended acquire+release p50 vs {floor_label} | ≤ 1.3× | "
           f"{ratio_range(c['clastor'], fr, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
           f"{rng([r['p50_us'] for r in fr])} µs) |")
+    # The measured references of the same loops (`clastor load`, `relay.rs`):
+    # the floor through a bare relay (the structural bound: floor + 2 hops),
+    # and on PostgreSQL Clastor's own SQL sent straight to the database.
+    for ref, what in (("reference: floor + 2 hops", "floor + 2 hops (bare relay)"),
+                      ("reference: Clastor's SQL alone", "Clastor's SQL without its server")):
+        rr = c.get(ref)
+        if rr and fr:
+            w(f"| {label} reference: {what} vs {floor_label} | report | "
+              f"{ratio_range(rr, fr, 'p50_us')} ({rng([r['p50_us'] for r in rr])} µs vs "
+              f"{rng([r['p50_us'] for r in fr])} µs) |")
     peer = c.get(peer_series)
     if c.get("clastor") and peer:
         w(f"| {label} uncontended p50: Clastor vs {peer_series[6:]} | report | "

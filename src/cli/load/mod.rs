@@ -22,6 +22,7 @@ mod footprint;
 mod pipeline;
 mod postgres;
 mod redis;
+mod relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -177,8 +178,9 @@ pub(crate) struct LoadArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
     queue_time: Duration,
 
-    /// With --zk: measure Clastor and the ZooKeeper floor alternately, sample
-    /// by sample in the same loops, instead of one after the other.
+    /// With a store (--zk, --etcd, --pg, --redis): measure Clastor and the store's floor (with
+    /// --pg and --redis also the floor through a bare relay) alternately, sample by sample in
+    /// the same loops, instead of one after the other.
     #[arg(long)]
     interleave: bool,
 
@@ -505,20 +507,44 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             let name = format!("clastor acquire+release ({keys_name})");
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            let floor = if args.no_floor || args.keys == Keys::Shared {
+            let floored = !args.no_floor && args.keys != Keys::Shared;
+            let floor_op = if !floored {
                 None
             } else if let Some(zk) = &args.zk {
                 Some(zk_floor(args, zk).await?)
             } else if args.etcd.is_some() {
                 Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
-            } else if let Some(url) = &args.pg {
-                Some(postgres::pair_floor(url, args.pg_connections.get()).await?)
-            } else if let Some(url) = &args.redis {
-                Some(redis::pair_floor(url).await?)
             } else {
                 None
             };
-            compare(args, workers, (&name, op), floor, 2, &emit).await;
+            let floor = if !floored {
+                None
+            } else if let Some(url) = &args.pg {
+                Some(postgres::pair_steps(url, args.pg_connections.get()).await?)
+            } else if let Some(url) = &args.redis {
+                Some(redis::pair_steps(url).await?)
+            } else {
+                None
+            };
+            if let Some((floor_name, steps)) = floor {
+                // PostgreSQL and Redis: the floor, the floor through a bare
+                // relay (Clastor's two hops, none of its work) and, on
+                // PostgreSQL, Clastor's own statements sent straight to the
+                // database (its SQL, without its server).
+                let mut refs = vec![(
+                    RELAY_NAME.to_owned(),
+                    "reference: floor + 2 hops",
+                    relay::relayed(steps.clone(), workers).await?,
+                )];
+                if let Some(url) = &args.pg {
+                    let (name, op) = postgres::clastor_sql(url, workers).await?;
+                    refs.push((name, "reference: Clastor's SQL alone", op));
+                }
+                let floor = (floor_name, relay::pair(steps));
+                compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;
+            } else {
+                compare(args, workers, (&name, op), floor_op, 2, &emit).await;
+            }
             if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
                 emit(measure_n(args, workers, &name, op).await, "peer: etcd v3lock", 2);
@@ -582,9 +608,12 @@ async fn compare(
 ) {
     match floor {
         Some((floor_name, floor_op)) if args.interleave => {
-            let (a, b) = measure_alternating(args, workers, [(name, op), (&floor_name, floor_op)]).await;
-            emit(a, "clastor", requests_per_op);
-            emit(b, args.floor_series(), requests_per_op);
+            let mut r = measure_alternating(args, workers, &[(name, op), (&floor_name, floor_op)]).await;
+            let (b, a) = (r.pop(), r.pop());
+            if let (Some(a), Some(b)) = (a, b) {
+                emit(a, "clastor", requests_per_op);
+                emit(b, args.floor_series(), requests_per_op);
+            }
         }
         Some((floor_name, floor_op)) => {
             emit(measure_n(args, workers, name, op).await, "clastor", requests_per_op);
@@ -598,20 +627,51 @@ async fn compare(
     }
 }
 
-/// Two operations alternating in each of `workers` loops (a warm-up, then
+/// Name of the relayed floor's row (`relay.rs`).
+const RELAY_NAME: &str = "reference: floor through a bare relay (+2 hops)";
+
+/// [`compare`] with reference rows next to the floor (`(name, series, op)`):
+/// Clastor, the floor and each reference, one after the other or with
+/// `--interleave` sample by sample in the same loops.
+async fn compare_with_refs(
+    args: &LoadArgs,
+    workers: usize,
+    clastor: (String, OpFn),
+    floor: (String, OpFn),
+    refs: Vec<(String, &'static str, OpFn)>,
+    emit: &impl Fn(Report, &'static str, u64),
+) {
+    let mut series = vec!["clastor", args.floor_series()];
+    let mut ops = vec![clastor, floor];
+    for (name, s, op) in refs {
+        series.push(s);
+        ops.push((name, op));
+    }
+    if args.interleave {
+        let named: Vec<(&str, OpFn)> = ops.iter().map(|(n, op)| (n.as_str(), op.clone())).collect();
+        for (r, s) in measure_alternating(args, workers, &named).await.into_iter().zip(series) {
+            emit(r, s, 2);
+        }
+    } else {
+        for ((name, op), s) in ops.into_iter().zip(series) {
+            emit(measure_n(args, workers, &name, op).await, s, 2);
+        }
+    }
+}
+
+/// Operations alternating in each of `workers` loops (a warm-up, then
 /// `--duration`); one report each. Throughput is each one's share of the
 /// shared time.
-async fn measure_alternating(args: &LoadArgs, workers: usize, ops: [(&str, OpFn); 2]) -> (Report, Report) {
-    let [(name_a, op_a), (name_b, op_b)] = ops;
+async fn measure_alternating(args: &LoadArgs, workers: usize, ops: &[(&str, OpFn)]) -> Vec<Report> {
     let run = |length: Duration| {
         let deadline = Instant::now() + length;
         let tasks: Vec<_> = (0..workers)
             .map(|i| {
-                let (op_a, op_b) = (op_a.clone(), op_b.clone());
+                let ops: Vec<OpFn> = ops.iter().map(|(_, op)| op.clone()).collect();
                 tokio::spawn(async move {
-                    let mut out = [(new_hist(), 0u64), (new_hist(), 0u64)];
+                    let mut out: Vec<(Histogram<u64>, u64)> = ops.iter().map(|_| (new_hist(), 0u64)).collect();
                     while Instant::now() < deadline {
-                        for (k, op) in [&op_a, &op_b].into_iter().enumerate() {
+                        for (k, op) in ops.iter().enumerate() {
                             match op(i).await {
                                 Ok(latency) => {
                                     let _ = out[k].0.record(micros(latency));
@@ -638,16 +698,15 @@ async fn measure_alternating(args: &LoadArgs, workers: usize, ops: [(&str, OpFn)
     let started = Instant::now();
     let results = run(args.duration).await;
     let elapsed = started.elapsed();
-    let (mut a, mut b) = (Report::new(name_a, elapsed), Report::new(name_b, elapsed));
-    for [(ha, ea), (hb, eb)] in results {
-        a.ops += ha.len();
-        let _ = a.hist.add(&ha);
-        a.errors += ea;
-        b.ops += hb.len();
-        let _ = b.hist.add(&hb);
-        b.errors += eb;
+    let mut reports: Vec<Report> = ops.iter().map(|(name, _)| Report::new(name, elapsed)).collect();
+    for per_worker in results {
+        for (r, (h, e)) in reports.iter_mut().zip(per_worker) {
+            r.ops += h.len();
+            let _ = r.hist.add(&h);
+            r.errors += e;
+        }
     }
-    (a, b)
+    reports
 }
 
 /// A loopback server echoing whatever it reads, as it reads it: the floor

@@ -7,6 +7,9 @@
 //!   pay at least;
 //! - floor, hand-over: one connection `NOTIFY`s, another `LISTEN`s; from
 //!   the send to the wake-up;
+//! - reference: Clastor's own `acquire()` and `release()` functions called
+//!   straight from here (its SQL, without its server), next to the floor
+//!   and the floor through a bare relay (`relay.rs`);
 //! - peer: `pg_advisory_lock` then `pg_advisory_unlock` on a connection of
 //!   the worker's own, as a user picking advisory locks instead of Clastor
 //!   would run them (and with what they do not give: no fencing token, no
@@ -19,6 +22,7 @@ use anyhow::{Context as _, bail};
 use futures_util::StreamExt as _;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 
+use super::relay::{StepFn, step_fn};
 use super::{OpFn, op_fn, timed_op_fn};
 
 /// Schema of the floors' table.
@@ -33,8 +37,10 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// The acquire+release floor (module docs) over `connections` clients.
-pub(super) async fn pair_floor(url: &str, connections: usize) -> anyhow::Result<(String, OpFn)> {
+/// The acquire+release floor (module docs) over `connections` clients, as
+/// its two steps (`relay.rs`): `INSERT … RETURNING id`, then `DELETE` of
+/// that id.
+pub(super) async fn pair_steps(url: &str, connections: usize) -> anyhow::Result<(String, StepFn)> {
     let setup = connect(url).await?;
     setup
         .batch_execute(&format!(
@@ -59,13 +65,77 @@ pub(super) async fn pair_floor(url: &str, connections: usize) -> anyhow::Result<
     let name = format!("floor: PostgreSQL INSERT RETURNING + DELETE ({} conns)", pool.len());
     Ok((
         name,
-        op_fn(move |i| {
+        step_fn(move |i, step, id| {
             let pool = pool.clone();
             async move {
                 let (c, insert, delete) = &pool[i % pool.len()];
-                let name = format!("k{i}");
-                let id: i64 = c.query_one(insert, &[&name]).await?.try_get(0)?;
-                c.execute(delete, &[&id]).await?;
+                if step == 0 {
+                    let name = format!("k{i}");
+                    Ok(c.query_one(insert, &[&name]).await?.try_get(0)?)
+                } else {
+                    c.execute(delete, &[&id]).await?;
+                    Ok(id)
+                }
+            }
+        }),
+    ))
+}
+
+/// The schema `clastor load --pg` installs Clastor's tables in (the backend's
+/// default).
+const CLASTOR_SCHEMA: &str = "clastor";
+
+/// Clastor's own acquire and release statements (`src/backend/postgres/schema.rs`:
+/// `{schema}.acquire`, `{schema}.release`), prepared and sent straight to
+/// the database, a connection per worker: what Clastor's SQL costs the
+/// database without Clastor's server in front of it. The rows belong to a
+/// server row of their own, registered here with a day's TTL (the
+/// backend's reaper deletes it once it has expired).
+pub(super) async fn clastor_sql(url: &str, workers: usize) -> anyhow::Result<(String, OpFn)> {
+    let s = CLASTOR_SCHEMA;
+    let setup = connect(url).await?;
+    let server: i64 = setup
+        .query_one(
+            &format!(
+                "INSERT INTO {s}.servers (name, ttl_ms, expires_at)
+                 VALUES ('clastor load: direct SQL', 86400000, now() + interval '1 day') RETURNING id"
+            ),
+            &[],
+        )
+        .await
+        .context("register a server row for the direct-SQL reference (is Clastor's schema installed?)")?
+        .try_get(0)?;
+    let mut conns = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let c = connect(url).await?;
+        let acquire = c
+            .prepare(&format!("SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"))
+            .await?;
+        let release = c.prepare(&format!("SELECT {s}.release($1, $2)")).await?;
+        conns.push((c, acquire, release));
+    }
+    let conns = Arc::new(conns);
+    let tags = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    Ok((
+        format!("reference: Clastor's acquire() + release() SQL alone ({s} schema)"),
+        op_fn(move |i| {
+            let (conns, tags) = (conns.clone(), tags.clone());
+            async move {
+                let (c, acquire, release) = &conns[i % conns.len()];
+                let tag = tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (kind, version, id, owner) = ("load-sql", "v1", format!("k{i}"), "clastor load");
+                let (rev, try_once) = (0i64, false);
+                let row = c
+                    .query_one(acquire, &[&kind, &version, &id, &server, &tag, &owner, &rev, &try_once])
+                    .await?;
+                let (seq, head): (Option<i64>, Option<i64>) = (row.try_get(0)?, row.try_get(1)?);
+                if seq.is_none() || seq != head {
+                    bail!("Clastor's acquire() did not grant {kind}/{id} at once (seq {seq:?}, head {head:?})");
+                }
+                let released: bool = c.query_one(release, &[&server, &tag]).await?.try_get(0)?;
+                if !released {
+                    bail!("Clastor's release() found no row");
+                }
                 Ok(())
             }
         }),

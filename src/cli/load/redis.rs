@@ -21,6 +21,7 @@ use anyhow::{Context as _, bail};
 use futures_util::StreamExt as _;
 use redis::aio::MultiplexedConnection;
 
+use super::relay::{StepFn, step_fn};
 use super::{OpFn, op_fn, timed_op_fn};
 
 /// Prefix of the floors' keys and channels.
@@ -38,29 +39,33 @@ async fn connection(url: &str) -> anyhow::Result<(redis::Client, MultiplexedConn
     Ok((client, conn))
 }
 
-/// The acquire+release floor (module docs), one key per worker.
-pub(super) async fn pair_floor(url: &str) -> anyhow::Result<(String, OpFn)> {
+/// The acquire+release floor (module docs), one key per worker, as its two
+/// steps (`relay.rs`): `SET NX PX`, then `DEL`.
+pub(super) async fn pair_steps(url: &str) -> anyhow::Result<(String, StepFn)> {
     let (_, conn) = connection(url).await?;
     let run = std::process::id();
     Ok((
         "floor: Redis SET NX PX + DEL (1 connection)".to_owned(),
-        op_fn(move |i| {
+        step_fn(move |i, step, _| {
             let mut conn = conn.clone();
             async move {
                 let key = format!("{FLOOR_PREFIX}:p{run}-{i}");
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(&key)
-                    .arg("1")
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(30_000)
-                    .query_async(&mut conn)
-                    .await?;
-                if set.is_none() {
-                    bail!("{key} was taken");
+                if step == 0 {
+                    let set: Option<String> = redis::cmd("SET")
+                        .arg(&key)
+                        .arg("1")
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(30_000)
+                        .query_async(&mut conn)
+                        .await?;
+                    if set.is_none() {
+                        bail!("{key} was taken");
+                    }
+                } else {
+                    let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
                 }
-                let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
-                Ok(())
+                Ok(0)
             }
         }),
     ))
