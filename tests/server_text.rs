@@ -356,7 +356,7 @@ async fn acquire_takes_a_trace_id_and_held_lists_it() {
         "{held:?}"
     );
     assert!(
-        held[1].starts_with("k traced ") && held[1].ends_with(" trace=job-42:step.1"),
+        held[1].starts_with("k traced ") && held[1].ends_with(" trace=job-42:step.1 mode=exclusive"),
         "{held:?}"
     );
     drop(c);

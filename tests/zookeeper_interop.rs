@@ -298,7 +298,10 @@ where
     assert_eq!(writer.acquire(&key, exclusive).await.unwrap(), None);
     if downgrade {
         // Downgrade with nobody queued: the read lock is granted beside the
-        // write lock, which then goes.
+        // write lock, which then goes. (Debian's Curator 5.4 names the
+        // downgraded read node like any reader; from 5.5 — CURATOR-621 —
+        // it may sort at the write node's place, which Clastor would read
+        // as a writer: safe, but this step's expectation would change.)
         assert_eq!(peer.cmd("read 10000").await, "ACQUIRED");
         assert_eq!(peer.cmd("unwrite").await, "RELEASED");
         assert_eq!(
@@ -580,6 +583,20 @@ where
         writes > 0 && writes < holds.len(),
         "a mix of reads and writes: {writes} of {}",
         holds.len()
+    );
+    // The foreign client and Clastor hammered at the same time, or the
+    // check above proves nothing across implementations.
+    let span = |who: &str| {
+        let mine = holds.iter().filter(|h| h.who == who);
+        let from = mine.clone().map(|h| h.from).min().unwrap();
+        let to = mine.map(|h| h.to).max().unwrap();
+        (from, to)
+    };
+    let (peer_from, peer_to) = span(peer_name);
+    let (ours_from, ours_to) = span("clastor");
+    assert!(
+        peer_from < ours_to && ours_from < peer_to,
+        "{peer_name} held from {peer_from} to {peer_to}, Clastor from {ours_from} to {ours_to}: no contention"
     );
     assert_no_rw_overlap(&mut holds);
     // Fencing: a Clastor writer's token exceeds every Clastor token granted

@@ -526,6 +526,15 @@ async fn renew_needs_a_held_lock_and_a_positive_lease<B: Backend>(env: Env<B>) {
     ));
 }
 
+/// Asserts that `task` (an acquire) does not finish within a short window:
+/// it must not be granted while what excludes it still holds. The window
+/// only bounds how long a wrong grant has to show; a right answer never
+/// finishes in it, so the check cannot fail spuriously.
+async fn stays_pending<T>(task: &mut tokio::task::JoinHandle<T>, what: &str) {
+    let early = tokio::time::timeout(Duration::from_millis(200), task).await;
+    assert!(early.is_err(), "{what}");
+}
+
 fn shared() -> AcquireOptions {
     AcquireOptions {
         mode: LockMode::Shared,
@@ -611,14 +620,14 @@ async fn shared_holders_hold_together_and_exclude_an_exclusive_one<B: Backend>(e
         w.acquire(&key, AcquireOptions::try_once()).await.unwrap().is_none(),
         "a writer waits for readers"
     );
-    let writer = {
+    let mut writer = {
         let (w, key) = (w.clone(), key.clone());
         tokio::spawn(async move { w.acquire(&key, wait(LONG)).await })
     };
     env.await_contenders(&key, 3).await;
     assert!(r1.release(&key).await.unwrap());
     env.await_contenders(&key, 2).await;
-    assert!(!writer.is_finished(), "granted while a reader still holds");
+    stays_pending(&mut writer, "granted while a reader still holds").await;
     let (r3, _) = env.session(3);
     assert!(
         r3.acquire(&key, shared()).await.unwrap().is_none(),
@@ -653,7 +662,7 @@ async fn a_queued_exclusive_request_is_not_passed_by_shared_ones<B: Backend>(env
         tokio::spawn(async move { w.acquire(&key, wait(LONG)).await })
     };
     env.await_contenders(&key, 2).await;
-    let reader = {
+    let mut reader = {
         let (r2, key) = (r2.clone(), key.clone());
         tokio::spawn(async move { r2.acquire(&key, shared_wait(LONG)).await })
     };
@@ -661,10 +670,7 @@ async fn a_queued_exclusive_request_is_not_passed_by_shared_ones<B: Backend>(env
     assert!(r1.release(&key).await.unwrap());
     let tw = writer.await.unwrap().unwrap().expect("the writer goes first").token;
     env.await_contenders(&key, 2).await;
-    assert!(
-        !reader.is_finished(),
-        "the reader queued behind the writer was let in beside it"
-    );
+    stays_pending(&mut reader, "the reader queued behind the writer was let in beside it").await;
     assert!(w.release(&key).await.unwrap());
     let tr = reader.await.unwrap().unwrap().expect("then the reader").token;
     assert!(tr > tw, "reader's token {tr} after the writer's {tw}");
@@ -690,7 +696,7 @@ async fn shared_waiters_behind_an_exclusive_holder_are_let_in_together<B: Backen
         env.await_contenders(&key, i + 2).await;
     }
     let (w2, _) = env.session(4);
-    let writer = {
+    let mut writer = {
         let (w2, key) = (w2.clone(), key.clone());
         tokio::spawn(async move { w2.acquire(&key, wait(LONG)).await })
     };
@@ -712,7 +718,7 @@ async fn shared_waiters_behind_an_exclusive_holder_are_let_in_together<B: Backen
         tokens.iter().all(|&t| t > tw1),
         "readers' tokens {tokens:?} after the writer's {tw1}"
     );
-    assert!(!writer.is_finished(), "the second writer got in beside readers");
+    stays_pending(&mut writer, "the second writer got in beside readers").await;
     for r in &holders {
         assert!(r.release(&key).await.unwrap());
     }
@@ -740,20 +746,19 @@ async fn an_exclusive_waiter_leaving_lets_the_shared_ones_behind_it_in<B: Backen
     r1.acquire(&key, shared()).await.unwrap().expect("first reader");
     let writer = {
         let (w, key) = (w.clone(), key.clone());
-        tokio::spawn(async move { w.acquire(&key, wait(Duration::from_millis(600))).await })
+        tokio::spawn(async move { w.acquire(&key, wait(LONG)).await })
     };
     env.await_contenders(&key, 2).await;
-    let reader = {
+    let mut reader = {
         let (r2, key) = (r2.clone(), key.clone());
         tokio::spawn(async move { r2.acquire(&key, shared_wait(LONG)).await })
     };
     env.await_contenders(&key, 3).await;
-    // The writer times out while the first reader still holds: the reader
-    // it kept waiting joins the first.
-    assert!(
-        writer.await.unwrap().unwrap().is_none(),
-        "the writer cannot hold beside a reader"
-    );
+    stays_pending(&mut reader, "a reader passed the queued writer").await;
+    // The writer gives up (its wait is cancelled) while the first reader
+    // still holds: the reader it kept waiting joins the first.
+    writer.abort();
+    assert!(writer.await.is_err_and(|e| e.is_cancelled()));
     reader
         .await
         .unwrap()

@@ -244,7 +244,10 @@ impl ZooKeeperBackend {
         loop {
             // A shared request on a mutex kind is refused at once — unless
             // the kind drains towards the read-write layout: then it waits.
-            let rw_ahead = version.rotation.as_ref().is_some_and(|r| r.layout == KindLayout::ReadWrite);
+            let rw_ahead = version
+                .rotation
+                .as_ref()
+                .is_some_and(|r| r.layout == KindLayout::ReadWrite);
             if mode == LockMode::Shared && version.layout == KindLayout::Mutex && !rw_ahead {
                 return Err(BackendError::Unsupported(format!(
                     "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \

@@ -50,6 +50,9 @@ enum List<W, P> {
     None,
 }
 
+/// A listing, with the child watch it left and that watch's count.
+type Listing = (Vec<String>, Option<(OwnWatch, ChildWatch)>);
+
 /// What one round's requests answered, awaited together.
 struct Replies {
     /// The path our node was created with, before ZooKeeper's sequence.
@@ -61,7 +64,7 @@ struct Replies {
     read: Option<ZkResult<(Vec<u8>, Stat, OneshotWatcher)>>,
     /// The listing, with the child watch it left and its count (rounds
     /// without a view).
-    list: Option<ZkResult<(Vec<String>, Option<(OwnWatch, ChildWatch)>)>>,
+    list: Option<ZkResult<Listing>>,
     /// The session's view of the directory (warm rounds).
     view: Option<Arc<DirView>>,
     /// A view being established: its slot and its `addWatch`'s answer.
