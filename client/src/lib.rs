@@ -81,6 +81,9 @@ mod event;
 mod lock;
 mod multi;
 mod reply;
+#[cfg(feature = "tls")]
+mod tls;
+mod transport;
 
 pub use clastor_protocol::{
     DrainState, Event, HeldLock, HeldScope, KindMode, Request, Response, ResponseBody, RotateOk, RotationHolder,
@@ -90,5 +93,7 @@ pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};
 pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 pub use lock::{LockGuard, LockRequest, LostWatch, Released, RetryPolicy};
 pub use multi::{MultiLockGuard, MultiLockRequest};

@@ -13,6 +13,7 @@ use clastor_protocol::{
     Status, VersionInfo,
 };
 
+use super::auth::{Access, Permission};
 use super::state::ServerState;
 use crate::backend::Backend;
 use crate::engine::{AcquireOptions, Engine, HeldInfo, Session};
@@ -35,6 +36,10 @@ pub(crate) struct RequestContext<B: Backend> {
     /// The connection negotiated protocol version 3 (or speaks text):
     /// `HELD` listings carry the grants' trace ids.
     pub(crate) reports_traces: bool,
+    /// Who the connection is and what it may do (`auth/`).
+    pub(crate) access: Access,
+    /// The connection's peer, for the logs of refused `AUTH`s.
+    pub(crate) peer: std::net::SocketAddr,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -45,6 +50,8 @@ impl<B: Backend> Clone for RequestContext<B> {
             reports_safe: self.reports_safe,
             reports_drain: self.reports_drain,
             reports_traces: self.reports_traces,
+            access: self.access.clone(),
+            peer: self.peer,
         }
     }
 }
@@ -93,8 +100,11 @@ pub(crate) async fn dispatch<B: Backend>(
     req: Request,
 ) -> Result<ResponseBody, ErrorReply> {
     shared.stats.count_request(req.opcode());
+    ctx.access.check(&req)?;
     match req {
         Request::Hello(_) => Err(err(Status::BadRequest, "HELLO is only valid as the first binary frame")),
+        // The actors answer AUTH themselves: it changes the connection.
+        Request::Auth { .. } => Err(err(Status::Internal, "AUTH reached dispatch")),
         Request::Ping => Ok(ResponseBody::Pong),
         Request::Acquire(a) => {
             let key = key(&a.kind, &a.id)?;
@@ -186,7 +196,15 @@ pub(crate) async fn dispatch<B: Backend>(
                 aborted,
             })
         }
-        Request::Info => Ok(ResponseBody::Info(shared.info())),
+        Request::Info if ctx.access.is_admin() => Ok(ResponseBody::Info(shared.info())),
+        // Without admin, only what HELLO already tells.
+        Request::Info => Ok(ResponseBody::Info(vec![
+            ("server".to_owned(), shared.server_name()),
+            (
+                "principal".to_owned(),
+                ctx.access.principal().unwrap_or_default().to_owned(),
+            ),
+        ])),
         Request::Confirm if !ctx.reports_safe => Err(err(
             Status::BadRequest,
             "CONFIRM needs protocol version 2 (offer max_version 2 in HELLO)",
@@ -203,6 +221,8 @@ pub(crate) async fn rotate<B: Backend>(
     r: Rotate,
     progress: &(dyn Fn(RotationProgress) + Send + Sync),
 ) -> Result<ResponseBody, ErrorReply> {
+    // The actors call this directly for its progress: the same check as dispatch's.
+    ctx.access.require(Permission::Rotate, Some(&r.kind))?;
     let timeout = ms(r.drain_timeout_ms);
     let (drained, leftover) = ctx.engine.rotate(&r.kind, &r.from, &r.to, timeout, progress).await?;
     Ok(ResponseBody::Rotated(RotateOk {
