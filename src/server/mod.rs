@@ -55,6 +55,24 @@ use crate::backend::Backend;
 use crate::engine::Engine;
 use state::{ServerState, ServerStats};
 
+/// Reloads a running server's auth file.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct AuthReloader(Arc<auth::Authenticator>);
+
+#[cfg(feature = "tls")]
+impl AuthReloader {
+    /// Reads the auth file again. Established connections keep their
+    /// principal; their next request is checked against the new file.
+    /// Returns how many principals it names.
+    ///
+    /// # Errors
+    /// The file cannot be read or is invalid: the one in force stays.
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        self.0.reload()
+    }
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct ServerHandle {
@@ -77,16 +95,11 @@ impl ServerHandle {
         self.http_addr
     }
 
-    /// Reads the auth file again (on `SIGHUP`, for the CLI). Established
-    /// connections keep their principal; their next request is checked
-    /// against the new file. Returns how many principals it names; `None`
-    /// with auth off.
-    ///
-    /// # Errors
-    /// The new file cannot be read or is invalid: the old one stays in force.
+    /// What reloads the auth file (on `SIGHUP`, in the CLI); `None` with
+    /// authentication off.
     #[cfg(feature = "tls")]
-    pub fn reload_auth(&self) -> Result<Option<usize>, AuthError> {
-        self.auth.as_ref().map(|a| a.reload()).transpose()
+    pub fn auth_reloader(&self) -> Option<AuthReloader> {
+        self.auth.clone().map(AuthReloader)
     }
 
     /// A token that shuts the server down when cancelled.
