@@ -182,6 +182,21 @@ pub(crate) struct LoadArgs {
     #[arg(long)]
     interleave: bool,
 
+    /// Speak TLS to the server, trusting the CA certificate(s) in this PEM file; with
+    /// --tls-server, only to that one.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// A second server, same settings but TLS (--tls-cert): acquire+release is measured on
+    /// --server in plain TCP and on this one over TLS, as the "floor" pair (with --interleave,
+    /// sample by sample in the same loops): the cost of TLS from one run.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["tls_ca", "server"])]
+    tls_server: Option<String>,
+
+    /// Authenticate every connection with this token (servers with --auth-file).
+    #[arg(long, env = "CLASTOR_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     /// Skip the floors (for profiling the server alone).
     #[arg(long)]
     no_floor: bool,
@@ -282,7 +297,9 @@ impl LoadArgs {
 
     /// The series name of the backend's floor.
     fn floor_series(&self) -> &'static str {
-        if self.pg.is_some() {
+        if self.tls_server.is_some() {
+            "clastor over TLS"
+        } else if self.pg.is_some() {
             "floor: PostgreSQL"
         } else if self.etcd.is_some() {
             "floor: etcd"
@@ -470,7 +487,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             emit(r, "clastor", 2);
         }
     } else {
-        let clients = connect_all(addr, n).await?;
+        let tls_for_addr = args.tls_ca.as_deref().filter(|_| args.tls_server.is_none());
+        let clients = connect_all(addr, n, tls_for_addr, args.token.as_deref()).await?;
         if wants_ping {
             let c = clients.clone();
             let op = op_fn(move |i| {
@@ -481,31 +499,14 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
         }
         if wants_pairs {
             let keys = args.keys;
-            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let run = std::process::id();
-            let c = clients.clone();
-            let op = op_fn(move |i| {
-                let conns = c.len();
-                let c = c[i % conns].clone();
-                let id = match keys {
-                    // Loop j of every connection shares key j: contended by
-                    // every connection, never twice by one.
-                    Keys::Shared => format!("shared-{}", i / conns),
-                    Keys::Distinct => format!("k{i}"),
-                    Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-                };
-                async move {
-                    let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
-                    match guard {
-                        Some(g) => g.release().await.map(drop).map_err(anyhow::Error::from),
-                        None => bail!("not granted within 30 s"),
-                    }
-                }
-            });
+            let op = pair_op(clients.clone(), keys);
             let name = format!("clastor acquire+release ({keys_name})");
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            let floor = if args.no_floor || args.keys == Keys::Shared {
+            let floor = if let Some(tls_addr) = &args.tls_server {
+                let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
+                Some((format!("clastor acquire+release over TLS ({keys_name})"), pair_op(tls, keys)))
+            } else if args.no_floor || args.keys == Keys::Shared {
                 None
             } else if let Some(zk) = &args.zk {
                 Some(zk_floor(args, zk).await?)
@@ -737,18 +738,51 @@ async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerH
     Ok((handle.local_addr().to_string(), Some(handle)))
 }
 
-async fn connect_all(addr: &str, n: usize) -> anyhow::Result<Arc<Vec<Client>>> {
+async fn connect_all(
+    addr: &str,
+    n: usize,
+    tls_ca: Option<&std::path::Path>,
+    token: Option<&str>,
+) -> anyhow::Result<Arc<Vec<Client>>> {
+    let tls = tls_ca
+        .map(|ca| clastor_client::TlsConfig::from_pem_files(ca, None))
+        .transpose()?;
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        clients.push(
-            Client::builder(addr)
-                .client_name("clastor-load")
-                .connect()
-                .await
-                .with_context(|| format!("connect to {addr}"))?,
-        );
+        let mut builder = Client::builder(addr).client_name("clastor-load");
+        if let Some(tls) = &tls {
+            builder = builder.tls(tls.clone());
+        }
+        if let Some(token) = token {
+            builder = builder.token(token);
+        }
+        clients.push(builder.connect().await.with_context(|| format!("connect to {addr}"))?);
     }
     Ok(Arc::new(clients))
+}
+
+/// Acquire+release of worker `i`'s key on its client.
+fn pair_op(clients: Arc<Vec<Client>>, keys: Keys) -> OpFn {
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let run = std::process::id();
+    op_fn(move |i| {
+        let conns = clients.len();
+        let c = clients[i % conns].clone();
+        let id = match keys {
+            // Loop j of every connection shares key j: contended by
+            // every connection, never twice by one.
+            Keys::Shared => format!("shared-{}", i / conns),
+            Keys::Distinct => format!("k{i}"),
+            Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
+        async move {
+            let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
+            match guard {
+                Some(g) => g.release().await.map(drop).map_err(anyhow::Error::from),
+                None => bail!("not granted within 30 s"),
+            }
+        }
+    })
 }
 
 /// One operation of worker `i`, as a future yielding the latency to record.
