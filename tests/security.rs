@@ -10,12 +10,10 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clastor::server::{AuthConfig, HttpConfig, ServerConfig, ServerHandle, TlsConfig, hash_token};
 use clastor::EngineConfig;
+use clastor::server::{AuthConfig, HttpConfig, ServerConfig, ServerHandle, TlsConfig, hash_token};
 use clastor_client::{Client, Error, TlsConfig as ClientTls};
-use clastor_protocol::{
-    Acquire, AuthToken, Event, HeldScope, LockMode, Request, ResponseBody, Rotate, Status,
-};
+use clastor_protocol::{Acquire, AuthToken, Event, HeldScope, LockMode, Request, ResponseBody, Rotate, Status};
 use support::tls::TestCa;
 use support::{Incoming, Raw, Text, http};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -293,12 +291,13 @@ async fn the_text_form_refuses_until_auth_and_bounds_attempts() {
     let line = t.cmd("ACQUIRE transaction tx-1").await;
     assert!(line.starts_with("-ERR UNAUTHENTICATED "), "{line}");
     assert!(t.cmd("HELD").await.starts_with("-ERR UNAUTHENTICATED "));
-    assert_eq!(
-        t.cmd("AUTH nope").await,
-        "-ERR UNAUTHENTICATED authentication failed"
-    );
+    assert_eq!(t.cmd("AUTH nope").await, "-ERR UNAUTHENTICATED authentication failed");
     assert_eq!(t.cmd(&format!("AUTH {WRITER}")).await, "+AUTH principal=writer");
-    assert!(t.cmd("ACQUIRE transaction tx-1").await.starts_with("+ACQUIRED transaction tx-1 "));
+    assert!(
+        t.cmd("ACQUIRE transaction tx-1")
+            .await
+            .starts_with("+ACQUIRED transaction tx-1 ")
+    );
     let line = t.cmd("ACQUIRE user u-1").await;
     assert_eq!(line, "-ERR FORBIDDEN principal writer may not acquire kind user");
     let line = t.cmd("ROTATE transaction v1 v2").await;
@@ -364,7 +363,11 @@ async fn hostile_auth_bodies_get_bad_request_and_count_as_attempts() {
     let long = "t".repeat(clastor_protocol::MAX_TOKEN_LEN + 1);
     let mut too_long = u16::try_from(long.len()).unwrap().to_be_bytes().to_vec();
     too_long.extend_from_slice(long.as_bytes());
-    for (id, body) in [(100, vec![0xff, 0xff, 1]), (101, vec![0, 2, 0xc3, 0x28]), (102, too_long)] {
+    for (id, body) in [
+        (100, vec![0xff, 0xff, 1]),
+        (101, vec![0, 2, 0xc3, 0x28]),
+        (102, too_long),
+    ] {
         raw.send_bytes(&frame(id, &body)).await;
         let resp = raw.response().await;
         assert_eq!(resp.request_id, id);
@@ -412,7 +415,10 @@ async fn a_reload_applies_to_established_connections_and_a_bad_one_is_refused() 
     // A principal removed from the file can do nothing more.
     std::fs::write(
         &s.file,
-        format!("[[principal]]\nname = \"other\"\ntoken_sha256 = \"{}\"\n", hash_token(OPS)),
+        format!(
+            "[[principal]]\nname = \"other\"\ntoken_sha256 = \"{}\"\n",
+            hash_token(OPS)
+        ),
     )
     .unwrap();
     assert_eq!(reloader.reload().unwrap(), 1);
@@ -439,7 +445,11 @@ async fn the_http_port_wants_bearer_tokens_with_the_permissions() {
     assert_eq!(http::get(addr, "/healthz").await.status, 200);
     assert_eq!(http::get(addr, "/readyz").await.status, 200);
     // No credentials, malformed ones, a wrong token: 401 and the challenge.
-    for headers in [vec![], vec![("Authorization", "Basic abc")], vec![("Authorization", "Bearer nope")]] {
+    for headers in [
+        vec![],
+        vec![("Authorization", "Basic abc")],
+        vec![("Authorization", "Bearer nope")],
+    ] {
         for (method, target) in [
             ("GET", "/metrics"),
             ("GET", "/api/v1/locks/held"),
@@ -470,7 +480,10 @@ async fn the_http_port_wants_bearer_tokens_with_the_permissions() {
     let get = |target: &'static str, token: String| async move {
         http::request(addr, "GET", target, &[("Authorization", &token)], b"").await
     };
-    assert_eq!(get("/api/v1/locks/transaction/version", reader.clone()).await.status, 200);
+    assert_eq!(
+        get("/api/v1/locks/transaction/version", reader.clone()).await.status,
+        200
+    );
     assert_eq!(get("/api/v1/locks/held", writer.clone()).await.status, 403);
     assert_eq!(get("/metrics", writer.clone()).await.status, 403);
     assert_eq!(get("/api/v1/locks/held", ops.clone()).await.status, 200);
@@ -528,7 +541,11 @@ async fn tls_works_with_the_right_ca_and_not_with_another() {
     drop(guard);
     // The certificate is for 127.0.0.1 and localhost, not another name.
     let err = Client::builder(addr)
-        .tls(ClientTls::from_pem_files(&ca.ca_file(), None).unwrap().server_name("locks.example"))
+        .tls(
+            ClientTls::from_pem_files(&ca.ca_file(), None)
+                .unwrap()
+                .server_name("locks.example"),
+        )
         .connect()
         .await
         .unwrap_err();
@@ -573,7 +590,10 @@ async fn mtls_refuses_strangers_and_names_the_principal() {
     };
     // No client certificate: refused.
     let err = Client::builder(addr).tls(trust(None)).connect().await.unwrap_err();
-    assert!(matches!(err, Error::Connect { .. } | Error::ConnectionLost(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Connect { .. } | Error::ConnectionLost(_)),
+        "{err:?}"
+    );
     // A certificate from another CA, even with a known name: refused.
     let stranger = stranger_ca.client("ops");
     let err = Client::builder(addr)
@@ -581,7 +601,10 @@ async fn mtls_refuses_strangers_and_names_the_principal() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Connect { .. } | Error::ConnectionLost(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Connect { .. } | Error::ConnectionLost(_)),
+        "{err:?}"
+    );
     // `ops`'s certificate: authenticated as ops without a token.
     let ops = ca.client("ops");
     let client = Client::builder(addr).tls(trust(Some(&ops))).connect().await.unwrap();
@@ -668,6 +691,8 @@ async fn tls_http_get(addr: std::net::SocketAddr, ca: &TestCa, target: &str) -> 
         .await
         .unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(support::PATIENCE, s.read_to_end(&mut out)).await.unwrap();
+    let _ = tokio::time::timeout(support::PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }

@@ -60,7 +60,11 @@ async fn sighup_reloads_and_no_secret_reaches_the_logs() {
         .spawn()
         .unwrap();
     wait_for_log(&log_path, "listening", 1);
-    assert!(std::fs::read_to_string(&log_path).unwrap().contains("authentication on"));
+    assert!(
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains("authentication on")
+    );
 
     // Tokens on every port, right and wrong.
     let err = Client::builder(addr).token(WRONG).connect().await.unwrap_err();
@@ -70,7 +74,10 @@ async fn sighup_reloads_and_no_secret_reaches_the_logs() {
     let err = client.lock("user", "u-1").acquire().await.unwrap_err();
     assert!(matches!(err, Error::Forbidden(_)), "{err:?}");
     let mut text = Text::connect(addr).await;
-    assert_eq!(text.cmd(&format!("AUTH {WRONG}")).await, "-ERR UNAUTHENTICATED authentication failed");
+    assert_eq!(
+        text.cmd(&format!("AUTH {WRONG}")).await,
+        "-ERR UNAUTHENTICATED authentication failed"
+    );
     assert_eq!(text.cmd(&format!("AUTH {TOKEN}")).await, "+AUTH principal=app");
     let bad = format!("Bearer {WRONG}");
     let r = http::request(http_addr, "GET", "/api/v1/locks/held", &[("Authorization", &bad)], b"").await;
@@ -93,7 +100,11 @@ async fn sighup_reloads_and_no_secret_reaches_the_logs() {
     wait_for_log(&log_path, "auth file reloaded", 1);
     assert!(client.lock("user", "u-1").acquire().await.unwrap().is_some());
     // SIGHUP with a broken file: refused, the old one stays.
-    std::fs::write(&file, format!("[[principal]]\nname = \"app\"\ntoken_sha256 = \"{}", hash_token(TOKEN))).unwrap();
+    std::fs::write(
+        &file,
+        format!("[[principal]]\nname = \"app\"\ntoken_sha256 = \"{}", hash_token(TOKEN)),
+    )
+    .unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     wait_for_log(&log_path, "auth file not reloaded", 1);
     assert!(client.lock("user", "u-2").acquire().await.unwrap().is_some());

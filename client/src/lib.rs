@@ -93,7 +93,7 @@ pub use client::{Client, ConnectionInfo};
 pub use config::{ClientBuilder, ServerAddr};
 pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
-#[cfg(feature = "tls")]
-pub use tls::TlsConfig;
 pub use lock::{LockGuard, LockRequest, LostWatch, Released, RetryPolicy};
 pub use multi::{MultiLockGuard, MultiLockRequest};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;

@@ -64,8 +64,7 @@ impl TlsConfig {
                     .map_err(|e| invalid("cannot read certificate file", cert, e))?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| invalid("bad certificate file", cert, e))?;
-                let key_der =
-                    PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("cannot read key file", key, e))?;
+                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid("cannot read key file", key, e))?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| invalid("unusable certificate or key", cert, e))?

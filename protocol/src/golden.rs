@@ -24,9 +24,9 @@ use tokio_util::codec::Decoder;
 
 use crate::text::{self, Command};
 use crate::{
-    Acquire, AcquireOk, AuthToken, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindMode,
-    LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder, RotationPhase,
-    RotationProgress, Status, VersionInfo,
+    Acquire, AcquireOk, AuthToken, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk,
+    KindMode, LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder,
+    RotationPhase, RotationProgress, Status, VersionInfo,
 };
 
 /// Any message, with what its encoder needs.

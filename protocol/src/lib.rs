@@ -46,8 +46,8 @@ pub use constants::{
 };
 pub use header::{Flags, Header};
 pub use message::{
-    Acquire, AcquireOk, AuthToken, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode, LostReason,
-    MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
+    Acquire, AcquireOk, AuthToken, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindMode, LockMode,
+    LostReason, MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;
 pub use rotation::{

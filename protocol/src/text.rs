@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 
 use thiserror::Error;
 
+use crate::constants::MAX_TOKEN_LEN;
 use crate::message::{Acquire, AuthToken, Event, HeldScope, LockMode, Request, Response, ResponseBody};
 use crate::rotation::{Rotate, RotationProgress};
-use crate::constants::MAX_TOKEN_LEN;
 use crate::status::Status;
 
 /// Longest accepted command line, in bytes (without the line ending).

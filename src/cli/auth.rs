@@ -8,11 +8,13 @@ use clap::{Args, Subcommand};
 
 /// Tools for the server's auth file (--auth-file).
 #[derive(Debug, Args)]
-#[command(long_about = "Tools for the server's auth file (`clastor serve --auth-file`). The file \
+#[command(
+    long_about = "Tools for the server's auth file (`clastor serve --auth-file`). The file \
 stores no token, only each token's SHA-256 in hex (`token_sha256`), so reading it gives nobody a \
 credential. `new-token` makes a random token and prints it with its digest; `hash-token` prints the \
 digest of a token read from standard input (not from a flag: a flag shows in `ps` and shell \
-history).")]
+history)."
+)]
 pub(crate) struct AuthArgs {
     #[command(subcommand)]
     command: AuthCommand,

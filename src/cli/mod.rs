@@ -113,7 +113,10 @@ struct SecurityOpt {
 
 impl SecurityOpt {
     /// `builder` with the token and TLS settings these flags give.
-    fn apply(&self, builder: clastor_client::ClientBuilder) -> Result<clastor_client::ClientBuilder, clastor_client::Error> {
+    fn apply(
+        &self,
+        builder: clastor_client::ClientBuilder,
+    ) -> Result<clastor_client::ClientBuilder, clastor_client::Error> {
         let mut builder = builder;
         if let Some(token) = &self.token {
             builder = builder.token(token.clone());

@@ -1,8 +1,8 @@
 //! `clastor serve`: run a server.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -391,11 +391,15 @@ fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
             max_failures: args.auth_max_failures,
             ..AuthConfig::new(file)
         }),
-        tls: args.tls_cert.as_ref().zip(args.tls_key.as_ref()).map(|(cert, key)| TlsConfig {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: args.tls_client_ca.clone(),
-        }),
+        tls: args
+            .tls_cert
+            .as_ref()
+            .zip(args.tls_key.as_ref())
+            .map(|(cert, key)| TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
     };
     (engine_config, server_config)
 }

@@ -317,7 +317,10 @@ impl<B: Backend> Conn<B> {
                 // more guesses than tokens can.
                 if header.opcode == Opcode::Auth as u8
                     && self.handshaken
-                    && self.ctx.access.malformed_attempt(&mut self.auth_failures, self.ctx.peer, &stats.auth_failures)
+                    && self
+                        .ctx
+                        .access
+                        .malformed_attempt(&mut self.auth_failures, self.ctx.peer, &stats.auth_failures)
                 {
                     self.push_closing(Status::Unauthenticated, crate::server::auth::TOO_MANY_FAILURES);
                     return Flow::Close;

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use super::dispatch::RequestContext;
-use super::stream::Stream;
+use super::state::{ServerState, ServerStats};
 #[cfg(feature = "tls")]
 use super::stream::PutBack;
-use super::state::{ServerState, ServerStats};
+use super::stream::Stream;
 use super::{binary, text};
 use crate::backend::Backend;
 

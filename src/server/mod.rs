@@ -33,10 +33,10 @@ mod wire;
 #[cfg(feature = "tls")]
 pub use auth::{AuthConfig, AuthError, hash_token};
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
-#[cfg(feature = "tls")]
-pub use tls::{TlsConfig, TlsError};
 #[cfg(feature = "http")]
 pub use http::{HttpConfig, HttpConfigError};
+#[cfg(feature = "tls")]
+pub use tls::{TlsConfig, TlsError};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,7 +135,9 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     #[cfg(feature = "tls")]
     let auth = match &config.auth {
-        Some(a) => Some(Arc::new(auth::Authenticator::load(a).map_err(|e| invalid(e.to_string()))?)),
+        Some(a) => Some(Arc::new(
+            auth::Authenticator::load(a).map_err(|e| invalid(e.to_string()))?,
+        )),
         None => None,
     };
     #[cfg(feature = "tls")]

@@ -24,6 +24,7 @@ pub(crate) struct ServerStats {
     /// Refused `AUTH`s (binary and text), malformed ones included.
     pub(crate) auth_failures: AtomicU64,
     /// HTTP requests refused for a missing or unknown bearer token.
+    #[cfg(feature = "http")]
     pub(crate) http_auth_failures: AtomicU64,
     /// TLS handshakes that failed (either port): a plain client, a bad or
     /// missing client certificate, a timeout.

@@ -26,9 +26,9 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::auth::TOO_MANY_FAILURES;
 use super::dispatch::{RequestContext, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
-use super::auth::TOO_MANY_FAILURES;
 use super::state::ServerState;
 use super::stream::Stream;
 use crate::backend::Backend;
@@ -216,7 +216,10 @@ fn command<B: Backend>(
             stats.count_request(req.opcode());
             let Request::Auth { token } = &req else { return None };
             let peer = ctx.peer;
-            let resp = match ctx.access.authenticate(token, auth_failures, peer, &stats.auth_failures) {
+            let resp = match ctx
+                .access
+                .authenticate(token, auth_failures, peer, &stats.auth_failures)
+            {
                 Ok(body) => Response::ok(0, body),
                 Err(refusal) => {
                     let resp = Response::error(0, req.opcode() as u8, refusal.reply.status, refusal.reply.message);

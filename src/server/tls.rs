@@ -241,7 +241,9 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["alt.example".to_owned()]).unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::OrganizationName, "Clastor");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Clastor");
         params.distinguished_name.push(rcgen::DnType::CommonName, "ops");
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(cert_name(cert.der()).as_deref(), Some("ops"));

@@ -505,7 +505,10 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             // lock's floor is the hand-over one, `--op handoff`).
             let floor = if let Some(tls_addr) = &args.tls_server {
                 let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
-                Some((format!("clastor acquire+release over TLS ({keys_name})"), pair_op(tls, keys)))
+                Some((
+                    format!("clastor acquire+release over TLS ({keys_name})"),
+                    pair_op(tls, keys),
+                ))
             } else if args.no_floor || args.keys == Keys::Shared {
                 None
             } else if let Some(zk) = &args.zk {

@@ -20,9 +20,8 @@ mod policy;
 use std::net::SocketAddr;
 #[cfg(feature = "tls")]
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 #[cfg(feature = "tls")]
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::AtomicU64;
 
 use clastor_protocol::{AuthToken, ErrorReply, HeldScope, LockMode, Request, ResponseBody, Status};
@@ -64,6 +63,7 @@ impl Permission {
 }
 
 /// The message of every refused token: the same whatever was wrong.
+#[cfg(any(feature = "tls", feature = "http"))]
 pub(crate) const REFUSED: &str = "authentication failed";
 
 /// The message of a request that needs a principal and has none.

@@ -121,7 +121,9 @@ impl AuthPolicy {
         let spec: FileSpec = toml::from_str(text).map_err(|e| {
             // Only the position and the parser's words: the file's lines
             // (digests) stay out of logs.
-            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             AuthError::Invalid(format!("line {line}: {}", e.message().trim()))
         })?;
         let mut policy = AuthPolicy {

@@ -193,11 +193,23 @@ async fn serve_connection<B: Backend>(
         let router = router.layer(axum::Extension(ClientCert(cert)));
         return serve_http(tls, peer, router, state, shutdown).await;
     }
-    serve_http(stream, peer, router.layer(axum::Extension(ClientCert(None))), state, shutdown).await;
+    serve_http(
+        stream,
+        peer,
+        router.layer(axum::Extension(ClientCert(None))),
+        state,
+        shutdown,
+    )
+    .await;
 }
 
-async fn serve_http<B: Backend, S>(io: S, peer: SocketAddr, router: Router, state: &HttpState<B>, shutdown: &CancellationToken)
-where
+async fn serve_http<B: Backend, S>(
+    io: S,
+    peer: SocketAddr,
+    router: Router,
+    state: &HttpState<B>,
+    shutdown: &CancellationToken,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(router.layer(axum::Extension(Peer(peer))));
@@ -273,7 +285,10 @@ fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
         .merge(lock_requests)
         // Inside the counting and the timeout, outside the lock-request
         // limit: a refused request takes no lock-request permit.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize::<B>))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize::<B>,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body))
