@@ -517,7 +517,8 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         write,
         turns: Mutex::new(HashMap::new()),
         state: Mutex::new(State {
-            next_id: AUTH_ID + 1,
+            // Without a token no AUTH went out: ids go on right after HELLO.
+            next_id: if cfg.token.is_some() { AUTH_ID + 1 } else { AUTH_ID },
             pending: HashMap::new(),
             buf: BytesMut::with_capacity(4096),
             spare: BytesMut::with_capacity(4096),

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -79,7 +80,7 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 /// The middleware: authenticates, then checks the route's permission.
 pub(super) async fn authorize<B: Backend>(
     State(st): State<Arc<HttpState<B>>>,
-    params: RawPathParams,
+    params: Result<RawPathParams, RawPathParamsRejection>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -113,17 +114,30 @@ pub(super) async fn authorize<B: Backend>(
         None if access.principal().is_none() => return unauthorized(AUTHENTICATE_FIRST),
         None => {}
     }
-    let kind = params
-        .iter()
-        .find(|(name, _)| matches!(*name, "kind" | "resource"))
-        .map(|(_, v)| v.to_owned());
+    let kind = params.ok().and_then(|params| {
+        params
+            .iter()
+            .find(|(name, _)| matches!(*name, "kind" | "resource"))
+            .map(|(_, v)| v.to_owned())
+    });
+    let per_kind = |check: &dyn Fn(&str) -> Result<(), ErrorReply>| match &kind {
+        Some(kind) => check(kind),
+        // A path whose kind cannot be read (bad percent-encoding) names
+        // no kind anyone may use.
+        None => Err(ErrorReply {
+            status: Status::InvalidName,
+            message: "bad lock path: the kind is not valid UTF-8".into(),
+        }),
+    };
     let checked = match need {
         Need::Open | Need::Principal => Ok(()),
         Need::Admin => access.require(Permission::Admin, None),
-        Need::Kind(p) => access.require(p, kind.as_deref()),
-        Need::Holder => access
-            .require(Permission::Shared, kind.as_deref())
-            .or_else(|_| access.require(Permission::Acquire, kind.as_deref())),
+        Need::Kind(p) => per_kind(&|k| access.require(p, Some(k))),
+        Need::Holder => per_kind(&|k| {
+            access
+                .require(Permission::Shared, Some(k))
+                .or_else(|_| access.require(Permission::Acquire, Some(k)))
+        }),
     };
     match checked {
         Ok(()) => next.run(req).await,
