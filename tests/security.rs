@@ -489,7 +489,7 @@ async fn the_http_port_wants_bearer_tokens_with_the_permissions() {
     assert_eq!(get("/api/v1/locks/held", ops.clone()).await.status, 200);
     let metrics = get("/metrics", ops.clone()).await;
     assert_eq!(metrics.status, 200);
-    // Three bad bearer tokens so far per route list: counted, never shown.
+    // The four wrong bearer tokens above were counted; none is shown.
     assert!(http::metric(&metrics.body, "clastor_auth_failures_total", "port=\"http\"") >= 4.0);
     assert!(!metrics.body.contains("nope"));
 }

@@ -20,9 +20,9 @@ mod policy;
 use std::net::SocketAddr;
 #[cfg(feature = "tls")]
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 #[cfg(feature = "tls")]
 use std::sync::{Arc, RwLock};
-use std::sync::atomic::AtomicU64;
 
 use clastor_protocol::{AuthToken, ErrorReply, HeldScope, LockMode, Request, ResponseBody, Status};
 
