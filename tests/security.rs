@@ -539,6 +539,12 @@ async fn tls_works_with_the_right_ca_and_not_with_another() {
     let guard = client.lock("transaction", "tx-1").acquire().await.unwrap();
     assert!(guard.is_some());
     drop(guard);
+    // A burst bigger than one write: the writer task finishes what the
+    // inline writes cannot.
+    let pings: Vec<_> = (0..500).map(|_| client.ping()).collect();
+    for ping in futures_util::future::join_all(pings).await {
+        ping.unwrap();
+    }
     // The certificate is for 127.0.0.1 and localhost, not another name.
     let err = Client::builder(addr)
         .tls(

@@ -471,8 +471,10 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
                 peer,
                 hello,
                 frames: Box::new(frames) as Box<dyn FrameSource>,
-                write: Writer::Tls(sock),
-                tls_write: Some(write),
+                write: Writer::Tls {
+                    half: tokio::sync::Mutex::new(write),
+                    sock,
+                },
             });
         }
         let (read, mut write) = stream.into_split();
@@ -487,8 +489,6 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
             hello,
             frames: Box::new(frames) as Box<dyn FrameSource>,
             write: Writer::Tcp(write),
-            #[cfg(feature = "tls")]
-            tls_write: None,
         })
     };
     let opened = tokio::time::timeout(cfg.connect_timeout, handshake)
@@ -499,8 +499,6 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         hello,
         frames,
         write,
-        #[cfg(feature = "tls")]
-        tls_write,
     } = opened;
     tracing::debug!(%peer, connection_id = hello.connection_id, server = %hello.server, "connected");
     // One slot below the server's limit stays free, so the server always reads
@@ -540,13 +538,10 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
     });
     tokio::spawn(read_loop(shared.clone(), frames));
     #[cfg(feature = "tls")]
-    match tls_write {
-        Some(half) => {
-            tokio::spawn(tls_write_loop(shared.clone(), half));
-        }
-        None => {
-            tokio::spawn(write_loop(shared.clone()));
-        }
+    if shared.write.tcp().is_none() {
+        tokio::spawn(tls_write_loop(shared.clone()));
+    } else {
+        tokio::spawn(write_loop(shared.clone()));
     }
     #[cfg(not(feature = "tls"))]
     tokio::spawn(write_loop(shared.clone()));
@@ -574,8 +569,6 @@ struct Opened {
     hello: HelloOk,
     frames: Box<dyn FrameSource>,
     write: Writer,
-    #[cfg(feature = "tls")]
-    tls_write: Option<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
 }
 
 /// Reads the replies to `HELLO` and, when one was sent, to `AUTH`.
@@ -825,9 +818,8 @@ impl Connection {
     /// is full. The caller holds the `writing` role.
     fn write_inline(&self, mut chunk: BytesMut) {
         let Some(write) = self.write.tcp() else {
-            // TLS: the writer task owns the stream.
-            self.state().stalled = Some(chunk);
-            self.writer_wake.notify_one();
+            #[cfg(feature = "tls")]
+            self.write_inline_tls(chunk);
             return;
         };
         for _ in 0..INLINE_ROUNDS {
@@ -856,6 +848,40 @@ impl Connection {
                 }
             }
         }
+        self.state().stalled = Some(chunk);
+        self.writer_wake.notify_one();
+    }
+
+    /// [`Connection::write_inline`] for TLS: writes and flushes without
+    /// waiting as far as that goes, then hands the rest (or the flush) to
+    /// the writer task.
+    #[cfg(feature = "tls")]
+    fn write_inline_tls(&self, mut chunk: BytesMut) {
+        for _ in 0..INLINE_ROUNDS {
+            match self.write.tls_write_now(&chunk) {
+                Ok((n, true)) if n == chunk.len() => {
+                    chunk.clear();
+                    let mut st = self.state();
+                    if st.buf.is_empty() || st.dead.is_some() {
+                        st.writing = false;
+                        if chunk.capacity() <= SPARE_CAPACITY {
+                            st.spare = chunk;
+                        }
+                        return;
+                    }
+                    std::mem::swap(&mut chunk, &mut st.buf);
+                }
+                Ok((n, _)) => {
+                    chunk.advance(n);
+                    break;
+                }
+                Err(e) => {
+                    self.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                    return;
+                }
+            }
+        }
+        // Possibly empty: then only the flush is left.
         self.state().stalled = Some(chunk);
         self.writer_wake.notify_one();
     }
@@ -1269,13 +1295,14 @@ async fn write_loop(shared: Arc<Connection>) {
     }
 }
 
-/// The writer of a TLS connection: every write goes through it (TLS records
-/// need a task context and a flush), batched like the plain writer's.
+/// The writer task of a TLS connection: finishes what an inline write
+/// could not (a full socket, records held back until a flush), batched like
+/// the plain writer's.
 #[cfg(feature = "tls")]
-async fn tls_write_loop(
-    shared: Arc<Connection>,
-    mut half: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
-) {
+async fn tls_write_loop(shared: Arc<Connection>) {
+    let Writer::Tls { half, .. } = &shared.write else {
+        return;
+    };
     loop {
         tokio::select! {
             () = shared.closed.cancelled() => return,
@@ -1288,6 +1315,7 @@ async fn tls_write_loop(
             let written = tokio::select! {
                 () = shared.closed.cancelled() => return,
                 r = async {
+                    let mut half = half.lock().await;
                     half.write_all(&chunk).await?;
                     half.flush().await
                 } => r,

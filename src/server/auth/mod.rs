@@ -337,7 +337,7 @@ impl Access {
         #[cfg(feature = "tls")]
         if let Some(auth) = &self.auth {
             if let Some(principal) = auth.policy().authenticate(token.expose()) {
-                tracing::info!(%peer, %principal, "authenticated");
+                tracing::debug!(%peer, %principal, "authenticated");
                 self.principal = Some(principal.clone());
                 return Ok(ResponseBody::Authenticated {
                     principal: principal.to_string(),
