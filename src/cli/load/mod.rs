@@ -193,6 +193,16 @@ pub(crate) struct LoadArgs {
     #[arg(long, value_name = "HOST:PORT", requires_all = ["tls_ca", "server"])]
     tls_server: Option<String>,
 
+    /// Without --server: a second in-process server (memory backend) speaking TLS with this
+    /// certificate chain (PEM; needs --tls-key and --tls-ca), measured against the plain
+    /// in-process one as --tls-server is.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["server", "tls_server"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// Authenticate every connection with this token (servers with --auth-file).
     #[arg(long, env = "CLASTOR_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -297,7 +307,7 @@ impl LoadArgs {
 
     /// The series name of the backend's floor.
     fn floor_series(&self) -> &'static str {
-        if self.tls_server.is_some() {
+        if self.tls_server.is_some() || self.tls_cert.is_some() {
             "clastor over TLS"
         } else if self.pg.is_some() {
             "floor: PostgreSQL"
@@ -410,6 +420,27 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             start(backend).await?
         }
     };
+    // The TLS twin of the in-process server (--tls-cert), or a TLS server given.
+    let tls_local = match args.tls_cert.as_ref().zip(args.tls_key.as_ref()) {
+        Some((cert, key)) => {
+            let config = ServerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                tls: Some(clastor::server::TlsConfig {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: None,
+                }),
+                ..ServerConfig::default()
+            };
+            let handle = server::spawn(Engine::new(MemoryBackend::new(), EngineConfig::default()), config).await?;
+            Some(handle)
+        }
+        None => None,
+    };
+    let tls_addr = match &tls_local {
+        Some(h) => Some(h.local_addr().to_string()),
+        None => args.tls_server.clone(),
+    };
     if !args.json {
         println!(
             "clastor load: {:?} connection(s), depth {}{}, {:?} per measurement, server {addr}{}",
@@ -425,16 +456,19 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     for &n in &counts {
-        run_at(&args, &addr, n).await?;
+        run_at(&args, &addr, tls_addr.as_deref(), n).await?;
     }
     if let Some(server) = local {
+        server.shutdown().await;
+    }
+    if let Some(server) = tls_local {
         server.shutdown().await;
     }
     Ok(())
 }
 
 /// Every measurement `args` asks for, with `n` connections.
-async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
+async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -> anyhow::Result<()> {
     let depth = args.depth.get();
     let workers = n * depth;
     let emit = |mut r: Report, series: &'static str, requests_per_op: u64| {
@@ -487,7 +521,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             emit(r, "clastor", 2);
         }
     } else {
-        let tls_for_addr = args.tls_ca.as_deref().filter(|_| args.tls_server.is_none());
+        let tls_for_addr = args.tls_ca.as_deref().filter(|_| tls_addr.is_none());
         let clients = connect_all(addr, n, tls_for_addr, args.token.as_deref()).await?;
         if wants_ping {
             let c = clients.clone();
@@ -503,7 +537,7 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             let name = format!("clastor acquire+release ({keys_name})");
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            let floor = if let Some(tls_addr) = &args.tls_server {
+            let floor = if let Some(tls_addr) = tls_addr {
                 let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
                 Some((
                     format!("clastor acquire+release over TLS ({keys_name})"),
