@@ -566,13 +566,16 @@ async fn tls_works_with_the_right_ca_and_not_with_another() {
         Error::Connect { message, .. } => assert!(message.contains("TLS"), "{message}"),
         other => panic!("{other:?} ({})", other),
     }
-    // A plain client gets nowhere (the port speaks only TLS).
+    // A plain client gets nowhere (the port speaks only TLS), and is told why.
     let err = Client::builder(addr)
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    match &err {
+        Error::Connect { message, .. } => assert!(message.contains("answered with TLS"), "{message}"),
+        other => panic!("{other:?}"),
+    }
     // The text form inside TLS, as `openssl s_client` would use it.
     let mut lines = tls_text(addr, &ca, None).await;
     assert_eq!(lines.cmd("PING").await, "+PONG");

@@ -579,6 +579,11 @@ async fn read_handshake<R: AsyncRead + Unpin>(
 ) -> Result<HelloOk, Error> {
     let mut next = async |what: &str| match frames.next().await {
         Some(Ok(frame)) => Ok(frame),
+        // A TLS record's header (handshake 0x16, alert 0x15, version 3.x)
+        // read as a length prefix: the server speaks TLS and this client not.
+        Some(Err(FrameError::TooLarge { len, .. })) if matches!(len >> 16, 0x1503 | 0x1603) => Err(connect_err(
+            "the server answered with TLS: connect with TLS (a CA file: ClientBuilder::tls, the CLI's --tls-ca)".into(),
+        )),
         Some(Err(e)) => Err(connect_err(format!("reading the {what} reply: {e}"))),
         None => Err(connect_err(format!(
             "the server closed the connection during the handshake ({what})"
