@@ -12,7 +12,8 @@
 # lock service (v3lock), in rounds the same way; then a PostgreSQL 15
 # (Debian's package, fsync on, run as the postgres user) next to a raw
 # INSERT+DELETE and pg_advisory_lock; then a Redis 7 (Debian's package, no
-# persistence) next to SET NX PX + DEL and a plain Redis lock.
+# persistence) next to SET NX PX + DEL and a plain Redis lock. Last, the
+# cost of TLS (scripts/perf_tls.sh: a plain and a TLS server, interleaved).
 #
 # Usage: scripts/perf.sh            (about 12 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
@@ -209,6 +210,9 @@ for round in $(seq "$ROUNDS"); do
   load "redis, hand-over" --redis "$redis_url" --op handoff --clients 2 --interleave
   load "redis, 16 connections, distinct keys" --redis "$redis_url" --op acquire-release --clients 16
 done
+
+echo "== TLS"
+scripts/perf_tls.sh "$clastor" "$results"
 echo "{\"meta\":\"load_end\",\"value\":\"$(loadavg)\"}" >>"$results"
 
 echo "== report"

@@ -4,7 +4,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clastor_protocol::MAX_FRAME_LEN_CEILING;
+use clastor_protocol::{AuthToken, MAX_FRAME_LEN_CEILING};
 
 /// Where a server is: a socket address or a `host:port` string, resolved
 /// anew on every (re)connect so a server that moved in DNS is found again.
@@ -76,6 +76,10 @@ pub struct ClientBuilder {
     pub(crate) max_frame_len: usize,
     pub(crate) keepalive: Option<Duration>,
     pub(crate) event_capacity: usize,
+    /// Sent in `AUTH` right after `HELLO` on every (re)connect.
+    pub(crate) token: Option<AuthToken>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::tls::TlsConfig>,
 }
 
 impl ClientBuilder {
@@ -95,6 +99,9 @@ impl ClientBuilder {
             max_frame_len: MAX_FRAME_LEN_CEILING,
             keepalive: Some(Duration::from_secs(10)),
             event_capacity: 1024,
+            token: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -157,6 +164,23 @@ impl ClientBuilder {
     /// reply within the same interval. `None` turns keepalive off.
     pub fn keepalive(mut self, interval: Option<Duration>) -> ClientBuilder {
         self.keepalive = interval.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Authenticate every connection with this token (`AUTH`, sent right
+    /// after `HELLO`, so a reconnect authenticates again). A server that
+    /// refuses it fails the connect with [`Error::Unauthenticated`](crate::Error::Unauthenticated);
+    /// one without authentication with [`Error::Unsupported`](crate::Error::Unsupported).
+    /// The token never appears in `Debug` output or logs.
+    pub fn token(mut self, token: impl Into<String>) -> ClientBuilder {
+        self.token = Some(AuthToken::new(token));
+        self
+    }
+
+    /// Speak TLS to the server (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> ClientBuilder {
+        self.tls = Some(tls);
         self
     }
 

@@ -50,9 +50,8 @@ use clastor_protocol::{
     HelloOk, LENGTH_PREFIX_LEN, Opcode, PROTOCOL_VERSION, Request, Response, ResponseBody,
 };
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, broadcast, oneshot, watch};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -60,9 +59,13 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::config::ClientBuilder;
 use crate::error::{Error, LostReason};
 use crate::event::ClientEvent;
+use crate::transport::Writer;
 
-/// Request id of the handshake; ids of later requests start after it.
+/// Request id of the handshake; ids of later requests start after `AUTH_ID`.
 const HELLO_ID: u32 = 1;
+
+/// Request id of the `AUTH` sent right after `HELLO` when a token is set.
+const AUTH_ID: u32 = 2;
 
 /// How many batches a caller writes inline before handing the rest to the
 /// writer task, so one unlucky caller does not carry everyone's traffic.
@@ -380,7 +383,7 @@ pub(crate) struct Connection {
     me: Weak<Connection>,
     pub(crate) hello: HelloOk,
     pub(crate) peer: SocketAddr,
-    write: OwnedWriteHalf,
+    write: Writer,
     state: Mutex<State>,
     /// Per key, the turn its own tasks take, in arrival order (see
     /// [`Connection::local_turn`]); an entry lives while someone has or
@@ -420,7 +423,7 @@ impl Deref for Conn {
     }
 }
 
-/// Opens a connection and performs the handshake.
+/// Opens a connection and performs the handshake (and `AUTH`, with a token).
 pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<ClientEvent>) -> Result<Conn, Error> {
     let addr = cfg.addr.as_str();
     let connect_err = |message: String| Error::Connect {
@@ -435,7 +438,8 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
             .map_err(|e| connect_err(format!("setting TCP_NODELAY: {e}")))?;
         set_keepalive(&stream, cfg.keepalive);
         let peer = stream.peer_addr().map_err(|e| connect_err(e.to_string()))?;
-        let (read, mut write) = stream.into_split();
+        // HELLO and AUTH go out together: the server reads AUTH only after
+        // it has answered HELLO, so the pipelining costs no round trip.
         let mut buf = BytesMut::new();
         Request::Hello(Hello {
             min_version: PROTOCOL_VERSION,
@@ -443,26 +447,59 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
             client_name: cfg.client_name.clone(),
         })
         .encode(HELLO_ID, &mut buf);
+        if let Some(token) = &cfg.token {
+            Request::Auth { token: token.clone() }.encode(AUTH_ID, &mut buf);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &cfg.tls {
+            let sock = socket2::SockRef::from(&stream)
+                .try_clone()
+                .map_err(|e| connect_err(format!("duplicating the socket: {e}")))?;
+            let mut stream = tls.connect(addr, stream).await.map_err(connect_err)?;
+            stream
+                .write_all(&buf)
+                .await
+                .map_err(|e| connect_err(format!("sending HELLO: {e}")))?;
+            stream
+                .flush()
+                .await
+                .map_err(|e| connect_err(format!("sending HELLO: {e}")))?;
+            let (read, write) = tokio::io::split(stream);
+            let mut frames = FramedRead::new(read, ClastorCodec::new(cfg.max_frame_len));
+            let hello = read_handshake(&mut frames, cfg.token.is_some(), &connect_err).await?;
+            return Ok::<Opened, Error>(Opened {
+                peer,
+                hello,
+                frames: Box::new(frames) as Box<dyn FrameSource>,
+                write: Writer::Tls {
+                    half: tokio::sync::Mutex::new(write),
+                    sock,
+                },
+            });
+        }
+        let (read, mut write) = stream.into_split();
         write
             .write_all(&buf)
             .await
             .map_err(|e| connect_err(format!("sending HELLO: {e}")))?;
         let mut frames = FramedRead::new(read, ClastorCodec::new(cfg.max_frame_len));
-        let frame = match frames.next().await {
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Err(connect_err(format!("reading the HELLO reply: {e}"))),
-            None => {
-                return Err(connect_err(
-                    "the server closed the connection during the handshake".into(),
-                ));
-            }
-        };
-        let hello = handshake_reply(frame)?;
-        Ok((peer, frames, write, hello))
+        let hello = read_handshake(&mut frames, cfg.token.is_some(), &connect_err).await?;
+        Ok::<Opened, Error>(Opened {
+            peer,
+            hello,
+            frames: Box::new(frames) as Box<dyn FrameSource>,
+            write: Writer::Tcp(write),
+        })
     };
-    let (peer, frames, write, hello) = tokio::time::timeout(cfg.connect_timeout, handshake)
+    let opened = tokio::time::timeout(cfg.connect_timeout, handshake)
         .await
         .map_err(|_| connect_err(format!("no handshake within {:?}", cfg.connect_timeout)))??;
+    let Opened {
+        peer,
+        hello,
+        frames,
+        write,
+    } = opened;
     tracing::debug!(%peer, connection_id = hello.connection_id, server = %hello.server, "connected");
     // One slot below the server's limit stays free, so the server always reads
     // the next frame, a keepalive PING included, however many acquires block.
@@ -478,7 +515,8 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         write,
         turns: Mutex::new(HashMap::new()),
         state: Mutex::new(State {
-            next_id: HELLO_ID + 1,
+            // Without a token no AUTH went out: ids go on right after HELLO.
+            next_id: if cfg.token.is_some() { AUTH_ID + 1 } else { AUTH_ID },
             pending: HashMap::new(),
             buf: BytesMut::with_capacity(4096),
             spare: BytesMut::with_capacity(4096),
@@ -499,6 +537,13 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         confirms_out: AtomicUsize::new(0),
     });
     tokio::spawn(read_loop(shared.clone(), frames));
+    #[cfg(feature = "tls")]
+    if shared.write.tcp().is_none() {
+        tokio::spawn(tls_write_loop(shared.clone()));
+    } else {
+        tokio::spawn(write_loop(shared.clone()));
+    }
+    #[cfg(not(feature = "tls"))]
     tokio::spawn(write_loop(shared.clone()));
     if let Some(interval) = cfg.keepalive {
         tokio::spawn(keepalive_loop(shared.clone(), interval));
@@ -510,6 +555,69 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
     }
     let close = shared.closed.clone().drop_guard();
     Ok(Conn(Arc::new(CloseOnDrop { shared, _close: close })))
+}
+
+/// Where the reader task takes frames from: the read half of a TCP or a TLS
+/// stream, boxed so one reader serves both.
+trait FrameSource: futures_util::Stream<Item = Result<Frame, FrameError>> + Send + Unpin {}
+
+impl<S: futures_util::Stream<Item = Result<Frame, FrameError>> + Send + Unpin> FrameSource for S {}
+
+/// A connection whose handshake is done.
+struct Opened {
+    peer: SocketAddr,
+    hello: HelloOk,
+    frames: Box<dyn FrameSource>,
+    write: Writer,
+}
+
+/// Reads the replies to `HELLO` and, when one was sent, to `AUTH`.
+async fn read_handshake<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, ClastorCodec>,
+    authenticating: bool,
+    connect_err: &impl Fn(String) -> Error,
+) -> Result<HelloOk, Error> {
+    let mut next = async |what: &str| match frames.next().await {
+        Some(Ok(frame)) => Ok(frame),
+        // A TLS record's header (handshake 0x16, alert 0x15, version 3.x)
+        // read as a length prefix: the server speaks TLS and this client not.
+        Some(Err(FrameError::TooLarge { len, .. })) if matches!(len >> 16, 0x1503 | 0x1603) => Err(connect_err(
+            "the server answered with TLS: connect with TLS (a CA file: ClientBuilder::tls, the CLI's --tls-ca)".into(),
+        )),
+        Some(Err(e)) => Err(connect_err(format!("reading the {what} reply: {e}"))),
+        None => Err(connect_err(format!(
+            "the server closed the connection during the handshake ({what})"
+        ))),
+    };
+    let hello = handshake_reply(next("HELLO").await?)?;
+    if authenticating {
+        let principal = auth_reply(next("AUTH").await?)?;
+        tracing::debug!(%principal, "authenticated");
+    }
+    Ok(hello)
+}
+
+/// Checks the reply to `AUTH`: the principal's name, or why not.
+fn auth_reply(frame: Frame) -> Result<String, Error> {
+    let Frame { header, body } = frame;
+    if header.request_id == EVENT_REQUEST_ID {
+        return match Event::decode(&header, body) {
+            Ok(Event::Closing { status, message }) => Err(Error::from_status(status, message)),
+            _ => Err(Error::Malformed("event during authentication".into())),
+        };
+    }
+    let response = Response::decode(&header, body).map_err(|e| Error::from_body_error(e, "AUTH reply"))?;
+    if response.request_id != AUTH_ID {
+        return Err(Error::Malformed(format!(
+            "expected the AUTH reply, got one for request {}",
+            response.request_id
+        )));
+    }
+    match response.result {
+        Ok(ResponseBody::Authenticated { principal }) => Ok(principal),
+        Ok(other) => Err(Error::Malformed(format!("{} body in the AUTH reply", other.opcode()))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Turns on TCP keepalive (probing after `interval` of silence, and giving up
@@ -714,8 +822,13 @@ impl Connection {
     /// Writes without waiting; hands over to the writer task when the socket
     /// is full. The caller holds the `writing` role.
     fn write_inline(&self, mut chunk: BytesMut) {
+        let Some(write) = self.write.tcp() else {
+            #[cfg(feature = "tls")]
+            self.write_inline_tls(chunk);
+            return;
+        };
         for _ in 0..INLINE_ROUNDS {
-            match self.write.try_write(&chunk) {
+            match write.try_write(&chunk) {
                 Ok(n) if n == chunk.len() => {
                     chunk.clear();
                     let mut st = self.state();
@@ -740,6 +853,40 @@ impl Connection {
                 }
             }
         }
+        self.state().stalled = Some(chunk);
+        self.writer_wake.notify_one();
+    }
+
+    /// [`Connection::write_inline`] for TLS: writes and flushes without
+    /// waiting as far as that goes, then hands the rest (or the flush) to
+    /// the writer task.
+    #[cfg(feature = "tls")]
+    fn write_inline_tls(&self, mut chunk: BytesMut) {
+        for _ in 0..INLINE_ROUNDS {
+            match self.write.tls_write_now(&chunk) {
+                Ok((n, true)) if n == chunk.len() => {
+                    chunk.clear();
+                    let mut st = self.state();
+                    if st.buf.is_empty() || st.dead.is_some() {
+                        st.writing = false;
+                        if chunk.capacity() <= SPARE_CAPACITY {
+                            st.spare = chunk;
+                        }
+                        return;
+                    }
+                    std::mem::swap(&mut chunk, &mut st.buf);
+                }
+                Ok((n, _)) => {
+                    chunk.advance(n);
+                    break;
+                }
+                Err(e) => {
+                    self.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                    return;
+                }
+            }
+        }
+        // Possibly empty: then only the flush is left.
         self.state().stalled = Some(chunk);
         self.writer_wake.notify_one();
     }
@@ -1008,7 +1155,7 @@ impl Connection {
                 self.state().closing = Some(format!("server closed the connection: {status} {message}"));
                 // Heard: say so with a FIN, so a server keeping our locks
                 // until their promised safe-until (on shutdown) need not.
-                if let Err(e) = socket2::SockRef::from(self.write.as_ref()).shutdown(std::net::Shutdown::Write) {
+                if let Err(e) = self.write.shutdown(std::net::Shutdown::Write) {
                     tracing::debug!(error = %e, "could not shut down the write side");
                 }
             }
@@ -1050,7 +1197,7 @@ impl Connection {
             // longer; make sure the server sees the end now and releases what
             // this connection held, instead of keeping it for a client that has
             // already reported it lost.
-            let _ = socket2::SockRef::from(self.write.as_ref()).shutdown(std::net::Shutdown::Both);
+            let _ = self.write.shutdown(std::net::Shutdown::Both);
         }
         for (_, p) in pending {
             if let Some(tx) = p.tx {
@@ -1075,7 +1222,7 @@ impl Connection {
     }
 }
 
-async fn read_loop(shared: Arc<Connection>, mut frames: FramedRead<OwnedReadHalf, ClastorCodec>) {
+async fn read_loop(shared: Arc<Connection>, mut frames: Box<dyn FrameSource>) {
     let error = loop {
         let next = tokio::select! {
             biased;
@@ -1104,6 +1251,9 @@ async fn read_loop(shared: Arc<Connection>, mut frames: FramedRead<OwnedReadHalf
 }
 
 async fn write_loop(shared: Arc<Connection>) {
+    let Some(write) = shared.write.tcp() else {
+        return;
+    };
     loop {
         tokio::select! {
             () = shared.closed.cancelled() => return,
@@ -1116,14 +1266,14 @@ async fn write_loop(shared: Arc<Connection>) {
             while !chunk.is_empty() {
                 tokio::select! {
                     () = shared.closed.cancelled() => return,
-                    ready = shared.write.writable() => {
+                    ready = write.writable() => {
                         if let Err(e) = ready {
                             shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
                             return;
                         }
                     }
                 }
-                match shared.write.try_write(&chunk) {
+                match write.try_write(&chunk) {
                     Ok(0) => {
                         shared.fail(Error::ConnectionLost("write failed: socket closed".into()));
                         return;
@@ -1145,6 +1295,50 @@ async fn write_loop(shared: Arc<Connection>) {
                 }
                 break;
             }
+            std::mem::swap(&mut chunk, &mut st.buf);
+        }
+    }
+}
+
+/// The writer task of a TLS connection: finishes what an inline write
+/// could not (a full socket, records held back until a flush), batched like
+/// the plain writer's.
+#[cfg(feature = "tls")]
+async fn tls_write_loop(shared: Arc<Connection>) {
+    let Writer::Tls { half, .. } = &shared.write else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shared.closed.cancelled() => return,
+            () = shared.writer_wake.notified() => {}
+        }
+        let Some(mut chunk) = shared.state().stalled.take() else {
+            continue;
+        };
+        loop {
+            let written = tokio::select! {
+                () = shared.closed.cancelled() => return,
+                r = async {
+                    let mut half = half.lock().await;
+                    half.write_all(&chunk).await?;
+                    half.flush().await
+                } => r,
+            };
+            if let Err(e) = written {
+                shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
+                return;
+            }
+            let mut st = shared.state();
+            if st.buf.is_empty() || st.dead.is_some() {
+                st.writing = false;
+                chunk.clear();
+                if chunk.capacity() <= SPARE_CAPACITY {
+                    st.spare = chunk;
+                }
+                break;
+            }
+            chunk.clear();
             std::mem::swap(&mut chunk, &mut st.buf);
         }
     }

@@ -65,6 +65,15 @@ pub enum Error {
     /// `PROTOCOL_ERROR`: the server could not parse a frame this client sent.
     #[error("server rejected a frame: {0}")]
     ProtocolError(String),
+    /// `UNAUTHENTICATED`: the server requires authentication and this
+    /// connection has none (no token configured, or the token was refused:
+    /// [`ClientBuilder::token`](crate::ClientBuilder::token)).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// `FORBIDDEN`: the authenticated principal lacks the permission (the
+    /// server's auth file grants it per kind).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// `UNAVAILABLE`: the server's backend cannot serve the request; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -145,6 +154,8 @@ impl Error {
             Status::VersionMismatch => Error::VersionMismatch(m),
             Status::LimitExceeded => Error::LimitExceeded(m),
             Status::ProtocolError => Error::ProtocolError(m),
+            Status::Unauthenticated => Error::Unauthenticated(m),
+            Status::Forbidden => Error::Forbidden(m),
             Status::Unavailable => Error::Unavailable(m),
             Status::ShuttingDown => Error::ShuttingDown(m),
             Status::Internal => Error::Internal(m),
@@ -168,6 +179,8 @@ impl Error {
             Error::VersionMismatch(_) => Status::VersionMismatch,
             Error::LimitExceeded(_) => Status::LimitExceeded,
             Error::ProtocolError(_) => Status::ProtocolError,
+            Error::Unauthenticated(_) => Status::Unauthenticated,
+            Error::Forbidden(_) => Status::Forbidden,
             Error::Unavailable(_) => Status::Unavailable,
             Error::ShuttingDown(_) => Status::ShuttingDown,
             Error::Internal(_) => Status::Internal,

@@ -81,6 +81,9 @@ mod event;
 mod lock;
 mod multi;
 mod reply;
+#[cfg(feature = "tls")]
+mod tls;
+mod transport;
 
 pub use clastor_protocol::{
     DrainState, Event, HeldLock, HeldScope, KindLayout, KindMode, LockMode, Request, Response, ResponseBody, RotateOk,
@@ -92,3 +95,5 @@ pub use error::{Error, LostReason};
 pub use event::{ClientEvent, EventStream};
 pub use lock::{LockGuard, LockRequest, LostWatch, Released, RetryPolicy};
 pub use multi::{MultiLockGuard, MultiLockRequest};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;

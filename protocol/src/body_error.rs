@@ -44,6 +44,15 @@ pub enum BodyError {
         /// The value found.
         value: u32,
     },
+    /// A field is longer than the protocol allows (an `AUTH` token past
+    /// [`MAX_TOKEN_LEN`](crate::MAX_TOKEN_LEN)).
+    #[error("field `{field}` is longer than {max} bytes")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its bound.
+        max: usize,
+    },
     /// The opcode is unknown, or not valid in this direction.
     #[error("unknown opcode 0x{0:02x}")]
     UnknownOpcode(u8),

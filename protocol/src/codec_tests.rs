@@ -191,7 +191,7 @@ fn a_wrong_version_is_fatal() {
 
 #[test]
 fn an_unknown_opcode_is_a_body_error_with_its_own_status() {
-    let requests = [0x01, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18];
+    let requests = [0x01, 0x02, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19];
     for op in (0..=u8::MAX).filter(|op| !requests.contains(op)) {
         // Event opcodes are unknown as requests too.
         let frame = frame_of(&raw(1, op, 0, 9, &[]));
@@ -362,6 +362,9 @@ fn every_request_with_maximal_names_fits_in_min_frame_len() {
         },
         Request::Version { kind: name.clone() },
         Request::Info,
+        Request::Auth {
+            token: crate::AuthToken::new("t".repeat(crate::MAX_TOKEN_LEN)),
+        },
     ];
     for request in &requests {
         let mut buf = BytesMut::new();
@@ -897,4 +900,32 @@ fn bodies_are_slices_of_the_read_buffer() {
         }
     );
     assert_eq!(frame.body, Bytes::copy_from_slice(&bytes[4 + HEADER_LEN..]));
+}
+
+#[test]
+fn an_auth_token_past_its_bound_is_malformed_and_never_shown() {
+    let mut body = Vec::new();
+    let long = "x".repeat(crate::MAX_TOKEN_LEN + 1);
+    body.put_u16(u16::try_from(long.len()).expect("small"));
+    body.put_slice(long.as_bytes());
+    let frame = frame_of(&raw(1, Opcode::Auth as u8, 0, 5, &body));
+    let err = Request::decode(&frame.header, frame.body).expect_err("too long");
+    assert_eq!(err.status(), Status::BadRequest);
+    assert!(!err.to_string().contains("xxxx"), "{err}");
+    // Garbage: a length past the body, then bad UTF-8.
+    let frame = frame_of(&raw(1, Opcode::Auth as u8, 0, 5, &[0xff, 0xff, 1, 2]));
+    assert_eq!(
+        Request::decode(&frame.header, frame.body).map_err(|e| e.status()),
+        Err(Status::BadRequest)
+    );
+    let frame = frame_of(&raw(1, Opcode::Auth as u8, 0, 5, &[0, 2, 0xc3, 0x28]));
+    assert_eq!(
+        Request::decode(&frame.header, frame.body).map_err(|e| e.status()),
+        Err(Status::BadRequest)
+    );
+    // A request's Debug never shows its token.
+    let req = Request::Auth {
+        token: crate::AuthToken::new("hunter2"),
+    };
+    assert!(!format!("{req:?}").contains("hunter2"));
 }

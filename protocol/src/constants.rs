@@ -43,3 +43,10 @@ pub const EVENT_REQUEST_ID: u32 = 0;
 /// length-prefixed names, wait, lease, mode and the length-prefixed trace id
 /// (`RENEW`, the largest before version 3, has 9 bytes fewer than it).
 pub const MIN_FRAME_LEN: usize = HEADER_LEN + 2 * (2 + MAX_NAME_LEN) + 4 + 4 + 1 + 2 + MAX_TRACE_ID_LEN;
+
+/// Longest token `AUTH` may carry, in bytes; a longer one is malformed
+/// (`BAD_REQUEST`). Tokens are secrets of a few dozen bytes; the bound keeps
+/// `AUTH` well inside [`MIN_FRAME_LEN`].
+pub const MAX_TOKEN_LEN: usize = 256;
+
+const _: () = assert!(HEADER_LEN + 2 + MAX_TOKEN_LEN <= MIN_FRAME_LEN);

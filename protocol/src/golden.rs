@@ -24,9 +24,9 @@ use tokio_util::codec::Decoder;
 
 use crate::text::{self, Command};
 use crate::{
-    Acquire, AcquireOk, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk, KindLayout,
-    KindMode, LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk, RotationHolder,
-    RotationPhase, RotationProgress, Status, VersionInfo,
+    Acquire, AcquireOk, AuthToken, ClastorCodec, DrainState, Event, Flags, HeldLock, HeldScope, Hello, HelloOk,
+    KindLayout, KindMode, LockMode, LostReason, Opcode, Request, Response, ResponseBody, Rotate, RotateOk,
+    RotationHolder, RotationPhase, RotationProgress, Status, VersionInfo,
 };
 
 /// Any message, with what its encoder needs.
@@ -202,6 +202,16 @@ pub(crate) fn examples() -> Vec<Example> {
             name: "request/rotate-abort",
             msg: req(11, Request::RotateAbort { kind: s("transaction") }),
             golden: "00000015 01 18 0000 0000000b  000b 7472616e73616374696f6e",
+        },
+        Example {
+            name: "request/auth",
+            msg: req(
+                12,
+                Request::Auth {
+                    token: AuthToken::new("s3cret-token"),
+                },
+            ),
+            golden: "00000016 01 19 0000 0000000c  000c 7333637265742d746f6b656e",
         },
         Example {
             name: "response/hello",
@@ -533,6 +543,47 @@ pub(crate) fn examples() -> Vec<Example> {
                      0066 0013 756e6b6e6f776e206f70636f64652030783766",
         },
         Example {
+            name: "response/auth",
+            msg: ok(
+                12,
+                ResponseBody::Authenticated {
+                    principal: s("billing"),
+                },
+            ),
+            golden: "00000013 01 19 0001 0000000c  0000 0007 62696c6c696e67",
+        },
+        Example {
+            name: "response/error-unauthenticated",
+            msg: Msg::Response(Response::error(
+                13,
+                Opcode::Acquire as u8,
+                Status::Unauthenticated,
+                "authenticate first: send AUTH with a token",
+            )),
+            golden: "00000036 01 10 0001 0000000d
+                     006c 002a 61757468656e7469636174652066697273743a2073656e6420415554482077697468206120746f6b656e",
+        },
+        Example {
+            name: "response/error-forbidden",
+            msg: Msg::Response(Response::error(
+                14,
+                Opcode::Acquire as u8,
+                Status::Forbidden,
+                "principal billing may not acquire kind user",
+            )),
+            golden: "00000037 01 10 0001 0000000e
+                     006d 002b 7072696e636970616c2062696c6c696e67206d6179206e6f742061637175697265206b696e642075736572",
+        },
+        Example {
+            name: "event/closing-unauthenticated",
+            msg: Msg::Event(Event::Closing {
+                status: Status::Unauthenticated,
+                message: s("too many failed authentication attempts"),
+            }),
+            golden: "00000033 01 81 0002 00000000
+                     006c 0027 746f6f206d616e79206661696c65642061757468656e7469636174696f6e20617474656d707473",
+        },
+        Example {
             name: "event/lock-lost",
             msg: Msg::Event(Event::LockLost {
                 kind: s("transaction"),
@@ -739,6 +790,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
             w.enum8("scope", &["connection", "server"]);
         }
         (0, 0x14 | 0x18) => w.string("kind"),
+        (0, 0x19) => w.string("token"),
         (0, 0x17) => {
             w.string("kind");
             w.string("from");
@@ -835,6 +887,7 @@ pub(crate) fn annotate(bytes: &[u8]) -> String {
                     0x16 => {
                         w.u32("safe_ms");
                     }
+                    0x19 => w.string("principal"),
                     other => panic!("no OK body for opcode {other:#x}"),
                 }
             }

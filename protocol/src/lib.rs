@@ -42,12 +42,12 @@ pub use body_error::BodyError;
 pub use codec::{ClastorCodec, Frame, FrameError, split_frame};
 pub use constants::{
     DEFAULT_MAX_FRAME_LEN, EVENT_REQUEST_ID, HEADER_LEN, HIGHEST_VERSION, LENGTH_PREFIX_LEN, MAX_FRAME_LEN_CEILING,
-    MIN_FRAME_LEN, PROTOCOL_VERSION,
+    MAX_TOKEN_LEN, MIN_FRAME_LEN, PROTOCOL_VERSION,
 };
 pub use header::{Flags, Header};
 pub use message::{
-    Acquire, AcquireOk, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindLayout, KindMode, LockMode,
-    LostReason, MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
+    Acquire, AcquireOk, AuthToken, ErrorReply, Event, HeldLock, HeldScope, Hello, HelloOk, KindLayout, KindMode,
+    LockMode, LostReason, MAX_MESSAGE_LEN, Request, Response, ResponseBody, VersionInfo,
 };
 pub use opcode::Opcode;
 pub use rotation::{

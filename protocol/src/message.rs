@@ -6,10 +6,14 @@
 //! its exact size. Decoders take a body that framing already isolated, so a
 //! short body is *malformed* ([`BodyError`]), never *incomplete*.
 
+use std::fmt;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::body_error::BodyError;
-use crate::constants::{EVENT_REQUEST_ID, HEADER_LEN, HIGHEST_VERSION, LENGTH_PREFIX_LEN, PROTOCOL_VERSION};
+use crate::constants::{
+    EVENT_REQUEST_ID, HEADER_LEN, HIGHEST_VERSION, LENGTH_PREFIX_LEN, MAX_TOKEN_LEN, PROTOCOL_VERSION,
+};
 use crate::header::{Flags, Header};
 use crate::opcode::Opcode;
 use crate::rotation::{DrainState, Rotate, RotateOk, RotationProgress};
@@ -248,6 +252,29 @@ pub struct Acquire {
     pub trace_id: Option<String>,
 }
 
+/// The secret an `AUTH` carries. Its `Debug` never shows it, so a request
+/// logged with `?` leaks nothing; [`AuthToken::expose`] is the one way in.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(String);
+
+impl AuthToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> AuthToken {
+        AuthToken(token.into())
+    }
+
+    /// The secret itself, for hashing or sending.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthToken(<redacted>)")
+    }
+}
+
 /// A request from client to server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -301,6 +328,11 @@ pub enum Request {
         /// Resource kind.
         kind: String,
     },
+    /// Authenticate the connection (every protocol version).
+    Auth {
+        /// The secret (at most [`MAX_TOKEN_LEN`] bytes).
+        token: AuthToken,
+    },
 }
 
 impl Request {
@@ -318,6 +350,7 @@ impl Request {
             Request::Confirm => Opcode::Confirm,
             Request::Rotate(_) => Opcode::Rotate,
             Request::RotateAbort { .. } => Opcode::RotateAbort,
+            Request::Auth { .. } => Opcode::Auth,
         }
     }
 
@@ -333,6 +366,7 @@ impl Request {
             Request::Held { .. } => 1,
             Request::Version { kind } | Request::RotateAbort { kind } => string_len(kind),
             Request::Rotate(r) => r.len(),
+            Request::Auth { token } => string_len(token.expose()),
         }
     }
 
@@ -382,6 +416,7 @@ impl Request {
             Request::Held { scope } => dst.put_u8(*scope as u8),
             Request::Version { kind } | Request::RotateAbort { kind } => put_string(dst, kind),
             Request::Rotate(r) => r.write(dst),
+            Request::Auth { token } => put_string(dst, token.expose()),
         }
     }
 
@@ -449,6 +484,18 @@ impl Request {
             Opcode::RotateAbort => Request::RotateAbort {
                 kind: r.string("kind")?,
             },
+            Opcode::Auth => {
+                let token = r.string("token")?;
+                if token.len() > MAX_TOKEN_LEN {
+                    return Err(BodyError::TooLong {
+                        field: "token",
+                        max: MAX_TOKEN_LEN,
+                    });
+                }
+                Request::Auth {
+                    token: AuthToken(token),
+                }
+            }
             // Filtered out above; kept so a new event opcode is a compile error here.
             Opcode::LockLost | Opcode::Closing | Opcode::RotateProgress => {
                 return Err(BodyError::UnknownOpcode(header.opcode));
@@ -591,6 +638,11 @@ pub enum ResponseBody {
         /// normal); false if there was nothing to abort.
         aborted: bool,
     },
+    /// To `AUTH`: the connection now acts as this principal.
+    Authenticated {
+        /// The principal's name (from the server's auth file).
+        principal: String,
+    },
     /// To `CONFIRM`: for how long after the server handled it no lock this
     /// connection holds will be granted to anyone else (the client counts it
     /// from when it sent the request).
@@ -615,6 +667,7 @@ impl ResponseBody {
             ResponseBody::Confirmed { .. } => Opcode::Confirm,
             ResponseBody::Rotated(_) => Opcode::Rotate,
             ResponseBody::RotateAborted { .. } => Opcode::RotateAbort,
+            ResponseBody::Authenticated { .. } => Opcode::Auth,
         }
     }
 
@@ -654,6 +707,7 @@ impl ResponseBody {
             }
             ResponseBody::Rotated(r) => r.len(),
             ResponseBody::RotateAborted { version, .. } => string_len(version) + 1,
+            ResponseBody::Authenticated { principal } => string_len(principal),
             ResponseBody::Info(pairs) => {
                 2 + pairs
                     .iter()
@@ -734,6 +788,7 @@ impl ResponseBody {
                 put_string(dst, version);
                 dst.put_u8(u8::from(*aborted));
             }
+            ResponseBody::Authenticated { principal } => put_string(dst, principal),
             ResponseBody::Info(pairs) => {
                 dst.put_u16(clamp_count(pairs.len()));
                 for (k, v) in pairs.iter().take(usize::from(u16::MAX)) {
@@ -831,6 +886,9 @@ impl ResponseBody {
             Opcode::RotateAbort => ResponseBody::RotateAborted {
                 version: r.string("version")?,
                 aborted: r.bool("aborted")?,
+            },
+            Opcode::Auth => ResponseBody::Authenticated {
+                principal: r.string("principal")?,
             },
             Opcode::Info => {
                 let n = r.count("count", 4)?;

@@ -30,6 +30,8 @@ pub enum Opcode {
     Rotate = 0x17,
     /// Admin: abort a kind's rotation, back to normal on its current version.
     RotateAbort = 0x18,
+    /// Authenticate the connection with a token (every protocol version).
+    Auth = 0x19,
     /// Event: a lock this connection held can no longer be guaranteed.
     LockLost = 0x80,
     /// Event: the server is about to close the connection, and why.
@@ -41,7 +43,7 @@ pub enum Opcode {
 
 impl Opcode {
     /// Every opcode, in wire order.
-    pub const ALL: [Opcode; 14] = [
+    pub const ALL: [Opcode; 15] = [
         Opcode::Hello,
         Opcode::Ping,
         Opcode::Acquire,
@@ -53,6 +55,7 @@ impl Opcode {
         Opcode::Confirm,
         Opcode::Rotate,
         Opcode::RotateAbort,
+        Opcode::Auth,
         Opcode::LockLost,
         Opcode::Closing,
         Opcode::RotateProgress,
@@ -72,6 +75,7 @@ impl Opcode {
             Opcode::Confirm => "CONFIRM",
             Opcode::Rotate => "ROTATE",
             Opcode::RotateAbort => "ROTATE_ABORT",
+            Opcode::Auth => "AUTH",
             Opcode::LockLost => "LOCK_LOST",
             Opcode::Closing => "CLOSING",
             Opcode::RotateProgress => "ROTATE_PROGRESS",
@@ -101,6 +105,7 @@ impl TryFrom<u8> for Opcode {
             0x16 => Opcode::Confirm,
             0x17 => Opcode::Rotate,
             0x18 => Opcode::RotateAbort,
+            0x19 => Opcode::Auth,
             0x80 => Opcode::LockLost,
             0x81 => Opcode::Closing,
             0x82 => Opcode::RotateProgress,

@@ -42,6 +42,12 @@ pub enum Status {
     LimitExceeded = 106,
     /// A frame could not be parsed (fatal; sent in a `CLOSING` event).
     ProtocolError = 107,
+    /// The server requires authentication and this connection has not
+    /// authenticated (or an `AUTH` failed). Also `CLOSING`'s status after
+    /// too many failed attempts.
+    Unauthenticated = 108,
+    /// The authenticated principal lacks the permission this request needs.
+    Forbidden = 109,
     /// The backend cannot be reached or failed the operation; retry later.
     Unavailable = 200,
     /// The server is shutting down.
@@ -52,7 +58,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in wire order.
-    pub const ALL: [Status; 18] = [
+    pub const ALL: [Status; 20] = [
         Status::Ok,
         Status::Timeout,
         Status::NotHeld,
@@ -68,6 +74,8 @@ impl Status {
         Status::VersionMismatch,
         Status::LimitExceeded,
         Status::ProtocolError,
+        Status::Unauthenticated,
+        Status::Forbidden,
         Status::Unavailable,
         Status::ShuttingDown,
         Status::Internal,
@@ -91,6 +99,8 @@ impl Status {
             Status::VersionMismatch => "VERSION_MISMATCH",
             Status::LimitExceeded => "LIMIT_EXCEEDED",
             Status::ProtocolError => "PROTOCOL_ERROR",
+            Status::Unauthenticated => "UNAUTHENTICATED",
+            Status::Forbidden => "FORBIDDEN",
             Status::Unavailable => "UNAVAILABLE",
             Status::ShuttingDown => "SHUTTING_DOWN",
             Status::Internal => "INTERNAL",

@@ -10,7 +10,8 @@ use std::fmt::Write as _;
 
 use thiserror::Error;
 
-use crate::message::{Acquire, Event, HeldScope, KindLayout, LockMode, Request, Response, ResponseBody};
+use crate::constants::MAX_TOKEN_LEN;
+use crate::message::{Acquire, AuthToken, Event, HeldScope, KindLayout, LockMode, Request, Response, ResponseBody};
 use crate::rotation::{Rotate, RotationProgress};
 use crate::status::Status;
 
@@ -43,6 +44,7 @@ pub struct ParseError {
 /// One line per command, as shown by `HELP`.
 pub const USAGE: &[&str] = &[
     "PING",
+    "AUTH <token>                               authenticate (when the server requires it)",
     "ACQUIRE <kind> <id> [wait_ms] [lease_ms] [trace_id]   wait_ms 0 (default) tries once; lease_ms 0 (default) = no lease",
     "ACQUIRE_SHARED <kind> <id> [wait_ms] [lease_ms] [trace_id]   the same, shared (a reader: many at a time, no writer)",
     "RELEASE <kind> <id> [token]                token: only that grant (default: whichever this connection holds)",
@@ -78,6 +80,16 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "PING" => arity(0, 0, "PING").map(|()| Request::Ping)?,
         "INFO" => arity(0, 0, "INFO").map(|()| Request::Info)?,
         "CONFIRM" => arity(0, 0, "CONFIRM").map(|()| Request::Confirm)?,
+        // The usage line never echoes the token.
+        "AUTH" => {
+            arity(1, 1, "AUTH <token>")?;
+            if args[0].len() > MAX_TOKEN_LEN {
+                return Err(bad(format!("token longer than {MAX_TOKEN_LEN} bytes")));
+            }
+            Request::Auth {
+                token: AuthToken::new(owned(0)),
+            }
+        }
         name @ ("ACQUIRE" | "ACQUIRE_SHARED") => {
             let mode = if name == "ACQUIRE" {
                 LockMode::Exclusive
@@ -214,6 +226,9 @@ pub fn format_response(req: &Request, resp: &Response) -> String {
             let _ = writeln!(out, "-ERR {} {}", e.status.name(), one_line(&e.message));
         }
         Ok(ResponseBody::Pong) => out.push_str("+PONG\n"),
+        Ok(ResponseBody::Authenticated { principal }) => {
+            let _ = writeln!(out, "+AUTH principal={}", one_line(principal));
+        }
         Ok(ResponseBody::Hello(h)) => {
             let _ = writeln!(
                 out,
@@ -443,6 +458,30 @@ pub fn format_parse_error(e: &ParseError) -> String {
 mod tests {
     use super::*;
     use crate::message::{AcquireOk, ErrorReply, LostReason};
+
+    #[test]
+    fn parses_auth_without_echoing_the_token() {
+        assert_eq!(
+            parse("AUTH s3cret"),
+            Ok(Command::Request(Request::Auth {
+                token: AuthToken::new("s3cret")
+            }))
+        );
+        let e = parse("auth s3cret extra").expect_err("arity");
+        assert!(!e.message.contains("s3cret"), "{}", e.message);
+        let e = parse(&format!("AUTH {}", "y".repeat(MAX_TOKEN_LEN + 1))).expect_err("too long");
+        assert_eq!(e.status, Status::BadRequest);
+        let resp = Response::ok(
+            0,
+            ResponseBody::Authenticated {
+                principal: "billing".into(),
+            },
+        );
+        let req = Request::Auth {
+            token: AuthToken::new("s3cret"),
+        };
+        assert_eq!(format_response(&req, &resp), "+AUTH principal=billing\n");
+    }
 
     #[test]
     fn parses_the_grammar() {

@@ -327,7 +327,9 @@ fn spawn(command: &[OsString], guard: &MultiLockGuard, keys: &[(String, String)]
         .env("CLASTOR_LOCK_KIND", first.kind())
         .env("CLASTOR_LOCK_ID", first.id())
         .env("CLASTOR_LOCK_VERSION", first.version())
-        .env("CLASTOR_LOCKS", json.to_string());
+        .env("CLASTOR_LOCKS", json.to_string())
+        // The command gets its locks, not this client's credential.
+        .env_remove("CLASTOR_TOKEN");
     for (n, g) in held.iter().enumerate() {
         cmd.env(format!("CLASTOR_FENCING_TOKEN_{n}"), g.token().to_string());
     }

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch for the `clastor` binary. Each subcommand
 //! lives in its own file with its clap arguments.
 
+mod auth;
 mod healthcheck;
 mod load;
 mod lock;
@@ -45,6 +46,7 @@ enum Command {
     Info(oneshot::InfoArgs),
     Rotate(rotate::RotateArgs),
     Healthcheck(healthcheck::HealthcheckArgs),
+    Auth(auth::AuthArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -63,6 +65,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Info(args) => oneshot::info(args),
         Command::Rotate(args) => rotate::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
+        Command::Auth(args) => auth::run(args),
     }
 }
 
@@ -81,16 +84,62 @@ struct ServerOpt {
     /// Give up connecting after this long.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    #[command(flatten)]
+    security: SecurityOpt,
+}
+
+/// How a client-side subcommand proves who it is and speaks TLS.
+#[derive(Debug, Clone, Default, Args)]
+struct SecurityOpt {
+    /// Authenticate with this token (a server started with --auth-file). Prefer the
+    /// environment variable: a flag's value shows in `ps`.
+    #[arg(long, env = "CLASTOR_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Speak TLS, trusting the CA certificate(s) in this PEM file (a server started with
+    /// --tls-cert).
+    #[arg(long, env = "CLASTOR_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Present this client certificate chain (PEM) to a server that requires one
+    /// (--tls-client-ca); needs --tls-ca and --tls-key.
+    #[arg(long, env = "CLASTOR_TLS_CLIENT_CERT", value_name = "PEM", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CLASTOR_TLS_CLIENT_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry [default: the host of --server].
+    #[arg(long, env = "CLASTOR_TLS_SERVER_NAME", value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl SecurityOpt {
+    /// `builder` with the token and TLS settings these flags give.
+    fn apply(
+        &self,
+        builder: clastor_client::ClientBuilder,
+    ) -> Result<clastor_client::ClientBuilder, clastor_client::Error> {
+        let mut builder = builder;
+        if let Some(token) = &self.token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+            let mut tls = clastor_client::TlsConfig::from_pem_files(ca, identity)?;
+            if let Some(name) = &self.tls_server_name {
+                tls = tls.server_name(name.clone());
+            }
+            builder = builder.tls(tls);
+        }
+        Ok(builder)
+    }
 }
 
 impl ServerOpt {
     /// A client with one connection to the server.
     async fn connect(&self) -> Result<clastor_client::Client, clastor_client::Error> {
-        clastor_client::Client::builder(self.server.as_str())
+        let builder = clastor_client::Client::builder(self.server.as_str())
             .client_name(concat!("clastor-cli/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(self.connect_timeout)
-            .connect()
-            .await
+            .connect_timeout(self.connect_timeout);
+        self.security.apply(builder)?.connect().await
     }
 }
 

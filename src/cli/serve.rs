@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use clastor::backend::memory::MemoryBackend;
 use clastor::backend::postgres::{PgConfig, PostgresBackend};
 use clastor::backend::redis::{RedisBackend, RedisConfig};
 use clastor::backend::zookeeper::{ZkConfig, ZkDigest, ZooKeeperBackend};
-use clastor::server::{self, ServerConfig};
+use clastor::server::{self, AuthConfig, ServerConfig, TlsConfig};
 use clastor::{Engine, EngineConfig};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -235,6 +236,40 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_HTTP_COMPAT_TOKENLESS_RELEASE", default_value_t = http_defaults().compat_tokenless_release)]
     http_compat_tokenless_release: bool,
 
+    /// Require clients to authenticate, on both ports: a TOML file of principals, the SHA-256
+    /// digests of their tokens (`clastor auth hash-token`), their mTLS certificate names, and
+    /// their per-kind grants (acquire, shared, read, rotate, admin; README, "Security").
+    /// Reloaded on SIGHUP; a file that does not load is refused and the one in force kept.
+    /// Off unless given: anyone who can reach the ports may take, block or rotate any lock.
+    #[arg(long, env = "CLASTOR_AUTH_FILE", value_name = "PATH")]
+    auth_file: Option<PathBuf>,
+
+    /// Failed AUTHs a connection gets before the server closes it.
+    #[arg(long, env = "CLASTOR_AUTH_MAX_FAILURES", default_value_t = AuthConfig::new("").max_failures,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    auth_max_failures: u32,
+
+    /// Speak TLS only, on both ports, with this certificate chain (PEM, leaf first).
+    /// Needs --tls-key.
+    #[arg(long, env = "CLASTOR_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "CLASTOR_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require every client, on both ports, to present a certificate signed by a CA in this
+    /// PEM file (mTLS). The certificate's subject CN (else its first DNS name) is the name of
+    /// the principal with that `cert` in --auth-file. Needs --tls-cert.
+    #[arg(long, env = "CLASTOR_TLS_CLIENT_CA", value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// With --auth-file, serve /metrics without credentials (a scraper on a trusted network).
+    /// Off: /metrics needs a principal with the admin permission.
+    #[cfg(feature = "http")]
+    #[arg(long, env = "CLASTOR_METRICS_PUBLIC")]
+    metrics_public: bool,
+
     /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
     #[arg(long, env = "CLASTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -357,8 +392,22 @@ fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
                 .http_max_lock_requests
                 .unwrap_or_else(|| clastor::server::HttpConfig::lock_requests_for(args.http_max_connections)),
             compat_tokenless_release: args.http_compat_tokenless_release,
+            metrics_public: args.metrics_public,
             ..clastor::server::HttpConfig::new(listen)
         }),
+        auth: args.auth_file.as_ref().map(|file| AuthConfig {
+            max_failures: args.auth_max_failures,
+            ..AuthConfig::new(file)
+        }),
+        tls: args
+            .tls_cert
+            .as_ref()
+            .zip(args.tls_key.as_ref())
+            .map(|(cert, key)| TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
     };
     (engine_config, server_config)
 }
@@ -462,6 +511,19 @@ async fn run_with<B: Backend>(backend: B, engine_config: EngineConfig, config: S
         info!("signal received; shutting down gracefully");
         token.cancel();
     });
+    #[cfg(unix)]
+    if let Some(reloader) = handle.auth_reloader() {
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot listen for SIGHUP (auth file reloads)")?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match reloader.reload() {
+                    Ok(principals) => info!(principals, "SIGHUP: auth file reloaded"),
+                    Err(e) => error!(error = %e, "SIGHUP: auth file not reloaded; the one in force stays"),
+                }
+            }
+        });
+    }
     handle.wait().await;
     Ok(())
 }

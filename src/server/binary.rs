@@ -20,7 +20,6 @@ use clastor_protocol::{
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +28,7 @@ use tracing::{debug, info};
 use super::dispatch::{RequestContext, confirm_ms, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
+use super::stream::Stream;
 use super::wire::Wire;
 use crate::backend::Backend;
 use crate::engine::{LostEvent, LostEvents};
@@ -69,10 +69,12 @@ struct Conn<B: Backend> {
     /// `ROTATE_PROGRESS` events of this connection's running rotations;
     /// made by the first `ROTATE` (most connections never send one).
     progress: Option<(mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>)>,
+    /// Failed `AUTH`s so far (`auth/`: bounded per connection).
+    auth_failures: u32,
 }
 
 pub(super) async fn run<B: Backend>(
-    stream: TcpStream,
+    stream: Stream,
     shared: &Arc<ServerState<B>>,
     ctx: RequestContext<B>,
     mut lost: LostEvents,
@@ -91,6 +93,7 @@ pub(super) async fn run<B: Backend>(
         active: false,
         promised_until: None,
         progress: None,
+        auth_failures: 0,
     };
     let mut shutting_down = false;
     // One registration with the shutdown token for the connection's life:
@@ -310,6 +313,18 @@ impl<B: Backend> Conn<B> {
                 stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 debug!(request_id = header.request_id, opcode = header.opcode, error = %e, "bad request");
                 reply_err(e.status(), e.to_string()).encode(self.framed.write_buffer_mut());
+                // A malformed AUTH is an attempt too: garbage cannot buy
+                // more guesses than tokens can.
+                if header.opcode == Opcode::Auth as u8
+                    && self.handshaken
+                    && self
+                        .ctx
+                        .access
+                        .malformed_attempt(&mut self.auth_failures, self.ctx.peer, &stats.auth_failures)
+                {
+                    self.push_closing(Status::Unauthenticated, crate::server::auth::TOO_MANY_FAILURES);
+                    return Flow::Close;
+                }
                 return Flow::Continue;
             }
         };
@@ -363,6 +378,25 @@ impl<B: Backend> Conn<B> {
             (true, Request::Hello(_)) => {
                 reply_err(Status::BadRequest, "HELLO was already done on this connection".into())
                     .encode(self.framed.write_buffer_mut())
+            }
+            (true, Request::Auth { token }) => {
+                stats.count_request(Opcode::Auth);
+                let outcome = self.ctx.access.authenticate(
+                    &token,
+                    &mut self.auth_failures,
+                    self.ctx.peer,
+                    &self.shared.stats.auth_failures,
+                );
+                match outcome {
+                    Ok(body) => Response::ok(header.request_id, body).encode(self.framed.write_buffer_mut()),
+                    Err(refusal) => {
+                        reply_err(refusal.reply.status, refusal.reply.message).encode(self.framed.write_buffer_mut());
+                        if refusal.close {
+                            self.push_closing(Status::Unauthenticated, crate::server::auth::TOO_MANY_FAILURES);
+                            return Flow::Close;
+                        }
+                    }
+                }
             }
             (true, Request::Rotate(r)) => {
                 let ctx = self.ctx.clone();

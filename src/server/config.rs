@@ -53,6 +53,14 @@ pub struct ServerConfig {
     /// `None`: off.
     #[cfg(feature = "http")]
     pub http: Option<super::HttpConfig>,
+    /// Client authentication and per-kind permissions from an auth file
+    /// (both ports); `None`: off, anyone who reaches the ports may do
+    /// anything.
+    #[cfg(feature = "tls")]
+    pub auth: Option<super::AuthConfig>,
+    /// TLS on both ports (and mTLS with a client CA); `None`: plain TCP.
+    #[cfg(feature = "tls")]
+    pub tls: Option<super::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +77,10 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             #[cfg(feature = "http")]
             http: None,
+            #[cfg(feature = "tls")]
+            auth: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -166,6 +178,10 @@ impl ServerConfig {
         #[cfg(feature = "http")]
         if let Some(http) = &self.http {
             http.validate()?;
+        }
+        #[cfg(feature = "tls")]
+        if self.auth.as_ref().is_some_and(|a| a.max_failures == 0) {
+            return zero("auth.max_failures", "--auth-max-failures");
         }
         Ok(())
     }

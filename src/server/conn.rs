@@ -16,6 +16,9 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::dispatch::RequestContext;
 use super::state::{ServerState, ServerStats};
+#[cfg(feature = "tls")]
+use super::stream::PutBack;
+use super::stream::Stream;
 use super::{binary, text};
 use crate::backend::Backend;
 
@@ -27,24 +30,20 @@ pub(super) async fn serve<B: Backend>(
     shared: Arc<ServerState<B>>,
     shutdown: CancellationToken,
 ) {
-    let mut first = [0u8; 1];
-    let peeked = tokio::select! {
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let opened = tokio::select! {
         () = shutdown.cancelled() => return,
-        r = tokio::time::timeout(shared.config.handshake_timeout, stream.peek(&mut first)) => r,
+        r = tokio::time::timeout_at(deadline, open(stream, peer, &shared)) => r,
     };
-    match peeked {
-        Ok(Ok(1..)) => {}
-        Ok(Ok(_)) => return,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "connection failed before its first byte");
-            return;
-        }
+    let (stream, first, cert_name) = match opened {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return,
         Err(_) => {
             debug!(%peer, "no data within the handshake timeout; closing");
             return;
         }
-    }
-    let binary = first[0] == 0;
+    };
+    let binary = first == 0;
     let (session, lost) = shared.engine.open_session(peer.to_string());
     // `client` is filled in by the binary actor once HELLO names it.
     let span = debug_span!(
@@ -65,6 +64,8 @@ pub(super) async fn serve<B: Backend>(
         speaks_modes: !binary,
         engine: shared.engine.clone(),
         session: session.clone(),
+        access: shared.access(cert_name.as_deref()),
+        peer,
     };
     async {
         debug!("connection opened");
@@ -80,6 +81,55 @@ pub(super) async fn serve<B: Backend>(
     }
     .instrument(span)
     .await;
+}
+
+/// The connection's stream (after the TLS handshake, if TLS is on), its
+/// first byte, and the name its verified client certificate gives; `None`
+/// if it ended or failed first.
+async fn open<B: Backend>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &ServerState<B>,
+) -> Option<(Stream, u8, Option<String>)> {
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = &shared.tls {
+        use tokio::io::AsyncReadExt;
+        let mut tls = match acceptor.0.accept(stream).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+        };
+        let cert_name = super::tls::peer_name(tls.get_ref().1);
+        let mut first = [0u8; 1];
+        return match tls.read(&mut first).await {
+            Ok(1..) => Some((
+                Stream::Tls(Box::new(PutBack {
+                    stream: tls,
+                    first: Some(first[0]),
+                })),
+                first[0],
+                cert_name,
+            )),
+            Ok(0) => None,
+            Err(e) => {
+                debug!(%peer, error = %e, "TLS connection failed before its first byte");
+                None
+            }
+        };
+    }
+    let _ = shared;
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1..) => Some((Stream::Tcp(stream), first[0], None)),
+        Ok(_) => None,
+        Err(e) => {
+            debug!(%peer, error = %e, "connection failed before its first byte");
+            None
+        }
+    }
 }
 
 /// Counts an open connection for as long as it lives, however its task ends.

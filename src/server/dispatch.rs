@@ -13,6 +13,7 @@ use clastor_protocol::{
     RotationProgress, Status, VersionInfo,
 };
 
+use super::auth::{Access, Permission};
 use super::state::ServerState;
 use crate::backend::Backend;
 use crate::engine::{AcquireOptions, Engine, HeldInfo, Session};
@@ -39,6 +40,10 @@ pub(crate) struct RequestContext<B: Backend> {
     /// may take shared locks, and listings and `VERSION` carry modes and
     /// layouts.
     pub(crate) speaks_modes: bool,
+    /// Who the connection is and what it may do (`auth/`).
+    pub(crate) access: Access,
+    /// The connection's peer, for the logs of refused `AUTH`s.
+    pub(crate) peer: std::net::SocketAddr,
 }
 
 impl<B: Backend> Clone for RequestContext<B> {
@@ -50,6 +55,8 @@ impl<B: Backend> Clone for RequestContext<B> {
             reports_drain: self.reports_drain,
             reports_traces: self.reports_traces,
             speaks_modes: self.speaks_modes,
+            access: self.access.clone(),
+            peer: self.peer,
         }
     }
 }
@@ -98,8 +105,11 @@ pub(crate) async fn dispatch<B: Backend>(
     req: Request,
 ) -> Result<ResponseBody, ErrorReply> {
     shared.stats.count_request(req.opcode());
+    ctx.access.check(&req)?;
     match req {
         Request::Hello(_) => Err(err(Status::BadRequest, "HELLO is only valid as the first binary frame")),
+        // The actors answer AUTH themselves: it changes the connection.
+        Request::Auth { .. } => Err(err(Status::Internal, "AUTH reached dispatch")),
         Request::Ping => Ok(ResponseBody::Pong),
         Request::Acquire(a) => {
             let key = key(&a.kind, &a.id)?;
@@ -200,7 +210,15 @@ pub(crate) async fn dispatch<B: Backend>(
                 aborted,
             })
         }
-        Request::Info => Ok(ResponseBody::Info(shared.info())),
+        Request::Info if ctx.access.is_admin() => Ok(ResponseBody::Info(shared.info())),
+        // Without admin, only what HELLO already tells.
+        Request::Info => Ok(ResponseBody::Info(vec![
+            ("server".to_owned(), shared.server_name()),
+            (
+                "principal".to_owned(),
+                ctx.access.principal().unwrap_or_default().to_owned(),
+            ),
+        ])),
         Request::Confirm if !ctx.reports_safe => Err(err(
             Status::BadRequest,
             "CONFIRM needs protocol version 2 (offer max_version 2 in HELLO)",
@@ -217,6 +235,8 @@ pub(crate) async fn rotate<B: Backend>(
     r: Rotate,
     progress: &(dyn Fn(RotationProgress) + Send + Sync),
 ) -> Result<ResponseBody, ErrorReply> {
+    // The actors call this directly for its progress: the same check as dispatch's.
+    ctx.access.require(Permission::Rotate, Some(&r.kind))?;
     let timeout = ms(r.drain_timeout_ms);
     let (drained, leftover) = ctx
         .engine

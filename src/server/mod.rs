@@ -15,6 +15,7 @@
 //! exceeded" instead of hanging in the kernel's backlog; past that bound,
 //! extra connections are dropped at once.
 
+mod auth;
 mod binary;
 mod config;
 mod conn;
@@ -23,12 +24,19 @@ mod dispatch;
 mod http;
 mod io;
 mod state;
+mod stream;
 mod text;
+#[cfg(feature = "tls")]
+mod tls;
 mod wire;
 
+#[cfg(feature = "tls")]
+pub use auth::{AuthConfig, AuthError, hash_token};
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
 #[cfg(feature = "http")]
 pub use http::{HttpConfig, HttpConfigError};
+#[cfg(feature = "tls")]
+pub use tls::{TlsConfig, TlsError};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +55,24 @@ use crate::backend::Backend;
 use crate::engine::Engine;
 use state::{ServerState, ServerStats};
 
+/// Reloads a running server's auth file.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct AuthReloader(Arc<auth::Authenticator>);
+
+#[cfg(feature = "tls")]
+impl AuthReloader {
+    /// Reads the auth file again. Established connections keep their
+    /// principal; their next request is checked against the new file.
+    /// Returns how many principals it names.
+    ///
+    /// # Errors
+    /// The file cannot be read or is invalid: the one in force stays.
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        self.0.reload()
+    }
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct ServerHandle {
@@ -54,6 +80,8 @@ pub struct ServerHandle {
     http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     join: JoinHandle<()>,
+    #[cfg(feature = "tls")]
+    auth: Option<Arc<auth::Authenticator>>,
 }
 
 impl ServerHandle {
@@ -65,6 +93,13 @@ impl ServerHandle {
     /// The address of the HTTP port, if it is on (with the real port if `:0` was asked).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// What reloads the auth file (on `SIGHUP`, in the CLI); `None` with
+    /// authentication off.
+    #[cfg(feature = "tls")]
+    pub fn auth_reloader(&self) -> Option<AuthReloader> {
+        self.auth.clone().map(AuthReloader)
     }
 
     /// A token that shuts the server down when cancelled.
@@ -97,6 +132,20 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
     config
         .validate(engine.config())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    #[cfg(feature = "tls")]
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(
+            auth::Authenticator::load(a).map_err(|e| invalid(e.to_string()))?,
+        )),
+        None => None,
+    };
+    #[cfg(feature = "tls")]
+    let tls = match &config.tls {
+        Some(t) => Some(tls::acceptor(t).map_err(|e| invalid(e.to_string()))?),
+        None => None,
+    };
+    let _ = &invalid;
     let listener = bind(config.listen)?;
     let local_addr = listener.local_addr()?;
     #[cfg(feature = "http")]
@@ -114,7 +163,21 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         local_addr,
         started: Instant::now(),
         hard_stop: CancellationToken::new(),
+        #[cfg(feature = "tls")]
+        auth: auth.clone(),
+        #[cfg(feature = "tls")]
+        tls,
     });
+    if shared.auth_on() {
+        info!("authentication on: requests need a principal (AUTH, a bearer token or a client certificate)");
+    } else {
+        warn!(
+            "authentication off: anyone who can reach the ports can take, block or rotate any lock (see --auth-file)"
+        );
+    }
+    if shared.tls_on() {
+        info!("TLS on: both ports speak TLS only");
+    }
     let shutdown = CancellationToken::new();
     #[allow(unused_mut)]
     let mut http_addr = None;
@@ -145,6 +208,8 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         http_addr,
         shutdown,
         join,
+        #[cfg(feature = "tls")]
+        auth,
     })
 }
 
@@ -195,6 +260,9 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<
             Err(_) => {
                 shared.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
                 match refusals.clone().try_acquire_owned() {
+                    // A TLS client would read a plain refusal as garbage:
+                    // it is closed without a word.
+                    Ok(_) if shared.tls_on() => debug!(%peer, "TLS connection dropped: over the limit"),
                     Ok(permit) => {
                         let max = shared.config.max_connections;
                         tracker.spawn(async move {

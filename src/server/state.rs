@@ -21,6 +21,14 @@ pub(crate) struct ServerStats {
     pub(crate) requests: AtomicU64,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    /// Refused `AUTH`s (binary and text), malformed ones included.
+    pub(crate) auth_failures: AtomicU64,
+    /// HTTP requests refused for a missing or unknown bearer token.
+    #[cfg(feature = "http")]
+    pub(crate) http_auth_failures: AtomicU64,
+    /// TLS handshakes that failed (either port): a plain client, a bad or
+    /// missing client certificate, a timeout.
+    pub(crate) tls_failures: AtomicU64,
     /// Requests that reached dispatch, by opcode (index: `Opcode as u8 & 0x1f`;
     /// request opcodes are 0x01..=0x1f).
     pub(crate) by_opcode: [AtomicU64; 32],
@@ -54,9 +62,59 @@ pub(crate) struct ServerState<B: Backend> {
     /// Cancelled when the shutdown grace runs out: connections still
     /// writing to a client that does not read give up at once.
     pub(crate) hard_stop: CancellationToken,
+    /// The auth file, when authentication is on.
+    #[cfg(feature = "tls")]
+    pub(crate) auth: Option<std::sync::Arc<super::auth::Authenticator>>,
+    /// The acceptor of both ports, when TLS is on.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<super::tls::Acceptor>,
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
 }
 
 impl<B: Backend> ServerState<B> {
+    /// Whether requests need a principal.
+    pub(crate) fn auth_on(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.auth.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// Whether both ports speak TLS.
+    pub(crate) fn tls_on(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// A new connection's access: no principal yet, unless its verified
+    /// client certificate named one.
+    pub(crate) fn access(&self, cert_name: Option<&str>) -> super::auth::Access {
+        #[cfg(feature = "tls")]
+        {
+            let principal = match (&self.auth, cert_name) {
+                (Some(auth), Some(name)) => {
+                    let p = auth.principal_for_cert(name);
+                    if p.is_none() {
+                        tracing::info!(cert = name, "client certificate names no principal of the auth file");
+                    }
+                    p
+                }
+                _ => None,
+            };
+            super::auth::Access::new(self.auth.clone(), principal)
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = cert_name;
+            super::auth::Access::default()
+        }
+    }
+
     pub(crate) fn server_name(&self) -> String {
         format!(
             "clastor {} ({})",
@@ -79,6 +137,10 @@ impl<B: Backend> ServerState<B> {
             ("requests".to_owned(), n(&s.requests)),
             ("bad_requests".to_owned(), n(&s.bad_requests)),
             ("protocol_errors".to_owned(), n(&s.protocol_errors)),
+            ("auth".to_owned(), on_off(self.auth_on()).to_owned()),
+            ("auth_failures".to_owned(), n(&s.auth_failures)),
+            ("tls".to_owned(), on_off(self.tls_on()).to_owned()),
+            ("tls_failures".to_owned(), n(&s.tls_failures)),
         ];
         out.extend(self.engine.info());
         out

@@ -20,16 +20,17 @@ use clastor_protocol::text::{self, Command, MAX_LINE_LEN};
 use clastor_protocol::{Event, Request, Response, RotationProgress, Status};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::auth::TOO_MANY_FAILURES;
 use super::dispatch::{RequestContext, dispatch, rotate};
 use super::io::{goodbye, lost_event, sleep_until_or_never, write_within};
 use super::state::ServerState;
+use super::stream::Stream;
 use crate::backend::Backend;
 use crate::engine::LostEvents;
 
@@ -43,6 +44,8 @@ enum Reply {
     Text(String),
     /// Send `+BYE` and close.
     Bye,
+    /// Send this text and close.
+    Close(String),
     /// The end of a `ROTATE`, whose progress lines may have gone out.
     Rotation { req: Request, resp: Response },
 }
@@ -70,9 +73,9 @@ async fn next_progress(rotation: &mut Option<RotationLines>) -> Option<RotationP
 }
 
 pub(super) async fn run<B: Backend>(
-    stream: TcpStream,
+    stream: Stream,
     shared: &Arc<ServerState<B>>,
-    ctx: RequestContext<B>,
+    mut ctx: RequestContext<B>,
     mut lost: LostEvents,
     shutdown: &CancellationToken,
 ) {
@@ -85,11 +88,12 @@ pub(super) async fn run<B: Backend>(
     let mut last_activity = Instant::now();
     // The running command's progress lines, while it is a `ROTATE`.
     let mut rotation: Option<RotationLines> = None;
+    let mut auth_failures = 0u32;
     loop {
         while running.is_empty() {
             let Some(line) = queued.pop_front() else { break };
             queued_bytes -= line.len();
-            if let Some(fut) = command(&line, &ctx, shared, &mut rotation) {
+            if let Some(fut) = command(&line, &mut ctx, shared, &mut rotation, &mut auth_failures) {
                 running.push_back(fut);
             }
         }
@@ -109,6 +113,10 @@ pub(super) async fn run<B: Backend>(
                 Reply::Text(t) => Some(t),
                 Reply::Bye => {
                     let _ = send(&mut framed, shared, text::format_bye()).await;
+                    break;
+                }
+                Reply::Close(out) => {
+                    let _ = send(&mut framed, shared, out).await;
                     break;
                 }
                 Reply::Rotation { req, resp } => {
@@ -180,7 +188,7 @@ pub(super) async fn run<B: Backend>(
 
 /// Writes `out` (already newline-terminated) within the write timeout.
 async fn send<B: Backend>(
-    framed: &mut Framed<TcpStream, LinesCodec>,
+    framed: &mut Framed<Stream, LinesCodec>,
     shared: &ServerState<B>,
     out: String,
 ) -> Result<(), ()> {
@@ -192,9 +200,10 @@ async fn send<B: Backend>(
 /// Turns one line into the future of its reply; `None` for a blank line.
 fn command<B: Backend>(
     line: &str,
-    ctx: &RequestContext<B>,
+    ctx: &mut RequestContext<B>,
     shared: &Arc<ServerState<B>>,
     rotation: &mut Option<RotationLines>,
+    auth_failures: &mut u32,
 ) -> Option<Pending> {
     let ready = |reply: Reply| -> Option<Pending> { Some(Box::pin(async move { reply })) };
     let stats = &shared.stats;
@@ -202,6 +211,31 @@ fn command<B: Backend>(
         Ok(Command::Empty) => None,
         Ok(Command::Quit) => ready(Reply::Bye),
         Ok(Command::Help) => ready(Reply::Text(text::format_help())),
+        Ok(Command::Request(req @ Request::Auth { .. })) => {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            stats.count_request(req.opcode());
+            let Request::Auth { token } = &req else { return None };
+            let peer = ctx.peer;
+            let resp = match ctx
+                .access
+                .authenticate(token, auth_failures, peer, &stats.auth_failures)
+            {
+                Ok(body) => Response::ok(0, body),
+                Err(refusal) => {
+                    let resp = Response::error(0, req.opcode() as u8, refusal.reply.status, refusal.reply.message);
+                    if refusal.close {
+                        let closing = Event::Closing {
+                            status: Status::Unauthenticated,
+                            message: TOO_MANY_FAILURES.into(),
+                        };
+                        let out = text::format_response(&req, &resp) + &text::format_event(&closing);
+                        return ready(Reply::Close(out));
+                    }
+                    resp
+                }
+            };
+            ready(Reply::Text(text::format_response(&req, &resp)))
+        }
         Ok(Command::Request(Request::Rotate(r))) => {
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = mpsc::unbounded_channel();

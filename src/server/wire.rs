@@ -17,8 +17,9 @@ use bytes::{Buf, BytesMut};
 use clastor_protocol::{ClastorCodec, Frame, FrameError};
 use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
+
+use super::stream::Stream;
 
 /// Read space taken when the socket becomes readable: enough for a burst of
 /// pipelined requests (a typical ACQUIRE frame is 40–80 bytes).
@@ -30,7 +31,7 @@ const STACK_CHUNK: usize = 1024;
 /// A framed binary connection with on-demand buffers.
 #[derive(Debug)]
 pub(super) struct Wire {
-    stream: TcpStream,
+    stream: Stream,
     codec: ClastorCodec,
     /// Bytes read and not yet framed; zero capacity whenever empty.
     read: BytesMut,
@@ -41,7 +42,7 @@ pub(super) struct Wire {
 }
 
 impl Wire {
-    pub(super) fn new(stream: TcpStream, codec: ClastorCodec) -> Wire {
+    pub(super) fn new(stream: Stream, codec: ClastorCodec) -> Wire {
         Wire {
             stream,
             codec,
@@ -175,9 +176,15 @@ impl Wire {
     /// when a flush is cut short (timeout, hard stop).
     pub(super) async fn flush(&mut self) -> io::Result<()> {
         while self.write.has_remaining() {
+            let Some(tcp) = self.stream.tcp() else {
+                // TLS: records rustls keeps back go out with the flush.
+                self.stream.write_all_buf(&mut self.write).await?;
+                self.stream.flush().await?;
+                break;
+            };
             // Try first: the socket is almost always writable, and this saves
             // the readiness check `write_all_buf` would start with.
-            match self.stream.try_write(&self.write) {
+            match tcp.try_write(&self.write) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.write.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -212,7 +219,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Wire::new(server, ClastorCodec::default()), client)
+        (Wire::new(Stream::Tcp(server), ClastorCodec::default()), client)
     }
 
     fn ping(id: u32) -> BytesMut {

@@ -22,6 +22,8 @@ pub(crate) mod hammer;
 pub(crate) mod http;
 #[cfg(feature = "cli")]
 pub(crate) mod process;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 
 /// A server on `127.0.0.1:0` over its own ZooKeeper backend (a "server" of a
 /// multi-server deployment sharing `zk`): `sessions` pooled sessions with a

@@ -184,6 +184,31 @@ pub(crate) struct LoadArgs {
     #[arg(long)]
     interleave: bool,
 
+    /// Speak TLS to the server, trusting the CA certificate(s) in this PEM file; with
+    /// --tls-server, only to that one.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// A second server, same settings but TLS (--tls-cert): acquire+release is measured on
+    /// --server in plain TCP and on this one over TLS, as the "floor" pair (with --interleave,
+    /// sample by sample in the same loops): the cost of TLS from one run.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["tls_ca", "server"])]
+    tls_server: Option<String>,
+
+    /// Without --server: a second in-process server (memory backend) speaking TLS with this
+    /// certificate chain (PEM; needs --tls-key and --tls-ca), measured against the plain
+    /// in-process one as --tls-server is.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"], conflicts_with_all = ["server", "tls_server"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Authenticate every connection with this token (servers with --auth-file).
+    #[arg(long, env = "CLASTOR_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     /// Skip the floors (for profiling the server alone).
     #[arg(long)]
     no_floor: bool,
@@ -284,7 +309,9 @@ impl LoadArgs {
 
     /// The series name of the backend's floor.
     fn floor_series(&self) -> &'static str {
-        if self.pg.is_some() {
+        if self.tls_server.is_some() || self.tls_cert.is_some() {
+            "clastor over TLS"
+        } else if self.pg.is_some() {
             "floor: PostgreSQL"
         } else if self.etcd.is_some() {
             "floor: etcd"
@@ -395,6 +422,27 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             start(backend).await?
         }
     };
+    // The TLS twin of the in-process server (--tls-cert), or a TLS server given.
+    let tls_local = match args.tls_cert.as_ref().zip(args.tls_key.as_ref()) {
+        Some((cert, key)) => {
+            let config = ServerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                tls: Some(clastor::server::TlsConfig {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: None,
+                }),
+                ..ServerConfig::default()
+            };
+            let handle = server::spawn(Engine::new(MemoryBackend::new(), EngineConfig::default()), config).await?;
+            Some(handle)
+        }
+        None => None,
+    };
+    let tls_addr = match &tls_local {
+        Some(h) => Some(h.local_addr().to_string()),
+        None => args.tls_server.clone(),
+    };
     if !args.json {
         println!(
             "clastor load: {:?} connection(s), depth {}{}, {:?} per measurement, server {addr}{}",
@@ -410,16 +458,19 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     for &n in &counts {
-        run_at(&args, &addr, n).await?;
+        run_at(&args, &addr, tls_addr.as_deref(), n).await?;
     }
     if let Some(server) = local {
+        server.shutdown().await;
+    }
+    if let Some(server) = tls_local {
         server.shutdown().await;
     }
     Ok(())
 }
 
 /// Every measurement `args` asks for, with `n` connections.
-async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
+async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -> anyhow::Result<()> {
     let depth = args.depth.get();
     let workers = n * depth;
     let emit = |mut r: Report, series: &'static str, requests_per_op: u64| {
@@ -472,7 +523,8 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
             emit(r, "clastor", 2);
         }
     } else {
-        let clients = connect_all(addr, n).await?;
+        let tls_for_addr = args.tls_ca.as_deref().filter(|_| tls_addr.is_none());
+        let clients = connect_all(addr, n, tls_for_addr, args.token.as_deref()).await?;
         if wants_ping {
             let c = clients.clone();
             let op = op_fn(move |i| {
@@ -483,32 +535,20 @@ async fn run_at(args: &LoadArgs, addr: &str, n: usize) -> anyhow::Result<()> {
         }
         if wants_pairs {
             let keys = args.keys;
-            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let run = std::process::id();
-            let c = clients.clone();
-            let op = op_fn(move |i| {
-                let conns = c.len();
-                let c = c[i % conns].clone();
-                let id = match keys {
-                    // Loop j of every connection shares key j: contended by
-                    // every connection, never twice by one.
-                    Keys::Shared => format!("shared-{}", i / conns),
-                    Keys::Distinct => format!("k{i}"),
-                    Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-                };
-                async move {
-                    let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
-                    match guard {
-                        Some(g) => g.release().await.map(drop).map_err(anyhow::Error::from),
-                        None => bail!("not granted within 30 s"),
-                    }
-                }
-            });
+            let op = pair_op(clients.clone(), keys);
             let name = format!("clastor acquire+release ({keys_name})");
             // Distinct paths: a floor for distinct keys only (a contended
             // lock's floor is the hand-over one, `--op handoff`).
-            let floored = !args.no_floor && args.keys != Keys::Shared;
-            let floor_op = if !floored {
+            // Over TLS, the comparison is the plain server (the TLS twin's
+            // twin): no store floor then.
+            let floored = !args.no_floor && args.keys != Keys::Shared && tls_addr.is_none();
+            let floor_op = if let Some(tls_addr) = tls_addr {
+                let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
+                Some((
+                    format!("clastor acquire+release over TLS ({keys_name})"),
+                    pair_op(tls, keys),
+                ))
+            } else if !floored {
                 None
             } else if let Some(zk) = &args.zk {
                 Some(zk_floor(args, zk).await?)
@@ -796,18 +836,51 @@ async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerH
     Ok((handle.local_addr().to_string(), Some(handle)))
 }
 
-async fn connect_all(addr: &str, n: usize) -> anyhow::Result<Arc<Vec<Client>>> {
+async fn connect_all(
+    addr: &str,
+    n: usize,
+    tls_ca: Option<&std::path::Path>,
+    token: Option<&str>,
+) -> anyhow::Result<Arc<Vec<Client>>> {
+    let tls = tls_ca
+        .map(|ca| clastor_client::TlsConfig::from_pem_files(ca, None))
+        .transpose()?;
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        clients.push(
-            Client::builder(addr)
-                .client_name("clastor-load")
-                .connect()
-                .await
-                .with_context(|| format!("connect to {addr}"))?,
-        );
+        let mut builder = Client::builder(addr).client_name("clastor-load");
+        if let Some(tls) = &tls {
+            builder = builder.tls(tls.clone());
+        }
+        if let Some(token) = token {
+            builder = builder.token(token);
+        }
+        clients.push(builder.connect().await.with_context(|| format!("connect to {addr}"))?);
     }
     Ok(Arc::new(clients))
+}
+
+/// Acquire+release of worker `i`'s key on its client.
+fn pair_op(clients: Arc<Vec<Client>>, keys: Keys) -> OpFn {
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let run = std::process::id();
+    op_fn(move |i| {
+        let conns = clients.len();
+        let c = clients[i % conns].clone();
+        let id = match keys {
+            // Loop j of every connection shares key j: contended by
+            // every connection, never twice by one.
+            Keys::Shared => format!("shared-{}", i / conns),
+            Keys::Distinct => format!("k{i}"),
+            Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
+        async move {
+            let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
+            match guard {
+                Some(g) => g.release().await.map(drop).map_err(anyhow::Error::from),
+                None => bail!("not granted within 30 s"),
+            }
+        }
+    })
 }
 
 /// One operation of worker `i`, as a future yielding the latency to record.

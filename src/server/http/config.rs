@@ -43,6 +43,9 @@ pub struct HttpConfig {
     /// when on: anyone who can reach the port can then release anyone's
     /// HTTP lock. Only for migrating clients that cannot send the token yet.
     pub compat_tokenless_release: bool,
+    /// With authentication on, serve `/metrics` without credentials (for a
+    /// scraper on a trusted network). Off: it needs the admin permission.
+    pub metrics_public: bool,
 }
 
 impl HttpConfig {
@@ -67,6 +70,7 @@ impl HttpConfig {
             max_locks: 10_000,
             max_metric_kinds: 64,
             compat_tokenless_release: false,
+            metrics_public: false,
         }
     }
 

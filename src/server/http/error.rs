@@ -74,6 +74,8 @@ fn http_status(status: Status) -> StatusCode {
         Status::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         Status::UnknownOpcode => StatusCode::NOT_FOUND,
         Status::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        Status::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Status::Forbidden => StatusCode::FORBIDDEN,
         _ => StatusCode::BAD_REQUEST,
     }
 }

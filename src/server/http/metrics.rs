@@ -155,6 +155,14 @@ impl Metrics {
                 "clastor_protocol_errors_total",
                 "Lock-protocol connections closed for a protocol error"
             );
+            describe_counter!(
+                "clastor_auth_failures_total",
+                "Refused credentials: failed or malformed AUTHs (port tcp), bad bearer tokens (port http)"
+            );
+            describe_counter!(
+                "clastor_tls_handshake_failures_total",
+                "TLS handshakes that failed on either port (plain clients, bad or missing client certificates)"
+            );
             describe_gauge!("clastor_http_connections_open", "HTTP connections open");
             describe_counter!(
                 "clastor_http_connections_refused_total",
@@ -254,6 +262,9 @@ impl Metrics {
             counter!("clastor_connections_refused_total").absolute(load(&s.connections_refused));
             counter!("clastor_bad_requests_total").absolute(load(&s.bad_requests));
             counter!("clastor_protocol_errors_total").absolute(load(&s.protocol_errors));
+            counter!("clastor_auth_failures_total", "port" => "tcp").absolute(load(&s.auth_failures));
+            counter!("clastor_auth_failures_total", "port" => "http").absolute(load(&s.http_auth_failures));
+            counter!("clastor_tls_handshake_failures_total").absolute(load(&s.tls_failures));
             for (op, n) in s.requests_by_opcode() {
                 counter!("clastor_requests_total", "opcode" => op.name()).absolute(n);
             }

@@ -18,6 +18,7 @@
 //! original Clastor's two-segment paths), `ops.rs` (`/healthz`, `/readyz`,
 //! `/metrics`, OpenAPI), `status.rs` (the page).
 
+mod auth;
 mod compat;
 mod config;
 mod error;
@@ -83,6 +84,10 @@ const UNMATCHED_ROUTE: &str = "unmatched";
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Peer(SocketAddr);
 
+/// The name the connection's verified client certificate gives (mTLS).
+#[derive(Debug, Clone)]
+pub(super) struct ClientCert(Option<Arc<str>>);
+
 /// Binds the HTTP port: done before the server reports itself started, so
 /// a port in use fails `spawn`.
 pub(super) async fn bind(config: &HttpConfig) -> std::io::Result<TcpListener> {
@@ -134,6 +139,8 @@ pub(super) async fn serve<B: Backend>(
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             state.connections_refused.fetch_add(1, Ordering::Relaxed);
             match refusals.clone().try_acquire_owned() {
+                // A TLS client would read a plain 503 as garbage.
+                Ok(_) if state.shared.tls_on() => debug!(%peer, "HTTP TLS connection refused: over the limit; closed"),
                 Ok(answering) => {
                     debug!(%peer, "HTTP connection refused: over the limit; answering 503");
                     tracker.spawn(refuse(stream, state.config.max_connections, answering));
@@ -142,27 +149,12 @@ pub(super) async fn serve<B: Backend>(
             }
             continue;
         };
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let router = router.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             state.connections_open.fetch_add(1, Ordering::Relaxed);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(state.config.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await.unwrap_or(Ok(()))
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "HTTP connection ended with an error");
-            }
+            serve_connection(stream, peer, router, &state, &shutdown).await;
             state.connections_open.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -171,6 +163,72 @@ pub(super) async fn serve<B: Backend>(
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     info!("HTTP port stopped");
+}
+
+/// Serves one accepted connection: TLS first when it is on (within the
+/// header timeout), then HTTP/1 until it closes or the server shuts down.
+async fn serve_connection<B: Backend>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    state: &HttpState<B>,
+    shutdown: &CancellationToken,
+) {
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = &state.shared.tls {
+        let tls = match tokio::time::timeout(state.config.header_timeout, acceptor.0.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                state.shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                info!(%peer, error = %e, "HTTP TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                state.shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "HTTP TLS handshake timed out");
+                return;
+            }
+        };
+        let cert = crate::server::tls::peer_name(tls.get_ref().1).map(Arc::from);
+        let router = router.layer(axum::Extension(ClientCert(cert)));
+        return serve_http(tls, peer, router, state, shutdown).await;
+    }
+    serve_http(
+        stream,
+        peer,
+        router.layer(axum::Extension(ClientCert(None))),
+        state,
+        shutdown,
+    )
+    .await;
+}
+
+async fn serve_http<B: Backend, S>(
+    io: S,
+    peer: SocketAddr,
+    router: Router,
+    state: &HttpState<B>,
+    shutdown: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router.layer(axum::Extension(Peer(peer))));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
 }
 
 /// Answers a connection over the limit with a JSON 503 (so a probe or a
@@ -225,6 +283,12 @@ fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
         .route("/api/v1/locks/{kind}/{id}/release", post(rest::release::<B>))
         .route("/api/v1/locks/{resource}/release", post(compat::release::<B>))
         .merge(lock_requests)
+        // Inside the counting and the timeout, outside the lock-request
+        // limit: a refused request takes no lock-request permit.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize::<B>,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body))
