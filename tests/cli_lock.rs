@@ -183,7 +183,7 @@ async fn a_leased_lock_is_renewed_while_the_command_runs() {
                 "k",
                 "leased",
                 "--lease",
-                "300ms",
+                "800ms",
                 "--",
                 "sh",
                 "-c",
@@ -198,7 +198,7 @@ async fn a_leased_lock_is_renewed_while_the_command_runs() {
     let other = support::connect(&server).await;
     let got = other
         .lock("k", "leased")
-        .wait(std::time::Duration::from_millis(1000))
+        .wait(std::time::Duration::from_millis(2500))
         .acquire()
         .await
         .unwrap();
