@@ -22,7 +22,8 @@ WORKDIR /src
 # patched zookeeper-client that Cargo.toml's [patch.crates-io] points at.
 # scripts/check-docker-build.sh builds from exactly these COPY lines in a
 # clean folder (CI runs it), so a missing one fails there, not here.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
 COPY vendor vendor
 COPY protocol protocol
 COPY client client

@@ -53,6 +53,9 @@ pub struct ServerConfig {
     /// `None`: off.
     #[cfg(feature = "http")]
     pub http: Option<super::HttpConfig>,
+    /// The gRPC API's port; `None`: off.
+    #[cfg(feature = "grpc")]
+    pub grpc: Option<super::GrpcConfig>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +72,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             #[cfg(feature = "http")]
             http: None,
+            #[cfg(feature = "grpc")]
+            grpc: None,
         }
     }
 }
@@ -104,6 +109,10 @@ pub enum ConfigError {
     #[cfg(feature = "http")]
     #[error(transparent)]
     Http(#[from] super::HttpConfigError),
+    /// The gRPC port's settings break one of its rules.
+    #[cfg(feature = "grpc")]
+    #[error(transparent)]
+    Grpc(#[from] super::GrpcConfigError),
     /// A limit or timeout of zero, which would refuse everything.
     #[error("{flag} ({field}) must be greater than zero")]
     Zero {
@@ -166,6 +175,10 @@ impl ServerConfig {
         #[cfg(feature = "http")]
         if let Some(http) = &self.http {
             http.validate()?;
+        }
+        #[cfg(feature = "grpc")]
+        if let Some(grpc) = &self.grpc {
+            grpc.validate()?;
         }
         Ok(())
     }
