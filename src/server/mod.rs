@@ -140,6 +140,7 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         hard_stop: CancellationToken::new(),
     });
     let shutdown = CancellationToken::new();
+    #[allow(unused_mut)]
     let mut ports: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
     #[allow(unused_mut)]
     let mut http_addr = None;
