@@ -16,8 +16,10 @@ Generates its stubs from proto/clastor/v1/lock.proto with grpcio-tools
 Used by tests/grpc_process.rs.
 """
 
+import atexit
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -32,6 +34,7 @@ PROTO_ROOT = os.path.join(HERE, "..", "..", "proto")
 
 def generate():
     out = tempfile.mkdtemp(prefix="clastor-grpc-py-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     rc = protoc.main([
         "grpc_tools.protoc",
         "-I" + PROTO_ROOT,

@@ -190,6 +190,9 @@ impl<B: Backend> Actor<B> {
         };
         self.in_flight.push(Box::pin(async move {
             tokio::select! {
+                // A request that finished is answered as it finished, even
+                // if its cancel came in the same moment.
+                biased;
                 out = work => (rid, out),
                 // Dropping the work withdraws a waiting acquire: nothing is
                 // left behind (the engine's acquire is cancel-safe).
