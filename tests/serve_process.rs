@@ -65,7 +65,7 @@ async fn serves_on_zookeeper() {
     let mut c = Text::connect(server.addr).await;
     assert_eq!(
         c.cmd("VERSION transaction").await,
-        "+VERSION transaction version=v1 mode=normal"
+        "+VERSION transaction version=v1 mode=normal layout=mutex"
     );
     assert_eq!(c.cmd("INFO").await, "+INFO");
     assert!(c.block().await.iter().any(|l| l == "backend=zookeeper"));

@@ -83,8 +83,8 @@ async fn handshake_is_required_and_negotiated() {
         .await;
     match hello.result {
         Ok(ResponseBody::Hello(h)) => {
-            // The highest version both speak: this server speaks 1 to 3.
-            assert_eq!(h.version, 3);
+            // The highest version both speak: this server speaks 1 to 4.
+            assert_eq!(h.version, 4);
             assert!(
                 h.confirm_ms.is_some_and(|ms| ms > 0),
                 "version 2 and later announce confirm_ms"
@@ -104,7 +104,7 @@ async fn handshake_is_required_and_negotiated() {
         .await;
     assert_eq!(again.status(), Status::BadRequest);
 
-    refused_as_version_mismatch(addr, 4, 9).await;
+    refused_as_version_mismatch(addr, 5, 9).await;
     server.shutdown().await;
 }
 
