@@ -83,7 +83,7 @@ async fn every_command_answers() {
         renewed,
         format!("+RENEWED user u-7 token={} lease_ms=5000", token_of(&acq))
     );
-    assert_eq!(c.cmd("VERSION user").await, "+VERSION user version=v1 mode=normal");
+    assert_eq!(c.cmd("VERSION user").await, "+VERSION user version=v1 mode=normal layout=read_write");
     assert_eq!(c.cmd("INFO").await, "+INFO");
     let info = c.block().await;
     assert!(info.iter().any(|l| l == "backend=memory"), "{info:?}");
@@ -295,7 +295,7 @@ async fn rotate_streams_progress_and_ends_with_a_dot() {
         "{rest:?}"
     );
     assert!(
-        watcher.cmd("VERSION ledger").await == "+VERSION ledger version=v2 mode=normal",
+        watcher.cmd("VERSION ledger").await == "+VERSION ledger version=v2 mode=normal layout=read_write",
         "switched"
     );
     assert!(holder.cmd("ACQUIRE ledger acc-1").await.contains("version=v2"));
