@@ -83,7 +83,10 @@ async fn every_command_answers() {
         renewed,
         format!("+RENEWED user u-7 token={} lease_ms=5000", token_of(&acq))
     );
-    assert_eq!(c.cmd("VERSION user").await, "+VERSION user version=v1 mode=normal layout=read_write");
+    assert_eq!(
+        c.cmd("VERSION user").await,
+        "+VERSION user version=v1 mode=normal layout=read_write"
+    );
     assert_eq!(c.cmd("INFO").await, "+INFO");
     let info = c.block().await;
     assert!(info.iter().any(|l| l == "backend=memory"), "{info:?}");
