@@ -22,7 +22,8 @@ WORKDIR /src
 # patched zookeeper-client that Cargo.toml's [patch.crates-io] points at.
 # scripts/check-docker-build.sh builds from exactly these COPY lines in a
 # clean folder (CI runs it), so a missing one fails there, not here.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
 COPY vendor vendor
 COPY protocol protocol
 COPY client client
@@ -40,8 +41,9 @@ FROM debian:${DEBIAN_RELEASE}-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin clastor
 COPY --from=build /usr/local/bin/clastor /usr/local/bin/clastor
 USER clastor
-# 8078: the lock protocol; 9078: the HTTP port, when turned on (--http / CLASTOR_HTTP).
-EXPOSE 8078 9078
+# 8078: the lock protocol; 9078: the HTTP port, when turned on (--http / CLASTOR_HTTP);
+# 10078: the gRPC API, when turned on (--grpc-listen / CLASTOR_GRPC_LISTEN).
+EXPOSE 8078 9078 10078
 # Ready when the backend can grant locks. Needs the HTTP port: `clastor
 # healthcheck` asks CLASTOR_HTTP's /readyz (the image has no curl).
 HEALTHCHECK --interval=5s --timeout=4s --start-period=10s --retries=3 \

@@ -297,6 +297,12 @@ if footprints:
     for f in footprints:
         w(f"| {f['what']} | {f['count']:,} | {f['rss_before_kib']:,} KiB | {f['rss_after_kib']:,} KiB | {f['bytes_each']:,.0f} |")
 
+# Measured by hand (`cargo bench --bench grpc`), kept across regenerations.
+if os.path.isfile("docs/perf/grpc.md"):
+    w("")
+    with open("docs/perf/grpc.md") as f:
+        w(f.read().rstrip("\n"))
+
 charts = sorted(os.listdir("docs/perf")) if os.path.isdir("docs/perf") else []
 if charts:
     w("")

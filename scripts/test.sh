@@ -22,7 +22,9 @@ as_root() {
 # run its binaries from /usr/lib/postgresql/15/bin (no cluster or service is
 # started by the package's scripts here: the tests initdb their own);
 # redis-server for the Redis backend tests and redis-tools (redis-cli) for
-# removing a contender by hand in them.
+# removing a contender by hand in them; python3-grpcio and python3-grpc-tools
+# (Debian's, for /usr/bin/python3) for the gRPC tests' Python client, which
+# generates its stubs from proto/clastor/v1/lock.proto.
 if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ] \
   || ! command -v java >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1 \
   || ! /usr/bin/python3 -c 'import kazoo' >/dev/null 2>&1 \
@@ -30,12 +32,14 @@ if [ ! -f /usr/share/java/zookeeper.jar ] || [ ! -f /usr/share/java/curator-reci
   || ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1 \
   || ! command -v protoc >/dev/null 2>&1 \
   || [ ! -x /usr/lib/postgresql/15/bin/postgres ] \
-  || ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc, PostgreSQL and Redis (Debian packages) for the tests"
+  || ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1 \
+  || ! /usr/bin/python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  echo "== installing ZooKeeper, Apache Curator, kazoo, chromium, etcd, protoc, PostgreSQL, Redis and Python gRPC (Debian packages) for the tests"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
     zookeeper libcurator-recipes-java default-jdk-headless python3-kazoo chromium \
-    etcd-server etcd-client protobuf-compiler postgresql redis-server redis-tools >/dev/null
+    etcd-server etcd-client protobuf-compiler postgresql redis-server redis-tools \
+    python3-grpcio python3-grpc-tools >/dev/null
 fi
 
 echo "== cargo test (workspace)"

@@ -121,7 +121,10 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
     assert!(text.cmd("HELD ALL").await.starts_with("+HELD 2"));
     let held = text.block().await;
     let traced_line = held.iter().find(|l| l.starts_with("transaction tx-traced ")).unwrap();
-    assert!(traced_line.ends_with(&format!(" trace={trace} mode=exclusive")), "{traced_line}");
+    assert!(
+        traced_line.ends_with(&format!(" trace={trace} mode=exclusive")),
+        "{traced_line}"
+    );
     assert!(
         held.iter()
             .any(|l| l.starts_with("transaction tx-plain ") && !l.contains("trace=")),

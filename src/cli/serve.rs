@@ -269,6 +269,28 @@ pub(crate) struct ServeArgs {
     #[cfg(feature = "http")]
     #[arg(long, env = "CLASTOR_METRICS_PUBLIC")]
     metrics_public: bool,
+    /// Serve the gRPC API (proto/clastor/v1/lock.proto: a streaming Session that owns locks
+    /// like a connection, and unary calls on sessions from OpenSession) on this address,
+    /// HTTP/2 without TLS. Off unless given.
+    #[arg(long, env = "CLASTOR_GRPC_LISTEN", value_name = "ADDR")]
+    grpc_listen: Option<SocketAddr>,
+
+    /// gRPC sessions open at once (streams and OpenSession sessions); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLASTOR_GRPC_MAX_SESSIONS", default_value_t = grpc_defaults().max_sessions)]
+    grpc_max_sessions: usize,
+
+    /// gRPC connections served at once; more are closed at once.
+    #[arg(long, env = "CLASTOR_GRPC_MAX_CONNECTIONS", default_value_t = grpc_defaults().max_connections)]
+    grpc_max_connections: usize,
+
+    /// A unary gRPC session (OpenSession) that no call names for this long is closed and its
+    /// locks released. Also bounds its safe_ms.
+    #[arg(long, env = "CLASTOR_GRPC_IDLE_EXPIRY", default_value_t = grpc_defaults().idle_expiry.into())]
+    grpc_idle_expiry: humantime::Duration,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "CLASTOR_GRPC_MAX_MESSAGE", default_value_t = grpc_defaults().max_message)]
+    grpc_max_message: usize,
 
     /// Log format on stderr: `text` for people, `json` (one object per line) for log pipelines.
     #[arg(long, env = "CLASTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -295,6 +317,11 @@ pub(crate) enum LogFormat {
 #[cfg(feature = "http")]
 fn http_defaults() -> clastor::server::HttpConfig {
     clastor::server::HttpConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// The gRPC port's defaults (for the flags' defaults: one source).
+fn grpc_defaults() -> clastor::server::GrpcConfig {
+    clastor::server::GrpcConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 /// A duration that may be off, as a flag value: 0 for off.
@@ -408,6 +435,13 @@ fn configs(args: &ServeArgs) -> (EngineConfig, ServerConfig) {
                 key: key.clone(),
                 client_ca: args.tls_client_ca.clone(),
             }),
+        grpc: args.grpc_listen.map(|listen| clastor::server::GrpcConfig {
+            max_sessions: args.grpc_max_sessions,
+            max_connections: args.grpc_max_connections,
+            idle_expiry: *args.grpc_idle_expiry,
+            max_message: args.grpc_max_message,
+            ..clastor::server::GrpcConfig::new(listen)
+        }),
     };
     (engine_config, server_config)
 }

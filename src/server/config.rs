@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// TLS on both ports (and mTLS with a client CA); `None`: plain TCP.
     #[cfg(feature = "tls")]
     pub tls: Option<super::TlsConfig>,
+    /// The gRPC API's port; `None`: off.
+    #[cfg(feature = "grpc")]
+    pub grpc: Option<super::GrpcConfig>,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +84,8 @@ impl Default for ServerConfig {
             auth: None,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "grpc")]
+            grpc: None,
         }
     }
 }
@@ -116,6 +121,18 @@ pub enum ConfigError {
     #[cfg(feature = "http")]
     #[error(transparent)]
     Http(#[from] super::HttpConfigError),
+    /// The gRPC port's settings break one of its rules.
+    #[cfg(feature = "grpc")]
+    #[error(transparent)]
+    Grpc(#[from] super::GrpcConfigError),
+    /// The gRPC port asked for beside an auth file or TLS, which it does
+    /// not have yet.
+    #[cfg(all(feature = "grpc", feature = "tls"))]
+    #[error(
+        "--grpc-listen cannot be combined with --auth-file or --tls-cert yet: the gRPC port has no \
+         authentication or TLS, and would be a way around them"
+    )]
+    GrpcUnsecured,
     /// A limit or timeout of zero, which would refuse everything.
     #[error("{flag} ({field}) must be greater than zero")]
     Zero {
@@ -182,6 +199,16 @@ impl ServerConfig {
         #[cfg(feature = "tls")]
         if self.auth.as_ref().is_some_and(|a| a.max_failures == 0) {
             return zero("auth.max_failures", "--auth-max-failures");
+        }
+        #[cfg(feature = "grpc")]
+        if let Some(grpc) = &self.grpc {
+            grpc.validate()?;
+        }
+        // The gRPC port has neither TLS nor authentication yet: opening it
+        // beside secured ports would be a way around them.
+        #[cfg(all(feature = "grpc", feature = "tls"))]
+        if self.grpc.is_some() && (self.auth.is_some() || self.tls.is_some()) {
+            return Err(ConfigError::GrpcUnsecured);
         }
         Ok(())
     }

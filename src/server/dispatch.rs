@@ -255,9 +255,15 @@ fn any_token(token: u64) -> Option<u64> {
 }
 
 fn held_lock<B: Backend>(h: HeldInfo, ctx: &RequestContext<B>) -> HeldLock {
+    listed(h, ctx.reports_traces, ctx.speaks_modes)
+}
+
+/// One held lock as listings show it, with its trace id and mode if the
+/// listener speaks them.
+pub(crate) fn listed(h: HeldInfo, traces: bool, modes: bool) -> HeldLock {
     HeldLock {
-        trace_id: h.trace_id.filter(|_| ctx.reports_traces).map(|t| t.to_string()),
-        mode: ctx.speaks_modes.then_some(h.mode),
+        trace_id: h.trace_id.filter(|_| traces).map(|t| t.to_string()),
+        mode: modes.then_some(h.mode),
         kind: h.key.kind().to_owned(),
         id: h.key.id().to_owned(),
         // A token that is a capability (an HTTP lock's) is never listed:

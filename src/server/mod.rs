@@ -7,7 +7,9 @@
 //! in the same `dispatch` onto the engine.
 //!
 //! With the `http` feature and `ServerConfig::http` set, the same task also
-//! serves the operators' HTTP port (`http/`), sharing the shutdown.
+//! serves the operators' HTTP port (`http/`), sharing the shutdown; with
+//! the `grpc` feature and `ServerConfig::grpc` set, the gRPC API (`grpc/`)
+//! likewise.
 //!
 //! Connection limit: a connection past `max_connections` is accepted only to
 //! be told why it is refused (an error frame or line) and closed, by a small,
@@ -20,6 +22,8 @@ mod binary;
 mod config;
 mod conn;
 mod dispatch;
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "http")]
 mod http;
 mod io;
@@ -33,12 +37,18 @@ mod wire;
 #[cfg(feature = "tls")]
 pub use auth::{AuthConfig, AuthError, hash_token};
 pub use config::{ConfigError, IN_FLIGHT_HEADROOM, ServerConfig};
+#[cfg(feature = "grpc")]
+pub use grpc::proto as grpc_proto;
+#[cfg(feature = "grpc")]
+pub use grpc::{GrpcConfig, GrpcConfigError};
 #[cfg(feature = "http")]
 pub use http::{HttpConfig, HttpConfigError};
 #[cfg(feature = "tls")]
 pub use tls::{TlsConfig, TlsError};
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -78,6 +88,7 @@ impl AuthReloader {
 pub struct ServerHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     join: JoinHandle<()>,
     #[cfg(feature = "tls")]
@@ -100,6 +111,11 @@ impl ServerHandle {
     #[cfg(feature = "tls")]
     pub fn auth_reloader(&self) -> Option<AuthReloader> {
         self.auth.clone().map(AuthReloader)
+    }
+
+    /// The address of the gRPC port, if it is on (with the real port if `:0` was asked).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// A token that shuts the server down when cancelled.
@@ -156,6 +172,14 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         }
         None => None,
     };
+    #[cfg(feature = "grpc")]
+    let grpc = match &config.grpc {
+        Some(grpc) => {
+            let l = grpc::bind(grpc).await?;
+            Some((l.local_addr()?, l, grpc.clone()))
+        }
+        None => None,
+    };
     let shared = Arc::new(ServerState {
         engine,
         config,
@@ -180,32 +204,36 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
     }
     let shutdown = CancellationToken::new();
     #[allow(unused_mut)]
+    let mut ports: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+    #[allow(unused_mut)]
     let mut http_addr = None;
     #[cfg(feature = "http")]
-    let http_port = match http {
-        Some((addr, l, cfg)) => {
-            http_addr = Some(addr);
-            info!(http = %addr, "HTTP port listening");
-            Some(http::serve(l, shared.clone(), cfg, shutdown.clone()))
-        }
-        None => None,
-    };
-    let tcp = accept_loop(listener, shared, shutdown.clone());
-    #[cfg(feature = "http")]
+    if let Some((addr, l, cfg)) = http {
+        http_addr = Some(addr);
+        info!(http = %addr, "HTTP port listening");
+        ports.push(Box::pin(http::serve(l, shared.clone(), cfg, shutdown.clone())));
+    }
+    #[allow(unused_mut)]
+    let mut grpc_addr = None;
+    #[cfg(feature = "grpc")]
+    if let Some((addr, l, cfg)) = grpc {
+        grpc_addr = Some(addr);
+        info!(grpc = %addr, "gRPC port listening");
+        ports.push(Box::pin(grpc::serve(l, shared.clone(), cfg, shutdown.clone())));
+    }
+    let tcp = accept_loop(listener, shared.clone(), shutdown.clone());
     let join = tokio::spawn(async move {
-        match http_port {
-            Some(http_port) => {
-                tokio::join!(tcp, http_port);
-            }
-            None => tcp.await,
-        }
+        let others = futures_util::future::join_all(ports);
+        tokio::join!(tcp, others);
+        // Whatever is still open is released here.
+        shared.engine.shutdown().await;
+        info!("stopped");
     });
-    #[cfg(not(feature = "http"))]
-    let join = tokio::spawn(tcp);
     info!(%local_addr, "listening");
     Ok(ServerHandle {
         local_addr,
         http_addr,
+        grpc_addr,
         shutdown,
         join,
         #[cfg(feature = "tls")]
@@ -291,9 +319,6 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<
         // shutdown below releases whatever is still held regardless.
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
-    // Whatever is still open is released here.
-    shared.engine.shutdown().await;
-    info!("stopped");
 }
 
 /// Per-connection socket options: no Nagle delay, and keepalive so that a

@@ -7,6 +7,8 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,6 +21,10 @@ pub(crate) struct Belief {
     pub(crate) from: Instant,
     pub(crate) until: Instant,
     pub(crate) server: char,
+    /// `from` and `until` on the wall clock (ns since the epoch), the one
+    /// clock shared with clients in other processes.
+    pub(crate) from_ns: u128,
+    pub(crate) until_ns: u128,
 }
 
 /// What an acquire that fails means to a hammering client.
@@ -39,6 +45,18 @@ pub(crate) async fn contend(
     stop: CancellationToken,
     work: Duration,
     on_error: OnError,
+) -> Vec<Belief> {
+    contend_counted(addr, server, stop, work, on_error, Arc::default()).await
+}
+
+/// [`contend`], adding each grant to `grants` as it comes.
+pub(crate) async fn contend_counted(
+    addr: SocketAddr,
+    server: char,
+    stop: CancellationToken,
+    work: Duration,
+    on_error: OnError,
+    grants: Arc<AtomicUsize>,
 ) -> Vec<Belief> {
     let client = clastor_client::Client::builder(addr)
         .keepalive(None)
@@ -64,6 +82,7 @@ pub(crate) async fn contend(
             }
         };
         let from = Instant::now();
+        let from_ns = super::process::wall_ns();
         let until = tokio::select! {
             () = tokio::time::sleep(work) => Instant::now(),
             () = guard.jeopardy() => Instant::now(),
@@ -73,7 +92,10 @@ pub(crate) async fn contend(
             from,
             until,
             server,
+            from_ns,
+            until_ns: super::process::wall_ns(),
         });
+        grants.fetch_add(1, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(2), guard.release()).await;
     }
     beliefs

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Framed;
 
+#[cfg(feature = "grpc")]
+pub(crate) mod grpc;
 #[cfg(feature = "cli")]
 pub(crate) mod hammer;
 pub(crate) mod http;
