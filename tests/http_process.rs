@@ -164,8 +164,9 @@ async fn trace_ids_reach_the_json_logs_and_held_all() {
     assert!(text.cmd("HELD ALL").await.starts_with("+HELD 2"));
     let held = text.block().await;
     assert!(
-        held.iter()
-            .any(|l| l.starts_with("transaction tx-rest ") && l.ends_with(&format!("trace={rest_trace}"))),
+        held.iter().any(
+            |l| l.starts_with("transaction tx-rest ") && l.ends_with(&format!("trace={rest_trace} mode=exclusive"))
+        ),
         "{held:?}"
     );
     let listed = get(server.http, "/api/v1/locks/held").await.json();
