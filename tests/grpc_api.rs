@@ -428,3 +428,241 @@ async fn limits_and_error_codes() {
     assert!(!v.version.is_empty() && !v.draining);
     handle.shutdown().await;
 }
+
+/// A call with `token` as its bearer token.
+#[cfg(feature = "tls")]
+fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// With an auth file the gRPC port wants a bearer token per call, checks
+/// every request's permission, and keeps each session to the principal
+/// that opened it.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn the_grpc_port_wants_bearer_tokens_and_permissions() {
+    use clastor::server::{AuthConfig, hash_token};
+    const WRITER: &str = "grpc-writer-7f3a";
+    const READER: &str = "grpc-reader-91c2";
+    const OPS: &str = "grpc-ops-4be0";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[[principal]]
+name = "writer"
+token_sha256 = "{}"
+[principal.grants]
+transaction = ["acquire", "read"]
+
+[[principal]]
+name = "reader"
+token_sha256 = "{}"
+[principal.grants]
+"*" = ["read"]
+
+[[principal]]
+name = "ops"
+token_sha256 = "{}"
+[principal.grants]
+"*" = ["rotate", "admin", "read"]
+"#,
+            hash_token(WRITER),
+            hash_token(READER),
+            hash_token(OPS)
+        ),
+    )
+    .unwrap();
+    let engine = Engine::new(MemoryBackend::new(), EngineConfig::default());
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        grpc: Some(GrpcConfig::new("127.0.0.1:0".parse().unwrap())),
+        auth: Some(AuthConfig::new(&file)),
+        ..ServerConfig::default()
+    };
+    let handle = server::spawn(engine.clone(), config).await.unwrap();
+    let mut client = connect(handle.grpc_addr().unwrap()).await;
+    let refused = |e: tonic::Status, code: Code, status: &str| {
+        assert_eq!(e.code(), code, "{e:?}");
+        assert_eq!(e.metadata().get("clastor-status").unwrap(), status, "{e:?}");
+        e
+    };
+
+    // No credentials, malformed ones, a wrong token: UNAUTHENTICATED, on
+    // every call and on the stream.
+    let e = client
+        .open_session(pb::OpenSessionRequest::default())
+        .await
+        .unwrap_err();
+    refused(e, Code::Unauthenticated, "UNAUTHENTICATED");
+    let e = client
+        .version(pb::VersionRequest {
+            kind: "transaction".into(),
+        })
+        .await
+        .unwrap_err();
+    refused(e, Code::Unauthenticated, "UNAUTHENTICATED");
+    let (_tx, rx) = tokio::sync::mpsc::channel::<pb::SessionRequest>(1);
+    let e = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    refused(e, Code::Unauthenticated, "UNAUTHENTICATED");
+    let mut basic = tonic::Request::new(pb::OpenSessionRequest::default());
+    basic
+        .metadata_mut()
+        .insert("authorization", "Basic d3JpdGVyOng=".parse().unwrap());
+    let e = client.open_session(basic).await.unwrap_err();
+    refused(e, Code::Unauthenticated, "UNAUTHENTICATED");
+    let wrong = refused(
+        client
+            .open_session(with_token("grpc-writer-7f3b", pb::OpenSessionRequest::default()))
+            .await
+            .unwrap_err(),
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+    );
+    assert!(!wrong.message().contains("grpc-writer"), "{wrong:?}");
+
+    // The writer takes its kind, not another.
+    let sid = client
+        .open_session(with_token(WRITER, pb::OpenSessionRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let got = client
+        .acquire(with_token(
+            WRITER,
+            pb::AcquireRequest {
+                session_id: sid,
+                ..acquire("transaction", "tx-1", 0)
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.granted);
+    let e = client
+        .acquire(with_token(
+            WRITER,
+            pb::AcquireRequest {
+                session_id: sid,
+                ..acquire("billing", "b-1", 0)
+            },
+        ))
+        .await
+        .unwrap_err();
+    refused(e, Code::PermissionDenied, "FORBIDDEN");
+    // A call on the session without credentials, or from another
+    // principal, is refused; the lock stays the writer's.
+    let e = client
+        .held(pb::HeldRequest {
+            session_id: sid,
+            all: false,
+        })
+        .await
+        .unwrap_err();
+    refused(e, Code::Unauthenticated, "UNAUTHENTICATED");
+    for (token, what) in [(READER, "release"), (OPS, "close")] {
+        let e = if what == "release" {
+            client
+                .release(with_token(
+                    token,
+                    pb::ReleaseRequest {
+                        session_id: sid,
+                        kind: "transaction".into(),
+                        id: "tx-1".into(),
+                        token: got.token,
+                    },
+                ))
+                .await
+                .unwrap_err()
+        } else {
+            client
+                .close_session(with_token(token, pb::CloseSessionRequest { session_id: sid }))
+                .await
+                .unwrap_err()
+        };
+        let e = refused(e, Code::PermissionDenied, "FORBIDDEN");
+        assert!(e.message().contains("another principal"), "{e:?}");
+    }
+    assert_eq!(engine.held_all(10).len(), 1);
+
+    // Sessionless calls: Version needs read, Rotate rotate, Held all admin.
+    let v = client
+        .version(with_token(READER, pb::VersionRequest { kind: "billing".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    assert!(!v.is_empty());
+    let rotate = |token: &str| {
+        with_token(
+            token,
+            pb::RotateRequest {
+                kind: "billing".into(),
+                from: v.clone(),
+                to: "v-next".into(),
+                drain_timeout_ms: 1000,
+                ..Default::default()
+            },
+        )
+    };
+    let e = client.rotate(rotate(WRITER)).await.unwrap_err();
+    refused(e, Code::PermissionDenied, "FORBIDDEN");
+    client.rotate(rotate(OPS)).await.unwrap();
+    let all = |token: &str| {
+        with_token(
+            token,
+            pb::HeldRequest {
+                session_id: 0,
+                all: true,
+            },
+        )
+    };
+    let e = client.held(all(READER)).await.unwrap_err();
+    refused(e, Code::PermissionDenied, "FORBIDDEN");
+    let listed = client.held(all(OPS)).await.unwrap().into_inner();
+    assert_eq!(listed.locks.len(), 1);
+
+    // A stream opened with the writer's token is the writer's: each request
+    // is checked against its permissions.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SessionRequest>(4);
+    let mut events = client
+        .session(with_token(WRITER, tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        events.message().await.unwrap().unwrap().event,
+        Some(Out::Opened(_))
+    ));
+    tx.send(pb::SessionRequest {
+        request_id: 1,
+        op: Some(Op::Acquire(acquire("billing", "b-1", 0))),
+    })
+    .await
+    .unwrap();
+    match events.message().await.unwrap().unwrap().event {
+        Some(Out::Error(e)) => assert_eq!(e.status, "FORBIDDEN", "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    tx.send(pb::SessionRequest {
+        request_id: 2,
+        op: Some(Op::Acquire(acquire("transaction", "tx-3", 0))),
+    })
+    .await
+    .unwrap();
+    match events.message().await.unwrap().unwrap().event {
+        Some(Out::Acquired(a)) => assert!(a.granted),
+        other => panic!("{other:?}"),
+    }
+    drop(tx);
+    handle.shutdown().await;
+}

@@ -58,6 +58,64 @@ fn a_python_client_generated_from_the_proto_alone_works() {
     server.terminate();
 }
 
+/// The same Python client over TLS (ALPN `h2`, as grpcio insists), with a
+/// client certificate that names no principal and a bearer token: the
+/// server's refusals reach another language with their codes and
+/// `clastor-status`.
+#[test]
+fn a_python_client_over_tls_with_a_client_certificate_and_a_token() {
+    use support::tls::TestCa;
+    let ca = TestCa::new("clastor gRPC test CA");
+    let server_pem = ca.server();
+    let nobody = ca.client("nobody");
+    let token = "grpc-writer-token-5d1e";
+    let auth = ca.dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[[principal]]\nname = \"writer\"\ntoken_sha256 = \"{}\"\n[principal.grants]\ntransaction = [\"acquire\"]\n",
+            clastor::server::hash_token(token)
+        ),
+    )
+    .unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (auth, cert, key, client_ca) = (
+        path(&auth),
+        path(&server_pem.cert),
+        path(&server_pem.key),
+        path(&ca.ca_file()),
+    );
+    let (server, grpc) = serve_with_grpc(&[
+        "--auth-file",
+        &auth,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &client_ca,
+    ]);
+    let out = python(&[
+        "secured",
+        &grpc.to_string(),
+        &client_ca,
+        &path(&nobody.cert),
+        &path(&nobody.key),
+        token,
+    ])
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "python client failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(!stderr.contains(token) && !stdout.contains(token));
+    server.terminate();
+}
+
 /// Two `clastor serve` processes X and Y on one ZooKeeper, with gRPC ports.
 fn two_servers(zk: &ZooKeeper, session_timeout: &str) -> ((Server, SocketAddr), (Server, SocketAddr)) {
     let connect = zk.connect_string();

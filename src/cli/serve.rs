@@ -236,7 +236,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_HTTP_COMPAT_TOKENLESS_RELEASE", default_value_t = http_defaults().compat_tokenless_release)]
     http_compat_tokenless_release: bool,
 
-    /// Require clients to authenticate, on both ports: a TOML file of principals, the SHA-256
+    /// Require clients to authenticate, on every port: a TOML file of principals, the SHA-256
     /// digests of their tokens (`clastor auth hash-token`), their mTLS certificate names, and
     /// their per-kind grants (acquire, shared, read, rotate, admin; README, "Security").
     /// Reloaded on SIGHUP; a file that does not load is refused and the one in force kept.
@@ -249,7 +249,7 @@ pub(crate) struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     auth_max_failures: u32,
 
-    /// Speak TLS only, on both ports, with this certificate chain (PEM, leaf first).
+    /// Speak TLS only, on every port (TCP, HTTP, gRPC), with this certificate chain (PEM, leaf first).
     /// Needs --tls-key.
     #[arg(long, env = "CLASTOR_TLS_CERT", value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -258,7 +258,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
-    /// Require every client, on both ports, to present a certificate signed by a CA in this
+    /// Require every client, on every port, to present a certificate signed by a CA in this
     /// PEM file (mTLS). The certificate's subject CN (else its first DNS name) is the name of
     /// the principal with that `cert` in --auth-file. Needs --tls-cert.
     #[arg(long, env = "CLASTOR_TLS_CLIENT_CA", value_name = "PEM", requires = "tls_cert")]
@@ -270,8 +270,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "CLASTOR_METRICS_PUBLIC")]
     metrics_public: bool,
     /// Serve the gRPC API (proto/clastor/v1/lock.proto: a streaming Session that owns locks
-    /// like a connection, and unary calls on sessions from OpenSession) on this address,
-    /// HTTP/2 without TLS. Off unless given.
+    /// like a connection, and unary calls on sessions from OpenSession) on this address:
+    /// HTTP/2, TLS only with --tls-cert, bearer tokens or client certificates with
+    /// --auth-file (as the other ports). Off unless given.
     #[arg(long, env = "CLASTOR_GRPC_LISTEN", value_name = "ADDR")]
     grpc_listen: Option<SocketAddr>,
 

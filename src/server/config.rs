@@ -54,11 +54,11 @@ pub struct ServerConfig {
     #[cfg(feature = "http")]
     pub http: Option<super::HttpConfig>,
     /// Client authentication and per-kind permissions from an auth file
-    /// (both ports); `None`: off, anyone who reaches the ports may do
+    /// (every port); `None`: off, anyone who reaches the ports may do
     /// anything.
     #[cfg(feature = "tls")]
     pub auth: Option<super::AuthConfig>,
-    /// TLS on both ports (and mTLS with a client CA); `None`: plain TCP.
+    /// TLS on every port (and mTLS with a client CA); `None`: plain TCP.
     #[cfg(feature = "tls")]
     pub tls: Option<super::TlsConfig>,
     /// The gRPC API's port; `None`: off.
@@ -125,14 +125,6 @@ pub enum ConfigError {
     #[cfg(feature = "grpc")]
     #[error(transparent)]
     Grpc(#[from] super::GrpcConfigError),
-    /// The gRPC port asked for beside an auth file or TLS, which it does
-    /// not have yet.
-    #[cfg(all(feature = "grpc", feature = "tls"))]
-    #[error(
-        "--grpc-listen cannot be combined with --auth-file or --tls-cert yet: the gRPC port has no \
-         authentication or TLS, and would be a way around them"
-    )]
-    GrpcUnsecured,
     /// A limit or timeout of zero, which would refuse everything.
     #[error("{flag} ({field}) must be greater than zero")]
     Zero {
@@ -203,12 +195,6 @@ impl ServerConfig {
         #[cfg(feature = "grpc")]
         if let Some(grpc) = &self.grpc {
             grpc.validate()?;
-        }
-        // The gRPC port has neither TLS nor authentication yet: opening it
-        // beside secured ports would be a way around them.
-        #[cfg(all(feature = "grpc", feature = "tls"))]
-        if self.grpc.is_some() && (self.auth.is_some() || self.tls.is_some()) {
-            return Err(ConfigError::GrpcUnsecured);
         }
         Ok(())
     }

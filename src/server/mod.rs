@@ -175,7 +175,7 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
     #[cfg(feature = "grpc")]
     let grpc = match &config.grpc {
         Some(grpc) => {
-            let l = grpc::bind(grpc).await?;
+            let l = grpc::bind(grpc, &config).await?;
             Some((l.local_addr()?, l, grpc.clone()))
         }
         None => None,
@@ -200,7 +200,7 @@ pub async fn spawn<B: Backend>(engine: Engine<B>, config: ServerConfig) -> std::
         );
     }
     if shared.tls_on() {
-        info!("TLS on: both ports speak TLS only");
+        info!("TLS on: every port speaks TLS only");
     }
     let shutdown = CancellationToken::new();
     #[allow(unused_mut)]

@@ -26,7 +26,10 @@ pub(crate) struct ServerStats {
     /// HTTP requests refused for a missing or unknown bearer token.
     #[cfg(feature = "http")]
     pub(crate) http_auth_failures: AtomicU64,
-    /// TLS handshakes that failed (either port): a plain client, a bad or
+    /// gRPC calls refused for a missing or unknown bearer token.
+    #[cfg(all(feature = "grpc", feature = "tls"))]
+    pub(crate) grpc_auth_failures: AtomicU64,
+    /// TLS handshakes that failed (any port): a plain client, a bad or
     /// missing client certificate, a timeout.
     pub(crate) tls_failures: AtomicU64,
     /// Requests that reached dispatch, by opcode (index: `Opcode as u8 & 0x1f`;
@@ -65,7 +68,7 @@ pub(crate) struct ServerState<B: Backend> {
     /// The auth file, when authentication is on.
     #[cfg(feature = "tls")]
     pub(crate) auth: Option<std::sync::Arc<super::auth::Authenticator>>,
-    /// The acceptor of both ports, when TLS is on.
+    /// The acceptor of the TCP and HTTP ports, when TLS is on (the gRPC port builds its own, with ALPN `h2`).
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<super::tls::Acceptor>,
 }
@@ -83,7 +86,7 @@ impl<B: Backend> ServerState<B> {
         false
     }
 
-    /// Whether both ports speak TLS.
+    /// Whether the ports speak TLS.
     pub(crate) fn tls_on(&self) -> bool {
         #[cfg(feature = "tls")]
         return self.tls.is_some();

@@ -1,5 +1,5 @@
-//! TLS on both ports (feature `tls`): rustls with the `ring` provider, one
-//! acceptor built from PEM files at start, and the name a verified client
+//! TLS on every port (feature `tls`): rustls with the `ring` provider,
+//! acceptors built from PEM files at start, and the name a verified client
 //! certificate gives its holder (mTLS identity).
 //!
 //! With a client CA every client must present a certificate it signed;
@@ -69,7 +69,7 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// The acceptor both ports share.
+/// A TLS acceptor (the TCP and HTTP ports share one; gRPC has its own).
 #[derive(Clone)]
 pub(crate) struct Acceptor(pub(crate) TlsAcceptor);
 
@@ -79,11 +79,20 @@ impl std::fmt::Debug for Acceptor {
     }
 }
 
-/// Builds the acceptor both ports use.
+/// Builds the acceptor the TCP and HTTP ports use.
 ///
 /// # Errors
 /// A file cannot be read or does not fit (a key for another certificate).
 pub(crate) fn acceptor(config: &TlsConfig) -> Result<Acceptor, TlsError> {
+    acceptor_with_alpn(config, Vec::new())
+}
+
+/// Builds an acceptor that offers `alpn` (the gRPC port's `h2`: gRPC
+/// clients refuse a TLS server that does not select it).
+///
+/// # Errors
+/// As [`acceptor`].
+pub(crate) fn acceptor_with_alpn(config: &TlsConfig, alpn: Vec<Vec<u8>>) -> Result<Acceptor, TlsError> {
     let chain = certs("certificate", &config.cert)?;
     let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::File {
         what: "key",
@@ -111,9 +120,10 @@ pub(crate) fn acceptor(config: &TlsConfig) -> Result<Acceptor, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let server = builder
+    let mut server = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Setup(e.to_string()))?;
+    server.alpn_protocols = alpn;
     Ok(Acceptor(TlsAcceptor::from(Arc::new(server))))
 }
 

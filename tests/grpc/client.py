@@ -6,6 +6,13 @@ Generates its stubs from proto/clastor/v1/lock.proto with grpcio-tools
 
   check ADDR        exercises the Session stream and the unary calls and
                     prints "ok" (any failure raises), or
+  secured ADDR CA CERT KEY TOKEN
+                    against a server with TLS, a client CA and an auth file
+                    (tests/grpc_process.rs's): TLS with ALPN h2 as grpcio
+                    needs it, the certificate CERT/KEY (CN "nobody", which
+                    names no principal), bearer-token metadata, and the
+                    refusals (no token, a wrong one, no certificate, a lock
+                    the principal may not take); prints "ok", or
   hammer ADDR NAME  contends for tx/hammered on a Session stream until its
                     standard input closes, printing one line per grant:
                     "belief NAME TOKEN FROM_NS UNTIL_NS" (wall-clock
@@ -175,6 +182,70 @@ def check(addr):
     print("ok", flush=True)
 
 
+def secured(addr, ca, cert, key, token):
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    # The server's certificate is for 127.0.0.1 and localhost.
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+    stub = rpc.LocksStub(grpc.secure_channel(addr, with_cert, options))
+    bearer = [("authorization", "Bearer " + token)]
+
+    def refused(call, code, what):
+        try:
+            call()
+        except grpc.RpcError as e:
+            assert e.code() == code, (what, e)
+            return e
+        raise AssertionError("%s: not refused" % what)
+
+    # The certificate names no principal: a token is needed.
+    e = refused(lambda: stub.OpenSession(pb.OpenSessionRequest()),
+                grpc.StatusCode.UNAUTHENTICATED, "no token")
+    assert dict(e.trailing_metadata()).get("clastor-status") == "UNAUTHENTICATED", e.trailing_metadata()
+    refused(lambda: stub.OpenSession(pb.OpenSessionRequest(), metadata=[("authorization", "Bearer wrong")]),
+            grpc.StatusCode.UNAUTHENTICATED, "a wrong token")
+    sid = stub.OpenSession(pb.OpenSessionRequest(client_name="python-tls"), metadata=bearer).session_id
+    got = stub.Acquire(pb.AcquireRequest(session_id=sid, kind="transaction", id="py", wait_ms=1000),
+                       metadata=bearer)
+    assert got.granted and got.token > 0, got
+    # The session's calls need the credentials too.
+    refused(lambda: stub.Held(pb.HeldRequest(session_id=sid)), grpc.StatusCode.UNAUTHENTICATED, "no token on a call")
+    e = refused(lambda: stub.Acquire(pb.AcquireRequest(session_id=sid, kind="other", id="py"), metadata=bearer),
+                grpc.StatusCode.PERMISSION_DENIED, "a kind the writer may not take")
+    assert dict(e.trailing_metadata()).get("clastor-status") == "FORBIDDEN", e.trailing_metadata()
+    # A stream: the same principal from its opening metadata.
+    s = Stream(_with_metadata(stub, bearer))
+    s.send(1, acquire=pb.AcquireRequest(kind="transaction", id="py", wait_ms=0))
+    ev, _ = s.answer(1)
+    assert not ev.acquired.granted, ev
+    s.send(2, acquire=pb.AcquireRequest(kind="other", id="py", wait_ms=0))
+    ev, _ = s.answer(2)
+    assert ev.error.status == "FORBIDDEN", ev
+    s.close()
+    assert stub.CloseSession(pb.CloseSessionRequest(session_id=sid), metadata=bearer).closed
+
+    # Without a client certificate the handshake is refused.
+    plain_tls = grpc.ssl_channel_credentials(root_certificates=read(ca))
+    bare = rpc.LocksStub(grpc.secure_channel(addr, plain_tls, options))
+    refused(lambda: bare.OpenSession(pb.OpenSessionRequest(), metadata=bearer, timeout=10),
+            grpc.StatusCode.UNAVAILABLE, "no client certificate")
+    print("ok", flush=True)
+
+
+def _with_metadata(stub, metadata):
+    """The stub, with `metadata` on the Session stream it opens."""
+
+    class WithMetadata:
+        def Session(self, requests):
+            return stub.Session(requests, metadata=metadata)
+
+    return WithMetadata()
+
+
 def hammer(addr, name):
     stop = threading.Event()
 
@@ -216,7 +287,9 @@ def hammer(addr, name):
 if __name__ == "__main__":
     if sys.argv[1] == "check":
         check(sys.argv[2])
+    elif sys.argv[1] == "secured":
+        secured(*sys.argv[2:7])
     elif sys.argv[1] == "hammer":
         hammer(sys.argv[2], sys.argv[3])
     else:
-        raise SystemExit("usage: client.py check ADDR | hammer ADDR NAME")
+        raise SystemExit("usage: client.py check ADDR | secured ADDR CA CERT KEY TOKEN | hammer ADDR NAME")

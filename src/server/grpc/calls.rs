@@ -25,12 +25,11 @@ pub(super) fn context<B: Backend>(shared: &ServerState<B>, entry: &Entry<B>) -> 
         reports_drain: false,
         reports_traces: true,
         speaks_modes: true,
-        // The gRPC port has no authentication: the server refuses to open
-        // it beside an auth file (`ConfigError::GrpcUnsecured`), so this is
-        // the open access; were auth on, it would have no principal and be
-        // refused, not let through.
-        access: shared.access(None),
-        // Only the logs of refused `AUTH`s name it, and gRPC sends none.
+        // Who opened the session (`auth.rs`); `dispatch` checks each
+        // request's permission against it.
+        access: entry.access.clone(),
+        // Only the logs of refused `AUTH`s name it, and gRPC sends none
+        // (its credentials are checked per call, in `auth.rs`).
         peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
     }
 }

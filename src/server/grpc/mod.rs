@@ -21,8 +21,10 @@
 //! goodbye and close, unary sessions are closed, and tonic drains the
 //! connections within the shutdown grace.
 
+mod auth;
 mod calls;
 mod config;
+mod conn;
 pub mod proto;
 mod sessions;
 mod status;
@@ -30,23 +32,23 @@ mod stream;
 
 pub use config::{GrpcConfig, GrpcConfigError};
 
-use std::pin::Pin;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clastor_protocol::LostReason;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use self::conn::GrpcPeer;
 use self::proto::locks_server::{Locks, LocksServer};
 use self::sessions::{CallGuard, Owner, Sessions};
+use super::ServerConfig;
+use super::auth::Permission;
 use super::state::ServerState;
 use crate::backend::Backend;
 
@@ -70,15 +72,45 @@ struct Service<B: Backend> {
     port: Arc<GrpcPort<B>>,
 }
 
-/// Binds the gRPC port: done before the server reports itself started, so
-/// a port in use fails `spawn`.
-pub(super) async fn bind(config: &GrpcConfig) -> std::io::Result<TcpListener> {
-    TcpListener::bind(config.listen).await
+/// The bound gRPC port, with its TLS acceptor when the server has TLS.
+#[derive(Debug)]
+pub(super) struct Bound {
+    listener: TcpListener,
+    tls: conn::Tls,
 }
 
-/// Serves gRPC on `listener` until `shutdown`.
+impl Bound {
+    pub(super) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Binds the gRPC port (and reads the TLS files for it, with ALPN `h2`):
+/// done before the server reports itself started, so a port in use fails
+/// `spawn`.
+pub(super) async fn bind(config: &GrpcConfig, server: &ServerConfig) -> std::io::Result<Bound> {
+    #[cfg(feature = "tls")]
+    let tls = match &server.tls {
+        Some(t) => Some(
+            super::tls::acceptor_with_alpn(t, vec![b"h2".to_vec()])
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+        ),
+        None => None,
+    };
+    #[cfg(not(feature = "tls"))]
+    let tls = {
+        let _ = server;
+        None
+    };
+    Ok(Bound {
+        listener: TcpListener::bind(config.listen).await?,
+        tls,
+    })
+}
+
+/// Serves gRPC on `bound` until `shutdown`.
 pub(super) async fn serve<B: Backend>(
-    listener: TcpListener,
+    bound: Bound,
     shared: Arc<ServerState<B>>,
     config: GrpcConfig,
     shutdown: CancellationToken,
@@ -102,7 +134,16 @@ pub(super) async fn serve<B: Backend>(
         .config
         .tcp_keepalive
         .map(|idle| (idle / 2).max(Duration::from_secs(1)));
-    let incoming = incoming(listener, shared.clone(), config.max_connections);
+    if bound.tls.is_some() {
+        info!("gRPC port speaks TLS only (ALPN h2)");
+    }
+    let incoming = conn::incoming(
+        bound.listener,
+        shared.clone(),
+        bound.tls,
+        config.max_connections,
+        shutdown.clone(),
+    );
     let grace = shared.config.shutdown_grace + Duration::from_secs(1);
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
@@ -124,86 +165,6 @@ pub(super) async fn serve<B: Backend>(
     info!("gRPC port stopped");
 }
 
-/// Accepted connections, tuned like the TCP port's, each holding one of
-/// `max_connections` permits for its life; past them a connection is
-/// closed at once.
-fn incoming<B: Backend>(
-    listener: TcpListener,
-    shared: Arc<ServerState<B>>,
-    max_connections: usize,
-) -> impl futures_util::Stream<Item = std::io::Result<Limited>> {
-    let permits = Arc::new(Semaphore::new(max_connections));
-    futures_util::stream::unfold((listener, permits), move |(listener, permits)| {
-        let keepalive = shared.config.tcp_keepalive;
-        async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    debug!(%peer, "gRPC connection refused: over the limit; closed");
-                    continue;
-                };
-                super::tune(&stream, keepalive);
-                return Some((
-                    Ok(Limited {
-                        stream,
-                        _permit: permit,
-                    }),
-                    (listener, permits),
-                ));
-            }
-        }
-    })
-}
-
-/// A gRPC connection's socket with its connection permit.
-#[derive(Debug)]
-struct Limited {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connected for Limited {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Limited {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Limited {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
 /// The lost reason in the `.proto`'s enum.
 fn lost_reason(r: LostReason) -> proto::LostReason {
     match r {
@@ -218,8 +179,8 @@ fn lost_reason(r: LostReason) -> proto::LostReason {
 }
 
 fn label<T>(req: &Request<T>) -> String {
-    match req.remote_addr() {
-        Some(peer) => format!("grpc {peer}"),
+    match req.extensions().get::<GrpcPeer>() {
+        Some(peer) => format!("grpc {}", peer.addr),
         None => "grpc".to_owned(),
     }
 }
@@ -234,19 +195,18 @@ fn too_many_sessions(max: usize) -> tonic::Status {
 type Reply<T> = Result<Response<T>, tonic::Status>;
 
 impl<B: Backend> Service<B> {
-    /// The session a unary call names, marked in use for the call.
-    fn session(&self, id: u64) -> Result<CallGuard<B>, tonic::Status> {
+    /// The session a unary call names, marked in use for the call, if the
+    /// caller is the principal that opened it.
+    fn session<T>(&self, request: &Request<T>, id: u64) -> Result<CallGuard<B>, tonic::Status> {
         if self.port.shutdown.is_cancelled() {
             return Err(status::to_status(clastor_protocol::ErrorReply {
                 status: clastor_protocol::Status::ShuttingDown,
                 message: "server shutting down".into(),
             }));
         }
-        self.port
-            .sessions
-            .get(id)
-            .map(|e| e.call())
-            .ok_or_else(|| status::no_session(id))
+        let entry = self.port.sessions.get(id).ok_or_else(|| status::no_session(id))?;
+        auth::same_principal(&self.port.shared, request, &entry.access)?;
+        Ok(entry.call())
     }
 }
 
@@ -259,8 +219,9 @@ impl<B: Backend> Locks for Service<B> {
     type SessionStream = ReceiverStream<Result<proto::SessionEvent, tonic::Status>>;
 
     async fn session(&self, request: Request<Streaming<proto::SessionRequest>>) -> Reply<Self::SessionStream> {
+        let access = auth::caller(&self.port.shared, &request)?;
         let label = label(&request);
-        let Some((id, entry, lost)) = self.port.sessions.open(label, Owner::Stream) else {
+        let Some((id, entry, lost)) = self.port.sessions.open(label, Owner::Stream, access) else {
             return Err(too_many_sessions(self.port.sessions_max()));
         };
         let (tx, rx) = mpsc::channel(stream::OUTBOUND_BUFFER);
@@ -276,8 +237,9 @@ impl<B: Backend> Locks for Service<B> {
     }
 
     async fn open_session(&self, request: Request<proto::OpenSessionRequest>) -> Reply<proto::OpenSessionReply> {
+        let access = auth::caller(&self.port.shared, &request)?;
         let label = label(&request);
-        let Some((id, entry, _lost)) = self.port.sessions.open(label, Owner::Unary) else {
+        let Some((id, entry, _lost)) = self.port.sessions.open(label, Owner::Unary, access) else {
             return Err(too_many_sessions(self.port.sessions_max()));
         };
         // Unary sessions hear of losses by asking (Confirm, Held, Renew):
@@ -295,7 +257,7 @@ impl<B: Backend> Locks for Service<B> {
     }
 
     async fn close_session(&self, request: Request<proto::CloseSessionRequest>) -> Reply<proto::CloseSessionReply> {
-        let id = request.into_inner().session_id;
+        let id = request.get_ref().session_id;
         let closed = match self.port.sessions.get(id) {
             // A stream's session is the stream's to close.
             Some(e) if e.owner == Owner::Stream => {
@@ -303,50 +265,66 @@ impl<B: Backend> Locks for Service<B> {
                     "a Session stream's session closes with its stream",
                 ));
             }
-            Some(_) => self.port.sessions.close(id).await,
+            Some(e) => {
+                auth::same_principal(&self.port.shared, &request, &e.access)?;
+                self.port.sessions.close(id).await
+            }
             None => false,
         };
         Ok(Response::new(proto::CloseSessionReply { closed }))
     }
 
     async fn acquire(&self, request: Request<proto::AcquireRequest>) -> Reply<proto::AcquireReply> {
+        let entry = self.session(&request, request.get_ref().session_id)?;
         let a = request.into_inner();
-        let entry = self.session(a.session_id)?;
         let rid = a.request_id;
         answer(calls::acquire(&self.port.shared, &entry, self.port.idle_ms(), rid, a).await)
     }
 
     async fn release(&self, request: Request<proto::ReleaseRequest>) -> Reply<proto::ReleaseReply> {
+        let entry = self.session(&request, request.get_ref().session_id)?;
         let r = request.into_inner();
-        let entry = self.session(r.session_id)?;
         answer(calls::release(&self.port.shared, &entry, r).await)
     }
 
     async fn renew(&self, request: Request<proto::RenewRequest>) -> Reply<proto::RenewReply> {
+        let entry = self.session(&request, request.get_ref().session_id)?;
         let r = request.into_inner();
-        let entry = self.session(r.session_id)?;
         answer(calls::renew(&self.port.shared, &entry, self.port.idle_ms(), r).await)
     }
 
     async fn confirm(&self, request: Request<proto::ConfirmRequest>) -> Reply<proto::ConfirmReply> {
-        let entry = self.session(request.into_inner().session_id)?;
+        let entry = self.session(&request, request.get_ref().session_id)?;
         answer(calls::confirm(&self.port.shared, &entry, self.port.idle_ms()).await)
     }
 
     async fn held(&self, request: Request<proto::HeldRequest>) -> Reply<proto::HeldReply> {
-        let h = request.into_inner();
-        if h.all && h.session_id == 0 {
+        if request.get_ref().all && request.get_ref().session_id == 0 {
+            auth::require(&self.port.shared, &request, Permission::Admin, None)?;
             return Ok(Response::new(calls::held_all(&self.port.shared)));
         }
-        let entry = self.session(h.session_id)?;
+        let entry = self.session(&request, request.get_ref().session_id)?;
+        let h = request.into_inner();
         answer(calls::held(&self.port.shared, &entry, h.all).await)
     }
 
     async fn version(&self, request: Request<proto::VersionRequest>) -> Reply<proto::VersionReply> {
+        auth::require(
+            &self.port.shared,
+            &request,
+            Permission::Read,
+            Some(&request.get_ref().kind),
+        )?;
         answer(calls::version(&self.port.shared, &request.into_inner().kind).await)
     }
 
     async fn rotate(&self, request: Request<proto::RotateRequest>) -> Reply<proto::RotateReply> {
+        auth::require(
+            &self.port.shared,
+            &request,
+            Permission::Rotate,
+            Some(&request.get_ref().kind),
+        )?;
         answer(calls::rotate(&self.port.shared, request.into_inner()).await)
     }
 }

@@ -23,6 +23,7 @@ use tracing::debug;
 use crate::backend::Backend;
 use crate::engine::{Engine, Session};
 use crate::key::LockKey;
+use crate::server::auth::Access;
 
 /// Who ends a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,9 @@ pub(super) struct Recorded {
 pub(super) struct Entry<B: Backend> {
     pub(super) session: Session<B>,
     pub(super) owner: Owner,
+    /// Who opened the session and what it may do (`auth.rs`): its requests
+    /// run with it, and unary calls on it must come from its principal.
+    pub(super) access: Access,
     last_used: Mutex<Instant>,
     calls: AtomicUsize,
     /// The engine's `max_held_per_session`: how many grants are remembered
@@ -164,8 +168,14 @@ impl<B: Backend> Sessions<B> {
         self.idle_expiry
     }
 
-    /// Opens an engine session labelled `label`; `None` past `max_sessions`.
-    pub(super) fn open(&self, label: String, owner: Owner) -> Option<(u64, Arc<Entry<B>>, crate::engine::LostEvents)> {
+    /// Opens an engine session labelled `label` for `access`; `None` past
+    /// `max_sessions`.
+    pub(super) fn open(
+        &self,
+        label: String,
+        owner: Owner,
+        access: Access,
+    ) -> Option<(u64, Arc<Entry<B>>, crate::engine::LostEvents)> {
         let mut map = lock(&self.map);
         if map.len() >= self.max {
             return None;
@@ -174,6 +184,7 @@ impl<B: Backend> Sessions<B> {
         let entry = Arc::new(Entry {
             session,
             owner,
+            access,
             last_used: Mutex::new(Instant::now()),
             calls: AtomicUsize::new(0),
             held_limit: self.engine.config().max_held_per_session.max(16),

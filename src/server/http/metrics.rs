@@ -157,11 +157,11 @@ impl Metrics {
             );
             describe_counter!(
                 "clastor_auth_failures_total",
-                "Refused credentials: failed or malformed AUTHs (port tcp), bad bearer tokens (port http)"
+                "Refused credentials: failed or malformed AUTHs (port tcp), bad bearer tokens (ports http and grpc)"
             );
             describe_counter!(
                 "clastor_tls_handshake_failures_total",
-                "TLS handshakes that failed on either port (plain clients, bad or missing client certificates)"
+                "TLS handshakes that failed on any port (plain clients, bad or missing client certificates)"
             );
             describe_gauge!("clastor_http_connections_open", "HTTP connections open");
             describe_counter!(
@@ -264,6 +264,8 @@ impl Metrics {
             counter!("clastor_protocol_errors_total").absolute(load(&s.protocol_errors));
             counter!("clastor_auth_failures_total", "port" => "tcp").absolute(load(&s.auth_failures));
             counter!("clastor_auth_failures_total", "port" => "http").absolute(load(&s.http_auth_failures));
+            #[cfg(all(feature = "grpc", feature = "tls"))]
+            counter!("clastor_auth_failures_total", "port" => "grpc").absolute(load(&s.grpc_auth_failures));
             counter!("clastor_tls_handshake_failures_total").absolute(load(&s.tls_failures));
             for (op, n) in s.requests_by_opcode() {
                 counter!("clastor_requests_total", "opcode" => op.name()).absolute(n);
