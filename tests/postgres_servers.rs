@@ -186,6 +186,75 @@ async fn a_row_deleted_by_hand_is_reported_lost() {
     );
 }
 
+/// A schema of version 1 (before shared locks: no `contenders.shared`, the
+/// 8-argument `acquire`) is brought up to version 2 by the next server to
+/// start, and shared locks work across servers on it: readers on X and Y
+/// hold together, a writer waits for both, and a reader queued behind the
+/// writer waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_is_upgraded_and_readers_share_across_servers() {
+    let pg = start_postgres();
+    let psql = |sql: &str| {
+        let out = pg.psql().args(["-c", sql]).output().unwrap();
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (x, y) = two_servers_on(&pg, "3s");
+    x.terminate();
+    y.terminate();
+    psql(
+        "DROP FUNCTION clastor.acquire(text, text, text, bigint, bigint, text, bigint, boolean, boolean);
+         ALTER TABLE clastor.contenders DROP COLUMN shared;
+         UPDATE clastor.meta SET value = '1' WHERE key = 'schema';",
+    );
+    let (x, y) = two_servers_on(&pg, "3s");
+    assert_eq!(psql("SELECT value FROM clastor.meta WHERE key = 'schema'"), "2");
+    let mut r1 = Text::connect(x.addr).await;
+    let mut r2 = Text::connect(y.addr).await;
+    let mut w = Text::connect(x.addr).await;
+    let mut r3 = Text::connect(y.addr).await;
+    assert!(r1.cmd("ACQUIRE_SHARED tx rw 0").await.starts_with("+ACQUIRED tx rw"));
+    assert!(r2.cmd("ACQUIRE_SHARED tx rw 0").await.starts_with("+ACQUIRED tx rw"));
+    assert_eq!(
+        psql("SELECT count(*) FROM clastor.contenders WHERE id = 'rw' AND shared"),
+        "2"
+    );
+    let refused = w.cmd("ACQUIRE tx rw 0").await;
+    assert!(
+        refused.starts_with("-TIMEOUT tx rw"),
+        "a writer is refused while readers hold: {refused}"
+    );
+    // A writer in the queue, then a reader behind it: the reader waits too.
+    w.send("ACQUIRE tx rw 20000").await;
+    wait_for_rows(&psql, "SELECT count(*) FROM clastor.contenders WHERE id = 'rw'", "3").await;
+    r3.send("ACQUIRE_SHARED tx rw 20000").await;
+    wait_for_rows(&psql, "SELECT count(*) FROM clastor.contenders WHERE id = 'rw'", "4").await;
+    assert!(r1.cmd("RELEASE tx rw").await.starts_with("+RELEASED"));
+    assert!(r2.cmd("RELEASE tx rw").await.starts_with("+RELEASED"));
+    let granted = w.line().await.unwrap();
+    assert!(granted.starts_with("+ACQUIRED tx rw"), "{granted}");
+    assert_eq!(
+        psql("SELECT count(*) FROM clastor.contenders WHERE id = 'rw'"),
+        "2",
+        "the reader behind the writer still waits"
+    );
+    assert!(w.cmd("RELEASE tx rw").await.starts_with("+RELEASED"));
+    let granted = r3.line().await.unwrap();
+    assert!(granted.starts_with("+ACQUIRED tx rw"), "{granted}");
+}
+
+/// Polls `sql` until it prints `want` (rows the servers insert).
+async fn wait_for_rows(psql: &impl Fn(&str) -> String, sql: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if psql(sql) == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sql} never gave {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `serve` with a database it cannot reach fails at startup, naming the
 /// URL without its password.
 #[test]

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! {schema}.servers     id, expires_at          one row per live Clastor server (session.rs)
-//! {schema}.contenders  (server, tag) → seq, kind, version, id, owner
+//! {schema}.contenders  (server, tag) → seq, kind, version, id, owner, shared
 //!                                              holder = the lock's live row with the lowest seq
 //! {schema}.kinds       kind → record, rev      the version record (version_record.rs)
 //! {schema}.rotations   kind → server, claim    a rotation's claim, on its driver's server row

@@ -6,8 +6,12 @@
 //! revision with the one this server last saw, checks our server row is
 //! live, takes the key lock, inserts our contender row with the next
 //! token, and returns the lock's first *live* contender (lowest `seq`
-//! whose server row has not expired by the database's clock). If that is
-//! ours, the lock is granted, in one round trip. The row's `seq` is the
+//! whose server row has not expired by the database's clock) that blocks
+//! ours — any, for an exclusive lock; an exclusive one, for a shared lock
+//! (a reader's row is marked `shared`). If there is none, the lock is
+//! granted, in one round trip. Readers hold together; a reader queued
+//! behind a writer waits for it, and a writer for every row before it, so
+//! the queue is FIFO and no writer is starved by a stream of readers. The row's `seq` is the
 //! fencing token: one sequence for every lock, so a later grant — by any
 //! server, after any restart, under any version — has a larger one. A
 //! try-once that is not first has its row deleted by the same statement; a
@@ -15,7 +19,7 @@
 //!
 //! **Waiting** (FIFO by `seq`): subscribe to the lock's notifications
 //! (`listen.rs`), then look — one statement reading our own row and the
-//! first live contender; a row of ours deleted from outside is never
+//! first live contender that blocks it; a row of ours deleted from outside is never
 //! granted. Look again on each notification (a release or reap of a
 //! contender of this lock), and at least every [`RECHECK`] — then after
 //! reaping expired servers (at most once per [`RECHECK`] per server): a
@@ -197,11 +201,14 @@ enum Turn {
 
 impl PostgresBackend {
     /// Waits until our row `(session, tag)`, `seq`, is the lock's first
-    /// live contender (module docs).
+    /// live contender — for a `shared` one, until no live exclusive row is
+    /// before it (module docs).
+    #[allow(clippy::too_many_arguments)]
     async fn wait_turn(
         &self,
         key: &LockKey,
         version: &str,
+        shared: bool,
         session: &ServerSession,
         tag: i64,
         seq: i64,
@@ -220,7 +227,7 @@ impl PostgresBackend {
                 .pool
                 .retry_on(affinity(key), "look at a lock's queue", |c| async move {
                     c.client
-                        .query_one(&c.st.turn, &[&kind, &version, &id, &server, &tag])
+                        .query_one(&c.st.turn, &[&kind, &version, &id, &server, &tag, &shared])
                         .await
                 })
                 .await?;
@@ -268,9 +275,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<PgGuard>>, BackendError> {
-        if req.mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported("shared locks are not supported yet".into()));
-        }
+        let shared = req.mode == LockMode::Shared;
         let deadline = Instant::now() + req.wait;
         let key = req.key;
         let kind = key.kind_arc();
@@ -304,7 +309,7 @@ impl Backend for PostgresBackend {
                     c.client
                         .query_one(
                             &c.st.acquire,
-                            &[&k, &version, &id, &server, &tag, &owner, &rev, &try_once],
+                            &[&k, &version, &id, &server, &tag, &owner, &rev, &try_once, &shared],
                         )
                         .await
                 })
@@ -327,7 +332,8 @@ impl Backend for PostgresBackend {
                 pending.forget();
                 return Ok(None);
             } else {
-                self.wait_turn(key, version, &session, tag, seq, deadline).await?
+                self.wait_turn(key, version, shared, &session, tag, seq, deadline)
+                    .await?
             };
             match turn {
                 Turn::Granted => {}
@@ -421,6 +427,11 @@ impl Backend for PostgresBackend {
 
     fn confirm_interval(&self) -> Option<Duration> {
         Some(heartbeat_interval(self.sessions.ttl()))
+    }
+
+    fn fixed_layout(&self) -> Option<clastor_protocol::KindLayout> {
+        // Readers' rows are marked `shared`; every kind takes shared locks.
+        Some(clastor_protocol::KindLayout::ReadWrite)
     }
 
     fn health(&self) -> BackendHealth {

@@ -39,7 +39,8 @@
 
 /// The version of the DDL below; a schema at another version is brought up
 /// to this one on connect.
-pub(super) const SCHEMA_VERSION: &str = "1";
+/// Version 2 added `contenders.shared` and the shared-aware `acquire`.
+pub(super) const SCHEMA_VERSION: &str = "2";
 
 /// A validated schema name and the names derived from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,12 +116,17 @@ impl Schema {
     /// The statements each pooled connection prepares.
     pub(super) fn statements(&self) -> StatementsSql {
         StatementsSql {
-            acquire: self.sql("SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"),
+            acquire: self.sql("SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            // Our row's seq, and the first live row that blocks it (ours when
+            // none does): every row for an exclusive one ($6 false), only
+            // exclusive ones for a shared one.
             turn: self.sql(
-                "SELECT (SELECT c.seq FROM {s}.contenders c WHERE c.server = $4 AND c.tag = $5),
+                "SELECT m.seq,
                         (SELECT c.seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
                           WHERE c.kind = $1 AND c.version = $2 AND c.id = $3 AND sv.expires_at > now()
-                          ORDER BY c.seq LIMIT 1)",
+                            AND (NOT $6::boolean OR NOT c.shared OR c.seq = m.seq)
+                          ORDER BY c.seq LIMIT 1)
+                   FROM (SELECT (SELECT c.seq FROM {s}.contenders c WHERE c.server = $4 AND c.tag = $5) AS seq) m",
             ),
             release: self.sql("SELECT {s}.release($1, $2)"),
             read_kind: self.sql("SELECT record, rev FROM {s}.kinds WHERE kind = $1"),
@@ -198,6 +204,10 @@ CREATE TABLE IF NOT EXISTS {s}.contenders (
     PRIMARY KEY (server, tag)
 );
 CREATE INDEX IF NOT EXISTS contenders_queue ON {s}.contenders (kind, version, id, seq);
+-- Schema version 2: a reader's row (a shared lock). A server of version 1
+-- ignores the column and treats every row as exclusive: it waits for the
+-- readers too, which is stricter, never looser.
+ALTER TABLE {s}.contenders ADD COLUMN IF NOT EXISTS shared boolean NOT NULL DEFAULT false;
 
 CREATE TABLE IF NOT EXISTS {s}.kinds (
     kind   text PRIMARY KEY,
@@ -215,14 +225,19 @@ CREATE TABLE IF NOT EXISTS {s}.rotations (
 -- lock; then, with a snapshot that sees every row of the lock committed
 -- before the key lock was ours, insert our row with the next token — only
 -- if the kind's revision is p_rev and our server row is live — and read
--- the lock's first live row (ours, if no live row was there before). When
--- nothing was inserted, seq is NULL and the record is returned (or, if the
--- revision matched, our server row is not live: an error). With p_try (a
--- try-once), a row that is not first is deleted again before the commit: a
--- failed try leaves nothing, and needs no notification (no row comes after
--- it yet).
+-- the lock's first live row that blocks ours (ours, if none does): any row
+-- before an exclusive one (p_shared false), an exclusive row before a
+-- shared one — so readers hold together, and a reader queued behind a
+-- writer waits for it (no writer is starved). Granted when head = seq.
+-- When nothing was inserted, seq is NULL and the record is returned (or,
+-- if the revision matched, our server row is not live: an error). With
+-- p_try (a try-once), a row that is not granted is deleted again before
+-- the commit: a failed try leaves nothing, and needs no notification (no
+-- row comes after it yet). The 8-argument form of schema version 1 may
+-- remain beside it for servers of that version.
 CREATE OR REPLACE FUNCTION {s}.acquire(p_kind text, p_version text, p_id text, p_server bigint,
                                        p_tag bigint, p_owner text, p_rev bigint, p_try boolean,
+                                       p_shared boolean,
                                        OUT seq bigint, OUT head bigint, OUT record text, OUT rev bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
@@ -230,8 +245,8 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(hashtextextended('{s}/' || p_kind, 0)),
             pg_advisory_xact_lock(hashtextextended('{s}/' || p_kind || '/' || p_version || '/' || p_id, 1));
     WITH ins AS (
-        INSERT INTO {s}.contenders AS c (server, tag, kind, version, id, owner)
-        SELECT p_server, p_tag, p_kind, p_version, p_id, p_owner
+        INSERT INTO {s}.contenders AS c (server, tag, kind, version, id, owner, shared)
+        SELECT p_server, p_tag, p_kind, p_version, p_id, p_owner, p_shared
          WHERE coalesce((SELECT k.rev FROM {s}.kinds k WHERE k.kind = p_kind), 0) = p_rev
            AND EXISTS (SELECT 1 FROM {s}.servers sv WHERE sv.id = p_server AND sv.expires_at > now())
         RETURNING c.seq
@@ -239,6 +254,7 @@ BEGIN
     SELECT ins.seq,
            coalesce((SELECT c.seq FROM {s}.contenders c JOIN {s}.servers sv ON sv.id = c.server
                       WHERE c.kind = p_kind AND c.version = p_version AND c.id = p_id AND sv.expires_at > now()
+                        AND (NOT p_shared OR NOT c.shared)
                       ORDER BY c.seq LIMIT 1), ins.seq)
       INTO seq, head FROM ins;
     IF NOT FOUND THEN
