@@ -145,6 +145,63 @@ async fn a_frozen_redis_s_holders_are_told_before_anyone_is_granted() {
     drop((x, y));
 }
 
+/// Shared locks across two servers, and a reader queued behind a writer
+/// whose server froze: readers on X and Y hold together; Y's writer queues
+/// behind them, and a reader behind the writer waits for it; with Y frozen,
+/// its writer's session expires and the reader behind it gets in (and no
+/// sooner than that session could have expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_behind_a_frozen_server_s_writer_gets_in_when_its_session_expires() {
+    let redis = start_redis();
+    let (x, y) = two_servers_on(&redis, "2s");
+    let queue = "clastor/tx/v1/rw";
+    let zcard = || {
+        let out = redis.cli().args(["ZCARD", queue]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap()
+    };
+    let until_queued = |n: u32| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while zcard() != n {
+            assert!(tokio::time::Instant::now() < deadline, "never {n} contenders");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let mut r1 = Text::connect(x.addr).await;
+    let mut r2 = Text::connect(y.addr).await;
+    assert!(r1.cmd("ACQUIRE_SHARED tx rw 0").await.starts_with("+ACQUIRED tx rw"));
+    assert!(r2.cmd("ACQUIRE_SHARED tx rw 0").await.starts_with("+ACQUIRED tx rw"));
+    let mut w = Text::connect(y.addr).await;
+    w.send("ACQUIRE tx rw 60000").await;
+    until_queued(3).await;
+    let mut r3 = Text::connect(x.addr).await;
+    r3.send("ACQUIRE_SHARED tx rw 60000").await;
+    until_queued(4).await;
+    // The readers ahead leave; the writer gets the lock, the reader behind
+    // it still waits.
+    assert!(r1.cmd("RELEASE tx rw").await.starts_with("+RELEASED"));
+    assert!(r2.cmd("RELEASE tx rw").await.starts_with("+RELEASED"));
+    let writer = w.line().await.unwrap();
+    assert!(writer.starts_with("+ACQUIRED tx rw"), "{writer}");
+    assert_eq!(zcard(), 2, "the reader behind the writer still waits");
+    // Y freezes with its writer holding: the reader behind it is granted
+    // only once Y's session key could have expired.
+    send_signal(y.child.id(), "STOP");
+    let frozen_at = tokio::time::Instant::now();
+    let granted = tokio::time::timeout(Duration::from_secs(20), r3.line())
+        .await
+        .expect("the reader gets in after Y's session expires")
+        .unwrap();
+    let after = frozen_at.elapsed();
+    assert!(granted.starts_with("+ACQUIRED tx rw"), "{granted}");
+    assert!(token_of(&granted) > token_of(&writer), "tokens increase");
+    println!("Y frozen at 0: the reader behind its writer granted after {after:?}");
+    assert!(
+        after >= Duration::from_millis(1500),
+        "granted before Y's session could expire: {after:?}"
+    );
+    send_signal(y.child.id(), "CONT");
+}
+
 /// A contender removed by hand (`redis-cli ZREM`): its holder is told
 /// `node_deleted` within a refresh interval (a tenth of the TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

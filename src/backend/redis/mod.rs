@@ -8,7 +8,7 @@
 //! {prefix}/{kind}/version               the kind's version record ("v1\nnormal"), as ZooKeeper and etcd store it
 //! {prefix}/{kind}/rotation              a rotation's claim, naming its driver's session
 //! {prefix}/{kind}/{version}             SET of the ids with contenders under that version (the drain's census)
-//! {prefix}/{kind}/{version}/{id}        ZSET of contenders `{sid}:{n}`, scored by their token: the first holds
+//! {prefix}/{kind}/{version}/{id}        ZSET of contenders `{sid}:{n}` (readers `{sid}:{n}:r`), scored by their token: the first holds
 //! ```
 //!
 //! Names come only from validated [`LockKey`](crate::key::LockKey) parts and

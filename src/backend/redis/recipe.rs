@@ -4,8 +4,9 @@
 //! **Acquire.** One script (`ACQUIRE`): *if* the kind's record is the text
 //! this server last saw *and* this server's session key holds its secret,
 //! take a token (`INCR`), queue the contender scored by it, remove dead
-//! contenders at the head, and say whether ours is first — granted in one
-//! round trip. Otherwise we wait: subscribe to the lock's channel, then
+//! contenders at the head, and say whether ours is first (a reader: whether
+//! no live writer is ahead of it; `scripts.rs`) — granted in one round
+//! trip. Otherwise we wait: subscribe to the lock's channel, then
 //! look (`CHECK`: still queued? first? — removing dead contenders ahead;
 //! if not, how long the head's session has left). A release announces the
 //! contender it made first and how long that one's session has left: the
@@ -190,8 +191,15 @@ enum Queued {
 }
 
 impl RedisBackend {
-    /// Waits until our contender is first.
-    async fn wait_turn(&self, k: &Contender, session: &Session, deadline: Instant) -> Result<Turn, BackendError> {
+    /// Waits until our contender is first — a reader (`shared`), until no
+    /// live writer is ahead of it.
+    async fn wait_turn(
+        &self,
+        k: &Contender,
+        shared: bool,
+        session: &Session,
+        deadline: Instant,
+    ) -> Result<Turn, BackendError> {
         let recheck_max = session.ttl();
         // When the head's session would expire if its server stopped
         // refreshing it: look again just after (at most a TTL away).
@@ -239,6 +247,8 @@ impl RedisBackend {
                         // Named first: first until removed, no look needed
                         // (`scripts.rs`).
                         Some((member, _)) if member == k.member => return Ok(Turn::Granted),
+                        // A reader may hold beside a new head: look.
+                        Some(_) if shared => next_look = Instant::now(),
                         // Another is first, alive as the message was sent:
                         // nothing to look at before its session could expire.
                         Some((_, pttl)) => next_look = look_after(pttl.parse().unwrap_or(-1)),
@@ -298,9 +308,7 @@ impl Backend for RedisBackend {
     }
 
     async fn acquire(&self, req: AcquireRequest<'_>) -> Result<Option<Grant<RedisGuard>>, BackendError> {
-        if req.mode != LockMode::Exclusive {
-            return Err(BackendError::Unsupported("shared locks are not supported yet".into()));
-        }
+        let shared = req.mode == LockMode::Shared;
         let deadline = Instant::now() + req.wait;
         let key = req.key;
         let kind = key.kind_arc();
@@ -322,7 +330,12 @@ impl Backend for RedisBackend {
                 contender: Some(Contender {
                     queue: self.keys.queue(kind, version, key.id()),
                     index: self.keys.index(kind, version),
-                    member: session.member(),
+                    // A reader's member ends with `:r` (`scripts.rs`).
+                    member: if shared {
+                        format!("{}:r", session.member())
+                    } else {
+                        session.member()
+                    },
                     id: key.id().to_owned(),
                 }),
                 session: session.clone(),
@@ -356,7 +369,7 @@ impl Backend for RedisBackend {
             let turn = if first {
                 Turn::Granted
             } else {
-                self.wait_turn(&k, &session, deadline).await?
+                self.wait_turn(&k, shared, &session, deadline).await?
             };
             match turn {
                 Turn::Granted => {}
@@ -450,6 +463,11 @@ impl Backend for RedisBackend {
                 .as_ref()
                 .map_or_else(Instant::now, |h| h.session.safe_until()),
         )
+    }
+
+    fn fixed_layout(&self) -> Option<clastor_protocol::KindLayout> {
+        // Readers' members are marked `:r`; every kind takes shared locks.
+        Some(clastor_protocol::KindLayout::ReadWrite)
     }
 
     fn confirm_interval(&self) -> Option<Duration> {

@@ -12,10 +12,17 @@
 //! supports (a Redis Cluster would refuse them across slots).
 //!
 //! A contender is a member `{sid}:{n}` of a lock's queue (a sorted set
-//! scored by its fencing token); it is alive while its server session key
-//! `{prefix}:session:{sid}` exists. A message on a lock's channel names
+//! scored by its fencing token), or `{sid}:{n}:r` for a reader (a shared
+//! lock); it is alive while its server session key `{prefix}:session:{sid}`
+//! exists. A writer is granted when it is the first live contender; a
+//! reader when no live writer is ahead of it (readers hold together, and a
+//! reader behind a queued writer waits for it: no writer is starved). A
+//! server that predates readers takes `:r` members for writers: stricter. A message on a lock's channel names
 //! the contender that is first as it is sent and how long its session has
-//! left (`{member} {pttl}`), or, from a census, is `p` (something changed).
+//! left (`{member} {pttl}`), or is `p` (something changed: from a census,
+//! or a writer left from behind the head, so the readers behind it look).
+//! A waiting reader looks at every message: a new head may be the writer
+//! it waited for gone.
 //! A contender named there stays first until it is removed, since later
 //! ones queue behind it: it needs no look of its own, and the waiters
 //! behind it need none before its session could expire. Whether that key exists is judged by
@@ -26,10 +33,15 @@ use redis::Script;
 
 /// Lua shared by the scripts that look at a queue's head.
 const HEAD: &str = r"
+-- Whether contender m is a reader (a shared lock).
+local function is_reader(m)
+  return string.sub(m, -2) == ':r'
+end
 -- The first contender of queue q whose server session (sp .. its sid) is
 -- alive, after removing those ahead of it whose session expired; and how
 -- many were removed. `mine` (a contender whose session the caller knows is
--- alive) needs no look at its session.
+-- alive) needs no look at its session. (Callers that removed any announce
+-- the new head: readers behind a dead writer look then.)
 local function first_live(q, sp, mine)
   local purged = 0
   while true do
@@ -40,6 +52,21 @@ local function first_live(q, sp, mine)
     redis.call('ZREM', q, head)
     purged = purged + 1
   end
+end
+-- For reader m (score: its token) in queue q: the milliseconds the session
+-- of the first live writer ahead of it has left, or nil when there is none
+-- (m may hold). Dead writers ahead are removed on the way (and the queue
+-- told to look).
+local function writer_ahead(q, sp, score)
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', q, '-inf', '(' .. score)) do
+    if not is_reader(w) then
+      local pttl = redis.call('PTTL', sp .. string.match(w, '^([^:]*)'))
+      if pttl ~= -2 then return pttl end
+      redis.call('ZREM', q, w)
+      redis.call('PUBLISH', q, 'p')
+    end
+  end
+  return nil
 end
 -- Milliseconds before the session of contender m expires (-1: never).
 local function session_pttl(sp, m)
@@ -53,7 +80,8 @@ end
 ";
 
 /// Acquire: check the kind's record, check our session, take a token, queue
-/// the contender, purge dead contenders ahead of it, say whether it is first.
+/// the contender, purge dead contenders ahead of it, say whether it is
+/// granted (first; for a reader, no live writer ahead).
 ///
 /// KEYS: record, token counter, queue, version index, our session key.
 /// ARGV: the record as expected ('' = absent), member, session prefix, id,
@@ -70,24 +98,36 @@ redis.call('SADD', KEYS[4], ARGV[4])
 local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
 if head == ARGV[2] then return {1, token} end
 if purged > 0 then announce(KEYS[3], ARGV[3], head) end
+if is_reader(ARGV[2]) and not writer_ahead(KEYS[3], ARGV[3], token) then return {1, token} end
 return {2, token}
 ";
 
-/// A waiter's look: is its contender still queued, and first?
+/// A waiter's look: is its contender still queued, and granted (first; for
+/// a reader, no live writer ahead)?
 ///
 /// KEYS: queue. ARGV: member, session prefix.
-/// Returns `{0}` (gone), `{1}` (first) or `{2, head's session pttl}`.
+/// Returns `{0}` (gone), `{1}` (granted) or `{2, pttl}`: how long the
+/// session of the contender it waits for (the head; a reader's first live
+/// writer ahead) has left.
 const CHECK: &str = r"
 local head, purged = first_live(KEYS[1], ARGV[2], nil)
 if head and purged > 0 and head ~= ARGV[1] then announce(KEYS[1], ARGV[2], head) end
 if head == ARGV[1] then return {1} end
-if not head or not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {0} end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not head or not score then return {0} end
+if is_reader(ARGV[1]) then
+  local pttl = writer_ahead(KEYS[1], ARGV[2], score)
+  if not pttl then return {1} end
+  return {2, pttl}
+end
 return {2, session_pttl(ARGV[2], head)}
 ";
 
 /// Removes a contender (release, withdrawn wait). If it was first, the
 /// next live contender (dead ones ahead of it removed) is announced on the
-/// lock's channel; an emptied queue leaves the version's index and is
+/// lock's channel (readers waiting look at every announcement); a writer
+/// leaving from further back is announced as `p` (the readers behind it
+/// look); an emptied queue leaves the version's index and is
 /// announced on the version's channel (a drain counts again).
 ///
 /// KEYS: queue, version index. ARGV: member, id, session prefix.
@@ -98,6 +138,9 @@ local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 if removed == 1 and head == ARGV[1] then
   local nxt = first_live(KEYS[1], ARGV[3], nil)
   if nxt then announce(KEYS[1], ARGV[3], nxt) end
+end
+if removed == 1 and head ~= ARGV[1] and not is_reader(ARGV[1]) and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PUBLISH', KEYS[1], 'p')
 end
 if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[2], ARGV[2])
@@ -135,6 +178,9 @@ for i = 4, #ARGV, 4 do
   if removed == 1 and head == m then
     local nxt = first_live(q, ARGV[3], nil)
     if nxt then announce(q, ARGV[3], nxt) end
+  end
+  if removed == 1 and head ~= m and not is_reader(m) and redis.call('EXISTS', q) == 1 then
+    redis.call('PUBLISH', q, 'p')
   end
   if removed == 1 and redis.call('EXISTS', q) == 0 then
     redis.call('SREM', idx, id)
