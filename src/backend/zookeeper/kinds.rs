@@ -235,6 +235,28 @@ impl Kinds {
             .map_err(|e| map_err(&format!("create {}", layout.base()), e))
     }
 
+    /// With credentials (a secured layout), warns if the base node is open
+    /// to anyone: it was created before them (or by another client), and
+    /// so, most likely, are kinds and version nodes under it, which stay
+    /// world-writable — ACLs are set at creation only.
+    pub(super) async fn warn_if_open(&self, session: &ZkSession) {
+        if !self.layout.nodes().is_secured() {
+            return;
+        }
+        let base = self.layout.base();
+        let Ok(client) = session.client() else { return };
+        match client.get_acl(base).await {
+            Ok((acls, _)) if layout::open_to_anyone(&acls) => tracing::warn!(
+                base,
+                "the ZooKeeper base node is open to anyone (world:anyone may write, create or delete): it \
+                 was created without --zk-digest-file, and nodes made before it keep their open ACLs; \
+                 set ACLs by hand (setAcl) or move the kinds to a new root"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(base, error = %e, "cannot read the base node's ACL"),
+        }
+    }
+
     /// Creates the root, provider and kind nodes and the version node (as
     /// `v1`/normal) where missing, pipelined.
     pub(super) async fn ensure_kind(&self, session: &ZkSession, kind: &str) -> Result<(), BackendError> {

@@ -68,11 +68,25 @@ static SECURED: [Acl; 2] = [
     Acl::new_const(Permission::READ, "world", "anyone"),
 ];
 
+/// Whether an ACL lets anyone (`world:anyone`) change, create under or
+/// delete a node: a node a secured backend did not create (made before
+/// `--zk-digest-file`, or by another client) and so still open.
+pub(super) fn open_to_anyone(acls: &[Acl]) -> bool {
+    acls.iter().any(|a| {
+        a.scheme() == "world"
+            && a.id() == "anyone"
+            && (a.permission().has(Permission::WRITE)
+                || a.permission().has(Permission::CREATE)
+                || a.permission().has(Permission::DELETE))
+    })
+}
+
 /// How nodes are created: their types, and their ACL (open to anyone, or
 /// [`SECURED`]).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct NodeOptions {
     acls: Acls<'static>,
+    secured: bool,
 }
 
 impl NodeOptions {
@@ -85,7 +99,13 @@ impl NodeOptions {
             } else {
                 Acls::anyone_all()
             },
+            secured,
         }
+    }
+
+    /// Whether nodes are created with [`SECURED`].
+    pub(super) fn is_secured(self) -> bool {
+        self.secured
     }
 
     /// Lock nodes: ephemeral-sequential, so they go with their session and
@@ -370,6 +390,19 @@ pub(super) fn sorted_contenders(children: &[String]) -> Vec<Contender<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_acls_that_let_anyone_change_a_node_are_open() {
+        assert!(open_to_anyone(&Acls::anyone_all()));
+        assert!(!open_to_anyone(&SECURED));
+        assert!(!open_to_anyone(&Acls::anyone_read()));
+        assert!(!open_to_anyone(&Acls::creator_all()));
+        let anyone = |p| [Acl::new(p, zookeeper_client::AuthId::anyone())];
+        assert!(open_to_anyone(&anyone(Permission::DELETE)));
+        assert!(open_to_anyone(&anyone(Permission::CREATE | Permission::READ)));
+        assert!(!open_to_anyone(&anyone(Permission::ADMIN | Permission::READ)));
+        assert!(NodeOptions::new(true).is_secured() && !NodeOptions::new(false).is_secured());
+    }
 
     #[test]
     fn paths() -> Result<(), String> {

@@ -195,6 +195,7 @@ impl ZooKeeperBackend {
             pool.shutdown().await;
             return Err(e);
         }
+        kinds.warn_if_open(&session).await;
         tracing::info!(hosts = %cfg.hosts, base = kinds.layout().base(), "ZooKeeper backend ready");
         Ok(ZooKeeperBackend { pool, kinds })
     }
