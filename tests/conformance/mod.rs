@@ -115,6 +115,7 @@ cases!(
     a_queued_exclusive_request_is_not_passed_by_shared_ones,
     shared_waiters_behind_an_exclusive_holder_are_let_in_together,
     an_exclusive_waiter_leaving_lets_the_shared_ones_behind_it_in,
+    readers_and_writers_hammering_one_key_never_overlap_a_writer,
     version_of_a_new_kind_is_v1_normal,
     names_are_validated,
     every_class_of_valid_name_locks_and_stays_distinct,
@@ -924,6 +925,81 @@ async fn concurrent_holders_never_overlap_and_tokens_increase<B: Backend>(env: E
     for key in &keys {
         env.await_contenders(key, 0).await;
     }
+}
+
+/// Sessions over every engine take one key shared or exclusive at random,
+/// holding across yields: from the holders' own view no writer's hold
+/// overlaps any other hold, readers did hold together at least once, and
+/// a writer's token is greater than every token granted before its hold.
+async fn readers_and_writers_hammering_one_key_never_overlap_a_writer<B: Backend>(env: Env<B>) {
+    const TASKS: usize = 8;
+    const ROUNDS: usize = 12;
+    let Some(key) = shared_key(&env, "rw-hammer").await else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (s, mut events) = env.session(t);
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut log = Vec::new();
+            // A small deterministic mix per task: about one write in three.
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (t as u64 + 1);
+            for _ in 0..ROUNDS {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let write = state % 3 == 0;
+                let opts = if write { wait(LONG) } else { shared_wait(LONG) };
+                let token = s
+                    .acquire(&key, opts)
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{key} not granted within {LONG:?}"))
+                    .token;
+                let start = t0.elapsed();
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                let end = t0.elapsed();
+                assert!(s.release(&key).await.unwrap(), "lock vanished while held");
+                log.push((write, token, start, end));
+            }
+            assert!(events.try_recv().is_none(), "no lock may be lost here");
+            log
+        }));
+    }
+    let mut holds = Vec::new();
+    for t in tasks {
+        holds.extend(t.await.unwrap());
+    }
+    assert_eq!(holds.len(), TASKS * ROUNDS);
+    let writes = holds.iter().filter(|h| h.0).count();
+    assert!(writes > 0 && writes < holds.len(), "a mix: {writes} writes");
+    holds.sort_by_key(|h| h.2);
+    let mut readers_together = 0;
+    for (i, a) in holds.iter().enumerate() {
+        for b in &holds[i + 1..] {
+            if b.2 >= a.3 {
+                break;
+            }
+            assert!(
+                !(a.0 || b.0),
+                "a writer overlapped another hold on {key}: {a:?} and {b:?}"
+            );
+            readers_together += 1;
+        }
+        if a.0 {
+            let before = holds.iter().filter(|e| e.3 <= a.2).map(|e| e.1).max();
+            assert!(
+                before.is_none_or(|b| b < a.1),
+                "writer token {} after {before:?} on {key}",
+                a.1
+            );
+        }
+    }
+    assert!(readers_together > 0, "readers never held together on {key}");
+    env.await_contenders(&key, 0).await;
 }
 
 /// A holder whose grant was lost (lease ran out) and who acquired the key
