@@ -169,6 +169,7 @@ impl KindVersion {
 
     /// The kind back to normal on its current version and layout: what an
     /// aborted rotation leaves.
+    #[cfg_attr(not(feature = "zookeeper"), allow(dead_code))]
     pub(crate) fn aborted(&self) -> KindVersion {
         KindVersion::normal(self.version.clone()).with_layout(self.layout)
     }

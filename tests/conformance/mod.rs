@@ -950,7 +950,7 @@ async fn readers_and_writers_hammering_one_key_never_overlap_a_writer<B: Backend
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                let write = state % 3 == 0;
+                let write = state.is_multiple_of(3);
                 let opts = if write { wait(LONG) } else { shared_wait(LONG) };
                 let token = s
                     .acquire(&key, opts)

@@ -66,6 +66,17 @@ impl Permission {
 #[cfg(any(feature = "tls", feature = "http"))]
 pub(crate) const REFUSED: &str = "authentication failed";
 
+/// The token of an `Authorization`-style value `Bearer <token>` (scheme in
+/// any case, blanks around the token ignored); `None` if it is not one.
+#[cfg(any(feature = "http", feature = "grpc"))]
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// The message of a request that needs a principal and has none.
 pub(crate) const AUTHENTICATE_FIRST: &str = "authenticate first: send AUTH with a token";
 
@@ -372,5 +383,20 @@ fn failed(failures: &mut u32, max: u32, peer: SocketAddr, counter: &AtomicU64) -
     Refusal {
         reply: reply(Status::Unauthenticated, REFUSED),
         close,
+    }
+}
+
+#[cfg(all(test, any(feature = "http", feature = "grpc")))]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_tokens_are_read_and_anything_else_is_not_one() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        for bad in ["Basic abc", "Bearer", "Bearer ", "Bearer   ", "abc", ""] {
+            assert_eq!(bearer_token(bad), None, "{bad:?}");
+        }
     }
 }

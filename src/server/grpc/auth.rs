@@ -55,14 +55,7 @@ fn bearer<B: Backend, T>(
             None => Err(unauthenticated(AUTHENTICATE_FIRST)),
         };
     };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
+    let Some(token) = value.to_str().ok().and_then(crate::server::auth::bearer_token) else {
         return Err(unauthenticated("the authorization metadata must be `Bearer <token>`"));
     };
     let Some(peer) = peer else {

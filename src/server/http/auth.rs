@@ -18,7 +18,7 @@ use clastor_protocol::{AuthToken, ErrorReply, Status};
 use super::error::ApiError;
 use super::{ClientCert, HttpState, Peer};
 use crate::backend::Backend;
-use crate::server::auth::{AUTHENTICATE_FIRST, Access, Permission, REFUSED};
+use crate::server::auth::{AUTHENTICATE_FIRST, Access, Permission, REFUSED, bearer_token};
 
 /// What a route needs, beyond a principal.
 enum Need {
@@ -67,14 +67,7 @@ fn refused(e: ErrorReply) -> Response {
 /// The bearer token, if the header is there; `Err` if it is malformed.
 fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
     let value = headers.get(header::AUTHORIZATION)?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .filter(|t| !t.is_empty());
-    Some(token.ok_or(()))
+    Some(value.to_str().ok().and_then(bearer_token).ok_or(()))
 }
 
 /// The middleware: authenticates, then checks the route's permission.
