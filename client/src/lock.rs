@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::conn::{self, Conn, HeldGrant, HeldUpdate, Reply};
 use crate::error::{Error, LostReason};
@@ -216,18 +217,18 @@ impl LockRequest {
     pub async fn acquire(self) -> Result<Option<LockGuard>, Error> {
         let policy = self.retry;
         let started = Instant::now();
-        let mut backoff = policy.backoff;
+        let mut backoff = Backoff::new(policy.backoff, policy.max_backoff);
         let mut attempt = 1;
         loop {
             match self.clone().acquire_once().await {
                 Err(e) if e.is_retryable() && attempt < policy.attempts.max(1) => {
-                    let next = Instant::now() + backoff;
+                    let delay = backoff.next_delay();
+                    let next = Instant::now() + delay;
                     if policy.deadline.is_some_and(|d| next > started + d) {
                         return Err(e);
                     }
-                    tracing::debug!(kind = %self.kind, id = %self.id, attempt, error = %e, retry_in = ?backoff, "acquire failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(policy.max_backoff);
+                    tracing::debug!(kind = %self.kind, id = %self.id, attempt, error = %e, retry_in = ?delay, "acquire failed; retrying");
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 outcome => return outcome,
