@@ -1,8 +1,6 @@
 //! The [`Client`] handle: a small pool of connections, each kept up by a
 //! supervisor task that reconnects with backoff, and the low-level calls.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +12,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 mod rotate;
 
+use crate::backoff::Backoff;
 use crate::config::{ClientBuilder, ServerAddr};
 use crate::conn::{self, Conn, HeldUpdate, Reply};
 use crate::error::Error;
@@ -422,7 +421,8 @@ impl ClientBuilder {
 }
 
 /// Keeps one pool slot connected: waits for its connection to die, then
-/// reconnects with exponential backoff (the first attempt immediately).
+/// reconnects with exponential backoff (the first attempt immediately; then
+/// [`Backoff`] from `backoff_min` doubling to `backoff_max`, jittered).
 async fn supervise(
     cfg: ClientBuilder,
     tx: watch::Sender<Slot>,
@@ -430,6 +430,7 @@ async fn supervise(
     events: broadcast::Sender<ClientEvent>,
     stop: CancellationToken,
 ) {
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max).with_jitter();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -439,13 +440,15 @@ async fn supervise(
         // The slot lets go; guards of the old connection keep their own handles.
         drop(conn);
         tx.send_replace(Slot::Down(error));
+        backoff.reset();
+        // The first attempt goes at once; the back-off starts after it fails.
         let mut delay = Duration::ZERO;
         let mut attempt = 0u32;
         conn = loop {
             if !delay.is_zero() {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(jitter(delay)) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
             }
             attempt += 1;
@@ -458,11 +461,7 @@ async fn supervise(
                 Err(e) => {
                     tracing::debug!(addr = %cfg.addr, attempt, error = %e, "reconnect failed");
                     tx.send_replace(Slot::Down(e));
-                    delay = if delay.is_zero() {
-                        cfg.backoff_min
-                    } else {
-                        delay.saturating_mul(2).min(cfg.backoff_max)
-                    };
+                    delay = backoff.next_delay();
                 }
             }
         };
@@ -473,12 +472,4 @@ async fn supervise(
         });
         tx.send_replace(Slot::Up(conn.clone()));
     }
-}
-
-/// `d` scaled by a random factor in [0.75, 1.25), so clients cut off together
-/// do not reconnect in lockstep.
-fn jitter(d: Duration) -> Duration {
-    let r = RandomState::new().build_hasher().finish() % 500;
-    // `mul_f64` panics when the product overflows (a huge configured backoff).
-    Duration::try_from_secs_f64(d.as_secs_f64() * (0.75 + r as f64 / 1000.0)).unwrap_or(d)
 }

@@ -73,6 +73,7 @@
 //!   only steps in when the socket is full) on the Tokio runtime the client was
 //!   created on; connect from within a runtime.
 
+mod backoff;
 mod client;
 mod config;
 mod conn;

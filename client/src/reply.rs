@@ -1,6 +1,6 @@
 //! What a caller makes of a reply: its success body, or the client error its
 //! status maps to. A leaf under both the low-level calls (`client.rs`) and
-//! the lock API (`lock.rs`), so neither imports the other for it.
+//! the lock API (`lock/`), so neither imports the other for it.
 
 use clastor_protocol::ResponseBody;
 

@@ -3,7 +3,7 @@
 //! an async mutex. Callers write TLS inline too, polling once with a no-op
 //! waker ([`Writer::tls_write_now`]): what does not go out at once (the
 //! socket is full, or rustls holds records back until a flush) is left to
-//! the writer task (`conn.rs`, `tls_write_loop`), which waits properly.
+//! the writer task (`conn/writer.rs`, `tls_write_loop`), which waits properly.
 
 use std::io;
 use std::net::Shutdown;
@@ -14,7 +14,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 #[cfg(feature = "tls")]
 pub(crate) type TlsWrite = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
-/// A connection's write side, as [`Connection`](crate::conn::Connection) keeps it.
+/// A connection's write side, as `Connection` (`conn/connection.rs`) keeps it.
 #[derive(Debug)]
 pub(crate) enum Writer {
     /// Plain TCP: callers write inline.
