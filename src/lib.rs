@@ -41,6 +41,9 @@
 //! ```
 
 pub mod backend;
+// Only the network backends retry.
+#[cfg(any(feature = "zookeeper", feature = "etcd", feature = "postgres", feature = "redis"))]
+mod backoff;
 mod engine;
 mod error;
 mod key;

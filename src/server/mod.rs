@@ -17,6 +17,7 @@
 //! exceeded" instead of hanging in the kernel's backlog; past that bound,
 //! extra connections are dropped at once.
 
+mod accept;
 mod auth;
 mod binary;
 mod config;
@@ -55,12 +56,15 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use self::accept::{Port, Sockets};
+// The gRPC port accepts through its own stream, tuned the same way.
+#[cfg(feature = "grpc")]
+use self::accept::tune;
 use crate::backend::Backend;
 use crate::engine::Engine;
 use state::{ServerState, ServerStats};
@@ -256,55 +260,27 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// dropped without a word.
 const MAX_REFUSALS: usize = 64;
 
+/// Serves the TCP port (`accept.rs`) until `shutdown`; then gives its
+/// connections `shutdown_grace` to finish, and cuts those still open.
 async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<B>>, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of
-                    // spinning, the condition usually clears as connections close.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        tune(&stream, shared.config.tcp_keepalive);
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
-                let shared = shared.clone();
-                let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    conn::serve(stream, peer, shared, shutdown).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                shared.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-                match refusals.clone().try_acquire_owned() {
-                    // A TLS client would read a plain refusal as garbage:
-                    // it is closed without a word.
-                    Ok(_) if shared.tls_on() => debug!(%peer, "TLS connection dropped: over the limit"),
-                    Ok(permit) => {
-                        let max = shared.config.max_connections;
-                        tracker.spawn(async move {
-                            conn::refuse(stream, peer, max).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => debug!(%peer, "connection dropped: over the limit and refusals saturated"),
-                }
-            }
-        }
-    }
-    drop(listener);
-    tracker.close();
+    let port = Port {
+        name: "tcp",
+        max_connections: shared.config.max_connections,
+        max_refusals: MAX_REFUSALS,
+        tls: shared.tls_on(),
+        sockets: Sockets::Tuned {
+            keepalive: shared.config.tcp_keepalive,
+        },
+        refused: &shared.stats.connections_refused,
+    };
+    let serve = |stream, peer| {
+        shared.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        conn::serve(stream, peer, shared.clone(), shutdown.clone())
+    };
+    let max = shared.config.max_connections;
+    let refuse = move |stream, peer| conn::refuse(stream, peer, max);
+    accept::accept_loop(listener, port, &shutdown, &tracker, serve, refuse).await;
     info!(connections = tracker.len(), "shutting down");
     if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
         .await
@@ -318,49 +294,5 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<
         // They now stop writing and release their locks; the backend's
         // shutdown below releases whatever is still held regardless.
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
-    }
-}
-
-/// Per-connection socket options: no Nagle delay, and keepalive so that a
-/// client whose host vanished is noticed and its locks released.
-fn tune(stream: &tokio::net::TcpStream, keepalive: Option<Duration>) {
-    let sock = socket2::SockRef::from(stream);
-    if let Err(e) = sock.set_tcp_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY not set");
-    }
-    let Some(idle) = keepalive else { return };
-    let params = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    if let Err(e) = sock.set_tcp_keepalive(&params) {
-        debug!(error = %e, "TCP keepalive not set");
-    }
-    // Data the peer never acknowledges (a LOCK_LOST to a vanished host) ends
-    // the connection in the same time.
-    #[cfg(target_os = "linux")]
-    if let Err(e) = sock.set_tcp_user_timeout(Some(idle.saturating_mul(2))) {
-        debug!(error = %e, "TCP_USER_TIMEOUT not set");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_get_keepalive() -> std::io::Result<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
-        let (accepted, _) = listener.accept().await?;
-        tune(&accepted, Some(Duration::from_secs(30)));
-        let sock = socket2::SockRef::from(&accepted);
-        assert!(sock.keepalive()?);
-        assert!(sock.tcp_nodelay()?);
-        assert_eq!(sock.tcp_keepalive_time()?, Duration::from_secs(30));
-        assert_eq!(sock.tcp_keepalive_interval()?, Duration::from_secs(10));
-        #[cfg(target_os = "linux")]
-        assert_eq!(sock.tcp_user_timeout()?, Some(Duration::from_secs(60)));
-        Ok(())
     }
 }

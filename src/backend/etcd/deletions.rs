@@ -43,6 +43,7 @@ use tracing::{debug, warn};
 use super::EtcdClient;
 use super::error;
 use crate::backend::BackendError;
+use crate::backoff::Backoff;
 
 /// What a subscriber hears.
 #[derive(Debug)]
@@ -286,7 +287,7 @@ async fn pump(client: EtcdClient, prefix: String, mut stream: WatchStream, owner
                 }
             }
         }
-        let mut pause = Duration::from_millis(20);
+        let mut pause = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
         stream = loop {
             let Some(deletions) = owner.upgrade() else { return };
             let seen = deletions.seen.load(Ordering::Acquire);
@@ -304,8 +305,7 @@ async fn pump(client: EtcdClient, prefix: String, mut stream: WatchStream, owner
                 Err(e) => debug!(error = %e, "cannot reopen the watch of deletions yet"),
             }
             drop(deletions);
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            pause.sleep().await;
         };
     }
 }

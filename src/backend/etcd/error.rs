@@ -12,6 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::backend::BackendError;
+use crate::backoff::Backoff;
 
 /// How many times one request is sent before its error is returned.
 pub(super) const MAX_ATTEMPTS: u32 = 6;
@@ -20,8 +21,8 @@ pub(super) const MAX_ATTEMPTS: u32 = 6;
 /// takes about one election timeout (1 s by default).
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// First pause between two attempts; doubled each time, at most 400 ms.
-const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// Pauses between two attempts: 25 ms, doubled each time, at most 400 ms.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(400));
 
 /// Whether a failed request may have failed for a passing reason (no
 /// connection, no leader yet, a timeout), so the same request may succeed.
@@ -62,7 +63,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = BACKOFF;
     let mut attempt = 1;
     loop {
         let error = match tokio::time::timeout(REQUEST_TIMEOUT, op()).await {
@@ -77,8 +78,7 @@ where
             }
         };
         tracing::debug!(what, attempt, %error, "etcd request failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(400));
+        backoff.sleep().await;
         attempt += 1;
     }
 }

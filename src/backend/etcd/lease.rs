@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use super::EtcdClient;
 use super::error;
 use crate::backend::{BackendError, LostNotifier, SessionHealth};
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Holders are told at this part of the TTL after the last answered
@@ -375,7 +376,7 @@ impl LeasePool {
 
     /// Keeps `slot` filled until the pool closes.
     async fn supervise(&self, slot: usize) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         while !self.closed.is_cancelled() {
             let sent = Instant::now();
             let granted = tokio::select! {
@@ -391,16 +392,14 @@ impl LeasePool {
                     if ttl != self.ttl {
                         info!(slot, asked = ?self.ttl, granted = ?ttl, "etcd granted another lease TTL than asked");
                     }
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     Arc::new(Lease::new(slot, resp.id(), ttl, sent))
                 }
                 Err(e) => {
                     warn!(slot, error = %e, "cannot grant an etcd lease; retrying");
-                    tokio::select! {
-                        () = self.closed.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.closed).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
@@ -435,7 +434,7 @@ impl LeasePool {
     /// Keeps `lease` alive until it must be retired; returns why.
     async fn keep_alive(&self, lease: &Lease) -> LostReason {
         let every = keepalive_interval(lease.ttl);
-        let mut pause = Duration::from_millis(20);
+        let mut pause = Backoff::new(Duration::from_millis(20), every);
         'stream: loop {
             let sent = Instant::now();
             let opened = tokio::select! {
@@ -453,13 +452,12 @@ impl LeasePool {
                     tokio::select! {
                         () = self.closed.cancelled() => return LostReason::ServerShutdown,
                         () = tokio::time::sleep_until(lease.contact_deadline()) => return LostReason::BackendUnreachable,
-                        () = tokio::time::sleep(pause) => {}
+                        () = pause.sleep() => {}
                     }
-                    pause = (pause * 2).min(every);
                     continue 'stream;
                 }
             };
-            pause = Duration::from_millis(20);
+            pause.reset();
             lease.contact(sent);
             let mut pending: VecDeque<Instant> = VecDeque::new();
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);

@@ -46,6 +46,7 @@ use super::names::{NameClaim, is_shared};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Times a waiting key deleted from outside is put again before the acquire
@@ -150,7 +151,7 @@ fn delete_in_background(client: &EtcdClient, name: NameClaim, lease: Arc<Lease>,
 /// One delete of `key` (conditional on its create revision when known),
 /// retried until etcd confirms it; `false` if the lease went first.
 async fn delete_until_done(client: &EtcdClient, key: &str, lease: &Lease, state: KeyState) -> bool {
-    let mut pause = Duration::from_millis(50);
+    let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         let deleted = delete_key(client, key, state);
         tokio::select! {
@@ -160,11 +161,9 @@ async fn delete_until_done(client: &EtcdClient, key: &str, lease: &Lease, state:
             },
             () = lease.until_retired() => return false,
         }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = lease.until_retired() => return false,
+        if !pause.wait_or(lease.until_retired()).await {
+            return false;
         }
-        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -40,6 +40,7 @@ use super::watch::WatchMsg;
 use super::{EtcdBackend, error};
 use crate::backend::version_record::{encode_switched, encode_version};
 use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
+use crate::backoff::Backoff;
 
 /// Longest pause between two progress reports while a kind drains.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -99,7 +100,7 @@ impl Drop for Claim {
         let key = std::mem::take(&mut self.key);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let mut pause = Duration::from_millis(50);
+                let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
                 loop {
                     let deleted = error::retry("release a rotation claim", || {
                         let mut kv = client.kv_client();
@@ -113,11 +114,9 @@ impl Drop for Claim {
                         },
                         () = lease.until_retired() => return,
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = lease.until_retired() => return,
+                    if !pause.wait_or(lease.until_retired()).await {
+                        return;
                     }
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             });
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 
 use crate::backend::BackendError;
+use crate::backoff::Backoff;
 
 /// How many times one statement is sent before its error is returned.
 pub(super) const MAX_ATTEMPTS: u32 = 5;
@@ -23,8 +24,8 @@ pub(super) const MAX_ATTEMPTS: u32 = 5;
 /// How long one attempt may take.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// First pause between two attempts; doubled each time, at most 400 ms.
-pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// Pauses between two attempts: 25 ms, doubled each time, at most 400 ms.
+pub(super) const BACKOFF: Backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(400));
 
 /// The SQLSTATE `acquire` raises when the calling server's row is not live.
 pub(super) const NOT_LIVE: &str = "CLS01";

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::pool::{self, Target};
 use crate::backend::BackendError;
+use crate::backoff::Backoff;
 
 /// The subscriptions, by payload.
 #[derive(Debug)]
@@ -135,7 +136,7 @@ impl Listener {
     }
 
     async fn run(self: Arc<Self>, target: Target, mut stream: Notifications) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             self.up.send_replace(true);
             loop {
@@ -158,23 +159,19 @@ impl Listener {
             }
             self.up.send_replace(false);
             loop {
-                tokio::select! {
-                    () = self.closed.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+                if !backoff.wait(&self.closed).await {
+                    return;
                 }
                 match listen_once(&target, &self).await {
                     Ok(s) => {
                         stream = s;
-                        backoff = Duration::from_millis(50);
+                        backoff.reset();
                         info!("listening to PostgreSQL notifications again");
                         // Whatever was sent meanwhile is lost: everyone looks again.
                         self.wake_all();
                         break;
                     }
-                    Err(e) => {
-                        debug!(error = %e, "LISTEN connection not reopened yet");
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
+                    Err(e) => debug!(error = %e, "LISTEN connection not reopened yet"),
                 }
             }
         }

@@ -17,7 +17,7 @@ use tokio_postgres::{Client, Config, Connection, NoTls, Socket, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::error::{self, FIRST_BACKOFF, MAX_ATTEMPTS, REQUEST_TIMEOUT};
+use super::error::{self, BACKOFF, MAX_ATTEMPTS, REQUEST_TIMEOUT};
 use super::schema::Schema;
 use crate::backend::BackendError;
 
@@ -276,7 +276,7 @@ impl Pool {
         F: FnMut(Arc<Conn>) -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = BACKOFF;
         let mut attempt = 1;
         loop {
             let error = match self.get(affinity).await {
@@ -296,8 +296,7 @@ impl Pool {
                 },
             };
             tracing::debug!(what, attempt, %error, "PostgreSQL statement failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(400));
+            backoff.sleep().await;
             attempt += 1;
         }
     }

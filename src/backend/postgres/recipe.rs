@@ -55,6 +55,7 @@ use super::session::{ServerSession, heartbeat_interval, lost_after};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Times a waiting row deleted from outside is inserted again before the
@@ -117,7 +118,7 @@ fn delete_in_background(pool: &Arc<Pool>, affinity: Option<u64>, session: Arc<Se
     };
     let pool = pool.clone();
     handle.spawn(async move {
-        let mut pause = Duration::from_millis(50);
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             tokio::select! {
                 r = release_row(&pool, affinity, session.id(), tag) => match r {
@@ -126,11 +127,9 @@ fn delete_in_background(pool: &Arc<Pool>, affinity: Option<u64>, session: Arc<Se
                 },
                 () = session.until_retired() => return,
             }
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = session.until_retired() => return,
+            if !pause.wait_or(session.until_retired()).await {
+                return;
             }
-            pause = (pause * 2).min(Duration::from_secs(1));
         }
     });
 }

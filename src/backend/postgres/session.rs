@@ -49,6 +49,7 @@ use tracing::{debug, info, warn};
 use super::error::REQUEST_TIMEOUT;
 use super::pool::{self, Conn, Pool, Target};
 use crate::backend::{BackendError, LostNotifier, SessionHealth};
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Holders are told at this part of the TTL after the last answered
@@ -393,7 +394,7 @@ impl Sessions {
     async fn supervise(&self) {
         let target = self.pool.target().clone();
         let mut conn: Option<Conn> = None;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         while !self.closed.is_cancelled() {
             let c = match conn.take() {
                 Some(c) if !c.client.is_closed() => c,
@@ -422,16 +423,20 @@ impl Sessions {
                     if !c.client.is_closed() {
                         conn = Some(c);
                     }
-                    self.pause(&mut backoff).await;
+                    if !backoff.wait(&self.closed).await {
+                        return;
+                    }
                     continue;
                 }
                 Err(_) => {
                     warn!(db = %target.shown, "PostgreSQL did not answer a registration in time; reconnecting");
-                    self.pause(&mut backoff).await;
+                    if !backoff.wait(&self.closed).await {
+                        return;
+                    }
                     continue;
                 }
             };
-            backoff = Duration::from_millis(50);
+            backoff.reset();
             let session = Arc::new(ServerSession::new(id, self.ttl, sent));
             session.contact(sent);
             info!(server = id, ttl = ?self.ttl, "PostgreSQL server session registered");
@@ -471,17 +476,9 @@ impl Sessions {
         }
     }
 
-    async fn pause(&self, backoff: &mut Duration) {
-        tokio::select! {
-            () = self.closed.cancelled() => {}
-            () = tokio::time::sleep(*backoff) => {}
-        }
-        *backoff = (*backoff * 2).min(Duration::from_secs(1));
-    }
-
     /// A heartbeat connection, retried until shutdown (`None`).
     async fn connect(&self, target: &Target) -> Option<Conn> {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let c = tokio::select! {
                 () = self.closed.cancelled() => return None,
@@ -491,8 +488,7 @@ impl Sessions {
                 Ok(c) => return Some(c),
                 Err(e) => {
                     warn!(error = %e, "cannot open the PostgreSQL heartbeat connection; retrying");
-                    self.pause(&mut backoff).await;
-                    if self.closed.is_cancelled() {
+                    if !backoff.wait(&self.closed).await || self.closed.is_cancelled() {
                         return None;
                     }
                 }

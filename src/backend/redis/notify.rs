@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::error;
 use crate::backend::BackendError;
+use crate::backoff::Backoff;
 
 /// A channel's waiters.
 #[derive(Debug)]
@@ -223,7 +224,7 @@ impl Notify {
     /// Connects, reads messages and wakes their channels; reconnects when
     /// the connection breaks, until shutdown.
     async fn run(&self) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         while !self.closed.is_cancelled() {
             let pubsub = tokio::select! {
                 () = self.closed.cancelled() => return,
@@ -233,16 +234,14 @@ impl Notify {
                 Ok(Ok(p)) => p.split(),
                 Ok(Err(e)) => {
                     debug!(error = %e, "cannot open the Redis pub/sub connection; retrying");
-                    tokio::select! {
-                        () = self.closed.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.closed).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
                 Err(_) => continue,
             };
-            backoff = Duration::from_millis(50);
+            backoff.reset();
             *self.sink.lock().await = Some(sink);
             self.connected.send_modify(|n| *n += 1);
             info!("Redis pub/sub connection open");

@@ -46,6 +46,7 @@ use super::{Conn, RedisBackend, error};
 use crate::backend::{
     AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
 };
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Times a waiting contender removed from outside is queued again before
@@ -64,7 +65,7 @@ fn remove_in_background(conn: &Conn, scripts: &Arc<Scripts>, contender: Contende
     };
     let (conn, scripts) = (conn.clone(), scripts.clone());
     handle.spawn(async move {
-        let mut pause = Duration::from_millis(50);
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let removed = remove(&conn, &scripts, &session, &contender);
             tokio::select! {
@@ -74,11 +75,9 @@ fn remove_in_background(conn: &Conn, scripts: &Arc<Scripts>, contender: Contende
                 },
                 () = session.until_retired() => return,
             }
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = session.until_retired() => return,
+            if !pause.wait_or(session.until_retired()).await {
+                return;
             }
-            pause = (pause * 2).min(Duration::from_secs(1));
         }
     });
 }

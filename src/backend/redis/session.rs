@@ -50,6 +50,7 @@ use tracing::{info, warn};
 use super::scripts::Scripts;
 use super::{Conn, Keys, error};
 use crate::backend::{BackendError, LostNotifier, SessionHealth};
+use crate::backoff::Backoff;
 use crate::key::LockKey;
 
 /// Holders are told at this part of the TTL after the last answered
@@ -453,7 +454,7 @@ impl Sessions {
 
     /// Keeps a session open until the backend closes.
     async fn supervise(&self) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         while !self.closed.is_cancelled() {
             let sent = Instant::now();
             let session = Arc::new(Session::new(&self.keys, self.ttl, sent));
@@ -472,17 +473,15 @@ impl Sessions {
                 }) => r,
             };
             match opened {
-                Ok(Value::Okay) => backoff = Duration::from_millis(50),
+                Ok(Value::Okay) => backoff.reset(),
                 other => {
                     match other {
                         Err(e) => warn!(error = %e, "cannot open a Redis session; retrying"),
                         Ok(v) => warn!(answer = ?v, "Redis refused a new session key; retrying"),
                     }
-                    tokio::select! {
-                        () = self.closed.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&self.closed).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             }

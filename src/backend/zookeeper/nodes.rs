@@ -22,6 +22,7 @@ use super::session::ZkSession;
 use super::views::{ChildWatch, DirView};
 use super::watches::{OwnWatch, spawn_background};
 use crate::backend::{BackendError, KindVersion};
+use crate::backoff::Backoff;
 
 /// A lock node that exists, as its create round saw it.
 pub(super) struct Created {
@@ -69,17 +70,15 @@ pub(super) async fn delete_node(session: &ZkSession, path: &str) -> Result<(), B
 /// backing off between tries: a node left behind would head its queue for as
 /// long as the (pooled, long-lived) session lives.
 async fn delete_until_gone(session: Arc<ZkSession>, path: String) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match delete_node(&session, &path).await {
             Ok(()) => return,
             Err(e) => {
-                warn!(%path, error = %e, retry_in = ?backoff, "could not delete lock node; trying again");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = session.retired() => return,
+                warn!(%path, error = %e, retry_in = ?backoff.delay(), "could not delete lock node; trying again");
+                if !backoff.wait_or(session.retired()).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -145,7 +144,7 @@ async fn own_node_deleted(
     mut dir_watch: Option<OwnWatch>,
     done: &CancellationToken,
 ) -> bool {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         if armed.is_none()
             && let Some(watch) = dir_watch.take()
@@ -168,12 +167,10 @@ async fn own_node_deleted(
                 Ok(None) => return true,
                 Err(_) if session.is_retired() => return false,
                 Err(e) => {
-                    warn!(%path, error = %e, retry_in = ?backoff, "cannot watch our lock node; trying again");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = session.retired() => return false,
+                    warn!(%path, error = %e, retry_in = ?backoff.delay(), "cannot watch our lock node; trying again");
+                    if !backoff.wait_or(session.retired()).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             },

@@ -41,6 +41,7 @@ use super::error::ZkResult;
 use super::session::{Health, ZkSession};
 use super::views::Views;
 use crate::backend::{BackendError, BackendHealth, SessionHealth};
+use crate::backoff::Backoff;
 
 /// What the pool needs to open sessions.
 #[derive(Debug, Clone)]
@@ -333,7 +334,7 @@ impl Pool {
 /// without `shutdown` still ends it.
 async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSession>) {
     let mut session = Some(first);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let Some(current) = session.take() else {
             // Open a replacement.
@@ -352,15 +353,13 @@ async fn supervise(pool: std::sync::Weak<Pool>, slot: usize, first: Arc<ZkSessio
                 Ok((client, started)) => {
                     let Some(p) = pool.upgrade() else { return };
                     session = Some(p.install(slot, client, started));
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                 }
                 Err(e) => {
-                    warn!(slot, error = %e, retry_in = ?backoff, "cannot replace ZooKeeper session");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => return,
+                    warn!(slot, error = %e, retry_in = ?backoff.delay(), "cannot replace ZooKeeper session");
+                    if !backoff.wait(&shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
             continue;

@@ -66,6 +66,7 @@ use super::layout::{self, Layout};
 use super::session::{MAX_ATTEMPTS, ZkSession};
 use super::watches::spawn_background;
 use crate::backend::{BackendError, KindVersion, RotateOutcome, RotateRequest, RotationStart};
+use crate::backoff::Backoff;
 
 /// Longest pause between two progress reports while a kind drains.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -147,14 +148,12 @@ impl Drop for Claim {
             std::mem::take(&mut self.uuid),
         );
         spawn_background(async move {
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             while let Err(e) = delete_claim(&session, &path, &uuid).await {
-                warn!(%path, error = %e, retry_in = ?backoff, "could not delete the rotation claim; trying again");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = session.retired() => return,
+                warn!(%path, error = %e, retry_in = ?backoff.delay(), "could not delete the rotation claim; trying again");
+                if !backoff.wait_or(session.retired()).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
     }

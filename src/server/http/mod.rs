@@ -45,7 +45,7 @@ use clastor_protocol::Status;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -53,6 +53,7 @@ use tracing::{debug, info, warn};
 use self::error::ApiError;
 use self::gateway::Gateway;
 use self::metrics::Metrics;
+use super::accept::{Port, Sockets, accept_loop};
 use super::state::ServerState;
 use crate::backend::Backend;
 
@@ -121,46 +122,30 @@ pub(super) async fn serve<B: Backend>(
         config,
     });
     let router = router(state.clone());
-    let permits = Arc::new(Semaphore::new(state.config.max_connections));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_ANSWERING));
     let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            state.connections_refused.fetch_add(1, Ordering::Relaxed);
-            match refusals.clone().try_acquire_owned() {
-                // A TLS client would read a plain 503 as garbage.
-                Ok(_) if state.shared.tls_on() => debug!(%peer, "HTTP TLS connection refused: over the limit; closed"),
-                Ok(answering) => {
-                    debug!(%peer, "HTTP connection refused: over the limit; answering 503");
-                    tracker.spawn(refuse(stream, state.config.max_connections, answering));
-                }
-                Err(_) => debug!(%peer, "HTTP connection refused: over the limit; closed"),
-            }
-            continue;
-        };
-        let router = router.clone();
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
+    let port = Port {
+        name: "http",
+        max_connections: state.config.max_connections,
+        max_refusals: MAX_REFUSALS_ANSWERING,
+        tls: state.shared.tls_on(),
+        // Sockets as accepted: no keepalive or TCP_NODELAY here (yet).
+        sockets: Sockets::AsAccepted,
+        refused: &state.connections_refused,
+    };
+    let serve = |stream, peer| {
+        let (router, state, shutdown) = (router.clone(), state.clone(), shutdown.clone());
+        async move {
             state.connections_open.fetch_add(1, Ordering::Relaxed);
             serve_connection(stream, peer, router, &state, &shutdown).await;
             state.connections_open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
-    }
-    drop(listener);
-    tracker.close();
+        }
+    };
+    let max = state.config.max_connections;
+    let answer_503 = move |stream, peer| {
+        debug!(%peer, "HTTP connection refused: over the limit; answering 503");
+        refuse(stream, max)
+    };
+    accept_loop(listener, port, &shutdown, &tracker, serve, answer_503).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     info!("HTTP port stopped");
 }
@@ -233,7 +218,7 @@ async fn serve_http<B: Backend, S>(
 
 /// Answers a connection over the limit with a JSON 503 (so a probe or a
 /// client sees why, not a reset socket), then closes it.
-async fn refuse(stream: tokio::net::TcpStream, max: usize, answering: OwnedSemaphorePermit) {
+async fn refuse(stream: tokio::net::TcpStream, max: usize) {
     let service = hyper::service::service_fn(move |_req| async move {
         let mut response = ApiError::with_http(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -255,7 +240,6 @@ async fn refuse(stream: tokio::net::TcpStream, max: usize, answering: OwnedSemap
     if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIME, conn).await {
         debug!(error = %e, "refused HTTP connection ended with an error");
     }
-    drop(answering);
 }
 
 fn router<B: Backend>(state: Arc<HttpState<B>>) -> Router {
