@@ -49,10 +49,13 @@ use super::error::{ZkError, connection_broke, map_err};
 use super::layout;
 use super::nodes::{self, Created, PendingNode, ZkGuard};
 use super::round::Round;
-use super::session::{GrantRecord, MAX_ATTEMPTS};
+use super::session::{GrantRecord, MAX_ATTEMPTS, ZkSession};
 use super::turn::{Turn, wait_turn};
+use super::views::{ChildWatch, DirView};
+use super::watches::OwnWatch;
 use crate::backend::{
-    AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, RotateOutcome, RotateRequest,
+    AcquireRequest, Backend, BackendError, BackendHealth, Grant, KindVersion, LostNotifier, RotateOutcome,
+    RotateRequest,
 };
 use crate::key::LockKey;
 
@@ -242,29 +245,10 @@ impl ZooKeeperBackend {
         let data = format!("clastor owner={owner}");
         let mut on_lost = Some(on_lost);
         loop {
-            // A shared request on a mutex kind is refused at once — unless
-            // the kind drains towards the read-write layout: then it waits.
-            let rw_ahead = version
-                .rotation
-                .as_ref()
-                .is_some_and(|r| r.layout == KindLayout::ReadWrite);
-            if mode == LockMode::Shared && version.layout == KindLayout::Mutex && !rw_ahead {
-                return Err(BackendError::Unsupported(format!(
-                    "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \
-                     rotate it to the read_write layout to take them (clastor rotate {kind} {v} <new> --layout read_write)",
-                    v = version.version
-                )));
-            }
-            if version.mode == KindMode::Draining {
-                match self.kinds.wait_normal(&session, kind, deadline).await? {
-                    Some(v) => version = v,
-                    None => return Ok(None),
-                }
-            }
-            if mode == LockMode::Shared && version.layout == KindLayout::Mutex {
-                // The drain ended back on the mutex layout (aborted).
-                continue;
-            }
+            version = match self.settle_version(&session, kind, mode, version, deadline).await? {
+                Some(v) => v,
+                None => return Ok(None),
+            };
             let dir = self.kinds.layout().lock_dir(kind, &version.version, key.id());
             let mut pending = PendingNode::new(&session, dir, layout::lock_name(version.layout, mode));
             let created = match self
@@ -313,53 +297,151 @@ impl ZooKeeperBackend {
                     continue;
                 }
             }
-            let token = u64::try_from(czxid)
-                .map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {czxid}")))?;
-            // From here on the held node is watched: a waiter's watch, set
-            // while it waited, carries on; an uncontended grant watches
-            // through the session's view of the directory, or keeps the
-            // child watch its create round's listing left there.
-            let (dir_watch, child_watch) = match (&armed, dir_view) {
-                (None, Some(view)) => (Some(view.subscribe(pending.name())), None),
-                (None, None) => (dir_watch, child_watch),
-                (Some(_), _) => (None, None),
-            };
-            let done = CancellationToken::new();
-            let gone = nodes::watch_own(&session, &path, armed, dir_watch, done.clone());
             let Some(notifier) = on_lost.take() else {
                 return Err(BackendError::Unavailable(format!(
                     "the lock node for {key} kept being deleted from outside"
                 )));
             };
-            let record = GrantRecord {
-                key: key.clone(),
-                token,
-                notifier,
+            let watches = HolderWatches {
+                armed,
+                dir_view,
+                dir_watch,
+                child_watch,
             };
-            if session.register(path.clone(), record).is_err() {
-                return Err(session.gone());
+            match hold(&session, key, pending, czxid, watches, notifier)? {
+                Hold::Granted { token, guard } => {
+                    debug!(%key, token, %path, waited = ?started.elapsed(), "granted");
+                    return Ok(Some(Grant {
+                        token,
+                        version: version.version,
+                        guard,
+                    }));
+                }
+                Hold::DeletedAsGranted(notifier) => {
+                    on_lost = Some(notifier);
+                    warn!(%key, %path, "our lock node was deleted from outside as it was granted; queueing again");
+                }
             }
-            // The watch cancels before it looks for a registered grant, so a
-            // deletion it saw before the registration shows here.
-            if gone.is_cancelled() {
-                // The watch may already have reported it (its notifier is
-                // then spent): fail now rather than wait in the queue again.
-                let Some(record) = session.unregister(&path) else {
-                    return Err(BackendError::Unavailable(format!(
-                        "the lock node for {key} was deleted from outside as it was granted"
-                    )));
-                };
-                on_lost = Some(record.notifier);
-                warn!(%key, %path, "our lock node was deleted from outside as it was granted; queueing again");
-                continue;
-            }
-            pending.into_granted();
-            debug!(%key, token, %path, waited = ?started.elapsed(), "granted");
-            return Ok(Some(Grant {
-                token,
-                version: version.version,
-                guard: ZkGuard::new(session, path, token, done, child_watch),
-            }));
         }
     }
+
+    /// The version an acquire of `mode` can go on with: `version`, or what
+    /// the kind settles on after a drain (`None`: the deadline passed
+    /// first). A shared request on a mutex kind is refused at once —
+    /// unless the kind drains towards the read-write layout: then it waits.
+    async fn settle_version(
+        &self,
+        session: &ZkSession,
+        kind: &Arc<str>,
+        mode: LockMode,
+        mut version: KindVersion,
+        deadline: Instant,
+    ) -> Result<Option<KindVersion>, BackendError> {
+        loop {
+            let rw_ahead = version
+                .rotation
+                .as_ref()
+                .is_some_and(|r| r.layout == KindLayout::ReadWrite);
+            if mode == LockMode::Shared && version.layout == KindLayout::Mutex && !rw_ahead {
+                return Err(BackendError::Unsupported(format!(
+                    "kind {kind} is in the mutex layout (Curator's InterProcessMutex), which has no shared locks; \
+                     rotate it to the read_write layout to take them (clastor rotate {kind} {v} <new> --layout read_write)",
+                    v = version.version
+                )));
+            }
+            if version.mode == KindMode::Draining {
+                match self.kinds.wait_normal(session, kind, deadline).await? {
+                    Some(v) => version = v,
+                    None => return Ok(None),
+                }
+            }
+            if mode == LockMode::Shared && version.layout == KindLayout::Mutex {
+                // The drain ended back on the mutex layout (aborted).
+                continue;
+            }
+            return Ok(Some(version));
+        }
+    }
+}
+
+/// The watches a waiter or a fresh holder already has on its node (from
+/// `create_round` and `wait_turn`), for the holder's watch to carry on.
+struct HolderWatches {
+    /// The watch a waiter set while it waited.
+    armed: Option<OwnWatch>,
+    /// The session's view of the directory (an uncontended grant).
+    dir_view: Option<Arc<DirView>>,
+    /// The child watch the create round's listing left.
+    dir_watch: Option<OwnWatch>,
+    /// Its count on the session's views, for the guard to end.
+    child_watch: Option<ChildWatch>,
+}
+
+/// What became of a node whose turn came.
+enum Hold {
+    Granted {
+        token: u64,
+        guard: ZkGuard,
+    },
+    /// Deleted from outside as it was granted: queue again, with the
+    /// notifier back.
+    DeletedAsGranted(LostNotifier),
+}
+
+/// Our node's turn came: watch it as its holder, register the grant with
+/// the session (which reports it lost with the session), and hand the node
+/// to a guard — unless it was deleted from outside meanwhile.
+fn hold(
+    session: &Arc<ZkSession>,
+    key: &LockKey,
+    pending: PendingNode,
+    czxid: i64,
+    watches: HolderWatches,
+    notifier: LostNotifier,
+) -> Result<Hold, BackendError> {
+    let token =
+        u64::try_from(czxid).map_err(|_| BackendError::Internal(format!("lock node has a negative czxid {czxid}")))?;
+    let path = pending.path().unwrap_or_default().to_owned();
+    // From here on the held node is watched: a waiter's watch, set while it
+    // waited, carries on; an uncontended grant watches through the
+    // session's view of the directory, or keeps the child watch its create
+    // round's listing left there.
+    let HolderWatches {
+        armed,
+        dir_view,
+        dir_watch,
+        child_watch,
+    } = watches;
+    let (dir_watch, child_watch) = match (&armed, dir_view) {
+        (None, Some(view)) => (Some(view.subscribe(pending.name())), None),
+        (None, None) => (dir_watch, child_watch),
+        (Some(_), _) => (None, None),
+    };
+    let done = CancellationToken::new();
+    let gone = nodes::watch_own(session, &path, armed, dir_watch, done.clone());
+    let record = GrantRecord {
+        key: key.clone(),
+        token,
+        notifier,
+    };
+    if session.register(path.clone(), record).is_err() {
+        return Err(session.gone());
+    }
+    // The watch cancels before it looks for a registered grant, so a
+    // deletion it saw before the registration shows here.
+    if gone.is_cancelled() {
+        // The watch may already have reported it (its notifier is then
+        // spent): fail now rather than wait in the queue again.
+        let Some(record) = session.unregister(&path) else {
+            return Err(BackendError::Unavailable(format!(
+                "the lock node for {key} was deleted from outside as it was granted"
+            )));
+        };
+        return Ok(Hold::DeletedAsGranted(record.notifier));
+    }
+    pending.into_granted();
+    Ok(Hold::Granted {
+        token,
+        guard: ZkGuard::new(session.clone(), path, token, done, child_watch),
+    })
 }
