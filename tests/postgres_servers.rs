@@ -255,6 +255,38 @@ async fn wait_for_rows(psql: &impl Fn(&str) -> String, sql: &str, want: &str) {
     }
 }
 
+/// `clastor load --pg` as `scripts/perf.sh` runs it (short): Clastor, the
+/// raw SQL floor, the bare relay, Clastor's own SQL functions called
+/// directly and `pg_advisory_lock` all run against the current schema.
+#[test]
+fn the_load_harness_runs_every_postgres_series() {
+    let pg = start_postgres();
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args([
+            "load",
+            "--pg",
+            &pg.url(),
+            "--op",
+            "acquire-release",
+            "--clients",
+            "1",
+            "--interleave",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
+    for series in ["clastor", "floor", "SQL alone", "relay", "pg_advisory_lock"] {
+        assert!(stdout.contains(series), "no {series} series in:\n{stdout}");
+    }
+}
+
 /// `serve` with a database it cannot reach fails at startup, naming the
 /// URL without its password.
 #[test]

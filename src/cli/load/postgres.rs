@@ -109,7 +109,9 @@ pub(super) async fn clastor_sql(url: &str, workers: usize) -> anyhow::Result<(St
     for _ in 0..workers.max(1) {
         let c = connect(url).await?;
         let acquire = c
-            .prepare(&format!("SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8)"))
+            .prepare(&format!(
+                "SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ))
             .await?;
         let release = c.prepare(&format!("SELECT {s}.release($1, $2)")).await?;
         conns.push((c, acquire, release));
@@ -124,9 +126,12 @@ pub(super) async fn clastor_sql(url: &str, workers: usize) -> anyhow::Result<(St
                 let (c, acquire, release) = &conns[i % conns.len()];
                 let tag = tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (kind, version, id, owner) = ("load-sql", "v1", format!("k{i}"), "clastor load");
-                let (rev, try_once) = (0i64, false);
+                let (rev, try_once, shared) = (0i64, false, false);
                 let row = c
-                    .query_one(acquire, &[&kind, &version, &id, &server, &tag, &owner, &rev, &try_once])
+                    .query_one(
+                        acquire,
+                        &[&kind, &version, &id, &server, &tag, &owner, &rev, &try_once, &shared],
+                    )
                     .await?;
                 let (seq, head): (Option<i64>, Option<i64>) = (row.try_get(0)?, row.try_get(1)?);
                 if seq.is_none() || seq != head {
