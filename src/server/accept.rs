@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -93,11 +94,10 @@ pub(super) async fn accept_loop<S, SF, R, RF>(
         }
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let conn = serve(stream, peer);
-                tracker.spawn(async move {
-                    conn.await;
-                    drop(permit);
-                });
+                // `map`, not `async move { conn.await; .. }`: awaiting a
+                // captured future moves it into a second slot of the task,
+                // doubling every connection's task (~1.8 KB more per idle one).
+                tracker.spawn(serve(stream, peer).map(move |()| drop(permit)));
             }
             Err(_) => {
                 port.refused.fetch_add(1, Ordering::Relaxed);
@@ -106,11 +106,7 @@ pub(super) async fn accept_loop<S, SF, R, RF>(
                         debug!(port = port.name, %peer, "TLS connection over the limit: closed");
                     }
                     Ok(slot) => {
-                        let refusal = refuse(stream, peer);
-                        tracker.spawn(async move {
-                            refusal.await;
-                            drop(slot);
-                        });
+                        tracker.spawn(refuse(stream, peer).map(move |()| drop(slot)));
                     }
                     Err(_) => debug!(
                         port = port.name,
