@@ -187,9 +187,11 @@ def goal_rows(prefix, label, floor_label, peer_series):
           f"{rng([r['p50_us'] for r in fr])} µs) |")
     # The measured references of the same loops (`clastor load`, `relay.rs`):
     # the floor through a bare relay (the structural bound: floor + 2 hops),
-    # and on PostgreSQL Clastor's own SQL sent straight to the database.
+    # and Clastor's own SQL (PostgreSQL) or scripts (Redis) sent straight to
+    # the store.
     for ref, what in (("reference: floor + 2 hops", "floor + 2 hops (bare relay)"),
-                      ("reference: Clastor's SQL alone", "Clastor's SQL without its server")):
+                      ("reference: Clastor's SQL alone", "Clastor's SQL without its server"),
+                      ("reference: Clastor's scripts alone", "Clastor's Lua scripts without its server")):
         rr = c.get(ref)
         if rr and fr:
             w(f"| {label} reference: {what} vs {floor_label} | report | "

@@ -364,3 +364,35 @@ async fn readiness_follows_the_session_s_contact_with_redis() {
     redis.thaw().unwrap();
     await_status(200).await;
 }
+
+/// `clastor load --redis` as `scripts/perf.sh` runs it (short): Clastor, the
+/// `SET NX PX` + `DEL` floor, the bare relay, Clastor's own scripts sent
+/// straight to Redis and the plain Redis lock all run.
+#[test]
+fn the_load_harness_runs_every_redis_series() {
+    let redis = start_redis();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args([
+            "load",
+            "--redis",
+            &redis.url(),
+            "--op",
+            "acquire-release",
+            "--clients",
+            "1",
+            "--interleave",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
+    for series in ["clastor", "floor", "scripts alone", "relay", "plain Redis lock"] {
+        assert!(stdout.contains(series), "no {series} series in:\n{stdout}");
+    }
+}

@@ -223,6 +223,7 @@ impl std::fmt::Debug for Conn {
 pub(super) struct Keys {
     prefix: String,
     session_prefix: String,
+    token: String,
 }
 
 /// Name of the per-kind key holding the version record.
@@ -240,12 +241,13 @@ impl Keys {
         Ok(Keys {
             prefix: prefix.to_owned(),
             session_prefix: format!("{prefix}:session:"),
+            token: format!("{prefix}:token"),
         })
     }
 
     /// `{prefix}:token`.
-    pub(super) fn token(&self) -> String {
-        format!("{}:token", self.prefix)
+    pub(super) fn token(&self) -> &str {
+        &self.token
     }
 
     /// `{prefix}:session:`: a session's key is this and its id.
@@ -255,7 +257,7 @@ impl Keys {
 
     /// `{prefix}/{kind}/version`, also the channel its changes go out on.
     pub(super) fn record(&self, kind: &str) -> String {
-        format!("{}/{kind}/{VERSION_KEY}", self.prefix)
+        concat(&[&self.prefix, "/", kind, "/", VERSION_KEY])
     }
 
     /// `{prefix}/{kind}/rotation`.
@@ -266,7 +268,7 @@ impl Keys {
     /// `{prefix}/{kind}/{version}`: the ids with contenders, also the
     /// channel emptied queues are announced on.
     pub(super) fn index(&self, kind: &str, version: &str) -> String {
-        format!("{}/{kind}/{version}", self.prefix)
+        concat(&[&self.prefix, "/", kind, "/", version])
     }
 
     /// `{prefix}/{kind}/{version}/`: the queue of id `x` is this and `x`.
@@ -276,14 +278,33 @@ impl Keys {
 
     /// `{prefix}/{kind}/{version}/{id}`: the lock's queue and its channel.
     pub(super) fn queue(&self, kind: &str, version: &str, id: &str) -> String {
-        format!("{}/{kind}/{version}/{id}", self.prefix)
+        concat(&[&self.prefix, "/", kind, "/", version, "/", id])
     }
+}
+
+/// `parts` joined: the keys of every acquire are built this way, one
+/// allocation of the right size, where `format!` costs several times more
+/// (measured with callgrind on the acquire path).
+pub(super) fn concat(parts: &[&str]) -> String {
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
 }
 
 /// The queue (a sorted set) of `(kind, id)` under `version`, for a backend
 /// using `prefix`: what `redis-cli ZRANGE … 0 -1 WITHSCORES` shows.
 pub fn queue_key(prefix: &str, kind: &str, version: &str, id: &str) -> String {
     format!("{prefix}/{kind}/{version}/{id}")
+}
+
+/// The Lua source of the two scripts an uncontended acquire and release
+/// run, `(acquire, remove)`, with their arguments as `scripts.rs` lists
+/// them: for measuring Clastor's Redis work without its server (`clastor
+/// load --redis`, "Clastor's scripts alone").
+pub fn lock_scripts() -> (String, String) {
+    scripts::lock_sources()
 }
 
 #[cfg(test)]

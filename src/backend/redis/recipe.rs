@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::kinds::seen_at;
-use super::scripts::Scripts;
+use super::scripts::{self, Scripts};
 use super::session::{Contender, Session, int, lost_after, refresh_interval};
 use super::{Conn, RedisBackend, error};
 use crate::backend::{
@@ -85,11 +85,16 @@ fn remove_in_background(conn: &Conn, scripts: &Arc<Scripts>, contender: Contende
 /// One `REMOVE` of contender `k` of `session` (retried).
 async fn remove(conn: &Conn, scripts: &Scripts, session: &Session, k: &Contender) -> Result<(), BackendError> {
     let session_prefix = session.session_prefix();
+    let mut cmd = scripts::evalsha(&scripts.remove, 2);
+    cmd.arg(&k.queue)
+        .arg(&k.index)
+        .arg(&k.member)
+        .arg(&k.id)
+        .arg(session_prefix);
     error::retry("remove a lock's contender", || {
         let mut c = conn.get();
-        let mut inv = scripts.remove.key(&k.queue);
-        inv.key(&k.index).arg(&k.member).arg(&k.id).arg(session_prefix);
-        async move { inv.invoke_async::<Value>(&mut c).await }
+        let (script, cmd) = (&scripts.remove, &cmd);
+        async move { scripts::run::<Value>(&mut c, script, cmd).await }
     })
     .await
     .map(drop)
@@ -219,11 +224,12 @@ impl RedisBackend {
         let mut next_look = Instant::now();
         loop {
             if Instant::now() >= next_look {
+                let mut cmd = scripts::evalsha(&self.scripts.check, 1);
+                cmd.arg(&k.queue).arg(&k.member).arg(self.keys.session_prefix());
                 let look = error::retry("look at a lock's queue", || {
                     let mut c = self.conn.get();
-                    let mut inv = self.scripts.check.key(&k.queue);
-                    inv.arg(&k.member).arg(self.keys.session_prefix());
-                    async move { inv.invoke_async::<Vec<Value>>(&mut c).await }
+                    let (script, cmd) = (&self.scripts.check, &cmd);
+                    async move { scripts::run::<Vec<Value>>(&mut c, script, cmd).await }
                 });
                 let answer = tokio::select! {
                     biased;
@@ -270,20 +276,20 @@ impl RedisBackend {
         session: &Session,
         record: &str,
     ) -> Result<Queued, BackendError> {
-        let (record_key, token_key) = (self.keys.record(key.kind()), self.keys.token());
+        let mut cmd = scripts::evalsha(&self.scripts.acquire, 5);
+        cmd.arg(self.keys.record(key.kind()))
+            .arg(self.keys.token())
+            .arg(&k.queue)
+            .arg(&k.index)
+            .arg(session.key())
+            .arg(record)
+            .arg(&k.member)
+            .arg(self.keys.session_prefix())
+            .arg(&k.id)
+            .arg(session.secret());
         let answer: Vec<Value> = error::once("queue a contender", async {
             let mut c = self.conn.get();
-            let mut inv = self.scripts.acquire.key(&record_key);
-            inv.key(&token_key)
-                .key(&k.queue)
-                .key(&k.index)
-                .key(session.key())
-                .arg(record)
-                .arg(&k.member)
-                .arg(self.keys.session_prefix())
-                .arg(&k.id)
-                .arg(session.secret());
-            inv.invoke_async(&mut c).await
+            scripts::run(&mut c, &self.scripts.acquire, &cmd).await
         })
         .await?;
         let bad = || BackendError::Internal(format!("redis: the acquire script answered {answer:?}"));

@@ -29,7 +29,7 @@
 //! Redis alone, on its own clock (the key's `PEXPIRE` deadline; inside a
 //! script Redis 7 judges expiry at the script's start): never by ours.
 
-use redis::Script;
+use redis::{Cmd, FromRedisValue, RedisResult, Script};
 
 /// Lua shared by the scripts that look at a queue's head.
 const HEAD: &str = r"
@@ -77,6 +77,29 @@ end
 local function announce(q, sp, m)
   redis.call('PUBLISH', q, m .. ' ' .. session_pttl(sp, m))
 end
+-- Removes contender m from queue q (of lock id in version index idx). If
+-- it was first, the next live contender (dead ones ahead of it removed) is
+-- announced; a writer leaving from further back is announced as 'p' (the
+-- readers behind it look); an emptied queue leaves the index and is
+-- announced on the index's channel (a drain counts again). The first two
+-- members are read at once: a lone holder leaving needs no other look.
+-- Returns 1 if m was there.
+local function remove_contender(q, idx, m, id, sp)
+  local front = redis.call('ZRANGE', q, 0, 1)
+  if redis.call('ZREM', q, m) == 0 then return 0 end
+  local emptied = false
+  if front[1] == m then
+    local nxt = front[2] and first_live(q, sp, nil)
+    if nxt then announce(q, sp, nxt) else emptied = true end
+  elseif not is_reader(m) then
+    redis.call('PUBLISH', q, 'p')
+  end
+  if emptied then
+    redis.call('SREM', idx, id)
+    redis.call('PUBLISH', idx, id)
+  end
+  return 1
+end
 ";
 
 /// Acquire: check the kind's record, check our session, take a token, queue
@@ -88,13 +111,22 @@ end
 /// our session's secret.
 /// Returns `{0, record}` (the record differs), `{-1}` (our session is
 /// gone), `{1, token}` (first: granted) or `{2, token}` (queued behind).
-const ACQUIRE: &str = r"
-local rec = redis.call('GET', KEYS[1]) or ''
+///
+/// This part is the uncontended path, up to "we are first"; the rest
+/// (`ACQUIRE_BEHIND`) follows `HEAD` ([`lock_sources`]).
+const ACQUIRE_FIRST: &str = r"
+local got = redis.call('MGET', KEYS[1], KEYS[5])
+local rec = got[1] or ''
 if rec ~= ARGV[1] then return {0, rec} end
-if redis.call('GET', KEYS[5]) ~= ARGV[5] then return {-1} end
+if got[2] ~= ARGV[5] then return {-1} end
 local token = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[3], token, ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
+if redis.call('ZRANGE', KEYS[3], 0, 0)[1] == ARGV[2] then return {1, token} end
+";
+
+/// The rest of `ACQUIRE`, after `HEAD`: someone is ahead of us.
+const ACQUIRE_BEHIND: &str = r"
 local head, purged = first_live(KEYS[3], ARGV[3], ARGV[2])
 if head == ARGV[2] then return {1, token} end
 if purged > 0 then announce(KEYS[3], ARGV[3], head) end
@@ -123,30 +155,29 @@ end
 return {2, session_pttl(ARGV[2], head)}
 ";
 
-/// Removes a contender (release, withdrawn wait). If it was first, the
-/// next live contender (dead ones ahead of it removed) is announced on the
-/// lock's channel (readers waiting look at every announcement); a writer
-/// leaving from further back is announced as `p` (the readers behind it
-/// look); an emptied queue leaves the version's index and is
-/// announced on the version's channel (a drain counts again).
+/// Removes a contender (release, withdrawn wait): `remove_contender` in
+/// `HEAD` says what is announced (readers waiting look at every
+/// announcement; a drain counts again when a queue empties).
 ///
 /// KEYS: queue, version index. ARGV: member, id, session prefix.
 /// Returns 1 if it was there.
-const REMOVE: &str = r"
-local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-if removed == 1 and head == ARGV[1] then
-  local nxt = first_live(KEYS[1], ARGV[3], nil)
-  if nxt then announce(KEYS[1], ARGV[3], nxt) end
-end
-if removed == 1 and head ~= ARGV[1] and not is_reader(ARGV[1]) and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('PUBLISH', KEYS[1], 'p')
-end
-if removed == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
+///
+/// This part is the lock's only contender leaving (what `remove_contender`
+/// does then, without `HEAD`); the rest (`REMOVE_AMONG`) follows `HEAD`
+/// ([`lock_sources`]).
+const REMOVE_ALONE: &str = r"
+local front = redis.call('ZRANGE', KEYS[1], 0, 1)
+if front[1] == ARGV[1] and not front[2] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('SREM', KEYS[2], ARGV[2])
   redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
 end
-return removed
+";
+
+/// The rest of `REMOVE`, after `HEAD`: others are queued.
+const REMOVE_AMONG: &str = r"
+return remove_contender(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 ";
 
 /// Refreshes our session if the key still holds our secret, and names the
@@ -172,20 +203,7 @@ return out
 /// then queue, index, member, id, ...
 const END: &str = r"
 for i = 4, #ARGV, 4 do
-  local q, idx, m, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local head = redis.call('ZRANGE', q, 0, 0)[1]
-  local removed = redis.call('ZREM', q, m)
-  if removed == 1 and head == m then
-    local nxt = first_live(q, ARGV[3], nil)
-    if nxt then announce(q, ARGV[3], nxt) end
-  end
-  if removed == 1 and head ~= m and not is_reader(m) and redis.call('EXISTS', q) == 1 then
-    redis.call('PUBLISH', q, 'p')
-  end
-  if removed == 1 and redis.call('EXISTS', q) == 0 then
-    redis.call('SREM', idx, id)
-    redis.call('PUBLISH', idx, id)
-  end
+  remove_contender(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[3])
 end
 if ARGV[2] == '1' and redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -297,6 +315,50 @@ redis.call('DEL', KEYS[1])
 return #ids
 ";
 
+/// An `EVALSHA` of `script` with `keys` keys, its keys and arguments to be
+/// appended in order: built straight into one command, where a
+/// [`redis::ScriptInvocation`] copies each key and argument twice (into its
+/// own vectors, then into the command) — the hot path's scripts (`ACQUIRE`,
+/// `CHECK`, `REMOVE`) are built this way and sent by [`run`].
+pub(super) fn evalsha(script: &Script, keys: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(3 + 2 * keys + 6, 256);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Sends `cmd` (from [`evalsha`] for `script`); if Redis answers `NOSCRIPT`
+/// (restarted or flushed, it forgot the script, which therefore did not
+/// run), loads `script` and sends `cmd` again — as
+/// [`redis::ScriptInvocation::invoke_async`] does.
+///
+/// # Errors
+/// What Redis or the connection answered.
+pub(super) async fn run<T: FromRedisValue>(
+    conn: &mut impl redis::aio::ConnectionLike,
+    script: &Script,
+    cmd: &Cmd,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        answer => answer,
+    }
+}
+
+/// The sources of `ACQUIRE` and `REMOVE`, as loaded. Each starts with its
+/// uncontended path (the lock's only contender), which returns before
+/// `HEAD`'s helpers are made: Redis runs a script's body afresh on every
+/// call, so every `local function` is a new closure — garbage for its
+/// collector — on every call that reaches it.
+pub(super) fn lock_sources() -> (String, String) {
+    (
+        format!("{ACQUIRE_FIRST}{HEAD}{ACQUIRE_BEHIND}"),
+        format!("{REMOVE_ALONE}{HEAD}{REMOVE_AMONG}"),
+    )
+}
+
 /// Every script, compiled once (its SHA1 computed) per backend.
 #[derive(Debug)]
 pub(super) struct Scripts {
@@ -317,10 +379,11 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Scripts {
         let with_head = |body: &str| Script::new(&format!("{HEAD}{body}"));
+        let (acquire, remove) = lock_sources();
         Scripts {
-            acquire: with_head(ACQUIRE),
+            acquire: Script::new(&acquire),
             check: with_head(CHECK),
-            remove: with_head(REMOVE),
+            remove: Script::new(&remove),
             refresh: Script::new(REFRESH),
             end: with_head(END),
             held: with_head(HELD),

@@ -568,9 +568,9 @@ async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -
             };
             if let Some((floor_name, steps)) = floor {
                 // PostgreSQL and Redis: the floor, the floor through a bare
-                // relay (Clastor's two hops, none of its work) and, on
-                // PostgreSQL, Clastor's own statements sent straight to the
-                // database (its SQL, without its server).
+                // relay (Clastor's two hops, none of its work) and Clastor's
+                // own statements or scripts sent straight to the store (its
+                // store work, without its server).
                 let mut refs = vec![(
                     RELAY_NAME.to_owned(),
                     "reference: floor + 2 hops",
@@ -579,6 +579,10 @@ async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -
                 if let Some(url) = &args.pg {
                     let (name, op) = postgres::clastor_sql(url, workers).await?;
                     refs.push((name, "reference: Clastor's SQL alone", op));
+                }
+                if let Some(url) = &args.redis {
+                    let (name, op) = redis::clastor_scripts(url).await?;
+                    refs.push((name, "reference: Clastor's scripts alone", op));
                 }
                 let floor = (floor_name, relay::pair(steps));
                 compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;

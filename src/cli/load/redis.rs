@@ -71,6 +71,74 @@ pub(super) async fn pair_steps(url: &str) -> anyhow::Result<(String, StepFn)> {
     ))
 }
 
+/// Clastor's own Redis work without its server: the `ACQUIRE` and `REMOVE`
+/// scripts its backend runs for an uncontended acquire and release, sent
+/// straight from the client over one multiplexed connection as the floor
+/// is — what the scripts cost beyond `SET NX PX` + `DEL`. Under its own
+/// prefix, with a session key of its own that outlives the run by a day.
+pub(super) async fn clastor_scripts(url: &str) -> anyhow::Result<(String, OpFn)> {
+    let (_, mut conn) = connection(url).await?;
+    let run = std::process::id();
+    let prefix = format!("{FLOOR_PREFIX}-scripts{run}");
+    let session_prefix = format!("{prefix}:session:");
+    let sid = "load";
+    let secret = format!("load-{run}");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{session_prefix}{sid}"))
+        .arg(&secret)
+        .arg("PX")
+        .arg(86_400_000)
+        .query_async(&mut conn)
+        .await?;
+    let (acquire, remove) = clastor::backend::redis::lock_scripts();
+    let (acquire, remove) = (
+        Arc::new(redis::Script::new(&acquire)),
+        Arc::new(redis::Script::new(&remove)),
+    );
+    let names = Arc::new((prefix, session_prefix, sid, secret));
+    Ok((
+        "reference: Clastor's ACQUIRE + REMOVE scripts alone".to_owned(),
+        op_fn(move |i| {
+            let (mut conn, acquire, remove, names) = (conn.clone(), acquire.clone(), remove.clone(), names.clone());
+            async move {
+                let (prefix, session_prefix, sid, secret) = &*names;
+                let (kind, version, id) = ("load", "v1", format!("k{i}"));
+                let index = format!("{prefix}/{kind}/{version}");
+                let queue = format!("{index}/{id}");
+                let member = format!("{sid}:{i}");
+                let answer: Vec<i64> = acquire
+                    .key(format!("{prefix}/{kind}/version"))
+                    .key(format!("{prefix}:token"))
+                    .key(&queue)
+                    .key(&index)
+                    .key(format!("{session_prefix}{sid}"))
+                    .arg("")
+                    .arg(&member)
+                    .arg(session_prefix)
+                    .arg(&id)
+                    .arg(secret)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if answer.first() != Some(&1) {
+                    bail!("Clastor's ACQUIRE script did not grant {queue} at once: {answer:?}");
+                }
+                let removed: i64 = remove
+                    .key(&queue)
+                    .key(&index)
+                    .arg(&member)
+                    .arg(&id)
+                    .arg(session_prefix)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if removed != 1 {
+                    bail!("Clastor's REMOVE script found no contender in {queue}");
+                }
+                Ok(())
+            }
+        }),
+    ))
+}
+
 /// The hand-over floor (module docs): the subscription is made
 /// `queue_time` before the publish, as Clastor's waiter queues before the
 /// holder releases.
