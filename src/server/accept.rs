@@ -25,19 +25,6 @@ use tracing::{debug, warn};
 /// The pause after a failed accept.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// What is done to an accepted socket before anything else.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Sockets {
-    /// [`tune`]d: no Nagle delay, and keepalive when it is `Some`.
-    Tuned {
-        /// The idle time before keepalive probes.
-        keepalive: Option<Duration>,
-    },
-    /// Left as the kernel made it (the HTTP port).
-    #[cfg_attr(not(feature = "http"), expect(dead_code, reason = "only the HTTP port's"))]
-    AsAccepted,
-}
-
 /// One port's accept settings.
 #[derive(Debug)]
 pub(super) struct Port<'a> {
@@ -50,7 +37,9 @@ pub(super) struct Port<'a> {
     pub(super) max_refusals: usize,
     /// TLS is on: a refused connection is closed without a word.
     pub(super) tls: bool,
-    pub(super) sockets: Sockets,
+    /// Every accepted socket is [`tune`]d first: no Nagle delay, and
+    /// keepalive probes after this idle time when it is `Some`.
+    pub(super) keepalive: Option<Duration>,
     /// Counts refused connections.
     pub(super) refused: &'a AtomicU64,
 }
@@ -89,9 +78,7 @@ pub(super) async fn accept_loop<S, SF, R, RF>(
                 }
             },
         };
-        if let Sockets::Tuned { keepalive } = port.sockets {
-            tune(&stream, keepalive);
-        }
+        tune(&stream, port.keepalive);
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 // `map`, not `async move { conn.await; .. }`: awaiting a
@@ -168,7 +155,7 @@ mod tests {
             max_connections: 1,
             max_refusals: 1,
             tls: false,
-            sockets: Sockets::Tuned { keepalive: None },
+            keepalive: None,
             refused: &refused,
         };
         let (ended_tx, mut ended) = mpsc::unbounded_channel();

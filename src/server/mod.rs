@@ -61,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use self::accept::{Port, Sockets};
+use self::accept::Port;
 // The gRPC port accepts through its own stream, tuned the same way.
 #[cfg(feature = "grpc")]
 use self::accept::tune;
@@ -269,9 +269,7 @@ async fn accept_loop<B: Backend>(listener: TcpListener, shared: Arc<ServerState<
         max_connections: shared.config.max_connections,
         max_refusals: MAX_REFUSALS,
         tls: shared.tls_on(),
-        sockets: Sockets::Tuned {
-            keepalive: shared.config.tcp_keepalive,
-        },
+        keepalive: shared.config.tcp_keepalive,
         refused: &shared.stats.connections_refused,
     };
     let serve = |stream, peer| {

@@ -53,7 +53,7 @@ use tracing::{debug, info, warn};
 use self::error::ApiError;
 use self::gateway::Gateway;
 use self::metrics::Metrics;
-use super::accept::{Port, Sockets, accept_loop};
+use super::accept::{Port, accept_loop};
 use super::state::ServerState;
 use crate::backend::Backend;
 
@@ -128,8 +128,10 @@ pub(super) async fn serve<B: Backend>(
         max_connections: state.config.max_connections,
         max_refusals: MAX_REFUSALS_ANSWERING,
         tls: state.shared.tls_on(),
-        // Sockets as accepted: no keepalive or TCP_NODELAY here (yet).
-        sockets: Sockets::AsAccepted,
+        // As the binary port's: no Nagle delay on answers (a long-poll's
+        // grant goes out at once), keepalive so a vanished client's
+        // connection (and its waits) go away.
+        keepalive: state.shared.config.tcp_keepalive,
         refused: &state.connections_refused,
     };
     let serve = |stream, peer| {
