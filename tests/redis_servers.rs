@@ -396,3 +396,41 @@ fn the_load_harness_runs_every_redis_series() {
         assert!(stdout.contains(series), "no {series} series in:\n{stdout}");
     }
 }
+
+/// A Redis that forgot Clastor's scripts (`SCRIPT FLUSH`, as after a restart
+/// or a failover): the hot path's scripts (acquire, a waiter's look,
+/// release) are loaded again on their `NOSCRIPT` and sent again, and the
+/// lock works on — a waiter queued behind the holder is granted on release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_forgotten_by_redis_are_loaded_again() {
+    let redis = start_redis();
+    let (x, _y) = two_servers_on(&redis, "3s");
+    let mut a = Text::connect(x.addr).await;
+    let mut b = Text::connect(x.addr).await;
+    let flush = || {
+        let out = redis.cli().args(["SCRIPT", "FLUSH"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    };
+    flush();
+    let first = a.cmd("ACQUIRE tx forgotten 0").await;
+    assert!(first.starts_with("+ACQUIRED tx forgotten token="), "{first}");
+    b.send("ACQUIRE tx forgotten 30000").await;
+    // The waiter's first look may come before or after this flush; the
+    // release after it meets a Redis without scripts either way.
+    flush();
+    assert_eq!(a.cmd("RELEASE tx forgotten").await, "+RELEASED tx forgotten");
+    let second = tokio::time::timeout(Duration::from_secs(10), b.line())
+        .await
+        .expect("the waiter is granted on release")
+        .unwrap();
+    assert!(second.starts_with("+ACQUIRED tx forgotten token="), "{second}");
+    assert!(token_of(&second) > token_of(&first));
+    flush();
+    assert_eq!(b.cmd("RELEASE tx forgotten").await, "+RELEASED tx forgotten");
+    let out = redis
+        .cli()
+        .args(["EXISTS", "clastor/tx/v1/forgotten"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "nothing left behind");
+}

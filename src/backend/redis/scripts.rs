@@ -321,7 +321,8 @@ return #ids
 /// own vectors, then into the command) — the hot path's scripts (`ACQUIRE`,
 /// `CHECK`, `REMOVE`) are built this way and sent by [`run`].
 pub(super) fn evalsha(script: &Script, keys: usize) -> Cmd {
-    let mut cmd = Cmd::with_capacity(3 + 2 * keys + 6, 256);
+    // Room for the hot scripts' at most 13 arguments and their bytes.
+    let mut cmd = Cmd::with_capacity(16, 256);
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
     cmd
 }
