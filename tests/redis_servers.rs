@@ -1,8 +1,9 @@
 //! The Redis backend under faults, the way an operator meets them: `clastor
 //! serve` processes on a real Redis (Debian's package, via the testkit), a
 //! frozen Redis, a frozen Clastor server, a contender removed by hand with
-//! `redis-cli`, two servers hammering one lock, a Redis restarted without
-//! persistence, and readiness following the session's contact.
+//! `redis-cli`, two servers hammering one lock (also across a frozen Redis
+//! and a frozen server), a Redis restarted without persistence or that
+//! forgot its scripts, and readiness following the session's contact.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -363,6 +364,36 @@ async fn readiness_follows_the_session_s_contact_with_redis() {
     );
     redis.thaw().unwrap();
     await_status(200).await;
+}
+
+/// Two Clastor servers, four clients hammering one key (5 ms holds); Redis
+/// is frozen for 2.5 s mid-way (past 3/5 of the 3 s TTL: every session is
+/// lost and opened again), then one Clastor server is frozen for 4 s (past
+/// its whole TTL: its session key expires while it sleeps, and it finds it
+/// gone when it wakes). From the holders' own view no two ever overlap, and
+/// tokens increase in grant order: the exclusion Redis keeps holds across
+/// both faults and the sessions they cost. (A holder's own timing under a
+/// freeze — told before anyone else is granted — is the subject of
+/// `a_frozen_server_s_holder_…` and `a_frozen_redis_s_holders_…`: here a
+/// hold ends 5 ms after its grant, whatever happens to its server.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_two_holders_overlap_in_a_two_server_hammer_across_freezes() {
+    let mut redis = start_redis();
+    let (x, y) = two_servers_on(&redis, "3s");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers = hammer(x.addr, y.addr, &stop, Duration::from_millis(5), OnError::Retry);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.freeze().unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    redis.thaw().unwrap();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    send_signal(x.child.id(), "STOP");
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    send_signal(x.child.id(), "CONT");
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    stop.cancel();
+    let grants = assert_no_overlap(workers, 50).await;
+    println!("{grants} grants across X and Y, Redis frozen for 2.5 s, then X for 4 s: no overlap, tokens increasing");
 }
 
 /// `clastor load --redis` as `scripts/perf.sh` runs it (short): Clastor, the
