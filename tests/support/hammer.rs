@@ -119,6 +119,11 @@ pub(crate) fn hammer(
 /// `min_grants` grants, no two beliefs overlap, tokens increase in grant
 /// order. Returns the number of grants.
 pub(crate) async fn assert_no_overlap(workers: Vec<tokio::task::JoinHandle<Vec<Belief>>>, min_grants: usize) -> usize {
+    no_overlap(workers, min_grants).await.len()
+}
+
+/// [`assert_no_overlap`], returning the beliefs in grant order.
+pub(crate) async fn no_overlap(workers: Vec<tokio::task::JoinHandle<Vec<Belief>>>, min_grants: usize) -> Vec<Belief> {
     let mut beliefs = Vec::new();
     for w in workers {
         beliefs.extend(w.await.unwrap());
@@ -135,7 +140,7 @@ pub(crate) async fn assert_no_overlap(workers: Vec<tokio::task::JoinHandle<Vec<B
         assert!(a.until <= b.from, "two holders at once: {a:?} and {b:?}");
         assert!(b.token > a.token, "tokens not increasing: {a:?} then {b:?}");
     }
-    beliefs.len()
+    beliefs
 }
 
 /// A holder of `tx/{id}` through `holder_at`, and a waiter for it through
