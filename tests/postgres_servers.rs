@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clastor_testkit::Postgres;
 use support::hammer::{OnError, assert_no_overlap, hammer, hold_and_wait};
-use support::process::{Server, free_port, send_signal};
+use support::process::{Server, free_port, load_harness_runs, send_signal};
 use support::{Text, token_of};
 
 /// Two `clastor serve` processes X and Y on `pg`, with server rows of `ttl`.
@@ -261,30 +261,11 @@ async fn wait_for_rows(psql: &impl Fn(&str) -> String, sql: &str, want: &str) {
 #[test]
 fn the_load_harness_runs_every_postgres_series() {
     let pg = start_postgres();
-    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
-        .args([
-            "load",
-            "--pg",
-            &pg.url(),
-            "--op",
-            "acquire-release",
-            "--clients",
-            "1",
-            "--interleave",
-            "--duration",
-            "1s",
-            "--warmup",
-            "0s",
-        ])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
-    for series in ["clastor", "floor", "SQL alone", "relay", "pg_advisory_lock"] {
-        assert!(stdout.contains(series), "no {series} series in:\n{stdout}");
-    }
+    load_harness_runs(
+        "--pg",
+        &pg.url(),
+        &["clastor", "floor", "SQL alone", "relay", "pg_advisory_lock"],
+    );
 }
 
 /// `serve` with a database it cannot reach fails at startup, naming the

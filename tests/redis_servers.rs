@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clastor_testkit::Redis;
 use support::hammer::{OnError, assert_no_overlap, hammer, no_overlap};
-use support::process::{Server, send_signal};
+use support::process::{Server, load_harness_runs, send_signal};
 use support::{Text, token_of};
 
 /// Two `clastor serve` processes X and Y on `redis`, each with a session
@@ -413,30 +413,11 @@ async fn no_two_holders_overlap_in_a_two_server_hammer_across_freezes() {
 #[test]
 fn the_load_harness_runs_every_redis_series() {
     let redis = start_redis();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
-        .args([
-            "load",
-            "--redis",
-            &redis.url(),
-            "--op",
-            "acquire-release",
-            "--clients",
-            "1",
-            "--interleave",
-            "--duration",
-            "1s",
-            "--warmup",
-            "0s",
-        ])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
-    for series in ["clastor", "floor", "scripts alone", "relay", "plain Redis lock"] {
-        assert!(stdout.contains(series), "no {series} series in:\n{stdout}");
-    }
+    load_harness_runs(
+        "--redis",
+        &redis.url(),
+        &["clastor", "floor", "scripts alone", "relay", "plain Redis lock"],
+    );
 }
 
 /// A Redis that forgot Clastor's scripts (`SCRIPT FLUSH`, as after a restart

@@ -1,5 +1,6 @@
 //! `clastor serve` as a child process, the way an operator runs it, for
-//! tests that freeze, signal or kill a server.
+//! tests that freeze, signal or kill a server; and `clastor load` as
+//! `scripts/perf.sh` runs it.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -84,4 +85,34 @@ pub(crate) fn wall_ns() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// `clastor load {store} {url}` for acquire+release pairs, one client,
+/// interleaved, as `scripts/perf.sh` runs it but for one second: asserts it
+/// succeeds and that every one of `series` is in its output.
+pub(crate) fn load_harness_runs(store: &str, url: &str, series: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args([
+            "load",
+            store,
+            url,
+            "--op",
+            "acquire-release",
+            "--clients",
+            "1",
+            "--interleave",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
+    for s in series {
+        assert!(stdout.contains(s), "no {s} series in:\n{stdout}");
+    }
 }
