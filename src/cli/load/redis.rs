@@ -74,14 +74,16 @@ pub(super) async fn pair_steps(url: &str) -> anyhow::Result<(String, StepFn)> {
 /// Clastor's own Redis work without its server: the `ACQUIRE` and `REMOVE`
 /// scripts its backend runs for an uncontended acquire and release, sent
 /// straight from the client over one multiplexed connection as the floor
-/// is — what the scripts cost beyond `SET NX PX` + `DEL`. Under its own
-/// prefix, with a session key of its own that outlives the run by a day.
+/// is — what the scripts cost beyond `SET NX PX` + `DEL`. Under a prefix of
+/// its own: what stays in Redis after a run is that prefix's token counter
+/// (one key for every run) and the run's session key, which expires a day
+/// later; each pair's queue and index entry go with its `REMOVE`.
 pub(super) async fn clastor_scripts(url: &str) -> anyhow::Result<(String, OpFn)> {
     let (_, mut conn) = connection(url).await?;
     let run = std::process::id();
-    let prefix = format!("{FLOOR_PREFIX}-scripts{run}");
+    let prefix = format!("{FLOOR_PREFIX}-scripts");
     let session_prefix = format!("{prefix}:session:");
-    let sid = "load";
+    let sid = format!("load{run}");
     let secret = format!("load-{run}");
     let _: () = redis::cmd("SET")
         .arg(format!("{session_prefix}{sid}"))
@@ -102,7 +104,9 @@ pub(super) async fn clastor_scripts(url: &str) -> anyhow::Result<(String, OpFn)>
             let (mut conn, acquire, remove, names) = (conn.clone(), acquire.clone(), remove.clone(), names.clone());
             async move {
                 let (prefix, session_prefix, sid, secret) = &*names;
-                let (kind, version, id) = ("load", "v1", format!("k{i}"));
+                // Ids of this run's own: runs side by side do not queue
+                // behind each other.
+                let (kind, version, id) = ("load", "v1", format!("k{run}-{i}"));
                 let index = format!("{prefix}/{kind}/{version}");
                 let queue = format!("{index}/{id}");
                 let member = format!("{sid}:{i}");
