@@ -91,6 +91,7 @@ macro_rules! cases {
 
 cases!(
     grant_carries_token_and_version,
+    the_lock_path_s_futures_stay_small,
     try_once_on_held_lock_is_not_granted,
     wait_runs_out_after_the_timeout,
     release_hands_over_to_waiter_with_larger_token,
@@ -171,6 +172,29 @@ async fn grant_carries_token_and_version<B: Backend>(env: Env<B>) {
     assert_eq!(env.contenders(&key).await, 1);
     assert!(a.release(&key).await.unwrap());
     env.await_contenders(&key, 0).await;
+}
+
+/// Every request's future is moved several times before it first runs
+/// (into the connection's in-flight set, through the tracing and select
+/// wrappers), a full copy of its size each time, and is as big as its
+/// biggest state. A backend keeps its cold paths (reconnecting, waiting
+/// for a turn, a rotation) boxed, so acquire and release stay small.
+async fn the_lock_path_s_futures_stay_small<B: Backend>(env: Env<B>) {
+    const MOST: usize = 4096;
+    let key = fresh_key("tx-1");
+    let (a, _) = env.session(0);
+    let acquire = a.acquire(&key, AcquireOptions::try_once());
+    let acquire_traced = a.acquire_traced(&key, AcquireOptions::try_once(), None);
+    let release = a.release(&key);
+    let release_grant = a.release_grant(&key, Some(1));
+    for (what, size) in [
+        ("acquire", std::mem::size_of_val(&acquire)),
+        ("acquire_traced", std::mem::size_of_val(&acquire_traced)),
+        ("release", std::mem::size_of_val(&release)),
+        ("release_grant", std::mem::size_of_val(&release_grant)),
+    ] {
+        assert!(size <= MOST, "{what}'s future is {size} bytes, over {MOST}");
+    }
 }
 
 async fn try_once_on_held_lock_is_not_granted<B: Backend>(env: Env<B>) {

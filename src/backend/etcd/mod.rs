@@ -163,7 +163,7 @@ impl EtcdBackend {
                 ))
             })?
             .map_err(|e| BackendError::Unavailable(format!("cannot connect to etcd at {named}: {e}")))?;
-        let client = EtcdClient(client);
+        let client = EtcdClient(Arc::new(client));
         let leases = LeasePool::start(client.clone(), cfg.leases, cfg.lease_ttl);
         if let Err(e) = leases.wait_all(cfg.connect_timeout).await {
             leases.shutdown().await;
@@ -190,10 +190,12 @@ impl EtcdBackend {
     }
 }
 
-/// The gRPC client (cheap to clone: one HTTP/2 channel underneath), with
-/// the `Debug` the house asks of every type.
+/// The gRPC client, shared: every held lock keeps one to delete its key,
+/// and `etcd_client::Client` is several KiB (a client per service), which
+/// each guard, and each future holding one, would otherwise carry.
+/// With the `Debug` the house asks of every type.
 #[derive(Clone)]
-pub(super) struct EtcdClient(Client);
+pub(super) struct EtcdClient(Arc<Client>);
 
 impl EtcdClient {
     pub(super) fn kv_client(&self) -> etcd_client::KvClient {

@@ -454,7 +454,9 @@ impl Backend for EtcdBackend {
         let (mut requeues, mut stale_leases) = (0, 0);
         loop {
             if seen.version.mode != clastor_protocol::KindMode::Normal {
-                match self.kinds.wait_normal(kind, seen, deadline).await? {
+                // The cold paths are boxed, so the uncontended acquire's
+                // future stays small (it is moved several times per request).
+                match Box::pin(self.kinds.wait_normal(kind, seen, deadline)).await? {
                     Some(s) => seen = s,
                     None => return Ok(None),
                 }
@@ -496,12 +498,13 @@ impl Backend for EtcdBackend {
                     TxnOp::get(pending.key(), Some(GetOptions::new().with_keys_only())),
                 ]);
             // Sent once: a lost answer leaves the key to `pending`'s drop.
-            let resp = match error::once("create a lock key", async {
+            // Boxed: a gRPC call's future is several KiB, and this one
+            // would otherwise be carried (and copied) by every level above.
+            let once = Box::pin(error::once("create a lock key", async {
                 let mut kv = self.client.kv_client();
                 kv.txn(txn).await
-            })
-            .await
-            {
+            }));
+            let resp = match once.await {
                 Ok(resp) => resp,
                 // The lease was revoked or expired before its keepalive
                 // noticed: retire it now (nothing was put) and use another.
@@ -564,8 +567,7 @@ impl Backend for EtcdBackend {
             let turn = if now {
                 Turn::Granted
             } else {
-                self.wait_turn(&dir, pending.key(), rev, shared, &lease, deadline, &mut deletions)
-                    .await?
+                Box::pin(self.wait_turn(&dir, pending.key(), rev, shared, &lease, deadline, &mut deletions)).await?
             };
             match turn {
                 Turn::Granted => {}
@@ -614,7 +616,8 @@ impl Backend for EtcdBackend {
         h.watcher.abort();
         // The guard stays armed until etcd confirmed the delete: dropped
         // before (this future cancelled), it deletes in the background.
-        let deleted = delete_key(&h.client, h.name.key(), KeyState::Created(h.rev)).await;
+        // Boxed, as the acquire's transaction (a gRPC call's future is big).
+        let deleted = Box::pin(delete_key(&h.client, h.name.key(), KeyState::Created(h.rev))).await;
         match deleted {
             Ok(()) => {
                 let mut guard = guard;

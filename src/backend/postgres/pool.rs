@@ -226,6 +226,14 @@ impl Pool {
         if let Some(c) = lock(&slot.conn).as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(c.clone());
         }
+        // Boxed: opening a connection (prepares included) is a future of
+        // several KiB, which every statement's future would otherwise carry
+        // and copy on every move.
+        Box::pin(self.reopen(slot)).await
+    }
+
+    /// [`Pool::get`]'s slow path: `slot`'s connection is missing or closed.
+    async fn reopen(&self, slot: &Slot) -> Result<Arc<Conn>, BackendError> {
         let _one = slot.reconnect.lock().await;
         if let Some(c) = lock(&slot.conn).as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(c.clone());

@@ -284,7 +284,9 @@ impl Backend for PostgresBackend {
         let mut requeues = 0;
         loop {
             if seen.version.mode != KindMode::Normal {
-                match self.kinds.wait_normal(kind, seen, deadline).await? {
+                // The cold paths are boxed, so the uncontended acquire's
+                // future stays small (it is moved several times per request).
+                match Box::pin(self.kinds.wait_normal(kind, seen, deadline)).await? {
                     Some(s) => seen = s,
                     None => return Ok(None),
                 }
@@ -331,15 +333,14 @@ impl Backend for PostgresBackend {
                 pending.forget();
                 return Ok(None);
             } else {
-                self.wait_turn(key, version, shared, &session, tag, seq, deadline)
-                    .await?
+                Box::pin(self.wait_turn(key, version, shared, &session, tag, seq, deadline)).await?
             };
             match turn {
                 Turn::Granted => {}
                 Turn::TimedOut => {
                     // Gone before the answer, so a look right after finds
                     // nothing of ours (else the drop deletes it later).
-                    if release_row(&self.pool, affine, server, tag).await.is_ok() {
+                    if Box::pin(release_row(&self.pool, affine, server, tag)).await.is_ok() {
                         pending.forget();
                     }
                     return Ok(None);

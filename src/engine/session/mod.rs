@@ -292,7 +292,8 @@ impl<B: Backend> Session<B> {
                 s.engine.backend.release(held.disarm()).await?;
                 Ok(true)
             }
-            None if s.engine.backend.is_held(key).await? => Err(LockError::NotOwner(key.clone())),
+            // Boxed: rare, and a network backend's future is big.
+            None if Box::pin(s.engine.backend.is_held(key)).await? => Err(LockError::NotOwner(key.clone())),
             None => Ok(false),
         }
     }
