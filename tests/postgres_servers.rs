@@ -305,3 +305,115 @@ fn serve_fails_at_startup_naming_the_database_without_its_password() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--backend postgres needs --pg URL"));
 }
+
+/// The plans PostgreSQL makes for Clastor's `acquire()` and `release()`,
+/// nested statements included (auto_explain, sent to the client as
+/// notices), on a fresh connection set up with `settings`.
+async fn lock_path_plans(url: &str, server: i64, settings: &str) -> String {
+    use futures_util::StreamExt as _;
+    let (db, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_owned());
+            }
+        }
+    });
+    db.batch_execute(settings).await.unwrap();
+    db.batch_execute(
+        "LOAD 'auto_explain';
+         SET auto_explain.log_min_duration = 0;
+         SET auto_explain.log_nested_statements = on;
+         SET client_min_messages = log;",
+    )
+    .await
+    .unwrap();
+    let row = db
+        .query_one(
+            "SELECT seq, head FROM clastor.acquire('tx', 'v1', 'bloat', $1, 1, 'test', 0, false, false)",
+            &[&server],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1), "granted");
+    let released: bool = db
+        .query_one("SELECT clastor.release($1, 1)", &[&server])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(released);
+    drop(db);
+    driver.await.unwrap();
+    let mut plans = String::new();
+    while let Ok(p) = rx.try_recv() {
+        plans.push_str(&p);
+        plans.push('\n');
+    }
+    assert!(plans.contains("contenders"), "auto_explain sent the plans: {plans}");
+    plans
+}
+
+/// A lock table bloated by bursts (thousands of rows gone, one left,
+/// vacuumed, then a bigger burst gone) has statistics saying "a row or two
+/// in a thousand pages", and the planner then prices an index scan by the
+/// index's pages per row: the lock path's statements on `contenders` would
+/// read the whole table on every acquire and release. Clastor's connections turn sequential scans
+/// off (`SESSION_SETTINGS`), and the plans of the very functions a lock
+/// goes through use the indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloated_lock_table_is_still_read_through_its_indexes() {
+    use clastor::backend::Backend as _;
+    use clastor::backend::postgres::{PgConfig, PostgresBackend, SESSION_SETTINGS};
+    let pg = start_postgres();
+    let url = pg.url();
+    // Installs the schema; its shutdown deletes its own server row.
+    let backend = PostgresBackend::connect(PgConfig {
+        url: url.clone(),
+        ..PgConfig::default()
+    })
+    .await
+    .unwrap();
+    backend.shutdown().await;
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let server: i64 = db
+        .query_one(
+            "INSERT INTO clastor.servers (name, ttl_ms, expires_at)
+             VALUES ('bloat test', 86400000, now() + interval '1 day') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "INSERT INTO clastor.contenders (server, tag, kind, version, id, owner)
+           SELECT {server}, g, 'burst', 'v1', 'k' || g, 'a burst of contenders' FROM generate_series(2, 50001) g;
+         DELETE FROM clastor.contenders;
+         INSERT INTO clastor.contenders (server, tag, kind, version, id, owner)
+           VALUES ({server}, 50002, 'other', 'v1', 'live', 'the one left');"
+    ))
+    .await
+    .unwrap();
+    db.batch_execute("VACUUM clastor.contenders").await.unwrap();
+    // A second, bigger burst grows the table past what VACUUM counted.
+    db.batch_execute(&format!(
+        "INSERT INTO clastor.contenders (server, tag, kind, version, id, owner)
+           SELECT {server}, g, 'burst', 'v1', 'k' || g, 'a burst of contenders' FROM generate_series(100000, 200000) g;
+         DELETE FROM clastor.contenders WHERE kind = 'burst';"
+    ))
+    .await
+    .unwrap();
+
+    // The hazard is real: with PostgreSQL's defaults, a sequential scan.
+    let default_plans = lock_path_plans(&url, server, "RESET enable_seqscan").await;
+    assert!(
+        default_plans.contains("Seq Scan on contenders"),
+        "with the defaults the planner picks a sequential scan here: {default_plans}"
+    );
+    // With Clastor's settings, the indexes.
+    let plans = lock_path_plans(&url, server, SESSION_SETTINGS).await;
+    assert!(!plans.contains("Seq Scan on contenders"), "{plans}");
+    assert!(plans.contains("Index Scan using contenders_pkey"), "{plans}");
+}

@@ -65,6 +65,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::recipe::PgGuard;
+pub use self::schema::SESSION_SETTINGS;
 
 use self::kinds::Kinds;
 use self::listen::Listener;

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::error::{self, BACKOFF, MAX_ATTEMPTS, REQUEST_TIMEOUT};
-use super::schema::Schema;
+use super::schema::{SESSION_SETTINGS, Schema};
 use crate::backend::BackendError;
 
 /// Where the database is, and how to name it in messages.
@@ -91,6 +91,7 @@ pub(super) async fn connect(target: &Target, role: &'static str) -> Result<Conn,
             debug!(db = %shown, role, error = %e, "PostgreSQL connection ended");
         }
     });
+
     let sql = target.schema.statements();
     let prepare = |text: &str| {
         let text = text.to_owned();
@@ -98,7 +99,9 @@ pub(super) async fn connect(target: &Target, role: &'static str) -> Result<Conn,
         async move { client.prepare(&text).await }
     };
     let prepared = tokio::time::timeout(target.connect_timeout, async {
-        let (acquire, turn, release, read_kind, set_record, count_lock, census) = tokio::try_join!(
+        // The settings go first, in the same pipeline: no round trip of their own.
+        let ((), acquire, turn, release, read_kind, set_record, count_lock, census) = tokio::try_join!(
+            client.batch_execute(SESSION_SETTINGS),
             prepare(&sql.acquire),
             prepare(&sql.turn),
             prepare(&sql.release),

@@ -37,6 +37,21 @@
 //! A hash collision between two names only makes them wait for each other
 //! for a transaction; nothing is decided by the lock alone.
 
+/// Run on every connection of ours when it opens (pool and session).
+///
+/// **No sequential scans.** `contenders` is a queue: rows come and go by the
+/// thousand while few live at once, so after a burst (or a long transaction
+/// elsewhere holding back vacuum) the table and its indexes are many pages
+/// of dead rows around a handful of live ones. Statistics then say "a few
+/// rows in many pages", and the planner prices an index scan by the index's
+/// pages per row: the acquire's look for the first contender becomes a
+/// sequential scan of the whole table, on every acquire, until vacuum
+/// catches up (`tests/postgres_servers.rs` makes it happen: two bursts,
+/// 1,300 pages read per acquire; seen here at 700 pages and 0.4 ms a
+/// call). Every statement of ours has an index to use, so disabling the
+/// sequential scan only takes that path away.
+pub const SESSION_SETTINGS: &str = "SET enable_seqscan = off";
+
 /// The version of the DDL below; a schema at another version is brought up
 /// to this one on connect.
 /// Version 2 added `contenders.shared` and the shared-aware `acquire`.

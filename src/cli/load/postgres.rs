@@ -108,6 +108,8 @@ pub(super) async fn clastor_sql(url: &str, workers: usize) -> anyhow::Result<(St
     let mut conns = Vec::with_capacity(workers.max(1));
     for _ in 0..workers.max(1) {
         let c = connect(url).await?;
+        // As the server's own connections are set up.
+        c.batch_execute(clastor::backend::postgres::SESSION_SETTINGS).await?;
         let acquire = c
             .prepare(&format!(
                 "SELECT * FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9)"
