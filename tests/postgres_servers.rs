@@ -387,6 +387,10 @@ async fn a_bloated_lock_table_is_still_read_through_its_indexes() {
         .await
         .unwrap()
         .get(0);
+    // The statistics are this test's to set: no autovacuum in between.
+    db.batch_execute("ALTER TABLE clastor.contenders SET (autovacuum_enabled = false)")
+        .await
+        .unwrap();
     db.batch_execute(&format!(
         "INSERT INTO clastor.contenders (server, tag, kind, version, id, owner)
            SELECT {server}, g, 'burst', 'v1', 'k' || g, 'a burst of contenders' FROM generate_series(2, 50001) g;
