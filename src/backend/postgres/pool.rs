@@ -91,7 +91,6 @@ pub(super) async fn connect(target: &Target, role: &'static str) -> Result<Conn,
             debug!(db = %shown, role, error = %e, "PostgreSQL connection ended");
         }
     });
-
     let sql = target.schema.statements();
     let prepare = |text: &str| {
         let text = text.to_owned();
