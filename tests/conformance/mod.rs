@@ -193,6 +193,7 @@ async fn the_lock_path_s_futures_stay_small<B: Backend>(env: Env<B>) {
         ("release", std::mem::size_of_val(&release)),
         ("release_grant", std::mem::size_of_val(&release_grant)),
     ] {
+        println!("{what}: {size} bytes");
         assert!(size <= MOST, "{what}'s future is {size} bytes, over {MOST}");
     }
 }

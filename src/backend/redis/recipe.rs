@@ -322,7 +322,9 @@ impl Backend for RedisBackend {
         let mut records = 0;
         loop {
             if seen.version.mode != KindMode::Normal {
-                match self.kinds.wait_normal(kind, seen, deadline).await? {
+                // The cold paths are boxed, so the uncontended acquire's
+                // future stays small (it is moved several times per request).
+                match Box::pin(self.kinds.wait_normal(kind, seen, deadline)).await? {
                     Some(s) => seen = s,
                     None => return Ok(None),
                 }
@@ -374,7 +376,7 @@ impl Backend for RedisBackend {
             let turn = if first {
                 Turn::Granted
             } else {
-                self.wait_turn(&k, shared, &session, deadline).await?
+                Box::pin(self.wait_turn(&k, shared, &session, deadline)).await?
             };
             match turn {
                 Turn::Granted => {}
