@@ -359,9 +359,11 @@ async fn lock_path_plans(url: &str, server: i64, settings: &str) -> String {
 /// vacuumed, then a bigger burst gone) has statistics saying "a row or two
 /// in a thousand pages", and the planner then prices an index scan by the
 /// index's pages per row: the lock path's statements on `contenders` would
-/// read the whole table on every acquire and release. Clastor's connections turn sequential scans
-/// off (`SESSION_SETTINGS`), and the plans of the very functions a lock
-/// goes through use the indexes.
+/// read the whole table on every acquire and release. Clastor's
+/// connections turn sequential scans off (`SESSION_SETTINGS`): the plans of
+/// the very functions a lock goes through then use the indexes, and a
+/// backend's pool does run them so (each plan auto_explain logs for its
+/// acquire and release names the setting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bloated_lock_table_is_still_read_through_its_indexes() {
     use clastor::backend::Backend as _;
@@ -420,4 +422,58 @@ async fn a_bloated_lock_table_is_still_read_through_its_indexes() {
     let plans = lock_path_plans(&url, server, SESSION_SETTINGS).await;
     assert!(!plans.contains("Seq Scan on contenders"), "{plans}");
     assert!(plans.contains("Index Scan using contenders_pkey"), "{plans}");
+
+    // And a backend's own connections run with them: auto_explain in every
+    // new session of this database logs each plan with the planner
+    // settings it ran under, and the lock path's name ours.
+    db.batch_execute(
+        "DO $$ BEGIN
+           EXECUTE format('ALTER DATABASE %I SET session_preload_libraries = auto_explain', current_database());
+           EXECUTE format('ALTER DATABASE %I SET auto_explain.log_min_duration = 0', current_database());
+           EXECUTE format('ALTER DATABASE %I SET auto_explain.log_nested_statements = on', current_database());
+           EXECUTE format('ALTER DATABASE %I SET auto_explain.log_settings = on', current_database());
+           EXECUTE format('ALTER DATABASE %I SET auto_explain.log_level = warning', current_database());
+         END $$",
+    )
+    .await
+    .unwrap();
+    let log_path = pg.dir().join("postgres.log");
+    let logged_before = std::fs::read(&log_path).unwrap().len();
+    let engine = clastor::Engine::new(
+        PostgresBackend::connect(PgConfig {
+            url: url.clone(),
+            ..PgConfig::default()
+        })
+        .await
+        .unwrap(),
+        clastor::EngineConfig::default(),
+    );
+    let (session, _) = engine.open_session("bloat test");
+    let key = clastor::LockKey::new("tx", "through-the-pool").unwrap();
+    let granted = session
+        .acquire(&key, clastor::AcquireOptions::try_once())
+        .await
+        .unwrap();
+    assert!(granted.is_some());
+    assert!(session.release(&key).await.unwrap());
+    drop(session);
+    engine.shutdown().await;
+    // auto_explain writes a statement's plan before the statement answers.
+    let log = std::fs::read(&log_path).unwrap();
+    let log = String::from_utf8_lossy(&log[logged_before..]);
+    let lock_path: Vec<&str> = log
+        .split("duration: ")
+        .filter(|entry| entry.contains("clastor.acquire(") || entry.contains("clastor.release("))
+        .collect();
+    assert!(
+        lock_path.iter().any(|e| e.contains("INSERT INTO clastor.contenders")),
+        "the acquire's plans are in the log: {}",
+        pg.log_tail(60)
+    );
+    for entry in lock_path {
+        assert!(
+            entry.contains("enable_seqscan = 'off'"),
+            "planned with sequential scans on: {entry}"
+        );
+    }
 }
