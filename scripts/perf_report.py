@@ -187,11 +187,14 @@ def goal_rows(prefix, label, floor_label, peer_series):
           f"{rng([r['p50_us'] for r in fr])} µs) |")
     # The measured references of the same loops (`clastor load`, `relay.rs`):
     # the floor through a bare relay (the structural bound: floor + 2 hops),
-    # and Clastor's own SQL (PostgreSQL) or scripts (Redis) sent straight to
-    # the store.
+    # Clastor's own SQL (PostgreSQL) or scripts (Redis) sent straight to
+    # the store, and on Redis the least fenced lock through the same relay
+    # (the bound of any lock server with fencing tokens in front of Redis).
     for ref, what in (("reference: floor + 2 hops", "floor + 2 hops (bare relay)"),
                       ("reference: Clastor's SQL alone", "Clastor's SQL without its server"),
-                      ("reference: Clastor's scripts alone", "Clastor's Lua scripts without its server")):
+                      ("reference: Clastor's scripts alone", "Clastor's Lua scripts without its server"),
+                      ("reference: minimal fenced lock + 2 hops",
+                       "the least fenced lock (one INCR + SET NX PX script, compare-and-delete) through the bare relay")):
         rr = c.get(ref)
         if rr and fr:
             w(f"| {label} reference: {what} vs {floor_label} | report | "

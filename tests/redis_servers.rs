@@ -409,14 +409,22 @@ async fn no_two_holders_overlap_in_a_two_server_hammer_across_freezes() {
 
 /// `clastor load --redis` as `scripts/perf.sh` runs it (short): Clastor, the
 /// `SET NX PX` + `DEL` floor, the bare relay, Clastor's own scripts sent
-/// straight to Redis and the plain Redis lock all run.
+/// straight to Redis, the minimal fenced lock through the relay and the
+/// plain Redis lock all run.
 #[test]
 fn the_load_harness_runs_every_redis_series() {
     let redis = start_redis();
     load_harness_runs(
         "--redis",
         &redis.url(),
-        &["clastor", "floor", "scripts alone", "relay", "plain Redis lock"],
+        &[
+            "clastor",
+            "floor",
+            "scripts alone",
+            "relay",
+            "minimal fenced lock",
+            "plain Redis lock",
+        ],
     );
 }
 

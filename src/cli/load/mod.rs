@@ -583,6 +583,11 @@ async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -
                 if let Some(url) = &args.redis {
                     let (name, op) = redis::clastor_scripts(url).await?;
                     refs.push((name, "reference: Clastor's scripts alone", op));
+                    refs.push((
+                        MINIMAL_FENCED_NAME.to_owned(),
+                        "reference: minimal fenced lock + 2 hops",
+                        relay::relayed(redis::minimal_fenced_steps(url).await?, workers).await?,
+                    ));
                 }
                 let floor = (floor_name, relay::pair(steps));
                 compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;
@@ -673,6 +678,9 @@ async fn compare(
 
 /// Name of the relayed floor's row (`relay.rs`).
 const RELAY_NAME: &str = "reference: floor through a bare relay (+2 hops)";
+
+/// Name of the relayed minimal fenced Redis lock's row (`redis.rs`).
+const MINIMAL_FENCED_NAME: &str = "reference: minimal fenced lock through a bare relay (+2 hops)";
 
 /// [`compare`] with reference rows next to the floor (`(name, series, op)`):
 /// Clastor, the floor and each reference, one after the other or with

@@ -7,6 +7,12 @@
 //! - floor, hand-over: one connection `PUBLISH`es on a channel another
 //!   connection subscribed to; from the publish to the message's arrival
 //!   (a Clastor waiter is woken the same way);
+//! - reference, minimal fenced lock: the least a lock with fencing tokens
+//!   can send to one Redis — one script taking a token (`INCR`) and the
+//!   key (`SET NX PX`) atomically, so tokens rise in grant order, then the
+//!   compare-and-delete release — run through the bare relay (`relay.rs`)
+//!   as any lock server between clients and Redis would: the bound below
+//!   which no server-side fenced Redis lock can go;
 //! - peer: the plain Redis lock users pick instead of Clastor, written with
 //!   the `redis` crate as its docs and countless blog posts show it:
 //!   `SET key token NX PX 30000` to take it, and a compare-and-delete Lua
@@ -29,6 +35,12 @@ const FLOOR_PREFIX: &str = "clastor-load-floor";
 
 /// The compare-and-delete release of the plain lock.
 const UNLOCK: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// The minimal fenced lock's acquire: a token and the key in one atomic
+/// step, so tokens rise in the order the key is granted; the token is the
+/// key's value (what the compare-and-delete release checks), 0 if taken.
+const FENCED_LOCK: &str = "local t = redis.call('INCR', KEYS[2]) \
+if redis.call('SET', KEYS[1], t, 'NX', 'PX', ARGV[1]) then return t end return 0";
 
 async fn connection(url: &str) -> anyhow::Result<(redis::Client, MultiplexedConnection)> {
     let client = redis::Client::open(url).with_context(|| format!("Redis URL {url}"))?;
@@ -69,6 +81,39 @@ pub(super) async fn pair_steps(url: &str) -> anyhow::Result<(String, StepFn)> {
             }
         }),
     ))
+}
+
+/// The least a fenced lock sends to Redis (module docs), one key per
+/// worker, as its two steps (`relay.rs`): the atomic token-and-key script,
+/// whose answer is the token (the slot), then the compare-and-delete of
+/// that token.
+pub(super) async fn minimal_fenced_steps(url: &str) -> anyhow::Result<StepFn> {
+    let (_, conn) = connection(url).await?;
+    let run = std::process::id();
+    let (lock, unlock) = (
+        Arc::new(redis::Script::new(FENCED_LOCK)),
+        Arc::new(redis::Script::new(UNLOCK)),
+    );
+    let counter = format!("{FLOOR_PREFIX}:fenced-token");
+    Ok(step_fn(move |i, step, slot| {
+        let (mut conn, lock, unlock, counter) = (conn.clone(), lock.clone(), unlock.clone(), counter.clone());
+        async move {
+            let key = format!("{FLOOR_PREFIX}:fenced{run}-{i}");
+            if step == 0 {
+                let token: i64 = lock.key(&key).key(&counter).arg(30_000).invoke_async(&mut conn).await?;
+                if token <= 0 {
+                    bail!("{key} was taken");
+                }
+                Ok(token)
+            } else {
+                let released: i64 = unlock.key(&key).arg(slot).invoke_async(&mut conn).await?;
+                if released != 1 {
+                    bail!("{key} was not ours any more");
+                }
+                Ok(0)
+            }
+        }
+    }))
 }
 
 /// Clastor's own Redis work without its server: the `ACQUIRE` and `REMOVE`
