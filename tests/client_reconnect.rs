@@ -1,7 +1,9 @@
 //! Connection loss and recovery: a broken connection marks every guard on it
 //! lost at once and fails pending calls with a typed error; the client
 //! reconnects in the background, including to a server restarted on the same
-//! port.
+//! port. And a connection that stalls without breaking: what the client
+//! could not write while the server read nothing goes out, whole and in
+//! order, once it reads again, plain or TLS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,14 +22,18 @@ use support::PATIENCE;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 /// A TCP proxy whose connections can be cut at once, or frozen (bytes are
 /// swallowed, sockets stay open: a peer gone silent), to break a client's
-/// connection without the server's cooperation.
+/// connection without the server's cooperation; or held (the client's bytes
+/// are not read at all until let go: a server too busy to read, whose
+/// socket fills up).
 struct Proxy {
     addr: SocketAddr,
     frozen: Arc<AtomicBool>,
+    held: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
@@ -36,6 +42,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
+        let (held, holding) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let frozen2 = frozen.clone();
         tasks.spawn(async move {
@@ -46,11 +53,25 @@ impl Proxy {
                 };
                 let (down_r, down_w) = down.into_split();
                 let (up_r, up_w) = up.into_split();
-                conns.spawn(pump(down_r, up_w, frozen2.clone()));
-                conns.spawn(pump(up_r, down_w, frozen2.clone()));
+                conns.spawn(pump(down_r, up_w, frozen2.clone(), Some(holding.clone())));
+                conns.spawn(pump(up_r, down_w, frozen2.clone(), None));
             }
         });
-        Proxy { addr, frozen, tasks }
+        Proxy {
+            addr,
+            frozen,
+            held,
+            tasks,
+        }
+    }
+
+    /// Reads nothing more from the clients until [`Proxy::let_go`].
+    fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    fn let_go(&self) {
+        self.held.send_replace(false);
     }
 
     /// Cuts every proxied connection (and stops accepting).
@@ -64,10 +85,21 @@ impl Proxy {
     }
 }
 
-/// Copies one direction; passes on the end of the stream even when frozen.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+/// Copies one direction; passes on the end of the stream even when frozen;
+/// reads nothing while `held` says so.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+    mut held: Option<watch::Receiver<bool>>,
+) {
     let mut buf = [0u8; 4096];
     loop {
+        if let Some(held) = &mut held
+            && held.wait_for(|h| !h).await.is_err()
+        {
+            break;
+        }
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -285,5 +317,119 @@ async fn a_lock_request_with_a_retry_policy_rides_out_a_restart() {
         .unwrap()
         .expect("free on the fresh server");
     guard.release().await.unwrap();
+    server.shutdown().await;
+}
+
+/// Lock requests (`n`, on distinct keys with the longest names, about
+/// 300 bytes each) sent through `proxy` while it reads nothing: each is
+/// polled once (handed to the connection) before the proxy lets go. `n` is
+/// chosen so that they do not fit in the sockets' buffers, so the inline
+/// writes stall and the writer task finishes the job. Every one must then
+/// be granted, with a token of its own.
+async fn burst_through_a_held_proxy(client: &Client, proxy: &Proxy, n: usize) {
+    use std::future::Future;
+    use std::task::Poll;
+
+    proxy.hold();
+    let (sent, all_sent) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(Notify::new()),
+    );
+    let kind = "k".repeat(clastor_protocol::name::MAX_NAME_LEN);
+    let mut requests = JoinSet::new();
+    for i in 0..n {
+        let (client, sent, all_sent) = (client.clone(), sent.clone(), all_sent.clone());
+        let id = format!("{i:0>width$}", width = clastor_protocol::name::MAX_NAME_LEN);
+        let kind = kind.clone();
+        requests.spawn(async move {
+            let mut acquire = std::pin::pin!(client.lock(&kind, &id).try_acquire());
+            let first = std::future::poll_fn(|cx| Poll::Ready(acquire.as_mut().poll(cx))).await;
+            if sent.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                all_sent.notify_one();
+            }
+            match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => acquire.await,
+            }
+        });
+    }
+    tokio::time::timeout(PATIENCE, all_sent.notified())
+        .await
+        .expect("every request handed to the connection");
+    proxy.let_go();
+    let answered = async {
+        let mut tokens = std::collections::HashSet::new();
+        while let Some(granted) = requests.join_next().await {
+            let guard = granted.unwrap().unwrap().expect("a free key is granted");
+            assert!(tokens.insert(guard.token()), "token {} given twice", guard.token());
+            guard.release().await.unwrap();
+        }
+        tokens.len()
+    };
+    // A writer that lost or never sent part of the burst leaves requests
+    // unanswered: this fails instead of hanging.
+    let answered = tokio::time::timeout(PATIENCE * 6, answered)
+        .await
+        .expect("every request answered");
+    assert_eq!(answered, n);
+    client.ping().await.unwrap();
+}
+
+/// About 9 MB of requests: more than the client's send buffer (4 MiB at
+/// most, `tcp_wmem`) and the proxy's receive buffer (which does not grow
+/// while nothing is read) hold together.
+const STALLING_BURST: usize = 30_000;
+
+/// A server that takes the whole burst in flight on one connection (the
+/// client sends no more than the server's bound).
+fn burst_server(tls: Option<server::TlsConfig>) -> ServerConfig {
+    ServerConfig {
+        max_in_flight: STALLING_BURST,
+        tls,
+        ..ServerConfig::default()
+    }
+}
+
+/// An engine that lets one session hold the whole burst at once.
+fn burst_engine() -> EngineConfig {
+    EngineConfig {
+        max_held_per_session: STALLING_BURST,
+        ..EngineConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_the_socket_cannot_take_goes_out_whole_once_the_server_reads() {
+    let (server, _) = support::start(burst_server(None), burst_engine()).await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let client = Client::builder(proxy.addr)
+        .keepalive(None)
+        .max_in_flight(STALLING_BURST)
+        .connect()
+        .await
+        .unwrap();
+    burst_through_a_held_proxy(&client, &proxy, STALLING_BURST).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_burst_the_socket_cannot_take_goes_out_whole_once_the_server_reads() {
+    let ca = support::tls::TestCa::new("clastor test CA");
+    let pem = ca.server();
+    let tls = server::TlsConfig {
+        cert: pem.cert,
+        key: pem.key,
+        client_ca: None,
+    };
+    let (server, _) = support::start(burst_server(Some(tls)), burst_engine()).await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let client = Client::builder(proxy.addr)
+        .tls(clastor_client::TlsConfig::from_pem_files(&ca.ca_file(), None).unwrap())
+        .keepalive(None)
+        .max_in_flight(STALLING_BURST)
+        .connect()
+        .await
+        .unwrap();
+    burst_through_a_held_proxy(&client, &proxy, STALLING_BURST).await;
     server.shutdown().await;
 }

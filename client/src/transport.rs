@@ -3,7 +3,7 @@
 //! an async mutex. Callers write TLS inline too, polling once with a no-op
 //! waker ([`Writer::tls_write_now`]): what does not go out at once (the
 //! socket is full, or rustls holds records back until a flush) is left to
-//! the writer task (`conn/writer.rs`, `tls_write_loop`), which waits properly.
+//! the writer task (`conn/writer.rs`), which waits properly.
 
 use std::io;
 use std::net::Shutdown;

@@ -27,8 +27,6 @@ use super::outbound::Outbound;
 use super::pending::{AUTH_ID, HELLO_ID, PendingRequests};
 use super::reader::{FrameSource, read_loop};
 use super::turn::LocalTurns;
-#[cfg(feature = "tls")]
-use super::writer::tls_write_loop;
 use super::writer::write_loop;
 use crate::config::ClientBuilder;
 use crate::error::Error;
@@ -144,13 +142,6 @@ pub(crate) async fn connect(cfg: &ClientBuilder, events: broadcast::Sender<Clien
         confirms_out: AtomicUsize::new(0),
     });
     tokio::spawn(read_loop(shared.clone(), frames));
-    #[cfg(feature = "tls")]
-    if shared.write.tcp().is_none() {
-        tokio::spawn(tls_write_loop(shared.clone()));
-    } else {
-        tokio::spawn(write_loop(shared.clone()));
-    }
-    #[cfg(not(feature = "tls"))]
     tokio::spawn(write_loop(shared.clone()));
     if let Some(interval) = cfg.keepalive {
         tokio::spawn(keepalive_loop(shared.clone(), interval));

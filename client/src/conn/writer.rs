@@ -7,71 +7,19 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::Buf;
+use bytes::{Buf, BytesMut};
 #[cfg(feature = "tls")]
 use tokio::io::AsyncWriteExt;
 
 use super::connection::Connection;
 use crate::error::Error;
-#[cfg(feature = "tls")]
 use crate::transport::Writer;
 
-/// The writer task of a plain TCP connection: finishes what an inline write
-/// could not (a full socket), waiting for writability, batched the same way.
+/// The writer task, for either transport: woken with a stalled batch, it
+/// writes it whole ([`write_chunk`]), then whatever callers appended
+/// meanwhile, until the buffer is empty. A write error fails the
+/// connection; closing it stops the task, mid-write included.
 pub(super) async fn write_loop(shared: Arc<Connection>) {
-    let Some(write) = shared.write.tcp() else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            () = shared.closed.cancelled() => return,
-            () = shared.writer_wake.notified() => {}
-        }
-        let Some(mut chunk) = shared.state().out.stalled.take() else {
-            continue;
-        };
-        loop {
-            while !chunk.is_empty() {
-                tokio::select! {
-                    () = shared.closed.cancelled() => return,
-                    ready = write.writable() => {
-                        if let Err(e) = ready {
-                            shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
-                            return;
-                        }
-                    }
-                }
-                match write.try_write(&chunk) {
-                    Ok(0) => {
-                        shared.fail(Error::ConnectionLost("write failed: socket closed".into()));
-                        return;
-                    }
-                    Ok(n) => chunk.advance(n),
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
-                    Err(e) => {
-                        shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
-                        return;
-                    }
-                }
-            }
-            let mut st = shared.state();
-            let dead = st.dead.is_some();
-            match st.out.next_batch(chunk, dead) {
-                Some(next) => chunk = next,
-                None => break,
-            }
-        }
-    }
-}
-
-/// The writer task of a TLS connection: finishes what an inline write
-/// could not (a full socket, records held back until a flush), batched like
-/// the plain writer's.
-#[cfg(feature = "tls")]
-pub(super) async fn tls_write_loop(shared: Arc<Connection>) {
-    let Writer::Tls { half, .. } = &shared.write else {
-        return;
-    };
     loop {
         tokio::select! {
             () = shared.closed.cancelled() => return,
@@ -83,11 +31,7 @@ pub(super) async fn tls_write_loop(shared: Arc<Connection>) {
         loop {
             let written = tokio::select! {
                 () = shared.closed.cancelled() => return,
-                r = async {
-                    let mut half = half.lock().await;
-                    half.write_all(&chunk).await?;
-                    half.flush().await
-                } => r,
+                r = write_chunk(&shared.write, &mut chunk) => r,
             };
             if let Err(e) = written {
                 shared.fail(Error::ConnectionLost(format!("write failed: {e}")));
@@ -99,6 +43,33 @@ pub(super) async fn tls_write_loop(shared: Arc<Connection>) {
                 Some(next) => chunk = next,
                 None => break,
             }
+        }
+    }
+}
+
+/// Writes all of `chunk`. Plain TCP: waits for writability and writes what
+/// the socket takes, as the inline write does. TLS: through the stream's
+/// write half, flushed, so rustls sends every record.
+async fn write_chunk(write: &Writer, chunk: &mut BytesMut) -> io::Result<()> {
+    match write {
+        Writer::Tcp(tcp) => {
+            while !chunk.is_empty() {
+                tcp.writable().await?;
+                match tcp.try_write(chunk) {
+                    Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+                    Ok(n) => chunk.advance(n),
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+        #[cfg(feature = "tls")]
+        Writer::Tls { half, .. } => {
+            let mut half = half.lock().await;
+            half.write_all(chunk).await?;
+            chunk.clear();
+            half.flush().await
         }
     }
 }
