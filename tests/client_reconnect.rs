@@ -380,56 +380,46 @@ async fn burst_through_a_held_proxy(client: &Client, proxy: &Proxy, n: usize) {
 /// while nothing is read) hold together.
 const STALLING_BURST: usize = 30_000;
 
-/// A server that takes the whole burst in flight on one connection (the
-/// client sends no more than the server's bound).
-fn burst_server(tls: Option<server::TlsConfig>) -> ServerConfig {
-    ServerConfig {
+/// [`burst_through_a_held_proxy`] against a server that takes the whole
+/// burst in flight and held on one connection (the client sends no more
+/// than the server's bound), plain or, with `ca`, over TLS.
+async fn stalled_burst(ca: Option<&support::tls::TestCa>) {
+    let tls = ca.map(|ca| {
+        let pem = ca.server();
+        server::TlsConfig {
+            cert: pem.cert,
+            key: pem.key,
+            client_ca: None,
+        }
+    });
+    let config = ServerConfig {
         max_in_flight: STALLING_BURST,
         tls,
         ..ServerConfig::default()
-    }
-}
-
-/// An engine that lets one session hold the whole burst at once.
-fn burst_engine() -> EngineConfig {
-    EngineConfig {
+    };
+    let engine = EngineConfig {
         max_held_per_session: STALLING_BURST,
         ..EngineConfig::default()
+    };
+    let (server, _) = support::start(config, engine).await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    let mut builder = Client::builder(proxy.addr)
+        .keepalive(None)
+        .max_in_flight(STALLING_BURST);
+    if let Some(ca) = ca {
+        builder = builder.tls(clastor_client::TlsConfig::from_pem_files(&ca.ca_file(), None).unwrap());
     }
+    let client = builder.connect().await.unwrap();
+    burst_through_a_held_proxy(&client, &proxy, STALLING_BURST).await;
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_the_socket_cannot_take_goes_out_whole_once_the_server_reads() {
-    let (server, _) = support::start(burst_server(None), burst_engine()).await;
-    let proxy = Proxy::start(server.local_addr()).await;
-    let client = Client::builder(proxy.addr)
-        .keepalive(None)
-        .max_in_flight(STALLING_BURST)
-        .connect()
-        .await
-        .unwrap();
-    burst_through_a_held_proxy(&client, &proxy, STALLING_BURST).await;
-    server.shutdown().await;
+    stalled_burst(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_burst_the_socket_cannot_take_goes_out_whole_once_the_server_reads() {
-    let ca = support::tls::TestCa::new("clastor test CA");
-    let pem = ca.server();
-    let tls = server::TlsConfig {
-        cert: pem.cert,
-        key: pem.key,
-        client_ca: None,
-    };
-    let (server, _) = support::start(burst_server(Some(tls)), burst_engine()).await;
-    let proxy = Proxy::start(server.local_addr()).await;
-    let client = Client::builder(proxy.addr)
-        .tls(clastor_client::TlsConfig::from_pem_files(&ca.ca_file(), None).unwrap())
-        .keepalive(None)
-        .max_in_flight(STALLING_BURST)
-        .connect()
-        .await
-        .unwrap();
-    burst_through_a_held_proxy(&client, &proxy, STALLING_BURST).await;
-    server.shutdown().await;
+    stalled_burst(Some(&support::tls::TestCa::new("clastor test CA"))).await;
 }
