@@ -86,7 +86,8 @@ pub(super) async fn pair_steps(url: &str) -> anyhow::Result<(String, StepFn)> {
 /// The least a fenced lock sends to Redis (module docs), one key per
 /// worker, as its two steps (`relay.rs`): the atomic token-and-key script,
 /// whose answer is the token (the slot), then the compare-and-delete of
-/// that token.
+/// that token. What stays in Redis after a run is the token counter (one
+/// key for every run); each pair's key goes with its release.
 pub(super) async fn minimal_fenced_steps(url: &str) -> anyhow::Result<StepFn> {
     let (_, conn) = connection(url).await?;
     let run = std::process::id();
