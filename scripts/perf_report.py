@@ -125,6 +125,11 @@ w("- etcd floors, same run: a raw etcd transaction (put with a lease + read of t
 w("  key, the shape of Clastor's acquire) then a delete, with etcd-client; for hand-over one client's")
 w("  delete to another's watch event, 5 ms after the watch was set. The peer is etcd's v3lock service")
 w("  (`Lock` then `Unlock` on a kept-alive lease), measured back to back after Clastor and the floor.")
+w("- With a store, *Clastor in library mode* is the in-process server's own engine used directly, as an")
+w("  application embedding Clastor does (README, \"Library mode\"): one session per connection, each loop")
+w("  its own key, in the same loops as Clastor and the floor. It minus the floor is what the engine and its")
+w("  backend cost; Clastor minus it is what the server, the protocol, the client library and the two")
+w("  loopback hops cost.")
 w("")
 
 # Goals
@@ -156,11 +161,26 @@ if best:
 for f in footprints:
     target = "≤ 4 KiB" if f["what"] == "idle connection" else "report"
     w(f"| server memory per {f['what']} (memory backend, {f['count']:,}) | {target} | {f['bytes_each']:,.0f} bytes |")
+LIBRARY = "reference: Clastor in library mode"
+
+
+def library_row(c, fr, label, floor_label):
+    """The engine in library mode (in-process sessions, no server or client
+    hops) in the same loops: what the engine and its backend cost above the
+    floor; Clastor's row minus this one is the server, protocol and client."""
+    rr = c.get(LIBRARY)
+    if rr and fr:
+        w(f"| {label} reference: Clastor in library mode (engine in-process, no hops) vs {floor_label} | report | "
+          f"{ratio_range(rr, fr, 'p50_us')} ({rng([r['p50_us'] for r in rr])} µs vs "
+          f"{rng([r['p50_us'] for r in fr])} µs) |")
+
+
 c = cell("zookeeper, uncontended", 1)
 fs, fr = floor_of(c)
 if c.get("clastor") and fr:
     w(f"| ZooKeeper uncontended acquire+release p50 vs raw create+delete | ≤ 1.15× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} |")
+library_row(c, fr, "ZooKeeper", "raw create+delete")
 b2b = cell("zookeeper, uncontended, back to back", 1).get("clastor")
 peer = cell("zookeeper, uncontended", 1).get("Curator InterProcessMutex")
 if b2b and peer:
@@ -200,6 +220,7 @@ def goal_rows(prefix, label, floor_label, peer_series):
             w(f"| {label} reference: {what} vs {floor_label} | report | "
               f"{ratio_range(rr, fr, 'p50_us')} ({rng([r['p50_us'] for r in rr])} µs vs "
               f"{rng([r['p50_us'] for r in fr])} µs) |")
+    library_row(c, fr, label, floor_label)
     peer = c.get(peer_series)
     if c.get("clastor") and peer:
         w(f"| {label} uncontended p50: Clastor vs {peer_series[6:]} | report | "
@@ -219,6 +240,7 @@ if c.get("clastor") and fr:
     w(f"| etcd uncontended acquire+release p50 vs raw txn(put+get)+delete | ≤ 1.3× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
       f"{rng([r['p50_us'] for r in fr])} µs) |")
+library_row(c, fr, "etcd", "raw txn(put+get)+delete")
 b2b = cell("etcd, uncontended, back to back", 1)
 if b2b.get("clastor") and b2b.get("peer: etcd v3lock"):
     w(f"| etcd uncontended p50: Clastor vs etcd's own v3lock (back to back) | report | "

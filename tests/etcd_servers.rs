@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clastor_testkit::Etcd;
 use support::hammer::{OnError, assert_no_overlap, hammer, hold_and_wait};
-use support::process::{Server, send_signal, wall_ns};
+use support::process::{Server, load_harness_runs, send_signal, wall_ns};
 use support::{Text, token_of};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -332,4 +332,16 @@ async fn a_waiter_whose_key_goes_with_its_predecessor_s_is_not_granted_on_it() {
     // And it is a real grant: nobody else gets the lock now.
     let mut other = Text::connect(x.addr).await;
     assert!(other.cmd("ACQUIRE tx wiped 0").await.starts_with("-TIMEOUT"));
+}
+
+/// `clastor load --etcd` as `scripts/perf.sh` runs it (short): Clastor, the
+/// raw transaction floor, Clastor in library mode and etcd's v3lock all run.
+#[test]
+fn the_load_harness_runs_every_etcd_series() {
+    let etcd = start_etcd(1);
+    load_harness_runs(
+        "--etcd",
+        &etcd.endpoints().join(","),
+        &["clastor", "floor", "library mode", "v3lock"],
+    );
 }

@@ -257,14 +257,22 @@ async fn wait_for_rows(psql: &impl Fn(&str) -> String, sql: &str, want: &str) {
 
 /// `clastor load --pg` as `scripts/perf.sh` runs it (short): Clastor, the
 /// raw SQL floor, the bare relay, Clastor's own SQL functions called
-/// directly and `pg_advisory_lock` all run against the current schema.
+/// directly, Clastor in library mode and `pg_advisory_lock` all run against
+/// the current schema.
 #[test]
 fn the_load_harness_runs_every_postgres_series() {
     let pg = start_postgres();
     load_harness_runs(
         "--pg",
         &pg.url(),
-        &["clastor", "floor", "SQL alone", "relay", "pg_advisory_lock"],
+        &[
+            "clastor",
+            "floor",
+            "SQL alone",
+            "relay",
+            "library mode",
+            "pg_advisory_lock",
+        ],
     );
 }
 

@@ -409,8 +409,8 @@ async fn no_two_holders_overlap_in_a_two_server_hammer_across_freezes() {
 
 /// `clastor load --redis` as `scripts/perf.sh` runs it (short): Clastor, the
 /// `SET NX PX` + `DEL` floor, the bare relay, Clastor's own scripts sent
-/// straight to Redis, the minimal fenced lock through the relay and the
-/// plain Redis lock all run.
+/// straight to Redis, the minimal fenced lock through the relay, Clastor in
+/// library mode and the plain Redis lock all run.
 #[test]
 fn the_load_harness_runs_every_redis_series() {
     let redis = start_redis();
@@ -423,6 +423,7 @@ fn the_load_harness_runs_every_redis_series() {
             "scripts alone",
             "relay",
             "minimal fenced lock",
+            "library mode",
             "plain Redis lock",
         ],
     );

@@ -144,3 +144,11 @@ async fn concurrent_holders_across_servers_never_overlap() {
     s1.shutdown().await;
     s2.shutdown().await;
 }
+
+/// `clastor load --zk` as `scripts/perf.sh` runs it (short): Clastor, the
+/// raw create+delete floor and Clastor in library mode all run.
+#[test]
+fn the_load_harness_runs_every_zookeeper_series() {
+    let zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
+    support::process::load_harness_runs("--zk", &zk.connect_string(), &["clastor", "floor", "library mode"]);
+}

@@ -89,7 +89,8 @@ pub(crate) fn wall_ns() -> u128 {
 
 /// `clastor load {store} {url}` for acquire+release pairs, one client,
 /// interleaved, as `scripts/perf.sh` runs it but for one second: asserts it
-/// succeeds and that every one of `series` is in its output.
+/// succeeds, that every one of `series` is in its output, and that no row
+/// counted an error (a failing operation still prints its row).
 pub(crate) fn load_harness_runs(store: &str, url: &str, series: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_clastor"))
         .args([
@@ -114,5 +115,9 @@ pub(crate) fn load_harness_runs(store: &str, url: &str, series: &[&str]) {
     assert!(out.status.success(), "clastor load failed:\n{stdout}\n{stderr}");
     for s in series {
         assert!(stdout.contains(s), "no {s} series in:\n{stdout}");
+    }
+    // Rows (`… [1x1]  ops/s … errors`) end with their errors column.
+    for row in stdout.lines().filter(|l| l.contains("x1] ")) {
+        assert_eq!(row.split_whitespace().last(), Some("0"), "errors in {row:?}:\n{stdout}");
     }
 }

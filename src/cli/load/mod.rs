@@ -6,7 +6,9 @@
 //! server uses; with `--etcd`, the etcd floors and etcd's own lock service
 //! (`etcd.rs`); with `--pg`, the PostgreSQL floors and `pg_advisory_lock`
 //! (`postgres.rs`); with `--redis`, the Redis floors and a plain Redis lock
-//! (`redis.rs`).
+//! (`redis.rs`). With a store, the in-process server's engine is also
+//! measured in library mode (sessions in this process, no server or client
+//! hops): what the engine and its backend cost above the store's floor.
 //!
 //! By default each client is a `clastor-client` connection, measured as an
 //! application would see it; `--depth` runs that many loops per connection
@@ -42,7 +44,7 @@ use clastor::backend::postgres::{PgConfig, PostgresBackend};
 use clastor::backend::redis::{RedisBackend, RedisConfig};
 use clastor::backend::zookeeper::{ZkConfig, ZooKeeperBackend};
 use clastor::server::{self, ServerConfig, ServerHandle};
-use clastor::{Engine, EngineConfig};
+use clastor::{AcquireOptions, Engine, EngineConfig, LockKey, Session};
 use clastor_client::Client;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -372,8 +374,8 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     if args.raw && args.op == Op::Handoff {
         bail!("--raw measures ping and acquire+release; hand-over goes through the client");
     }
-    let (addr, local): (String, Option<ServerHandle>) = match (&args.server, &args.zk) {
-        (Some(addr), _) => (addr.clone(), None),
+    let (addr, local, embedded): (String, Option<ServerHandle>, Option<EmbeddedFn>) = match (&args.server, &args.zk) {
+        (Some(addr), _) => (addr.clone(), None, None),
         (None, None) if args.pg.is_some() => {
             let url = args.pg.clone().unwrap_or_default();
             let cfg = PgConfig {
@@ -458,7 +460,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         );
     }
     for &n in &counts {
-        run_at(&args, &addr, tls_addr.as_deref(), n).await?;
+        run_at(&args, &addr, tls_addr.as_deref(), embedded.as_ref(), n).await?;
     }
     if let Some(server) = local {
         server.shutdown().await;
@@ -470,7 +472,13 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
 }
 
 /// Every measurement `args` asks for, with `n` connections.
-async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -> anyhow::Result<()> {
+async fn run_at(
+    args: &LoadArgs,
+    addr: &str,
+    tls_addr: Option<&str>,
+    embedded: Option<&EmbeddedFn>,
+    n: usize,
+) -> anyhow::Result<()> {
     let depth = args.depth.get();
     let workers = n * depth;
     let emit = |mut r: Report, series: &'static str, requests_per_op: u64| {
@@ -566,6 +574,10 @@ async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -
             } else {
                 None
             };
+            // The engine in library mode, beside every store's floor.
+            let embedded = embedded
+                .filter(|_| floored)
+                .map(|f| (EMBEDDED_NAME.to_owned(), "reference: Clastor in library mode", f(n)));
             if let Some((floor_name, steps)) = floor {
                 // PostgreSQL and Redis: the floor, the floor through a bare
                 // relay (Clastor's two hops, none of its work) and Clastor's
@@ -589,8 +601,11 @@ async fn run_at(args: &LoadArgs, addr: &str, tls_addr: Option<&str>, n: usize) -
                         relay::relayed(redis::minimal_fenced_steps(url).await?, workers).await?,
                     ));
                 }
+                refs.extend(embedded);
                 let floor = (floor_name, relay::pair(steps));
                 compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;
+            } else if let (Some(floor), Some(embedded)) = (floor_op.clone(), embedded) {
+                compare_with_refs(args, workers, (name, op), floor, vec![embedded], &emit).await;
             } else {
                 compare(args, workers, (&name, op), floor_op, 2, &emit).await;
             }
@@ -839,13 +854,53 @@ async fn raw_measure(
     Ok(report)
 }
 
-async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>)> {
+/// Starts the in-process server on `backend`; with it, its engine in
+/// library mode ([`embedded_pair_op`]).
+async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerHandle>, Option<EmbeddedFn>)> {
     let config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..ServerConfig::default()
     };
-    let handle = server::spawn(Engine::new(backend, EngineConfig::default()), config).await?;
-    Ok((handle.local_addr().to_string(), Some(handle)))
+    let engine = Engine::new(backend, EngineConfig::default());
+    let handle = server::spawn(engine.clone(), config).await?;
+    let embedded: EmbeddedFn = Arc::new(move |n| embedded_pair_op(&engine, n));
+    Ok((handle.local_addr().to_string(), Some(handle), Some(embedded)))
+}
+
+/// The in-process server's engine in library mode, for `n` connections'
+/// worth of workers: an [`OpFn`] over `n` sessions of its own.
+type EmbeddedFn = Arc<dyn Fn(usize) -> OpFn + Send + Sync>;
+
+/// Name of the library-mode row ([`embedded_pair_op`]).
+const EMBEDDED_NAME: &str = "reference: Clastor in library mode (engine in-process, no hops)";
+
+/// Acquire+release of worker `i`'s key through the engine itself, as an
+/// application embedding Clastor does (README, "Library mode"): `n`
+/// sessions, one per connection as the clients have, each worker on a key
+/// of its own (`e{i}`, beside the clients' `k{i}`), on the same engine and
+/// backend as the server. Clastor's row minus this one is what the server,
+/// the protocol and the client library add; this one minus the floor is
+/// what the engine and its backend add.
+fn embedded_pair_op<B: Backend>(engine: &Engine<B>, n: usize) -> OpFn {
+    let sessions: Arc<Vec<Session<B>>> = Arc::new(
+        (0..n.max(1))
+            .map(|_| engine.open_session("clastor-load-embedded").0)
+            .collect(),
+    );
+    op_fn(move |i| {
+        let session = sessions[i % sessions.len()].clone();
+        async move {
+            let key = LockKey::new("load", &format!("e{i}"))?;
+            match session
+                .acquire(&key, AcquireOptions::wait(Duration::from_secs(30)))
+                .await?
+            {
+                Some(_) if session.release(&key).await? => Ok(()),
+                Some(_) => bail!("{key} was not held at its release"),
+                None => bail!("not granted within 30 s"),
+            }
+        }
+    })
 }
 
 async fn connect_all(
