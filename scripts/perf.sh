@@ -54,6 +54,9 @@ clastor=target/release/clastor
 # Machine load while measuring, so the report can say whether it was busy.
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "{\"meta\":\"load_start\",\"value\":\"$(loadavg)\"}" >>"$results"
+# The tree the binary is built from (the report is written after the charts
+# change it).
+echo "{\"meta\":\"commit\",\"value\":\"$(git describe --always --dirty)\"}" >>"$results"
 
 load() { # scenario, then clastor load arguments
   local scenario=$1

@@ -86,7 +86,7 @@ w("")
 w(f"- CPU: {cpu}, {os.cpu_count()} cores; memory {mem}; {platform.system()} {platform.release()}")
 w(f"- Load average (1/5/15 min) at the start: {meta.get('load_start', '?')}; at the end: {meta.get('load_end', '?')}."
   " Above about 1 the machine was shared with other work while measuring, and figures are noisier and slower.")
-w(f"- Clastor {sh('git describe --always --dirty')} ({sh('rustc --version')}), release build")
+w(f"- Clastor {meta.get('commit') or sh('git describe --always --dirty')} ({sh('rustc --version')}), release build")
 w(f"- ZooKeeper {meta.get('zookeeper', '?')}; Curator {meta.get('curator', '?')} on {sh('java -version 2>&1 | head -1')};"
   f" kazoo {meta.get('kazoo', '?')} on {sh('/usr/bin/python3 --version')}")
 if "etcd" in meta:
