@@ -575,9 +575,13 @@ async fn run_at(
                 None
             };
             // The engine in library mode, beside every store's floor.
-            let embedded = embedded
-                .filter(|_| floored)
-                .map(|f| (EMBEDDED_NAME.to_owned(), "reference: Clastor in library mode", f(n)));
+            let embedded = embedded.filter(|_| floored).map(|f| {
+                (
+                    EMBEDDED_NAME.to_owned(),
+                    "reference: Clastor in library mode",
+                    f(n, args.keys),
+                )
+            });
             if let Some((floor_name, steps)) = floor {
                 // PostgreSQL and Redis: the floor, the floor through a bare
                 // relay (Clastor's two hops, none of its work) and Clastor's
@@ -604,10 +608,13 @@ async fn run_at(
                 refs.extend(embedded);
                 let floor = (floor_name, relay::pair(steps));
                 compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;
-            } else if let (Some(floor), Some(embedded)) = (floor_op.clone(), embedded) {
-                compare_with_refs(args, workers, (name, op), floor, vec![embedded], &emit).await;
             } else {
-                compare(args, workers, (&name, op), floor_op, 2, &emit).await;
+                match (floor_op, embedded) {
+                    (Some(floor), Some(embedded)) => {
+                        compare_with_refs(args, workers, (name, op), floor, vec![embedded], &emit).await;
+                    }
+                    (floor_op, _) => compare(args, workers, (&name, op), floor_op, 2, &emit).await,
+                }
             }
             if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
@@ -863,34 +870,44 @@ async fn start<B: Backend>(backend: B) -> anyhow::Result<(String, Option<ServerH
     };
     let engine = Engine::new(backend, EngineConfig::default());
     let handle = server::spawn(engine.clone(), config).await?;
-    let embedded: EmbeddedFn = Arc::new(move |n| embedded_pair_op(&engine, n));
+    let embedded: EmbeddedFn = Arc::new(move |n, keys| embedded_pair_op(&engine, n, keys));
     Ok((handle.local_addr().to_string(), Some(handle), Some(embedded)))
 }
 
 /// The in-process server's engine in library mode, for `n` connections'
-/// worth of workers: an [`OpFn`] over `n` sessions of its own.
-type EmbeddedFn = Arc<dyn Fn(usize) -> OpFn + Send + Sync>;
+/// worth of workers and a key choice: an [`OpFn`] over `n` sessions of its
+/// own.
+type EmbeddedFn = Arc<dyn Fn(usize, Keys) -> OpFn + Send + Sync>;
 
 /// Name of the library-mode row ([`embedded_pair_op`]).
 const EMBEDDED_NAME: &str = "reference: Clastor in library mode (engine in-process, no hops)";
 
 /// Acquire+release of worker `i`'s key through the engine itself, as an
 /// application embedding Clastor does (README, "Library mode"): `n`
-/// sessions, one per connection as the clients have, each worker on a key
-/// of its own (`e{i}`, beside the clients' `k{i}`), on the same engine and
-/// backend as the server. Clastor's row minus this one is what the server,
-/// the protocol and the client library add; this one minus the floor is
-/// what the engine and its backend add.
-fn embedded_pair_op<B: Backend>(engine: &Engine<B>, n: usize) -> OpFn {
+/// sessions, one per connection as the clients have, keys chosen as the
+/// clients' are ([`pair_op`]) under names of their own (`e…` beside the
+/// clients' `k…`), on the same engine and backend as the server. Clastor's
+/// row minus this one is what the server, the protocol and the client
+/// library add; this one minus the floor is what the engine and its
+/// backend add.
+fn embedded_pair_op<B: Backend>(engine: &Engine<B>, n: usize, keys: Keys) -> OpFn {
     let sessions: Arc<Vec<Session<B>>> = Arc::new(
         (0..n.max(1))
             .map(|_| engine.open_session("clastor-load-embedded").0)
             .collect(),
     );
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let run = std::process::id();
     op_fn(move |i| {
-        let session = sessions[i % sessions.len()].clone();
+        let conns = sessions.len();
+        let session = sessions[i % conns].clone();
+        let id = match keys {
+            Keys::Shared => format!("e-shared-{}", i / conns),
+            Keys::Distinct => format!("e{i}"),
+            Keys::Fresh => format!("ef{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
         async move {
-            let key = LockKey::new("load", &format!("e{i}"))?;
+            let key = LockKey::new("load", &id)?;
             match session
                 .acquire(&key, AcquireOptions::wait(Duration::from_secs(30)))
                 .await?
