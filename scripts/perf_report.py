@@ -164,6 +164,17 @@ for f in footprints:
 LIBRARY = "reference: Clastor in library mode"
 
 
+def relay_row(c, fr, label, floor_label):
+    """The floor's two steps through a bare loopback relay, in the same
+    loops: the structural bound of any service between clients and the
+    store (floor + 2 hops)."""
+    rr = c.get("reference: floor + 2 hops")
+    if rr and fr:
+        w(f"| {label} reference: floor + 2 hops (bare relay) vs {floor_label} | report | "
+          f"{ratio_range(rr, fr, 'p50_us')} ({rng([r['p50_us'] for r in rr])} µs vs "
+          f"{rng([r['p50_us'] for r in fr])} µs) |")
+
+
 def library_row(c, fr, label, floor_label):
     """The engine in library mode (in-process sessions, no server or client
     hops) in the same loops: what the engine and its backend cost above the
@@ -180,6 +191,7 @@ fs, fr = floor_of(c)
 if c.get("clastor") and fr:
     w(f"| ZooKeeper uncontended acquire+release p50 vs raw create+delete | ≤ 1.15× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} |")
+relay_row(c, fr, "ZooKeeper", "raw create+delete")
 library_row(c, fr, "ZooKeeper", "raw create+delete")
 b2b = cell("zookeeper, uncontended, back to back", 1).get("clastor")
 peer = cell("zookeeper, uncontended", 1).get("Curator InterProcessMutex")
@@ -240,6 +252,7 @@ if c.get("clastor") and fr:
     w(f"| etcd uncontended acquire+release p50 vs raw txn(put+get)+delete | ≤ 1.3× | "
       f"{ratio_range(c['clastor'], fr, 'p50_us')} ({rng([r['p50_us'] for r in c['clastor']])} µs vs "
       f"{rng([r['p50_us'] for r in fr])} µs) |")
+relay_row(c, fr, "etcd", "raw txn(put+get)+delete")
 library_row(c, fr, "etcd", "raw txn(put+get)+delete")
 b2b = cell("etcd, uncontended, back to back", 1)
 if b2b.get("clastor") and b2b.get("peer: etcd v3lock"):

@@ -335,13 +335,14 @@ async fn a_waiter_whose_key_goes_with_its_predecessor_s_is_not_granted_on_it() {
 }
 
 /// `clastor load --etcd` as `scripts/perf.sh` runs it (short): Clastor, the
-/// raw transaction floor, Clastor in library mode and etcd's v3lock all run.
+/// raw transaction floor, the bare relay, Clastor in library mode and etcd's
+/// v3lock all run.
 #[test]
 fn the_load_harness_runs_every_etcd_series() {
     let etcd = start_etcd(1);
     load_harness_runs(
         "--etcd",
         &etcd.endpoints().join(","),
-        &["clastor", "floor", "library mode", "v3lock"],
+        &["clastor", "floor", "relay", "library mode", "v3lock"],
     );
 }

@@ -146,9 +146,14 @@ async fn concurrent_holders_across_servers_never_overlap() {
 }
 
 /// `clastor load --zk` as `scripts/perf.sh` runs it (short): Clastor, the
-/// raw create+delete floor and Clastor in library mode all run.
+/// raw create+delete floor, the bare relay and Clastor in library mode all
+/// run.
 #[test]
 fn the_load_harness_runs_every_zookeeper_series() {
     let zk = ZooKeeper::start().expect("start ZooKeeper (apt-get install -y zookeeper)");
-    support::process::load_harness_runs("--zk", &zk.connect_string(), &["clastor", "floor", "library mode"]);
+    support::process::load_harness_runs(
+        "--zk",
+        &zk.connect_string(),
+        &["clastor", "floor", "relay", "library mode"],
+    );
 }

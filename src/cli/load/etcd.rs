@@ -19,6 +19,7 @@ use etcd_client::{
     WatchOptions,
 };
 
+use super::relay::{StepFn, step_fn};
 use super::{OpFn, op_fn, timed_op_fn};
 
 /// Prefix of the floors' keys.
@@ -57,8 +58,9 @@ async fn kept_lease(client: &Client, ttl: i64) -> anyhow::Result<i64> {
 }
 
 /// The acquire+release floor (module docs), one key per worker, over as
-/// many channels as `leases`.
-pub(super) async fn pair_floor(endpoints: &[String], channels: usize) -> anyhow::Result<(String, OpFn)> {
+/// many channels as `leases`, as its two steps (`relay.rs`): the
+/// transaction, then the delete.
+pub(super) async fn pair_steps(endpoints: &[String], channels: usize) -> anyhow::Result<(String, StepFn)> {
     let clients = clients(endpoints, channels.max(1)).await?;
     let mut leases = Vec::with_capacity(clients.len());
     for c in &clients {
@@ -69,7 +71,7 @@ pub(super) async fn pair_floor(endpoints: &[String], channels: usize) -> anyhow:
     let name = format!("floor: etcd txn(put+get)+delete ({} channels)", shared.0.len());
     Ok((
         name,
-        op_fn(move |i| {
+        step_fn(move |i, step, _| {
             let shared = shared.clone();
             async move {
                 let (clients, leases) = &*shared;
@@ -77,22 +79,25 @@ pub(super) async fn pair_floor(endpoints: &[String], channels: usize) -> anyhow:
                 let mut kv = clients[k].kv_client();
                 let dir = format!("{FLOOR_PREFIX}/p{run}-c{i}/");
                 let key = format!("{dir}{:x}", leases[k]);
-                let txn = Txn::new().and_then([
-                    TxnOp::put(key.as_str(), "", Some(PutOptions::new().with_lease(leases[k]))),
-                    TxnOp::get(
-                        dir.as_str(),
-                        Some(
-                            GetOptions::new()
-                                .with_prefix()
-                                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                                .with_limit(1)
-                                .with_keys_only(),
+                if step == 0 {
+                    let txn = Txn::new().and_then([
+                        TxnOp::put(key.as_str(), "", Some(PutOptions::new().with_lease(leases[k]))),
+                        TxnOp::get(
+                            dir.as_str(),
+                            Some(
+                                GetOptions::new()
+                                    .with_prefix()
+                                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                                    .with_limit(1)
+                                    .with_keys_only(),
+                            ),
                         ),
-                    ),
-                ]);
-                kv.txn(txn).await?;
-                kv.delete(key, None).await?;
-                Ok(())
+                    ]);
+                    kv.txn(txn).await?;
+                } else {
+                    kv.delete(key, None).await?;
+                }
+                Ok(0)
             }
         }),
     ))

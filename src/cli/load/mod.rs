@@ -6,8 +6,9 @@
 //! server uses; with `--etcd`, the etcd floors and etcd's own lock service
 //! (`etcd.rs`); with `--pg`, the PostgreSQL floors and `pg_advisory_lock`
 //! (`postgres.rs`); with `--redis`, the Redis floors and a plain Redis lock
-//! (`redis.rs`). With a store, the in-process server's engine is also
-//! measured in library mode (sessions in this process, no server or client
+//! (`redis.rs`). With a store, acquire+release also gets the floor through
+//! a bare relay (`relay.rs`: floor + 2 hops) and the in-process server's
+//! engine in library mode (sessions in this process, no server or client
 //! hops): what the engine and its backend cost above the store's floor.
 //!
 //! By default each client is a `clastor-client` connection, measured as an
@@ -550,23 +551,12 @@ async fn run_at(
             // Over TLS, the comparison is the plain server (the TLS twin's
             // twin): no store floor then.
             let floored = !args.no_floor && args.keys != Keys::Shared && tls_addr.is_none();
-            let floor_op = if let Some(tls_addr) = tls_addr {
-                let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
-                Some((
-                    format!("clastor acquire+release over TLS ({keys_name})"),
-                    pair_op(tls, keys),
-                ))
-            } else if !floored {
+            let floor = if !floored {
                 None
             } else if let Some(zk) = &args.zk {
                 Some(zk_floor(args, zk).await?)
             } else if args.etcd.is_some() {
-                Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
-            } else {
-                None
-            };
-            let floor = if !floored {
-                None
+                Some(etcd::pair_steps(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
             } else if let Some(url) = &args.pg {
                 Some(postgres::pair_steps(url, args.pg_connections.get()).await?)
             } else if let Some(url) = &args.redis {
@@ -574,19 +564,13 @@ async fn run_at(
             } else {
                 None
             };
-            // The engine in library mode, beside every store's floor.
-            let embedded = embedded.filter(|_| floored).map(|f| {
-                (
-                    EMBEDDED_NAME.to_owned(),
-                    "reference: Clastor in library mode",
-                    f(n, args.keys),
-                )
-            });
             if let Some((floor_name, steps)) = floor {
-                // PostgreSQL and Redis: the floor, the floor through a bare
-                // relay (Clastor's two hops, none of its work) and Clastor's
-                // own statements or scripts sent straight to the store (its
-                // store work, without its server).
+                // A store: the floor, the floor through a bare relay
+                // (Clastor's two hops, none of its work), on PostgreSQL and
+                // Redis Clastor's own statements or scripts sent straight to
+                // the store (its store work, without its server) and on
+                // Redis the least fenced lock through the relay; last, the
+                // engine in library mode (no hops, no server).
                 let mut refs = vec![(
                     RELAY_NAME.to_owned(),
                     "reference: floor + 2 hops",
@@ -605,16 +589,24 @@ async fn run_at(
                         relay::relayed(redis::minimal_fenced_steps(url).await?, workers).await?,
                     ));
                 }
-                refs.extend(embedded);
+                if let Some(f) = embedded {
+                    refs.push((
+                        EMBEDDED_NAME.to_owned(),
+                        "reference: Clastor in library mode",
+                        f(n, args.keys),
+                    ));
+                }
                 let floor = (floor_name, relay::pair(steps));
                 compare_with_refs(args, workers, (name, op), floor, refs, &emit).await;
+            } else if let Some(tls_addr) = tls_addr {
+                let tls = connect_all(tls_addr, n, args.tls_ca.as_deref(), args.token.as_deref()).await?;
+                let twin = (
+                    format!("clastor acquire+release over TLS ({keys_name})"),
+                    pair_op(tls, keys),
+                );
+                compare(args, workers, (&name, op), Some(twin), 2, &emit).await;
             } else {
-                match (floor_op, embedded) {
-                    (Some(floor), Some(embedded)) => {
-                        compare_with_refs(args, workers, (name, op), floor, vec![embedded], &emit).await;
-                    }
-                    (floor_op, _) => compare(args, workers, (&name, op), floor_op, 2, &emit).await,
-                }
+                compare(args, workers, (&name, op), None, 2, &emit).await;
             }
             if args.etcd.is_some() && !args.no_floor && args.keys != Keys::Shared {
                 let (name, op) = etcd::v3lock_peer(&args.etcd_endpoints(), workers).await?;
@@ -655,12 +647,16 @@ async fn run_at(
         let floor = if let Some(zk) = &args.zk {
             Some(zk_floor(args, zk).await?)
         } else if args.etcd.is_some() {
-            Some(etcd::pair_floor(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
+            Some(etcd::pair_steps(&args.etcd_endpoints(), args.etcd_leases.get()).await?)
         } else {
             None
         };
-        if let Some((name, op)) = floor {
-            emit(measure_n(args, workers, &name, op).await, args.floor_series(), 2);
+        if let Some((name, steps)) = floor {
+            emit(
+                measure_n(args, workers, &name, relay::pair(steps)).await,
+                args.floor_series(),
+                2,
+            );
         }
     }
     Ok(())
@@ -1096,10 +1092,10 @@ async fn echo_floor(args: &LoadArgs, n: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Raw ZooKeeper `create` (ephemeral) + `delete` pairs with zookeeper-client,
-/// one path per client, over `--zk-sessions` sessions: the floor for a lock
-/// and unlock through ZooKeeper.
-async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<(String, OpFn)> {
+/// The ZooKeeper floor: an ephemeral `create` then a `delete`, one path per
+/// worker, over as many raw sessions as the server's pool, as its two
+/// steps (`relay.rs`).
+async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<(String, relay::StepFn)> {
     use zookeeper_client::{Acls, CreateMode};
     let sessions = Arc::new(raw_sessions(hosts, args.zk_sessions.get()).await?);
     let root = FLOOR_ROOT;
@@ -1107,16 +1103,19 @@ async fn zk_floor(args: &LoadArgs, hosts: &str) -> anyhow::Result<(String, OpFn)
     let name = format!("floor: ZooKeeper create+delete ({} sessions)", sessions.len());
     Ok((
         name,
-        op_fn(move |i| {
+        relay::step_fn(move |i, step, _| {
             let sessions = sessions.clone();
             async move {
                 let client = &sessions[i % sessions.len()];
                 let path = format!("{root}/p{run}-c{i}");
-                client
-                    .create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all()))
-                    .await?;
-                client.delete(&path, None).await?;
-                Ok(())
+                if step == 0 {
+                    client
+                        .create(&path, b"", &CreateMode::Ephemeral.with_acls(Acls::anyone_all()))
+                        .await?;
+                } else {
+                    client.delete(&path, None).await?;
+                }
+                Ok(0)
             }
         }),
     ))

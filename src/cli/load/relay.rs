@@ -1,6 +1,7 @@
 //! The structural floor of a lock service that sits between its clients
 //! and a store, as Clastor does: a bare relay on loopback TCP that runs
-//! the store's floor steps (`INSERT` then `DELETE`, `SET NX PX` then `DEL`)
+//! the store's floor steps (ZooKeeper's `create` then `delete`, etcd's
+//! transaction then delete, `INSERT` then `DELETE`, `SET NX PX` then `DEL`)
 //! on behalf of a client, one request frame per step.
 //!
 //! Each acquire+release sample is two client→relay round trips, each with
