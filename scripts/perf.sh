@@ -47,6 +47,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The tree the binary is built from, before anything here changes it (the
+# report is written after the charts).
+echo "{\"meta\":\"commit\",\"value\":\"$(git describe --always --dirty)\"}" >>"$results"
 echo "== build"
 cargo build --release --locked --bin clastor
 clastor=target/release/clastor
@@ -54,9 +57,6 @@ clastor=target/release/clastor
 # Machine load while measuring, so the report can say whether it was busy.
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "{\"meta\":\"load_start\",\"value\":\"$(loadavg)\"}" >>"$results"
-# The tree the binary is built from (the report is written after the charts
-# change it).
-echo "{\"meta\":\"commit\",\"value\":\"$(git describe --always --dirty)\"}" >>"$results"
 
 load() { # scenario, then clastor load arguments
   local scenario=$1
