@@ -892,16 +892,10 @@ fn embedded_pair_op<B: Backend>(engine: &Engine<B>, n: usize, keys: Keys) -> OpF
             .map(|_| engine.open_session("clastor-load-embedded").0)
             .collect(),
     );
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let run = std::process::id();
+    let ids = KeyIds::new(keys, "e");
     op_fn(move |i| {
-        let conns = sessions.len();
-        let session = sessions[i % conns].clone();
-        let id = match keys {
-            Keys::Shared => format!("e-shared-{}", i / conns),
-            Keys::Distinct => format!("e{i}"),
-            Keys::Fresh => format!("ef{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-        };
+        let session = sessions[i % sessions.len()].clone();
+        let id = ids.id(i, sessions.len());
         async move {
             let key = LockKey::new("load", &id)?;
             match session
@@ -939,20 +933,48 @@ async fn connect_all(
     Ok(Arc::new(clients))
 }
 
-/// Acquire+release of worker `i`'s key on its client.
-fn pair_op(clients: Arc<Vec<Client>>, keys: Keys) -> OpFn {
-    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let run = std::process::id();
-    op_fn(move |i| {
-        let conns = clients.len();
-        let c = clients[i % conns].clone();
-        let id = match keys {
+/// Names the key of worker `i`'s next pair under `--keys`, each user of
+/// it under its own `prefix`.
+struct KeyIds {
+    keys: Keys,
+    prefix: &'static str,
+    run: u32,
+    fresh: std::sync::atomic::AtomicU64,
+}
+
+impl KeyIds {
+    fn new(keys: Keys, prefix: &'static str) -> KeyIds {
+        KeyIds {
+            keys,
+            prefix,
+            run: std::process::id(),
+            fresh: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The id for worker `i` of loops spread over `conns` connections.
+    fn id(&self, i: usize, conns: usize) -> String {
+        let p = self.prefix;
+        match self.keys {
             // Loop j of every connection shares key j: contended by
             // every connection, never twice by one.
-            Keys::Shared => format!("shared-{}", i / conns),
-            Keys::Distinct => format!("k{i}"),
-            Keys::Fresh => format!("f{run}-{}", counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
-        };
+            Keys::Shared => format!("{p}shared-{}", i / conns),
+            Keys::Distinct => format!("{p}{i}"),
+            Keys::Fresh => format!(
+                "{p}f{}-{}",
+                self.run,
+                self.fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        }
+    }
+}
+
+/// Acquire+release of worker `i`'s key on its client.
+fn pair_op(clients: Arc<Vec<Client>>, keys: Keys) -> OpFn {
+    let ids = KeyIds::new(keys, "k");
+    op_fn(move |i| {
+        let c = clients[i % clients.len()].clone();
+        let id = ids.id(i, clients.len());
         async move {
             let guard = c.lock("load", id).wait(Duration::from_secs(30)).acquire().await?;
             match guard {
