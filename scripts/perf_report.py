@@ -363,24 +363,33 @@ w("## Results by scenario")
 w("")
 w("Latencies in µs; ops/s in samples per second (pairs for acquire+release). *p50 ratio* is p50 over")
 w("the floor's p50; *throughput ratio* is requests/s over the floor's requests/s (an acquire+release")
-w("pair is two requests, an echo or a PING one; peers: samples/s over the floor's).")
+w("pair is two requests, an echo or a PING one; peers: samples/s over the floor's). Where a series")
+w("ran alone (not interleaved), *CPU µs* and *switches* are the load process's CPU time (every thread,")
+w("user and system: with the in-process server, the server's, its clients' and the store drivers')")
+w("and context switches per sample, from `getrusage`.")
 for scenario, cells in grouped.items():
     w("")
     w(f"### {scenario}")
     w("")
-    w("| connections × depth | series | ops/s | p50 | p90 | p99 | p99.9 | p50 ratio | throughput ratio |")
-    w("|---|---|---|---|---|---|---|---|---|")
+    usage = any("cpu_us_per_op" in r for cellrows in cells.values() for rows in cellrows.values() for r in rows)
+    extra = " CPU µs | switches |" if usage else ""
+    w("| connections × depth | series | ops/s | p50 | p90 | p99 | p99.9 | p50 ratio | throughput ratio |" + extra)
+    w("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if usage else ""))
     for (conns, depth), cellrows in cells.items():
         fs, fr = floor_of(cellrows)
         for series, rows in cellrows.items():
             is_floor = series.startswith("floor")
-            w("| {} × {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            line = "| {} × {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 conns, depth, series,
                 rng([r["ops_per_s"] for r in rows]),
                 rng([r["p50_us"] for r in rows]), rng([r["p90_us"] for r in rows]),
                 rng([r["p99_us"] for r in rows]), rng([r.get("p999_us") for r in rows]),
                 "–" if is_floor else ratio_range(rows, fr, "p50_us"),
-                "–" if is_floor else ratio_range(rows, fr, "ops_per_s")))
+                "–" if is_floor else ratio_range(rows, fr, "ops_per_s"))
+            if usage:
+                line += " {} | {} |".format(rng([r.get("cpu_us_per_op") for r in rows]),
+                                            rng([r.get("switches_per_op") for r in rows], "{:.2f}"))
+            w(line)
 
 if footprints:
     w("")

@@ -327,3 +327,44 @@ async fn serve_help_states_the_rules_and_defaults() {
         assert!(help.contains(needle), "no {needle:?} in:\n{help}");
     }
 }
+
+/// `clastor load --json` on the in-process memory server, series measured
+/// one after the other: Clastor's row, measured alone, carries the
+/// process's CPU time and context switches per sample.
+#[test]
+fn the_load_harness_reports_cpu_per_sample_for_series_measured_alone() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clastor"))
+        .args([
+            "load",
+            "--op",
+            "acquire-release",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "--json",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let clastor = lines
+        .iter()
+        .find(|v| v["series"] == "clastor")
+        .unwrap_or_else(|| panic!("no clastor line in {stdout}"));
+    assert!(clastor["ops"].as_u64().unwrap() > 0, "{clastor}");
+    assert_eq!(clastor["errors"], 0, "{clastor}");
+    // A pair through the client and the server costs some CPU, and not a
+    // second of it.
+    let cpu = clastor["cpu_us_per_op"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no CPU in {clastor}"));
+    assert!(cpu > 0.0 && cpu < 1e6, "{clastor}");
+    assert!(clastor["switches_per_op"].as_f64().is_some(), "{clastor}");
+}

@@ -253,6 +253,41 @@ struct Report {
     elapsed: Duration,
     hist: Histogram<u64>,
     errors: u64,
+    /// What the process ran while this series was measured alone (not with
+    /// `--interleave`, where series share the time).
+    usage: Option<Usage>,
+}
+
+/// CPU time (user and system, every thread) and context switches of this
+/// process, from `getrusage`: with an in-process server, the server's, its
+/// clients' and the store drivers' together.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    fn now() -> Option<Usage> {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let u = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+        let time = |t: nix::sys::time::TimeVal| {
+            Duration::from_secs(u64::try_from(t.tv_sec()).unwrap_or(0))
+                + Duration::from_micros(u64::try_from(t.tv_usec()).unwrap_or(0))
+        };
+        Some(Usage {
+            cpu: time(u.user_time()) + time(u.system_time()),
+            switches: u64::try_from(u.voluntary_context_switches() + u.involuntary_context_switches()).unwrap_or(0),
+        })
+    }
+
+    /// What ran between `before` and `self`.
+    fn since(self, before: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
 }
 
 impl Report {
@@ -268,6 +303,7 @@ impl Report {
             elapsed,
             hist: new_hist(),
             errors: 0,
+            usage: None,
         }
     }
 
@@ -275,13 +311,20 @@ impl Report {
         let q = |p: f64| self.hist.value_at_quantile(p);
         let rate = self.ops as f64 / self.elapsed.as_secs_f64();
         if json {
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "name": self.name, "series": self.series, "scenario": self.scenario,
                 "connections": self.connections, "depth": self.depth,
                 "ops": self.ops, "ops_per_s": rate.round(),
                 "requests_per_s": (rate * self.requests_per_op as f64).round(), "errors": self.errors,
                 "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": self.hist.max(),
             });
+            // Per sample: the process's CPU and context switches while the
+            // series ran alone.
+            if let Some(u) = self.usage.filter(|_| self.ops > 0) {
+                v["cpu_us_per_op"] = serde_json::json!((u.cpu.as_secs_f64() * 1e6 / self.ops as f64).round());
+                v["switches_per_op"] =
+                    serde_json::json!(((u.switches as f64 / self.ops as f64) * 100.0).round() / 100.0);
+            }
             println!("{v}");
         } else {
             println!(
@@ -1027,9 +1070,10 @@ fn micros(d: Duration) -> u64 {
 /// `args.duration` of recorded samples.
 async fn measure_n(args: &LoadArgs, workers: usize, name: &str, op: OpFn) -> Report {
     phase(workers, args.warmup, op.clone()).await;
-    let started = Instant::now();
+    let (started, before) = (Instant::now(), Usage::now());
     let results = phase(workers, args.duration, op).await;
     let mut report = Report::new(name, started.elapsed());
+    report.usage = Usage::now().zip(before).map(|(after, before)| after.since(before));
     for (hist, errors) in results {
         report.ops += hist.len();
         let _ = report.hist.add(&hist);
