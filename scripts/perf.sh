@@ -15,7 +15,7 @@
 # persistence) next to SET NX PX + DEL and a plain Redis lock. Last, the
 # cost of TLS (scripts/perf_tls.sh: a plain and a TLS server, interleaved).
 #
-# Usage: scripts/perf.sh            (about 12 minutes)
+# Usage: scripts/perf.sh            (about 25 minutes)
 #        ROUNDS=1 DURATION=2 scripts/perf.sh   (quicker, noisier)
 # Needs: zookeeper, libcurator-recipes-java, default-jdk-headless,
 # python3-kazoo, etcd-server, postgresql, redis-server (scripts/test.sh
@@ -188,6 +188,7 @@ echo "{\"meta\":\"postgres\",\"value\":\"$("$pgbin/postgres" --version | sed 's/
 for round in $(seq "$ROUNDS"); do
   echo "== PostgreSQL round $round/$ROUNDS"
   load "postgres, uncontended" --pg "$pg_url" --op acquire-release --clients 1 --interleave
+  load "postgres, uncontended, back to back" --pg "$pg_url" --op acquire-release --clients 1
   load "postgres, hand-over" --pg "$pg_url" --op handoff --clients 2 --interleave
   load "postgres, 16 connections, distinct keys" --pg "$pg_url" --op acquire-release --clients 16
 done
@@ -210,6 +211,7 @@ echo "{\"meta\":\"redis\",\"value\":\"$(redis-server --version | sed 's/.*v=\([^
 for round in $(seq "$ROUNDS"); do
   echo "== Redis round $round/$ROUNDS"
   load "redis, uncontended" --redis "$redis_url" --op acquire-release --clients 1 --interleave
+  load "redis, uncontended, back to back" --redis "$redis_url" --op acquire-release --clients 1
   load "redis, hand-over" --redis "$redis_url" --op handoff --clients 2 --interleave
   load "redis, 16 connections, distinct keys" --redis "$redis_url" --op acquire-release --clients 16
 done

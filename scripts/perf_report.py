@@ -290,14 +290,21 @@ def layer_rows():
                           ("redis", "Redis")):
         c = cell(f"{prefix}, uncontended", 1)
         fs, _ = floor_of(c)
-        f, r, l, k = (per_round(c, s) for s in (fs, "reference: floor + 2 hops", LIBRARY, "clastor"))
+        series = (fs, "reference: floor + 2 hops", LIBRARY, "clastor")
+        f, r, l, k = (per_round(c, s) for s in series)
         n = min(len(f), len(r), len(l), len(k)) if fs else 0
         if n == 0:
             continue
         rounds = range(n)
+        # CPU per pair of the same series measured back to back (alone),
+        # where that scenario ran.
+        b = cell(f"{prefix}, uncontended, back to back", 1)
+        bf, _ = floor_of(b)
+        cpu = " / ".join(rng([x.get("cpu_us_per_op") for x in b.get(s, [])])
+                         for s in (bf, "reference: floor + 2 hops", LIBRARY, "clastor")) if bf else "–"
         out.append(f"| {label} | {rng(f[:n])} | {rng([r[i] - f[i] for i in rounds], '{:+,.0f}')} | "
                    f"{rng([l[i] - f[i] for i in rounds], '{:+,.0f}')} | {rng([k[i] - l[i] for i in rounds], '{:+,.0f}')} | "
-                   f"{rng([(k[i] - l[i]) - (r[i] - f[i]) for i in rounds], '{:+,.0f}')} |")
+                   f"{rng([(k[i] - l[i]) - (r[i] - f[i]) for i in rounds], '{:+,.0f}')} | {cpu} |")
     return out
 
 
@@ -309,17 +316,19 @@ if rows:
     w("(ranges over rounds): *hops* is the bare relay minus the floor (two loopback round trips and a")
     w("task, none of Clastor's work); *engine + backend* is Clastor in library mode minus the floor;")
     w("*server, protocol, client, hops* is Clastor minus library mode; the last column is that minus the")
-    w("bare hops: what Clastor's server and client library cost above a relay's.")
+    w("bare hops: what Clastor's server and client library cost above a relay's. *CPU per pair* is the")
+    w("load process's CPU time (every thread: with the in-process server, the server's too) per pair of")
+    w("floor / relay / library mode / Clastor, measured back to back (each series alone) in the same rounds.")
     w("")
-    w("| store | floor | hops (relay − floor) | engine + backend (library − floor) | server, protocol, client, hops (Clastor − library) | of which above a bare relay |")
-    w("|---|---|---|---|---|---|")
+    w("| store | floor | hops (relay − floor) | engine + backend (library − floor) | server, protocol, client, hops (Clastor − library) | of which above a bare relay | CPU per pair, µs: floor / relay / library / Clastor |")
+    w("|---|---|---|---|---|---|---|")
     for row in rows:
         w(row)
     w("")
     w("Measured on 2026-12-07 besides (Redis, `clastor load` in-process, back to back, `perf stat` per")
     w("series): the load process spent 153 µs of CPU per Clastor pair, 104 per relayed floor pair, 81 in")
     w("library mode and 64 on the floor alone, with two context switches per pair in every series. The")
-    w("server's work is not waiting: it is CPU, most of it in the kernel (a separate `clastor serve` on")
+    w("server path's cost is not waiting: it is CPU, most of it in the kernel (a separate `clastor serve` on")
     w("Redis: 65% of its samples in the kernel, a third of them waking the peer of a loopback send and")
     w("switching in), the rest spread thin over the runtime, framing, the engine and redis-rs.")
     m = cell("memory, uncontended, depth 1", 1)
