@@ -116,8 +116,11 @@ pub(crate) fn load_harness_runs(store: &str, url: &str, series: &[&str]) {
     for s in series {
         assert!(stdout.contains(s), "no {s} series in:\n{stdout}");
     }
-    // Rows (`… [1x1]  ops/s … errors`) end with their errors column.
-    for row in stdout.lines().filter(|l| l.contains("x1] ")) {
+    // Rows (`… [1x1]  ops/s … errors`) end with their errors column; one
+    // row at least per series asked for, so the check cannot pass on no row.
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("[1x1] ")).collect();
+    assert!(rows.len() >= series.len(), "fewer rows than series in:\n{stdout}");
+    for row in rows {
         assert_eq!(row.split_whitespace().last(), Some("0"), "errors in {row:?}:\n{stdout}");
     }
 }
